@@ -1,0 +1,88 @@
+"""The `kerasllm` command line: train, export and batch inference.
+
+Sub-commands are imported only when run (click's lazy-group pattern), so a serving
+command such as `kerasllm generate BUNDLE` never imports TensorFlow and starts fast.
+Errors the user can act on print one line, `kerasllm: error: ...`, and exit 2 (usage)
+or 1 (runtime); progress and logs go to stderr, results to stdout or the output file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+from kerasllm import __version__
+from kerasllm.errors import KerasLLMError
+
+# command name -> "module:attribute"
+COMMANDS = {
+    "train": "kerasllm.cli.train:train",
+    "sample-data": "kerasllm.cli.data:sample_data",
+}
+
+HELP = """Train transformer language models in Keras and serve them with ONNX Runtime.
+
+\b
+Example:
+  kerasllm sample-data corpus --out corpus.txt
+  kerasllm train causal-lm --data corpus.txt --out runs/lm --steps 500
+"""
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use."""
+
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands or {}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands:
+            module, attr = self.lazy_commands[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ start-up chatter off the user's terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kerasllm")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details (and tracebacks) to stderr.")
+@click.pass_context
+def cli(ctx, verbose):
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="kerasllm: %(message)s",
+                        stream=sys.stderr)
+
+
+def main(argv=None) -> None:
+    quiet_tensorflow()
+    try:
+        cli.main(args=argv, prog_name="kerasllm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("kerasllm: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KerasLLMError as err:
+        click.echo(f"kerasllm: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("kerasllm: interrupted", err=True)
+        sys.exit(130)
+    except OSError as err:
+        click.echo(f"kerasllm: error: {err}", err=True)
+        sys.exit(1)

@@ -1,0 +1,75 @@
+"""Options shared by the `kerasllm train` sub-commands, declared once."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+
+def run_options(batch_size: int, seq_len: int, lr: float):
+    """--out, --preset, --config, --steps/--epochs, optimisation, validation, --resume, --quiet."""
+
+    def decorate(command):
+        options = [
+            click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                         help="Run directory to write (model.keras, tokenizer.json, config.json, history.jsonl)."),
+            click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", show_default=True,
+                         help="Model size preset."),
+            click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                         help="Model config JSON (overrides --preset)."),
+            click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: one epoch of data)."),
+            click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data, instead of --steps."),
+            click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
+                         help="Global batch size (split across replicas)."),
+            click.option("--seq-len", type=click.IntRange(min=1), default=seq_len, show_default=True,
+                         help="Tokens per training sequence."),
+            click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=True,
+                         help="Peak learning rate (AdamW, warmup then cosine decay to lr/10)."),
+            click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup steps (default 5% of steps)."),
+            click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True,
+                         help="Decoupled weight decay on weight matrices."),
+            click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                         show_default=True, help="Label smoothing of the cross-entropy."),
+            click.option("--eval-interval", type=click.IntRange(min=1), default=100, show_default=True,
+                         help="Validate and checkpoint every N steps."),
+            click.option("--eval-steps", type=click.IntRange(min=1), default=20, show_default=True,
+                         help="Validation batches per evaluation."),
+            click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+                         show_default=True, help="Fraction of the data held out for validation."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+            click.option("--jit-compile/--no-jit-compile", default=True, show_default=True,
+                         help="Compile train steps with XLA (faster on CPU and GPU; slower first step)."),
+            click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+            click.option("--quiet", is_flag=True, help="No progress bar."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def model_override_options(command):
+    """--layers/--heads/--hidden/--intermediate/--max-length/--dropout/--position/--activation -> `overrides`."""
+    names = {"layers": "num_layers", "heads": "num_heads", "hidden": "hidden_dim",
+             "intermediate": "intermediate_dim", "max_length": "max_length", "dropout": "dropout",
+             "position": "position", "activation": "activation"}
+
+    @click.option("--layers", type=click.IntRange(min=1), help="Override the preset's number of blocks.")
+    @click.option("--heads", type=click.IntRange(min=1), help="Override the number of attention heads.")
+    @click.option("--hidden", type=click.IntRange(min=1), help="Override the hidden size.")
+    @click.option("--intermediate", type=click.IntRange(min=1), help="Override the feed-forward size.")
+    @click.option("--max-length", type=click.IntRange(min=1), help="Override the maximum sequence length.")
+    @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
+    @click.option("--position", type=click.Choice(["learned", "sinusoidal", "rotary"]), help="Position encoding.")
+    @click.option("--activation", type=click.Choice(["gelu", "relu", "swiglu"]), help="Feed-forward activation.")
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        overrides = {names[k]: kwargs.pop(k) for k in list(names) if kwargs.get(k) is not None}
+        for k in names:
+            kwargs.pop(k, None)
+        return command(overrides=overrides, **kwargs)
+
+    return wrapper

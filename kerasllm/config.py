@@ -1,0 +1,212 @@
+"""Model configurations: one dataclass per family, JSON round-trip, named presets.
+
+This module imports no TensorFlow: the ONNX runtime reads the same config from a
+bundle's manifest.
+
+Shapes used throughout kerasllm: `B` batch, `T` new tokens, `P` past (cached)
+tokens, `S = P + T` attended tokens, `H` heads, `D` head size, `C` hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kerasllm.errors import UsageError
+
+POSITION_KINDS = ("learned", "sinusoidal", "rotary")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+
+@dataclass
+class TransformerConfig:
+    """What every family shares: the stack of blocks and its embeddings.
+
+    Attributes:
+        vocab_size: number of token ids (the tokenizer's vocabulary size).
+        max_length: the longest sequence the model accepts (positions).
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block; `hidden_dim` must divide evenly.
+        hidden_dim: width of the residual stream `C`.
+        intermediate_dim: width of the feed-forward block (4 x C is usual).
+        dropout: dropout rate on attention weights and residual branches.
+        activation: "gelu", "relu" or "swiglu" (gated, as in LLaMA/PaLM).
+        position: "learned", "sinusoidal" or "rotary" position information.
+        norm_first: pre-LN blocks (GPT-2 and later) when True, post-LN
+            (the original Transformer, BERT) when False.
+        tie_embeddings: the output projection reuses the token embedding.
+        layer_norm_epsilon: epsilon of every LayerNormalization.
+        use_bias: biases in the attention and feed-forward projections.
+        pad_id, bos_id, eos_id: special token ids (the tokenizer sets them).
+    """
+
+    family: ClassVar[str] = "transformer"
+
+    vocab_size: int = 256
+    max_length: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    hidden_dim: int = 32
+    intermediate_dim: int = 128
+    dropout: float = 0.0
+    activation: str = "gelu"
+    position: str = "learned"
+    norm_first: bool = True
+    tie_embeddings: bool = True
+    layer_norm_epsilon: float = 1e-5
+    use_bias: bool = True
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "max_length", "num_layers", "num_heads",
+                     "hidden_dim", "intermediate_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UsageError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.hidden_dim % self.num_heads:
+            raise UsageError(
+                f"config: hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.position == "rotary" and self.head_dim % 2:
+            raise UsageError(f"config: rotary positions need an even head size, got {self.head_dim}")
+        if self.position not in POSITION_KINDS:
+            raise UsageError(f"config: position must be one of {POSITION_KINDS}, got {self.position!r}")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"config: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    # -- serialization -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        values = dict(values)
+        family = values.pop("family", cls.family)
+        if family != cls.family:
+            raise UsageError(f"config: family is {family!r}, expected {cls.family!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(
+                f"config: unknown key {unknown[0]!r} for {cls.__name__} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TransformerConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"config: {path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"config: {path}: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"config: {path}: expected a JSON object")
+        return cls.from_dict(values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+        presets = PRESETS.get(cls.family, {})
+        if name not in presets:
+            raise UsageError(f"unknown preset {name!r} for {cls.family} (choose from {', '.join(presets)})")
+        return cls.from_dict({**presets[name], **overrides})
+
+    def replace(self, **changes: Any) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class DecoderConfig(TransformerConfig):
+    """GPT-like decoder-only language model (causal LM)."""
+
+    family: ClassVar[str] = "decoder"
+
+
+@dataclass
+class EncoderConfig(TransformerConfig):
+    """BERT-like encoder (masked LM, classification, embeddings)."""
+
+    family: ClassVar[str] = "encoder"
+    norm_first: bool = False
+    tie_embeddings: bool = True
+    num_labels: int = 0
+    mask_id: int = 4
+    pooling: str = "cls"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pooling not in ("cls", "mean"):
+            raise UsageError(f"config: pooling must be 'cls' or 'mean', got {self.pooling!r}")
+
+
+@dataclass
+class Seq2SeqConfig(TransformerConfig):
+    """Encoder-decoder (Transformer/T5/BART-like) with cross-attention.
+
+    `num_layers` is the encoder depth; `num_decoder_layers` the decoder's (0: same).
+    `target_vocab_size` 0 means source and target share one vocabulary.
+    """
+
+    family: ClassVar[str] = "seq2seq"
+    num_decoder_layers: int = 0
+    target_vocab_size: int = 0
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def target_vocab(self) -> int:
+        return self.target_vocab_size or self.vocab_size
+
+
+CONFIG_CLASSES: dict[str, type[TransformerConfig]] = {
+    c.family: c for c in (DecoderConfig, EncoderConfig, Seq2SeqConfig)
+}
+
+
+def config_from_dict(values: dict[str, Any]) -> TransformerConfig:
+    """Rebuild a config of any family from `to_dict()` output."""
+    family = values.get("family")
+    if family not in CONFIG_CLASSES:
+        raise UsageError(f"config: unknown family {family!r} (choose from {', '.join(CONFIG_CLASSES)})")
+    return CONFIG_CLASSES[family].from_dict(values)
+
+
+_SHAPES = {
+    # tiny: unit tests on two CPU cores.
+    "tiny": dict(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=128, max_length=128),
+    # small: nanoGPT's CPU recipe shape (4 layers, 4 heads, 128 hidden).
+    "small": dict(num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=512, max_length=256),
+    # base: GPT-2 small / BERT-base shape.
+    "base": dict(num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=3072, max_length=1024,
+                 dropout=0.1),
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "decoder": {name: dict(shape) for name, shape in _SHAPES.items()},
+    "encoder": {name: dict(shape, max_length=min(shape["max_length"], 512)) for name, shape in _SHAPES.items()},
+    "seq2seq": {name: dict(shape, max_length=min(shape["max_length"], 512)) for name, shape in _SHAPES.items()},
+}

@@ -1,0 +1,139 @@
+"""Input pipelines: text files -> token ids -> tf.data training windows.
+
+Reading and validating files needs no TensorFlow; the `tf.data` builders import it
+when called. Errors name the file (and line) at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from kerasllm.errors import DataError, UsageError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
+
+
+def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand files and directories (recursively, text suffixes only) into a sorted file list."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise DataError(f"data: {path}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"data: {path}: no such file or directory")
+    if not files:
+        raise DataError("data: no input files given")
+    return files
+
+
+def read_text(path: Path) -> str:
+    """Read one file as strict UTF-8; the error names the line and column of a bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"data: {path}: line {line}, column {column}: not valid UTF-8 (byte 0x{raw[err.start]:02x})"
+        ) from None
+
+
+def read_corpus(paths) -> list[str]:
+    """All documents (one per file) of a corpus; refuses empty files."""
+    texts = []
+    for path in resolve_text_files(paths):
+        text = read_text(path)
+        if not text.strip():
+            raise DataError(f"data: {path}: file is empty")
+        texts.append(text)
+    return texts
+
+
+def tokenize_corpus(texts: Iterable[str], tokenizer, eos_between_documents: bool = True) -> np.ndarray:
+    """One flat int32 array of ids; documents are separated by EOS, as GPT-2 does."""
+    pieces = []
+    for ids in tokenizer.encode_batch(list(texts)):
+        pieces.append(np.asarray(ids, dtype=np.int32))
+        if eos_between_documents:
+            pieces.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+
+
+@dataclass
+class TokenSplit:
+    """Token ids split into training and validation parts (the last fraction is validation)."""
+
+    train: np.ndarray
+    validation: np.ndarray
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, validation_fraction: float, seq_len: int) -> "TokenSplit":
+        if not 0.0 <= validation_fraction < 1.0:
+            raise UsageError(f"validation fraction must be in [0, 1), got {validation_fraction}")
+        cut = int(len(ids) * (1.0 - validation_fraction))
+        split = cls(ids[:cut], ids[cut:])
+        if len(split.train) < seq_len + 2:
+            raise DataError(
+                f"data: only {len(split.train)} training tokens, fewer than one window of --seq-len {seq_len}"
+            )
+        if validation_fraction and len(split.validation) < seq_len + 2:
+            raise DataError(
+                f"data: only {len(split.validation)} validation tokens for --seq-len {seq_len}; "
+                "add text or lower the validation fraction"
+            )
+        return split
+
+
+def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "random", seed: int = 0,
+               repeat: bool = True):
+    """A `tf.data.Dataset` of `(inputs [B, T], targets [B, T])` next-token windows.
+
+    `mode="random"`: windows at uniformly random offsets, as nanoGPT samples them
+    (infinite; the model sees every region with equal probability).
+    `mode="packed"`: the ids cut into consecutive non-overlapping windows, shuffled
+    each epoch, each seen once per epoch (shardable across workers).
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    if mode not in ("random", "packed"):
+        raise UsageError(f"window mode must be 'random' or 'packed', got {mode!r}")
+    if len(ids) < seq_len + 2:
+        raise DataError(f"data: {len(ids)} tokens cannot fill one window of {seq_len} + 1")
+    table = tf.constant(ids, dtype=tf.int32)
+    span = tf.range(seq_len + 1, dtype=tf.int64)
+
+    def split(windows):
+        return windows[:, :-1], windows[:, 1:]
+
+    if mode == "random":
+        limit = len(ids) - seq_len - 1
+        offsets = tf.data.Dataset.random(seed=seed).map(lambda r: tf.math.floormod(r, limit))
+        if not repeat:
+            offsets = offsets.take(max(limit // seq_len, 1))
+        dataset = offsets.batch(batch_size, drop_remainder=True).map(
+            lambda o: tf.gather(table, o[:, None] + span[None, :]), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    else:
+        count = (len(ids) - 1) // seq_len
+        starts = np.arange(count, dtype=np.int64) * seq_len
+        dataset = tf.data.Dataset.from_tensor_slices(starts)
+        dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            dataset = dataset.repeat()
+        dataset = dataset.batch(batch_size, drop_remainder=True).map(
+            lambda o: tf.gather(table, o[:, None] + span[None, :]), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return dataset.map(split).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,26 @@
+"""Errors that the CLI turns into one clear line and an exit code.
+
+`UsageError` means the user asked for something that cannot work (exit 2);
+`KerasLLMError` is any other failure the user can act on (exit 1). Neither
+module imports TensorFlow, so the serving side can raise and catch them.
+"""
+
+
+class KerasLLMError(Exception):
+    """A failure with a message meant for the user (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(KerasLLMError):
+    """Bad arguments, paths or configuration (exit code 2)."""
+
+    exit_code = 2
+
+
+class DataError(KerasLLMError):
+    """Input data that cannot be read: missing, empty, not UTF-8, malformed."""
+
+
+class BundleError(KerasLLMError):
+    """A bundle that is incomplete, tampered with or of an unknown format."""

@@ -1,0 +1,89 @@
+"""Token embeddings plus position information (learned, sinusoidal or rotary).
+
+Positions are passed explicitly as `[B, T]` ids rather than derived from the
+sequence length, so a decode step at position `P` and left-padded batches both get
+the right positions. With `position="rotary"` this layer adds nothing and the
+attention layers rotate queries and keys instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+def sinusoidal_encoding(positions, width, max_wavelength=10000.0):
+    """The original Transformer's sine/cosine encoding of `[B, T]` positions -> `[B, T, C]`."""
+    half = width // 2
+    exponents = ops.arange(half, dtype="float32") * (-math.log(max_wavelength) / max(half - 1, 1))
+    angles = ops.cast(positions, "float32")[..., None] * ops.exp(exponents)[None, None, :]
+    encoding = ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
+    if width % 2:
+        encoding = ops.pad(encoding, [[0, 0], [0, 0], [0, 1]])
+    return encoding
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """Token embedding (reversible, for tied output projections) plus positions.
+
+    Args:
+        vocab_size: number of token ids.
+        max_length: number of learned positions.
+        hidden_dim: embedding width `C`.
+        position: "learned", "sinusoidal" or "rotary" (nothing added here).
+        dropout: dropout on the summed embeddings.
+
+    Call arguments:
+        token_ids: `[B, T]` int ids.
+        positions: `[B, T]` int positions.
+    Returns `[B, T, C]`.
+
+    Example:
+    >>> layer = TokenAndPositionEmbedding(vocab_size=10, max_length=8, hidden_dim=4)
+    >>> tuple(layer(ops.zeros((2, 3), "int32"), ops.zeros((2, 3), "int32")).shape)
+    (2, 3, 4)
+    """
+
+    def __init__(self, vocab_size, max_length, hidden_dim, position="learned", dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.hidden_dim = hidden_dim
+        self.position = position
+        self.dropout = dropout
+
+    def build(self, token_ids_shape, positions_shape=None):
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        # keras.layers.ReversibleEmbedding gives `reverse=True` for tied LM heads.
+        self.token_embedding = keras.layers.ReversibleEmbedding(
+            self.vocab_size, self.hidden_dim, embeddings_initializer=init,
+            name="token_embedding", dtype=self.dtype_policy,
+        )
+        self.token_embedding.build(token_ids_shape)
+        if self.position == "learned":
+            self.position_embeddings = self.add_weight(
+                name="position_embeddings", shape=(self.max_length, self.hidden_dim), initializer=init,
+            )
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(self, token_ids, positions, training=None):
+        x = self.token_embedding(token_ids)
+        if self.position == "learned":
+            x = x + ops.cast(ops.take(self.position_embeddings, positions, axis=0), x.dtype)
+        elif self.position == "sinusoidal":
+            x = x + ops.cast(sinusoidal_encoding(positions, self.hidden_dim), x.dtype)
+        return self.dropout_layer(x, training=training)
+
+    def logits(self, hidden):
+        """Tied output projection `[B, T, C]` -> `[B, T, V]`."""
+        return self.token_embedding(hidden, reverse=True)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_size=self.vocab_size, max_length=self.max_length, hidden_dim=self.hidden_dim,
+                      position=self.position, dropout=self.dropout)
+        return config

@@ -1,0 +1,31 @@
+"""Load a trained model directory (`kerasllm train` output) on the Keras side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kerasllm.config import config_from_dict
+from kerasllm.errors import UsageError
+from kerasllm.tokenizers import TextTokenizer
+from kerasllm.training import CONFIG_FILE, MODEL_FILE, read_run_config
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def load_model_dir(path: str | Path):
+    """Return `(model, tokenizer, run_config)`; `run_config["model"]` is the family config dict."""
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file():
+        raise UsageError(f"{path}: not a finished model directory (no {MODEL_FILE})")
+    run = read_run_config(path)
+    import keras  # noqa: PLC0415
+
+    import kerasllm.models  # noqa: F401,PLC0415 - registers the serializable classes
+
+    model = keras.models.load_model(path / MODEL_FILE, compile=False)
+    tokenizer = TextTokenizer.load(path)
+    run["model"] = config_from_dict(run["model"]).to_dict()
+    return model, tokenizer, run

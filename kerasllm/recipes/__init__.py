@@ -1,0 +1,1 @@
+"""End-to-end training recipes behind `kerasllm train ...`: data, tokenizer, model, fit, save."""

@@ -1,0 +1,105 @@
+"""`kerasllm train causal-lm`: text files -> tokenizer -> CausalLM -> model directory."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kerasllm.config import DecoderConfig
+from kerasllm.data import TokenSplit, lm_windows, read_corpus, tokenize_corpus
+from kerasllm.errors import UsageError
+from kerasllm.tokenizers import TextTokenizer
+from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
+                               restored_epoch, write_json_atomic)
+
+log = logging.getLogger("kerasllm")
+
+
+@dataclass
+class CausalLMTrainArgs:
+    """Everything a causal-LM run needs; saved in config.json so `--resume` can repeat it."""
+
+    data: list[str] = field(default_factory=list)
+    preset: str = "tiny"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 12
+    seq_len: int = 64
+    lr: float = 1e-3
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    label_smoothing: float = 0.0
+    tokenizer: str = "char"
+    vocab_size: int = 4000
+    eval_interval: int = 100
+    eval_steps: int = 20
+    validation_fraction: float = 0.1
+    window: str = "random"
+    seed: int = 0
+    jit_compile: bool = True
+    log_every: int = 10
+
+
+def build_config(args: CausalLMTrainArgs, config_file: str | None, overrides: dict) -> DecoderConfig:
+    config = DecoderConfig.from_json(config_file) if config_file else DecoderConfig.preset(args.preset)
+    return config.replace(**overrides) if overrides else config
+
+
+def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str | None = None,
+                    resume: bool = False, quiet: bool = False, config_overrides: dict | None = None):
+    """Train (or resume) a causal LM into the run directory `out`; returns the Keras history."""
+    out = prepare_run_dir(out, resume)
+    if resume:
+        run = read_run_config(out)
+        saved = run["train"]
+        # A resumed run repeats the saved run; only the data paths may be given again.
+        args = CausalLMTrainArgs(**{**saved, "data": args.data or saved["data"]})
+        tokenizer = TextTokenizer.load(out)
+        config = DecoderConfig.from_dict(run["model"])
+        texts = read_corpus(args.data)
+    else:
+        texts = read_corpus(args.data)  # fails early, before anything is written
+        config = build_config(args, config_file, config_overrides or {})
+        tokenizer = TextTokenizer.train(texts, kind=args.tokenizer, vocab_size=args.vocab_size)
+        config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    if args.seq_len > config.max_length:
+        raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+    ids = tokenize_corpus(texts, tokenizer)
+    split = TokenSplit.from_ids(ids, args.validation_fraction, args.seq_len)
+    tokens_per_step = args.batch_size * args.seq_len
+    total_steps, steps_per_epoch, epochs = plan_steps(
+        args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
+    )
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume:
+            tokenizer.save(out)
+            write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
+                                                  "train": asdict(args)})
+        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        # Fresh data order after a resume instead of replaying the first windows.
+        seed = args.seed + restored_epoch(out)
+        train_data = lm_windows(split.train, args.seq_len, args.batch_size, args.window, seed=seed)
+        val_data = (lm_windows(split.validation, args.seq_len, args.batch_size, "random", seed=args.seed + 1)
+                    if len(split.validation) else None)
+        model = models.CausalLM(config)
+        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                      jit_compile=args.jit_compile)
+        if not quiet:
+            log.info("causal-lm: %s parameters, %d steps of %d tokens, vocab %d (%s)", f"{model.count_params():,}",
+                     total_steps, tokens_per_step, config.vocab_size, args.tokenizer)
+        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
+                       log_every=args.log_every)
+    except BaseException:
+        # A run that never reached its first checkpoint leaves nothing behind.
+        if created and not (out / "checkpoints").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise

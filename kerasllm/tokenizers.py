@@ -1,0 +1,154 @@
+"""Tokenizers trained on the user's text, saved as one `tokenizer.json`.
+
+Built on Hugging Face `tokenizers` (Rust, no TensorFlow), so the very same file serves
+the Keras-side data pipelines and the TensorFlow-free ONNX runtime. Kinds:
+
+* `char`: one token per Unicode character seen in training (nanoGPT's character level).
+* `byte`: one token per UTF-8 byte (256 ids, never unknown).
+* `bpe`: byte-level BPE subwords (GPT-2 style).
+* `unigram`: SentencePiece-style unigram subwords.
+
+Every kind reserves the same special tokens at the same ids (see `SPECIAL_TOKENS`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from kerasllm.errors import DataError, UsageError
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<mask>", "<sep>"]
+PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
+TOKENIZER_KINDS = ("char", "byte", "bpe", "unigram")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TextTokenizer:
+    """A trained tokenizer with kerasllm's special tokens.
+
+    Example:
+    >>> tok = TextTokenizer.train(["hello world"], kind="char")
+    >>> tok.decode(tok.encode("hello"))
+    'hello'
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise DataError(f"tokenizer: special tokens missing: {', '.join(missing)}")
+
+    # -- training ---------------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], kind: str = "char", vocab_size: int = 8000) -> "TextTokenizer":
+        """Train a tokenizer of `kind` on an iterable of texts (lines or documents)."""
+        if kind not in TOKENIZER_KINDS:
+            raise UsageError(f"tokenizer: unknown kind {kind!r} (choose from {', '.join(TOKENIZER_KINDS)})")
+        if kind == "char":
+            tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+            # Every character, newlines included, is its own "word".
+            tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+            tokenizer.decoder = decoders.Fuse()
+            trainer = trainers.WordLevelTrainer(vocab_size=1 << 20, min_frequency=1,
+                                                special_tokens=SPECIAL_TOKENS)
+        elif kind in ("byte", "bpe"):
+            tokenizer = Tokenizer(models.BPE(unk_token=None))
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind == "bpe")
+            tokenizer.decoder = decoders.ByteLevel()
+            alphabet = pre_tokenizers.ByteLevel.alphabet()
+            size = len(alphabet) + len(SPECIAL_TOKENS) if kind == "byte" else vocab_size
+            trainer = trainers.BpeTrainer(vocab_size=size, initial_alphabet=alphabet,
+                                          special_tokens=SPECIAL_TOKENS, show_progress=False)
+        else:
+            tokenizer = Tokenizer(models.Unigram())
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+            tokenizer.decoder = decoders.Metaspace()
+            trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK,
+                                              show_progress=False)
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer)
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        self.tokenizer.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TextTokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise DataError(f"tokenizer: {path}: no such file")
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as err:  # the Rust side raises a bare Exception
+            raise DataError(f"tokenizer: {path}: cannot be read ({err})") from None
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_json(cls, text: str) -> "TextTokenizer":
+        return cls(Tokenizer.from_str(text))
+
+    # -- ids --------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int:
+        return self.tokenizer.token_to_id(token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_to_id(PAD)
+
+    @property
+    def unk_id(self) -> int:
+        return self.token_to_id(UNK)
+
+    @property
+    def bos_id(self) -> int:
+        return self.token_to_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_to_id(EOS)
+
+    @property
+    def mask_id(self) -> int:
+        return self.token_to_id(MASK)
+
+    @property
+    def sep_id(self) -> int:
+        return self.token_to_id(SEP)
+
+    def special_ids(self) -> dict[str, int]:
+        return {name: self.token_to_id(tok) for name, tok in zip(("pad", "unk", "bos", "eos", "mask", "sep"),
+                                                                  SPECIAL_TOKENS)}
+
+    # -- text <-> ids -----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.decode_batch([[int(i) for i in r] for r in rows],
+                                           skip_special_tokens=skip_special_tokens)
+
+    def describe(self) -> dict:
+        model = json.loads(self.tokenizer.to_str())["model"]["type"]
+        return {"model": model, "vocab_size": self.vocab_size, "special_ids": self.special_ids()}

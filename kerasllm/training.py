@@ -1,0 +1,210 @@
+"""Training runs: callbacks, checkpoints, resume, and the run directory.
+
+A run directory holds everything a finished model needs and nothing half-written:
+
+    DIR/config.json     {"task", "model": family config, "train": the run's arguments, ...}
+    DIR/tokenizer.json  the tokenizer the model was trained with
+    DIR/model.keras     written once, atomically, when training ends
+    DIR/history.jsonl   one JSON object per logged step: step, loss, val_loss, tokens_per_s
+    DIR/checkpoints/    Keras BackupAndRestore state (weights, optimizer, epoch) while running
+
+`--resume` restores the last checkpoint (weights, optimizer state and step) and
+carries on; the same mechanism brings a restarted multi-worker job back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from kerasllm.errors import KerasLLMError, UsageError
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# -- the run directory ----------------------------------------------------------------------
+def prepare_run_dir(out: str | Path, resume: bool) -> Path:
+    """Check that `out` can take a new run (or holds one to resume)."""
+    out = Path(out)
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise UsageError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+        if (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
+            raise UsageError(f"--resume: the run in {out} already finished ({MODEL_FILE} is written)")
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not empty; choose a new --out or pass --resume")
+    return out
+
+
+def read_run_config(out: str | Path) -> dict[str, Any]:
+    path = Path(out) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: cannot be read ({err})") from None
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_model_atomic(model: keras.Model, out: Path) -> Path:
+    """Write `model.keras` under a temporary name and rename it: never a torn file."""
+    final = out / MODEL_FILE
+    tmp = out / f".partial.{MODEL_FILE}"
+    model.save(tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def restored_epoch(out: Path) -> int:
+    """The epoch BackupAndRestore will resume from (0 for a fresh run)."""
+    meta = out / CHECKPOINT_DIR / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+# -- callbacks ------------------------------------------------------------------------------
+class ProgressLogger(keras.callbacks.Callback):
+    """A progress bar on stderr (loss, tokens/s) and `history.jsonl`, one line per logged step.
+
+    Steps count across epochs (`epoch * steps_per_epoch + batch + 1`), so a resumed run
+    continues the numbering. On resume, lines past the restored step are dropped so the
+    history never holds a step twice.
+    """
+
+    def __init__(self, history_path: Path, steps_per_epoch: int, total_steps: int, tokens_per_step: int,
+                 log_every: int = 10, quiet: bool = False, is_chief: bool = True):
+        super().__init__()
+        self.history_path = history_path
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.log_every = max(1, log_every)
+        self.quiet = quiet
+        self.is_chief = is_chief
+        self.bar = None
+        self.step = 0
+
+    def _write(self, record: dict) -> None:
+        if not self.is_chief:
+            return
+        with open(self.history_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        first = epoch * self.steps_per_epoch
+        if self.bar is None:
+            self._truncate_history(first)
+            if not self.quiet and self.is_chief:
+                from tqdm import tqdm  # noqa: PLC0415
+
+                self.bar = tqdm(total=self.total_steps, initial=first, file=sys.stderr, unit="step",
+                                dynamic_ncols=True, desc="train")
+        self.step = first
+        self.mark_time, self.mark_step = time.perf_counter(), first
+
+    def _truncate_history(self, first_step: int) -> None:
+        if not self.is_chief or not self.history_path.exists():
+            return
+        kept = [line for line in self.history_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= first_step]
+        self.history_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _rate(self) -> float:
+        elapsed = time.perf_counter() - self.mark_time
+        steps = self.step - self.mark_step
+        return steps * self.tokens_per_step / elapsed if elapsed > 0 and steps else 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        logs = logs or {}
+        if self.bar is not None:
+            self.bar.update(1)
+        # The last step of an interval is logged with its val_loss in on_epoch_end.
+        if self.step % self.log_every == 0 and self.step % self.steps_per_epoch:
+            rate = self._rate()
+            loss = float(logs.get("loss", math.nan))
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+            self._write({"step": self.step, "loss": loss, "tokens_per_s": round(rate, 1)})
+            self.mark_time, self.mark_step = time.perf_counter(), self.step
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        rate = self._rate()
+        record = {"step": self.step, "loss": float(logs.get("loss", math.nan)), "tokens_per_s": round(rate, 1)}
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
+        if "val_loss" in logs:
+            record["val_loss"] = float(logs["val_loss"])
+            if self.bar is not None:
+                self.bar.write(f"step {self.step}: loss {record['loss']:.4f}, val_loss {record['val_loss']:.4f}",
+                               file=sys.stderr)
+        self._write(record)
+        self.mark_time, self.mark_step = time.perf_counter(), self.step
+
+    def on_train_end(self, logs=None):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: int, eval_interval: int):
+    """Turn `--steps`/`--epochs` into `(total_steps, steps_per_epoch, keras_epochs)`.
+
+    Keras epochs are validation intervals: validation, checkpoints and the progress
+    summary happen at the end of each.
+    """
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    if steps is None:
+        steps = max(1, int(round((epochs or 1) * steps_per_data_epoch)))
+    if steps <= 0:
+        raise UsageError(f"--steps must be positive, got {steps}")
+    interval = max(1, min(eval_interval, steps))
+    keras_epochs = -(-steps // interval)
+    return keras_epochs * interval, interval, keras_epochs
+
+
+def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total_steps: int,
+            steps_per_epoch: int, epochs: int, tokens_per_step: int, eval_steps: int, quiet: bool = False,
+            log_every: int = 10, extra_callbacks=(), is_chief: bool = True, verbose_fit: int = 0):
+    """`model.fit` with checkpoints (BackupAndRestore), progress and history, then the final save."""
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(out / CHECKPOINT_DIR), save_freq="epoch", delete_checkpoint=True),
+        ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
+                       quiet=quiet, is_chief=is_chief),
+        keras.callbacks.TerminateOnNaN(),
+        *extra_callbacks,
+    ]
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+    history = model.fit(
+        train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        validation_data=validation_data, validation_steps=eval_steps if validation_data is not None else None,
+        callbacks=callbacks, verbose=verbose_fit,
+    )
+    losses = history.history.get("loss", [])
+    if losses and not math.isfinite(losses[-1]):
+        raise KerasLLMError(f"training diverged: loss is {losses[-1]} ; try a lower --lr")
+    if is_chief:
+        save_model_atomic(model, out)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return history
