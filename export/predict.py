@@ -1,0 +1,73 @@
+"""One interface for batch inference over any model source, bundle or model dir.
+
+The batch CLI (`kerasllm generate|classify|embed|translate`) only talks to a
+`Predictor`; each family supplies its implementations. A bundle's predictor runs on
+ONNX Runtime and must not import TensorFlow; a model directory's predictor runs the
+Keras model (imports TensorFlow lazily), so the two can be compared on the same input.
+
+A predictor takes a batch of texts and returns one result dict per text, in order:
+    generate / translate: {"output": str}  or, with n-best, {"output": [str, ...], "scores": [float, ...]}
+    classify:             {"label": str, "scores": {label: probability, ...}}
+    embed:                {"embedding": [float, ...]}
+A text that cannot be processed raises `RecordError` from `check` (before batching),
+so the CLI can write an error record for it and carry on with the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from kerasllm.errors import KerasLLMError, UsageError
+
+
+class RecordError(KerasLLMError):
+    """One input record cannot be processed (the job goes on with the others)."""
+
+
+class Predictor(Protocol):
+    task: str  # "generate", "classify", "embed" or "translate"
+
+    def check(self, text: str) -> list[int]:
+        """Tokenize one text; raise RecordError if it is empty or too long. Returns its ids."""
+
+    def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
+        """Results for a batch of tokenized texts, in order."""
+
+
+# task -> family module implementing `load(source_path, device=..., **kwargs) -> Predictor`
+# for "bundle" and "modeldir" sources. Families register here as they gain support.
+PREDICTORS: dict[tuple[str, str], str] = {
+    # ("generate", "bundle"): "kerasllm.export.decoding_predictor:load_bundle",
+}
+
+
+def source_kind(path: str | Path) -> str:
+    """"bundle" (has manifest.json) or "modeldir" (has model.keras and config.json)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return "bundle"
+    if (path / "config.json").is_file() and (path / "model.keras").is_file():
+        return "modeldir"
+    if not path.exists():
+        raise UsageError(f"{path}: no such bundle or model directory")
+    raise UsageError(f"{path}: neither a bundle (manifest.json) nor a model directory (model.keras + config.json)")
+
+
+def source_task(path: str | Path) -> str:
+    """The task recorded in a bundle's manifest or a model directory's config.json."""
+    path = Path(path)
+    name = "manifest.json" if source_kind(path) == "bundle" else "config.json"
+    return json.loads((path / name).read_text(encoding="utf-8"))["task"]
+
+
+def load_predictor(task: str, source: str | Path, **kwargs: Any) -> Predictor:
+    """The predictor for `task` ("generate", ...) on `source` (bundle or model dir)."""
+    kind = source_kind(source)
+    target = PREDICTORS.get((task, kind))
+    if target is None:
+        raise UsageError(f"{source}: no {task} predictor for a {kind} of task {source_task(source)!r}")
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)(Path(source), **kwargs)
