@@ -1,0 +1,171 @@
+"""Streaming readers of input records: plain text, JSONL, TSV and CSV. No TensorFlow.
+
+One reader serves both sides: training recipes (which refuse a file with a bad record,
+naming its line) and batch inference (which writes an error record for it and goes on).
+Files are read as bytes line by line, so memory does not grow with the file and one
+undecodable line spoils only its own record.
+
+Formats (`fmt="auto"` picks by suffix: .jsonl/.json -> jsonl, .tsv, .csv, else text):
+    text   one record per line, field "text"
+    jsonl  one JSON object per line, fields by name
+    tsv    header row with column names, tab-separated rows
+    csv    header row, comma-separated rows (RFC 4180 quoting, one record per physical line)
+Blank lines are skipped in every format (they are not records).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from kerasllm.errors import DataError, UsageError
+
+FORMATS = ("text", "jsonl", "tsv", "csv")
+
+
+@dataclass
+class Record:
+    """One input record.
+
+    Attributes:
+        line: 1-based line number in the file (what error messages name).
+        id: the `id_field` value when given and present, else the line number as a string.
+        fields: field name -> value (strings; JSON numbers/bools are kept as JSON scalars).
+        error: why the record could not be read (bad UTF-8, malformed JSON, ragged row), else None.
+    """
+
+    line: int
+    id: str
+    fields: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def get(self, name: str) -> str:
+        """The field `name` as text; DataError naming the line when it is missing."""
+        if self.error:
+            raise DataError(f"line {self.line}: {self.error}")
+        if name not in self.fields or self.fields[name] is None:
+            known = ", ".join(sorted(self.fields)) or "none"
+            raise DataError(f"line {self.line}: missing field {name!r} (fields: {known})")
+        value = self.fields[name]
+        return value if isinstance(value, str) else json.dumps(value)
+
+
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown input format {fmt!r} (choose from auto, {', '.join(FORMATS)})")
+        return fmt
+    suffix = Path(str(path)).suffix.lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".csv": "csv"}.get(suffix, "text")
+
+
+def _open(path: str | Path) -> BinaryIO:
+    if str(path) == "-":
+        return sys.stdin.buffer
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected a file")
+    return open(path, "rb")
+
+
+def _decoded_lines(stream: BinaryIO) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text without the newline or None, decode error or None)."""
+    for number, raw in enumerate(stream, start=1):
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as err:
+            yield number, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+
+
+def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = None) -> Iterator[Record]:
+    """Yield the records of `path` (`-` is standard input) one by one.
+
+    Raises DataError only for problems with the file as a whole (no header row in a
+    TSV/CSV, duplicate column names); a bad record comes back with `error` set.
+    """
+    fmt = detect_format(path, fmt)
+    stream = _open(path)
+    try:
+        lines = _decoded_lines(stream)
+        if fmt in ("tsv", "csv"):
+            yield from _delimited(lines, "\t" if fmt == "tsv" else ",", path, id_field)
+            return
+        for number, text, error in lines:
+            if error:
+                yield Record(number, str(number), error=error)
+                continue
+            if not text.strip():
+                continue
+            if fmt == "text":
+                yield Record(number, str(number), {"text": text})
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield Record(number, str(number), error=f"malformed JSON ({err.msg} at column {err.colno})")
+                continue
+            if not isinstance(value, dict):
+                yield Record(number, str(number), error=f"expected a JSON object, got {type(value).__name__}")
+                continue
+            yield Record(number, _record_id(value, id_field, number), value)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _record_id(fields: dict, id_field: str | None, number: int) -> str:
+    if id_field and fields.get(id_field) is not None:
+        value = fields[id_field]
+        return value if isinstance(value, str) else json.dumps(value)
+    return str(number)
+
+
+def _delimited(lines, delimiter: str, path, id_field) -> Iterator[Record]:
+    header = None
+    for number, text, error in lines:
+        if error:
+            if header is None:
+                raise DataError(f"{path}: line {number}: header row is {error}")
+            yield Record(number, str(number), error=error)
+            continue
+        if not text.strip():
+            continue
+        row = next(csv.reader([text], delimiter=delimiter))
+        if header is None:
+            header = [name.strip() for name in row]
+            duplicates = sorted({n for n in header if header.count(n) > 1})
+            if duplicates:
+                raise DataError(f"{path}: line {number}: duplicate column {duplicates[0]!r} in the header")
+            continue
+        if len(row) != len(header):
+            yield Record(number, str(number),
+                         error=f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}")
+            continue
+        fields = dict(zip(header, row))
+        yield Record(number, _record_id(fields, id_field, number), fields)
+    if header is None:
+        raise DataError(f"{path}: empty file (expected a header row)")
+
+
+def read_parallel(source_file: str | Path, target_file: str | Path) -> Iterator[Record]:
+    """Pairs of lines from two parallel text files as records with `source` and `target` fields.
+
+    Blank lines are kept here (a blank line is a record) so that line numbers stay aligned;
+    a length mismatch is a DataError naming both files.
+    """
+    with _open(source_file) as src, _open(target_file) as tgt:
+        source_lines, target_lines = _decoded_lines(src), _decoded_lines(tgt)
+        for (number, source, s_err), (_, target, t_err) in zip(source_lines, target_lines):
+            error = s_err and f"{source_file}: {s_err}" or t_err and f"{target_file}: {t_err}"
+            yield Record(number, str(number), {"source": source, "target": target}, error=error or None)
+        rest_source, rest_target = next(source_lines, None), next(target_lines, None)
+        if rest_source or rest_target:
+            longer = source_file if rest_source else target_file
+            raise DataError(f"{source_file} and {target_file} have different numbers of lines ({longer} is longer)")
