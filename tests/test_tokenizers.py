@@ -1,0 +1,48 @@
+"""Tokenizers: every kind round-trips text, keeps the special ids, and needs no TensorFlow."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kerasllm.tokenizers import SPECIAL_TOKENS, TextTokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog.\nA second line, with punctuation!\n" * 20
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+def test_round_trip_and_special_ids(kind, tmp_path):
+    tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=120)
+    sample = "The lazy fox.\nA quick dog!"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    path = tok.save(tmp_path)
+    again = TextTokenizer.load(path)
+    assert again.encode(sample) == tok.encode(sample)
+    assert again.vocab_size == tok.vocab_size
+
+
+def test_subword_kinds_compress_and_byte_never_unknown():
+    char = TextTokenizer.train([TEXT], kind="char")
+    bpe = TextTokenizer.train([TEXT], kind="bpe", vocab_size=300)
+    byte = TextTokenizer.train([TEXT], kind="byte")
+    sample = "The quick brown fox jumps over the lazy dog."
+    assert len(bpe.encode(sample)) < len(char.encode(sample)) / 2
+    unseen = "Ünïcødé ✓"
+    assert byte.decode(byte.encode(unseen)) == unseen
+    assert byte.unk_id not in byte.encode(unseen)
+
+
+def test_loading_a_tokenizer_does_not_import_tensorflow(tmp_path):
+    path = TextTokenizer.train([TEXT], kind="bpe", vocab_size=200).save(tmp_path)
+    code = ("import sys; from kerasllm.tokenizers import TextTokenizer; "
+            f"t = TextTokenizer.load({str(path)!r}); t.encode('fox'); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
+    from kerasllm.errors import DataError
+
+    with pytest.raises(DataError, match="no such file"):
+        TextTokenizer.load(tmp_path / "nope.json")
