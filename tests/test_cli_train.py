@@ -1,0 +1,116 @@
+"""`kerasllm` CLI: help, train end to end, resume, and every bad input of the foundation issue."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from kerasllm.cli import COMMANDS, cli
+
+FAST = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--no-jit-compile", "--quiet"]
+
+
+def test_every_command_has_help_with_an_example(run_cli):
+    result = run_cli("--help")
+    assert result.code == 0 and "Example:" in result.out
+    for name in COMMANDS:
+        result = run_cli(name, "--help")
+        assert result.code == 0, (name, result)
+        assert "Example:" in result.out, name
+    train = cli.get_command(None, "train")
+    for sub in train.commands:
+        result = run_cli("train", sub, "--help")
+        assert result.code == 0 and "Example:" in result.out, sub
+
+
+def test_train_writes_a_complete_run_directory(run_cli, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "30",
+                     "--eval-interval", "15", "--eval-steps", "2", *FAST)
+    assert result.code == 0, result
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.jsonl", "model.keras",
+                                                     "tokenizer.json"]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    steps = [h["step"] for h in history]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+    assert [h["step"] for h in history if "val_loss" in h] == [15, 30]
+    assert all(h["tokens_per_s"] >= 0 and np.isfinite(h["loss"]) for h in history)
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "causal-lm" and config["train"]["steps"] == 30
+    model = keras.models.load_model(out / "model.keras")
+    assert model.config.vocab_size == config["model"]["vocab_size"]
+
+
+def test_resume_continues_from_the_last_checkpoint(run_cli, corpus_file, tmp_path, monkeypatch):
+    from kerasllm import training
+
+    out = tmp_path / "run"
+    original = training.ProgressLogger.on_train_batch_end
+
+    def crash_at_step_25(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 25:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_25)
+    args = ["train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "40", "--eval-interval", "10",
+            "--eval-steps", "1", *FAST]
+    interrupted = run_cli(*args)
+    assert interrupted.code == 130
+    assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+
+    resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet")
+    assert resumed.code == 0, resumed
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    steps = [h["step"] for h in history]
+    # Steps 21..25 ran before the crash but after the last checkpoint (step 20): they are
+    # dropped from the history and run again, so every step appears once, up to 40.
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    assert [h["step"] for h in history if "val_loss" in h] == [10, 20, 30, 40]
+    assert (out / "model.keras").is_file() and not (out / "checkpoints").exists()
+    # A finished run cannot be resumed, and a non-empty --out is not overwritten.
+    assert run_cli("train", "causal-lm", "--out", out, "--resume").code == 2
+    again = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, *FAST)
+    assert again.code == 2 and "not empty" in again.err
+
+
+def _bad_inputs(tmp_path, corpus_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    no_text = tmp_path / "no_text"
+    no_text.mkdir()
+    (no_text / "image.png").write_bytes(b"\x89PNG")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"family": "decoder", "num_layers": 2, "hidden_size": 64}))
+    return [
+        (["--data", tmp_path / "missing.txt"], 2, "does not exist"),
+        (["--data", empty], 1, "file is empty"),
+        (["--data", no_text], 1, "holds no text files"),
+        (["--data", latin1], 1, "line 2, column 4: not valid UTF-8"),
+        (["--data", corpus_file, "--seq-len", "4096"], 2, "larger than the model's max_length"),
+        (["--data", corpus_file, "--config", config], 2, "unknown key 'hidden_size'"),
+        ([], 2, "--data is required"),
+    ]
+
+
+def test_bad_inputs_give_one_clear_line_and_leave_nothing(run_cli, corpus_file, tmp_path):
+    for extra, code, message in _bad_inputs(tmp_path, corpus_file):
+        out = tmp_path / "never"
+        result = run_cli("train", "causal-lm", "--out", out, "--steps", "2", "--quiet", "--no-jit-compile", *extra)
+        assert result.code == code, (extra, result)
+        assert message in result.err, (extra, result.err)
+        assert "Traceback" not in result.err
+        assert len([line for line in result.err.splitlines() if line.strip()]) <= 3, result.err
+        assert not out.exists(), extra
+
+
+def test_sample_data_is_deterministic(run_cli, tmp_path):
+    for kind, name in [("corpus", "a.txt"), ("numbers", "n.jsonl"), ("sentiment", "s.tsv")]:
+        assert run_cli("sample-data", kind, "--out", tmp_path / name, "--count", "50").code == 0
+        first = (tmp_path / name).read_bytes()
+        assert run_cli("sample-data", kind, "--out", tmp_path / name, "--count", "50").code == 0
+        assert (tmp_path / name).read_bytes() == first and len(first) > 500
