@@ -10,7 +10,11 @@ A predictor takes a batch of texts and returns one result dict per text, in orde
     classify:             {"label": str, "scores": {label: probability, ...}}
     embed:                {"embedding": [float, ...]}
 A text that cannot be processed raises `RecordError` from `check` (before batching),
-so the CLI can write an error record for it and carry on with the others.
+so the CLI can write an error record for it and carry on with the others. `predict`
+receives the decoding options by name (generate/translate: max_new_tokens, temperature,
+top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed; classify: top_k;
+embed: normalize); a `RecordError` it raises is pinned on one record by the batch
+runner (export/batch.py), which retries the batch's records one by one.
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ class RecordError(KerasLLMError):
 class Predictor(Protocol):
     task: str  # "generate", "classify", "embed" or "translate"
 
-    def check(self, text: str) -> list[int]:
-        """Tokenize one text; raise RecordError if it is empty or too long. Returns its ids."""
+    def check(self, text: str, truncate: str = "error") -> list[int]:
+        """Tokenize one text and return its ids; raise RecordError if it is empty.
+
+        A text longer than the model allows raises RecordError under `truncate="error"`;
+        `"left"` keeps its last tokens (drops the start), `"right"` keeps its first tokens.
+        """
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
         """Results for a batch of tokenized texts, in order."""
