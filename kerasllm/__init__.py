@@ -20,6 +20,10 @@ from kerasllm.config import DecoderConfig, EncoderConfig, Seq2SeqConfig  # noqa:
 # name -> module that defines it (imported on first access)
 _LAZY = {
     "CausalLM": "kerasllm.models",
+    "Encoder": "kerasllm.models",
+    "MaskedLM": "kerasllm.models",
+    "TextClassifier": "kerasllm.models",
+    "TokenClassifier": "kerasllm.models",
     "layers": "kerasllm.layers",
     "models": "kerasllm.models",
 }
@@ -34,4 +38,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kerasllm' has no attribute {name!r}")
 
 
-__all__ = ["CausalLM", "DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "__version__"]
+__all__ = ["CausalLM", "MaskedLM", "TextClassifier", "TokenClassifier", "DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "__version__"]

@@ -1,0 +1,344 @@
+"""The encoder family (BERT-like): a bidirectional encoder and its task heads.
+
+The whole family in one file: token + position embeddings, a stack of non-causal
+`TransformerBlock`s whose attention ignores padding, and four ways to use it:
+
+* `MaskedLM`: pretraining by predicting masked tokens (BERT's 15%, 80/10/10 rule;
+  the masking itself happens in tf.data with keras-hub's `MaskedLMMaskGenerator`).
+* `TextClassifier`: one label per text from a pooled vector (CLS or mean pooling).
+* `TokenClassifier`: one label per token.
+* sentence embeddings: `model.embed(...)` on any of them, the pooled encoder output.
+
+Inputs are right-padded token ids `[B, T]` that start with BOS (the CLS token), plus a
+`padding_mask` `[B, T]` (1 for real tokens). Padding never changes a real token's
+output: keys at padded positions get a -1e9 attention bias, and mean pooling only
+averages real tokens. Every model also has `export_outputs(input_ids, attention_mask)`,
+the graph that the ONNX export traces (dynamic batch and length).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from kerasllm.config import EncoderConfig
+from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
+from kerasllm.models.base import TransformerModel
+
+
+def pool(hidden, padding_mask, pooling="cls"):
+    """Pool `[B, T, C]` hidden states into `[B, C]`: the first (CLS) token or the masked mean."""
+    if pooling == "cls":
+        return hidden[:, 0, :]
+    mask = ops.expand_dims(ops.cast(padding_mask, hidden.dtype), -1)
+    return ops.sum(hidden * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class Encoder(keras.layers.Layer):
+    """A bidirectional transformer encoder: embeddings, then non-causal blocks.
+
+    Post-LN (BERT, `norm_first=False`) normalizes the summed embeddings; pre-LN
+    normalizes the last block's output instead.
+
+    Args:
+        vocab_size, max_length, num_layers, num_heads, hidden_dim, intermediate_dim,
+        dropout, activation, position, norm_first, layer_norm_epsilon, use_bias:
+            as in `EncoderConfig`.
+
+    Call arguments:
+        token_ids: `[B, T]` int ids.
+        padding_mask: `[B, T]`, 1 (or True) for real tokens, 0 for padding.
+    Returns hidden states `[B, T, C]`.
+
+    Example:
+    >>> encoder = Encoder(vocab_size=50, max_length=16, num_layers=2, num_heads=2,
+    ...                   hidden_dim=32, intermediate_dim=64)
+    >>> tuple(encoder(ops.ones((2, 5), "int32"), ops.ones((2, 5), "int32")).shape)
+    (2, 5, 32)
+    """
+
+    def __init__(self, vocab_size, max_length, num_layers, num_heads, hidden_dim, intermediate_dim, dropout=0.0,
+                 activation="gelu", position="learned", norm_first=False, layer_norm_epsilon=1e-5, use_bias=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.activation = activation
+        self.position = position
+        self.norm_first = norm_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_bias = use_bias
+
+    @classmethod
+    def from_encoder_config(cls, c: EncoderConfig, **kwargs) -> "Encoder":
+        return cls(c.vocab_size, c.max_length, c.num_layers, c.num_heads, c.hidden_dim, c.intermediate_dim,
+                   dropout=c.dropout, activation=c.activation, position=c.position, norm_first=c.norm_first,
+                   layer_norm_epsilon=c.layer_norm_epsilon, use_bias=c.use_bias, **kwargs)
+
+    def build(self, token_ids_shape=None, padding_mask_shape=None):
+        shape = (None, None, self.hidden_dim)
+        self.embedding = TokenAndPositionEmbedding(self.vocab_size, self.max_length, self.hidden_dim,
+                                                   position=self.position, dropout=self.dropout,
+                                                   name="embedding", dtype=self.dtype_policy)
+        self.embedding.build((None, None))
+        self.blocks = []
+        for i in range(self.num_layers):
+            block = TransformerBlock(
+                num_heads=self.num_heads, intermediate_dim=self.intermediate_dim, dropout=self.dropout,
+                activation=self.activation, norm_first=self.norm_first, layer_norm_epsilon=self.layer_norm_epsilon,
+                use_bias=self.use_bias, rotary=self.position == "rotary", name=f"block_{i}",
+                dtype=self.dtype_policy,
+            )
+            block.build(shape)
+            self.blocks.append(block)
+        # BERT (post-LN) normalizes the embeddings; pre-LN stacks normalize the output.
+        self.norm = keras.layers.LayerNormalization(epsilon=self.layer_norm_epsilon,
+                                                    name="final_norm" if self.norm_first else "embedding_norm",
+                                                    dtype=self.dtype_policy)
+        self.norm.build(shape)
+        self.built = True
+
+    def call(self, token_ids, padding_mask, training=None):
+        length = ops.shape(token_ids)[1]
+        positions = ops.broadcast_to(ops.arange(length, dtype="int32")[None, :], ops.shape(token_ids))
+        bias = attention_bias(length, length, padding_mask, causal=False)
+        x = self.embedding(token_ids, positions, training=training)
+        if not self.norm_first:
+            x = self.norm(x)
+        for block in self.blocks:
+            x, _, _ = block(x, self_bias=bias, positions=positions, training=training)
+        if self.norm_first:
+            x = self.norm(x)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_size=self.vocab_size, max_length=self.max_length, num_layers=self.num_layers,
+                      num_heads=self.num_heads, hidden_dim=self.hidden_dim, intermediate_dim=self.intermediate_dim,
+                      dropout=self.dropout, activation=self.activation, position=self.position,
+                      norm_first=self.norm_first, layer_norm_epsilon=self.layer_norm_epsilon,
+                      use_bias=self.use_bias)
+        return config
+
+
+class EncoderModel(TransformerModel):
+    """What the encoder task models share: the encoder, input parsing, pooling, export outputs."""
+
+    config_class = EncoderConfig
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.encoder = Encoder.from_encoder_config(self.config, name="encoder")
+
+    def _parse(self, inputs):
+        """`token_ids` or a dict with `token_ids` and optional `padding_mask` -> (ids, mask)."""
+        if isinstance(inputs, dict):
+            token_ids, padding_mask = inputs["token_ids"], inputs.get("padding_mask")
+        else:
+            token_ids, padding_mask = inputs, None
+        if padding_mask is None:
+            padding_mask = ops.not_equal(token_ids, self.config.pad_id)
+        return token_ids, padding_mask
+
+    def encode(self, inputs, training=None):
+        """Hidden states `[B, T, C]` and the padding mask."""
+        token_ids, padding_mask = self._parse(inputs)
+        return self.encoder(token_ids, padding_mask, training=training), padding_mask
+
+    def embed(self, inputs, normalize=False):
+        """Sentence embeddings `[B, C]` (float32): the encoder output pooled per `config.pooling`."""
+        hidden, padding_mask = self.encode(inputs)
+        vectors = ops.cast(pool(hidden, padding_mask, self.config.pooling), "float32")
+        if normalize:
+            vectors = vectors / ops.maximum(ops.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        return vectors
+
+    def export_outputs(self, input_ids, attention_mask):
+        """The exported graph: a dict of named float32 outputs (see each task)."""
+        raise NotImplementedError
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class MaskedLM(EncoderModel):
+    """BERT-like masked language model (encoder pretraining).
+
+    The head transforms the hidden state (dense + GELU + LayerNorm, as BERT) and
+    projects it with the tied token embedding. Train it on batches from
+    `kerasllm.data_tasks.masked_lm_dataset`: inputs `{"token_ids", "padding_mask",
+    "mask_positions"}`, targets the original ids at `mask_positions`, sample weights
+    1 for real selections and 0 for the padding of `mask_positions`. The loss (and
+    accuracy) count masked positions only.
+
+    Args:
+        config: an `EncoderConfig` (or its dict).
+
+    Call arguments:
+        inputs: token ids `[B, T]` or a dict with `token_ids`, optional `padding_mask`
+            and optional `mask_positions` `[B, M]`.
+    Returns float32 logits `[B, M, V]` at `mask_positions`, or `[B, T, V]` without them.
+
+    Example:
+    >>> model = MaskedLM(EncoderConfig.preset("tiny", vocab_size=64))
+    >>> tuple(model(np.ones((2, 8), "int32")).shape)
+    (2, 8, 64)
+    """
+
+    def __init__(self, config, **kwargs):
+        kwargs.setdefault("name", "masked_lm")
+        super().__init__(config, **kwargs)
+        c = self.config
+        self.head_dense = keras.layers.Dense(c.hidden_dim, activation="gelu", name="mlm_dense")
+        self.head_norm = keras.layers.LayerNormalization(epsilon=c.layer_norm_epsilon, name="mlm_norm")
+        if not c.tie_embeddings:
+            self.lm_head = keras.layers.Dense(c.vocab_size, use_bias=False, name="lm_head")
+        self.build((None, None))
+
+    def build(self, input_shape=None):
+        shape = (None, None, self.config.hidden_dim)
+        self.encoder.build((None, None))
+        self.head_dense.build(shape)
+        self.head_norm.build(shape)
+        if not self.config.tie_embeddings:
+            self.lm_head.build(shape)
+        self.built = True
+
+    def _logits(self, hidden):
+        x = self.head_norm(self.head_dense(hidden))
+        logits = self.encoder.embedding.logits(x) if self.config.tie_embeddings else self.lm_head(x)
+        return ops.cast(logits, "float32")
+
+    def call(self, inputs, training=None):
+        hidden, _ = self.encode(inputs, training=training)
+        if isinstance(inputs, dict) and inputs.get("mask_positions") is not None:
+            positions = ops.cast(inputs["mask_positions"], "int32")
+            hidden = ops.take_along_axis(hidden, ops.expand_dims(positions, -1), axis=1)
+        return self._logits(hidden)
+
+    def default_loss(self, label_smoothing=0.0):
+        # Mean over the masked positions of the batch: the sample weights are 0 on the
+        # padding of `mask_positions`, and "mean_with_sample_weight" divides by their sum.
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+        if metrics == "auto":  # accuracy on masked positions only (weighted by the sample weights)
+            metrics = None
+            kwargs.setdefault("weighted_metrics", [keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def export_outputs(self, input_ids, attention_mask):
+        """`logits` `[B, T, V]` at every position and pooled `embeddings` `[B, C]`."""
+        hidden = self.encoder(input_ids, attention_mask)
+        return {"logits": self._logits(hidden),
+                "embeddings": ops.cast(pool(hidden, attention_mask, self.config.pooling), "float32")}
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class TextClassifier(EncoderModel):
+    """Encoder + pooled classification head: one of `config.num_labels` labels per text.
+
+    The pooled vector (CLS token or masked mean, per `config.pooling`) goes through
+    BERT's pooler (dense + tanh), dropout and a linear layer to the label logits.
+    Start from scratch, or from a pretrained `MaskedLM` with `from_masked_lm`.
+
+    Args:
+        config: an `EncoderConfig` with `num_labels >= 2`.
+
+    Call arguments:
+        inputs: token ids `[B, T]` (BOS first, right padding) or a dict with
+            `token_ids` and `padding_mask`.
+    Returns float32 logits `[B, num_labels]`.
+
+    Example:
+    >>> model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=3))
+    >>> tuple(model(np.ones((2, 8), "int32")).shape)
+    (2, 3)
+    """
+
+    def __init__(self, config, **kwargs):
+        kwargs.setdefault("name", "text_classifier")
+        super().__init__(config, **kwargs)
+        c = self.config
+        if c.num_labels < 2:
+            raise ValueError(f"TextClassifier needs config.num_labels >= 2, got {c.num_labels}")
+        self.pooler = keras.layers.Dense(c.hidden_dim, activation="tanh", name="pooler")
+        self.head_dropout = keras.layers.Dropout(c.dropout, name="head_dropout")
+        self.classifier = keras.layers.Dense(c.num_labels, name="classifier")
+        self.build((None, None))
+
+    def build(self, input_shape=None):
+        self.encoder.build((None, None))
+        self.pooler.build((None, self.config.hidden_dim))
+        self.classifier.build((None, self.config.hidden_dim))
+        self.built = True
+
+    @classmethod
+    def from_masked_lm(cls, masked_lm: MaskedLM, num_labels: int, **config_changes) -> "TextClassifier":
+        """A classifier whose encoder starts from `masked_lm`'s pretrained encoder weights."""
+        config = masked_lm.config.replace(num_labels=num_labels, **config_changes)
+        model = cls(config)
+        model.encoder.set_weights(masked_lm.encoder.get_weights())
+        return model
+
+    def _head(self, pooled, training=None):
+        features = self.head_dropout(self.pooler(pooled), training=training)
+        return ops.cast(self.classifier(features), "float32")
+
+    def call(self, inputs, training=None):
+        hidden, padding_mask = self.encode(inputs, training=training)
+        return self._head(pool(hidden, padding_mask, self.config.pooling), training=training)
+
+    def export_outputs(self, input_ids, attention_mask):
+        """Label `logits` `[B, L]` and pooled `embeddings` `[B, C]`."""
+        pooled = pool(self.encoder(input_ids, attention_mask), attention_mask, self.config.pooling)
+        return {"logits": self._head(pooled), "embeddings": ops.cast(pooled, "float32")}
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class TokenClassifier(EncoderModel):
+    """Encoder + a linear layer per token: one of `config.num_labels` labels for every token.
+
+    Label -1 marks positions without a label (padding, BOS, sub-word continuations);
+    the default loss ignores them.
+
+    Example:
+    >>> model = TokenClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=5))
+    >>> tuple(model(np.ones((2, 8), "int32")).shape)
+    (2, 8, 5)
+    """
+
+    def __init__(self, config, **kwargs):
+        kwargs.setdefault("name", "token_classifier")
+        super().__init__(config, **kwargs)
+        c = self.config
+        if c.num_labels < 2:
+            raise ValueError(f"TokenClassifier needs config.num_labels >= 2, got {c.num_labels}")
+        self.head_dropout = keras.layers.Dropout(c.dropout, name="head_dropout")
+        self.classifier = keras.layers.Dense(c.num_labels, name="classifier")
+        self.build((None, None))
+
+    def build(self, input_shape=None):
+        self.encoder.build((None, None))
+        self.classifier.build((None, None, self.config.hidden_dim))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        hidden, _ = self.encode(inputs, training=training)
+        return ops.cast(self.classifier(self.head_dropout(hidden, training=training)), "float32")
+
+    def default_loss(self, label_smoothing=0.0):
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+
+    def export_outputs(self, input_ids, attention_mask):
+        """Per-token label `logits` `[B, T, L]`."""
+        return {"logits": self.call({"token_ids": input_ids, "padding_mask": attention_mask})}
+
+
+ENCODER_TASKS = {"masked-lm": MaskedLM, "classifier": TextClassifier, "token-classifier": TokenClassifier}
+
+__all__ = ["Encoder", "EncoderModel", "MaskedLM", "TextClassifier", "TokenClassifier", "pool", "ENCODER_TASKS"]
