@@ -22,6 +22,7 @@ _LAZY = {
     "CausalLM": "kerasllm.models",
     "Encoder": "kerasllm.models",
     "MaskedLM": "kerasllm.models",
+    "Seq2SeqLM": "kerasllm.models",
     "TextClassifier": "kerasllm.models",
     "TokenClassifier": "kerasllm.models",
     "layers": "kerasllm.layers",
@@ -38,4 +39,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kerasllm' has no attribute {name!r}")
 
 
-__all__ = ["CausalLM", "MaskedLM", "TextClassifier", "TokenClassifier", "DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "__version__"]
+__all__ = ["CausalLM", "MaskedLM", "Seq2SeqLM", "TextClassifier", "TokenClassifier", "DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "__version__"]

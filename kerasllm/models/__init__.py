@@ -3,5 +3,6 @@
 from kerasllm.models.base import SparseCrossEntropy, TransformerModel, default_optimizer
 from kerasllm.models.causal_lm import CausalLM
 from kerasllm.models.encoder import Encoder, MaskedLM, TextClassifier, TokenClassifier
+from kerasllm.models.seq2seq import Seq2SeqLM
 
-__all__ = ["CausalLM", "Encoder", "MaskedLM", "TextClassifier", "TokenClassifier", "SparseCrossEntropy", "TransformerModel", "default_optimizer"]
+__all__ = ["CausalLM", "Encoder", "MaskedLM", "Seq2SeqLM", "TextClassifier", "TokenClassifier", "SparseCrossEntropy", "TransformerModel", "default_optimizer"]
