@@ -74,9 +74,22 @@ def _open(path: str | Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _decoded_lines(stream: BinaryIO) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, text without the newline or None, decode error or None)."""
+def _decoded_lines(stream: BinaryIO, lines: tuple[int, int] | None = None,
+                   keep_first: bool = False) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text without the newline or None, decode error or None).
+
+    With `lines=(first, last)` (1-based, inclusive) only those lines are decoded (and, when
+    `keep_first`, the file's first non-blank line: a header row); reading stops after `last`.
+    """
+    first_pending = keep_first
     for number, raw in enumerate(stream, start=1):
+        if lines is not None:
+            if number > lines[1]:
+                return
+            if number < lines[0]:
+                if not first_pending:
+                    continue
+                first_pending = not raw.strip()
         raw = raw.rstrip(b"\n").rstrip(b"\r")
         try:
             yield number, raw.decode("utf-8"), None
@@ -84,16 +97,19 @@ def _decoded_lines(stream: BinaryIO) -> Iterator[tuple[int, str | None, str | No
             yield number, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
 
 
-def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = None) -> Iterator[Record]:
+def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = None,
+                 lines: tuple[int, int] | None = None) -> Iterator[Record]:
     """Yield the records of `path` (`-` is standard input) one by one.
 
+    `lines=(first, last)` (1-based, inclusive) reads only the records on those lines (a
+    TSV/CSV header is still read from line 1): how a shard of a file is read.
     Raises DataError only for problems with the file as a whole (no header row in a
     TSV/CSV, duplicate column names); a bad record comes back with `error` set.
     """
     fmt = detect_format(path, fmt)
     stream = _open(path)
     try:
-        lines = _decoded_lines(stream)
+        lines = _decoded_lines(stream, lines, keep_first=fmt in ("tsv", "csv"))
         if fmt in ("tsv", "csv"):
             yield from _delimited(lines, "\t" if fmt == "tsv" else ",", path, id_field)
             return

@@ -22,6 +22,10 @@ from kerasllm.errors import KerasLLMError
 COMMANDS = {
     "train": "kerasllm.cli.train:train",
     "sample-data": "kerasllm.cli.data:sample_data",
+    "generate": "kerasllm.cli.infer:generate",
+    "translate": "kerasllm.cli.infer:translate",
+    "classify": "kerasllm.cli.infer:classify",
+    "embed": "kerasllm.cli.infer:embed",
 }
 
 HELP = """Train transformer language models in Keras and serve them with ONNX Runtime.

@@ -1,0 +1,420 @@
+"""Batch inference over a stream of records: bounded memory, token-budget batches, input order.
+
+The machinery behind `kerasllm generate|classify|embed|translate` (and the Beam model
+handler). It never imports TensorFlow: it talks to a `Predictor` (export/predict.py).
+
+How a job runs:
+    records (export/records.py) --window of N records--> check() each text into ids
+      -> plan_batches(): sort the window by length (bucketing), cut batches by count and by
+         a padded-token budget -> predictor.predict(batch) -> results put back by position
+      -> the finished prefix of the window is written at once, in input order, whole lines.
+Memory holds one window, never the file. A record that cannot be read, has no text, or
+fails `check` becomes an error record (`{"id": ..., "error": "line N: ..."}`) and the job
+goes on. A `RecordError` raised by `predict` is pinned on its record by retrying the
+batch one record at a time.
+
+Resuming (`resume_point`): the output is a prefix of the full output (one line per input
+record, in input order), so rerunning skips as many input records as the output has
+complete lines, after checking that their ids agree; a torn last line is cut off first.
+
+Example:
+>>> from kerasllm.export.batch import BatchRunner, JsonlWriter
+>>> from kerasllm.export.records import read_records
+>>> runner = BatchRunner(predictor, options={"max_new_tokens": 32})   # doctest: +SKIP
+>>> summary = runner.run(read_records("prompts.txt"), JsonlWriter("out.jsonl"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from kerasllm.errors import DataError, UsageError
+from kerasllm.export.predict import Predictor, RecordError
+from kerasllm.export.records import Record
+
+TRUNCATE_POLICIES = ("error", "left", "right")
+
+
+# -- batch planning ----------------------------------------------------------------------------
+def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None,
+                 bucket: bool = True, extra_tokens: int = 0) -> list[list[int]]:
+    """Group positions `0..len(lengths)-1` into batches.
+
+    A batch holds at most `batch_size` items, and its padded size, `count * (longest +
+    extra_tokens)`, stays within `max_batch_tokens` (an item over the budget on its own gets
+    a batch of its own). With `bucket`, items are taken shortest first, so each batch holds
+    texts of similar length and little padding is computed; without it, in input order.
+
+    Args:
+        lengths: token count of each item.
+        batch_size: most items per batch.
+        max_batch_tokens: budget of padded tokens per batch, or None for no budget.
+        bucket: sort by length before cutting batches.
+        extra_tokens: tokens each item grows by while it is processed (new tokens of
+            generation), counted in the budget because the model holds them too.
+
+    Example:
+    >>> plan_batches([5, 1, 4, 1], batch_size=2, max_batch_tokens=None)
+    [[1, 3], [2, 0]]
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__) if bucket else range(len(lengths))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        over_budget = max_batch_tokens is not None and (len(current) + 1) * (grown + extra_tokens) > max_batch_tokens
+        if current and (len(current) >= batch_size or over_budget):
+            batches.append(current)
+            current, grown = [], lengths[i]
+        current.append(i)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches
+
+
+def predict_isolating(predictor: Predictor, batch: Sequence[list[int]], options: dict) -> list[dict]:
+    """`predictor.predict(batch)`, with a RecordError pinned on the record that raised it.
+
+    When the batch fails with a RecordError, its records are retried one at a time, so one
+    bad record costs the others nothing; that record gets `{"error": message}`.
+    """
+    try:
+        results = predictor.predict(batch, **options)
+    except RecordError as err:
+        if len(batch) == 1:
+            return [{"error": str(err)}]
+        return [predict_isolating(predictor, [ids], options)[0] for ids in batch]
+    if len(results) != len(batch):
+        raise RuntimeError(f"predictor returned {len(results)} results for a batch of {len(batch)}")
+    return list(results)
+
+
+def check_text(predictor: Predictor, text: str, truncate: str) -> list[int]:
+    """`predictor.check(text)` under a truncation policy (only passed when not the default)."""
+    return predictor.check(text) if truncate == "error" else predictor.check(text, truncate=truncate)
+
+
+def require_truncate_support(predictor: Predictor, truncate: str) -> None:
+    """UsageError up front when `--truncate left|right` meets a predictor that cannot truncate."""
+    if truncate not in TRUNCATE_POLICIES:
+        raise UsageError(f"unknown truncate policy {truncate!r} (choose from {', '.join(TRUNCATE_POLICIES)})")
+    if truncate != "error" and "truncate" not in inspect.signature(predictor.check).parameters:
+        raise UsageError(f"--truncate {truncate}: this {type(predictor).__name__} cannot truncate inputs")
+
+
+# -- output ------------------------------------------------------------------------------------
+class JsonlWriter:
+    """Writes one JSON object per line, whole lines only, flushed after each group of lines.
+
+    `path="-"` writes to standard output. `append=True` continues an existing file.
+    """
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.path = str(path)
+        if self.path == "-":
+            self.stream = sys.stdout
+            self._close = False
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(self.path, "a" if append else "w", encoding="utf-8", newline="\n")
+            self._close = True
+
+    def write(self, rows: Iterable[dict]) -> None:
+        # One write call per group of whole lines, then a flush: a kill can cut the OS write
+        # short at worst, which `resume_point` repairs by dropping the torn last line.
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._close:
+            self.stream.close()
+
+
+@dataclass
+class ResumePoint:
+    """What an existing output already holds: its complete lines and their error count."""
+
+    done: int = 0
+    errors: int = 0
+    ids: Iterator[str] | None = None  # ids of the done lines, in order (streamed from the file)
+
+
+def resume_point(output: str | Path) -> ResumePoint:
+    """Repair `output` (cut a torn last line) and describe the records it already holds.
+
+    The ids are read lazily (`ids`), so checking a 10 GB output against its input takes no
+    memory; call `close()` on it (or exhaust it) when done.
+    """
+    path = Path(output)
+    if not path.exists() or path.stat().st_size == 0:
+        return ResumePoint()
+    _cut_torn_tail(path)
+    done = errors = 0
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                row = json.loads(raw)
+                row["id"]  # noqa: B018 (must be there)
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path}: line {number}: not a kerasllm output record; "
+                                "--resume continues an output this command wrote") from None
+            done += 1
+            errors += "error" in row
+    return ResumePoint(done, errors, _output_ids(path))
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate `path` after its last newline (a kill mid-write can leave half a line)."""
+    with open(path, "rb+") as stream:
+        size = stream.seek(0, io.SEEK_END)
+        position = size
+        while position > 0:
+            step = min(65536, position)
+            stream.seek(position - step)
+            chunk = stream.read(step)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                position = position - step + newline + 1
+                break
+            position -= step
+        if position != size:
+            stream.truncate(position)
+
+
+def _output_ids(path: Path) -> Iterator[str]:
+    with open(path, "rb") as stream:
+        for raw in stream:
+            yield json.loads(raw)["id"]
+
+
+# -- counting lines (progress totals, shards) --------------------------------------------------
+def count_lines(path: str | Path) -> int:
+    """Physical lines of a file (a last line without a newline counts), read in 1 MiB chunks."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def shard_lines(total_lines: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """Lines `(first, last)` (1-based, inclusive) of shard `shard_index` of `num_shards`.
+
+    Contiguous blocks of lines, so the shards' outputs concatenated in shard order equal the
+    unsharded output. Deterministic: depends only on the file's line count.
+    """
+    if not 0 <= shard_index < num_shards:
+        raise UsageError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    first = total_lines * shard_index // num_shards + 1
+    last = total_lines * (shard_index + 1) // num_shards
+    return first, last
+
+
+# -- interrupts --------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; what was complete has been written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalGuard:
+    """Turns SIGINT/SIGTERM into `Interrupted`, but never in the middle of writing output.
+
+    Inside `with guard.writing():` a signal is held until the block ends, so the lines being
+    written are written whole and flushed before the job stops.
+    """
+
+    def __init__(self):
+        self._writing = False
+        self._pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner's thread)
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self._writing:
+            self._pending = signum
+        else:
+            raise Interrupted(signum)
+
+    def writing(self):
+        guard = self
+
+        class _Writing:
+            def __enter__(self):
+                guard._writing = True
+
+            def __exit__(self, *exc):
+                guard._writing = False
+                if guard._pending is not None and exc[0] is None:
+                    raise Interrupted(guard._pending)
+                return False
+
+        return _Writing()
+
+
+# -- the runner --------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """What a job did: counts and throughput (this run only, except `errors_total`)."""
+
+    records: int = 0
+    errors: int = 0
+    skipped: int = 0  # already in the output (--resume)
+    errors_total: int = 0  # errors in the whole output, resumed part included
+    tokens: int = 0  # input tokens of the records this run processed
+    seconds: float = 0.0
+    interrupted: Interrupted | None = None
+
+    def line(self) -> str:
+        rate = self.records / self.seconds if self.seconds > 0 else 0.0
+        tokens = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        resumed = f" (+{self.skipped} already in the output)" if self.skipped else ""
+        return (f"{self.records} records{resumed}, {self.errors} errors, {self.seconds:.2f} s, "
+                f"{rate:.1f} records/s, {tokens:.0f} input tokens/s")
+
+
+class BatchRunner:
+    """Runs a predictor over records in bounded windows and writes results in input order.
+
+    Args:
+        predictor: the Predictor (bundle or model dir).
+        options: decoding/task options passed to `predictor.predict` by name.
+        text_field: the record field holding the text.
+        batch_size: most records per batch.
+        max_batch_tokens: padded-token budget per batch (None: no budget).
+        bucket: sort each window by length before cutting batches.
+        window: records read ahead and planned together; bounds memory.
+        truncate: "error", "left" or "right" (see `Predictor.check`).
+        extra_tokens: tokens each record grows by (max new tokens), counted in the budget.
+        on_error: called with each error record's message (e.g. to print the first few).
+        on_progress: called with the number of records written after each write.
+    """
+
+    def __init__(self, predictor: Predictor, options: dict | None = None, text_field: str = "text",
+                 batch_size: int = 32, max_batch_tokens: int | None = 8192, bucket: bool = True,
+                 window: int = 1024, truncate: str = "error", extra_tokens: int = 0,
+                 on_error: Callable[[str], None] | None = None,
+                 on_progress: Callable[[int], None] | None = None):
+        require_truncate_support(predictor, truncate)
+        self.predictor = predictor
+        self.options = dict(options or {})
+        self.text_field = text_field
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.bucket = bucket
+        self.window = max(window, 1)
+        self.truncate = truncate
+        self.extra_tokens = extra_tokens
+        self.on_error = on_error or (lambda message: None)
+        self.on_progress = on_progress or (lambda count: None)
+
+    def run(self, records: Iterable[Record], writer: JsonlWriter, summary: Summary | None = None) -> Summary:
+        """Process `records`, writing one line each to `writer`; returns the Summary.
+
+        On SIGINT/SIGTERM the finished prefix is written and flushed, and the Summary comes
+        back with `interrupted` set.
+        """
+        summary = summary or Summary()
+        start = time.perf_counter()
+        try:
+            with SignalGuard() as guard:
+                window: list[Record] = []
+                for record in records:
+                    window.append(record)
+                    if len(window) >= self.window:
+                        self._run_window(window, writer, guard, summary)
+                        window = []
+                if window:
+                    self._run_window(window, writer, guard, summary)
+        except Interrupted as stop:
+            summary.interrupted = stop
+        summary.seconds = time.perf_counter() - start
+        summary.errors_total += summary.errors
+        return summary
+
+    def _run_window(self, window: list[Record], writer: JsonlWriter, guard: SignalGuard, summary: Summary) -> None:
+        rows: list[dict | None] = [None] * len(window)
+        ids: dict[int, list[int]] = {}
+        for position, record in enumerate(window):
+            try:
+                text = record.get(self.text_field)  # DataError: unreadable record, missing field
+                ids[position] = check_text(self.predictor, text, self.truncate)
+            except (DataError, RecordError) as err:
+                rows[position] = self._error_row(record, err)
+        positions = list(ids)
+        plan = plan_batches([len(ids[p]) for p in positions], self.batch_size, self.max_batch_tokens,
+                            self.bucket, self.extra_tokens)
+        written = 0
+        for batch in plan:
+            batch_positions = [positions[i] for i in batch]
+            results = predict_isolating(self.predictor, [ids[p] for p in batch_positions], self.options)
+            for position, result in zip(batch_positions, results):
+                record = window[position]
+                if "error" in result:
+                    rows[position] = self._error_row(record, RecordError(result["error"]))
+                else:
+                    rows[position] = {"id": record.id, **result}
+                    summary.tokens += len(ids[position])
+            written = self._write_ready(rows, written, writer, guard, summary)
+        self._write_ready(rows, written, writer, guard, summary)
+
+    def _write_ready(self, rows, written: int, writer: JsonlWriter, guard: SignalGuard, summary: Summary) -> int:
+        """Write the finished rows from `written` on, up to the first unfinished one."""
+        end = written
+        while end < len(rows) and rows[end] is not None:
+            end += 1
+        if end > written:
+            with guard.writing():
+                writer.write(rows[written:end])
+                summary.records += end - written
+                summary.errors += sum("error" in row for row in rows[written:end])
+                self.on_progress(end - written)
+        return end
+
+    def _error_row(self, record: Record, err: Exception) -> dict:
+        message = str(err)
+        if not message.startswith("line "):
+            message = f"line {record.line}: {message}"
+        self.on_error(message)
+        return {"id": record.id, "error": message}
+
+
+def skip_resumed(records: Iterator[Record], point: ResumePoint, output: str | Path) -> Iterator[Record]:
+    """Drop the first `point.done` records after checking their ids against the output's."""
+    for number, output_id in enumerate(point.ids or (), start=1):
+        record = next(records, None)
+        if record is None:
+            raise UsageError(f"--resume: {output} holds {point.done} records but the input has only {number - 1}: "
+                             "not the output of this input")
+        if record.id != output_id:
+            raise UsageError(f"--resume: {output} line {number} has id {output_id!r} but input record {number} "
+                             f"(line {record.line}) has id {record.id!r}: not the output of this input")
+    yield from records
+

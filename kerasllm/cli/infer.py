@@ -1,0 +1,257 @@
+"""`kerasllm generate|classify|embed|translate SOURCE`: batch inference, files in, JSONL out.
+
+SOURCE is a bundle (ONNX Runtime, no TensorFlow: the production path) or a model
+directory (Keras). Input: plain text (one record a line), JSONL, TSV or CSV; output: JSONL,
+one line per input record, in input order:
+    {"id": "1", "output": "..."}                        generate, translate
+    {"id": "1", "output": ["...", ...], "scores": [...]} with --n-best > 1
+    {"id": "1", "label": "pos", "scores": {"pos": 0.9, ...}}   classify
+    {"id": "1", "embedding": [...]}                      embed
+    {"id": "7", "error": "line 7: empty text"}           a record that failed
+`id` is the `--id-field` value, else the line number.
+
+Exit codes: 0 every record succeeded; 1 some records failed (error records were written)
+or a runtime error; 2 bad usage; 130 interrupted by SIGINT, 143 by SIGTERM (what was
+complete is written: rerun the same command with --resume to finish).
+
+This module imports no TensorFlow (the Keras predictor of a model dir does, when loaded).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kerasllm.errors import UsageError
+
+FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv"]
+
+
+def batch_options(command):
+    """Input/output, batching, resuming, sharding and device options shared by every task."""
+    options = [
+        click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("-i", "--input", "input_path", default="-", show_default=True,
+                     help="Input file, or - for standard input."),
+        click.option("-o", "--output", "output_path", default="-", show_default=True,
+                     help="Output JSONL file, or - for standard output."),
+        click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="auto", show_default=True,
+                     help="Input format (auto: by suffix .jsonl/.json, .tsv, .csv, else text)."),
+        click.option("--text-field", default="text", show_default=True,
+                     help="JSONL field or TSV/CSV column holding the text."),
+        click.option("--id-field", default=None, help="JSONL field or TSV/CSV column holding the id "
+                     "(default: the line number)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Most records per batch."),
+        click.option("--max-batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+                     help="Padded tokens per batch: records x (longest input + new tokens)."),
+        click.option("--bucket/--no-bucket", default=True, show_default=True,
+                     help="Sort each window by length so batches hold similar lengths (output order is kept)."),
+        click.option("--window", type=click.IntRange(min=1), default=1024, show_default=True,
+                     help="Records read ahead and batched together (bounds memory)."),
+        click.option("--truncate", type=click.Choice(["error", "left", "right"]), default="error",
+                     show_default=True, help="A text longer than the model allows: an error record, or keep "
+                     "its end (left) or its start (right)."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run: skip the records already "
+                     "in --output and append the rest."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --output."),
+        click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Split the input into N contiguous blocks of lines (array jobs)..."),
+        click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="...and process block I (0-based). Outputs concatenated in shard order "
+                     "equal the unsharded output."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, per-record warnings or summary."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def decoding_options(command):
+    """The decoding options of generate and translate (names as `Predictor.predict` takes them)."""
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0 is greedy decoding."),
+        click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+                     help="Sample within the smallest set of tokens of probability >= p."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
+        click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Beam search width (1: no beam search)."),
+        click.option("--n-best", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Outputs per record (with scores); at most --num-beams under beam search."),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: str, text_field: str,
+            id_field: str | None, batch_size: int, max_batch_tokens: int, bucket: bool, window: int,
+            truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
+            quiet: bool, options: dict, extra_tokens: int = 0) -> None:
+    """Load the predictor for `task` on `source` and run the batch job; exits with its code."""
+    from tqdm import tqdm  # noqa: PLC0415  (kept off `kerasllm --help`'s path)
+
+    from kerasllm.export import batch  # noqa: PLC0415
+    from kerasllm.export.predict import load_predictor  # noqa: PLC0415
+    from kerasllm.export.records import detect_format, read_records  # noqa: PLC0415
+
+    started = time.perf_counter()
+    if input_path == "-" and sys.stdin.isatty():
+        raise UsageError("no --input given and standard input is a terminal (pass --input FILE or pipe records in)")
+    if shard_index >= num_shards:
+        raise UsageError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} for --num-shards {num_shards}")
+    if input_path == "-" and num_shards > 1:
+        raise UsageError("--num-shards needs an input file (standard input cannot be split into blocks)")
+    _check_device(device)
+    fmt = detect_format(input_path, fmt)
+    if input_path != "-" and not Path(input_path).is_file():
+        raise UsageError(f"{input_path}: no such file")
+    if output_path == "-" and resume:
+        raise UsageError("--resume needs an --output file")
+    output_exists = output_path != "-" and Path(output_path).is_file() and Path(output_path).stat().st_size > 0
+    if output_exists and not (resume or overwrite):
+        raise UsageError(f"{output_path} exists: add --resume to continue it or --overwrite to replace it")
+    if output_path != "-" and input_path != "-" and Path(output_path).resolve() == Path(input_path).resolve():
+        raise UsageError(f"{output_path} is also the input")
+
+    lines = None
+    total_lines = None
+    if input_path != "-" and (num_shards > 1 or not quiet):
+        total_lines = batch.count_lines(input_path)
+        if num_shards > 1:
+            lines = batch.shard_lines(total_lines, num_shards, shard_index)
+            total_lines = lines[1] - lines[0] + 1
+
+    predictor = load_predictor(task, source, device=device)
+    point = batch.resume_point(output_path) if resume else batch.ResumePoint()
+    records = read_records(input_path, fmt, id_field=id_field, lines=lines)
+    if point.done:
+        records = batch.skip_resumed(iter(records), point, output_path)
+
+    bar = tqdm(total=total_lines, unit="rec", desc=task, file=sys.stderr, disable=quiet, dynamic_ncols=True,
+               mininterval=0.5, smoothing=0.1, initial=0)
+    warned = [0]
+
+    def on_error(message: str) -> None:
+        warned[0] += 1
+        if not quiet and warned[0] <= 10:
+            tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr)
+        elif not quiet and warned[0] == 11:
+            tqdm.write("kerasllm: warning: more failed records; see the \"error\" lines in the output",
+                       file=sys.stderr)
+
+    runner = batch.BatchRunner(predictor, options, text_field=text_field, batch_size=batch_size,
+                               max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
+                               extra_tokens=extra_tokens, on_error=on_error, on_progress=bar.update)
+    summary = batch.Summary(skipped=point.done, errors_total=point.errors)
+    if point.done:
+        bar.update(point.done)
+    writer = batch.JsonlWriter(output_path, append=resume)
+    try:
+        summary = runner.run(records, writer, summary)
+    finally:
+        writer.close()
+        bar.close()
+    if not quiet:
+        click.echo(f"kerasllm: {task}: {summary.line()} (total {time.perf_counter() - started:.2f} s)", err=True)
+    if summary.interrupted is not None:
+        signum = summary.interrupted.signum
+        click.echo(f"kerasllm: interrupted by {signal.Signals(signum).name} after {summary.skipped + summary.records} "
+                   f"records; rerun the same command with --resume to finish", err=True)
+        sys.exit(128 + signum)
+    if summary.errors_total:
+        click.echo(f"kerasllm: {summary.errors_total} record(s) failed: see the \"error\" lines in "
+                   f"{'the output' if output_path == '-' else output_path}", err=True)
+        sys.exit(1)
+
+
+def _check_device(device: str) -> None:
+    name, _, index = device.partition(":")
+    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def _decoding(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed) -> dict:
+    if n_best > 1 and num_beams > 1 and n_best > num_beams:
+        raise UsageError(f"--n-best {n_best} is more than --num-beams {num_beams}")
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "repetition_penalty": repetition_penalty, "stop": list(stop) or None, "num_beams": num_beams,
+            "n_best": n_best, "seed": seed}
+
+
+def _split_decoding(kwargs: dict) -> dict:
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
+             "n_best", "seed")
+    return _decoding(*(kwargs.pop(name) for name in names))
+
+
+@click.command()
+@batch_options
+@decoding_options
+def generate(source, **kwargs):
+    """Continue each prompt with a causal LM (GPT-like).
+
+    \b
+    Example:
+      kerasllm generate bundle/ --input prompts.txt --output out.jsonl --max-new-tokens 64
+      kerasllm generate bundle/ -i prompts.jsonl -o out.jsonl --temperature 0.8 --top-p 0.9 --seed 1
+      kerasllm generate bundle/ -i prompts.txt -o out.jsonl --resume     # after an interruption
+    """
+    options = _split_decoding(kwargs)
+    run_job("generate", source, options=options, extra_tokens=options["max_new_tokens"], **kwargs)
+
+
+@click.command()
+@batch_options
+@decoding_options
+def translate(source, **kwargs):
+    """Map each text to a new text with a sequence-to-sequence model (translation, any text-to-text).
+
+    \b
+    Example:
+      kerasllm translate bundle/ --input source.txt --output out.jsonl --num-beams 4
+    """
+    options = _split_decoding(kwargs)
+    run_job("translate", source, options=options, extra_tokens=options["max_new_tokens"], **kwargs)
+
+
+@click.command()
+@batch_options
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Scores of the k likeliest labels only (default: all labels).")
+def classify(source, top_k, **kwargs):
+    """Label each text with a classifier, with the labels' probabilities.
+
+    \b
+    Example:
+      kerasllm classify bundle/ --input reviews.csv --text-field review --id-field id --output labels.jsonl
+    """
+    run_job("classify", source, options={"top_k": top_k}, **kwargs)
+
+
+@click.command()
+@batch_options
+@click.option("--normalize/--no-normalize", default=False, show_default=True,
+              help="Scale each embedding to unit length.")
+def embed(source, normalize, **kwargs):
+    """Embed each text as a vector with an encoder.
+
+    \b
+    Example:
+      kerasllm embed bundle/ --input docs.jsonl --id-field doc_id --output vectors.jsonl --normalize
+    """
+    run_job("embed", source, options={"normalize": normalize}, **kwargs)
+
+
+__all__ = ["classify", "embed", "generate", "translate"]
