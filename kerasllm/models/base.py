@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from kerasllm.config import TransformerConfig, config_from_dict
+from kerasllm.models.multi_worker import MultiWorkerFitMixin
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -70,8 +71,12 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
     return optimizer
 
 
-class TransformerModel(keras.Model):
-    """Base class: holds a family config and rebuilds from it when loading `.keras` files."""
+class TransformerModel(MultiWorkerFitMixin, keras.Model):
+    """Base class: holds a family config and rebuilds from it when loading `.keras` files.
+
+    `MultiWorkerFitMixin` makes `fit` work under `MultiWorkerMirroredStrategy` (Keras 3 bug,
+    see `kerasllm/models/multi_worker.py`); outside multi-worker training it changes nothing.
+    """
 
     config_class: type[TransformerConfig] = TransformerConfig
 

@@ -1,0 +1,269 @@
+"""Distributed training: one `--strategy` switch over TensorFlow's `tf.distribute`.
+
+`model.fit` stays unchanged; what changes is where the model, its optimizer and its
+metrics are created (inside `strategy.scope()`) and how the global batch reaches the
+replicas. The names:
+
+* `auto`: every local GPU (`MirroredStrategy`) when there is more than one, else the
+  default strategy (one device, no distribution overhead).
+* `one-device`: `OneDeviceStrategy` on the first GPU, else the CPU.
+* `mirrored`: synchronous data parallelism over the local GPUs (or, without GPUs, every
+  logical CPU device; tests use two).
+* `multi-worker`: `MultiWorkerMirroredStrategy` over several processes/machines; the
+  cluster comes from `TF_CONFIG`, or from Slurm (`SlurmClusterResolver`) inside an
+  `srun` job. Every worker runs the same command with the same `--out`, which must be
+  storage all workers can read (only the chief writes there).
+* `tpu`: `TPUStrategy` on the TPU named by `--tpu` (`TPUClusterResolver`; "" or "local"
+  for a TPU VM).
+* `parameter-server`: recognised but refused: Keras 3's `model.fit` has no
+  `ClusterCoordinator` support (Keras 2 had); the message says so.
+
+`--batch-size` is always the global batch: each of the N replicas gets batch / N
+examples, so a run computes the same gradient whatever the strategy. `--scale-lr`
+multiplies the learning rate by N (the linear scaling rule, Goyal et al. 2017), for
+users who grow the global batch with the replica count; it is off unless asked for.
+
+`--precision mixed_float16` computes in float16 with float32 variables and dynamic loss
+scaling (Keras wraps the optimizer in a `LossScaleOptimizer` at `compile`);
+`mixed_bfloat16` needs no loss scaling (bfloat16 has float32's exponent range). The
+layers compute softmax and the logits in float32 either way. Saved models carry no
+policy: `model.keras` loads in float32, and the export decides fp32 or fp16.
+
+Example:
+>>> with training_strategy("auto", precision="fp32") as dist:
+...     model = CausalLM(config)
+...     model.compile(learning_rate=dist.learning_rate(1e-3, scale=False))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from kerasllm.errors import UsageError
+
+log = logging.getLogger("kerasllm")
+
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "tpu", "parameter-server")
+PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
+
+
+# -- TF_CONFIG --------------------------------------------------------------------------------
+def parse_tf_config(raw: str | None = None) -> dict[str, Any]:
+    """Read and check `TF_CONFIG`; any fault is one `UsageError` line naming it."""
+    raw = os.environ.get("TF_CONFIG", "") if raw is None else raw
+    if not raw.strip():
+        raise UsageError("TF_CONFIG is not set (multi-worker needs it, or a Slurm job)")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"TF_CONFIG is not valid JSON: {err.msg} at column {err.colno}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict):
+        raise UsageError('TF_CONFIG has no "cluster" object (e.g. {"cluster": {"worker": ["host:port", ...]}})')
+    cluster = value["cluster"]
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses or not all(
+                isinstance(a, str) and ":" in a for a in addresses):
+            raise UsageError(f'TF_CONFIG cluster "{job}" must be a non-empty list of "host:port" strings')
+    task = value.get("task")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise UsageError('TF_CONFIG has no "task" with "type" and "index" (e.g. {"type": "worker", "index": 0})')
+    if task["type"] not in cluster:
+        raise UsageError(f'TF_CONFIG task type "{task["type"]}" is not a job in the cluster ({", ".join(cluster)})')
+    index = task["index"]
+    if not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
+        raise UsageError(f'TF_CONFIG task index {index!r} is out of range for the '
+                         f'{len(cluster[task["type"]])} "{task["type"]}" address(es)')
+    return value
+
+
+def _in_slurm_job() -> bool:
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_NODELIST" in os.environ
+
+
+# -- strategy resolution ----------------------------------------------------------------------
+def resolve_strategy(name: str = "auto", tpu: str | None = None):
+    """Return the `tf.distribute.Strategy` for a `--strategy` name (see the module docstring).
+
+    Args:
+        name: one of `STRATEGIES`.
+        tpu: the TPU address or name for `name="tpu"` (`--tpu`); None or "local" means a TPU VM.
+    Raises `UsageError` (one line) for an unknown name, a broken `TF_CONFIG`, or a
+    cluster/TPU that cannot be reached.
+    """
+    if name not in STRATEGIES:
+        raise UsageError(f"unknown --strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    import tensorflow as tf  # noqa: PLC0415 - only the Keras side distributes
+
+    # Listing logical devices initialises TensorFlow's runtime, after which a multi-worker
+    # strategy can no longer be set up ("Collective ops must be configured at program
+    # startup"): only the local strategies look at devices.
+    if name == "auto":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if name == "one-device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")]
+        return tf.distribute.MirroredStrategy(devices=devices or [d.name for d in tf.config.list_logical_devices("CPU")])
+    if name == "multi-worker":
+        if os.environ.get("TF_CONFIG", "").strip():
+            parse_tf_config()
+            resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        elif _in_slurm_job():
+            try:
+                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise UsageError(f"multi-worker: cannot read the Slurm job: {err}") from None
+        else:
+            raise UsageError("--strategy multi-worker needs a cluster: set TF_CONFIG, or run inside a Slurm job (srun)")
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as err:
+            raise UsageError(f"multi-worker: cannot join the cluster: {str(err).splitlines()[0]}") from None
+    if name == "tpu":
+        address = "" if tpu in (None, "local") else tpu
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as err:
+            where = f"--tpu {tpu}" if tpu else "a local TPU (give --tpu NAME_OR_GRPC_ADDRESS)"
+            raise UsageError(f"tpu: cannot reach {where}: {str(err).splitlines()[0]}") from None
+        return tf.distribute.TPUStrategy(resolver)
+    # parameter-server
+    raise UsageError("--strategy parameter-server is not supported: Keras 3 model.fit cannot drive "
+                     "ParameterServerStrategy (no ClusterCoordinator); use multi-worker")
+
+
+# -- facts about a strategy -------------------------------------------------------------------
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf  # noqa: PLC0415
+
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())  # noqa: SLF001 - the test Keras itself uses
+
+
+def worker_info(strategy) -> tuple[int, int]:
+    """`(worker_index, num_workers)`; `(0, 1)` outside multi-worker training."""
+    if not is_multi_worker(strategy):
+        return 0, 1
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    workers = len(spec.get("chief", [])) + len(spec.get("worker", []))
+    # The chief (if the cluster names one) is worker 0, then the "worker" job in order.
+    index = resolver.task_id if resolver.task_type == "chief" else resolver.task_id + len(spec.get("chief", []))
+    return int(index), int(workers)
+
+
+def is_chief(strategy) -> bool:
+    """True for the one process that writes the model, history and checkpoints.
+
+    As in TensorFlow's convention: the "chief" task if the cluster has one, else worker 0;
+    every process outside multi-worker training is the chief.
+    """
+    return worker_info(strategy)[0] == 0
+
+
+def per_replica_batch_size(global_batch_size: int, strategy) -> int:
+    """The examples each replica gets from a global batch; it must split evenly."""
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size % replicas:
+        raise UsageError(f"--batch-size {global_batch_size} does not split evenly over {replicas} replicas; "
+                         f"use a multiple of {replicas}")
+    return global_batch_size // replicas
+
+
+def scaled_learning_rate(learning_rate: float, strategy, scale: bool) -> float:
+    """`learning_rate x replicas` when `scale` (`--scale-lr`), else `learning_rate` unchanged."""
+    return learning_rate * strategy.num_replicas_in_sync if scale else learning_rate
+
+
+# -- precision --------------------------------------------------------------------------------
+def precision_policy(precision: str) -> str:
+    """Keras dtype policy name for `--precision`."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return "float32" if precision == "fp32" else precision
+
+
+# -- the one helper recipes use ---------------------------------------------------------------
+@dataclass
+class Distribution:
+    """What a recipe needs to know about where it trains (from `training_strategy`)."""
+
+    strategy: Any
+    precision: str
+    worker_index: int
+    num_workers: int
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_index == 0
+
+    @property
+    def multi_worker(self) -> bool:
+        return self.num_workers > 1
+
+    @property
+    def num_replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    def per_replica_batch_size(self, global_batch_size: int) -> int:
+        return per_replica_batch_size(global_batch_size, self.strategy)
+
+    def learning_rate(self, learning_rate: float, scale: bool) -> float:
+        return scaled_learning_rate(learning_rate, self.strategy, scale)
+
+    def distribute(self, make_dataset, global_batch_size: int):
+        """The training input for `model.fit`.
+
+        `make_dataset(batch_size, shard_index, num_shards)` builds one input pipeline.
+        On one worker it is called once with the global batch and Keras splits each
+        batch over the local replicas. Across workers every worker builds its own
+        shard (`distribute_datasets_from_function`): batches of
+        `global / replicas` examples, its own part of the data, so no worker reads what
+        another one reads (see `kerasllm.data.lm_windows`).
+        """
+        self.per_replica_batch_size(global_batch_size)  # refuse uneven splits early
+        if not self.multi_worker:
+            return make_dataset(global_batch_size, 0, 1)
+        import tensorflow as tf  # noqa: PLC0415
+
+        def per_worker(context: tf.distribute.InputContext):
+            return make_dataset(context.get_per_replica_batch_size(global_batch_size),
+                                context.input_pipeline_id, context.num_input_pipelines)
+
+        return self.strategy.distribute_datasets_from_function(per_worker)
+
+
+@contextlib.contextmanager
+def training_strategy(name: str = "auto", precision: str = "fp32", tpu: str | None = None,
+                      quiet: bool = False) -> Iterator[Distribution]:
+    """Resolve `--strategy`, set the `--precision` policy, and enter `strategy.scope()`.
+
+    Create the model and call `compile` inside the block (variables, optimizer slots
+    and metrics then live on every replica); `model.fit` may run inside or after it.
+    The global dtype policy is restored on exit.
+    """
+    import keras  # noqa: PLC0415
+
+    policy = precision_policy(precision)
+    strategy = resolve_strategy(name, tpu)
+    index, workers = worker_info(strategy)
+    dist = Distribution(strategy, precision, index, workers)
+    if not quiet and (dist.num_replicas > 1 or workers > 1):
+        log.info("strategy %s: %d replica(s) on %d worker(s); this is worker %d%s", name, dist.num_replicas,
+                 workers, index, " (chief)" if dist.is_chief else "")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        with strategy.scope():
+            yield dist
+    finally:
+        keras.config.set_dtype_policy(previous)
