@@ -16,7 +16,7 @@ from kerasllm.cli.options import model_override_options, run_options
 
 @click.group()
 def train():
-    """Train a model: causal-lm (GPT-like).
+    """Train a model: causal-lm (GPT-like), seq2seq (encoder-decoder).
 
     \b
     Example:
@@ -36,7 +36,7 @@ def train():
 @model_override_options
 def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps, weight_decay,
               label_smoothing, tokenizer, vocab_size, window, eval_interval, eval_steps, validation_fraction, seed,
-              jit_compile, resume, quiet, overrides):
+              jit_compile, resume, quiet, overrides, distribute):
     """Pretrain a GPT-like causal language model on plain text.
 
     \b
@@ -55,5 +55,140 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
         eval_steps=eval_steps, validation_fraction=validation_fraction, window=window, seed=seed,
         jit_compile=jit_compile,
     )
-    train_causal_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
+    train_causal_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
+                    distribute=distribute)
+    click.echo(f"kerasllm: model written to {out}", err=True)
+
+
+@train.command("seq2seq")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Pairs in a TSV/CSV (header row) or JSONL file; see --source-field/--target-field.")
+@click.option("--source-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Source side as a text file, one sentence per line (with --target-file).")
+@click.option("--target-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Target side, line-aligned with --source-file.")
+@click.option("--source-field", default="source", show_default=True, help="Source column/field in --data.")
+@click.option("--target-field", default="target", show_default=True, help="Target column/field in --data.")
+@click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
+              show_default=True, help="Tokenizer trained on the data.")
+@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@click.option("--separate-vocab", is_flag=True,
+              help="Separate source and target tokenizers (tokenizer.json, target_tokenizer.json).")
+@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@model_override_options
+def seq2seq(data, source_file, target_file, source_field, target_field, tokenizer, vocab_size, separate_vocab, out,
+            preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing,
+            eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides):
+    """Train an encoder-decoder (Transformer/T5-like) on source/target pairs.
+
+    --seq-len is the longest source or target (in tokens) accepted; a longer pair is an
+    error naming its line.
+
+    \b
+    Example:
+      kerasllm sample-data numbers --out pairs.tsv
+      kerasllm train seq2seq --data pairs.tsv --out runs/numbers --steps 2000 --label-smoothing 0.1
+      kerasllm train seq2seq --source-file train.en --target-file train.de --out runs/mt --separate-vocab
+    """
+    from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq  # noqa: PLC0415
+
+    if data and (source_file or target_file):
+        raise click.UsageError("give --data or --source-file/--target-file, not both")
+    if bool(source_file) != bool(target_file):
+        raise click.UsageError("--source-file and --target-file go together")
+    if not (data or source_file or resume):
+        raise click.UsageError("--data or --source-file/--target-file is required (except with --resume)")
+    args = Seq2SeqTrainArgs(
+        data=str(data) if data else None, source_file=str(source_file) if source_file else None,
+        target_file=str(target_file) if target_file else None, source_field=source_field, target_field=target_field,
+        preset=preset, steps=steps, epochs=epochs, batch_size=batch_size, seq_len=seq_len, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, label_smoothing=label_smoothing, tokenizer=tokenizer,
+        vocab_size=vocab_size, separate_vocab=separate_vocab, eval_interval=eval_interval, eval_steps=eval_steps,
+        validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
+    )
+    train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
+    click.echo(f"kerasllm: model written to {out}", err=True)
+
+
+_text_fields = [
+    click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="TSV/CSV (header row), JSONL or text file (repeatable). Optional with --resume."),
+    click.option("--text-field", default="text", show_default=True, help="Field (column) holding the text."),
+]
+
+
+def _with(options):
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@train.command("masked-lm")
+@_with(_text_fields)
+@click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
+              show_default=True, help="Tokenizer trained on the data.")
+@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@model_override_options
+def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps,
+              weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval, eval_steps, validation_fraction,
+              seed, jit_compile, resume, quiet, overrides):
+    """Pretrain a BERT-like encoder by masked-token prediction (15% masked, 80/10/10).
+
+    \b
+    Example:
+      kerasllm train masked-lm --data reviews.jsonl --out runs/mlm --steps 1000
+      kerasllm train classifier --data reviews.jsonl --init-from runs/mlm --out runs/clf
+    """
+    from kerasllm.recipes.masked_lm import MaskedLMTrainArgs, train_masked_lm  # noqa: PLC0415
+
+    if not data and not resume:
+        raise click.UsageError("--data is required (except with --resume)")
+    args = MaskedLMTrainArgs(
+        data=[str(p) for p in data], text_field=text_field, preset=preset, steps=steps, epochs=epochs,
+        batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
+        validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
+    )
+    train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
+    click.echo(f"kerasllm: model written to {out}", err=True)
+
+
+@train.command("classifier")
+@_with(_text_fields)
+@click.option("--label-field", default="label", show_default=True, help="Field (column) holding the label.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Start from this masked-lm (or classifier) model directory's encoder and tokenizer.")
+@click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooled vector: CLS token or mean (default: cls).")
+@click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
+              show_default=True, help="Tokenizer trained on the data (not with --init-from).")
+@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@model_override_options
+def classifier(data, text_field, label_field, init_from, pooling, out, preset, config_file, steps, epochs, batch_size,
+               seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval,
+               eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides):
+    """Train a text classifier (encoder + pooled head) on labelled rows, from scratch or a pretrained encoder.
+
+    \b
+    Example:
+      kerasllm sample-data sentiment --out reviews.tsv
+      kerasllm train classifier --data reviews.tsv --out runs/clf --epochs 3
+      kerasllm train classifier --data reviews.tsv --init-from runs/mlm --out runs/clf
+    """
+    from kerasllm.recipes.classifier import ClassifierTrainArgs, train_classifier  # noqa: PLC0415
+
+    if not data and not resume:
+        raise click.UsageError("--data is required (except with --resume)")
+    args = ClassifierTrainArgs(
+        data=[str(p) for p in data], text_field=text_field, label_field=label_field,
+        init_from=str(init_from) if init_from else None, pooling=pooling, preset=preset, steps=steps, epochs=epochs,
+        batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
+        eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
+    )
+    train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
     click.echo(f"kerasllm: model written to {out}", err=True)

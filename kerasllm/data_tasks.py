@@ -1,0 +1,259 @@
+"""Input pipelines for the encoder tasks: labelled rows and masked-LM sequences.
+
+Reading (TSV/CSV with a header row, JSONL with named fields, plain text one record per
+line) goes through `kerasllm.export.records.read_records`, the same streaming reader
+batch inference uses; here a bad record is a `DataError` naming the file and line.
+Everything above the `tf.data` section imports no TensorFlow (the ONNX-side
+`kerasllm evaluate` uses it too).
+
+Sequences are `[BOS] + ids` (BOS doubles as the CLS token), right-padded with PAD.
+Batches are bucketed by length (padded to 16, 32, 64, ... up to the longest allowed
+length), so little padding is computed and XLA sees only a few shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from kerasllm.errors import DataError, UsageError
+from kerasllm.export.records import read_records
+
+MASK_RATE = 0.15
+
+
+# -- reading records ----------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One usable record: where it came from (for error messages) and its fields."""
+
+    where: str  # "path: line N"
+    text: str
+    label: str | None = None
+
+
+def read_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text", label_field: str | None = None,
+              fmt: str = "auto") -> list[Row]:
+    """Read every record of `paths`; a bad record, missing field or empty text is a DataError naming its line."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows: list[Row] = []
+    for path in paths:
+        for record in read_records(path, fmt=fmt):
+            where = f"{path}: line {record.line}"
+            try:
+                text = record.get(text_field)
+                label = record.get(label_field).strip() if label_field else None
+            except DataError as err:
+                raise DataError(f"{path}: {err}") from None
+            if not text.strip():
+                raise DataError(f"{where}: empty {text_field!r} field")
+            if label_field and not label:
+                raise DataError(f"{where}: empty {label_field!r} field")
+            rows.append(Row(where, text, label))
+    if not rows:
+        raise DataError(f"{', '.join(map(str, paths))}: no records")
+    return rows
+
+
+class LabelMap:
+    """Label names <-> ids 0..L-1, saved in config.json as `"labels": [...]`.
+
+    Labels given as numbers ("0", "1", "2") keep their numeric order; names are sorted,
+    so the same data always gives the same ids.
+
+    Example:
+    >>> LabelMap.from_labels(["pos", "neg", "pos"]).labels
+    ['neg', 'pos']
+    """
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = [str(label) for label in labels]
+        self.index = {label: i for i, label in enumerate(self.labels)}
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[str]) -> "LabelMap":
+        unique = set(labels)
+        try:
+            ordered = sorted(unique, key=float)
+        except ValueError:
+            ordered = sorted(unique)
+        if len(ordered) < 2:
+            raise DataError(f"data: need at least 2 different labels, found {ordered}")
+        return cls(ordered)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def id(self, label: str, where: str = "") -> int:
+        if label not in self.index:
+            shown = ", ".join(self.labels[:20]) + (", ..." if len(self.labels) > 20 else "")
+            raise DataError(f"{where + ': ' if where else ''}unknown label {label!r} (known: {shown})")
+        return self.index[label]
+
+    def ids(self, rows: Sequence[Row]) -> np.ndarray:
+        return np.asarray([self.id(row.label, row.where) for row in rows], dtype=np.int32)
+
+
+def encode_rows(tokenizer, rows: Sequence[Row], max_length: int) -> list[list[int]]:
+    """`[BOS] + ids` per row, cut to `max_length` tokens (a classifier reads the start of a text)."""
+    encoded = tokenizer.encode_batch([row.text for row in rows])
+    return [[tokenizer.bos_id] + ids[:max_length - 1] for ids in encoded]
+
+
+def encode_chunks(tokenizer, rows: Sequence[Row], max_length: int) -> list[list[int]]:
+    """`[BOS] + ids` sequences for masked-LM pretraining; long texts become several chunks."""
+    size = max_length - 1
+    sequences = []
+    for ids in tokenizer.encode_batch([row.text for row in rows]):
+        for start in range(0, max(len(ids), 1), size):
+            sequences.append([tokenizer.bos_id] + ids[start:start + size])
+    return sequences
+
+
+def split_validation(items: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Shuffle (seeded) and hold out the last `fraction` for validation."""
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"validation fraction must be in [0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    cut = len(items) - int(round(len(items) * fraction))
+    if cut < 1:
+        raise DataError(f"data: {len(items)} records leave none for training")
+    return [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+    """Right-pad to `[B, length]` int64 ids and the int64 attention mask."""
+    length = length or max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def mask_for_evaluation(sequences: Sequence[Sequence[int]], vocab_size: int, mask_id: int,
+                        unselectable: Sequence[int], seed: int = 0, rate: float = MASK_RATE):
+    """BERT masking (80% MASK, 10% random, 10% kept) in numpy with a fixed seed.
+
+    Written by hand (training uses keras-hub's `MaskedLMMaskGenerator` in tf.data)
+    because evaluation must also run on an ONNX bundle without TensorFlow, and the
+    fixed seed makes perplexities comparable between a model dir and its bundle.
+    Returns `(masked sequences, [(row, position, original id), ...])`.
+    """
+    rng = np.random.default_rng(seed)
+    blocked = set(unselectable)
+    masked, targets = [], []
+    for row, seq in enumerate(sequences):
+        seq = list(seq)
+        candidates = [i for i, t in enumerate(seq) if t not in blocked]
+        count = min(len(candidates), max(1, int(round(rate * len(candidates))))) if candidates else 0
+        for pos in sorted(rng.choice(candidates, size=count, replace=False)) if count else []:
+            targets.append((row, int(pos), seq[pos]))
+            roll = rng.random()
+            if roll < 0.8:
+                seq[pos] = mask_id
+            elif roll < 0.9:
+                seq[pos] = int(rng.integers(0, vocab_size))
+        masked.append(seq)
+    return masked, targets
+
+
+# -- tf.data ------------------------------------------------------------------------------------
+def bucket_boundaries(max_length: int) -> list[int]:
+    """Padded lengths 16, 32, 64, ... capped at `max_length` (each batch pads to one of them)."""
+    sizes, size = [], 16
+    while size < max_length:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_length]
+
+
+def _bucketed(dataset, max_length: int, batch_size: int, padding_values):
+    import tensorflow as tf  # noqa: PLC0415
+
+    sizes = bucket_boundaries(max_length)
+    # A sequence of length n goes to the first bucket whose boundary exceeds n and is
+    # padded to boundary - 1; hence boundaries of size + 1.
+    return dataset.bucket_by_sequence_length(
+        element_length_func=lambda x, *rest: tf.shape(x)[0],
+        bucket_boundaries=[s + 1 for s in sizes], bucket_batch_sizes=[batch_size] * (len(sizes) + 1),
+        padding_values=padding_values, pad_to_bucket_boundary=True,
+    )
+
+
+def _ragged_slices(sequences: Sequence[Sequence[int]]):
+    """A dataset of variable-length int32 sequences (slices of one flat array)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    flat = tf.constant(np.concatenate([np.asarray(s, np.int32) for s in sequences]))
+    lengths = np.asarray([len(s) for s in sequences], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return tf.data.Dataset.from_tensor_slices((starts, lengths)).map(lambda s, n: flat[s:s + n])
+
+
+def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int, pad_id: int,
+                           max_length: int, shuffle: bool = True, seed: int = 0, repeat: bool = True):
+    """`({"token_ids", "padding_mask"}, label)` batches, bucketed by length."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    dataset = tf.data.Dataset.zip(_ragged_slices(sequences),
+                                  tf.data.Dataset.from_tensor_slices(np.asarray(labels, np.int32)))
+    if shuffle:
+        dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = _bucketed(dataset, max_length, batch_size, (tf.constant(pad_id, tf.int32), tf.constant(0, tf.int32)))
+    dataset = dataset.map(lambda x, y: ({"token_ids": x, "padding_mask": tf.not_equal(x, pad_id)}, y))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def mask_selection_length(max_length: int, rate: float = MASK_RATE) -> int:
+    """Most masked positions per sequence (the selector picks round(rate * n) of n tokens)."""
+    return max(1, math.ceil(rate * max_length) + 1)
+
+
+def masked_lm_dataset(sequences: Sequence[Sequence[int]], batch_size: int, vocab_size: int, special_ids: dict,
+                      max_length: int, shuffle: bool = True, seed: int = 0, repeat: bool = True):
+    """Masked-LM batches `(inputs, targets, sample_weights)`, masked anew every time (dynamic masking).
+
+    keras-hub's `MaskedLMMaskGenerator` selects 15% of the real tokens (never PAD, BOS,
+    EOS or SEP), replaces 80% of them by MASK, 10% by a random id and keeps 10%.
+    inputs: `{"token_ids", "padding_mask", "mask_positions"}`; targets: the original ids
+    at `mask_positions`; sample weights: 1 for real selections, 0 for their padding.
+    """
+    import keras_hub  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    pad_id = special_ids["pad"]
+    generator = keras_hub.layers.MaskedLMMaskGenerator(
+        vocabulary_size=vocab_size, mask_selection_rate=MASK_RATE, mask_token_id=special_ids["mask"],
+        mask_selection_length=mask_selection_length(max_length),
+        unselectable_token_ids=sorted({pad_id, special_ids["bos"], special_ids["eos"], special_ids["sep"]}),
+    )
+    dataset = _ragged_slices(sequences)
+    if shuffle:
+        dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = _bucketed(dataset, max_length, batch_size, tf.constant(pad_id, tf.int32))
+
+    def mask(token_ids):
+        out = generator(token_ids)
+        inputs = {"token_ids": tf.cast(out["token_ids"], tf.int32),
+                  # From the ids before masking: a random replacement may be the PAD id.
+                  "padding_mask": tf.not_equal(token_ids, pad_id),
+                  "mask_positions": tf.cast(out["mask_positions"], tf.int32)}
+        return inputs, tf.cast(out["mask_ids"], tf.int32), out["mask_weights"]
+
+    return dataset.map(mask, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def iter_batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]

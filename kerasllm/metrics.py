@@ -1,0 +1,87 @@
+"""Evaluation metrics on numpy arrays. No TensorFlow: `kerasllm evaluate` runs them on bundles too.
+
+Each metric is a small separate function; `kerasllm evaluate` reports them under these
+names: `accuracy`, `macro_f1` (classification), `perplexity` (language models).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Fraction of predictions equal to the reference."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"accuracy: {y_true.shape} references vs {y_pred.shape} predictions")
+    return float(np.mean(y_true == y_pred)) if y_true.size else math.nan
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int | None = None) -> float:
+    """Unweighted mean of the per-label F1 scores (scikit-learn's `f1_score(average="macro")`).
+
+    Labels are `0..num_labels-1` (default: every label seen in either array); a label with
+    no reference and no prediction is left out, one with no true positive scores 0.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = range(num_labels) if num_labels else np.union1d(y_true, y_pred)
+    scores = []
+    for label in labels:
+        true_positive = np.sum((y_true == label) & (y_pred == label))
+        predicted, actual = np.sum(y_pred == label), np.sum(y_true == label)
+        if predicted == 0 and actual == 0:
+            continue
+        scores.append(2.0 * true_positive / (predicted + actual))
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable log-softmax in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target id under `logits` `[..., V]` -> `[...]`."""
+    log_probs = log_softmax(logits)
+    return -np.take_along_axis(log_probs, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def perplexity(nll: Sequence[float]) -> float:
+    """`exp` of the mean negative log-likelihood per predicted token."""
+    nll = np.asarray(nll, dtype=np.float64)
+    return float(np.exp(nll.mean())) if nll.size else math.nan
+
+
+# -- sequence-to-sequence (translation, text-to-text) -----------------------------------------
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (0-100) of one reference per hypothesis, sacrebleu's default settings."""
+    import sacrebleu  # noqa: PLC0415 - only needed for seq2seq evaluation
+
+    _check_pairs("bleu", hypotheses, references)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score) if hypotheses else math.nan
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (0-100, character n-gram F-score), sacrebleu's default settings."""
+    import sacrebleu  # noqa: PLC0415
+
+    _check_pairs("chrf", hypotheses, references)
+    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score) if hypotheses else math.nan
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of hypotheses equal to their reference after stripping outer whitespace."""
+    _check_pairs("exact_match", hypotheses, references)
+    if not hypotheses:
+        return math.nan
+    return float(np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references)]))
+
+
+def _check_pairs(name: str, hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{name}: {len(hypotheses)} hypotheses vs {len(references)} references")

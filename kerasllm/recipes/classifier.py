@@ -1,0 +1,139 @@
+"""`kerasllm train classifier`: labelled texts -> TextClassifier -> model directory.
+
+Records come from TSV/CSV (header row) or JSONL, with `--text-field` and
+`--label-field`. Labels (names or numbers) are mapped to ids 0..L-1 and the mapping
+is saved in config.json as `"labels"`. With `--init-from MODEL_DIR` the encoder and
+the tokenizer come from a pretrained masked-LM (or classifier) run; otherwise both are
+trained here from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kerasllm.config import EncoderConfig
+from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, read_rows, split_validation
+from kerasllm.errors import UsageError
+from kerasllm.recipes.masked_lm import cleanup_on_failure, encoder_config, validation_steps
+from kerasllm.tokenizers import TextTokenizer
+from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
+                               restored_epoch, write_json_atomic)
+
+log = logging.getLogger("kerasllm")
+
+INIT_TASKS = ("masked-lm", "classifier")
+
+
+@dataclass
+class ClassifierTrainArgs:
+    """Everything a classifier run needs; saved in config.json so `--resume` can repeat it."""
+
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    label_field: str = "label"
+    init_from: str | None = None
+    pooling: str | None = None
+    preset: str = "tiny"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.0
+    tokenizer: str = "char"
+    vocab_size: int = 4000
+    eval_interval: int = 100
+    eval_steps: int = 20
+    validation_fraction: float = 0.1
+    seed: int = 0
+    jit_compile: bool = True
+    log_every: int = 10
+
+
+def _pretrained(init_from: str):
+    """`(run config, tokenizer)` of the model directory a fine-tuning run starts from."""
+    from kerasllm.modeldir import is_model_dir  # noqa: PLC0415
+
+    if not is_model_dir(init_from):
+        raise UsageError(f"--init-from {init_from}: not a finished model directory (model.keras + config.json)")
+    run = read_run_config(init_from)
+    if run.get("task") not in INIT_TASKS:
+        raise UsageError(f"--init-from {init_from}: a {run.get('task')!r} model; expected one of {', '.join(INIT_TASKS)}")
+    return run, TextTokenizer.load(init_from)
+
+
+def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
+                     quiet: bool = False, config_overrides: dict | None = None):
+    """Train (or resume) a text classifier into the run directory `out`; returns the Keras history."""
+    out = prepare_run_dir(out, resume)
+    changes = {"pooling": args.pooling} if args.pooling else {}
+    if resume:
+        run = read_run_config(out)
+        args = ClassifierTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
+        tokenizer = TextTokenizer.load(out)
+        config = EncoderConfig.from_dict(run["model"])
+        labels = LabelMap(run["labels"])
+        rows = read_rows(args.data, args.text_field, args.label_field)
+    else:
+        rows = read_rows(args.data, args.text_field, args.label_field)  # fails early, before anything is written
+        labels = LabelMap.from_labels([row.label for row in rows])
+        if args.init_from:
+            if config_file or config_overrides:
+                raise UsageError("--init-from takes the pretrained model's architecture; drop --config and overrides")
+            pretrained, tokenizer = _pretrained(args.init_from)
+            config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(labels), **changes)
+        else:
+            tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer,
+                                            vocab_size=args.vocab_size)
+            config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer,
+                                    num_labels=len(labels), **changes)
+    if args.seq_len > config.max_length:
+        raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+    train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
+    train_ids, val_ids = labels.ids(train_rows), labels.ids(val_rows)
+    train_seqs, val_seqs = encode_rows(tokenizer, train_rows, args.seq_len), encode_rows(tokenizer, val_rows,
+                                                                                           args.seq_len)
+    total_steps, steps_per_epoch, epochs = plan_steps(
+        args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+    )
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume:
+            tokenizer.save(out)
+            write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
+                                                  "labels": labels.labels, "train": asdict(args)})
+        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        seed = args.seed + restored_epoch(out)
+        train_data = classification_dataset(train_seqs, train_ids, args.batch_size, config.pad_id, args.seq_len,
+                                            seed=seed)
+        val_data = (classification_dataset(val_seqs, val_ids, args.batch_size, config.pad_id, args.seq_len,
+                                           shuffle=False) if val_seqs else None)
+        # -- model construction and compile (the one place a strategy scope wraps) --------------
+        model = models.TextClassifier(config)
+        if args.init_from and not resume:  # a resumed run restores its own checkpoint instead
+            from kerasllm.modeldir import load_model_dir  # noqa: PLC0415
+
+            pretrained_model, _, _ = load_model_dir(args.init_from)
+            model.encoder.set_weights(pretrained_model.encoder.get_weights())
+        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                      jit_compile=args.jit_compile)
+        # ---------------------------------------------------------------------------------------
+        if not quiet:
+            log.info("classifier: %s parameters, %d labels, %d steps of %d texts%s", f"{model.count_params():,}",
+                     len(labels), total_steps, args.batch_size,
+                     f", encoder from {args.init_from}" if args.init_from else "")
+        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
+                       eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
+                       log_every=args.log_every)
+    except BaseException:
+        cleanup_on_failure(out, created)
+        raise

@@ -1,0 +1,122 @@
+"""`kerasllm train masked-lm`: texts -> tokenizer -> MaskedLM (BERT-like pretraining) -> model directory.
+
+Records come from text files (one per line), JSONL, TSV or CSV (`--text-field`). Each
+text becomes `[BOS] + ids`, long ones cut into several sequences of `--seq-len`; every
+batch is masked anew in tf.data (15%, 80/10/10; see `kerasllm.data_tasks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kerasllm.config import EncoderConfig
+from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
+from kerasllm.errors import UsageError
+from kerasllm.tokenizers import TextTokenizer
+from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
+                               restored_epoch, write_json_atomic)
+
+log = logging.getLogger("kerasllm")
+
+
+@dataclass
+class MaskedLMTrainArgs:
+    """Everything a masked-LM run needs; saved in config.json so `--resume` can repeat it."""
+
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    preset: str = "tiny"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int | None = None
+    weight_decay: float = 0.01
+    tokenizer: str = "char"
+    vocab_size: int = 4000
+    eval_interval: int = 100
+    eval_steps: int = 20
+    validation_fraction: float = 0.1
+    seed: int = 0
+    jit_compile: bool = True
+    log_every: int = 10
+
+
+def encoder_config(preset: str, config_file: str | None, overrides: dict, tokenizer: TextTokenizer,
+                   **changes) -> EncoderConfig:
+    """The encoder config of a fresh run: preset or file, CLI overrides, the tokenizer's ids."""
+    config = EncoderConfig.from_json(config_file) if config_file else EncoderConfig.preset(preset)
+    ids = tokenizer.special_ids()
+    return config.replace(**overrides, **changes, vocab_size=tokenizer.vocab_size, pad_id=ids["pad"],
+                          bos_id=ids["bos"], eos_id=ids["eos"], mask_id=ids["mask"])
+
+
+def validation_steps(count: int, batch_size: int, eval_steps: int) -> int:
+    """Validate on at most the whole validation set (in whole batches, at least one)."""
+    return max(1, min(eval_steps, math.ceil(count / batch_size)))
+
+
+def cleanup_on_failure(out: Path, created: bool) -> None:
+    """A run that never reached its first checkpoint leaves nothing behind."""
+    if created and not (out / "checkpoints").exists():
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
+                    quiet: bool = False, config_overrides: dict | None = None):
+    """Train (or resume) a masked LM into the run directory `out`; returns the Keras history."""
+    out = prepare_run_dir(out, resume)
+    if resume:
+        run = read_run_config(out)
+        args = MaskedLMTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
+        tokenizer = TextTokenizer.load(out)
+        config = EncoderConfig.from_dict(run["model"])
+        rows = read_rows(args.data, args.text_field)
+    else:
+        rows = read_rows(args.data, args.text_field)  # fails early, before anything is written
+        tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer, vocab_size=args.vocab_size)
+        config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer)
+    if args.seq_len > config.max_length:
+        raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+    sequences = encode_chunks(tokenizer, rows, args.seq_len)
+    train_seqs, val_seqs = split_validation(sequences, args.validation_fraction, args.seed)
+    tokens_per_step = args.batch_size * args.seq_len
+    total_steps, steps_per_epoch, epochs = plan_steps(
+        args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+    )
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume:
+            tokenizer.save(out)
+            write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
+                                                  "train": asdict(args)})
+        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        special = tokenizer.special_ids()
+        seed = args.seed + restored_epoch(out)  # fresh data order and masks after a resume
+        train_data = masked_lm_dataset(train_seqs, args.batch_size, config.vocab_size, special, args.seq_len,
+                                       seed=seed)
+        val_data = (masked_lm_dataset(val_seqs, args.batch_size, config.vocab_size, special, args.seq_len,
+                                      shuffle=False) if val_seqs else None)
+        # -- model construction and compile (the one place a strategy scope wraps) --------------
+        model = models.MaskedLM(config)
+        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, jit_compile=args.jit_compile)
+        # ---------------------------------------------------------------------------------------
+        if not quiet:
+            log.info("masked-lm: %s parameters, %d steps of %d sequences, vocab %d (%s)",
+                     f"{model.count_params():,}", total_steps, args.batch_size, config.vocab_size, args.tokenizer)
+        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       epochs=epochs, tokens_per_step=tokens_per_step,
+                       eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
+                       log_every=args.log_every)
+    except BaseException:
+        cleanup_on_failure(out, created)
+        raise
