@@ -1,0 +1,334 @@
+"""Decoding loops on NumPy logits: greedy, sampling, beam search. Never imports TensorFlow.
+
+The loops know nothing about ONNX Runtime or Keras: they drive a *step function*
+
+    step(input_ids [B, T] int64, attention_mask [B, S] int64, cache) -> (logits [B, T, V], cache)
+
+whose `cache` is opaque (None before the first call), plus, for beam search,
+`reorder(cache, indices) -> cache`. `DecoderSession` (runtime.py) is one; a
+seq2seq decoder with its encoder output bound in a closure is another; `FullRecompute`
+wraps any step function to rerun the whole sequence each step (the no-cache baseline).
+
+Prompts of different lengths are left-padded and masked; positions come from the
+attention mask, so each row sees exactly what it would see alone.
+
+Options (names shared with the batch CLI): `max_new_tokens`, `temperature` (0 = greedy),
+`top_k`, `top_p`, `repetition_penalty`, `stop` (strings), `stop_ids`, `num_beams`,
+`n_best`, `seed`. Sampling draws from `numpy.random.Generator(seed)`: the same seed and
+the same batch give the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from kerasllm.errors import UsageError
+
+
+class StepFunction(Protocol):
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache) -> tuple[np.ndarray, object]:
+        ...
+
+    def reorder(self, cache, indices: np.ndarray):
+        ...
+
+
+@dataclass
+class DecodingOptions:
+    """How to decode; see the module docstring. `stop_ids` end a sequence (not included in it)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] | None = None
+    stop_ids: Sequence[int] = field(default_factory=tuple)
+    num_beams: int = 1
+    n_best: int = 1
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise UsageError(f"num_beams must be at least 1, got {self.num_beams}")
+        if not 1 <= self.n_best <= self.num_beams:
+            raise UsageError(f"n_best must be between 1 and num_beams ({self.num_beams}), got {self.n_best}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise UsageError("beam search is deterministic: use temperature 0 with num_beams > 1")
+
+
+@dataclass
+class Hypothesis:
+    """One generated continuation: its token ids (stop id excluded) and score (mean log-prob)."""
+
+    tokens: list[int]
+    score: float | None = None
+
+
+# -- logits processing -------------------------------------------------------------------------
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty (as in Hugging Face): seen tokens' logits divided by `penalty` if positive,
+    multiplied if negative. `seen` is a `[B, V]` boolean mask."""
+    if penalty == 1.0:
+        return logits
+    penalized = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalized, logits)
+
+
+def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the `k` largest logits of each row (ties at the boundary kept), others -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches `p`."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    probs = softmax(sorted_logits)
+    # A token is kept when the tokens before it have not yet reached p (the first always is).
+    keep_sorted = (np.cumsum(probs, axis=-1) - probs) < p
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return np.where(keep, logits, -np.inf)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - np.max(logits, axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / np.sum(exp, axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - np.max(logits, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def next_tokens(logits: np.ndarray, seen: np.ndarray, options: DecodingOptions,
+                rng: np.random.Generator) -> np.ndarray:
+    """One token per row from last-position logits `[B, V]`."""
+    logits = apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty)
+    if not options.temperature:
+        return np.argmax(logits, axis=-1)
+    logits = logits / options.temperature
+    if options.top_k is not None:
+        logits = filter_top_k(logits, options.top_k)
+    if options.top_p is not None:
+        logits = filter_top_p(logits, options.top_p)
+    cumulative = np.cumsum(softmax(logits), axis=-1)
+    # Inverse-CDF sampling, one uniform in (0, 1] per row: vectorized, reproducible from the
+    # seed, and never lands on a filtered (zero-probability) token.
+    uniform = 1.0 - rng.random((cumulative.shape[0], 1))
+    return (cumulative < uniform * cumulative[:, -1:]).sum(-1)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[B, L]` ids and attention mask, prompts aligned to the right."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("generate: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
+    """Cut `text` before the first stop string it contains; returns (text, stopped)."""
+    cut = min((text.find(s) for s in stop or () if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _row_limits(prompts, options: DecodingOptions, max_length: int | None) -> np.ndarray:
+    """New tokens allowed per row: `max_new_tokens`, capped so prompt + new fits `max_length`."""
+    limits = np.full(len(prompts), options.max_new_tokens)
+    if max_length is not None:
+        limits = np.minimum(limits, max_length - np.array([len(p) for p in prompts]))
+    if (limits < 1).any():
+        row = int(np.argmin(limits))
+        raise UsageError(f"generate: prompt {row} has {len(prompts[row])} tokens, leaving no room under the "
+                         f"model's max_length {max_length}")
+    return limits
+
+
+# -- the loops ---------------------------------------------------------------------------------
+def generate(step: StepFunction, prompts: Sequence[Sequence[int]], options: DecodingOptions, *, pad_id: int,
+             vocab_size: int | None = None, max_length: int | None = None,
+             decode: Callable[[list[int]], str] | None = None) -> list[list[Hypothesis]]:
+    """Continue each prompt; returns, per prompt, `n_best` hypotheses (best first).
+
+    Args:
+        step: the step function (see the module docstring).
+        prompts: token id lists, any lengths.
+        options: `DecodingOptions`.
+        pad_id: id fed for padding and for rows already finished.
+        max_length: the model's longest sequence; rows stop when they reach it.
+        decode: ids -> text, needed for `options.stop` (stop strings).
+    """
+    options.validate()
+    if options.stop and decode is None:
+        raise UsageError("stop strings need a decode function")
+    if options.num_beams > 1:
+        return _beam_search(step, prompts, options, pad_id, max_length, decode)
+    return [[h] for h in _sample(step, prompts, options, pad_id, max_length, decode)]
+
+
+def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothesis]:
+    ids, mask = left_pad(prompts, pad_id)
+    batch = len(prompts)
+    limits = _row_limits(prompts, options, max_length)
+    rng = np.random.default_rng(options.seed)
+    stop_ids = set(int(i) for i in options.stop_ids)
+    logits, cache = step(ids, mask, None)
+    logits = logits[:, -1]
+    seen = np.zeros(logits.shape, dtype=bool)
+    if options.repetition_penalty != 1.0:
+        for row, prompt in enumerate(prompts):
+            seen[row, list(prompt)] = True
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    for _ in range(int(limits.max())):
+        tokens = next_tokens(logits, seen, options, rng)
+        for row in np.flatnonzero(~done):
+            token = int(tokens[row])
+            if token in stop_ids:
+                done[row] = True
+                continue
+            generated[row].append(token)
+            seen[row, token] = True
+            if len(generated[row]) >= limits[row]:
+                done[row] = True
+            elif options.stop and truncate_at_stop(decode(generated[row]), options.stop)[1]:
+                done[row] = True
+        if done.all():
+            break
+        tokens = np.where(done, pad_id, tokens)
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        logits, cache = step(tokens[:, None].astype(np.int64), mask, cache)
+        logits = logits[:, -1]
+    return [Hypothesis(tokens) for tokens in generated]
+
+
+def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[list[Hypothesis]]:
+    """Beam search with early stopping (an input is done when it has `num_beams` finished
+    hypotheses), scores = mean log-probability per generated token (length penalty 1)."""
+    beams = options.num_beams
+    batch = len(prompts)
+    limits = _row_limits(prompts, options, max_length)
+    stop_ids = set(int(i) for i in options.stop_ids)
+    ids, mask = left_pad(prompts, pad_id)
+    logits, cache = step(ids, mask, None)
+    # Run each prompt once, then copy its cache for every beam.
+    expand = np.repeat(np.arange(batch), beams)
+    cache = step.reorder(cache, expand)
+    mask = mask[expand]
+    logits = logits[:, -1][expand]
+    vocab = logits.shape[-1]
+    seen = np.zeros((batch * beams, vocab), dtype=bool)
+    if options.repetition_penalty != 1.0:
+        for row, prompt in enumerate(prompts):
+            seen[row * beams:(row + 1) * beams, list(prompt)] = True
+    scores = np.tile(np.array([0.0] + [-np.inf] * (beams - 1)), batch)  # first step: beam 0 only
+    sequences: list[list[int]] = [[] for _ in range(batch * beams)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    for t in range(int(limits.max())):
+        logp = log_softmax(apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty))
+        candidates = (scores[:, None] + logp).reshape(batch, beams * vocab)
+        new_rows, new_tokens, new_scores = [], [], []
+        for b in range(batch):
+            if done[b]:
+                new_rows += [b * beams] * beams
+                new_tokens += [pad_id] * beams
+                new_scores += [-np.inf] * beams
+                continue
+            top = np.argpartition(-candidates[b], 2 * beams)[:2 * beams]
+            top = top[np.lexsort((top, -candidates[b, top]))]  # best first, lowest id on ties
+            chosen = 0
+            for rank, flat in enumerate(top):
+                score = float(candidates[b, flat])
+                if not np.isfinite(score):
+                    break
+                row, token = b * beams + flat // vocab, int(flat % vocab)
+                tokens = sequences[row] + [token]
+                stopped = token in stop_ids
+                if not stopped and options.stop and truncate_at_stop(decode(tokens), options.stop)[1]:
+                    stopped = True
+                if stopped or len(tokens) >= limits[b]:
+                    if rank < beams:  # a finished hypothesis only counts if it beat the live ones
+                        kept = tokens[:-1] if token in stop_ids else tokens
+                        finished[b].append(Hypothesis(kept, score / len(tokens)))
+                    continue
+                new_rows.append(row)
+                new_tokens.append(token)
+                new_scores.append(score)
+                chosen += 1
+                if chosen == beams:
+                    break
+            while chosen < beams:  # fewer live candidates than beams
+                new_rows.append(b * beams)
+                new_tokens.append(pad_id)
+                new_scores.append(-np.inf)
+                chosen += 1
+            if len(finished[b]) >= beams or t + 1 >= limits[b]:
+                done[b] = True
+        if done.all():
+            break
+        rows = np.array(new_rows)
+        sequences = [sequences[r] + [tok] for r, tok in zip(rows, new_tokens)]
+        scores = np.array(new_scores)
+        seen = seen[rows]
+        seen[np.arange(batch * beams), new_tokens] = True
+        cache = step.reorder(cache, rows)
+        mask = np.concatenate([mask[rows], np.ones((batch * beams, 1), np.int64)], axis=1)
+        logits, cache = step(np.array(new_tokens, np.int64)[:, None], mask, cache)
+        logits = logits[:, -1]
+    results = []
+    for b in range(batch):
+        hyps = finished[b]
+        if len(hyps) < options.n_best:  # not enough finished: add the live beams
+            for k in range(beams):
+                row = b * beams + k
+                if np.isfinite(scores[row]) and sequences[row]:
+                    hyps.append(Hypothesis(sequences[row], float(scores[row]) / len(sequences[row])))
+        hyps.sort(key=lambda h: -h.score)
+        results.append(hyps[:options.n_best])
+    return results
+
+
+class FullRecompute:
+    """Wrap a step function to rerun the whole sequence every step with an empty cache.
+
+    The baseline a KV cache is measured against (and a check of it: the tokens must match).
+    """
+
+    def __init__(self, step: StepFunction):
+        self.inner = step
+
+    def __call__(self, input_ids, attention_mask, cache):
+        ids = input_ids if cache is None else np.concatenate([cache, input_ids], axis=1)
+        logits, _ = self.inner(ids, attention_mask, None)
+        return logits[:, -input_ids.shape[1]:], ids
+
+    def reorder(self, cache, indices):
+        return cache[indices]
