@@ -127,6 +127,9 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
             except json.JSONDecodeError as err:
                 yield Record(number, str(number), error=f"malformed JSON ({err.msg} at column {err.colno})")
                 continue
+            except RecursionError:  # e.g. thousands of nested brackets
+                yield Record(number, str(number), error="malformed JSON (nested too deeply)")
+                continue
             if not isinstance(value, dict):
                 yield Record(number, str(number), error=f"expected a JSON object, got {type(value).__name__}")
                 continue
@@ -153,7 +156,14 @@ def _delimited(lines, delimiter: str, path, id_field) -> Iterator[Record]:
             continue
         if not text.strip():
             continue
-        row = next(csv.reader([text], delimiter=delimiter))
+        try:
+            row = next(csv.reader([text], delimiter=delimiter))
+        except csv.Error as err:  # e.g. a stray carriage return in an unquoted field
+            if header is None:
+                raise DataError(f"{path}: line {number}: header row cannot be parsed ({err})") from None
+            reason = "a carriage return in an unquoted field" if "new-line" in str(err) else str(err)
+            yield Record(number, str(number), error=f"malformed row ({reason})")
+            continue
         if header is None:
             header = [name.strip() for name in row]
             duplicates = sorted({n for n in header if header.count(n) > 1})

@@ -1,0 +1,98 @@
+"""A deterministic, TensorFlow-free stand-in Predictor for testing the batch machinery.
+
+A "fake bundle" is a directory with a manifest.json: {"task": ..., "fake": {"max_len": ...,
+"delay": seconds per batch}}. Tokens are the text's UTF-8 bytes. Results depend only on
+the record, never on its batch, so any batching must give the same output:
+    generate/translate: the text reversed, upper-cased, cut at max_new_tokens characters
+    classify: "long" or "short" (by token count) with two probabilities
+    embed: [tokens, sum of ids mod 97] (unit length under normalize)
+A text equal to "boom" passes `check` but makes `predict` raise RecordError, as a model
+failing on one input would. Every batch seen is appended to `FakePredictor.batches`.
+
+Run as a script, it registers itself and runs the CLI: `python tests/fake_predictor.py generate ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from kerasllm.export.predict import RecordError
+
+TASKS = ("generate", "translate", "classify", "embed")
+
+
+def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, delay: float = 0.0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "manifest.json").write_text(json.dumps({"task": task, "fake": {"max_len": max_len, "delay": delay}}))
+    return directory
+
+
+class FakePredictor:
+    batches: list[list[int]] = []  # token counts of each batch predicted (all instances)
+
+    def __init__(self, source: Path, device: str = "cpu"):
+        manifest = json.loads((Path(source) / "manifest.json").read_text())
+        self.task = manifest["task"]
+        self.max_len = manifest["fake"]["max_len"]
+        self.delay = manifest["fake"]["delay"]
+        self.device = device
+
+    def check(self, text: str, truncate: str = "error") -> list[int]:
+        if not text.strip():
+            raise RecordError("empty text")
+        ids = list(text.encode("utf-8"))
+        if len(ids) > self.max_len:
+            if truncate == "error":
+                raise RecordError(f"text of {len(ids)} tokens is longer than the {self.max_len} the model allows "
+                                  "(see --truncate)")
+            ids = ids[-self.max_len:] if truncate == "left" else ids[:self.max_len]
+        return ids
+
+    def predict(self, batch, **options) -> list[dict]:
+        FakePredictor.batches.append([len(ids) for ids in batch])
+        if any(bytes(ids) == b"boom" for ids in batch):
+            raise RecordError("the model failed on this text")
+        if self.delay:
+            time.sleep(self.delay)
+        return [self._one(bytes(ids).decode("utf-8", "replace"), ids, options) for ids in batch]
+
+    def _one(self, text: str, ids: list[int], options: dict) -> dict:
+        if self.task in ("generate", "translate"):
+            output = text[::-1].upper()[: options["max_new_tokens"]]
+            if options.get("n_best", 1) > 1:
+                return {"output": [output + "!" * i for i in range(options["n_best"])],
+                        "scores": [-float(i) for i in range(options["n_best"])]}
+            return {"output": output}
+        if self.task == "classify":
+            p = 0.9 if len(ids) > 10 else 0.2
+            scores = {"long": p, "short": round(1 - p, 6)}
+            if options.get("top_k"):
+                scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[: options["top_k"]])
+            return {"label": max(scores, key=scores.get), "scores": scores}
+        vector = [float(len(ids)), float(sum(ids) % 97)]
+        if options.get("normalize"):
+            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+            vector = [v / norm for v in vector]
+        return {"embedding": vector}
+
+
+def load(source: Path, device: str = "cpu", **kwargs) -> FakePredictor:
+    return FakePredictor(source, device=device)
+
+
+def register(predictors: dict) -> None:
+    for task in TASKS:
+        predictors[(task, "bundle")] = "fake_predictor:load"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kerasllm.cli import main
+    from kerasllm.export.predict import PREDICTORS
+
+    register(PREDICTORS)
+    main(sys.argv[1:])

@@ -1,0 +1,380 @@
+"""Batch inference CLI (`kerasllm generate|classify|embed|translate`) on a fake predictor.
+
+The predictor is tests/fake_predictor.py (deterministic, per-record results, no model), so
+these tests pin the machinery: formats, order under bucketing, token budgets, error records,
+resume after a kill, shards, signals, reader fuzzing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fake_predictor
+from kerasllm.export import batch
+from kerasllm.export.predict import PREDICTORS
+from kerasllm.export.records import read_records
+
+FAKE = Path(fake_predictor.__file__)
+REPO = FAKE.parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fake_predictors(monkeypatch):
+    for task in fake_predictor.TASKS:
+        monkeypatch.setitem(PREDICTORS, (task, "bundle"), "fake_predictor:load")
+    fake_predictor.FakePredictor.batches.clear()
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return fake_predictor.make_bundle(tmp_path / "bundle", "generate")
+
+
+def expected(text: str, max_new_tokens: int = 64) -> str:
+    return text[::-1].upper()[:max_new_tokens]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def mixed_texts(n: int) -> list[str]:
+    """Texts of lengths 1..39 in a scrambled order (deterministic)."""
+    return [f"t{i}" + "x" * ((i * 7919) % 36) for i in range(n)]
+
+
+# -- batch planning ----------------------------------------------------------------------------
+def test_plan_batches_respects_count_and_token_budget_and_buckets():
+    lengths = [(i * 37) % 50 + 1 for i in range(200)]
+    plan = batch.plan_batches(lengths, batch_size=16, max_batch_tokens=300, bucket=True, extra_tokens=4)
+    assert sorted(i for b in plan for i in b) == list(range(200))  # every item exactly once
+    for b in plan:
+        assert len(b) <= 16
+        assert len(b) * (max(lengths[i] for i in b) + 4) <= 300 or len(b) == 1
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
+    unbucketed = batch.plan_batches(lengths, batch_size=16, max_batch_tokens=300, bucket=False, extra_tokens=4)
+    padded_off = sum(len(b) * max(lengths[i] for i in b) for b in unbucketed)
+    assert padded < 0.7 * padded_off, (padded, padded_off)  # bucketing computes far less padding
+    # an item over the budget on its own still gets a batch
+    assert batch.plan_batches([500, 2], batch_size=8, max_batch_tokens=100) == [[1], [0]]
+
+
+# -- formats -----------------------------------------------------------------------------------
+FORMAT_FILES = {
+    "text": ("in.txt", "hello\n\nworld wide\n", [("1", "hello"), ("3", "world wide")]),
+    "jsonl": ("in.jsonl", '{"key": "a", "prompt": "hello"}\n{"key": 7, "prompt": "world wide"}\n',
+              [("a", "hello"), ("7", "world wide")]),
+    "tsv": ("in.tsv", "key\tprompt\na\thello\nb\tworld wide\n", [("a", "hello"), ("b", "world wide")]),
+    "csv": ("in.csv", 'key,prompt\na,hello\nb,"world, wide"\n', [("a", "hello"), ("b", "world, wide")]),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMAT_FILES))
+def test_every_input_format(run_cli, bundle, tmp_path, fmt):
+    name, content, records = FORMAT_FILES[fmt]
+    source = tmp_path / name
+    source.write_text(content, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    fields = [] if fmt == "text" else ["--text-field", "prompt", "--id-field", "key"]
+    result = run_cli("generate", bundle, "--input", source, "--output", out, *fields, "--max-new-tokens", 5)
+    assert result.code == 0, result
+    assert read_jsonl(out) == [{"id": rid, "output": expected(text, 5)} for rid, text in records]
+    assert "2 records, 0 errors" in result.err
+
+
+def test_stdin_to_stdout_and_explicit_format(bundle, tmp_path):
+    proc = subprocess.run([sys.executable, str(FAKE), "generate", str(bundle), "--format", "jsonl", "-q"],
+                          input='{"text": "abc"}\n{"text": "de"}\n', capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [{"id": "1", "output": "CBA"},
+                                                                       {"id": "2", "output": "ED"}]
+    assert proc.stderr == ""  # --quiet
+
+
+@pytest.mark.parametrize("task,options,check", [
+    ("classify", ["--top-k", "1"], lambda row: row["label"] in row["scores"] and len(row["scores"]) == 1),
+    ("embed", ["--normalize"], lambda row: abs(sum(v * v for v in row["embedding"]) - 1) < 1e-9),
+    ("translate", ["--n-best", "2", "--num-beams", "2"], lambda row: len(row["output"]) == 2 and "scores" in row),
+])
+def test_other_tasks_write_their_fields(run_cli, tmp_path, task, options, check):
+    bundle = fake_predictor.make_bundle(tmp_path / "b", task)
+    source = tmp_path / "in.txt"
+    source.write_text("short\na much longer text\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli(task, bundle, "-i", source, "-o", out, *options)
+    assert result.code == 0, result
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == ["1", "2"] and all(check(r) for r in rows), rows
+
+
+def test_wrong_task_for_source_is_a_usage_error(run_cli, tmp_path):
+    bundle = fake_predictor.make_bundle(tmp_path / "b", "embed")
+    PREDICTORS.pop(("generate", "bundle"))
+    source = tmp_path / "in.txt"
+    source.write_text("x\n")
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o.jsonl")
+    assert result.code == 2 and "no generate predictor for a bundle of task 'embed'" in result.err
+
+
+# -- order, budgets ----------------------------------------------------------------------------
+def test_order_kept_under_bucketing_and_batches_follow_the_budget(run_cli, bundle, tmp_path):
+    texts = mixed_texts(300)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--batch-size", 8, "--max-batch-tokens", 200,
+                     "--max-new-tokens", 10, "--window", 64)
+    assert result.code == 0, result
+    assert read_jsonl(out) == [{"id": str(i + 1), "output": expected(t, 10)} for i, t in enumerate(texts)]
+    seen = fake_predictor.FakePredictor.batches
+    assert sum(map(len, seen)) == 300
+    assert all(len(b) <= 8 and (len(b) * (max(b) + 10) <= 200 or len(b) == 1) for b in seen)
+    # bucketed: within a batch lengths differ little (the input order scrambles lengths 2..40)
+    spread = sum(max(b) - min(b) for b in seen) / len(seen)
+    assert spread < 4, spread
+
+
+def test_no_bucket_keeps_input_order_in_batches(run_cli, bundle, tmp_path):
+    texts = mixed_texts(40)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert run_cli("generate", bundle, "-i", source, "-o", out, "--no-bucket", "--batch-size", 8).code == 0
+    seen = fake_predictor.FakePredictor.batches
+    assert [n for b in seen for n in b] == [len(t) for t in texts]
+    assert [r["output"] for r in read_jsonl(out)] == [expected(t) for t in texts]
+
+
+# -- bad records -------------------------------------------------------------------------------
+def test_each_bad_record_becomes_an_error_record_and_the_rest_succeed(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.jsonl"
+    lines = [
+        b'{"text": "good one"}',
+        b'{"text": ""}',                           # 2 empty text
+        b'{"text": "caf\xe9"}',                   # 3 undecodable bytes (latin-1)
+        b'{"text": "' + b"y" * 60 + b'"}',         # 4 longer than the model allows (40)
+        b'{"prompt": "no text field"}',            # 5 missing field
+        b'{"text": "unterminated',                 # 6 malformed JSON
+        b'["not", "an object"]',                   # 7 not an object
+        b'{"text": "boom"}',                       # 8 the model fails on it (inside a batch)
+        b'{"text": "good two"}',
+    ]
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out)
+    assert result.code == 1, result
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [str(i) for i in range(1, 10)]
+    assert rows[0] == {"id": "1", "output": "ENO DOOG"} and rows[8] == {"id": "9", "output": "OWT DOOG"}
+    errors = {r["id"]: r["error"] for r in rows if "error" in r}
+    assert sorted(errors, key=int) == [str(i) for i in range(2, 9)]
+    assert errors["2"] == "line 2: empty text"
+    assert errors["3"].startswith("line 3: not valid UTF-8 (byte 0xe9")
+    assert errors["4"].startswith("line 4: text of 60 tokens is longer than the 40")
+    assert errors["5"].startswith("line 5: missing field 'text'")
+    assert errors["6"].startswith("line 6: malformed JSON")
+    assert errors["7"] == "line 7: expected a JSON object, got list"
+    assert errors["8"] == "line 8: the model failed on this text"
+    assert "7 errors" in result.err and "7 record(s) failed" in result.err
+    assert "warning: line 3: not valid UTF-8" in result.err
+
+
+@pytest.mark.parametrize("policy,output", [("left", "Y" * 40), ("right", "Y" * 38 + "ZA")])
+def test_truncate_policies(run_cli, bundle, tmp_path, policy, output):
+    source = tmp_path / "in.txt"
+    source.write_text("az" + "y" * 58 + "\n")  # 60 tokens, the model allows 40
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--truncate", policy)
+    assert result.code == 0, result
+    assert read_jsonl(out) == [{"id": "1", "output": output}]
+
+
+def test_usage_errors_exit_2(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("x\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "1", "output": "X"}\n')
+    result = run_cli("generate", bundle, "-i", source, "-o", out)
+    assert result.code == 2 and "--resume" in result.err and "--overwrite" in result.err
+    assert run_cli("generate", bundle, "-i", source, "-o", out, "--overwrite").code == 0
+    assert run_cli("generate", bundle, "-i", tmp_path / "nope.txt", "-o", tmp_path / "o2").code == 2
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o3", "--device", "gpu7")
+    assert result.code == 2 and "--device 'gpu7'" in result.err
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o4", "--num-shards", 2, "--shard-index", 2)
+    assert result.code == 2 and "--shard-index 2" in result.err
+
+
+# -- resume, signals ---------------------------------------------------------------------------
+def _cli(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(FAKE), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never reached {count} lines")
+
+
+@pytest.fixture
+def slow_job(tmp_path):
+    """A 400-record input, a fake bundle taking 20 ms a batch, and its uninterrupted output."""
+    bundle = fake_predictor.make_bundle(tmp_path / "slow", "generate", delay=0.02)
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(mixed_texts(400)) + "\n")
+    full = tmp_path / "full.jsonl"
+    args = ["generate", bundle, "-i", source, "--batch-size", 4, "--window", 32, "-q"]
+    proc = _cli(*args, "-o", full)
+    assert proc.wait(timeout=120) == 0, proc.communicate()
+    return args, full
+
+
+def test_resume_after_kill_equals_the_uninterrupted_output(slow_job, tmp_path):
+    args, full = slow_job
+    out = tmp_path / "out.jsonl"
+    proc = _cli(*args, "-o", out)
+    _wait_for_lines(out, 60, proc)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait(timeout=30)
+    done = out.read_bytes().count(b"\n")
+    assert 60 <= done < 400
+    with open(out, "ab") as stream:  # as if the kill had cut a line in half
+        stream.write(b'{"id": "99", "outp')
+    proc = _cli(*args, "-o", out, "--resume")
+    assert proc.wait(timeout=120) == 0, proc.communicate()
+    assert out.read_bytes() == full.read_bytes()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_writes_complete_lines_exits_nonzero_and_resume_finishes(slow_job, tmp_path, signum):
+    args, full = slow_job
+    out = tmp_path / "out.jsonl"
+    proc = _cli(*[a for a in args if a != "-q"], "-o", out)
+    _wait_for_lines(out, 40, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "rerun the same command with --resume" in err and "Traceback" not in err
+    partial = out.read_bytes()
+    assert partial.endswith(b"\n") and full.read_bytes().startswith(partial)
+    assert len(partial) < len(full.read_bytes())
+    proc = _cli(*args, "-o", out, "--resume")
+    assert proc.wait(timeout=120) == 0, proc.communicate()
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_resume_refuses_an_output_of_another_input(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"k": "a", "text": "x"}\n{"k": "b", "text": "y"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "zz", "output": "X"}\n')
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--id-field", "k", "--resume")
+    assert result.code == 2 and "line 1 has id 'zz' but input record 1 (line 1) has id 'a'" in result.err
+    assert out.read_text() == '{"id": "zz", "output": "X"}\n'  # nothing lost
+
+
+def test_resume_of_a_finished_output_is_a_no_op_that_still_reports_failures(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a\nboom\n")
+    out = tmp_path / "out.jsonl"
+    assert run_cli("generate", bundle, "-i", source, "-o", out).code == 1
+    before = out.read_bytes()
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--resume")
+    assert result.code == 1 and "1 record(s) failed" in result.err and "+2 already in the output" in result.err
+    assert out.read_bytes() == before
+
+
+# -- shards ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_sharded_runs_joined_equal_the_unsharded_run(run_cli, bundle, tmp_path, suffix):
+    texts = mixed_texts(101)
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".csv":
+        source.write_text("text\n" + "\n".join(texts[:50]) + "\n\n" + "\n".join(texts[50:]) + "\n")
+    else:
+        source.write_text("\n".join(texts) + "\n")
+    whole = tmp_path / "whole.jsonl"
+    assert run_cli("generate", bundle, "-i", source, "-o", whole).code == 0
+    parts = []
+    for index in range(3):
+        part = tmp_path / f"part{index}.jsonl"
+        result = run_cli("generate", bundle, "-i", source, "-o", part, "--num-shards", 3, "--shard-index", index)
+        assert result.code == 0, result
+        parts.append(part.read_bytes())
+    assert all(parts) and b"".join(parts) == whole.read_bytes()
+    assert len(whole.read_bytes().splitlines()) == 101
+
+
+# -- reader fuzzing ----------------------------------------------------------------------------
+GOOD = [f"good record {i}" for i in range(5)]
+
+
+# random bytes, and lines built from the bytes that readers trip on (quotes, CR, tabs, brackets, bad UTF-8)
+TRICKY = st.lists(st.sampled_from([b"\r", b'"', b",", b"\t", b"{", b"}", b"[", b":", b"\\", b"\xff", b"\xc3",
+                                   b"\xe2\x82", b"\x00", b" ", b"a", b"\n", b'"text"']), max_size=20).map(b"".join)
+JUNK = st.lists(st.binary(max_size=40) | TRICKY, min_size=1, max_size=6)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=JUNK, fmt=st.sampled_from(["text", "jsonl", "csv", "tsv"]))
+def test_fuzzed_input_never_crashes_the_job_or_loses_a_good_record(tmp_path_factory, junk, fmt):
+    """Random byte lines between good records: every good record comes out right, by line."""
+    path = tmp_path_factory.mktemp("fuzz") / f"in.{fmt}"
+    header = b"text\n" if fmt in ("csv", "tsv") else b""
+    encode = {"text": lambda t: t.encode(), "csv": lambda t: t.encode(), "tsv": lambda t: t.encode(),
+              "jsonl": lambda t: json.dumps({"text": t}).encode()}[fmt]
+    content, good_lines = bytearray(header), {}
+    for i, text in enumerate(GOOD):
+        content += junk[i % len(junk)] + b"\n"
+        good_lines[content.count(b"\n") + 1] = text
+        content += encode(text) + b"\n"
+    path.write_bytes(bytes(content))
+    out = path.with_suffix(".out")
+    bundle = fake_predictor.make_bundle(path.parent / "bundle", "generate", max_len=1000)
+    writer = batch.JsonlWriter(out)
+    summary = batch.BatchRunner(fake_predictor.load(bundle), {"max_new_tokens": 64}, batch_size=3,
+                                window=4).run(read_records(path, fmt), writer)
+    writer.close()
+    rows = read_jsonl(out)
+    assert summary.records == len(rows)
+    by_id = {row["id"]: row for row in rows}
+    for line, text in good_lines.items():
+        assert by_id[str(line)] == {"id": str(line), "output": expected(text)}, (line, rows)
+    assert [int(r["id"]) for r in rows] == sorted(int(r["id"]) for r in rows)  # input order
+
+
+def test_reader_turns_pathological_lines_into_error_records(tmp_path):
+    jsonl, csv_file = tmp_path / "deep.jsonl", tmp_path / "cr.csv"
+    jsonl.write_bytes(b"[" * 100_000 + b'\n{"text": "ok"}\n')
+    csv_file.write_bytes(b'text\na\rb\n"x\ry"\nok\n')
+    assert [(r.line, r.error) for r in read_records(jsonl)] == [(1, "malformed JSON (nested too deeply)"), (2, None)]
+    records = list(read_records(csv_file))
+    assert [(r.line, r.error) for r in records] == [(2, "malformed row (a carriage return in an unquoted field)"),
+                                                   (3, None), (4, None)]
+    assert records[1].fields == {"text": "x\ry"}
+
+
+def test_count_lines_and_shard_blocks_cover_the_file(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"a\nb\n\nc")  # last line without newline
+    assert batch.count_lines(path) == 4
+    blocks = [batch.shard_lines(10, 3, i) for i in range(3)]
+    assert blocks == [(1, 3), (4, 6), (7, 10)]
+    path.write_bytes(b"")
+    assert batch.count_lines(path) == 0
+    assert os.path.getsize(path) == 0
