@@ -97,14 +97,28 @@ class TokenSplit:
         return split
 
 
+def shard_seed(seed: int, shard_index: int, num_shards: int) -> int:
+    """A seed of its own for each input shard (worker); the plain seed with one shard."""
+    if num_shards <= 1:
+        return seed
+    return int(np.random.SeedSequence([seed, shard_index, num_shards]).generate_state(1)[0])
+
+
 def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "random", seed: int = 0,
-               repeat: bool = True):
+               repeat: bool = True, shard_index: int = 0, num_shards: int = 1):
     """A `tf.data.Dataset` of `(inputs [B, T], targets [B, T])` next-token windows.
 
     `mode="random"`: windows at uniformly random offsets, as nanoGPT samples them
     (infinite; the model sees every region with equal probability).
     `mode="packed"`: the ids cut into consecutive non-overlapping windows, shuffled
-    each epoch, each seen once per epoch (shardable across workers).
+    each epoch, each seen once per epoch.
+
+    With `num_shards > 1` (one shard per worker, see `Distribution.distribute`) the
+    shards split the data: in packed mode shard `i` owns windows `i, i + n, i + 2n, ...`
+    (the same number for every shard, so the workers' epochs stay in step; at most
+    `n - 1` trailing windows sit out), so within an epoch no window is read twice or
+    skipped; in random mode each shard draws from its own seed (`shard_seed`).
+    `batch_size` is then the shard's (per-replica) batch.
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -118,6 +132,9 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
     def split(windows):
         return windows[:, :-1], windows[:, 1:]
 
+    if not 0 <= shard_index < num_shards:
+        raise UsageError(f"shard index {shard_index} is out of range for {num_shards} shards")
+    seed = shard_seed(seed, shard_index, num_shards)
     if mode == "random":
         limit = len(ids) - seq_len - 1
         offsets = tf.data.Dataset.random(seed=seed).map(lambda r: tf.math.floormod(r, limit))
@@ -128,7 +145,11 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         )
     else:
         count = (len(ids) - 1) // seq_len
+        if count < num_shards:
+            raise DataError(f"data: {count} windows of {seq_len} + 1 tokens cannot feed {num_shards} workers")
         starts = np.arange(count, dtype=np.int64) * seq_len
+        starts = starts[shard_index::num_shards][: count // num_shards]
+        count = len(starts)
         dataset = tf.data.Dataset.from_tensor_slices(starts)
         dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
         if repeat:

@@ -194,6 +194,30 @@ def precision_policy(precision: str) -> str:
 
 # -- the one helper recipes use ---------------------------------------------------------------
 @dataclass
+class DistributeArgs:
+    """The `--strategy/--tpu/--precision/--scale-lr` options of every `kerasllm train` command."""
+
+    strategy: str = "auto"
+    tpu: str | None = None
+    precision: str = "fp32"
+    scale_lr: bool = False
+
+    def scope(self, quiet: bool = False):
+        """`training_strategy(...)` for these options."""
+        return training_strategy(self.strategy, self.precision, self.tpu, quiet=quiet)
+
+
+def shard_batches(dataset, shard_index: int, num_shards: int):
+    """Worker `shard_index`'s batches of a pipeline that every worker builds identically.
+
+    For input builders with no sharding of their own: each worker keeps batches
+    `i, i + n, ...`, so no batch is read twice or skipped; the price is that every
+    worker prepares all n shards' batches. The pipeline must be deterministic (seeded).
+    """
+    return dataset if num_shards <= 1 else dataset.shard(num_shards, shard_index)
+
+
+@dataclass
 class Distribution:
     """What a recipe needs to know about where it trains (from `training_strategy`)."""
 
@@ -216,6 +240,22 @@ class Distribution:
 
     def per_replica_batch_size(self, global_batch_size: int) -> int:
         return per_replica_batch_size(global_batch_size, self.strategy)
+
+    def jit_compile(self, requested: bool) -> bool:
+        """XLA for the train step only where it can compile it: one replica, or TPUs.
+
+        With several CPU/GPU replicas Keras 3.15 + TF 2.21 cannot XLA-compile the
+        replicated step (MirroredStrategy: "Trying to access resource ... located in
+        device CPU:1"; MultiWorkerMirroredStrategy on CPU: no XLA kernel for
+        CollectiveGatherV2), so `--jit-compile` is turned off there, with a log line.
+        TPUStrategy always compiles with XLA.
+        """
+        import tensorflow as tf  # noqa: PLC0415
+
+        if not requested or self.num_replicas == 1 or isinstance(self.strategy, tf.distribute.TPUStrategy):
+            return requested
+        log.info("--jit-compile is off: XLA cannot compile a step replicated over %d devices", self.num_replicas)
+        return False
 
     def learning_rate(self, learning_rate: float, scale: bool) -> float:
         return scaled_learning_rate(learning_rate, self.strategy, scale)

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +36,15 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 # -- the run directory ----------------------------------------------------------------------
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Check that `out` can take a new run (or holds one to resume)."""
+def prepare_run_dir(out: str | Path, resume: bool, is_chief: bool = True) -> Path:
+    """Check that `out` can take a new run (or holds one to resume).
+
+    In multi-worker training only the chief checks and writes `out`; the other workers
+    read it (the chief's config, tokenizer and checkpoints) but never write to it.
+    """
     out = Path(out)
+    if not is_chief and not resume:
+        return out
     if resume:
         if not (out / CONFIG_FILE).is_file():
             raise UsageError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
@@ -70,6 +77,29 @@ def save_model_atomic(model: keras.Model, out: Path) -> Path:
     model.save(tmp)
     os.replace(tmp, final)
     return final
+
+
+def unfinished_run(out: str | Path) -> bool:
+    """`out` holds a run that was stopped after a checkpoint (a restarted job resumes it)."""
+    out = Path(out)
+    return (out / CONFIG_FILE).is_file() and (out / CHECKPOINT_DIR / "training_metadata.json").is_file()
+
+
+def worker_backup_dir(out: Path) -> Path:
+    """A non-chief worker's own BackupAndRestore directory, seeded from the chief's backup.
+
+    Keras's `BackupAndRestore` needs a directory per worker (two writers of one file
+    tear it). Workers train in lock-step, so the chief's backup is every worker's state:
+    each other worker restores from a private copy of it and writes its own backups to
+    that scratch directory, which is deleted when training ends (as Keras 2 did).
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="kerasllm-worker-backup-"))
+    chief = out / CHECKPOINT_DIR
+    if (chief / "training_metadata.json").is_file():
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            if (chief / name).is_file():
+                shutil.copy2(chief / name, scratch / name)
+    return scratch
 
 
 def restored_epoch(out: Path) -> int:
@@ -187,20 +217,29 @@ def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: in
 def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total_steps: int,
             steps_per_epoch: int, epochs: int, tokens_per_step: int, eval_steps: int, quiet: bool = False,
             log_every: int = 10, extra_callbacks=(), is_chief: bool = True, verbose_fit: int = 0):
-    """`model.fit` with checkpoints (BackupAndRestore), progress and history, then the final save."""
+    """`model.fit` with checkpoints (BackupAndRestore), progress and history, then the final save.
+
+    Only the chief (`is_chief`) writes into `out`: history, checkpoints and `model.keras`;
+    the other workers of a multi-worker run back up to a scratch copy (`worker_backup_dir`).
+    """
+    backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(out / CHECKPOINT_DIR), save_freq="epoch", delete_checkpoint=True),
+        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True),
         ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
                        quiet=quiet, is_chief=is_chief),
         keras.callbacks.TerminateOnNaN(),
         *extra_callbacks,
     ]
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-    history = model.fit(
-        train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        validation_data=validation_data, validation_steps=eval_steps if validation_data is not None else None,
-        callbacks=callbacks, verbose=verbose_fit,
-    )
+    try:
+        history = model.fit(
+            train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
+            validation_data=validation_data, validation_steps=eval_steps if validation_data is not None else None,
+            callbacks=callbacks, verbose=verbose_fit,
+        )
+    finally:
+        if not is_chief:
+            shutil.rmtree(backup_dir, ignore_errors=True)
     losses = history.history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
         raise KerasLLMError(f"training diverged: loss is {losses[-1]} ; try a lower --lr")

@@ -133,7 +133,10 @@ class MultiHeadAttention(keras.layers.Layer):
         # Softmax in float32 keeps mixed precision and fp16 exports free of overflow.
         scores = ops.cast(scores, "float32") * scale
         if bias is not None:
-            scores = scores + bias
+            # Keras casts float call arguments to the compute dtype, so under mixed precision
+            # the bias arrives in float16 (where MASK_VALUE is -inf) or bfloat16: back to
+            # float32, with -inf clamped to MASK_VALUE so a fully masked row stays finite.
+            scores = scores + ops.maximum(ops.cast(bias, "float32"), MASK_VALUE)
         probs = ops.softmax(scores, axis=-1)
         probs = self.dropout_layer(ops.cast(probs, self.compute_dtype), training=training)
         context = ops.matmul(probs, value)  # [B, H, T, D]

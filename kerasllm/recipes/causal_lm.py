@@ -9,10 +9,11 @@ from pathlib import Path
 
 from kerasllm.config import DecoderConfig
 from kerasllm.data import TokenSplit, lm_windows, read_corpus, tokenize_corpus
+from kerasllm.distribute import DistributeArgs
 from kerasllm.errors import UsageError
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
-                               restored_epoch, write_json_atomic)
+                               restored_epoch, unfinished_run, write_json_atomic)
 
 log = logging.getLogger("kerasllm")
 
@@ -48,9 +49,25 @@ def build_config(args: CausalLMTrainArgs, config_file: str | None, overrides: di
 
 
 def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str | None = None,
-                    resume: bool = False, quiet: bool = False, config_overrides: dict | None = None):
-    """Train (or resume) a causal LM into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume)
+                    resume: bool = False, quiet: bool = False, config_overrides: dict | None = None,
+                    distribute: DistributeArgs | None = None, extra_callbacks=()):
+    """Train (or resume) a causal LM into the run directory `out`; returns the Keras history.
+
+    `distribute` picks the strategy and precision (default: `auto`, fp32). In a
+    multi-worker job every worker calls this with the same arguments; a restarted job
+    resumes the run from its last checkpoint without `--resume`.
+    """
+    distribute = distribute or DistributeArgs()
+    with distribute.scope(quiet=quiet) as dist:
+        if dist.multi_worker and not resume and unfinished_run(out):
+            resume = True
+            log.info("multi-worker: resuming the stopped run in %s", out)
+        return _train(args, Path(out), config_file, resume, quiet, config_overrides or {}, distribute, dist,
+                      extra_callbacks)
+
+
+def _train(args, out, config_file, resume, quiet, config_overrides, distribute, dist, extra_callbacks):
+    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
         saved = run["train"]
@@ -61,7 +78,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         texts = read_corpus(args.data)
     else:
         texts = read_corpus(args.data)  # fails early, before anything is written
-        config = build_config(args, config_file, config_overrides or {})
+        config = build_config(args, config_file, config_overrides)
         tokenizer = TextTokenizer.train(texts, kind=args.tokenizer, vocab_size=args.vocab_size)
         config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
@@ -74,30 +91,35 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
     )
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = dist.is_chief and not out.exists()
+    if dist.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
     try:
-        if not resume:
+        if not resume and dist.is_chief:
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
-                                                  "train": asdict(args)})
+                                                  "train": asdict(args), "distribute": asdict(distribute)})
         import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         # Fresh data order after a resume instead of replaying the first windows.
         seed = args.seed + restored_epoch(out)
-        train_data = lm_windows(split.train, args.seq_len, args.batch_size, args.window, seed=seed)
-        val_data = (lm_windows(split.validation, args.seq_len, args.batch_size, "random", seed=args.seed + 1)
-                    if len(split.validation) else None)
+        train_data = dist.distribute(
+            lambda batch, shard, shards: lm_windows(split.train, args.seq_len, batch, args.window, seed=seed,
+                                                    shard_index=shard, num_shards=shards), args.batch_size)
+        val_data = (dist.distribute(
+            lambda batch, shard, shards: lm_windows(split.validation, args.seq_len, batch, "random",
+                                                    seed=args.seed + 1, shard_index=shard, num_shards=shards),
+            args.batch_size) if len(split.validation) else None)
         model = models.CausalLM(config)
-        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                      jit_compile=args.jit_compile)
+        model.compile(learning_rate=dist.learning_rate(args.lr, distribute.scale_lr), total_steps=total_steps,
+                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                      label_smoothing=args.label_smoothing, jit_compile=dist.jit_compile(args.jit_compile))
         if not quiet:
             log.info("causal-lm: %s parameters, %d steps of %d tokens, vocab %d (%s)", f"{model.count_params():,}",
                      total_steps, tokens_per_step, config.vocab_size, args.tokenizer)
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
-                       log_every=args.log_every)
+                       log_every=args.log_every, is_chief=dist.is_chief, extra_callbacks=extra_callbacks)
     except BaseException:
         # A run that never reached its first checkpoint leaves nothing behind.
         if created and not (out / "checkpoints").exists():

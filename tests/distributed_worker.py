@@ -1,0 +1,202 @@
+"""One training process for the distributed tests and benchmark (run as a script).
+
+TensorFlow fixes its logical devices and its cluster when it initialises, so every
+distributed case runs in fresh processes started by `launch`/`launch_workers`.
+
+    python tests/distributed_worker.py sgd --strategy mirrored --cpus 2 --steps 3 --out w.npz
+    python tests/distributed_worker.py bench --strategy multi-worker --steps 20 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve()
+
+
+# -- launching (used by the tests; imports no TensorFlow) ----------------------------------------
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def worker_env(index: int = 0, ports: list[int] | None = None, extra: dict | None = None) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
+           # one op at a time per process: the two workers share two cores
+           "TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+    env.pop("TF_CONFIG", None)
+    if ports:
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                       "task": {"type": "worker", "index": index}})
+    env.update(extra or {})
+    return env
+
+
+def launch(args: list[str], env: dict, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def launch_workers(args: list[str], count: int, logs_dir: Path, extra_env: dict | None = None):
+    ports = free_ports(count)
+    return [launch(args, worker_env(i, ports, extra_env), logs_dir / f"worker{i}.log") for i in range(count)]
+
+
+def wait_all(procs, timeout: float, logs_dir: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    for i, proc in enumerate(procs):
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            code = "timeout"
+        if code != 0:
+            logs = "" if logs_dir is None else "\n".join(
+                f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs_dir.glob("*.log")))
+            raise AssertionError(f"process {i} ended with {code}\n{logs}")
+
+
+# -- what a process runs ---------------------------------------------------------------------------
+def configure_cpus(count: int) -> None:
+    import tensorflow as tf
+
+    if count > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+def tiny_decoder(vocab_size=61, **overrides):
+    from kerasllm.config import DecoderConfig
+
+    return DecoderConfig(vocab_size=vocab_size, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+                         max_length=32, dropout=0.0, **overrides)
+
+
+def fixed_batch(global_batch: int, seq_len: int, vocab_size: int):
+    import numpy as np
+
+    ids = np.random.default_rng(7).integers(3, vocab_size, size=(global_batch, seq_len + 1)).astype("int32")
+    return ids[:, :-1], ids[:, 1:]
+
+
+def sgd_run(opts) -> None:
+    """N steps of SGD on one fixed global batch; the chief saves the weights to `--out`."""
+    configure_cpus(opts.cpus)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kerasllm.distribute import training_strategy
+    from kerasllm.models import CausalLM
+
+    config = tiny_decoder()
+    x, y = fixed_batch(opts.batch, 12, config.vocab_size)
+    with training_strategy(opts.strategy, precision="fp32", quiet=True) as dist:
+        keras.utils.set_random_seed(0)
+        model = CausalLM(config)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=opts.jit)
+
+        def make_dataset(batch_size, index, count):
+            # This process's share of the fixed global batch, repeated.
+            data = tf.data.Dataset.from_tensor_slices((x, y)).shard(count, index)
+            return data.batch(batch_size, drop_remainder=True).repeat()
+
+        data = dist.distribute(make_dataset, opts.batch)
+        history = model.fit(data, epochs=1, steps_per_epoch=opts.steps, verbose=0)
+    if dist.is_chief:
+        np.savez(opts.out, *[w.numpy() for w in model.weights])
+        Path(opts.out + ".json").write_text(json.dumps(
+            {"loss": history.history["loss"], "replicas": dist.num_replicas, "workers": dist.num_workers}))
+
+
+def recipe_run(opts) -> None:
+    """`train_causal_lm` as the CLI runs it (the fault-tolerance test kills this)."""
+    from kerasllm.distribute import DistributeArgs
+    from kerasllm.recipes.causal_lm import CausalLMTrainArgs, train_causal_lm
+
+    args = CausalLMTrainArgs(data=[opts.data], steps=opts.steps, batch_size=opts.batch, seq_len=16, lr=3e-3,
+                             eval_interval=opts.eval_interval, eval_steps=2, window="packed", jit_compile=False,
+                             log_every=1)
+    overrides = dict(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, max_length=32, dropout=0.0)
+    slow = float(os.environ.get("KERASLLM_TEST_STEP_SLEEP", "0"))
+    callbacks = []
+    if slow:
+        import keras
+
+        # Slows each step so the test can kill a worker mid-run.
+        callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: time.sleep(slow)))
+    train_causal_lm(args, opts.run_dir, resume=opts.resume, quiet=True, config_overrides=overrides,
+                    distribute=DistributeArgs(strategy=opts.strategy),
+                    extra_callbacks=callbacks)
+
+
+def bench_run(opts) -> None:
+    """Throughput of the 'small' preset (or `--tiny`) on one fixed global batch."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from kerasllm.config import DecoderConfig
+    from kerasllm.distribute import training_strategy
+    from kerasllm.models import CausalLM
+
+    config = DecoderConfig.preset(opts.preset, vocab_size=512, dropout=0.0)
+    x, y = fixed_batch(opts.batch, opts.seq_len, config.vocab_size)
+    with training_strategy(opts.strategy, quiet=True) as dist:
+        keras.utils.set_random_seed(0)
+        model = CausalLM(config)
+        model.compile(learning_rate=1e-3, jit_compile=False)
+
+        def make_dataset(batch_size, index, count):
+            data = tf.data.Dataset.from_tensor_slices((x, y)).shard(count, index)
+            return data.batch(batch_size, drop_remainder=True).repeat()
+
+        data = dist.distribute(make_dataset, opts.batch)
+        model.fit(data, epochs=1, steps_per_epoch=opts.warmup, verbose=0)  # tracing and warm-up
+        start = time.perf_counter()
+        model.fit(data, epochs=1, steps_per_epoch=opts.steps, verbose=0)
+        seconds = time.perf_counter() - start
+    if dist.is_chief:
+        params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+        Path(opts.out).write_text(json.dumps({"seconds": seconds, "steps": opts.steps, "batch": opts.batch,
+                                              "trainable_params": params, "workers": dist.num_workers}))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["sgd", "recipe", "bench"])
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--data", default="")
+    parser.add_argument("--run-dir", default="")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--eval-interval", type=int, default=4)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    opts = parser.parse_args(argv)
+    {"sgd": sgd_run, "recipe": recipe_run, "bench": bench_run}[opts.mode](opts)
+
+
+if __name__ == "__main__":
+    main()
