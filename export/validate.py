@@ -1,0 +1,145 @@
+"""Export-time validation: Keras and ONNX Runtime must compute the same thing.
+
+Optimum-exporter style: each family declares its cases; each check either passes and
+leaves a figure for the manifest, or raises `ValidationError` naming the output, the
+case and the figure against its tolerance. The export fails on the first failure.
+
+Decoder family (`validate_causal_lm`), on shapes never used while tracing (the graph
+was traced with dynamic axes only), through the KV-cache path:
+* prompt step (past length 0) at batch 1 and at batch 3 with left padding;
+* one decode step (T = 1) and a multi-token chunk (T = 4) on top of a past;
+* fp32: max |logits diff| and max |present diff| <= 1e-4 over every position;
+* fp16: top-1 agreement >= 99% and no NaN/Inf, over real (unpadded) positions;
+* fp32: greedy generations of a few prompts, 32 new tokens, token-identical between
+  `CausalLM.generate` (Keras, XLA) and the bundle's KV-cache decoding (generate.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kerasllm.errors import KerasLLMError
+
+FP32_TOLERANCE = 1e-4
+FP16_MIN_TOP1 = 0.99
+GREEDY_NEW_TOKENS = 32
+
+
+class ValidationError(KerasLLMError):
+    """The exported graph does not compute what the Keras model computes."""
+
+
+class KerasDecoderStep:
+    """`CausalLM.forward_with_cache` as a step function for generate.py (the Keras reference).
+
+    The cache is a pair of per-layer key and value lists of numpy arrays.
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf  # noqa: PLC0415 - Keras side
+
+        self.model = model
+        c = model.config
+        self.shape = (c.num_heads, c.head_dim, c.num_layers)
+        self._forward = tf.function(model.forward_with_cache, reduce_retracing=True)
+
+    def __call__(self, input_ids, attention_mask, cache):
+        heads, head_dim, layers = self.shape
+        if cache is None:
+            empty = np.zeros((input_ids.shape[0], heads, 0, head_dim), np.float32)
+            cache = ([empty] * layers, [empty] * layers)
+        logits, keys, values = self._forward(np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int64),
+                                             list(cache[0]), list(cache[1]))
+        return np.asarray(logits), ([np.asarray(k) for k in keys], [np.asarray(v) for v in values])
+
+    def reorder(self, cache, indices):
+        return [k[indices] for k in cache[0]], [v[indices] for v in cache[1]]
+
+
+def _cases(vocab_size: int, max_length: int, seed: int = 0):
+    """(name, prompt lengths, new-token chunk length) triples; prompts are random ids."""
+    rng = np.random.default_rng(seed)
+    limit = max(2, min(11, max_length - 5))
+    lengths = [[min(5, limit)], [min(7, limit), 3, limit]]
+    for name, rows, chunk in (("batch 1", lengths[0], 1), ("batch 3 left-padded", lengths[1], 4)):
+        prompts = [rng.integers(0, vocab_size, size=n).tolist() for n in rows]
+        chunk_ids = rng.integers(0, vocab_size, size=(len(rows), chunk))
+        yield name, prompts, chunk_ids
+
+
+def _compare(name: str, output: str, reference: np.ndarray, actual: np.ndarray, real: np.ndarray, fp16: bool,
+             figures: dict) -> None:
+    """Check one output of one case; `real` marks unpadded positions `[B, T]`."""
+    key = f"{name}: {output}"
+    if actual.shape != reference.shape:
+        raise ValidationError(f"validation: {key}: shape {actual.shape} differs from Keras {reference.shape}")
+    actual = actual.astype(np.float32)
+    if fp16:
+        if output != "logits":
+            return
+        values = actual[real]
+        if not np.isfinite(values).all():
+            raise ValidationError(f"validation: {key}: {int((~np.isfinite(values)).sum())} NaN/Inf values in fp16")
+        agreement = float((values.argmax(-1) == reference[real].argmax(-1)).mean())
+        figures.setdefault("top1_agreement", {})[key] = agreement
+        if agreement < FP16_MIN_TOP1:
+            raise ValidationError(f"validation: {key}: fp16 top-1 agreement {agreement:.2%} < {FP16_MIN_TOP1:.0%}")
+        return
+    diff = float(np.abs(actual - reference).max()) if actual.size else 0.0
+    figures.setdefault("max_abs_diff", {})[key] = diff
+    if not diff <= FP32_TOLERANCE:
+        raise ValidationError(f"validation: {key}: max |diff| {diff:.3g} > {FP32_TOLERANCE:g}")
+
+
+def validate_causal_lm(model, step, dtype: str = "fp32", greedy: bool = True) -> dict:
+    """Compare `step` (an ONNX Runtime `DecoderSession`) with `model`; returns the figures.
+
+    Raises `ValidationError` on the first failed check.
+    """
+    from kerasllm.export.generate import DecodingOptions, generate, left_pad  # noqa: PLC0415
+
+    c = model.config
+    keras_step = KerasDecoderStep(model)
+    fp16 = dtype == "fp16"
+    figures: dict = {"dtype": dtype, "cases": []}
+    for name, prompts, chunk in _cases(c.vocab_size, c.max_length):
+        ids, mask = left_pad(prompts, c.pad_id)
+        ref_logits, ref_cache = keras_step(ids, mask, None)
+        logits, cache = step(ids, mask, None)
+        real = mask.astype(bool)
+        _compare(f"{name}, prompt step", "logits", ref_logits, logits, real, fp16, figures)
+        presents = [v.numpy() for v in cache]
+        ref_presents = [x for pair in zip(*ref_cache) for x in pair]
+        for i, (ref, got) in enumerate(zip(ref_presents, presents)):
+            _compare(f"{name}, prompt step", step.present_names[i], ref, got, real, fp16, figures)
+        # Decode on top of the past: the chunk of new tokens sees every earlier real token.
+        mask = np.concatenate([mask, np.ones(chunk.shape, np.int64)], axis=1)
+        ref_logits, _ = keras_step(chunk, mask, ref_cache)
+        logits, _ = step(chunk, mask, cache)
+        _compare(f"{name}, {chunk.shape[1]}-token step with past", "logits", ref_logits, logits,
+                 np.ones(chunk.shape, bool), fp16, figures)
+        figures["cases"].append({"name": name, "prompt_lengths": [len(p) for p in prompts],
+                                 "step_tokens": int(chunk.shape[1])})
+    if greedy and not fp16:
+        figures["greedy"] = check_greedy(model, step, generate, DecodingOptions)
+    return figures
+
+
+def check_greedy(model, step, generate, DecodingOptions) -> dict:
+    """Greedy generation in Keras (`CausalLM.generate`) and on ONNX Runtime must be identical."""
+    c = model.config
+    rng = np.random.default_rng(1)
+    new = min(GREEDY_NEW_TOKENS, c.max_length - 8)
+    prompts = [rng.integers(0, c.vocab_size, size=n).tolist() for n in (3, 8, 5)]
+    keras_tokens = np.asarray(model.generate(prompts, max_new_tokens=new))
+    ours = generate(step, prompts, DecodingOptions(max_new_tokens=new), pad_id=c.pad_id, max_length=c.max_length)
+    for row, (expected, hyps) in enumerate(zip(keras_tokens, ours)):
+        got = hyps[0].tokens
+        for position, (a, b) in enumerate(zip(expected.tolist(), got)):
+            if a != b:
+                raise ValidationError(f"validation: greedy generation, prompt {row}: token {position} is {b} on "
+                                      f"ONNX Runtime, {a} in Keras")
+        if len(got) != len(expected):
+            raise ValidationError(f"validation: greedy generation, prompt {row}: {len(got)} tokens on ONNX "
+                                  f"Runtime, {len(expected)} in Keras")
+    return {"prompts": len(prompts), "new_tokens": new, "identical": True}
