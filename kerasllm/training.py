@@ -177,6 +177,13 @@ class ProgressLogger(keras.callbacks.Callback):
             self._write({"step": self.step, "loss": loss, "tokens_per_s": round(rate, 1)})
             self.mark_time, self.mark_step = time.perf_counter(), self.step
 
+    def on_test_begin(self, logs=None):
+        self.validation_started = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        # Validation time is not training throughput: move the mark past it.
+        self.mark_time += time.perf_counter() - self.validation_started
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         rate = self._rate()
