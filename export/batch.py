@@ -42,6 +42,16 @@ from kerasllm.export.records import Record
 
 TRUNCATE_POLICIES = ("error", "left", "right")
 
+_DECODING = {"max_new_tokens": 64, "temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0,
+             "stop": None, "num_beams": 1, "n_best": 1, "seed": None}
+# Each task's predictor options and their defaults (the CLI's and the Beam handler's).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "generate": _DECODING,
+    "translate": _DECODING,
+    "classify": {"top_k": None},
+    "embed": {"normalize": False},
+}
+
 
 # -- batch planning ----------------------------------------------------------------------------
 def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None,

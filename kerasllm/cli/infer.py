@@ -27,8 +27,10 @@ from pathlib import Path
 import click
 
 from kerasllm.errors import UsageError
+from kerasllm.export.batch import TASK_DEFAULTS
 
 FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv"]
+_GEN = TASK_DEFAULTS["generate"]  # decoding defaults, shared with the Beam handler
 
 
 def batch_options(command):
@@ -75,18 +77,18 @@ def batch_options(command):
 def decoding_options(command):
     """The decoding options of generate and translate (names as `Predictor.predict` takes them)."""
     options = [
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=_GEN["max_new_tokens"], show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=_GEN["temperature"], show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens."),
         click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
                      help="Sample within the smallest set of tokens of probability >= p."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=_GEN["repetition_penalty"],
                      show_default=True),
         click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
-        click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--num-beams", type=click.IntRange(min=1), default=_GEN["num_beams"], show_default=True,
                      help="Beam search width (1: no beam search)."),
-        click.option("--n-best", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--n-best", type=click.IntRange(min=1), default=_GEN["n_best"], show_default=True,
                      help="Outputs per record (with scores); at most --num-beams under beam search."),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
     ]
@@ -242,7 +244,7 @@ def classify(source, top_k, **kwargs):
 
 @click.command()
 @batch_options
-@click.option("--normalize/--no-normalize", default=False, show_default=True,
+@click.option("--normalize/--no-normalize", default=TASK_DEFAULTS["embed"]["normalize"], show_default=True,
               help="Scale each embedding to unit length.")
 def embed(source, normalize, **kwargs):
     """Embed each text as a vector with an encoder.

@@ -1,0 +1,75 @@
+"""The Beam RunInference handler (export/beam.py) on Beam's DirectRunner equals the batch CLI.
+
+Runs in the serving-only venv with apache-beam (`make test-beam`; the main .venv has no
+apache-beam, see the Makefile), on the fake predictor of tests/fake_predictor.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.testing.util import assert_that, equal_to
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+import fake_predictor  # noqa: E402
+
+from kerasllm.export.beam import BundleModelHandler  # noqa: E402
+from kerasllm.export.predict import PREDICTORS  # noqa: E402
+
+TEXTS = ["hello world", "", "a", "boom", "y" * 50, "the fox ran to the forest", "x" * 39, "  spaces  "]
+
+
+@pytest.fixture(autouse=True)
+def fake_predictors(monkeypatch):
+    for task in fake_predictor.TASKS:
+        monkeypatch.setitem(PREDICTORS, (task, "bundle"), "fake_predictor:load")
+
+
+def assert_beam_rows_equal(handler, texts, expected_rows) -> None:
+    """Run the pipeline on `texts` keyed by line number; its rows, as the CLI writes them, must equal."""
+    def to_row(key, result):
+        inference = dict(result.inference)
+        if "error" in inference:  # Beam elements carry no line number: add it as the CLI does
+            inference["error"] = f"line {key}: {inference['error']}"
+        return json.dumps({"id": key, **inference}, sort_keys=True)
+
+    with beam.Pipeline("DirectRunner") as pipeline:
+        rows = (pipeline | beam.Create([(str(i + 1), t) for i, t in enumerate(texts)])
+                | RunInference(KeyedModelHandler(handler)) | beam.MapTuple(to_row))
+        assert_that(rows, equal_to(expected_rows))
+
+
+@pytest.mark.parametrize("task,options,cli_options", [
+    ("generate", {"max_new_tokens": 7}, ["--max-new-tokens", "7"]),
+    ("translate", {"n_best": 2, "num_beams": 2}, ["--n-best", "2", "--num-beams", "2"]),
+    ("classify", {"top_k": 1}, ["--top-k", "1"]),
+    ("embed", {"normalize": True}, ["--normalize"]),
+])
+def test_beam_run_inference_equals_the_cli(run_cli, tmp_path, task, options, cli_options):
+    bundle = fake_predictor.make_bundle(tmp_path / "bundle", task)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "out.jsonl"
+    result = run_cli(task, bundle, "-i", source, "-o", out, "--batch-size", 3, *cli_options)
+    assert result.code == 1, result  # "", "boom" and the 50-token text fail
+    cli_rows = [json.dumps(json.loads(line), sort_keys=True) for line in out.read_text().splitlines()]
+    assert len(cli_rows) == len(TEXTS) and sum('"error"' in r for r in cli_rows) == 3
+    assert_beam_rows_equal(BundleModelHandler(bundle, task, options, batch_size=3), TEXTS, cli_rows)
+
+
+def test_handler_takes_dict_elements_and_refuses_unknown_options(tmp_path):
+    bundle = fake_predictor.make_bundle(tmp_path / "bundle", "generate")
+    handler = BundleModelHandler(bundle, "generate", {"max_new_tokens": 3})
+    model = handler.load_model()
+    results = handler.run_inference([{"text": "abcdef"}, {"prompt": "x"}, "boom"], model)
+    assert [r.inference for r in results] == [
+        {"output": "FED"}, {"error": "missing field 'text' (fields: prompt)"}, {"error": "the model failed on this text"}]
+    with pytest.raises(ValueError, match="unknown option"):
+        BundleModelHandler(bundle, "generate", {"beams": 4})
+    with pytest.raises(ValueError, match="unknown option"):
+        handler.validate_inference_args({"normalize": True})
