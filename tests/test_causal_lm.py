@@ -82,9 +82,9 @@ def test_loss_falls_on_a_small_corpus(corpus_file):
     model = CausalLM(DecoderConfig.preset("tiny", vocab_size=tok.vocab_size, max_length=64))
     model.compile(learning_rate=1e-2, total_steps=200, warmup_steps=10, jit_compile=False)
     data = lm_windows(token_ids, seq_len=32, batch_size=16, seed=0)
-    first = model.evaluate(data.take(5), verbose=0)[0]
+    first = model.evaluate(data.take(5), verbose=0, return_dict=True)["loss"]
     model.fit(data, steps_per_epoch=200, epochs=1, verbose=0)
-    last = model.evaluate(data.take(5), verbose=0)[0]
+    last = model.evaluate(data.take(5), verbose=0, return_dict=True)["loss"]
     # A uniform guess costs ln(V) ~ 3.9 nats and character unigram statistics alone ~2.8;
     # below 2.3 the model uses context.
     assert first > 3.0
