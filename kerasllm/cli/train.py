@@ -74,9 +74,12 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
 @click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
 @click.option("--separate-vocab", is_flag=True,
               help="Separate source and target tokenizers (tokenizer.json, target_tokenizer.json).")
+@click.option("--target-tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]),
+              help="Kind of the target tokenizer with --separate-vocab (default: --tokenizer).")
 @run_options(batch_size=32, seq_len=128, lr=1e-3)
 @model_override_options
-def seq2seq(data, source_file, target_file, source_field, target_field, tokenizer, vocab_size, separate_vocab, out,
+def seq2seq(data, source_file, target_file, source_field, target_field, tokenizer, vocab_size, separate_vocab,
+            target_tokenizer, out,
             preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing,
             eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides):
     """Train an encoder-decoder (Transformer/T5-like) on source/target pairs.
@@ -87,7 +90,8 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
     \b
     Example:
       kerasllm sample-data numbers --out pairs.tsv
-      kerasllm train seq2seq --data pairs.tsv --out runs/numbers --steps 2000 --label-smoothing 0.1
+      kerasllm train seq2seq --data pairs.tsv --out runs/numbers --steps 600 --tokenizer bpe --vocab-size 300 \\
+          --separate-vocab --target-tokenizer char
       kerasllm train seq2seq --source-file train.en --target-file train.de --out runs/mt --separate-vocab
     """
     from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq  # noqa: PLC0415
@@ -103,7 +107,7 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
         target_file=str(target_file) if target_file else None, source_field=source_field, target_field=target_field,
         preset=preset, steps=steps, epochs=epochs, batch_size=batch_size, seq_len=seq_len, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, label_smoothing=label_smoothing, tokenizer=tokenizer,
-        vocab_size=vocab_size, separate_vocab=separate_vocab, eval_interval=eval_interval, eval_steps=eval_steps,
+        vocab_size=vocab_size, separate_vocab=separate_vocab, target_tokenizer=target_tokenizer, eval_interval=eval_interval, eval_steps=eval_steps,
         validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
     train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)

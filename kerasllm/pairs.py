@@ -1,0 +1,137 @@
+"""Source/target pairs for sequence-to-sequence models: reading, checking, tf.data batches.
+
+Pairs come from one TSV/CSV/JSONL file with named fields (`source`/`target` by
+default) or from two parallel text files, read by `kerasllm.export.records` (the same
+reader batch inference uses). Reading and checking need no TensorFlow; a bad record
+is a `DataError` naming the file and line. `pair_batches` builds the tf.data pipeline
+(imports TensorFlow when called).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from kerasllm.errors import DataError, UsageError
+from kerasllm.export.records import read_parallel, read_records
+
+
+@dataclass
+class Pair:
+    """One training pair and where it came from (for error messages)."""
+
+    source: str
+    target: str
+    path: str
+    line: int
+
+
+def read_pairs(data: str | Path | None = None, source_file: str | Path | None = None,
+               target_file: str | Path | None = None, source_field: str = "source", target_field: str = "target",
+               fmt: str = "auto") -> list[Pair]:
+    """All pairs of `data` (TSV/CSV/JSONL with named fields) or of `source_file` + `target_file`.
+
+    Raises DataError naming the line for an unreadable record, a missing column, a
+    ragged TSV row or an empty source or target.
+    """
+    if (data is None) == (source_file is None or target_file is None):
+        raise UsageError("give either a data file (--data) or both --source-file and --target-file")
+    if data is not None:
+        if fmt == "text" or (fmt == "auto" and Path(str(data)).suffix.lower() not in
+                             (".tsv", ".csv", ".jsonl", ".json", ".ndjson")):
+            raise UsageError(f"{data}: pairs need a .tsv, .csv or .jsonl file (or --source-file/--target-file)")
+        records, where, fields = read_records(data, fmt), str(data), (source_field, target_field)
+    else:
+        records, where, fields = read_parallel(source_file, target_file), f"{source_file}", ("source", "target")
+    pairs = []
+    for record in records:
+        try:
+            source, target = record.get(fields[0]), record.get(fields[1])
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        for name, value, side in ((fields[0], source, "source"), (fields[1], target, "target")):
+            if not value.strip():
+                label = target_file if (data is None and side == "target") else where
+                raise DataError(f"{label}: line {record.line}: empty {side} ({name!r})")
+        pairs.append(Pair(source, target, where, record.line))
+    if not pairs:
+        raise DataError(f"{where}: no pairs found")
+    return pairs
+
+
+def encode_pairs(pairs: Sequence[Pair], source_tokenizer, target_tokenizer, max_length: int):
+    """Token ids of every pair: `(sources, targets)`, lists of int32 arrays.
+
+    A source may use `max_length` positions; a target `max_length - 1` (the decoder
+    reads BOS + target and predicts target + EOS). Longer pairs are a DataError naming
+    the line, not silently truncated.
+    """
+    sources = source_tokenizer.encode_batch([p.source for p in pairs])
+    targets = target_tokenizer.encode_batch([p.target for p in pairs])
+    for pair, source, target in zip(pairs, sources, targets):
+        if len(source) > max_length:
+            raise DataError(f"{pair.path}: line {pair.line}: source is {len(source)} tokens, longer than the "
+                            f"model allows ({max_length})")
+        if len(target) + 1 > max_length:
+            raise DataError(f"{pair.path}: line {pair.line}: target is {len(target)} tokens, longer than the "
+                            f"model allows ({max_length - 1} plus EOS)")
+        if not source or not target:
+            raise DataError(f"{pair.path}: line {pair.line}: tokenizes to nothing")
+    return [np.asarray(s, np.int32) for s in sources], [np.asarray(t, np.int32) for t in targets]
+
+
+def split_pairs(count: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation pairs: a fixed random split for a given seed."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise UsageError(f"validation fraction must be in [0, 1), got {validation_fraction}")
+    order = np.random.default_rng(seed).permutation(count)
+    held = int(round(count * validation_fraction))
+    if validation_fraction and held == 0:
+        held = 1
+    if count - held < 1:
+        raise DataError(f"data: {count} pairs leave nothing to train on after the validation split")
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def pair_batches(sources, targets, batch_size: int, *, pad_id: int, bos_id: int, eos_id: int,
+                 bucket_width: int = 16, shuffle: bool = True, seed: int = 0, repeat: bool = True):
+    """A `tf.data.Dataset` of `(inputs, labels)` batches for `Seq2SeqLM.fit`.
+
+    `inputs` = {"encoder_token_ids" [B, S], "encoder_padding_mask" [B, S],
+    "decoder_token_ids" [B, T] (BOS + target)}, `labels` [B, T] (target + EOS), padded
+    with `pad_id` (which the loss ignores). Pairs of similar length are batched
+    together (`bucket_by_sequence_length`) and padded to a multiple of `bucket_width`,
+    so padding stays small and XLA compiles one step per bucket, not per batch shape.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    source = tf.ragged.constant([s.tolist() for s in sources], dtype=tf.int32)
+    target = tf.ragged.constant([t.tolist() for t in targets], dtype=tf.int32)
+    dataset = tf.data.Dataset.from_tensor_slices((source, target))
+    if shuffle:
+        dataset = dataset.shuffle(len(sources), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+
+    def teacher_forcing(src, tgt):
+        return src, tf.concat([[bos_id], tgt], 0), tf.concat([tgt, [eos_id]], 0)
+
+    dataset = dataset.map(teacher_forcing, num_parallel_calls=tf.data.AUTOTUNE)
+    longest = max(max(len(s) for s in sources), max(len(t) for t in targets) + 1)
+    # pad_to_bucket_boundary pads to `boundary - 1`: boundaries k*w + 1 give lengths k*w.
+    boundaries = [k * bucket_width + 1 for k in range(1, -(-longest // bucket_width) + 1)]
+    dataset = dataset.bucket_by_sequence_length(
+        element_length_func=lambda s, d, l: tf.maximum(tf.shape(s)[0], tf.shape(d)[0]),
+        bucket_boundaries=boundaries, bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
+        padding_values=(pad_id, pad_id, pad_id), pad_to_bucket_boundary=True, drop_remainder=repeat,
+    )
+
+    def as_inputs(src, dec, labels):
+        inputs = {"encoder_token_ids": src, "encoder_padding_mask": tf.cast(tf.not_equal(src, pad_id), tf.int32),
+                  "decoder_token_ids": dec}
+        return inputs, labels
+
+    return dataset.map(as_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

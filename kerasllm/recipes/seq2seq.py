@@ -1,0 +1,148 @@
+"""`kerasllm train seq2seq`: source/target pairs -> tokenizer(s) -> Seq2SeqLM -> model directory.
+
+The run directory is the causal LM's plus, with `--separate-vocab`, a second
+tokenizer for the target side (`target_tokenizer.json`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kerasllm.config import Seq2SeqConfig
+from kerasllm.errors import UsageError
+from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
+from kerasllm.tokenizers import TextTokenizer
+from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
+                               restored_epoch, write_json_atomic)
+
+log = logging.getLogger("kerasllm")
+
+TARGET_TOKENIZER_FILE = "target_tokenizer.json"
+
+
+@dataclass
+class Seq2SeqTrainArgs:
+    """Everything a seq2seq run needs; saved in config.json so `--resume` can repeat it."""
+
+    data: str | None = None
+    source_file: str | None = None
+    target_file: str | None = None
+    source_field: str = "source"
+    target_field: str = "target"
+    preset: str = "tiny"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    label_smoothing: float = 0.0
+    tokenizer: str = "char"
+    vocab_size: int = 4000
+    separate_vocab: bool = False
+    target_tokenizer: str | None = None  # kind of the target tokenizer (separate vocab); default `tokenizer`
+    eval_interval: int = 100
+    eval_steps: int = 20
+    validation_fraction: float = 0.1
+    seed: int = 0
+    jit_compile: bool = True
+    log_every: int = 10
+
+
+def load_tokenizers(path: str | Path) -> tuple[TextTokenizer, TextTokenizer]:
+    """`(source, target)` tokenizers of a model dir or bundle (the same one when shared)."""
+    path = Path(path)
+    source = TextTokenizer.load(path)
+    target_file = path / TARGET_TOKENIZER_FILE
+    return source, TextTokenizer.load(target_file) if target_file.is_file() else source
+
+
+def build_config(args: Seq2SeqTrainArgs, config_file: str | None, overrides: dict) -> Seq2SeqConfig:
+    config = Seq2SeqConfig.from_json(config_file) if config_file else Seq2SeqConfig.preset(args.preset)
+    return config.replace(**overrides) if overrides else config
+
+
+def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
+                  quiet: bool = False, config_overrides: dict | None = None):
+    """Train (or resume) a seq2seq model into the run directory `out`; returns the Keras history."""
+    out = prepare_run_dir(out, resume)
+    if resume:
+        run = read_run_config(out)
+        saved = run["train"]
+        given = {k: getattr(args, k) for k in ("data", "source_file", "target_file") if getattr(args, k)}
+        args = Seq2SeqTrainArgs(**{**saved, **given})
+        source_tokenizer, target_tokenizer = load_tokenizers(out)
+        config = Seq2SeqConfig.from_dict(run["model"])
+    pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
+    if not resume:  # everything is checked before anything is written
+        config = build_config(args, config_file, config_overrides or {})
+        if args.target_tokenizer and not args.separate_vocab:
+            raise UsageError("--target-tokenizer needs --separate-vocab")
+        if args.seq_len > config.max_length:
+            raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+        sources = [p.source for p in pairs]
+        targets = [p.target for p in pairs]
+        if args.separate_vocab:
+            source_tokenizer = TextTokenizer.train(sources, kind=args.tokenizer, vocab_size=args.vocab_size)
+            target_tokenizer = TextTokenizer.train(targets, kind=args.target_tokenizer or args.tokenizer,
+                                                   vocab_size=args.vocab_size)
+        else:
+            source_tokenizer = target_tokenizer = TextTokenizer.train(sources + targets, kind=args.tokenizer,
+                                                                      vocab_size=args.vocab_size)
+        # Special ids are the same in every kerasllm tokenizer (SPECIAL_TOKENS order).
+        config = config.replace(
+            vocab_size=source_tokenizer.vocab_size,
+            target_vocab_size=target_tokenizer.vocab_size if args.separate_vocab else 0,
+            pad_id=source_tokenizer.pad_id, bos_id=source_tokenizer.bos_id, eos_id=source_tokenizer.eos_id,
+        )
+    source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
+                                          min(args.seq_len, config.max_length))
+    train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)
+    tokens_per_step = args.batch_size * int(round(
+        sum(len(source_ids[i]) + len(target_ids[i]) + 1 for i in train_index) / len(train_index)))
+    total_steps, steps_per_epoch, epochs = plan_steps(
+        args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
+    )
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume:
+            source_tokenizer.save(out)
+            if args.separate_vocab:
+                target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
+            write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args)})
+        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        special = dict(pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
+        # Fresh data order after a resume instead of replaying the first batches.
+        seed = args.seed + restored_epoch(out)
+        train_data = pair_batches([source_ids[i] for i in train_index], [target_ids[i] for i in train_index],
+                                  args.batch_size, seed=seed, **special)
+        val_data = (pair_batches([source_ids[i] for i in val_index], [target_ids[i] for i in val_index],
+                                 args.batch_size, shuffle=False, **special) if len(val_index) else None)
+
+        # -- model construction and compile (the one place to wrap in a distribution strategy) --
+        model = models.Seq2SeqLM(config)
+        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                      jit_compile=args.jit_compile)
+        # ---------------------------------------------------------------------------------------
+
+        if not quiet:
+            log.info("seq2seq: %s parameters, %d pairs (%d held out), %d steps of batch %d, vocab %s (%s)",
+                     f"{model.count_params():,}", len(pairs), len(val_index), total_steps, args.batch_size,
+                     f"{config.vocab_size}/{config.target_vocab}" if args.separate_vocab else config.vocab_size,
+                     args.tokenizer)
+        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
+                       log_every=args.log_every)
+    except BaseException:
+        # A run that never reached its first checkpoint leaves nothing behind.
+        if created and not (out / "checkpoints").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
