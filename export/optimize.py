@@ -17,6 +17,7 @@ same name on tf2onnx graphs, which ONNX Runtime refuses; names are made unique a
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def optimize_graph(source: str | Path, target: str | Path, *, model_type: str, n
     from onnxruntime.transformers.fusion_options import FusionOptions  # noqa: PLC0415
 
     source, target = Path(source), Path(target)
+    # The optimizer logs each fusion at INFO and warns that the producer is not PyTorch;
+    # the fusions are reported by the caller instead.
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     original = onnx.load(str(source))
     before = _op_counts(original)
     options = FusionOptions(model_type)

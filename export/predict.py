@@ -48,7 +48,8 @@ class Predictor(Protocol):
 # task -> family module implementing `load(source_path, device=..., **kwargs) -> Predictor`
 # for "bundle" and "modeldir" sources. Families register here as they gain support.
 PREDICTORS: dict[tuple[str, str], str] = {
-    # ("generate", "bundle"): "kerasllm.export.decoding_predictor:load_bundle",
+    ("generate", "bundle"): "kerasllm.export.decoding_predictor:load_bundle",
+    ("generate", "modeldir"): "kerasllm.export.decoding_predictor:load_modeldir",
 }
 
 

@@ -22,6 +22,7 @@ from kerasllm.errors import KerasLLMError
 COMMANDS = {
     "train": "kerasllm.cli.train:train",
     "sample-data": "kerasllm.cli.data:sample_data",
+    "export": "kerasllm.cli.export:export",
     "generate": "kerasllm.cli.infer:generate",
     "translate": "kerasllm.cli.infer:translate",
     "classify": "kerasllm.cli.infer:classify",

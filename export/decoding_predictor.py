@@ -1,0 +1,165 @@
+"""`generate` predictors for the decoder family: a bundle on ONNX Runtime, or a model dir in Keras.
+
+Both take the same options (names shared with the batch CLI, see predict.py):
+max_new_tokens=64, temperature=0.0 (greedy), top_k=None, top_p=None,
+repetition_penalty=1.0, stop=None (strings), num_beams=1, n_best=1, seed=None.
+Generation also stops at the tokenizer's `<eos>`. Each result is `{"output": str}`, or
+with `n_best > 1` `{"output": [str, ...], "scores": [float, ...]}` (mean log-probability
+per token, best first). `n_best > 1` needs beam search (`num_beams >= n_best`) or
+sampling (`temperature > 0`: independent samples).
+
+The bundle predictor imports no TensorFlow. The model-dir predictor runs Keras: greedy
+and plain sampling through `CausalLM.generate` (XLA, keras-hub samplers); beam search,
+repetition penalty, stop strings and n-best samples through the same decoding loop as
+the bundle (generate.py) over the Keras model's cached forward pass. Seeded sampling
+is reproducible within one source; Keras and the bundle draw different random numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from kerasllm.errors import UsageError
+from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, log_softmax, truncate_at_stop
+from kerasllm.export.predict import RecordError
+
+OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
+                "n_best", "seed")
+
+
+class CausalGenerator:
+    """What both sources share: tokenization, options, n-best, results. Subclasses set `step`."""
+
+    task = "generate"
+
+    def __init__(self, tokenizer, config: dict[str, Any]):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_length = int(config["max_length"])
+        self.pad_id = tokenizer.pad_id
+        self.eos_id = tokenizer.eos_id
+
+    def check(self, text: str, truncate: str = "error") -> list[int]:
+        """Token ids of a prompt; at most `max_length - 1` so that one new token fits."""
+        if not text or not text.strip():
+            raise RecordError("empty prompt")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise RecordError("prompt has no tokens")
+        limit = self.max_length - 1
+        if len(ids) > limit:
+            if truncate == "left":
+                return ids[-limit:]
+            if truncate == "right":
+                return ids[:limit]
+            raise RecordError(f"prompt of {len(ids)} tokens is longer than the model's {limit}")
+        return ids
+
+    def options(self, **options: Any) -> DecodingOptions:
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise UsageError(f"generate: unknown option {unknown[0]!r}")
+        stop = options.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None},
+                                   stop_ids=(self.eos_id,))
+        if decoding.n_best > 1 and decoding.num_beams == 1 and not decoding.temperature:
+            raise UsageError("n_best > 1 needs beam search (num_beams >= n_best) or sampling (temperature > 0)")
+        return decoding
+
+    def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
+        decoding = self.options(**options)
+        if decoding.n_best > 1 and decoding.num_beams == 1:
+            results = self._samples(batch, decoding)
+        else:
+            results = self._generate(batch, decoding)
+        return [self._result(hyps, decoding) for hyps in results]
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _generate(self, batch, decoding: DecodingOptions) -> list[list[Hypothesis]]:
+        return generate(self.step, batch, decoding, pad_id=self.pad_id, max_length=self.max_length,
+                        decode=self.tokenizer.decode)
+
+    def _samples(self, batch, decoding: DecodingOptions) -> list[list[Hypothesis]]:
+        """`n_best` independent samples per prompt, scored by their mean log-probability."""
+        n = decoding.n_best
+        repeated = [prompt for prompt in batch for _ in range(n)]
+        single = DecodingOptions(**{**decoding.__dict__, "n_best": 1})
+        hyps = [h[0] for h in self._generate(repeated, single)]
+        for prompt, hyp in zip(repeated, hyps):
+            hyp.score = self._score(prompt, hyp.tokens)
+        grouped = [hyps[i * n:(i + 1) * n] for i in range(len(batch))]
+        return [sorted(group, key=lambda h: -h.score) for group in grouped]
+
+    def _score(self, prompt: list[int], tokens: list[int]) -> float:
+        """Mean log-probability of `tokens` after `prompt` under the model (one forward pass)."""
+        if not tokens:
+            return 0.0
+        ids = np.array([prompt + tokens], np.int64)
+        logits, _ = self.step(ids, np.ones_like(ids), None)
+        logp = log_softmax(logits[0, len(prompt) - 1:-1].astype(np.float64))
+        return float(logp[np.arange(len(tokens)), tokens].mean())
+
+    def _text(self, tokens: list[int], decoding: DecodingOptions) -> str:
+        return truncate_at_stop(self.tokenizer.decode(tokens), decoding.stop)[0]
+
+    def _result(self, hyps: list[Hypothesis], decoding: DecodingOptions) -> dict:
+        if decoding.n_best == 1:
+            return {"output": self._text(hyps[0].tokens, decoding)}
+        return {"output": [self._text(h.tokens, decoding) for h in hyps],
+                "scores": [round(float(h.score), 6) for h in hyps]}
+
+
+class BundleGenerator(CausalGenerator):
+    """Generation from a bundle on ONNX Runtime (KV cache, IO binding on CUDA)."""
+
+    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
+        from kerasllm.export.bundle import load_bundle  # noqa: PLC0415
+        from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
+
+        self.bundle = load_bundle(path)
+        if self.bundle.family != "decoder":
+            raise UsageError(f"{path}: a {self.bundle.family} bundle cannot generate (needs a decoder bundle)")
+        super().__init__(self.bundle.tokenizer(), self.bundle.config)
+        self.step = DecoderSession(create_session(self.bundle.graph_path("model"), device, threads))
+
+
+class ModelDirGenerator(CausalGenerator):
+    """Generation from a trained model directory in Keras (imports TensorFlow)."""
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        from kerasllm.export.validate import KerasDecoderStep  # noqa: PLC0415
+        from kerasllm.modeldir import load_model_dir  # noqa: PLC0415
+
+        self.model, tokenizer, run = load_model_dir(path)
+        if run["model"]["family"] != "decoder":
+            raise UsageError(f"{path}: a {run['model']['family']} model cannot generate (needs a causal LM)")
+        super().__init__(tokenizer, run["model"])
+        self.step = KerasDecoderStep(self.model)
+
+    def _generate(self, batch, decoding: DecodingOptions) -> list[list[Hypothesis]]:
+        plain = (decoding.num_beams == 1 and decoding.repetition_penalty == 1.0 and not decoding.stop)
+        if not plain:
+            return super()._generate(batch, decoding)
+        longest = max(len(p) for p in batch)
+        new = min(decoding.max_new_tokens, self.max_length - longest)
+        tokens = self.model.generate(batch, max_new_tokens=new, temperature=decoding.temperature,
+                                     top_k=decoding.top_k, top_p=decoding.top_p, seed=decoding.seed,
+                                     stop_token_ids=list(decoding.stop_ids))
+        results = []
+        for row in np.asarray(tokens).tolist():
+            cut = next((i for i, t in enumerate(row) if t in decoding.stop_ids), len(row))
+            results.append([Hypothesis(row[:cut])])
+        return results
+
+
+def load_bundle(path: Path, device: str | None = None, **kwargs: Any) -> BundleGenerator:
+    return BundleGenerator(path, device=device, **kwargs)
+
+
+def load_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> ModelDirGenerator:
+    return ModelDirGenerator(path, device=device)

@@ -1,0 +1,131 @@
+"""`export_model_dir`: a trained model directory -> a verified bundle (the API behind `kerasllm export`).
+
+Steps, the same for every family: load the Keras model, convert (convert.py),
+optimize and cast (optimize.py), validate against Keras on ONNX Runtime (validate.py),
+then write tokenizer, manifest and hashes (bundle.py) in a staging directory that is
+renamed to `out` only when everything passed. A failed check leaves no bundle.
+
+A family plugs in with one function in `FAMILY_EXPORTERS`:
+
+    export_<family>(model, scratch: Path, staging: Path, options: ExportOptions, log) -> dict
+
+that writes its graph file(s) into `staging` and returns the manifest entries it owns:
+`{"graphs": {name: GraphSpec.to_dict()}, "optimization": {...}, "validation": {...}}`
+(plus, optionally, extra files it wrote, such as `genai_config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kerasllm.errors import UsageError
+from kerasllm.export import bundle as bundle_lib
+from kerasllm.export.convert import DEFAULT_OPSET
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    dtype: str = "fp32"  # "fp32" or "fp16"
+    optimize: bool = True
+    device: str = "cpu"  # where validation runs ONNX Runtime
+
+    def validate(self) -> None:
+        if self.dtype not in ("fp32", "fp16"):
+            raise UsageError(f"--dtype must be fp32 or fp16, got {self.dtype!r}")
+        if not 13 <= self.opset <= 21:
+            raise UsageError(f"--opset must be between 13 and 21, got {self.opset}")
+
+
+def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, log: Callable) -> dict:
+    """The decoder family (`CausalLM`): one graph with a KV cache, `model.onnx`."""
+    from kerasllm.export.convert import causal_lm_graph, save_onnx, trace_to_onnx  # noqa: PLC0415
+    from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
+    from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
+    from kerasllm.export.validate import validate_causal_lm  # noqa: PLC0415
+
+    c = model.config
+    spec = causal_lm_graph(model)
+    start = time.perf_counter()
+    raw = scratch / "raw.onnx"
+    save_onnx(trace_to_onnx(spec, model, opset=options.opset), raw)
+    log(f"converted to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
+    target = staging / spec.file
+    report = optimize_graph(raw, target, model_type="gpt2", num_heads=c.num_heads, hidden_size=c.hidden_dim,
+                            fuse=options.optimize, dtype=options.dtype)
+    if options.dtype == "fp16":  # the cache travels in fp16 too
+        for name, decl in {**spec.inputs, **spec.outputs}.items():
+            if name.startswith(("past_key_values.", "present.")):
+                decl.dtype = "float16"
+    fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"
+    log(f"optimized ({options.dtype}): fusions {fusions}")
+    start = time.perf_counter()
+    step = DecoderSession(create_session(target, options.device))
+    figures = validate_causal_lm(model, step, dtype=options.dtype)
+    log(f"validated against Keras in {time.perf_counter() - start:.1f} s: " + _summary(figures))
+    graph = {**spec.to_dict(), "opset": options.opset}
+    return {"graphs": {spec.name: graph}, "optimization": report, "validation": figures}
+
+
+def _summary(figures: dict) -> str:
+    if "max_abs_diff" in figures:
+        text = f"max |logits diff| {max(v for k, v in figures['max_abs_diff'].items() if k.endswith('logits')):.2g}"
+    else:
+        text = f"top-1 agreement {min(figures['top1_agreement'].values()):.2%}"
+    if "greedy" in figures:
+        text += f", greedy x{figures['greedy']['prompts']} ({figures['greedy']['new_tokens']} tokens) identical"
+    return text
+
+
+def export_encoder(model, scratch: Path, staging: Path, options: ExportOptions, log: Callable) -> dict:
+    """The encoder family (masked-lm, classifier, token-classifier): see encoder_export.py."""
+    from kerasllm.export.encoder_export import export_encoder_family  # noqa: PLC0415
+
+    return export_encoder_family(model, scratch, staging, options, log)
+
+
+FAMILY_EXPORTERS: dict[str, Callable] = {"decoder": export_decoder, "encoder": export_encoder}
+
+
+def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None,
+                     log: Callable[[str], None] = print) -> bundle_lib.Bundle:
+    """Export the model directory `model_dir` to a verified bundle at `out`."""
+    import tempfile  # noqa: PLC0415
+
+    from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow
+
+    options = options or ExportOptions()
+    options.validate()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not empty; choose a new --out")
+    model, tokenizer, run = load_model_dir(model_dir)
+    family = run["model"]["family"]
+    if family not in FAMILY_EXPORTERS:
+        raise UsageError(f"{model_dir}: no export for the {family} family yet")
+    staging = bundle_lib.staging_dir(out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
+            entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
+        tokenizer_file = tokenizer.save(staging / "tokenizer.json").name
+        special_ids = tokenizer.special_ids()
+        if family == "decoder":
+            genai = bundle_lib.genai_config(run["model"], entries["graphs"]["model"], special_ids)
+            (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
+        manifest = {
+            "family": family, "task": run["task"], "config": run["model"], "special_ids": special_ids,
+            "tokenizer": tokenizer_file, "dtype": options.dtype, "opset": options.opset,
+            **entries, "tools": bundle_lib.tool_versions(),
+        }
+        if "labels" in run:  # classifiers: label names by id
+            manifest["labels"] = run["labels"]
+        bundle_lib.write_manifest(staging, manifest)
+        bundle_lib.commit_bundle(staging, out)
+    except BaseException:
+        bundle_lib.discard(staging)
+        raise
+    return bundle_lib.load_bundle(out)
