@@ -50,6 +50,10 @@ class Predictor(Protocol):
 PREDICTORS: dict[tuple[str, str], str] = {
     ("generate", "bundle"): "kerasllm.export.decoding_predictor:load_bundle",
     ("generate", "modeldir"): "kerasllm.export.decoding_predictor:load_modeldir",
+    ("classify", "bundle"): "kerasllm.export.encoder_predictor:load_classify_bundle",
+    ("classify", "modeldir"): "kerasllm.export.encoder_predictor:load_classify_modeldir",
+    ("embed", "bundle"): "kerasllm.export.encoder_predictor:load_embed_bundle",
+    ("embed", "modeldir"): "kerasllm.export.encoder_predictor:load_embed_modeldir",
 }
 
 
