@@ -1,0 +1,180 @@
+"""The decoding loops (export/generate.py) on a hand-made step function: no TensorFlow, no model.
+
+`MarkovStep` gives logits that depend only on the last token (a fixed table), so every
+expectation below can be computed by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kerasllm.errors import UsageError
+from kerasllm.export.generate import (DecodingOptions, FullRecompute, filter_top_k, filter_top_p, generate,
+                                      log_softmax, softmax)
+
+VOCAB = 12
+PAD = 0
+
+
+class MarkovStep:
+    """Step function whose next-token logits are `table[last token]`; counts its calls."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+        self.calls = 0
+
+    def __call__(self, input_ids, attention_mask, cache):
+        self.calls += 1
+        assert attention_mask.shape[1] == (0 if cache is None else cache) + input_ids.shape[1]
+        return self.table[input_ids], attention_mask.shape[1]
+
+    def reorder(self, cache, indices):
+        return cache
+
+
+def random_table(seed=0, scale=3.0):
+    return np.random.default_rng(seed).normal(size=(VOCAB, VOCAB)).astype(np.float32) * scale
+
+
+def greedy_by_hand(table, prompt, steps):
+    out, token = [], prompt[-1]
+    for _ in range(steps):
+        token = int(np.argmax(table[token]))
+        out.append(token)
+    return out
+
+
+def run(table, prompts, **options):
+    return generate(MarkovStep(table), prompts, DecodingOptions(**options), pad_id=PAD,
+                    decode=lambda ids: "".join(chr(ord("a") + i) for i in ids))
+
+
+def test_greedy_follows_the_argmax_chain_for_prompts_of_different_lengths():
+    table = random_table()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    results = run(table, prompts, max_new_tokens=10)
+    for prompt, hyps in zip(prompts, results):
+        assert hyps[0].tokens == greedy_by_hand(table, prompt, 10)
+
+
+def test_top_k_never_picks_outside_the_k_best():
+    table = random_table(1, scale=1.0)  # flat enough that sampling spreads over many tokens
+    k = 3
+    picked = set()
+    for seed in range(40):
+        hyps = run(table, [[5]], max_new_tokens=1, temperature=1.5, top_k=k, seed=seed)
+        picked.add(hyps[0][0].tokens[0])
+    best = set(np.argsort(-table[5])[:k].tolist())
+    assert picked <= best
+    assert len(picked) >= 2  # it does sample, not just take the argmax
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = np.isfinite(filter_top_p(logits, 0.7))[0]
+    assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    kept = np.isfinite(filter_top_p(logits, 0.81))[0]
+    assert kept.tolist() == [True, True, True, False]
+    kept = np.isfinite(filter_top_k(logits, 1))[0]
+    assert kept.tolist() == [True, False, False, False]
+
+
+def test_sampling_frequencies_follow_the_temperature_scaled_distribution():
+    table = np.zeros((VOCAB, VOCAB), np.float32)
+    table[:, 1], table[:, 2] = 2.0, 1.0
+    hyps = run(table, [[3]] * 4000, max_new_tokens=1, temperature=1.0, seed=0)
+    counts = np.bincount([h[0].tokens[0] for h in hyps], minlength=VOCAB) / 4000
+    expected = softmax(table[3][None])[0]
+    assert np.abs(counts - expected).max() < 0.03
+
+
+def test_same_seed_same_samples_and_another_seed_differs():
+    table = random_table(2, scale=0.5)
+    first = run(table, [[1], [2]], max_new_tokens=20, temperature=1.0, seed=7)
+    again = run(table, [[1], [2]], max_new_tokens=20, temperature=1.0, seed=7)
+    other = run(table, [[1], [2]], max_new_tokens=20, temperature=1.0, seed=8)
+    assert [h[0].tokens for h in first] == [h[0].tokens for h in again]
+    assert [h[0].tokens for h in first] != [h[0].tokens for h in other]
+
+
+def test_repetition_penalty_moves_away_from_seen_tokens():
+    table = np.zeros((VOCAB, VOCAB), np.float32)
+    table[:, 4], table[:, 6] = 2.0, 1.5  # 4 always wins without a penalty
+    assert run(table, [[1]], max_new_tokens=3)[0][0].tokens == [4, 4, 4]
+    # 4 is in the prompt: 2.0 / 1.5 = 1.33 < 1.5, so 6 wins; then 6 is seen too (1.0) and 4 (1.33) wins again.
+    assert run(table, [[4]], max_new_tokens=3, repetition_penalty=1.5)[0][0].tokens == [6, 4, 4]
+
+
+def test_stop_ids_and_stop_strings_end_each_row_on_its_own():
+    table = np.full((VOCAB, VOCAB), -5.0, np.float32)
+    for token in range(1, VOCAB - 1):
+        table[token, token + 1] = 5.0  # 1 -> 2 -> 3 -> ...
+    step = MarkovStep(table)
+    options = DecodingOptions(max_new_tokens=8, stop_ids=(7,))
+    results = generate(step, [[1], [5]], options, pad_id=PAD)
+    assert results[0][0].tokens == [2, 3, 4, 5, 6]  # stopped before 7, which is not included
+    assert results[1][0].tokens == [6]
+    assert step.calls == 6  # the loop ends when every row is done, not at max_new_tokens
+    decode = lambda ids: "".join(chr(ord("a") + i) for i in ids)  # noqa: E731
+    options = DecodingOptions(max_new_tokens=8, stop=["de"])
+    results = generate(MarkovStep(table), [[1]], options, pad_id=PAD, decode=decode)
+    assert decode(results[0][0].tokens) == "cde"  # generation stops once "de" appears
+
+
+def test_max_length_caps_each_row():
+    table = random_table()
+    results = generate(MarkovStep(table), [[1] * 6, [2]], DecodingOptions(max_new_tokens=10), pad_id=PAD,
+                       max_length=8)
+    assert [len(h[0].tokens) for h in results] == [2, 7]
+    with pytest.raises(UsageError, match="leaving no room"):
+        generate(MarkovStep(table), [[1] * 8], DecodingOptions(), pad_id=PAD, max_length=8)
+
+
+def test_beam_search_of_width_one_is_greedy():
+    table = random_table(3)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    greedy = run(table, prompts, max_new_tokens=12)
+    beam = run(table, prompts, max_new_tokens=12, num_beams=1)
+    assert [h[0].tokens for h in beam] == [h[0].tokens for h in greedy]
+
+
+def test_beam_search_finds_the_better_sequence_and_ranks_n_best():
+    # Greedy takes 1 (p=0.6) then faces a flat distribution; 2 (p=0.4) leads to a sure token.
+    table = np.full((VOCAB, VOCAB), -20.0, np.float32)
+    table[0, 1], table[0, 2] = np.log(0.6), np.log(0.4)
+    table[1, 3:VOCAB] = 0.0  # 9 equally likely tokens after 1
+    table[2, 5] = 10.0
+    for token in range(3, VOCAB):
+        table[token, token] = 10.0
+    greedy = run(table, [[0]], max_new_tokens=2)[0][0]
+    beams = run(table, [[0]], max_new_tokens=2, num_beams=3, n_best=3)[0]
+    assert greedy.tokens[0] == 1
+    assert beams[0].tokens == [2, 5]
+    scores = [h.score for h in beams]
+    assert scores == sorted(scores, reverse=True) and len({tuple(h.tokens) for h in beams}) == 3
+    expected = float(log_softmax(table[0][None])[0, 2] + log_softmax(table[2][None])[0, 5]) / 2
+    assert beams[0].score == pytest.approx(expected, abs=1e-6)
+
+
+def test_full_recompute_wrapper_gives_the_same_tokens():
+    table = random_table(4)
+
+    class NoCache(MarkovStep):
+        def __call__(self, input_ids, attention_mask, cache):
+            assert cache is None and attention_mask.shape[1] == input_ids.shape[1]
+            return self.table[input_ids], None
+
+    prompts = [[1, 2, 3], [4]]
+    cached = run(table, prompts, max_new_tokens=6)
+    full = generate(FullRecompute(NoCache(table)), prompts, DecodingOptions(max_new_tokens=6), pad_id=PAD)
+    assert [h[0].tokens for h in full] == [h[0].tokens for h in cached]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"), (dict(n_best=2), "n_best"),
+    (dict(num_beams=2, temperature=1.0), "deterministic"), (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_options_are_refused_by_name(options, message):
+    with pytest.raises(UsageError, match=message):
+        run(random_table(), [[1]], **options)
