@@ -22,6 +22,7 @@ from kerasllm.errors import KerasLLMError
 COMMANDS = {
     "train": "kerasllm.cli.train:train",
     "sample-data": "kerasllm.cli.data:sample_data",
+    "evaluate": "kerasllm.cli.evaluate:evaluate",
     "export": "kerasllm.cli.export:export",
     "generate": "kerasllm.cli.infer:generate",
     "translate": "kerasllm.cli.infer:translate",

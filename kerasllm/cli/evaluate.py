@@ -1,0 +1,44 @@
+"""`kerasllm evaluate SOURCE --data PATH`: a model's metrics on a data file, printed and saved as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("evaluate")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TSV/CSV (header row), JSONL or text file to score.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics here (JSON).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "tsv", "csv"]), default="auto",
+              show_default=True, help="Input format (auto: by file suffix).")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--label-field", default="label", show_default=True, help="Field holding the reference label.")
+@click.option("--source-field", default="source", show_default=True, help="Field holding the source (seq2seq).")
+@click.option("--target-field", default="target", show_default=True, help="Field holding the reference (seq2seq).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Records per batch.")
+@click.option("--device", default="cpu", show_default=True, help="Bundles: cpu, cuda, cuda:N or auto.")
+def evaluate(source, data, output, fmt, text_field, label_field, source_field, target_field, batch_size, device):
+    """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (masked-lm).
+
+    Prints the metrics as JSON on stdout (keys `accuracy`, `macro_f1`, `perplexity`, ... as apply).
+
+    \b
+    Example:
+      kerasllm evaluate runs/clf --data test.tsv --output metrics.json
+      kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
+    """
+    from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
+
+    result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
+                 label_field=label_field, source_field=source_field, target_field=target_field)
+    text = json.dumps(result, indent=2)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.partial")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(output)
+    click.echo(text)
