@@ -1,0 +1,226 @@
+"""Decoder export end to end at tiny size: parity, bundles, tampering, KV cache, predictors, no TF at serving.
+
+One tiny causal LM is trained briefly (so its next-token distributions are peaked and
+greedy decoding has no near-ties), exported once to fp32 through the CLI and once to
+fp16 through the API; the tests share those bundles.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from kerasllm.errors import BundleError
+
+PROMPTS = ["Anna had a", "The fox", "In the garden there was a"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, corpus_file) -> Path:
+    """A tiny causal LM trained for 60 steps, saved as a model directory."""
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.data import read_corpus, tokenize_corpus
+    from kerasllm.tokenizers import TextTokenizer
+    from kerasllm.training import write_json_atomic
+
+    keras.utils.set_random_seed(0)
+    texts = read_corpus(corpus_file)
+    tokenizer = TextTokenizer.train(texts, kind="char")
+    ids = tokenize_corpus(texts, tokenizer)
+    config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=96)
+    model = CausalLM(config)
+    model.compile(learning_rate=3e-3, jit_compile=False)
+    starts = np.random.default_rng(0).integers(0, len(ids) - 33, size=60 * 16)
+    windows = np.stack([ids[s:s + 33] for s in starts])
+    model.fit(windows[:, :-1], windows[:, 1:], batch_size=16, epochs=1, verbose=0)
+    out = tmp_path_factory.mktemp("lm")
+    model.save(out / "model.keras")
+    tokenizer.save(out)
+    write_json_atomic(out / "config.json", {"task": "causal-lm", "model": config.to_dict(), "train": {}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(model_dir, tmp_path_factory) -> Path:
+    """The fp32 bundle, written by `kerasllm export` in-process."""
+    from kerasllm.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    try:
+        main(["export", str(model_dir), "--out", str(out)])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(model_dir, tmp_path_factory) -> Path:
+    from kerasllm.export.exporter import ExportOptions, export_model_dir
+
+    out = tmp_path_factory.mktemp("bundles") / "fp16"
+    export_model_dir(model_dir, out, ExportOptions(dtype="fp16"), log=lambda message: None)
+    return out
+
+
+def test_export_writes_a_validated_bundle_in_ort_genai_layout(bundle_dir, model_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert sorted(p.name for p in bundle_dir.iterdir()) == ["genai_config.json", "manifest.json", "model.onnx",
+                                                           "tokenizer.json"]
+    assert manifest["family"] == "decoder" and manifest["task"] == "causal-lm" and manifest["opset"] == 17
+    graph = manifest["graphs"]["model"]
+    assert list(graph["inputs"]) == ["input_ids", "attention_mask", "past_key_values.0.key",
+                                     "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert list(graph["outputs"]) == ["logits", "present.0.key", "present.0.value", "present.1.key",
+                                      "present.1.value"]
+    assert graph["dynamic_axes"]["past_key_values.0.key"] == {"0": "batch", "2": "past_sequence"}
+    # Validation figures: fp32 parity within 1e-4 on every case and output, 32 greedy tokens identical.
+    diffs = manifest["validation"]["max_abs_diff"]
+    assert len(diffs) >= 10 and max(diffs.values()) <= 1e-4
+    assert manifest["validation"]["greedy"] == {"prompts": 3, "new_tokens": 32, "identical": True}
+    assert manifest["optimization"]["fusions"]["SkipLayerNormalization"] == 4  # 2 blocks x 2 residuals
+    assert manifest["optimization"]["fusions"]["BiasGelu"] == 2
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "genai_config.json"}
+    assert manifest["tools"]["tf2onnx"] and manifest["tools"]["onnx"]
+    # The graph: IR version ORT 1.31 loads, one tied embedding (not a transposed copy), size ~ weights.
+    proto = onnx.load(str(bundle_dir / "model.onnx"))
+    assert proto.ir_version == 8
+    shapes = [tuple(i.dims) for i in proto.graph.initializer]
+    config = manifest["config"]
+    assert shapes.count((config["vocab_size"], config["hidden_dim"])) == 1
+    assert (config["hidden_dim"], config["vocab_size"]) not in shapes
+    params = 2 * (4 * 32 * 32 + 2 * 32 * 128 + 32 * 4 + 128 + 4 * 32 + 32) + 2 * 32 + 96 * 32 \
+        + config["vocab_size"] * 32
+    assert (bundle_dir / "model.onnx").stat().st_size <= 1.05 * 4 * params + 64_000  # graph text at tiny size
+    genai = json.loads((bundle_dir / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+
+
+def test_bundle_logits_match_keras_on_new_shapes_through_the_cache(bundle_dir, model_dir):
+    """Independent of the export's own validation: batch 2, prompts 9 and 4, then 5 decode steps."""
+    from kerasllm.export.generate import left_pad
+    from kerasllm.export.runtime import DecoderSession, create_session
+    from kerasllm.export.validate import KerasDecoderStep
+    from kerasllm.modeldir import load_model_dir
+
+    model, tokenizer, _ = load_model_dir(model_dir)
+    ours = DecoderSession(create_session(bundle_dir / "model.onnx", "cpu"))
+    keras_step = KerasDecoderStep(model)
+    ids, mask = left_pad([tokenizer.encode("Once upon"), tokenizer.encode("Milo")], tokenizer.pad_id)
+    ref, ref_cache = keras_step(ids, mask, None)
+    got, cache = ours(ids, mask, None)
+    assert np.abs(got - ref)[mask == 1].max() <= 1e-4
+    for token in (5, 9, 12, 7, 20):
+        step_ids = np.full((2, 1), token, np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        ref, ref_cache = keras_step(step_ids, mask, ref_cache)
+        got, cache = ours(step_ids, mask, cache)
+        assert np.abs(got - ref).max() <= 1e-4
+    assert cache[0].shape() == [2, 2, ids.shape[1] + 5, 16]
+
+
+def test_fp16_bundle_agrees_on_top1_with_an_fp16_cache(fp16_bundle):
+    manifest = json.loads((fp16_bundle / "manifest.json").read_text())
+    agreement = manifest["validation"]["top1_agreement"]
+    assert agreement and min(agreement.values()) >= 0.99
+    assert manifest["dtype"] == "fp16"
+    assert manifest["graphs"]["model"]["inputs"]["past_key_values.0.key"]["dtype"] == "float16"
+    assert manifest["graphs"]["model"]["outputs"]["logits"]["dtype"] == "float32"
+    from kerasllm.export.decoding_predictor import BundleGenerator
+
+    predictor = BundleGenerator(fp16_bundle, device="cpu")
+    assert predictor.step.cache_dtype == np.float16
+    ids = [predictor.check(p) for p in PROMPTS]
+    logits, cache = predictor.step(np.array([ids[0]]), np.ones((1, len(ids[0])), np.int64), None)
+    assert np.isfinite(logits).all() and cache[0].numpy().dtype == np.float16
+
+
+def test_kv_cache_decoding_equals_full_recompute_token_for_token(bundle_dir):
+    from kerasllm.export.decoding_predictor import BundleGenerator
+    from kerasllm.export.generate import DecodingOptions, FullRecompute, generate
+
+    predictor = BundleGenerator(bundle_dir, device="cpu")
+    prompts = [predictor.check(p) for p in PROMPTS]
+    options = DecodingOptions(max_new_tokens=40)
+    cached = generate(predictor.step, prompts, options, pad_id=predictor.pad_id)
+    full = generate(FullRecompute(predictor.step), prompts, options, pad_id=predictor.pad_id)
+    assert [h[0].tokens for h in cached] == [h[0].tokens for h in full]
+    assert min(len(h[0].tokens) for h in cached) == 40
+    # Left padding changes nothing: each prompt alone gives the same tokens as in the batch.
+    alone = [generate(predictor.step, [p], options, pad_id=predictor.pad_id)[0][0].tokens for p in prompts]
+    assert alone == [h[0].tokens for h in cached]
+
+
+def test_bundle_and_model_dir_predictors_agree(bundle_dir, model_dir):
+    from kerasllm.export.predict import load_predictor
+
+    bundle = load_predictor("generate", bundle_dir, device="cpu")
+    keras_side = load_predictor("generate", model_dir)
+    batch = [bundle.check(p) for p in PROMPTS]
+    assert bundle.predict(batch, max_new_tokens=24) == keras_side.predict(batch, max_new_tokens=24)
+    # Beam search of width 1 is greedy decoding; n-best comes with ranked scores.
+    assert bundle.predict(batch, max_new_tokens=24, num_beams=1) == bundle.predict(batch, max_new_tokens=24)
+    beams = bundle.predict(batch[:1], max_new_tokens=12, num_beams=4, n_best=3)[0]
+    assert len(beams["output"]) == 3 and beams["scores"] == sorted(beams["scores"], reverse=True)
+    assert keras_side.predict(batch[:1], max_new_tokens=12, num_beams=4, n_best=3)[0]["output"] == beams["output"]
+    # Seeded sampling reproduces; stop strings cut the text.
+    sampled = bundle.predict(batch, max_new_tokens=16, temperature=1.0, top_k=5, seed=3)
+    assert sampled == bundle.predict(batch, max_new_tokens=16, temperature=1.0, top_k=5, seed=3)
+    greedy = bundle.predict(batch[:1], max_new_tokens=24)[0]["output"]
+    stop = greedy[3:5]
+    assert bundle.predict(batch[:1], max_new_tokens=24, stop=[stop])[0]["output"] == greedy[:greedy.find(stop)]
+
+
+def test_tampered_or_incomplete_bundles_are_refused(bundle_dir, tmp_path, run_cli):
+    from kerasllm.export.bundle import load_bundle
+
+    assert load_bundle(bundle_dir).family == "decoder"
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, tampered)
+    data = bytearray((tampered / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (tampered / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+        load_bundle(tampered)
+    (tmp_path / "prompts.txt").write_text("Anna\n")
+    result = run_cli("generate", tampered, "--input", tmp_path / "prompts.txt", "--output", tmp_path / "o.jsonl")
+    assert result.code == 1 and "model.onnx does not match its sha256" in result.err
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(bundle_dir, incomplete)
+    (incomplete / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="incomplete bundle, tokenizer.json is missing"):
+        load_bundle(incomplete)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    del manifest["graphs"]
+    (incomplete / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="missing graphs"):
+        load_bundle(incomplete)
+
+
+def test_failed_validation_leaves_no_bundle_and_exits_1(model_dir, tmp_path, run_cli, monkeypatch):
+    from kerasllm.export import validate
+
+    monkeypatch.setattr(validate, "FP32_TOLERANCE", 0.0)  # no real graph matches to the last bit
+    out = tmp_path / "bundle"
+    result = run_cli("export", model_dir, "--out", out, "--no-optimize")
+    assert result.code == 1
+    assert "validation: batch 1, prompt step: logits: max |diff|" in result.err and "> 0" in result.err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nor a staging directory
+
+
+def test_serving_modules_import_without_tensorflow():
+    code = ("import sys, time; t = time.perf_counter(); "
+            "import kerasllm.export.runtime, kerasllm.export.generate, kerasllm.export.bundle, "
+            "kerasllm.export.decoding_predictor, kerasllm.cli; "
+            "print(time.perf_counter() - t, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1:] == ["False", "False"]
+    assert float(out[0]) < 2.0  # ~0.3 s here; TensorFlow alone takes ~4 s
