@@ -17,6 +17,7 @@ that writes its graph file(s) into `staging` and returns the manifest entries it
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,15 @@ def export_encoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     return export_encoder_family(model, scratch, staging, options, log)
 
 
-FAMILY_EXPORTERS: dict[str, Callable] = {"decoder": export_decoder, "encoder": export_encoder}
+def export_seq2seq(model, scratch: Path, staging: Path, options: ExportOptions, log: Callable) -> dict:
+    """The encoder-decoder family: encoder.onnx + decoder.onnx, see seq2seq_export.py."""
+    from kerasllm.export.seq2seq_export import export_seq2seq_family  # noqa: PLC0415
+
+    return export_seq2seq_family(model, scratch, staging, options, log)
+
+
+FAMILY_EXPORTERS: dict[str, Callable] = {"decoder": export_decoder, "encoder": export_encoder,
+                                         "seq2seq": export_seq2seq}
 
 
 def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -112,13 +121,18 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
             entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
         tokenizer_file = tokenizer.save(staging / "tokenizer.json").name
+        target_tokenizer = Path(model_dir) / "target_tokenizer.json"  # seq2seq with separate vocabularies
+        if target_tokenizer.is_file():
+            shutil.copyfile(target_tokenizer, staging / target_tokenizer.name)
         special_ids = tokenizer.special_ids()
         if family == "decoder":
             genai = bundle_lib.genai_config(run["model"], entries["graphs"]["model"], special_ids)
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
         manifest = {
             "family": family, "task": run["task"], "config": run["model"], "special_ids": special_ids,
-            "tokenizer": tokenizer_file, "dtype": options.dtype, "opset": options.opset,
+            "tokenizer": tokenizer_file, **({"target_tokenizer": target_tokenizer.name}
+                                            if target_tokenizer.is_file() else {}),
+            "dtype": options.dtype, "opset": options.opset,
             **entries, "tools": bundle_lib.tool_versions(),
         }
         if "labels" in run:  # classifiers: label names by id

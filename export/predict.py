@@ -54,6 +54,8 @@ PREDICTORS: dict[tuple[str, str], str] = {
     ("classify", "modeldir"): "kerasllm.export.encoder_predictor:load_classify_modeldir",
     ("embed", "bundle"): "kerasllm.export.encoder_predictor:load_embed_bundle",
     ("embed", "modeldir"): "kerasllm.export.encoder_predictor:load_embed_modeldir",
+    ("translate", "bundle"): "kerasllm.export.translate_predictor:load_bundle",
+    ("translate", "modeldir"): "kerasllm.export.translate_predictor:load_modeldir",
 }
 
 

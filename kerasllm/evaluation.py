@@ -26,6 +26,7 @@ from kerasllm.errors import DataError, UsageError
 EVALUATORS: dict[str, str] = {
     "classifier": "kerasllm.evaluation:evaluate_classifier",
     "masked-lm": "kerasllm.evaluation:evaluate_masked_lm",
+    "seq2seq": "kerasllm.export.translate_predictor:evaluate_seq2seq",
 }
 
 

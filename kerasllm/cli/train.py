@@ -84,8 +84,8 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
             eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides):
     """Train an encoder-decoder (Transformer/T5-like) on source/target pairs.
 
-    --seq-len is the longest source or target (in tokens) accepted; a longer pair is an
-    error naming its line.
+    --seq-len is the longest source or target (in tokens) accepted, at most the model's
+    max_length; a longer pair is an error naming its line.
 
     \b
     Example:

@@ -320,11 +320,23 @@ class Seq2SeqLM(TransformerModel):
                         n_best: int = 1) -> list[list[tuple[list[int], float]]]:
         """Beam search: for each source, the `n_best` best `(ids, score)` pairs, best first.
 
-        The score is the sum of the token log-probabilities up to and including EOS
-        (no length normalisation). `num_beams=1` gives the greedy output.
+        The search keeps the beams with the highest sum of log-probabilities (keras-hub's
+        `BeamSampler`); the reported score, by which the final beams are ranked, is the
+        mean log-probability per generated token, EOS included (as in the bundle's beam
+        search, kerasllm.export.generate). `num_beams=1` gives the greedy output.
         """
         if num_beams < 1 or not 1 <= n_best <= num_beams:
             raise UsageError(f"generate: need 1 <= n_best <= num_beams, got n_best {n_best}, num_beams {num_beams}")
         prompts, log_probs = (np.asarray(t) for t in self._run_generation(sources, max_new_tokens, num_beams))
-        return [[(self._strip(prompts[row, k]), float(log_probs[row, k])) for k in range(n_best)]
-                for row in range(len(sources))]
+        results = []
+        for row in range(len(sources)):
+            beams = []
+            for k in range(num_beams):
+                if not np.isfinite(log_probs[row, k]):
+                    continue
+                tokens = self._strip(prompts[row, k])
+                ended = len(tokens) + 1 < prompts.shape[-1] and prompts[row, k, len(tokens) + 1] == self.config.eos_id
+                beams.append((tokens, float(log_probs[row, k]) / (len(tokens) + int(ended))))
+            beams.sort(key=lambda beam: -beam[1])
+            results.append(beams[:n_best])
+        return results

@@ -82,8 +82,6 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         config = build_config(args, config_file, config_overrides or {})
         if args.target_tokenizer and not args.separate_vocab:
             raise UsageError("--target-tokenizer needs --separate-vocab")
-        if args.seq_len > config.max_length:
-            raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
         sources = [p.source for p in pairs]
         targets = [p.target for p in pairs]
         if args.separate_vocab:
@@ -99,6 +97,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
             target_vocab_size=target_tokenizer.vocab_size if args.separate_vocab else 0,
             pad_id=source_tokenizer.pad_id, bos_id=source_tokenizer.bos_id, eos_id=source_tokenizer.eos_id,
         )
+    # --seq-len caps the accepted lengths further than the model's max_length.
     source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
                                           min(args.seq_len, config.max_length))
     train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)

@@ -1,0 +1,255 @@
+"""The encoder-decoder family's export: `encoder.onnx` + `decoder.onnx` (Keras side, imports TensorFlow).
+
+The declarations (`seq2seq_graphs`) are all this family adds to convert.py; the I/O
+names are documented in seq2seq_runtime.py. The encoder computes the cross-attention
+keys/values of every decoder layer once per input; the decoder graph takes them as
+inputs next to its growing self-attention cache, so a decoding step costs one token.
+
+`export_seq2seq_family` plugs the family into exporter.py (convert, optimize, validate).
+Validation (`validate_seq2seq`), on shapes never used while tracing:
+* encoder: cross keys/values of right-padded batches (batch 1 and batch 3) within 1e-4;
+* decoder: a BOS step (past 0), then a 3-token step on top of its past: logits and
+  presents within 1e-4 (fp32) or top-1 agreement >= 99% (fp16);
+* fp32: greedy translations of a few inputs token-identical between `Seq2SeqLM.generate`
+  (Keras, XLA) and the bundle's decoding loop (generate.py) over ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kerasllm.export.convert import GraphSpec, TensorDecl, save_onnx, trace_to_onnx
+from kerasllm.export.seq2seq_runtime import Seq2SeqSessions, Seq2SeqStep, cross_names, self_names
+from kerasllm.export.validate import FP16_MIN_TOP1, FP32_TOLERANCE, ValidationError
+
+GREEDY_NEW_TOKENS = 24
+
+
+def _sorted(decls: dict) -> dict:
+    """Outputs in the order tf2onnx gives a function's dict outputs (sorted names)."""
+    return {name: decls[name] for name in sorted(decls)}
+
+
+def seq2seq_graphs(model) -> tuple[GraphSpec, GraphSpec]:
+    """The encoder and decoder graphs of a `Seq2SeqLM`."""
+    import tensorflow as tf  # noqa: PLC0415 - Keras side
+
+    c = model.config
+    layers = c.decoder_layers
+    cross_kv = ["batch", c.num_heads, "encoder_sequence", c.head_dim]
+
+    def encoder_forward(input_ids, attention_mask):
+        hidden, keys, values = model.encode(tf.cast(input_ids, "int32"), attention_mask)
+        result = {"last_hidden_state": hidden}
+        for i, (key, value) in enumerate(zip(keys, values)):
+            result[f"present.{i}.encoder.key"] = key
+            result[f"present.{i}.encoder.value"] = value
+        return result
+
+    encoder = GraphSpec(
+        "encoder", "encoder.onnx",
+        {"input_ids": TensorDecl("int64", ["batch", "encoder_sequence"]),
+         "attention_mask": TensorDecl("int64", ["batch", "encoder_sequence"])},
+        _sorted({"last_hidden_state": TensorDecl("float32", ["batch", "encoder_sequence", c.hidden_dim]),
+                 **{name: TensorDecl("float32", cross_kv) for name in cross_names(layers, "present")}}),
+        encoder_forward,
+    )
+
+    def decoder_forward(input_ids, encoder_attention_mask, **cache):
+        def layer_list(prefix, side, kind):
+            return [cache[f"{prefix}.{i}.{side}.{kind}"] for i in range(layers)]
+
+        logits, keys, values = model.decode_with_cache(
+            tf.cast(input_ids, "int32"), encoder_attention_mask,
+            layer_list("past_key_values", "encoder", "key"), layer_list("past_key_values", "encoder", "value"),
+            layer_list("past_key_values", "decoder", "key"), layer_list("past_key_values", "decoder", "value"),
+        )
+        result = {"logits": logits}
+        for i, (key, value) in enumerate(zip(keys, values)):
+            result[f"present.{i}.decoder.key"] = key
+            result[f"present.{i}.decoder.value"] = value
+        return result
+
+    past_kv = ["batch", c.num_heads, "past_sequence", c.head_dim]
+    decoder = GraphSpec(
+        "decoder", "decoder.onnx",
+        {"input_ids": TensorDecl("int64", ["batch", "sequence"]),
+         "encoder_attention_mask": TensorDecl("int64", ["batch", "encoder_sequence"]),
+         **{name: TensorDecl("float32", cross_kv) for name in cross_names(layers, "past_key_values")},
+         **{name: TensorDecl("float32", past_kv) for name in self_names(layers, "past_key_values")}},
+        _sorted({"logits": TensorDecl("float32", ["batch", "sequence", c.target_vocab]),
+                 **{name: TensorDecl("float32", ["batch", c.num_heads, "total_sequence", c.head_dim])
+                    for name in self_names(layers, "present")}}),
+        decoder_forward,
+    )
+    return encoder, decoder
+
+
+class KerasSeq2SeqSessions:
+    """`Seq2SeqLM.encode` / `decode_with_cache` with the interface of `Seq2SeqSessions`.
+
+    The Keras reference for validation, and the model-dir translator's step for the
+    decoding options Keras generation lacks. Tensors are numpy arrays.
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf  # noqa: PLC0415
+
+        self.model = model
+        c = model.config
+        self.num_heads, self.head_dim, self.layers = c.num_heads, c.head_dim, c.decoder_layers
+        self._encode = tf.function(model.encode, reduce_retracing=True)
+        self._decode = tf.function(model.decode_with_cache, reduce_retracing=True)
+
+    def encode(self, input_ids, attention_mask):
+        _, keys, values = self._encode(np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int64))
+        return [np.asarray(x) for pair in zip(keys, values) for x in pair]
+
+    def step(self, input_ids, encoder_mask, cross, past):
+        if past is None:
+            empty = np.zeros((input_ids.shape[0], self.num_heads, 0, self.head_dim), np.float32)
+            past = [empty] * (2 * self.layers)
+        with warnings.catch_warnings():  # Keras warns about a softmax over one key (the BOS step): intended
+            warnings.simplefilter("ignore", UserWarning)
+            logits, keys, values = self._decode(np.asarray(input_ids, np.int32),
+                                                np.asarray(encoder_mask, np.int64), list(cross[0::2]),
+                                                list(cross[1::2]), list(past[0::2]), list(past[1::2]))
+        return np.asarray(logits), [np.asarray(x) for pair in zip(keys, values) for x in pair]
+
+    def rows(self, values, indices):
+        return [value[indices] for value in values]
+
+
+def parity_batches(config, seed: int = 0):
+    """Right-padded source batches `(ids, mask)` with lengths unlike any traced shape."""
+    rng = np.random.default_rng(seed)
+    low = min(6, config.vocab_size - 1)
+    for batch, length in ((1, 5), (3, 11)):
+        length = min(length, config.max_length)
+        ids = rng.integers(low, config.vocab_size, (batch, length)).astype(np.int64)
+        mask = np.ones((batch, length), np.int64)
+        for row in range(1, batch):
+            real = int(rng.integers(1, length + 1))
+            ids[row, real:] = config.pad_id
+            mask[row, real:] = 0
+        yield f"batch {batch}", ids, mask
+
+
+def _compare(key: str, reference: np.ndarray, actual, fp16: bool, figures: dict, logits: bool = False) -> None:
+    actual = np.asarray(actual.numpy() if hasattr(actual, "numpy") else actual, np.float32)
+    if actual.shape != reference.shape:
+        raise ValidationError(f"validation: {key}: shape {actual.shape} differs from Keras {reference.shape}")
+    if not np.isfinite(actual).all():
+        raise ValidationError(f"validation: {key}: NaN/Inf values on ONNX Runtime")
+    if fp16:
+        if logits:
+            agreement = float((actual.argmax(-1) == reference.argmax(-1)).mean())
+            figures.setdefault("top1_agreement", {})[key] = agreement
+            if agreement < FP16_MIN_TOP1:
+                raise ValidationError(f"validation: {key}: fp16 top-1 agreement {agreement:.2%} < {FP16_MIN_TOP1:.0%}")
+        return
+    diff = float(np.abs(actual - reference).max()) if actual.size else 0.0
+    figures.setdefault("max_abs_diff", {})[key] = diff
+    if not diff <= FP32_TOLERANCE:
+        raise ValidationError(f"validation: {key}: max |diff| {diff:.3g} > {FP32_TOLERANCE:g}")
+
+
+def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", greedy: bool = True) -> dict:
+    """Compare the ONNX Runtime `sessions` with `model`; returns the figures, raises `ValidationError`."""
+    c = model.config
+    keras_sessions = KerasSeq2SeqSessions(model)
+    fp16 = dtype == "fp16"
+    figures: dict = {"dtype": dtype, "cases": []}
+    rng = np.random.default_rng(1)
+    for name, ids, mask in parity_batches(c):
+        ref_cross, cross = keras_sessions.encode(ids, mask), sessions.encode(ids, mask)
+        # Padded positions of the cross keys/values are never attended to: compare real ones.
+        real = mask.astype(bool)
+        for i, (ref, got) in enumerate(zip(ref_cross, cross)):
+            got = got.numpy()
+            ref_real, got_real = (np.transpose(x, (0, 2, 1, 3))[real] for x in (ref, got))
+            _compare(f"{name}: {sessions.cross_outputs[i]}", ref_real, got_real, fp16, figures)
+        start = np.full((len(ids), 1), c.bos_id, np.int64)
+        chunk = rng.integers(min(6, c.target_vocab - 1), c.target_vocab, (len(ids), 3)).astype(np.int64)
+        ref_past = got_past = None
+        for step_name, tokens in (("BOS step", start), ("3-token step with past", chunk)):
+            ref_logits, ref_past = keras_sessions.step(tokens, mask, ref_cross, ref_past)
+            logits, got_past = sessions.step(tokens, mask, cross, got_past)
+            _compare(f"{name}, {step_name}: logits", ref_logits, logits, fp16, figures, logits=True)
+            for i, (ref, got) in enumerate(zip(ref_past, got_past)):
+                _compare(f"{name}, {step_name}: {sessions.present_names[i]}", ref, got, fp16, figures)
+        figures["cases"].append({"name": name, "source_lengths": mask.sum(1).tolist(), "steps": [1, 3]})
+    if greedy and not fp16:
+        figures["greedy"] = check_greedy(model, sessions)
+    return figures
+
+
+def check_greedy(model, sessions) -> dict:
+    """Greedy translations in Keras (`Seq2SeqLM.generate`, XLA) and on ONNX Runtime must be identical."""
+    from kerasllm.export.generate import DecodingOptions, generate  # noqa: PLC0415
+
+    c = model.config
+    rng = np.random.default_rng(2)
+    new = min(GREEDY_NEW_TOKENS, c.max_length - 1)
+    sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=n).tolist() for n in (3, 9, 6)]
+    expected = model.generate(sources, max_new_tokens=new)
+    got = translate_ids(sessions, sources, DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,)), c.pad_id,
+                        c.bos_id, c.max_length, generate)
+    for row, (want, hyps) in enumerate(zip(expected, got)):
+        if hyps[0].tokens != want:
+            raise ValidationError(f"validation: greedy translation of source {row}: {hyps[0].tokens} on ONNX "
+                                  f"Runtime, {want} in Keras")
+    return {"sources": len(sources), "max_new_tokens": new, "identical": True}
+
+
+def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_length: int, generate):
+    """Run generate.py's loops over one batch of source id lists (right-padded for the encoder)."""
+    width = max(len(s) for s in sources)
+    ids = np.full((len(sources), width), pad_id, np.int64)
+    mask = np.zeros((len(sources), width), np.int64)
+    for row, source in enumerate(sources):
+        ids[row, :len(source)] = source
+        mask[row, :len(source)] = 1
+    step = Seq2SeqStep(sessions, ids, mask)
+    return generate(step, [[bos_id]] * len(sources), options, pad_id=pad_id, max_length=max_length)
+
+
+def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Callable) -> dict:
+    """`FAMILY_EXPORTERS["seq2seq"]` (see exporter.py): convert, optimize, validate both graphs."""
+    from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
+
+    c = model.config
+    graphs, reports = {}, {}
+    for spec in seq2seq_graphs(model):
+        start = time.perf_counter()
+        raw = scratch / f"raw-{spec.file}"
+        save_onnx(trace_to_onnx(spec, model, opset=options.opset), raw)
+        log(f"converted the {spec.name} to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
+        keep = tuple(n for n in spec.outputs if n == "logits" or n == "last_hidden_state")
+        reports[spec.name] = optimize_graph(raw, staging / spec.file, model_type="bert", num_heads=c.num_heads,
+                                            hidden_size=c.hidden_dim, fuse=options.optimize, dtype=options.dtype,
+                                            keep_float32_io=keep)
+        if options.dtype == "fp16":  # cross and self-attention caches travel in fp16
+            for name, decl in {**spec.inputs, **spec.outputs}.items():
+                if name.startswith(("past_key_values.", "present.")):
+                    decl.dtype = "float16"
+        fusions = ", ".join(f"{op} x{n}" for op, n in reports[spec.name]["fusions"].items()) or "none"
+        log(f"optimized the {spec.name} ({options.dtype}): fusions {fusions}")
+        graphs[spec.name] = {**spec.to_dict(), "opset": options.opset}
+    start = time.perf_counter()
+    sessions = Seq2SeqSessions.open(staging / "encoder.onnx", staging / "decoder.onnx", options.device)
+    figures = validate_seq2seq(model, sessions, dtype=options.dtype)
+    if "max_abs_diff" in figures:
+        worst = max(v for k, v in figures["max_abs_diff"].items() if k.endswith("logits"))
+        summary = f"max |logits diff| {worst:.2g}"
+    else:
+        summary = f"top-1 agreement {min(figures['top1_agreement'].values()):.2%}"
+    if "greedy" in figures:
+        summary += f", greedy x{figures['greedy']['sources']} identical"
+    log(f"validated against Keras in {time.perf_counter() - start:.1f} s: {summary}")
+    return {"graphs": graphs, "optimization": reports, "validation": figures}

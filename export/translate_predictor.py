@@ -1,0 +1,202 @@
+"""`translate` predictors for the encoder-decoder family: a bundle on ONNX Runtime, or a model dir in Keras.
+
+Both take the same options (names shared with the batch CLI, see predict.py):
+max_new_tokens=64, temperature=0.0 (greedy), top_k=None, top_p=None,
+repetition_penalty=1.0, stop=None (strings), num_beams=1, n_best=1, seed=None.
+Decoding stops at the target tokenizer's `<eos>`. Each result is `{"output": str}`, or
+with `n_best > 1` `{"output": [str, ...], "scores": [float, ...]}` (mean log-probability
+per generated token, EOS included, best first; needs `num_beams >= n_best`).
+
+The bundle predictor imports no TensorFlow: the encoder runs once per batch and the
+decoder steps through generate.py's loops with the cross-attention keys/values bound
+(seq2seq_runtime.py). The model-dir predictor runs Keras: greedy, sampling and beam
+search through `Seq2SeqLM.generate` / `generate_n_best` (XLA, keras-hub samplers);
+repetition penalty and stop strings through generate.py's loops over the Keras model's
+cached decoder.
+
+`evaluate_seq2seq` is `kerasllm evaluate`'s evaluator for seq2seq sources: BLEU, chrF
+and exact match of greedy translations against the references.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from kerasllm.errors import DataError, UsageError
+from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, truncate_at_stop
+from kerasllm.export.predict import RecordError
+
+OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
+                "n_best", "seed")
+TARGET_TOKENIZER_FILE = "target_tokenizer.json"
+
+
+class Translator:
+    """What both sources share: tokenization, options and results. Subclasses implement `_generate`."""
+
+    task = "translate"
+
+    def __init__(self, source_tokenizer, target_tokenizer, config: dict[str, Any]):
+        self.tokenizer = source_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.config = config
+        self.max_length = int(config["max_length"])
+        self.pad_id, self.bos_id, self.eos_id = int(config["pad_id"]), int(config["bos_id"]), int(config["eos_id"])
+
+    def check(self, text: str, truncate: str = "error") -> list[int]:
+        """Token ids of a source text, at most `max_length`."""
+        if not text or not text.strip():
+            raise RecordError("empty source")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise RecordError("source has no tokens")
+        if len(ids) > self.max_length:
+            if truncate == "left":
+                return ids[-self.max_length:]
+            if truncate == "right":
+                return ids[:self.max_length]
+            raise RecordError(f"source of {len(ids)} tokens is longer than the model's {self.max_length}")
+        return ids
+
+    def options(self, **options: Any) -> DecodingOptions:
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise UsageError(f"translate: unknown option {unknown[0]!r}")
+        stop = options.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None}, stop_ids=(self.eos_id,))
+        decoding.validate()
+        if decoding.n_best > 1 and decoding.num_beams < decoding.n_best:
+            raise UsageError("translate: n_best > 1 needs beam search with num_beams >= n_best")
+        return decoding
+
+    def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
+        decoding = self.options(**options)
+        return [self._result(hyps, decoding) for hyps in self._generate(list(batch), decoding)]
+
+    def translate(self, texts: Sequence[str], **options: Any) -> list[dict]:
+        """Translate raw texts (a RecordError for an empty or too long one)."""
+        return self.predict([self.check(t) for t in texts], **options)
+
+    def _generate(self, batch: list[list[int]], decoding: DecodingOptions) -> list[list[Hypothesis]]:
+        raise NotImplementedError
+
+    def _text(self, tokens: list[int], decoding: DecodingOptions) -> str:
+        return truncate_at_stop(self.target_tokenizer.decode(tokens), decoding.stop)[0]
+
+    def _result(self, hyps: list[Hypothesis], decoding: DecodingOptions) -> dict:
+        if decoding.n_best == 1:
+            return {"output": self._text(hyps[0].tokens, decoding)}
+        return {"output": [self._text(h.tokens, decoding) for h in hyps],
+                "scores": [round(float(h.score), 6) for h in hyps]}
+
+    def _loop(self, sessions, batch, decoding) -> list[list[Hypothesis]]:
+        """generate.py's loops over `sessions` (ONNX Runtime or the Keras reference)."""
+        from kerasllm.export.seq2seq_runtime import Seq2SeqStep  # noqa: PLC0415
+
+        width = max(len(s) for s in batch)
+        ids = np.full((len(batch), width), self.pad_id, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for row, source in enumerate(batch):
+            ids[row, :len(source)] = source
+            mask[row, :len(source)] = 1
+        step = Seq2SeqStep(sessions, ids, mask)
+        return generate(step, [[self.bos_id]] * len(batch), decoding, pad_id=self.pad_id, max_length=self.max_length,
+                        decode=self.target_tokenizer.decode)
+
+
+def _tokenizers(path: Path, source_file: str = "tokenizer.json", target_file: str | None = None):
+    from kerasllm.tokenizers import TextTokenizer  # noqa: PLC0415
+
+    source = TextTokenizer.load(path / source_file)
+    target_file = target_file or (TARGET_TOKENIZER_FILE if (path / TARGET_TOKENIZER_FILE).is_file() else None)
+    return source, TextTokenizer.load(path / target_file) if target_file else source
+
+
+class BundleTranslator(Translator):
+    """Translation from a seq2seq bundle on ONNX Runtime (no TensorFlow)."""
+
+    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
+        from kerasllm.export.bundle import load_bundle  # noqa: PLC0415
+        from kerasllm.export.seq2seq_runtime import Seq2SeqSessions  # noqa: PLC0415
+
+        self.bundle = load_bundle(path)
+        if self.bundle.family != "seq2seq":
+            raise UsageError(f"{path}: a {self.bundle.family} bundle cannot translate (needs a seq2seq bundle)")
+        manifest = self.bundle.manifest
+        super().__init__(*_tokenizers(self.bundle.path, manifest["tokenizer"], manifest.get("target_tokenizer")),
+                         self.bundle.config)
+        self.sessions = Seq2SeqSessions.open(self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"),
+                                             device, threads)
+
+    def _generate(self, batch, decoding):
+        return self._loop(self.sessions, batch, decoding)
+
+
+class ModelDirTranslator(Translator):
+    """Translation from a trained model directory in Keras (imports TensorFlow)."""
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        from kerasllm.modeldir import load_model_dir  # noqa: PLC0415
+
+        self.model, _, run = load_model_dir(path)
+        if run["model"]["family"] != "seq2seq":
+            raise UsageError(f"{path}: a {run['model']['family']} model cannot translate (needs a seq2seq model)")
+        super().__init__(*_tokenizers(Path(path)), run["model"])
+        self._sessions = None
+
+    def _generate(self, batch, decoding):
+        if decoding.repetition_penalty != 1.0 or decoding.stop:
+            if self._sessions is None:
+                from kerasllm.export.seq2seq_export import KerasSeq2SeqSessions  # noqa: PLC0415
+
+                self._sessions = KerasSeq2SeqSessions(self.model)
+            return self._loop(self._sessions, batch, decoding)
+        new = min(decoding.max_new_tokens, self.max_length - 1)
+        if decoding.num_beams > 1:
+            n_best = self.model.generate_n_best(batch, max_new_tokens=new, num_beams=decoding.num_beams,
+                                                n_best=decoding.n_best)
+            return [[Hypothesis(tokens, score) for tokens, score in best] for best in n_best]
+        outputs = self.model.generate(batch, max_new_tokens=new, temperature=decoding.temperature,
+                                      top_k=decoding.top_k, top_p=decoding.top_p, seed=decoding.seed)
+        return [[Hypothesis(tokens)] for tokens in outputs]
+
+
+def load_bundle(path: Path, device: str | None = None, **kwargs: Any) -> BundleTranslator:
+    return BundleTranslator(path, device=device, **kwargs)
+
+
+def load_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> ModelDirTranslator:
+    return ModelDirTranslator(path, device=device)
+
+
+def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
+                     source_field: str = "source", target_field: str = "target", fmt: str = "auto",
+                     max_new_tokens: int | None = None, **_: Any) -> dict:
+    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets."""
+    from kerasllm import metrics  # noqa: PLC0415
+    from kerasllm.export.predict import load_predictor  # noqa: PLC0415
+    from kerasllm.pairs import read_pairs  # noqa: PLC0415
+
+    pairs = read_pairs(data, source_field=source_field, target_field=target_field, fmt=fmt)
+    predictor = load_predictor("translate", source, device=device)
+    sources = []
+    for pair in pairs:
+        try:
+            sources.append(predictor.check(pair.source))
+        except RecordError as err:
+            raise DataError(f"{pair.path}: line {pair.line}: {err}") from None
+    hypotheses = [""] * len(pairs)
+    new = max_new_tokens or predictor.max_length - 1
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # little padding per batch
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        for i, result in zip(indices, predictor.predict([sources[i] for i in indices], max_new_tokens=new)):
+            hypotheses[i] = result["output"]
+    references = [p.target for p in pairs]
+    return {"count": len(pairs), "bleu": metrics.bleu(hypotheses, references),
+            "chrf": metrics.chrf(hypotheses, references), "exact_match": metrics.exact_match(hypotheses, references)}
