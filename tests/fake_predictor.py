@@ -33,6 +33,7 @@ def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, dela
 
 class FakePredictor:
     batches: list[list[int]] = []  # token counts of each batch predicted (all instances)
+    devices: list[str] = []  # the device each instance was loaded for
 
     def __init__(self, source: Path, device: str = "cpu"):
         manifest = json.loads((Path(source) / "manifest.json").read_text())
@@ -40,6 +41,7 @@ class FakePredictor:
         self.max_len = manifest["fake"]["max_len"]
         self.delay = manifest["fake"]["delay"]
         self.device = device
+        FakePredictor.devices.append(device)
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         if not text.strip():

@@ -33,6 +33,7 @@ def fake_predictors(monkeypatch):
     for task in fake_predictor.TASKS:
         monkeypatch.setitem(PREDICTORS, (task, "bundle"), "fake_predictor:load")
     fake_predictor.FakePredictor.batches.clear()
+    fake_predictor.FakePredictor.devices.clear()
 
 
 @pytest.fixture
@@ -154,6 +155,50 @@ def test_no_bucket_keeps_input_order_in_batches(run_cli, bundle, tmp_path):
     seen = fake_predictor.FakePredictor.batches
     assert [n for b in seen for n in b] == [len(t) for t in texts]
     assert [r["output"] for r in read_jsonl(out)] == [expected(t) for t in texts]
+
+
+def test_streaming_holds_at_most_one_window_of_records(bundle, tmp_path):
+    """Memory does not grow with the input: never more than `window` records read ahead of the output."""
+    class CountingWriter(batch.JsonlWriter):
+        lines = 0
+
+        def write(self, rows):
+            rows = list(rows)
+            CountingWriter.lines += len(rows)
+            super().write(rows)
+
+    read, ahead = [0], []
+
+    def records():
+        for i, text in enumerate(mixed_texts(2000)):
+            ahead.append(read[0] - CountingWriter.lines)
+            read[0] += 1
+            yield batch.Record(i + 1, str(i + 1), {"text": text})
+
+    writer = CountingWriter(tmp_path / "out.jsonl")
+    summary = batch.BatchRunner(fake_predictor.load(bundle), {"max_new_tokens": 4}, batch_size=8, window=50).run(
+        records(), writer)
+    writer.close()
+    assert summary.records == CountingWriter.lines == 2000
+    assert max(ahead) <= 50, max(ahead)
+
+
+def test_device_reaches_the_predictor_and_no_tensorflow_is_imported(bundle, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("abc\n")
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(FAKE), "generate", str(bundle), "-i", str(source),
+                           "-q", "--device", "cuda:1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"id": "1", "output": "CBA"}, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
+    assert "kerasllm" in imported and "tqdm" in imported
+    assert not imported & {"tensorflow", "keras", "keras_hub", "tf2onnx"}, imported & {"tensorflow", "keras"}
+
+
+def test_device_option_is_passed_in_process(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("abc\n")
+    assert run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o.jsonl", "--device", "cuda").code == 0
+    assert fake_predictor.FakePredictor.devices == ["cuda"]
 
 
 # -- bad records -------------------------------------------------------------------------------

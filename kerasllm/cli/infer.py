@@ -162,6 +162,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     writer = batch.JsonlWriter(output_path, append=resume)
     try:
         summary = runner.run(records, writer, summary)
+        if summary.interrupted is None and bar.total:
+            bar.update(bar.total - bar.n)  # the total counted blank lines and headers too
     finally:
         writer.close()
         bar.close()
@@ -176,6 +178,10 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         click.echo(f"kerasllm: {summary.errors_total} record(s) failed: see the \"error\" lines in "
                    f"{'the output' if output_path == '-' else output_path}", err=True)
         sys.exit(1)
+
+
+EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
+          "error; 2 bad usage; 130 (SIGINT) or 143 (SIGTERM) interrupted: rerun with --resume.")
 
 
 def _check_device(device: str) -> None:
@@ -198,7 +204,7 @@ def _split_decoding(kwargs: dict) -> dict:
     return _decoding(*(kwargs.pop(name) for name in names))
 
 
-@click.command()
+@click.command(epilog=EPILOG)
 @batch_options
 @decoding_options
 def generate(source, **kwargs):
@@ -214,7 +220,7 @@ def generate(source, **kwargs):
     run_job("generate", source, options=options, extra_tokens=options["max_new_tokens"], **kwargs)
 
 
-@click.command()
+@click.command(epilog=EPILOG)
 @batch_options
 @decoding_options
 def translate(source, **kwargs):
@@ -228,7 +234,7 @@ def translate(source, **kwargs):
     run_job("translate", source, options=options, extra_tokens=options["max_new_tokens"], **kwargs)
 
 
-@click.command()
+@click.command(epilog=EPILOG)
 @batch_options
 @click.option("--top-k", type=click.IntRange(min=1), default=None,
               help="Scores of the k likeliest labels only (default: all labels).")
@@ -242,7 +248,7 @@ def classify(source, top_k, **kwargs):
     run_job("classify", source, options={"top_k": top_k}, **kwargs)
 
 
-@click.command()
+@click.command(epilog=EPILOG)
 @batch_options
 @click.option("--normalize/--no-normalize", default=TASK_DEFAULTS["embed"]["normalize"], show_default=True,
               help="Scale each embedding to unit length.")
