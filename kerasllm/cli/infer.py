@@ -77,14 +77,15 @@ def batch_options(command):
 def decoding_options(command):
     """The decoding options of generate and translate (names as `Predictor.predict` takes them)."""
     options = [
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=_GEN["max_new_tokens"], show_default=True),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=_GEN["max_new_tokens"],
+                     show_default=True),
         click.option("--temperature", type=click.FloatRange(min=0), default=_GEN["temperature"], show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens."),
         click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
                      help="Sample within the smallest set of tokens of probability >= p."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=_GEN["repetition_penalty"],
-                     show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+                     default=_GEN["repetition_penalty"], show_default=True),
         click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
         click.option("--num-beams", type=click.IntRange(min=1), default=_GEN["num_beams"], show_default=True,
                      help="Beam search width (1: no beam search)."),
@@ -135,8 +136,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             lines = batch.shard_lines(total_lines, num_shards, shard_index)
             total_lines = lines[1] - lines[0] + 1
 
+    point = batch.resume_point(output_path) if resume else batch.ResumePoint()  # before the (slow) model load
     predictor = load_predictor(task, source, device=device)
-    point = batch.resume_point(output_path) if resume else batch.ResumePoint()
     records = read_records(input_path, fmt, id_field=id_field, lines=lines)
     if point.done:
         records = batch.skip_resumed(iter(records), point, output_path)
@@ -191,8 +192,7 @@ def _check_device(device: str) -> None:
 
 
 def _decoding(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed) -> dict:
-    if n_best > 1 and num_beams > 1 and n_best > num_beams:
-        raise UsageError(f"--n-best {n_best} is more than --num-beams {num_beams}")
+    # Combinations (n-best without beams or sampling, ...) are checked by the predictor.
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "repetition_penalty": repetition_penalty, "stop": list(stop) or None, "num_beams": num_beams,
             "n_best": n_best, "seed": seed}

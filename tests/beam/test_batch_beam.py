@@ -67,8 +67,8 @@ def test_handler_takes_dict_elements_and_refuses_unknown_options(tmp_path):
     handler = BundleModelHandler(bundle, "generate", {"max_new_tokens": 3})
     model = handler.load_model()
     results = handler.run_inference([{"text": "abcdef"}, {"prompt": "x"}, "boom"], model)
-    assert [r.inference for r in results] == [
-        {"output": "FED"}, {"error": "missing field 'text' (fields: prompt)"}, {"error": "the model failed on this text"}]
+    assert [r.inference for r in results] == [{"output": "FED"}, {"error": "missing field 'text' (fields: prompt)"},
+                                              {"error": "the model failed on this text"}]
     with pytest.raises(ValueError, match="unknown option"):
         BundleModelHandler(bundle, "generate", {"beams": 4})
     with pytest.raises(ValueError, match="unknown option"):
