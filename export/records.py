@@ -16,6 +16,7 @@ Blank lines are skipped in every format (they are not records).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -188,10 +189,12 @@ def read_parallel(source_file: str | Path, target_file: str | Path) -> Iterator[
     """
     with _open(source_file) as src, _open(target_file) as tgt:
         source_lines, target_lines = _decoded_lines(src), _decoded_lines(tgt)
-        for (number, source, s_err), (_, target, t_err) in zip(source_lines, target_lines):
+        # zip_longest, not zip: zip drops the longer file's extra line and hides the mismatch.
+        for source_line, target_line in itertools.zip_longest(source_lines, target_lines):
+            if source_line is None or target_line is None:
+                longer = target_file if source_line is None else source_file
+                raise DataError(f"{source_file} and {target_file} have different numbers of lines "
+                                f"({longer} is longer)")
+            (number, source, s_err), (_, target, t_err) = source_line, target_line
             error = s_err and f"{source_file}: {s_err}" or t_err and f"{target_file}: {t_err}"
             yield Record(number, str(number), {"source": source, "target": target}, error=error or None)
-        rest_source, rest_target = next(source_lines, None), next(target_lines, None)
-        if rest_source or rest_target:
-            longer = source_file if rest_source else target_file
-            raise DataError(f"{source_file} and {target_file} have different numbers of lines ({longer} is longer)")

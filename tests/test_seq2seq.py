@@ -1,0 +1,214 @@
+"""Seq2SeqLM end to end: learning the generated numbers task, export parity, beam search, padding, bad input.
+
+One tiny model is trained once per module (~300 steps, words -> digits with a BPE source
+and a character target tokenizer) and exported once; the tests share both.
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from kerasllm import datasets
+from kerasllm.config import Seq2SeqConfig
+from kerasllm.errors import DataError
+
+TRAIN_STEPS = 300
+
+
+def write_pairs(path, rows):
+    path.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model dir, bundle dir, held-out pairs): trained and exported once for the module."""
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq
+
+    root = tmp_path_factory.mktemp("seq2seq")
+    keras.utils.set_random_seed(0)
+    data = write_pairs(root / "train.tsv", datasets.number_words_pairs(3000, max_value=999, seed=0))
+    args = Seq2SeqTrainArgs(data=str(data), steps=TRAIN_STEPS, batch_size=32, lr=5e-3, tokenizer="bpe",
+                            vocab_size=300, separate_vocab=True, target_tokenizer="char", eval_interval=150,
+                            eval_steps=2, jit_compile=False)
+    train_seq2seq(args, root / "run", quiet=True, config_overrides={"max_length": 32})
+    export_model_dir(root / "run", root / "bundle", log=lambda message: None)
+    held_out = write_pairs(root / "test.tsv", datasets.number_words_pairs(200, max_value=999, seed=7))
+    return root / "run", root / "bundle", held_out
+
+
+def test_learns_numbers_to_digits(trained):
+    from kerasllm.export.translate_predictor import evaluate_seq2seq
+
+    run, bundle, held_out = trained
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["loss"] < history[0]["loss"] / 5
+    assert history[-1]["val_loss"] < 0.2
+    scores = evaluate_seq2seq(bundle, held_out, device="cpu")
+    assert scores["count"] == 200
+    assert scores["exact_match"] >= 0.90, scores
+    assert scores["chrf"] >= 90.0, scores
+
+
+def test_bundle_greedy_is_token_identical_to_keras(trained):
+    from kerasllm.export.generate import DecodingOptions
+    from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
+
+    run, bundle, _ = trained
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"encoder", "decoder"}
+    assert manifest["target_tokenizer"] == "target_tokenizer.json"
+    assert max(v for k, v in manifest["validation"]["max_abs_diff"].items() if k.endswith("logits")) <= 1e-4
+    assert manifest["validation"]["greedy"]["identical"]
+    texts = [s for s, _ in datasets.number_words_pairs(24, max_value=9999, seed=3)]  # also unseen thousands
+    ort_translator, keras_translator = BundleTranslator(bundle, device="cpu"), ModelDirTranslator(run)
+    sources = [ort_translator.check(t) for t in texts]
+    options = ort_translator.options(max_new_tokens=8)
+    on_ort = [h[0].tokens for h in ort_translator._generate(sources, options)]
+    in_keras = [h[0].tokens for h in keras_translator._generate(sources, options)]
+    assert on_ort == in_keras
+    assert isinstance(options, DecodingOptions)
+
+
+def test_beam_search_n_best_and_beam_one_is_greedy(trained):
+    from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
+
+    run, bundle, held_out = trained
+    pairs = datasets.number_words_pairs(16, max_value=999, seed=11)
+    ort_translator = BundleTranslator(bundle, device="cpu")
+    sources = [ort_translator.check(s) for s, _ in pairs]
+    beams = ort_translator.predict(sources, num_beams=4, n_best=3, max_new_tokens=8)
+    greedy = ort_translator.predict(sources, max_new_tokens=8)
+    for result, (_, target), plain in zip(beams, pairs, greedy):
+        assert len(result["output"]) == 3 and len(set(result["output"])) == 3
+        assert result["scores"] == sorted(result["scores"], reverse=True)
+        assert all(s <= 0 for s in result["scores"])
+    assert np.mean([r["output"][0] == t for r, (_, t) in zip(beams, pairs)]) >= 0.9
+    # Keras: a one-beam BeamSampler gives exactly the greedy tokens.
+    model = ModelDirTranslator(run).model
+    one_beam = [best[0][0] for best in model.generate_n_best(sources, max_new_tokens=8, num_beams=1)]
+    assert one_beam == model.generate(sources, max_new_tokens=8)
+    assert [ort_translator.target_tokenizer.decode(t) for t in one_beam] == [g["output"] for g in greedy]
+
+
+def test_padding_does_not_change_results(trained):
+    from kerasllm.export.seq2seq_export import KerasSeq2SeqSessions
+    from kerasllm.export.seq2seq_runtime import Seq2SeqSessions
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    run, bundle, _ = trained
+    translator = BundleTranslator(bundle, device="cpu")
+    short = translator.check("forty-two")
+    batch = [translator.check("nine hundred and ninety-nine thousand"), short, translator.check("seven")]
+    alone = translator.predict([short], max_new_tokens=8)[0]
+    assert translator.predict(batch, max_new_tokens=8)[1] == alone == {"output": "42"}
+    # Logits of the padded row equal the unpadded ones, on ONNX Runtime and in Keras.
+    from kerasllm.modeldir import load_model_dir
+
+    model = load_model_dir(run)[0]
+    width = max(len(s) for s in batch)
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for row, source in enumerate(batch):
+        ids[row, :len(source)], mask[row, :len(source)] = source, 1
+    bos = np.full((1, 1), model.config.bos_id, np.int64)
+    for sessions in (translator.sessions, KerasSeq2SeqSessions(model)):
+        padded, _ = sessions.step(np.repeat(bos, 3, 0), mask, sessions.encode(ids, mask), None)
+        single, _ = sessions.step(bos, mask[1:2, :len(short)], sessions.encode(ids[1:2, :len(short)],
+                                                                               mask[1:2, :len(short)]), None)
+        assert np.abs(padded[1] - single[0]).max() < 1e-5, type(sessions)
+    assert isinstance(translator.sessions, Seq2SeqSessions)
+
+
+def test_cached_decoding_matches_teacher_forcing_and_keras_file_round_trip(tmp_path):
+    from kerasllm.models import Seq2SeqLM
+
+    keras.utils.set_random_seed(1)
+    config = Seq2SeqConfig.preset("tiny", vocab_size=40, target_vocab_size=24, max_length=16, num_decoder_layers=3,
+                                  tie_embeddings=False)
+    model = Seq2SeqLM(config)
+    rng = np.random.default_rng(0)
+    source = rng.integers(6, 40, (2, 7))
+    mask = np.ones_like(source)
+    mask[1, 4:] = 0
+    target = np.concatenate([np.full((2, 1), config.bos_id), rng.integers(6, 24, (2, 5))], axis=1)
+    full = np.asarray(model({"encoder_token_ids": source, "encoder_padding_mask": mask, "decoder_token_ids": target}))
+    assert full.shape == (2, 6, 24)
+    _, keys, values = model.encode(source, mask)
+    assert len(keys) == 3 and tuple(keys[0].shape) == (2, 2, 7, 16)
+    empty = [np.zeros((2, 2, 0, 16), np.float32)] * 3
+    past_keys, past_values, steps = empty, empty, []
+    for t in range(6):
+        logits, past_keys, past_values = model.decode_with_cache(target[:, t:t + 1], mask, keys, values, past_keys,
+                                                                 past_values)
+        steps.append(np.asarray(logits)[:, 0])
+    assert np.abs(np.stack(steps, 1) - full).max() < 1e-5
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    again = np.asarray(loaded({"encoder_token_ids": source, "encoder_padding_mask": mask, "decoder_token_ids": target}))
+    np.testing.assert_array_equal(again, full)
+
+
+def test_loss_ignores_target_padding():
+    from kerasllm.models import Seq2SeqLM
+
+    keras.utils.set_random_seed(2)
+    model = Seq2SeqLM(Seq2SeqConfig.preset("tiny", vocab_size=30, max_length=16))
+    model.compile(label_smoothing=0.1, jit_compile=False)
+    source = np.array([[7, 8, 9]])
+    decoder = np.array([[2, 10, 11]])
+    labels = np.array([[10, 11, 3]])
+    pad = model.config.pad_id
+    padded = model.evaluate({"encoder_token_ids": source, "decoder_token_ids": np.pad(decoder, ((0, 0), (0, 4)),
+                                                                                      constant_values=pad)},
+                            np.pad(labels, ((0, 0), (0, 4)), constant_values=pad), verbose=0, return_dict=True)
+    plain = model.evaluate({"encoder_token_ids": source, "decoder_token_ids": decoder}, labels, verbose=0,
+                           return_dict=True)
+    assert abs(padded["loss"] - plain["loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("ragged.tsv", "source\ttarget\none\t1\ntwo\t2\textra\n", "ragged.tsv: line 3: expected 2 columns"),
+    ("missing.jsonl", '{"source": "one", "target": "1"}\n{"source": "two"}\n', "missing.jsonl: line 2: missing field 'target'"),
+    ("empty.tsv", "source\ttarget\none\t1\n \t2\n", "empty.tsv: line 3: empty source"),
+    ("long.tsv", "source\ttarget\none\t1\ntwo\t" + "2" * 40 + "\n", "long.tsv: line 3: target is 40 tokens, longer than"),
+])
+def test_bad_pairs_name_the_line(run_cli, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    result = run_cli("train", "seq2seq", "--data", path, "--out", tmp_path / "run", "--steps", "2",
+                     "--max-length", "16", "--quiet")
+    assert result.code == 1, result
+    assert message in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_parallel_files_empty_line_and_length_mismatch(tmp_path):
+    from kerasllm.pairs import read_pairs
+
+    (tmp_path / "src.txt").write_text("one\n\nthree\n", encoding="utf-8")
+    (tmp_path / "tgt.txt").write_text("1\n2\n3\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"src.txt: line 2: empty source"):
+        read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
+    (tmp_path / "src.txt").write_text("one\ntwo\nthree\nfour\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"different numbers of lines \(.*src.txt is longer\)"):
+        read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
+
+
+def test_train_from_parallel_files_with_shared_vocab(run_cli, tmp_path):
+    rows = datasets.number_words_pairs(64, max_value=99, seed=4)
+    (tmp_path / "src.txt").write_text("".join(s + "\n" for s, _ in rows), encoding="utf-8")
+    (tmp_path / "tgt.txt").write_text("".join(t + "\n" for _, t in rows), encoding="utf-8")
+    result = run_cli("train", "seq2seq", "--source-file", tmp_path / "src.txt", "--target-file", tmp_path / "tgt.txt",
+                     "--out", tmp_path / "run", "--steps", "3", "--batch-size", "8", "--max-length", "32",
+                     "--eval-interval", "3", "--eval-steps", "1", "--no-jit-compile", "--quiet")
+    assert result.code == 0, result
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run["task"] == "seq2seq" and run["model"]["target_vocab_size"] == 0
+    assert (tmp_path / "run" / "model.keras").is_file() and not (tmp_path / "run" / "target_tokenizer.json").exists()
