@@ -58,7 +58,9 @@ class LazyGroup(click.Group):
 
 def quiet_tensorflow() -> None:
     """Keep TensorFlow's C++ start-up chatter off the user's terminal."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Level 3 also hides "failed call to cuInit" on machines without a GPU; TensorFlow's
+    # real failures still surface as Python exceptions.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
 
 
@@ -71,6 +73,9 @@ def cli(ctx, verbose):
     ctx.obj["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="kerasllm: %(message)s",
                         stream=sys.stderr)
+    if not verbose:
+        # ONNX Runtime's transformer optimizer logs every fusion; the export prints a summary.
+        logging.getLogger("onnxruntime").setLevel(logging.WARNING)
 
 
 def main(argv=None) -> None:
