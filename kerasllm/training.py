@@ -244,13 +244,17 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
             validation_data=validation_data, validation_steps=eval_steps if validation_data is not None else None,
             callbacks=callbacks, verbose=verbose_fit,
         )
+        losses = history.history.get("loss", [])
+        if losses and not math.isfinite(losses[-1]):
+            raise KerasLLMError(f"training diverged: loss is {losses[-1]} ; try a lower --lr")
+        # Every worker saves: under MultiWorkerMirroredStrategy saving runs collective ops
+        # that all workers must join; the others write to their scratch directory.
+        if not is_chief:
+            backup_dir.mkdir(parents=True, exist_ok=True)
+        save_model_atomic(model, out if is_chief else backup_dir)
     finally:
         if not is_chief:
             shutil.rmtree(backup_dir, ignore_errors=True)
-    losses = history.history.get("loss", [])
-    if losses and not math.isfinite(losses[-1]):
-        raise KerasLLMError(f"training diverged: loss is {losses[-1]} ; try a lower --lr")
     if is_chief:
-        save_model_atomic(model, out)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return history

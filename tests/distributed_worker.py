@@ -3,7 +3,7 @@
 TensorFlow fixes its logical devices and its cluster when it initialises, so every
 distributed case runs in fresh processes started by `launch`/`launch_workers`.
 
-    python tests/distributed_worker.py sgd --strategy mirrored --cpus 2 --steps 3 --out w.npz
+    python tests/distributed_worker.py sgd --strategy one-device,mirrored --cpus 2 --steps 3 --out DIR
     python tests/distributed_worker.py bench --strategy multi-worker --steps 20 --out r.json
 """
 
@@ -52,9 +52,11 @@ def launch(args: list[str], env: dict, log: Path | None = None) -> subprocess.Po
                             stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def launch_workers(args: list[str], count: int, logs_dir: Path, extra_env: dict | None = None):
+def launch_workers(args: list[str], count: int, logs_dir: Path, extra_env: dict | None = None,
+                   log_prefix: str = "worker"):
+    """`count` worker processes of one multi-worker cluster on free loopback ports."""
     ports = free_ports(count)
-    return [launch(args, worker_env(i, ports, extra_env), logs_dir / f"worker{i}.log") for i in range(count)]
+    return [launch(args, worker_env(i, ports, extra_env), logs_dir / f"{log_prefix}{i}.log") for i in range(count)]
 
 
 def wait_all(procs, timeout: float, logs_dir: Path | None = None) -> None:
@@ -95,34 +97,70 @@ def fixed_batch(global_batch: int, seq_len: int, vocab_size: int):
     return ids[:, :-1], ids[:, 1:]
 
 
+def fixed_pairs(global_batch: int, vocab_size: int):
+    """Padded source/target pairs (pad id 0) for the seq2seq model."""
+    import numpy as np
+
+    rng = np.random.default_rng(8)
+    source = rng.integers(3, vocab_size, size=(global_batch, 10)).astype("int32")
+    target = rng.integers(3, vocab_size, size=(global_batch, 9)).astype("int32")
+    for row in range(global_batch):  # ragged lengths: padding on both sides
+        source[row, 10 - row % 4:] = 0
+        target[row, 9 - row % 3:] = 0
+    return {"encoder_token_ids": source, "decoder_token_ids": target[:, :-1]}, target[:, 1:]
+
+
 def sgd_run(opts) -> None:
-    """N steps of SGD on one fixed global batch; the chief saves the weights to `--out`."""
+    """N steps of SGD on one fixed global batch per model and strategy.
+
+    `--strategy one-device,mirrored`: one strategy after the other; `--models`: the
+    decoder (`CausalLM`) and/or the encoder-decoder (`Seq2SeqLM`). The chief writes
+    `OUT/{strategy}.npz` (weights) and `OUT/{strategy}.json` (losses, replicas, workers).
+    """
     configure_cpus(opts.cpus)
     import keras
     import numpy as np
     import tensorflow as tf
 
+    from kerasllm.config import Seq2SeqConfig
     from kerasllm.distribute import training_strategy
-    from kerasllm.models import CausalLM
+    from kerasllm.models import CausalLM, Seq2SeqLM
 
     config = tiny_decoder()
-    x, y = fixed_batch(opts.batch, 12, config.vocab_size)
-    with training_strategy(opts.strategy, precision="fp32", quiet=True) as dist:
-        keras.utils.set_random_seed(0)
-        model = CausalLM(config)
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=opts.jit)
+    cases = {
+        "causal": (lambda: CausalLM(config), fixed_batch(opts.batch, 12, config.vocab_size)),
+        "seq2seq": (lambda: Seq2SeqLM(Seq2SeqConfig(vocab_size=53, num_layers=2, num_heads=2, hidden_dim=32,
+                                                    intermediate_dim=64, max_length=32)),
+                    fixed_pairs(opts.batch, 53)),
+    }
+    for strategy in opts.strategy.split(","):
+        results, weights = {}, {}
+        with training_strategy(strategy, precision="fp32", quiet=True) as dist:
+            # Seeded once per strategy, not per model: under multi-worker, tf.random.set_seed
+            # clears TensorFlow's caches and desynchronised the workers' collective ops
+            # (TF 2.21: "Collective instance ... expected type 1 ... but got type 0").
+            keras.utils.set_random_seed(0)
+            for name in opts.models.split(","):
+                build, (x, y) = cases[name]
+                model = build()
+                model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=opts.jit)
 
-        def make_dataset(batch_size, index, count):
-            # This process's share of the fixed global batch, repeated.
-            data = tf.data.Dataset.from_tensor_slices((x, y)).shard(count, index)
-            return data.batch(batch_size, drop_remainder=True).repeat()
+                def make_dataset(batch_size, index, count, x=x, y=y):
+                    # This process's share of the fixed global batch, repeated.
+                    data = tf.data.Dataset.from_tensor_slices((x, y)).shard(count, index)
+                    return data.batch(batch_size, drop_remainder=True).repeat()
 
-        data = dist.distribute(make_dataset, opts.batch)
-        history = model.fit(data, epochs=1, steps_per_epoch=opts.steps, verbose=0)
-    if dist.is_chief:
-        np.savez(opts.out, *[w.numpy() for w in model.weights])
-        Path(opts.out + ".json").write_text(json.dumps(
-            {"loss": history.history["loss"], "replicas": dist.num_replicas, "workers": dist.num_workers}))
+                history = model.fit(dist.distribute(make_dataset, opts.batch), epochs=1,
+                                    steps_per_epoch=opts.steps, verbose=0)
+                results[name] = history.history["loss"]
+                weights.update({f"{name}/{i}": w.numpy() for i, w in enumerate(model.weights)})
+        if dist.is_chief:
+            out = Path(opts.out)
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez(out / f"{strategy}.npz", **weights)
+            (out / f"{strategy}.json").write_text(json.dumps(
+                {"loss": results, "replicas": dist.num_replicas, "workers": dist.num_workers,
+                 "strategy": type(dist.strategy).__name__}))
 
 
 def recipe_run(opts) -> None:
@@ -134,12 +172,21 @@ def recipe_run(opts) -> None:
                              eval_interval=opts.eval_interval, eval_steps=2, window="packed", jit_compile=False,
                              log_every=1)
     overrides = dict(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, max_length=32, dropout=0.0)
-    slow = float(os.environ.get("KERASLLM_TEST_STEP_SLEEP", "0"))
-    callbacks = []
-    if slow:
-        import keras
+    import keras
 
-        # Slows each step so the test can kill a worker mid-run.
+    slow = float(os.environ.get("KERASLLM_TEST_STEP_SLEEP", "0"))
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("index", 0)
+    run_dir = Path(opts.run_dir)
+    epochs_file = run_dir.parent / f"{run_dir.name}-worker{task}-epochs.json"
+    epochs: list[int] = []
+
+    def on_epoch_begin(epoch, logs):
+        # The epochs this process ran: a resumed job starts at the restored one.
+        epochs.append(epoch)
+        epochs_file.write_text(json.dumps(epochs))
+
+    callbacks = [keras.callbacks.LambdaCallback(on_epoch_begin=on_epoch_begin)]
+    if slow:  # slows each step so that the test can kill a worker mid-run
         callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: time.sleep(slow)))
     train_causal_lm(args, opts.run_dir, resume=opts.resume, quiet=True, config_overrides=overrides,
                     distribute=DistributeArgs(strategy=opts.strategy),
@@ -186,6 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--models", default="causal,seq2seq")
     parser.add_argument("--out", default="")
     parser.add_argument("--data", default="")
     parser.add_argument("--run-dir", default="")
