@@ -11,7 +11,7 @@ How a job runs:
 Memory holds one window, never the file. A record that cannot be read, has no text, or
 fails `check` becomes an error record (`{"id": ..., "error": "line N: ..."}`) and the job
 goes on. A `RecordError` raised by `predict` is pinned on its record by retrying the
-batch one record at a time.
+batch in halves.
 
 Resuming (`resume_point`): the output is a prefix of the full output (one line per input
 record, in input order), so rerunning skips as many input records as the output has
@@ -95,15 +95,17 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int 
 def predict_isolating(predictor: Predictor, batch: Sequence[list[int]], options: dict) -> list[dict]:
     """`predictor.predict(batch)`, with a RecordError pinned on the record that raised it.
 
-    When the batch fails with a RecordError, its records are retried one at a time, so one
-    bad record costs the others nothing; that record gets `{"error": message}`.
+    When the batch fails with a RecordError, it is split in halves and each half retried
+    (down to single records), so one bad record costs the others nothing and a batch of n
+    with one bad record takes about 2*log2(n) extra calls; that record gets `{"error": message}`.
     """
     try:
         results = predictor.predict(batch, **options)
     except RecordError as err:
         if len(batch) == 1:
             return [{"error": str(err)}]
-        return [predict_isolating(predictor, [ids], options)[0] for ids in batch]
+        half = len(batch) // 2
+        return predict_isolating(predictor, batch[:half], options) + predict_isolating(predictor, batch[half:], options)
     if len(results) != len(batch):
         raise RuntimeError(f"predictor returned {len(results)} results for a batch of {len(batch)}")
     return list(results)

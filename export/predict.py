@@ -14,7 +14,7 @@ so the CLI can write an error record for it and carry on with the others. `predi
 receives the decoding options by name (generate/translate: max_new_tokens, temperature,
 top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed; classify: top_k;
 embed: normalize); a `RecordError` it raises is pinned on one record by the batch
-runner (export/batch.py), which retries the batch's records one by one.
+runner (export/batch.py), which retries the batch in halves.
 """
 
 from __future__ import annotations

@@ -235,6 +235,17 @@ def test_each_bad_record_becomes_an_error_record_and_the_rest_succeed(run_cli, b
     assert "warning: line 3: not valid UTF-8" in result.err
 
 
+def test_a_record_failing_inside_predict_is_found_by_halving_the_batch(bundle):
+    texts = [f"record {i}" for i in range(16)]
+    texts[11] = "boom"
+    ids = [list(t.encode()) for t in texts]
+    results = batch.predict_isolating(fake_predictor.load(bundle), ids, {"max_new_tokens": 64})
+    assert results[11] == {"error": "the model failed on this text"}
+    assert [r["output"] for i, r in enumerate(results) if i != 11] == [expected(t) for t in texts if t != "boom"]
+    calls = fake_predictor.FakePredictor.batches
+    assert len(calls) == 1 + 2 * 4, calls  # the whole batch, then two halves at each of 4 levels
+
+
 @pytest.mark.parametrize("policy,output", [("left", "Y" * 40), ("right", "Y" * 38 + "ZA")])
 def test_truncate_policies(run_cli, bundle, tmp_path, policy, output):
     source = tmp_path / "in.txt"
