@@ -108,7 +108,9 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
                                                   "labels": labels.labels, "train": asdict(args)})
-        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+        import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        import kerasllm.models as models  # noqa: PLC0415
 
         seed = args.seed + restored_epoch(out)
         train_data = classification_dataset(train_seqs, train_ids, args.batch_size, config.pad_id, args.seq_len,
@@ -116,6 +118,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         val_data = (classification_dataset(val_seqs, val_ids, args.batch_size, config.pad_id, args.seq_len,
                                            shuffle=False) if val_seqs else None)
         # -- model construction and compile (the one place a strategy scope wraps) --------------
+        keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.TextClassifier(config)
         if args.init_from and not resume:  # a resumed run restores its own checkpoint instead
             from kerasllm.modeldir import load_model_dir  # noqa: PLC0415

@@ -97,7 +97,9 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
                                                   "train": asdict(args)})
-        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+        import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        import kerasllm.models as models  # noqa: PLC0415
 
         special = tokenizer.special_ids()
         seed = args.seed + restored_epoch(out)  # fresh data order and masks after a resume
@@ -106,6 +108,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         val_data = (masked_lm_dataset(val_seqs, args.batch_size, config.vocab_size, special, args.seq_len,
                                       shuffle=False) if val_seqs else None)
         # -- model construction and compile (the one place a strategy scope wraps) --------------
+        keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.MaskedLM(config)
         model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, jit_compile=args.jit_compile)

@@ -1,0 +1,149 @@
+"""Encoder family, model level: padding invariance, saving, masking statistics, metrics, data errors.
+
+Learning (MLM loss falls, classifier accuracy) and export parity: test_encoder_pipeline.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import keras
+
+from kerasllm import EncoderConfig, MaskedLM, TextClassifier, TokenClassifier, datasets, metrics
+from kerasllm.data_tasks import LabelMap, Row, encode_rows, masked_lm_dataset, read_rows
+from kerasllm.errors import DataError
+from kerasllm.tokenizers import TextTokenizer
+
+VOCAB = 50
+VARIANTS = {"post-ln-cls": dict(), "pre-ln-mean": dict(norm_first=True, pooling="mean"),
+            "rotary-mean": dict(position="rotary", pooling="mean")}
+
+
+def config(**overrides):
+    return EncoderConfig.preset("tiny", **{"vocab_size": VOCAB, "max_length": 64, "num_labels": 3, **overrides})
+
+
+def texts(lengths, seed=0):
+    """Right-padded `[B, T]` ids starting with BOS (2); real lengths as given."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), "int32")
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(6, VOCAB, n)
+        ids[row, 0] = 2
+    return ids
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_padding_does_not_change_results(variant):
+    """The same text alone or in a padded batch (with longer texts) gives the same outputs (1e-5)."""
+    keras.utils.set_random_seed(0)
+    c = config(**VARIANTS[variant])
+    batch = texts([5, 17, 9, 30])
+    alone = batch[:1, :5]
+    for model in (TextClassifier(c), MaskedLM(c), TokenClassifier(c)):
+        together, single = model.export_outputs(batch, batch != 0), model.export_outputs(alone, alone != 0)
+        for name in together:
+            got, want = np.asarray(together[name])[:1], np.asarray(single[name])
+            if got.ndim == 3:
+                got = got[:, :5]
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{type(model).__name__} {name}")
+        # call() derives the padding mask from PAD ids and agrees with export_outputs
+        np.testing.assert_allclose(np.asarray(model(batch)), np.asarray(together["logits"]), atol=1e-6)
+    embedded = np.asarray(TextClassifier(c).embed(batch, normalize=True))
+    np.testing.assert_allclose(np.linalg.norm(embedded, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [MaskedLM, TextClassifier, TokenClassifier])
+def test_keras_file_round_trip(cls, tmp_path):
+    keras.utils.set_random_seed(1)
+    model = cls(config(norm_first=True))
+    x = texts([7, 4])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded) is cls and loaded.config == model.config
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(loaded(x)))
+
+
+def test_classifier_from_masked_lm_copies_the_encoder():
+    keras.utils.set_random_seed(2)
+    mlm = MaskedLM(config(num_labels=0))
+    classifier = TextClassifier.from_masked_lm(mlm, num_labels=4)
+    assert classifier.config.num_labels == 4
+    for a, b in zip(mlm.encoder.get_weights(), classifier.encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = texts([6, 3])
+    np.testing.assert_array_equal(np.asarray(mlm.encode(x)[0]), np.asarray(classifier.encode(x)[0]))
+
+
+@pytest.fixture(scope="module")
+def sentiment():
+    rows = [Row(f"mem: line {i + 1}", text, label) for i, (text, label) in enumerate(datasets.sentiment_rows(600))]
+    tokenizer = TextTokenizer.train([r.text for r in rows], kind="char")
+    return rows, tokenizer
+
+
+def test_masking_follows_the_80_10_10_rule(sentiment):
+    """15% of each sequence's real tokens selected (never PAD/BOS); of those 80% MASK, 10% random, 10% kept."""
+    rows, tokenizer = sentiment
+    seqs = encode_rows(tokenizer, rows, 64)
+    special = tokenizer.special_ids()
+    data = masked_lm_dataset(seqs, 64, tokenizer.vocab_size, special, 64, seed=3, repeat=False)
+    selected = mask = kept = 0
+    for inputs, targets, weights in data:
+        ids, padding = inputs["token_ids"].numpy(), inputs["padding_mask"].numpy()
+        positions, targets, weights = inputs["mask_positions"].numpy(), targets.numpy(), weights.numpy()
+        for row in range(len(ids)):
+            chosen = positions[row][weights[row] > 0]
+            assert padding[row, chosen].all() and (chosen > 0).all()  # never padding, never BOS
+            selectable = int(padding[row].sum()) - 1  # real tokens but BOS
+            assert 0 <= len(chosen) - 0.15 * selectable <= 1 + 1e-6  # ceil(15%) of each sequence
+            now = ids[row, chosen]
+            selected += len(chosen)
+            mask += int((now == special["mask"]).sum())
+            kept += int((now == targets[row][weights[row] > 0]).sum())
+    assert selected > 3000
+    assert abs(mask / selected - 0.8) < 0.03
+    # "unchanged" also catches random replacements that drew the original id (1/V of 10%)
+    assert abs(kept / selected - 0.1) < 0.02
+    assert abs((selected - mask - kept) / selected - 0.1) < 0.02
+
+
+def test_metrics_by_hand():
+    y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]
+    assert metrics.accuracy(y_true, y_pred) == pytest.approx(4 / 6)
+    # per label F1: 0 -> 2*1/(2+2)=0.5; 1 -> 2*2/(3+2)=0.8; 2 -> 2*1/(1+2)=2/3
+    assert metrics.macro_f1(y_true, y_pred) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert metrics.macro_f1([0, 0], [1, 1], num_labels=2) == 0.0
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
+    nll = metrics.token_nll(logits, np.array([0, 1]))
+    np.testing.assert_allclose(nll, [np.log(2), -np.log(0.8)])
+    assert metrics.perplexity(nll) == pytest.approx(np.exp(np.mean(nll)))
+    assert metrics.perplexity(np.full(5, np.log(7.0))) == pytest.approx(7.0)
+
+
+def test_label_map_orders_names_and_numbers():
+    assert LabelMap.from_labels(["pos", "neg", "neutral", "pos"]).labels == ["neg", "neutral", "pos"]
+    assert LabelMap.from_labels(["10", "2", "1"]).labels == ["1", "2", "10"]
+    with pytest.raises(DataError, match=r"f\.tsv: line 7: unknown label 'maybe' \(known: neg, pos\)"):
+        LabelMap(["neg", "pos"]).ids([Row("f.tsv: line 7", "some text", "maybe")])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.tsv", "text\tstars\ngood\t5\n", r"missing\.tsv: line 2: missing field 'label'"),
+    ("ragged.tsv", "text\tlabel\ngood\tpos\nbad\tneg\textra\n", r"ragged\.tsv: line 3: expected 2 columns"),
+    ("bad.jsonl", '{"text": "good", "label": "pos"}\n{"text": "bad", "label": \n', r"bad\.jsonl: line 2: malformed JSON"),
+    ("empty.csv", "text,label\ngood,pos\n,neg\n", r"empty\.csv: line 3: empty 'text' field"),
+])
+def test_bad_records_name_their_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_rows(path, "text", "label")
+
+
+def test_numbers_from_jsonl_are_labels(tmp_path):
+    path = tmp_path / "stars.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3 + 1}) + "\n" for i in range(6)))
+    rows = read_rows(path, "text", "label")
+    assert LabelMap.from_labels([r.label for r in rows]).labels == ["1", "2", "3"]

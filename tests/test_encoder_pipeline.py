@@ -1,0 +1,188 @@
+"""Encoder family end to end with the real CLI: masked-LM pretraining, classifier training,
+evaluate, export to a bundle, batch inference, parity between the bundle and Keras, bad input.
+
+One masked LM, one classifier and their bundles are trained once per module (tiny preset,
+no XLA) on the generated sentiment task and shared by the tests.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kerasllm import datasets
+
+FAST = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "32", "--no-jit-compile", "--quiet"]
+
+
+def kerasllm(*args) -> int:
+    """Run the CLI in-process; the exit code."""
+    from kerasllm.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def write_rows(path: Path, rows, fmt: str) -> Path:
+    if fmt == "tsv":
+        path.write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Data, a masked LM, a classifier trained from scratch, and both bundles."""
+    root = tmp_path_factory.mktemp("encoder")
+    train = write_rows(root / "train.tsv", datasets.sentiment_rows(1500, seed=1), "tsv")
+    test = write_rows(root / "test.jsonl", datasets.sentiment_rows(300, seed=7), "jsonl")
+    assert kerasllm("train", "masked-lm", "--data", train, "--out", root / "mlm", "--steps", "100",
+                    "--eval-interval", "50", "--lr", "3e-3", *FAST) == 0
+    assert kerasllm("train", "classifier", "--data", train, "--out", root / "clf", "--steps", "150",
+                    "--eval-interval", "150", "--lr", "3e-3", *FAST) == 0
+    assert kerasllm("export", root / "clf", "--out", root / "clf-bundle") == 0
+    assert kerasllm("export", root / "mlm", "--out", root / "mlm-bundle") == 0
+    return root, train, test
+
+
+def history(run: Path):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_masked_lm_loss_falls(work):
+    root, _, _ = work
+    steps = history(root / "mlm")
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.4, steps
+    validation = [h["val_loss"] for h in steps if "val_loss" in h]
+    assert len(validation) == 2 and validation[1] < validation[0]
+    config = json.loads((root / "mlm" / "config.json").read_text())
+    assert config["task"] == "masked-lm" and config["model"]["family"] == "encoder"
+
+
+def test_classifier_reaches_95_percent_in_keras_and_bundle(work, capsys):
+    root, _, test = work
+    results = {}
+    for source in ("clf", "clf-bundle"):
+        capsys.readouterr()
+        assert kerasllm("evaluate", root / source, "--data", test, "--output", root / f"{source}.json") == 0
+        printed = json.loads(capsys.readouterr().out)
+        results[source] = json.loads((root / f"{source}.json").read_text())
+        assert printed == results[source]
+        assert results[source]["count"] == 300
+        assert results[source]["accuracy"] >= 0.95 and results[source]["macro_f1"] >= 0.95, results
+    assert results["clf"] == results["clf-bundle"]
+    config = json.loads((root / "clf" / "config.json").read_text())
+    assert config["labels"] == ["negative", "positive"]
+
+
+def test_bundle_labels_identical_and_logits_within_1e4(work):
+    from kerasllm.export.predict import load_predictor
+
+    root, _, test = work
+    texts = [json.loads(line)["text"] for line in test.read_text().splitlines()]
+    keras_side = load_predictor("classify", root / "clf")
+    onnx_side = load_predictor("classify", root / "clf-bundle")
+    manifest = json.loads((root / "clf-bundle" / "manifest.json").read_text())
+    assert manifest["labels"] == ["negative", "positive"] and manifest["family"] == "encoder"
+    assert manifest["validation"]["max_abs_diff"]["logits"] <= 1e-4
+    batch = [keras_side.check(t) for t in texts[:64]]
+    assert batch == [onnx_side.check(t) for t in texts[:64]]
+    expected, got = keras_side.outputs(batch, ["logits", "embeddings"]), onnx_side.outputs(batch, ["logits", "embeddings"])
+    np.testing.assert_array_equal(expected["logits"].argmax(-1), got["logits"].argmax(-1))
+    np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-4)
+    np.testing.assert_allclose(got["embeddings"], expected["embeddings"], atol=1e-4)
+    results = onnx_side.predict(batch[:3], top_k=1)
+    assert all(set(r) == {"label", "scores"} and list(r["scores"]) == [r["label"]] for r in results)
+
+
+def test_padding_does_not_change_bundle_results(work):
+    from kerasllm.export.predict import load_predictor
+
+    root, _, _ = work
+    predictor = load_predictor("classify", root / "clf-bundle")
+    texts = ["This kettle is awful.", "I bought the tent last week and it is wonderful, really wonderful.",
+             "My watch turned out flimsy after a month.", "Great."]
+    batch = [predictor.check(t) for t in texts]
+    together = predictor.outputs(batch, ["logits", "embeddings"])
+    for i, ids in enumerate(batch):
+        alone = predictor.outputs([ids], ["logits", "embeddings"])
+        for name in ("logits", "embeddings"):
+            np.testing.assert_allclose(together[name][i], alone[name][0], atol=1e-5)
+    embedder = load_predictor("embed", root / "clf-bundle")
+    vectors = np.array([r["embedding"] for r in embedder.predict(batch, normalize=True)])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
+
+
+def test_masked_lm_perplexity_agrees_between_keras_and_bundle(work, capsys):
+    root, _, test = work
+    values = []
+    for source in ("mlm", "mlm-bundle"):
+        capsys.readouterr()
+        assert kerasllm("evaluate", root / source, "--data", test) == 0
+        values.append(json.loads(capsys.readouterr().out))
+    assert values[0]["masked_tokens"] == values[1]["masked_tokens"] > 1000
+    assert values[0]["perplexity"] == pytest.approx(values[1]["perplexity"], rel=1e-4)
+    vocab = json.loads((root / "mlm" / "config.json").read_text())["model"]["vocab_size"]
+    assert values[0]["perplexity"] < vocab / 2  # far better than a uniform guess over the vocabulary
+
+
+def test_init_from_reuses_the_pretrained_encoder_and_tokenizer(work):
+    from kerasllm.modeldir import load_model_dir
+
+    root, train, _ = work
+    out = root / "finetuned"
+    # One step at a negligible rate: the encoder must still hold the masked LM's weights.
+    assert kerasllm("train", "classifier", "--data", train, "--init-from", root / "mlm", "--out", out,
+                    "--steps", "1", "--lr", "1e-9", "--weight-decay", "0", "--validation-fraction", "0", *FAST) == 0
+    assert (out / "tokenizer.json").read_bytes() == (root / "mlm" / "tokenizer.json").read_bytes()
+    pretrained, _, _ = load_model_dir(root / "mlm")
+    finetuned, _, run = load_model_dir(out)
+    assert run["train"]["init_from"] == str(root / "mlm") and run["model"]["num_labels"] == 2
+    for a, b in zip(pretrained.encoder.get_weights(), finetuned.encoder.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_unknown_label_at_evaluation_names_the_line(work, capsys):
+    root, _, _ = work
+    data = root / "odd.tsv"
+    data.write_text("text\tlabel\nThis lamp is great.\tpositive\nThis lamp is meh.\tmeh\n", encoding="utf-8")
+    for source in ("clf", "clf-bundle"):
+        capsys.readouterr()
+        assert kerasllm("evaluate", root / source, "--data", data) == 1
+        assert "odd.tsv: line 3: unknown label 'meh' (known: negative, positive)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text\tlabel\ngood lamp\tpositive\nbad lamp\tnegative\textra\n", "bad.tsv: line 3: expected 2 columns"),
+    ("text\tstars\ngood lamp\t5\n", "bad.tsv: line 2: missing field 'label'"),
+])
+def test_bad_training_data_names_the_line_and_writes_nothing(tmp_path, capsys, content, message):
+    data = tmp_path / "bad.tsv"
+    data.write_text(content, encoding="utf-8")
+    assert kerasllm("train", "classifier", "--data", data, "--out", tmp_path / "run", *FAST) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_serving_a_bundle_imports_no_tensorflow(work):
+    root, _, test = work
+    code = (
+        "import sys, json\n"
+        "from kerasllm.export.predict import load_predictor\n"
+        "from kerasllm.evaluation import evaluate\n"
+        f"p = load_predictor('classify', {str(root / 'clf-bundle')!r})\n"
+        "print(json.dumps(p.predict([p.check('This phone is perfect.')])))\n"
+        f"assert evaluate({str(root / 'clf-bundle')!r}, {str(test)!r})['accuracy'] >= 0.95\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1])[0]["label"] == "positive"
