@@ -1,0 +1,117 @@
+"""Seq2seq translation throughput on CPU: the bundle (ONNX Runtime) vs Keras generation, in one run.
+
+Run: `.venv/bin/python tests/benchmarks/bench_seq2seq.py [--preset small] [--sentences 64] [--batch-size 16]`
+
+A `Seq2SeqLM` of the given preset (random weights, shared 64-symbol vocabulary) is saved
+as a model directory and exported to a verified bundle (the export's own validation
+checks greedy token identity). Then the same source sentences (16-32 tokens) are
+translated with `--new-tokens` new tokens each (random weights rarely emit EOS, so
+every sentence decodes the full length on both sides; the tokens are compared):
+
+* greedy: `Seq2SeqLM.generate` (XLA while loop, keras-hub GreedySampler) vs the bundle's
+  greedy loop (generate.py over encoder.onnx + decoder.onnx with cross K/V bound);
+* beam 4: `Seq2SeqLM.generate_n_best` (XLA, keras-hub BeamSampler) vs the bundle's beam search.
+
+Keras is timed after a warm-up call per batch shape (XLA compile time is reported
+separately); ONNX Runtime after one warm-up batch. Goal (issue 4): bundle >= 3x Keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def timed(function, batches):
+    start = time.perf_counter()
+    outputs = [function(batch) for batch in batches]
+    return time.perf_counter() - start, [o for batch in outputs for o in batch]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--sentences", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    parser.add_argument("--keep", type=Path, help="Keep the model dir and bundle here (and reuse them if present).")
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+
+    from kerasllm import Seq2SeqConfig, Seq2SeqLM
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.export.generate import DecodingOptions
+    from kerasllm.export.translate_predictor import BundleTranslator
+    from kerasllm.tokenizers import TextTokenizer
+    from kerasllm.training import save_model_atomic, write_json_atomic
+
+    keras.utils.set_random_seed(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,-'"
+    tokenizer = TextTokenizer.train([alphabet], kind="char")
+    config = Seq2SeqConfig.preset(args.preset, vocab_size=tokenizer.vocab_size, dropout=0.0)
+    model = Seq2SeqLM(config)
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(6, config.vocab_size, int(rng.integers(16, 33))).tolist() for _ in range(args.sentences)]
+    batches = [sources[i:i + args.batch_size] for i in range(0, len(sources), args.batch_size)]
+    new = args.new_tokens
+    print(f"seq2seq '{args.preset}': {model.count_params():,} parameters, {len(sources)} sentences of 16-32 tokens, "
+          f"batch {args.batch_size}, {new} new tokens, {os.cpu_count()} CPUs", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        run, bundle = root / "run", root / "bundle"
+        if (bundle / "manifest.json").is_file():
+            model = keras.models.load_model(run / "model.keras")
+        else:
+            run.mkdir(parents=True)
+            tokenizer.save(run)
+            write_json_atomic(run / "config.json", {"task": "seq2seq", "model": config.to_dict(), "train": {}})
+            save_model_atomic(model, run)
+            start = time.perf_counter()
+            export_model_dir(run, bundle, log=lambda message: None)
+            print(f"export (convert, optimize, validate): {time.perf_counter() - start:.1f} s", flush=True)
+        translator = BundleTranslator(bundle, device="cpu", threads=args.threads)
+        results = {}
+        for name, beams in (("greedy", 1), ("beam 4", 4)):
+            options = DecodingOptions(max_new_tokens=new, num_beams=beams, stop_ids=(config.eos_id,))
+            if beams == 1:
+                def keras_call(batch):
+                    return model.generate(batch, max_new_tokens=new)
+            else:
+                def keras_call(batch, beams=beams):
+                    return [best[0][0] for best in model.generate_n_best(batch, max_new_tokens=new, num_beams=beams)]
+
+            def ort_call(batch, options=options):
+                return [hyps[0].tokens for hyps in translator._generate(batch, options)]
+
+            start = time.perf_counter()
+            for shape_batch in {(len(b), max(len(s) for s in b)): b for b in batches}.values():
+                keras_call(shape_batch)  # XLA compile per shape
+            compile_s = time.perf_counter() - start
+            keras_s, keras_out = timed(keras_call, batches)
+            ort_call(batches[0])
+            ort_s, ort_out = timed(ort_call, batches)
+            identical = sum(a == b for a, b in zip(keras_out, ort_out))
+            tokens = sum(len(o) for o in ort_out)
+            results[name] = {"keras_sentences_per_s": len(sources) / keras_s, "bundle_sentences_per_s": len(sources) / ort_s,
+                             "speedup": keras_s / ort_s, "keras_compile_s": compile_s,
+                             "bundle_tokens_per_s": tokens / ort_s, "identical_outputs": f"{identical}/{len(sources)}"}
+            print(f"{name:7s} Keras generate {len(sources) / keras_s:7.1f} sentences/s (XLA compile {compile_s:.1f} s) | "
+                  f"bundle {len(sources) / ort_s:7.1f} sentences/s ({tokens / ort_s:,.0f} tokens/s) | "
+                  f"bundle/Keras {keras_s / ort_s:.2f}x | identical outputs {identical}/{len(sources)}", flush=True)
+        json.dump(results, sys.stdout, indent=2)
+        print()
+
+
+if __name__ == "__main__":
+    main()
