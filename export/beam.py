@@ -54,7 +54,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
     def __init__(self, bundle: str | Path, task: str, options: dict | None = None, text_field: str = "text",
                  device: str = "cpu", truncate: str = "error", batch_size: int = 32,
                  max_batch_tokens: int | None = 8192, min_batch_size: int = 1):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=batch_size)
+        super().__init__()
         if task not in batch.TASK_DEFAULTS:
             raise ValueError(f"unknown task {task!r} (choose from {', '.join(batch.TASK_DEFAULTS)})")
         self.bundle = str(bundle)
@@ -111,6 +111,10 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
 
     def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
         self._check_options(inference_args or {})
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        # Declared here rather than passed to ModelHandler.__init__, which older Beams lack.
+        return {"min_batch_size": self.min_batch_size, "max_batch_size": self.batch_size}
 
     def get_metrics_namespace(self) -> str:
         return "kerasllm"

@@ -59,7 +59,10 @@ def test_beam_run_inference_equals_the_cli(run_cli, tmp_path, task, options, cli
     assert result.code == 1, result  # "", "boom" and the 50-token text fail
     cli_rows = [json.dumps(json.loads(line), sort_keys=True) for line in out.read_text().splitlines()]
     assert len(cli_rows) == len(TEXTS) and sum('"error"' in r for r in cli_rows) == 3
+    fake_predictor.FakePredictor.batches.clear()
     assert_beam_rows_equal(BundleModelHandler(bundle, task, options, batch_size=3), TEXTS, cli_rows)
+    seen = fake_predictor.FakePredictor.batches  # the DirectRunner runs the handler in this process
+    assert seen and max(map(len, seen)) <= 3, seen
 
 
 def test_handler_takes_dict_elements_and_refuses_unknown_options(tmp_path):
