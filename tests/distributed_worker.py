@@ -194,7 +194,7 @@ def recipe_run(opts) -> None:
 
 
 def bench_run(opts) -> None:
-    """Throughput of the 'small' preset (or `--tiny`) on one fixed global batch."""
+    """Training throughput of a preset on one fixed global batch (no XLA: MWMS cannot use it)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -203,7 +203,7 @@ def bench_run(opts) -> None:
     from kerasllm.distribute import training_strategy
     from kerasllm.models import CausalLM
 
-    config = DecoderConfig.preset(opts.preset, vocab_size=512, dropout=0.0)
+    config = DecoderConfig.preset(opts.preset, vocab_size=opts.vocab, dropout=0.0)
     x, y = fixed_batch(opts.batch, opts.seq_len, config.vocab_size)
     with training_strategy(opts.strategy, quiet=True) as dist:
         keras.utils.set_random_seed(0)
@@ -242,6 +242,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=512)
     opts = parser.parse_args(argv)
     {"sgd": sgd_run, "recipe": recipe_run, "bench": bench_run}[opts.mode](opts)
 
