@@ -231,9 +231,11 @@ def trace_to_onnx(spec: GraphSpec, model, opset: int = DEFAULT_OPSET) -> onnx.Mo
 
     with _export_friendly_layers(model), _without_global_pool_optimizer(), _quiet_tf2onnx():
         proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
-    _attach_weights(proto, variables, weight_names)
+    # Rewrite while the weights are still graph inputs: protobuf keeps removed or copied
+    # messages' memory until the whole model is freed, so big tensors join last.
     _rewrite_erfc(proto)
     _fold_tensordot(proto)
+    _attach_weights(proto, variables, weight_names)
     proto.ir_version = IR_VERSION
     proto.producer_name = "kerasllm"
     _check_io(proto, spec)
@@ -344,12 +346,19 @@ def _remove_dead_nodes(proto: onnx.ModelProto) -> None:
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)
-    inits = [i for i in graph.initializer if i.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in needed:
+            del graph.initializer[i]
 
 
 def _check_io(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Put the outputs in declaration order (TensorFlow returns dict outputs sorted by key:
+    "present.10" before "present.2") and check the names."""
+    by_name = {o.name: o for o in proto.graph.output}
+    if set(by_name) == set(spec.outputs):
+        ordered = [by_name[name] for name in spec.outputs]
+        del proto.graph.output[:]
+        proto.graph.output.extend(ordered)
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     if inputs != list(spec.inputs) or outputs != list(spec.outputs):

@@ -44,7 +44,7 @@ class ExportOptions:
 
 def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, log: Callable) -> dict:
     """The decoder family (`CausalLM`): one graph with a KV cache, `model.onnx`."""
-    from kerasllm.export.convert import causal_lm_graph, save_onnx, trace_to_onnx  # noqa: PLC0415
+    from kerasllm.export.convert import causal_lm_graph, trace_to_onnx  # noqa: PLC0415
     from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
     from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
     from kerasllm.export.validate import validate_causal_lm  # noqa: PLC0415
@@ -52,12 +52,12 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     c = model.config
     spec = causal_lm_graph(model)
     start = time.perf_counter()
-    raw = scratch / "raw.onnx"
-    save_onnx(trace_to_onnx(spec, model, opset=options.opset), raw)
+    proto = trace_to_onnx(spec, model, opset=options.opset)
     log(f"converted to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
     target = staging / spec.file
-    report = optimize_graph(raw, target, model_type="gpt2", num_heads=c.num_heads, hidden_size=c.hidden_dim,
-                            fuse=options.optimize, dtype=options.dtype)
+    report = optimize_graph(proto, target, model_type="gpt2", num_heads=c.num_heads, hidden_size=c.hidden_dim,
+                            fuse=options.optimize, dtype=options.dtype, shape_inference=False)
+    del proto
     if options.dtype == "fp16":  # the cache travels in fp16 too
         for name, decl in {**spec.inputs, **spec.outputs}.items():
             if name.startswith(("past_key_values.", "present.")):
