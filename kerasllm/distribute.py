@@ -202,9 +202,47 @@ class DistributeArgs:
     precision: str = "fp32"
     scale_lr: bool = False
 
-    def scope(self, quiet: bool = False):
+    @contextlib.contextmanager
+    def scope(self, quiet: bool = False) -> Iterator[Distribution]:
         """`training_strategy(...)` for these options."""
-        return training_strategy(self.strategy, self.precision, self.tpu, quiet=quiet)
+        with training_strategy(self.strategy, self.precision, self.tpu, quiet=quiet) as dist:
+            dist.options = self
+            yield dist
+
+
+def distributed_recipe(recipe):
+    """Run a `kerasllm train` recipe under its `--strategy`/`--precision` (the one shared plumbing).
+
+    The recipe has the usual `(args, out, ..., resume=False, quiet=False, ...)` parameters
+    and a `dist` parameter; callers pass `distribute=DistributeArgs(...)` (default: auto,
+    fp32) instead. The wrapper resolves the strategy, sets the precision policy, enters
+    `strategy.scope()` for the whole recipe (so the model, optimizer and metrics are
+    created in it), and hands the recipe `dist` (a `Distribution`): `dist.is_chief`
+    (only the chief writes the run directory), `dist.distribute(...)` (per-worker input),
+    `dist.learning_rate(...)` and `dist.jit_compile(...)`. A restarted multi-worker job
+    whose `out` holds a stopped run resumes it without `--resume`: cluster managers
+    restart the very same command.
+    """
+    import functools  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+
+    signature = inspect.signature(recipe)
+
+    @functools.wraps(recipe)
+    def run(*args, distribute: DistributeArgs | None = None, **kwargs):
+        from kerasllm.training import unfinished_run  # noqa: PLC0415 - imports keras
+
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        with (distribute or DistributeArgs()).scope(quiet=call.get("quiet", False)) as dist:
+            if dist.multi_worker and not call["resume"] and unfinished_run(call["out"]):
+                call["resume"] = True
+                log.info("multi-worker: resuming the stopped run in %s", call["out"])
+            call["dist"] = dist
+            return recipe(*bound.args, **bound.kwargs)
+
+    return run
 
 
 def shard_batches(dataset, shard_index: int, num_shards: int):
@@ -225,6 +263,7 @@ class Distribution:
     precision: str
     worker_index: int
     num_workers: int
+    options: DistributeArgs | None = None
 
     @property
     def is_chief(self) -> bool:
@@ -257,7 +296,10 @@ class Distribution:
         log.info("--jit-compile is off: XLA cannot compile a step replicated over %d devices", self.num_replicas)
         return False
 
-    def learning_rate(self, learning_rate: float, scale: bool) -> float:
+    def learning_rate(self, learning_rate: float, scale: bool | None = None) -> float:
+        """`--lr`, times the replicas with `--scale-lr` (`scale`, default: the run's option)."""
+        if scale is None:
+            scale = bool(self.options and self.options.scale_lr)
         return scaled_learning_rate(learning_rate, self.strategy, scale)
 
     def distribute(self, make_dataset, global_batch_size: int):

@@ -81,7 +81,7 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
 def seq2seq(data, source_file, target_file, source_field, target_field, tokenizer, vocab_size, separate_vocab,
             target_tokenizer, out,
             preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing,
-            eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides):
+            eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides, distribute):
     """Train an encoder-decoder (Transformer/T5-like) on source/target pairs.
 
     --seq-len is the longest source or target (in tokens) accepted, at most the model's
@@ -110,7 +110,8 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
         vocab_size=vocab_size, separate_vocab=separate_vocab, target_tokenizer=target_tokenizer, eval_interval=eval_interval, eval_steps=eval_steps,
         validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
+    train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
+                  distribute=distribute)
     click.echo(f"kerasllm: model written to {out}", err=True)
 
 
@@ -139,7 +140,7 @@ def _with(options):
 @model_override_options
 def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps,
               weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval, eval_steps, validation_fraction,
-              seed, jit_compile, resume, quiet, overrides):
+              seed, jit_compile, resume, quiet, overrides, distribute):
     """Pretrain a BERT-like encoder by masked-token prediction (15% masked, 80/10/10).
 
     \b
@@ -157,7 +158,8 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
         tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
         validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
+    train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
+                    distribute=distribute)
     click.echo(f"kerasllm: model written to {out}", err=True)
 
 
@@ -174,7 +176,7 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
 @model_override_options
 def classifier(data, text_field, label_field, init_from, pooling, out, preset, config_file, steps, epochs, batch_size,
                seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval,
-               eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides):
+               eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides, distribute):
     """Train a text classifier (encoder + pooled head) on labelled rows, from scratch or a pretrained encoder.
 
     \b
@@ -194,5 +196,6 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides)
+    train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
+                     distribute=distribute)
     click.echo(f"kerasllm: model written to {out}", err=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from kerasllm.config import DecoderConfig
 from kerasllm.data import TokenSplit, lm_windows, read_corpus, tokenize_corpus
-from kerasllm.distribute import DistributeArgs
+from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
-                               restored_epoch, unfinished_run, write_json_atomic)
+                               restored_epoch, write_json_atomic)
 
 log = logging.getLogger("kerasllm")
 
@@ -48,25 +48,15 @@ def build_config(args: CausalLMTrainArgs, config_file: str | None, overrides: di
     return config.replace(**overrides) if overrides else config
 
 
+@distributed_recipe
 def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str | None = None,
                     resume: bool = False, quiet: bool = False, config_overrides: dict | None = None,
-                    distribute: DistributeArgs | None = None, extra_callbacks=()):
+                    extra_callbacks=(), dist=None):
     """Train (or resume) a causal LM into the run directory `out`; returns the Keras history.
 
-    `distribute` picks the strategy and precision (default: `auto`, fp32). In a
-    multi-worker job every worker calls this with the same arguments; a restarted job
-    resumes the run from its last checkpoint without `--resume`.
+    `distribute=DistributeArgs(...)` picks the strategy and precision (default: auto,
+    fp32; see `kerasllm.distribute.distributed_recipe`, which supplies `dist`).
     """
-    distribute = distribute or DistributeArgs()
-    with distribute.scope(quiet=quiet) as dist:
-        if dist.multi_worker and not resume and unfinished_run(out):
-            resume = True
-            log.info("multi-worker: resuming the stopped run in %s", out)
-        return _train(args, Path(out), config_file, resume, quiet, config_overrides or {}, distribute, dist,
-                      extra_callbacks)
-
-
-def _train(args, out, config_file, resume, quiet, config_overrides, distribute, dist, extra_callbacks):
     out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
@@ -78,7 +68,7 @@ def _train(args, out, config_file, resume, quiet, config_overrides, distribute, 
         texts = read_corpus(args.data)
     else:
         texts = read_corpus(args.data)  # fails early, before anything is written
-        config = build_config(args, config_file, config_overrides)
+        config = build_config(args, config_file, config_overrides or {})
         tokenizer = TextTokenizer.train(texts, kind=args.tokenizer, vocab_size=args.vocab_size)
         config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
@@ -98,7 +88,7 @@ def _train(args, out, config_file, resume, quiet, config_overrides, distribute, 
         if not resume and dist.is_chief:
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
-                                                  "train": asdict(args), "distribute": asdict(distribute)})
+                                                  "train": asdict(args), "distribute": asdict(dist.options)})
         import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         # Fresh data order after a resume instead of replaying the first windows.
@@ -111,7 +101,7 @@ def _train(args, out, config_file, resume, quiet, config_overrides, distribute, 
                                                     seed=args.seed + 1, shard_index=shard, num_shards=shards),
             args.batch_size) if len(split.validation) else None)
         model = models.CausalLM(config)
-        model.compile(learning_rate=dist.learning_rate(args.lr, distribute.scale_lr), total_steps=total_steps,
+        model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps,
                       warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                       label_smoothing=args.label_smoothing, jit_compile=dist.jit_compile(args.jit_compile))
         if not quiet:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, read_rows, split_validation
+from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import cleanup_on_failure, encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
@@ -66,10 +67,11 @@ def _pretrained(init_from: str):
     return run, TextTokenizer.load(init_from)
 
 
+@distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
-                     quiet: bool = False, config_overrides: dict | None = None):
+                     quiet: bool = False, config_overrides: dict | None = None, dist=None):
     """Train (or resume) a text classifier into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume)
+    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     changes = {"pooling": args.pooling} if args.pooling else {}
     if resume:
         run = read_run_config(out)
@@ -101,10 +103,11 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
     )
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = dist.is_chief and not out.exists()  # only the chief writes the run directory
+    if dist.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
     try:
-        if not resume:
+        if not resume and dist.is_chief:
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
                                                   "labels": labels.labels, "train": asdict(args)})
@@ -113,10 +116,12 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         import kerasllm.models as models  # noqa: PLC0415
 
         seed = args.seed + restored_epoch(out)
-        train_data = classification_dataset(train_seqs, train_ids, args.batch_size, config.pad_id, args.seq_len,
-                                            seed=seed)
-        val_data = (classification_dataset(val_seqs, val_ids, args.batch_size, config.pad_id, args.seq_len,
-                                           shuffle=False) if val_seqs else None)
+        # Each worker of a multi-worker job keeps its own share of the batches (shard_batches).
+        train_data = dist.distribute(lambda batch, shard, shards: shard_batches(classification_dataset(
+            train_seqs, train_ids, batch, config.pad_id, args.seq_len, seed=seed), shard, shards), args.batch_size)
+        val_data = (dist.distribute(lambda batch, shard, shards: shard_batches(classification_dataset(
+            val_seqs, val_ids, batch, config.pad_id, args.seq_len, shuffle=False), shard, shards),
+            args.batch_size) if val_seqs else None)
         # -- model construction and compile (the one place a strategy scope wraps) --------------
         keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.TextClassifier(config)
@@ -125,9 +130,9 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
 
             pretrained_model, _, _ = load_model_dir(args.init_from)
             model.encoder.set_weights(pretrained_model.encoder.get_weights())
-        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+        model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                      jit_compile=args.jit_compile)
+                      jit_compile=dist.jit_compile(args.jit_compile))
         # ---------------------------------------------------------------------------------------
         if not quiet:
             log.info("classifier: %s parameters, %d labels, %d steps of %d texts%s", f"{model.count_params():,}",
@@ -136,7 +141,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
-                       log_every=args.log_every)
+                       log_every=args.log_every, is_chief=dist.is_chief)
     except BaseException:
         cleanup_on_failure(out, created)
         raise

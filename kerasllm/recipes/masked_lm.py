@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
+from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -67,10 +68,11 @@ def cleanup_on_failure(out: Path, created: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+@distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
-                    quiet: bool = False, config_overrides: dict | None = None):
+                    quiet: bool = False, config_overrides: dict | None = None, dist=None):
     """Train (or resume) a masked LM into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume)
+    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
         args = MaskedLMTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
@@ -90,10 +92,11 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
     )
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = dist.is_chief and not out.exists()  # only the chief writes the run directory
+    if dist.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
     try:
-        if not resume:
+        if not resume and dist.is_chief:
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
                                                   "train": asdict(args)})
@@ -103,15 +106,17 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
 
         special = tokenizer.special_ids()
         seed = args.seed + restored_epoch(out)  # fresh data order and masks after a resume
-        train_data = masked_lm_dataset(train_seqs, args.batch_size, config.vocab_size, special, args.seq_len,
-                                       seed=seed)
-        val_data = (masked_lm_dataset(val_seqs, args.batch_size, config.vocab_size, special, args.seq_len,
-                                      shuffle=False) if val_seqs else None)
+        # Each worker of a multi-worker job keeps its own share of the batches (shard_batches).
+        train_data = dist.distribute(lambda batch, shard, shards: shard_batches(masked_lm_dataset(
+            train_seqs, batch, config.vocab_size, special, args.seq_len, seed=seed), shard, shards), args.batch_size)
+        val_data = (dist.distribute(lambda batch, shard, shards: shard_batches(masked_lm_dataset(
+            val_seqs, batch, config.vocab_size, special, args.seq_len, shuffle=False), shard, shards),
+            args.batch_size) if val_seqs else None)
         # -- model construction and compile (the one place a strategy scope wraps) --------------
         keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.MaskedLM(config)
-        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, jit_compile=args.jit_compile)
+        model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, jit_compile=dist.jit_compile(args.jit_compile))
         # ---------------------------------------------------------------------------------------
         if not quiet:
             log.info("masked-lm: %s parameters, %d steps of %d sequences, vocab %d (%s)",
@@ -119,7 +124,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=tokens_per_step,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
-                       log_every=args.log_every)
+                       log_every=args.log_every, is_chief=dist.is_chief)
     except BaseException:
         cleanup_on_failure(out, created)
         raise

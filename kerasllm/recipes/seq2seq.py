@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kerasllm.config import Seq2SeqConfig
+from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
 from kerasllm.tokenizers import TextTokenizer
@@ -66,10 +67,11 @@ def build_config(args: Seq2SeqTrainArgs, config_file: str | None, overrides: dic
     return config.replace(**overrides) if overrides else config
 
 
+@distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
-                  quiet: bool = False, config_overrides: dict | None = None):
+                  quiet: bool = False, config_overrides: dict | None = None, dist=None):
     """Train (or resume) a seq2seq model into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume)
+    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
         saved = run["train"]
@@ -107,10 +109,11 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
     )
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = dist.is_chief and not out.exists()  # only the chief writes the run directory
+    if dist.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
     try:
-        if not resume:
+        if not resume and dist.is_chief:
             source_tokenizer.save(out)
             if args.separate_vocab:
                 target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
@@ -120,16 +123,19 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         special = dict(pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
         # Fresh data order after a resume instead of replaying the first batches.
         seed = args.seed + restored_epoch(out)
-        train_data = pair_batches([source_ids[i] for i in train_index], [target_ids[i] for i in train_index],
-                                  args.batch_size, seed=seed, **special)
-        val_data = (pair_batches([source_ids[i] for i in val_index], [target_ids[i] for i in val_index],
-                                 args.batch_size, shuffle=False, **special) if len(val_index) else None)
+        # Each worker of a multi-worker job keeps its own share of the batches (shard_batches).
+        train_data = dist.distribute(lambda batch, shard, shards: shard_batches(pair_batches(
+            [source_ids[i] for i in train_index], [target_ids[i] for i in train_index], batch, seed=seed,
+            **special), shard, shards), args.batch_size)
+        val_data = (dist.distribute(lambda batch, shard, shards: shard_batches(pair_batches(
+            [source_ids[i] for i in val_index], [target_ids[i] for i in val_index], batch, shuffle=False,
+            **special), shard, shards), args.batch_size) if len(val_index) else None)
 
         # -- model construction and compile (the one place to wrap in a distribution strategy) --
         model = models.Seq2SeqLM(config)
-        model.compile(learning_rate=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps,
+        model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                      jit_compile=args.jit_compile)
+                      jit_compile=dist.jit_compile(args.jit_compile))
         # ---------------------------------------------------------------------------------------
 
         if not quiet:
@@ -139,7 +145,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
                      args.tokenizer)
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
-                       log_every=args.log_every)
+                       log_every=args.log_every, is_chief=dist.is_chief)
     except BaseException:
         # A run that never reached its first checkpoint leaves nothing behind.
         if created and not (out / "checkpoints").exists():
