@@ -181,6 +181,52 @@ def test_random_windows_are_seeded_per_worker():
     assert len(set(worker0) & set(worker1)) <= 2 and worker0 != offsets()  # independent streams
 
 
+def test_shard_batches_splits_a_seeded_pipeline_between_workers():
+    """The other recipes' pipelines (here seq2seq's bucketed pair batches): each worker keeps
+    every n-th batch of the same seeded pipeline, so together they read each batch once."""
+    from kerasllm.distribute import shard_batches
+    from kerasllm.pairs import pair_batches
+
+    rng = np.random.default_rng(0)
+    sources = [np.arange(i * 10 + 5, i * 10 + 5 + rng.integers(1, 9)) for i in range(40)]  # unique first ids
+    targets = [np.array([5, 6])] * 40
+
+    def first_ids(dataset):
+        return [tuple(row[:1]) for x, _ in dataset for row in x["encoder_token_ids"].numpy()]
+
+    def pipeline():
+        return pair_batches(sources, targets, 4, pad_id=0, bos_id=2, eos_id=3, seed=9, repeat=False)
+
+    whole = first_ids(pipeline())
+    parts = [first_ids(shard_batches(pipeline(), i, 2)) for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(whole) and len(whole) == len(set(whole)) >= 36
+    assert not set(parts[0]) & set(parts[1])
+
+
+def test_every_train_recipe_takes_the_strategy_options(run_cli, tmp_path):
+    """seq2seq through the CLI with --strategy mirrored and mixed_bfloat16: the shared plumbing."""
+    from kerasllm import datasets
+
+    rows = datasets.number_words_pairs(48, max_value=99, seed=4)
+    (tmp_path / "src.txt").write_text("".join(s + "\n" for s, _ in rows), encoding="utf-8")
+    (tmp_path / "tgt.txt").write_text("".join(t + "\n" for _, t in rows), encoding="utf-8")
+    result = run_cli("train", "seq2seq", "--source-file", tmp_path / "src.txt", "--target-file", tmp_path / "tgt.txt",
+                     "--out", tmp_path / "run", "--steps", "2", "--batch-size", "8", "--max-length", "32",
+                     "--eval-interval", "2", "--eval-steps", "1", "--no-jit-compile", "--quiet",
+                     "--strategy", "mirrored", "--precision", "mixed_bfloat16")
+    assert result.code == 0, result
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 2 and np.isfinite(history[-1]["val_loss"])
+    import keras
+
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert model.compute_dtype == "float32"  # the training policy is not saved with the model
+    from kerasllm.cli.train import train
+
+    for name, command in train.commands.items():
+        assert {"strategy", "tpu", "precision", "scale_lr"} <= {p.name for p in command.params}, name
+
+
 # -- precision ------------------------------------------------------------------------------------
 def test_mixed_float16_scales_the_loss_and_the_saved_model_loads_as_float32(tmp_path):
     import keras
