@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# pytest workers: two on the 2-core CI machine
+# pytest workers: two on the 2-core CI machine; --dist loadfile keeps a test file on one worker, so a
+# module fixture (a tiny model trained once for the file) is not trained again on the other worker
 JOBS   ?= 2
 
 .PHONY: install demo test test-beam bench clean
@@ -35,7 +36,7 @@ demo: install
 	$(BIN)/python samples/demo.py
 
 test: install test-beam
-	$(BIN)/python -m pytest -n $(JOBS) --durations=15 tests
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15 tests
 
 bench: install
 	$(BIN)/python -m pytest -s tests/benchmarks

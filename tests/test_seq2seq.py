@@ -201,14 +201,32 @@ def test_parallel_files_empty_line_and_length_mismatch(tmp_path):
         read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
 
 
-def test_train_from_parallel_files_with_shared_vocab(run_cli, tmp_path):
+def test_train_from_parallel_files_and_resume(run_cli, tmp_path, monkeypatch):
+    from kerasllm import training
+
     rows = datasets.number_words_pairs(64, max_value=99, seed=4)
     (tmp_path / "src.txt").write_text("".join(s + "\n" for s, _ in rows), encoding="utf-8")
     (tmp_path / "tgt.txt").write_text("".join(t + "\n" for _, t in rows), encoding="utf-8")
-    result = run_cli("train", "seq2seq", "--source-file", tmp_path / "src.txt", "--target-file", tmp_path / "tgt.txt",
-                     "--out", tmp_path / "run", "--steps", "3", "--batch-size", "8", "--max-length", "32",
-                     "--eval-interval", "3", "--eval-steps", "1", "--no-jit-compile", "--quiet")
-    assert result.code == 0, result
-    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    out = tmp_path / "run"
+    original = training.ProgressLogger.on_train_batch_end
+
+    def crash_at_step_5(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_5)
+    interrupted = run_cli("train", "seq2seq", "--source-file", tmp_path / "src.txt", "--target-file",
+                          tmp_path / "tgt.txt", "--out", out, "--steps", "8", "--batch-size", "8", "--max-length", "32",
+                          "--eval-interval", "4", "--validation-fraction", "0", "--no-jit-compile", "--quiet")
+    assert interrupted.code == 130
+    assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+    resumed = run_cli("train", "seq2seq", "--out", out, "--resume", "--quiet")
+    assert resumed.code == 0, resumed
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    steps = [h["step"] for h in history]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # steps 5..8 ran again after the step-4 checkpoint
+    run = json.loads((out / "config.json").read_text())
     assert run["task"] == "seq2seq" and run["model"]["target_vocab_size"] == 0
-    assert (tmp_path / "run" / "model.keras").is_file() and not (tmp_path / "run" / "target_tokenizer.json").exists()
+    assert (out / "model.keras").is_file() and not (out / "target_tokenizer.json").exists()
