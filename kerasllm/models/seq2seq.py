@@ -89,7 +89,9 @@ class Seq2SeqLM(TransformerModel):
             self.decoder_norm = keras.layers.LayerNormalization(epsilon=c.layer_norm_epsilon, name="decoder_norm")
         if not c.tie_embeddings:
             self.lm_head = keras.layers.Dense(c.target_vocab, use_bias=False, name="lm_head")
-        self._generate_functions = {}
+        # A plain dict, not one Keras tracks: it holds compiled functions and the samplers'
+        # seed variables, which must not become model state (nor hit Keras's post-build lock).
+        object.__setattr__(self, "_generate_functions", {})
         self.build(None)
 
     @property
