@@ -72,6 +72,12 @@ def _options(severity: int, threads: int | None) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    # ORT's pool threads spin while waiting for work by default. Decoding runs many small
+    # ops per step; on a CPU shared with other work (here: 2 cores, several jobs) spinning
+    # threads steal the cores the work needs: a decode step took 4.5 ms with spinning and
+    # 3.4 ms without (batch 8), 13.7 vs 10.7 ms (batch 32). It does not affect CUDA kernels.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 

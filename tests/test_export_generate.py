@@ -178,3 +178,12 @@ def test_full_recompute_wrapper_gives_the_same_tokens():
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(UsageError, match=message):
         run(random_table(), [[1]], **options)
+
+
+def test_top_p_sampling_never_leaves_the_nucleus():
+    table = np.zeros((VOCAB, VOCAB), np.float32)
+    table[:, 1], table[:, 2], table[:, 3] = 3.0, 2.5, 2.0  # the nucleus at p=0.6 is {1, 2}
+    probs = softmax(table[0][None])[0]
+    assert probs[1] < 0.6 <= probs[1] + probs[2]
+    picked = {h[0].tokens[0] for h in run(table, [[0]] * 300, max_new_tokens=1, temperature=1.0, top_p=0.6, seed=0)}
+    assert picked == {1, 2}
