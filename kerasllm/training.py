@@ -96,7 +96,8 @@ def worker_backup_dir(out: Path) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix="kerasllm-worker-backup-"))
     chief = out / CHECKPOINT_DIR
     if (chief / "training_metadata.json").is_file():
-        for name in ("latest.weights.h5", "training_metadata.json"):
+        for name in ("latest.weights.h5", "training_metadata.json", "latest.weights.h5.bkp",
+                     "training_metadata.json.bkp"):
             if (chief / name).is_file():
                 shutil.copy2(chief / name, scratch / name)
     return scratch
@@ -231,7 +232,10 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
     """
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True),
+        # double_checkpoint: the previous backup is kept, so a process killed while writing
+        # (a preempted or failed worker) restarts from it instead of a torn file.
+        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True,
+                                         double_checkpoint=True),
         ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
                        quiet=quiet, is_chief=is_chief),
         keras.callbacks.TerminateOnNaN(),

@@ -365,3 +365,30 @@ def loss_on_validation(run_dir: Path) -> float:
     windows = np.stack([val[i:i + config["seq_len"] + 1] for i in range(0, len(val) - config["seq_len"] - 1, 16)])
     model.compile(jit_compile=False)
     return model.evaluate(windows[:, :-1], windows[:, 1:], verbose=0, batch_size=32, return_dict=True)["loss"]
+
+
+def test_a_checkpoint_torn_by_a_kill_falls_back_to_the_previous_one(run_cli, corpus_file, tmp_path, monkeypatch):
+    """A worker killed while writing its backup leaves a torn file: the restart uses the one before."""
+    from kerasllm import training
+
+    out, original = tmp_path / "run", training.ProgressLogger.on_train_batch_end
+
+    def crash_at_step_5(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_5)
+    fast = ["--steps", "6", "--eval-interval", "2", "--eval-steps", "1", "--batch-size", "4", "--seq-len", "16",
+            "--layers", "2", "--hidden", "32", "--no-jit-compile", "--quiet"]
+    assert run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, *fast).code == 130
+    weights = out / "checkpoints" / "latest.weights.h5"
+    assert (out / "checkpoints" / "latest.weights.h5.bkp").is_file()  # the backup before (step 2)
+    weights.write_bytes(weights.read_bytes()[:1000])  # torn mid-write
+    before = read_history(out)
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+    assert run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet").code == 0  # (exit 1 without .bkp)
+    history = read_history(out)
+    assert [r["step"] for r in history] == [2, 4, 6]  # logged at each validation
+    assert history[0] == before[0] and history[1] != before[1]  # restored at step 2: steps 3-4 ran again
+    assert (out / "model.keras").is_file() and not (out / "checkpoints").exists()
