@@ -6,12 +6,14 @@ no XLA) on the generated sentiment task and shared by the tests.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from kerasllm import datasets
 
@@ -37,19 +39,35 @@ def write_rows(path: Path, rows, fmt: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """Data, a masked LM, a classifier trained from scratch, and both bundles."""
-    root = tmp_path_factory.mktemp("encoder")
+def build(root: Path) -> None:
     train = write_rows(root / "train.tsv", datasets.sentiment_rows(1500, seed=1), "tsv")
-    test = write_rows(root / "test.jsonl", datasets.sentiment_rows(300, seed=7), "jsonl")
+    write_rows(root / "test.jsonl", datasets.sentiment_rows(300, seed=7), "jsonl")
     assert kerasllm("train", "masked-lm", "--data", train, "--out", root / "mlm", "--steps", "100",
                     "--eval-interval", "50", "--lr", "3e-3", *FAST) == 0
     assert kerasllm("train", "classifier", "--data", train, "--out", root / "clf", "--steps", "150",
                     "--eval-interval", "150", "--lr", "3e-3", *FAST) == 0
     assert kerasllm("export", root / "clf", "--out", root / "clf-bundle") == 0
     assert kerasllm("export", root / "mlm", "--out", root / "mlm-bundle") == 0
-    return root, train, test
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, worker_id):
+    """Data, a masked LM, a classifier trained from scratch, and both bundles (read-only for tests).
+
+    Built once per test session even under pytest-xdist: the first worker builds it under a
+    file lock in the directory the workers share, the others wait and reuse it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        base = base.parent
+    root = base / "encoder-pipeline"
+    with FileLock(str(base / "encoder-pipeline.lock")):
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            build(root)
+            (root / "built").touch()
+    return root, root / "train.tsv", root / "test.jsonl"
 
 
 def history(run: Path):
@@ -66,14 +84,14 @@ def test_masked_lm_loss_falls(work):
     assert config["task"] == "masked-lm" and config["model"]["family"] == "encoder"
 
 
-def test_classifier_reaches_95_percent_in_keras_and_bundle(work, capsys):
+def test_classifier_reaches_95_percent_in_keras_and_bundle(work, capsys, tmp_path):
     root, _, test = work
     results = {}
     for source in ("clf", "clf-bundle"):
         capsys.readouterr()
-        assert kerasllm("evaluate", root / source, "--data", test, "--output", root / f"{source}.json") == 0
+        assert kerasllm("evaluate", root / source, "--data", test, "--output", tmp_path / f"{source}.json") == 0
         printed = json.loads(capsys.readouterr().out)
-        results[source] = json.loads((root / f"{source}.json").read_text())
+        results[source] = json.loads((tmp_path / f"{source}.json").read_text())
         assert printed == results[source]
         assert results[source]["count"] == 300
         assert results[source]["accuracy"] >= 0.95 and results[source]["macro_f1"] >= 0.95, results
@@ -133,11 +151,11 @@ def test_masked_lm_perplexity_agrees_between_keras_and_bundle(work, capsys):
     assert values[0]["perplexity"] < vocab / 2  # far better than a uniform guess over the vocabulary
 
 
-def test_init_from_reuses_the_pretrained_encoder_and_tokenizer(work):
+def test_init_from_reuses_the_pretrained_encoder_and_tokenizer(work, tmp_path):
     from kerasllm.modeldir import load_model_dir
 
     root, train, _ = work
-    out = root / "finetuned"
+    out = tmp_path / "finetuned"
     # One step at a negligible rate: the encoder must still hold the masked LM's weights.
     assert kerasllm("train", "classifier", "--data", train, "--init-from", root / "mlm", "--out", out,
                     "--steps", "1", "--lr", "1e-9", "--weight-decay", "0", "--validation-fraction", "0", *FAST) == 0
@@ -149,9 +167,9 @@ def test_init_from_reuses_the_pretrained_encoder_and_tokenizer(work):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_unknown_label_at_evaluation_names_the_line(work, capsys):
+def test_unknown_label_at_evaluation_names_the_line(work, capsys, tmp_path):
     root, _, _ = work
-    data = root / "odd.tsv"
+    data = tmp_path / "odd.tsv"
     data.write_text("text\tlabel\nThis lamp is great.\tpositive\nThis lamp is meh.\tmeh\n", encoding="utf-8")
     for source in ("clf", "clf-bundle"):
         capsys.readouterr()
@@ -186,3 +204,27 @@ def test_serving_a_bundle_imports_no_tensorflow(work):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.splitlines()[-1])[0]["label"] == "positive"
+
+
+def test_classifier_resume_continues_from_the_last_checkpoint(work, tmp_path, monkeypatch):
+    from kerasllm import training
+
+    _, train, _ = work
+    out = tmp_path / "run"
+    original = training.ProgressLogger.on_train_batch_end
+
+    def crash_at_step_15(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 15:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_15)
+    assert kerasllm("train", "classifier", "--data", train, "--out", out, "--steps", "20", "--eval-interval", "10",
+                    "--eval-steps", "1", *FAST) == 130
+    assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+    assert kerasllm("train", "classifier", "--out", out, "--resume", "--quiet") == 0
+    steps = [h["step"] for h in history(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 20
+    assert [h["step"] for h in history(out) if "val_loss" in h] == [10, 20]
+    assert json.loads((out / "config.json").read_text())["labels"] == ["negative", "positive"]
