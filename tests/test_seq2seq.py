@@ -230,3 +230,22 @@ def test_train_from_parallel_files_and_resume(run_cli, tmp_path, monkeypatch):
     run = json.loads((out / "config.json").read_text())
     assert run["task"] == "seq2seq" and run["model"]["target_vocab_size"] == 0
     assert (out / "model.keras").is_file() and not (out / "target_tokenizer.json").exists()
+
+
+def test_bundle_translation_and_evaluation_import_no_tensorflow(trained):
+    import subprocess
+    import sys
+
+    _, bundle, held_out = trained
+    code = (
+        "import sys, json\n"
+        "from kerasllm.export.predict import load_predictor\n"
+        "from kerasllm.evaluation import evaluate\n"
+        f"p = load_predictor('translate', {str(bundle)!r}, device='cpu')\n"
+        "out = p.predict([p.check('forty-two')], num_beams=2, n_best=2, max_new_tokens=6)\n"
+        f"scores = evaluate({str(bundle)!r}, {str(held_out)!r}, device='cpu')\n"
+        "print(json.dumps([out[0]['output'][0], scores['task'], 'tensorflow' in sys.modules, 'keras' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["42", "seq2seq", False, False]
