@@ -16,7 +16,7 @@ from kerasllm.cli.options import model_override_options, run_options
 
 @click.group()
 def train():
-    """Train a model: causal-lm (GPT-like), seq2seq (encoder-decoder).
+    """Train a model: causal-lm (GPT-like), masked-lm and classifier (BERT-like), seq2seq (encoder-decoder).
 
     \b
     Example:
