@@ -87,7 +87,8 @@ def _restore_weights(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
 
 def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, model_type: str, num_heads: int,
                    hidden_size: int, fuse: bool = True, dtype: str = "fp32",
-                   keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True) -> dict:
+                   keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True,
+                   disabled_fusions: tuple[str, ...] = ()) -> dict:
     """Fuse (optional) and convert (fp16 optional) a graph, save it at `target`.
 
     Args:
@@ -102,6 +103,8 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
             against broadcasting Adds and takes ~45 s on a GPT-2-small graph (sympy over the
             shape arithmetic, four times). The decoder turns it off: its residual Adds never
             broadcast (and validation would catch a wrong fusion).
+        disabled_fusions: `FusionOptions` switches to turn off (`"skip_layer_norm"` ->
+            `enable_skip_layer_norm = False`), for fusions measured to be slower on a family.
     Returns what was done: `{"fusions": {op: count}, "dtype", "nodes_before", "nodes_after", ...}`.
     """
     from onnxruntime.transformers import optimizer  # noqa: PLC0415 - slow import, export time only
@@ -117,6 +120,8 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
     if fuse:
         options = FusionOptions(model_type)
         options.enable_shape_inference = shape_inference
+        for name in disabled_fusions:
+            setattr(options, f"enable_{name}", False)
         # The optimizer's modules log each fusion at INFO and warn that the producer is not
         # PyTorch, under top-level logger names; the caller reports the fusions instead.
         logging.disable(logging.WARNING)
@@ -134,6 +139,7 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
     after_fusion = _op_counts(model.model)
     fused = {op: after_fusion[op] - before[op] for op in FUSED_OPS if after_fusion[op] > before[op]}
     report = {"transformer_fusions": fuse, "model_type": model_type, "fusions": fused,
+              "disabled_fusions": list(disabled_fusions),
               "nodes_before": sum(before.values()), "dtype": dtype,
               "session_graph_optimization_level": "ORT_ENABLE_ALL"}
     if dtype == "fp16":
