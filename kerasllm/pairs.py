@@ -48,6 +48,9 @@ def read_pairs(data: str | Path | None = None, source_file: str | Path | None = 
         records, where, fields = read_parallel(source_file, target_file), f"{source_file}", ("source", "target")
     pairs = []
     for record in records:
+        if data is None and record.error:  # read_parallel names the file in the error already
+            file, _, problem = record.error.partition(": ")
+            raise DataError(f"{file}: line {record.line}: {problem}")
         try:
             source, target = record.get(fields[0]), record.get(fields[1])
         except DataError as err:

@@ -196,6 +196,9 @@ def test_parallel_files_empty_line_and_length_mismatch(tmp_path):
     (tmp_path / "tgt.txt").write_text("1\n2\n3\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"src.txt: line 2: empty source"):
         read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
+    (tmp_path / "src.txt").write_bytes(b"one\n\xff\nthree\n")
+    with pytest.raises(DataError, match=r"src.txt: line 2: not valid UTF-8 \(byte 0xff at column 1\)$"):
+        read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
     (tmp_path / "src.txt").write_text("one\ntwo\nthree\nfour\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"different numbers of lines \(.*src.txt is longer\)"):
         read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
