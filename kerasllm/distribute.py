@@ -143,6 +143,7 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None):
 
 # -- facts about a strategy -------------------------------------------------------------------
 def is_multi_worker(strategy) -> bool:
+    """True under a `MultiWorkerMirroredStrategy` with more than one worker (Keras's own test)."""
     import tensorflow as tf  # noqa: PLC0415
 
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)

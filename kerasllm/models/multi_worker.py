@@ -29,13 +29,7 @@ overrides `train_step` must call `super().train_step` to keep the fix.
 
 from __future__ import annotations
 
-
-def in_multi_worker_mode(strategy) -> bool:
-    """True under a `MultiWorkerMirroredStrategy` with more than one worker (Keras's own test)."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())  # noqa: SLF001
+from kerasllm.distribute import is_multi_worker as in_multi_worker_mode
 
 
 class MultiWorkerFitMixin:
