@@ -99,8 +99,10 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
     session = create_session(target, options.device)
     figures = check_parity(model, task, session.session, fp16=options.dtype == "fp16")
     worst = ", ".join(f"{k} {v:.2g}" for k, v in figures["max_abs_diff"].items())
-    log(f"validated against Keras on {len(figures['shapes'])} padded batches: max |diff| {worst}"
-        + (f", {figures['labels_compared']} labels identical" if "labels_compared" in figures else ""))
+    if "labels_compared" in figures:
+        worst += (f", labels agree on {figures['top1_agreement']:.1%} of {figures['labels_compared']}"
+                  if options.dtype == "fp16" else f", {figures['labels_compared']} labels identical")
+    log(f"validated against Keras on {len(figures['shapes'])} padded batches: max |diff| {worst}")
     return {"graphs": {spec.name: {**spec.to_dict(), "opset": options.opset}}, "optimization": report,
             "validation": figures}
 
