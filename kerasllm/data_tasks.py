@@ -38,9 +38,15 @@ class Row:
 
 def read_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text", label_field: str | None = None,
               fmt: str = "auto") -> list[Row]:
-    """Read every record of `paths`; a bad record, missing field or empty text is a DataError naming its line."""
+    """Read every record of `paths`; a bad record, missing field or empty text is a DataError naming its line.
+
+    A directory stands for the text files under it (one record per line; see `kerasllm.data`).
+    """
+    from kerasllm.data import resolve_text_files  # noqa: PLC0415 - TF-free
+
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    paths = [f for p in paths for f in (resolve_text_files(p) if Path(p).is_dir() else [Path(p)])]
     rows: list[Row] = []
     for path in paths:
         for record in read_records(path, fmt=fmt):

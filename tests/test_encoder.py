@@ -147,3 +147,12 @@ def test_numbers_from_jsonl_are_labels(tmp_path):
     path.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3 + 1}) + "\n" for i in range(6)))
     rows = read_rows(path, "text", "label")
     assert LabelMap.from_labels([r.label for r in rows]).labels == ["1", "2", "3"]
+
+
+def test_a_directory_of_text_files_gives_one_record_per_line(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("third line\n", encoding="utf-8")
+    rows = read_rows(tmp_path)
+    assert [r.text for r in rows] == ["first line", "second line", "third line"]
+    assert rows[1].where.endswith("a.txt: line 3")

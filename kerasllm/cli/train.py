@@ -116,8 +116,9 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
 
 
 _text_fields = [
-    click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                 help="TSV/CSV (header row), JSONL or text file (repeatable). Optional with --resume."),
+    click.option("--data", "data", multiple=True, type=click.Path(exists=True, path_type=Path),
+                 help="TSV/CSV (header row), JSONL or text file, or a directory of .txt files (repeatable). "
+                      "Optional with --resume."),
     click.option("--text-field", default="text", show_default=True, help="Field (column) holding the text."),
 ]
 
