@@ -21,7 +21,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import IR_VERSION, save_onnx
 
@@ -51,6 +53,112 @@ def dedupe_node_names(model: onnx.ModelProto) -> int:
             renamed += 1
         seen.add(node.name)
     return renamed
+
+
+def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int) -> int:
+    """Fuse each layer's cached self-attention into one `com.microsoft.MultiHeadAttention` node.
+
+    ONNX Runtime's own attention fusions look for PyTorch/Hugging Face GPT-2 and BERT
+    subgraphs and match none of tf2onnx's (nor did they on keras-hub graphs). The subgraph
+    of `kerasllm.layers.MultiHeadAttention` with a growing cache is fixed, so it is matched
+    here, anchored on the `Concat` that produces `present.{i}.key`:
+
+        qkv [B,T,3C] -> Reshape [B,T,3,N,D] -> Slice/Squeeze/Transpose -> q, k, v [B,N,T,D]
+        present.key = Concat(past.key, k); present.value = Concat(past.value, v)
+        softmax(q @ present.key^T * scale + bias) @ present.value -> Transpose -> Reshape [B,T,C]
+
+    becomes `Split(qkv) -> MultiHeadAttention(q, k, v, attention_bias=bias, past_key,
+    past_value) -> (out, present.key, present.value)`: one kernel instead of ~22 nodes per
+    layer, with the same math (validation checks it). A layer whose subgraph differs in any
+    way (rotary positions, another scale) is left as it is. Returns the number fused.
+    """
+    from kerasllm.export.convert import _constant_value, _remove_dead_nodes  # noqa: PLC0415
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def producer(name, op_type):
+        node = producers.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def head_source(name):
+        """`Transpose(Squeeze(Slice(Reshape(x))))` -> (x, slice index along the `3` axis)."""
+        transpose = producer(name, "Transpose")
+        squeeze = transpose and producer(transpose.input[0], "Squeeze")
+        slice_ = squeeze and producer(squeeze.input[0], "Slice")
+        reshape = slice_ and producer(slice_.input[0], "Reshape")
+        if not reshape:
+            return None, None
+        starts, ends = (_constant_value(model, name, producers) for name in slice_.input[1:3])
+        axes = _constant_value(model, slice_.input[3], producers) if len(slice_.input) > 3 else None
+        if starts is None or ends is None or (len(slice_.input) > 4 and slice_.input[4]):
+            return None, None
+        axes = list(range(starts.size)) if axes is None else [int(a) % 5 for a in axes.ravel()]
+        begin = dict(zip(axes, starts.ravel().tolist()))
+        stop = dict(zip(axes, ends.ravel().tolist()))
+        if 2 not in begin or stop[2] != begin[2] + 1 or any(v != 0 for a, v in begin.items() if a != 2):
+            return None, None
+        return reshape.input[0], int(begin[2])
+
+    replacements = {}  # id(old node) -> [new nodes] (an empty list removes it)
+    fused = 0
+    for layer in range(len([i for i in graph.input if i.name.endswith(".key")])):
+        concat_k = producer(f"present.{layer}.key", "Concat")
+        concat_v = producer(f"present.{layer}.value", "Concat")
+        if not concat_k or not concat_v or list(concat_k.input[:1]) != [f"past_key_values.{layer}.key"]:
+            continue
+        x_k, index_k = head_source(concat_k.input[1])
+        x_v, index_v = head_source(concat_v.input[1])
+        attn = [n for n in consumers.get(f"present.{layer}.value", []) if n.op_type == "MatMul"]
+        if len(attn) != 1 or attn[0].input[1] != f"present.{layer}.value":
+            continue
+        softmax = producer(attn[0].input[0], "Softmax")
+        add = softmax and producer(softmax.input[0], "Add")
+        mul = add and (producer(add.input[0], "Mul") or producer(add.input[1], "Mul"))
+        scores = mul and (producer(mul.input[0], "MatMul") or producer(mul.input[1], "MatMul"))
+        if not scores:
+            continue
+        bias = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+        scale = _constant_value(model, mul.input[1] if mul.input[0] == scores.output[0] else mul.input[0], producers)
+        key_t = producer(scores.input[1], "Transpose")
+        x_q, index_q = head_source(scores.input[0])
+        out_t = [n for n in consumers.get(attn[0].output[0], []) if n.op_type == "Transpose"]
+        out_r = out_t and [n for n in consumers.get(out_t[0].output[0], []) if n.op_type == "Reshape"]
+        if (scale is None or scale.size != 1 or abs(float(scale.ravel()[0]) * head_dim ** 0.5 - 1) > 1e-5
+                or not key_t or key_t.input[0] != f"present.{layer}.key" or not out_r
+                or not x_q or x_q != x_k or x_q != x_v or (index_q, index_k, index_v) != (0, 1, 2)):
+            continue
+        prefix = f"kerasllm_attention_{layer}"
+        split_sizes = f"{prefix}/split"
+        graph.initializer.append(numpy_helper.from_array(np.array([num_heads * head_dim] * 3, np.int64),
+                                                         split_sizes))
+        qkv = [f"{prefix}/{part}" for part in ("query", "key", "value")]
+        split = helper.make_node("Split", [x_q, split_sizes], qkv, name=f"{prefix}/Split", axis=-1)
+        fused_node = helper.make_node(
+            "MultiHeadAttention",
+            [*qkv, "", "", bias, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"],
+            [out_r[0].output[0], f"present.{layer}.key", f"present.{layer}.value"],
+            name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads,
+            scale=float(scale.ravel()[0]),
+        )
+        replacements[id(out_r[0])] = [split, fused_node]
+        replacements[id(concat_k)] = []
+        replacements[id(concat_v)] = []
+        fused += 1
+    if fused:
+        nodes = []
+        for node in graph.node:
+            nodes.extend(replacements.get(id(node), [node]))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _remove_dead_nodes(model)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
 
 
 # Tensors larger than this are set aside while the optimizer runs (see `_set_aside_weights`).
@@ -88,7 +196,7 @@ def _restore_weights(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
 def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, model_type: str, num_heads: int,
                    hidden_size: int, fuse: bool = True, dtype: str = "fp32",
                    keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True,
-                   disabled_fusions: tuple[str, ...] = ()) -> dict:
+                   disabled_fusions: tuple[str, ...] = (), cached_attention: bool = False) -> dict:
     """Fuse (optional) and convert (fp16 optional) a graph, save it at `target`.
 
     Args:
@@ -105,6 +213,7 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
             broadcast (and validation would catch a wrong fusion).
         disabled_fusions: `FusionOptions` switches to turn off (`"skip_layer_norm"` ->
             `enable_skip_layer_norm = False`), for fusions measured to be slower on a family.
+        cached_attention: fuse kerasllm's growing-cache self-attention (`fuse_cached_attention`).
     Returns what was done: `{"fusions": {op: count}, "dtype", "nodes_before", "nodes_after", ...}`.
     """
     from onnxruntime.transformers import optimizer  # noqa: PLC0415 - slow import, export time only
@@ -115,6 +224,10 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
         raise ValueError(f"dtype must be fp32 or fp16, got {dtype!r}")
     original = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
     before = _op_counts(original)
+    # fp16: onnxruntime.transformers' float16 converter then gives LayerNormalization mixed
+    # fp16/fp32 inputs (ORT refuses the graph); the fp16 graph keeps attention unfused.
+    if fuse and cached_attention and dtype == "fp32":
+        fuse_cached_attention(original, num_heads, hidden_size // num_heads)
     # Without shape inference nothing copies the model: the weights can stay.
     stash = _set_aside_weights(original) if fuse and shape_inference else {}
     if fuse:

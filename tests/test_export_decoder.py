@@ -88,6 +88,8 @@ def test_export_writes_a_validated_bundle_in_ort_genai_layout(bundle_dir, model_
     assert manifest["validation"]["greedy"] == {"prompts": 3, "new_tokens": 32, "identical": True}
     assert manifest["optimization"]["fusions"]["SkipLayerNormalization"] == 4  # 2 blocks x 2 residuals
     assert manifest["optimization"]["fusions"]["BiasGelu"] == 2
+    assert manifest["optimization"]["fusions"]["MultiHeadAttention"] == 2  # one per layer
+    assert "attention_fusion_reverted" not in manifest["optimization"]
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "genai_config.json"}
     assert manifest["tools"]["tf2onnx"] and manifest["tools"]["onnx"]
     # The graph: IR version ORT 1.31 loads, one tied embedding (not a transposed copy), size ~ weights.
@@ -249,3 +251,23 @@ def test_sessions_use_cuda_only_when_it_loads_and_say_so_in_one_line(bundle_dir,
             create_session(bundle_dir / "model.onnx", "cuda:0")
     else:
         assert session.session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_attention_fusion_is_dropped_when_it_fails_validation(model_dir, tmp_path, monkeypatch):
+    from kerasllm.export import validate
+    from kerasllm.export.exporter import export_model_dir
+
+    real, calls = validate.validate_causal_lm, []
+
+    def first_fails(model, step, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise validate.ValidationError("validation: batch 1, prompt step: logits: max |diff| 0.005 > 0.0001")
+        return real(model, step, **kwargs)
+
+    monkeypatch.setattr(validate, "validate_causal_lm", first_fails)
+    bundle = export_model_dir(model_dir, tmp_path / "b", log=lambda message: None)
+    report = bundle.manifest["optimization"]
+    assert len(calls) == 2 and "MultiHeadAttention" not in report["fusions"]
+    assert report["attention_fusion_reverted"].endswith("max |diff| 0.005 > 0.0001")
+    assert report["fusions"]["SkipLayerNormalization"] == 4  # the other fusions stay

@@ -57,7 +57,7 @@ def main() -> None:
         convert_s = time.perf_counter() - start
         start = time.perf_counter()
         report = optimize_graph(proto, final, model_type="gpt2", num_heads=config.num_heads,
-                                hidden_size=config.hidden_dim, shape_inference=False)
+                                hidden_size=config.hidden_dim, shape_inference=False, cached_attention=True)
         optimize_s = time.perf_counter() - start
         size = final.stat().st_size
         peak = peak_gb()

@@ -8,7 +8,8 @@ One model (random weights: speed does not depend on them), greedy, 32-token prom
   (b) the same model in Keras: `CausalLM.generate` (XLA, fixed cache buffer), after a warm-up call,
   (c) the bundle graph on ONNX Runtime without the cache (the whole sequence every step).
 Prints new tokens/s (median of the repeats) and the ratios a/b and a/c (goal: >= 3x and >= 5x).
-Also checks that (a), (b) and (c) produce the same tokens.
+Also counts the rows whose 128 tokens are identical between (a) and (c), and (a) and (b): with
+random weights a near-tie between two logits can flip one greedy choice (and all that follows).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         optimize_graph(trace_to_onnx(causal_lm_graph(model), model), path, model_type="gpt2",
-                       num_heads=config.num_heads, hidden_size=config.hidden_dim, shape_inference=False)
+                       num_heads=config.num_heads, hidden_size=config.hidden_dim, shape_inference=False, cached_attention=True)
         step = DecoderSession(create_session(path, "cpu"))
         options = DecodingOptions(max_new_tokens=NEW)
         rows = []
@@ -84,14 +85,15 @@ def main() -> None:
             t_a, tokens_a = timed(cached, args.repeats)
             t_b, tokens_b = timed(keras_generate, args.repeats)
             t_c, tokens_c = timed(full, max(1, args.repeats - 1))
-            same = "yes" if tokens_a == tokens_b == tokens_c else "NO"
+            same = (f"a=c {sum(x == y for x, y in zip(tokens_a, tokens_c))}/{batch}, "
+                    f"a=b {sum(x == y for x, y in zip(tokens_a, tokens_b))}/{batch} rows")
             n = batch * NEW
             rows.append((batch, n / t_a, n / t_b, n / t_c, t_b / t_a, t_c / t_a, warmup, same))
     print(f"\nCausalLM preset {args.preset} ({config.num_layers} layers, {config.hidden_dim} hidden, vocab "
           f"{args.vocab}), greedy, {PROMPT}-token prompts, {NEW} new tokens, CPU ({os.cpu_count()} cores), "
           f"median of {args.repeats}")
     print("\n| batch | (a) bundle, KV cache tok/s | (b) Keras generate, XLA tok/s | (c) bundle, no cache tok/s "
-          "| a/b | a/c | Keras first call (compile) s | same tokens a=b=c |")
+          "| a/b | a/c | Keras first call (compile) s | identical generations |")
     print("|---|---|---|---|---|---|---|---|")
     for batch, a, b, c, ab, ac, warmup, same in rows:
         print(f"| {batch} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {ab:.2f}x | {ac:.2f}x | {warmup:.1f} | {same} |")
