@@ -18,6 +18,8 @@ same name on tf2onnx graphs, which ONNX Runtime refuses; names are made unique a
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -237,13 +239,20 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
             setattr(options, f"enable_{name}", False)
         # The optimizer's modules log each fusion at INFO and warn that the producer is not
         # PyTorch, under top-level logger names; the caller reports the fusions instead.
+        # When its symbolic shape inference gives up it writes sym_shape_infer_temp.onnx and
+        # uuid-named .data files into the working directory: keep those out of the user's.
         logging.disable(logging.WARNING)
+        cwd = os.getcwd()
+        scratch = tempfile.TemporaryDirectory(prefix="kerasllm-optimize-")
+        os.chdir(scratch.name)
         try:
             model = optimizer.optimize_model(
                 original, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
                 optimization_options=options, only_onnxruntime=False,
             )
         finally:
+            os.chdir(cwd)
+            scratch.cleanup()
             logging.disable(logging.NOTSET)
     else:
         model = OnnxModel(original)
