@@ -79,7 +79,9 @@ class CausalLM(TransformerModel):
             self.final_norm = keras.layers.LayerNormalization(epsilon=c.layer_norm_epsilon, name="final_norm")
         if not c.tie_embeddings:
             self.lm_head = keras.layers.Dense(c.vocab_size, use_bias=False, name="lm_head")
-        self._generate_functions = {}
+        # Untracked on purpose: Keras locks a built model's tracked state, and the samplers'
+        # seed variables must not become model weights.
+        object.__setattr__(self, "_generate_functions", {})
         self.build((None, None))
 
     def build(self, input_shape=None):
