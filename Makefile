@@ -38,8 +38,9 @@ demo: install
 test: install test-beam
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=15 tests
 
+# Benchmarks are scripts, run on demand; each prints its table (see its --help for baselines).
 bench: install
-	$(BIN)/python -m pytest -s tests/benchmarks
+	@for script in tests/benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(BEAM_VENV) samples/out .pytest_cache
