@@ -144,7 +144,7 @@ class JsonlWriter:
     def write(self, rows: Iterable[dict]) -> None:
         # One write call per group of whole lines, then a flush: a kill can cut the OS write
         # short at worst, which `resume_point` repairs by dropping the torn last line.
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        text = "".join(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows)
         if text:
             self.stream.write(text)
             self.stream.flush()
@@ -152,6 +152,13 @@ class JsonlWriter:
     def close(self) -> None:
         if self._close:
             self.stream.close()
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars and arrays in a predictor's results as plain JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
 
 
 @dataclass

@@ -425,6 +425,15 @@ def test_reader_turns_pathological_lines_into_error_records(tmp_path):
     assert records[1].fields == {"text": "x\ry"}
 
 
+def test_writer_turns_numpy_results_into_plain_json(tmp_path):
+    import numpy as np
+
+    writer = batch.JsonlWriter(tmp_path / "o.jsonl")
+    writer.write([{"id": "1", "embedding": np.array([0.5, 0.25], np.float32), "scores": {"a": np.float32(0.75)}}])
+    writer.close()
+    assert read_jsonl(tmp_path / "o.jsonl") == [{"id": "1", "embedding": [0.5, 0.25], "scores": {"a": 0.75}}]
+
+
 def test_count_lines_and_shard_blocks_cover_the_file(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"a\nb\n\nc")  # last line without newline
