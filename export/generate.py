@@ -124,6 +124,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def next_tokens(logits: np.ndarray, seen: np.ndarray, options: DecodingOptions,
                 rng: np.random.Generator) -> np.ndarray:
     """One token per row from last-position logits `[B, V]`."""
+    if not options.temperature and options.repetition_penalty == 1.0:
+        return np.argmax(logits, axis=-1)
     logits = apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty)
     if not options.temperature:
         return np.argmax(logits, axis=-1)
@@ -205,28 +207,34 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     if options.repetition_penalty != 1.0:
         for row, prompt in enumerate(prompts):
             seen[row, list(prompt)] = True
-    generated: list[list[int]] = [[] for _ in range(batch)]
+    # The bookkeeping is vectorized over rows: at small sizes it costs as much as a step.
+    steps = int(limits.max())
+    generated = np.full((batch, steps), pad_id, dtype=np.int64)
+    lengths = np.zeros(batch, dtype=np.int64)
     done = np.zeros(batch, dtype=bool)
-    for _ in range(int(limits.max())):
+    stop_array = np.array(sorted(stop_ids), dtype=np.int64)
+    rows = np.arange(batch)
+    for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)
-        for row in np.flatnonzero(~done):
-            token = int(tokens[row])
-            if token in stop_ids:
-                done[row] = True
-                continue
-            generated[row].append(token)
-            seen[row, token] = True
-            if len(generated[row]) >= limits[row]:
-                done[row] = True
-            elif options.stop and truncate_at_stop(decode(generated[row]), options.stop)[1]:
-                done[row] = True
+        live = ~done
+        stopped = live & np.isin(tokens, stop_array)
+        keep = live & ~stopped
+        generated[keep, t] = tokens[keep]
+        lengths += keep
+        seen[rows[keep], tokens[keep]] = True
+        done |= stopped | (lengths >= limits)
+        if options.stop:
+            for row in np.flatnonzero(keep & ~done):
+                if truncate_at_stop(decode(generated[row, :lengths[row]].tolist()), options.stop)[1]:
+                    done[row] = True
         if done.all():
             break
         tokens = np.where(done, pad_id, tokens)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         logits, cache = step(tokens[:, None].astype(np.int64), mask, cache)
         logits = logits[:, -1]
-    return [Hypothesis(tokens) for tokens in generated]
+    # Rows keep their tokens contiguous: a row stops for good at its first stop id.
+    return [Hypothesis(generated[row, :lengths[row]].tolist()) for row in range(batch)]
 
 
 def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[list[Hypothesis]]:

@@ -137,6 +137,9 @@ class DecoderSession:
         self.num_heads, self.head_dim = past.shape[1], past.shape[3]
         self.cache_dtype = session.input_types[self.past_names[0]]
         self.ids_dtype = session.input_types["input_ids"]
+        outputs = session.output_names
+        self._logits_index = outputs.index("logits")
+        self._present_index = [outputs.index(name) for name in self.present_names]
 
     def empty_cache(self, batch: int) -> list:
         empty = np.zeros((batch, self.num_heads, 0, self.head_dim), self.cache_dtype)
@@ -158,9 +161,8 @@ class DecoderSession:
             binding.bind_output(name, self.session.device_type, self.session.device_id)
         self.session.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        names = self.session.output_names
-        logits = outputs[names.index("logits")].numpy()
-        present = [outputs[names.index(name)] for name in self.present_names]
+        logits = outputs[self._logits_index].numpy()
+        present = [outputs[i] for i in self._present_index]
         return logits.astype(np.float32, copy=False), present
 
     __call__ = step  # a DecoderSession is a step function (see generate.py)
