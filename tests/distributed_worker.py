@@ -203,6 +203,9 @@ def bench_run(opts) -> None:
     from kerasllm.distribute import training_strategy
     from kerasllm.models import CausalLM
 
+    if opts.threads:  # explicit, rather than trusting TF_NUM_*_THREADS to be read
+        tf.config.threading.set_intra_op_parallelism_threads(opts.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(opts.threads)
     config = DecoderConfig.preset(opts.preset, vocab_size=opts.vocab, dropout=0.0)
     x, y = fixed_batch(opts.batch, opts.seq_len, config.vocab_size)
     with training_strategy(opts.strategy, quiet=True) as dist:
@@ -243,6 +246,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=0, help="bench: TensorFlow threads (0: default)")
     opts = parser.parse_args(argv)
     {"sgd": sgd_run, "recipe": recipe_run, "bench": bench_run}[opts.mode](opts)
 

@@ -11,7 +11,7 @@ Trains the 'small' CausalLM preset (4 layers, 128 hidden) on one fixed global ba
   3. the per-step all-reduce volume: trainable parameters x 4 bytes (float32 gradients,
      one all-reduce of every gradient per step), with the paper estimate for a network.
 
-    python tests/benchmarks/bench_multiworker.py [--steps 20] [--batch 16] [--seq-len 128] [--vocab 4000]
+    python tests/benchmarks/bench_multiworker.py [--steps 20] [--batch 16] [--seq-len 128] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ def run(kind: str, opts, work: Path) -> dict:
     common = ["bench", "--preset", "small", "--steps", opts.steps, "--batch", opts.batch, "--seq-len", opts.seq_len,
               "--warmup", opts.warmup, "--vocab", opts.vocab]
     out = work / f"{kind}.json"
-    if kind == "two-workers":
-        procs = dw.launch_workers([*common, "--strategy", "multi-worker", "--out", out], 2, work, log_prefix=kind)
+    if kind == "two-workers":  # one thread each: one core per worker
+        procs = dw.launch_workers([*common, "--strategy", "multi-worker", "--threads", 1, "--out", out], 2, work,
+                                  log_prefix=kind)
     else:
-        threads = "1" if kind == "one-core" else "2"
-        env = dw.worker_env(extra={"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads})
-        procs = [dw.launch([*common, "--strategy", "one-device", "--out", out], env, work / f"{kind}.log")]
+        threads = 1 if kind == "one-core" else 2
+        procs = [dw.launch([*common, "--strategy", "one-device", "--threads", threads, "--out", out],
+                           dw.worker_env(), work / f"{kind}.log")]
     dw.wait_all(procs, 1800, work)
     result = json.loads(out.read_text())
     result["examples_per_s"] = result["steps"] * result["batch"] / result["seconds"]
@@ -50,14 +51,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="Global batch (split over the workers).")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=4000, help="Vocabulary (the CLI's default for bpe).")
+    parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds; the best of each kind counts.")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-mw-") as tmp:
         work = Path(tmp)
-        # Alternate nothing: the three runs are sequential, each alone on the machine (as far as
-        # this script is concerned; `uptime` before and after says what else ran).
         load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
         start = time.perf_counter()
-        results = {kind: run(kind, opts, work) for kind in ("one-core", "two-cores", "two-workers")}
+        # The kinds alternate, `--repeats` rounds, and the best run of each counts: load from
+        # other processes on this shared machine then hits all three alike.
+        results: dict[str, dict] = {}
+        for _ in range(opts.repeats):
+            for kind in ("one-core", "two-cores", "two-workers"):
+                result = run(kind, opts, work)
+                if kind not in results or result["examples_per_s"] > results[kind]["examples_per_s"]:
+                    results[kind] = result
         load_after = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     one, both, two = results["one-core"], results["two-cores"], results["two-workers"]
     params = one["trainable_params"]
@@ -65,7 +72,7 @@ def main() -> None:
     efficiency = two["examples_per_s"] / (2 * one["examples_per_s"])
     step_s = two["seconds"] / two["steps"]
     print(f"\nsmall preset (vocab {opts.vocab}), global batch {opts.batch} x {opts.seq_len} tokens, "
-          f"{opts.steps} timed steps; load average {load} before, {load_after} after "
+          f"{opts.steps} timed steps, best of {opts.repeats}; load average {load} before, {load_after} after "
           f"({time.perf_counter() - start:.0f} s in all)")
     print(f"  1 process, 1 core   : {one['examples_per_s']:8.1f} examples/s")
     print(f"  1 process, 2 cores  : {both['examples_per_s']:8.1f} examples/s")
