@@ -124,13 +124,13 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
     """Export the model directory `model_dir` to a verified bundle at `out`."""
     import tempfile  # noqa: PLC0415
 
-    from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow
-
     options = options or ExportOptions()
     options.validate()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not empty; choose a new --out")
+    from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow (after the quick checks)
+
     model, tokenizer, run = load_model_dir(model_dir)
     family = run["model"]["family"]
     if family not in FAMILY_EXPORTERS:

@@ -265,7 +265,11 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
               "nodes_before": sum(before.values()), "dtype": dtype,
               "session_graph_optimization_level": "ORT_ENABLE_ALL"}
     if dtype == "fp16":
-        model.convert_float_to_float16(keep_io_types=list(keep_float32_io), op_block_list=FP16_BLOCKED_OPS)
+        logging.disable(logging.INFO)  # "Removed 1 cascaded Cast nodes" and the like
+        try:
+            model.convert_float_to_float16(keep_io_types=list(keep_float32_io), op_block_list=FP16_BLOCKED_OPS)
+        finally:
+            logging.disable(logging.NOTSET)
         report["fp16_blocked_ops"] = FP16_BLOCKED_OPS
         report["renamed_nodes"] = dedupe_node_names(model.model)
     proto = model.model
