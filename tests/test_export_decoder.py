@@ -271,3 +271,26 @@ def test_attention_fusion_is_dropped_when_it_fails_validation(model_dir, tmp_pat
     assert len(calls) == 2 and "MultiHeadAttention" not in report["fusions"]
     assert report["attention_fusion_reverted"].endswith("max |diff| 0.005 > 0.0001")
     assert report["fusions"]["SkipLayerNormalization"] == 4  # the other fusions stay
+
+
+@pytest.mark.parametrize("variant, attention_fused", [
+    (dict(position="rotary"), False),  # RoPE between projection and cache: attention left unfused
+    (dict(position="sinusoidal", activation="swiglu"), True),
+    (dict(norm_first=False, tie_embeddings=False, activation="relu"), True),
+])
+def test_other_architectures_export_with_parity(variant, attention_fused, tmp_path):
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.export.convert import causal_lm_graph, trace_to_onnx
+    from kerasllm.export.optimize import optimize_graph
+    from kerasllm.export.runtime import DecoderSession, create_session
+    from kerasllm.export.validate import validate_causal_lm
+
+    keras.utils.set_random_seed(0)
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=50, max_length=64, **variant))
+    report = optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2",
+                            num_heads=2, hidden_size=32, shape_inference=False, cached_attention=True)
+    figures = validate_causal_lm(model, DecoderSession(create_session(tmp_path / "m.onnx", "cpu")), greedy=False)
+    assert max(figures["max_abs_diff"].values()) <= 1e-4
+    assert ("MultiHeadAttention" in report["fusions"]) == attention_fused
