@@ -40,6 +40,24 @@ class FakeStrategy:
         self.num_replicas_in_sync = 4
 
 
+def test_auto_and_one_device_pick_gpus_when_there_are_some(monkeypatch):
+    import tensorflow as tf
+
+    class Device:
+        def __init__(self, name):
+            self.name = name
+
+    gpus = [Device("/device:GPU:0"), Device("/device:GPU:1")]
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda devices=None: ("mirrored", devices))
+    monkeypatch.setattr(tf.distribute, "OneDeviceStrategy", lambda device: ("one", device))
+    assert resolve_strategy("auto") == ("mirrored", None)  # every local GPU
+    assert resolve_strategy("mirrored") == ("mirrored", ["/device:GPU:0", "/device:GPU:1"])
+    assert resolve_strategy("one-device") == ("one", "/device:GPU:0")
+    gpus.pop()
+    assert resolve_strategy("auto") is tf.distribute.get_strategy()  # one GPU: no distribution
+
+
 def test_multi_worker_reads_tf_config(monkeypatch):
     import tensorflow as tf
 
