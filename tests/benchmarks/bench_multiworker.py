@@ -11,7 +11,7 @@ Trains the 'small' CausalLM preset (4 layers, 128 hidden) on one fixed global ba
   3. the per-step all-reduce volume: trainable parameters x 4 bytes (float32 gradients,
      one all-reduce of every gradient per step), with the paper estimate for a network.
 
-    python tests/benchmarks/bench_multiworker.py [--steps 20] [--batch 16] [--seq-len 128] [--repeats 2]
+    python tests/benchmarks/bench_multiworker.py [--steps 10] [--batch 16] [--seq-len 64] [--repeats 2]   (~3 min)
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def run(kind: str, opts, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="Timed steps (after --warmup steps).")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps (after --warmup steps).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16, help="Global batch (split over the workers).")
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=4000, help="Vocabulary (the CLI's default for bpe).")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds; the best of each kind counts.")
     opts = parser.parse_args()
