@@ -38,7 +38,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     Call arguments:
         token_ids: `[B, T]` int ids.
-        positions: `[B, T]` int positions.
+        positions: `[B, T]` int positions, or None for `0..T-1` in every row.
     Returns `[B, T, C]`.
 
     Example:
@@ -70,8 +70,16 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.built = True
 
-    def call(self, token_ids, positions, training=None):
+    def call(self, token_ids, positions=None, training=None):
         x = self.token_embedding(token_ids)
+        if positions is None and self.position != "rotary":
+            # Positions 0..T-1 (training without padding): a slice of the table, whose
+            # gradient is a cheap pad, instead of a gather whose gradient is a scatter-add.
+            length = ops.shape(token_ids)[1]
+            if self.position == "learned":
+                return self.dropout_layer(x + ops.cast(self.position_embeddings[:length], x.dtype)[None],
+                                          training=training)
+            positions = ops.arange(length, dtype="int32")[None, :]
         if self.position == "learned":
             x = x + ops.cast(ops.take(self.position_embeddings, positions, axis=0), x.dtype)
         elif self.position == "sinusoidal":

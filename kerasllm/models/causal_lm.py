@@ -125,8 +125,7 @@ class CausalLM(TransformerModel):
             token_ids, padding_mask = inputs, None
         length = ops.shape(token_ids)[1]
         if padding_mask is None:
-            positions = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
-            positions = ops.broadcast_to(positions, ops.shape(token_ids))
+            positions = None  # 0..T-1 in every row (see TokenAndPositionEmbedding)
         else:
             positions = positions_from_mask(padding_mask, length)
         bias = attention_bias(length, length, padding_mask, causal=True)
