@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kerasllm.errors import DataError, UsageError
-from kerasllm.export.predict import Predictor, RecordError
+from kerasllm.export.predict import GENERATED_TOKENS, Predictor, RecordError
 from kerasllm.export.records import Record
 
 TRUNCATE_POLICIES = ("error", "left", "right")
@@ -308,6 +308,7 @@ class Summary:
     skipped: int = 0  # already in the output (--resume)
     errors_total: int = 0  # errors in the whole output, resumed part included
     tokens: int = 0  # input tokens of the records this run processed
+    generated: int = 0  # tokens the predictor generated (generate, translate)
     seconds: float = 0.0
     interrupted: Interrupted | None = None
 
@@ -315,8 +316,10 @@ class Summary:
         rate = self.records / self.seconds if self.seconds > 0 else 0.0
         tokens = self.tokens / self.seconds if self.seconds > 0 else 0.0
         resumed = f" (+{self.skipped} already in the output)" if self.skipped else ""
+        generated = (f", {self.generated / self.seconds:.0f} generated tokens/s"
+                     if self.generated and self.seconds > 0 else "")
         return (f"{self.records} records{resumed}, {self.errors} errors, {self.seconds:.2f} s, "
-                f"{rate:.1f} records/s, {tokens:.0f} input tokens/s")
+                f"{rate:.1f} records/s, {tokens:.0f} input tokens/s{generated}")
 
 
 class BatchRunner:
@@ -399,6 +402,8 @@ class BatchRunner:
                 if "error" in result:
                     rows[position] = self._error_row(record, RecordError(result["error"]))
                 else:
+                    # Keys starting with "_" are the predictor's accounting, not output.
+                    summary.generated += int(result.pop(GENERATED_TOKENS, 0))
                     rows[position] = {"id": record.id, **result}
                     summary.tokens += len(ids[position])
             written = self._write_ready(rows, written, writer, guard, summary)

@@ -33,7 +33,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from kerasllm.errors import DataError
 from kerasllm.export import batch
-from kerasllm.export.predict import Predictor, RecordError, load_predictor
+from kerasllm.export.predict import GENERATED_TOKENS, Predictor, RecordError, load_predictor
 
 class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
     """RunInference model handler for a kerasllm bundle (ONNX Runtime, no TensorFlow).
@@ -89,6 +89,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
                                           bucket=True, extra_tokens=extra or 0):
             chosen = [positions[i] for i in planned]
             for position, result in zip(chosen, batch.predict_isolating(model, [ids[p] for p in chosen], options)):
+                result.pop(GENERATED_TOKENS, None)  # accounting for the CLI's summary, not output
                 results[position] = result
         return [PredictionResult(element, result, model_id=self.bundle)
                 for element, result in zip(batch_of_elements, results)]

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kerasllm.errors import UsageError
-from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, log_softmax, truncate_at_stop
+from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, log_softmax, truncate_at_stop
 from kerasllm.export.predict import RecordError
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -108,10 +108,7 @@ class CausalGenerator:
         return truncate_at_stop(self.tokenizer.decode(tokens), decoding.stop)[0]
 
     def _result(self, hyps: list[Hypothesis], decoding: DecodingOptions) -> dict:
-        if decoding.n_best == 1:
-            return {"output": self._text(hyps[0].tokens, decoding)}
-        return {"output": [self._text(h.tokens, decoding) for h in hyps],
-                "scores": [round(float(h.score), 6) for h in hyps]}
+        return hypotheses_result(hyps, decoding.n_best, lambda tokens: self._text(tokens, decoding))
 
 
 class BundleGenerator(CausalGenerator):

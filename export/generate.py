@@ -78,6 +78,21 @@ class Hypothesis:
     score: float | None = None
 
 
+def hypotheses_result(hyps: list[Hypothesis], n_best: int, text: Callable[[list[int]], str]) -> dict:
+    """A generate/translate predictor's result for one input (see export/predict.py).
+
+    `{"output": str}`, or `{"output": [str...], "scores": [...]}` for n-best; the tokens
+    generated are counted under GENERATED_TOKENS for the batch runner's throughput line.
+    """
+    from kerasllm.export.predict import GENERATED_TOKENS  # noqa: PLC0415 - predict imports nothing heavy
+
+    generated = sum(len(h.tokens) for h in hyps[:n_best])
+    if n_best == 1:
+        return {"output": text(hyps[0].tokens), GENERATED_TOKENS: generated}
+    return {"output": [text(h.tokens) for h in hyps[:n_best]],
+            "scores": [round(float(h.score), 6) for h in hyps[:n_best]], GENERATED_TOKENS: generated}
+
+
 # -- logits processing -------------------------------------------------------------------------
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL's penalty (as in Hugging Face): seen tokens' logits divided by `penalty` if positive,

@@ -27,6 +27,11 @@ from typing import Any, Protocol, Sequence
 from kerasllm.errors import KerasLLMError, UsageError
 
 
+# Optional key in a generate/translate result: how many tokens were generated for it. The
+# batch runner removes it from the output and reports generated tokens/s.
+GENERATED_TOKENS = "_generated_tokens"
+
+
 class RecordError(KerasLLMError):
     """One input record cannot be processed (the job goes on with the others)."""
 

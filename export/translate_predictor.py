@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kerasllm.errors import DataError, UsageError
-from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, truncate_at_stop
+from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, truncate_at_stop
 from kerasllm.export.predict import RecordError
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -89,10 +89,7 @@ class Translator:
         return truncate_at_stop(self.target_tokenizer.decode(tokens), decoding.stop)[0]
 
     def _result(self, hyps: list[Hypothesis], decoding: DecodingOptions) -> dict:
-        if decoding.n_best == 1:
-            return {"output": self._text(hyps[0].tokens, decoding)}
-        return {"output": [self._text(h.tokens, decoding) for h in hyps],
-                "scores": [round(float(h.score), 6) for h in hyps]}
+        return hypotheses_result(hyps, decoding.n_best, lambda tokens: self._text(tokens, decoding))
 
     def _loop(self, sessions, batch, decoding) -> list[list[Hypothesis]]:
         """generate.py's loops over `sessions` (ONNX Runtime or the Keras reference)."""

@@ -9,6 +9,7 @@ The model is a tiny untrained CausalLM (random weights generate deterministic te
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def real_bundle(tmp_path_factory, corpus_file) -> Path:
 
 def test_cli_on_a_real_bundle_equals_generation_one_prompt_at_a_time_and_resumes(run_cli, real_bundle, tmp_path,
                                                                                    corpus_file):
-    from kerasllm.export.predict import load_predictor
+    from kerasllm.export.predict import GENERATED_TOKENS, load_predictor
 
     words = corpus_file.read_text(encoding="utf-8").split()
     prompts = [" ".join(words[i * 7: i * 7 + 1 + (i * 5) % 9]) for i in range(30)]  # 1..9 words
@@ -71,11 +72,14 @@ def test_cli_on_a_real_bundle_equals_generation_one_prompt_at_a_time_and_resumes
     for row, g in zip(rows, got):
         if "error" not in g:
             alone = predictor.predict([predictor.check(row["text"])], **options)[0]
+            assert 0 < alone.pop(GENERATED_TOKENS) <= 8  # counted for the summary, never written
             assert g == {"id": row["key"], **alone}, row
 
     unbucketed = tmp_path / "unbucketed.jsonl"
-    assert run_cli(*args, "-o", unbucketed, "--no-bucket", "--batch-size", 7).code == 1
+    loud = run_cli(*[a for a in args if a != "-q"], "-o", unbucketed, "--no-bucket", "--batch-size", 7)
+    assert loud.code == 1
     assert unbucketed.read_bytes() == out.read_bytes()
+    assert re.search(r"30 records, 2 errors, .* [\d.]+ generated tokens/s", loud.err), loud.err
 
     resumed = tmp_path / "resumed.jsonl"
     lines = out.read_bytes().splitlines(keepends=True)
