@@ -65,8 +65,8 @@ def read_corpus(paths) -> list[str]:
 def tokenize_corpus(texts: Iterable[str], tokenizer, eos_between_documents: bool = True) -> np.ndarray:
     """One flat int32 array of ids; documents are separated by EOS, as GPT-2 does."""
     pieces = []
-    for ids in tokenizer.encode_batch(list(texts)):
-        pieces.append(np.asarray(ids, dtype=np.int32))
+    for text in texts:
+        pieces.append(tokenizer.encode_array(text))
         if eos_between_documents:
             pieces.append(np.asarray([tokenizer.eos_id], dtype=np.int32))
     return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)

@@ -13,10 +13,12 @@ Every kind reserves the same special tokens at the same ids (see `SPECIAL_TOKENS
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kerasllm.errors import DataError, UsageError
@@ -49,13 +51,20 @@ class TextTokenizer:
         if kind not in TOKENIZER_KINDS:
             raise UsageError(f"tokenizer: unknown kind {kind!r} (choose from {', '.join(TOKENIZER_KINDS)})")
         if kind == "char":
-            tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+            # The vocabulary is every character seen, most frequent first: counted here in
+            # one pass (a WordLevelTrainer over one "word" per character is ~10x slower).
+            counts = collections.Counter()
+            for text in texts:
+                counts.update(text)
+            chars = sorted(counts, key=lambda ch: (-counts[ch], ch))
+            vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *chars])}
+            tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
             # Every character, newlines included, is its own "word".
             tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
             tokenizer.decoder = decoders.Fuse()
-            trainer = trainers.WordLevelTrainer(vocab_size=1 << 20, min_frequency=1,
-                                                special_tokens=SPECIAL_TOKENS)
-        elif kind in ("byte", "bpe"):
+            tokenizer.add_special_tokens(SPECIAL_TOKENS)
+            return cls(tokenizer)
+        if kind in ("byte", "bpe"):
             tokenizer = Tokenizer(models.BPE(unk_token=None))
             tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind == "bpe")
             tokenizer.decoder = decoders.ByteLevel()
@@ -138,6 +147,29 @@ class TextTokenizer:
     # -- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode(text)` as an int32 array; fast for large character-level corpora.
+
+        A character tokenizer's ids are a per-character lookup, done here with numpy
+        (~20x faster than the Rust pre-tokenizer's one split per character). Text holding
+        a special token's spelling takes the tokenizer's own path, which matches those first.
+        """
+        if self._char_vocab is None or any(token in text for token in SPECIAL_TOKENS):
+            return np.asarray(self.encode(text), dtype=np.int32)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        unique, inverse = np.unique(codes, return_inverse=True)
+        lookup = np.array([self._char_vocab.get(chr(c), self.unk_id) for c in unique], dtype=np.int32)
+        return lookup[inverse.reshape(-1)]
+
+    @property
+    def _char_vocab(self) -> dict[str, int] | None:
+        """The vocabulary when this is a `char` tokenizer (WordLevel over single characters)."""
+        if not hasattr(self, "_char_vocab_cache"):
+            state = json.loads(self.tokenizer.to_str())
+            is_char = state["model"]["type"] == "WordLevel" and (state.get("decoder") or {}).get("type") == "Fuse"
+            self._char_vocab_cache = self.tokenizer.get_vocab() if is_char else None
+        return self._char_vocab_cache
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]

@@ -46,3 +46,11 @@ def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataError, match="no such file"):
         TextTokenizer.load(tmp_path / "nope.json")
+
+
+def test_char_fast_path_gives_the_tokenizers_own_ids():
+    tok = TextTokenizer.train([TEXT], kind="char")
+    for text in [TEXT, "Unseen: é ✓ 🙂\r\n\ttabs", "spelled <eos> and <pad> inside", ""]:
+        assert tok.encode_array(text).tolist() == tok.encode(text), text
+    bpe = TextTokenizer.train([TEXT], kind="bpe", vocab_size=200)
+    assert bpe.encode_array("The lazy fox").tolist() == bpe.encode("The lazy fox")

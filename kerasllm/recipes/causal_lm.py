@@ -11,6 +11,7 @@ from kerasllm.config import DecoderConfig
 from kerasllm.data import TokenSplit, lm_windows, read_corpus, tokenize_corpus
 from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
+from kerasllm.recipes.common import RunArgs
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -19,28 +20,13 @@ log = logging.getLogger("kerasllm")
 
 
 @dataclass
-class CausalLMTrainArgs:
+class CausalLMTrainArgs(RunArgs):
     """Everything a causal-LM run needs; saved in config.json so `--resume` can repeat it."""
 
     data: list[str] = field(default_factory=list)
-    preset: str = "tiny"
-    steps: int | None = None
-    epochs: float | None = None
     batch_size: int = 12
     seq_len: int = 64
-    lr: float = 1e-3
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    label_smoothing: float = 0.0
-    tokenizer: str = "char"
-    vocab_size: int = 4000
-    eval_interval: int = 100
-    eval_steps: int = 20
-    validation_fraction: float = 0.1
     window: str = "random"
-    seed: int = 0
-    jit_compile: bool = True
-    log_every: int = 10
 
 
 def build_config(args: CausalLMTrainArgs, config_file: str | None, overrides: dict) -> DecoderConfig:

@@ -18,6 +18,7 @@ from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, r
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import cleanup_on_failure, encoder_config, validation_steps
+from kerasllm.recipes.common import RunArgs
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -28,7 +29,7 @@ INIT_TASKS = ("masked-lm", "classifier")
 
 
 @dataclass
-class ClassifierTrainArgs:
+class ClassifierTrainArgs(RunArgs):
     """Everything a classifier run needs; saved in config.json so `--resume` can repeat it."""
 
     data: list[str] = field(default_factory=list)
@@ -36,23 +37,7 @@ class ClassifierTrainArgs:
     label_field: str = "label"
     init_from: str | None = None
     pooling: str | None = None
-    preset: str = "tiny"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 1e-3
-    warmup_steps: int | None = None
     weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    tokenizer: str = "char"
-    vocab_size: int = 4000
-    eval_interval: int = 100
-    eval_steps: int = 20
-    validation_fraction: float = 0.1
-    seed: int = 0
-    jit_compile: bool = True
-    log_every: int = 10
 
 
 def _pretrained(init_from: str):

@@ -17,6 +17,7 @@ from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
+from kerasllm.recipes.common import RunArgs
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -25,27 +26,12 @@ log = logging.getLogger("kerasllm")
 
 
 @dataclass
-class MaskedLMTrainArgs:
+class MaskedLMTrainArgs(RunArgs):
     """Everything a masked-LM run needs; saved in config.json so `--resume` can repeat it."""
 
     data: list[str] = field(default_factory=list)
     text_field: str = "text"
-    preset: str = "tiny"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 1e-3
-    warmup_steps: int | None = None
     weight_decay: float = 0.01
-    tokenizer: str = "char"
-    vocab_size: int = 4000
-    eval_interval: int = 100
-    eval_steps: int = 20
-    validation_fraction: float = 0.1
-    seed: int = 0
-    jit_compile: bool = True
-    log_every: int = 10
 
 
 def encoder_config(preset: str, config_file: str | None, overrides: dict, tokenizer: TextTokenizer,

@@ -15,6 +15,7 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
+from kerasllm.recipes.common import RunArgs
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -25,7 +26,7 @@ TARGET_TOKENIZER_FILE = "target_tokenizer.json"
 
 
 @dataclass
-class Seq2SeqTrainArgs:
+class Seq2SeqTrainArgs(RunArgs):
     """Everything a seq2seq run needs; saved in config.json so `--resume` can repeat it."""
 
     data: str | None = None
@@ -33,25 +34,8 @@ class Seq2SeqTrainArgs:
     target_file: str | None = None
     source_field: str = "source"
     target_field: str = "target"
-    preset: str = "tiny"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    seq_len: int = 128
-    lr: float = 1e-3
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    label_smoothing: float = 0.0
-    tokenizer: str = "char"
-    vocab_size: int = 4000
     separate_vocab: bool = False
     target_tokenizer: str | None = None  # kind of the target tokenizer (separate vocab); default `tokenizer`
-    eval_interval: int = 100
-    eval_steps: int = 20
-    validation_fraction: float = 0.1
-    seed: int = 0
-    jit_compile: bool = True
-    log_every: int = 10
 
 
 def load_tokenizers(path: str | Path) -> tuple[TextTokenizer, TextTokenizer]:
