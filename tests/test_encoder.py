@@ -156,3 +156,27 @@ def test_a_directory_of_text_files_gives_one_record_per_line(tmp_path):
     rows = read_rows(tmp_path)
     assert [r.text for r in rows] == ["first line", "second line", "third line"]
     assert rows[1].where.endswith("a.txt: line 3")
+
+
+def test_token_classifier_learns_a_context_dependent_tagging_rule():
+    """Tag 1 for every token that follows the marker id 7, else 0; padding (-1) is ignored."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(6, 17, 640)
+    ids = np.zeros((640, 16), "int32")
+    labels = np.full((640, 16), -1, "int32")
+    for row, length in enumerate(lengths):
+        tokens = rng.integers(6, 20, length)
+        ids[row, :length] = tokens
+        labels[row, :length] = np.concatenate([[0], tokens[:-1] == 7]).astype("int32")
+    mask = (labels >= 0).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = TokenClassifier(EncoderConfig.preset("tiny", vocab_size=24, num_labels=2, max_length=16))
+    model.compile(learning_rate=3e-3, total_steps=480, jit_compile=False)
+    inputs = {"token_ids": ids, "padding_mask": mask}
+    model.fit({k: v[:512] for k, v in inputs.items()}, labels[:512], batch_size=32, epochs=30, verbose=0)
+    predicted = np.asarray(model({k: v[512:] for k, v in inputs.items()})).argmax(-1)
+    real = labels[512:] >= 0
+    accuracy = (predicted[real] == labels[512:][real]).mean()
+    after_marker = real & (labels[512:] == 1)
+    assert accuracy >= 0.97, accuracy
+    assert (predicted[after_marker] == 1).mean() >= 0.9  # the rare class is learned, not just the majority
