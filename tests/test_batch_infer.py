@@ -93,6 +93,17 @@ def test_every_input_format(run_cli, bundle, tmp_path, fmt):
     assert "2 records, 0 errors" in result.err
 
 
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_an_empty_input_is_an_error_and_leaves_no_output(run_cli, bundle, tmp_path, content):
+    source = tmp_path / "empty.txt"
+    source.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "-q")
+    assert result.code == 1, result
+    assert f"{source}: no records to process" in result.err and "Traceback" not in result.err
+    assert not out.exists()
+
+
 def test_stdin_to_stdout_and_explicit_format(bundle, tmp_path):
     proc = subprocess.run([sys.executable, str(FAKE), "generate", str(bundle), "--format", "jsonl", "-q"],
                           input='{"text": "abc"}\n{"text": "de"}\n', capture_output=True, text=True, cwd=REPO,

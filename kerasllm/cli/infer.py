@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from kerasllm.errors import UsageError
+from kerasllm.errors import DataError, UsageError
 from kerasllm.export.batch import TASK_DEFAULTS
 
 FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv"]
@@ -179,6 +179,12 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         click.echo(f"kerasllm: {summary.errors_total} record(s) failed: see the \"error\" lines in "
                    f"{'the output' if output_path == '-' else output_path}", err=True)
         sys.exit(1)
+    if not summary.records and not summary.skipped:
+        # An empty input is almost always a mistake upstream: say so, and leave no empty output.
+        if output_path != "-" and not resume and Path(output_path).stat().st_size == 0:
+            Path(output_path).unlink()
+        name = "standard input" if input_path == "-" else input_path
+        raise DataError(f"{name}: no records to process (the input is empty or holds only blank lines)")
 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
