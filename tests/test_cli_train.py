@@ -114,3 +114,9 @@ def test_sample_data_is_deterministic(run_cli, tmp_path):
         first = (tmp_path / name).read_bytes()
         assert run_cli("sample-data", kind, "--out", tmp_path / name, "--count", "50").code == 0
         assert (tmp_path / name).read_bytes() == first and len(first) > 500
+
+
+def test_export_of_a_directory_without_a_model_is_a_usage_error(run_cli, tmp_path):
+    result = run_cli("export", tmp_path, "--out", tmp_path / "bundle")
+    assert result.code == 2 and "not a finished model directory" in result.err
+    assert not (tmp_path / "bundle").exists()

@@ -28,6 +28,11 @@ def export(model_dir, out, opset, dtype, optimize):
       kerasllm export runs/lm --out bundles/lm
       kerasllm export runs/lm --out bundles/lm-fp16 --dtype fp16
     """
+    from kerasllm.errors import UsageError  # noqa: PLC0415
+
+    # Checked before TensorFlow loads (seconds), so a wrong path fails at once.
+    if not (model_dir / "model.keras").is_file() or not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir}: not a finished model directory (needs model.keras and config.json)")
     from kerasllm.export.exporter import ExportOptions, export_model_dir  # noqa: PLC0415 - imports TensorFlow
 
     def log(message: str) -> None:
