@@ -91,8 +91,36 @@ def cli(ctx, verbose):
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 silenced.
+
+    TF 2.21 prints absl start-up lines (the oneDNN notice, "Could not find cuda drivers")
+    before its logging is configured, ignoring TF_CPP_MIN_LOG_LEVEL. A failed import still
+    raises its Python exception once stderr is back.
+    """
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401,PLC0415
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _runs_keras(argv: list[str]) -> bool:
+    """Whether this command line will load TensorFlow: training, export, or a model directory source."""
+    if not argv:
+        return False
+    return argv[0] in ("train", "export") or (len(argv) > 1 and (Path(argv[1]) / "model.keras").is_file())
+
+
 def main(argv=None) -> None:
     configure_tensorflow()
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments:
+        import_tensorflow_quietly()
     try:
         cli.main(args=argv, prog_name="kerasllm", standalone_mode=False)
     except click.exceptions.Abort:
