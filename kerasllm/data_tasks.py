@@ -132,17 +132,6 @@ def split_validation(items: list, fraction: float, seed: int = 0) -> tuple[list,
     return [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
-    """Right-pad to `[B, length]` int64 ids and the int64 attention mask."""
-    length = length or max(len(s) for s in sequences)
-    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = seq
-        mask[row, :len(seq)] = 1
-    return ids, mask
-
-
 def mask_for_evaluation(sequences: Sequence[Sequence[int]], vocab_size: int, mask_id: int,
                         unselectable: Sequence[int], seed: int = 0, rate: float = MASK_RATE):
     """BERT masking (80% MASK, 10% random, 10% kept) in numpy with a fixed seed.
