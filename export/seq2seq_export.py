@@ -25,7 +25,7 @@ import numpy as np
 
 from kerasllm.export.convert import GraphSpec, TensorDecl, save_onnx, trace_to_onnx
 from kerasllm.export.seq2seq_runtime import Seq2SeqSessions, Seq2SeqStep, cross_names, self_names
-from kerasllm.export.validate import FP16_MIN_TOP1, FP32_TOLERANCE, ValidationError
+from kerasllm.export.validate import ValidationError, compare_output
 
 GREEDY_NEW_TOKENS = 24
 
@@ -140,25 +140,6 @@ def parity_batches(config, seed: int = 0):
         yield f"batch {batch}", ids, mask
 
 
-def _compare(key: str, reference: np.ndarray, actual, fp16: bool, figures: dict, logits: bool = False) -> None:
-    actual = np.asarray(actual.numpy() if hasattr(actual, "numpy") else actual, np.float32)
-    if actual.shape != reference.shape:
-        raise ValidationError(f"validation: {key}: shape {actual.shape} differs from Keras {reference.shape}")
-    if not np.isfinite(actual).all():
-        raise ValidationError(f"validation: {key}: NaN/Inf values on ONNX Runtime")
-    if fp16:
-        if logits:
-            agreement = float((actual.argmax(-1) == reference.argmax(-1)).mean())
-            figures.setdefault("top1_agreement", {})[key] = agreement
-            if agreement < FP16_MIN_TOP1:
-                raise ValidationError(f"validation: {key}: fp16 top-1 agreement {agreement:.2%} < {FP16_MIN_TOP1:.0%}")
-        return
-    diff = float(np.abs(actual - reference).max()) if actual.size else 0.0
-    figures.setdefault("max_abs_diff", {})[key] = diff
-    if not diff <= FP32_TOLERANCE:
-        raise ValidationError(f"validation: {key}: max |diff| {diff:.3g} > {FP32_TOLERANCE:g}")
-
-
 def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", greedy: bool = True) -> dict:
     """Compare the ONNX Runtime `sessions` with `model`; returns the figures, raises `ValidationError`."""
     c = model.config
@@ -173,16 +154,16 @@ def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", gree
         for i, (ref, got) in enumerate(zip(ref_cross, cross)):
             got = got.numpy()
             ref_real, got_real = (np.transpose(x, (0, 2, 1, 3))[real] for x in (ref, got))
-            _compare(f"{name}: {sessions.cross_outputs[i]}", ref_real, got_real, fp16, figures)
+            compare_output(f"{name}: {sessions.cross_outputs[i]}", ref_real, got_real, fp16, figures)
         start = np.full((len(ids), 1), c.bos_id, np.int64)
         chunk = rng.integers(min(6, c.target_vocab - 1), c.target_vocab, (len(ids), 3)).astype(np.int64)
         ref_past = got_past = None
         for step_name, tokens in (("BOS step", start), ("3-token step with past", chunk)):
             ref_logits, ref_past = keras_sessions.step(tokens, mask, ref_cross, ref_past)
             logits, got_past = sessions.step(tokens, mask, cross, got_past)
-            _compare(f"{name}, {step_name}: logits", ref_logits, logits, fp16, figures, logits=True)
+            compare_output(f"{name}, {step_name}: logits", ref_logits, logits, fp16, figures, logits=True)
             for i, (ref, got) in enumerate(zip(ref_past, got_past)):
-                _compare(f"{name}, {step_name}: {sessions.present_names[i]}", ref, got, fp16, figures)
+                compare_output(f"{name}, {step_name}: {sessions.present_names[i]}", ref, got, fp16, figures)
         figures["cases"].append({"name": name, "source_lengths": mask.sum(1).tolist(), "steps": [1, 3]})
     if greedy and not fp16:
         figures["greedy"] = check_greedy(model, sessions)

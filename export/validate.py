@@ -67,23 +67,26 @@ def _cases(vocab_size: int, max_length: int, seed: int = 0):
         yield name, prompts, chunk_ids
 
 
-def _compare(name: str, output: str, reference: np.ndarray, actual: np.ndarray, real: np.ndarray, fp16: bool,
-             figures: dict) -> None:
-    """Check one output of one case; `real` marks unpadded positions `[B, T]`."""
-    key = f"{name}: {output}"
+def compare_output(key: str, reference: np.ndarray, actual, fp16: bool, figures: dict, logits: bool = False,
+                   real: np.ndarray | None = None) -> None:
+    """Check one graph output against Keras's; raises `ValidationError` naming `key` and the figure.
+
+    Always: the same shape and no NaN/Inf. fp32: max |diff| <= FP32_TOLERANCE at every
+    position. fp16: logits agree on the top-1 token on >= FP16_MIN_TOP1 of the `real`
+    (unpadded, `[B, T]`) positions; other fp16 outputs only need to be finite.
+    """
+    actual = np.asarray(actual.numpy() if hasattr(actual, "numpy") else actual, np.float32)
     if actual.shape != reference.shape:
         raise ValidationError(f"validation: {key}: shape {actual.shape} differs from Keras {reference.shape}")
-    actual = actual.astype(np.float32)
+    values, expected = (actual[real], reference[real]) if real is not None else (actual, reference)
+    if not np.isfinite(values).all():
+        raise ValidationError(f"validation: {key}: {int((~np.isfinite(values)).sum())} NaN/Inf values on ONNX Runtime")
     if fp16:
-        if output != "logits":
-            return
-        values = actual[real]
-        if not np.isfinite(values).all():
-            raise ValidationError(f"validation: {key}: {int((~np.isfinite(values)).sum())} NaN/Inf values in fp16")
-        agreement = float((values.argmax(-1) == reference[real].argmax(-1)).mean())
-        figures.setdefault("top1_agreement", {})[key] = agreement
-        if agreement < FP16_MIN_TOP1:
-            raise ValidationError(f"validation: {key}: fp16 top-1 agreement {agreement:.2%} < {FP16_MIN_TOP1:.0%}")
+        if logits:
+            agreement = float((values.argmax(-1) == expected.argmax(-1)).mean())
+            figures.setdefault("top1_agreement", {})[key] = agreement
+            if agreement < FP16_MIN_TOP1:
+                raise ValidationError(f"validation: {key}: fp16 top-1 agreement {agreement:.2%} < {FP16_MIN_TOP1:.0%}")
         return
     diff = float(np.abs(actual - reference).max()) if actual.size else 0.0
     figures.setdefault("max_abs_diff", {})[key] = diff
@@ -107,17 +110,17 @@ def validate_causal_lm(model, step, dtype: str = "fp32", greedy: bool = True) ->
         ref_logits, ref_cache = keras_step(ids, mask, None)
         logits, cache = step(ids, mask, None)
         real = mask.astype(bool)
-        _compare(f"{name}, prompt step", "logits", ref_logits, logits, real, fp16, figures)
+        compare_output(f"{name}, prompt step: logits", ref_logits, logits, fp16, figures, logits=True, real=real)
         presents = [v.numpy() for v in cache]
         ref_presents = [x for pair in zip(*ref_cache) for x in pair]
         for i, (ref, got) in enumerate(zip(ref_presents, presents)):
-            _compare(f"{name}, prompt step", step.present_names[i], ref, got, real, fp16, figures)
+            compare_output(f"{name}, prompt step: {step.present_names[i]}", ref, got, fp16, figures)
         # Decode on top of the past: the chunk of new tokens sees every earlier real token.
         mask = np.concatenate([mask, np.ones(chunk.shape, np.int64)], axis=1)
         ref_logits, _ = keras_step(chunk, mask, ref_cache)
         logits, _ = step(chunk, mask, cache)
-        _compare(f"{name}, {chunk.shape[1]}-token step with past", "logits", ref_logits, logits,
-                 np.ones(chunk.shape, bool), fp16, figures)
+        compare_output(f"{name}, {chunk.shape[1]}-token step with past: logits", ref_logits, logits, fp16, figures,
+                       logits=True)
         figures["cases"].append({"name": name, "prompt_lengths": [len(p) for p in prompts],
                                  "step_tokens": int(chunk.shape[1])})
     if greedy and not fp16:
