@@ -120,3 +120,14 @@ def test_export_of_a_directory_without_a_model_is_a_usage_error(run_cli, tmp_pat
     result = run_cli("export", tmp_path, "--out", tmp_path / "bundle")
     assert result.code == 2 and "not a finished model directory" in result.err
     assert not (tmp_path / "bundle").exists()
+
+
+def test_the_same_seed_trains_the_same_model(run_cli, corpus_file, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "6",
+                         "--eval-interval", "6", "--eval-steps", "1", "--seed", "3", *FAST)
+        assert result.code == 0, result
+    a, b = (keras.models.load_model(out / "model.keras") for out in outs)
+    x = np.arange(6, 26, dtype="int32")[None, :]
+    np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))

@@ -75,7 +75,12 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
             tokenizer.save(out)
             write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
                                                   "train": asdict(args), "distribute": asdict(dist.options)})
-        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+        import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        import kerasllm.models as models  # noqa: PLC0415
+
+        # Before the input pipelines and the model: the same --seed, the same data order and weights.
+        keras.utils.set_random_seed(args.seed)
 
         # Fresh data order after a resume instead of replaying the first windows.
         seed = args.seed + restored_epoch(out)

@@ -102,7 +102,12 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
             if args.separate_vocab:
                 target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
             write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args)})
-        import kerasllm.models as models  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+        import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        import kerasllm.models as models  # noqa: PLC0415
+
+        # Before the input pipelines and the model: the same --seed, the same data order and weights.
+        keras.utils.set_random_seed(args.seed)
 
         special = dict(pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
         # Fresh data order after a resume instead of replaying the first batches.
