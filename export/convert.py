@@ -267,10 +267,20 @@ def _constant_value(proto, name, producers):
     return None
 
 
+def graph_index(graph) -> tuple[dict, dict]:
+    """`(producers, consumers)`: tensor name -> the node writing it, and -> the nodes reading it."""
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producers, consumers
+
+
 def _rewrite_erfc(proto: onnx.ModelProto) -> None:
     """Replace TensorFlow's `erfc(-x / sqrt 2)` by `1 + erf(x / sqrt 2)` (see module docstring)."""
     graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
+    producers, _ = graph_index(graph)
     nodes = []
     for node in graph.node:
         if node.op_type != "Erfc":
@@ -311,11 +321,7 @@ def _fold_tensordot(proto: onnx.ModelProto) -> None:
     Only nodes that tf2onnx named after a Tensordot are touched.
     """
     graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = graph_index(graph)
     replace = {}  # id(node) -> replacement node, or None to drop
     for node in graph.node:
         if node.op_type != "MatMul" or "Tensordot" not in node.name:

@@ -74,14 +74,10 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
     layer, with the same math (validation checks it). A layer whose subgraph differs in any
     way (rotary positions, another scale) is left as it is. Returns the number fused.
     """
-    from kerasllm.export.convert import _constant_value, _remove_dead_nodes  # noqa: PLC0415
+    from kerasllm.export.convert import _constant_value, _remove_dead_nodes, graph_index  # noqa: PLC0415
 
     graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = graph_index(graph)
 
     def producer(name, op_type):
         node = producers.get(name)

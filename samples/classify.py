@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _cli import kerasllm  # samples/ is on sys.path when a sample runs as a script
 
 OUT = Path("samples/out/classify")
 REVIEWS = [
@@ -29,13 +28,6 @@ REVIEWS = [
     "My tent turned out comfortable after a month.",
     "This kettle is noisy.",
 ]
-
-
-def kerasllm(*args: str) -> None:
-    print("$ kerasllm " + " ".join(args), flush=True)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kerasllm", *args], check=True)
-    print(f"  ({time.perf_counter() - start:.1f} s)\n", flush=True)
 
 
 def main() -> None:

@@ -14,22 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _cli import kerasllm  # samples/ is on sys.path when a sample runs as a script
 
 OUT = Path("samples/out")
 PROMPTS = ["Anna had a", "The fox lived near the", "\"Where is my", "In the garden there was",
            "Ben saw a", "Milo and the bear played", "The owl", "Grace picked"]
-
-
-def kerasllm(*args: str) -> None:
-    command = [sys.executable, "-m", "kerasllm", *args]
-    print("$ kerasllm " + " ".join(args), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"  ({time.perf_counter() - start:.1f} s)\n", flush=True)
 
 
 def main() -> None:

@@ -17,22 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _cli import kerasllm  # samples/ is on sys.path when a sample runs as a script
 
 OUT = Path("samples/out/translate")
 INPUTS = ["forty-two", "three hundred and seven", "nine hundred and ninety-nine", "eleven", "six hundred",
           "one hundred and one", "seventy-three", "five hundred and fifty-five"]
-
-
-def kerasllm(*args: str) -> None:
-    command = [sys.executable, "-m", "kerasllm", *args]
-    print("$ kerasllm " + " ".join(args), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True)
-    print(f"  ({time.perf_counter() - start:.1f} s)\n", flush=True)
 
 
 def write_pairs(path: Path, count: int, seed: int) -> None:
