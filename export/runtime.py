@@ -10,11 +10,13 @@
   on the CPU, so the CPU tests exercise it.
 
 Devices: `None`/"auto" (CUDA when it loads, else CPU), "cpu", "cuda", "cuda:N".
+Environment: `KERASLLM_ORT_SPINNING=0` stops idle pool threads from spinning (see `_spinning`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -66,18 +68,30 @@ class Session:
         return [o.name for o in self.session.get_outputs()]
 
 
+def _spinning() -> str:
+    """ONNX Runtime's pool threads spin while they wait for work unless told not to.
+
+    Spinning is ORT's default and the faster choice on a machine the job has to itself: a
+    decode step (small preset, batch 8, quiet 2-core CPU) took 0.53 ms spinning and 0.81 ms
+    not, because every small op otherwise waits for its threads to wake. On a CPU shared
+    with other busy processes spinning threads steal the cores the work needs (the same
+    step: 4.5 ms spinning, 3.4 ms not, under load). `KERASLLM_ORT_SPINNING=0` turns it off.
+    """
+    value = os.environ.get("KERASLLM_ORT_SPINNING", "1").strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise UsageError(f"KERASLLM_ORT_SPINNING must be 0 or 1, got {value!r}")
+    return "1" if value in ("1", "true", "yes", "on") else "0"
+
+
 def _options(severity: int, threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = severity
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    # ORT's pool threads spin while waiting for work by default. Decoding runs many small
-    # ops per step; on a CPU shared with other work (here: 2 cores, several jobs) spinning
-    # threads steal the cores the work needs: a decode step took 4.5 ms with spinning and
-    # 3.4 ms without (batch 8), 13.7 vs 10.7 ms (batch 32). It does not affect CUDA kernels.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    spinning = _spinning()
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     return options
 
 

@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Two pytest workers share two cores: ORT pool threads spinning while idle would steal them.
+os.environ.setdefault("KERASLLM_ORT_SPINNING", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -187,3 +187,21 @@ def test_top_p_sampling_never_leaves_the_nucleus():
     assert probs[1] < 0.6 <= probs[1] + probs[2]
     picked = {h[0].tokens[0] for h in run(table, [[0]] * 300, max_new_tokens=1, temperature=1.0, top_p=0.6, seed=0)}
     assert picked == {1, 2}
+
+
+@pytest.mark.parametrize("value, expected", [("1", "1"), ("0", "0"), ("off", "0"), ("Yes", "1")])
+def test_ort_thread_spinning_follows_the_environment(monkeypatch, value, expected):
+    from kerasllm.export import runtime
+
+    monkeypatch.setenv("KERASLLM_ORT_SPINNING", value)
+    assert runtime._spinning() == expected
+    options = runtime._options(3, None)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+
+
+def test_ort_thread_spinning_refuses_a_bad_value(monkeypatch):
+    from kerasllm.export import runtime
+
+    monkeypatch.setenv("KERASLLM_ORT_SPINNING", "maybe")
+    with pytest.raises(UsageError, match="KERASLLM_ORT_SPINNING"):
+        runtime._spinning()
