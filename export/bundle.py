@@ -164,11 +164,13 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return Bundle(path, manifest)
 
 
-def genai_config(config: dict[str, Any], graph: dict[str, Any], special_ids: dict[str, int]) -> dict[str, Any]:
+def genai_config(config: dict[str, Any], graph: dict[str, Any], special_ids: dict[str, int],
+                 shared_buffer: bool = False) -> dict[str, Any]:
     """ONNX Runtime GenAI's `genai_config.json` for a decoder graph with GenAI's I/O names.
 
-    The cache grows by concatenation (past and present are separate buffers), hence
-    `past_present_share_buffer: false`; positions come from the attention mask.
+    `past_present_share_buffer` is true for a graph whose GroupQueryAttention updates one
+    max-length buffer in place (export/optimize.py, `share_kv_buffer`), false for a cache
+    that grows by concatenation; positions come from the attention mask.
     """
     return {
         "model": {
@@ -201,7 +203,7 @@ def genai_config(config: dict[str, Any], graph: dict[str, Any], special_ids: dic
         },
         "search": {
             "do_sample": False, "early_stopping": True, "max_length": config["max_length"], "min_length": 0,
-            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": shared_buffer,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

@@ -14,8 +14,8 @@ values are attached once, at the end, under the variables' own names. `Transpose
 of the tied embedding then stays a node, which ONNX Runtime folds when it loads the
 graph (memory, not file).
 
-Two rewrites make the graph friendlier to ONNX Runtime's fusions, both checked by
-validation like everything else:
+Three rewrites make the graph friendlier to ONNX Runtime, all checked by validation
+like everything else:
 * `keras.layers.LayerNormalization` is traced as the textbook decomposition
   (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add) that ONNX Runtime fuses
   into one LayerNormalization node; Keras's own form (moments, rsqrt, x * inv + res)
@@ -23,6 +23,8 @@ validation like everything else:
 * TensorFlow's exact GELU is `0.5 * x * erfc(-x / sqrt(2))`; ONNX has no Erfc. It is
   rewritten to `erf`'s form, `0.5 * x * (1 + erf(x / sqrt(2)))`, which ONNX Runtime
   fuses into Gelu/BiasGelu.
+* tf2onnx's negative-index fix-up in front of each embedding `Gather` is dropped
+  (ONNX `Gather` handles negative indices itself; see `_plain_gather_indices`).
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ def trace_to_onnx(spec: GraphSpec, model, opset: int = DEFAULT_OPSET) -> onnx.Mo
     # messages' memory until the whole model is freed, so big tensors join last.
     _rewrite_erfc(proto)
     _fold_tensordot(proto)
+    _plain_gather_indices(proto)
     _attach_weights(proto, variables, weight_names)
     proto.ir_version = IR_VERSION
     proto.producer_name = "kerasllm"
@@ -339,6 +342,71 @@ def _fold_tensordot(proto: onnx.ModelProto) -> None:
     del graph.node[:]
     graph.node.extend(n for n in nodes if n is not None)
     _remove_dead_nodes(proto)
+
+
+def _plain_gather_indices(proto: onnx.ModelProto) -> None:
+    """Drop tf2onnx's negative-index fix-up in front of embedding lookups.
+
+    `tf.gather` (Keras `take`, `Embedding`) is converted as `Gather(table, where(i < 0,
+    i + n, i))`, spelled out as eight small nodes (Cast, Less, Not, Cast, Mul, Cast, Mul,
+    Add) per lookup. ONNX `Gather` already reads a negative index as `i + n`, so the
+    lookup gets `i` itself: the same result, and per decode step sixteen fewer kernels
+    for ONNX Runtime to launch (a step of a small model is mostly launch overhead).
+    Matched only in that exact form:
+
+        Add(Mul(Cast(Less(i', 0)), Add(i, n)), Mul(i, Cast(Not(Less(i', 0)))))   i' = i or Cast(i)
+    """
+    graph = proto.graph
+    producers, _ = graph_index(graph)
+
+    def node(name, op_type):
+        found = producers.get(name)
+        return found if found is not None and found.op_type == op_type else None
+
+    def is_zero(name):
+        value = _constant_value(proto, name, producers)
+        return value is not None and value.size == 1 and float(value.ravel()[0]) == 0.0
+
+    def negative_test(name, index):
+        """`name` is Less(index or Cast(index), 0)."""
+        less = node(name, "Less")
+        if not less or not is_zero(less.input[1]):
+            return None
+        source = less.input[0]
+        cast = node(source, "Cast")
+        return less if source == index or (cast and cast.input[0] == index) else None
+
+    def fixed_index(name):
+        add = node(name, "Add")
+        muls = add and [node(x, "Mul") for x in add.input]
+        if not add or not all(muls):
+            return None
+        for neg_mul, pos_mul in (muls, muls[::-1]):
+            for index in pos_mul.input:  # Mul(i, Cast(Not(L))), either operand order
+                other = pos_mul.input[1] if pos_mul.input[0] == index else pos_mul.input[0]
+                cast_not = node(other, "Cast")
+                not_ = cast_not and node(cast_not.input[0], "Not")
+                less = not_ and negative_test(not_.input[0], index)
+                if not less:
+                    continue
+                # Mul(Cast(L), Add(i, n)), either operand order
+                for a, b in ((0, 1), (1, 0)):
+                    cast_l = node(neg_mul.input[a], "Cast")
+                    shifted = node(neg_mul.input[b], "Add")
+                    if (cast_l and cast_l.input[0] == less.output[0] and shifted
+                            and index in shifted.input):
+                        return index
+        return None
+
+    changed = False
+    for gather in graph.node:
+        if gather.op_type == "Gather" and len(gather.input) == 2:
+            index = fixed_index(gather.input[1])
+            if index is not None:
+                gather.input[1] = index
+                changed = True
+    if changed:
+        _remove_dead_nodes(proto)
 
 
 def _remove_dead_nodes(proto: onnx.ModelProto) -> None:

@@ -46,10 +46,12 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     """The decoder family (`CausalLM`): one graph with a KV cache, `model.onnx`.
 
     With `optimize`, the self-attention of each layer is fused into ONNX Runtime's
-    MultiHeadAttention kernel (optimize.fuse_cached_attention). That kernel computes the
-    softmax its own way; if the result misses the fp32 tolerance (seen with very peaked
-    attention: 5e-3 on logits of magnitude 16) the graph is rebuilt without that one
-    fusion, and the manifest says so.
+    MultiHeadAttention kernel (optimize.fuse_cached_attention) and, in fp32 when every
+    layer fused, into GroupQueryAttention over a KV buffer updated in place
+    (optimize.share_kv_buffer; the manifest's `optimization.kv_cache` says which). These
+    kernels compute the softmax their own way; if the result misses the fp32 tolerance
+    (seen with very peaked attention: 5e-3 on logits of magnitude 16) the graph is rebuilt
+    without that one fusion, and the manifest says so.
     """
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx  # noqa: PLC0415
     from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
@@ -66,7 +68,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
         log(f"converted to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
         report = optimize_graph(proto, target, model_type="gpt2", num_heads=c.num_heads, hidden_size=c.hidden_dim,
                                 fuse=options.optimize, dtype=options.dtype, shape_inference=False,
-                                cached_attention=fuse_attention)
+                                cached_attention=fuse_attention, shared_kv_buffer=fuse_attention)
         fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"
         log(f"optimized ({options.dtype}): fusions {fusions}")
         start = time.perf_counter()
@@ -83,10 +85,12 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
         log(f"fused attention failed validation ({err}); exporting without that fusion")
         report, figures = build(fuse_attention=False)
         report["attention_fusion_reverted"] = str(err)
-    if options.dtype == "fp16":  # the cache travels in fp16 too
-        for name, decl in {**spec.inputs, **spec.outputs}.items():
-            if name.startswith(("past_key_values.", "present.")):
+    for name, decl in {**spec.inputs, **spec.outputs}.items():
+        if name.startswith(("past_key_values.", "present.")):
+            if options.dtype == "fp16":  # the cache travels in fp16 too
                 decl.dtype = "float16"
+            if report["kv_cache"] == "shared_buffer":  # one buffer, past and present (optimize.share_kv_buffer)
+                decl.shape[2] = "max_sequence"
     graph = {**spec.to_dict(), "opset": options.opset}
     return {"graphs": {spec.name: graph}, "optimization": report, "validation": figures}
 
@@ -145,7 +149,8 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
             shutil.copyfile(target_tokenizer, staging / target_tokenizer.name)
         special_ids = tokenizer.special_ids()
         if family == "decoder":
-            genai = bundle_lib.genai_config(run["model"], entries["graphs"]["model"], special_ids)
+            genai = bundle_lib.genai_config(run["model"], entries["graphs"]["model"], special_ids,
+                                            shared_buffer=entries["optimization"].get("kv_cache") == "shared_buffer")
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
         manifest = {
             "family": family, "task": run["task"], "config": run["model"], "special_ids": special_ids,

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import IR_VERSION, save_onnx
+from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
 # Ops kept in float32 in fp16 graphs: normalization statistics and softmax overflow in fp16.
 FP16_BLOCKED_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
@@ -159,6 +160,76 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
     return fused
 
 
+
+
+def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
+    """Turn a graph whose every layer `fuse_cached_attention` fused into one that updates a
+    fixed-size KV cache in place: each MultiHeadAttention becomes ONNX Runtime's
+    `com.microsoft.GroupQueryAttention` (kv_num_heads == num_heads) over a shared
+    past/present buffer, the layout ORT GenAI's model builder emits for CPU and CUDA.
+
+    Why: MultiHeadAttention concatenates past and new keys/values into a fresh present
+    every step, copying the whole cache (a quarter of a small model's decode step); GQA
+    writes the new token's keys/values into the bound buffer and reads the packed QKV
+    projection as it is (no Split). The attention bias subgraph becomes dead: GQA masks
+    causally from per-row lengths.
+
+    The graph contract changes (runtime.DecoderSession drives it, see there):
+    `past_key_values.*` / `present.*` are one `[B, H, max_sequence, D]` buffer bound as
+    both; `attention_mask [B, M]` holds each row's tokens so far *right-aligned* — row b
+    has ones in its first n_b columns (new tokens included), so `seqlens_k = n_b - 1` and
+    `total_sequence_length = M`; a prompt is passed right-padded with an all-ones mask.
+    The positions (`positions_from_mask_sum`, `n_b - T + t`) hold in both layouts. CPU
+    GQA runs a multi-token step on top of a past only for batch 1; the runtime feeds such
+    a step one token at a time. Returns False (graph unchanged) unless every layer is fused.
+    """
+    graph = model.graph
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    layers = len([i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")])
+    if not attention or len(attention) != layers:
+        return False
+    from kerasllm.export.convert import _remove_dead_nodes, graph_index  # noqa: PLC0415
+
+    producers, _ = graph_index(graph)
+    prefix = "kerasllm_shared_kv"
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
+                              numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/one")])
+    seqlens, total = f"{prefix}/seqlens_k", f"{prefix}/total_sequence_length"
+    lengths = [
+        helper.make_node("ReduceSum", ["attention_mask", f"{prefix}/axis1"], [f"{prefix}/count"], keepdims=0,
+                         name=f"{prefix}/ReduceSum"),
+        helper.make_node("Sub", [f"{prefix}/count", f"{prefix}/one"], [f"{prefix}/last"], name=f"{prefix}/Sub"),
+        helper.make_node("Cast", [f"{prefix}/last"], [seqlens], to=onnx.TensorProto.INT32, name=f"{prefix}/Cast"),
+        helper.make_node("Shape", ["attention_mask"], [f"{prefix}/width"], start=1, end=2, name=f"{prefix}/Shape"),
+        helper.make_node("Cast", [f"{prefix}/width"], [f"{prefix}/width32"], to=onnx.TensorProto.INT32,
+                         name=f"{prefix}/CastWidth"),
+        helper.make_node("Squeeze", [f"{prefix}/width32"], [total], name=f"{prefix}/Squeeze"),
+    ]
+    replacements = {}
+    for node in attention:
+        split = producers.get(node.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
+            return False
+        scale = next(a.f for a in node.attribute if a.name == "scale")
+        replacements[id(node)] = helper.make_node(
+            "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], seqlens, total],
+            list(node.output), name=node.name.replace("MultiHeadAttention", "GroupQueryAttention"),
+            domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_heads, scale=scale,
+        )
+    nodes = list(lengths)
+    for node in graph.node:
+        nodes.append(replacements.get(id(node), node))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _remove_dead_nodes(model)
+    for value in list(graph.input) + list(graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[2].dim_param = "max_sequence"
+    entry = model.metadata_props.add()
+    entry.key, entry.value = KV_CACHE_METADATA, SHARED_BUFFER
+    return True
+
+
 # Tensors larger than this are set aside while the optimizer runs (see `_set_aside_weights`).
 _SET_ASIDE_BYTES = 1 << 16
 
@@ -194,7 +265,8 @@ def _restore_weights(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
 def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, model_type: str, num_heads: int,
                    hidden_size: int, fuse: bool = True, dtype: str = "fp32",
                    keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True,
-                   disabled_fusions: tuple[str, ...] = (), cached_attention: bool = False) -> dict:
+                   disabled_fusions: tuple[str, ...] = (), cached_attention: bool = False,
+                   shared_kv_buffer: bool = False) -> dict:
     """Fuse (optional) and convert (fp16 optional) a graph, save it at `target`.
 
     Args:
@@ -212,7 +284,10 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
         disabled_fusions: `FusionOptions` switches to turn off (`"skip_layer_norm"` ->
             `enable_skip_layer_norm = False`), for fusions measured to be slower on a family.
         cached_attention: fuse kerasllm's growing-cache self-attention (`fuse_cached_attention`).
-    Returns what was done: `{"fusions": {op: count}, "dtype", "nodes_before", "nodes_after", ...}`.
+        shared_kv_buffer: then, if every layer fused, switch the graph to an in-place KV
+            buffer (`share_kv_buffer`; decoder graphs only).
+    Returns what was done: `{"fusions": {op: count}, "kv_cache": "growing" | "shared_buffer", "dtype",
+    "nodes_before", "nodes_after", ...}`.
     """
     from onnxruntime.transformers import optimizer  # noqa: PLC0415 - slow import, export time only
     from onnxruntime.transformers.fusion_options import FusionOptions  # noqa: PLC0415
@@ -224,8 +299,11 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
     before = _op_counts(original)
     # fp16: onnxruntime.transformers' float16 converter then gives LayerNormalization mixed
     # fp16/fp32 inputs (ORT refuses the graph); the fp16 graph keeps attention unfused.
+    kv_cache = "growing"
     if fuse and cached_attention and dtype == "fp32":
         fuse_cached_attention(original, num_heads, hidden_size // num_heads)
+        if shared_kv_buffer and share_kv_buffer(original, num_heads):
+            kv_cache = SHARED_BUFFER
     # Without shape inference nothing copies the model: the weights can stay.
     stash = _set_aside_weights(original) if fuse and shape_inference else {}
     if fuse:
@@ -256,7 +334,7 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
     del stash
     after_fusion = _op_counts(model.model)
     fused = {op: after_fusion[op] - before[op] for op in FUSED_OPS if after_fusion[op] > before[op]}
-    report = {"transformer_fusions": fuse, "model_type": model_type, "fusions": fused,
+    report = {"transformer_fusions": fuse, "model_type": model_type, "fusions": fused, "kv_cache": kv_cache,
               "disabled_fusions": list(disabled_fusions),
               "nodes_before": sum(before.values()), "dtype": dtype,
               "session_graph_optimization_level": "ORT_ENABLE_ALL"}

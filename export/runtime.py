@@ -129,12 +129,34 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
     return Session(session, "cpu", 0, description)
 
 
+# Model metadata written by optimize.share_kv_buffer: the graph updates a fixed-size KV buffer in place.
+KV_CACHE_METADATA = "kerasllm.kv_cache"
+SHARED_BUFFER = "shared_buffer"
+# Slots a shared KV buffer gets beyond the prompt; it doubles when a row outgrows it.
+_BUFFER_HEADROOM = 128
+
+
 class DecoderSession:
     """A decoder graph with a KV cache (`past_key_values.*` -> `present.*`), run step by step.
 
     `step(input_ids, attention_mask, cache)` returns `(logits [B, T, V] float32 on the host,
-    cache)`; the cache is a list of `OrtValue`s on the session's device (None before the
-    first step). `reorder(cache, indices)` selects batch rows (beam search).
+    cache)`, in generate.py's layout: prompts left-padded, `attention_mask` growing by the
+    new tokens each step, the cache opaque (None before the first step).
+    `reorder(cache, indices)` selects batch rows (beam search); `presents(cache)` gives the
+    cache as host arrays `[B, H, S, D]` in that same layout (validation).
+
+    Two graph kinds (see export/optimize.py), told apart by the graph's metadata:
+    * growing cache: presents are `concat(past, new)`; the cache is the list of present
+      `OrtValue`s on the session's device, bound as the next step's past.
+    * shared buffer (`share_kv_buffer`, fp32 graphs whose attention is fused): one
+      `[B, H, capacity, D]` buffer per cache tensor, bound as both past and present and
+      written in place by GroupQueryAttention; rows are right-aligned in it (each row's
+      tokens first), so this class moves a left-padded prompt to the left of its rows
+      and the logits back. A single-token step reuses one IO binding, its inputs and its
+      logits buffer: on a small model the per-step binding work otherwise costs as much
+      as a fifth of the step.
+
+    On CUDA the cache stays on the device between steps and only the logits come back.
 
     Args:
         session: a `Session` over a graph with the decoder I/O (see export/convert.py).
@@ -154,17 +176,19 @@ class DecoderSession:
         outputs = session.output_names
         self._logits_index = outputs.index("logits")
         self._present_index = [outputs.index(name) for name in self.present_names]
-
-    def empty_cache(self, batch: int) -> list:
-        empty = np.zeros((batch, self.num_heads, 0, self.head_dim), self.cache_dtype)
-        return [self._to_device(empty) for _ in self.past_names]
+        metadata = session.session.get_modelmeta().custom_metadata_map
+        self.shared_buffer = metadata.get(KV_CACHE_METADATA) == SHARED_BUFFER
+        self._vocab = session.session.get_outputs()[self._logits_index].shape[-1]
 
     def _to_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, self.session.device_type, self.session.device_id)
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: Sequence | None = None):
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache=None):
+        if self.shared_buffer:
+            return self._buffer_step(input_ids, attention_mask, cache)
         if cache is None:
-            cache = self.empty_cache(input_ids.shape[0])
+            empty = np.zeros((input_ids.shape[0], self.num_heads, 0, self.head_dim), self.cache_dtype)
+            cache = [self._to_device(empty) for _ in self.past_names]
         binding = self.session.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, self.ids_dtype))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
@@ -181,6 +205,149 @@ class DecoderSession:
 
     __call__ = step  # a DecoderSession is a step function (see generate.py)
 
-    def reorder(self, cache: Sequence, indices: np.ndarray) -> list:
+    def reorder(self, cache, indices: np.ndarray):
         """Rows `indices` of every cache tensor. On CUDA this goes through the host (beam search only)."""
+        if self.shared_buffer:
+            return cache.rows(indices)
         return [self._to_device(np.ascontiguousarray(value.numpy()[indices])) for value in cache]
+
+    def presents(self, cache) -> list[np.ndarray]:
+        """The cache as host arrays `[B, H, S, D]`, rows left-padded like the loop's mask."""
+        if not self.shared_buffer:
+            return [value.numpy() for value in cache]
+        return cache.left_padded()
+
+    # -- the shared-buffer graph ---------------------------------------------------------------
+    def _buffer_step(self, input_ids, attention_mask, cache):
+        if cache is None:
+            return self._buffer_prompt(np.asarray(input_ids), np.asarray(attention_mask))
+        if input_ids.shape[1] > 1:
+            # CPU GroupQueryAttention takes several new tokens on top of a past only at batch 1:
+            # feed them one at a time (the same math, causal).
+            width = attention_mask.shape[1] - input_ids.shape[1]
+            logits = [self._buffer_step(input_ids[:, t:t + 1], attention_mask[:, :width + t + 1], cache)[0]
+                      for t in range(input_ids.shape[1])]
+            return np.concatenate(logits, axis=1), cache
+        cache.advance(input_ids)
+        self.session.session.run_with_iobinding(cache.binding)
+        return cache.logits_of_step(), cache
+
+    def _buffer_prompt(self, input_ids, attention_mask):
+        batch, width = input_ids.shape
+        lengths = attention_mask.sum(axis=1).astype(np.int64)
+        # Left-padded rows -> right-padded: row b's tokens move to columns 0..n_b-1.
+        shift = width - lengths
+        columns = (np.arange(width)[None, :] + shift[:, None]) % width
+        ids = np.take_along_axis(input_ids, columns, axis=1)
+        capacity = -(-(width + _BUFFER_HEADROOM) // 64) * 64
+        cache = _KVBuffer(self, batch, capacity, lengths, width)
+        binding = self.session.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, self.ids_dtype))
+        # All ones: every row counts `width` tokens, its padding after its real ones. Causal
+        # masking keeps that padding out of every real token's view; its slots are
+        # overwritten by the next tokens before any query reads them.
+        binding.bind_cpu_input("attention_mask", np.ones((batch, width), np.int64))
+        binding.bind_output("logits", "cpu")
+        cache.bind_cache(binding)
+        self.session.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)  # outputs in binding order
+        # Back to the loop's layout; padding positions get the right-padding's (unused) logits.
+        back = (np.arange(width)[None, :] - shift[:, None]) % width
+        return np.take_along_axis(logits, back[:, :, None], axis=1), cache
+
+
+class _KVBuffer:
+    """The cache of a shared-buffer graph: per-row token counts and one buffer per cache tensor.
+
+    On the CPU each buffer is a numpy array wrapped (not copied) by the `OrtValue` bound as
+    past and present, so ONNX Runtime writes into it and rows are selected with numpy.
+    """
+
+    def __init__(self, owner: DecoderSession, batch: int, capacity: int, lengths: np.ndarray, width: int,
+                 arrays: list | None = None):
+        self.owner, self.batch, self.capacity = owner, batch, capacity
+        self.lengths = lengths  # tokens in the buffer, per row
+        self.width = width  # the loop's mask width: row b is left-padded by width - lengths[b]
+        s = owner.session
+        self.on_cpu = s.device_type == "cpu"
+        shape = (batch, owner.num_heads, capacity, owner.head_dim)
+        if arrays is None:
+            # Uninitialized: GroupQueryAttention reads only the slots below each row's length.
+            arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names] if self.on_cpu else None
+        if self.on_cpu:
+            self.arrays = arrays
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        else:
+            self.arrays = None
+            self.values = arrays or [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, "cuda",
+                                                                               s.device_id)
+                                     for _ in owner.past_names]
+        self.binding = None
+
+    def bind_cache(self, binding) -> None:
+        for past, present, value in zip(self.owner.past_names, self.owner.present_names, self.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
+    def _single_token_binding(self) -> None:
+        """One binding for every single-token step: inputs and logits live in arrays updated in place."""
+        owner, s = self.owner, self.owner.session
+        self.ids = np.zeros((self.batch, 1), owner.ids_dtype)
+        self.mask = (np.arange(self.capacity)[None, :] < self.lengths[:, None]).astype(np.int64)
+        self.binding = s.session.io_binding()
+        self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
+        self.binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
+        if self.on_cpu:
+            self.logits = np.zeros((self.batch, 1, owner._vocab), np.float32)
+            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        else:
+            self.logits = None
+            self.binding.bind_output("logits", "cpu")
+        self.bind_cache(self.binding)  # after the logits: outputs come back in binding order
+
+    def advance(self, input_ids: np.ndarray) -> None:
+        """Make room for one more token per row and set up the binding's inputs for it."""
+        if int(self.lengths.max()) + 1 > self.capacity:
+            self._grow(2 * self.capacity)
+        if self.binding is None:
+            self._single_token_binding()
+        self.ids[:, 0] = input_ids[:, 0]
+        self.mask[np.arange(self.batch), self.lengths] = 1
+        self.lengths += 1
+        self.width += 1
+
+    def logits_of_step(self) -> np.ndarray:
+        if self.logits is not None:
+            return self.logits.copy()  # the buffer is overwritten by the next step
+        return self.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def _host_arrays(self) -> list[np.ndarray]:
+        return self.arrays if self.on_cpu else [value.numpy() for value in self.values]
+
+    def _grow(self, capacity: int) -> None:
+        used = int(self.lengths.max())
+        grown = []
+        for array in self._host_arrays():
+            bigger = np.zeros(array.shape[:2] + (capacity,) + array.shape[3:], array.dtype)
+            bigger[:, :, :used] = array[:, :, :used]
+            grown.append(bigger)
+        self.__init__(self.owner, self.batch, capacity, self.lengths, self.width,
+                      grown if self.on_cpu else [self.owner._to_device(a) for a in grown])
+
+    def rows(self, indices: np.ndarray) -> "_KVBuffer":
+        """A new cache of rows `indices` (through the host on CUDA)."""
+        indices = np.asarray(indices)
+        arrays = [np.ascontiguousarray(array[indices]) for array in self._host_arrays()]
+        if not self.on_cpu:
+            arrays = [self.owner._to_device(a) for a in arrays]
+        return _KVBuffer(self.owner, len(indices), self.capacity, self.lengths[indices].copy(), self.width, arrays)
+
+    def left_padded(self) -> list[np.ndarray]:
+        """`[B, H, width, D]` arrays: row b's tokens at the last `lengths[b]` positions, zeros before."""
+        out = []
+        for array in self._host_arrays():
+            padded = np.zeros(array.shape[:2] + (self.width,) + array.shape[3:], array.dtype)
+            for row, length in enumerate(self.lengths):
+                padded[row, :, self.width - length:] = array[row, :, :length]
+            out.append(padded)
+        return out

@@ -8,7 +8,8 @@ Decoder family (`validate_causal_lm`), on shapes never used while tracing (the g
 was traced with dynamic axes only), through the KV-cache path:
 * prompt step (past length 0) at batch 1 and at batch 3 with left padding;
 * one decode step (T = 1) and a multi-token chunk (T = 4) on top of a past;
-* fp32: max |logits diff| and max |present diff| <= 1e-4 over every position;
+* fp32: max |logits diff| and max |present diff| <= 1e-4 over every real (unpadded)
+  position (prompt step) and every position (steps on top of the past);
 * fp16: top-1 agreement >= 99% and no NaN/Inf, over real (unpadded) positions;
 * fp32: greedy generations of a few prompts, 32 new tokens, token-identical between
   `CausalLM.generate` (Keras, XLA) and the bundle's KV-cache decoding (generate.py).
@@ -72,8 +73,10 @@ def compare_output(key: str, reference: np.ndarray, actual, fp16: bool, figures:
     """Check one graph output against Keras's; raises `ValidationError` naming `key` and the figure.
 
     Always: the same shape and no NaN/Inf. fp32: max |diff| <= FP32_TOLERANCE at every
-    position. fp16: logits agree on the top-1 token on >= FP16_MIN_TOP1 of the `real`
-    (unpadded, `[B, T]`) positions; other fp16 outputs only need to be finite.
+    position, or at the `real` (unpadded, `[B, T]`) positions when given: a padding
+    position's logits are no output (nothing reads them; a shared-buffer graph computes
+    them for right padding). fp16: logits agree on the top-1 token on >= FP16_MIN_TOP1 of
+    the `real` positions; other fp16 outputs only need to be finite.
     """
     actual = np.asarray(actual.numpy() if hasattr(actual, "numpy") else actual, np.float32)
     if actual.shape != reference.shape:
@@ -88,7 +91,7 @@ def compare_output(key: str, reference: np.ndarray, actual, fp16: bool, figures:
             if agreement < FP16_MIN_TOP1:
                 raise ValidationError(f"validation: {key}: fp16 top-1 agreement {agreement:.2%} < {FP16_MIN_TOP1:.0%}")
         return
-    diff = float(np.abs(actual - reference).max()) if actual.size else 0.0
+    diff = float(np.abs(values - expected).max()) if values.size else 0.0
     figures.setdefault("max_abs_diff", {})[key] = diff
     if not diff <= FP32_TOLERANCE:
         raise ValidationError(f"validation: {key}: max |diff| {diff:.3g} > {FP32_TOLERANCE:g}")
@@ -111,10 +114,15 @@ def validate_causal_lm(model, step, dtype: str = "fp32", greedy: bool = True) ->
         logits, cache = step(ids, mask, None)
         real = mask.astype(bool)
         compare_output(f"{name}, prompt step: logits", ref_logits, logits, fp16, figures, logits=True, real=real)
-        presents = [v.numpy() for v in cache]
+        # Padding positions are never attended to (and a shared-buffer graph keeps none):
+        # the keys/values of real tokens are compared, as `[tokens, H, D]`.
         ref_presents = [x for pair in zip(*ref_cache) for x in pair]
-        for i, (ref, got) in enumerate(zip(ref_presents, presents)):
-            compare_output(f"{name}, prompt step: {step.present_names[i]}", ref, got, fp16, figures)
+        for i, (ref, got) in enumerate(zip(ref_presents, step.presents(cache))):
+            if got.shape != ref.shape:
+                raise ValidationError(f"validation: {name}, prompt step: {step.present_names[i]}: shape {got.shape} "
+                                      f"differs from Keras {ref.shape}")
+            ref_real, got_real = (np.transpose(x, (0, 2, 1, 3))[real] for x in (ref, got))
+            compare_output(f"{name}, prompt step: {step.present_names[i]}", ref_real, got_real, fp16, figures)
         # Decode on top of the past: the chunk of new tokens sees every earlier real token.
         mask = np.concatenate([mask, np.ones(chunk.shape, np.int64)], axis=1)
         ref_logits, _ = keras_step(chunk, mask, ref_cache)

@@ -81,14 +81,16 @@ def test_export_writes_a_validated_bundle_in_ort_genai_layout(bundle_dir, model_
                                      "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
     assert list(graph["outputs"]) == ["logits", "present.0.key", "present.0.value", "present.1.key",
                                       "present.1.value"]
-    assert graph["dynamic_axes"]["past_key_values.0.key"] == {"0": "batch", "2": "past_sequence"}
+    # fp32 with fused attention: one KV buffer per tensor, bound as past and present, updated in place.
+    assert graph["dynamic_axes"]["past_key_values.0.key"] == {"0": "batch", "2": "max_sequence"}
+    assert manifest["optimization"]["kv_cache"] == "shared_buffer"
     # Validation figures: fp32 parity within 1e-4 on every case and output, 32 greedy tokens identical.
     diffs = manifest["validation"]["max_abs_diff"]
     assert len(diffs) >= 10 and max(diffs.values()) <= 1e-4
     assert manifest["validation"]["greedy"] == {"prompts": 3, "new_tokens": 32, "identical": True}
     assert manifest["optimization"]["fusions"]["SkipLayerNormalization"] == 4  # 2 blocks x 2 residuals
     assert manifest["optimization"]["fusions"]["BiasGelu"] == 2
-    assert manifest["optimization"]["fusions"]["MultiHeadAttention"] == 2  # one per layer
+    assert manifest["optimization"]["fusions"]["GroupQueryAttention"] == 2  # one per layer
     assert "attention_fusion_reverted" not in manifest["optimization"]
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "genai_config.json"}
     assert manifest["tools"]["tf2onnx"] and manifest["tools"]["onnx"]
@@ -104,6 +106,7 @@ def test_export_writes_a_validated_bundle_in_ort_genai_layout(bundle_dir, model_
     assert (bundle_dir / "model.onnx").stat().st_size <= 1.05 * 4 * params + 64_000  # graph text at tiny size
     genai = json.loads((bundle_dir / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert genai["search"]["past_present_share_buffer"] is True
 
 
 def test_bundle_logits_match_keras_on_new_shapes_through_the_cache(bundle_dir, model_dir):
@@ -126,7 +129,11 @@ def test_bundle_logits_match_keras_on_new_shapes_through_the_cache(bundle_dir, m
         ref, ref_cache = keras_step(step_ids, mask, ref_cache)
         got, cache = ours(step_ids, mask, cache)
         assert np.abs(got - ref).max() <= 1e-4
-    assert cache[0].shape() == [2, 2, ids.shape[1] + 5, 16]
+    presents = ours.presents(cache)  # the shared buffer, in the loop's left-padded layout
+    assert presents[0].shape == (2, 2, ids.shape[1] + 5, 16)
+    real = np.concatenate([mask[:, :ids.shape[1]], np.ones((2, 5), np.int64)], axis=1) == 1
+    ref_key = np.transpose(ref_cache[0][0], (0, 2, 1, 3))[real]
+    assert np.abs(np.transpose(presents[0], (0, 2, 1, 3))[real] - ref_key).max() <= 1e-4
 
 
 def test_fp16_bundle_agrees_on_top1_with_an_fp16_cache(fp16_bundle):
@@ -268,17 +275,19 @@ def test_attention_fusion_is_dropped_when_it_fails_validation(model_dir, tmp_pat
     monkeypatch.setattr(validate, "validate_causal_lm", first_fails)
     bundle = export_model_dir(model_dir, tmp_path / "b", log=lambda message: None)
     report = bundle.manifest["optimization"]
-    assert len(calls) == 2 and "MultiHeadAttention" not in report["fusions"]
+    assert len(calls) == 2 and "GroupQueryAttention" not in report["fusions"]
+    assert "MultiHeadAttention" not in report["fusions"] and report["kv_cache"] == "growing"
     assert report["attention_fusion_reverted"].endswith("max |diff| 0.005 > 0.0001")
     assert report["fusions"]["SkipLayerNormalization"] == 4  # the other fusions stay
 
 
-@pytest.mark.parametrize("variant, attention_fused", [
-    (dict(position="rotary"), False),  # RoPE between projection and cache: attention left unfused
-    (dict(position="sinusoidal", activation="swiglu"), True),
-    (dict(norm_first=False, tie_embeddings=False, activation="relu"), True),
+@pytest.mark.parametrize("variant, attention_fused, shared_kv_buffer", [
+    (dict(position="rotary"), False, True),  # RoPE between projection and cache: attention left unfused
+    (dict(position="sinusoidal", activation="swiglu"), True, True),
+    (dict(norm_first=False, tie_embeddings=False, activation="relu"), True, True),
+    (dict(), True, False),  # MultiHeadAttention over a growing cache
 ])
-def test_other_architectures_export_with_parity(variant, attention_fused, tmp_path):
+def test_other_architectures_export_with_parity(variant, attention_fused, shared_kv_buffer, tmp_path):
     import keras
 
     from kerasllm import CausalLM, DecoderConfig
@@ -290,7 +299,11 @@ def test_other_architectures_export_with_parity(variant, attention_fused, tmp_pa
     keras.utils.set_random_seed(0)
     model = CausalLM(DecoderConfig.preset("tiny", vocab_size=50, max_length=64, **variant))
     report = optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2",
-                            num_heads=2, hidden_size=32, shape_inference=False, cached_attention=True)
-    figures = validate_causal_lm(model, DecoderSession(create_session(tmp_path / "m.onnx", "cpu")), greedy=False)
+                            num_heads=2, hidden_size=32, shape_inference=False, cached_attention=True,
+                            shared_kv_buffer=shared_kv_buffer)
+    step = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"))
+    figures = validate_causal_lm(model, step, greedy=False)
     assert max(figures["max_abs_diff"].values()) <= 1e-4
-    assert ("MultiHeadAttention" in report["fusions"]) == attention_fused
+    fused_as = "GroupQueryAttention" if shared_kv_buffer else "MultiHeadAttention"
+    assert (fused_as in report["fusions"]) == attention_fused
+    assert step.shared_buffer == (report["kv_cache"] == "shared_buffer") == (attention_fused and shared_kv_buffer)

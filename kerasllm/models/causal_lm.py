@@ -37,6 +37,21 @@ def positions_from_mask(attention_mask, query_length):
     return positions[:, ops.shape(mask)[1] - query_length:]
 
 
+def positions_from_mask_sum(attention_mask, query_length):
+    """Positions of the last `T` tokens from the number of real tokens in each row.
+
+    `max(sum(mask) - T + t, 0)` for t in 0..T-1: the export path's formula (four ONNX
+    nodes instead of the CumSum chain, one decode step at a time). It equals
+    `positions_from_mask` whenever each row's padding comes before its real tokens (left
+    padding, the only layout generate.py builds) and also serves a cache whose rows are
+    right-aligned (a shared KV buffer: each row's tokens first, then unused slots).
+    """
+    mask = ops.cast(attention_mask, "int32")
+    count = ops.sum(mask, axis=1, keepdims=True)
+    offsets = ops.arange(query_length, dtype="int32")[None, :]
+    return ops.maximum(count - query_length + offsets, 0)
+
+
 @keras.saving.register_keras_serializable(package="kerasllm")
 class CausalLM(TransformerModel):
     """GPT-like causal language model.
@@ -137,13 +152,14 @@ class CausalLM(TransformerModel):
 
         Args:
             input_ids: `[B, T]` new tokens.
-            attention_mask: `[B, P + T]`, 1 for real tokens, 0 for (left) padding.
+            attention_mask: `[B, P + T]`, 1 for real tokens, 0 for (left) padding; each
+                row's zeros come before its ones (positions: `positions_from_mask_sum`).
             past_keys, past_values: one `[B, H, P, D]` tensor per layer (P may be 0).
         Returns `(logits [B, T, V], present_keys, present_values)`, presents `[B, H, P + T, D]`.
         """
         length = ops.shape(input_ids)[1]
         total = ops.shape(attention_mask)[1]
-        positions = positions_from_mask(attention_mask, length)
+        positions = positions_from_mask_sum(attention_mask, length)
         bias = attention_bias(length, total, attention_mask, causal=True)
         return self._run_blocks(input_ids, positions, bias, past_keys, past_values)
 

@@ -62,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         optimize_graph(trace_to_onnx(causal_lm_graph(model), model), path, model_type="gpt2",
-                       num_heads=config.num_heads, hidden_size=config.hidden_dim, shape_inference=False, cached_attention=True)
+                       num_heads=config.num_heads, hidden_size=config.hidden_dim, shape_inference=False,
+                       cached_attention=True, shared_kv_buffer=True)  # as `kerasllm export` does
         step = DecoderSession(create_session(path, "cpu"))
         options = DecodingOptions(max_new_tokens=NEW)
         rows = []
