@@ -222,21 +222,27 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     if options.repetition_penalty != 1.0:
         for row, prompt in enumerate(prompts):
             seen[row, list(prompt)] = True
-    # The bookkeeping is vectorized over rows: at small sizes it costs as much as a step.
+    # The bookkeeping is vectorized over rows and allocates little: at small sizes a step
+    # of Python costs as much as a step of the model.
     steps = int(limits.max())
     generated = np.full((batch, steps), pad_id, dtype=np.int64)
     lengths = np.zeros(batch, dtype=np.int64)
     done = np.zeros(batch, dtype=bool)
     stop_array = np.array(sorted(stop_ids), dtype=np.int64)
+    penalize = options.repetition_penalty != 1.0
+    width = mask.shape[1]
+    # The mask of every step is a prefix of one array (each step adds a column of ones).
+    masks = np.concatenate([mask, np.ones((batch, steps), np.int64)], axis=1)
     rows = np.arange(batch)
     for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)
         live = ~done
-        stopped = live & np.isin(tokens, stop_array)
+        stopped = live & (tokens[:, None] == stop_array).any(axis=1) if stop_array.size else np.zeros_like(live)
         keep = live & ~stopped
-        generated[keep, t] = tokens[keep]
+        generated[:, t] = np.where(keep, tokens, pad_id)
         lengths += keep
-        seen[rows[keep], tokens[keep]] = True
+        if penalize:
+            seen[rows[keep], tokens[keep]] = True
         done |= stopped | (lengths >= limits)
         if options.stop:
             for row in np.flatnonzero(keep & ~done):
@@ -245,8 +251,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
         if done.all():
             break
         tokens = np.where(done, pad_id, tokens)
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits, cache = step(tokens[:, None].astype(np.int64), mask, cache)
+        logits, cache = step(tokens[:, None], masks[:, :width + t + 1], cache)
         logits = logits[:, -1]
     # Rows keep their tokens contiguous: a row stops for good at its first stop id.
     return [Hypothesis(generated[row, :lengths[row]].tolist()) for row in range(batch)]

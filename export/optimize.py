@@ -72,8 +72,11 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
 
     becomes `Split(qkv) -> MultiHeadAttention(q, k, v, attention_bias=bias, past_key,
     past_value) -> (out, present.key, present.value)`: one kernel instead of ~22 nodes per
-    layer, with the same math (validation checks it). A layer whose subgraph differs in any
-    way (rotary positions, another scale) is left as it is. Returns the number fused.
+    layer, with the same math (validation checks it). Cache names follow the graph's
+    outputs: `present.{i}.key` (decoder-only) or `present.{i}.decoder.key` (seq2seq).
+    A seq2seq decoder's cross-attention to precomputed `past_key_values.{i}.encoder.*`
+    becomes one MultiHeadAttention node too. A layer whose subgraph differs in any way
+    (rotary positions, another scale) is left as it is. Returns the number fused.
     """
     from kerasllm.export.convert import _constant_value, _remove_dead_nodes, graph_index  # noqa: PLC0415
 
@@ -103,50 +106,99 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
             return None, None
         return reshape.input[0], int(begin[2])
 
-    replacements = {}  # id(old node) -> [new nodes] (an empty list removes it)
-    fused = 0
-    for layer in range(len([i for i in graph.input if i.name.endswith(".key")])):
-        concat_k = producer(f"present.{layer}.key", "Concat")
-        concat_v = producer(f"present.{layer}.value", "Concat")
-        if not concat_k or not concat_v or list(concat_k.input[:1]) != [f"past_key_values.{layer}.key"]:
-            continue
-        x_k, index_k = head_source(concat_k.input[1])
-        x_v, index_v = head_source(concat_v.input[1])
-        attn = [n for n in consumers.get(f"present.{layer}.value", []) if n.op_type == "MatMul"]
-        if len(attn) != 1 or attn[0].input[1] != f"present.{layer}.value":
-            continue
-        softmax = producer(attn[0].input[0], "Softmax")
+    def attention_core(attn, value_name):
+        """From the `probs @ value` MatMul back to the scores and forward to the output:
+        `(query source, slice index, scale, bias, key transpose, output Reshape)` or None."""
+        if attn.input[1] != value_name:
+            return None
+        softmax = producer(attn.input[0], "Softmax")
         add = softmax and producer(softmax.input[0], "Add")
         mul = add and (producer(add.input[0], "Mul") or producer(add.input[1], "Mul"))
         scores = mul and (producer(mul.input[0], "MatMul") or producer(mul.input[1], "MatMul"))
         if not scores:
-            continue
+            return None
         bias = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
         scale = _constant_value(model, mul.input[1] if mul.input[0] == scores.output[0] else mul.input[0], producers)
         key_t = producer(scores.input[1], "Transpose")
+        perm = next((list(x.ints) for x in key_t.attribute if x.name == "perm"), None) if key_t else None
         x_q, index_q = head_source(scores.input[0])
-        out_t = [n for n in consumers.get(attn[0].output[0], []) if n.op_type == "Transpose"]
+        out_t = [n for n in consumers.get(attn.output[0], []) if n.op_type == "Transpose"]
         out_r = out_t and [n for n in consumers.get(out_t[0].output[0], []) if n.op_type == "Reshape"]
         if (scale is None or scale.size != 1 or abs(float(scale.ravel()[0]) * head_dim ** 0.5 - 1) > 1e-5
-                or not key_t or key_t.input[0] != f"present.{layer}.key" or not out_r
-                or not x_q or x_q != x_k or x_q != x_v or (index_q, index_k, index_v) != (0, 1, 2)):
+                or perm != [0, 1, 3, 2] or not out_r or not x_q):
+            return None
+        return x_q, index_q, float(scale.ravel()[0]), bias, key_t, out_r[0]
+
+    replacements = {}  # id(old node) -> [new nodes] (an empty list removes it)
+    fused = 0
+    cache_keys = [o.name for o in graph.output if o.name.startswith("present.") and o.name.endswith(".key")]
+    for present_key in cache_keys:  # self-attention over a growing cache
+        present_value = present_key[:-len("key")] + "value"
+        past_key, past_value = (name.replace("present.", "past_key_values.", 1) for name in (present_key, present_value))
+        concat_k = producer(present_key, "Concat")
+        concat_v = producer(present_value, "Concat")
+        if not concat_k or not concat_v or list(concat_k.input[:1]) != [past_key] \
+                or list(concat_v.input[:1]) != [past_value]:
             continue
-        prefix = f"kerasllm_attention_{layer}"
+        x_k, index_k = head_source(concat_k.input[1])
+        x_v, index_v = head_source(concat_v.input[1])
+        attn = [n for n in consumers.get(present_value, []) if n.op_type == "MatMul"]
+        core = attention_core(attn[0], present_value) if len(attn) == 1 else None
+        if not core:
+            continue
+        x_q, index_q, scale, bias, key_t, out_r = core
+        if key_t.input[0] != present_key or x_q != x_k or x_q != x_v or (index_q, index_k, index_v) != (0, 1, 2):
+            continue
+        prefix = f"kerasllm_attention_{fused}"
         split_sizes = f"{prefix}/split"
         graph.initializer.append(numpy_helper.from_array(np.array([num_heads * head_dim] * 3, np.int64),
                                                          split_sizes))
         qkv = [f"{prefix}/{part}" for part in ("query", "key", "value")]
         split = helper.make_node("Split", [x_q, split_sizes], qkv, name=f"{prefix}/Split", axis=-1)
         fused_node = helper.make_node(
-            "MultiHeadAttention",
-            [*qkv, "", "", bias, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"],
-            [out_r[0].output[0], f"present.{layer}.key", f"present.{layer}.value"],
-            name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads,
-            scale=float(scale.ravel()[0]),
+            "MultiHeadAttention", [*qkv, "", "", bias, past_key, past_value],
+            [out_r.output[0], present_key, present_value],
+            name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
         )
-        replacements[id(out_r[0])] = [split, fused_node]
+        replacements[id(out_r)] = [split, fused_node]
         replacements[id(concat_k)] = []
         replacements[id(concat_v)] = []
+        fused += 1
+    # Cross-attention to keys/values computed once per input (a seq2seq decoder's
+    # `past_key_values.{i}.encoder.key|value [B, N, S, D]` inputs): MultiHeadAttention
+    # takes them as they are (BNSH key/value), the query projection `[B, T, C]` as query.
+    # Its bias `[B, 1, 1, S]` (padding only) is expanded to the `[B, 1, T, S]` the kernel
+    # wants, once per step for all layers.
+    cross_keys = [i.name for i in graph.input if i.name.startswith("past_key_values.")
+                  and i.name.endswith(".encoder.key")]
+    expanded = {}  # bias tensor -> its expanded name
+    for key in cross_keys:
+        value = key[:-len("key")] + "value"
+        attn = [n for n in consumers.get(value, []) if n.op_type == "MatMul"]
+        core = attention_core(attn[0], value) if len(attn) == 1 else None
+        if not core:
+            continue
+        x_q, index_q, scale, bias, key_t, out_r = core
+        if key_t.input[0] != key or index_q != 0:
+            continue
+        prefix = f"kerasllm_cross_attention_{fused}"
+        new_nodes = []
+        if bias not in expanded:
+            one = f"{prefix}/one"
+            graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), one))
+            new_nodes += [
+                helper.make_node("Shape", [x_q], [f"{prefix}/length"], start=1, end=2, name=f"{prefix}/Shape"),
+                helper.make_node("Concat", [one, one, f"{prefix}/length", one], [f"{prefix}/bias_shape"], axis=0,
+                                 name=f"{prefix}/Concat"),
+                helper.make_node("Expand", [bias, f"{prefix}/bias_shape"], [f"{prefix}/bias"],
+                                 name=f"{prefix}/Expand"),
+            ]
+            expanded[bias] = f"{prefix}/bias"
+        new_nodes.append(helper.make_node(
+            "MultiHeadAttention", [x_q, key, value, "", "", expanded[bias]], [out_r.output[0]],
+            name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
+        ))
+        replacements[id(out_r)] = new_nodes
         fused += 1
     if fused:
         nodes = []

@@ -205,26 +205,47 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
     from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
 
     c = model.config
-    graphs, reports = {}, {}
-    for spec in seq2seq_graphs(model):
-        start = time.perf_counter()
-        raw = scratch / f"raw-{spec.file}"
-        save_onnx(trace_to_onnx(spec, model, opset=options.opset), raw)
-        log(f"converted the {spec.name} to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
+    graphs, reports, raws = {}, {}, {}
+
+    def optimize(spec, fuse_attention: bool) -> None:
         keep = tuple(n for n in spec.outputs if n == "logits" or n == "last_hidden_state")
-        reports[spec.name] = optimize_graph(raw, staging / spec.file, model_type="bert", num_heads=c.num_heads,
-                                            hidden_size=c.hidden_dim, fuse=options.optimize, dtype=options.dtype,
-                                            keep_float32_io=keep)
+        reports[spec.name] = optimize_graph(raws[spec.name], staging / spec.file, model_type="bert",
+                                            num_heads=c.num_heads, hidden_size=c.hidden_dim, fuse=options.optimize,
+                                            dtype=options.dtype, keep_float32_io=keep,
+                                            cached_attention=fuse_attention,
+                                            # Symbolic shape inference gives up on the fused attention nodes
+                                            # (and with it SkipLayerNormalization); the decoder's residual Adds
+                                            # never broadcast, as in the decoder-only family.
+                                            shape_inference=spec.name != "decoder")
+        fusions = ", ".join(f"{op} x{n}" for op, n in reports[spec.name]["fusions"].items()) or "none"
+        log(f"optimized the {spec.name} ({options.dtype}): fusions {fusions}")
+
+    specs = seq2seq_graphs(model)
+    for spec in specs:
+        start = time.perf_counter()
+        raws[spec.name] = scratch / f"raw-{spec.file}"
+        save_onnx(trace_to_onnx(spec, model, opset=options.opset), raws[spec.name])
+        log(f"converted the {spec.name} to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
+        # The decoder's self- and cross-attention become MultiHeadAttention nodes (fp32).
+        optimize(spec, fuse_attention=spec.name == "decoder")
         if options.dtype == "fp16":  # cross and self-attention caches travel in fp16
             for name, decl in {**spec.inputs, **spec.outputs}.items():
                 if name.startswith(("past_key_values.", "present.")):
                     decl.dtype = "float16"
-        fusions = ", ".join(f"{op} x{n}" for op, n in reports[spec.name]["fusions"].items()) or "none"
-        log(f"optimized the {spec.name} ({options.dtype}): fusions {fusions}")
         graphs[spec.name] = {**spec.to_dict(), "opset": options.opset}
     start = time.perf_counter()
     sessions = Seq2SeqSessions.open(staging / "encoder.onnx", staging / "decoder.onnx", options.device)
-    figures = validate_seq2seq(model, sessions, dtype=options.dtype)
+    try:
+        figures = validate_seq2seq(model, sessions, dtype=options.dtype)
+    except ValidationError as err:
+        # The fused kernels compute the softmax their own way (see exporter.export_decoder).
+        if "MultiHeadAttention" not in reports["decoder"]["fusions"]:
+            raise
+        log(f"fused attention failed validation ({err}); exporting the decoder without that fusion")
+        optimize(specs[1], fuse_attention=False)
+        reports["decoder"]["attention_fusion_reverted"] = str(err)
+        sessions = Seq2SeqSessions.open(staging / "encoder.onnx", staging / "decoder.onnx", options.device)
+        figures = validate_seq2seq(model, sessions, dtype=options.dtype)
     if "max_abs_diff" in figures:
         worst = max(v for k, v in figures["max_abs_diff"].items() if k.endswith("logits"))
         summary = f"max |logits diff| {worst:.2g}"

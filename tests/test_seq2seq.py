@@ -66,6 +66,10 @@ def test_bundle_greedy_is_token_identical_to_keras(trained):
     assert manifest["target_tokenizer"] == "target_tokenizer.json"
     assert max(v for k, v in manifest["validation"]["max_abs_diff"].items() if k.endswith("logits")) <= 1e-4
     assert manifest["validation"]["greedy"]["identical"]
+    # Each decoder layer's self-attention (growing cache) and cross-attention fused into one kernel each.
+    layers = manifest["config"]["num_decoder_layers"] or manifest["config"]["num_layers"]
+    assert manifest["optimization"]["decoder"]["fusions"]["MultiHeadAttention"] == 2 * layers
+    assert "attention_fusion_reverted" not in manifest["optimization"]["decoder"]
     texts = [s for s, _ in datasets.number_words_pairs(24, max_value=9999, seed=3)]  # also unseen thousands
     ort_translator, keras_translator = BundleTranslator(bundle, device="cpu"), ModelDirTranslator(run)
     sources = [ort_translator.check(t) for t in texts]

@@ -48,7 +48,7 @@ def positions_from_mask_sum(attention_mask, query_length):
     """
     mask = ops.cast(attention_mask, "int32")
     count = ops.sum(mask, axis=1, keepdims=True)
-    offsets = ops.arange(query_length, dtype="int32")[None, :]
+    offsets = ops.expand_dims(ops.arange(query_length, dtype="int32"), 0)  # not [None, :]: one node, not two
     return ops.maximum(count - query_length + offsets, 0)
 
 
