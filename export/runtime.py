@@ -92,6 +92,13 @@ def _options(severity: int, threads: int | None) -> ort.SessionOptions:
     spinning = _spinning()
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    # Flush denormals to zero, as TensorFlow's executor does. MLAS's exp never returns an exact
+    # 0: a masked (-1e9) attention score becomes a denormal probability, and every multiply
+    # by one then takes a slow microcode path. Encoder 'small' preset, 64 x 128, a third of
+    # the rows padded: 615 -> 682 seq/s unfused, 675 -> 738 with attention fused. Values
+    # below 1.2e-38 are all it changes. ORT applies it to the calling thread only for the
+    # process's first session, hence here, on every session.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return options
 
 
