@@ -54,6 +54,18 @@ def test_padding_does_not_change_results(variant):
     np.testing.assert_allclose(np.linalg.norm(embedded, axis=-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(norm_first=True), dict(position="rotary")])
+def test_first_token_is_the_encoder_output_at_the_first_position(overrides):
+    """`Encoder.first_token` (what a CLS-pooled classifier's export graph computes) equals the
+    full encoder's output at position 0 (1e-5), for padded rows too."""
+    keras.utils.set_random_seed(0)
+    encoder = TextClassifier(config(**overrides)).encoder
+    batch = texts([5, 17, 9, 30])
+    mask = batch != 0
+    np.testing.assert_allclose(np.asarray(encoder.first_token(batch, mask)), np.asarray(encoder(batch, mask))[:, 0],
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("cls", [MaskedLM, TextClassifier, TokenClassifier])
 def test_keras_file_round_trip(cls, tmp_path):
     keras.utils.set_random_seed(1)

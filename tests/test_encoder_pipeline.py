@@ -120,6 +120,40 @@ def test_bundle_labels_identical_and_logits_within_1e4(work):
     assert all(set(r) == {"label", "scores"} and list(r["scores"]) == [r["label"]] for r in results)
 
 
+def test_bundles_fuse_attention_and_split_runs_agree_with_one_run(work):
+    """The validated graph is the fused one, and the predictor's runs by length (CPU) give the
+    outputs of one run over the whole padded batch: labels, embeddings, per-token logits."""
+    from kerasllm.export.batch import plan_batches
+    from kerasllm.export.predict import load_predictor
+
+    root, _, test = work
+    texts = [json.loads(line)["text"] for line in test.read_text().splitlines()][:48]
+    for name, task in (("clf-bundle", "classify"), ("mlm-bundle", "embed")):
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        # every layer, but a CLS-pooled classifier's last, which attends from one query (Encoder.first_token)
+        layers = manifest["config"]["num_layers"] - (name == "clf-bundle")
+        assert manifest["optimization"]["fusions"]["Attention"] == layers, manifest
+        predictor = load_predictor(task, root / name)
+        assert predictor.run_tokens  # a CPU session: the batch is split
+        batch = [predictor.check(t) for t in texts]
+        lengths = {len(ids) for ids in batch}
+        assert len(lengths) > 5
+        predictor.run_tokens = 4 * min(lengths) + 64  # several runs, of different sizes and lengths
+        assert len(plan_batches([len(ids) for ids in batch], len(batch), predictor.run_tokens)) > 2
+        split = predictor.outputs(batch, ["logits", "embeddings"])
+        predictor.run_tokens = None
+        whole = predictor.outputs(batch, ["logits", "embeddings"])
+        real = np.zeros(whole["logits"].shape[:2], bool)
+        for row, ids in enumerate(batch):
+            real[row, :len(ids)] = True
+        for key in ("logits", "embeddings"):
+            assert split[key].shape == whole[key].shape
+            got, expected = (split[key], whole[key]) if split[key].ndim == 2 else (split[key][real], whole[key][real])
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+        np.testing.assert_array_equal(split["logits"].argmax(-1)[real if task == "embed" else slice(None)],
+                                      whole["logits"].argmax(-1)[real if task == "embed" else slice(None)])
+
+
 def test_padding_does_not_change_bundle_results(work):
     from kerasllm.export.predict import load_predictor
 
@@ -228,3 +262,57 @@ def test_classifier_resume_continues_from_the_last_checkpoint(work, tmp_path, mo
     assert steps == sorted(set(steps)) and steps[-1] == 20
     assert [h["step"] for h in history(out) if "val_loss" in h] == [10, 20]
     assert json.loads((out / "config.json").read_text())["labels"] == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("overrides, fused", [
+    (dict(), 1),  # CLS pooling: the last layer attends from the first token only (Encoder.first_token)
+    (dict(norm_first=True, pooling="mean"), 2),
+    (dict(position="rotary"), 0),  # RoPE between the projection and the scores: left unfused
+])
+def test_encoder_export_fuses_attention_where_it_matches(tmp_path, overrides, fused):
+    """Each variant's export passes the family's validation (1e-4, identical labels) with its
+    self-attention fused into com.microsoft.Attention, or left as it is."""
+    import keras
+    import onnx
+
+    from kerasllm import EncoderConfig, TextClassifier
+    from kerasllm.export.encoder_export import export_encoder_family
+    from kerasllm.export.exporter import ExportOptions
+
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=50, max_length=64, num_labels=3, **overrides))
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "staging").mkdir()
+    entries = export_encoder_family(model, tmp_path / "scratch", tmp_path / "staging", ExportOptions(), log=print)
+    assert entries["optimization"]["fusions"].get("Attention", 0) == fused
+    assert entries["validation"]["max_abs_diff"]["logits"] <= 1e-4
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "staging" / "model.onnx")).graph.node]
+    assert ops.count("Attention") == fused and ops.count("Softmax") == 2 - fused
+
+
+def test_encoder_attention_fusion_is_dropped_when_it_fails_validation(tmp_path, monkeypatch):
+    import keras
+
+    from kerasllm import EncoderConfig, TextClassifier
+    from kerasllm.export import encoder_export
+    from kerasllm.export.exporter import ExportOptions
+    from kerasllm.export.validate import ValidationError
+
+    real, calls = encoder_export.check_parity, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ValidationError("validation: logits differs by 0.005 (> 0.0001)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoder_export, "check_parity", first_fails)
+    keras.utils.set_random_seed(0)
+    model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=50, max_length=64, num_labels=3))
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "staging").mkdir()
+    report = encoder_export.export_encoder_family(model, tmp_path / "scratch", tmp_path / "staging", ExportOptions(),
+                                                  log=print)["optimization"]
+    assert len(calls) == 2 and "Attention" not in report["fusions"]
+    assert report["attention_fusion_reverted"].endswith("differs by 0.005 (> 0.0001)")
+    assert report["fusions"]["LayerNormalization"] == 5  # the other fusions stay
