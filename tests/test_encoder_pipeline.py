@@ -149,7 +149,7 @@ def test_bundles_fuse_attention_and_split_runs_agree_with_one_run(work):
         for key in ("logits", "embeddings"):
             assert split[key].shape == whole[key].shape
             got, expected = (split[key], whole[key]) if split[key].ndim == 2 else (split[key][real], whole[key][real])
-            np.testing.assert_allclose(got, expected, atol=1e-6)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
         np.testing.assert_array_equal(split["logits"].argmax(-1)[real if task == "embed" else slice(None)],
                                       whole["logits"].argmax(-1)[real if task == "embed" else slice(None)])
 
