@@ -223,34 +223,43 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
         for row, prompt in enumerate(prompts):
             seen[row, list(prompt)] = True
     # The bookkeeping is vectorized over rows and allocates little: at small sizes a step
-    # of Python costs as much as a step of the model.
+    # of Python costs as much as a step of the model. `active` are the rows still in the
+    # model's batch: greedy decoding drops finished rows (a cache copy once an eighth of
+    # the batch is done, against every later step of theirs); sampling keeps every row,
+    # so that its random draws stay those of the whole batch (a seed reproduces).
     steps = int(limits.max())
     generated = np.full((batch, steps), pad_id, dtype=np.int64)
     lengths = np.zeros(batch, dtype=np.int64)
     done = np.zeros(batch, dtype=bool)
     stop_array = np.array(sorted(stop_ids), dtype=np.int64)
     penalize = options.repetition_penalty != 1.0
+    compact = not options.temperature
     width = mask.shape[1]
     # The mask of every step is a prefix of one array (each step adds a column of ones).
     masks = np.concatenate([mask, np.ones((batch, steps), np.int64)], axis=1)
-    rows = np.arange(batch)
+    active = np.arange(batch)
     for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)
-        live = ~done
+        live = ~done[active]
         stopped = live & (tokens[:, None] == stop_array).any(axis=1) if stop_array.size else np.zeros_like(live)
         keep = live & ~stopped
-        generated[:, t] = np.where(keep, tokens, pad_id)
-        lengths += keep
+        generated[active, t] = np.where(keep, tokens, pad_id)
+        lengths[active] += keep
         if penalize:
-            seen[rows[keep], tokens[keep]] = True
-        done |= stopped | (lengths >= limits)
+            seen[np.flatnonzero(keep), tokens[keep]] = True
+        done[active] |= stopped | (lengths[active] >= limits[active])
         if options.stop:
-            for row in np.flatnonzero(keep & ~done):
+            for row in active[keep & ~done[active]]:
                 if truncate_at_stop(decode(generated[row, :lengths[row]].tolist()), options.stop)[1]:
                     done[row] = True
         if done.all():
             break
-        tokens = np.where(done, pad_id, tokens)
+        finished = done[active]
+        tokens = np.where(finished, pad_id, tokens)
+        if compact and finished.sum() >= max(1, len(active) // 8):
+            rows = np.flatnonzero(~finished)
+            cache = step.reorder(cache, rows)
+            active, tokens, seen, masks = active[rows], tokens[rows], seen[rows], masks[rows]
         logits, cache = step(tokens[:, None], masks[:, :width + t + 1], cache)
         logits = logits[:, -1]
     # Rows keep their tokens contiguous: a row stops for good at its first stop id.
@@ -259,7 +268,11 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
 
 def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[list[Hypothesis]]:
     """Beam search with early stopping (an input is done when it has `num_beams` finished
-    hypotheses), scores = mean log-probability per generated token (length penalty 1)."""
+    hypotheses), scores = mean log-probability per generated token (length penalty 1).
+
+    The rows of inputs that are done leave the batch (their cache rows are dropped), so
+    later steps run only live inputs: with early stopping a quarter of the rows were dead
+    weight on random-weight seq2seq beams (bench_seq2seq)."""
     beams = options.num_beams
     batch = len(prompts)
     limits = _row_limits(prompts, options, max_length)
@@ -280,24 +293,22 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
     sequences: list[list[int]] = [[] for _ in range(batch * beams)]
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
+    active = np.arange(batch)  # the inputs in the batch; row i * beams + k is beam k of active[i]
     for t in range(int(limits.max())):
         logp = log_softmax(apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty))
-        candidates = (scores[:, None] + logp).reshape(batch, beams * vocab)
+        candidates = (scores[:, None] + logp).reshape(len(active), beams * vocab)
+        # The 2 * beams best candidates of every input at once: best first, lowest id on ties.
+        tops = np.argpartition(-candidates, 2 * beams, axis=1)[:, :2 * beams]
+        top_scores = np.take_along_axis(candidates, tops, axis=1)
+        order = np.lexsort((tops, -top_scores), axis=1)
+        tops, top_scores = np.take_along_axis(tops, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
         new_rows, new_tokens, new_scores = [], [], []
-        for b in range(batch):
-            if done[b]:
-                new_rows += [b * beams] * beams
-                new_tokens += [pad_id] * beams
-                new_scores += [-np.inf] * beams
-                continue
-            top = np.argpartition(-candidates[b], 2 * beams)[:2 * beams]
-            top = top[np.lexsort((top, -candidates[b, top]))]  # best first, lowest id on ties
+        for i, b in enumerate(active.tolist()):
             chosen = 0
-            for rank, flat in enumerate(top):
-                score = float(candidates[b, flat])
+            for rank, (flat, score) in enumerate(zip(tops[i].tolist(), top_scores[i].tolist())):
                 if not np.isfinite(score):
                     break
-                row, token = b * beams + flat // vocab, int(flat % vocab)
+                row, token = i * beams + flat // vocab, int(flat % vocab)
                 tokens = sequences[row] + [token]
                 stopped = token in stop_ids
                 if not stopped and options.stop and truncate_at_stop(decode(tokens), options.stop)[1]:
@@ -314,7 +325,7 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
                 if chosen == beams:
                     break
             while chosen < beams:  # fewer live candidates than beams
-                new_rows.append(b * beams)
+                new_rows.append(i * beams)
                 new_tokens.append(pad_id)
                 new_scores.append(-np.inf)
                 chosen += 1
@@ -322,21 +333,29 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
                 done[b] = True
         if done.all():
             break
+        live = ~done[active]
+        if not live.all():  # drop the inputs that are done
+            keep = np.repeat(live, beams)
+            active = active[live]
+            new_rows = [r for r, k in zip(new_rows, keep) if k]
+            new_tokens = [x for x, k in zip(new_tokens, keep) if k]
+            new_scores = [x for x, k in zip(new_scores, keep) if k]
         rows = np.array(new_rows)
         sequences = [sequences[r] + [tok] for r, tok in zip(rows, new_tokens)]
         scores = np.array(new_scores)
         seen = seen[rows]
-        seen[np.arange(batch * beams), new_tokens] = True
+        seen[np.arange(len(rows)), new_tokens] = True
         cache = step.reorder(cache, rows)
-        mask = np.concatenate([mask[rows], np.ones((batch * beams, 1), np.int64)], axis=1)
+        mask = np.concatenate([mask[rows], np.ones((len(rows), 1), np.int64)], axis=1)
         logits, cache = step(np.array(new_tokens, np.int64)[:, None], mask, cache)
         logits = logits[:, -1]
     results = []
+    position = {int(b): i for i, b in enumerate(active)}
     for b in range(batch):
         hyps = finished[b]
-        if len(hyps) < options.n_best:  # not enough finished: add the live beams
+        if len(hyps) < options.n_best and b in position:  # not enough finished: add the live beams
             for k in range(beams):
-                row = b * beams + k
+                row = position[b] * beams + k
                 if np.isfinite(scores[row]) and sequences[row]:
                     hyps.append(Hypothesis(sequences[row], float(scores[row]) / len(sequences[row])))
         hyps.sort(key=lambda h: -h.score)

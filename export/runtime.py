@@ -143,6 +143,17 @@ SHARED_BUFFER = "shared_buffer"
 _BUFFER_HEADROOM = 128
 
 
+def reorder_rows_in_place(array: np.ndarray, indices: np.ndarray, used: int | None = None) -> None:
+    """`array[:len] = array[indices]` for a same-size reorder, copying only the rows that move
+    (beam search keeps most beams' parents) and, when `used` is given, only the first
+    `used` slots of axis 2 (the filled part of a KV buffer)."""
+    moved = np.flatnonzero(indices != np.arange(len(indices)))
+    if moved.size and used is None:
+        array[moved] = array[indices[moved]]
+    elif moved.size:
+        array[moved, :, :used] = array[indices[moved], :, :used]
+
+
 class DecoderSession:
     """A decoder graph with a KV cache (`past_key_values.*` -> `present.*`), run step by step.
 
@@ -213,9 +224,15 @@ class DecoderSession:
     __call__ = step  # a DecoderSession is a step function (see generate.py)
 
     def reorder(self, cache, indices: np.ndarray):
-        """Rows `indices` of every cache tensor. On CUDA this goes through the host (beam search only)."""
+        """Rows `indices` of every cache tensor (beam search). `cache` is not valid afterwards: on the
+        CPU a same-size reorder happens in place; on CUDA it goes through the host."""
+        indices = np.asarray(indices)
         if self.shared_buffer:
             return cache.rows(indices)
+        if self.session.device_type == "cpu" and len(indices) == cache[0].shape()[0]:
+            for value in cache:  # ORT's CPU outputs: `.numpy()` is a writable view
+                reorder_rows_in_place(value.numpy(), indices)
+            return cache
         return [self._to_device(np.ascontiguousarray(value.numpy()[indices])) for value in cache]
 
     def presents(self, cache) -> list[np.ndarray]:
@@ -342,8 +359,17 @@ class _KVBuffer:
                       grown if self.on_cpu else [self.owner._to_device(a) for a in grown])
 
     def rows(self, indices: np.ndarray) -> "_KVBuffer":
-        """A new cache of rows `indices` (through the host on CUDA)."""
+        """The cache of rows `indices`: this one, reordered in place, for a same-size reorder on
+        the CPU (the binding stays valid); else a new one (through the host on CUDA)."""
         indices = np.asarray(indices)
+        if self.on_cpu and len(indices) == self.batch:
+            used = int(self.lengths.max())
+            for array in self.arrays:
+                reorder_rows_in_place(array, indices, used)
+            self.lengths[:] = self.lengths[indices]
+            if self.binding is not None:
+                self.mask[:] = self.mask[indices]
+            return self
         arrays = [np.ascontiguousarray(array[indices]) for array in self._host_arrays()]
         if not self.on_cpu:
             arrays = [self.owner._to_device(a) for a in arrays]

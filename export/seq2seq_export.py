@@ -124,6 +124,8 @@ class KerasSeq2SeqSessions:
     def rows(self, values, indices):
         return [value[indices] for value in values]
 
+    reorder = rows
+
 
 def parity_batches(config, seed: int = 0):
     """Right-padded source batches `(ids, mask)` with lengths unlike any traced shape."""

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import Session, create_session
+from kerasllm.export.runtime import Session, create_session, reorder_rows_in_place
 
 
 def cross_names(num_layers: int, prefix: str) -> list[str]:
@@ -57,6 +57,7 @@ class Seq2SeqSessions:
         past = next(i for i in decoder.session.get_inputs() if i.name == self.past_names[0])
         self.num_heads, self.head_dim = past.shape[1], past.shape[3]
         self.cache_dtype = decoder.input_types[self.past_names[0]]
+        self._bound = None  # (cross, encoder mask, mask OrtValue, binding) of the last step
 
     @classmethod
     def open(cls, encoder_path: str | Path, decoder_path: str | Path, device: str | None = None,
@@ -85,11 +86,18 @@ class Seq2SeqSessions:
             empty = np.zeros((input_ids.shape[0], self.num_heads, 0, self.head_dim), self.cache_dtype)
             past = [self._device_value(empty) for _ in self.past_names]
         session = self.decoder
-        binding = session.session.io_binding()
+        # The encoder's side stays bound from one step to the next (the same `cross` list and
+        # mask, as Seq2SeqStep passes them): per step only the new tokens and the cache move.
+        if self._bound is None or self._bound[0] is not cross or self._bound[1] is not encoder_mask:
+            binding = session.session.io_binding()
+            mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(encoder_mask, np.int64))
+            binding.bind_ortvalue_input("encoder_attention_mask", mask)
+            for name, value in zip(self.cross_inputs, cross):
+                binding.bind_ortvalue_input(name, value)
+            self._bound = (cross, encoder_mask, mask, binding)
+        binding = self._bound[3]
+        binding.clear_binding_outputs()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("encoder_attention_mask", np.ascontiguousarray(encoder_mask, np.int64))
-        for name, value in zip(self.cross_inputs, cross):
-            binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
@@ -101,8 +109,18 @@ class Seq2SeqSessions:
         return logits, [outputs[name] for name in self.present_names]
 
     def rows(self, values: Sequence, indices: np.ndarray) -> list:
-        """Rows `indices` of every tensor (through the host on CUDA; beam search only)."""
+        """Rows `indices` of every tensor, as new tensors (through the host on CUDA)."""
         return [self._device_value(value.numpy()[indices]) for value in values]
+
+    def reorder(self, values: Sequence, indices: np.ndarray) -> list:
+        """`rows`, for a cache that is not used afterwards: on the CPU a same-size reorder
+        (beam search) happens in place, copying only the rows that move."""
+        indices = np.asarray(indices)
+        if self.decoder.device_type == "cpu" and len(indices) == values[0].shape()[0]:
+            for value in values:  # ORT's CPU outputs: `.numpy()` is a writable view
+                reorder_rows_in_place(value.numpy(), indices)
+            return list(values)
+        return self.rows(values, indices)
 
 
 class Seq2SeqStep:
@@ -134,4 +152,4 @@ class Seq2SeqStep:
 
     def reorder(self, cache, indices: np.ndarray):
         past, sources = cache
-        return self.sessions.rows(past, indices), np.asarray(sources)[indices]
+        return self.sessions.reorder(past, indices), np.asarray(sources)[indices]
