@@ -70,6 +70,7 @@ def test_bundle_greedy_is_token_identical_to_keras(trained):
     layers = manifest["config"]["num_decoder_layers"] or manifest["config"]["num_layers"]
     assert manifest["optimization"]["decoder"]["fusions"]["MultiHeadAttention"] == 2 * layers
     assert "attention_fusion_reverted" not in manifest["optimization"]["decoder"]
+    assert manifest["optimization"]["encoder"]["fusions"]["Attention"] == manifest["config"]["num_layers"]
     texts = [s for s, _ in datasets.number_words_pairs(24, max_value=9999, seed=3)]  # also unseen thousands
     ort_translator, keras_translator = BundleTranslator(bundle, device="cpu"), ModelDirTranslator(run)
     sources = [ort_translator.check(t) for t in texts]
