@@ -257,6 +257,7 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
                          name=f"{prefix}/CastWidth"),
         helper.make_node("Squeeze", [f"{prefix}/width32"], [total], name=f"{prefix}/Squeeze"),
     ]
+    lengths += _lean_positions(model, producers, prefix)
     replacements = {}
     for node in attention:
         split = producers.get(node.input[0])
@@ -280,6 +281,59 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
     entry = model.metadata_props.add()
     entry.key, entry.value = KV_CACHE_METADATA, SHARED_BUFFER
     return True
+
+
+def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
+    """New nodes computing the decoder's positions (`positions_from_mask_sum`) from the graph
+    inputs, rewiring the traced result's consumers to them: 8 nodes for tf2onnx's 11 (int32
+    casts and strided-slice bookkeeping around the same arithmetic). Matched on
+
+        Max(Add(Sub(ReduceSum(Cast?(attention_mask)), T), offsets), 0)
+
+    and left alone (no nodes) if the graph computes its positions another way."""
+    from kerasllm.export.convert import _constant_value  # noqa: PLC0415
+
+    graph = model.graph
+
+    def node(name, op_type):
+        found = producers.get(name)
+        return found if found is not None and found.op_type == op_type else None
+
+    for max_node in graph.node:
+        if max_node.op_type != "Max" or len(max_node.input) != 2:
+            continue
+        zero = _constant_value(model, max_node.input[1], producers)
+        add = node(max_node.input[0], "Add")
+        sub = add and (node(add.input[0], "Sub") or node(add.input[1], "Sub"))
+        total = sub and node(sub.input[0], "ReduceSum")
+        source = total and (node(total.input[0], "Cast") or None)
+        mask = source.input[0] if source else (total.input[0] if total else None)
+        if zero is None or zero.size != 1 or float(zero.ravel()[0]) != 0 or mask != "attention_mask":
+            continue
+        old, dtype = max_node.output[0], onnx.TensorProto.INT32  # positions_from_mask_sum's dtype
+        graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{prefix}/zero"),
+                                  numpy_helper.from_array(np.array(1, np.int64), f"{prefix}/one_scalar")])
+        names = {k: f"{prefix}/positions_{k}" for k in ("count", "length", "start", "length0", "offsets", "sum",
+                                                         "int64")}
+        nodes = [
+            helper.make_node("ReduceSum", ["attention_mask", f"{prefix}/axis1"], [names["count"]], keepdims=1,
+                             name=f"{prefix}/PositionsReduceSum"),
+            helper.make_node("Shape", ["input_ids"], [names["length"]], start=1, end=2, name=f"{prefix}/PositionsShape"),
+            helper.make_node("Sub", [names["count"], names["length"]], [names["start"]], name=f"{prefix}/PositionsSub"),
+            helper.make_node("Squeeze", [names["length"]], [names["length0"]], name=f"{prefix}/PositionsSqueeze"),
+            helper.make_node("Range", [f"{prefix}/zero", names["length0"], f"{prefix}/one_scalar"], [names["offsets"]],
+                             name=f"{prefix}/PositionsRange"),
+            helper.make_node("Add", [names["start"], names["offsets"]], [names["sum"]], name=f"{prefix}/PositionsAdd"),
+            helper.make_node("Max", [names["sum"], f"{prefix}/zero"], [names["int64"]], name=f"{prefix}/PositionsMax"),
+            # The traced positions were int32: consumers keep their input type.
+            helper.make_node("Cast", [names["int64"]], [old + "/lean"], to=dtype, name=f"{prefix}/PositionsCast"),
+        ]
+        for consumer in graph.node:
+            for k, name in enumerate(consumer.input):
+                if name == old:
+                    consumer.input[k] = old + "/lean"
+        return nodes
+    return []
 
 
 # Tensors larger than this are set aside while the optimizer runs (see `_set_aside_weights`).

@@ -275,9 +275,13 @@ class DecoderSession:
         cache.bind_cache(binding)
         self.session.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)  # outputs in binding order
-        # Back to the loop's layout; padding positions get the right-padding's (unused) logits.
-        back = (np.arange(width)[None, :] - shift[:, None]) % width
-        return np.take_along_axis(logits, back[:, :, None], axis=1), cache
+        # Back to the loop's layout (row slices: a fancy-index gather of [B, T, V] costs more);
+        # padding positions get the right-padding's (unused) logits.
+        out = np.empty_like(logits)
+        for row, pad in enumerate(shift.tolist()):
+            out[row, pad:] = logits[row, :width - pad]
+            out[row, :pad] = logits[row, width - pad:]
+        return out, cache
 
 
 class _KVBuffer:
