@@ -34,6 +34,10 @@ class ExportOptions:
     dtype: str = "fp32"  # "fp32" or "fp16"
     optimize: bool = True
     device: str = "cpu"  # where validation runs ONNX Runtime
+    # Decoder family, fp32: GroupQueryAttention over an in-place KV buffer when attention fuses
+    # (optimize.share_kv_buffer). ORT's CUDA GroupQueryAttention takes fp16/bf16 only, so an fp32
+    # bundle meant for a GPU is better exported with False (MultiHeadAttention, growing cache).
+    shared_kv_buffer: bool = True
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "fp16"):
@@ -74,7 +78,8 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
         log(f"converted to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
         report = optimize_graph(proto, target, model_type="gpt2", num_heads=c.num_heads, hidden_size=c.hidden_dim,
                                 fuse=options.optimize, dtype=options.dtype, shape_inference=False,
-                                cached_attention=fuse_attention, shared_kv_buffer=fuse_attention,
+                                cached_attention=fuse_attention,
+                                shared_kv_buffer=fuse_attention and options.shared_kv_buffer,
                                 disabled_fusions=DECODER_DISABLED_FUSIONS if options.dtype == "fp32" else ())
         fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"
         log(f"optimized ({options.dtype}): fusions {fusions}")

@@ -182,6 +182,9 @@ def test_bundle_and_model_dir_predictors_agree(bundle_dir, model_dir):
     beams = bundle.predict(batch[:1], max_new_tokens=12, num_beams=4, n_best=3)[0]
     assert len(beams["output"]) == 3 and beams["scores"] == sorted(beams["scores"], reverse=True)
     assert keras_side.predict(batch[:1], max_new_tokens=12, num_beams=4, n_best=3)[0]["output"] == beams["output"]
+    # A left-padded batch of beams (cache rows reordered in place, finished inputs dropped) as in Keras.
+    beams = [r["output"] for r in bundle.predict(batch, max_new_tokens=12, num_beams=3, n_best=2)]
+    assert beams == [r["output"] for r in keras_side.predict(batch, max_new_tokens=12, num_beams=3, n_best=2)]
     # Seeded sampling reproduces; stop strings cut the text.
     sampled = bundle.predict(batch, max_new_tokens=16, temperature=1.0, top_k=5, seed=3)
     assert sampled == bundle.predict(batch, max_new_tokens=16, temperature=1.0, top_k=5, seed=3)
