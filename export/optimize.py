@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from kerasllm.export.attention_fusion import MASK_VALUE
 from kerasllm.export.convert import IR_VERSION, save_onnx
 from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
@@ -106,6 +107,23 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
             return None, None
         return reshape.input[0], int(begin[2])
 
+    graph_inputs = {i.name for i in graph.input}
+
+    def inputs_read(name) -> set:
+        """The graph inputs whose values `name` depends on (a Shape reads no values)."""
+        seen, stack, found = set(), [name], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor in graph_inputs:
+                found.add(tensor)
+            node = producers.get(tensor)
+            if node is not None and node.op_type != "Shape":
+                stack.extend(x for x in node.input if x)
+        return found
+
     def attention_core(attn, value_name):
         """From the `probs @ value` MatMul back to the scores and forward to the output:
         `(query source, slice index, scale, bias, key transpose, output Reshape)` or None."""
@@ -155,10 +173,15 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
                                                          split_sizes))
         qkv = [f"{prefix}/{part}" for part in ("query", "key", "value")]
         split = helper.make_node("Split", [x_q, split_sizes], qkv, name=f"{prefix}/Split", axis=-1)
+        # A bias computed from shapes alone is the causal mask (a seq2seq decoder's; a causal
+        # LM's also reads its attention_mask): the kernel's `unidirectional` applies it, and
+        # the ~20 nodes that build it per step go (validation compares the result).
+        causal_only = not inputs_read(bias)
         fused_node = helper.make_node(
-            "MultiHeadAttention", [*qkv, "", "", bias, past_key, past_value],
+            "MultiHeadAttention", [*qkv, "", "", "" if causal_only else bias, past_key, past_value],
             [out_r.output[0], present_key, present_value],
             name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
+            **({"unidirectional": 1} if causal_only else {}),
         )
         replacements[id(out_r)] = [split, fused_node]
         replacements[id(concat_k)] = []
@@ -183,6 +206,21 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
             continue
         prefix = f"kerasllm_cross_attention_{fused}"
         new_nodes = []
+        if inputs_read(bias) == {"encoder_attention_mask"}:
+            # The padding bias of the source mask: the kernel's key padding mask (int32 [B, S])
+            # adds the same MASK_VALUE to padded keys; one Cast for every layer.
+            if "encoder_attention_mask" not in expanded:
+                new_nodes.append(helper.make_node("Cast", ["encoder_attention_mask"], [f"{prefix}/key_padding_mask"],
+                                                  to=onnx.TensorProto.INT32, name=f"{prefix}/Cast"))
+                expanded["encoder_attention_mask"] = f"{prefix}/key_padding_mask"
+            new_nodes.append(helper.make_node(
+                "MultiHeadAttention", [x_q, key, value, "", expanded["encoder_attention_mask"]], [out_r.output[0]],
+                name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
+                mask_filter_value=MASK_VALUE,
+            ))
+            replacements[id(out_r)] = new_nodes
+            fused += 1
+            continue
         if bias not in expanded:
             one = f"{prefix}/one"
             graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), one))
