@@ -16,11 +16,19 @@ Keras is timed after a warm-up call per batch shape (XLA compile time is reporte
 separately); ONNX Runtime after one warm-up batch. Each side is timed `--repeats` times,
 interleaved, and the best pass counts. Goal (issue 4): bundle >= 3x Keras.
 
-Measured 2026-11-24 on the shared 2-core machine (load average 4-5 from other jobs), best of 3 interleaved:
-    batch 16: greedy Keras 108.7 vs bundle 126.8 sentences/s (1.17x), beam 4: 30.1 vs 79.8 (2.66x)
-    batch 64: greedy Keras 123.4 vs bundle 203.4 sentences/s (1.65x), beam 4: 32.9 vs 85.7 (2.61x)
-Single (not interleaved) passes earlier the same hour ranged from 0.42x to 1.5x greedy and 1.0x to
-3.4x beam 4: the load of the other jobs moves both sides by 2-3x from one minute to the next.
+Measured 2026-12-01 on the 2-core machine (quiet: other jobs waited on the CPU lock), batch 16, best of 3
+interleaved, one line per run:
+    greedy: Keras 275.8 / 270.9 / 270.9 vs bundle 321.4 / 321.4 / 314.8 sentences/s -> 1.17x 1.19x 1.16x
+    beam 4: Keras  44.6 /  45.1 /  49.1 vs bundle 135.2 / 137.2 / 154.9 sentences/s -> 3.03x 3.04x 3.15x
+Before (b54f569, same machine): greedy 301 vs 253 (0.84x), beam 4 47.8 vs 109.7 (2.29x).
+What changed the bundle side: the encoder's self-attention fused into Attention nodes (4 batches
+encoded in ~25 ms instead of 47), the decoder's self- and cross-attention into MultiHeadAttention
+(247 -> 109 nodes: causal mask and key padding inside the kernel), the encoder side bound once per
+batch, beams and greedy rows that are done leave the batch (a quarter of the beam rows were dead
+weight), in-place beam reorders copying only moved rows.
+Greedy misses the 3x goal: a decoder step at batch 16 costs ~1 ms in ONNX Runtime (109 small
+nodes, 8 attention kernels; ~0.4 ms of it arithmetic), so the 32 steps of 4 batches take ~150 ms
+of the bundle's ~200 ms against Keras's ~235 ms; 3x would need a step of ~0.35 ms.
 Greedy outputs identical 64/64. Beam outputs differ on some random-weight inputs (50/64 identical):
 Keras runs keras-hub's BeamSampler (finished beams continue with pad at probability 1), the bundle
 generate.py's beam search (a pool of finished hypotheses). On the trained numbers model, the two inputs
