@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kerasllm.data import without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import read_records
 
@@ -205,7 +206,7 @@ def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarra
         dataset = dataset.repeat()
     dataset = _bucketed(dataset, max_length, batch_size, (tf.constant(pad_id, tf.int32), tf.constant(0, tf.int32)))
     dataset = dataset.map(lambda x, y: ({"token_ids": x, "padding_mask": tf.not_equal(x, pad_id)}, y))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return without_autotune(dataset.prefetch(2))
 
 
 def mask_selection_length(max_length: int, rate: float = MASK_RATE) -> int:
@@ -246,7 +247,8 @@ def masked_lm_dataset(sequences: Sequence[Sequence[int]], batch_size: int, vocab
                   "mask_positions": tf.cast(out["mask_positions"], tf.int32)}
         return inputs, tf.cast(out["mask_ids"], tf.int32), out["mask_weights"]
 
-    return dataset.map(mask, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # Fixed parallelism, no autotuning: see kerasllm.data.without_autotune.
+    return without_autotune(dataset.map(mask, num_parallel_calls=2).prefetch(2))
 
 
 def iter_batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:

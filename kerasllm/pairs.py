@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kerasllm.data import without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import read_parallel, read_records
 
@@ -122,7 +123,7 @@ def pair_batches(sources, targets, batch_size: int, *, pad_id: int, bos_id: int,
     def teacher_forcing(src, tgt):
         return src, tf.concat([[bos_id], tgt], 0), tf.concat([tgt, [eos_id]], 0)
 
-    dataset = dataset.map(teacher_forcing, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(teacher_forcing)
     longest = max(max(len(s) for s in sources), max(len(t) for t in targets) + 1)
     # pad_to_bucket_boundary pads to `boundary - 1`: boundaries k*w + 1 give lengths k*w.
     boundaries = [k * bucket_width + 1 for k in range(1, -(-longest // bucket_width) + 1)]
@@ -137,4 +138,5 @@ def pair_batches(sources, targets, batch_size: int, *, pad_id: int, bos_id: int,
                   "decoder_token_ids": dec}
         return inputs, labels
 
-    return dataset.map(as_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # No autotuning (see kerasllm.data.without_autotune): the maps are cheap, two batches prefetched.
+    return without_autotune(dataset.map(as_inputs).prefetch(2))
