@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kerasllm.config import DecoderConfig
 from kerasllm.data import TokenSplit, lm_windows, read_corpus, tokenize_corpus
 from kerasllm.distribute import distributed_recipe
-from kerasllm.errors import UsageError
-from kerasllm.recipes.common import RunArgs
+from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -58,8 +56,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         tokenizer = TextTokenizer.train(texts, kind=args.tokenizer, vocab_size=args.vocab_size)
         config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    if args.seq_len > config.max_length:
-        raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+    check_seq_len(args.seq_len, config)
     ids = tokenize_corpus(texts, tokenizer)
     split = TokenSplit.from_ids(ids, args.validation_fraction, args.seq_len)
     tokens_per_step = args.batch_size * args.seq_len
@@ -67,14 +64,12 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
     )
 
-    created = dist.is_chief and not out.exists()
-    if dist.is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        if not resume and dist.is_chief:
-            tokenizer.save(out)
-            write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
-                                                  "train": asdict(args), "distribute": asdict(dist.options)})
+    def save_run_files():
+        tokenizer.save(out)
+        write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
+                                              "train": asdict(args), "distribute": asdict(dist.options)})
+
+    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
@@ -101,8 +96,3 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
                        log_every=args.log_every, is_chief=dist.is_chief, extra_callbacks=extra_callbacks)
-    except BaseException:
-        # A run that never reached its first checkpoint leaves nothing behind.
-        if created and not (out / "checkpoints").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise

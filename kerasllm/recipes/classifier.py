@@ -17,8 +17,8 @@ from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
-from kerasllm.recipes.masked_lm import cleanup_on_failure, encoder_config, validation_steps
-from kerasllm.recipes.common import RunArgs
+from kerasllm.recipes.masked_lm import encoder_config, validation_steps
+from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -78,8 +78,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
                                             vocab_size=args.vocab_size)
             config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer,
                                     num_labels=len(labels), **changes)
-    if args.seq_len > config.max_length:
-        raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+    check_seq_len(args.seq_len, config)
     train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
     train_ids, val_ids = labels.ids(train_rows), labels.ids(val_rows)
     train_seqs, val_seqs = encode_rows(tokenizer, train_rows, args.seq_len), encode_rows(tokenizer, val_rows,
@@ -88,14 +87,12 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
     )
 
-    created = dist.is_chief and not out.exists()  # only the chief writes the run directory
-    if dist.is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        if not resume and dist.is_chief:
-            tokenizer.save(out)
-            write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
-                                                  "labels": labels.labels, "train": asdict(args)})
+    def save_run_files():
+        tokenizer.save(out)
+        write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
+                                              "labels": labels.labels, "train": asdict(args)})
+
+    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
@@ -127,6 +124,3 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
                        epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
                        log_every=args.log_every, is_chief=dist.is_chief)
-    except BaseException:
-        cleanup_on_failure(out, created)
-        raise

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kerasllm.errors import UsageError
+from kerasllm.training import CHECKPOINT_DIR
 
 
 @dataclass
@@ -30,3 +37,28 @@ class RunArgs:
     seed: int = 0
     jit_compile: bool = True
     log_every: int = 10
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None]) -> Iterator[None]:
+    """The run directory around a recipe's training: created (by the chief only: one writer in
+    a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, and
+    on any failure before the first checkpoint removed again if this run created it, so a
+    failed run leaves nothing half-written behind."""
+    created = is_chief and not out.exists()
+    if is_chief:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume and is_chief:
+            save()
+        yield
+    except BaseException:
+        if created and not (out / CHECKPOINT_DIR).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def check_seq_len(seq_len: int, config) -> None:
+    """Refuse a `--seq-len` longer than the model's positions (exit 2 through the CLI)."""
+    if seq_len > config.max_length:
+        raise UsageError(f"--seq-len {seq_len} is larger than the model's max_length {config.max_length}")

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
-from kerasllm.errors import UsageError
-from kerasllm.recipes.common import RunArgs
+from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -48,12 +46,6 @@ def validation_steps(count: int, batch_size: int, eval_steps: int) -> int:
     return max(1, min(eval_steps, math.ceil(count / batch_size)))
 
 
-def cleanup_on_failure(out: Path, created: bool) -> None:
-    """A run that never reached its first checkpoint leaves nothing behind."""
-    if created and not (out / "checkpoints").exists():
-        shutil.rmtree(out, ignore_errors=True)
-
-
 @distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                     quiet: bool = False, config_overrides: dict | None = None, dist=None):
@@ -69,8 +61,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         rows = read_rows(args.data, args.text_field)  # fails early, before anything is written
         tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer, vocab_size=args.vocab_size)
         config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer)
-    if args.seq_len > config.max_length:
-        raise UsageError(f"--seq-len {args.seq_len} is larger than the model's max_length {config.max_length}")
+    check_seq_len(args.seq_len, config)
     sequences = encode_chunks(tokenizer, rows, args.seq_len)
     train_seqs, val_seqs = split_validation(sequences, args.validation_fraction, args.seed)
     tokens_per_step = args.batch_size * args.seq_len
@@ -78,14 +69,12 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
     )
 
-    created = dist.is_chief and not out.exists()  # only the chief writes the run directory
-    if dist.is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        if not resume and dist.is_chief:
-            tokenizer.save(out)
-            write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
-                                                  "train": asdict(args)})
+    def save_run_files():
+        tokenizer.save(out)
+        write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
+                                              "train": asdict(args)})
+
+    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
@@ -111,6 +100,3 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
                        epochs=epochs, tokens_per_step=tokens_per_step,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
                        log_every=args.log_every, is_chief=dist.is_chief)
-    except BaseException:
-        cleanup_on_failure(out, created)
-        raise

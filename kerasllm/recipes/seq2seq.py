@@ -7,7 +7,6 @@ tokenizer for the target side (`target_tokenizer.json`).
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import RunArgs
+from kerasllm.recipes.common import RunArgs, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -93,15 +92,13 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
     )
 
-    created = dist.is_chief and not out.exists()  # only the chief writes the run directory
-    if dist.is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        if not resume and dist.is_chief:
-            source_tokenizer.save(out)
-            if args.separate_vocab:
-                target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
-            write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args)})
+    def save_run_files():
+        source_tokenizer.save(out)
+        if args.separate_vocab:
+            target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
+        write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args)})
+
+    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
@@ -135,8 +132,3 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
                        log_every=args.log_every, is_chief=dist.is_chief)
-    except BaseException:
-        # A run that never reached its first checkpoint leaves nothing behind.
-        if created and not (out / "checkpoints").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
