@@ -197,6 +197,10 @@ class DecoderSession:
         metadata = session.session.get_modelmeta().custom_metadata_map
         self.shared_buffer = metadata.get(KV_CACHE_METADATA) == SHARED_BUFFER
         self._vocab = session.session.get_outputs()[self._logits_index].shape[-1]
+        if self.shared_buffer and session.device_type == "cuda" and self.cache_dtype == np.float32:
+            # ORT places the node on the CPU provider and copies the cache across every step.
+            log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
+                        "the CPU; for GPU serving export with --kv-cache growing or --dtype fp16")
 
     def _to_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, self.session.device_type, self.session.device_id)

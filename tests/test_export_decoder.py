@@ -154,6 +154,17 @@ def test_fp16_bundle_agrees_on_top1_with_an_fp16_cache(fp16_bundle):
     assert np.isfinite(logits).all() and cache[0].numpy().dtype == np.float16
 
 
+def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):
+    out = tmp_path / "growing"
+    result = run_cli("export", model_dir, "--out", out, "--kv-cache", "growing")
+    assert result.code == 0, result
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["optimization"]["kv_cache"] == "growing"
+    assert manifest["optimization"]["fusions"]["MultiHeadAttention"] == 2
+    assert manifest["validation"]["greedy"]["identical"] is True
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+
+
 def test_kv_cache_decoding_equals_full_recompute_token_for_token(bundle_dir):
     from kerasllm.export.decoding_predictor import BundleGenerator
     from kerasllm.export.generate import DecodingOptions, FullRecompute, generate

@@ -15,7 +15,12 @@ import click
               help="Weights and KV cache precision (fp16: for GPUs; LayerNorm/softmax stay fp32).")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Apply ONNX Runtime's transformer fusions (recorded in the manifest).")
-def export(model_dir, out, opset, dtype, optimize):
+@click.option("--kv-cache", type=click.Choice(["shared-buffer", "growing"]), default="shared-buffer",
+              show_default=True,
+              help="Decoder KV cache of fp32 bundles: one buffer per layer updated in place by GroupQueryAttention "
+                   "(fastest on CPU), or past + new concatenated by MultiHeadAttention (for fp32 bundles served "
+                   "on CUDA, whose GroupQueryAttention takes fp16/bf16 only). fp16 bundles always grow.")
+def export(model_dir, out, opset, dtype, optimize, kv_cache):
     """Export a trained model to an ONNX bundle, checked against Keras.
 
     The bundle (graph, tokenizer.json, manifest.json with hashes and the validation
@@ -27,6 +32,7 @@ def export(model_dir, out, opset, dtype, optimize):
     Example:
       kerasllm export runs/lm --out bundles/lm
       kerasllm export runs/lm --out bundles/lm-fp16 --dtype fp16
+      kerasllm export runs/lm --out bundles/lm-gpu --kv-cache growing   # fp32 on CUDA
     """
     from kerasllm.errors import UsageError  # noqa: PLC0415
 
@@ -38,5 +44,6 @@ def export(model_dir, out, opset, dtype, optimize):
     def log(message: str) -> None:
         click.echo(f"kerasllm: {message}", err=True)
 
-    export_model_dir(model_dir, out, ExportOptions(opset=opset, dtype=dtype, optimize=optimize), log=log)
+    options = ExportOptions(opset=opset, dtype=dtype, optimize=optimize, shared_kv_buffer=kv_cache == "shared-buffer")
+    export_model_dir(model_dir, out, options, log=log)
     click.echo(f"kerasllm: bundle written to {out}", err=True)
