@@ -29,10 +29,12 @@ validation then compares the fused graph with Keras.
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 from onnx import helper
 
-from kerasllm.export.convert import _constant_value, _remove_dead_nodes, graph_index
+from kerasllm.export.convert import _constant_value, graph_index, replace_nodes, typed_producer
 
 # kerasllm.layers.attention.MASK_VALUE (not imported: that module imports Keras).
 MASK_VALUE = -1e9
@@ -52,9 +54,7 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
     graph_inputs = {i.name for i in graph.input}
     width = num_heads * head_dim
 
-    def producer(name, op_type):
-        node = producers.get(name)
-        return node if node is not None and node.op_type == op_type else None
+    producer = functools.partial(typed_producer, producers)
 
     def only_consumer(name, op_type):
         nodes = consumers.get(name, [])
@@ -150,12 +150,5 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
         replacements[id(out_r)] = nodes
         fused += 1
     if fused:
-        rewritten = []
-        for node in graph.node:
-            rewritten.extend(replacements.get(id(node), [node]))
-        del graph.node[:]
-        graph.node.extend(rewritten)
-        _remove_dead_nodes(model)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        replace_nodes(model, replacements)
     return fused

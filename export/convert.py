@@ -30,6 +30,7 @@ like everything else:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +281,28 @@ def graph_index(graph) -> tuple[dict, dict]:
     return producers, consumers
 
 
+def typed_producer(producers: dict, name: str, op_type: str):
+    """The node writing tensor `name` if it is an `op_type` node, else None (for pattern matching)."""
+    node = producers.get(name)
+    return node if node is not None and node.op_type == op_type else None
+
+
+def replace_nodes(proto: onnx.ModelProto, replacements: dict) -> None:
+    """Put `replacements[id(node)]` (a list of nodes; empty removes) where each replaced node
+    was, keeping graph order; drop what became dead; declare the `com.microsoft` opset the
+    fused contrib ops live in."""
+    graph = proto.graph
+    nodes = []
+    for node in graph.node:
+        nodes.extend(replacements.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _remove_dead_nodes(proto)
+    if any(n.domain == "com.microsoft" for n in graph.node) and not any(
+            o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
 def _rewrite_erfc(proto: onnx.ModelProto) -> None:
     """Replace TensorFlow's `erfc(-x / sqrt 2)` by `1 + erf(x / sqrt 2)` (see module docstring)."""
     graph = proto.graph
@@ -366,10 +389,7 @@ def _plain_gather_indices(proto: onnx.ModelProto) -> None:
     """
     graph = proto.graph
     producers, _ = graph_index(graph)
-
-    def node(name, op_type):
-        found = producers.get(name)
-        return found if found is not None and found.op_type == op_type else None
+    node = functools.partial(typed_producer, producers)
 
     def is_zero(name):
         value = _constant_value(proto, name, producers)

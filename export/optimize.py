@@ -17,6 +17,7 @@ same name on tf2onnx graphs, which ONNX Runtime refuses; names are made unique a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -28,7 +29,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from kerasllm.export.attention_fusion import MASK_VALUE
-from kerasllm.export.convert import IR_VERSION, save_onnx
+from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, replace_nodes, save_onnx,
+                                     typed_producer)
 from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
 # Ops kept in float32 in fp16 graphs: normalization statistics and softmax overflow in fp16.
@@ -79,14 +81,11 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
     becomes one MultiHeadAttention node too. A layer whose subgraph differs in any way
     (rotary positions, another scale) is left as it is. Returns the number fused.
     """
-    from kerasllm.export.convert import _constant_value, _remove_dead_nodes, graph_index  # noqa: PLC0415
 
     graph = model.graph
     producers, consumers = graph_index(graph)
 
-    def producer(name, op_type):
-        node = producers.get(name)
-        return node if node is not None and node.op_type == op_type else None
+    producer = functools.partial(typed_producer, producers)
 
     def head_source(name):
         """`Transpose(Squeeze(Slice(Reshape(x))))` -> (x, slice index along the `3` axis)."""
@@ -239,14 +238,7 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
         replacements[id(out_r)] = new_nodes
         fused += 1
     if fused:
-        nodes = []
-        for node in graph.node:
-            nodes.extend(replacements.get(id(node), [node]))
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _remove_dead_nodes(model)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        replace_nodes(model, replacements)
     return fused
 
 
@@ -278,7 +270,6 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
     layers = len([i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")])
     if not attention or len(attention) != layers:
         return False
-    from kerasllm.export.convert import _remove_dead_nodes, graph_index  # noqa: PLC0415
 
     producers, _ = graph_index(graph)
     prefix = "kerasllm_shared_kv"
@@ -302,17 +293,14 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
         if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
             return False
         scale = next(a.f for a in node.attribute if a.name == "scale")
-        replacements[id(node)] = helper.make_node(
+        replacements[id(node)] = [helper.make_node(
             "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], seqlens, total],
             list(node.output), name=node.name.replace("MultiHeadAttention", "GroupQueryAttention"),
             domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_heads, scale=scale,
-        )
-    nodes = list(lengths)
-    for node in graph.node:
-        nodes.append(replacements.get(id(node), node))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _remove_dead_nodes(model)
+        )]
+    first = graph.node[0]  # the lengths and positions read only graph inputs: they go first
+    replacements[id(first)] = lengths + replacements.get(id(first), [first])
+    replace_nodes(model, replacements)
     for value in list(graph.input) + list(graph.output):
         if value.name.startswith(("past_key_values.", "present.")):
             value.type.tensor_type.shape.dim[2].dim_param = "max_sequence"
@@ -329,13 +317,10 @@ def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
         Max(Add(Sub(ReduceSum(Cast?(attention_mask)), T), offsets), 0)
 
     and left alone (no nodes) if the graph computes its positions another way."""
-    from kerasllm.export.convert import _constant_value  # noqa: PLC0415
 
     graph = model.graph
 
-    def node(name, op_type):
-        found = producers.get(name)
-        return found if found is not None and found.op_type == op_type else None
+    node = functools.partial(typed_producer, producers)
 
     for max_node in graph.node:
         if max_node.op_type != "Max" or len(max_node.input) != 2:
