@@ -34,7 +34,7 @@ import functools
 import onnx
 from onnx import helper
 
-from kerasllm.export.convert import _constant_value, graph_index, replace_nodes, typed_producer
+from kerasllm.export.convert import _constant_value, graph_index, graph_inputs_read, replace_nodes, typed_producer
 
 # kerasllm.layers.attention.MASK_VALUE (not imported: that module imports Keras).
 MASK_VALUE = -1e9
@@ -51,7 +51,6 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
     """
     graph = model.graph
     producers, consumers = graph_index(graph)
-    graph_inputs = {i.name for i in graph.input}
     width = num_heads * head_dim
 
     producer = functools.partial(typed_producer, producers)
@@ -86,20 +85,7 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
             return None, None
         return reshape.input[0], int(begin[2])
 
-    def graph_inputs_under(name):
-        """The graph inputs that tensor `name` is computed from."""
-        found, stack, seen = set(), [name], set()
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            if tensor in graph_inputs:
-                found.add(tensor)
-            node = producers.get(tensor)
-            if node is not None:
-                stack.extend(node.input)
-        return found
+    graph_inputs_under = functools.partial(graph_inputs_read, graph, producers)
 
     def projection(qkv):
         """`Add(MatMul(x, W), b)` with constant `W [C, 3C]`, `b [3C]` -> (x, W name, b name) or None."""

@@ -287,6 +287,23 @@ def typed_producer(producers: dict, name: str, op_type: str):
     return node if node is not None and node.op_type == op_type else None
 
 
+def graph_inputs_read(graph, producers: dict, name: str) -> set[str]:
+    """The graph inputs whose values tensor `name` depends on (a Shape reads no values)."""
+    graph_inputs = {i.name for i in graph.input}
+    seen, stack, found = set(), [name], set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in graph_inputs:
+            found.add(tensor)
+        node = producers.get(tensor)
+        if node is not None and node.op_type != "Shape":
+            stack.extend(x for x in node.input if x)
+    return found
+
+
 def replace_nodes(proto: onnx.ModelProto, replacements: dict) -> None:
     """Put `replacements[id(node)]` (a list of nodes; empty removes) where each replaced node
     was, keeping graph order; drop what became dead; declare the `com.microsoft` opset the

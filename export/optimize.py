@@ -29,8 +29,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from kerasllm.export.attention_fusion import MASK_VALUE
-from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, replace_nodes, save_onnx,
-                                     typed_producer)
+from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, graph_inputs_read, replace_nodes,
+                                     save_onnx, typed_producer)
 from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
 # Ops kept in float32 in fp16 graphs: normalization statistics and softmax overflow in fp16.
@@ -106,22 +106,7 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
             return None, None
         return reshape.input[0], int(begin[2])
 
-    graph_inputs = {i.name for i in graph.input}
-
-    def inputs_read(name) -> set:
-        """The graph inputs whose values `name` depends on (a Shape reads no values)."""
-        seen, stack, found = set(), [name], set()
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            if tensor in graph_inputs:
-                found.add(tensor)
-            node = producers.get(tensor)
-            if node is not None and node.op_type != "Shape":
-                stack.extend(x for x in node.input if x)
-        return found
+    inputs_read = functools.partial(graph_inputs_read, graph, producers)
 
     def attention_core(attn, value_name):
         """From the `probs @ value` MatMul back to the scores and forward to the output:
