@@ -165,6 +165,23 @@ def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cl
     assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
 
 
+def test_an_fp32_shared_buffer_bundle_on_cuda_is_called_out(bundle_dir, caplog):
+    """ORT's CUDA GroupQueryAttention is fp16/bf16 only: the user is told in one line (the
+    session here is a CPU one labelled CUDA; no GPU is needed to check the message)."""
+    import logging
+
+    from kerasllm.export.runtime import DecoderSession, Session, create_session
+
+    cpu = create_session(bundle_dir / "model.onnx", "cpu")
+    with caplog.at_level(logging.WARNING, logger="kerasllm"):
+        DecoderSession(Session(cpu.session, "cuda", 0, "test"))
+    assert [r.getMessage() for r in caplog.records if "--kv-cache growing" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kerasllm"):
+        DecoderSession(cpu)
+    assert not caplog.records
+
+
 def test_kv_cache_decoding_equals_full_recompute_token_for_token(bundle_dir):
     from kerasllm.export.decoding_predictor import BundleGenerator
     from kerasllm.export.generate import DecodingOptions, FullRecompute, generate
