@@ -141,14 +141,14 @@ class Encoder(keras.layers.Layer):
         query = ops.transpose(attention._rope(query[:, :1], positions[:, :1]), (0, 2, 1, 3))
         key = ops.transpose(attention._rope(key, positions), (0, 2, 1, 3))
         value = ops.transpose(value, (0, 2, 1, 3))
-        attended = attention.attend(query, key, value, bias)
-        first = x[:, :1]  # TransformerBlock._residual on that token, at inference (no dropout)
+        # The attention residual of TransformerBlock._residual on that token (inference: no dropout),
+        # then the block's own feed-forward residual on it.
+        first = x[:, :1] + attention.attend(query, key, value, bias)
+        if not self.norm_first:
+            first = block.self_attention_norm(first)
+        first = block._residual(first, block.feedforward_norm, block.feedforward, training=False)
         if self.norm_first:
-            first = first + attended
-            first = self.norm(first + block.feedforward(block.feedforward_norm(first)))
-        else:
-            first = block.self_attention_norm(first + attended)
-            first = block.feedforward_norm(first + block.feedforward(first))
+            first = self.norm(first)
         return first[:, 0]
 
     def get_config(self):
