@@ -27,7 +27,7 @@ import onnx
 
 from kerasllm.errors import KerasLLMError
 from kerasllm.export.convert import DEFAULT_OPSET, GraphSpec, TensorDecl, save_onnx, trace_to_onnx
-from kerasllm.export.validate import FP16_MIN_TOP1, FP32_TOLERANCE, ValidationError
+from kerasllm.export.validate import FP16_MIN_TOP1, FP32_TOLERANCE, ValidationError, validated_with_fallback
 
 PARITY_ATOL = FP32_TOLERANCE  # fp32 logits and embeddings, ONNX Runtime vs Keras: 1e-4
 FP16_ATOL = 5e-2  # fp16 embeddings (logits are judged by top-1 agreement)
@@ -125,14 +125,9 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
 
     # fp32 only, as the decoder: the fp16 converter and the fused op do not mix.
     fuse_attention = options.optimize and options.dtype == "fp32"
-    try:
-        report, figures = build(fuse_attention)
-    except ValidationError as err:
-        if not fuse_attention:
-            raise
-        log(f"fused attention failed validation ({err}); exporting without that fusion")
-        report, figures = build(False)
-        report["attention_fusion_reverted"] = str(err)
+    report, figures, reverted = validated_with_fallback(build, fuse_attention, log)
+    if reverted:
+        report["attention_fusion_reverted"] = reverted
     return {"graphs": {spec.name: {**spec.to_dict(), "opset": options.opset}}, "optimization": report,
             "validation": figures}
 

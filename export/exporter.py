@@ -66,7 +66,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx  # noqa: PLC0415
     from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
     from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
-    from kerasllm.export.validate import ValidationError, validate_causal_lm  # noqa: PLC0415
+    from kerasllm.export.validate import validate_causal_lm, validated_with_fallback  # noqa: PLC0415
 
     c = model.config
     spec = causal_lm_graph(model)
@@ -89,14 +89,9 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
         log(f"validated against Keras in {time.perf_counter() - start:.1f} s: " + _summary(figures))
         return report, figures
 
-    try:
-        report, figures = build(fuse_attention=options.optimize)
-    except ValidationError as err:
-        if not options.optimize:
-            raise
-        log(f"fused attention failed validation ({err}); exporting without that fusion")
-        report, figures = build(fuse_attention=False)
-        report["attention_fusion_reverted"] = str(err)
+    report, figures, reverted = validated_with_fallback(build, options.optimize, log)
+    if reverted:
+        report["attention_fusion_reverted"] = reverted
     for name, decl in {**spec.inputs, **spec.outputs}.items():
         if name.startswith(("past_key_values.", "present.")):
             if options.dtype == "fp16":  # the cache travels in fp16 too

@@ -153,6 +153,16 @@ def reorder_rows_in_place(array: np.ndarray, indices: np.ndarray, used: int | No
         array[moved, :, :used] = array[indices[moved], :, :used]
 
 
+def reorder_outputs_in_place(values, indices: np.ndarray, device_type: str) -> bool:
+    """Reorder ORT outputs (`OrtValue`s) in place when it is possible: on the CPU, for a
+    same-size reorder (beam search). Returns False, touching nothing, otherwise."""
+    if device_type != "cpu" or len(indices) != values[0].shape()[0]:
+        return False
+    for value in values:  # ORT's CPU outputs: `.numpy()` is a writable view
+        reorder_rows_in_place(value.numpy(), indices)
+    return True
+
+
 class DecoderSession:
     """A decoder graph with a KV cache (`past_key_values.*` -> `present.*`), run step by step.
 
@@ -232,9 +242,7 @@ class DecoderSession:
         indices = np.asarray(indices)
         if self.shared_buffer:
             return cache.rows(indices)
-        if self.session.device_type == "cpu" and len(indices) == cache[0].shape()[0]:
-            for value in cache:  # ORT's CPU outputs: `.numpy()` is a writable view
-                reorder_rows_in_place(value.numpy(), indices)
+        if reorder_outputs_in_place(cache, indices, self.session.device_type):
             return cache
         return [self._to_device(np.ascontiguousarray(value.numpy()[indices])) for value in cache]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from kerasllm.export.convert import GraphSpec, TensorDecl, save_onnx, trace_to_onnx
 from kerasllm.export.seq2seq_runtime import Seq2SeqSessions, Seq2SeqStep, cross_names, self_names
-from kerasllm.export.validate import ValidationError, compare_output
+from kerasllm.export.validate import ValidationError, compare_output, validated_with_fallback
 
 GREEDY_NEW_TOKENS = 24
 
@@ -242,26 +242,23 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
         raws[spec.name] = scratch / f"raw-{spec.file}"
         save_onnx(trace_to_onnx(spec, model, opset=options.opset), raws[spec.name])
         log(f"converted the {spec.name} to ONNX (opset {options.opset}) in {time.perf_counter() - start:.1f} s")
-        optimize(spec, fuse_attention)
         if options.dtype == "fp16":  # cross and self-attention caches travel in fp16
             for name, decl in {**spec.inputs, **spec.outputs}.items():
                 if name.startswith(("past_key_values.", "present.")):
                     decl.dtype = "float16"
         graphs[spec.name] = {**spec.to_dict(), "opset": options.opset}
-    start = time.perf_counter()
-    sessions = Seq2SeqSessions.open(staging / "encoder.onnx", staging / "decoder.onnx", options.device)
-    try:
-        figures = validate_seq2seq(model, sessions, dtype=options.dtype)
-    except ValidationError as err:
-        # The fused kernels compute the softmax their own way (see exporter.export_decoder).
-        if not fuse_attention:
-            raise
-        log(f"fused attention failed validation ({err}); exporting without that fusion")
+
+    def build(fuse: bool) -> tuple[dict, dict]:
         for spec in specs:
-            optimize(spec, fuse_attention=False)
-            reports[spec.name]["attention_fusion_reverted"] = str(err)
+            optimize(spec, fuse)
         sessions = Seq2SeqSessions.open(staging / "encoder.onnx", staging / "decoder.onnx", options.device)
-        figures = validate_seq2seq(model, sessions, dtype=options.dtype)
+        return reports, validate_seq2seq(model, sessions, dtype=options.dtype)
+
+    start = time.perf_counter()
+    _, figures, reverted = validated_with_fallback(build, fuse_attention, log)
+    if reverted:
+        for report in reports.values():
+            report["attention_fusion_reverted"] = reverted
     if "max_abs_diff" in figures:
         worst = max(v for k, v in figures["max_abs_diff"].items() if k.endswith("logits"))
         summary = f"max |logits diff| {worst:.2g}"

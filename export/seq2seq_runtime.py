@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import Session, create_session, reorder_rows_in_place
+from kerasllm.export.runtime import Session, create_session, reorder_outputs_in_place
 
 
 def cross_names(num_layers: int, prefix: str) -> list[str]:
@@ -116,9 +116,7 @@ class Seq2SeqSessions:
         """`rows`, for a cache that is not used afterwards: on the CPU a same-size reorder
         (beam search) happens in place, copying only the rows that move."""
         indices = np.asarray(indices)
-        if self.decoder.device_type == "cpu" and len(indices) == values[0].shape()[0]:
-            for value in values:  # ORT's CPU outputs: `.numpy()` is a writable view
-                reorder_rows_in_place(value.numpy(), indices)
+        if reorder_outputs_in_place(values, indices, self.decoder.device_type):
             return list(values)
         return self.rows(values, indices)
 
