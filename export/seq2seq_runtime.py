@@ -14,10 +14,24 @@ A seq2seq bundle holds two graphs (declared in seq2seq_export.py):
 inputs; its cross-attention keys/values are bound to every decoder step, which only
 adds one token's worth of self-attention cache. `Seq2SeqStep` wraps the decoder as a
 step function for the shared decoding loops (generate.py: greedy, sampling, beam).
+
+fp32 bundles exported with fused attention have a *shared-buffer* decoder instead
+(seq2seq_export.share_self_attention_buffer, metadata `kerasllm.kv_cache`):
+
+    decoder.onnx  input_ids [B, 1], attention_mask [B, M] (ones in each row's first n columns,
+                  n = tokens so far including the new one), encoder_attention_mask [B, S],
+                  past_key_values.{i}.encoder.key|value [B, H, S, D],
+                  past_key_values.{i}.decoder.key|value [B, H, M, D]
+                  -> logits [B, 1, V], present.{i}.decoder.key|value: the same buffers, written in place
+
+`_SelfAttentionBuffer` drives it: one buffer per cache tensor bound as past and present,
+and one IO binding per batch whose inputs and logits live in arrays updated in place, so
+a step binds nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +39,12 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import Session, create_session, reorder_outputs_in_place
+from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, create_session, reorder_outputs_in_place,
+                                     reorder_rows_in_place)
+
+log = logging.getLogger("kerasllm")
+# Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
+_BUFFER_SLOTS = 64
 
 
 def cross_names(num_layers: int, prefix: str) -> list[str]:
@@ -58,6 +77,14 @@ class Seq2SeqSessions:
         self.num_heads, self.head_dim = past.shape[1], past.shape[3]
         self.cache_dtype = decoder.input_types[self.past_names[0]]
         self._bound = None  # (cross, encoder mask, mask OrtValue, binding) of the last step
+        metadata = decoder.session.get_modelmeta().custom_metadata_map
+        self.shared_buffer = metadata.get(KV_CACHE_METADATA) == SHARED_BUFFER
+        outputs = decoder.session.get_outputs()
+        self.vocab = outputs[[o.name for o in outputs].index("logits")].shape[-1]
+        if self.shared_buffer and decoder.device_type == "cuda" and self.cache_dtype == np.float32:
+            # ORT places the node on the CPU provider and copies the cache across every step.
+            log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
+                        "the CPU; for GPU serving export with --kv-cache growing or --dtype fp16")
 
     @classmethod
     def open(cls, encoder_path: str | Path, decoder_path: str | Path, device: str | None = None,
@@ -80,8 +107,12 @@ class Seq2SeqSessions:
         outputs = dict(zip(self.cross_outputs, binding.get_outputs()))
         return [outputs[name] for name in self.cross_outputs]
 
-    def step(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence, past: Sequence | None):
-        """One decoder step; returns `(logits [B, T, V] float32 on the host, presents)`."""
+    def step(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence, past):
+        """One decoder step; returns `(logits [B, T, V] float32 on the host, cache)`: the cache is
+        the list of presents, or a `_SelfAttentionBuffer` for a shared-buffer graph (None before
+        the first step either way; `presents(cache)` gives host arrays)."""
+        if self.shared_buffer:
+            return self._buffer_step(np.asarray(input_ids), encoder_mask, cross, past)
         if past is None:
             empty = np.zeros((input_ids.shape[0], self.num_heads, 0, self.head_dim), self.cache_dtype)
             past = [self._device_value(empty) for _ in self.past_names]
@@ -108,6 +139,23 @@ class Seq2SeqSessions:
         logits = outputs["logits"].numpy().astype(np.float32, copy=False)
         return logits, [outputs[name] for name in self.present_names]
 
+    def _buffer_step(self, input_ids, encoder_mask, cross, cache):
+        if cache is None:
+            cache = _SelfAttentionBuffer(self, len(input_ids), _BUFFER_SLOTS)
+        if input_ids.shape[1] > 1:
+            # CPU GroupQueryAttention takes several new tokens on top of a past only at batch 1:
+            # one at a time (the same math, causal).
+            logits = [self._buffer_step(input_ids[:, t:t + 1], encoder_mask, cross, cache)[0]
+                      for t in range(input_ids.shape[1])]
+            return np.concatenate(logits, axis=1), cache
+        return cache.run(input_ids, encoder_mask, cross), cache
+
+    def presents(self, cache) -> list[np.ndarray]:
+        """The self-attention cache as host arrays `[B, H, P, D]` (validation)."""
+        if isinstance(cache, _SelfAttentionBuffer):
+            return cache.presents()
+        return [value.numpy() for value in cache]
+
     def rows(self, values: Sequence, indices: np.ndarray) -> list:
         """Rows `indices` of every tensor, as new tensors (through the host on CUDA)."""
         return [self._device_value(value.numpy()[indices]) for value in values]
@@ -116,9 +164,107 @@ class Seq2SeqSessions:
         """`rows`, for a cache that is not used afterwards: on the CPU a same-size reorder
         (beam search) happens in place, copying only the rows that move."""
         indices = np.asarray(indices)
+        if isinstance(values, _SelfAttentionBuffer):
+            return values.rows(indices)
         if reorder_outputs_in_place(values, indices, self.decoder.device_type):
             return list(values)
         return self.rows(values, indices)
+
+
+class _SelfAttentionBuffer:
+    """The self-attention cache of a shared-buffer decoder: `length` tokens in every row (decoder
+    rows are never padded) of one `[B, H, capacity, D]` buffer per cache tensor.
+
+    On the CPU each buffer is a numpy array wrapped (not copied) by the `OrtValue` bound as
+    past and present, so ONNX Runtime writes into it and rows are selected with numpy. The
+    binding is made once (first step) with the encoder side; it is rebound only when the
+    encoder side changes (rows moved between inputs) or the buffer grows.
+    """
+
+    def __init__(self, owner: Seq2SeqSessions, batch: int, capacity: int, length: int = 0, arrays=None):
+        self.owner, self.batch, self.capacity, self.length = owner, batch, capacity, length
+        s = owner.decoder
+        self.on_cpu = s.device_type == "cpu"
+        shape = (batch, owner.num_heads, capacity, owner.head_dim)
+        if arrays is None and self.on_cpu:
+            # Uninitialized: GroupQueryAttention reads only the slots below each row's length.
+            arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names]
+        elif arrays is None:
+            arrays = [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type, s.device_id)
+                      for _ in owner.past_names]
+        self.arrays = arrays if self.on_cpu else None
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] if self.on_cpu else arrays
+        self.binding = None
+        self.encoder_side = None  # (cross, encoder mask) bound
+
+    def _bind(self) -> None:
+        owner = self.owner
+        self.ids = np.zeros((self.batch, 1), np.int64)
+        self.mask = (np.arange(self.capacity)[None, :] < np.full((self.batch, 1), self.length)).astype(np.int64)
+        self.binding = binding = owner.decoder.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
+        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
+        if self.on_cpu:
+            self.logits = np.zeros((self.batch, 1, owner.vocab), np.float32)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        else:
+            self.logits = None
+            binding.bind_output("logits", "cpu")
+        for past, present, value in zip(owner.past_names, owner.present_names, self.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.encoder_side = None
+
+    def run(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence) -> np.ndarray:
+        """One token per row: logits `[B, 1, V]`."""
+        if self.length + 1 > self.capacity:
+            self._grow(2 * self.capacity)
+        if self.binding is None:
+            self._bind()
+        if self.encoder_side is None or self.encoder_side[0] is not cross or self.encoder_side[1] is not encoder_mask:
+            mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(encoder_mask, np.int64))
+            self.binding.bind_ortvalue_input("encoder_attention_mask", mask)
+            for name, value in zip(self.owner.cross_inputs, cross):
+                self.binding.bind_ortvalue_input(name, value)
+            self.encoder_side = (cross, encoder_mask, mask)
+        self.ids[:, 0] = input_ids[:, 0]
+        self.mask[:, self.length] = 1
+        self.length += 1
+        self.owner.decoder.session.run_with_iobinding(self.binding)
+        if self.logits is not None:
+            return self.logits.copy()  # the array is overwritten by the next step
+        return self.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def _host_arrays(self) -> list[np.ndarray]:
+        return self.arrays if self.on_cpu else [value.numpy() for value in self.values]
+
+    def _resized(self, indices: np.ndarray | None, capacity: int) -> "_SelfAttentionBuffer":
+        arrays = []
+        for array in self._host_arrays():
+            rows = array if indices is None else array[indices]
+            copy = np.empty(rows.shape[:2] + (capacity,) + rows.shape[3:], array.dtype)
+            copy[:, :, :self.length] = rows[:, :, :self.length]
+            arrays.append(copy)
+        if not self.on_cpu:
+            arrays = [self.owner._device_value(a) for a in arrays]
+        batch = self.batch if indices is None else len(indices)
+        return _SelfAttentionBuffer(self.owner, batch, capacity, self.length, arrays)
+
+    def _grow(self, capacity: int) -> None:
+        grown = self._resized(None, capacity)
+        self.capacity, self.arrays, self.values, self.binding = capacity, grown.arrays, grown.values, None
+
+    def rows(self, indices: np.ndarray) -> "_SelfAttentionBuffer":
+        """The cache of rows `indices`: this one reordered in place for a same-size reorder on the
+        CPU (beam search; the binding stays valid), else a new one."""
+        if self.on_cpu and len(indices) == self.batch:
+            for array in self.arrays:
+                reorder_rows_in_place(array, indices, self.length)
+            return self
+        return self._resized(indices, self.capacity)
+
+    def presents(self) -> list[np.ndarray]:
+        return [np.array(array[:, :, :self.length]) for array in self._host_arrays()]
 
 
 class Seq2SeqStep:

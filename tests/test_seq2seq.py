@@ -66,9 +66,13 @@ def test_bundle_greedy_is_token_identical_to_keras(trained):
     assert manifest["target_tokenizer"] == "target_tokenizer.json"
     assert max(v for k, v in manifest["validation"]["max_abs_diff"].items() if k.endswith("logits")) <= 1e-4
     assert manifest["validation"]["greedy"]["identical"]
-    # Each decoder layer's self-attention (growing cache) and cross-attention fused into one kernel each.
+    # Each decoder layer's self-attention (GroupQueryAttention over an in-place buffer) and
+    # cross-attention (MultiHeadAttention over the encoder's keys/values) fused into one kernel each.
     layers = manifest["config"]["num_decoder_layers"] or manifest["config"]["num_layers"]
-    assert manifest["optimization"]["decoder"]["fusions"]["MultiHeadAttention"] == 2 * layers
+    decoder = manifest["optimization"]["decoder"]
+    assert decoder["fusions"]["MultiHeadAttention"] == decoder["fusions"]["GroupQueryAttention"] == layers
+    assert decoder["kv_cache"] == "shared_buffer"
+    assert manifest["graphs"]["decoder"]["inputs"]["attention_mask"]["shape"] == ["batch", "max_sequence"]
     assert "attention_fusion_reverted" not in manifest["optimization"]["decoder"]
     assert manifest["optimization"]["encoder"]["fusions"]["Attention"] == manifest["config"]["num_layers"]
     texts = [s for s, _ in datasets.number_words_pairs(24, max_value=9999, seed=3)]  # also unseen thousands
@@ -100,6 +104,24 @@ def test_beam_search_n_best_and_beam_one_is_greedy(trained):
     one_beam = [best[0][0] for best in model.generate_n_best(sources, max_new_tokens=8, num_beams=1)]
     assert one_beam == model.generate(sources, max_new_tokens=8)
     assert [ort_translator.target_tokenizer.decode(t) for t in one_beam] == [g["output"] for g in greedy]
+
+
+def test_sharded_batches_decode_as_one(trained):
+    """A batch cut into shards decoded on parallel threads (BundleTranslator) gives exactly the
+    unsharded outputs, greedy and beam n-best with scores; sampling stays unsharded."""
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    one = BundleTranslator(bundle, device="cpu", threads=1)
+    sharded = BundleTranslator(bundle, device="cpu")
+    sharded.max_shards = 3  # whatever the machine's cores
+    texts = [s for s, _ in datasets.number_words_pairs(19, max_value=999, seed=5)]
+    sources = [one.check(t) for t in texts]
+    assert one.shards(19, one.options()) == 1
+    assert sharded.shards(19, sharded.options()) == 2 and sharded.shards(19, sharded.options(num_beams=4)) == 3
+    assert sharded.shards(19, sharded.options(temperature=0.7)) == 1
+    for options in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "num_beams": 4, "n_best": 2}):
+        assert sharded.predict(sources, **options) == one.predict(sources, **options)
 
 
 def test_padding_does_not_change_results(trained):
