@@ -237,6 +237,20 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     width = mask.shape[1]
     # The mask of every step is a prefix of one array (each step adds a column of ones).
     masks = np.concatenate([mask, np.ones((batch, steps), np.int64)], axis=1)
+    if not stop_array.size and not options.stop and (limits == steps).all():
+        # No row can end before the others: every row takes `steps` tokens, so the loop below
+        # reduces to this one (same tokens, same random draws) without its per-row
+        # bookkeeping, a third of a batch-8 step's Python on a small model.
+        rows = np.arange(batch)
+        for t in range(steps):
+            tokens = next_tokens(logits, seen, options, rng)
+            generated[:, t] = tokens
+            if penalize:
+                seen[rows, tokens] = True
+            if t + 1 < steps:
+                logits, cache = step(tokens[:, None], masks[:, :width + t + 1], cache)
+                logits = logits[:, -1]
+        return [Hypothesis(row.tolist()) for row in generated]
     active = np.arange(batch)
     for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)

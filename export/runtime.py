@@ -306,6 +306,7 @@ class _KVBuffer:
                  arrays: list | None = None):
         self.owner, self.batch, self.capacity = owner, batch, capacity
         self.lengths = lengths  # tokens in the buffer, per row
+        self.longest = int(lengths.max())
         self.width = width  # the loop's mask width: row b is left-padded by width - lengths[b]
         s = owner.session
         self.on_cpu = s.device_type == "cpu"
@@ -332,6 +333,7 @@ class _KVBuffer:
         """One binding for every single-token step: inputs and logits live in arrays updated in place."""
         owner, s = self.owner, self.owner.session
         self.ids = np.zeros((self.batch, 1), owner.ids_dtype)
+        self._rows = np.arange(self.batch)
         self.mask = (np.arange(self.capacity)[None, :] < self.lengths[:, None]).astype(np.int64)
         self.binding = s.session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
@@ -346,13 +348,14 @@ class _KVBuffer:
 
     def advance(self, input_ids: np.ndarray) -> None:
         """Make room for one more token per row and set up the binding's inputs for it."""
-        if int(self.lengths.max()) + 1 > self.capacity:
+        if self.longest == self.capacity:
             self._grow(2 * self.capacity)
         if self.binding is None:
             self._single_token_binding()
         self.ids[:, 0] = input_ids[:, 0]
-        self.mask[np.arange(self.batch), self.lengths] = 1
+        self.mask[self._rows, self.lengths] = 1
         self.lengths += 1
+        self.longest += 1
         self.width += 1
 
     def logits_of_step(self) -> np.ndarray:
@@ -382,6 +385,7 @@ class _KVBuffer:
             for array in self.arrays:
                 reorder_rows_in_place(array, indices, used)
             self.lengths[:] = self.lengths[indices]
+            self.longest = int(self.lengths.max())
             if self.binding is not None:
                 self.mask[:] = self.mask[indices]
             return self

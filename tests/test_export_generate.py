@@ -122,6 +122,20 @@ def test_stop_ids_and_stop_strings_end_each_row_on_its_own():
     assert decode(results[0][0].tokens) == "cde"  # generation stops once "de" appears
 
 
+def test_a_stop_id_that_never_fires_changes_nothing():
+    # Without stop ids every row runs to max_new_tokens and the loop skips its per-row
+    # bookkeeping; with one (that never comes up) it keeps it: same tokens, same draws.
+    table = random_table(4, scale=0.7)
+    never = VOCAB  # outside the vocabulary
+    for options in [dict(), dict(temperature=1.2, top_k=5, seed=3), dict(temperature=0.8, repetition_penalty=1.3,
+                                                                        top_p=0.9, seed=11)]:
+        prompts = [[1, 2], [3], [4, 5, 6]]
+        plain = run(table, prompts, max_new_tokens=12, **options)
+        guarded = run(table, prompts, max_new_tokens=12, stop_ids=(never,), **options)
+        assert [h[0].tokens for h in plain] == [h[0].tokens for h in guarded]
+        assert all(len(h[0].tokens) == 12 for h in plain)
+
+
 def test_max_length_caps_each_row():
     table = random_table()
     results = generate(MarkovStep(table), [[1] * 6, [2]], DecodingOptions(max_new_tokens=10), pad_id=PAD,
