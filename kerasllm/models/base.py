@@ -9,6 +9,7 @@ from keras import ops
 
 from kerasllm.config import TransformerConfig, config_from_dict
 from kerasllm.models.multi_worker import MultiWorkerFitMixin
+from kerasllm.optimizers import AdamW, WarmupCosineDecay
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -54,21 +55,16 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
     As in nanoGPT and GPT-2: weight decay applies to matrices only, never to biases,
     LayerNorm scales or embeddings' positions; the schedule warms up linearly for
     `warmup_steps` (default 5% of `total_steps`) and decays to `min_learning_rate`
-    (default lr / 10). Without `total_steps` the rate is constant.
+    (default lr / 10). Without `total_steps` the rate is constant. Keras's AdamW and
+    CosineDecay arithmetic, traced in fewer ops (`kerasllm.optimizers`).
     """
     schedule: Any = learning_rate
     if total_steps:
         warmup_steps = int(total_steps * 0.05) if warmup_steps is None else int(warmup_steps)
         min_lr = learning_rate / 10 if min_learning_rate is None else min_learning_rate
-        decay_steps = max(int(total_steps) - warmup_steps, 1)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup_steps else learning_rate,
-            decay_steps=decay_steps,
-            alpha=min_lr / learning_rate,
-            warmup_target=learning_rate if warmup_steps else None,
-            warmup_steps=warmup_steps,
-        )
-    optimizer = keras.optimizers.AdamW(
+        schedule = WarmupCosineDecay(peak=learning_rate, decay_steps=max(int(total_steps) - warmup_steps, 1),
+                                     warmup_steps=warmup_steps, final=min_lr)
+    optimizer = AdamW(
         learning_rate=schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=beta_2, clipnorm=clipnorm,
     )
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "position_embeddings"])
