@@ -169,8 +169,10 @@ class ProgressLogger(keras.callbacks.Callback):
         logs = logs or {}
         if self.bar is not None:
             self.bar.update(1)
-        # The last step of an interval is logged with its val_loss in on_epoch_end.
-        if self.step % self.log_every == 0 and self.step % self.steps_per_epoch:
+        if self.step >= self.total_steps:  # the last interval may be shorter than the others
+            self.model.stop_training = True
+        # The last step of an interval (and of the run) is logged with its val_loss in on_epoch_end.
+        if self.step % self.log_every == 0 and self.step % self.steps_per_epoch and self.step < self.total_steps:
             rate = self._rate()
             loss = float(logs.get("loss", math.nan))
             if self.bar is not None:
@@ -209,7 +211,9 @@ def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: in
     """Turn `--steps`/`--epochs` into `(total_steps, steps_per_epoch, keras_epochs)`.
 
     Keras epochs are validation intervals: validation, checkpoints and the progress
-    summary happen at the end of each.
+    summary happen at the end of each. When `total_steps` is not a multiple of the
+    interval the last Keras epoch is cut short (`ProgressLogger` stops the run at
+    `total_steps`), so `--steps 300 --eval-interval 250` trains 300 steps, not 500.
     """
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
@@ -218,8 +222,7 @@ def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: in
     if steps <= 0:
         raise UsageError(f"--steps must be positive, got {steps}")
     interval = max(1, min(eval_interval, steps))
-    keras_epochs = -(-steps // interval)
-    return keras_epochs * interval, interval, keras_epochs
+    return steps, interval, -(-steps // interval)
 
 
 def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total_steps: int,

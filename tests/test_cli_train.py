@@ -26,18 +26,19 @@ def test_every_command_has_help_with_an_example(run_cli):
 
 def test_train_writes_a_complete_run_directory(run_cli, corpus_file, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "30",
+    # 35 steps validated every 15: the last interval is cut short (5 steps), not rounded up to 45
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "35",
                      "--eval-interval", "15", "--eval-steps", "2", *FAST)
     assert result.code == 0, result
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.jsonl", "model.keras",
                                                      "tokenizer.json"]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in history]
-    assert steps == sorted(set(steps)) and steps[-1] == 30
-    assert [h["step"] for h in history if "val_loss" in h] == [15, 30]
+    assert steps == sorted(set(steps)) and steps[-1] == 35
+    assert [h["step"] for h in history if "val_loss" in h] == [15, 30, 35]
     assert all(h["tokens_per_s"] >= 0 and np.isfinite(h["loss"]) for h in history)
     config = json.loads((out / "config.json").read_text())
-    assert config["task"] == "causal-lm" and config["train"]["steps"] == 30
+    assert config["task"] == "causal-lm" and config["train"]["steps"] == 35
     model = keras.models.load_model(out / "model.keras")
     assert model.config.vocab_size == config["model"]["vocab_size"]
 
