@@ -5,7 +5,9 @@ The loops know nothing about ONNX Runtime or Keras: they drive a *step function*
     step(input_ids [B, T] int64, attention_mask [B, S] int64, cache) -> (logits [B, T, V], cache)
 
 whose `cache` is opaque (None before the first call), plus, for beam search,
-`reorder(cache, indices) -> cache`. `DecoderSession` (runtime.py) is one; a
+`reorder(cache, indices) -> cache`, and optionally `last_logits(input_ids, attention_mask) ->
+(logits [B, V], cache)`, the first step computing only what decoding needs (`prompt_step`).
+`DecoderSession` (runtime.py) is one; a
 seq2seq decoder with its encoder output bound in a closure is another; `FullRecompute`
 wraps any step function to rerun the whole sequence each step (the no-cache baseline).
 
@@ -189,6 +191,16 @@ def _row_limits(prompts, options: DecodingOptions, max_length: int | None) -> np
 
 
 # -- the loops ---------------------------------------------------------------------------------
+def prompt_step(step: StepFunction, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, object]:
+    """The first step: `(logits [B, V] at each row's last position, cache)`. A step function
+    with a `last_logits(ids, mask)` method (DecoderSession) computes only those."""
+    last_logits = getattr(step, "last_logits", None)
+    if last_logits is not None:
+        return last_logits(ids, mask)
+    logits, cache = step(ids, mask, None)
+    return logits[:, -1], cache
+
+
 def generate(step: StepFunction, prompts: Sequence[Sequence[int]], options: DecodingOptions, *, pad_id: int,
              vocab_size: int | None = None, max_length: int | None = None,
              decode: Callable[[list[int]], str] | None = None) -> list[list[Hypothesis]]:
@@ -216,8 +228,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     limits = _row_limits(prompts, options, max_length)
     rng = np.random.default_rng(options.seed)
     stop_ids = set(int(i) for i in options.stop_ids)
-    logits, cache = step(ids, mask, None)
-    logits = logits[:, -1]
+    logits, cache = prompt_step(step, ids, mask)
     seen = np.zeros(logits.shape, dtype=bool)
     if options.repetition_penalty != 1.0:
         for row, prompt in enumerate(prompts):
@@ -292,12 +303,12 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
     limits = _row_limits(prompts, options, max_length)
     stop_ids = set(int(i) for i in options.stop_ids)
     ids, mask = left_pad(prompts, pad_id)
-    logits, cache = step(ids, mask, None)
+    logits, cache = prompt_step(step, ids, mask)
     # Run each prompt once, then copy its cache for every beam.
     expand = np.repeat(np.arange(batch), beams)
     cache = step.reorder(cache, expand)
     mask = mask[expand]
-    logits = logits[:, -1][expand]
+    logits = logits[expand]
     vocab = logits.shape[-1]
     seen = np.zeros((batch * beams, vocab), dtype=bool)
     if options.repetition_penalty != 1.0:

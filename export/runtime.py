@@ -206,6 +206,8 @@ class DecoderSession:
         metadata = session.session.get_modelmeta().custom_metadata_map
         self.shared_buffer = metadata.get(KV_CACHE_METADATA) == SHARED_BUFFER
         self._vocab = session.session.get_outputs()[self._logits_index].shape[-1]
+        # Optional input (optimize.keep_last_logits): the prompt step computes the logits it needs only.
+        self._logits_to_keep = any(i.name == "logits_to_keep" for i in session.session.get_overridable_initializers())
         if self.shared_buffer and session.device_type == "cuda" and self.cache_dtype == np.float32:
             # ORT places the node on the CPU provider and copies the cache across every step.
             log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
@@ -235,6 +237,14 @@ class DecoderSession:
         return logits.astype(np.float32, copy=False), present
 
     __call__ = step  # a DecoderSession is a step function (see generate.py)
+
+    def last_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """The prompt step for decoding: `(logits [B, V] of each row's last token, cache)`,
+        computing only the positions needed where the graph takes `logits_to_keep`."""
+        if self.shared_buffer:
+            return self._buffer_prompt(np.asarray(input_ids), np.asarray(attention_mask), last_only=True)
+        logits, cache = self.step(input_ids, attention_mask, None)
+        return logits[:, -1], cache
 
     def reorder(self, cache, indices: np.ndarray):
         """Rows `indices` of every cache tensor (beam search). `cache` is not valid afterwards: on the
@@ -267,7 +277,7 @@ class DecoderSession:
         self.session.session.run_with_iobinding(cache.binding)
         return cache.logits_of_step(), cache
 
-    def _buffer_prompt(self, input_ids, attention_mask):
+    def _buffer_prompt(self, input_ids, attention_mask, last_only: bool = False):
         batch, width = input_ids.shape
         lengths = attention_mask.sum(axis=1).astype(np.int64)
         # Left-padded rows -> right-padded: row b's tokens move to columns 0..n_b-1.
@@ -282,10 +292,16 @@ class DecoderSession:
         # masking keeps that padding out of every real token's view; its slots are
         # overwritten by the next tokens before any query reads them.
         binding.bind_cpu_input("attention_mask", np.ones((batch, width), np.int64))
+        # Row b's last token is at column n_b - 1: the last `keep` columns hold every row's.
+        keep = width - int(lengths.min()) + 1 if last_only and self._logits_to_keep else 0
+        if keep:  # (bind_cpu_input finds no overridable initializer; an OrtValue binds)
+            binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64)))
         binding.bind_output("logits", "cpu")
         cache.bind_cache(binding)
         self.session.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)  # outputs in binding order
+        if last_only:  # logits[:, j] is column j + width - keep (all columns when keep is 0)
+            return logits[np.arange(batch), lengths - 1 - (width - (keep or width))], cache
         # Back to the loop's layout (row slices: a fancy-index gather of [B, T, V] costs more);
         # padding positions get the right-padding's (unused) logits.
         out = np.empty_like(logits)

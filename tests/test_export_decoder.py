@@ -84,6 +84,7 @@ def test_export_writes_a_validated_bundle_in_ort_genai_layout(bundle_dir, model_
     # fp32 with fused attention: one KV buffer per tensor, bound as past and present, updated in place.
     assert graph["dynamic_axes"]["past_key_values.0.key"] == {"0": "batch", "2": "max_sequence"}
     assert manifest["optimization"]["kv_cache"] == "shared_buffer"
+    assert manifest["optimization"]["logits_to_keep"] is True  # an optional input, not in `inputs`
     # Validation figures: fp32 parity within 1e-4 on every case and output, 32 greedy tokens identical.
     diffs = manifest["validation"]["max_abs_diff"]
     assert len(diffs) >= 10 and max(diffs.values()) <= 1e-4
@@ -125,6 +126,9 @@ def test_bundle_logits_match_keras_on_new_shapes_through_the_cache(bundle_dir, m
     ref, ref_cache = keras_step(ids, mask, None)
     got, cache = ours(ids, mask, None)
     assert np.abs(got - ref)[mask == 1].max() <= 1e-4
+    # The prompt step decoding uses: only the last positions' logits (graph input logits_to_keep).
+    last, _ = ours.last_logits(ids, mask)
+    assert last.shape == (2, ref.shape[-1]) and np.abs(last - ref[:, -1]).max() <= 1e-4
     for token in (5, 9, 12, 7, 20):
         step_ids = np.full((2, 1), token, np.int64)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
@@ -341,3 +345,7 @@ def test_other_architectures_export_with_parity(variant, attention_fused, shared
     fused_as = "GroupQueryAttention" if shared_kv_buffer else "MultiHeadAttention"
     assert (fused_as in report["fusions"]) == attention_fused
     assert step.shared_buffer == (report["kv_cache"] == "shared_buffer") == (attention_fused and shared_kv_buffer)
+    # Decoding's prompt step (last positions' logits only, through logits_to_keep where the graph has it).
+    assert report.get("logits_to_keep", False) == step.shared_buffer
+    ids, mask = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert np.abs(step.last_logits(ids, mask)[0] - step(ids, mask, None)[0][:, -1]).max() <= 1e-5
