@@ -10,7 +10,7 @@ per generated token, EOS included, best first; needs `num_beams >= n_best`).
 The bundle predictor imports no TensorFlow: the encoder runs once per batch and the
 decoder steps through generate.py's loops with the cross-attention keys/values bound
 (seq2seq_runtime.py). On a CPU with several cores, a greedy or beam batch of at least
-`2 * SHARD_ROWS` rows is split into shards decoded at the same time, each by its own
+`2 * SHARD_ROWS` decoder rows is split into shards decoded at the same time, each by its own
 single-threaded sessions on its own thread (see `BundleTranslator`). The model-dir predictor runs Keras: greedy, sampling and beam
 search through `Seq2SeqLM.generate` / `generate_n_best` (XLA, keras-hub samplers);
 repetition penalty and stop strings through generate.py's loops over the Keras model's
@@ -37,8 +37,10 @@ from kerasllm.export.predict import RecordError
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
                 "n_best", "seed")
 TARGET_TOKENIZER_FILE = "target_tokenizer.json"
-# Decoder rows (inputs x beams) a shard gets at least: below that a step is all fixed cost.
-SHARD_ROWS = 8
+# Decoder rows (inputs x beams) a shard gets at least. A decode step of a small model is nearly
+# all fixed cost, so even small shards pay off: 'small' preset, 2 cores, greedy sentences/s
+# (64 sentences, 32 tokens) unsharded vs shards of >= 4 rows: batch 8 299 vs 457, batch 16 355 vs 635.
+SHARD_ROWS = 4
 
 
 def _cores() -> int:
@@ -133,14 +135,18 @@ class BundleTranslator(Translator):
 
     Sharding (CPU, greedy and beam search): a decoder step of a small model is mostly fixed
     cost (~100 kernels of a few microseconds each), so ONNX Runtime's intra-op threads barely
-    help it ('small' preset, batch 16: 0.76 ms on 2 threads, 0.80 on 1). Independent inputs
-    can use the cores instead: the batch is cut into `min(threads, rows // SHARD_ROWS)`
+    help it and half the rows cost nearly as much ('small' preset, in a 32-step loop: batch 16
+    on 2 threads 0.86 ms, batch 8 on 1 thread 0.61 ms). Independent inputs can use the cores
+    instead: the batch is cut into `min(threads, inputs, rows // SHARD_ROWS)`
     contiguous shards, each translated by generate.py's loop over its own single-threaded
     sessions (opened once per worker thread, on that thread) while the others run; ONNX
     Runtime releases the GIL during a run. Each input is decoded exactly as in one batch (rows
     never interact; beam search works per input), so outputs are identical. Sampling is not
-    sharded: its random draws are the whole batch's (a seed reproduces a batch). bench_seq2seq,
-    2 cores, batch 16 greedy: 4 batches in ~190 ms unsharded, ~100 ms in two shards.
+    sharded: its random draws are the whole batch's (a seed reproduces a batch). bench_seq2seq's
+    batches (4 x 16 sentences, 32 tokens, 2 cores): greedy ~180 ms unsharded, ~100-120 ms in
+    two shards. On a model large enough for its decode step to be bound by reading the
+    weights, intra-op threads may be the better use of the cores (each shard reads every
+    weight per step): `threads=1` turns sharding off.
 
     Args:
         threads: intra-op threads of the unsharded sessions, and the most shards (default:

@@ -118,7 +118,8 @@ def test_sharded_batches_decode_as_one(trained):
     texts = [s for s, _ in datasets.number_words_pairs(19, max_value=999, seed=5)]
     sources = [one.check(t) for t in texts]
     assert one.shards(19, one.options()) == 1
-    assert sharded.shards(19, sharded.options()) == 2 and sharded.shards(19, sharded.options(num_beams=4)) == 3
+    assert [sharded.shards(n, sharded.options()) for n in (19, 8, 7)] == [3, 2, 1]  # >= SHARD_ROWS (4) rows each
+    assert sharded.shards(3, sharded.options(num_beams=4)) == 3  # rows are inputs x beams
     assert sharded.shards(19, sharded.options(temperature=0.7)) == 1
     for options in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "num_beams": 4, "n_best": 2}):
         assert sharded.predict(sources, **options) == one.predict(sources, **options)
