@@ -112,9 +112,11 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
     padded: every row starts with BOS). GQA reads `seqlens_k = n_b - 1` and
     `total_sequence_length = max_sequence` from it, and the positions the traced graph took
     from the past's shape (`Squeeze(Slice(Cast(Shape(past_key_values.0.decoder.key))))`) become
-    `n_b - T` (and tf2onnx's broadcast of them to [B, T] goes: 109 -> 99 nodes). CPU GQA runs a multi-token step on top of a past only at batch 1: the runtime
-    feeds such a step one token at a time. Returns False (graph unchanged) unless every layer's
-    self-attention was fused and the past length is found.
+    `n_b - T + range(T)`, read by the position embedding's Gather (tf2onnx's broadcast to
+    [B, T] goes: 109 -> 99 nodes on the 'small' preset). CPU GQA runs a multi-token step on
+    top of a past only at batch 1: the runtime feeds such a step one token at a time. Returns
+    False (graph unchanged) unless every layer's self-attention was fused and the past length
+    is found.
     """
     graph = model.graph
     producers, consumers = graph_index(graph)

@@ -39,8 +39,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, create_session, reorder_outputs_in_place,
-                                     reorder_rows_in_place)
+from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, create_session,
+                                     reorder_outputs_in_place, reorder_rows_in_place)
 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
@@ -287,9 +287,10 @@ class Seq2SeqStep:
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache):
         past, sources = cache if cache is not None else (None, np.arange(len(input_ids)))
-        if not np.array_equal(sources, self.sources):
-            self.cross = self.sessions.rows(self.source_cross, sources)
-            self.encoder_mask = self.source_mask[sources]
+        if sources is not self.sources:  # the same array from step to step unless rows moved
+            if not np.array_equal(sources, self.sources):
+                self.cross = self.sessions.rows(self.source_cross, sources)
+                self.encoder_mask = self.source_mask[sources]
             self.sources = np.asarray(sources)
         logits, present = self.sessions.step(input_ids, self.encoder_mask, self.cross, past)
         return logits, (present, sources)

@@ -9,27 +9,41 @@ translated with `--new-tokens` new tokens each (random weights rarely emit EOS, 
 every sentence decodes the full length on both sides; the tokens are compared):
 
 * greedy: `Seq2SeqLM.generate` (XLA while loop, keras-hub GreedySampler) vs the bundle's
-  greedy loop (generate.py over encoder.onnx + decoder.onnx with cross K/V bound);
+  greedy loop (generate.py over encoder.onnx + decoder.onnx with cross K/V bound, in shards on
+  the cores: translate_predictor.BundleTranslator, as `kerasllm translate` runs it);
 * beam 4: `Seq2SeqLM.generate_n_best` (XLA, keras-hub BeamSampler) vs the bundle's beam search.
 
 Keras is timed after a warm-up call per batch shape (XLA compile time is reported
 separately); ONNX Runtime after one warm-up batch. Each side is timed `--repeats` times,
 interleaved, and the best pass counts. Goal (issue 4): bundle >= 3x Keras.
 
-Measured 2026-12-01 on the 2-core machine (quiet: other jobs waited on the CPU lock), batch 16, best of 3
-interleaved, one line per run:
-    greedy: Keras 275.8 / 270.9 / 270.9 vs bundle 321.4 / 321.4 / 314.8 sentences/s -> 1.17x 1.19x 1.16x
-    beam 4: Keras  44.6 /  45.1 /  49.1 vs bundle 135.2 / 137.2 / 154.9 sentences/s -> 3.03x 3.04x 3.15x
-Before (b54f569, same machine): greedy 301 vs 253 (0.84x), beam 4 47.8 vs 109.7 (2.29x).
-What changed the bundle side: the encoder's self-attention fused into Attention nodes (4 batches
-encoded in ~25 ms instead of 47), the decoder's self- and cross-attention into MultiHeadAttention
-(247 -> 109 nodes: causal mask and key padding inside the kernel), the encoder side bound once per
-batch, beams and greedy rows that are done leave the batch (a quarter of the beam rows were dead
-weight), in-place beam reorders copying only moved rows.
-Greedy misses the 3x goal: a decoder step at batch 16 costs ~1 ms in ONNX Runtime (109 small
-nodes, 8 attention kernels; ~0.4 ms of it arithmetic), so the 32 steps of 4 batches take ~150 ms
-of the bundle's ~200 ms against Keras's ~235 ms; 3x would need a step of ~0.35 ms.
-Greedy outputs identical 64/64. Beam outputs differ on some random-weight inputs (50/64 identical):
+Measured 2026-12-02 on the 2-core machine (under the CPU lock; other sessions' unlocked jobs made it
+noisy), batch 16, best of 3 interleaved, one line per run. Before (f4fb7c3, its own export), runs
+interleaved with the first three after-runs:
+    greedy: Keras 275.4 / 291.7 / 279.0 vs bundle 350.7 / 335.6 / 323.2 sentences/s -> 1.27x 1.15x 1.16x
+    beam 4: Keras  47.8 /  49.1 /  48.0 vs bundle 151.2 / 157.6 / 150.7 sentences/s -> 3.16x 3.21x 3.14x
+After (57e73d3 bundle, 2 shards):
+    greedy: Keras 296.1 / 285.1 / 288.8 vs bundle 588.3 / 518.2 / 530.0 sentences/s -> 1.99x 1.82x 1.84x
+    beam 4: Keras  49.5 /  47.8 /  49.1 vs bundle 195.8 / 198.5 / 202.6 sentences/s -> 3.95x 4.15x 4.13x
+After (eccd007, a fresh export per run):
+    greedy: Keras 297.1 / 286.9 / 293.6 vs bundle 523.9 / 485.1 / 515.1 sentences/s -> 1.76x 1.69x 1.75x
+    beam 4: Keras  48.8 /  50.2 /  49.9 vs bundle 187.9 / 211.4 / 195.0 sentences/s -> 3.85x 4.21x 3.91x
+What changed the bundle side: the decoder's self-attention is GroupQueryAttention over an in-place
+KV buffer with one IO binding per batch (seq2seq_export.share_self_attention_buffer; 109 -> 99
+nodes; a step in a 32-step loop 1.05 -> 0.86 ms at batch 16 on 2 threads, 0.74 -> 0.61 ms at batch 8
+on 1 thread), and BundleTranslator decodes a batch in shards, one per core, each on its own
+single-threaded sessions (a step's cost is nearly all fixed: 8 rows on 1 thread cost 0.61 ms, 16 on
+2 threads 0.86 ms). 2026-12-01's changes: encoder attention fused (Attention), cross-attention
+MultiHeadAttention over the encoder's K/V, finished rows and beams leave the batch.
+Greedy still misses the 3x goal (1.7-2.0x): 3x is ~75 ms for the 64 sentences; the bundle takes
+~110-130 ms: per shard and batch, the encoder ~5 ms (8 x <=32 tokens on one core, ~80-100 GFLOP/s)
+and 32 steps of ~0.65 ms (ORT kernels at batch 8: 25 MatMuls ~200 us, 4 GroupQueryAttention +
+4 MultiHeadAttention ~140 us, LayerNorm/Add/BiasGelu ~85 us, the rest per-node overhead; ~5 MB of
+weights and K/V stream from L3 each step). Measured and not kept: cross-attention as plain ops
+(block-diagonal batched MatMuls: 18 us a layer against MultiHeadAttention's 15, batch 8, one
+thread), more shards than cores (3 shards: 611 -> 424 sentences/s), MatMul + bias Add as one Gemm
+(5.7 us against 4.4 + 0.8, single-op chains). Greedy outputs identical 64/64 in every run.
+Beam outputs differ on some random-weight inputs (50/64 identical):
 Keras runs keras-hub's BeamSampler (finished beams continue with pad at probability 1), the bundle
 generate.py's beam search (a pool of finished hypotheses). On the trained numbers model, the two inputs
 compared by hand gave the same 2-best outputs and scores (to 1e-5); no test asserts Keras/bundle beam equality.
