@@ -239,6 +239,7 @@ def trace_to_onnx(spec: GraphSpec, model, opset: int = DEFAULT_OPSET) -> onnx.Mo
     _rewrite_erfc(proto)
     _fold_tensordot(proto)
     _plain_gather_indices(proto)
+    _drop_mask_broadcast(proto)
     _attach_weights(proto, variables, weight_names)
     proto.ir_version = IR_VERSION
     proto.producer_name = "kerasllm"
@@ -449,6 +450,50 @@ def _plain_gather_indices(proto: onnx.ModelProto) -> None:
             index = fixed_index(gather.input[1])
             if index is not None:
                 gather.input[1] = index
+                changed = True
+    if changed:
+        _remove_dead_nodes(proto)
+
+
+def _drop_mask_broadcast(proto: onnx.ModelProto) -> None:
+    """`Add(x, Expand(b, shape of x))` -> `Add(x, b)`: ONNX's Add broadcasts by itself.
+
+    The Keras attention broadcasts its additive mask to the scores' shape on purpose
+    (`kerasllm.layers.attention`: TensorFlow's oneDNN rewrite is slow otherwise); in ONNX the
+    Expand is one more kernel and hides the mask from the attention fusions. Matched only
+    when the target shape is computed from constants and `Shape(x)` alone.
+    """
+    graph = proto.graph
+    producers, consumers = graph_index(graph)
+    constants = {init.name for init in graph.initializer}
+
+    def shape_of(name: str, x: str) -> bool:
+        stack, seen = [name], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            node = producers.get(tensor)
+            if node is None:
+                if tensor not in constants:
+                    return False
+            elif node.op_type == "Shape":
+                if node.input[0] != x:
+                    return False
+            elif node.op_type != "Constant":
+                stack.extend(i for i in node.input if i)
+        return True
+
+    changed = False
+    for add in graph.node:
+        if add.op_type != "Add":
+            continue
+        for i in (0, 1):
+            expand = typed_producer(producers, add.input[i], "Expand")
+            if (expand and len(consumers.get(expand.output[0], [])) == 1
+                    and shape_of(expand.input[1], add.input[1 - i])):
+                add.input[i] = expand.input[0]
                 changed = True
     if changed:
         _remove_dead_nodes(proto)
