@@ -11,10 +11,10 @@ The bundle predictor imports no TensorFlow: the encoder runs once per batch and 
 decoder steps through generate.py's loops with the cross-attention keys/values bound
 (seq2seq_runtime.py). On a CPU with several cores, a greedy or beam batch of at least
 `2 * SHARD_ROWS` decoder rows is split into shards decoded at the same time, each by its own
-single-threaded sessions on its own thread (see `BundleTranslator`). The model-dir predictor runs Keras: greedy, sampling and beam
-search through `Seq2SeqLM.generate` / `generate_n_best` (XLA, keras-hub samplers);
-repetition penalty and stop strings through generate.py's loops over the Keras model's
-cached decoder.
+single-threaded sessions on its own thread (see `BundleTranslator`). The model-dir
+predictor runs Keras: greedy, sampling and beam search through `Seq2SeqLM.generate` /
+`generate_n_best` (XLA, keras-hub samplers); repetition penalty and stop strings through
+generate.py's loops over the Keras model's cached decoder.
 
 `evaluate_seq2seq` is `kerasllm evaluate`'s evaluator for seq2seq sources: BLEU, chrF
 and exact match of greedy translations against the references.
@@ -143,7 +143,7 @@ class BundleTranslator(Translator):
     Runtime releases the GIL during a run. Each input is decoded exactly as in one batch (rows
     never interact; beam search works per input), so outputs are identical. Sampling is not
     sharded: its random draws are the whole batch's (a seed reproduces a batch). bench_seq2seq's
-    batches (4 x 16 sentences, 32 tokens, 2 cores): greedy ~180 ms unsharded, ~100-120 ms in
+    batches (4 x 16 sentences, 32 tokens, 2 cores): greedy ~190 ms unsharded, ~110-120 ms in
     two shards. On a model large enough for its decode step to be bound by reading the
     weights, intra-op threads may be the better use of the cores (each shard reads every
     weight per step): `threads=1` turns sharding off.
@@ -177,7 +177,7 @@ class BundleTranslator(Translator):
 
     def _shard_loop(self, batch, decoding):
         sessions = getattr(self._local, "sessions", None)
-        if sessions is None:  # opened on the thread that runs it (ORT's denormal flush is per thread)
+        if sessions is None:  # one set per worker thread, opened there
             from kerasllm.export.seq2seq_runtime import Seq2SeqSessions  # noqa: PLC0415
 
             sessions = self._local.sessions = Seq2SeqSessions.open(
