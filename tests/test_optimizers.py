@@ -30,15 +30,16 @@ def _model():
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
 
 
-def _optimizer(cls, schedule, clipnorm, amsgrad):
+def _optimizer(cls, schedule, clipnorm, amsgrad, global_clipnorm=None):
     optimizer = cls(learning_rate=schedule, weight_decay=0.1, beta_1=0.9, beta_2=0.99, clipnorm=clipnorm,
-                    amsgrad=amsgrad)
+                    global_clipnorm=global_clipnorm, amsgrad=amsgrad)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
 
 
-@pytest.mark.parametrize("clipnorm, amsgrad", [(None, False), (0.05, False), (0.05, True)])
-def test_adamw_matches_keras_step_by_step(clipnorm, amsgrad):
+@pytest.mark.parametrize("clipnorm, global_clipnorm, amsgrad",
+                         [(None, None, False), (0.05, None, False), (None, 0.05, False), (0.05, None, True)])
+def test_adamw_matches_keras_step_by_step(clipnorm, global_clipnorm, amsgrad):
     """Same initial weights, same batches, jit-compiled train steps: the weights stay equal to float
     rounding after every step (a small clipnorm so that clipping is active on every gradient)."""
     rng = np.random.default_rng(0)
@@ -48,9 +49,10 @@ def test_adamw_matches_keras_step_by_step(clipnorm, amsgrad):
     reference, ours = _model(), _model()
     ours.set_weights(reference.get_weights())
     reference.compile(optimizer=_optimizer(keras.optimizers.AdamW, keras.optimizers.schedules.CosineDecay(
-        0.0, 6, alpha=0.1, warmup_target=1e-2, warmup_steps=2), clipnorm, amsgrad), loss="mse", jit_compile=True)
+        0.0, 6, alpha=0.1, warmup_target=1e-2, warmup_steps=2), clipnorm, amsgrad, global_clipnorm), loss="mse",
+        jit_compile=True)
     ours.compile(optimizer=_optimizer(AdamW, WarmupCosineDecay(1e-2, 6, warmup_steps=2, final=1e-3), clipnorm,
-                                      amsgrad), loss="mse", jit_compile=True)
+                                      amsgrad, global_clipnorm), loss="mse", jit_compile=True)
     start = [w.copy() for w in ours.get_weights()]
     for step in range(8):
         reference.train_on_batch(x[step], y[step])

@@ -49,7 +49,7 @@ class SparseCrossEntropy(keras.losses.Loss):
 
 
 def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, min_learning_rate=None,
-                      weight_decay=0.1, beta_2=0.99, clipnorm=1.0):
+                      weight_decay=0.1, beta_2=0.99, global_clipnorm=1.0, clipnorm=None):
     """AdamW with linear warmup then cosine decay, decoupled weight decay and gradient clipping.
 
     As in nanoGPT and GPT-2: weight decay applies to matrices only, never to biases,
@@ -57,6 +57,12 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
     `warmup_steps` (default 5% of `total_steps`) and decays to `min_learning_rate`
     (default lr / 10). Without `total_steps` the rate is constant. Keras's AdamW and
     CosineDecay arithmetic, traced in fewer ops (`kerasllm.optimizers`).
+
+    Gradients are clipped to a global L2 norm of `global_clipnorm` (nanoGPT's and GPT-2's
+    `clip_grad_norm_(1.0)`); `clipnorm` instead clips each gradient to that norm on its own
+    (Keras's `clipnorm`) and turns the global clip off. The global clip is also the cheaper
+    graph: one norm instead of one per variable (the 4-layer benchmark model's first step,
+    trace + XLA compile, 3.5 -> 2.9 s).
     """
     schedule: Any = learning_rate
     if total_steps:
@@ -66,6 +72,7 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
                                      warmup_steps=warmup_steps, final=min_lr)
     optimizer = AdamW(
         learning_rate=schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=beta_2, clipnorm=clipnorm,
+        global_clipnorm=None if clipnorm else global_clipnorm,
     )
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "position_embeddings"])
     return optimizer
@@ -105,8 +112,8 @@ class TransformerModel(MultiWorkerFitMixin, keras.Model):
         return SparseCrossEntropy(label_smoothing=label_smoothing)
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", *, learning_rate=1e-3, total_steps=None,
-                warmup_steps=None, weight_decay=0.1, clipnorm=1.0, label_smoothing=0.0, jit_compile=True,
-                **kwargs):
+                warmup_steps=None, weight_decay=0.1, global_clipnorm=1.0, clipnorm=None, label_smoothing=0.0,
+                jit_compile=True, **kwargs):
         """`keras.Model.compile` with defaults that train transformers well.
 
         `optimizer="auto"`: AdamW, warmup then cosine decay (`default_optimizer`).
@@ -119,7 +126,7 @@ class TransformerModel(MultiWorkerFitMixin, keras.Model):
         """
         if optimizer == "auto":
             optimizer = default_optimizer(learning_rate, total_steps, warmup_steps, weight_decay=weight_decay,
-                                          clipnorm=clipnorm)
+                                          global_clipnorm=global_clipnorm, clipnorm=clipnorm)
         if loss == "auto":
             loss = self.default_loss(label_smoothing)
         if metrics == "auto":

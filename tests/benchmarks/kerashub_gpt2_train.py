@@ -54,11 +54,12 @@ def main() -> None:
     logits = backbone.token_embedding(hidden, reverse=True)
     model = keras.Model(token_ids, logits)
     # kerasllm's recipe (lr 1e-3, warmup 100 then cosine to 1e-4 over the planned 2000 steps,
-    # AdamW beta2 0.99, weight decay 0.1 off biases/norms/positions, clipnorm 1.0) in stock Keras.
+    # AdamW beta2 0.99, weight decay 0.1 off biases/norms/positions, global-norm clipping at 1.0)
+    # in stock Keras.
     schedule = keras.optimizers.schedules.CosineDecay(0.0, 2000 - 100, alpha=0.1, warmup_target=1e-3,
                                                       warmup_steps=100)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=0.1, beta_1=0.9, beta_2=0.99,
-                                       clipnorm=1.0)
+                                       global_clipnorm=1.0)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "position_embeddings"])
     model.compile(optimizer=optimizer,
                   loss=SparseCrossEntropy(), jit_compile=True)
