@@ -12,17 +12,37 @@ a/c (goal: >= 3x and >= 5x).
 Also counts the rows whose 128 tokens are identical between (a) and (c), and (a) and (b): with
 random weights a near-tie between two logits can flip one greedy choice (and all that follows).
 
-Measured 2026-12-01 on the 2-core machine (quiet: other jobs waited on the CPU lock), ORT thread
-spinning on, one line per run:
-    batch 8:  a 13,545 / 12,192 / 11,559 / 10,141 vs b 4,306 / 4,034 / 3,952 / 3,823 tok/s -> 3.15x 3.02x 2.92x 2.65x
-    batch 32: a 21,265 / 20,084 / 18,383 / 18,060 vs b 5,106 / 4,354 / 4,380 / 4,318 tok/s -> 4.16x 4.61x 4.20x 4.18x
-    a/c 20-39x (c: 350-600 tok/s); identical generations a=c and a=b 8/8, 31/32 at batch 32 (a near-tie).
-Before (b54f569, same machine): batch 8 a 9,903 vs b 4,815 (2.06x), batch 32 16,088 vs 4,991 (3.2x).
-What changed the bundle side: GroupQueryAttention over an in-place KV buffer (no per-step cache
-copy), 111 -> 73 graph nodes (plain embedding Gathers, positions in 8 nodes, no attention-bias
-subgraph, SkipLayerNormalization left out), one IO binding reused by every decode step, and a
-leaner loop. A decode step at batch 8: ~0.45 ms in ONNX Runtime + ~0.05 ms of Python. Batch 8 sits
-at the 3x line: run-to-run noise on this shared machine is +-10% on either side.
+Measured 2026-12-02 on the 2-core machine (other jobs waited on the CPU lock), ORT thread spinning
+on, one line per run. The machine's speed drifts by 10-20% over an hour (both sides move), so
+compare ratios, and before/after runs taken in alternation.
+Before (f4fb7c3), 4 runs in the morning:
+    batch 8:  a 13,260 / 13,019 / 13,927 / 11,685 vs b 4,253 / 4,245 / 4,580 / 4,023 tok/s -> 3.12x 3.07x 3.04x 2.90x
+    batch 32: a 19,832 / 19,824 / 18,251 / 19,571 vs b 4,787 / 4,521 / 4,032 / 4,823 tok/s -> 4.14x 4.38x 4.53x 4.06x
+After, 6 runs:
+    batch 8:  a 12,470 / 12,371 / 12,090 / 13,683 / 13,129 / 12,804 vs b 4,054 / 3,912 / 3,854 / 4,109 / 4,058 /
+              4,004 tok/s -> 3.08x 3.16x 3.14x 3.33x 3.24x 3.20x
+    batch 32: a 21,931 / 20,880 / 20,064 / 23,422 / 23,982 / 21,368 vs b 5,043 / 4,285 / 4,138 / 5,099 / 5,085 /
+              4,779 tok/s -> 4.35x 4.87x 4.85x 4.59x 4.72x 4.47x
+Before and after alternated run by run (old code from a worktree of f4fb7c3, same hour):
+    batch 8:  before 2.84x 2.96x 3.08x (a 11,377 / 11,281 / 13,215),
+              after 3.28x 3.22x 3.19x (a 12,225 / 12,222 / 13,343)
+    batch 32: before 4.17x 4.33x 3.97x, after 4.44x 4.23x 4.49x
+    a/c 20-31x (c: 400-610 tok/s); identical generations a=c and a=b 8/8, 31/32 at batch 32 (a near-tie).
+So batch 8 clears 3x in every run since (median 3.20x over 9), not the 3.4x aimed at. What changed:
+the greedy/sampling loop skips its per-row bookkeeping when no row can end early (no stop ids or
+strings, one limit): 82.9 -> 76.1 ms a batch-8 generation, same session alternating; and the prompt
+step computes the logits of each row's last token only (graph input logits_to_keep): prompt 4.7 ->
+3.3 ms. Bundle code alone, alternating processes: batch 8 11,600-11,840 -> 12,770-13,500 tok/s (one 16,520).
+Where a batch-8 generation goes now (~70-80 ms): 127 decode steps of ~0.47-0.55 ms in ONNX Runtime
+(GroupQueryAttention ~0.16 ms of it: 64 tiny MLAS GEMMs a layer, one per row and head; MatMuls
+~0.17 ms; the rest LayerNorm, Adds, Gelu and ~15 small nodes), ~3.3 ms prompt, ~6 ms Python
+(argmax, logits copy, mask update). Tried and measured no faster: session options (1 or 3
+threads, dynamic_block_base, memory pattern off, ENABLE_EXTENDED, arena off, thread affinity),
+ArgMax inside the graph (ORT's kernel costs what numpy's argmax did), positions/seqlens fed from
+outside (-14 nodes, ~3%: not worth an I/O change), bias Adds dropped (~1%).
+Before that (2026-12-01, b54f569 -> f4fb7c3): batch 8 a 9,903 vs b 4,815 (2.06x) -> ~3.0x; what
+changed then: GroupQueryAttention over an in-place KV buffer, 111 -> 73 graph nodes, one IO binding
+reused by every decode step.
 """
 
 from __future__ import annotations
