@@ -75,7 +75,7 @@ def run_options(batch_size: int, seq_len: int, lr: float):
                          show_default=True, help="Fraction of the data held out for validation."),
             click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
             click.option("--jit-compile/--no-jit-compile", default=True, show_default=True,
-                         help="Compile the train step with XLA: ~35% faster steps on one device, a slower "
+                         help="Compile the train step with XLA: ~1.7x faster steps on one device, a slower "
                               "first step; turned off with several replicas (XLA cannot compile them)."),
             click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
             click.option("--quiet", is_flag=True, help="No progress bar."),
