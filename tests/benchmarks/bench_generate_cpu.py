@@ -27,19 +27,25 @@ Before and after alternated run by run (old code from a worktree of f4fb7c3, sam
     batch 8:  before 2.84x 2.96x 3.08x (a 11,377 / 11,281 / 13,215),
               after 3.28x 3.22x 3.19x (a 12,225 / 12,222 / 13,343)
     batch 32: before 4.17x 4.33x 3.97x, after 4.44x 4.23x 4.49x
-    a/c 20-31x (c: 400-610 tok/s); identical generations a=c and a=b 8/8, 31/32 at batch 32 (a near-tie).
-So batch 8 clears 3x in every run since (median 3.20x over 9), not the 3.4x aimed at. What changed:
-the greedy/sampling loop skips its per-row bookkeeping when no row can end early (no stop ids or
-strings, one limit): 82.9 -> 76.1 ms a batch-8 generation, same session alternating; and the prompt
-step computes the logits of each row's last token only (graph input logits_to_keep): prompt 4.7 ->
-3.3 ms. Bundle code alone, alternating processes: batch 8 11,600-11,840 -> 12,770-13,500 tok/s (one 16,520).
-Where a batch-8 generation goes now (~70-80 ms): 127 decode steps of ~0.47-0.55 ms in ONNX Runtime
+After, 3 more runs (02:39-02:41 UTC):
+    batch 8:  a 13,102 / 15,490 / 14,223 vs b 3,982 / 4,264 / 4,217 tok/s -> 3.29x 3.63x 3.37x
+    batch 32: a 21,752 / 24,846 / 25,990 vs b 4,639 / 4,646 / 5,362 tok/s -> 4.69x 5.35x 4.85x
+    a/c 20-48x (c: 400-610 tok/s); identical generations a=c and a=b 8/8, 31/32 at batch 32 (a near-tie).
+So batch 8 clears 3x in every run since (3.08-3.63x, median 3.23x over 12), not reliably the 3.4x
+aimed at. What changed: the greedy/sampling loop skips its per-row bookkeeping when no row can end
+early (no stop ids or strings, one limit): 82.9 -> 76.1 ms a batch-8 generation, same session
+alternating; and the prompt step computes the logits of each row's last token only (graph input
+logits_to_keep): prompt 4.7 -> 3.3 ms. Bundle code alone, alternating processes: batch 8
+11,600-11,840 -> 12,770-13,500 tok/s (one 16,520).
+Where a batch-8 generation goes now (~65-80 ms): 127 decode steps of ~0.47-0.55 ms in ONNX Runtime
 (GroupQueryAttention ~0.16 ms of it: 64 tiny MLAS GEMMs a layer, one per row and head; MatMuls
 ~0.17 ms; the rest LayerNorm, Adds, Gelu and ~15 small nodes), ~3.3 ms prompt, ~6 ms Python
 (argmax, logits copy, mask update). Tried and measured no faster: session options (1 or 3
 threads, dynamic_block_base, memory pattern off, ENABLE_EXTENDED, arena off, thread affinity),
 ArgMax inside the graph (ORT's kernel costs what numpy's argmax did), positions/seqlens fed from
-outside (-14 nodes, ~3%: not worth an I/O change), bias Adds dropped (~1%).
+outside (-14 nodes, ~3%: not worth an I/O change), bias Adds dropped (~1%), and two shards of 4
+rows on single-threaded sessions in two threads (as BundleTranslator does): batch 8 15,975 /
+16,426 vs 15,617 / 17,088 tok/s unsharded (no gain), batch 32 +24% (not done: batch 32 meets 3x).
 Before that (2026-12-01, b54f569 -> f4fb7c3): batch 8 a 9,903 vs b 4,815 (2.06x) -> ~3.0x; what
 changed then: GroupQueryAttention over an in-place KV buffer, 111 -> 73 graph nodes, one IO binding
 reused by every decode step.
