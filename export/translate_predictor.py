@@ -41,6 +41,9 @@ TARGET_TOKENIZER_FILE = "target_tokenizer.json"
 # all fixed cost, so even small shards pay off: 'small' preset, 2 cores, greedy sentences/s
 # (64 sentences, 32 tokens) unsharded vs shards of >= 4 rows: batch 8 299 vs 457, batch 16 355 vs 635.
 SHARD_ROWS = 4
+# Every shard thread opens its own sessions, each holding the weights again: sharding is for
+# small models (where it pays, see above); bundles whose graphs are larger keep one set of sessions.
+SHARD_MAX_GRAPH_BYTES = 256 << 20
 
 
 def _cores() -> int:
@@ -146,7 +149,8 @@ class BundleTranslator(Translator):
     batches (4 x 16 sentences, 32 tokens, 2 cores): greedy ~190 ms unsharded, ~110-120 ms in
     two shards. On a model large enough for its decode step to be bound by reading the
     weights, intra-op threads may be the better use of the cores (each shard reads every
-    weight per step): `threads=1` turns sharding off.
+    weight per step, and its sessions hold their own copy of the weights): bundles whose graphs
+    exceed `SHARD_MAX_GRAPH_BYTES` are not sharded, and `threads=1` turns sharding off.
 
     Args:
         threads: intra-op threads of the unsharded sessions, and the most shards (default:
@@ -165,7 +169,9 @@ class BundleTranslator(Translator):
                          self.bundle.config)
         self.sessions = Seq2SeqSessions.open(self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"),
                                              device, threads)
-        self.max_shards = (threads or _cores()) if self.sessions.decoder.device_type == "cpu" else 1
+        graph_bytes = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*"))
+        small = graph_bytes <= SHARD_MAX_GRAPH_BYTES
+        self.max_shards = (threads or _cores()) if self.sessions.decoder.device_type == "cpu" and small else 1
         self._pool = None
         self._local = threading.local()  # a worker thread's single-threaded sessions
 

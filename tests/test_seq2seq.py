@@ -106,9 +106,11 @@ def test_beam_search_n_best_and_beam_one_is_greedy(trained):
     assert [ort_translator.target_tokenizer.decode(t) for t in one_beam] == [g["output"] for g in greedy]
 
 
-def test_sharded_batches_decode_as_one(trained):
+def test_sharded_batches_decode_as_one(trained, monkeypatch):
     """A batch cut into shards decoded on parallel threads (BundleTranslator) gives exactly the
-    unsharded outputs, greedy and beam n-best with scores; sampling stays unsharded."""
+    unsharded outputs, greedy and beam n-best with scores; sampling stays unsharded; a bundle
+    too large to hold once per shard is not sharded."""
+    from kerasllm.export import translate_predictor
     from kerasllm.export.translate_predictor import BundleTranslator
 
     _, bundle, _ = trained
@@ -123,6 +125,8 @@ def test_sharded_batches_decode_as_one(trained):
     assert sharded.shards(19, sharded.options(temperature=0.7)) == 1
     for options in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "num_beams": 4, "n_best": 2}):
         assert sharded.predict(sources, **options) == one.predict(sources, **options)
+    monkeypatch.setattr(translate_predictor, "SHARD_MAX_GRAPH_BYTES", 1000)
+    assert BundleTranslator(bundle, device="cpu", threads=2).shards(19, one.options()) == 1
 
 
 def test_padding_does_not_change_results(trained):
