@@ -262,6 +262,8 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
                 logits, cache = step(tokens[:, None], masks[:, :width + t + 1], cache)
                 logits = logits[:, -1]
         return [Hypothesis(row.tolist()) for row in generated]
+    if compact and not penalize and not options.stop and (limits == steps).all():
+        return _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id)
     active = np.arange(batch)
     for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)
@@ -288,6 +290,48 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
         logits, cache = step(tokens[:, None], masks[:, :width + t + 1], cache)
         logits = logits[:, -1]
     # Rows keep their tokens contiguous: a row stops for good at its first stop id.
+    return [Hypothesis(generated[row, :lengths[row]].tolist()) for row in range(batch)]
+
+
+def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id) -> list[Hypothesis]:
+    """`_sample`'s loop for greedy decoding with stop ids (seq2seq's EOS) and one limit for all
+    rows: the same tokens, fed tokens and batch compaction, with per-row bookkeeping only at
+    the steps where a row stops (rare) instead of a dozen array ops at every step.
+
+    A row's tokens are `generated[row, :lengths[row]]`: a row that stopped at step t has length
+    t (the stop id excluded), so whatever is written past it while it waits in the batch to be
+    dropped (as pad) is never read."""
+    batch = len(logits)
+    generated = np.empty((batch, steps), dtype=np.int64)
+    lengths = np.full(batch, steps, dtype=np.int64)
+    active = None  # the rows in the model's batch (None: all of them, in order)
+    finished = None  # which of those have stopped (None: none yet)
+    stop_id = int(stop_array[0]) if len(stop_array) == 1 else None
+    for t in range(steps):
+        tokens = logits.argmax(-1)
+        if active is None:
+            generated[:, t] = tokens
+        else:
+            generated[active, t] = tokens
+        hits = tokens == stop_id if stop_id is not None else np.isin(tokens, stop_array)
+        if finished is not None:
+            hits &= ~finished
+        if hits.any():
+            lengths[np.flatnonzero(hits) if active is None else active[hits]] = t
+            finished = hits if finished is None else finished | hits
+            if finished.all():
+                break
+        if t + 1 == steps:
+            break
+        if finished is not None:
+            tokens = np.where(finished, pad_id, tokens)
+            if np.count_nonzero(finished) >= max(1, len(tokens) // 8):
+                rows = np.flatnonzero(~finished)
+                cache = step.reorder(cache, rows)
+                active = rows if active is None else active[rows]
+                tokens, masks, finished = tokens[rows], masks[rows], None
+        logits, cache = step(tokens[:, None], masks[:, :width + t + 1], cache)
+        logits = logits[:, -1]
     return [Hypothesis(generated[row, :lengths[row]].tolist()) for row in range(batch)]
 
 

@@ -136,6 +136,34 @@ def test_a_stop_id_that_never_fires_changes_nothing():
         assert all(len(h[0].tokens) == 12 for h in plain)
 
 
+def stopped_by_hand(table, prompt, steps, stop_ids):
+    tokens = greedy_by_hand(table, prompt, steps)
+    return tokens[:min((tokens.index(s) for s in stop_ids if s in tokens), default=steps)]
+
+
+def test_greedy_with_stop_ids_ends_rows_apart_and_drops_them_from_the_batch():
+    # Greedy decoding with stop ids (seq2seq's EOS) books rows only at the steps where one stops:
+    # each row is its argmax chain cut before its first stop id, and finished rows leave the batch.
+    rng = np.random.default_rng(5)
+    for seed in range(12):
+        table = random_table(seed)
+        prompts = [[int(t)] for t in rng.integers(1, VOCAB, 9)]
+        stop_ids = tuple(int(t) for t in rng.choice(np.arange(1, VOCAB), 1 + seed % 2, replace=False))
+        step = MarkovStep(table)
+        batches = []
+        inner = step.__call__
+        step_call = lambda ids, mask, cache: (batches.append(len(ids)), inner(ids, mask, cache))[1]  # noqa: E731
+        wrapped = type("Recorded", (), {"__call__": lambda self, *a: step_call(*a),
+                                        "reorder": lambda self, cache, rows: cache})()
+        results = generate(wrapped, prompts, DecodingOptions(max_new_tokens=10, stop_ids=stop_ids), pad_id=PAD)
+        expected = [stopped_by_hand(table, p, 10, stop_ids) for p in prompts]
+        assert [h[0].tokens for h in results] == expected
+        done_after = sorted(len(e) for e in expected if len(e) < 10)
+        if done_after and len(done_after) < len(prompts):  # the batch shrinks after the first stop
+            assert batches[done_after[0] + 1] < len(prompts)
+        assert batches == sorted(batches, reverse=True)
+
+
 def test_max_length_caps_each_row():
     table = random_table()
     results = generate(MarkovStep(table), [[1] * 6, [2]], DecodingOptions(max_new_tokens=10), pad_id=PAD,
