@@ -126,7 +126,7 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as err:
-                yield Record(number, str(number), error=f"malformed JSON ({err.msg} at column {err.colno})")
+                yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
                 continue
             except RecursionError:  # e.g. thousands of nested brackets
                 yield Record(number, str(number), error="malformed JSON (nested too deeply)")
@@ -138,6 +138,12 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    """json's message with the column: some messages end in "at" already ("Unterminated string
+    starting at"), which would read "starting at at column 10"."""
+    return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else f"{err.msg} at column {err.colno}"
 
 
 def _record_id(fields: dict, id_field: str | None, number: int) -> str:

@@ -131,6 +131,11 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         click.echo("kerasllm: interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as err:
+        # One line, like every other error (click's own show() prints Usage/Try/Error lines).
+        hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        click.echo(f"kerasllm: error: {err.format_message()}{hint}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

@@ -1,0 +1,31 @@
+"""The README's promise for errors: one line `kerasllm: error: ...`, exit code 2 for usage errors,
+including the ones click itself raises (missing file, unknown choice, unknown option)."""
+import pytest
+
+from kerasllm.cli import main
+from kerasllm.export.records import read_records
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "{tmp}/missing_bundle", "-i", "-"], "Directory '{tmp}/missing_bundle' does not exist"),
+    (["generate", "{tmp}", "--format", "xml"], "'xml' is not one of"),
+    (["classify", "{tmp}", "--no-such-option"], "No such option '--no-such-option'"),
+])
+def test_click_usage_errors_are_one_line_exit_2(tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kerasllm: error: ")
+    assert expected.format(tmp=tmp_path) in lines[0]
+    assert f"(see 'kerasllm {args[0]} --help')" in lines[0]
+
+
+def test_malformed_json_message_reads_cleanly(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "Jack\n{"text": 1,}\n')
+    errors = [r.error for r in read_records(path)]
+    assert errors == ["malformed JSON (Unterminated string starting at column 10)",
+                      "malformed JSON (Expecting property name enclosed in double quotes at column 12)"]
