@@ -255,11 +255,20 @@ class _SelfAttentionBuffer:
         self.capacity, self.arrays, self.values, self.binding = capacity, grown.arrays, grown.values, None
 
     def rows(self, indices: np.ndarray) -> "_SelfAttentionBuffer":
-        """The cache of rows `indices`: this one reordered in place for a same-size reorder on the
-        CPU (beam search; the binding stays valid), else a new one."""
-        if self.on_cpu and len(indices) == self.batch:
+        """The cache of rows `indices`: on the CPU, unless the batch grows, this one reordered in
+        place, copying only the rows that move and only their filled slots. A same-size reorder
+        (beam search) keeps the binding; fewer rows (finished rows or inputs leaving) become the
+        first rows of the same buffers, rebound at the next step: 'small' preset, 8 -> 7 rows at
+        12 tokens, ~190 us for a new buffer (every slot copied twice) against ~30 us. On CUDA,
+        or for more rows (beams expanded), a new buffer."""
+        if self.on_cpu and len(indices) <= self.batch:
             for array in self.arrays:
                 reorder_rows_in_place(array, indices, self.length)
+            if len(indices) < self.batch:  # the leading rows of a C-order buffer are contiguous
+                self.batch = len(indices)
+                self.arrays = [array[:self.batch] for array in self.arrays]
+                self.values = [ort.OrtValue.ortvalue_from_numpy(array) for array in self.arrays]
+                self.binding = None
             return self
         return self._resized(indices, self.capacity)
 

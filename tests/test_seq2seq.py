@@ -129,6 +129,39 @@ def test_sharded_batches_decode_as_one(trained, monkeypatch):
     assert BundleTranslator(bundle, device="cpu", threads=2).shards(19, one.options()) == 1
 
 
+def test_fewer_rows_stay_in_the_same_self_attention_buffer(trained):
+    """Finished rows leaving the batch (greedy) or done inputs (beam search) shrink the shared
+    self-attention buffer in place on the CPU: the kept rows' cache and next logits are those of
+    a fresh buffer holding only them."""
+    from kerasllm.export.seq2seq_runtime import Seq2SeqStep
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    translator = BundleTranslator(bundle, device="cpu", threads=1)
+    sources = [translator.check(t) for t in ("seven", "forty-two", "nine hundred and one", "six hundred")]
+    width = max(len(s) for s in sources)
+    ids, mask = np.zeros((4, width), np.int64), np.zeros((4, width), np.int64)
+    for row, source in enumerate(sources):
+        ids[row, :len(source)], mask[row, :len(source)] = source, 1
+    step = Seq2SeqStep(translator.sessions, ids, mask)
+    tokens = np.full((4, 1), translator.bos_id, np.int64)
+    cache = None
+    for _ in range(3):
+        logits, cache = step(tokens, None, cache)
+        tokens = logits[:, -1].argmax(-1)[:, None]
+    buffer = cache[0]
+    before = translator.sessions.presents(buffer)
+    keep = np.array([3, 1])
+    fresh = buffer._resized(keep, buffer.capacity)  # a new buffer of those rows (as on CUDA)
+    shrunk = step.reorder(cache, keep)
+    assert shrunk[0] is buffer and buffer.batch == 2
+    for kept, full in zip(translator.sessions.presents(buffer), before):
+        np.testing.assert_array_equal(kept, full[keep])
+    logits, _ = step(tokens[keep], None, shrunk)
+    expected = translator.sessions.step(tokens[keep], step.encoder_mask, step.cross, fresh)[0]
+    np.testing.assert_array_equal(logits, expected)
+
+
 def test_padding_does_not_change_results(trained):
     from kerasllm.export.seq2seq_export import KerasSeq2SeqSessions
     from kerasllm.export.seq2seq_runtime import Seq2SeqSessions
