@@ -24,6 +24,7 @@ from kerasllm import metrics
 from kerasllm.errors import DataError, UsageError
 
 EVALUATORS: dict[str, str] = {
+    "causal-lm": "kerasllm.evaluation:evaluate_causal_lm",
     "classifier": "kerasllm.evaluation:evaluate_classifier",
     "masked-lm": "kerasllm.evaluation:evaluate_masked_lm",
     "seq2seq": "kerasllm.export.translate_predictor:evaluate_seq2seq",
@@ -103,3 +104,36 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
             for position, original in by_row.get(i, []):
                 nll.append(float(metrics.token_nll(logits[k, position], np.asarray(original))))
     return {"count": len(rows), "masked_tokens": len(nll), "perplexity": metrics.perplexity(nll)}
+
+
+def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
+                       text_field: str = "text", fmt: str = "auto", **_: Any) -> dict:
+    """`perplexity` of a causal LM: every token of a record predicted from the ones before it.
+
+    A record is a line of a text file or the text field of a JSONL/TSV/CSV row; a text longer
+    than the model keeps its first `max_length` tokens. The whole record is one forward pass
+    (no cache), left-padded in batches of similar lengths; a record of one token predicts nothing.
+    """
+    from kerasllm.data_tasks import read_rows  # noqa: PLC0415
+    from kerasllm.export.predict import load_predictor  # noqa: PLC0415
+
+    rows = read_rows(data, text_field, fmt=fmt)
+    predictor = load_predictor("generate", source, device=device)
+    sequences = [predictor.tokenizer.encode(row.text)[:predictor.max_length] for row in rows]
+    nll: list[float] = []
+    for indices in _by_length(sequences, batch_size):
+        batch = [sequences[i] for i in indices if len(sequences[i]) > 1]
+        if not batch:
+            continue
+        width = max(len(s) for s in batch)
+        ids = np.full((len(batch), width), predictor.pad_id, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for k, tokens in enumerate(batch):
+            ids[k, width - len(tokens):], mask[k, width - len(tokens):] = tokens, 1
+        logits, _ = predictor.step(ids, mask, None)
+        for k, tokens in enumerate(batch):
+            start = width - len(tokens)
+            nll.extend(metrics.token_nll(logits[k, start:width - 1], np.asarray(tokens[1:])).tolist())
+    if not nll:
+        raise DataError(f"{data}: no record has two tokens (nothing to predict)")
+    return {"count": len(rows), "predicted_tokens": len(nll), "perplexity": metrics.perplexity(nll)}

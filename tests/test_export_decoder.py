@@ -349,3 +349,25 @@ def test_other_architectures_export_with_parity(variant, attention_fused, shared
     assert report.get("logits_to_keep", False) == step.shared_buffer
     ids, mask = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert np.abs(step.last_logits(ids, mask)[0] - step(ids, mask, None)[0][:, -1]).max() <= 1e-5
+
+
+def test_evaluate_gives_the_same_perplexity_from_the_bundle_and_the_model_dir(bundle_dir, model_dir, corpus_file,
+                                                                              tmp_path):
+    """`kerasllm evaluate` on a causal LM: perplexity of each line's tokens, equal on ONNX Runtime
+    and in Keras, far below a uniform guess on text like the training corpus, higher on scrambled text."""
+    from kerasllm.evaluation import evaluate
+
+    lines = [line for line in Path(corpus_file).read_text().splitlines() if line.strip()][:40]
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(lines) + "\n")
+    scrambled = tmp_path / "scrambled.txt"
+    rng = np.random.default_rng(0)
+    scrambled.write_text("\n".join("".join(rng.permutation(list(line))) for line in lines) + "\n")
+    from_bundle = evaluate(bundle_dir, held, batch_size=7)
+    from_keras = evaluate(model_dir, held, batch_size=16)
+    assert from_bundle["task"] == "causal-lm" and from_bundle["count"] == len(lines)
+    assert from_bundle["predicted_tokens"] == from_keras["predicted_tokens"] > len(lines)
+    assert from_bundle["perplexity"] == pytest.approx(from_keras["perplexity"], rel=1e-4)
+    vocab = json.loads((model_dir / "config.json").read_text())["model"]["vocab_size"]
+    assert from_bundle["perplexity"] < vocab / 2
+    assert evaluate(bundle_dir, scrambled)["perplexity"] > from_bundle["perplexity"] * 1.2

@@ -22,13 +22,15 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Records per batch.")
 @click.option("--device", default="cpu", show_default=True, help="Bundles: cpu, cuda, cuda:N or auto.")
 def evaluate(source, data, output, fmt, text_field, label_field, source_field, target_field, batch_size, device):
-    """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (masked-lm).
+    """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,
+    masked-lm), bleu and chrf (seq2seq).
 
     Prints the metrics as JSON on stdout (keys `accuracy`, `macro_f1`, `perplexity`, ... as apply).
 
     \b
     Example:
       kerasllm evaluate runs/clf --data test.tsv --output metrics.json
+      kerasllm evaluate bundles/lm --data held_out.txt
       kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
     """
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
