@@ -227,7 +227,7 @@ class _SelfAttentionBuffer:
             for name, value in zip(self.owner.cross_inputs, cross):
                 self.binding.bind_ortvalue_input(name, value)
             self.encoder_side = (cross, encoder_mask, mask)
-        self.ids[:, 0] = input_ids[:, 0]
+        self.ids[...] = input_ids  # [B, 1]: one NumPy call (each costs ~5-9 us between runs)
         self.mask[:, self.length] = 1
         self.length += 1
         self.owner.decoder.session.run_with_iobinding(self.binding)
