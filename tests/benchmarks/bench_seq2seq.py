@@ -28,6 +28,24 @@ After (57e73d3 bundle, 2 shards):
 After (eccd007, a fresh export per run):
     greedy: Keras 297.1 / 286.9 / 293.6 vs bundle 523.9 / 485.1 / 515.1 sentences/s -> 1.76x 1.69x 1.75x
     beam 4: Keras  48.8 /  50.2 /  49.9 vs bundle 187.9 / 211.4 / 195.0 sentences/s -> 3.85x 4.21x 3.91x
+Later on 2026-12-02, host-side work of the greedy loop (d943798, 9173887, 7c44e18), one bundle kept
+(--keep) for every run, before = be09859's code from a worktree, runs alternated before/after:
+    before greedy: 2.03x 1.78x 2.03x 1.89x 1.80x 1.88x (bundle 614.6 / 507.5 / 583.0 / 489.7 / 475.7 / 521.5)
+    after  greedy: 2.21x 1.98x 1.92x (first three: d943798 + 9173887 only) 2.18x 1.90x 2.25x
+                   (bundle 630.2 / 566.5 / 543.0 / 564.9 / 513.4 / 656.4 sentences/s); 64/64 identical in every run
+    before beam 4: 4.13x 4.03x 4.06x 3.63x 3.93x 3.99x; after 4.48x 4.44x 4.33x 4.31x 4.46x 4.51x (50/64 as before)
+The machine was loaded (Keras 259-302 sentences/s between runs), so the run-to-run spread hides most of
+the gain; the greedy bundle side alone, old/new generate.py alternated 30 times in one process: median
+104.3 -> 96.6 ms (7%). Greedy still misses 3x (~1.9-2.25x). What it was: seq2seq greedy decoding passes
+EOS as a stop id, so it ran generate.py's general loop (a dozen array ops and reductions per step),
+not the no-stop fast path; between two decoder runs every NumPy call costs ~5-9 us (caches cold after
+the run), so the Python between runs was 55-57 us against ~400-500 us of ONNX Runtime. Now: a lean
+greedy loop with stop ids (argmax into the next input's shape, stop test on a list, rows booked only
+when one stops, tokens written out after the loop) -> 40 us, against 33 us for a bare argmax + run
+loop; finished rows leave the shared self-attention buffer in place (~190 -> ~30 us each, ~7 per
+pass). Left, per 8-row shard alone on a core: ~4.6-5.6 ms of encoder and 32 x ~0.37-0.42 ms of decoder
+runs (ORT), ~2.5-2.9 ms outside ORT as timed by wrappers that add some of it themselves (~1.3 ms of it
+the 40 us between runs); further host-side cuts are worth a few percent at most, not the ~40% 3x needs.
 What changed the bundle side: the decoder's self-attention is GroupQueryAttention over an in-place
 KV buffer with one IO binding per batch (seq2seq_export.share_self_attention_buffer; 109 -> 99
 nodes; a step in a 32-step loop 1.05 -> 0.86 ms at batch 16 on 2 threads, 0.74 -> 0.61 ms at batch 8
