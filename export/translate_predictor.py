@@ -22,6 +22,7 @@ and exact match of greedy translations against the references.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -186,8 +187,14 @@ class BundleTranslator(Translator):
         if sessions is None:  # one set per worker thread, opened there
             from kerasllm.export.seq2seq_runtime import Seq2SeqSessions  # noqa: PLC0415
 
-            sessions = self._local.sessions = Seq2SeqSessions.open(
-                self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"), "cpu", threads=1)
+            # The bundle's sessions already said what runs: the shard threads' copies stay quiet.
+            quiet = _ThreadFilter(threading.get_ident())
+            logging.getLogger("kerasllm").addFilter(quiet)
+            try:
+                sessions = self._local.sessions = Seq2SeqSessions.open(
+                    self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"), "cpu", threads=1)
+            finally:
+                logging.getLogger("kerasllm").removeFilter(quiet)
         return self._loop(sessions, batch, decoding)
 
     def _generate(self, batch, decoding):
@@ -203,6 +210,17 @@ class BundleTranslator(Translator):
         for future in futures:
             results += future.result()
         return results
+
+
+class _ThreadFilter(logging.Filter):
+    """Drops the records one thread logs (the others' pass)."""
+
+    def __init__(self, thread: int):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
 
 
 class ModelDirTranslator(Translator):

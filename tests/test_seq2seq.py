@@ -7,6 +7,7 @@ and a character target tokenizer) and exported once; the tests share both.
 from __future__ import annotations
 
 import json
+import logging
 
 import keras
 import numpy as np
@@ -106,7 +107,7 @@ def test_beam_search_n_best_and_beam_one_is_greedy(trained):
     assert [ort_translator.target_tokenizer.decode(t) for t in one_beam] == [g["output"] for g in greedy]
 
 
-def test_sharded_batches_decode_as_one(trained, monkeypatch):
+def test_sharded_batches_decode_as_one(trained, monkeypatch, caplog):
     """A batch cut into shards decoded on parallel threads (BundleTranslator) gives exactly the
     unsharded outputs, greedy and beam n-best with scores; sampling stays unsharded; a bundle
     too large to hold once per shard is not sharded."""
@@ -125,6 +126,13 @@ def test_sharded_batches_decode_as_one(trained, monkeypatch):
     assert sharded.shards(19, sharded.options(temperature=0.7)) == 1
     for options in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "num_beams": 4, "n_best": 2}):
         assert sharded.predict(sources, **options) == one.predict(sources, **options)
+    # Each shard thread's sessions open quietly: what runs is said once, by the bundle's own sessions.
+    with caplog.at_level(logging.INFO, logger="kerasllm"):
+        quiet = BundleTranslator(bundle, device="cpu")
+        quiet.max_shards = 3
+        quiet.predict(sources, max_new_tokens=2)
+    said = [r for r in caplog.records if r.getMessage().startswith("ONNX Runtime")]
+    assert len(said) == 2  # the encoder's and the decoder's, not once more per shard thread
     monkeypatch.setattr(translate_predictor, "SHARD_MAX_GRAPH_BYTES", 1000)
     assert BundleTranslator(bundle, device="cpu", threads=2).shards(19, one.options()) == 1
 
