@@ -253,7 +253,8 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
     graph = model.graph
     attention = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
     layers = len([i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")])
-    if not attention or len(attention) != layers:
+    splits = attention_splits(model, attention)
+    if not attention or len(attention) != layers or splits is None:
         return False
 
     producers, _ = graph_index(graph)
@@ -272,26 +273,46 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
         helper.make_node("Squeeze", [f"{prefix}/width32"], [total], name=f"{prefix}/Squeeze"),
     ]
     lengths += _lean_positions(model, producers, prefix)
+    to_group_query_attention(model, attention, splits, num_heads, lengths, seqlens, total,
+                             is_cache=lambda name: name.startswith(("past_key_values.", "present.")))
+    return True
+
+
+def attention_splits(model: onnx.ModelProto, attention: list) -> list | None:
+    """The Split feeding q, k and v of each fused MultiHeadAttention (`fuse_cached_attention`'s
+    form), or None when one is not fed that way."""
+    producers, _ = graph_index(model.graph)
+    splits = [typed_producer(producers, node.input[0], "Split") for node in attention]
+    if any(s is None or list(s.output) != list(node.input[:3]) for s, node in zip(splits, attention)):
+        return None
+    return splits
+
+
+def to_group_query_attention(model: onnx.ModelProto, attention: list, splits: list, num_heads: int, lengths: list,
+                             seqlens: str, total: str, is_cache) -> None:
+    """Replace each fused MultiHeadAttention by `com.microsoft.GroupQueryAttention` (kv_num_heads ==
+    num_heads) reading its Split's packed QKV and its past key/value as a buffer written in place,
+    with `seqlens` / `total` (computed by `lengths`, nodes that read graph inputs only, put
+    first); the cache tensors (`is_cache(name)`) get the axis name `max_sequence`, and the
+    graph's metadata says it updates a shared buffer. The decoder family (`share_kv_buffer`) and
+    the seq2seq decoder's self-attention (`seq2seq_export.share_self_attention_buffer`) use it."""
+    graph = model.graph
     replacements = {}
-    for node in attention:
-        split = producers.get(node.input[0])
-        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
-            return False
+    for node, split in zip(attention, splits):
         scale = next(a.f for a in node.attribute if a.name == "scale")
         replacements[id(node)] = [helper.make_node(
             "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], seqlens, total],
             list(node.output), name=node.name.replace("MultiHeadAttention", "GroupQueryAttention"),
             domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_heads, scale=scale,
         )]
-    first = graph.node[0]  # the lengths and positions read only graph inputs: they go first
+    first = graph.node[0]
     replacements[id(first)] = lengths + replacements.get(id(first), [first])
     replace_nodes(model, replacements)
     for value in list(graph.input) + list(graph.output):
-        if value.name.startswith(("past_key_values.", "present.")):
+        if is_cache(value.name):
             value.type.tensor_type.shape.dim[2].dim_param = "max_sequence"
     entry = model.metadata_props.add()
     entry.key, entry.value = KV_CACHE_METADATA, SHARED_BUFFER
-    return True
 
 
 LOGITS_TO_KEEP = "logits_to_keep"

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from kerasllm.export.convert import (GraphSpec, TensorDecl, graph_index, replace_nodes, save_onnx, trace_to_onnx,
-                                     typed_producer)
-from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
+from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, save_onnx, trace_to_onnx
+from kerasllm.export.optimize import attention_splits, optimize_graph, to_group_query_attention
+from kerasllm.export.runtime import SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import Seq2SeqSessions, Seq2SeqStep, cross_names, self_names
 from kerasllm.export.validate import ValidationError, compare_output, validated_with_fallback
 
@@ -123,9 +123,8 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
     self_attention = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"
                       and len(n.input) >= 8 and n.input[6].endswith(".decoder.key")]
     layers = len([i for i in graph.input if i.name.endswith(".decoder.key")])
-    splits = [typed_producer(producers, n.input[0], "Split") for n in self_attention]
-    if (not self_attention or len(self_attention) != layers
-            or any(s is None or list(s.output) != list(n.input[:3]) for s, n in zip(splits, self_attention))):
+    splits = attention_splits(model, self_attention)
+    if not self_attention or len(self_attention) != layers or splits is None:
         return False
     past_length = next((n for n in graph.node if n.op_type == "Shape" and n.input[0] == "past_key_values.0.decoder.key"),
                        None)
@@ -177,24 +176,11 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
         if node.op_type == "Gather" and node.input[1] in producers and producers[node.input[1]].op_type == "Cast" \
                 and producers[node.input[1]].input[0] == "input_ids":
             node.input[1] = "input_ids"
-    replacements = {}
-    for node, split in zip(self_attention, splits):
-        scale = next(a.f for a in node.attribute if a.name == "scale")
-        replacements[id(node)] = [helper.make_node(
-            "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], f"{p}/seqlens_k", f"{p}/total"],
-            list(node.output), name=node.name.replace("MultiHeadAttention", "GroupQueryAttention"),
-            domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_heads, scale=scale,
-        )]
-    first = graph.node[0]  # the lengths read only graph inputs: they go first
-    replacements[id(first)] = lengths + replacements.get(id(first), [first])
     graph.input.insert(1, helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64,
                                                         ["batch", "max_sequence"]))
-    replace_nodes(model, replacements)
-    for value in list(graph.input) + list(graph.output):
-        if value.name.startswith(("past_key_values.", "present.")) and ".decoder." in value.name:
-            value.type.tensor_type.shape.dim[2].dim_param = "max_sequence"
-    entry = model.metadata_props.add()
-    entry.key, entry.value = KV_CACHE_METADATA, SHARED_BUFFER
+    to_group_query_attention(model, self_attention, splits, num_heads, lengths, f"{p}/seqlens_k", f"{p}/total",
+                             is_cache=lambda name: name.startswith(("past_key_values.", "present."))
+                             and ".decoder." in name)
     return True
 
 
@@ -315,8 +301,6 @@ def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_leng
 
 def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Callable) -> dict:
     """`FAMILY_EXPORTERS["seq2seq"]` (see exporter.py): convert, optimize, validate both graphs."""
-    from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
-
     c = model.config
     graphs, reports, raws = {}, {}, {}
 
