@@ -6,7 +6,9 @@ handler). It never imports TensorFlow: it talks to a `Predictor` (export/predict
 How a job runs:
     records (export/records.py) --window of N records--> check() each text into ids
       -> plan_batches(): sort the window by length (bucketing), cut batches by count and by
-         a padded-token budget -> predictor.predict(batch) -> results put back by position
+         a padded-token budget -> predict_in_order(): the window's batches to the predictor
+         (all at once to a predictor with `predict_batches`, which may decode several at a
+         time, else batch by batch to `predict`) -> results put back by position, batch by batch
       -> the finished prefix of the window is written at once, in input order, whole lines.
 Memory holds one window, never the file. A record that cannot be read, has no text, or
 fails `check` becomes an error record (`{"id": ..., "error": "line N: ..."}`) and the job
@@ -32,6 +34,7 @@ import json
 import signal
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -106,6 +109,38 @@ def predict_isolating(predictor: Predictor, batch: Sequence[list[int]], options:
             return [{"error": str(err)}]
         half = len(batch) // 2
         return predict_isolating(predictor, batch[:half], options) + predict_isolating(predictor, batch[half:], options)
+    return _counted(results, batch)
+
+
+def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]],
+                     options: dict) -> Iterator[list[dict]]:
+    """Each batch's results, batch by batch in order, with `predict_isolating`'s guarantees.
+
+    A predictor with `predict_batches` gets every batch at once (it may decode several at the
+    same time, e.g. one per core); when it raises a RecordError at one batch's turn, that batch
+    goes through `predict_isolating` and the batches after it are handed over again (work the
+    predictor had done on them ahead is lost; errors are rare). Other predictors get `predict`
+    batch by batch. Close the iterator (or exhaust it) to stop the predictor's work.
+    """
+    many = getattr(predictor, "predict_batches", None)
+    if many is None:
+        for batch in batches:
+            yield predict_isolating(predictor, batch, options)
+        return
+    done = 0
+    while done < len(batches):
+        with closing(iter(many(batches[done:], **options))) as stream:
+            try:
+                for results in stream:
+                    results = _counted(results, batches[done])
+                    done += 1
+                    yield results
+            except RecordError:
+                done += 1
+                yield predict_isolating(predictor, batches[done - 1], options)
+
+
+def _counted(results: Sequence[dict], batch: Sequence) -> list[dict]:
     if len(results) != len(batch):
         raise RuntimeError(f"predictor returned {len(results)} results for a batch of {len(batch)}")
     return list(results)
@@ -391,22 +426,22 @@ class BatchRunner:
             except (DataError, RecordError) as err:
                 rows[position] = self._error_row(record, err)
         positions = list(ids)
-        plan = plan_batches([len(ids[p]) for p in positions], self.batch_size, self.max_batch_tokens,
-                            self.bucket, self.extra_tokens)
+        plan = [[positions[i] for i in batch] for batch in plan_batches(
+            [len(ids[p]) for p in positions], self.batch_size, self.max_batch_tokens, self.bucket, self.extra_tokens)]
         written = 0
-        for batch in plan:
-            batch_positions = [positions[i] for i in batch]
-            results = predict_isolating(self.predictor, [ids[p] for p in batch_positions], self.options)
-            for position, result in zip(batch_positions, results):
-                record = window[position]
-                if "error" in result:
-                    rows[position] = self._error_row(record, RecordError(result["error"]))
-                else:
-                    # Keys starting with "_" are the predictor's accounting, not output.
-                    summary.generated += int(result.pop(GENERATED_TOKENS, 0))
-                    rows[position] = {"id": record.id, **result}
-                    summary.tokens += len(ids[position])
-            written = self._write_ready(rows, written, writer, guard, summary)
+        stream = predict_in_order(self.predictor, [[ids[p] for p in batch] for batch in plan], self.options)
+        with closing(stream):  # an interrupt stops the predictor's work on the rest of the window
+            for batch_positions, results in zip(plan, stream):
+                for position, result in zip(batch_positions, results):
+                    record = window[position]
+                    if "error" in result:
+                        rows[position] = self._error_row(record, RecordError(result["error"]))
+                    else:
+                        # Keys starting with "_" are the predictor's accounting, not output.
+                        summary.generated += int(result.pop(GENERATED_TOKENS, 0))
+                        rows[position] = {"id": record.id, **result}
+                        summary.tokens += len(ids[position])
+                written = self._write_ready(rows, written, writer, guard, summary)
         self._write_ready(rows, written, writer, guard, summary)
 
     def _write_ready(self, rows, written: int, writer: JsonlWriter, guard: SignalGuard, summary: Summary) -> int:

@@ -15,6 +15,12 @@ receives the decoding options by name (generate/translate: max_new_tokens, tempe
 top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed; classify: top_k;
 embed: normalize); a `RecordError` it raises is pinned on one record by the batch
 runner (export/batch.py), which retries the batch in halves.
+
+A predictor may also offer `predict_batches(batches, **options) -> Iterator[list[dict]]`:
+each batch's results, batch by batch in order, a RecordError raised at the turn of the
+batch that caused it. The batch runner then hands it all of a window's batches at once, so
+it can work on several at the same time (the seq2seq bundle decodes one whole batch per
+core); closing the iterator stops its work.
 """
 
 from __future__ import annotations

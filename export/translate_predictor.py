@@ -9,9 +9,12 @@ per generated token, EOS included, best first; needs `num_beams >= n_best`).
 
 The bundle predictor imports no TensorFlow: the encoder runs once per batch and the
 decoder steps through generate.py's loops with the cross-attention keys/values bound
-(seq2seq_runtime.py). On a CPU with several cores, a greedy or beam batch of at least
-`2 * SHARD_ROWS` decoder rows is split into shards decoded at the same time, each by its own
-single-threaded sessions on its own thread (see `BundleTranslator`). The model-dir
+(seq2seq_runtime.py). On a CPU with several cores, greedy and beam search use one worker
+thread per core, each on its own single-threaded sessions: `predict_batches` (what
+`kerasllm translate` calls with a window's batches) decodes whole batches at the same time,
+one per worker; a batch with no other to share the cores with (a single one, or the last of
+a job) is split into shards of at least `SHARD_ROWS` decoder rows instead (see
+`BundleTranslator`). The model-dir
 predictor runs Keras: greedy, sampling and beam search through `Seq2SeqLM.generate` /
 `generate_n_best` (XLA, keras-hub samplers); repetition penalty and stop strings through
 generate.py's loops over the Keras model's cached decoder.
@@ -26,8 +29,9 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -95,8 +99,13 @@ class Translator:
         return decoding
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
+        return next(self.predict_batches([batch], **options))
+
+    def predict_batches(self, batches: Sequence[Sequence[list[int]]], **options: Any) -> Iterator[list[dict]]:
+        """Each batch's results, batch by batch in order (see predict.Predictor)."""
         decoding = self.options(**options)
-        return [self._result(hyps, decoding) for hyps in self._generate(list(batch), decoding)]
+        for hyps in self._generate_batches([list(batch) for batch in batches], decoding):
+            yield [self._result(h, decoding) for h in hyps]
 
     def translate(self, texts: Sequence[str], **options: Any) -> list[dict]:
         """Translate raw texts (a RecordError for an empty or too long one)."""
@@ -104,6 +113,12 @@ class Translator:
 
     def _generate(self, batch: list[list[int]], decoding: DecodingOptions) -> list[list[Hypothesis]]:
         raise NotImplementedError
+
+    def _generate_batches(self, batches: list[list[list[int]]],
+                          decoding: DecodingOptions) -> Iterator[list[list[Hypothesis]]]:
+        """`_generate` of each batch, in order (one at a time unless a subclass does better)."""
+        for batch in batches:
+            yield self._generate(batch, decoding)
 
     def _text(self, tokens: list[int], decoding: DecodingOptions) -> str:
         return truncate_at_stop(self.target_tokenizer.decode(tokens), decoding.stop)[0]
@@ -137,24 +152,30 @@ def _tokenizers(path: Path, source_file: str = "tokenizer.json", target_file: st
 class BundleTranslator(Translator):
     """Translation from a seq2seq bundle on ONNX Runtime (no TensorFlow).
 
-    Sharding (CPU, greedy and beam search): a decoder step of a small model is mostly fixed
+    Concurrency (CPU, greedy and beam search): a decoder step of a small model is mostly fixed
     cost (~100 kernels of a few microseconds each), so ONNX Runtime's intra-op threads barely
-    help it and half the rows cost nearly as much ('small' preset, in a 32-step loop: batch 16
-    on 2 threads 0.86 ms, batch 8 on 1 thread 0.61 ms). Independent inputs can use the cores
-    instead: the batch is cut into `min(threads, inputs, rows // SHARD_ROWS)`
-    contiguous shards, each translated by generate.py's loop over its own single-threaded
-    sessions (opened once per worker thread, on that thread) while the others run; ONNX
-    Runtime releases the GIL during a run. Each input is decoded exactly as in one batch (rows
-    never interact; beam search works per input), so outputs are identical. Sampling is not
-    sharded: its random draws are the whole batch's (a seed reproduces a batch). bench_seq2seq's
-    batches (4 x 16 sentences, 32 tokens, 2 cores): greedy ~190 ms unsharded, ~110-120 ms in
-    two shards. On a model large enough for its decode step to be bound by reading the
-    weights, intra-op threads may be the better use of the cores (each shard reads every
-    weight per step, and its sessions hold their own copy of the weights): bundles whose graphs
-    exceed `SHARD_MAX_GRAPH_BYTES` are not sharded, and `threads=1` turns sharding off.
+    help it ('small' preset, in a 32-step loop: batch 16 on 2 threads 0.86 ms, batch 8 on 1
+    thread 0.61 ms). Independent inputs use the cores instead: `max_shards` worker threads
+    (one per core), each decoding with generate.py's loop over its own single-threaded
+    sessions (opened once per worker, on that thread) while the others run; ONNX Runtime
+    releases the GIL during a run. `predict_batches` hands the workers whole batches, each
+    worker taking the next one as it finishes the last (no barrier between batches), so each
+    decode step spreads its fixed cost over a whole batch's rows: bench_seq2seq's 4 batches of
+    16 (2 cores, 32 tokens) took ~70 ms as two 8-row shards per batch, batch after batch, and
+    ~55 ms as whole batches two at a time (one 16-row batch on one thread ~25 ms, two 8-row
+    halves ~32 ms). Only the batches left when fewer remain than workers (`plan`: one batch
+    alone, or the last of a job) are cut into `min(workers, inputs, rows // SHARD_ROWS)`
+    contiguous shards. Each input is decoded exactly as in one batch (rows never interact;
+    beam search works per input), so outputs are identical however the work is cut. Sampling
+    runs batch after batch on the bundle's own sessions: its random draws are the whole
+    batch's (a seed reproduces a batch). On a model large enough for its decode step to be
+    bound by reading the weights, intra-op threads may be the better use of the cores (each
+    worker reads every weight per step, and its sessions hold their own copy of the weights):
+    bundles whose graphs exceed `SHARD_MAX_GRAPH_BYTES` get no workers, and `threads=1` turns
+    them off.
 
     Args:
-        threads: intra-op threads of the unsharded sessions, and the most shards (default:
+        threads: intra-op threads of the bundle's own sessions, and the most workers (default:
             the cores this process may use).
     """
 
@@ -176,18 +197,41 @@ class BundleTranslator(Translator):
         self._pool = None
         self._local = threading.local()  # a worker thread's single-threaded sessions
 
-    def shards(self, batch: int, decoding: DecodingOptions) -> int:
-        """How many shards a batch of `batch` inputs is decoded in (1: not sharded)."""
-        if self.max_shards < 2 or decoding.temperature:
+    def workers(self, decoding: DecodingOptions) -> int:
+        """How many worker threads decode at the same time (1: none, the bundle's own sessions run)."""
+        return 1 if decoding.temperature else self.max_shards
+
+    def shards(self, batch: int, decoding: DecodingOptions, most: int | None = None) -> int:
+        """How many shards a batch of `batch` inputs is cut into (1: whole), at most `most` (default: the workers)."""
+        workers = self.workers(decoding)
+        if workers < 2:
             return 1
-        return max(1, min(self.max_shards, batch, batch * decoding.num_beams // SHARD_ROWS))
+        return max(1, min(most or workers, batch, batch * decoding.num_beams // SHARD_ROWS))
+
+    def plan(self, sizes: Sequence[int], decoding: DecodingOptions) -> list[list[int]]:
+        """The bounds of the pieces each batch (of `sizes[i]` inputs) is decoded in, one per worker task.
+
+        Whole batches (`[0, n]`) while there are at least as many left as workers; each of the
+        `r < workers` last ones is cut into up to `workers // r` shards, so no core idles.
+
+        >>> translator.plan([16, 16, 16, 16, 16], options)  # doctest: +SKIP  (2 workers)
+        [[0, 16], [0, 16], [0, 16], [0, 16], [0, 8, 16]]
+        """
+        workers = self.workers(decoding)
+        tail = len(sizes) % workers
+        plan = [[0, n] for n in sizes[:len(sizes) - tail]]
+        for n in sizes[len(sizes) - tail:]:
+            shards = self.shards(n, decoding, most=workers // tail)
+            plan.append(np.linspace(0, n, shards + 1).round().astype(int).tolist())
+        return plan
 
     def _shard_loop(self, batch, decoding):
+        """`_loop` of one piece of work on this worker thread's single-threaded sessions."""
         sessions = getattr(self._local, "sessions", None)
         if sessions is None:  # one set per worker thread, opened there
             from kerasllm.export.seq2seq_runtime import Seq2SeqSessions  # noqa: PLC0415
 
-            # The bundle's sessions already said what runs: the shard threads' copies stay quiet.
+            # The bundle's sessions already said what runs: the worker threads' copies stay quiet.
             quiet = _ThreadFilter(threading.get_ident())
             logging.getLogger("kerasllm").addFilter(quiet)
             try:
@@ -198,18 +242,27 @@ class BundleTranslator(Translator):
         return self._loop(sessions, batch, decoding)
 
     def _generate(self, batch, decoding):
-        shards = self.shards(len(batch), decoding)
-        if shards < 2:
-            return self._loop(self.sessions, batch, decoding)
+        """One batch on the bundle's own sessions (no workers)."""
+        return self._loop(self.sessions, batch, decoding)
+
+    def _generate_batches(self, batches, decoding):
+        plan = self.plan([len(b) for b in batches], decoding)
+        if self.workers(decoding) < 2 or sum(len(bounds) - 1 for bounds in plan) < 2:
+            # nothing to run side by side: batch after batch on the bundle's sessions (all intra-op threads)
+            yield from super()._generate_batches(batches, decoding)
+            return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_shards - 1, thread_name_prefix="kerasllm-shard")
-        bounds = np.linspace(0, len(batch), shards + 1).round().astype(int)
-        parts = [batch[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        futures = [self._pool.submit(self._shard_loop, part, decoding) for part in parts[1:]]
-        results = self._shard_loop(parts[0], decoding)  # this thread decodes the first shard meanwhile
-        for future in futures:
-            results += future.result()
-        return results
+            self._pool = ThreadPoolExecutor(self.max_shards, thread_name_prefix="kerasllm-worker")
+        # Every piece is queued at once; a worker takes the next as it finishes one.
+        pieces = [[self._pool.submit(self._shard_loop, batch[a:b], decoding) for a, b in pairwise(bounds)]
+                  for batch, bounds in zip(batches, plan)]
+        try:
+            for futures in pieces:
+                yield [hyps for future in futures for hyps in future.result()]
+        finally:  # an error, an interrupt or a consumer that stops early: drop what has not started
+            for futures in pieces:
+                for future in futures:
+                    future.cancel()
 
 
 class _ThreadFilter(logging.Filter):
@@ -279,9 +332,10 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
     hypotheses = [""] * len(pairs)
     new = max_new_tokens or predictor.max_length - 1
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # little padding per batch
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        for i, result in zip(indices, predictor.predict([sources[i] for i in indices], max_new_tokens=new)):
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    results = predictor.predict_batches([[sources[i] for i in indices] for indices in batches], max_new_tokens=new)
+    for indices, batch_results in zip(batches, results):
+        for i, result in zip(indices, batch_results):
             hypotheses[i] = result["output"]
     references = [p.target for p in pairs]
     return {"count": len(pairs), "bleu": metrics.bleu(hypotheses, references),

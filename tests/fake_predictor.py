@@ -8,6 +8,9 @@ the record, never on its batch, so any batching must give the same output:
     embed: [tokens, sum of ids mod 97] (unit length under normalize)
 A text equal to "boom" passes `check` but makes `predict` raise RecordError, as a model
 failing on one input would. Every batch seen is appended to `FakePredictor.batches`.
+With `workers` > 0 the predictor also offers `predict_batches`, predicting that many batches
+at a time on threads (as the seq2seq bundle does); each call's batch count is appended to
+`FakePredictor.handovers`.
 
 Run as a script, it registers itself and runs the CLI: `python tests/fake_predictor.py generate ...`.
 """
@@ -18,6 +21,7 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kerasllm.export.predict import RecordError
@@ -25,15 +29,18 @@ from kerasllm.export.predict import RecordError
 TASKS = ("generate", "translate", "classify", "embed")
 
 
-def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, delay: float = 0.0) -> Path:
+def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, delay: float = 0.0,
+                workers: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "manifest.json").write_text(json.dumps({"task": task, "fake": {"max_len": max_len, "delay": delay}}))
+    fake = {"max_len": max_len, "delay": delay, "workers": workers}
+    (directory / "manifest.json").write_text(json.dumps({"task": task, "fake": fake}))
     return directory
 
 
 class FakePredictor:
     batches: list[list[int]] = []  # token counts of each batch predicted (all instances)
     devices: list[str] = []  # the device each instance was loaded for
+    handovers: list[int] = []  # batches handed over by each predict_batches call
 
     def __init__(self, source: Path, device: str = "cpu"):
         manifest = json.loads((Path(source) / "manifest.json").read_text())
@@ -42,6 +49,19 @@ class FakePredictor:
         self.delay = manifest["fake"]["delay"]
         self.device = device
         FakePredictor.devices.append(device)
+        if manifest["fake"].get("workers"):
+            self._pool = ThreadPoolExecutor(manifest["fake"]["workers"])
+            self.predict_batches = self._predict_batches  # only then, as a predictor without it
+
+    def _predict_batches(self, batches, **options):
+        FakePredictor.handovers.append(len(batches))
+        futures = [self._pool.submit(self.predict, batch, **options) for batch in batches]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         if not text.strip():

@@ -33,6 +33,7 @@ def fake_predictors(monkeypatch):
     for task in fake_predictor.TASKS:
         monkeypatch.setitem(PREDICTORS, (task, "bundle"), "fake_predictor:load")
     fake_predictor.FakePredictor.batches.clear()
+    fake_predictor.FakePredictor.handovers.clear()
     fake_predictor.FakePredictor.devices.clear()
 
 
@@ -246,6 +247,32 @@ def test_each_bad_record_becomes_an_error_record_and_the_rest_succeed(run_cli, b
     assert "warning: line 3: not valid UTF-8" in result.err
 
 
+def test_a_predictor_of_many_batches_gets_each_window_at_once_with_the_same_output(run_cli, tmp_path):
+    """A predictor with `predict_batches` (here 2 batches at a time on threads) gets every batch
+    of a window in one call; the output is byte for byte that of batch-by-batch `predict`, in
+    input order, and a record failing inside a batch is still pinned on that record alone."""
+    texts = mixed_texts(100)
+    texts[37] = "boom"
+    texts[50] = "y" * 60  # fails check (too long), before batching
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n")
+    outputs = {}
+    for workers in (0, 2):
+        bundle = fake_predictor.make_bundle(tmp_path / f"bundle{workers}", "generate", workers=workers)
+        outputs[workers] = tmp_path / f"out{workers}.jsonl"
+        result = run_cli("generate", bundle, "-i", source, "-o", outputs[workers], "--batch-size", 4, "--window", 32)
+        assert result.code == 1 and "2 record(s) failed" in result.err, result
+    assert outputs[2].read_bytes() == outputs[0].read_bytes()
+    rows = read_jsonl(outputs[2])
+    assert [r["id"] for r in rows] == [str(i + 1) for i in range(100)]
+    assert rows[37] == {"id": "38", "error": "line 38: the model failed on this text"}
+    assert rows[36] == {"id": "37", "output": expected(texts[36])}
+    assert rows[50]["error"].startswith("line 51: text of 60 tokens is longer")
+    # Windows of 32, 32 (31 checked), 32 and 4 records: 8, 8, 8 and 1 batches of 4, each window's
+    # in one call; "boom" sits in its window's first batch, so the 7 after it are handed over again.
+    assert fake_predictor.FakePredictor.handovers == [8, 8, 7, 8, 1]
+
+
 def test_a_record_failing_inside_predict_is_found_by_halving_the_batch(bundle):
     texts = [f"record {i}" for i in range(16)]
     texts[11] = "boom"
@@ -298,10 +325,11 @@ def _wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"{path} never reached {count} lines")
 
 
-@pytest.fixture
-def slow_job(tmp_path):
-    """A 400-record input, a fake bundle taking 20 ms a batch, and its uninterrupted output."""
-    bundle = fake_predictor.make_bundle(tmp_path / "slow", "generate", delay=0.02)
+@pytest.fixture(params=[0, 2], ids=["batch-by-batch", "2-batches-at-a-time"])
+def slow_job(tmp_path, request):
+    """A 400-record input, a fake bundle taking 20 ms a batch (predicting batch by batch, or
+    `predict_batches` 2 at a time on threads), and its uninterrupted output."""
+    bundle = fake_predictor.make_bundle(tmp_path / "slow", "generate", delay=0.02, workers=request.param)
     source = tmp_path / "in.txt"
     source.write_text("\n".join(mixed_texts(400)) + "\n")
     full = tmp_path / "full.jsonl"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import keras
 import numpy as np
@@ -135,6 +136,87 @@ def test_sharded_batches_decode_as_one(trained, monkeypatch, caplog):
     assert len(said) == 2  # the encoder's and the decoder's, not once more per shard thread
     monkeypatch.setattr(translate_predictor, "SHARD_MAX_GRAPH_BYTES", 1000)
     assert BundleTranslator(bundle, device="cpu", threads=2).shards(19, one.options()) == 1
+
+
+def test_whole_batches_on_the_workers_decode_as_one_batch_at_a_time(trained, monkeypatch):
+    """`predict_batches` (what `kerasllm translate` calls with a window's batches) hands whole
+    batches to the worker threads (one per core) and cuts into shards only the batches left
+    without a batch for every worker; the results are exactly those of one batch at a time on
+    the bundle's own sessions, greedy and beam n-best with scores, batch by batch in order;
+    sampling stays on the bundle's sessions, batch after batch."""
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    one = BundleTranslator(bundle, device="cpu", threads=1)
+    many = BundleTranslator(bundle, device="cpu")
+    many.max_shards = 2  # whatever the machine's cores
+    greedy, beam = many.options(), many.options(num_beams=4, n_best=2)
+    assert many.plan([6, 6, 6, 6, 3], greedy) == [[0, 6]] * 4 + [[0, 3]]  # 3 rows: too few to cut
+    assert many.plan([6, 6, 6, 6, 3], beam) == [[0, 6]] * 4 + [[0, 2, 3]]  # 12 beam rows: 2 shards
+    assert many.plan([8], greedy) == [[0, 4, 8]] and many.plan([8, 8], greedy) == [[0, 8], [0, 8]]
+    many.max_shards = 3
+    assert many.plan([8] * 4, greedy) == [[0, 8]] * 3 + [[0, 4, 8]]  # the last alone: 2 shards (4 rows each)
+    assert many.plan([8] * 5, greedy) == [[0, 8]] * 5  # 2 left for 3 workers: one each
+    assert many.plan([8] * 4, many.options(temperature=0.7)) == [[0, 8]] * 4
+    pieces = []
+    shard_loop = many._shard_loop
+    monkeypatch.setattr(many, "_shard_loop", lambda batch, decoding: pieces.append(len(batch)) or
+                        shard_loop(batch, decoding))
+    texts = [s for s, _ in datasets.number_words_pairs(27, max_value=999, seed=13)]
+    sources = [one.check(t) for t in texts]
+    batches = [sources[i:i + 6] for i in range(0, len(sources), 6)]  # 6, 6, 6, 6, 3 inputs
+    many.max_shards = 2
+    for options in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "num_beams": 4, "n_best": 2}):
+        pieces.clear()
+        assert list(many.predict_batches(batches, **options)) == [one.predict(b, **options) for b in batches]
+        expected = [6, 6, 6, 6, 3] if options.get("num_beams", 1) == 1 else [6, 6, 6, 6, 2, 1]
+        assert sorted(pieces, reverse=True) == expected  # whole batches on the workers, the last cut if worth it
+    pieces.clear()
+    sampled = list(many.predict_batches(batches, max_new_tokens=8, temperature=0.9, seed=4))
+    assert sampled == [many.predict(b, max_new_tokens=8, temperature=0.9, seed=4) for b in batches]
+    assert pieces == []
+    # A consumer that stops early (an interrupt) drops the work not yet started: the pieces after
+    # the first wait until the stream is closed, so at most 3 of 20 have started by then.
+    started, release = [], threading.Event()
+
+    def held(batch, decoding):
+        started.append(len(batch))
+        if len(started) > 1:
+            release.wait(timeout=60)
+        return shard_loop(batch, decoding)
+
+    monkeypatch.setattr(many, "_shard_loop", held)
+    stream = many.predict_batches(batches[:4] * 5, max_new_tokens=8)
+    first = next(stream)
+    stream.close()
+    release.set()
+    many._pool.submit(lambda: None).result()  # the workers are past everything queued before
+    assert first == one.predict(batches[0], max_new_tokens=8)
+    assert len(started) <= 3  # the first batch, then at most one more on each worker, held until the close
+
+
+def test_translate_cli_hands_a_window_of_batches_over_at_once(trained, run_cli, tmp_path, monkeypatch):
+    """`kerasllm translate` on a bundle gives each window's batches to `predict_batches` in one
+    call; the output is in input order and equal to translating each line alone."""
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    calls = []
+    generate_batches = BundleTranslator._generate_batches
+    monkeypatch.setattr(BundleTranslator, "_generate_batches",
+                        lambda self, batches, decoding: calls.append(len(batches)) or
+                        generate_batches(self, batches, decoding))
+    texts = [s for s, _ in datasets.number_words_pairs(18, max_value=999, seed=21)]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("translate", bundle, "-i", source, "-o", out, "--batch-size", 4, "--max-new-tokens", 8, "-q")
+    assert result.code == 0, result
+    assert calls == [5]  # 18 records, one window: 5 batches in one call
+    one = BundleTranslator(bundle, device="cpu", threads=1)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == [str(i + 1) for i in range(18)]
+    assert [r["output"] for r in rows] == [one.translate([t], max_new_tokens=8)[0]["output"] for t in texts]
 
 
 def test_fewer_rows_stay_in_the_same_self_attention_buffer(trained):

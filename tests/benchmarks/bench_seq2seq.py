@@ -9,13 +9,71 @@ translated with `--new-tokens` new tokens each (random weights rarely emit EOS, 
 every sentence decodes the full length on both sides; the tokens are compared):
 
 * greedy: `Seq2SeqLM.generate` (XLA while loop, keras-hub GreedySampler) vs the bundle's
-  greedy loop (generate.py over encoder.onnx + decoder.onnx with cross K/V bound, in shards on
-  the cores: translate_predictor.BundleTranslator, as `kerasllm translate` runs it);
+  greedy loop (generate.py over encoder.onnx + decoder.onnx with cross K/V bound);
 * beam 4: `Seq2SeqLM.generate_n_best` (XLA, keras-hub BeamSampler) vs the bundle's beam search.
 
+What is compared: the same batches (`--batch-size`, in input order, no bucketing) on both
+sides. Keras is called batch by batch (its `generate` takes one batch). The bundle is timed
+two ways, both translate_predictor.BundleTranslator:
+* "bundle" (the figure against the goal): every batch handed over at once
+  (`_generate_batches`, under `predict_batches`, which is what `kerasllm translate` calls with
+  each window of batches through export/batch.py), so one worker thread per core decodes a
+  whole batch at a time and takes the next as it finishes (only a batch left without
+  another for the other core is cut into shards);
+* "bundle per batch" (the call before 2026-12-05): one batch per call, each cut into one
+  shard per core, the shards joined before the next batch starts.
+Outputs are compared token for token with Keras (the two bundle ways must agree exactly).
+
 Keras is timed after a warm-up call per batch shape (XLA compile time is reported
-separately); ONNX Runtime after one warm-up batch. Each side is timed `--repeats` times,
+separately); ONNX Runtime after one warm-up pass. Each way is timed `--repeats` times,
 interleaved, and the best pass counts. Goal (issue 4): bundle >= 3x Keras.
+
+Measured 2026-12-05 on the 2-core machine (under the CPU lock; another session's unlocked jobs ran
+at times, and Keras ran faster than on 2026-12-02: greedy 343-419 sentences/s against 259-302), one
+bundle kept (--keep) for every run, defaults (best of 3 interleaved), one line per run:
+"bundle" = whole batches on one worker per core (BundleTranslator._generate_batches, as `kerasllm
+translate` hands a window over), "per batch" = the same code called one batch at a time (what this
+benchmark timed before: each batch in two 8-row shards, joined before the next batch):
+    greedy: Keras 353.2 | bundle  891.0 2.52x | per batch (not printed by that run's filter)
+    greedy: Keras 352.6 | bundle  929.7 2.64x | per batch 733.8 2.08x   (--repeats 5)
+    greedy: Keras 408.6 | bundle 1033.7 2.53x | per batch 725.9 1.78x
+    greedy: Keras 343.1 | bundle  967.9 2.82x | per batch 802.5 2.34x
+    greedy: Keras 419.3 | bundle 1178.0 2.81x | per batch 971.5 2.32x
+    greedy: Keras 387.6 | bundle 1051.4 2.71x | per batch 835.5 2.16x
+    greedy: Keras 353.5 | bundle  996.4 2.82x | per batch 814.8 2.31x
+    greedy: Keras 381.8 | bundle 1028.7 2.69x | per batch 839.4 2.20x
+    greedy: Keras 394.2 | bundle 1075.1 2.73x | per batch 849.4 2.15x
+    greedy: Keras 373.0 | bundle  968.9 2.60x | per batch 710.8 1.91x
+    greedy: Keras 363.1 | bundle  877.3 2.42x | per batch 740.7 2.04x
+    beam 4 (same runs): bundle 6.30x 6.46x 6.72x 6.83x 6.39x 6.16x 6.29x 6.34x 6.33x 6.57x 5.97x,
+                        per batch -, 5.75x 6.01x 6.20x 5.75x 5.49x 5.40x 5.37x 4.58x 6.02x 5.09x
+                        (Keras 43.2-55.0, bundle 273.5-351.2, per batch 197.8-316.2 sentences/s)
+  then the command exactly as the goal states it (a fresh export per run), after the test suite:
+    greedy: Keras 425.4 | bundle 1126.5 2.65x | per batch 940.7 2.21x; beam 4 5.79x, per batch 5.24x
+    greedy: Keras 238.4 | bundle  472.0 1.98x | per batch 382.0 1.60x; beam 4 4.02x, per batch 3.70x
+            (the machine at half speed in that run: export 21 s instead of 16, Keras 238 instead of ~400)
+  then with --keep again, while the other session ran its unit tests and scripts beside the lock:
+    greedy: Keras 242.3 | bundle  482.5 1.99x | per batch 388.8 1.60x; beam 4 5.57x, per batch 4.35x
+    greedy: Keras 320.1 | bundle  635.3 1.98x | per batch 527.1 1.65x; beam 4 8.15x, per batch 7.37x
+Greedy outputs 64/64 identical to Keras in every run, both bundle ways identical to each other (the
+benchmark stops otherwise); beam 50/64 as before. Whole batches per worker: +12-29% over the per-batch
+call in the same run (+20% in the median run); greedy still misses 3x (2.42-2.82x; ~2x loaded). Where the time goes now (16 rows, one
+thread, the bench's batches, quiet machine): ~25 ms a batch = encoder ~8.6 ms (16 x <=32 tokens,
+~95 GFLOP/s, as good as dense compute gets here: encoding each row alone costs 12.3 ms, sorting
+rows into length groups of 4 saves ~1.3 ms) + 32 decoder runs of ~0.50 ms (a 16-row step costs 1.5x
+an 8-row one, not "little more": 0.67 vs 0.44 ms in one loop) + ~18 us of Python between runs (0.6
+ms a batch). Two workers in one process ~24.6-25.8 ms a batch each, two processes 23.4-23.9 ms (the
+GIL, ~5%). The 4-batch job alone in a process (no TensorFlow) took 52-56 ms at the quietest
+(~1,150-1,230 sentences/s, ~3x these Keras figures) and 58-68 ms at other times of the session, with
+or without TensorFlow loaded and a Keras model run in the process (TF's threads do not spin after
+generate; freezing its 350k Python objects out of the GC changed nothing): the machine's speed
+varied by ~20% within minutes, which is the spread of the ratios above.
+ORT session knobs for the workers' sessions (memory pattern off, arena off, extended instead of all
+optimizations) change a batch by < 3%; prepacking off costs 18%. Per decoder step (ORT profile,
+16 rows): MatMul 31%, cross-attention MultiHeadAttention 18%, Add 15%, GroupQueryAttention 14%,
+LayerNorm 8%, BiasGelu 5%, small shape ops (Shape, Gather, Sub, ReduceSum, Cast, Squeeze, Range:
+positions and the attention lengths from the mask) ~6%. What is left to cut is inside ORT's kernels
+or in the exported graph (e.g. the lengths as an input), not in the runtime's Python.
 
 Measured 2026-12-02 on the 2-core machine (under the CPU lock; other sessions' unlocked jobs made it
 noisy), batch 16, best of 3 interleaved, one line per run. Before (f4fb7c3, its own export), runs
@@ -81,9 +139,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def timed(function, batches):
+    """Seconds of `function(batches)` and its outputs (one token list per sentence)."""
     start = time.perf_counter()
-    outputs = [function(batch) for batch in batches]
-    return time.perf_counter() - start, [o for batch in outputs for o in batch]
+    outputs = function(batches)
+    return time.perf_counter() - start, outputs
 
 
 def main() -> None:
@@ -138,34 +197,49 @@ def main() -> None:
         for name, beams in (("greedy", 1), ("beam 4", 4)):
             options = DecodingOptions(max_new_tokens=new, num_beams=beams, stop_ids=(config.eos_id,))
             if beams == 1:
-                def keras_call(batch):
-                    return model.generate(batch, max_new_tokens=new)
+                def keras_call(batches):
+                    return [o for batch in batches for o in model.generate(batch, max_new_tokens=new)]
             else:
-                def keras_call(batch, beams=beams):
-                    return [best[0][0] for best in model.generate_n_best(batch, max_new_tokens=new, num_beams=beams)]
+                def keras_call(batches, beams=beams):
+                    return [best[0][0] for batch in batches
+                            for best in model.generate_n_best(batch, max_new_tokens=new, num_beams=beams)]
 
-            def ort_call(batch, options=options):
-                return [hyps[0].tokens for hyps in translator._generate(batch, options)]
+            def bundle_job(batches, options=options):  # all at once, as `kerasllm translate` hands a window over
+                return [hyps[0].tokens for hyps_batch in translator._generate_batches(batches, options)
+                        for hyps in hyps_batch]
 
+            def bundle_per_batch(batches, options=options):  # one call per batch, each split in shards
+                return [o for batch in batches for o in bundle_job([batch], options)]
+
+            sides = {"keras": keras_call, "bundle": bundle_job, "bundle per batch": bundle_per_batch}
             start = time.perf_counter()
             for shape_batch in {(len(b), max(len(s) for s in b)): b for b in batches}.values():
-                keras_call(shape_batch)  # XLA compile per shape
+                keras_call([shape_batch])  # XLA compile per shape
             compile_s = time.perf_counter() - start
-            ort_call(batches[0])
-            keras_s = ort_s = float("inf")
-            for _ in range(args.repeats):  # interleaved, so load spikes hit both sides alike
-                seconds, keras_out = timed(keras_call, batches)
-                keras_s = min(keras_s, seconds)
-                seconds, ort_out = timed(ort_call, batches)
-                ort_s = min(ort_s, seconds)
-            identical = sum(a == b for a, b in zip(keras_out, ort_out))
-            tokens = sum(len(o) for o in ort_out)
-            results[name] = {"keras_sentences_per_s": len(sources) / keras_s, "bundle_sentences_per_s": len(sources) / ort_s,
-                             "speedup": keras_s / ort_s, "keras_compile_s": compile_s,
-                             "bundle_tokens_per_s": tokens / ort_s, "identical_outputs": f"{identical}/{len(sources)}"}
-            print(f"{name:7s} Keras generate {len(sources) / keras_s:7.1f} sentences/s (XLA compile {compile_s:.1f} s) | "
-                  f"bundle {len(sources) / ort_s:7.1f} sentences/s ({tokens / ort_s:,.0f} tokens/s) | "
-                  f"bundle/Keras {keras_s / ort_s:.2f}x | identical outputs {identical}/{len(sources)}", flush=True)
+            bundle_job(batches)
+            seconds = dict.fromkeys(sides, float("inf"))
+            outputs = {}
+            for _ in range(args.repeats):  # interleaved, so load spikes hit every side alike
+                for side, call in sides.items():
+                    elapsed, outputs[side] = timed(call, batches)
+                    seconds[side] = min(seconds[side], elapsed)
+            if outputs["bundle"] != outputs["bundle per batch"]:
+                raise SystemExit(f"{name}: the bundle's outputs depend on how the batches were handed over")
+            identical = sum(a == b for a, b in zip(outputs["keras"], outputs["bundle"]))
+            tokens = sum(len(o) for o in outputs["bundle"])
+            rate = {side: len(sources) / s for side, s in seconds.items()}
+            results[name] = {"keras_sentences_per_s": rate["keras"], "bundle_sentences_per_s": rate["bundle"],
+                             "speedup": seconds["keras"] / seconds["bundle"],
+                             "bundle_per_batch_sentences_per_s": rate["bundle per batch"],
+                             "speedup_per_batch": seconds["keras"] / seconds["bundle per batch"],
+                             "keras_compile_s": compile_s, "bundle_tokens_per_s": tokens / seconds["bundle"],
+                             "identical_outputs": f"{identical}/{len(sources)}"}
+            print(f"{name:7s} Keras generate {rate['keras']:7.1f} sentences/s (XLA compile {compile_s:.1f} s) | "
+                  f"bundle {rate['bundle']:7.1f} sentences/s ({tokens / seconds['bundle']:,.0f} tokens/s) | "
+                  f"bundle/Keras {results[name]['speedup']:.2f}x | identical outputs "
+                  f"{identical}/{len(sources)}\n        (bundle per batch, the call before 2026-12-05: "
+                  f"{rate['bundle per batch']:7.1f} sentences/s, {results[name]['speedup_per_batch']:.2f}x)",
+                  flush=True)
         json.dump(results, sys.stdout, indent=2)
         print()
 
