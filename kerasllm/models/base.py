@@ -9,6 +9,7 @@ from keras import ops
 
 from kerasllm.config import TransformerConfig, config_from_dict
 from kerasllm.models.multi_worker import MultiWorkerFitMixin
+from kerasllm.models.split_batch import SplitBatchFitMixin
 from kerasllm.optimizers import AdamW, WarmupCosineDecay
 
 
@@ -78,11 +79,13 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
     return optimizer
 
 
-class TransformerModel(MultiWorkerFitMixin, keras.Model):
+class TransformerModel(MultiWorkerFitMixin, SplitBatchFitMixin, keras.Model):
     """Base class: holds a family config and rebuilds from it when loading `.keras` files.
 
     `MultiWorkerFitMixin` makes `fit` work under `MultiWorkerMirroredStrategy` (Keras 3 bug,
     see `kerasllm/models/multi_worker.py`); outside multi-worker training it changes nothing.
+    `SplitBatchFitMixin` runs a CPU step as concurrent parts of the batch
+    (`compile(batch_split=...)`, see `kerasllm/models/split_batch.py`).
     """
 
     config_class: type[TransformerConfig] = TransformerConfig
@@ -113,7 +116,7 @@ class TransformerModel(MultiWorkerFitMixin, keras.Model):
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", *, learning_rate=1e-3, total_steps=None,
                 warmup_steps=None, weight_decay=0.1, global_clipnorm=1.0, clipnorm=None, label_smoothing=0.0,
-                jit_compile=True, **kwargs):
+                jit_compile=True, batch_split="auto", **kwargs):
         """`keras.Model.compile` with defaults that train transformers well.
 
         `optimizer="auto"`: AdamW, warmup then cosine decay (`default_optimizer`).
@@ -122,6 +125,10 @@ class TransformerModel(MultiWorkerFitMixin, keras.Model):
         over the vocabulary every step costs throughput), task heads may define theirs in
         `default_metrics`. `jit_compile=True`: XLA, whose steps are ~1.7x
         faster on CPU too (Keras's own "auto" only turns it on for GPUs and TPUs).
+        `batch_split="auto"`: on a multi-core CPU without a distribution strategy and
+        without dropout, each batch's gradients are computed in two parts at once, one
+        compiled program per core (~12% faster steps; `kerasllm/models/split_batch.py`);
+        an integer sets the parts, 1 turns it off.
         Anything passed explicitly is used as is.
         """
         if optimizer == "auto":
@@ -132,6 +139,7 @@ class TransformerModel(MultiWorkerFitMixin, keras.Model):
         if metrics == "auto":
             metrics = self.default_metrics()
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile, **kwargs)
+        self.configure_batch_split(batch_split)
         if self.built and self.optimizer is not None and not self.optimizer.built:
             # Create the optimizer's slots now. Without a distribution strategy Keras 3 (TF
             # backend) defers them to the trace of the first train step, and TensorFlow

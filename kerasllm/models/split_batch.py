@@ -1,0 +1,225 @@
+"""Train and evaluate on a CPU with one batch split into parts that run on the cores at once.
+
+Why: XLA on the CPU runs one compiled step as a sequence of kernels. Its matrix products use
+TensorFlow's intra-op threads, but the ~120 small fused element-wise kernels of a transformer
+step (layer norms, GELU, softmax, residual adds, the optimizer's update) run on one thread
+each, and a small matrix product split over two threads spends much of its time waiting. Two
+independent XLA programs, each computing the gradients of half the batch, keep both cores
+busy for the whole step instead. TensorFlow's executor runs the two calls concurrently on its
+inter-op threads; then one more compiled program averages the parts' gradients (weighted by
+their number of examples) and applies the optimizer, so the update is the one full-batch
+gradient gives (to float rounding).
+
+Measured on the 2-core development machine, the 4-layer / 128-wide benchmark model (batch 12
+x 64 tokens, AdamW, global-norm clipping, XLA): one compiled step 28.2 ms against 24.8 ms for
+two halves plus the update (one process, steps alternated, median of 8 x 25 steps; 12%
+faster, ratio per pair 0.85-1.02). TensorFlow's thread settings do not matter for it (the same
+24.8 ms with one intra-op thread). See tests/benchmarks/bench_train_causal_lm.py for
+whole-run figures.
+
+When (`batch_split="auto"`, the default of `TransformerModel.compile`): XLA is on, no
+distribution strategy is in use (MirroredStrategy, multi-worker and TPU runs keep Keras's own
+step: their replicas already use the devices), no GPU or TPU is visible, the process may use
+at least two cores, the model has at least `AUTO_MIN_PARAMETERS` weights (below that a step is
+a few milliseconds either way), and the model draws no random numbers in training (no dropout): parts
+running at the same time would read the same random-seed state and draw the same dropout
+masks, so a model with dropout keeps the one-program step. An integer asks for that many
+parts regardless (1: off); the random-number rule still holds. The environment variable
+`KERASLLM_BATCH_SPLIT` (an integer) stands in for `"auto"`, e.g. `KERASLLM_BATCH_SPLIT=1
+kerasllm train ...` trains with Keras's own step.
+
+What stays Keras's: the loss (`compute_loss`, so `add_loss` terms and loss scaling under
+mixed precision apply per part and average out), the loss tracker and compiled metrics (fed
+the whole batch's predictions), callbacks, `steps_per_execution`. Only the outer function
+that Keras builds around `train_step`/`test_step` is left uncompiled, since the compiled
+parts are called from it.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import keras
+from keras import tree
+
+MAX_PARTS = 2  # measured on two cores; a larger machine still gives each part intra-op threads
+# "auto" leaves smaller models alone: the 2-layer / 32-wide test model's step (8 x 32 tokens) took
+# 2.9 ms whole and 2.8 ms split, while the second compiled program costs ~0.5 s at the first step.
+AUTO_MIN_PARAMETERS = 200_000
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def draws_random_numbers(model: keras.Model) -> bool:
+    """Whether any layer of `model` holds a seed generator (dropout with a rate > 0, noise layers)."""
+    return any(getattr(layer, "seed_generator", None) is not None for layer in model._flatten_layers())
+
+
+def resolve_batch_split(model: keras.Model, batch_split, jit_compile: bool) -> int:
+    """Parts per batch for `model` (1: Keras's own step). See the module docs for `"auto"`."""
+    if batch_split == "auto" and os.environ.get("KERASLLM_BATCH_SPLIT", "").strip():
+        try:
+            batch_split = int(os.environ["KERASLLM_BATCH_SPLIT"])
+        except ValueError:
+            raise ValueError(f"KERASLLM_BATCH_SPLIT must be an integer, got {os.environ['KERASLLM_BATCH_SPLIT']!r}")
+    if batch_split in (None, False, 0, 1):
+        return 1
+    if batch_split != "auto" and (isinstance(batch_split, bool) or not isinstance(batch_split, int) or batch_split < 1):
+        raise ValueError(f"batch_split must be 'auto' or an integer >= 1, got {batch_split!r}")
+    import tensorflow as tf  # noqa: PLC0415
+
+    distributed = tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None) is not None
+    if not jit_compile or distributed or draws_random_numbers(model):
+        return 1
+    if batch_split != "auto":
+        return int(batch_split)
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return 1
+    if model.count_params() < AUTO_MIN_PARAMETERS:
+        return 1
+    return min(_cores(), MAX_PARTS) if _cores() >= 2 else 1
+
+
+def _split(value, parts: int, tf):
+    """`value` cut along its first axis into `parts` pieces of near-equal size (earlier ones larger)."""
+    rows = tf.shape(value)[0]
+    sizes = [rows // parts + tf.cast(i < rows % parts, rows.dtype) for i in range(parts)]
+    return tf.split(value, tf.stack(sizes), axis=0, num=parts)
+
+
+class SplitBatchFitMixin:
+    """Mixin for a `keras.Model` (TensorFlow backend): the split step (see module docs).
+
+    `compile` sets `self._batch_parts` through `configure_batch_split`; with 1 part (or
+    never configured) every method defers to Keras.
+    """
+
+    _batch_parts = 1
+
+    def configure_batch_split(self, batch_split="auto") -> int:
+        self._batch_parts = resolve_batch_split(self, batch_split, bool(self.jit_compile))
+        self._split_functions = None
+        return self._batch_parts
+
+    @property
+    def batch_parts(self) -> int:
+        """Parts each training/evaluation batch is split into (1: Keras's own step)."""
+        return self._batch_parts
+
+    @contextmanager
+    def _uncompiled_outer_function(self):
+        # Keras compiles the function around train_step/test_step when jit_compile is on; the
+        # split step calls compiled parts from it instead (nested XLA would fuse them back
+        # into one program). Keras reads jit_compile only while it builds that function.
+        if self._batch_parts <= 1:
+            yield
+            return
+        saved = self._jit_compile
+        self._jit_compile = False
+        try:
+            yield
+        finally:
+            self._jit_compile = saved
+
+    def make_train_function(self, force=False):
+        with self._uncompiled_outer_function():
+            return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        with self._uncompiled_outer_function():
+            return super().make_test_function(force)
+
+    def _functions(self):
+        if self._split_functions is None:
+            import tensorflow as tf  # noqa: PLC0415
+
+            want_predictions = self._compile_metrics is not None
+
+            def part_gradients(x, y, sample_weight):
+                with tf.GradientTape() as tape:
+                    y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
+                    loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+                    scaled = self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
+                gradients = tape.gradient(scaled, self.trainable_weights)
+                return loss, gradients, (y_pred if want_predictions else None)
+
+            def part_loss(x, y, sample_weight):
+                y_pred = self(x, training=False) if self._call_has_training_arg else self(x)
+                loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+                return loss, (y_pred if want_predictions else None)
+
+            def weights_of(part_rows):
+                rows = tf.cast(tf.add_n(part_rows), "float32")
+                return [tf.cast(r, "float32") / tf.maximum(rows, 1.0) for r in part_rows], rows
+
+            def record_loss(part_rows, losses):
+                from keras.src.losses import loss as loss_module  # noqa: PLC0415
+
+                weights, rows = weights_of(part_rows)
+                loss = tf.add_n([w * tf.cast(l, "float32") for w, l in zip(weights, losses)])
+                self._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss), sample_weight=rows)
+
+            def apply_mean(part_rows, losses, gradients):
+                weights, _ = weights_of(part_rows)
+                mean = []
+                for parts in zip(*gradients):
+                    kept = [(w, g) for w, g in zip(weights, parts) if g is not None]
+                    mean.append(tf.add_n([tf.cast(w, g.dtype) * g for w, g in kept]) if kept else None)
+                self.optimizer.apply_gradients(zip(mean, self.trainable_weights))
+                record_loss(part_rows, losses)
+
+            compiled = dict(jit_compile=True, reduce_retracing=True)
+            self._split_functions = (tf.function(part_gradients, **compiled), tf.function(part_loss, **compiled),
+                                     tf.function(apply_mean, **compiled), tf.function(record_loss, **compiled))
+        return self._split_functions
+
+    def _split_data(self, data):
+        import tensorflow as tf  # noqa: PLC0415
+        from keras.src.trainers import data_adapters  # noqa: PLC0415
+
+        x, y, sample_weight = data_adapters.data_adapter_utils.unpack_x_y_sample_weight(data)
+
+        def cut(structure):
+            if structure is None:
+                return [None] * self._batch_parts
+            pieces = [_split(t, self._batch_parts, tf) if t is not None else [None] * self._batch_parts
+                      for t in tree.flatten(structure)]
+            return [tree.pack_sequence_as(structure, [p[i] for p in pieces]) for i in range(self._batch_parts)]
+
+        parts = list(zip(cut(x), cut(y), cut(sample_weight)))
+        part_rows = [tf.shape(next(t for t in tree.flatten(px) if t is not None))[0] for px, _, _ in parts]
+        return (x, y, sample_weight), parts, part_rows
+
+    def _metrics_result(self, whole, predictions):
+        import tensorflow as tf  # noqa: PLC0415
+
+        x, y, sample_weight = whole
+        y_pred = None
+        if predictions[0] is not None:  # compiled metrics: the whole batch's predictions
+            y_pred = tree.map_structure(lambda *p: tf.concat(p, axis=0), *predictions)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def train_step(self, data):
+        if self._batch_parts <= 1:
+            return super().train_step(data)
+        part_gradients, _, apply_mean, _ = self._functions()
+        whole, parts, part_rows = self._split_data(data)
+        # Independent calls: TensorFlow's executor runs them at the same time (module docs).
+        results = [part_gradients(*part) for part in parts]
+        apply_mean(part_rows, [loss for loss, _, _ in results], [gradients for _, gradients, _ in results])
+        return self._metrics_result(whole, [p for _, _, p in results])
+
+    def test_step(self, data):
+        if self._batch_parts <= 1:
+            return super().test_step(data)
+        _, part_loss, _, record_loss = self._functions()
+        whole, parts, part_rows = self._split_data(data)
+        results = [part_loss(*part) for part in parts]
+        record_loss(part_rows, [loss for loss, _ in results])
+        return self._metrics_result(whole, [p for _, p in results])
