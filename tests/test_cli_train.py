@@ -132,3 +132,31 @@ def test_the_same_seed_trains_the_same_model(run_cli, corpus_file, tmp_path):
     a, b = (keras.models.load_model(out / "model.keras") for out in outs)
     x = np.arange(6, 26, dtype="int32")[None, :]
     np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
+
+
+def test_steps_per_execution_keeps_every_logged_step_and_the_same_training(corpus_file, tmp_path):
+    """Several steps per call of the train function (training.execution_steps): the history logs the
+    same steps, validation comes at the same steps, and the weights equal one step per call."""
+    from kerasllm.recipes.causal_lm import CausalLMTrainArgs, train_causal_lm
+    from kerasllm.training import execution_steps
+
+    assert execution_steps(10, 100, 2000, 20) == 10  # the defaults
+    assert execution_steps(10, 20, 35, 10) == 5  # a cut-short last interval still ends on a call
+    assert execution_steps(10, 300, 300, None) == 10 and execution_steps(1, 300, 300, 20) == 1
+    runs = {}
+    for log_every in (1, 10):  # 1 step per call, then 5 (gcd of 10, 20, 35, 10)
+        out = tmp_path / f"log{log_every}"
+        args = CausalLMTrainArgs(data=[str(corpus_file)], preset="tiny", steps=35, batch_size=8, seq_len=32,
+                                 eval_interval=20, eval_steps=10, jit_compile=False, log_every=log_every)
+        history = train_causal_lm(args, out, quiet=True)
+        logged = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        runs[log_every] = (keras.models.load_model(out / "model.keras"), logged, history.history)
+    (one, one_log, one_hist), (five, five_log, five_hist) = runs[1], runs[10]
+    assert [h["step"] for h in five_log] == [10, 20, 30, 35]
+    assert [h["step"] for h in five_log if "val_loss" in h] == [20, 35]
+    by_step = {h["step"]: h for h in one_log}
+    for record in five_log:
+        assert record["loss"] == pytest.approx(by_step[record["step"]]["loss"], rel=1e-5), record
+    np.testing.assert_allclose(five_hist["val_loss"], one_hist["val_loss"], rtol=1e-5)
+    for a, b in zip(one.weights, five.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-5, err_msg=a.path)

@@ -369,12 +369,14 @@ def test_train_from_parallel_files_and_resume(run_cli, tmp_path, monkeypatch):
     out = tmp_path / "run"
     original = training.ProgressLogger.on_train_batch_end
 
-    def crash_at_step_5(self, batch, logs=None):
+    def crash_at_step_6(self, batch, logs=None):
+        # 2 steps per call here (training.execution_steps: no validation, interval 4), so the
+        # callback sees steps 2, 4, 6 and 8.
         original(self, batch, logs)
-        if self.step == 5:
+        if self.step == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_5)
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_6)
     interrupted = run_cli("train", "seq2seq", "--source-file", tmp_path / "src.txt", "--target-file",
                           tmp_path / "tgt.txt", "--out", out, "--steps", "8", "--batch-size", "8", "--max-length", "32",
                           "--eval-interval", "4", "--validation-fraction", "0", "--no-jit-compile", "--quiet")
