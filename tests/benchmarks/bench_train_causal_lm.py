@@ -38,6 +38,17 @@ and 15 minutes later, the machine in a faster phase (every program faster):
     nanoGPT (PyTorch)              10.7     30,856         1.00x         1.34x
 
 `--repeats 0 --full --skip-kerashub` (split step): kerasllm val loss after 2000 iterations 1.823.
+Then fit_run's 10 steps per call of the train function (training.execution_steps; in one process
+30.5 -> 28.4 ms/step), same command:
+
+    kerasllm                       16.8     27,715         1.47x         1.22x
+    kerasllm batch_split=1         17.5     24,476         1.53x         1.08x
+    keras-hub GPT2Backbone         26.9     22,712         2.35x         1.00x
+    nanoGPT (PyTorch)              11.4     27,751         1.00x         1.22x
+
+tokens/s 1.00x nanoGPT (goal >= 1x: at the line), 1.22x keras-hub (goal 1.3x), wall 1.47x (goal 1.2x).
+In one process the fit step now equals a bare loop over the same compiled programs (30.98 vs
+32.65 ms, machine in a slow phase): what is left per step is the compiled arithmetic itself.
 The split step is +6% / +14% steady tokens/s in these runs (in one process, alternating 50-step fits of the
 same model split and whole: 24.2 vs 27.9 ms/step, +13%; the CLI's runs pay more per step outside
 the compiled programs); its second compiled program costs ~0.5 s at the first step, so the
