@@ -99,3 +99,17 @@ def test_auto_splits_only_where_it_is_safe_and_pays(monkeypatch):
         resolve_batch_split(big, "auto", jit_compile=True)
     with pytest.raises(ValueError, match="batch_split must be 'auto' or an integer >= 1"):
         resolve_batch_split(big, "two", jit_compile=True)
+
+
+def test_split_step_inside_several_steps_per_execution():
+    """kerasllm train runs several steps per call (training.execution_steps): the split step inside
+    Keras's loop over them trains as Keras's own step does one call per step."""
+    data = np.random.default_rng(3).integers(0, 64, (16, 17))
+    runs = []
+    for split, per_call in ((1, 1), (2, 4)):
+        keras.utils.set_random_seed(1)
+        model = CausalLM(DecoderConfig(vocab_size=64, **TINY))
+        model.compile(total_steps=50, batch_split=split, steps_per_execution=per_call)
+        history = model.fit(data[:, :-1], data[:, 1:], batch_size=4, epochs=2, verbose=0, shuffle=False).history
+        runs.append((model, history, {}))
+    _assert_same_training(*runs)
