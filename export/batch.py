@@ -372,13 +372,16 @@ class BatchRunner:
         extra_tokens: tokens each record grows by (max new tokens), counted in the budget.
         on_error: called with each error record's message (e.g. to print the first few).
         on_progress: called with the number of records written after each write.
+        on_window: called with the token counts of each window's checked records, before
+            they are predicted (e.g. to warn once about their lengths).
     """
 
     def __init__(self, predictor: Predictor, options: dict | None = None, text_field: str = "text",
                  batch_size: int = 32, max_batch_tokens: int | None = 8192, bucket: bool = True,
                  window: int = 1024, truncate: str = "error", extra_tokens: int = 0,
                  on_error: Callable[[str], None] | None = None,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None,
+                 on_window: Callable[[list[int]], None] | None = None):
         require_truncate_support(predictor, truncate)
         self.predictor = predictor
         self.options = dict(options or {})
@@ -391,6 +394,7 @@ class BatchRunner:
         self.extra_tokens = extra_tokens
         self.on_error = on_error or (lambda message: None)
         self.on_progress = on_progress or (lambda count: None)
+        self.on_window = on_window or (lambda lengths: None)
 
     def run(self, records: Iterable[Record], writer: JsonlWriter, summary: Summary | None = None) -> Summary:
         """Process `records`, writing one line each to `writer`; returns the Summary.
@@ -426,6 +430,8 @@ class BatchRunner:
             except (DataError, RecordError) as err:
                 rows[position] = self._error_row(record, err)
         positions = list(ids)
+        if positions:
+            self.on_window([len(ids[p]) for p in positions])
         plan = [[positions[i] for i in batch] for batch in plan_batches(
             [len(ids[p]) for p in positions], self.batch_size, self.max_batch_tokens, self.bucket, self.extra_tokens)]
         written = 0

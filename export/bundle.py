@@ -15,7 +15,12 @@ The manifest (format version `FORMAT_VERSION`):
                           "dynamic_axes": {name: {axis: name}}, "external_data": null}},
      "optimization": {...fusions applied...}, "validation": {...figures...},
      "tools": {"kerasllm": ..., "onnx": ..., "onnxruntime": ..., "tf2onnx": ..., ...},
+     "train": {"seq_len": 64},
      "files": {"model.onnx": "<sha256>", "tokenizer.json": "<sha256>", ...}}
+
+`train` (optional, absent from older bundles and from model dirs that did not record it):
+the `--seq-len` the model was trained with; `kerasllm generate` warns when prompts plus
+new tokens can go past it.
 
 `graphs` maps a role to one file and its I/O, so the encoder and seq2seq families add
 their graphs ("encoder", "decoder") without changing the format. `files` lists every

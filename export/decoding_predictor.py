@@ -35,10 +35,14 @@ class CausalGenerator:
 
     task = "generate"
 
-    def __init__(self, tokenizer, config: dict[str, Any]):
+    def __init__(self, tokenizer, config: dict[str, Any], train: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
         self.config = config
         self.max_length = int(config["max_length"])
+        # The --seq-len of training (positions past it were never trained), or None when the
+        # source does not record it (older bundles): the batch CLI warns past it.
+        seq_len = (train or {}).get("seq_len")
+        self.trained_seq_len = seq_len if isinstance(seq_len, int) and seq_len > 0 else None
         self.pad_id = tokenizer.pad_id
         self.eos_id = tokenizer.eos_id
 
@@ -121,7 +125,7 @@ class BundleGenerator(CausalGenerator):
         self.bundle = load_bundle(path)
         if self.bundle.family != "decoder":
             raise UsageError(f"{path}: a {self.bundle.family} bundle cannot generate (needs a decoder bundle)")
-        super().__init__(self.bundle.tokenizer(), self.bundle.config)
+        super().__init__(self.bundle.tokenizer(), self.bundle.config, self.bundle.manifest.get("train"))
         self.step = DecoderSession(create_session(self.bundle.graph_path("model"), device, threads))
 
 
@@ -135,7 +139,7 @@ class ModelDirGenerator(CausalGenerator):
         self.model, tokenizer, run = load_model_dir(path)
         if run["model"]["family"] != "decoder":
             raise UsageError(f"{path}: a {run['model']['family']} model cannot generate (needs a causal LM)")
-        super().__init__(tokenizer, run["model"])
+        super().__init__(tokenizer, run["model"], run.get("train"))
         self.step = KerasDecoderStep(self.model)
 
     def _generate(self, batch, decoding: DecodingOptions) -> list[list[Hypothesis]]:

@@ -168,6 +168,9 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         }
         if "labels" in run:  # classifiers: label names by id
             manifest["labels"] = run["labels"]
+        seq_len = (run.get("train") or {}).get("seq_len")
+        if isinstance(seq_len, int):  # the training window: `generate` warns past it (optional key)
+            manifest["train"] = {"seq_len": seq_len}
         bundle_lib.write_manifest(staging, manifest)
         bundle_lib.commit_bundle(staging, out)
     except BaseException:

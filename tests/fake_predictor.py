@@ -1,7 +1,7 @@
 """A deterministic, TensorFlow-free stand-in Predictor for testing the batch machinery.
 
 A "fake bundle" is a directory with a manifest.json: {"task": ..., "fake": {"max_len": ...,
-"delay": seconds per batch}}. Tokens are the text's UTF-8 bytes. Results depend only on
+"delay": seconds per batch, "seq_len": training --seq-len (optional)}}. Tokens are the text's UTF-8 bytes. Results depend only on
 the record, never on its batch, so any batching must give the same output:
     generate/translate: the text reversed, upper-cased, cut at max_new_tokens characters
     classify: "long" or "short" (by token count) with two probabilities
@@ -30,9 +30,11 @@ TASKS = ("generate", "translate", "classify", "embed")
 
 
 def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, delay: float = 0.0,
-                workers: int = 0) -> Path:
+                workers: int = 0, seq_len: int | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     fake = {"max_len": max_len, "delay": delay, "workers": workers}
+    if seq_len is not None:  # the training --seq-len, as a real generate predictor reports it
+        fake["seq_len"] = seq_len
     (directory / "manifest.json").write_text(json.dumps({"task": task, "fake": fake}))
     return directory
 
@@ -48,6 +50,7 @@ class FakePredictor:
         self.max_len = manifest["fake"]["max_len"]
         self.delay = manifest["fake"]["delay"]
         self.device = device
+        self.trained_seq_len = manifest["fake"].get("seq_len")
         FakePredictor.devices.append(device)
         if manifest["fake"].get("workers"):
             self._pool = ThreadPoolExecutor(manifest["fake"]["workers"])

@@ -482,3 +482,64 @@ def test_count_lines_and_shard_blocks_cover_the_file(tmp_path):
     path.write_bytes(b"")
     assert batch.count_lines(path) == 0
     assert os.path.getsize(path) == 0
+
+
+# -- the trained --seq-len warning ---------------------------------------------------------------
+SEQ_LEN_WARNING = "longer than the --seq-len"
+
+
+def test_going_past_the_trained_seq_len_warns_once_and_changes_nothing_else(run_cli, tmp_path):
+    texts = mixed_texts(25)  # 3..38 tokens, so 5 windows of 5, every window past 20 + 10
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts + ["boom"]) + "\n", encoding="utf-8")
+    plain = fake_predictor.make_bundle(tmp_path / "plain", "generate")  # an older bundle: no seq_len
+    trained = fake_predictor.make_bundle(tmp_path / "trained", "generate", seq_len=20)
+    runs = {}
+    for name, source_dir, quiet in [("plain", plain, []), ("loud", trained, []), ("quiet", trained, ["-q"])]:
+        out = tmp_path / f"{name}.jsonl"
+        runs[name] = (run_cli("generate", source_dir, "-i", source, "-o", out, "--window", 5,
+                              "--max-new-tokens", 10, *quiet), out.read_bytes())
+    longest = max(len(t) for t in texts[:5]) + 10
+    for name in ("loud", "quiet"):
+        result, output = runs[name]
+        assert result.code == runs["plain"][0].code == 1  # the "boom" record, as without the warning
+        assert output == runs["plain"][1]
+        warnings = [line for line in result.err.splitlines() if SEQ_LEN_WARNING in line]
+        assert warnings == [f"kerasllm: warning: prompts + --max-new-tokens reach {longest} tokens, longer than "
+                            "the --seq-len 20 the model was trained with; text past it degrades"], result.err
+    assert SEQ_LEN_WARNING not in runs["plain"][0].err
+
+
+def test_prompts_within_the_trained_seq_len_give_no_warning(run_cli, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("abc\nabcdefghij\n", encoding="utf-8")  # 10 + 10 = 20: within
+    trained = fake_predictor.make_bundle(tmp_path / "trained", "generate", seq_len=20)
+    result = run_cli("generate", trained, "-i", source, "-o", tmp_path / "o.jsonl", "--max-new-tokens", 10)
+    assert result.code == 0 and SEQ_LEN_WARNING not in result.err, result.err
+    # A later window going past it still gets its one line (the prompts stream in).
+    source.write_text("abc\nabcdefghij\nabcdefghijk\nabcdefghijkl\n", encoding="utf-8")
+    result = run_cli("generate", trained, "-i", source, "-o", tmp_path / "o.jsonl", "--overwrite",
+                     "--window", 2, "--max-new-tokens", 10)
+    assert result.code == 0
+    assert [line for line in result.err.splitlines() if SEQ_LEN_WARNING in line] == [
+        "kerasllm: warning: prompts + --max-new-tokens reach 22 tokens, longer than the --seq-len 20 the model "
+        "was trained with; text past it degrades"]
+
+
+def test_the_seq_len_warning_is_capped_at_the_models_max_length():
+    from kerasllm.cli.infer import context_check
+
+    class Predictor:
+        trained_seq_len = 64
+        max_length = 64  # generation stops there: never past the trained positions
+
+    messages = []
+    check = context_check(Predictor(), 100, messages.append)
+    check([63, 10])
+    assert messages == []
+    Predictor.max_length = 128
+    check = context_check(Predictor(), 100, messages.append)
+    check([3])
+    check([50])
+    assert len(messages) == 1 and "reach 103 tokens" in messages[0]
+    assert context_check(object(), 100, messages.append) is None  # no recorded seq_len: no hook

@@ -45,7 +45,9 @@ def model_dir(tmp_path_factory, corpus_file) -> Path:
     out = tmp_path_factory.mktemp("lm")
     model.save(out / "model.keras")
     tokenizer.save(out)
-    write_json_atomic(out / "config.json", {"task": "causal-lm", "model": config.to_dict(), "train": {}})
+    # Trained on windows of 32 tokens, recorded as `kerasllm train causal-lm --seq-len 32` would.
+    write_json_atomic(out / "config.json", {"task": "causal-lm", "model": config.to_dict(),
+                                            "train": {"seq_len": 32}})
     return out
 
 
@@ -223,6 +225,40 @@ def test_bundle_and_model_dir_predictors_agree(bundle_dir, model_dir):
     greedy = bundle.predict(batch[:1], max_new_tokens=24)[0]["output"]
     stop = greedy[3:5]
     assert bundle.predict(batch[:1], max_new_tokens=24, stop=[stop])[0]["output"] == greedy[:greedy.find(stop)]
+
+
+def test_generate_warns_once_past_the_trained_seq_len_from_a_bundle_or_a_model_dir(bundle_dir, model_dir,
+                                                                                     tmp_path, run_cli):
+    assert json.loads((bundle_dir / "manifest.json").read_text())["train"] == {"seq_len": 32}
+    # Older sources: a bundle exported before the manifest recorded it, a model dir without it.
+    old_bundle = tmp_path / "old_bundle"
+    shutil.copytree(bundle_dir, old_bundle)
+    manifest = json.loads((old_bundle / "manifest.json").read_text())
+    del manifest["train"]
+    (old_bundle / "manifest.json").write_text(json.dumps(manifest))
+    old_model_dir = tmp_path / "old_model_dir"
+    shutil.copytree(model_dir, old_model_dir)
+    run = json.loads((old_model_dir / "config.json").read_text())
+    run.pop("train")
+    (old_model_dir / "config.json").write_text(json.dumps(run))
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")  # 7..25 characters (char tokenizer)
+    warning = ("kerasllm: warning: prompts + --max-new-tokens reach 45 tokens, longer than the --seq-len 32 the "
+               "model was trained with; text past it degrades")
+    for name, src in [("bundle", bundle_dir), ("model_dir", model_dir), ("old_bundle", old_bundle),
+                      ("old_model_dir", old_model_dir)]:
+        past = run_cli("generate", src, "-i", source, "-o", tmp_path / f"{name}-past.jsonl", "--max-new-tokens", 20,
+                       "--batch-size", 1)
+        within = run_cli("generate", src, "-i", source, "-o", tmp_path / f"{name}-within.jsonl",
+                         "--max-new-tokens", 7)
+        assert past.code == within.code == 0, (past, within)
+        warned = [line for line in past.err.splitlines() if "--seq-len" in line]
+        assert warned == ([] if name.startswith("old") else [warning]), (name, past.err)
+        assert "--seq-len" not in within.err, (name, within.err)
+    for name in ("past", "within"):  # the warning changes no output
+        assert (tmp_path / f"bundle-{name}.jsonl").read_bytes() == (tmp_path / f"old_bundle-{name}.jsonl").read_bytes()
+        assert ((tmp_path / f"model_dir-{name}.jsonl").read_bytes()
+                == (tmp_path / f"old_model_dir-{name}.jsonl").read_bytes())
 
 
 def test_tampered_or_incomplete_bundles_are_refused(bundle_dir, tmp_path, run_cli):

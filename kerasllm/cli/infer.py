@@ -154,9 +154,14 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             tqdm.write("kerasllm: warning: more failed records; see the \"error\" lines in the output",
                        file=sys.stderr)
 
+    on_window = None
+    if task == "generate":
+        on_window = context_check(predictor, options["max_new_tokens"],
+                                  lambda message: tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr))
     runner = batch.BatchRunner(predictor, options, text_field=text_field, batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
-                               extra_tokens=extra_tokens, on_error=on_error, on_progress=bar.update)
+                               extra_tokens=extra_tokens, on_error=on_error, on_progress=bar.update,
+                               on_window=on_window)
     summary = batch.Summary(skipped=point.done, errors_total=point.errors)
     if point.done:
         bar.update(point.done)
@@ -189,6 +194,36 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
           "error; 2 bad usage; 130 (SIGINT) or 143 (SIGTERM) interrupted: rerun with --resume.")
+
+
+def context_check(predictor, max_new_tokens: int, warn):
+    """An `on_window` hook warning once when prompts + new tokens go past the trained --seq-len.
+
+    A causal LM saw positions up to its training `--seq-len` only; text generated past them
+    degrades. The prompts stream in, so each window's longest prompt is checked before the
+    window is decoded, and the first one that goes past (capped at the model's max_length,
+    where generation stops) gets one warning for the whole job (printed under --quiet too:
+    it is about the outputs, not a record). None when the source does not record its
+    training seq-len (older bundles): no warning.
+    """
+    seq_len = getattr(predictor, "trained_seq_len", None)
+    if not seq_len:
+        return None
+    max_length = getattr(predictor, "max_length", None)
+    warned = [False]
+
+    def check(lengths: list[int]) -> None:
+        if warned[0] or not lengths:
+            return
+        reach = max(lengths) + max_new_tokens
+        if max_length:
+            reach = min(reach, max_length)
+        if reach > seq_len:
+            warned[0] = True
+            warn(f"prompts + --max-new-tokens reach {reach} tokens, longer than the --seq-len {seq_len} "
+                 "the model was trained with; text past it degrades")
+
+    return check
 
 
 def _check_device(device: str) -> None:
