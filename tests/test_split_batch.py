@@ -99,6 +99,12 @@ def test_auto_splits_only_where_it_is_safe_and_pays(monkeypatch):
         resolve_batch_split(big, "auto", jit_compile=True)
     with pytest.raises(ValueError, match="batch_split must be 'auto' or an integer >= 1"):
         resolve_batch_split(big, "two", jit_compile=True)
+    # Several losses: Keras updates a Mean per loss inside compute_loss, which parts would race on.
+    monkeypatch.delenv("KERASLLM_BATCH_SPLIT")
+    big.compile(batch_split=2)
+    assert big.batch_parts == 2
+    big.compile(batch_split=2, loss=[big.default_loss(), big.default_loss()])
+    assert big.batch_parts == 1
 
 
 def test_split_step_inside_several_steps_per_execution():

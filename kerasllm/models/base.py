@@ -139,7 +139,7 @@ class TransformerModel(MultiWorkerFitMixin, SplitBatchFitMixin, keras.Model):
         if metrics == "auto":
             metrics = self.default_metrics()
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile, **kwargs)
-        self.configure_batch_split(batch_split)
+        self.configure_batch_split(batch_split, loss)
         if self.built and self.optimizer is not None and not self.optimizer.built:
             # Create the optimizer's slots now. Without a distribution strategy Keras 3 (TF
             # backend) defers them to the trace of the first train step, and TensorFlow

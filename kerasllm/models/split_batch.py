@@ -23,7 +23,8 @@ step: their replicas already use the devices), no GPU or TPU is visible, the pro
 at least two cores, the model has at least `AUTO_MIN_PARAMETERS` weights (below that a step is
 a few milliseconds either way), and the model draws no random numbers in training (no dropout): parts
 running at the same time would read the same random-seed state and draw the same dropout
-masks, so a model with dropout keeps the one-program step. An integer asks for that many
+masks, so a model with dropout keeps the one-program step; so does a model compiled with several
+losses (Keras updates a metric per loss inside `compute_loss`, which parts would race on). An integer asks for that many
 parts regardless (1: off); the random-number rule still holds. The environment variable
 `KERASLLM_BATCH_SPLIT` (an integer) stands in for `"auto"`, e.g. `KERASLLM_BATCH_SPLIT=1
 kerasllm train ...` trains with Keras's own step.
@@ -102,8 +103,12 @@ class SplitBatchFitMixin:
 
     _batch_parts = 1
 
-    def configure_batch_split(self, batch_split="auto") -> int:
+    def configure_batch_split(self, batch_split="auto", loss=None) -> int:
         self._batch_parts = resolve_batch_split(self, batch_split, bool(self.jit_compile))
+        if isinstance(loss, (list, tuple, dict)) and len(tree.flatten(loss)) > 1:
+            # Keras tracks each output's loss in a Mean metric updated inside compute_loss:
+            # parts running at the same time would race on it.
+            self._batch_parts = 1
         self._split_functions = None
         return self._batch_parts
 
