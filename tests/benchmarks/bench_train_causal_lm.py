@@ -47,6 +47,15 @@ Then fit_run's 10 steps per call of the train function (training.execution_steps
     nanoGPT (PyTorch)              11.4     27,751         1.00x         1.22x
 
 tokens/s 1.00x nanoGPT (goal >= 1x: at the line), 1.22x keras-hub (goal 1.3x), wall 1.47x (goal 1.2x).
+A fourth run 20 minutes later, the machine in a slow phase:
+
+    kerasllm                       21.5     22,248         1.67x         1.01x
+    kerasllm batch_split=1         20.1     22,916         1.56x         1.04x
+    keras-hub GPT2Backbone         27.0     22,118         2.10x         1.00x
+    nanoGPT (PyTorch)              12.8     24,663         1.00x         1.12x
+
+(split below unsplit in that run; right after it, in one process alternating 60-step fits, split
+28.9 / 30.4 vs unsplit 31.1 / 34.0 ms/step: separate processes differ by more than the effect.)
 In one process the fit step now equals a bare loop over the same compiled programs (30.98 vs
 32.65 ms, machine in a slow phase): what is left per step is the compiled arithmetic itself.
 The split step is +6% / +14% steady tokens/s in these runs (in one process, alternating 50-step fits of the
