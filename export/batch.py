@@ -6,7 +6,7 @@ handler). It never imports TensorFlow: it talks to a `Predictor` (export/predict
 How a job runs:
     records (export/records.py) --window of N records--> check() each text into ids
       -> plan_batches(): sort the window by length (bucketing), cut batches by count and by
-         a padded-token budget -> predict_in_order(): the window's batches to the predictor
+         a padded-token budget -> predict_planned()/predict_in_order(): the window's batches to the predictor
          (all at once to a predictor with `predict_batches`, which may decode several at a
          time, else batch by batch to `predict`) -> results put back by position, batch by batch
       -> the finished prefix of the window is written at once, in input order, whole lines.
@@ -138,6 +138,19 @@ def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]
             except RecordError:
                 done += 1
                 yield predict_isolating(predictor, batches[done - 1], options)
+
+
+def predict_planned(predictor: Predictor, ids: dict[int, list[int]], options: dict, batch_size: int,
+                    max_batch_tokens: int | None, bucket: bool = True,
+                    extra_tokens: int = 0) -> Iterator[tuple[list[int], list[dict]]]:
+    """`ids` (position -> token ids) cut into batches by `plan_batches`, then each batch's
+    positions with its results, batch by batch (`predict_in_order`). Close the iterator to
+    stop the predictor's work on the batches not yet returned."""
+    positions = list(ids)
+    plan = [[positions[i] for i in batch] for batch in plan_batches(
+        [len(ids[p]) for p in positions], batch_size, max_batch_tokens, bucket, extra_tokens)]
+    with closing(predict_in_order(predictor, [[ids[p] for p in batch] for batch in plan], options)) as stream:
+        yield from zip(plan, stream)
 
 
 def _counted(results: Sequence[dict], batch: Sequence) -> list[dict]:
@@ -429,15 +442,13 @@ class BatchRunner:
                 ids[position] = check_text(self.predictor, text, self.truncate)
             except (DataError, RecordError) as err:
                 rows[position] = self._error_row(record, err)
-        positions = list(ids)
-        if positions:
-            self.on_window([len(ids[p]) for p in positions])
-        plan = [[positions[i] for i in batch] for batch in plan_batches(
-            [len(ids[p]) for p in positions], self.batch_size, self.max_batch_tokens, self.bucket, self.extra_tokens)]
+        if ids:
+            self.on_window([len(tokens) for tokens in ids.values()])
         written = 0
-        stream = predict_in_order(self.predictor, [[ids[p] for p in batch] for batch in plan], self.options)
+        stream = predict_planned(self.predictor, ids, self.options, self.batch_size, self.max_batch_tokens,
+                                 self.bucket, self.extra_tokens)
         with closing(stream):  # an interrupt stops the predictor's work on the rest of the window
-            for batch_positions, results in zip(plan, stream):
+            for batch_positions, results in stream:
                 for position, result in zip(batch_positions, results):
                     record = window[position]
                     if "error" in result:

@@ -83,13 +83,9 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
                 ids[position] = batch.check_text(model, self._text(element), self.truncate)
             except (DataError, RecordError) as err:
                 results[position] = {"error": str(err)}
-        positions = list(ids)
         extra = options.get("max_new_tokens", 0) if self.task in ("generate", "translate") else 0
-        plan = [[positions[i] for i in planned] for planned in batch.plan_batches(
-            [len(ids[p]) for p in positions], self.batch_size, self.max_batch_tokens, bucket=True,
-            extra_tokens=extra or 0)]
-        for chosen, batch_results in zip(plan, batch.predict_in_order(model, [[ids[p] for p in c] for c in plan],
-                                                                      options)):
+        for chosen, batch_results in batch.predict_planned(model, ids, options, self.batch_size, self.max_batch_tokens,
+                                                           bucket=True, extra_tokens=extra or 0):
             for position, result in zip(chosen, batch_results):
                 result.pop(GENERATED_TOKENS, None)  # accounting for the CLI's summary, not output
                 results[position] = result

@@ -26,7 +26,6 @@ and exact match of greedy translations against the references.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
@@ -35,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from kerasllm.distribute import usable_cores
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, truncate_at_stop
 from kerasllm.export.predict import RecordError
@@ -49,13 +49,6 @@ SHARD_ROWS = 4
 # Every shard thread opens its own sessions, each holding the weights again: sharding is for
 # small models (where it pays, see above); bundles whose graphs are larger keep one set of sessions.
 SHARD_MAX_GRAPH_BYTES = 256 << 20
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class Translator:
@@ -193,7 +186,7 @@ class BundleTranslator(Translator):
                                              device, threads)
         graph_bytes = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*"))
         small = graph_bytes <= SHARD_MAX_GRAPH_BYTES
-        self.max_shards = (threads or _cores()) if self.sessions.decoder.device_type == "cpu" and small else 1
+        self.max_shards = (threads or usable_cores()) if self.sessions.decoder.device_type == "cpu" and small else 1
         self._pool = None
         self._local = threading.local()  # a worker thread's single-threaded sessions
 

@@ -49,6 +49,15 @@ from kerasllm.errors import UsageError
 log = logging.getLogger("kerasllm")
 
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "tpu", "parameter-server")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
 PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 
 

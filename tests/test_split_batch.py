@@ -71,15 +71,15 @@ def test_seq2seq_dict_inputs_split_alike():
 
 def test_auto_splits_only_where_it_is_safe_and_pays(monkeypatch):
     monkeypatch.delenv("KERASLLM_BATCH_SPLIT", raising=False)
-    monkeypatch.setattr("kerasllm.models.split_batch._cores", lambda: 2)
+    monkeypatch.setattr("kerasllm.distribute.usable_cores", lambda: 2)
     big = CausalLM(DecoderConfig.preset("small", vocab_size=64, dropout=0.0))
     assert big.count_params() >= AUTO_MIN_PARAMETERS
     assert resolve_batch_split(big, "auto", jit_compile=True) == 2
     assert resolve_batch_split(big, "auto", jit_compile=False) == 1  # the parts are XLA programs
     assert resolve_batch_split(big, 1, jit_compile=True) == 1
-    monkeypatch.setattr("kerasllm.models.split_batch._cores", lambda: 1)
+    monkeypatch.setattr("kerasllm.distribute.usable_cores", lambda: 1)
     assert resolve_batch_split(big, "auto", jit_compile=True) == 1
-    monkeypatch.setattr("kerasllm.models.split_batch._cores", lambda: 2)
+    monkeypatch.setattr("kerasllm.distribute.usable_cores", lambda: 2)
     # Dropout: concurrent parts would draw the same masks from one seed state.
     dropout = CausalLM(DecoderConfig.preset("small", vocab_size=64, dropout=0.1))
     assert resolve_batch_split(dropout, "auto", jit_compile=True) == 1

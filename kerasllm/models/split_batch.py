@@ -44,17 +44,12 @@ from contextlib import contextmanager
 import keras
 from keras import tree
 
+from kerasllm import distribute
+
 MAX_PARTS = 2  # measured on two cores; a larger machine still gives each part intra-op threads
 # "auto" leaves smaller models alone: the 2-layer / 32-wide test model's step (8 x 32 tokens) took
 # 2.9 ms whole and 2.8 ms split, while the second compiled program costs ~0.5 s at the first step.
 AUTO_MIN_PARAMETERS = 200_000
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def draws_random_numbers(model: keras.Model) -> bool:
@@ -84,7 +79,7 @@ def resolve_batch_split(model: keras.Model, batch_split, jit_compile: bool) -> i
         return 1
     if model.count_params() < AUTO_MIN_PARAMETERS:
         return 1
-    return min(_cores(), MAX_PARTS) if _cores() >= 2 else 1
+    return min(distribute.usable_cores(), MAX_PARTS)  # 1 on one core
 
 
 def _split(value, parts: int, tf):
