@@ -29,6 +29,7 @@ from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, save_onn
 from kerasllm.export.optimize import attention_splits, optimize_graph, to_group_query_attention
 from kerasllm.export.runtime import SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import Seq2SeqSessions, Seq2SeqStep, cross_names, self_names
+from kerasllm.export.token_packing import pack_padded_tokens
 from kerasllm.export.validate import ValidationError, compare_output, validated_with_fallback
 
 GREEDY_NEW_TOKENS = 24
@@ -327,6 +328,12 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
         )
         if encoder_fused:
             reports[spec.name]["fusions"] = {"Attention": encoder_fused, **reports[spec.name]["fusions"]}
+            # The token-wise layers between the attention nodes then run on the real tokens only.
+            encoder = onnx.load(str(staging / spec.file))
+            if pack_padded_tokens(encoder):
+                save_onnx(encoder, staging / spec.file)
+                reports[spec.name]["padding_free"] = True
+                log("encoder: token-wise layers run on the real tokens only (padding removed)")
         if fuse_attention and spec.name == "decoder" and options.shared_kv_buffer:
             decoder = onnx.load(str(staging / spec.file))
             if share_self_attention_buffer(decoder, c.num_heads):

@@ -258,6 +258,8 @@ def test_padding_does_not_change_results(trained):
     from kerasllm.export.translate_predictor import BundleTranslator
 
     run, bundle, _ = trained
+    # The encoder graph runs its token-wise layers on the real tokens only (token_packing.py).
+    assert json.loads((bundle / "manifest.json").read_text())["optimization"]["encoder"]["padding_free"]
     translator = BundleTranslator(bundle, device="cpu")
     short = translator.check("forty-two")
     batch = [translator.check("nine hundred and ninety-nine thousand"), short, translator.check("seven")]
