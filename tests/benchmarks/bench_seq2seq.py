@@ -28,6 +28,26 @@ Keras is timed after a warm-up call per batch shape (XLA compile time is reporte
 separately); ONNX Runtime after one warm-up pass. Each way is timed `--repeats` times,
 interleaved, and the best pass counts. Goal (issue 4): bundle >= 3x Keras.
 
+Measured 2026-12-05, later session, after the padding-free encoder (export/token_packing.py: the
+encoder's token-wise layers on the real tokens only; a quarter of these batches' positions are
+padding) and CPU sessions without ORT's SkipLayerNormFusion (runtime.py), --keep, one line per run:
+    greedy: Keras 410.4 | bundle 1166.7 2.84x | per batch 920.0 2.24x; beam 4 5.14x
+    greedy: Keras 336.4 | bundle  752.2 2.24x | per batch 581.5 1.73x; beam 4 6.19x  (slow phase)
+    greedy: Keras 407.8 | bundle 1178.8 2.89x | per batch 935.3 2.29x; beam 4 6.57x
+    greedy: Keras 407.7 | bundle 1167.7 2.86x | per batch 933.4 2.29x; beam 4 6.51x
+Greedy 64/64 identical to Keras in every run. In one process, alternating (the 4-batch job,
+medians of 20): before 101.4 ms, after 96.5 ms; one encoder batch 13.96 -> 12.13 ms (a slow
+phase of the machine; the job took 54-60 ms in quieter minutes). Greedy still short of 3x
+(2.84-2.89x in the quieter runs). Tried and dropped in the same session: the decoder's residual
+stream as 2-D rows so ORT fuses MatMul + bias into Gemm (0.96x), cross-attention as
+FusedMatMul/Softmax/MatMul (same time as MultiHeadAttention), GroupQueryAttention over each row's
+real source positions (66 vs 37 us per call in isolation), 3 workers on 2 cores (0.87x), worker
+processes instead of threads (the same time: the GIL is not what is left). Where a decoder step
+goes now (16 rows, in place, ablation): the 4 cross-attention nodes ~27% (~45 us each: 64
+(row, head) pairs of tiny GEMMs whose keys/values, 128 KB per row per step, come from L3),
+GroupQueryAttention ~16%, the rest mostly MatMul. A 32-row step costs 1.8x a 16-row one, so
+the cost is per row, not per weight read.
+
 Measured 2026-12-05 on the 2-core machine (under the CPU lock; another session's unlocked jobs ran
 at times, and Keras ran faster than on 2026-12-02: greedy 343-419 sentences/s against 259-302), one
 bundle kept (--keep) for every run, defaults (best of 3 interleaved), one line per run:
