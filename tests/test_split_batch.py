@@ -119,3 +119,130 @@ def test_split_step_inside_several_steps_per_execution():
         history = model.fit(data[:, :-1], data[:, 1:], batch_size=4, epochs=2, verbose=0, shuffle=False).history
         runs.append((model, history, {}))
     _assert_same_training(*runs)
+
+
+# -- evaluation warm-up (split_batch module docs) -------------------------------------------
+WARM_UP_DATA = np.random.default_rng(4).integers(0, 64, (20, 17))
+
+
+def _windows(batch):
+    import tensorflow as tf
+
+    # Fixed batch shapes (drop_remainder), as kerasllm train's pipelines: the warm-up's condition.
+    return tf.data.Dataset.from_tensor_slices((WARM_UP_DATA[:, :-1], WARM_UP_DATA[:, 1:])).repeat().batch(
+        batch, drop_remainder=True)
+
+
+def _fit_with_validation(monkeypatch, warm_up, break_first=None):
+    """A split-step fit validated on batches of 5 rows (parts of 3 and 2); returns (model, history, threads)."""
+    monkeypatch.setenv("KERASLLM_EVAL_WARM_UP", "1" if warm_up else "0")
+    keras.utils.set_random_seed(1)
+    model = CausalLM(DecoderConfig(vocab_size=64, **TINY))
+    model.compile(total_steps=10, batch_split=2, steps_per_execution=2)
+    threads, start = [], model._start_evaluation_warm_up
+
+    def spy(validation_data):
+        threads.append(start(validation_data))
+        return threads[-1]
+
+    monkeypatch.setattr(model, "_start_evaluation_warm_up", spy)
+    if break_first is not None:
+        break_first(model, monkeypatch)
+    history = model.fit(_windows(4), epochs=2, steps_per_epoch=4, validation_data=_windows(5), validation_steps=4,
+                        verbose=0).history
+    return model, history, threads
+
+
+def _assert_identical(one, other):
+    (m1, h1, _), (m2, h2, _) = one, other
+    assert h1 == h2  # losses and val_losses to the last bit
+    assert int(m1.optimizer.iterations.numpy()) == int(m2.optimizer.iterations.numpy()) == 8
+    for v1, v2 in zip(m1.variables + m1.optimizer.variables, m2.variables + m2.optimizer.variables):
+        np.testing.assert_array_equal(v2.numpy(), v1.numpy(), err_msg=v1.path)
+
+
+def test_evaluation_warm_up_changes_no_state(monkeypatch):
+    """The warm-up runs the evaluation's parts on zero batches beside training: losses, validation losses,
+    weights, optimizer slots and step count stay exactly those of a run without it."""
+    without = _fit_with_validation(monkeypatch, warm_up=False)
+    with_warm_up = _fit_with_validation(monkeypatch, warm_up=True)
+    assert without[2] == [None]
+    (thread,) = with_warm_up[2]
+    assert thread is not None and not thread.is_alive()  # it ran, and fit waited for it
+    _, part_loss, _, _ = with_warm_up[0]._functions()
+    assert part_loss.experimental_get_tracing_count() == 2  # parts of 3 and 2 rows, traced once each
+    _assert_identical(without, with_warm_up)
+
+
+def _fail_trace(model, monkeypatch):
+    functions = model._functions
+    calls = []
+
+    def first_call_fails():
+        calls.append(1)
+        if len(calls) == 1:  # the warm-up asks first, before the train step's trace
+            raise RuntimeError("warm-up trace fails")
+        return functions()
+
+    monkeypatch.setattr(model, "_functions", first_call_fails)
+
+
+def _fail_run(model, monkeypatch):
+    import tensorflow as tf
+
+    split_data = model._split_data
+    calls = []
+
+    def first_call_fails_when_run(data):
+        calls.append(1)
+        if len(calls) == 1:  # the warm-up's trace: its program then fails in the thread
+            tf.debugging.Assert(False, ["warm-up run fails"])
+        return split_data(data)
+
+    monkeypatch.setattr(model, "_split_data", first_call_fails_when_run)
+
+
+@pytest.mark.parametrize("break_first", [_fail_trace, _fail_run], ids=["trace", "run"])
+def test_evaluation_warm_up_failure_leaves_training_alone(monkeypatch, break_first):
+    without = _fit_with_validation(monkeypatch, warm_up=False)
+    failed = _fit_with_validation(monkeypatch, warm_up=True, break_first=break_first)
+    _assert_identical(without, failed)
+
+
+WARM_UP_SCRIPT = """
+import sys, numpy as np, tensorflow as tf, keras
+from kerasllm import CausalLM, DecoderConfig
+data = np.random.default_rng(0).integers(0, 64, (20, 17))
+windows = lambda b: tf.data.Dataset.from_tensor_slices((data[:, :-1], data[:, 1:])).batch(b, drop_remainder=True)
+model = CausalLM(DecoderConfig(vocab_size=64, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+                               max_length=32, dropout=0.0))
+model.compile(total_steps=4, batch_split=2)
+class Mark(keras.callbacks.Callback):
+    def on_test_begin(self, logs=None):
+        print("EVALUATION BEGINS", file=sys.stderr, flush=True)
+model.fit(windows(4), epochs=1, steps_per_epoch=2, validation_data=windows(5), validation_steps=2, verbose=0,
+          callbacks=[Mark()])
+"""
+
+
+def test_evaluation_warm_up_compiles_the_programs_evaluation_runs(tmp_path):
+    """XLA's log (TensorFlow's device_compiler at verbosity 2) names each program it compiles: with the
+    warm-up, every part_loss program is compiled before the evaluation begins and none during it. (A
+    warm-up called from eager code would compile copies under other attributes that evaluation misses.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "device_compiler=2",
+           "KERASLLM_EVAL_WARM_UP": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", WARM_UP_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr
+    if "Instantly compiling for signature" not in log:
+        pytest.skip("this TensorFlow build does not log XLA compilations at device_compiler=2")
+    before, _, during = log.partition("EVALUATION BEGINS")
+    assert during, "no evaluation ran"
+    assert before.count("Instantly compiling for signature: __inference_part_loss") == 2  # parts of 3 and 2 rows
+    assert "Instantly compiling for signature: __inference_part_loss" not in during
+    assert "Already Compiled for signature: __inference_part_loss" in during

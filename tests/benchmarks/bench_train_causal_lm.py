@@ -82,7 +82,15 @@ nanoGPT 1.886.
 Where kerasllm's ~17.5 s go (a timestamped CLI run): Python + TensorFlow import ~2.3 s, data,
 model and compile 0.5 s, first step ~2.9 s (Keras trace ~1.2 s, TF-to-HLO and HLO passes
 ~0.6 s, LLVM code generation ~1.1 s), 300 steps ~10.5 s (~35 ms each), validation ~1.0 s (trace
-and compile of the eval step ~0.8 s), save + exit 0.2 s. What changed on 2026-12-02: the
+and compile of the eval step ~0.8 s), save + exit 0.2 s. Since 2026-12-05 the split step's
+evaluation warm-up (kerasllm/models/split_batch.py) traces the eval parts before the first step
+(~0.5 s, moved, not added) and XLA-compiles them (~0.7 s) in a thread beside the first step's
+trace, on the idle core: the first validation 1.6 -> 0.7 s in one process. Alternating fresh
+20-step fits with a 20-step validation in one process: 5.78 -> 5.42 s and 7.80 -> 7.24 s (medians
+of 6 and 8 pairs in a fast and a slow phase; 12 of 14 pairs faster), i.e. ~0.4 s per run. Whole
+300-step CLI runs alternated (18 pairs, cold cache, 15-26 s as the machine swung): median pair
+ratio 0.98, a gain too small for their noise to show (`KERASLLM_EVAL_WARM_UP=0` turns the warm-up
+off). What changed on 2026-12-02: the
 optimizer (`kerasllm.optimizers`: Keras's AdamW arithmetic without the schedule traced once per
 decayed variable, fused ResourceApplyAdam, global-norm clipping as nanoGPT does) took the first
 step from 6.2-6.6 s to ~2.9 s in A/B runs (plain SGD, the floor: ~2.0 s). Per step, XLA's dots
