@@ -25,10 +25,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, save_onnx, trace_to_onnx
+from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, remove_dead_nodes, save_onnx, trace_to_onnx
 from kerasllm.export.optimize import attention_splits, optimize_graph, to_group_query_attention
 from kerasllm.export.runtime import SHARED_BUFFER
-from kerasllm.export.seq2seq_runtime import Seq2SeqSessions, Seq2SeqStep, cross_names, self_names
+from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
+                                              cross_names, self_names)
 from kerasllm.export.token_packing import pack_padded_tokens
 from kerasllm.export.validate import ValidationError, compare_output, validated_with_fallback
 
@@ -108,16 +109,19 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
     place, and the runtime binds once per batch. A decode step in a 32-step loop, 'small'
     preset: batch 16 on 2 threads 1.05 -> 0.86 ms, batch 8 on 1 thread 0.74 -> 0.61 ms.
 
-    The graph gains an input `attention_mask [B, max_sequence]` (int64): row b has ones in its
-    first n_b columns, n_b its tokens so far, the new ones included (a decoder row is never
-    padded: every row starts with BOS). GQA reads `seqlens_k = n_b - 1` and
-    `total_sequence_length = max_sequence` from it, and the positions the traced graph took
-    from the past's shape (`Squeeze(Slice(Cast(Shape(past_key_values.0.decoder.key))))`) become
-    `n_b - T + range(T)`, read by the position embedding's Gather (tf2onnx's broadcast to
-    [B, T] goes: 109 -> 99 nodes on the 'small' preset). CPU GQA runs a multi-token step on
-    top of a past only at batch 1: the runtime feeds such a step one token at a time. Returns
-    False (graph unchanged) unless every layer's self-attention was fused and the past length
-    is found.
+    The graph takes one new token per row (`input_ids [B, 1]`; a decoder row is never padded:
+    every row starts with BOS) and gains two inputs, GroupQueryAttention's own: `seqlens_k [B]`
+    (int32), the tokens before the new one (so also the new token's position), and
+    `total_sequence_length` (int32 scalar), the buffer's slots. The positions the traced graph
+    took from the past's shape (`Squeeze(Slice(Cast(Shape(past_key_values.0.decoder.key))))`)
+    become `seqlens_k` as `[B, 1]`, read by the position embedding's Gather (tf2onnx's broadcast
+    to [B, T] goes). Until 2026-12-05 the graph derived both from an `attention_mask [B,
+    max_sequence]` input in 12 shape nodes (ReduceSum, Sub, Squeeze, Cast, Shape, Range, ...):
+    a 16-row step with the lengths as inputs took 496 instead of 517 us (ORT, one thread,
+    alternating loops of 200 steps); the runtime still drives such older bundles. CPU GQA runs a
+    multi-token step on top of a past only at batch 1: the runtime feeds one token at a time.
+    Returns False (graph unchanged) unless every layer's self-attention was fused and the past
+    length is found.
     """
     graph = model.graph
     producers, consumers = graph_index(graph)
@@ -137,51 +141,32 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
 
     p = "kerasllm_shared_kv"
     int32 = onnx.TensorProto.INT32
-    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), f"{p}/axis1"),
-                              numpy_helper.from_array(np.array([1], np.int64), f"{p}/one")])
-    lengths = [
-        helper.make_node("ReduceSum", ["attention_mask", f"{p}/axis1"], [f"{p}/count"], keepdims=1,
-                         name=f"{p}/ReduceSum"),
-        helper.make_node("Shape", ["input_ids"], [f"{p}/length"], start=1, end=2, name=f"{p}/Shape"),
-        helper.make_node("Sub", [f"{p}/count", f"{p}/length"], [f"{p}/past"], name=f"{p}/SubPast"),
-        helper.make_node("Cast", [f"{p}/past"], [f"{p}/past32"], to=int32, name=f"{p}/CastPast"),  # [B, 1]
-        helper.make_node("Sub", [f"{p}/count", f"{p}/one"], [f"{p}/last"], name=f"{p}/Sub"),
-        helper.make_node("Squeeze", [f"{p}/last", f"{p}/axis1"], [f"{p}/last1"], name=f"{p}/Squeeze"),
-        helper.make_node("Cast", [f"{p}/last1"], [f"{p}/seqlens_k"], to=int32, name=f"{p}/Cast"),
-        helper.make_node("Shape", ["attention_mask"], [f"{p}/width"], start=1, end=2, name=f"{p}/ShapeWidth"),
-        helper.make_node("Cast", [f"{p}/width"], [f"{p}/width32"], to=int32, name=f"{p}/CastWidth"),
-        helper.make_node("Squeeze", [f"{p}/width32"], [f"{p}/total"], name=f"{p}/SqueezeWidth"),
-    ]
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{p}/axis1"))
+    # One new token per row: its position, the tokens before it, is `seqlens_k` itself.
+    lengths = [helper.make_node("Unsqueeze", [SEQLENS_K, f"{p}/axis1"], [f"{p}/past32"], name=f"{p}/Unsqueeze")]
     # The traced past length is an int32 scalar added to `range(T)`: a [B, 1] past broadcasts the same way.
     for node in graph.node:
         for k, name in enumerate(node.input):
             if name == past_length.output[0]:
                 node.input[k] = f"{p}/past32"
     # Where that sum only feeds the position embedding's Gather (through tf2onnx's broadcast to
-    # [B, T]), the Gather reads `past + range(T)` [B, T] int64 instead: 6 nodes for 14.
+    # [B, T]), the Gather reads the [B, 1] positions directly (T is 1).
     _, consumers = graph_index(graph)
     add = [n for n in consumers.get(f"{p}/past32", []) if n.op_type == "Add"]
     expand = [n for n in consumers.get(add[0].output[0], []) if n.op_type == "Expand"] if len(add) == 1 else []
     gather = [n for n in consumers.get(expand[0].output[0], []) if n.op_type == "Gather"] if len(expand) == 1 else []
     if len(gather) == 1 and len(consumers[add[0].output[0]]) == 1 and len(consumers[expand[0].output[0]]) == 1:
-        graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{p}/zero_scalar"),
-                                  numpy_helper.from_array(np.array(1, np.int64), f"{p}/one_scalar")])
-        lengths += [
-            helper.make_node("Squeeze", [f"{p}/length"], [f"{p}/length0"], name=f"{p}/PositionsSqueeze"),
-            helper.make_node("Range", [f"{p}/zero_scalar", f"{p}/length0", f"{p}/one_scalar"], [f"{p}/offsets"],
-                             name=f"{p}/PositionsRange"),
-            helper.make_node("Add", [f"{p}/past", f"{p}/offsets"], [f"{p}/positions"], name=f"{p}/PositionsAdd"),
-        ]
-        gather[0].input[1] = f"{p}/positions"
+        gather[0].input[1] = f"{p}/past32"
     for node in graph.node:  # token ids: Gather takes int64 indices, tf2onnx's int32 Cast goes
         if node.op_type == "Gather" and node.input[1] in producers and producers[node.input[1]].op_type == "Cast" \
                 and producers[node.input[1]].input[0] == "input_ids":
             node.input[1] = "input_ids"
-    graph.input.insert(1, helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64,
-                                                        ["batch", "max_sequence"]))
-    to_group_query_attention(model, self_attention, splits, num_heads, lengths, f"{p}/seqlens_k", f"{p}/total",
+    graph.input.insert(1, helper.make_tensor_value_info(SEQLENS_K, int32, ["batch"]))
+    graph.input.insert(2, helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, int32, []))
+    to_group_query_attention(model, self_attention, splits, num_heads, lengths, SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
                              is_cache=lambda name: name.startswith(("past_key_values.", "present."))
                              and ".decoder." in name)
+    remove_dead_nodes(model)
     return True
 
 
@@ -373,9 +358,10 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
     if reports["decoder"].get("kv_cache") == SHARED_BUFFER:  # the decoder's contract (share_self_attention_buffer)
         decoder = graphs["decoder"]
         decoder["inputs"] = {"input_ids": decoder["inputs"]["input_ids"],
-                             "attention_mask": {"dtype": "int64", "shape": ["batch", "max_sequence"]},
+                             SEQLENS_K: {"dtype": "int32", "shape": ["batch"]},
+                             TOTAL_SEQUENCE_LENGTH: {"dtype": "int32", "shape": []},
                              **{k: v for k, v in decoder["inputs"].items() if k != "input_ids"}}
-        decoder["dynamic_axes"]["attention_mask"] = {"0": "batch", "1": "max_sequence"}
+        decoder["dynamic_axes"][SEQLENS_K] = {"0": "batch"}
         for name, decl in {**decoder["inputs"], **decoder["outputs"]}.items():
             if ".decoder." in name:
                 decl["shape"][2] = "max_sequence"

@@ -18,12 +18,14 @@ step function for the shared decoding loops (generate.py: greedy, sampling, beam
 fp32 bundles exported with fused attention have a *shared-buffer* decoder instead
 (seq2seq_export.share_self_attention_buffer, metadata `kerasllm.kv_cache`):
 
-    decoder.onnx  input_ids [B, 1], attention_mask [B, M] (ones in each row's first n columns,
-                  n = tokens so far including the new one), encoder_attention_mask [B, S],
+    decoder.onnx  input_ids [B, 1], seqlens_k [B] (int32: the tokens before the new one, also its
+                  position), total_sequence_length (int32 scalar: M), encoder_attention_mask [B, S],
                   past_key_values.{i}.encoder.key|value [B, H, S, D],
                   past_key_values.{i}.decoder.key|value [B, H, M, D]
                   -> logits [B, 1, V], present.{i}.decoder.key|value: the same buffers, written in place
 
+(Bundles exported before 2026-12-05 take `attention_mask [B, M]`, ones in each row's first n
+columns, n = tokens so far including the new one, instead of the two lengths; both are driven.)
 `_SelfAttentionBuffer` drives it: one buffer per cache tensor bound as past and present,
 and one IO binding per batch whose inputs and logits live in arrays updated in place, so
 a step binds nothing.
@@ -45,6 +47,8 @@ from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
 _BUFFER_SLOTS = 64
+# The shared-buffer decoder's length inputs (GroupQueryAttention's names, see the module docs).
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
 
 
 def cross_names(num_layers: int, prefix: str) -> list[str]:
@@ -79,6 +83,7 @@ class Seq2SeqSessions:
         self._bound = None  # (cross, encoder mask, mask OrtValue, binding) of the last step
         metadata = decoder.session.get_modelmeta().custom_metadata_map
         self.shared_buffer = metadata.get(KV_CACHE_METADATA) == SHARED_BUFFER
+        self.lengths_as_inputs = SEQLENS_K in names  # else an attention_mask (older bundles)
         outputs = decoder.session.get_outputs()
         self.vocab = outputs[[o.name for o in outputs].index("logits")].shape[-1]
         if self.shared_buffer and decoder.device_type == "cuda" and self.cache_dtype == np.float32:
@@ -200,10 +205,16 @@ class _SelfAttentionBuffer:
     def _bind(self) -> None:
         owner = self.owner
         self.ids = np.zeros((self.batch, 1), np.int64)
-        self.mask = (np.arange(self.capacity)[None, :] < np.full((self.batch, 1), self.length)).astype(np.int64)
         self.binding = binding = owner.decoder.session.io_binding()
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
-        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
+        if owner.lengths_as_inputs:  # every row holds `length` tokens: one value for all
+            self.seqlens = np.full(self.batch, self.length, np.int32)
+            binding.bind_ortvalue_input(SEQLENS_K, ort.OrtValue.ortvalue_from_numpy(self.seqlens))
+            self.total = np.array(self.capacity, np.int32)
+            binding.bind_ortvalue_input(TOTAL_SEQUENCE_LENGTH, ort.OrtValue.ortvalue_from_numpy(self.total))
+        else:
+            self.mask = (np.arange(self.capacity)[None, :] < np.full((self.batch, 1), self.length)).astype(np.int64)
+            binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
         if self.on_cpu:
             self.logits = np.zeros((self.batch, 1, owner.vocab), np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
@@ -228,7 +239,10 @@ class _SelfAttentionBuffer:
                 self.binding.bind_ortvalue_input(name, value)
             self.encoder_side = (cross, encoder_mask, mask)
         self.ids[...] = input_ids  # [B, 1]: one NumPy call (each costs ~5-9 us between runs)
-        self.mask[:, self.length] = 1
+        if self.owner.lengths_as_inputs:
+            self.seqlens.fill(self.length)  # the tokens before the new one
+        else:
+            self.mask[:, self.length] = 1
         self.length += 1
         self.owner.decoder.session.run_with_iobinding(self.binding)
         if self.logits is not None:

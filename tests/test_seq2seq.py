@@ -74,7 +74,9 @@ def test_bundle_greedy_is_token_identical_to_keras(trained):
     decoder = manifest["optimization"]["decoder"]
     assert decoder["fusions"]["MultiHeadAttention"] == decoder["fusions"]["GroupQueryAttention"] == layers
     assert decoder["kv_cache"] == "shared_buffer"
-    assert manifest["graphs"]["decoder"]["inputs"]["attention_mask"]["shape"] == ["batch", "max_sequence"]
+    inputs = manifest["graphs"]["decoder"]["inputs"]
+    assert inputs["seqlens_k"] == {"dtype": "int32", "shape": ["batch"]} and "attention_mask" not in inputs
+    assert inputs["total_sequence_length"]["shape"] == []
     assert "attention_fusion_reverted" not in manifest["optimization"]["decoder"]
     assert manifest["optimization"]["encoder"]["fusions"]["Attention"] == manifest["config"]["num_layers"]
     texts = [s for s, _ in datasets.number_words_pairs(24, max_value=9999, seed=3)]  # also unseen thousands
@@ -250,6 +252,60 @@ def test_fewer_rows_stay_in_the_same_self_attention_buffer(trained):
     logits, _ = step(tokens[keep], None, shrunk)
     expected = translator.sessions.step(tokens[keep], step.encoder_mask, step.cross, fresh)[0]
     np.testing.assert_array_equal(logits, expected)
+
+
+def _mask_contract_bundle(bundle, target):
+    """A copy of `bundle` whose decoder takes the shared-buffer contract of bundles exported before
+    2026-12-05: `attention_mask [B, M]` (ones in each row's first n columns, n = tokens so far with
+    the new one) from which the graph computes GroupQueryAttention's `seqlens_k` and
+    `total_sequence_length` itself, instead of taking them as inputs."""
+    import hashlib
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kerasllm.export.seq2seq_runtime import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
+
+    shutil.copytree(bundle, target)
+    model = onnx.load(str(target / "decoder.onnx"))
+    graph = model.graph
+    kept = [i for i in graph.input if i.name not in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)]
+    del graph.input[:]
+    graph.input.extend(kept[:1] + [helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                                 ["batch", "max_sequence"])] + kept[1:])
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "legacy/axis1"),
+                              numpy_helper.from_array(np.array(1, np.int64), "legacy/one")])
+    lengths = [helper.make_node("ReduceSum", ["attention_mask", "legacy/axis1"], ["legacy/count"], keepdims=0),
+               helper.make_node("Sub", ["legacy/count", "legacy/one"], ["legacy/last"]),
+               helper.make_node("Cast", ["legacy/last"], [SEQLENS_K], to=TensorProto.INT32),
+               helper.make_node("Shape", ["attention_mask"], ["legacy/width"], start=1, end=2),
+               helper.make_node("Cast", ["legacy/width"], ["legacy/width32"], to=TensorProto.INT32),
+               helper.make_node("Squeeze", ["legacy/width32"], [TOTAL_SEQUENCE_LENGTH])]
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(lengths + nodes)
+    onnx.save(model, str(target / "decoder.onnx"))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"]["decoder.onnx"] = hashlib.sha256((target / "decoder.onnx").read_bytes()).hexdigest()
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_bundles_with_the_older_mask_contract_decode_the_same(trained, tmp_path):
+    """The shared-buffer decoder takes seqlens_k / total_sequence_length; a bundle whose decoder
+    still takes the attention mask (exported before 2026-12-05) runs and gives the same outputs,
+    greedy with rows leaving the batch and beam n-best with scores."""
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    new = BundleTranslator(bundle, device="cpu", threads=1)
+    old = BundleTranslator(_mask_contract_bundle(bundle, tmp_path / "old"), device="cpu", threads=1)
+    assert new.sessions.lengths_as_inputs and not old.sessions.lengths_as_inputs
+    batch = [new.check(t) for t in ("seven", "forty-two", "nine hundred and ninety-nine thousand", "six hundred")]
+    assert old.predict(batch, max_new_tokens=8) == new.predict(batch, max_new_tokens=8)
+    assert old.predict(batch, max_new_tokens=8, num_beams=3, n_best=2) == \
+        new.predict(batch, max_new_tokens=8, num_beams=3, n_best=2)
 
 
 def test_padding_does_not_change_results(trained):
