@@ -35,6 +35,15 @@ padding) and CPU sessions without ORT's SkipLayerNormFusion (runtime.py), --keep
     greedy: Keras 336.4 | bundle  752.2 2.24x | per batch 581.5 1.73x; beam 4 6.19x  (slow phase)
     greedy: Keras 407.8 | bundle 1178.8 2.89x | per batch 935.3 2.29x; beam 4 6.57x
     greedy: Keras 407.7 | bundle 1167.7 2.86x | per batch 933.4 2.29x; beam 4 6.51x
+  then the decoder taking GroupQueryAttention's seqlens_k / total_sequence_length as inputs
+  (seq2seq_export.share_self_attention_buffer: 98 -> 88 nodes; the 4-batch job 60.0 -> 59.1 ms
+  median in one process), a fresh export and then --keep:
+    greedy: Keras 414.0 | bundle 1169.9 2.83x | per batch 951.2 2.30x; beam 4 6.60x
+    greedy: Keras 371.5 | bundle 1085.5 2.92x | per batch 738.1 1.99x; beam 4 7.02x
+    greedy: Keras 357.1 | bundle  702.4 1.97x | per batch 790.8 2.21x; beam 4 6.88x
+  (in the last run the whole-batch job came out below the per-batch call, with nothing else
+  running on the machine: with 4 batches on 2 workers, a core the host takes away for a while
+  leaves one worker's batch last, and the job waits for it.)
 Greedy 64/64 identical to Keras in every run. In one process, alternating (the 4-batch job,
 medians of 20): before 101.4 ms, after 96.5 ms; one encoder batch 13.96 -> 12.13 ms (a slow
 phase of the machine; the job took 54-60 ms in quieter minutes). Greedy still short of 3x
