@@ -56,6 +56,14 @@ A fourth run 20 minutes later, the machine in a slow phase:
 
 (split below unsplit in that run; right after it, in one process alternating 60-step fits, split
 28.9 / 30.4 vs unsplit 31.1 / 34.0 ms/step: separate processes differ by more than the effect.)
+The same command in the next session (2026-12-05 evening, after the evaluation warm-up below),
+TensorFlow programs in a slow phase against nanoGPT:
+
+    kerasllm                       21.4     21,902         1.69x         1.16x
+    kerasllm batch_split=1         20.3     21,793         1.59x         1.16x
+    keras-hub GPT2Backbone         32.8     18,868         2.58x         1.00x
+    nanoGPT (PyTorch)              12.7     26,221         1.00x         1.39x
+
 In one process the fit step now equals a bare loop over the same compiled programs (30.98 vs
 32.65 ms, machine in a slow phase): what is left per step is the compiled arithmetic itself.
 The split step is +6% / +14% steady tokens/s in these runs (in one process, alternating 50-step fits of the
