@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 # Ops that compute each row (token) of a [..., C] tensor from that row alone, given weights.
-_ROW_WISE = {"Reshape", "MatMul", "Add", "Sub", "Mul", "LayerNormalization", "SkipLayerNormalization", "BiasGelu", "FastGelu",
-             "Gelu", "Relu", "Sigmoid", "Tanh", "Erf", "Div"}
+_ROW_WISE = {"Reshape", "MatMul", "Add", "Sub", "Mul", "Div", "LayerNormalization", "SkipLayerNormalization",
+             "BiasGelu", "FastGelu", "Gelu", "Relu", "Sigmoid", "Tanh", "Erf"}
 # Token-major [B, S, C] tensors made outside the region that it may take in (packed on the way in).
 _PACKABLE_SOURCES = {"Attention", "EmbedLayerNormalization"}
 _PREFIX = "kerasllm_packed"
@@ -58,18 +59,19 @@ def pack_padded_tokens(model: onnx.ModelProto, mask_input: str = "attention_mask
             consumers[name].append(node)
     outputs = {o.name for o in graph.output}
     attention = [n for n in graph.node if n.op_type == "Attention"]
-    if not attention:
+    if not attention or _rank(initializers, attention[0].input[1]) != 2:
         return 0
+    width = initializers[attention[0].input[1]].dims[0]  # the model's hidden size (the QKV weight's rows)
 
     def row_wise(node) -> bool:
         if node.op_type not in _ROW_WISE:
             return False
         if node.op_type == "MatMul":  # activations times a 2-D weight, never two activations
             return _rank(initializers, node.input[1]) == 2
-        if node.op_type == "Reshape":  # to rows, [-1, C]: what a packed tensor already is
+        if node.op_type == "Reshape":  # to rows of the hidden size, [-1, C]: what a packed tensor already is
             shape = initializers.get(node.input[1])
             return (shape is not None and len(shape.dims) == 1 and shape.dims[0] == 2
-                    and int(numpy_helper.to_array(shape)[0]) == -1)
+                    and numpy_helper.to_array(shape).tolist() == [-1, width])
         if node.op_type == "LayerNormalization":
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
             return axis == -1 and len([o for o in node.output if o]) == 1
@@ -114,24 +116,25 @@ def pack_padded_tokens(model: onnx.ModelProto, mask_input: str = "attention_mask
         for name in node.input:
             if name and name not in initializers and name not in made and name not in packed_in:
                 return 0
-            if name in initializers and node.op_type not in ("MatMul", "Reshape") and _rank(initializers, name) not in (0, 1):
+            per_channel = _rank(initializers, name) in (0, 1)
+            if name in initializers and node.op_type not in ("MatMul", "Reshape") and not per_channel:
                 return 0  # a weight that is not a per-channel vector: not row-wise
 
     def const(name: str, values: list[int]):
-        import numpy as np  # noqa: PLC0415
-
         graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), f"{_PREFIX}/{name}"))
         return f"{_PREFIX}/{name}"
 
     flat_mask, token_index, unpack_index, shape = (f"{_PREFIX}/{n}" for n in
                                                   ("flat_mask", "token_index", "unpack_index", "shape"))
     prep = [
-        helper.make_node("Reshape", [mask_input, const("minus_one", [-1])], [flat_mask], name=f"{_PREFIX}/flatten_mask"),
+        helper.make_node("Reshape", [mask_input, const("minus_one", [-1])], [flat_mask],
+                         name=f"{_PREFIX}/flatten_mask"),
         helper.make_node("NonZero", [flat_mask], [f"{_PREFIX}/nonzero"], name=f"{_PREFIX}/nonzero"),
         helper.make_node("Squeeze", [f"{_PREFIX}/nonzero", const("zero_axis", [0])], [token_index],
                          name=f"{_PREFIX}/token_index"),
         helper.make_node("CumSum", [flat_mask, const("zero", [0])], [f"{_PREFIX}/count"], name=f"{_PREFIX}/count"),
-        helper.make_node("Sub", [f"{_PREFIX}/count", const("one", [1])], [unpack_index], name=f"{_PREFIX}/unpack_index"),
+        helper.make_node("Sub", [f"{_PREFIX}/count", const("one", [1])], [unpack_index],
+                         name=f"{_PREFIX}/unpack_index"),
         helper.make_node("Shape", [ids_input], [f"{_PREFIX}/batch_length"], name=f"{_PREFIX}/batch_length"),
         helper.make_node("Concat", [f"{_PREFIX}/batch_length", f"{_PREFIX}/minus_one"], [shape], axis=0,
                          name=f"{_PREFIX}/shape"),
