@@ -315,7 +315,7 @@ def replace_nodes(proto: onnx.ModelProto, replacements: dict) -> None:
         nodes.extend(replacements.get(id(node), [node]))
     del graph.node[:]
     graph.node.extend(nodes)
-    remove_dead_nodes(proto)
+    _remove_dead_nodes(proto)
     if any(n.domain == "com.microsoft" for n in graph.node) and not any(
             o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -354,7 +354,7 @@ def _rewrite_erfc(proto: onnx.ModelProto) -> None:
     del graph.node[:]
     graph.node.extend(nodes)
     # The Neg/Mul feeding a rewritten Erfc may now be dead.
-    remove_dead_nodes(proto)
+    _remove_dead_nodes(proto)
 
 
 def _fold_tensordot(proto: onnx.ModelProto) -> None:
@@ -390,7 +390,7 @@ def _fold_tensordot(proto: onnx.ModelProto) -> None:
     nodes = [replace.get(id(n), n) for n in graph.node]
     del graph.node[:]
     graph.node.extend(n for n in nodes if n is not None)
-    remove_dead_nodes(proto)
+    _remove_dead_nodes(proto)
 
 
 def _plain_gather_indices(proto: onnx.ModelProto) -> None:
@@ -452,7 +452,7 @@ def _plain_gather_indices(proto: onnx.ModelProto) -> None:
                 gather.input[1] = index
                 changed = True
     if changed:
-        remove_dead_nodes(proto)
+        _remove_dead_nodes(proto)
 
 
 def _drop_mask_broadcast(proto: onnx.ModelProto) -> None:
@@ -496,11 +496,10 @@ def _drop_mask_broadcast(proto: onnx.ModelProto) -> None:
                 add.input[i] = expand.input[0]
                 changed = True
     if changed:
-        remove_dead_nodes(proto)
+        _remove_dead_nodes(proto)
 
 
-def remove_dead_nodes(proto: onnx.ModelProto) -> None:
-    """Drop the nodes no graph output depends on, and the initializers only they read."""
+def _remove_dead_nodes(proto: onnx.ModelProto) -> None:
     graph = proto.graph
     needed = {o.name for o in graph.output}
     kept = []

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, remove_dead_nodes, save_onnx, trace_to_onnx
+from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, save_onnx, trace_to_onnx
 from kerasllm.export.optimize import attention_splits, optimize_graph, to_group_query_attention
 from kerasllm.export.runtime import SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
@@ -165,8 +165,7 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
     graph.input.insert(2, helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, int32, []))
     to_group_query_attention(model, self_attention, splits, num_heads, lengths, SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
                              is_cache=lambda name: name.startswith(("past_key_values.", "present."))
-                             and ".decoder." in name)
-    remove_dead_nodes(model)
+                             and ".decoder." in name)  # replace_nodes drops what went dead
     return True
 
 

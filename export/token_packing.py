@@ -100,12 +100,10 @@ def pack_padded_tokens(model: onnx.ModelProto, mask_input: str = "attention_mask
                     continue
                 source = producer.get(name)
                 # Another activation: pack it on the way in when it is a token-major tensor made
-                # outside; it is otherwise made inside the region (found from its own producer's side).
+                # outside; anything else must be made in the region (checked below).
                 if source is not None and source.op_type in _PACKABLE_SOURCES:
                     seen.add(name)
                     packed_in.append(name)
-                elif source is None or not row_wise(source):
-                    return 0  # an input of unknown layout: leave the graph alone
             for name in node.output:
                 if name and name not in seen:
                     seen.add(name)

@@ -172,6 +172,10 @@ def test_evaluation_warm_up_changes_no_state(monkeypatch):
     _, part_loss, _, _ = with_warm_up[0]._functions()
     assert part_loss.experimental_get_tracing_count() == 2  # parts of 3 and 2 rows, traced once each
     _assert_identical(without, with_warm_up)
+    # A later fit validated on batches of the same shapes finds them compiled: no second warm-up.
+    model = with_warm_up[0]
+    assert model._start_evaluation_warm_up(_windows(5)) is None
+    assert model._start_evaluation_warm_up(_windows(6)).join() is None  # another shape: warmed up
 
 
 def _fail_trace(model, monkeypatch):

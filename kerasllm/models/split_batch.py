@@ -110,6 +110,7 @@ class SplitBatchFitMixin:
     """
 
     _batch_parts = 1
+    _warmed_up = frozenset()
 
     def configure_batch_split(self, batch_split="auto", loss=None) -> int:
         self._batch_parts = resolve_batch_split(self, batch_split, bool(self.jit_compile))
@@ -118,6 +119,7 @@ class SplitBatchFitMixin:
             # parts running at the same time would race on it.
             self._batch_parts = 1
         self._split_functions = None
+        self._warmed_up = set()  # validation element specs whose evaluation parts were compiled ahead
         return self._batch_parts
 
     @property
@@ -217,6 +219,9 @@ class SplitBatchFitMixin:
         spec = validation_data.element_spec
         if not all(isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in tf.nest.flatten(spec)):
             return None  # XLA compiles per shape: unknown batch shapes cannot be compiled ahead
+        if str(spec) in self._warmed_up:
+            return None  # an earlier fit compiled them (a new wrapper would be traced again for nothing)
+        self._warmed_up.add(str(spec))
         try:
             _, part_loss, _, _ = self._functions()
             batch = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
