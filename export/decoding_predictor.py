@@ -128,6 +128,12 @@ class BundleGenerator(CausalGenerator):
         super().__init__(self.bundle.tokenizer(), self.bundle.config, self.bundle.manifest.get("train"))
         self.step = DecoderSession(create_session(self.bundle.graph_path("model"), device, threads))
 
+    def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
+        from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
+
+        with flush_denormals():  # ORT's kernels run on this thread (see runtime.flush_denormals)
+            return super().predict(batch, **options)
+
 
 class ModelDirGenerator(CausalGenerator):
     """Generation from a trained model directory in Keras (imports TensorFlow)."""

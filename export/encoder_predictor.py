@@ -158,8 +158,11 @@ def _bundle(path: Path, task: str, device: str | None = None, threads: int | Non
 def session_predictor(session, task: str, model_task: str, tokenizer, config: dict, labels: Sequence[str] | None,
                       source: Path) -> EncoderPredictor:
     """An `EncoderPredictor` over an encoder graph's `runtime.Session` (bundles; the benchmark)."""
+    from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
+
     def run(ids, mask, names):
-        return dict(zip(names, session.session.run(names, {"input_ids": ids, "attention_mask": mask})))
+        with flush_denormals():
+            return dict(zip(names, session.session.run(names, {"input_ids": ids, "attention_mask": mask})))
 
     run_tokens = CPU_RUN_TOKENS if session.device_type == "cpu" else None  # a GPU wants whole batches
     return EncoderPredictor(task, model_task, tokenizer, config, labels, run, source, run_tokens)

@@ -234,6 +234,12 @@ class BundleTranslator(Translator):
                 logging.getLogger("kerasllm").removeFilter(quiet)
         return self._loop(sessions, batch, decoding)
 
+    def _loop(self, sessions, batch, decoding):
+        from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
+
+        with flush_denormals():  # ORT's kernels run on this thread (see runtime.flush_denormals)
+            return super()._loop(sessions, batch, decoding)
+
     def _generate(self, batch, decoding):
         """One batch on the bundle's own sessions (no workers)."""
         return self._loop(self.sessions, batch, decoding)

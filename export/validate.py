@@ -38,13 +38,17 @@ def validated_with_fallback(build, fuse_attention: bool, log):
 
     Returns `(report, figures, reverted)`: `reverted` is the failed check's message, or None.
     """
+    from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415 - as the bundle will run
+
     try:
-        return (*build(fuse_attention), None)
+        with flush_denormals():
+            return (*build(fuse_attention), None)
     except ValidationError as err:
         if not fuse_attention:
             raise
         log(f"fused attention failed validation ({err}); exporting without that fusion")
-        return (*build(False), str(err))
+        with flush_denormals():
+            return (*build(False), str(err))
 
 
 class KerasDecoderStep:

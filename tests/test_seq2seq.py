@@ -197,6 +197,30 @@ def test_whole_batches_on_the_workers_decode_as_one_batch_at_a_time(trained, mon
     assert len(started) <= 3  # the first batch, then at most one more on each worker, held until the close
 
 
+def test_bundle_decoding_flushes_denormals_on_every_thread_it_runs_on(trained, monkeypatch):
+    """ONNX Runtime's kernels run on the thread that calls them: the worker threads and the
+    caller's thread decode with denormals flushed (runtime.flush_denormals: masked attention
+    probabilities are denormals otherwise, and slow), and the caller's thread is left as it was."""
+    from kerasllm.export import translate_predictor
+
+    _, bundle, _ = trained
+    translator = translate_predictor.BundleTranslator(bundle, device="cpu")
+    translator.max_shards = 2
+    flushed, generate = [], translate_predictor.generate
+
+    def recording(*args, **kwargs):
+        flushed.append((threading.get_ident(), bool(np.float32(1e-38) * np.float32(0.01) == 0)))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(translate_predictor, "generate", recording)
+    sources = [translator.check(t) for t, _ in datasets.number_words_pairs(12, max_value=99, seed=3)]
+    list(translator.predict_batches([sources[:6], sources[6:]], max_new_tokens=4))  # on the two workers
+    translator.predict(sources[:3], max_new_tokens=4)  # on this thread
+    threads = {thread for thread, _ in flushed}
+    assert threading.get_ident() in threads and len(threads) >= 2 and all(on for _, on in flushed)
+    assert np.float32(1e-38) * np.float32(0.01) != 0
+
+
 def test_translate_cli_hands_a_window_of_batches_over_at_once(trained, run_cli, tmp_path, monkeypatch):
     """`kerasllm translate` on a bundle gives each window's batches to `predict_batches` in one
     call; the output is in input order and equal to translating each line alone."""

@@ -25,8 +25,8 @@ Measured 2026-12-01 on the 2-core CPU (Sapphire Rapids) under the shared CPU loc
        885.0           1095.3             332.1          380.0        2.66x           3.30x          1023.5
        825.6           1045.1             350.4          365.8        2.36x           2.98x           913.6
 Goal (>= 2x Keras predict) met by the graph alone. Before (2026-12-01, quiet machine):
-graph 649.8, Keras 392.6 (1.66x), XLA 435.9. What moved the graph: flush-to-zero in every
-ORT session (runtime.py; masked softmax probabilities are denormals otherwise), 645 -> 742
+graph 649.8, Keras 392.6 (1.66x), XLA 435.9. What moved the graph: flush-to-zero in
+ORT's threads (runtime.flush_denormals; masked softmax probabilities are denormals otherwise), 645 -> 742
 in two back-to-back runs of this benchmark; then, in interleaved runs of the graphs alone,
 attention fused 676 -> 758 and a CLS-pooled classifier's last block on the first token
 only (Encoder.first_token, same outputs) 671 -> 826. The predictor's runs of <= 1024
@@ -97,7 +97,7 @@ def main() -> None:
     from kerasllm.export.encoder_export import export_encoder_family
     from kerasllm.export.encoder_predictor import session_predictor
     from kerasllm.export.exporter import ExportOptions
-    from kerasllm.export.runtime import create_session
+    from kerasllm.export.runtime import create_session, flush_denormals
 
     keras.utils.set_random_seed(0)
     config = EncoderConfig.preset("small", vocab_size=1000, num_labels=2)
@@ -121,7 +121,10 @@ def main() -> None:
         int8 = create_session(Path(scratch) / "int8.onnx", "cpu").session
 
         def onnx_run(session):
-            return lambda ids, mask: session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            def run(ids, mask):
+                with flush_denormals():  # as every bundle predictor runs its sessions
+                    return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            return run
 
         def keras_run(model):
             return lambda ids, mask: model.predict({"token_ids": ids.astype("int32"), "padding_mask": mask},

@@ -95,7 +95,7 @@ def main() -> None:
     from kerasllm.export.exporter import DECODER_DISABLED_FUSIONS
     from kerasllm.export.generate import DecodingOptions, FullRecompute, generate
     from kerasllm.export.optimize import optimize_graph
-    from kerasllm.export.runtime import DecoderSession, create_session
+    from kerasllm.export.runtime import DecoderSession, create_session, flush_denormals
 
     keras.utils.set_random_seed(0)
     config = DecoderConfig.preset(args.preset, vocab_size=args.vocab, dropout=0.0)
@@ -116,10 +116,12 @@ def main() -> None:
             prompts = np.random.default_rng(batch).integers(6, args.vocab, size=(batch, PROMPT)).tolist()
 
             def cached():
-                return [h[0].tokens for h in generate(step, prompts, options, pad_id=0)]
+                with flush_denormals():  # as the bundle's predictor runs (kerasllm generate)
+                    return [h[0].tokens for h in generate(step, prompts, options, pad_id=0)]
 
             def full():
-                return [h[0].tokens for h in generate(FullRecompute(step), prompts, options, pad_id=0)]
+                with flush_denormals():
+                    return [h[0].tokens for h in generate(FullRecompute(step), prompts, options, pad_id=0)]
 
             def keras_generate():
                 return np.asarray(model.generate(prompts, max_new_tokens=NEW)).tolist()
