@@ -116,10 +116,20 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
     """
     from kerasllm.data_tasks import read_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
+    from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
 
     rows = read_rows(data, text_field, fmt=fmt)
     predictor = load_predictor("generate", source, device=device)
     sequences = [predictor.tokenizer.encode(row.text)[:predictor.max_length] for row in rows]
+    with flush_denormals():  # a bundle's ORT kernels run on this thread (see runtime.flush_denormals)
+        nll = _causal_nll(predictor, sequences, batch_size)
+    if not nll:
+        raise DataError(f"{data}: no record has two tokens (nothing to predict)")
+    return {"count": len(rows), "predicted_tokens": len(nll), "perplexity": metrics.perplexity(nll)}
+
+
+def _causal_nll(predictor, sequences: list[list[int]], batch_size: int) -> list[float]:
+    """Per-token negative log-likelihoods of `sequences`, left-padded batches of similar lengths."""
     nll: list[float] = []
     for indices in _by_length(sequences, batch_size):
         batch = [sequences[i] for i in indices if len(sequences[i]) > 1]
@@ -134,6 +144,4 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
         for k, tokens in enumerate(batch):
             start = width - len(tokens)
             nll.extend(metrics.token_nll(logits[k, start:width - 1], np.asarray(tokens[1:])).tolist())
-    if not nll:
-        raise DataError(f"{data}: no record has two tokens (nothing to predict)")
-    return {"count": len(rows), "predicted_tokens": len(nll), "perplexity": metrics.perplexity(nll)}
+    return nll
