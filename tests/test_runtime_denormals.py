@@ -42,20 +42,17 @@ def test_flush_denormals_flushes_on_this_thread_numpy_and_onnx_runtime_and_resto
     assert TINY * SCALE != 0 and session.run(None, {"x": x})[0].min() > 0  # restored
 
 
-@pytest.mark.parametrize("opener, flushed_after", [
-    # ORT applies session.set_denormal_as_zero to the thread that opens the process's first session, for good
-    ("onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])", True),
-    ("create_session(path, 'cpu')", False),
-])
-def test_opening_the_first_session_leaves_the_callers_thread_alone(tmp_path, opener, flushed_after):
+def test_opening_the_first_session_leaves_the_callers_thread_alone(tmp_path):
+    """ORT applies session.set_denormal_as_zero to the thread that opens the process's first session,
+    for good (ORT 1.31: a plain `InferenceSession` with that option leaves the thread flushing);
+    `create_session` undoes it, in a fresh process where its session is the first."""
     _scale_model(tmp_path / "scale.onnx")
     script = textwrap.dedent(f"""
-        import numpy as np, onnxruntime
-        from kerasllm.export.runtime import _QUIET, _options, create_session
-        path, options = {str(tmp_path / "scale.onnx")!r}, _options(_QUIET, 1)
-        {opener}
+        import numpy as np
+        from kerasllm.export.runtime import create_session
+        create_session({str(tmp_path / "scale.onnx")!r}, "cpu")
         print(np.float32(1e-38) * np.float32(0.01) == 0)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == str(flushed_after)
+    assert done.stdout.split()[-1] == "False"
