@@ -110,21 +110,48 @@ def _options(severity: int, threads: int | None) -> ort.SessionOptions:
     return options
 
 
-# glibc's (and musl's) x86-64 fenv_t: 32 bytes, the SSE control/status register last.
-_FENV_BYTES, _MXCSR_OFFSET = 32, 28
+# glibc's and musl's x86-64 fenv_t: 32 bytes, the SSE control/status register (MXCSR) at byte 28.
+# The buffers get room to spare; `_load_libm` checks the layout before anything relies on it.
+_FENV_BYTES, _MXCSR_OFFSET = 64, 28
 _FLUSH_TO_ZERO, _DENORMALS_ARE_ZERO = 0x8000, 0x0040
 
 
+def _environments(libm) -> tuple | None:
+    """(this thread's floating-point environment, the same flushing denormals, the same not
+    flushing them), or None."""
+    saved = ctypes.create_string_buffer(_FENV_BYTES)
+    if libm.fegetenv(saved) != 0:
+        return None
+    mxcsr = int.from_bytes(saved.raw[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little")
+    variants = []
+    for register in (mxcsr | _FLUSH_TO_ZERO | _DENORMALS_ARE_ZERO, mxcsr & ~(_FLUSH_TO_ZERO | _DENORMALS_ARE_ZERO)):
+        variant = ctypes.create_string_buffer(saved.raw, _FENV_BYTES)
+        ctypes.memmove(ctypes.addressof(variant) + _MXCSR_OFFSET, register.to_bytes(4, "little"), 4)
+        variants.append(variant)
+    return saved, *variants
+
+
 def _load_libm():
-    """libm's fegetenv/fesetenv where MXCSR sits where `_MXCSR_OFFSET` says (x86-64 Linux), else None."""
+    """libm, where its fegetenv/fesetenv turn denormal flushing on and off as `flush_denormals`
+    does it (checked on a denormal product), else None."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
         libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        libm.fegetenv, libm.fesetenv  # noqa: B018 - both must exist
+        environments = _environments(libm)
     except (OSError, AttributeError):
         return None
-    return libm
+    if environments is None:
+        return None
+    saved, flushing, keeping = environments
+    try:
+        libm.fesetenv(flushing)
+        flushed = np.float32(1e-38) * np.float32(0.01) == 0
+        libm.fesetenv(keeping)
+        kept = np.float32(1e-38) * np.float32(0.01) != 0
+    finally:
+        libm.fesetenv(saved)
+    return libm if flushed and kept else None
 
 
 _LIBM = _load_libm()
@@ -141,19 +168,14 @@ def flush_denormals():
     its pool threads, but the calling thread only at the process's first session (and then
     for good, whatever the caller runs afterwards). Values below 1.2e-38 are all it changes.
     'small' encoder 64 x 128, a third of the rows padded: 615 -> 682 seq/s; seq2seq 16-row
-    batch on one worker thread: encoder 8.64 -> 8.04 ms, 32 decoder steps 20.8 -> 20.1 ms.
+    batch on one thread: encoder 8.64 -> 8.04 ms, 32 decoder steps 20.8 -> 20.1 ms.
     No library sets the register from Python, hence glibc's fegetenv/fesetenv through ctypes
     (x86-64 Linux; elsewhere this does nothing)."""
-    if _LIBM is None:
+    environments = _environments(_LIBM) if _LIBM is not None else None
+    if environments is None:
         yield
         return
-    saved = ctypes.create_string_buffer(_FENV_BYTES)
-    if _LIBM.fegetenv(saved) != 0:
-        yield
-        return
-    flushing = ctypes.create_string_buffer(saved.raw, _FENV_BYTES)
-    mxcsr = int.from_bytes(saved.raw[_MXCSR_OFFSET:], "little") | _FLUSH_TO_ZERO | _DENORMALS_ARE_ZERO
-    ctypes.memmove(ctypes.addressof(flushing) + _MXCSR_OFFSET, mxcsr.to_bytes(4, "little"), 4)
+    saved, flushing, _ = environments
     _LIBM.fesetenv(flushing)
     try:
         yield
