@@ -9,7 +9,7 @@
   only the logits (what sampling needs) come back to the host. The same code path runs
   on the CPU, so the CPU tests exercise it.
 * `flush_denormals()` wraps code that runs sessions on the CPU: ORT's kernels run on the
-  calling thread, and masked attention is several times slower there with denormals.
+  calling thread, and masked attention runs up to ~2x slower there with denormals.
 
 Devices: `None`/"auto" (CUDA when it loads, else CPU), "cpu", "cuda", "cuda:N".
 Environment: `KERASLLM_ORT_SPINNING=0` stops idle pool threads from spinning (see `_spinning`).
