@@ -49,6 +49,7 @@ from kerasllm.errors import UsageError
 log = logging.getLogger("kerasllm")
 
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "tpu", "parameter-server")
+PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 
 
 def usable_cores() -> int:
@@ -57,8 +58,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-PRECISIONS = ("fp32", "mixed_float16", "mixed_bfloat16")
 
 
 # -- TF_CONFIG --------------------------------------------------------------------------------
