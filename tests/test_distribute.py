@@ -196,7 +196,9 @@ def test_random_windows_are_seeded_per_worker():
     assert offsets() == offsets(shard_index=0, num_shards=1)  # one worker: the run's own seed
     worker0, worker1 = offsets(shard_index=0, num_shards=2), offsets(shard_index=1, num_shards=2)
     assert worker0 == offsets(shard_index=0, num_shards=2)  # reproducible
-    assert len(set(worker0) & set(worker1)) <= 2 and worker0 != offsets()  # independent streams
+    # Independent streams: two draws of 64 offsets among ~5000 share ~1 by chance (which ones depends
+    # on the global seed state earlier tests leave); the same stream would share all 64.
+    assert len(set(worker0) & set(worker1)) <= len(worker0) // 8 and worker0 != offsets()
 
 
 def test_shard_batches_splits_a_seeded_pipeline_between_workers():
