@@ -184,8 +184,20 @@ def flush_denormals():
         _LIBM.fesetenv(saved)
 
 
+# What runs, as logged: a job opens several sessions (encoder and decoder, one per worker thread)
+# on the same provider, and says so once.
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(description: str) -> None:
+    if description not in _ANNOUNCED:
+        _ANNOUNCED.add(description)
+        log.info(description)
+
+
 def create_session(path: str | Path, device: str | None = None, threads: int | None = None) -> Session:
-    """Open `path` on `device` (see the module docstring); logs one line saying what runs."""
+    """Open `path` on `device` (see the module docstring); logs one line saying what runs (once per
+    process for each provider and reason)."""
     kind, device_id = parse_device(device)
     path = str(path)
     reason = "CPU requested"
@@ -207,7 +219,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
                 ort.set_default_logger_severity(_QUIET)
             if session is not None and session.get_providers()[0] == "CUDAExecutionProvider":
                 description = f"ONNX Runtime {ort.__version__} on CUDAExecutionProvider (cuda:{device_id})"
-                log.info(description)
+                _announce(description)
                 return Session(session, "cuda", device_id, description)
             if session is not None:
                 reason = "CUDA provider did not load (no CUDA driver or libraries)"
@@ -217,7 +229,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
         session = ort.InferenceSession(path, _options(_QUIET, threads), providers=["CPUExecutionProvider"],
                                        disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
     description = f"ONNX Runtime {ort.__version__} on CPUExecutionProvider ({reason})"
-    log.info(description)
+    _announce(description)
     return Session(session, "cpu", 0, description)
 
 

@@ -308,13 +308,16 @@ def test_serving_modules_import_without_tensorflow():
     assert float(out[0]) < 2.0  # ~0.3 s here; TensorFlow alone takes ~4 s
 
 
-def test_sessions_use_cuda_only_when_it_loads_and_say_so_in_one_line(bundle_dir, caplog):
+def test_sessions_use_cuda_only_when_it_loads_and_say_so_in_one_line(bundle_dir, caplog, monkeypatch):
     import logging
 
     import onnxruntime as ort
 
     from kerasllm.errors import KerasLLMError, UsageError
+    from kerasllm.export import runtime
     from kerasllm.export.runtime import create_session, parse_device
+
+    monkeypatch.setattr(runtime, "_ANNOUNCED", set())  # as in a fresh process
 
     assert parse_device("cuda:1") == ("cuda", 1) and parse_device(None) == ("auto", 0)
     with pytest.raises(UsageError, match="cpu, cuda or cuda:N"):
@@ -324,6 +327,9 @@ def test_sessions_use_cuda_only_when_it_loads_and_say_so_in_one_line(bundle_dir,
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if session.device_type == "cpu":  # this machine: no GPU, whatever the build lists
         assert session.session.get_providers() == ["CPUExecutionProvider"]
+        assert [r.getMessage() for r in caplog.records] == [session.description]
+        with caplog.at_level(logging.INFO, logger="kerasllm"):  # a job's further sessions: said once
+            create_session(bundle_dir / "model.onnx")
         assert [r.getMessage() for r in caplog.records] == [session.description]
         assert session.description.startswith(f"ONNX Runtime {ort.__version__} on CPUExecutionProvider (")
         with pytest.raises(KerasLLMError, match="device cuda:0: " + ("CUDA provider did not load" if has_cuda
