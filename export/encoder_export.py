@@ -123,8 +123,7 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
         log(f"validated against Keras on {len(figures['shapes'])} padded batches: max |diff| {worst}")
         return report, figures
 
-    # fp32 only, as the decoder: the fp16 converter and the fused op do not mix.
-    fuse_attention = options.optimize and options.dtype == "fp32"
+    fuse_attention = options.optimize  # fp16 too: ORT's Attention kernel takes fp16 on the CPU and CUDA
     report, figures, reverted = validated_with_fallback(build, fuse_attention, log)
     if reverted:
         report["attention_fusion_reverted"] = reverted

@@ -9,10 +9,12 @@ Two layers of optimization, both ONNX Runtime's own:
   `ORT_ENABLE_ALL` (constant folding, e.g. of the tied embedding's transpose, and
   provider-specific fusions; see runtime.py).
 
-fp16 uses `onnxruntime.transformers.float16` with LayerNorm and softmax kept in float32
-(`op_block_list`), integer inputs and the logits kept in their original types
-(`keep_io_types`) and the KV cache in fp16. The converter can give two Cast nodes the
-same name on tf2onnx graphs, which ONNX Runtime refuses; names are made unique after.
+fp16 uses `onnxruntime.transformers.float16`: a decomposed softmax or normalization (Softmax,
+ReduceMean, Pow, Sqrt) stays in float32 (`op_block_list`); a fused LayerNormalization takes fp16
+and computes its statistics in float32 by definition (ONNX's `stash_type`), as the fused
+attention kernels keep their softmax in float32. Integer inputs and the logits keep their types
+(`keep_io_types`); the KV cache is fp16. The converter can give two Cast nodes the same name on
+tf2onnx graphs, which ONNX Runtime refuses; names are made unique after.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, g
                                      save_onnx, typed_producer)
 from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
-# Ops kept in float32 in fp16 graphs: normalization statistics and softmax overflow in fp16.
-FP16_BLOCKED_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow",
-                    "Sqrt", "Erf", "CumSum"]
+# Ops kept in float32 in fp16 graphs: decomposed normalization statistics and softmax overflow
+# in fp16. Not LayerNormalization: it computes in float32 whatever its input type (`stash_type`
+# 1), and blocking it left the converter giving it mixed fp16/fp32 inputs, which ORT refuses.
+FP16_BLOCKED_OPS = ["Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "CumSum"]
 # Fused ops worth reporting.
 FUSED_OPS = ("LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "Attention",
              "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding", "EmbedLayerNormalization")
@@ -475,10 +478,8 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
         raise ValueError(f"dtype must be fp32 or fp16, got {dtype!r}")
     original = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
     before = _op_counts(original)
-    # fp16: onnxruntime.transformers' float16 converter then gives LayerNormalization mixed
-    # fp16/fp32 inputs (ORT refuses the graph); the fp16 graph keeps attention unfused.
     kv_cache = "growing"
-    if fuse and cached_attention and dtype == "fp32":
+    if fuse and cached_attention:
         fuse_cached_attention(original, num_heads, hidden_size // num_heads)
         if shared_kv_buffer and share_kv_buffer(original, num_heads):
             kv_cache = SHARED_BUFFER
@@ -517,7 +518,9 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
               "nodes_before": sum(before.values()), "dtype": dtype,
               "session_graph_optimization_level": "ORT_ENABLE_ALL"}
     if dtype == "fp16":
-        logging.disable(logging.INFO)  # "Removed 1 cascaded Cast nodes" and the like
+        # "Removed 1 cascaded Cast nodes" (INFO) and, on growing-cache graphs, a warning that its
+        # symbolic shape inference failed so some useless Casts may stay (harmless): not the user's.
+        logging.disable(logging.WARNING)
         try:
             model.convert_float_to_float16(keep_io_types=list(keep_float32_io), op_block_list=FP16_BLOCKED_OPS)
         finally:

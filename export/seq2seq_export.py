@@ -330,7 +330,7 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
         fusions = ", ".join(f"{op} x{n}" for op, n in reports[spec.name]["fusions"].items()) or "none"
         log(f"optimized the {spec.name} ({options.dtype}): fusions {fusions}")
 
-    fuse_attention = options.optimize and options.dtype == "fp32"
+    fuse_attention = options.optimize
     specs = seq2seq_graphs(model)
     for spec in specs:
         start = time.perf_counter()

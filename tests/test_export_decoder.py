@@ -144,20 +144,33 @@ def test_bundle_logits_match_keras_on_new_shapes_through_the_cache(bundle_dir, m
     assert np.abs(np.transpose(presents[0], (0, 2, 1, 3))[real] - ref_key).max() <= 1e-4
 
 
-def test_fp16_bundle_agrees_on_top1_with_an_fp16_cache(fp16_bundle):
+def test_fp16_bundle_is_the_gpu_fast_path_and_decodes_as_the_fp32_bundle(fp16_bundle, bundle_dir):
+    """fp16 is what GPU serving exports: attention fused into GroupQueryAttention over one fp16 KV
+    buffer bound as past and present (ORT's CUDA kernel of that op is fp16/bf16 only), layer norms
+    fused. Checked here on the CPU: top-1 agreement with Keras at export, and the same greedy
+    tokens as the fp32 bundle."""
     manifest = json.loads((fp16_bundle / "manifest.json").read_text())
     agreement = manifest["validation"]["top1_agreement"]
     assert agreement and min(agreement.values()) >= 0.99
     assert manifest["dtype"] == "fp16"
+    assert manifest["optimization"]["kv_cache"] == "shared_buffer"
+    assert manifest["optimization"]["fusions"]["GroupQueryAttention"] == 2
+    fusions = manifest["optimization"]["fusions"]
+    assert fusions.get("LayerNormalization", 0) + fusions.get("SkipLayerNormalization", 0) >= 5, fusions
     assert manifest["graphs"]["model"]["inputs"]["past_key_values.0.key"]["dtype"] == "float16"
     assert manifest["graphs"]["model"]["outputs"]["logits"]["dtype"] == "float32"
+    assert json.loads((fp16_bundle / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     from kerasllm.export.decoding_predictor import BundleGenerator
+    from kerasllm.export.generate import DecodingOptions, generate
 
-    predictor = BundleGenerator(fp16_bundle, device="cpu")
-    assert predictor.step.cache_dtype == np.float16
-    ids = [predictor.check(p) for p in PROMPTS]
-    logits, cache = predictor.step(np.array([ids[0]]), np.ones((1, len(ids[0])), np.int64), None)
-    assert np.isfinite(logits).all() and cache[0].numpy().dtype == np.float16
+    fp16, fp32 = BundleGenerator(fp16_bundle, device="cpu"), BundleGenerator(bundle_dir, device="cpu")
+    assert fp16.step.cache_dtype == np.float16
+    ids = [fp16.check(p) for p in PROMPTS]
+    logits, cache = fp16.step(np.array([ids[0]]), np.ones((1, len(ids[0])), np.int64), None)
+    assert np.isfinite(logits).all() and fp16.step.presents(cache)[0].dtype == np.float16
+    options = DecodingOptions(max_new_tokens=40)
+    tokens = [[h[0].tokens for h in generate(p.step, ids, options, pad_id=p.pad_id)] for p in (fp16, fp32)]
+    assert tokens[0] == tokens[1]
 
 
 def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):

@@ -58,6 +58,30 @@ def test_learns_numbers_to_digits(trained):
     assert scores["chrf"] >= 90.0, scores
 
 
+def test_fp16_bundle_fuses_attention_and_translates_as_the_fp32_bundle(trained, tmp_path):
+    """fp16 (what GPU serving exports) keeps the fp32 bundle's fused attention, the decoder's
+    self-attention over an fp16 in-place buffer, and translates the held-out set token for token as
+    the fp32 bundle does (checked on the CPU)."""
+    from kerasllm.export.exporter import ExportOptions, export_model_dir
+    from kerasllm.export.translate_predictor import BundleTranslator
+    from kerasllm.pairs import read_pairs
+
+    run, bundle, held_out = trained
+    fp16 = tmp_path / "fp16"
+    export_model_dir(run, fp16, ExportOptions(dtype="fp16"), log=lambda message: None)
+    manifest = json.loads((fp16 / "manifest.json").read_text())
+    assert manifest["dtype"] == "fp16" and min(manifest["validation"]["top1_agreement"].values()) >= 0.99
+    layers = manifest["config"]["num_decoder_layers"] or manifest["config"]["num_layers"]
+    assert manifest["optimization"]["encoder"]["fusions"]["Attention"] == manifest["config"]["num_layers"]
+    decoder = manifest["optimization"]["decoder"]
+    assert decoder["fusions"]["MultiHeadAttention"] == decoder["fusions"]["GroupQueryAttention"] == layers
+    assert decoder["kv_cache"] == "shared_buffer"
+    sources = [pair.source for pair in read_pairs(held_out)]
+    outputs = [[r["output"] for r in BundleTranslator(b, device="cpu").translate(sources, max_new_tokens=8)]
+               for b in (bundle, fp16)]
+    assert len(outputs[0]) == 200 and outputs[0] == outputs[1]
+
+
 def test_bundle_greedy_is_token_identical_to_keras(trained):
     from kerasllm.export.generate import DecodingOptions
     from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
@@ -129,13 +153,16 @@ def test_sharded_batches_decode_as_one(trained, monkeypatch, caplog):
     assert sharded.shards(19, sharded.options(temperature=0.7)) == 1
     for options in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "num_beams": 4, "n_best": 2}):
         assert sharded.predict(sources, **options) == one.predict(sources, **options)
-    # Each shard thread's sessions open quietly: what runs is said once, by the bundle's own sessions.
+    # What runs is said once a job: not again for the decoder, nor for each shard thread's sessions.
+    from kerasllm.export import runtime
+
+    monkeypatch.setattr(runtime, "_ANNOUNCED", set())  # as in a fresh process
     with caplog.at_level(logging.INFO, logger="kerasllm"):
         quiet = BundleTranslator(bundle, device="cpu")
         quiet.max_shards = 3
         quiet.predict(sources, max_new_tokens=2)
     said = [r for r in caplog.records if r.getMessage().startswith("ONNX Runtime")]
-    assert len(said) == 2  # the encoder's and the decoder's, not once more per shard thread
+    assert len(said) == 1
     monkeypatch.setattr(translate_predictor, "SHARD_MAX_GRAPH_BYTES", 1000)
     assert BundleTranslator(bundle, device="cpu", threads=2).shards(19, one.options()) == 1
 

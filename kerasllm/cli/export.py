@@ -12,14 +12,15 @@ import click
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write (new or empty).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17+ has LayerNormalization).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Weights and KV cache precision (fp16: for GPUs; LayerNorm/softmax stay fp32).")
+              help="Weights and KV cache precision (fp16: for GPUs; layer norm statistics and softmax are "
+                   "computed in fp32).")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Apply ONNX Runtime's transformer fusions (recorded in the manifest).")
 @click.option("--kv-cache", type=click.Choice(["shared-buffer", "growing"]), default="shared-buffer",
               show_default=True,
-              help="Decoder KV cache of fp32 bundles: one buffer per layer updated in place by GroupQueryAttention "
-                   "(fastest on CPU), or past + new concatenated by MultiHeadAttention (for fp32 bundles served "
-                   "on CUDA, whose GroupQueryAttention takes fp16/bf16 only). fp16 bundles always grow.")
+              help="Decoder KV cache: one buffer per layer updated in place by GroupQueryAttention (fastest "
+                   "on CPU; on CUDA that kernel takes fp16 only, so serve it there with --dtype fp16), or past + "
+                   "new concatenated by MultiHeadAttention (an fp32 bundle served on CUDA).")
 def export(model_dir, out, opset, dtype, optimize, kv_cache):
     """Export a trained model to an ONNX bundle, checked against Keras.
 
@@ -31,7 +32,7 @@ def export(model_dir, out, opset, dtype, optimize, kv_cache):
     \b
     Example:
       kerasllm export runs/lm --out bundles/lm
-      kerasllm export runs/lm --out bundles/lm-fp16 --dtype fp16
+      kerasllm export runs/lm --out bundles/lm-fp16 --dtype fp16          # for GPUs
       kerasllm export runs/lm --out bundles/lm-gpu --kv-cache growing   # fp32 on CUDA
     """
     from kerasllm.errors import UsageError  # noqa: PLC0415
