@@ -108,11 +108,17 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
 
 def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                        text_field: str = "text", fmt: str = "auto", **_: Any) -> dict:
-    """`perplexity` of a causal LM: every token of a record predicted from the ones before it.
+    """`perplexity` of a causal LM: every token of a record predicted once from the ones before it.
 
-    A record is a line of a text file or the text field of a JSONL/TSV/CSV row; a text longer
-    than the model keeps its first `max_length` tokens. The whole record is one forward pass
-    (no cache), left-padded in batches of similar lengths; a record of one token predicts nothing.
+    A record is a line of a text file or the text field of a JSONL/TSV/CSV row. The context is
+    what the model was trained on (`--seq-len`, recorded in the model dir and the bundle; else
+    its `max_length`): positions past it were never trained, and scoring them measured the
+    untrained position embeddings (perplexity 29 instead of ~1.3 on the README's corpus, ~200
+    tokens a line, trained at 64). A longer record is scored in sliding windows of that length
+    moving by half of it (`context_windows`, as Hugging Face's perplexity guide does), so every
+    token after the first is predicted once, from at least half a window of text before it
+    except near the record's start. Windows are forward passes (no cache), left-padded in
+    batches of similar lengths; a record of one token predicts nothing.
     """
     from kerasllm.data_tasks import read_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -120,28 +126,47 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
 
     rows = read_rows(data, text_field, fmt=fmt)
     predictor = load_predictor("generate", source, device=device)
-    sequences = [predictor.tokenizer.encode(row.text)[:predictor.max_length] for row in rows]
+    context = min(predictor.trained_seq_len or predictor.max_length, predictor.max_length)
+    windows = [w for row in rows for w in context_windows(predictor.tokenizer.encode(row.text), context)]
     with flush_denormals():  # a bundle's ORT kernels run on this thread (see runtime.flush_denormals)
-        nll = _causal_nll(predictor, sequences, batch_size)
+        nll = _causal_nll(predictor, windows, batch_size)
     if not nll:
         raise DataError(f"{data}: no record has two tokens (nothing to predict)")
-    return {"count": len(rows), "predicted_tokens": len(nll), "perplexity": metrics.perplexity(nll)}
+    return {"count": len(rows), "predicted_tokens": len(nll), "context": context,
+            "perplexity": metrics.perplexity(nll)}
 
 
-def _causal_nll(predictor, sequences: list[list[int]], batch_size: int) -> list[float]:
-    """Per-token negative log-likelihoods of `sequences`, left-padded batches of similar lengths."""
+def context_windows(tokens: list[int], context: int) -> list[tuple[list[int], int]]:
+    """`(window, scored)` pairs covering `tokens`: windows of `context` tokens (fewer only when the
+    record is shorter), each ending `context // 2` tokens after the previous one (the last at the
+    record's end); `scored` is how many of the window's last tokens it predicts, those no earlier
+    window predicted. Every token but the first is predicted exactly once."""
+    if len(tokens) < 2:
+        return []
+    context = max(2, context)  # a window predicts from at least one token
+    stride = max(1, context // 2)
+    windows, done, end = [], 1, min(context, len(tokens))  # tokens[:done] are predicted (the first never is)
+    while True:
+        windows.append((tokens[max(0, end - context):end], end - done))
+        if end == len(tokens):
+            return windows
+        done, end = end, min(end + stride, len(tokens))
+
+
+def _causal_nll(predictor, windows: list[tuple[list[int], int]], batch_size: int) -> list[float]:
+    """Negative log-likelihoods of each window's last `scored` tokens, in left-padded batches of
+    similar lengths."""
     nll: list[float] = []
-    for indices in _by_length(sequences, batch_size):
-        batch = [sequences[i] for i in indices if len(sequences[i]) > 1]
-        if not batch:
-            continue
-        width = max(len(s) for s in batch)
+    for indices in _by_length([tokens for tokens, _ in windows], batch_size):
+        batch = [windows[i] for i in indices]
+        width = max(len(tokens) for tokens, _ in batch)
         ids = np.full((len(batch), width), predictor.pad_id, np.int64)
         mask = np.zeros((len(batch), width), np.int64)
-        for k, tokens in enumerate(batch):
+        for k, (tokens, _) in enumerate(batch):
             ids[k, width - len(tokens):], mask[k, width - len(tokens):] = tokens, 1
         logits, _ = predictor.step(ids, mask, None)
-        for k, tokens in enumerate(batch):
-            start = width - len(tokens)
-            nll.extend(metrics.token_nll(logits[k, start:width - 1], np.asarray(tokens[1:])).tolist())
+        for k, (tokens, scored) in enumerate(batch):
+            # logits at position p predict the token at p + 1: the last `scored` targets.
+            predicted = logits[k, width - 1 - scored:width - 1]
+            nll.extend(metrics.token_nll(predicted, np.asarray(tokens[-scored:])).tolist())
     return nll

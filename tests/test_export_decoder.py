@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kerasllm.errors import BundleError
 
@@ -421,8 +423,33 @@ def test_evaluate_gives_the_same_perplexity_from_the_bundle_and_the_model_dir(bu
     from_bundle = evaluate(bundle_dir, held, batch_size=7)
     from_keras = evaluate(model_dir, held, batch_size=16)
     assert from_bundle["task"] == "causal-lm" and from_bundle["count"] == len(lines)
-    assert from_bundle["predicted_tokens"] == from_keras["predicted_tokens"] > len(lines)
+    # The context is the trained --seq-len (32), not max_length (96); lines longer than that are
+    # scored in windows, every token after the first once (none cut off).
+    assert from_bundle["context"] == from_keras["context"] == 32
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.load(bundle_dir / "tokenizer.json")
+    lengths = [len(tokenizer.encode(line)) for line in lines]
+    assert max(lengths) > 96
+    assert from_bundle["predicted_tokens"] == from_keras["predicted_tokens"] == sum(n - 1 for n in lengths)
     assert from_bundle["perplexity"] == pytest.approx(from_keras["perplexity"], rel=1e-4)
     vocab = json.loads((model_dir / "config.json").read_text())["model"]["vocab_size"]
     assert from_bundle["perplexity"] < vocab / 2
     assert evaluate(bundle_dir, scrambled)["perplexity"] > from_bundle["perplexity"] * 1.2
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(0, 300), context=st.integers(1, 100))
+def test_context_windows_predict_every_token_once_within_the_context(length, context):
+    from kerasllm.evaluation import context_windows
+
+    tokens = list(range(length))
+    windows = context_windows(tokens, context)
+    predicted = [t for window, scored in windows for t in window[-scored:]]
+    assert predicted == tokens[1:]
+    width = max(2, context)
+    for i, (window, scored) in enumerate(windows):
+        assert window == tokens[window[0]:window[0] + len(window)]  # contiguous
+        assert len(window) == min(width, length) and 1 <= scored <= len(window) - 1
+        if i:  # past the first window, each prediction sees at least half a window before it
+            assert len(window) - scored >= width // 2

@@ -26,6 +26,8 @@ def evaluate(source, data, output, fmt, text_field, label_field, source_field, t
     masked-lm), bleu and chrf (seq2seq).
 
     Prints the metrics as JSON on stdout (keys `accuracy`, `macro_f1`, `perplexity`, ... as apply).
+    A causal LM's perplexity uses the context it was trained with (`--seq-len`, reported as
+    `context`): longer records are scored in sliding windows, every token once.
 
     \b
     Example:
