@@ -120,6 +120,23 @@ def test_bundle_labels_identical_and_logits_within_1e4(work):
     assert all(set(r) == {"label", "scores"} and list(r["scores"]) == [r["label"]] for r in results)
 
 
+def test_fp16_bundle_keeps_the_fused_graph_and_the_labels(work, tmp_path):
+    """fp16 (the GPU export): attention and the residual + layer norm pairs fused (one kernel each
+    on CUDA), and the same labels as the fp32 bundle on the test set (checked on the CPU)."""
+    from kerasllm.export.predict import load_predictor
+
+    root, _, test = work
+    assert kerasllm("export", root / "clf", "--out", tmp_path / "fp16", "--dtype", "fp16") == 0
+    fusions = json.loads((tmp_path / "fp16" / "manifest.json").read_text())["optimization"]["fusions"]
+    assert fusions["Attention"] >= 1 and fusions["SkipLayerNormalization"] >= 1, fusions
+    texts = [json.loads(line)["text"] for line in test.read_text().splitlines()]
+    labels = []
+    for source in (root / "clf-bundle", tmp_path / "fp16"):
+        predictor = load_predictor("classify", source)
+        labels.append([r["label"] for r in predictor.predict([predictor.check(t) for t in texts], top_k=1)])
+    assert len(labels[0]) == 300 and labels[0] == labels[1]
+
+
 def test_bundles_fuse_attention_and_split_runs_agree_with_one_run(work):
     """The validated graph is the fused one, and the predictor's runs by length (CPU) give the
     outputs of one run over the whole padded batch: labels, embeddings, per-token logits."""
