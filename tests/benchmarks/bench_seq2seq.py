@@ -46,6 +46,13 @@ decoder step (16 rows, ~500 us) is made of, from single-op timings with hot cach
 ~180 us at ~180 GFLOP/s, cross-attention ~135 us and GroupQueryAttention ~80 us (kernel
 overhead: their arithmetic is < 1 us), ~100 Adds/LayerNorms/BiasGelus/others at 1-4 us each.
 
+Measured 2026-12-06 with `--repeats 10` (best of 10 interleaved, so both sides more likely get a
+pass in the machine's fast phase; its speed was bimodal that night, the same Python work taking
+6.8 or 10.2 ms): greedy Keras 346.2 | bundle 969.5 2.80x | per batch 758.8 2.19x; beam 4 5.83-6.85x.
+Tried that night and not kept: the encoder's fused Attention split into the QKV MatMul on the packed
+tokens + ONNX's opset-23 Attention (8.40 -> 7.67 ms per encoder batch alone, outputs identical, but
+the 4-batch job in one process over 3 x 300 alternations: 1.000, 1.024, 1.000).
+
 Measured 2026-12-05, later session, after the padding-free encoder (export/token_packing.py: the
 encoder's token-wise layers on the real tokens only; a quarter of these batches' positions are
 padding) and CPU sessions without ORT's SkipLayerNormFusion (runtime.py), --keep, one line per run:

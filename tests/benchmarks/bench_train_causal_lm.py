@@ -72,6 +72,19 @@ the compiled programs); its second compiled program costs ~0.5 s at the first st
 300-step wall time is unchanged. Goals still not met: tokens/s 0.88-0.89x nanoGPT (goal >= 1x) and
 1.06-1.19x keras-hub (goal >= 1.3x), wall 1.54-1.57x nanoGPT (goal <= 1.2x); val loss 1.823 (goal <= 1.88) met.
 
+2026-12-06, same command (`--steps 300 --repeats 3 --no-split-row`), no code change to training:
+
+    kerasllm                       18.7     25,227         1.38x         1.11x
+    kerasllm batch_split=1         18.4     23,844         1.37x         1.05x
+    keras-hub GPT2Backbone         26.6     22,793         1.97x         1.00x
+    nanoGPT (PyTorch)              13.5     25,468         1.00x         1.12x
+
+tokens/s 0.99x nanoGPT, 1.11x keras-hub, wall 1.38x. Also measured that day: XLA's
+`--xla_cpu_multi_thread_eigen=false` (8 alternated process pairs: no gain; the thunk runtime
+still runs the dots on TensorFlow's Eigen pool, as the profile showed). The profile of a step
+(slow phase, 32.8 ms): the two Eigen threads ~18 ms each (dots), the parts' two inter-op threads
+~6-7 ms each (fusions), ~75% of two cores busy.
+
 Measured 2026-12-02 on the 2-core development machine (`--steps 300 --repeats 3`, then
 `--repeats 0 --full --skip-kerashub` for kerasllm's val loss; other jobs waited on a CPU lock):
 
