@@ -19,6 +19,7 @@ tf2onnx graphs, which ONNX Runtime refuses; names are made unique after.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -442,6 +443,24 @@ def _restore_weights(model: onnx.ModelProto, stash: dict[str, bytes]) -> None:
             tensor.raw_data = stash[tensor.name]
 
 
+@contextlib.contextmanager
+def _quiet_scratch_dir():
+    """Run onnxruntime.transformers' optimizer or fp16 converter: its log lines (at WARNING and
+    below, under top-level logger names) silenced, and in a scratch working directory. When its
+    symbolic shape inference gives up it writes sym_shape_infer_temp.onnx and uuid-named .data
+    files into the working directory: kept out of the user's (and the repository's, in tests)."""
+    logging.disable(logging.WARNING)
+    cwd = os.getcwd()
+    scratch = tempfile.TemporaryDirectory(prefix="kerasllm-optimize-")
+    os.chdir(scratch.name)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        scratch.cleanup()
+        logging.disable(logging.NOTSET)
+
+
 def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, model_type: str, num_heads: int,
                    hidden_size: int, fuse: bool = True, dtype: str = "fp32",
                    keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True,
@@ -492,21 +511,11 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
             setattr(options, f"enable_{name}", False)
         # The optimizer's modules log each fusion at INFO and warn that the producer is not
         # PyTorch, under top-level logger names; the caller reports the fusions instead.
-        # When its symbolic shape inference gives up it writes sym_shape_infer_temp.onnx and
-        # uuid-named .data files into the working directory: keep those out of the user's.
-        logging.disable(logging.WARNING)
-        cwd = os.getcwd()
-        scratch = tempfile.TemporaryDirectory(prefix="kerasllm-optimize-")
-        os.chdir(scratch.name)
-        try:
+        with _quiet_scratch_dir():
             model = optimizer.optimize_model(
                 original, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
                 optimization_options=options, only_onnxruntime=False,
             )
-        finally:
-            os.chdir(cwd)
-            scratch.cleanup()
-            logging.disable(logging.NOTSET)
     else:
         model = OnnxModel(original)
     _restore_weights(model.model, stash)
@@ -518,13 +527,10 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
               "nodes_before": sum(before.values()), "dtype": dtype,
               "session_graph_optimization_level": "ORT_ENABLE_ALL"}
     if dtype == "fp16":
-        # "Removed 1 cascaded Cast nodes" (INFO) and, on growing-cache graphs, a warning that its
-        # symbolic shape inference failed so some useless Casts may stay (harmless): not the user's.
-        logging.disable(logging.WARNING)
-        try:
+        # It logs "Removed 1 cascaded Cast nodes" (INFO) and, when its symbolic shape inference
+        # fails (growing-cache graphs), that some useless Casts may stay (harmless).
+        with _quiet_scratch_dir():
             model.convert_float_to_float16(keep_io_types=list(keep_float32_io), op_block_list=FP16_BLOCKED_OPS)
-        finally:
-            logging.disable(logging.NOTSET)
         report["fp16_blocked_ops"] = FP16_BLOCKED_OPS
         report["renamed_nodes"] = dedupe_node_names(model.model)
     proto = model.model

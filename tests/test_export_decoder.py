@@ -186,6 +186,28 @@ def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cl
     assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
 
 
+def test_fp16_growing_cache_export_fuses_attention_and_leaves_the_working_directory_alone(
+        model_dir, bundle_dir, tmp_path, monkeypatch, run_cli):
+    """fp16 with `--kv-cache growing`: MultiHeadAttention fused in fp16, greedy as the fp32 bundle.
+    ORT's fp16 converter runs a symbolic shape inference that gives up on this graph and writes
+    sym_shape_infer_temp.onnx and .data files into the working directory: none are left there."""
+    from kerasllm.export.decoding_predictor import BundleGenerator
+    from kerasllm.export.generate import DecodingOptions, generate
+
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("export", model_dir, "--out", "growing16", "--dtype", "fp16", "--kv-cache", "growing")
+    assert result.code == 0, result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["growing16"]
+    manifest = json.loads((tmp_path / "growing16" / "manifest.json").read_text())
+    assert manifest["optimization"]["kv_cache"] == "growing"
+    assert manifest["optimization"]["fusions"]["MultiHeadAttention"] == 2
+    fp16, fp32 = BundleGenerator(tmp_path / "growing16", device="cpu"), BundleGenerator(bundle_dir, device="cpu")
+    ids = [fp16.check(p) for p in PROMPTS]
+    options = DecodingOptions(max_new_tokens=40)
+    tokens = [[h[0].tokens for h in generate(p.step, ids, options, pad_id=p.pad_id)] for p in (fp16, fp32)]
+    assert tokens[0] == tokens[1]
+
+
 def test_an_fp32_shared_buffer_bundle_on_cuda_is_called_out(bundle_dir, caplog):
     """ORT's CUDA GroupQueryAttention is fp16/bf16 only: the user is told in one line (the
     session here is a CPU one labelled CUDA; no GPU is needed to check the message)."""
