@@ -24,7 +24,7 @@ import numpy as np
 
 from kerasllm.errors import UsageError
 from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, log_softmax, truncate_at_stop
-from kerasllm.export.predict import RecordError
+from kerasllm.export.predict import RecordError, trained_seq_len
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
                 "n_best", "seed")
@@ -39,10 +39,7 @@ class CausalGenerator:
         self.tokenizer = tokenizer
         self.config = config
         self.max_length = int(config["max_length"])
-        # The --seq-len of training (positions past it were never trained), or None when the
-        # source does not record it (older bundles): the batch CLI warns past it.
-        seq_len = (train or {}).get("seq_len")
-        self.trained_seq_len = seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+        self.trained_seq_len = trained_seq_len(train)  # the batch CLI warns past it
         self.pad_id = tokenizer.pad_id
         self.eos_id = tokenizer.eos_id
 

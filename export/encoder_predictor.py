@@ -27,7 +27,7 @@ import numpy as np
 
 from kerasllm.errors import UsageError
 from kerasllm.export.batch import plan_batches
-from kerasllm.export.predict import RecordError
+from kerasllm.export.predict import RecordError, trained_seq_len
 
 CLASSIFY_TASKS = ("classifier",)
 EMBED_TASKS = ("classifier", "masked-lm")
@@ -69,10 +69,12 @@ class EncoderPredictor:
         run: `run(input_ids, attention_mask, names) -> {name: np.ndarray}`.
         run_tokens: split a batch into calls of `run` of at most this many padded tokens
             (None: one call per batch).
+        train: the source's `train` record: its `seq_len` (`trained_seq_len`), past which the
+            batch CLI warns.
     """
 
     def __init__(self, task: str, model_task: str, tokenizer, config: dict, labels: Sequence[str] | None,
-                 run: Callable, source: Path, run_tokens: int | None = None):
+                 run: Callable, source: Path, run_tokens: int | None = None, train: dict | None = None):
         allowed = CLASSIFY_TASKS if task == "classify" else EMBED_TASKS
         if model_task not in allowed:
             raise UsageError(f"{source}: a {model_task!r} model cannot {task} (needs {' or '.join(allowed)})")
@@ -83,6 +85,7 @@ class EncoderPredictor:
         self.config = config
         self.labels = list(labels or [])
         self.max_length = int(config["max_length"])
+        self.trained_seq_len = trained_seq_len(train)
         self.bos_id, self.pad_id = int(config["bos_id"]), int(config["pad_id"])
         self._run = run
         self.run_tokens = run_tokens
@@ -152,11 +155,11 @@ def _bundle(path: Path, task: str, device: str | None = None, threads: int | Non
         raise UsageError(f"{path}: a {bundle.family} bundle cannot {task} (needs an encoder bundle)")
     session = create_session(bundle.graph_path("model"), device, threads)
     return session_predictor(session, task, bundle.task, bundle.tokenizer(), bundle.config,
-                             bundle.manifest.get("labels"), path)
+                             bundle.manifest.get("labels"), path, train=bundle.manifest.get("train"))
 
 
 def session_predictor(session, task: str, model_task: str, tokenizer, config: dict, labels: Sequence[str] | None,
-                      source: Path) -> EncoderPredictor:
+                      source: Path, train: dict | None = None) -> EncoderPredictor:
     """An `EncoderPredictor` over an encoder graph's `runtime.Session` (bundles; the benchmark)."""
     from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
 
@@ -165,7 +168,7 @@ def session_predictor(session, task: str, model_task: str, tokenizer, config: di
             return dict(zip(names, session.session.run(names, {"input_ids": ids, "attention_mask": mask})))
 
     run_tokens = CPU_RUN_TOKENS if session.device_type == "cpu" else None  # a GPU wants whole batches
-    return EncoderPredictor(task, model_task, tokenizer, config, labels, run, source, run_tokens)
+    return EncoderPredictor(task, model_task, tokenizer, config, labels, run, source, run_tokens, train)
 
 
 def _modeldir(path: Path, task: str) -> EncoderPredictor:
@@ -180,7 +183,7 @@ def _modeldir(path: Path, task: str) -> EncoderPredictor:
         return {name: np.asarray(outputs[name]) for name in names}
 
     return EncoderPredictor(task, run_config["task"], tokenizer, run_config["model"], run_config.get("labels"),
-                            run, path)
+                            run, path, train=run_config.get("train"))
 
 
 def load_classify_bundle(path: Path, device: str | None = None, **kwargs: Any) -> EncoderPredictor:

@@ -38,6 +38,13 @@ from kerasllm.errors import KerasLLMError, UsageError
 GENERATED_TOKENS = "_generated_tokens"
 
 
+def trained_seq_len(train: dict[str, Any] | None) -> int | None:
+    """The `--seq-len` of training from a model dir's or a bundle's `train` record (positions past
+    it were never trained), or None when the source does not record it (older bundles)."""
+    seq_len = (train or {}).get("seq_len")
+    return seq_len if isinstance(seq_len, int) and seq_len > 0 else None
+
+
 class RecordError(KerasLLMError):
     """One input record cannot be processed (the job goes on with the others)."""
 

@@ -33,7 +33,7 @@ def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, dela
                 workers: int = 0, seq_len: int | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     fake = {"max_len": max_len, "delay": delay, "workers": workers}
-    if seq_len is not None:  # the training --seq-len, as a real generate predictor reports it
+    if seq_len is not None:  # the training --seq-len, as a real predictor reports it
         fake["seq_len"] = seq_len
     (directory / "manifest.json").write_text(json.dumps({"task": task, "fake": fake}))
     return directory

@@ -526,6 +526,31 @@ def test_prompts_within_the_trained_seq_len_give_no_warning(run_cli, tmp_path):
         "was trained with; text past it degrades"]
 
 
+def test_texts_past_the_trained_seq_len_warn_once_for_classify_and_embed(run_cli, tmp_path):
+    """An encoder saw positions up to its training --seq-len only: `classify` and `embed` say once
+    when a text goes past it (the outputs and exit code unchanged), and nothing for texts within."""
+    texts = mixed_texts(25)  # 3..38 tokens
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    for task in ("classify", "embed"):
+        plain = fake_predictor.make_bundle(tmp_path / f"{task}-plain", task)
+        trained = fake_predictor.make_bundle(tmp_path / f"{task}-trained", task, seq_len=20)
+        outputs = {}
+        for name, bundle in (("plain", plain), ("trained", trained)):
+            out = tmp_path / f"{task}-{name}.jsonl"
+            result = run_cli(task, bundle, "-i", source, "-o", out, "--window", 5)
+            assert result.code == 0, result
+            outputs[name] = (out.read_bytes(), [line for line in result.err.splitlines() if SEQ_LEN_WARNING in line])
+        assert outputs["plain"][0] == outputs["trained"][0] and outputs["plain"][1] == []
+        longest = max(len(t) for t in texts[:5])
+        assert outputs["trained"][1] == [f"kerasllm: warning: texts reach {longest} tokens, longer than the --seq-len 20 "
+                                         "the model was trained with; results for such texts may degrade"]
+        short = tmp_path / "short.txt"
+        short.write_text("abc\nabcdefghij\n", encoding="utf-8")
+        result = run_cli(task, trained, "-i", short, "-o", tmp_path / f"{task}-short.jsonl")
+        assert result.code == 0 and SEQ_LEN_WARNING not in result.err, result.err
+
+
 def test_the_seq_len_warning_is_capped_at_the_models_max_length():
     from kerasllm.cli.infer import context_check
 

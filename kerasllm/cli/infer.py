@@ -155,8 +155,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
                        file=sys.stderr)
 
     on_window = None
-    if task == "generate":
-        on_window = context_check(predictor, options["max_new_tokens"],
+    if task in ("generate", "classify", "embed"):
+        on_window = context_check(predictor, options.get("max_new_tokens", 0),
                                   lambda message: tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr))
     runner = batch.BatchRunner(predictor, options, text_field=text_field, batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
@@ -197,14 +197,15 @@ EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"err
 
 
 def context_check(predictor, max_new_tokens: int, warn):
-    """An `on_window` hook warning once when prompts + new tokens go past the trained --seq-len.
+    """An `on_window` hook warning once when prompts + new tokens (`generate`) or texts (`classify`,
+    `embed`: `max_new_tokens` 0) go past the trained --seq-len.
 
-    A causal LM saw positions up to its training `--seq-len` only; text generated past them
-    degrades. The prompts stream in, so each window's longest prompt is checked before the
-    window is decoded, and the first one that goes past (capped at the model's max_length,
-    where generation stops) gets one warning for the whole job (printed under --quiet too:
-    it is about the outputs, not a record). None when the source does not record its
-    training seq-len (older bundles): no warning.
+    A model saw positions up to its training `--seq-len` only; text generated past them
+    degrades, and so do an encoder's results for longer texts. The records stream in, so each
+    window's longest is checked before the window is run, and the first one that goes past
+    (capped at the model's max_length, where generation stops) gets one warning for the whole
+    job (printed under --quiet too: it is about the outputs, not a record). None when the
+    source does not record its training seq-len (older bundles): no warning.
     """
     seq_len = getattr(predictor, "trained_seq_len", None)
     if not seq_len:
@@ -218,10 +219,14 @@ def context_check(predictor, max_new_tokens: int, warn):
         reach = max(lengths) + max_new_tokens
         if max_length:
             reach = min(reach, max_length)
-        if reach > seq_len:
+        if reach > seq_len and max_new_tokens:
             warned[0] = True
             warn(f"prompts + --max-new-tokens reach {reach} tokens, longer than the --seq-len {seq_len} "
                  "the model was trained with; text past it degrades")
+        elif reach > seq_len:
+            warned[0] = True
+            warn(f"texts reach {reach} tokens, longer than the --seq-len {seq_len} the model was trained "
+                 "with; results for such texts may degrade")
 
     return check
 
