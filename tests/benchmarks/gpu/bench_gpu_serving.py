@@ -217,7 +217,7 @@ def run_hf(device: str, size: str, batches: list[int], reps: int) -> list[dict]:
         seconds = median_s(lambda: gpt2(input_ids=ids, use_cache=True, **keep), reps, sync)
         rows.append({"what": "prefill", "batch": PREFILL_BATCH, "ms": seconds * 1e3,
                      "tokens_per_s": PREFILL_BATCH * PREFILL_LEN / seconds})
-        del gpt2
+        gpt2 = None  # its memory freed before BERT loads
         bert = AutoModel.from_config(bert_config, attn_implementation="sdpa").to(target, dtype).eval()
         ids = torch.randint(5, bert_config.vocab_size, (ENCODER_BATCH, ENCODER_LEN), device=target)
         seconds = median_s(lambda: bert(input_ids=ids, attention_mask=torch.ones_like(ids)), reps * 2, sync)
