@@ -87,7 +87,7 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
     without it, as the decoder's, and the manifest says why (`attention_fusion_reverted`).
     """
     from kerasllm.export.attention_fusion import fuse_encoder_attention  # noqa: PLC0415
-    from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
+    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
     from kerasllm.export.runtime import create_session  # noqa: PLC0415
 
     c = model.config
@@ -101,13 +101,10 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
         proto = onnx.load(str(raw))
         nodes_before = len(proto.graph.node)
         attention = fuse_encoder_attention(proto, c.num_heads, c.hidden_dim // c.num_heads) if fuse_attention else 0
-        # Left out: SkipLayerNormalization in fp32, slower on ORT 1.31's CPU provider than the
-        # plain LayerNormalization its session optimizations fuse (with attention fused: 651 vs
-        # 733 seq/s; its kernel 20.8 ms per batch vs 8.8 ms for LayerNorm + the two Adds, 'small'
-        # preset, 64 x 128); kept in fp16, the GPU export, as the other families do (one kernel
-        # launch instead of three). EmbedLayerNormalization, whose fusion reads the embedding
-        # tables that optimize_graph sets aside (and would save at most the two Gathers, 0.5 ms of ~85).
-        disabled = ("skip_layer_norm", "embed_layer_norm") if options.dtype == "fp32" else ("embed_layer_norm",)
+        # Left out, besides `cpu_slower_fusions`: EmbedLayerNormalization, whose fusion reads the
+        # embedding tables that optimize_graph sets aside (and would save at most the two
+        # Gathers, 0.5 ms of ~85).
+        disabled = (*cpu_slower_fusions(options.dtype), "embed_layer_norm")
         report = optimize_graph(proto, target, model_type="bert", num_heads=c.num_heads, hidden_size=c.hidden_dim,
                                 fuse=options.optimize, dtype=options.dtype, keep_float32_io=tuple(spec.outputs),
                                 disabled_fusions=disabled)

@@ -46,11 +46,6 @@ class ExportOptions:
             raise UsageError(f"--opset must be between 13 and 21, got {self.opset}")
 
 
-# ORT 1.31's CPU SkipLayerNormalization is slower than the LayerNormalization + Add it replaces:
-# a decode step (small preset, batch 8 and 32) 4-6% faster without it; the encoder families
-# leave it out for the same reason (encoder_export.py, seq2seq_export.py).
-DECODER_DISABLED_FUSIONS = ("skip_layer_norm",)
-
 
 def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, log: Callable) -> dict:
     """The decoder family (`CausalLM`): one graph with a KV cache, `model.onnx`.
@@ -64,7 +59,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     without that one fusion, and the manifest says so.
     """
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx  # noqa: PLC0415
-    from kerasllm.export.optimize import optimize_graph  # noqa: PLC0415
+    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
     from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
     from kerasllm.export.validate import validate_causal_lm, validated_with_fallback  # noqa: PLC0415
 
@@ -80,7 +75,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
                                 fuse=options.optimize, dtype=options.dtype, shape_inference=False,
                                 cached_attention=fuse_attention,
                                 shared_kv_buffer=fuse_attention and options.shared_kv_buffer,
-                                disabled_fusions=DECODER_DISABLED_FUSIONS if options.dtype == "fp32" else ())
+                                disabled_fusions=cpu_slower_fusions(options.dtype))
         fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"
         log(f"optimized ({options.dtype}): fusions {fusions}")
         start = time.perf_counter()

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, save_onnx, trace_to_onnx
-from kerasllm.export.optimize import attention_splits, optimize_graph, to_group_query_attention
+from kerasllm.export.optimize import attention_splits, cpu_slower_fusions, optimize_graph, to_group_query_attention
 from kerasllm.export.runtime import SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
                                               cross_names, self_names)
@@ -305,10 +305,8 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
             proto, staging / spec.file, model_type="bert", num_heads=c.num_heads, hidden_size=c.hidden_dim,
             fuse=options.optimize, dtype=options.dtype, keep_float32_io=keep,
             cached_attention=fuse_attention and spec.name == "decoder",
-            # Symbolic shape inference only guards SkipLayerNormalization, which is left out in
-            # fp32: ORT 1.31's CPU kernel is slower than the LayerNormalization + Add it replaces
-            # (encoder family: 651 vs 733 seq/s; a decoder step 4-6% slower, bench_generate_cpu).
-            shape_inference=not fp32, disabled_fusions=("skip_layer_norm",) if fp32 else (),
+            # Symbolic shape inference only guards SkipLayerNormalization, left out in fp32.
+            shape_inference=not fp32, disabled_fusions=cpu_slower_fusions(options.dtype),
         )
         if encoder_fused:
             reports[spec.name]["fusions"] = {"Attention": encoder_fused, **reports[spec.name]["fusions"]}

@@ -43,8 +43,7 @@ def main() -> None:
 
     from kerasllm import CausalLM, DecoderConfig
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx, weights_nbytes
-    from kerasllm.export.exporter import DECODER_DISABLED_FUSIONS
-    from kerasllm.export.optimize import optimize_graph
+    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph
 
     config = DecoderConfig.preset("base", vocab_size=50257, num_layers=args.layers, dropout=0.0)
     model = CausalLM(config)
@@ -60,7 +59,7 @@ def main() -> None:
         # The options `kerasllm export` uses for an fp32 decoder (export/exporter.py).
         report = optimize_graph(proto, final, model_type="gpt2", num_heads=config.num_heads,
                                 hidden_size=config.hidden_dim, shape_inference=False, cached_attention=True,
-                                shared_kv_buffer=True, disabled_fusions=DECODER_DISABLED_FUSIONS)
+                                shared_kv_buffer=True, disabled_fusions=cpu_slower_fusions("fp32"))
         optimize_s = time.perf_counter() - start
         size = final.stat().st_size
         peak = peak_gb()

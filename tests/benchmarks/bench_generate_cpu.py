@@ -92,9 +92,8 @@ def main() -> None:
 
     from kerasllm import CausalLM, DecoderConfig
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx
-    from kerasllm.export.exporter import DECODER_DISABLED_FUSIONS
     from kerasllm.export.generate import DecodingOptions, FullRecompute, generate
-    from kerasllm.export.optimize import optimize_graph
+    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph
     from kerasllm.export.runtime import DecoderSession, create_session, flush_denormals
 
     keras.utils.set_random_seed(0)
@@ -108,7 +107,7 @@ def main() -> None:
         optimize_graph(trace_to_onnx(causal_lm_graph(model), model), path, model_type="gpt2",
                        num_heads=config.num_heads, hidden_size=config.hidden_dim, shape_inference=False,
                        cached_attention=True, shared_kv_buffer=True,
-                       disabled_fusions=DECODER_DISABLED_FUSIONS)  # as `kerasllm export` does
+                       disabled_fusions=cpu_slower_fusions("fp32"))  # as `kerasllm export` does
         step = DecoderSession(create_session(path, "cpu"))
         options = DecodingOptions(max_new_tokens=NEW)
         rows = []
