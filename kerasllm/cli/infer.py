@@ -219,14 +219,12 @@ def context_check(predictor, max_new_tokens: int, warn):
         reach = max(lengths) + max_new_tokens
         if max_length:
             reach = min(reach, max_length)
-        if reach > seq_len and max_new_tokens:
+        if reach > seq_len:
             warned[0] = True
-            warn(f"prompts + --max-new-tokens reach {reach} tokens, longer than the --seq-len {seq_len} "
-                 "the model was trained with; text past it degrades")
-        elif reach > seq_len:
-            warned[0] = True
-            warn(f"texts reach {reach} tokens, longer than the --seq-len {seq_len} the model was trained "
-                 "with; results for such texts may degrade")
+            what, effect = (("prompts + --max-new-tokens", "text past it degrades") if max_new_tokens
+                            else ("texts", "results for such texts may degrade"))
+            warn(f"{what} reach {reach} tokens, longer than the --seq-len {seq_len} the model was trained with; "
+                 f"{effect}")
 
     return check
 
