@@ -60,7 +60,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     """
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx  # noqa: PLC0415
     from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
-    from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
+    from kerasllm.export.runtime import DecoderSession, buffer_slots_bound, create_session  # noqa: PLC0415
     from kerasllm.export.validate import validate_causal_lm, validated_with_fallback  # noqa: PLC0415
 
     c = model.config
@@ -75,6 +75,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
                                 fuse=options.optimize, dtype=options.dtype, shape_inference=False,
                                 cached_attention=fuse_attention,
                                 shared_kv_buffer=fuse_attention and options.shared_kv_buffer,
+                                rotary_positions=buffer_slots_bound(c.max_length),
                                 disabled_fusions=cpu_slower_fusions(options.dtype))
         fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"
         log(f"optimized ({options.dtype}): fusions {fusions}")

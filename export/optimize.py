@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 from kerasllm.export.attention_fusion import MASK_VALUE
 from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, graph_inputs_read, replace_nodes,
                                      save_onnx, typed_producer)
+from kerasllm.export.rotary_fusion import match_rotary, rotary_tables
 from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
 # Ops kept in float32 in fp16 graphs: decomposed normalization statistics and softmax overflow
@@ -65,7 +66,7 @@ def dedupe_node_names(model: onnx.ModelProto) -> int:
     return renamed
 
 
-def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int) -> int:
+def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int, rotary_rows: int = 0) -> int:
     """Fuse each layer's cached self-attention into one `com.microsoft.MultiHeadAttention` node.
 
     ONNX Runtime's own attention fusions look for PyTorch/Hugging Face GPT-2 and BERT
@@ -82,8 +83,11 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
     layer, with the same math (validation checks it). Cache names follow the graph's
     outputs: `present.{i}.key` (decoder-only) or `present.{i}.decoder.key` (seq2seq).
     A seq2seq decoder's cross-attention to precomputed `past_key_values.{i}.encoder.*`
-    becomes one MultiHeadAttention node too. A layer whose subgraph differs in any way
-    (rotary positions, another scale) is left as it is. Returns the number fused.
+    becomes one MultiHeadAttention node too. With `rotary_rows` > 0, self-attention whose
+    queries and keys are rotated by keras-hub's RotaryEmbedding (rotary_fusion.py) fuses too:
+    `com.microsoft.RotaryEmbedding` on q and k after the Split, reading `cos`/`sin` tables of
+    `rotary_rows` positions. A layer whose subgraph differs in any other way (another scale,
+    a rotation of another form) is left as it is. Returns the number fused.
     """
 
     graph = model.graph
@@ -92,29 +96,31 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
     producer = functools.partial(typed_producer, producers)
 
     def head_source(name):
-        """`Transpose(Squeeze(Slice(Reshape(x))))` -> (x, slice index along the `3` axis)."""
+        """`Transpose(Squeeze(Slice(Reshape(x))))`, a rotary embedding (rotary_fusion.py) maybe
+        between the Transpose and the Squeeze -> (x, slice index along the `3` axis, Rotary or None)."""
         transpose = producer(name, "Transpose")
-        squeeze = transpose and producer(transpose.input[0], "Squeeze")
+        rotary = transpose and match_rotary(model, producers, transpose.input[0])
+        squeeze = transpose and producer(rotary.source if rotary else transpose.input[0], "Squeeze")
         slice_ = squeeze and producer(squeeze.input[0], "Slice")
         reshape = slice_ and producer(slice_.input[0], "Reshape")
         if not reshape:
-            return None, None
+            return None, None, None
         starts, ends = (_constant_value(model, name, producers) for name in slice_.input[1:3])
         axes = _constant_value(model, slice_.input[3], producers) if len(slice_.input) > 3 else None
         if starts is None or ends is None or (len(slice_.input) > 4 and slice_.input[4]):
-            return None, None
+            return None, None, None
         axes = list(range(starts.size)) if axes is None else [int(a) % 5 for a in axes.ravel()]
         begin = dict(zip(axes, starts.ravel().tolist()))
         stop = dict(zip(axes, ends.ravel().tolist()))
         if 2 not in begin or stop[2] != begin[2] + 1 or any(v != 0 for a, v in begin.items() if a != 2):
-            return None, None
-        return reshape.input[0], int(begin[2])
+            return None, None, None
+        return reshape.input[0], int(begin[2]), rotary or None
 
     inputs_read = functools.partial(graph_inputs_read, graph, producers)
 
     def attention_core(attn, value_name):
         """From the `probs @ value` MatMul back to the scores and forward to the output:
-        `(query source, slice index, scale, bias, key transpose, output Reshape)` or None."""
+        `(query source, slice index, query rotary, scale, bias, key transpose, output Reshape)` or None."""
         if attn.input[1] != value_name:
             return None
         softmax = producer(attn.input[0], "Softmax")
@@ -127,15 +133,36 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
         scale = _constant_value(model, mul.input[1] if mul.input[0] == scores.output[0] else mul.input[0], producers)
         key_t = producer(scores.input[1], "Transpose")
         perm = next((list(x.ints) for x in key_t.attribute if x.name == "perm"), None) if key_t else None
-        x_q, index_q = head_source(scores.input[0])
+        x_q, index_q, rotary_q = head_source(scores.input[0])
         out_t = [n for n in consumers.get(attn.output[0], []) if n.op_type == "Transpose"]
         out_r = out_t and [n for n in consumers.get(out_t[0].output[0], []) if n.op_type == "Reshape"]
         if (scale is None or scale.size != 1 or abs(float(scale.ravel()[0]) * head_dim ** 0.5 - 1) > 1e-5
                 or perm != [0, 1, 3, 2] or not out_r or not x_q):
             return None
-        return x_q, index_q, float(scale.ravel()[0]), bias, key_t, out_r[0]
+        return x_q, index_q, rotary_q, float(scale.ravel()[0]), bias, key_t, out_r[0]
 
     replacements = {}  # id(old node) -> [new nodes] (an empty list removes it)
+    rotary_made = {}  # what rotary_inputs made: Rotary.angles -> (cos, sin, position_ids)
+
+    def rotary_inputs(rotary):
+        """The cos/sin tables (initializers) and int64 position ids of `rotary`, made once: the
+        Cast goes right after the positions' producer, so every layer's nodes come after it."""
+        if rotary.angles not in rotary_made:
+            prefix = f"kerasllm_rotary_{len(rotary_made)}"
+            cos, sin = rotary_tables(rotary.inverse_frequencies, rotary_rows)
+            graph.initializer.extend([numpy_helper.from_array(cos, f"{prefix}/cos_cache"),
+                                      numpy_helper.from_array(sin, f"{prefix}/sin_cache")])
+            cast = helper.make_node("Cast", [rotary.positions], [f"{prefix}/position_ids"],
+                                    to=onnx.TensorProto.INT64, name=f"{prefix}/Cast")
+            source = producers.get(rotary.positions)
+            if source is None:  # a graph input: first of all
+                source = graph.node[0]
+                replacements[id(source)] = [cast, *replacements.get(id(source), [source])]
+            else:
+                replacements[id(source)] = [*replacements.get(id(source), [source]), cast]
+            rotary_made[rotary.angles] = (f"{prefix}/cos_cache", f"{prefix}/sin_cache", cast.output[0])
+        return rotary_made[rotary.angles]
+
     fused = 0
     cache_keys = [o.name for o in graph.output if o.name.startswith("present.") and o.name.endswith(".key")]
     for present_key in cache_keys:  # self-attention over a growing cache
@@ -146,14 +173,20 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
         if not concat_k or not concat_v or list(concat_k.input[:1]) != [past_key] \
                 or list(concat_v.input[:1]) != [past_value]:
             continue
-        x_k, index_k = head_source(concat_k.input[1])
-        x_v, index_v = head_source(concat_v.input[1])
+        x_k, index_k, rotary_k = head_source(concat_k.input[1])
+        x_v, index_v, rotary_v = head_source(concat_v.input[1])
         attn = [n for n in consumers.get(present_value, []) if n.op_type == "MatMul"]
         core = attention_core(attn[0], present_value) if len(attn) == 1 else None
         if not core:
             continue
-        x_q, index_q, scale, bias, key_t, out_r = core
+        x_q, index_q, rotary_q, scale, bias, key_t, out_r = core
         if key_t.input[0] != present_key or x_q != x_k or x_q != x_v or (index_q, index_k, index_v) != (0, 1, 2):
+            continue
+        # Queries and keys rotated alike (the same positions and frequencies, every pair of the
+        # head), values never; anything else stays unfused.
+        if rotary_v or bool(rotary_q) != bool(rotary_k) or (rotary_q and (
+                not rotary_rows or rotary_q.angles != rotary_k.angles
+                or 2 * len(rotary_q.inverse_frequencies) != head_dim)):
             continue
         prefix = f"kerasllm_attention_{fused}"
         split_sizes = f"{prefix}/split"
@@ -161,6 +194,14 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
                                                          split_sizes))
         qkv = [f"{prefix}/{part}" for part in ("query", "key", "value")]
         split = helper.make_node("Split", [x_q, split_sizes], qkv, name=f"{prefix}/Split", axis=-1)
+        rotation = []
+        if rotary_q:
+            cos, sin, position_ids = rotary_inputs(rotary_q)
+            rotation = [helper.make_node("RotaryEmbedding", [qkv[i], position_ids, cos, sin], [f"{qkv[i]}/rotary"],
+                                         name=f"{prefix}/RotaryEmbedding_{part}", domain="com.microsoft",
+                                         interleaved=0, num_heads=num_heads)
+                        for i, part in ((0, "query"), (1, "key"))]
+            qkv = [f"{qkv[0]}/rotary", f"{qkv[1]}/rotary", qkv[2]]
         # A bias computed from shapes alone is the causal mask (a seq2seq decoder's; a causal
         # LM's also reads its attention_mask): the kernel's `unidirectional` applies it, and
         # the ~20 nodes that build it per step go (validation compares the result).
@@ -171,7 +212,7 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
             name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
             **({"unidirectional": 1} if causal_only else {}),
         )
-        replacements[id(out_r)] = [split, fused_node]
+        replacements[id(out_r)] = [split, *rotation, fused_node]
         replacements[id(concat_k)] = []
         replacements[id(concat_v)] = []
         fused += 1
@@ -189,8 +230,8 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int)
         core = attention_core(attn[0], value) if len(attn) == 1 else None
         if not core:
             continue
-        x_q, index_q, scale, bias, key_t, out_r = core
-        if key_t.input[0] != key or index_q != 0:
+        x_q, index_q, rotary_q, scale, bias, key_t, out_r = core
+        if key_t.input[0] != key or index_q != 0 or rotary_q:
             continue
         prefix = f"kerasllm_cross_attention_{fused}"
         new_nodes = []
@@ -262,6 +303,14 @@ def share_kv_buffer(model: onnx.ModelProto, num_heads: int) -> bool:
         return False
 
     producers, _ = graph_index(graph)
+    # GQA's rotation uses positions it derives from its lengths: `n_b - T + t`, the graph's own
+    # (`positions_from_mask_sum`) only. Rotations at other positions keep MultiHeadAttention.
+    positions = _mask_sum_positions(model, producers)
+    for node in attention:
+        rotation = typed_producer(producers, node.input[0], "RotaryEmbedding")
+        cast = rotation and typed_producer(producers, rotation.input[1], "Cast")
+        if rotation is not None and (cast is None or positions is None or cast.input[0] != positions.output[0]):
+            return False
     prefix = "kerasllm_shared_kv"
     graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis1"),
                               numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/one")])
@@ -286,8 +335,14 @@ def attention_splits(model: onnx.ModelProto, attention: list) -> list | None:
     """The Split feeding q, k and v of each fused MultiHeadAttention (`fuse_cached_attention`'s
     form), or None when one is not fed that way."""
     producers, _ = graph_index(model.graph)
-    splits = [typed_producer(producers, node.input[0], "Split") for node in attention]
-    if any(s is None or list(s.output) != list(node.input[:3]) for s, node in zip(splits, attention)):
+
+    def unrotated(name):  # q and k may come through RotaryEmbedding (fuse_cached_attention's rotary form)
+        rotation = typed_producer(producers, name, "RotaryEmbedding")
+        return rotation.input[0] if rotation is not None else name
+
+    splits = [typed_producer(producers, unrotated(node.input[0]), "Split") for node in attention]
+    if any(s is None or list(s.output) != [unrotated(name) for name in node.input[:3]]
+           for s, node in zip(splits, attention)):
         return None
     return splits
 
@@ -301,13 +356,19 @@ def to_group_query_attention(model: onnx.ModelProto, attention: list, splits: li
     graph's metadata says it updates a shared buffer. The decoder family (`share_kv_buffer`) and
     the seq2seq decoder's self-attention (`seq2seq_export.share_self_attention_buffer`) use it."""
     graph = model.graph
+    producers, _ = graph_index(graph)
     replacements = {}
     for node, split in zip(attention, splits):
         scale = next(a.f for a in node.attribute if a.name == "scale")
+        # Rotated q/k: GQA rotates the packed projection itself, at the positions its lengths
+        # imply (the caller checks they are the graph's), from the same cos/sin tables.
+        rotation = typed_producer(producers, node.input[0], "RotaryEmbedding")
+        tables = list(rotation.input[2:4]) if rotation is not None else []
         replacements[id(node)] = [helper.make_node(
-            "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], seqlens, total],
+            "GroupQueryAttention", [split.input[0], "", "", node.input[6], node.input[7], seqlens, total, *tables],
             list(node.output), name=node.name.replace("MultiHeadAttention", "GroupQueryAttention"),
             domain="com.microsoft", num_heads=num_heads, kv_num_heads=num_heads, scale=scale,
+            **({"do_rotary": 1, "rotary_interleaved": 0} if tables else {}),
         )]
     first = graph.node[0]
     replacements[id(first)] = lengths + replacements.get(id(first), [first])
@@ -361,20 +422,12 @@ def keep_last_logits(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
-    """New nodes computing the decoder's positions (`positions_from_mask_sum`) from the graph
-    inputs, rewiring the traced result's consumers to them: 8 nodes for tf2onnx's 11 (int32
-    casts and strided-slice bookkeeping around the same arithmetic). Matched on
-
-        Max(Add(Sub(ReduceSum(Cast?(attention_mask)), T), offsets), 0)
-
-    and left alone (no nodes) if the graph computes its positions another way."""
-
-    graph = model.graph
-
+def _mask_sum_positions(model: onnx.ModelProto, producers):
+    """The node computing the decoder's positions from its attention mask (`positions_from_mask_sum`,
+    `n_b - T + t`), matched on `Max(Add(Sub(ReduceSum(Cast?(attention_mask)), T), offsets), 0)`;
+    None if the graph computes them another way."""
     node = functools.partial(typed_producer, producers)
-
-    for max_node in graph.node:
+    for max_node in model.graph.node:
         if max_node.op_type != "Max" or len(max_node.input) != 2:
             continue
         zero = _constant_value(model, max_node.input[1], producers)
@@ -383,8 +436,20 @@ def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
         total = sub and node(sub.input[0], "ReduceSum")
         source = total and (node(total.input[0], "Cast") or None)
         mask = source.input[0] if source else (total.input[0] if total else None)
-        if zero is None or zero.size != 1 or float(zero.ravel()[0]) != 0 or mask != "attention_mask":
-            continue
+        if zero is not None and zero.size == 1 and float(zero.ravel()[0]) == 0 and mask == "attention_mask":
+            return max_node
+    return None
+
+
+def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
+    """New nodes computing the decoder's positions (`positions_from_mask_sum`) from the graph
+    inputs, rewiring the traced result's consumers to them: 8 nodes for tf2onnx's 11 (int32
+    casts and strided-slice bookkeeping around the same arithmetic); no nodes if the graph
+    computes its positions another way (`_mask_sum_positions`)."""
+
+    graph = model.graph
+    max_node = _mask_sum_positions(model, producers)
+    if max_node is not None:
         old, dtype = max_node.output[0], onnx.TensorProto.INT32  # positions_from_mask_sum's dtype
         graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{prefix}/zero"),
                                   numpy_helper.from_array(np.array(1, np.int64), f"{prefix}/one_scalar")])
@@ -474,7 +539,7 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
                    hidden_size: int, fuse: bool = True, dtype: str = "fp32",
                    keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True,
                    disabled_fusions: tuple[str, ...] = (), cached_attention: bool = False,
-                   shared_kv_buffer: bool = False) -> dict:
+                   shared_kv_buffer: bool = False, rotary_positions: int = 0) -> dict:
     """Fuse (optional) and convert (fp16 optional) a graph, save it at `target`.
 
     Args:
@@ -495,6 +560,8 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
         shared_kv_buffer: then, if every layer fused, switch the graph to an in-place KV
             buffer (`share_kv_buffer`; decoder graphs only), and give it the optional input
             `logits_to_keep` (`keep_last_logits`).
+        rotary_positions: with `cached_attention`, also fuse self-attention with rotary
+            positions, with cos/sin tables for positions below this (0: leave it unfused).
     Returns what was done: `{"fusions": {op: count}, "kv_cache": "growing" | "shared_buffer", "dtype",
     "nodes_before", "nodes_after", ...}`.
     """
@@ -508,7 +575,7 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
     before = _op_counts(original)
     kv_cache = "growing"
     if fuse and cached_attention:
-        fuse_cached_attention(original, num_heads, hidden_size // num_heads)
+        fuse_cached_attention(original, num_heads, hidden_size // num_heads, rotary_rows=rotary_positions)
         if shared_kv_buffer and share_kv_buffer(original, num_heads):
             kv_cache = SHARED_BUFFER
     # Without shape inference nothing copies the model: the weights can stay.

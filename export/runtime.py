@@ -240,6 +240,14 @@ SHARED_BUFFER = "shared_buffer"
 _BUFFER_HEADROOM = 128
 
 
+def buffer_slots_bound(max_length: int) -> int:
+    """The most slots `DecoderSession` gives a shared KV buffer while every row holds at most
+    `max_length` tokens (a prompt's buffer, `_buffer_prompt`, doubled once by `_KVBuffer.advance`).
+    GroupQueryAttention's rotary cos/sin tables need a row per slot (ORT checks them against
+    `total_sequence_length`, the buffer's width), so rotary exports size them with this."""
+    return 2 * -(-(max_length + _BUFFER_HEADROOM) // 64) * 64
+
+
 def reorder_rows_in_place(array: np.ndarray, indices: np.ndarray, used: int | None = None) -> None:
     """`array[:len] = array[indices]` for a same-size reorder, copying only the rows that move
     (beam search keeps most beams' parents) and, when `used` is given, only the first

@@ -398,7 +398,8 @@ def test_attention_fusion_is_dropped_when_it_fails_validation(model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("variant, attention_fused, shared_kv_buffer", [
-    (dict(position="rotary"), False, True),  # RoPE between projection and cache: attention left unfused
+    (dict(position="rotary"), True, True),  # RoPE inside GroupQueryAttention (do_rotary)
+    (dict(position="rotary"), True, False),  # RotaryEmbedding nodes + MultiHeadAttention over a growing cache
     (dict(position="sinusoidal", activation="swiglu"), True, True),
     (dict(norm_first=False, tie_embeddings=False, activation="relu"), True, True),
     (dict(), True, False),  # MultiHeadAttention over a growing cache
@@ -410,24 +411,80 @@ def test_other_architectures_export_with_parity(variant, attention_fused, shared
     from kerasllm import CausalLM, DecoderConfig
     from kerasllm.export.convert import causal_lm_graph, trace_to_onnx
     from kerasllm.export.optimize import optimize_graph
-    from kerasllm.export.runtime import DecoderSession, create_session
+    from kerasllm.export.runtime import DecoderSession, buffer_slots_bound, create_session
     from kerasllm.export.validate import validate_causal_lm
 
     keras.utils.set_random_seed(0)
     model = CausalLM(DecoderConfig.preset("tiny", vocab_size=50, max_length=64, **variant))
     report = optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2",
                             num_heads=2, hidden_size=32, shape_inference=False, cached_attention=True,
-                            shared_kv_buffer=shared_kv_buffer)
+                            shared_kv_buffer=shared_kv_buffer, rotary_positions=buffer_slots_bound(64))
     step = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"))
     figures = validate_causal_lm(model, step, greedy=False)
     assert max(figures["max_abs_diff"].values()) <= 1e-4
     fused_as = "GroupQueryAttention" if shared_kv_buffer else "MultiHeadAttention"
     assert (fused_as in report["fusions"]) == attention_fused
+    if variant.get("position") == "rotary":  # rotated in the attention kernel, or just before it
+        assert report["fusions"].get("RotaryEmbedding", 0) == (0 if shared_kv_buffer else 4)
     assert step.shared_buffer == (report["kv_cache"] == "shared_buffer") == (attention_fused and shared_kv_buffer)
     # Decoding's prompt step (last positions' logits only, through logits_to_keep where the graph has it).
     assert report.get("logits_to_keep", False) == step.shared_buffer
     ids, mask = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert np.abs(step.last_logits(ids, mask)[0] - step(ids, mask, None)[0][:, -1]).max() <= 1e-5
+
+
+def test_rotary_swiglu_decoder_gets_the_fused_fast_path_in_fp32_and_fp16(corpus_file, tmp_path):
+    """A Llama-style decoder (rotary positions, SwiGLU, no biases, untied head) exports as fast as
+    a learned-position one: each layer's q/k rotation goes into GroupQueryAttention (`do_rotary`,
+    cos/sin tables made from the graph's own inverse frequencies) over the shared KV buffer, in
+    fp32 (logits within 1e-4 of Keras, greedy identical, checked at export) and fp16 (top-1
+    agreement at export; here the same greedy tokens as the fp32 bundle). Trained briefly so its
+    next-token choices have no near-ties."""
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.data import read_corpus, tokenize_corpus
+    from kerasllm.export.decoding_predictor import BundleGenerator
+    from kerasllm.export.exporter import ExportOptions, export_model_dir
+    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.tokenizers import TextTokenizer
+    from kerasllm.training import write_json_atomic
+
+    keras.utils.set_random_seed(1)
+    texts = read_corpus(corpus_file)
+    tokenizer = TextTokenizer.train(texts, kind="char")
+    ids = tokenize_corpus(texts, tokenizer)
+    config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=96, position="rotary",
+                                  activation="swiglu", use_bias=False, tie_embeddings=False)
+    model = CausalLM(config)
+    model.compile(learning_rate=3e-3, jit_compile=False)
+    starts = np.random.default_rng(1).integers(0, len(ids) - 33, size=60 * 16)
+    windows = np.stack([ids[s:s + 33] for s in starts])
+    model.fit(windows[:, :-1], windows[:, 1:], batch_size=16, epochs=1, verbose=0)
+    run = tmp_path / "lm"
+    run.mkdir()
+    model.save(run / "model.keras")
+    tokenizer.save(run)
+    write_json_atomic(run / "config.json", {"task": "causal-lm", "model": config.to_dict(), "train": {}})
+
+    bundles = {}
+    for dtype in ("fp32", "fp16"):
+        bundles[dtype] = export_model_dir(run, tmp_path / dtype, ExportOptions(dtype=dtype), log=lambda message: None)
+        report = bundles[dtype].manifest["optimization"]
+        assert report["kv_cache"] == "shared_buffer" and "attention_fusion_reverted" not in report
+        assert report["fusions"]["GroupQueryAttention"] == config.num_layers
+        attention = [n for n in onnx.load(str(tmp_path / dtype / "model.onnx")).graph.node
+                     if n.op_type == "GroupQueryAttention"]
+        assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in attention] == [1, 1]
+        assert not any(n.op_type in ("Sin", "Cos", "RotaryEmbedding")
+                       for n in onnx.load(str(tmp_path / dtype / "model.onnx")).graph.node)
+    assert bundles["fp32"].manifest["validation"]["greedy"]["identical"] is True
+    assert min(bundles["fp16"].manifest["validation"]["top1_agreement"].values()) >= 0.99
+    generators = [BundleGenerator(tmp_path / dtype, device="cpu") for dtype in ("fp32", "fp16")]
+    prompts = [generators[0].check(p) for p in PROMPTS]
+    options = DecodingOptions(max_new_tokens=40)
+    tokens = [[h[0].tokens for h in generate(g.step, prompts, options, pad_id=g.pad_id)] for g in generators]
+    assert tokens[0] == tokens[1]
 
 
 def test_evaluate_gives_the_same_perplexity_from_the_bundle_and_the_model_dir(bundle_dir, model_dir, corpus_file,
