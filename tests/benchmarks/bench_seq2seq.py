@@ -49,6 +49,13 @@ overhead: their arithmetic is < 1 us), ~100 Adds/LayerNorms/BiasGelus/others at 
 Measured 2026-12-06 with `--repeats 10` (best of 10 interleaved, so both sides more likely get a
 pass in the machine's fast phase; its speed was bimodal that night, the same Python work taking
 6.8 or 10.2 ms): greedy Keras 346.2 | bundle 969.5 2.80x | per batch 758.8 2.19x; beam 4 5.83-6.85x.
+2026-12-06, `--keep --repeats 3`: greedy 2.92x (Keras 352.2, bundle 1028.1 sentences/s), beam 4 6.54x.
+Per worker in the 4-batch job (instrumented): encoder 9.0-9.5 ms a batch (~30%), 64 decoder runs
+~0.62 ms each (~65%), ~1.5 ms of Python a batch. Tried that day and not kept: each worker thread
+pinned to its own core (60 alternated jobs: faster in 32/60, medians 92.4 vs 93.0 ms), the two
+workers sharing one pair of single-threaded sessions (1.033x slower, 29/100), BiasGelu vs Add + ONNX
+Gelu at the encoder's shape (191 vs 232 us a layer: <1% of the job). A decoder step costs ~4% more
+with the other core busy (706 vs 736 us, slow phase): the workers hardly slow each other.
 Tried that night and not kept: the encoder's fused Attention split into the QKV MatMul on the packed
 tokens + ONNX's opset-23 Attention (8.40 -> 7.67 ms per encoder batch alone, outputs identical, but
 the 4-batch job in one process over 3 x 300 alternations: 1.000, 1.024, 1.000).

@@ -123,6 +123,15 @@ codegen split; two independent half-batch chains in one step (no concurrency gai
 (one-buffer) AdamW (-0.2 s first step, -1% step: not worth a second update path);
 steps_per_execution=10 <= 3%. bf16 is slower on this CPU with and without XLA (XLA's CPU dots
 do not use the AMX units; oneDNN's non-XLA path reaches 53 ms/step).
+Measured 2026-12-06 and not kept (one process, alternating): the first step's two XLA compiles
+(part_gradients ~1.05 s, apply_mean ~0.84 s, traces 0.61 + 0.43 s) run one after the other, and
+compiling them in two threads at once took as long (2.31 vs 2.17 s: they do not overlap);
+apply_mean without XLA compiles in 0.2-0.36 s instead of ~1 s but adds ~3 ms to every step (full
+step 39.9 vs 35.3 ms parts alone, against +1.8 ms compiled): a loss past ~250 steps. An xprof
+profile of one part (6 rows, one thread): dots 71% of the thunk time, at ~140 GFLOP/s for the
+forward and input-gradient products but ~94 for the weight gradients (`x^T dy`, both operands
+contracted on the token axis); computing them as `(dy^T x)^T` or from an explicit transpose
+(custom gradient on Dense, with XLA's transpose folding off) measured 0.96-1.03x the step, noise.
 """
 
 from __future__ import annotations
