@@ -22,32 +22,41 @@ Why `Attention` and not `MultiHeadAttention` (measured on the 'small' preset, ba
 projections 720, MultiHeadAttention after a Split of qkv 718, unfused 676. (ORT's
 flash-attention path for MultiHeadAttention needs a graph without any mask.)
 
-A layer whose subgraph differs in any way (rotary positions, another scale, no projection
-bias, an attention bias that depends on more than the mask) is left as it is; the export's
-validation then compares the fused graph with Keras.
+Rotary layers (queries and keys rotated between the projection and the scores) fuse into
+MultiHeadAttention after RotaryEmbedding nodes instead (`rotary_rows`). A layer whose
+subgraph differs in any other way (another scale, no projection bias, an attention bias that
+depends on more than the mask) is left as it is; the export's validation then compares the
+fused graph with Keras.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import _constant_value, graph_index, graph_inputs_read, replace_nodes, typed_producer
+from kerasllm.export.rotary_fusion import match_rotary, rotary_tables
 
 # kerasllm.layers.attention.MASK_VALUE (not imported: that module imports Keras).
 MASK_VALUE = -1e9
 
 
 def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
-                           mask_input: str = "attention_mask") -> int:
+                           mask_input: str = "attention_mask", rotary_rows: int = 0) -> int:
     """Fuse every matching self-attention block of `model` in place; returns the number fused.
 
     Args:
         model: an fp32 encoder graph as traced by `convert.trace_to_onnx`.
         num_heads, head_dim: the attention shape (`N`, `D`).
         mask_input: the graph input holding the `[B, S]` padding mask (1 = real token).
+        rotary_rows: > 0 to fuse layers with rotary positions too (their longest sequence):
+            ORT's CPU `Attention` kernel refuses `do_rotary`, so such a layer becomes what ORT
+            asks for instead, `Split(qkv) -> RotaryEmbedding(q), RotaryEmbedding(k) ->
+            MultiHeadAttention(key_padding_mask)`, the rotation read from cos/sin tables built
+            from the graph's own frequencies (rotary_fusion.py) at positions `0..S-1`.
     """
     graph = model.graph
     producers, consumers = graph_index(graph)
@@ -66,24 +75,27 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
         return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
     def head_source(name, expected_perm):
-        """`Transpose(Squeeze(Slice(Reshape(qkv))))` -> (qkv, index along the `3` axis) or (None, None)."""
+        """`Transpose(Squeeze(Slice(Reshape(qkv))))`, a rotary embedding maybe between the Transpose
+        and the Squeeze -> (qkv, index along the `3` axis, Rotary or None) or (None, None, None)."""
         transpose = producer(name, "Transpose")
-        squeeze = transpose and perm(transpose) == expected_perm and producer(transpose.input[0], "Squeeze")
+        rotary = transpose and match_rotary(model, producers, transpose.input[0])
+        squeeze = (transpose and perm(transpose) == expected_perm
+                   and producer(rotary.source if rotary else transpose.input[0], "Squeeze"))
         slice_ = squeeze and producer(squeeze.input[0], "Slice")
         reshape = slice_ and producer(slice_.input[0], "Reshape")
         steps = len(slice_.input) > 4 and slice_.input[4] if slice_ else None
         if not reshape or len(squeeze.input) < 2 or len(slice_.input) < 4 or steps:
-            return None, None
+            return None, None, None
         shape, squeezed = constant(reshape.input[1]), constant(squeeze.input[1])
         starts, ends, axes = (constant(n) for n in slice_.input[1:4])
         if (shape is None or shape.ravel().tolist()[-3:] != [3, num_heads, head_dim] or squeezed is None
                 or [int(a) % 5 for a in squeezed.ravel()] != [2] or starts is None or ends is None or axes is None):
-            return None, None
+            return None, None, None
         begin = dict(zip((int(a) % 5 for a in axes.ravel()), starts.ravel().tolist()))
         stop = dict(zip((int(a) % 5 for a in axes.ravel()), ends.ravel().tolist()))
         if 2 not in begin or stop[2] != begin[2] + 1 or any(v != 0 for a, v in begin.items() if a != 2):
-            return None, None
-        return reshape.input[0], int(begin[2])
+            return None, None, None
+        return reshape.input[0], int(begin[2]), rotary or None
 
     graph_inputs_under = functools.partial(graph_inputs_read, graph, producers)
 
@@ -114,11 +126,17 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
             continue
         bias = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
         scale = constant(mul.input[1] if mul.input[0] == scores.output[0] else mul.input[0])
-        x_q, index_q = head_source(scores.input[0], [0, 2, 1, 3])
-        x_k, index_k = head_source(scores.input[1], [0, 2, 3, 1])
-        x_v, index_v = head_source(context.input[1], [0, 2, 1, 3])
+        x_q, index_q, rotary_q = head_source(scores.input[0], [0, 2, 1, 3])
+        x_k, index_k, rotary_k = head_source(scores.input[1], [0, 2, 3, 1])
+        x_v, index_v, rotary_v = head_source(context.input[1], [0, 2, 1, 3])
         if (scale is None or scale.size != 1 or not x_q or x_q != x_k or x_q != x_v
                 or (index_q, index_k, index_v) != (0, 1, 2) or graph_inputs_under(bias) != {mask_input}):
+            continue
+        # Rotated queries and keys alike, at positions computed from shapes alone (0..S-1; the
+        # validation checks the result); values never.
+        if rotary_v or bool(rotary_q) != bool(rotary_k) or (rotary_q and (
+                not rotary_rows or rotary_q.angles != rotary_k.angles or graph_inputs_under(rotary_q.positions)
+                or 2 * len(rotary_q.inverse_frequencies) != head_dim)):
             continue
         source = projection(x_q)
         if not source:
@@ -129,12 +147,42 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
                                        to=onnx.TensorProto.BOOL),
                       helper.make_node("Cast", [f"{mask_index}/bool"], [mask_index], name=f"{mask_index}/Cast",
                                        to=onnx.TensorProto.INT32)]
-        nodes.append(helper.make_node(
-            "Attention", [*source, mask_index], [out_r.output[0]], name=f"kerasllm_encoder_attention_{fused}",
-            domain="com.microsoft", num_heads=num_heads, scale=float(scale.ravel()[0]), mask_filter_value=MASK_VALUE,
-        ))
+        name = f"kerasllm_encoder_attention_{fused}"
+        if rotary_q:
+            nodes += _rotated_attention(model, name, x_q, mask_index, out_r.output[0], rotary_q, rotary_rows,
+                                        num_heads, width, float(scale.ravel()[0]))
+        else:
+            nodes.append(helper.make_node(
+                "Attention", [*source, mask_index], [out_r.output[0]], name=name, domain="com.microsoft",
+                num_heads=num_heads, scale=float(scale.ravel()[0]), mask_filter_value=MASK_VALUE,
+            ))
         replacements[id(out_r)] = nodes
         fused += 1
     if fused:
         replace_nodes(model, replacements)
     return fused
+
+
+def _rotated_attention(model: onnx.ModelProto, name: str, qkv: str, mask_index: str, output: str, rotary,
+                       rows: int, num_heads: int, width: int, scale: float) -> list:
+    """The nodes of one rotary layer (see `fuse_encoder_attention`); the tables and the start
+    position are initializers shared by every layer."""
+    prefix = "kerasllm_encoder_rotary"
+    names = {i.name for i in model.graph.initializer}
+    if f"{prefix}/cos_cache" not in names:
+        cos, sin = rotary_tables(rotary.inverse_frequencies, rows)
+        model.graph.initializer.extend([
+            numpy_helper.from_array(cos, f"{prefix}/cos_cache"), numpy_helper.from_array(sin, f"{prefix}/sin_cache"),
+            numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/start"),  # every row from position 0
+            numpy_helper.from_array(np.array([width] * 3, np.int64), f"{prefix}/split")])
+    q, k, v = (f"{name}/{part}" for part in ("query", "key", "value"))
+    tables = [f"{prefix}/start", f"{prefix}/cos_cache", f"{prefix}/sin_cache"]
+    return [
+        helper.make_node("Split", [qkv, f"{prefix}/split"], [q, k, v], name=f"{name}/Split", axis=-1),
+        *(helper.make_node("RotaryEmbedding", [x, *tables], [f"{x}/rotary"], name=f"{name}/RotaryEmbedding_{part}",
+                           domain="com.microsoft", interleaved=0, num_heads=num_heads)
+          for x, part in ((q, "query"), (k, "key"))),
+        helper.make_node("MultiHeadAttention", [f"{q}/rotary", f"{k}/rotary", v, "", mask_index], [output],
+                         name=f"{name}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
+                         mask_filter_value=MASK_VALUE),
+    ]

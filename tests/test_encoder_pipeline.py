@@ -281,14 +281,17 @@ def test_classifier_resume_continues_from_the_last_checkpoint(work, tmp_path, mo
     assert json.loads((out / "config.json").read_text())["labels"] == ["negative", "positive"]
 
 
-@pytest.mark.parametrize("overrides, fused", [
-    (dict(), 1),  # CLS pooling: the last layer attends from the first token only (Encoder.first_token)
-    (dict(norm_first=True, pooling="mean"), 2),
-    (dict(position="rotary"), 0),  # RoPE between the projection and the scores: left unfused
+@pytest.mark.parametrize("overrides, fused, kernel", [
+    (dict(), 1, "Attention"),  # CLS pooling: the last layer attends from the first token only (Encoder.first_token)
+    (dict(norm_first=True, pooling="mean"), 2, "Attention"),
+    # RoPE between the projection and the scores: RotaryEmbedding on q and k, then MultiHeadAttention
+    # (ORT's CPU Attention kernel refuses do_rotary)
+    (dict(position="rotary", pooling="mean"), 2, "MultiHeadAttention"),
+    (dict(position="rotary"), 1, "MultiHeadAttention"),
 ])
-def test_encoder_export_fuses_attention_where_it_matches(tmp_path, overrides, fused):
+def test_encoder_export_fuses_attention_where_it_matches(tmp_path, overrides, fused, kernel):
     """Each variant's export passes the family's validation (1e-4, identical labels) with its
-    self-attention fused into com.microsoft.Attention, or left as it is."""
+    self-attention fused into com.microsoft.Attention (or, rotary, MultiHeadAttention), or left as it is."""
     import keras
     import onnx
 
@@ -301,10 +304,12 @@ def test_encoder_export_fuses_attention_where_it_matches(tmp_path, overrides, fu
     (tmp_path / "scratch").mkdir()
     (tmp_path / "staging").mkdir()
     entries = export_encoder_family(model, tmp_path / "scratch", tmp_path / "staging", ExportOptions(), log=print)
-    assert entries["optimization"]["fusions"].get("Attention", 0) == fused
+    assert entries["optimization"]["fusions"].get(kernel, 0) == fused
+    assert entries["optimization"]["fusions"].get("RotaryEmbedding", 0) == (2 * fused if "rotary" in str(overrides)
+                                                                          else 0)
     assert entries["validation"]["max_abs_diff"]["logits"] <= 1e-4
     ops = [node.op_type for node in onnx.load(str(tmp_path / "staging" / "model.onnx")).graph.node]
-    assert ops.count("Attention") == fused and ops.count("Softmax") == 2 - fused
+    assert ops.count(kernel) == fused and ops.count("Softmax") == 2 - fused
 
 
 def test_encoder_attention_fusion_is_dropped_when_it_fails_validation(tmp_path, monkeypatch):
