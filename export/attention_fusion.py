@@ -32,6 +32,7 @@ fused graph with Keras.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -161,6 +162,13 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
     if fused:
         replace_nodes(model, replacements)
     return fused
+
+
+def fused_attention_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """What `fuse_encoder_attention` made in `model`: Attention, or MultiHeadAttention and
+    RotaryEmbedding for rotary layers (op -> count, the ops present only)."""
+    counts = Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft")
+    return {op: counts[op] for op in ("Attention", "MultiHeadAttention", "RotaryEmbedding") if counts[op]}
 
 
 def _rotated_attention(model: onnx.ModelProto, name: str, qkv: str, mask_index: str, output: str, rotary,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -87,7 +86,7 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
     node (attention_fusion.py); should that graph fail validation, the export is redone
     without it, as the decoder's, and the manifest says why (`attention_fusion_reverted`).
     """
-    from kerasllm.export.attention_fusion import fuse_encoder_attention  # noqa: PLC0415
+    from kerasllm.export.attention_fusion import fuse_encoder_attention, fused_attention_ops  # noqa: PLC0415
     from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
     from kerasllm.export.runtime import create_session  # noqa: PLC0415
 
@@ -103,9 +102,7 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
         nodes_before = len(proto.graph.node)
         attention = (fuse_encoder_attention(proto, c.num_heads, c.hidden_dim // c.num_heads, rotary_rows=c.max_length)
                      if fuse_attention else 0)
-        # What the fusion made (Attention, or RotaryEmbedding + MultiHeadAttention for rotary layers).
-        made = Counter(n.op_type for n in proto.graph.node
-                       if n.op_type in ("Attention", "MultiHeadAttention", "RotaryEmbedding")) if attention else {}
+        made = fused_attention_ops(proto) if attention else {}
         # Left out, besides `cpu_slower_fusions`: EmbedLayerNormalization, whose fusion reads the
         # embedding tables that optimize_graph sets aside (and would save at most the two
         # Gathers, 0.5 ms of ~85).

@@ -25,11 +25,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from kerasllm.export.convert import GraphSpec, TensorDecl, graph_index, save_onnx, trace_to_onnx
+from kerasllm.export.convert import (GraphSpec, TensorDecl, graph_index, graph_inputs_read, save_onnx,
+                                     trace_to_onnx, typed_producer)
 from kerasllm.export.optimize import attention_splits, cpu_slower_fusions, optimize_graph, to_group_query_attention
 from kerasllm.export.runtime import SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
-                                              cross_names, self_names)
+                                              cross_names, self_attention_slots_bound, self_names)
 from kerasllm.export.token_packing import pack_padded_tokens
 from kerasllm.export.validate import ValidationError, compare_output, validated_with_fallback
 
@@ -131,6 +132,12 @@ def share_self_attention_buffer(model, num_heads: int) -> bool:
     splits = attention_splits(model, self_attention)
     if not self_attention or len(self_attention) != layers or splits is None:
         return False
+    # Rotated q/k (RotaryEmbedding before each MultiHeadAttention): GQA rotates at position
+    # `seqlens_k` itself, the traced `past length + range(1)`, positions made from shapes alone.
+    for node in self_attention:
+        rotation = typed_producer(producers, node.input[0], "RotaryEmbedding")
+        if rotation is not None and graph_inputs_read(graph, producers, rotation.input[1]):
+            return False
     past_length = next((n for n in graph.node if n.op_type == "Shape" and n.input[0] == "past_key_values.0.decoder.key"),
                        None)
     for op_type in ("Cast", "Slice", "Squeeze"):
@@ -292,24 +299,26 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
     def optimize(spec, fuse_attention: bool) -> None:
         import onnx  # noqa: PLC0415
 
-        from kerasllm.export.attention_fusion import fuse_encoder_attention  # noqa: PLC0415
+        from kerasllm.export.attention_fusion import fuse_encoder_attention, fused_attention_ops  # noqa: PLC0415
 
         proto = onnx.load(str(raws[spec.name]))
         # The encoder's self-attention -> one Attention node per layer (as the encoder family's);
         # the decoder's self- and cross-attention -> MultiHeadAttention nodes (optimize.py).
-        encoder_fused = (fuse_encoder_attention(proto, c.num_heads, c.head_dim)
+        encoder_fused = (fuse_encoder_attention(proto, c.num_heads, c.head_dim, rotary_rows=c.max_length)
                          if fuse_attention and spec.name == "encoder" else 0)
+        made = fused_attention_ops(proto) if encoder_fused else {}
         keep = tuple(n for n in spec.outputs if n == "logits" or n == "last_hidden_state")
         fp32 = options.dtype == "fp32"
         reports[spec.name] = optimize_graph(
             proto, staging / spec.file, model_type="bert", num_heads=c.num_heads, hidden_size=c.hidden_dim,
             fuse=options.optimize, dtype=options.dtype, keep_float32_io=keep,
             cached_attention=fuse_attention and spec.name == "decoder",
+            rotary_positions=self_attention_slots_bound(c.max_length),
             # Symbolic shape inference only guards SkipLayerNormalization, left out in fp32.
             shape_inference=not fp32, disabled_fusions=cpu_slower_fusions(options.dtype),
         )
         if encoder_fused:
-            reports[spec.name]["fusions"] = {"Attention": encoder_fused, **reports[spec.name]["fusions"]}
+            reports[spec.name]["fusions"] = {**made, **reports[spec.name]["fusions"]}
             # The token-wise layers between the attention nodes then run on the real tokens only.
             encoder = onnx.load(str(staging / spec.file))
             if pack_padded_tokens(encoder):
@@ -324,6 +333,7 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
                 fusions = report["fusions"]
                 fusions["MultiHeadAttention"] = fusions.get("MultiHeadAttention", 0) - c.decoder_layers
                 fusions["GroupQueryAttention"] = c.decoder_layers
+                fusions.pop("RotaryEmbedding", None)  # rotary layers: the rotation now runs inside GQA
                 report.update(kv_cache=SHARED_BUFFER, nodes_after=len(decoder.graph.node))
         fusions = ", ".join(f"{op} x{n}" for op, n in reports[spec.name]["fusions"].items()) or "none"
         log(f"optimized the {spec.name} ({options.dtype}): fusions {fusions}")

@@ -47,6 +47,16 @@ from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
 _BUFFER_SLOTS = 64
+
+
+def self_attention_slots_bound(max_length: int) -> int:
+    """The most slots a `_SelfAttentionBuffer` reaches while a row holds at most `max_length` tokens
+    (it starts at `_BUFFER_SLOTS` and doubles when full): the rows GroupQueryAttention's rotary
+    cos/sin tables need (ORT checks them against `total_sequence_length`, the buffer's slots)."""
+    slots = _BUFFER_SLOTS
+    while slots < max_length:
+        slots *= 2
+    return slots
 # The shared-buffer decoder's length inputs (GroupQueryAttention's names, see the module docs).
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
 

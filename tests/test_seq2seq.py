@@ -82,6 +82,49 @@ def test_fp16_bundle_fuses_attention_and_translates_as_the_fp32_bundle(trained, 
     assert len(outputs[0]) == 200 and outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("kv_cache", ["shared", "growing"])
+def test_rotary_seq2seq_exports_with_every_attention_fused(tmp_path, kv_cache):
+    """Rotary positions in both stacks: the encoder's layers fuse as RotaryEmbedding + MultiHeadAttention
+    (ORT's CPU Attention refuses rotation), the decoder's self-attention as GroupQueryAttention with the
+    rotation inside (do_rotary; RotaryEmbedding + MultiHeadAttention over a growing cache), its
+    cross-attention as before; the export's validation holds (logits within 1e-4, greedy identical)."""
+    import onnx
+
+    from kerasllm import Seq2SeqLM
+    from kerasllm.export.exporter import ExportOptions, export_model_dir
+    from kerasllm.tokenizers import TextTokenizer
+    from kerasllm.training import save_model_atomic, write_json_atomic
+
+    keras.utils.set_random_seed(0)
+    tokenizer = TextTokenizer.train(["abcdefghijklmnopqrstuvwxyz0123456789 .,"], kind="char")
+    config = Seq2SeqConfig.preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0, position="rotary")
+    model = Seq2SeqLM(config)
+    model.generate([[7, 8, 9]], max_new_tokens=2)  # builds the weights
+    run = tmp_path / "run"
+    run.mkdir()
+    tokenizer.save(run)
+    write_json_atomic(run / "config.json", {"task": "seq2seq", "model": config.to_dict(), "train": {}})
+    save_model_atomic(model, run)
+    bundle = export_model_dir(run, tmp_path / "bundle", ExportOptions(shared_kv_buffer=kv_cache == "shared"),
+                              log=lambda message: None)
+    report, layers = bundle.manifest["optimization"], config.num_layers
+    assert "attention_fusion_reverted" not in report
+    assert report["encoder"]["fusions"]["MultiHeadAttention"] == layers
+    assert report["encoder"]["fusions"]["RotaryEmbedding"] == 2 * layers
+    decoder = report["decoder"]["fusions"]
+    if kv_cache == "shared":
+        assert decoder["GroupQueryAttention"] == decoder["MultiHeadAttention"] == layers
+        assert "RotaryEmbedding" not in decoder
+        nodes = onnx.load(str(tmp_path / "bundle" / "decoder.onnx")).graph.node
+        assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in nodes
+                if n.op_type == "GroupQueryAttention"] == [1] * layers
+    else:
+        assert decoder["MultiHeadAttention"] == 2 * layers and decoder["RotaryEmbedding"] == 2 * layers
+    validation = bundle.manifest["validation"]
+    assert max(v for k, v in validation["max_abs_diff"].items() if k.endswith("logits")) <= 1e-4
+    assert validation["greedy"]["identical"] is True
+
+
 def test_bundle_greedy_is_token_identical_to_keras(trained):
     from kerasllm.export.generate import DecodingOptions
     from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
