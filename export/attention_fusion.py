@@ -39,7 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import _constant_value, graph_index, graph_inputs_read, replace_nodes, typed_producer
-from kerasllm.export.rotary_fusion import match_rotary, rotary_tables
+from kerasllm.export.rotary_fusion import RotaryTables, match_rotary, rotary_embedding
 
 # kerasllm.layers.attention.MASK_VALUE (not imported: that module imports Keras).
 MASK_VALUE = -1e9
@@ -62,6 +62,7 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
     graph = model.graph
     producers, consumers = graph_index(graph)
     width = num_heads * head_dim
+    tables = RotaryTables(model, rotary_rows, "kerasllm_encoder_rotary")
 
     producer = functools.partial(typed_producer, producers)
 
@@ -150,7 +151,7 @@ def fuse_encoder_attention(model: onnx.ModelProto, num_heads: int, head_dim: int
                                        to=onnx.TensorProto.INT32)]
         name = f"kerasllm_encoder_attention_{fused}"
         if rotary_q:
-            nodes += _rotated_attention(model, name, x_q, mask_index, out_r.output[0], rotary_q, rotary_rows,
+            nodes += _rotated_attention(model, name, x_q, mask_index, out_r.output[0], rotary_q, tables,
                                         num_heads, width, float(scale.ravel()[0]))
         else:
             nodes.append(helper.make_node(
@@ -172,23 +173,18 @@ def fused_attention_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _rotated_attention(model: onnx.ModelProto, name: str, qkv: str, mask_index: str, output: str, rotary,
-                       rows: int, num_heads: int, width: int, scale: float) -> list:
-    """The nodes of one rotary layer (see `fuse_encoder_attention`); the tables and the start
-    position are initializers shared by every layer."""
-    prefix = "kerasllm_encoder_rotary"
-    names = {i.name for i in model.graph.initializer}
-    if f"{prefix}/cos_cache" not in names:
-        cos, sin = rotary_tables(rotary.inverse_frequencies, rows)
-        model.graph.initializer.extend([
-            numpy_helper.from_array(cos, f"{prefix}/cos_cache"), numpy_helper.from_array(sin, f"{prefix}/sin_cache"),
-            numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/start"),  # every row from position 0
-            numpy_helper.from_array(np.array([width] * 3, np.int64), f"{prefix}/split")])
+                       tables: RotaryTables, num_heads: int, width: int, scale: float) -> list:
+    """The nodes of one rotary layer (see `fuse_encoder_attention`); the tables, the start position
+    and the split sizes are initializers shared by every layer."""
+    start, split = "kerasllm_encoder_rotary/start", "kerasllm_encoder_rotary/split"
+    if not tables.made:  # the first rotary layer
+        model.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), start),  # rows from 0
+                                        numpy_helper.from_array(np.array([width] * 3, np.int64), split)])
     q, k, v = (f"{name}/{part}" for part in ("query", "key", "value"))
-    tables = [f"{prefix}/start", f"{prefix}/cos_cache", f"{prefix}/sin_cache"]
+    cos_sin = tables(rotary)
     return [
-        helper.make_node("Split", [qkv, f"{prefix}/split"], [q, k, v], name=f"{name}/Split", axis=-1),
-        *(helper.make_node("RotaryEmbedding", [x, *tables], [f"{x}/rotary"], name=f"{name}/RotaryEmbedding_{part}",
-                           domain="com.microsoft", interleaved=0, num_heads=num_heads)
+        helper.make_node("Split", [qkv, split], [q, k, v], name=f"{name}/Split", axis=-1),
+        *(rotary_embedding(x, start, cos_sin, num_heads, f"{name}/RotaryEmbedding_{part}")
           for x, part in ((q, "query"), (k, "key"))),
         helper.make_node("MultiHeadAttention", [f"{q}/rotary", f"{k}/rotary", v, "", mask_index], [output],
                          name=f"{name}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,

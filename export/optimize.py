@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 from kerasllm.export.attention_fusion import MASK_VALUE
 from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, graph_inputs_read, replace_nodes,
                                      save_onnx, typed_producer)
-from kerasllm.export.rotary_fusion import match_rotary, rotary_tables
+from kerasllm.export.rotary_fusion import RotaryTables, match_rotary, rotary_embedding
 from kerasllm.export.runtime import KV_CACHE_METADATA, SHARED_BUFFER
 
 # Ops kept in float32 in fp16 graphs: decomposed normalization statistics and softmax overflow
@@ -142,26 +142,23 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
         return x_q, index_q, rotary_q, float(scale.ravel()[0]), bias, key_t, out_r[0]
 
     replacements = {}  # id(old node) -> [new nodes] (an empty list removes it)
-    rotary_made = {}  # what rotary_inputs made: Rotary.angles -> (cos, sin, position_ids)
+    tables = RotaryTables(model, rotary_rows, "kerasllm_rotary")
+    position_ids = {}  # positions tensor -> its int64 Cast (RotaryEmbedding's position_ids)
 
-    def rotary_inputs(rotary):
-        """The cos/sin tables (initializers) and int64 position ids of `rotary`, made once: the
-        Cast goes right after the positions' producer, so every layer's nodes come after it."""
-        if rotary.angles not in rotary_made:
-            prefix = f"kerasllm_rotary_{len(rotary_made)}"
-            cos, sin = rotary_tables(rotary.inverse_frequencies, rotary_rows)
-            graph.initializer.extend([numpy_helper.from_array(cos, f"{prefix}/cos_cache"),
-                                      numpy_helper.from_array(sin, f"{prefix}/sin_cache")])
-            cast = helper.make_node("Cast", [rotary.positions], [f"{prefix}/position_ids"],
-                                    to=onnx.TensorProto.INT64, name=f"{prefix}/Cast")
+    def rotary_positions(rotary):
+        """`rotary.positions` as int64, cast once: the Cast goes right after the positions'
+        producer, so every layer's nodes come after it."""
+        if rotary.positions not in position_ids:
+            name = f"kerasllm_rotary/position_ids_{len(position_ids)}"
+            cast = helper.make_node("Cast", [rotary.positions], [name], to=onnx.TensorProto.INT64, name=f"{name}/Cast")
             source = producers.get(rotary.positions)
             if source is None:  # a graph input: first of all
                 source = graph.node[0]
                 replacements[id(source)] = [cast, *replacements.get(id(source), [source])]
             else:
                 replacements[id(source)] = [*replacements.get(id(source), [source]), cast]
-            rotary_made[rotary.angles] = (f"{prefix}/cos_cache", f"{prefix}/sin_cache", cast.output[0])
-        return rotary_made[rotary.angles]
+            position_ids[rotary.positions] = cast.output[0]
+        return position_ids[rotary.positions]
 
     fused = 0
     cache_keys = [o.name for o in graph.output if o.name.startswith("present.") and o.name.endswith(".key")]
@@ -196,11 +193,8 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
         split = helper.make_node("Split", [x_q, split_sizes], qkv, name=f"{prefix}/Split", axis=-1)
         rotation = []
         if rotary_q:
-            cos, sin, position_ids = rotary_inputs(rotary_q)
-            rotation = [helper.make_node("RotaryEmbedding", [qkv[i], position_ids, cos, sin], [f"{qkv[i]}/rotary"],
-                                         name=f"{prefix}/RotaryEmbedding_{part}", domain="com.microsoft",
-                                         interleaved=0, num_heads=num_heads)
-                        for i, part in ((0, "query"), (1, "key"))]
+            rotation = [rotary_embedding(qkv[i], rotary_positions(rotary_q), tables(rotary_q), num_heads,
+                                         f"{prefix}/RotaryEmbedding_{part}") for i, part in ((0, "query"), (1, "key"))]
             qkv = [f"{qkv[0]}/rotary", f"{qkv[1]}/rotary", qkv[2]]
         # A bias computed from shapes alone is the causal mask (a seq2seq decoder's; a causal
         # LM's also reads its attention_mask): the kernel's `unidirectional` applies it, and

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import _constant_value, typed_producer
 
@@ -72,6 +73,32 @@ def rotary_tables(inverse_frequencies, rows: int) -> tuple[np.ndarray, np.ndarra
     Keras layer computes the angles (float32 position x float32 inverse frequency)."""
     angles = np.arange(rows, dtype=np.float32)[:, None] * np.asarray(inverse_frequencies, np.float32)[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class RotaryTables:
+    """The cos/sin tables (initializers of `model`, `rows` positions) a fusion's rotations read:
+    one pair per set of inverse frequencies, shared by every layer that uses it."""
+
+    def __init__(self, model: onnx.ModelProto, rows: int, prefix: str):
+        self.model, self.rows, self.prefix = model, rows, prefix
+        self.made: dict[tuple[float, ...], tuple[str, str]] = {}
+
+    def __call__(self, rotary: Rotary) -> tuple[str, str]:
+        """`(cos name, sin name)` for `rotary`'s frequencies."""
+        if rotary.inverse_frequencies not in self.made:
+            name = f"{self.prefix}_{len(self.made)}"
+            cos, sin = rotary_tables(rotary.inverse_frequencies, self.rows)
+            self.model.graph.initializer.extend([numpy_helper.from_array(cos, f"{name}/cos_cache"),
+                                                 numpy_helper.from_array(sin, f"{name}/sin_cache")])
+            self.made[rotary.inverse_frequencies] = (f"{name}/cos_cache", f"{name}/sin_cache")
+        return self.made[rotary.inverse_frequencies]
+
+
+def rotary_embedding(x: str, position_ids: str, tables: tuple[str, str], num_heads: int,
+                     name: str) -> onnx.NodeProto:
+    """`com.microsoft.RotaryEmbedding` of `x` (`[B, T, N*D]`) into `{x}/rotary`: rotate-half, as matched."""
+    return helper.make_node("RotaryEmbedding", [x, position_ids, *tables], [f"{x}/rotary"], name=name,
+                            domain="com.microsoft", interleaved=0, num_heads=num_heads)
 
 
 def _operand(producers: dict, mul, op_type: str):
@@ -124,7 +151,6 @@ def _rotates_half(model, producers, half: str, source: str) -> bool:
     if (sizes is not None and len(set(sizes)) != 1) or axis is None or axis % 4 != 3 or stack_axis is None:
         return False
     return axes_a is not None and axes_a == axes_b and len(axes_a) == 1 and axes_a[0] % 5 == stack_axis % 5 == 3
-    return True
 
 
 def _angles(model, producers, angle: str):

@@ -47,6 +47,8 @@ from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
 _BUFFER_SLOTS = 64
+# The shared-buffer decoder's length inputs (GroupQueryAttention's names, see the module docs).
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
 
 
 def self_attention_slots_bound(max_length: int) -> int:
@@ -57,8 +59,6 @@ def self_attention_slots_bound(max_length: int) -> int:
     while slots < max_length:
         slots *= 2
     return slots
-# The shared-buffer decoder's length inputs (GroupQueryAttention's names, see the module docs).
-SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
 
 
 def cross_names(num_layers: int, prefix: str) -> list[str]:
