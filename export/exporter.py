@@ -58,8 +58,8 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     (seen with very peaked attention: 5e-3 on logits of magnitude 16) the graph is rebuilt
     without that one fusion, and the manifest says so.
     """
-    from kerasllm.export.convert import causal_lm_graph, trace_to_onnx  # noqa: PLC0415
-    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
+    from kerasllm.export.convert import TensorDecl, causal_lm_graph, trace_to_onnx  # noqa: PLC0415
+    from kerasllm.export.optimize import NEXT_TOKEN, cpu_slower_fusions, optimize_graph  # noqa: PLC0415
     from kerasllm.export.runtime import DecoderSession, buffer_slots_bound, create_session  # noqa: PLC0415
     from kerasllm.export.validate import validate_causal_lm, validated_with_fallback  # noqa: PLC0415
 
@@ -76,7 +76,8 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
                                 cached_attention=fuse_attention,
                                 shared_kv_buffer=fuse_attention and options.shared_kv_buffer,
                                 rotary_positions=buffer_slots_bound(c.max_length),
-                                disabled_fusions=cpu_slower_fusions(options.dtype))
+                                disabled_fusions=cpu_slower_fusions(options.dtype),
+                                next_token=options.dtype == "fp16")
         fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"
         log(f"optimized ({options.dtype}): fusions {fusions}")
         start = time.perf_counter()
@@ -94,6 +95,8 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
                 decl.dtype = "float16"
             if report["kv_cache"] == "shared_buffer":  # one buffer, past and present (optimize.share_kv_buffer)
                 decl.shape[2] = "max_sequence"
+    if report.get(NEXT_TOKEN):  # greedy decoding's choice, made where the graph runs (optimize.add_next_token)
+        spec.outputs[NEXT_TOKEN] = TensorDecl("int64", ["batch", 1])
     graph = {**spec.to_dict(), "opset": options.opset}
     return {"graphs": {spec.name: graph}, "optimization": report, "validation": figures}
 

@@ -201,6 +201,31 @@ def prompt_step(step: StepFunction, ids: np.ndarray, mask: np.ndarray) -> tuple[
     return logits[:, -1], cache
 
 
+def greedy_on_device(step: StepFunction, options: DecodingOptions) -> Callable | None:
+    """The step function's `greedy_step(ids [B, 1], mask, cache) -> (next ids [B, 1], cache)` when it
+    has one (a graph with the `next_token` output, runtime.DecoderSession) and the options are plain
+    greedy: the choice is made where the graph runs and only token ids come back."""
+    if options.temperature or options.repetition_penalty != 1.0 or not getattr(step, "greedy_on_device", False):
+        return None
+    return step.greedy_step
+
+
+class ChoiceOnHost:
+    """A step function seen without its `greedy_step`: greedy decoding takes the logits to the host
+    and picks there (how validation checks the graph's choice, and benchmarks measure it)."""
+
+    greedy_on_device = False
+
+    def __init__(self, step: StepFunction):
+        self.inner = step
+
+    def __call__(self, input_ids, attention_mask, cache):
+        return self.inner(input_ids, attention_mask, cache)
+
+    def __getattr__(self, name):  # reorder, last_logits, ...: the wrapped step's
+        return getattr(self.inner, name)
+
+
 def generate(step: StepFunction, prompts: Sequence[Sequence[int]], options: DecodingOptions, *, pad_id: int,
              vocab_size: int | None = None, max_length: int | None = None,
              decode: Callable[[list[int]], str] | None = None) -> list[list[Hypothesis]]:
@@ -253,6 +278,15 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
         # reduces to this one (same tokens, same random draws) without its per-row
         # bookkeeping, a third of a batch-8 step's Python on a small model.
         rows = np.arange(batch)
+        choose = greedy_on_device(step, options)
+        if choose is not None:
+            tokens = next_tokens(logits, seen, options, rng)  # the prompt step's choice, from its logits
+            for t in range(steps):
+                generated[:, t] = tokens
+                if t + 1 < steps:
+                    ids, cache = choose(tokens[:, None], masks[:, :width + t + 1], cache)
+                    tokens = ids[:, 0]
+            return [Hypothesis(row.tolist()) for row in generated]
         for t in range(steps):
             tokens = next_tokens(logits, seen, options, rng)
             generated[:, t] = tokens
@@ -263,7 +297,8 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
                 logits = logits[:, -1]
         return [Hypothesis(row.tolist()) for row in generated]
     if compact and not penalize and not options.stop and (limits == steps).all():
-        return _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id)
+        return _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id,
+                                  greedy_on_device(step, options))
     active = np.arange(batch)
     for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)
@@ -293,7 +328,8 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     return [Hypothesis(generated[row, :lengths[row]].tolist()) for row in range(batch)]
 
 
-def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id) -> list[Hypothesis]:
+def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id,
+                       choose: Callable | None = None) -> list[Hypothesis]:
     """`_sample`'s loop for greedy decoding with stop ids (seq2seq's EOS) and one limit for all
     rows: the same tokens, fed tokens and batch compaction, with per-row bookkeeping only at
     the steps where a row stops (rare) instead of a dozen array ops at every step.
@@ -303,16 +339,16 @@ def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad
     straight into the next input's shape, a set test on the tokens as a list (an array compare
     and its any() cost ~13 us), and the tokens kept per step to be written out after the loop.
     A row that stopped at step t has length t (the stop id excluded); what it is given while it
-    waits in the batch to be dropped (pads) is never read."""
+    waits in the batch to be dropped (pads) is never read. `choose` (`greedy_on_device`): the steps
+    after the prompt's return their choice instead of logits."""
     batch = len(logits)
     lengths = np.full(batch, steps, dtype=np.int64)
     stops = set(stop_array.tolist())
     columns = []  # per step: (the rows in the model's batch or None for all, their tokens [n, 1])
     active = None  # the rows in the model's batch (None: all of them, in order)
     finished = None  # which of those have stopped (None: none yet)
-    logits = logits[:, None]  # [B, 1, V] as every later step's
+    tokens = logits.argmax(-1)[:, None]  # [B, 1]: the next input's shape
     for t in range(steps):
-        tokens = logits.argmax(-1)
         columns.append((active, tokens))
         if not stops.isdisjoint(tokens.ravel().tolist()):
             hits = np.isin(tokens[:, 0], stop_array)
@@ -332,7 +368,11 @@ def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad
                 cache = step.reorder(cache, rows)
                 active = rows if active is None else active[rows]
                 tokens, masks, finished = tokens[rows], masks[rows], None
-        logits, cache = step(tokens, masks[:, :width + t + 1], cache)
+        if choose is not None:
+            tokens, cache = choose(tokens, masks[:, :width + t + 1], cache)
+        else:
+            logits, cache = step(tokens, masks[:, :width + t + 1], cache)
+            tokens = logits.argmax(-1)
     generated = np.empty((batch, len(columns)), dtype=np.int64)
     for t, (rows, tokens) in enumerate(columns):
         generated[slice(None) if rows is None else rows, t] = tokens[:, 0]

@@ -236,6 +236,8 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
 # Model metadata written by optimize.share_kv_buffer: the graph updates a fixed-size KV buffer in place.
 KV_CACHE_METADATA = "kerasllm.kv_cache"
 SHARED_BUFFER = "shared_buffer"
+# Optional decoder output (optimize.add_next_token): the last position's argmax, `[B, 1]` int64.
+NEXT_TOKEN = "next_token"
 # Slots a shared KV buffer gets beyond the prompt; it doubles when a row outgrows it.
 _BUFFER_HEADROOM = 128
 
@@ -314,6 +316,9 @@ class DecoderSession:
         self._vocab = session.session.get_outputs()[self._logits_index].shape[-1]
         # Optional input (optimize.keep_last_logits): the prompt step computes the logits it needs only.
         self._logits_to_keep = any(i.name == "logits_to_keep" for i in session.session.get_overridable_initializers())
+        # Optional output (optimize.add_next_token, fp16 graphs): `greedy_step` takes the token ids
+        # from it and leaves the logits where the graph ran.
+        self.greedy_on_device = NEXT_TOKEN in outputs
         if self.shared_buffer and session.device_type == "cuda" and self.cache_dtype == np.float32:
             # ORT places the node on the CPU provider and copies the cache across every step.
             log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
@@ -325,6 +330,21 @@ class DecoderSession:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache=None):
         if self.shared_buffer:
             return self._buffer_step(input_ids, attention_mask, cache)
+        return self._growing_step(input_ids, attention_mask, cache)
+
+    __call__ = step  # a DecoderSession is a step function (see generate.py)
+
+    def greedy_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache):
+        """A step after the prompt's (`cache` not None, one token per row) that returns greedy decoding's
+        choice instead of the logits: `(next ids [B, 1] int64, cache)`. Graphs with `greedy_on_device`
+        only: the argmax runs in the graph (on CUDA the logits stay on the device)."""
+        if self.shared_buffer:
+            cache.advance(input_ids)
+            self.session.session.run_with_iobinding(cache.binding)
+            return cache.outputs.next_ids(), cache
+        return self._growing_step(input_ids, attention_mask, cache, greedy=True)
+
+    def _growing_step(self, input_ids, attention_mask, cache, greedy: bool = False):
         if cache is None:
             empty = np.zeros((input_ids.shape[0], self.num_heads, 0, self.head_dim), self.cache_dtype)
             cache = [self._to_device(empty) for _ in self.past_names]
@@ -333,16 +353,18 @@ class DecoderSession:
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         for name, value in zip(self.past_names, cache):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        # Greedy: the logits stay where the graph ran and only the chosen ids come back.
+        binding.bind_output("logits", self.session.device_type if greedy else "cpu", self.session.device_id)
         for name in self.present_names:
             binding.bind_output(name, self.session.device_type, self.session.device_id)
+        if greedy:
+            binding.bind_output(NEXT_TOKEN, "cpu")
         self.session.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[self._logits_index].numpy()
+        outputs = binding.get_outputs()  # in binding order: logits, the presents, next_token
         present = [outputs[i] for i in self._present_index]
-        return logits.astype(np.float32, copy=False), present
-
-    __call__ = step  # a DecoderSession is a step function (see generate.py)
+        if greedy:
+            return outputs[-1].numpy(), present
+        return outputs[self._logits_index].numpy().astype(np.float32, copy=False), present
 
     def last_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """The prompt step for decoding: `(logits [B, V] of each row's last token, cache)`,
@@ -417,6 +439,45 @@ class DecoderSession:
         return out, cache
 
 
+class StepOutputs:
+    """Where a single-token step's logits (and `next_token`) go, bound once to the step's IO binding
+    (the shared-buffer decoders of both families).
+
+    On the CPU the logits land in a host array written in place. On CUDA, when the graph picks
+    greedy tokens itself (`next_token`), the logits stay in a device buffer and cross to the host
+    only when asked; otherwise ORT copies them to the host at every run. Bind the logits before
+    any other output: `get_outputs()` lists outputs in binding order.
+    """
+
+    def __init__(self, binding, session: Session, batch: int, vocab: int, next_token: bool):
+        self.binding = binding
+        self.host = self.device = self.ids = None
+        if session.device_type == "cpu":
+            self.host = np.zeros((batch, 1, vocab), np.float32)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.host))
+        elif next_token:
+            self.device = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, vocab), np.float32,
+                                                                    session.device_type, session.device_id)
+            binding.bind_ortvalue_output("logits", self.device)
+        else:
+            binding.bind_output("logits", "cpu")
+        if next_token:  # B int64 to the host, written in place
+            self.ids = np.zeros((batch, 1), np.int64)
+            binding.bind_ortvalue_output(NEXT_TOKEN, ort.OrtValue.ortvalue_from_numpy(self.ids))
+
+    def logits(self) -> np.ndarray:
+        """The last run's logits `[B, 1, V]` float32 on the host (a copy: the next run overwrites them)."""
+        if self.host is not None:
+            return self.host.copy()
+        if self.device is not None:
+            return self.device.numpy()
+        return self.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
+    def next_ids(self) -> np.ndarray:
+        """The last run's `next_token` `[B, 1]` (a copy)."""
+        return self.ids.copy()
+
+
 class _KVBuffer:
     """The cache of a shared-buffer graph: per-row token counts and one buffer per cache tensor.
 
@@ -460,13 +521,8 @@ class _KVBuffer:
         self.binding = s.session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
         self.binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
-        if self.on_cpu:
-            self.logits = np.zeros((self.batch, 1, owner._vocab), np.float32)
-            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-        else:
-            self.logits = None
-            self.binding.bind_output("logits", "cpu")
-        self.bind_cache(self.binding)  # after the logits: outputs come back in binding order
+        self.outputs = StepOutputs(self.binding, s, self.batch, owner._vocab, owner.greedy_on_device)
+        self.bind_cache(self.binding)
 
     def advance(self, input_ids: np.ndarray) -> None:
         """Make room for one more token per row and set up the binding's inputs for it."""
@@ -481,9 +537,7 @@ class _KVBuffer:
         self.width += 1
 
     def logits_of_step(self) -> np.ndarray:
-        if self.logits is not None:
-            return self.logits.copy()  # the buffer is overwritten by the next step
-        return self.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+        return self.outputs.logits()
 
     def _host_arrays(self) -> list[np.ndarray]:
         return self.arrays if self.on_cpu else [value.numpy() for value in self.values]

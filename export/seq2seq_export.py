@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 from kerasllm.export.convert import (GraphSpec, TensorDecl, graph_index, graph_inputs_read, save_onnx,
                                      trace_to_onnx, typed_producer)
 from kerasllm.export.optimize import attention_splits, cpu_slower_fusions, optimize_graph, to_group_query_attention
-from kerasllm.export.runtime import SHARED_BUFFER
+from kerasllm.export.runtime import NEXT_TOKEN, SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
                                               cross_names, self_attention_slots_bound, self_names)
 from kerasllm.export.token_packing import pack_padded_tokens
@@ -258,7 +258,28 @@ def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", gree
         figures["cases"].append({"name": name, "source_lengths": mask.sum(1).tolist(), "steps": [1, 3]})
     if greedy and not fp16:
         figures["greedy"] = check_greedy(model, sessions)
+    if sessions.greedy_on_device:
+        figures["greedy_on_device"] = check_greedy_on_device(c, sessions)
     return figures
+
+
+def check_greedy_on_device(config, sessions) -> dict:
+    """The decoder's `next_token` output (optimize.add_next_token) must choose as the host does
+    from the same logits: greedy translations both ways, token for token."""
+    from kerasllm.export.generate import DecodingOptions, generate  # noqa: PLC0415
+
+    c = config
+    rng = np.random.default_rng(3)
+    new = min(GREEDY_NEW_TOKENS, c.max_length - 1)
+    sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=n).tolist() for n in (3, 9, 6)]
+    options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,))
+    on_device, on_host = (translate_ids(sessions, sources, options, c.pad_id, c.bos_id, c.max_length, generate,
+                                        choice_on_host=host) for host in (False, True))
+    for row, (a, b) in enumerate(zip(on_device, on_host)):
+        if a[0].tokens != b[0].tokens:
+            raise ValidationError(f"validation: greedy translation of source {row}: {a[0].tokens} with the graph's "
+                                  f"next_token, {b[0].tokens} from its logits")
+    return {"sources": len(sources), "max_new_tokens": new, "identical": True}
 
 
 def check_greedy(model, sessions) -> dict:
@@ -279,8 +300,10 @@ def check_greedy(model, sessions) -> dict:
     return {"sources": len(sources), "max_new_tokens": new, "identical": True}
 
 
-def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_length: int, generate):
-    """Run generate.py's loops over one batch of source id lists (right-padded for the encoder)."""
+def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_length: int, generate,
+                  choice_on_host: bool = False):
+    """Run generate.py's loops over one batch of source id lists (right-padded for the encoder);
+    `choice_on_host`: greedy picks from the logits even where the graph has `next_token`."""
     width = max(len(s) for s in sources)
     ids = np.full((len(sources), width), pad_id, np.int64)
     mask = np.zeros((len(sources), width), np.int64)
@@ -288,6 +311,10 @@ def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_leng
         ids[row, :len(source)] = source
         mask[row, :len(source)] = 1
     step = Seq2SeqStep(sessions, ids, mask)
+    if choice_on_host:
+        from kerasllm.export.generate import ChoiceOnHost  # noqa: PLC0415
+
+        step = ChoiceOnHost(step)
     return generate(step, [[bos_id]] * len(sources), options, pad_id=pad_id, max_length=max_length)
 
 
@@ -316,6 +343,7 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
             rotary_positions=self_attention_slots_bound(c.max_length),
             # Symbolic shape inference only guards SkipLayerNormalization, left out in fp32.
             shape_inference=not fp32, disabled_fusions=cpu_slower_fusions(options.dtype),
+            next_token=not fp32 and spec.name == "decoder",
         )
         if encoder_fused:
             reports[spec.name]["fusions"] = {**made, **reports[spec.name]["fusions"]}
@@ -373,6 +401,9 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
             if ".decoder." in name:
                 decl["shape"][2] = "max_sequence"
                 decoder["dynamic_axes"][name]["2"] = "max_sequence"
+    if reports["decoder"].get(NEXT_TOKEN):  # greedy decoding's choice in the graph (optimize.add_next_token)
+        graphs["decoder"]["outputs"][NEXT_TOKEN] = {"dtype": "int64", "shape": ["batch", 1]}
+        graphs["decoder"]["dynamic_axes"][NEXT_TOKEN] = {"0": "batch"}
     if "max_abs_diff" in figures:
         worst = max(v for k, v in figures["max_abs_diff"].items() if k.endswith("logits"))
         summary = f"max |logits diff| {worst:.2g}"

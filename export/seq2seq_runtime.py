@@ -41,8 +41,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import (KV_CACHE_METADATA, SHARED_BUFFER, Session, create_session,
-                                     reorder_outputs_in_place, reorder_rows_in_place)
+from kerasllm.export.runtime import (KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, Session, StepOutputs,
+                                     create_session, reorder_outputs_in_place, reorder_rows_in_place)
 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
@@ -96,6 +96,8 @@ class Seq2SeqSessions:
         self.lengths_as_inputs = SEQLENS_K in names  # else an attention_mask (older bundles)
         outputs = decoder.session.get_outputs()
         self.vocab = outputs[[o.name for o in outputs].index("logits")].shape[-1]
+        # The `next_token` output (optimize.add_next_token, fp16 graphs) serves greedy steps on the buffer.
+        self.greedy_on_device = self.shared_buffer and NEXT_TOKEN in [o.name for o in outputs]
         if self.shared_buffer and decoder.device_type == "cuda" and self.cache_dtype == np.float32:
             # ORT places the node on the CPU provider and copies the cache across every step.
             log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
@@ -122,10 +124,13 @@ class Seq2SeqSessions:
         outputs = dict(zip(self.cross_outputs, binding.get_outputs()))
         return [outputs[name] for name in self.cross_outputs]
 
-    def step(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence, past):
+    def step(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence, past, greedy: bool = False):
         """One decoder step; returns `(logits [B, T, V] float32 on the host, cache)`: the cache is
         the list of presents, or a `_SelfAttentionBuffer` for a shared-buffer graph (None before
-        the first step either way; `presents(cache)` gives host arrays)."""
+        the first step either way; `presents(cache)` gives host arrays). `greedy` (a single-token
+        step on the buffer of a `greedy_on_device` graph): `(next ids [B, 1] int64, cache)` instead."""
+        if greedy:
+            return past.run(input_ids, encoder_mask, cross, greedy=True), past
         if self.shared_buffer:
             return self._buffer_step(np.asarray(input_ids), encoder_mask, cross, past)
         if past is None:
@@ -225,19 +230,14 @@ class _SelfAttentionBuffer:
         else:
             self.mask = (np.arange(self.capacity)[None, :] < np.full((self.batch, 1), self.length)).astype(np.int64)
             binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
-        if self.on_cpu:
-            self.logits = np.zeros((self.batch, 1, owner.vocab), np.float32)
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-        else:
-            self.logits = None
-            binding.bind_output("logits", "cpu")
+        self.outputs = StepOutputs(binding, owner.decoder, self.batch, owner.vocab, owner.greedy_on_device)
         for past, present, value in zip(owner.past_names, owner.present_names, self.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.encoder_side = None
 
-    def run(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence) -> np.ndarray:
-        """One token per row: logits `[B, 1, V]`."""
+    def run(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence, greedy: bool = False) -> np.ndarray:
+        """One token per row: logits `[B, 1, V]`, or with `greedy` the graph's choice `[B, 1]`."""
         if self.length + 1 > self.capacity:
             self._grow(2 * self.capacity)
         if self.binding is None:
@@ -255,9 +255,7 @@ class _SelfAttentionBuffer:
             self.mask[:, self.length] = 1
         self.length += 1
         self.owner.decoder.session.run_with_iobinding(self.binding)
-        if self.logits is not None:
-            return self.logits.copy()  # the array is overwritten by the next step
-        return self.binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+        return self.outputs.next_ids() if greedy else self.outputs.logits()
 
     def _host_arrays(self) -> list[np.ndarray]:
         return self.arrays if self.on_cpu else [value.numpy() for value in self.values]
@@ -318,15 +316,24 @@ class Seq2SeqStep:
         self.sources = np.arange(len(input_ids))
         self.cross, self.encoder_mask = self.source_cross, self.source_mask
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache):
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache, greedy: bool = False):
         past, sources = cache if cache is not None else (None, np.arange(len(input_ids)))
         if sources is not self.sources:  # the same array from step to step unless rows moved
             if not np.array_equal(sources, self.sources):
                 self.cross = self.sessions.rows(self.source_cross, sources)
                 self.encoder_mask = self.source_mask[sources]
             self.sources = np.asarray(sources)
-        logits, present = self.sessions.step(input_ids, self.encoder_mask, self.cross, past)
+        logits, present = self.sessions.step(input_ids, self.encoder_mask, self.cross, past, greedy=greedy)
         return logits, (present, sources)
+
+    @property
+    def greedy_on_device(self) -> bool:
+        return getattr(self.sessions, "greedy_on_device", False)  # the Keras reference sessions have none
+
+    def greedy_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache):
+        """A step after the first: `(next ids [B, 1], cache)`, the argmax made in the graph
+        (generate.greedy_on_device; only for `greedy_on_device` sessions)."""
+        return self(input_ids, attention_mask, cache, greedy=True)
 
     def reorder(self, cache, indices: np.ndarray):
         past, sources = cache

@@ -154,7 +154,28 @@ def validate_causal_lm(model, step, dtype: str = "fp32", greedy: bool = True) ->
                                  "step_tokens": int(chunk.shape[1])})
     if greedy and not fp16:
         figures["greedy"] = check_greedy(model, step, generate, DecodingOptions)
+    if getattr(step, "greedy_on_device", False):
+        figures["greedy_on_device"] = check_greedy_on_device(c, step)
     return figures
+
+
+def check_greedy_on_device(config, step) -> dict:
+    """The graph's `next_token` output (optimize.add_next_token) must choose as the host does from
+    the same logits: greedy generation both ways, token for token."""
+    from kerasllm.export.generate import ChoiceOnHost, DecodingOptions, generate  # noqa: PLC0415
+
+    c = config
+    rng = np.random.default_rng(3)
+    new = min(GREEDY_NEW_TOKENS, c.max_length - 8)
+    prompts = [rng.integers(0, c.vocab_size, size=n).tolist() for n in (3, 8, 5)]
+    options = DecodingOptions(max_new_tokens=new)
+    on_device, on_host = (generate(s, prompts, options, pad_id=c.pad_id, max_length=c.max_length)
+                          for s in (step, ChoiceOnHost(step)))
+    for row, (a, b) in enumerate(zip(on_device, on_host)):
+        if a[0].tokens != b[0].tokens:
+            raise ValidationError(f"validation: greedy generation, prompt {row}: {a[0].tokens} with the graph's "
+                                  f"next_token, {b[0].tokens} from its logits")
+    return {"prompts": len(prompts), "new_tokens": new, "identical": True}
 
 
 def check_greedy(model, step, generate, DecodingOptions) -> dict:

@@ -175,6 +175,82 @@ def test_fp16_bundle_is_the_gpu_fast_path_and_decodes_as_the_fp32_bundle(fp16_bu
     assert tokens[0] == tokens[1]
 
 
+class CountingGreedySteps:
+    """A step function that counts the steps whose choice its graph made (`greedy_step`)."""
+
+    def __init__(self, step):
+        self.inner, self.calls = step, 0
+
+    def __call__(self, *args):
+        return self.inner(*args)
+
+    def greedy_step(self, *args):
+        self.calls += 1
+        return self.inner.greedy_step(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_fp16_bundle_outputs_greedy_tokens_and_checks_them_at_export(fp16_bundle, bundle_dir):
+    """fp16 graphs (the GPU fast path) output `next_token`, the argmax of the last logits, so on a
+    GPU only token ids leave the device; export checks its choice against the logits'. fp32 (CPU)
+    graphs have no such output (ORT's CPU ArgMax is slower than NumPy's)."""
+    from kerasllm.export.decoding_predictor import BundleGenerator
+
+    manifest = json.loads((fp16_bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["model"]["outputs"]["next_token"] == {"dtype": "int64", "shape": ["batch", 1]}
+    assert manifest["validation"]["greedy_on_device"]["identical"] is True
+    assert "next_token" not in json.loads((bundle_dir / "manifest.json").read_text())["graphs"]["model"]["outputs"]
+    assert BundleGenerator(fp16_bundle, device="cpu").step.greedy_on_device
+    assert not BundleGenerator(bundle_dir, device="cpu").step.greedy_on_device
+
+
+@pytest.mark.parametrize("shared_kv_buffer", [True, False])
+def test_greedy_decoding_takes_the_graphs_choice_and_matches_the_hosts(shared_kv_buffer, tmp_path):
+    """With `next_token` in the graph, greedy decoding reads only it for every step after the
+    prompt's, over the shared buffer and over a growing cache, and gives the tokens the host picks
+    from the same logits, also when a stop id ends rows at different steps and they leave the
+    batch. Sampling still reads the logits. Random weights (fp16): varied tokens."""
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.export.convert import causal_lm_graph, trace_to_onnx
+    from kerasllm.export.generate import ChoiceOnHost, DecodingOptions, generate
+    from kerasllm.export.optimize import optimize_graph
+    from kerasllm.export.runtime import DecoderSession, create_session
+
+    keras.utils.set_random_seed(0)
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=50, max_length=64))
+    report = optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2",
+                            num_heads=2, hidden_size=32, dtype="fp16", shape_inference=False, cached_attention=True,
+                            shared_kv_buffer=shared_kv_buffer, next_token=True)
+    step = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"))
+    assert report["next_token"] and step.greedy_on_device and step.shared_buffer == shared_kv_buffer
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 50, n).tolist() for n in (3, 8, 5, 6)]
+    plain = DecodingOptions(max_new_tokens=30)
+    on_host = [h[0].tokens for h in generate(ChoiceOnHost(step), prompts, plain, pad_id=0)]
+
+    def first(row, token):
+        return row.index(token) if token in row else len(row)
+
+    # A stop id that ends the rows at the most different steps, as late as can be.
+    stop = max({t for row in on_host for t in row},
+               key=lambda t: (len({first(row, t) for row in on_host}), min(first(row, t) for row in on_host)))
+    assert len({first(row, stop) for row in on_host}) > 2
+    for options in (plain, DecodingOptions(max_new_tokens=30, stop_ids=(stop,))):
+        counting = CountingGreedySteps(step)
+        got = [h[0].tokens for h in generate(counting, prompts, options, pad_id=0)]
+        want = [h[0].tokens for h in generate(ChoiceOnHost(step), prompts, options, pad_id=0)]
+        assert got == want
+        assert counting.calls == min(max(first(row, stop) + 1 for row in on_host), 30) - 1 if options.stop_ids else 29
+    assert [row[:first(row, stop)] for row in on_host] == got
+    sampled = CountingGreedySteps(step)
+    generate(sampled, prompts, DecodingOptions(max_new_tokens=5, temperature=0.8, seed=1), pad_id=0)
+    assert sampled.calls == 0
+
+
 def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):
     out = tmp_path / "growing"
     result = run_cli("export", model_dir, "--out", out, "--kv-cache", "growing")

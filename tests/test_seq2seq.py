@@ -60,8 +60,8 @@ def test_learns_numbers_to_digits(trained):
 
 def test_fp16_bundle_fuses_attention_and_translates_as_the_fp32_bundle(trained, tmp_path):
     """fp16 (what GPU serving exports) keeps the fp32 bundle's fused attention, the decoder's
-    self-attention over an fp16 in-place buffer, and translates the held-out set token for token as
-    the fp32 bundle does (checked on the CPU)."""
+    self-attention over an fp16 in-place buffer, picks greedy tokens in the graph, and translates the
+    held-out set token for token as the fp32 bundle does (checked on the CPU)."""
     from kerasllm.export.exporter import ExportOptions, export_model_dir
     from kerasllm.export.translate_predictor import BundleTranslator
     from kerasllm.pairs import read_pairs
@@ -76,6 +76,11 @@ def test_fp16_bundle_fuses_attention_and_translates_as_the_fp32_bundle(trained, 
     decoder = manifest["optimization"]["decoder"]
     assert decoder["fusions"]["MultiHeadAttention"] == decoder["fusions"]["GroupQueryAttention"] == layers
     assert decoder["kv_cache"] == "shared_buffer"
+    # Greedy's choice is made in the decoder graph (`next_token`: only ids leave a GPU), checked at
+    # export against the choice from its logits; the translations below take that path.
+    assert manifest["graphs"]["decoder"]["outputs"]["next_token"] == {"dtype": "int64", "shape": ["batch", 1]}
+    assert manifest["validation"]["greedy_on_device"]["identical"] is True
+    assert BundleTranslator(fp16, device="cpu").sessions.greedy_on_device
     sources = [pair.source for pair in read_pairs(held_out)]
     outputs = [[r["output"] for r in BundleTranslator(b, device="cpu").translate(sources, max_new_tokens=8)]
                for b in (bundle, fp16)]

@@ -13,8 +13,10 @@ Two steps, because TensorFlow does not run on the device (../shared/gpu/README.m
    refills the weights (random normal * 0.02; speed does not depend on the values) and times,
    in one process, median of `--reps` after warm-up:
    * greedy decoding, 32-token prompts + 128 new tokens (no early stop), batch 1, 8 and 32:
-     kerasllm's DecoderSession (IO binding, the KV buffer on the device) driven by generate.py,
-     against HF `generate` with its KV cache (SDPA);
+     kerasllm's DecoderSession (IO binding, the KV buffer on the device, greedy's argmax in the
+     graph: only token ids come back) driven by generate.py, against HF `generate` with its KV
+     cache (SDPA); plus the same decoding with the logits brought to the host every step and
+     searched there (`ChoiceOnHost`), for what the in-graph choice saves;
    * prefill, 32 x 128: kerasllm's prompt step (last-position logits) against one HF forward
      (`logits_to_keep=1` where the transformers version has it);
    * encoder forward, 64 x 128: the classifier bundle's graph against HF `BertModel`;
@@ -147,7 +149,7 @@ def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> t
     import numpy as np
     import onnxruntime as ort
 
-    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.generate import ChoiceOnHost, DecodingOptions, generate
     from kerasllm.export.runtime import DecoderSession, create_session
 
     manifests = {name: json.loads((bundles / f"{name}.manifest.json").read_text()) for name in ("decoder", "encoder")}
@@ -159,9 +161,12 @@ def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> t
     options = DecodingOptions(max_new_tokens=NEW)
     for batch in batches:
         prompts = rng.integers(0, vocab, (batch, PROMPT)).tolist()
-        seconds = median_s(lambda: generate(step, prompts, options, pad_id=0), reps)
-        rows.append({"what": "decode", "batch": batch, "ms": seconds * 1e3, "tokens_per_s": batch * NEW / seconds,
-                     "ms_per_step": seconds * 1e3 / NEW})
+        # The graph's greedy choice (`next_token`: only ids leave the device), then, for what that
+        # saves, the same decoding with the logits taken to the host each step and searched there.
+        for what, stepper in (("decode", step), ("decode, argmax on host", ChoiceOnHost(step))):
+            seconds = median_s(lambda: generate(stepper, prompts, options, pad_id=0), reps)
+            rows.append({"what": what, "batch": batch, "ms": seconds * 1e3, "tokens_per_s": batch * NEW / seconds,
+                         "ms_per_step": seconds * 1e3 / NEW})
     ids = rng.integers(0, vocab, (PREFILL_BATCH, PREFILL_LEN))
     mask = np.ones_like(ids)
     seconds = median_s(lambda: step.last_logits(ids, mask), reps)
@@ -177,7 +182,8 @@ def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> t
     placement = cpu_nodes(decoder, device, lambda session: generate(DecoderSession(session), prompts[:1],
                                                                      DecodingOptions(max_new_tokens=2), pad_id=0))
     info = {"placement": placement, "fusions": {n: m["optimization"]["fusions"] for n, m in manifests.items()},
-            "kv_cache": manifests["decoder"]["optimization"]["kv_cache"], "session": step.session.description}
+            "kv_cache": manifests["decoder"]["optimization"]["kv_cache"], "session": step.session.description,
+            "greedy_on_device": step.greedy_on_device}
     return rows, info
 
 
@@ -241,13 +247,15 @@ def run(bundles: Path, device: str, size: str, batches: list[int], reps: int) ->
     print("| what | batch | kerasllm ms | HF ms | kerasllm rate | HF rate | kerasllm / HF | kerasllm ms/step |")
     print("|---|---|---|---|---|---|---|---|")
     for mine in ours:
-        other = next((r for r in theirs if r["what"] == mine["what"] and r["batch"] == mine["batch"]), None)
+        what = mine["what"].split(",")[0]  # "decode, argmax on host" is compared with HF's decode too
+        other = next((r for r in theirs if r["what"] == what and r["batch"] == mine["batch"]), None)
         unit = "sequences_per_s" if mine["what"] == "encoder" else "tokens_per_s"
         ratio = f"{other['ms'] / mine['ms']:.2f}x" if other else "-"
         print(f"| {mine['what']} | {mine['batch']} | {mine['ms']:.1f} | {other['ms'] if other else float('nan'):.1f} | "
               f"{mine[unit]:,.0f} | {other[unit] if other else float('nan'):,.0f} | {ratio} | "
               f"{mine.get('ms_per_step', float('nan')):.2f} |")
-    print(f"decode step nodes by provider: {info['placement']}; KV cache: {info['kv_cache']}")
+    print(f"decode step nodes by provider: {info['placement']}; KV cache: {info['kv_cache']}; greedy choice in "
+          f"the graph: {info['greedy_on_device']}")
     print(f"fusions: {info['fusions']}")
     if os.environ.get("OUT"):
         result = {"kerasllm": ours, "hf": theirs, **info, "device": device, "size": size}
