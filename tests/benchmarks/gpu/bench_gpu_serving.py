@@ -21,7 +21,9 @@ Two steps, because TensorFlow does not run on the device (../shared/gpu/README.m
      (`logits_to_keep=1` where the transformers version has it);
    * encoder forward, 64 x 128: the classifier bundle's graph against HF `BertModel`;
    and prints one table with the ratios, the nodes the decode step ran on the CPU provider (from
-   ORT's profile) and the fusions; JSON goes to `$OUT/gpu_serving.json` when `$OUT` is set.
+   ORT's profile), the fusions, and whether ORT captures the decode step in a CUDA graph (its
+   refusal, in its own words, where it does not); JSON goes to `$OUT/gpu_serving.json` when
+   `$OUT` is set.
 
 `--tiny` runs both steps at a tiny shape and `run --device cpu` on the CPU, so the plumbing can
 be checked without a GPU (the figures then mean nothing; HF runs in fp32 on the CPU).
@@ -145,6 +147,30 @@ def cpu_nodes(path: Path, device: str, drive) -> dict:
     return {provider: len(nodes) for provider, nodes in placed.items()}
 
 
+def cuda_graph_probe(path: Path, device: str) -> str:
+    """Whether ORT captures the decode step in a CUDA graph (`enable_cuda_graph`), as it is bound
+    today: what a CUDA-graph decode path has to change, in ORT's words. Not built yet: capture
+    needs every node on the CUDA provider and every input and output at a fixed device address,
+    while GroupQueryAttention reads `total_sequence_length` on the host (computed from the mask's
+    shape here) and the step's ids and mask are bound from host arrays."""
+    import onnxruntime as ort
+
+    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.runtime import DecoderSession, Session, parse_device
+
+    kind, device_id = parse_device(device)
+    if kind != "cuda":
+        return "not tried (not a CUDA device)"
+    try:
+        session = ort.InferenceSession(str(path), providers=[
+            ("CUDAExecutionProvider", {"device_id": device_id, "enable_cuda_graph": "1"}), "CPUExecutionProvider"])
+        step = DecoderSession(Session(session, "cuda", device_id, "CUDA graph probe"))
+        generate(step, [[1, 2, 3]], DecodingOptions(max_new_tokens=4), pad_id=0)
+    except Exception as err:  # ORT's own exception types
+        return "refused: " + str(err).splitlines()[0][:300]
+    return "captured and replayed 4 steps"
+
+
 def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> tuple[list[dict], dict]:
     import numpy as np
     import onnxruntime as ort
@@ -183,7 +209,7 @@ def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> t
                                                                      DecodingOptions(max_new_tokens=2), pad_id=0))
     info = {"placement": placement, "fusions": {n: m["optimization"]["fusions"] for n, m in manifests.items()},
             "kv_cache": manifests["decoder"]["optimization"]["kv_cache"], "session": step.session.description,
-            "greedy_on_device": step.greedy_on_device}
+            "greedy_on_device": step.greedy_on_device, "cuda_graph": cuda_graph_probe(decoder, device)}
     return rows, info
 
 
@@ -257,6 +283,7 @@ def run(bundles: Path, device: str, size: str, batches: list[int], reps: int) ->
     print(f"decode step nodes by provider: {info['placement']}; KV cache: {info['kv_cache']}; greedy choice in "
           f"the graph: {info['greedy_on_device']}")
     print(f"fusions: {info['fusions']}")
+    print(f"CUDA graph of the decode step: {info['cuda_graph']}")
     if os.environ.get("OUT"):
         result = {"kerasllm": ours, "hf": theirs, **info, "device": device, "size": size}
         (Path(os.environ["OUT"]) / "gpu_serving.json").write_text(json.dumps(result, indent=2))
