@@ -46,6 +46,14 @@ decoder step (16 rows, ~500 us) is made of, from single-op timings with hot cach
 ~180 us at ~180 GFLOP/s, cross-attention ~135 us and GroupQueryAttention ~80 us (kernel
 overhead: their arithmetic is < 1 us), ~100 Adds/LayerNorms/BiasGelus/others at 1-4 us each.
 
+2026-12-06 (later session), after the fp16 decoders' in-graph greedy choice (fp32 bundles, as here, are
+unchanged: their steps still return logits), `--keep --repeats 3`, two runs back to back:
+    greedy: Keras 358.4 | bundle 1041.2 2.91x | per batch 831.6 2.32x; beam 4 6.19x
+    greedy: Keras 364.4 | bundle  994.2 2.73x | per batch 794.3 2.18x; beam 4 4.88x
+(an earlier run the same hour, machine in a slow phase: greedy 2.25x, beam 7.38x). The fp32 path's
+only change, a method call for the logits copy, was also timed as the whole greedy job run by the
+old and the new tree in alternating processes (6 pairs): within the machine's drift either way.
+
 Measured 2026-12-06 with `--repeats 10` (best of 10 interleaved, so both sides more likely get a
 pass in the machine's fast phase; its speed was bimodal that night, the same Python work taking
 6.8 or 10.2 ms): greedy Keras 346.2 | bundle 969.5 2.80x | per batch 758.8 2.19x; beam 4 5.83-6.85x.

@@ -137,6 +137,13 @@ do not use the AMX units; oneDNN's non-XLA path reaches 53 ms/step).
 
 tokens/s 1.08x then 0.84x nanoGPT, 1.32x then 1.24x keras-hub, wall 1.41x then 1.63x: the runs
 straddle the tokens/s goals and miss the wall-time goal.
+2026-12-06 (later session), same command without --no-split-row, no training change:
+
+    kerasllm                       20.6     22,883         1.57x         1.22x
+    keras-hub GPT2Backbone         31.4     18,815         2.39x         1.00x
+    nanoGPT (PyTorch)              13.1     26,396         1.00x         1.40x
+
+tokens/s 0.87x nanoGPT and 1.22x keras-hub, wall 1.57x: the goals stay unmet.
 Measured 2026-12-06 and not kept (one process, alternating): the first step's two XLA compiles
 (part_gradients ~1.05 s, apply_mean ~0.84 s, traces 0.61 + 0.43 s) run one after the other, and
 compiling them in two threads at once took as long (2.31 vs 2.17 s: they do not overlap);
