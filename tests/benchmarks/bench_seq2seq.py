@@ -50,9 +50,10 @@ overhead: their arithmetic is < 1 us), ~100 Adds/LayerNorms/BiasGelus/others at 
 unchanged: their steps still return logits), `--keep --repeats 3`, two runs back to back:
     greedy: Keras 358.4 | bundle 1041.2 2.91x | per batch 831.6 2.32x; beam 4 6.19x
     greedy: Keras 364.4 | bundle  994.2 2.73x | per batch 794.3 2.18x; beam 4 4.88x
-(an earlier run the same hour, machine in a slow phase: greedy 2.25x, beam 7.38x). The fp32 path's
-only change, a method call for the logits copy, was also timed as the whole greedy job run by the
-old and the new tree in alternating processes (6 pairs): within the machine's drift either way.
+(an earlier run the same hour, machine in a slow phase: greedy 2.25x, beam 7.38x). What changed on
+the fp32 path: the logits copy goes through a method (StepOutputs.logits, 0.46 vs 0.39 us for the
+bare copy, against a ~500 us step) and a flag is passed along; the whole greedy job run by the old
+and the new tree in alternating processes (6 pairs) moved with the machine's drift either way.
 
 Measured 2026-12-06 with `--repeats 10` (best of 10 interleaved, so both sides more likely get a
 pass in the machine's fast phase; its speed was bimodal that night, the same Python work taking
