@@ -464,7 +464,14 @@ def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
     """New nodes computing the decoder's positions (`positions_from_mask_sum`) from the graph
     inputs, rewiring the traced result's consumers to them: 8 nodes for tf2onnx's 11 (int32
     casts and strided-slice bookkeeping around the same arithmetic); no nodes if the graph
-    computes its positions another way (`_mask_sum_positions`)."""
+    computes its positions another way (`_mask_sum_positions`).
+
+    `n_b - T + t` is computed as `count_b + range(-T, 0)`: on a GPU the mask's row sums stay on
+    the device, and T (the input's shape, on the host) only feeds Range's bounds, which ORT's
+    CUDA kernel reads on the host. Subtracting T from the device sums instead would put a
+    host-to-device copy into every step, and ORT refuses to capture a graph with copies in a
+    CUDA graph.
+    """
 
     graph = model.graph
     max_node = _mask_sum_positions(model, producers)
@@ -472,17 +479,17 @@ def _lean_positions(model: onnx.ModelProto, producers, prefix: str) -> list:
         old, dtype = max_node.output[0], onnx.TensorProto.INT32  # positions_from_mask_sum's dtype
         graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{prefix}/zero"),
                                   numpy_helper.from_array(np.array(1, np.int64), f"{prefix}/one_scalar")])
-        names = {k: f"{prefix}/positions_{k}" for k in ("count", "length", "start", "length0", "offsets", "sum",
+        names = {k: f"{prefix}/positions_{k}" for k in ("count", "length", "length0", "start", "offsets", "sum",
                                                          "int64")}
         nodes = [
             helper.make_node("ReduceSum", ["attention_mask", f"{prefix}/axis1"], [names["count"]], keepdims=1,
                              name=f"{prefix}/PositionsReduceSum"),
             helper.make_node("Shape", ["input_ids"], [names["length"]], start=1, end=2, name=f"{prefix}/PositionsShape"),
-            helper.make_node("Sub", [names["count"], names["length"]], [names["start"]], name=f"{prefix}/PositionsSub"),
             helper.make_node("Squeeze", [names["length"]], [names["length0"]], name=f"{prefix}/PositionsSqueeze"),
-            helper.make_node("Range", [f"{prefix}/zero", names["length0"], f"{prefix}/one_scalar"], [names["offsets"]],
+            helper.make_node("Neg", [names["length0"]], [names["start"]], name=f"{prefix}/PositionsNeg"),
+            helper.make_node("Range", [names["start"], f"{prefix}/zero", f"{prefix}/one_scalar"], [names["offsets"]],
                              name=f"{prefix}/PositionsRange"),
-            helper.make_node("Add", [names["start"], names["offsets"]], [names["sum"]], name=f"{prefix}/PositionsAdd"),
+            helper.make_node("Add", [names["count"], names["offsets"]], [names["sum"]], name=f"{prefix}/PositionsAdd"),
             helper.make_node("Max", [names["sum"], f"{prefix}/zero"], [names["int64"]], name=f"{prefix}/PositionsMax"),
             # The traced positions were int32: consumers keep their input type.
             helper.make_node("Cast", [names["int64"]], [old + "/lean"], to=dtype, name=f"{prefix}/PositionsCast"),

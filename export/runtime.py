@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import os
 import platform
@@ -64,6 +65,7 @@ class Session:
     device_type: str
     device_id: int
     description: str
+    cuda_graph: bool = False  # opened with ORT's `enable_cuda_graph` (see `create_session`)
 
     @property
     def input_types(self) -> dict[str, type]:
@@ -195,9 +197,15 @@ def _announce(description: str) -> None:
         log.info(description)
 
 
-def create_session(path: str | Path, device: str | None = None, threads: int | None = None) -> Session:
+def create_session(path: str | Path, device: str | None = None, threads: int | None = None,
+                   cuda_graph: bool = False) -> Session:
     """Open `path` on `device` (see the module docstring); logs one line saying what runs (once per
-    process for each provider and reason)."""
+    process for each provider and reason).
+
+    `cuda_graph` (CUDA only): open it with ORT's `enable_cuda_graph`, for `DecoderSession`'s
+    captured decode steps. Every run of such a session has to name its graph (`gpu_graph_id`,
+    -1 for none), which `DecoderSession` does. Where ORT refuses (a node on the CPU provider
+    that needs a copy), the session opens without it and a warning quotes ORT."""
     kind, device_id = parse_device(device)
     path = str(path)
     reason = "CPU requested"
@@ -207,20 +215,29 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
         else:
             # Silence the provider's load-failure block; the result is checked below.
             ort.set_default_logger_severity(_SILENT)
+            session, captured = None, cuda_graph
             try:
-                with flush_denormals():
-                    session = ort.InferenceSession(
-                        path, _options(_SILENT, threads),
-                        providers=[("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"],
-                    )
+                while session is None:
+                    provider = {"device_id": device_id, **({"enable_cuda_graph": "1"} if captured else {})}
+                    try:
+                        with flush_denormals():
+                            session = ort.InferenceSession(path, _options(_SILENT, threads),
+                                                           providers=[("CUDAExecutionProvider", provider),
+                                                                      "CPUExecutionProvider"])
+                    except Exception as err:  # ORT raises its own exception types
+                        if not (captured and "graph" in str(err).lower()):
+                            raise
+                        log.warning("CUDA graphs refused, running without them: %s", str(err).splitlines()[0][:300])
+                        captured = False
             except Exception as err:  # ORT raises its own exception types
                 session, reason = None, f"CUDA session failed ({str(err).splitlines()[0][:200]})"
             finally:
                 ort.set_default_logger_severity(_QUIET)
             if session is not None and session.get_providers()[0] == "CUDAExecutionProvider":
-                description = f"ONNX Runtime {ort.__version__} on CUDAExecutionProvider (cuda:{device_id})"
+                description = (f"ONNX Runtime {ort.__version__} on CUDAExecutionProvider (cuda:{device_id})"
+                               + (", CUDA graphs" if captured else ""))
                 _announce(description)
-                return Session(session, "cuda", device_id, description)
+                return Session(session, "cuda", device_id, description, cuda_graph=captured)
             if session is not None:
                 reason = "CUDA provider did not load (no CUDA driver or libraries)"
         if kind == "cuda":
@@ -240,6 +257,8 @@ SHARED_BUFFER = "shared_buffer"
 NEXT_TOKEN = "next_token"
 # Slots a shared KV buffer gets beyond the prompt; it doubles when a row outgrows it.
 _BUFFER_HEADROOM = 128
+# Shapes (batch, capacity) whose static-step tensors a DecoderSession keeps (each holds a KV buffer).
+MAX_STEP_SLOTS = 4
 
 
 def buffer_slots_bound(max_length: int) -> int:
@@ -297,7 +316,7 @@ class DecoderSession:
         session: a `Session` over a graph with the decoder I/O (see export/convert.py).
     """
 
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, static_steps: bool | None = None):
         self.session = session
         inputs = session.session.get_inputs()
         self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
@@ -319,6 +338,17 @@ class DecoderSession:
         # Optional output (optimize.add_next_token, fp16 graphs): `greedy_step` takes the token ids
         # from it and leaves the logits where the graph ran.
         self.greedy_on_device = NEXT_TOKEN in outputs
+        # Static steps (`_StepSlot`): on a `cuda_graph` session (or when asked: the tests run them on
+        # the CPU), the single-token steps over the shared buffer bind fixed tensors, kept per
+        # (batch, capacity), and on CUDA replay one captured graph per shape.
+        wanted = session.cuda_graph if static_steps is None else static_steps
+        self.static_steps = wanted and self.shared_buffer and self.greedy_on_device
+        if session.cuda_graph and not self.static_steps:
+            log.warning("CUDA graphs need a shared-KV-buffer graph with next_token (export with --dtype fp16): "
+                        "decode steps run without them")
+        self._slots: dict[tuple[int, int], _StepSlot] = {}
+        self._graph_ids = itertools.count(1)
+        self._run_options: dict[int, ort.RunOptions] = {}
         if self.shared_buffer and session.device_type == "cuda" and self.cache_dtype == np.float32:
             # ORT places the node on the CPU provider and copies the cache across every step.
             log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
@@ -326,6 +356,38 @@ class DecoderSession:
 
     def _to_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, self.session.device_type, self.session.device_id)
+
+    def _run(self, binding, graph_id: int = -1) -> None:
+        """Run `binding`. A `cuda_graph` session replays graph `graph_id` (captured at its first runs
+        by ORT), and every other run has to say -1, or ORT would replay graph 0 on it."""
+        if not self.session.cuda_graph:
+            self.session.session.run_with_iobinding(binding)
+            return
+        options = self._run_options.get(graph_id)
+        if options is None:
+            options = self._run_options[graph_id] = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.session.run_with_iobinding(binding, options)
+
+    def _take_slot(self, batch: int, capacity: int) -> _StepSlot | None:
+        """The fixed tensors of a static step of this shape, or None while another buffer holds them.
+        At most `MAX_STEP_SLOTS` shapes are kept (the oldest dropped, its graph id never reused)."""
+        key = (batch, capacity)
+        slot = self._slots.get(key)
+        if slot is None:
+            if len(self._slots) >= MAX_STEP_SLOTS:
+                for old_key, old in list(self._slots.items()):
+                    if not old.in_use:
+                        del self._slots[old_key]
+                        break
+            graph_id = next(self._graph_ids) if self.session.cuda_graph else -1
+            slot = self._slots[key] = _StepSlot(self, batch, capacity, graph_id)
+        elif slot.in_use:
+            return None
+        else:  # most recently used last: the oldest are dropped first
+            self._slots[key] = self._slots.pop(key)
+        slot.in_use = True
+        return slot
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache=None):
         if self.shared_buffer:
@@ -340,7 +402,7 @@ class DecoderSession:
         only: the argmax runs in the graph (on CUDA the logits stay on the device)."""
         if self.shared_buffer:
             cache.advance(input_ids)
-            self.session.session.run_with_iobinding(cache.binding)
+            self._run(cache.binding, cache.graph_id)
             return cache.outputs.next_ids(), cache
         return self._growing_step(input_ids, attention_mask, cache, greedy=True)
 
@@ -359,7 +421,7 @@ class DecoderSession:
             binding.bind_output(name, self.session.device_type, self.session.device_id)
         if greedy:
             binding.bind_output(NEXT_TOKEN, "cpu")
-        self.session.session.run_with_iobinding(binding)
+        self._run(binding)
         outputs = binding.get_outputs()  # in binding order: logits, the presents, next_token
         present = [outputs[i] for i in self._present_index]
         if greedy:
@@ -402,7 +464,7 @@ class DecoderSession:
                       for t in range(input_ids.shape[1])]
             return np.concatenate(logits, axis=1), cache
         cache.advance(input_ids)
-        self.session.session.run_with_iobinding(cache.binding)
+        self._run(cache.binding, cache.graph_id)
         return cache.logits_of_step(), cache
 
     def _buffer_prompt(self, input_ids, attention_mask, last_only: bool = False):
@@ -426,7 +488,7 @@ class DecoderSession:
             binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array([keep], np.int64)))
         binding.bind_output("logits", "cpu")
         cache.bind_cache(binding)
-        self.session.session.run_with_iobinding(binding)
+        self._run(binding)
         logits = binding.get_outputs()[0].numpy().astype(np.float32, copy=False)  # outputs in binding order
         if last_only:  # logits[:, j] is column j + width - keep (all columns when keep is 0)
             return logits[np.arange(batch), lengths - 1 - (width - (keep or width))], cache
@@ -449,9 +511,9 @@ class StepOutputs:
     any other output: `get_outputs()` lists outputs in binding order.
     """
 
-    def __init__(self, binding, session: Session, batch: int, vocab: int, next_token: bool):
+    def __init__(self, binding, session: Session, batch: int, vocab: int, next_token: bool, fixed: bool = False):
         self.binding = binding
-        self.host = self.device = self.ids = None
+        self.host = self.device = self.ids = self.ids_value = None
         if session.device_type == "cpu":
             self.host = np.zeros((batch, 1, vocab), np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.host))
@@ -461,7 +523,11 @@ class StepOutputs:
             binding.bind_ortvalue_output("logits", self.device)
         else:
             binding.bind_output("logits", "cpu")
-        if next_token:  # B int64 to the host, written in place
+        if next_token and fixed:  # a CUDA graph writes it where it was captured: copied to the host after
+            self.ids_value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), session.device_type,
+                                                              session.device_id)
+            binding.bind_ortvalue_output(NEXT_TOKEN, self.ids_value)
+        elif next_token:  # B int64 to the host, written in place
             self.ids = np.zeros((batch, 1), np.int64)
             binding.bind_ortvalue_output(NEXT_TOKEN, ort.OrtValue.ortvalue_from_numpy(self.ids))
 
@@ -475,7 +541,47 @@ class StepOutputs:
 
     def next_ids(self) -> np.ndarray:
         """The last run's `next_token` `[B, 1]` (a copy)."""
-        return self.ids.copy()
+        return self.ids.copy() if self.ids is not None else self.ids_value.numpy().copy()
+
+
+class _StepSlot:
+    """What a shared-buffer decode step reads and writes, at fixed addresses, for one (batch,
+    capacity): the KV buffers, the step's inputs (host arrays, uploaded in place into the bound
+    tensors before each run), its outputs and their IO binding. A `DecoderSession` with static
+    steps keeps a few and lends one to each `_KVBuffer` of that shape.
+
+    Why: ORT replays a captured CUDA graph on the addresses it was captured with, so every run of
+    graph `graph_id` must bind the same tensors; reusing them across calls also captures once per
+    shape instead of once per batch (ORT keeps every captured graph for the session's life).
+    """
+
+    def __init__(self, owner: "DecoderSession", batch: int, capacity: int, graph_id: int):
+        s = owner.session
+        shape = (batch, owner.num_heads, capacity, owner.head_dim)
+        on_cpu = s.device_type == "cpu"
+        self.arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names] if on_cpu else None
+        self.values = ([ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays] if on_cpu else
+                       [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type, s.device_id)
+                        for _ in owner.past_names])
+        self.ids = np.zeros((batch, 1), owner.ids_dtype)
+        self.mask = np.zeros((batch, capacity), np.int64)
+        # Tensors of their own, also on the CPU, so that the uploads are exercised there too.
+        self.ids_value = ort.OrtValue.ortvalue_from_numpy(self.ids.copy(), s.device_type, s.device_id)
+        self.mask_value = ort.OrtValue.ortvalue_from_numpy(self.mask.copy(), s.device_type, s.device_id)
+        self.binding = s.session.io_binding()
+        self.binding.bind_ortvalue_input("input_ids", self.ids_value)
+        self.binding.bind_ortvalue_input("attention_mask", self.mask_value)
+        self.outputs = StepOutputs(self.binding, s, batch, owner._vocab, next_token=True, fixed=True)
+        for past, present, value in zip(owner.past_names, owner.present_names, self.values):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self.graph_id = graph_id
+        self.in_use = False
+
+    def upload(self) -> None:
+        """Copy the host arrays `ids` and `mask` into the bound tensors."""
+        self.ids_value.update_inplace(self.ids)
+        self.mask_value.update_inplace(self.mask)
 
 
 class _KVBuffer:
@@ -494,6 +600,13 @@ class _KVBuffer:
         s = owner.session
         self.on_cpu = s.device_type == "cpu"
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
+        self.binding = None
+        self.graph_id = -1  # the CUDA graph its single-token steps replay (-1: none)
+        # Static steps: a slot's fixed tensors (a buffer grown or made of other rows gets fresh ones).
+        self.slot = owner._take_slot(batch, capacity) if arrays is None and owner.static_steps else None
+        if self.slot is not None:
+            self.arrays, self.values = self.slot.arrays, self.slot.values
+            return
         if arrays is None:
             # Uninitialized: GroupQueryAttention reads only the slots below each row's length.
             arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names] if self.on_cpu else None
@@ -505,7 +618,15 @@ class _KVBuffer:
             self.values = arrays or [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, "cuda",
                                                                                s.device_id)
                                      for _ in owner.past_names]
-        self.binding = None
+
+    def __del__(self):
+        self.release()
+
+    def release(self) -> None:
+        """Give the slot back to its session (the buffer is done, or grows into new tensors)."""
+        slot, self.slot = getattr(self, "slot", None), None
+        if slot is not None:
+            slot.in_use = False
 
     def bind_cache(self, binding) -> None:
         for past, present, value in zip(self.owner.past_names, self.owner.present_names, self.values):
@@ -515,8 +636,14 @@ class _KVBuffer:
     def _single_token_binding(self) -> None:
         """One binding for every single-token step: inputs and logits live in arrays updated in place."""
         owner, s = self.owner, self.owner.session
-        self.ids = np.zeros((self.batch, 1), owner.ids_dtype)
         self._rows = np.arange(self.batch)
+        if self.slot is not None:  # the slot's binding, its inputs rewritten for this buffer
+            slot = self.slot
+            self.ids, self.mask, self.binding, self.outputs = slot.ids, slot.mask, slot.binding, slot.outputs
+            self.mask[...] = np.arange(self.capacity)[None, :] < self.lengths[:, None]
+            self.graph_id = slot.graph_id
+            return
+        self.ids = np.zeros((self.batch, 1), owner.ids_dtype)
         self.mask = (np.arange(self.capacity)[None, :] < self.lengths[:, None]).astype(np.int64)
         self.binding = s.session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
@@ -535,6 +662,8 @@ class _KVBuffer:
         self.lengths += 1
         self.longest += 1
         self.width += 1
+        if self.slot is not None:
+            self.slot.upload()
 
     def logits_of_step(self) -> np.ndarray:
         return self.outputs.logits()
@@ -549,6 +678,7 @@ class _KVBuffer:
             bigger = np.zeros(array.shape[:2] + (capacity,) + array.shape[3:], array.dtype)
             bigger[:, :, :used] = array[:, :, :used]
             grown.append(bigger)
+        self.release()
         self.__init__(self.owner, self.batch, capacity, self.lengths, self.width,
                       grown if self.on_cpu else [self.owner._to_device(a) for a in grown])
 

@@ -206,12 +206,14 @@ def test_fp16_bundle_outputs_greedy_tokens_and_checks_them_at_export(fp16_bundle
     assert not BundleGenerator(bundle_dir, device="cpu").step.greedy_on_device
 
 
-@pytest.mark.parametrize("shared_kv_buffer", [True, False])
-def test_greedy_decoding_takes_the_graphs_choice_and_matches_the_hosts(shared_kv_buffer, tmp_path):
+@pytest.mark.parametrize("shared_kv_buffer, static_steps", [(True, False), (False, False), (True, True)])
+def test_greedy_decoding_takes_the_graphs_choice_and_matches_the_hosts(shared_kv_buffer, static_steps, tmp_path):
     """With `next_token` in the graph, greedy decoding reads only it for every step after the
     prompt's, over the shared buffer and over a growing cache, and gives the tokens the host picks
     from the same logits, also when a stop id ends rows at different steps and they leave the
-    batch. Sampling still reads the logits. Random weights (fp16): varied tokens."""
+    batch. Sampling still reads the logits. Random weights (fp16): varied tokens. With static
+    steps (what CUDA graphs replay: fixed tensors per shape, inputs uploaded before each run) the
+    same, here on the CPU."""
     import keras
 
     from kerasllm import CausalLM, DecoderConfig
@@ -225,8 +227,9 @@ def test_greedy_decoding_takes_the_graphs_choice_and_matches_the_hosts(shared_kv
     report = optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2",
                             num_heads=2, hidden_size=32, dtype="fp16", shape_inference=False, cached_attention=True,
                             shared_kv_buffer=shared_kv_buffer, next_token=True)
-    step = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"))
+    step = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"), static_steps=static_steps)
     assert report["next_token"] and step.greedy_on_device and step.shared_buffer == shared_kv_buffer
+    assert step.static_steps == static_steps
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 50, n).tolist() for n in (3, 8, 5, 6)]
     plain = DecodingOptions(max_new_tokens=30)
@@ -249,6 +252,49 @@ def test_greedy_decoding_takes_the_graphs_choice_and_matches_the_hosts(shared_kv
     sampled = CountingGreedySteps(step)
     generate(sampled, prompts, DecodingOptions(max_new_tokens=5, temperature=0.8, seed=1), pad_id=0)
     assert sampled.calls == 0
+
+
+def test_static_steps_keep_one_set_of_tensors_per_shape_and_decode_as_plain_steps(tmp_path):
+    """Static steps (what a CUDA-graph session replays, runtime._StepSlot) bind the same tensors at
+    every single-token step of a (batch, capacity) shape, across calls: a second call of that shape
+    takes the first one's slot back; other shapes get theirs, at most MAX_STEP_SLOTS of them, the
+    oldest dropped; a buffer that outgrows its capacity moves to fresh tensors and gives its slot
+    back. Tokens equal the plain steps' throughout (greedy and sampled)."""
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.export.convert import causal_lm_graph, trace_to_onnx
+    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.optimize import optimize_graph
+    from kerasllm.export.runtime import MAX_STEP_SLOTS, DecoderSession, create_session
+
+    keras.utils.set_random_seed(0)
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=50, max_length=400))
+    optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2", num_heads=2,
+                   hidden_size=32, dtype="fp16", shape_inference=False, cached_attention=True, shared_kv_buffer=True,
+                   next_token=True)
+    plain = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"))
+    static = DecoderSession(create_session(tmp_path / "m.onnx", "cpu"), static_steps=True)
+    rng = np.random.default_rng(1)
+
+    def both(prompts, options):
+        want = [h[0].tokens for h in generate(plain, prompts, options, pad_id=0)]
+        got = [h[0].tokens for h in generate(static, prompts, options, pad_id=0)]
+        assert got == want
+        assert not any(slot.in_use for slot in static._slots.values())
+
+    prompts = [rng.integers(0, 50, n).tolist() for n in (3, 7)]
+    both(prompts, DecodingOptions(max_new_tokens=12))
+    (first,) = static._slots.values()
+    both(prompts, DecodingOptions(max_new_tokens=12))
+    both(prompts, DecodingOptions(max_new_tokens=12, temperature=0.9, seed=3))
+    assert list(static._slots.values()) == [first]
+    # More shapes than are kept: 1, 3, 4 and 5 rows. The oldest (the first) is dropped.
+    for rows in (1, 3, 4, 5):
+        both([rng.integers(0, 50, 4).tolist() for _ in range(rows)], DecodingOptions(max_new_tokens=5))
+    assert len(static._slots) == MAX_STEP_SLOTS and first not in static._slots.values()
+    # 3-token prompts get 192 slots: 250 new tokens outgrow them.
+    both([rng.integers(0, 50, 3).tolist()], DecodingOptions(max_new_tokens=250))
 
 
 def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):

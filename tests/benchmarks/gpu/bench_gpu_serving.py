@@ -22,8 +22,9 @@ Two steps, because TensorFlow does not run on the device (../shared/gpu/README.m
    * encoder forward, 64 x 128: the classifier bundle's graph against HF `BertModel`;
    and prints one table with the ratios, the nodes the decode step ran on the CPU provider (from
    ORT's profile), the fusions, and whether ORT captures the decode step in a CUDA graph (its
-   refusal, in its own words, where it does not); JSON goes to `$OUT/gpu_serving.json` when
-   `$OUT` is set.
+   refusal, in its own words, where it does not; where it does, a "decode, CUDA graph" row per
+   batch, timed only after its tokens matched the plain steps'); JSON goes to
+   `$OUT/gpu_serving.json` when `$OUT` is set.
 
 `--tiny` runs both steps at a tiny shape and `run --device cpu` on the CPU, so the plumbing can
 be checked without a GPU (the figures then mean nothing; HF runs in fp32 on the CPU).
@@ -147,28 +148,28 @@ def cpu_nodes(path: Path, device: str, drive) -> dict:
     return {provider: len(nodes) for provider, nodes in placed.items()}
 
 
-def cuda_graph_probe(path: Path, device: str) -> str:
-    """Whether ORT captures the decode step in a CUDA graph (`enable_cuda_graph`), as it is bound
-    today: what a CUDA-graph decode path has to change, in ORT's words. Not built yet: capture
-    needs every node on the CUDA provider and every input and output at a fixed device address,
-    while GroupQueryAttention reads `total_sequence_length` on the host (computed from the mask's
-    shape here) and the step's ids and mask are bound from host arrays."""
+def cuda_graph_step(path: Path, device: str):
+    """A DecoderSession over a session opened with ORT's `enable_cuda_graph` (runtime.create_session's
+    `cuda_graph`): greedy decode steps replay one captured graph per (batch, capacity), binding
+    fixed tensors (runtime._StepSlot). Returns `(step or None, what happened)`, ORT's refusal in its
+    own words where it refuses (e.g. a node on the CPU provider that needs a copy)."""
     import onnxruntime as ort
 
-    from kerasllm.export.generate import DecodingOptions, generate
-    from kerasllm.export.runtime import DecoderSession, Session, parse_device
+    from kerasllm.export.runtime import DecoderSession, Session, create_session, parse_device
 
     kind, device_id = parse_device(device)
-    if kind != "cuda":
-        return "not tried (not a CUDA device)"
+    if kind != "cuda":  # the same fixed tensors, nothing captured: the dry run's check of the plumbing
+        step = DecoderSession(create_session(path, "cpu"), static_steps=True)
+        return step, "static steps on the CPU (nothing captured: a dry run)"
     try:
         session = ort.InferenceSession(str(path), providers=[
             ("CUDAExecutionProvider", {"device_id": device_id, "enable_cuda_graph": "1"}), "CPUExecutionProvider"])
-        step = DecoderSession(Session(session, "cuda", device_id, "CUDA graph probe"))
-        generate(step, [[1, 2, 3]], DecodingOptions(max_new_tokens=4), pad_id=0)
     except Exception as err:  # ORT's own exception types
-        return "refused: " + str(err).splitlines()[0][:300]
-    return "captured and replayed 4 steps"
+        return None, "refused: " + str(err).splitlines()[0][:300]
+    step = DecoderSession(Session(session, "cuda", device_id, "CUDA graphs", cuda_graph=True))
+    if not step.static_steps:
+        return None, "not used (the graph lacks a shared KV buffer or next_token)"
+    return step, "captured, one graph per (batch, capacity)"
 
 
 def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> tuple[list[dict], dict]:
@@ -185,11 +186,21 @@ def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> t
     rng = np.random.default_rng(0)
     rows = []
     options = DecodingOptions(max_new_tokens=NEW)
+    graph_step, cuda_graph = cuda_graph_step(decoder, device)
     for batch in batches:
         prompts = rng.integers(0, vocab, (batch, PROMPT)).tolist()
         # The graph's greedy choice (`next_token`: only ids leave the device), then, for what that
-        # saves, the same decoding with the logits taken to the host each step and searched there.
-        for what, stepper in (("decode", step), ("decode, argmax on host", ChoiceOnHost(step))):
+        # saves, the same decoding with the logits taken to the host each step and searched there,
+        # and the decode steps replayed as CUDA graphs (where ORT captures them), checked to give
+        # the same tokens first.
+        variants = [("decode", step), ("decode, argmax on host", ChoiceOnHost(step))]
+        if graph_step is not None:
+            tokens = [generate(s, prompts, options, pad_id=0) for s in (step, graph_step)]
+            if [h[0].tokens for h in tokens[0]] == [h[0].tokens for h in tokens[1]]:
+                variants.append(("decode, CUDA graph", graph_step))
+            else:
+                cuda_graph = f"replayed steps gave other tokens than plain steps (batch {batch}): not timed"
+        for what, stepper in variants:
             seconds = median_s(lambda: generate(stepper, prompts, options, pad_id=0), reps)
             rows.append({"what": what, "batch": batch, "ms": seconds * 1e3, "tokens_per_s": batch * NEW / seconds,
                          "ms_per_step": seconds * 1e3 / NEW})
@@ -209,7 +220,7 @@ def run_kerasllm(bundles: Path, device: str, batches: list[int], reps: int) -> t
                                                                      DecodingOptions(max_new_tokens=2), pad_id=0))
     info = {"placement": placement, "fusions": {n: m["optimization"]["fusions"] for n, m in manifests.items()},
             "kv_cache": manifests["decoder"]["optimization"]["kv_cache"], "session": step.session.description,
-            "greedy_on_device": step.greedy_on_device, "cuda_graph": cuda_graph_probe(decoder, device)}
+            "greedy_on_device": step.greedy_on_device, "cuda_graph": cuda_graph}
     return rows, info
 
 
