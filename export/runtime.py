@@ -225,7 +225,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
                                                            providers=[("CUDAExecutionProvider", provider),
                                                                       "CPUExecutionProvider"])
                     except Exception as err:  # ORT raises its own exception types
-                        if not (captured and "graph" in str(err).lower()):
+                        if not (captured and "cuda graph" in str(err).lower()):
                             raise
                         log.warning("CUDA graphs refused, running without them: %s", str(err).splitlines()[0][:300])
                         captured = False
