@@ -297,6 +297,42 @@ def test_static_steps_keep_one_set_of_tensors_per_shape_and_decode_as_plain_step
     both([rng.integers(0, 50, 3).tolist()], DecodingOptions(max_new_tokens=250))
 
 
+def test_a_cuda_graph_session_names_a_graph_on_every_run(fp16_bundle, monkeypatch):
+    """On a session opened with ORT's `enable_cuda_graph` every run must name its graph, or ORT
+    replays graph 0 on it: the prompt step and steps outside a slot say -1, the static steps of each
+    (batch, capacity) slot their own id, the same at every step and again when a later call takes
+    the slot back. Checked on the CPU by marking a CPU session as a CUDA-graph one (ORT's CPU
+    provider ignores the run option); only CUDA sessions are opened that way
+    (`create_session(..., cuda_graph=True)` on the CPU: a plain session)."""
+    import onnxruntime as ort
+
+    from kerasllm.export.decoding_predictor import BundleGenerator
+    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.runtime import DecoderSession, Session, create_session
+
+    assert create_session(fp16_bundle / "model.onnx", "cpu", cuda_graph=True).cuda_graph is False
+    plain = BundleGenerator(fp16_bundle, device="cpu").step
+    session = plain.session
+    step = DecoderSession(Session(session.session, "cpu", 0, "marked", cuda_graph=True))
+    assert step.static_steps
+    graph_ids, run = [], ort.InferenceSession.run_with_iobinding
+
+    def spy(self, binding, options=None):
+        graph_ids.append(None if options is None else options.get_run_config_entry("gpu_graph_id"))
+        return run(self, binding, options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", spy)
+    ids = [[5, 6, 7], [8, 9]]
+    options = DecodingOptions(max_new_tokens=6)
+    for _ in range(2):
+        graph_ids.clear()
+        assert generate(step, ids, options, pad_id=0) == generate(plain, ids, options, pad_id=0)
+        assert graph_ids[:7] == ["-1"] + ["1"] * 5 + [None]  # prompt, 5 static steps, then the plain session
+    graph_ids.clear()
+    generate(step, [[5, 6, 7]], options, pad_id=0)  # another batch size: another slot, another graph
+    assert graph_ids[:6] == ["-1"] + ["2"] * 5
+
+
 def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):
     out = tmp_path / "growing"
     result = run_cli("export", model_dir, "--out", out, "--kv-cache", "growing")
