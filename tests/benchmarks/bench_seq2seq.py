@@ -54,6 +54,12 @@ unchanged: their steps still return logits), `--keep --repeats 3`, two runs back
 the fp32 path: the logits copy goes through a method (StepOutputs.logits, 0.46 vs 0.39 us for the
 bare copy, against a ~500 us step) and a flag is passed along; the whole greedy job run by the old
 and the new tree in alternating processes (6 pairs) moved with the machine's drift either way.
+Tried that session and not kept: each layer's three `Add(residual, Add(MatMul, bias))` pairs as one
+ONNX `Sum` of three (88 -> 76 decoder nodes, logits identical): 545.6 vs 546.3 us a 16-row step
+(medians of 40 alternated blocks of 100 runs, faster in 18/40): a node's dispatch is not what an
+Add costs here. Where the greedy job's time went (instrumented, 4 batches of 16): one worker
+102.6 ms (encoder 7.8 ms a batch, decoder runs 0.517 ms), two workers 55.4 ms (1.85x; encoder
+7.7-8.2 ms, runs 0.54-0.57 ms, ~1.3 ms of Python a batch).
 
 Measured 2026-12-06 with `--repeats 10` (best of 10 interleaved, so both sides more likely get a
 pass in the machine's fast phase; its speed was bimodal that night, the same Python work taking
