@@ -143,7 +143,11 @@ straddle the tokens/s goals and miss the wall-time goal.
     keras-hub GPT2Backbone         31.4     18,815         2.39x         1.00x
     nanoGPT (PyTorch)              13.1     26,396         1.00x         1.40x
 
-tokens/s 0.87x nanoGPT and 1.22x keras-hub, wall 1.57x: the goals stay unmet.
+tokens/s 0.87x nanoGPT and 1.22x keras-hub, wall 1.57x: the goals stay unmet. Tried the same day and
+not kept: XLA's old (non-thunk) CPU runtime with single-threaded Eigen dots
+(`XLA_FLAGS="--xla_cpu_use_thunk_runtime=false --xla_cpu_multi_thread_eigen=false"`), so that each
+part of the split step would run whole on its own core: 200-step CLI runs alternated with the
+default, 3 pairs, 24.5k/26.8k/27.3k against 30.9k/31.2k/27.9k tokens/s (slower in all 3).
 Measured 2026-12-06 and not kept (one process, alternating): the first step's two XLA compiles
 (part_gradients ~1.05 s, apply_mean ~0.84 s, traces 0.61 + 0.43 s) run one after the other, and
 compiling them in two threads at once took as long (2.31 vs 2.17 s: they do not overlap);
