@@ -534,6 +534,46 @@ def test_sessions_use_cuda_only_when_it_loads_and_say_so_in_one_line(bundle_dir,
         assert session.session.get_providers()[0] == "CUDAExecutionProvider"
 
 
+@pytest.mark.parametrize("refused", [False, True])
+def test_cuda_graph_sessions_are_asked_of_ort_and_a_refusal_falls_back_in_one_warning(bundle_dir, caplog, monkeypatch,
+                                                                                      refused):
+    """`create_session(..., cuda_graph=True)` passes ORT's `enable_cuda_graph`; where ORT refuses
+    (its own words quoted in one warning), the session opens without it. ORT's CUDA provider is
+    faked here (this machine has no GPU): a CPU session behind it."""
+    import logging
+
+    import onnxruntime as ort
+
+    from kerasllm.export import runtime
+
+    real, asked = ort.InferenceSession, []
+    refusal = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature as requested by "
+               "the user  as all compute graph nodes have not been partitioned to the CUDA EP.")
+
+    class FakeCudaSession:
+        def __init__(self, path, options, providers):
+            asked.append(providers[0][1].get("enable_cuda_graph"))
+            if refused and asked[-1] == "1":
+                raise RuntimeError(refusal)
+            self.inner = real(path, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(runtime, "_ANNOUNCED", set())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
+    with caplog.at_level(logging.INFO, logger="kerasllm"):
+        session = runtime.create_session(bundle_dir / "model.onnx", "cuda:0", cuda_graph=True)
+    assert session.device_type == "cuda" and session.cuda_graph is (not refused)
+    assert asked == (["1", None] if refused else ["1"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if refused:
+        assert warnings == ["CUDA graphs refused, running without them: " + refusal]
+    else:
+        assert warnings == [] and session.description.endswith("(cuda:0), CUDA graphs")
+
+
 def test_attention_fusion_is_dropped_when_it_fails_validation(model_dir, tmp_path, monkeypatch):
     from kerasllm.export import validate
     from kerasllm.export.exporter import export_model_dir
