@@ -5,9 +5,10 @@
   machine without CUDA, then prints an error block and runs on the CPU), keeps that
   error block off the terminal, and says in one line what runs.
 * `DecoderSession` runs a decoder graph with a past/present KV cache through IO binding:
-  on CUDA the cache stays on the device as `OrtValue`s from one step to the next, and
-  only the logits (what sampling needs) come back to the host. The same code path runs
-  on the CPU, so the CPU tests exercise it.
+  on CUDA the cache stays on the device as `OrtValue`s from one step to the next (beam
+  search's reorders are gathered there too, row_gather.py), and only the logits (what
+  sampling needs) or, for greedy decoding, the chosen token ids come back to the host.
+  The same code paths run on the CPU (`host_buffers=False`), so the CPU tests exercise them.
 * `flush_denormals()` wraps code that runs sessions on the CPU: ORT's kernels run on the
   calling thread, and masked attention runs up to ~2x slower there with denormals.
 
@@ -280,10 +281,10 @@ def reorder_rows_in_place(array: np.ndarray, indices: np.ndarray, used: int | No
         array[moved, :, :used] = array[indices[moved], :, :used]
 
 
-def reorder_outputs_in_place(values, indices: np.ndarray, device_type: str) -> bool:
-    """Reorder ORT outputs (`OrtValue`s) in place when it is possible: on the CPU, for a
-    same-size reorder (beam search). Returns False, touching nothing, otherwise."""
-    if device_type != "cpu" or len(indices) != values[0].shape()[0]:
+def reorder_outputs_in_place(values, indices: np.ndarray) -> bool:
+    """Reorder ORT's CPU outputs (`OrtValue`s) in place when it is possible: for a same-size
+    reorder (beam search). Returns False, touching nothing, otherwise."""
+    if len(indices) != values[0].shape()[0]:
         return False
     for value in values:  # ORT's CPU outputs: `.numpy()` is a writable view
         reorder_rows_in_place(value.numpy(), indices)
@@ -310,14 +311,18 @@ class DecoderSession:
       logits buffer: on a small model the per-step binding work otherwise costs as much
       as a fifth of the step.
 
-    On CUDA the cache stays on the device between steps and only the logits come back.
+    On CUDA the cache stays on the device between steps (reorders included) and only the
+    logits, or greedy's token ids, come back.
 
     Args:
         session: a `Session` over a graph with the decoder I/O (see export/convert.py).
     """
 
-    def __init__(self, session: Session, static_steps: bool | None = None):
+    def __init__(self, session: Session, static_steps: bool | None = None, host_buffers: bool | None = None):
         self.session = session
+        # KV buffers as NumPy arrays wrapped by ORT (the CPU), or tensors on the session's device that
+        # only ORT touches (CUDA; `host_buffers=False` runs that path on the CPU, for the tests).
+        self.host_buffers = session.device_type == "cpu" if host_buffers is None else host_buffers
         inputs = session.session.get_inputs()
         self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
@@ -438,13 +443,19 @@ class DecoderSession:
 
     def reorder(self, cache, indices: np.ndarray):
         """Rows `indices` of every cache tensor (beam search). `cache` is not valid afterwards: on the
-        CPU a same-size reorder happens in place; on CUDA it goes through the host."""
+        CPU a same-size reorder happens in place; on CUDA the rows are gathered on the device."""
         indices = np.asarray(indices)
         if self.shared_buffer:
             return cache.rows(indices)
-        if reorder_outputs_in_place(cache, indices, self.session.device_type):
+        if self.host_buffers and reorder_outputs_in_place(cache, indices):
             return cache
-        return [self._to_device(np.ascontiguousarray(value.numpy()[indices])) for value in cache]
+        return self.gather_rows(cache, indices)
+
+    def gather_rows(self, values, indices: np.ndarray) -> list:
+        """New tensors with rows `indices` of `values`, gathered where they are (row_gather.py)."""
+        from kerasllm.export.row_gather import gather_rows  # noqa: PLC0415
+
+        return gather_rows(values, indices, self.session.device_type, self.session.device_id)
 
     def presents(self, cache) -> list[np.ndarray]:
         """The cache as host arrays `[B, H, S, D]`, rows left-padded like the loop's mask."""
@@ -558,7 +569,7 @@ class _StepSlot:
     def __init__(self, owner: "DecoderSession", batch: int, capacity: int, graph_id: int):
         s = owner.session
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
-        on_cpu = s.device_type == "cpu"
+        on_cpu = owner.host_buffers
         self.arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names] if on_cpu else None
         self.values = ([ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays] if on_cpu else
                        [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type, s.device_id)
@@ -598,7 +609,7 @@ class _KVBuffer:
         self.longest = int(lengths.max())
         self.width = width  # the loop's mask width: row b is left-padded by width - lengths[b]
         s = owner.session
-        self.on_cpu = s.device_type == "cpu"
+        self.on_cpu = owner.host_buffers  # NumPy arrays wrapped by ORT, else device tensors
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
         self.binding = None
         self.graph_id = -1  # the CUDA graph its single-token steps replay (-1: none)
@@ -615,7 +626,7 @@ class _KVBuffer:
             self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         else:
             self.arrays = None
-            self.values = arrays or [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, "cuda",
+            self.values = arrays or [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type,
                                                                                s.device_id)
                                      for _ in owner.past_names]
 
@@ -684,7 +695,7 @@ class _KVBuffer:
 
     def rows(self, indices: np.ndarray) -> "_KVBuffer":
         """The cache of rows `indices`: this one, reordered in place, for a same-size reorder on
-        the CPU (the binding stays valid); else a new one (through the host on CUDA)."""
+        the CPU (the binding stays valid); else a new one (on CUDA gathered on the device)."""
         indices = np.asarray(indices)
         if self.on_cpu and len(indices) == self.batch:
             used = int(self.lengths.max())
@@ -695,9 +706,10 @@ class _KVBuffer:
             if self.binding is not None:
                 self.mask[:] = self.mask[indices]
             return self
-        arrays = [np.ascontiguousarray(array[indices]) for array in self._host_arrays()]
-        if not self.on_cpu:
-            arrays = [self.owner._to_device(a) for a in arrays]
+        if self.on_cpu:
+            arrays = [np.ascontiguousarray(array[indices]) for array in self.arrays]
+        else:
+            arrays = self.owner.gather_rows(self.values, indices)
         return _KVBuffer(self.owner, len(indices), self.capacity, self.lengths[indices].copy(), self.width, arrays)
 
     def left_padded(self) -> list[np.ndarray]:

@@ -78,8 +78,11 @@ class Seq2SeqSessions:
         decoder: a `Session` over decoder.onnx.
     """
 
-    def __init__(self, encoder: Session, decoder: Session):
+    def __init__(self, encoder: Session, decoder: Session, host_buffers: bool | None = None):
         self.encoder, self.decoder = encoder, decoder
+        # Self-attention buffers as NumPy arrays wrapped by ORT (the CPU), or device tensors that only
+        # ORT touches (CUDA; `host_buffers=False` runs that path on the CPU, for the tests).
+        self.host_buffers = decoder.device_type == "cpu" if host_buffers is None else host_buffers
         names = [i.name for i in decoder.session.get_inputs()]
         self.past_names = [n for n in names if n.endswith((".decoder.key", ".decoder.value"))]
         self.cross_inputs = [n for n in names if n.endswith((".encoder.key", ".encoder.value"))]
@@ -105,8 +108,15 @@ class Seq2SeqSessions:
 
     @classmethod
     def open(cls, encoder_path: str | Path, decoder_path: str | Path, device: str | None = None,
-             threads: int | None = None) -> "Seq2SeqSessions":
-        return cls(create_session(encoder_path, device, threads), create_session(decoder_path, device, threads))
+             threads: int | None = None, host_buffers: bool | None = None) -> "Seq2SeqSessions":
+        return cls(create_session(encoder_path, device, threads), create_session(decoder_path, device, threads),
+                   host_buffers)
+
+    def gather_rows(self, values, indices: np.ndarray) -> list:
+        """New tensors with rows `indices` of `values`, gathered where they are (row_gather.py)."""
+        from kerasllm.export.row_gather import gather_rows  # noqa: PLC0415
+
+        return gather_rows(values, indices, self.decoder.device_type, self.decoder.device_id)
 
     def _device_value(self, array: np.ndarray):
         s = self.decoder
@@ -177,8 +187,10 @@ class Seq2SeqSessions:
         return [value.numpy() for value in cache]
 
     def rows(self, values: Sequence, indices: np.ndarray) -> list:
-        """Rows `indices` of every tensor, as new tensors (through the host on CUDA)."""
-        return [self._device_value(value.numpy()[indices]) for value in values]
+        """Rows `indices` of every tensor, as new tensors (on CUDA gathered on the device)."""
+        if self.host_buffers:
+            return [self._device_value(value.numpy()[indices]) for value in values]
+        return self.gather_rows(values, indices)
 
     def reorder(self, values: Sequence, indices: np.ndarray) -> list:
         """`rows`, for a cache that is not used afterwards: on the CPU a same-size reorder
@@ -186,7 +198,7 @@ class Seq2SeqSessions:
         indices = np.asarray(indices)
         if isinstance(values, _SelfAttentionBuffer):
             return values.rows(indices)
-        if reorder_outputs_in_place(values, indices, self.decoder.device_type):
+        if self.host_buffers and reorder_outputs_in_place(values, indices):
             return list(values)
         return self.rows(values, indices)
 
@@ -204,7 +216,7 @@ class _SelfAttentionBuffer:
     def __init__(self, owner: Seq2SeqSessions, batch: int, capacity: int, length: int = 0, arrays=None):
         self.owner, self.batch, self.capacity, self.length = owner, batch, capacity, length
         s = owner.decoder
-        self.on_cpu = s.device_type == "cpu"
+        self.on_cpu = owner.host_buffers  # NumPy arrays wrapped by ORT, else device tensors
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
         if arrays is None and self.on_cpu:
             # Uninitialized: GroupQueryAttention reads only the slots below each row's length.
@@ -261,6 +273,9 @@ class _SelfAttentionBuffer:
         return self.arrays if self.on_cpu else [value.numpy() for value in self.values]
 
     def _resized(self, indices: np.ndarray | None, capacity: int) -> "_SelfAttentionBuffer":
+        if not self.on_cpu and indices is not None and capacity == self.capacity:  # beam search on CUDA
+            return _SelfAttentionBuffer(self.owner, len(indices), capacity, self.length,
+                                        self.owner.gather_rows(self.values, indices))
         arrays = []
         for array in self._host_arrays():
             rows = array if indices is None else array[indices]
@@ -282,7 +297,7 @@ class _SelfAttentionBuffer:
         (beam search) keeps the binding; fewer rows (finished rows or inputs leaving) become the
         first rows of the same buffers, rebound at the next step: 'small' preset, 8 -> 7 rows at
         12 tokens, ~190 us for a new buffer (every slot copied twice) against ~30 us. On CUDA,
-        or for more rows (beams expanded), a new buffer."""
+        or for more rows (beams expanded), a new buffer (on CUDA gathered on the device)."""
         if self.on_cpu and len(indices) <= self.batch:
             for array in self.arrays:
                 reorder_rows_in_place(array, indices, self.length)

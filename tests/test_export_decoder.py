@@ -333,6 +333,39 @@ def test_a_cuda_graph_session_names_a_graph_on_every_run(fp16_bundle, monkeypatc
     assert graph_ids[:6] == ["-1"] + ["2"] * 5
 
 
+@pytest.mark.parametrize("shared_kv_buffer", [True, False])
+def test_decoding_with_device_buffers_equals_decoding_with_host_arrays(shared_kv_buffer, tmp_path):
+    """The CUDA path of DecoderSession, run on the CPU (`host_buffers=False`): the KV cache as
+    tensors only ORT touches, beam search's reorders and the rows that leave the batch gathered by
+    row_gather.py instead of NumPy (on a GPU: on the device, not through the host). Beam search
+    (n-best with scores) and greedy decoding with a stop id give exactly the host path's results,
+    over the shared buffer and over a growing cache."""
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.export.convert import causal_lm_graph, trace_to_onnx
+    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.optimize import optimize_graph
+    from kerasllm.export.runtime import DecoderSession, create_session
+
+    keras.utils.set_random_seed(0)
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=50, max_length=64))
+    optimize_graph(trace_to_onnx(causal_lm_graph(model), model), tmp_path / "m.onnx", model_type="gpt2", num_heads=2,
+                   hidden_size=32, shape_inference=False, cached_attention=True, shared_kv_buffer=shared_kv_buffer)
+    host, device = (DecoderSession(create_session(tmp_path / "m.onnx", "cpu"), host_buffers=flag)
+                    for flag in (True, False))
+    assert device.shared_buffer == shared_kv_buffer and not device.host_buffers
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 50, n).tolist() for n in (3, 8, 5)]
+    on_host = [h[0].tokens for h in generate(host, prompts, DecodingOptions(max_new_tokens=12), pad_id=0)]
+    stop = on_host[1][4]  # ends the second row early: its row leaves the batch
+    for options in (DecodingOptions(max_new_tokens=12, num_beams=3, n_best=2),
+                    DecodingOptions(max_new_tokens=12, stop_ids=(stop,))):
+        results = [generate(s, prompts, options, pad_id=0) for s in (host, device)]
+        assert [[(h.tokens, h.score) for h in r] for r in results[0]] == \
+            [[(h.tokens, h.score) for h in r] for r in results[1]]
+
+
 def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):
     out = tmp_path / "growing"
     result = run_cli("export", model_dir, "--out", out, "--kv-cache", "growing")
@@ -496,7 +529,7 @@ def test_failed_validation_leaves_no_bundle_and_exits_1(model_dir, tmp_path, run
 def test_serving_modules_import_without_tensorflow():
     code = ("import sys, time; t = time.perf_counter(); "
             "import kerasllm.export.runtime, kerasllm.export.generate, kerasllm.export.bundle, "
-            "kerasllm.export.decoding_predictor, kerasllm.cli; "
+            "kerasllm.export.decoding_predictor, kerasllm.export.row_gather, kerasllm.cli; "
             "print(time.perf_counter() - t, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1:] == ["False", "False"]

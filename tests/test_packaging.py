@@ -16,3 +16,16 @@ def test_every_package_directory_is_listed_in_pyproject():
             relative = init.parent.relative_to(directory).parts
             found.add(".".join((name, *relative)))
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_every_data_file_of_a_package_is_shipped():
+    """Files a package reads at run time (export/graphs/*.onnx) are in pyproject's package-data."""
+    import fnmatch
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = config.get("package-data", {})
+    for name, path in config["package-dir"].items():
+        directory = ROOT / path
+        for data in directory.rglob("*.onnx"):
+            relative = data.relative_to(directory).as_posix()
+            assert any(fnmatch.fnmatch(relative, pattern) for pattern in shipped.get(name, [])), relative

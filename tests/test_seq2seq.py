@@ -182,6 +182,32 @@ def test_beam_search_n_best_and_beam_one_is_greedy(trained):
     assert [ort_translator.target_tokenizer.decode(t) for t in one_beam] == [g["output"] for g in greedy]
 
 
+def test_decoding_with_device_buffers_equals_decoding_with_host_arrays(trained):
+    """The CUDA path of the seq2seq runtime, run on the CPU (`host_buffers=False`): the decoder's
+    self-attention buffer as tensors only ORT touches, beam search's reorders and the rows that
+    leave the batch gathered by row_gather.py instead of NumPy. Beam search (n-best with scores)
+    and greedy decoding give exactly the host path's results."""
+    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.seq2seq_export import translate_ids
+    from kerasllm.export.seq2seq_runtime import Seq2SeqSessions
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    run, bundle, held_out = trained
+    translator = BundleTranslator(bundle, device="cpu")
+    pairs = datasets.number_words_pairs(12, max_value=999, seed=5)
+    sources = [translator.check(s) for s, _ in pairs]
+    c = translator.config
+    graphs = [bundle / "encoder.onnx", bundle / "decoder.onnx"]
+    host, device = (Seq2SeqSessions.open(*graphs, "cpu", host_buffers=flag) for flag in (True, False))
+    assert host.shared_buffer and not device.host_buffers
+    for options in (DecodingOptions(max_new_tokens=10, num_beams=4, n_best=3, stop_ids=(c["eos_id"],)),
+                    DecodingOptions(max_new_tokens=10, stop_ids=(c["eos_id"],))):
+        results = [translate_ids(s, sources, options, c["pad_id"], c["bos_id"], c["max_length"], generate)
+                   for s in (host, device)]
+        assert [[(h.tokens, h.score) for h in r] for r in results[0]] == \
+            [[(h.tokens, h.score) for h in r] for r in results[1]]
+
+
 def test_sharded_batches_decode_as_one(trained, monkeypatch, caplog):
     """A batch cut into shards decoded on parallel threads (BundleTranslator) gives exactly the
     unsharded outputs, greedy and beam n-best with scores; sampling stays unsharded; a bundle
