@@ -512,6 +512,27 @@ class DecoderSession:
         return out, cache
 
 
+def cache_tensors(numpy_backed: bool, session: Session, dtype, count: int, shape: tuple, given: list | None = None):
+    """A KV buffer's tensors: `(arrays, values)`, NumPy arrays and the `OrtValue`s wrapping them (not
+    copies) when `numpy_backed`, else `(None, values)` on the session's device. `given`: those arrays
+    (or device values) instead of `count` new uninitialized ones of `shape` (GroupQueryAttention
+    reads only the slots below each row's length)."""
+    if numpy_backed:
+        arrays = given if given is not None else [np.empty(shape, dtype) for _ in range(count)]
+        return arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if given is not None:
+        return None, given
+    return None, [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, session.device_type, session.device_id)
+                  for _ in range(count)]
+
+
+def bind_cache(binding, past_names, present_names, values) -> None:
+    """Bind each cache tensor as both its past input and its present output (updated in place)."""
+    for past, present, value in zip(past_names, present_names, values):
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+
+
 class StepOutputs:
     """Where a single-token step's logits (and `next_token`) go, bound once to the step's IO binding
     (the shared-buffer decoders of both families).
@@ -522,9 +543,9 @@ class StepOutputs:
     any other output: `get_outputs()` lists outputs in binding order.
     """
 
-    def __init__(self, binding, session: Session, batch: int, vocab: int, next_token: bool, fixed: bool = False):
+    def __init__(self, binding, session: Session, batch: int, vocab: int, next_token: bool):
         self.binding = binding
-        self.host = self.device = self.ids = self.ids_value = None
+        self.host = self.device = self.ids = None
         if session.device_type == "cpu":
             self.host = np.zeros((batch, 1, vocab), np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.host))
@@ -534,13 +555,10 @@ class StepOutputs:
             binding.bind_ortvalue_output("logits", self.device)
         else:
             binding.bind_output("logits", "cpu")
-        if next_token and fixed:  # a CUDA graph writes it where it was captured: copied to the host after
-            self.ids_value = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), session.device_type,
-                                                              session.device_id)
-            binding.bind_ortvalue_output(NEXT_TOKEN, self.ids_value)
-        elif next_token:  # B int64 to the host, written in place
-            self.ids = np.zeros((batch, 1), np.int64)
-            binding.bind_ortvalue_output(NEXT_TOKEN, ort.OrtValue.ortvalue_from_numpy(self.ids))
+        if next_token:  # B int64 at a fixed place on the device (where a CUDA graph writes), read after the run
+            self.ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), session.device_type,
+                                                        session.device_id)
+            binding.bind_ortvalue_output(NEXT_TOKEN, self.ids)
 
     def logits(self) -> np.ndarray:
         """The last run's logits `[B, 1, V]` float32 on the host (a copy: the next run overwrites them)."""
@@ -552,7 +570,7 @@ class StepOutputs:
 
     def next_ids(self) -> np.ndarray:
         """The last run's `next_token` `[B, 1]` (a copy)."""
-        return self.ids.copy() if self.ids is not None else self.ids_value.numpy().copy()
+        return self.ids.numpy().copy()  # on the CPU a view of the bound array
 
 
 class _StepSlot:
@@ -569,11 +587,7 @@ class _StepSlot:
     def __init__(self, owner: "DecoderSession", batch: int, capacity: int, graph_id: int):
         s = owner.session
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
-        on_cpu = owner.host_buffers
-        self.arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names] if on_cpu else None
-        self.values = ([ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays] if on_cpu else
-                       [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type, s.device_id)
-                        for _ in owner.past_names])
+        self.arrays, self.values = cache_tensors(owner.host_buffers, s, owner.cache_dtype, len(owner.past_names), shape)
         self.ids = np.zeros((batch, 1), owner.ids_dtype)
         self.mask = np.zeros((batch, capacity), np.int64)
         # Tensors of their own, also on the CPU, so that the uploads are exercised there too.
@@ -582,10 +596,8 @@ class _StepSlot:
         self.binding = s.session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", self.ids_value)
         self.binding.bind_ortvalue_input("attention_mask", self.mask_value)
-        self.outputs = StepOutputs(self.binding, s, batch, owner._vocab, next_token=True, fixed=True)
-        for past, present, value in zip(owner.past_names, owner.present_names, self.values):
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
+        self.outputs = StepOutputs(self.binding, s, batch, owner._vocab, next_token=True)
+        bind_cache(self.binding, owner.past_names, owner.present_names, self.values)
         self.graph_id = graph_id
         self.in_use = False
 
@@ -598,8 +610,9 @@ class _StepSlot:
 class _KVBuffer:
     """The cache of a shared-buffer graph: per-row token counts and one buffer per cache tensor.
 
-    On the CPU each buffer is a numpy array wrapped (not copied) by the `OrtValue` bound as
-    past and present, so ONNX Runtime writes into it and rows are selected with numpy.
+    On the CPU (`numpy_backed`) each buffer is a numpy array wrapped (not copied) by the `OrtValue`
+    bound as past and present, so ONNX Runtime writes into it and rows are selected with numpy;
+    otherwise the buffers are tensors on the session's device that only ORT touches.
     """
 
     def __init__(self, owner: DecoderSession, batch: int, capacity: int, lengths: np.ndarray, width: int,
@@ -609,7 +622,7 @@ class _KVBuffer:
         self.longest = int(lengths.max())
         self.width = width  # the loop's mask width: row b is left-padded by width - lengths[b]
         s = owner.session
-        self.on_cpu = owner.host_buffers  # NumPy arrays wrapped by ORT, else device tensors
+        self.numpy_backed = owner.host_buffers  # NumPy arrays wrapped by ORT, else device tensors
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
         self.binding = None
         self.graph_id = -1  # the CUDA graph its single-token steps replay (-1: none)
@@ -618,17 +631,8 @@ class _KVBuffer:
         if self.slot is not None:
             self.arrays, self.values = self.slot.arrays, self.slot.values
             return
-        if arrays is None:
-            # Uninitialized: GroupQueryAttention reads only the slots below each row's length.
-            arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names] if self.on_cpu else None
-        if self.on_cpu:
-            self.arrays = arrays
-            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        else:
-            self.arrays = None
-            self.values = arrays or [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type,
-                                                                               s.device_id)
-                                     for _ in owner.past_names]
+        self.arrays, self.values = cache_tensors(self.numpy_backed, s, owner.cache_dtype, len(owner.past_names),
+                                                 shape, arrays)
 
     def __del__(self):
         self.release()
@@ -640,9 +644,7 @@ class _KVBuffer:
             slot.in_use = False
 
     def bind_cache(self, binding) -> None:
-        for past, present, value in zip(self.owner.past_names, self.owner.present_names, self.values):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        bind_cache(binding, self.owner.past_names, self.owner.present_names, self.values)
 
     def _single_token_binding(self) -> None:
         """One binding for every single-token step: inputs and logits live in arrays updated in place."""
@@ -680,7 +682,7 @@ class _KVBuffer:
         return self.outputs.logits()
 
     def _host_arrays(self) -> list[np.ndarray]:
-        return self.arrays if self.on_cpu else [value.numpy() for value in self.values]
+        return self.arrays if self.numpy_backed else [value.numpy() for value in self.values]
 
     def _grow(self, capacity: int) -> None:
         used = int(self.lengths.max())
@@ -691,13 +693,13 @@ class _KVBuffer:
             grown.append(bigger)
         self.release()
         self.__init__(self.owner, self.batch, capacity, self.lengths, self.width,
-                      grown if self.on_cpu else [self.owner._to_device(a) for a in grown])
+                      grown if self.numpy_backed else [self.owner._to_device(a) for a in grown])
 
     def rows(self, indices: np.ndarray) -> "_KVBuffer":
         """The cache of rows `indices`: this one, reordered in place, for a same-size reorder on
         the CPU (the binding stays valid); else a new one (on CUDA gathered on the device)."""
         indices = np.asarray(indices)
-        if self.on_cpu and len(indices) == self.batch:
+        if self.numpy_backed and len(indices) == self.batch:
             used = int(self.lengths.max())
             for array in self.arrays:
                 reorder_rows_in_place(array, indices, used)
@@ -706,7 +708,7 @@ class _KVBuffer:
             if self.binding is not None:
                 self.mask[:] = self.mask[indices]
             return self
-        if self.on_cpu:
+        if self.numpy_backed:
             arrays = [np.ascontiguousarray(array[indices]) for array in self.arrays]
         else:
             arrays = self.owner.gather_rows(self.values, indices)

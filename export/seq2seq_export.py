@@ -32,7 +32,7 @@ from kerasllm.export.runtime import NEXT_TOKEN, SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
                                               cross_names, self_attention_slots_bound, self_names)
 from kerasllm.export.token_packing import pack_padded_tokens
-from kerasllm.export.validate import ValidationError, compare_output, validated_with_fallback
+from kerasllm.export.validate import ValidationError, check_same_choices, compare_output, validated_with_fallback
 
 GREEDY_NEW_TOKENS = 24
 
@@ -275,10 +275,7 @@ def check_greedy_on_device(config, sessions) -> dict:
     options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,))
     on_device, on_host = (translate_ids(sessions, sources, options, c.pad_id, c.bos_id, c.max_length, generate,
                                         choice_on_host=host) for host in (False, True))
-    for row, (a, b) in enumerate(zip(on_device, on_host)):
-        if a[0].tokens != b[0].tokens:
-            raise ValidationError(f"validation: greedy translation of source {row}: {a[0].tokens} with the graph's "
-                                  f"next_token, {b[0].tokens} from its logits")
+    check_same_choices(on_device, on_host, "greedy translation of source")
     return {"sources": len(sources), "max_new_tokens": new, "identical": True}
 
 

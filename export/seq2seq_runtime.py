@@ -41,8 +41,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import (KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, Session, StepOutputs,
-                                     create_session, reorder_outputs_in_place, reorder_rows_in_place)
+from kerasllm.export.runtime import (KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, Session, StepOutputs, bind_cache,
+                                     cache_tensors, create_session, reorder_outputs_in_place, reorder_rows_in_place)
 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
@@ -216,16 +216,10 @@ class _SelfAttentionBuffer:
     def __init__(self, owner: Seq2SeqSessions, batch: int, capacity: int, length: int = 0, arrays=None):
         self.owner, self.batch, self.capacity, self.length = owner, batch, capacity, length
         s = owner.decoder
-        self.on_cpu = owner.host_buffers  # NumPy arrays wrapped by ORT, else device tensors
+        self.numpy_backed = owner.host_buffers  # NumPy arrays wrapped by ORT, else device tensors
         shape = (batch, owner.num_heads, capacity, owner.head_dim)
-        if arrays is None and self.on_cpu:
-            # Uninitialized: GroupQueryAttention reads only the slots below each row's length.
-            arrays = [np.empty(shape, owner.cache_dtype) for _ in owner.past_names]
-        elif arrays is None:
-            arrays = [ort.OrtValue.ortvalue_from_shape_and_type(shape, owner.cache_dtype, s.device_type, s.device_id)
-                      for _ in owner.past_names]
-        self.arrays = arrays if self.on_cpu else None
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays] if self.on_cpu else arrays
+        self.arrays, self.values = cache_tensors(self.numpy_backed, s, owner.cache_dtype, len(owner.past_names),
+                                                 shape, arrays)
         self.binding = None
         self.encoder_side = None  # (cross, encoder mask) bound
 
@@ -243,9 +237,7 @@ class _SelfAttentionBuffer:
             self.mask = (np.arange(self.capacity)[None, :] < np.full((self.batch, 1), self.length)).astype(np.int64)
             binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
         self.outputs = StepOutputs(binding, owner.decoder, self.batch, owner.vocab, owner.greedy_on_device)
-        for past, present, value in zip(owner.past_names, owner.present_names, self.values):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+        bind_cache(binding, owner.past_names, owner.present_names, self.values)
         self.encoder_side = None
 
     def run(self, input_ids: np.ndarray, encoder_mask: np.ndarray, cross: Sequence, greedy: bool = False) -> np.ndarray:
@@ -270,10 +262,10 @@ class _SelfAttentionBuffer:
         return self.outputs.next_ids() if greedy else self.outputs.logits()
 
     def _host_arrays(self) -> list[np.ndarray]:
-        return self.arrays if self.on_cpu else [value.numpy() for value in self.values]
+        return self.arrays if self.numpy_backed else [value.numpy() for value in self.values]
 
     def _resized(self, indices: np.ndarray | None, capacity: int) -> "_SelfAttentionBuffer":
-        if not self.on_cpu and indices is not None and capacity == self.capacity:  # beam search on CUDA
+        if not self.numpy_backed and indices is not None and capacity == self.capacity:  # beam search on CUDA
             return _SelfAttentionBuffer(self.owner, len(indices), capacity, self.length,
                                         self.owner.gather_rows(self.values, indices))
         arrays = []
@@ -282,7 +274,7 @@ class _SelfAttentionBuffer:
             copy = np.empty(rows.shape[:2] + (capacity,) + rows.shape[3:], array.dtype)
             copy[:, :, :self.length] = rows[:, :, :self.length]
             arrays.append(copy)
-        if not self.on_cpu:
+        if not self.numpy_backed:
             arrays = [self.owner._device_value(a) for a in arrays]
         batch = self.batch if indices is None else len(indices)
         return _SelfAttentionBuffer(self.owner, batch, capacity, self.length, arrays)
@@ -298,7 +290,7 @@ class _SelfAttentionBuffer:
         first rows of the same buffers, rebound at the next step: 'small' preset, 8 -> 7 rows at
         12 tokens, ~190 us for a new buffer (every slot copied twice) against ~30 us. On CUDA,
         or for more rows (beams expanded), a new buffer (on CUDA gathered on the device)."""
-        if self.on_cpu and len(indices) <= self.batch:
+        if self.numpy_backed and len(indices) <= self.batch:
             for array in self.arrays:
                 reorder_rows_in_place(array, indices, self.length)
             if len(indices) < self.batch:  # the leading rows of a C-order buffer are contiguous

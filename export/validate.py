@@ -171,11 +171,17 @@ def check_greedy_on_device(config, step) -> dict:
     options = DecodingOptions(max_new_tokens=new)
     on_device, on_host = (generate(s, prompts, options, pad_id=c.pad_id, max_length=c.max_length)
                           for s in (step, ChoiceOnHost(step)))
+    check_same_choices(on_device, on_host, "greedy generation, prompt")
+    return {"prompts": len(prompts), "new_tokens": new, "identical": True}
+
+
+def check_same_choices(on_device, on_host, what: str) -> None:
+    """Raise `ValidationError` on the first row whose best hypothesis differs between the graph's
+    `next_token` choices and the host's choices from the logits."""
     for row, (a, b) in enumerate(zip(on_device, on_host)):
         if a[0].tokens != b[0].tokens:
-            raise ValidationError(f"validation: greedy generation, prompt {row}: {a[0].tokens} with the graph's "
-                                  f"next_token, {b[0].tokens} from its logits")
-    return {"prompts": len(prompts), "new_tokens": new, "identical": True}
+            raise ValidationError(f"validation: {what} {row}: {a[0].tokens} with the graph's next_token, "
+                                  f"{b[0].tokens} from its logits")
 
 
 def check_greedy(model, step, generate, DecodingOptions) -> dict:

@@ -149,26 +149,28 @@ def cpu_nodes(path: Path, device: str, drive) -> dict:
 
 
 def cuda_graph_step(path: Path, device: str):
-    """A DecoderSession over a session opened with ORT's `enable_cuda_graph` (runtime.create_session's
-    `cuda_graph`): greedy decode steps replay one captured graph per (batch, capacity), binding
-    fixed tensors (runtime._StepSlot). Returns `(step or None, what happened)`, ORT's refusal in its
-    own words where it refuses (e.g. a node on the CPU provider that needs a copy)."""
-    import onnxruntime as ort
+    """A DecoderSession over `create_session(..., cuda_graph=True)`: greedy decode steps replay one
+    captured graph per (batch, capacity), binding fixed tensors (runtime._StepSlot). Returns
+    `(step or None, what happened)`, with ORT's refusal in its own words where it refuses (the one
+    warning create_session logs, e.g. a node on the CPU provider that needs a copy)."""
+    import logging
 
-    from kerasllm.export.runtime import DecoderSession, Session, create_session, parse_device
+    from kerasllm.export.runtime import DecoderSession, create_session, parse_device
 
-    kind, device_id = parse_device(device)
+    kind, _ = parse_device(device)
     if kind != "cuda":  # the same fixed tensors, nothing captured: the dry run's check of the plumbing
         step = DecoderSession(create_session(path, "cpu"), static_steps=True)
         return step, "static steps on the CPU (nothing captured: a dry run)"
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("kerasllm").addHandler(handler)
     try:
-        session = ort.InferenceSession(str(path), providers=[
-            ("CUDAExecutionProvider", {"device_id": device_id, "enable_cuda_graph": "1"}), "CPUExecutionProvider"])
-    except Exception as err:  # ORT's own exception types
-        return None, "refused: " + str(err).splitlines()[0][:300]
-    step = DecoderSession(Session(session, "cuda", device_id, "CUDA graphs", cuda_graph=True))
-    if not step.static_steps:
-        return None, "not used (the graph lacks a shared KV buffer or next_token)"
+        step = DecoderSession(create_session(path, device, cuda_graph=True))
+    finally:
+        logging.getLogger("kerasllm").removeHandler(handler)
+    if not step.session.cuda_graph or not step.static_steps:
+        return None, "not used: " + ("; ".join(warnings) or "no reason given")
     return step, "captured, one graph per (batch, capacity)"
 
 
