@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from kerasllm.data import without_autotune
+from kerasllm.data import as_written, without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import read_records
 
@@ -177,7 +177,7 @@ def _bucketed(dataset, max_length: int, batch_size: int, padding_values):
     # A sequence of length n goes to the first bucket whose boundary exceeds n and is
     # padded to boundary - 1; hence boundaries of size + 1.
     return dataset.bucket_by_sequence_length(
-        element_length_func=lambda x, *rest: tf.shape(x)[0],
+        element_length_func=as_written(lambda x, *rest: tf.shape(x)[0]),
         bucket_boundaries=[s + 1 for s in sizes], bucket_batch_sizes=[batch_size] * (len(sizes) + 1),
         padding_values=padding_values, pad_to_bucket_boundary=True,
     )
@@ -190,7 +190,7 @@ def _ragged_slices(sequences: Sequence[Sequence[int]]):
     flat = tf.constant(np.concatenate([np.asarray(s, np.int32) for s in sequences]))
     lengths = np.asarray([len(s) for s in sequences], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return tf.data.Dataset.from_tensor_slices((starts, lengths)).map(lambda s, n: flat[s:s + n])
+    return tf.data.Dataset.from_tensor_slices((starts, lengths)).map(as_written(lambda s, n: flat[s:s + n]))
 
 
 def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int, pad_id: int,
@@ -205,7 +205,7 @@ def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarra
     if repeat:
         dataset = dataset.repeat()
     dataset = _bucketed(dataset, max_length, batch_size, (tf.constant(pad_id, tf.int32), tf.constant(0, tf.int32)))
-    dataset = dataset.map(lambda x, y: ({"token_ids": x, "padding_mask": tf.not_equal(x, pad_id)}, y))
+    dataset = dataset.map(as_written(lambda x, y: ({"token_ids": x, "padding_mask": tf.not_equal(x, pad_id)}, y)))
     return without_autotune(dataset.prefetch(2))
 
 
@@ -248,7 +248,7 @@ def masked_lm_dataset(sequences: Sequence[Sequence[int]], batch_size: int, vocab
         return inputs, tf.cast(out["mask_ids"], tf.int32), out["mask_weights"]
 
     # Fixed parallelism, no autotuning: see kerasllm.data.without_autotune.
-    return without_autotune(dataset.map(mask, num_parallel_calls=2).prefetch(2))
+    return without_autotune(dataset.map(as_written(mask), num_parallel_calls=2).prefetch(2))
 
 
 def iter_batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kerasllm.data import without_autotune
+from kerasllm.data import as_written, without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import read_parallel, read_records
 
@@ -123,12 +123,12 @@ def pair_batches(sources, targets, batch_size: int, *, pad_id: int, bos_id: int,
     def teacher_forcing(src, tgt):
         return src, tf.concat([[bos_id], tgt], 0), tf.concat([tgt, [eos_id]], 0)
 
-    dataset = dataset.map(teacher_forcing)
+    dataset = dataset.map(as_written(teacher_forcing))
     longest = max(max(len(s) for s in sources), max(len(t) for t in targets) + 1)
     # pad_to_bucket_boundary pads to `boundary - 1`: boundaries k*w + 1 give lengths k*w.
     boundaries = [k * bucket_width + 1 for k in range(1, -(-longest // bucket_width) + 1)]
     dataset = dataset.bucket_by_sequence_length(
-        element_length_func=lambda s, d, l: tf.maximum(tf.shape(s)[0], tf.shape(d)[0]),
+        element_length_func=as_written(lambda s, d, l: tf.maximum(tf.shape(s)[0], tf.shape(d)[0])),
         bucket_boundaries=boundaries, bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
         padding_values=(pad_id, pad_id, pad_id), pad_to_bucket_boundary=True, drop_remainder=repeat,
     )
@@ -139,4 +139,4 @@ def pair_batches(sources, targets, batch_size: int, *, pad_id: int, bos_id: int,
         return inputs, labels
 
     # No autotuning (see kerasllm.data.without_autotune): the maps are cheap, two batches prefetched.
-    return without_autotune(dataset.map(as_inputs).prefetch(2))
+    return without_autotune(dataset.map(as_written(as_inputs)).prefetch(2))

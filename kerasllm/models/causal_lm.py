@@ -216,7 +216,7 @@ class CausalLM(TransformerModel):
             return sampler(next_token, token_ids, cache=cache, index=start, mask=prompt_mask,
                            stop_token_ids=list(stop) if stop else None, model=self)
 
-        function = tf.function(generate, jit_compile=True, reduce_retracing=True)
+        function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
         seed_states = [(v, v.numpy()) for v in sampler.variables]
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]

@@ -262,7 +262,7 @@ class Seq2SeqLM(TransformerModel):
             return sampler(next_token, prompt, cache=(buffer, cross, source_mask), index=1, mask=prompt_mask,
                            stop_token_ids=[c.eos_id], model=self)
 
-        function = tf.function(generate, jit_compile=True, reduce_retracing=True)
+        function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
         seed_states = [(v, v.numpy()) for v in sampler.variables]
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]

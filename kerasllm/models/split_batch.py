@@ -189,7 +189,8 @@ class SplitBatchFitMixin:
                 self.optimizer.apply_gradients(zip(mean, self.trainable_weights))
                 record_loss(part_rows, losses)
 
-            compiled = dict(jit_compile=True, reduce_retracing=True)
+            # autograph=False: none of them branches on a tensor (kerasllm.data.as_written).
+            compiled = dict(jit_compile=True, reduce_retracing=True, autograph=False)
             self._split_functions = (tf.function(part_gradients, **compiled), tf.function(part_loss, **compiled),
                                      tf.function(apply_mean, **compiled), tf.function(record_loss, **compiled))
         return self._split_functions
@@ -227,7 +228,7 @@ class SplitBatchFitMixin:
             batch = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
             # Called from a plain tf.function as from test_step: XLA caches a program under its
             # caller's attributes, and an eager call would compile a copy evaluation never uses.
-            parts = tf.function(lambda data: [part_loss(*part) for part in self._split_data(data)[1]])
+            parts = tf.function(lambda data: [part_loss(*part) for part in self._split_data(data)[1]], autograph=False)
             # Traced here, before the train step's trace: both are Python and would take turns on the
             # GIL anyway. Only the compile (C++, GIL released) runs beside it, on the idle core.
             compile_parts = parts.get_concrete_function(batch)
