@@ -121,7 +121,7 @@ def test_split_step_inside_several_steps_per_execution():
     _assert_same_training(*runs)
 
 
-# -- evaluation warm-up (split_batch module docs) -------------------------------------------
+# -- warm-up (split_batch module docs) -------------------------------------------
 WARM_UP_DATA = np.random.default_rng(4).integers(0, 64, (20, 17))
 
 
@@ -135,17 +135,17 @@ def _windows(batch):
 
 def _fit_with_validation(monkeypatch, warm_up, break_first=None):
     """A split-step fit validated on batches of 5 rows (parts of 3 and 2); returns (model, history, threads)."""
-    monkeypatch.setenv("KERASLLM_EVAL_WARM_UP", "1" if warm_up else "0")
+    monkeypatch.setenv("KERASLLM_WARM_UP", "1" if warm_up else "0")
     keras.utils.set_random_seed(1)
     model = CausalLM(DecoderConfig(vocab_size=64, **TINY))
     model.compile(total_steps=10, batch_split=2, steps_per_execution=2)
-    threads, start = [], model._start_evaluation_warm_up
+    threads, start = [], model._start_warm_up
 
-    def spy(validation_data):
-        threads.append(start(validation_data))
+    def spy(train_data, validation_data):
+        threads.append(start(train_data, validation_data))
         return threads[-1]
 
-    monkeypatch.setattr(model, "_start_evaluation_warm_up", spy)
+    monkeypatch.setattr(model, "_start_warm_up", spy)
     if break_first is not None:
         break_first(model, monkeypatch)
     history = model.fit(_windows(4), epochs=2, steps_per_epoch=4, validation_data=_windows(5), validation_steps=4,
@@ -161,21 +161,24 @@ def _assert_identical(one, other):
         np.testing.assert_array_equal(v2.numpy(), v1.numpy(), err_msg=v1.path)
 
 
-def test_evaluation_warm_up_changes_no_state(monkeypatch):
-    """The warm-up runs the evaluation's parts on zero batches beside training: losses, validation losses,
-    weights, optimizer slots and step count stay exactly those of a run without it."""
+def test_warm_up_changes_no_state(monkeypatch):
+    """The warm-up runs the train step's and the evaluation's parts on zero batches beside training: losses,
+    validation losses, weights, optimizer slots and step count stay exactly those of a run without it."""
     without = _fit_with_validation(monkeypatch, warm_up=False)
     with_warm_up = _fit_with_validation(monkeypatch, warm_up=True)
     assert without[2] == [None]
     (thread,) = with_warm_up[2]
     assert thread is not None and not thread.is_alive()  # it ran, and fit waited for it
-    _, part_loss, _, _ = with_warm_up[0]._functions()
-    assert part_loss.experimental_get_tracing_count() == 2  # parts of 3 and 2 rows, traced once each
+    part_gradients, part_loss, _, _ = with_warm_up[0]._functions()
+    # The steps found the warm-up's traces: parts of 2 + 2 rows (train), 3 and 2 rows (evaluation).
+    assert part_gradients.experimental_get_tracing_count() == 1
+    assert part_loss.experimental_get_tracing_count() == 2
     _assert_identical(without, with_warm_up)
-    # A later fit validated on batches of the same shapes finds them compiled: no second warm-up.
+    # A later fit on batches of the same shapes finds them compiled: no second warm-up.
     model = with_warm_up[0]
-    assert model._start_evaluation_warm_up(_windows(5)) is None
-    assert model._start_evaluation_warm_up(_windows(6)).join() is None  # another shape: warmed up
+    assert model._start_warm_up(_windows(4), _windows(5)) is None
+    assert model._start_warm_up(None, _windows(6)).join() is None  # another shape: warmed up
+    assert model._start_warm_up(_windows(6), None).join() is None  # the same shape for training: its own parts
 
 
 def _fail_trace(model, monkeypatch):
@@ -207,7 +210,7 @@ def _fail_run(model, monkeypatch):
 
 
 @pytest.mark.parametrize("break_first", [_fail_trace, _fail_run], ids=["trace", "run"])
-def test_evaluation_warm_up_failure_leaves_training_alone(monkeypatch, break_first):
+def test_warm_up_failure_leaves_training_alone(monkeypatch, break_first):
     without = _fit_with_validation(monkeypatch, warm_up=False)
     failed = _fit_with_validation(monkeypatch, warm_up=True, break_first=break_first)
     _assert_identical(without, failed)
@@ -229,16 +232,19 @@ model.fit(windows(4), epochs=1, steps_per_epoch=2, validation_data=windows(5), v
 """
 
 
-def test_evaluation_warm_up_compiles_the_programs_evaluation_runs(tmp_path):
-    """XLA's log (TensorFlow's device_compiler at verbosity 2) names each program it compiles: with the
-    warm-up, every part_loss program is compiled before the evaluation begins and none during it. (A
-    warm-up called from eager code would compile copies under other attributes that evaluation misses.)"""
+def test_warm_up_compiles_the_programs_the_steps_run(tmp_path):
+    """XLA's log (TensorFlow's device_compiler at verbosity 2) names each program it compiles and counts the
+    requests for it. With the warm-up, the train step's part_gradients program is compiled once and the steps
+    reuse the one the warm-up asked for; every part_loss program is compiled before the evaluation begins and
+    none during it. (A warm-up called from eager code would compile copies under other attributes that the
+    steps miss.)"""
     import os
+    import re
     import subprocess
     import sys
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "device_compiler=2",
-           "KERASLLM_EVAL_WARM_UP": "1", "CUDA_VISIBLE_DEVICES": ""}
+           "KERASLLM_WARM_UP": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", WARM_UP_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -250,6 +256,10 @@ def test_evaluation_warm_up_compiles_the_programs_evaluation_runs(tmp_path):
     assert before.count("Instantly compiling for signature: __inference_part_loss") == 2  # parts of 3 and 2 rows
     assert "Instantly compiling for signature: __inference_part_loss" not in during
     assert "Already Compiled for signature: __inference_part_loss" in during
+    # One part_gradients program, requested 6 times: 2 parts x (the warm-up's call + 2 train steps).
+    assert log.count("Instantly compiling for signature: __inference_part_gradients") == 1
+    requests = re.findall(r"signature: __inference_part_gradients_\d+ with request count (\d+)", log)
+    assert max(map(int, requests)) == 6, requests
 
 
 AUTOGRAPH_SCRIPT = """

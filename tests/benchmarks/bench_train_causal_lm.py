@@ -110,7 +110,7 @@ trace, on the idle core: the first validation 1.6 -> 0.7 s in one process. Alter
 20-step fits with a 20-step validation in one process: 5.78 -> 5.42 s and 7.80 -> 7.24 s (medians
 of 6 and 8 pairs in a fast and a slow phase; 12 of 14 pairs faster), i.e. ~0.4 s per run. Whole
 300-step CLI runs alternated (18 pairs, cold cache, 15-26 s as the machine swung): median pair
-ratio 0.98, a gain too small for their noise to show (`KERASLLM_EVAL_WARM_UP=0` turns the warm-up
+ratio 0.98, a gain too small for their noise to show (`KERASLLM_WARM_UP=0` turns the warm-up
 off). What changed on 2026-12-02: the
 optimizer (`kerasllm.optimizers`: Keras's AdamW arithmetic without the schedule traced once per
 decayed variable, fused ResourceApplyAdam, global-norm clipping as nanoGPT does) took the first
