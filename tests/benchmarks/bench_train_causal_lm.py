@@ -157,6 +157,33 @@ profile of one part (6 rows, one thread): dots 71% of the thunk time, at ~140 GF
 forward and input-gradient products but ~94 for the weight gradients (`x^T dy`, both operands
 contracted on the token axis); computing them as `(dy^T x)^T` or from an explicit transpose
 (custom gradient on Dense, with XLA's transpose folding off) measured 0.96-1.03x the step, noise.
+
+2026-12-06 (third session), start-up work, same command (`--steps 300 --repeats 3`), before and after
+in the same hour (the machine in a fast phase both times):
+
+    before:  kerasllm 16.5 s, 27,372 tok/s | keras-hub 24.8 s, 23,323 | nanoGPT 11.6 s, 27,973
+             (1.42x wall, 0.98x and 1.17x tokens/s)
+    after:   kerasllm 13.3 s, 32,106 tok/s | keras-hub 21.9 s, 26,900 | nanoGPT 10.1 s, 32,625
+             (1.31x wall, 0.98x and 1.19x tokens/s)
+
+What changed (steady-state steps are untouched; the machine sped up between the runs, so the
+ratios are what to compare):
+  * ml_dtypes pinned below 0.7 (pyproject): 0.7.0 takes ~0.67 s to import against 0.06 s for 0.6.0
+    (3 alternated imports each), and TensorFlow imports it in every process (keras-hub's runs gain
+    it too);
+  * AutoGraph off for the input pipeline, the split step's programs and generation
+    (kerasllm.data.as_written): its source rewriting took ~350 ms before the first step;
+  * the split step's warm-up compiles the train step's parts (part_gradients) in its thread as soon
+    as they are traced (split_batch module docs): the first 10 steps done at 5.5 s after start
+    instead of 6.0 (6 alternated 300-step CLI runs, medians, 6/6 faster).
+A timestamped 30-step run after them (fast phase): TensorFlow imported at 1.37 s, fit starts at
+2.38, part_gradients compiled 3.39 (1.02 s, beside the step's trace), apply_mean compiled 4.78
+(0.65 s, after part_gradients: two XLA compiles never ran at once here, whichever thread asked),
+first 10 steps done 5.00. What is left before the steps is TensorFlow's import (1.4 s, most of it
+its shared libraries and generated op modules) and two XLA compiles one after the other (~2 s);
+apply_mean writes the weights, so it cannot be compiled ahead on zeros as the parts are. Tried and
+not kept: compiling the evaluation's parts before the train step's (first 10 steps 5.28 vs 5.27 s,
+medians of 6 alternated runs).
 """
 
 from __future__ import annotations
