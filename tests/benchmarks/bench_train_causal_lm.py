@@ -178,12 +178,16 @@ ratios are what to compare):
     instead of 6.0 (6 alternated 300-step CLI runs, medians, 6/6 faster).
 A timestamped 30-step run after them (fast phase): TensorFlow imported at 1.37 s, fit starts at
 2.38, part_gradients compiled 3.39 (1.02 s, beside the step's trace), apply_mean compiled 4.78
-(0.65 s, after part_gradients: two XLA compiles never ran at once here, whichever thread asked),
-first 10 steps done 5.00. What is left before the steps is TensorFlow's import (1.4 s, most of it
-its shared libraries and generated op modules) and two XLA compiles one after the other (~2 s);
+(0.65 s, after part_gradients), first 10 steps done 5.00. Where two compiles did overlap (another
+run: an evaluation part's beside apply_mean's), each took longer (part_loss 1.17 s instead of
+0.37-0.63): XLA's compile uses both cores, so only Python work hides behind it. What is left before
+the steps is TensorFlow's import (1.4 s, most of it its shared libraries and generated op modules),
+the parts' trace (~0.5 s, ~1,700 graph ops at TensorFlow's per-op cost) and the two compiles (~2 s);
 apply_mean writes the weights, so it cannot be compiled ahead on zeros as the parts are. Tried and
-not kept: compiling the evaluation's parts before the train step's (first 10 steps 5.28 vs 5.27 s,
-medians of 6 alternated runs).
+not kept, 6 alternated 300-step runs each: compiling the evaluation's parts before the train
+step's (first 10 steps 5.28 vs 5.27 s, medians); compiling them only after the first train call
+(first 10 steps 0.6 s sooner after fit starts, but the whole run 18.3 vs 18.1 s: the compile then
+slows the steps beside it; the machine in a slow phase).
 """
 
 from __future__ import annotations
