@@ -220,8 +220,6 @@ class SplitBatchFitMixin:
         """
         if self._batch_parts <= 1 or os.environ.get("KERASLLM_WARM_UP", "").strip() == "0":
             return None
-        import tensorflow as tf  # noqa: PLC0415
-
         # Not built: the warm-up's trace would create the weights, outside Keras's own build.
         if not self.built:
             return None
@@ -238,34 +236,48 @@ class SplitBatchFitMixin:
                 except Exception:  # noqa: BLE001
                     log.debug("%s warm-up: compiling failed", kind, exc_info=True)
 
-        for kind, data in (("train", train_data), ("evaluation", validation_data)):
-            if not isinstance(data, tf.data.Dataset):
-                continue
-            spec = data.element_spec
-            if not all(isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in tf.nest.flatten(spec)):
-                continue  # XLA compiles per shape: unknown batch shapes cannot be compiled ahead
-            if (kind, str(spec)) in self._warmed_up:
-                continue  # an earlier fit compiled them (a new wrapper would be traced again for nothing)
-            self._warmed_up.add((kind, str(spec)))
-            try:
-                batch = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
-                # Called from a plain tf.function as from train_step/test_step: XLA caches a program
-                # under its caller's attributes, and an eager call would compile a copy the step never uses.
-                part_gradients, part_loss, _, _ = self._functions()
-                part = part_gradients if kind == "train" else part_loss
-                parts = tf.function(self._over_parts(part), autograph=False)
-                # Traced here, before the train step's trace (which then finds the parts traced): both
-                # are Python and would take turns on the GIL anyway. The compile (C++, GIL released)
-                # starts at once, beside the traces that follow, on the idle core.
-                compiles.put((kind, parts.get_concrete_function(batch), batch))
-            except Exception:  # noqa: BLE001
-                log.debug("%s warm-up: tracing failed", kind, exc_info=True)
-                continue
-            if thread is None:
-                thread = threading.Thread(target=run, name="kerasllm-warm-up", daemon=True)
-                thread.start()
-        compiles.put(None)
+        try:
+            for kind, data in (("train", train_data), ("evaluation", validation_data)):
+                job = self._warm_up_job(kind, data)
+                if job is None:
+                    continue
+                compiles.put(job)
+                if thread is None:
+                    thread = threading.Thread(target=run, name="kerasllm-warm-up", daemon=True)
+                    thread.start()
+        finally:
+            compiles.put(None)  # the thread ends after the last job
         return thread
+
+    def _warm_up_job(self, kind: str, data):
+        """`(kind, traced function, zero batch)` compiling the parts of `data`'s batches, or None.
+
+        `kind` "train": `part_gradients`, "evaluation": `part_loss`.
+        """
+        import tensorflow as tf  # noqa: PLC0415
+
+        if not isinstance(data, tf.data.Dataset):
+            return None
+        spec = data.element_spec
+        if not all(isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in tf.nest.flatten(spec)):
+            return None  # XLA compiles per shape: unknown batch shapes cannot be compiled ahead
+        if (kind, str(spec)) in self._warmed_up:
+            return None  # an earlier fit compiled them (a new wrapper would be traced again for nothing)
+        self._warmed_up.add((kind, str(spec)))
+        try:
+            batch = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+            part_gradients, part_loss, _, _ = self._functions()
+            # Called from a plain tf.function as from train_step/test_step: XLA caches a program
+            # under its caller's attributes, and an eager call would compile a copy the step never uses.
+            parts = tf.function(self._over_parts(part_gradients if kind == "train" else part_loss),
+                                autograph=False)
+            # Traced here, before the train step's trace (which then finds the parts traced): both are
+            # Python and would take turns on the GIL anyway. The compile (C++, GIL released) starts at
+            # once, beside the traces that follow, on the idle core.
+            return kind, parts.get_concrete_function(batch), batch
+        except Exception:  # noqa: BLE001
+            log.debug("%s warm-up: tracing failed", kind, exc_info=True)
+            return None
 
     def _over_parts(self, part):
         """A function of a batch calling `part` on each of its parts."""
