@@ -59,8 +59,8 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     without that one fusion, and the manifest says so.
     """
     from kerasllm.export.convert import TensorDecl, causal_lm_graph, trace_to_onnx  # noqa: PLC0415
-    from kerasllm.export.optimize import NEXT_TOKEN, cpu_slower_fusions, optimize_graph  # noqa: PLC0415
-    from kerasllm.export.runtime import DecoderSession, buffer_slots_bound, create_session  # noqa: PLC0415
+    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
+    from kerasllm.export.runtime import NEXT_TOKEN, DecoderSession, buffer_slots_bound, create_session  # noqa: PLC0415
     from kerasllm.export.validate import validate_causal_lm, validated_with_fallback  # noqa: PLC0415
 
     c = model.config

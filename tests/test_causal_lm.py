@@ -135,3 +135,39 @@ def test_label_smoothing_matches_the_definition():
     keep = labels != 0
     per_row = (nll * keep).sum(-1) / keep.sum(-1)
     assert masked == pytest.approx(per_row.mean(), rel=1e-5)
+
+
+AUTOGRAPH_SCRIPT = """
+import numpy as np, keras
+from tensorflow.python.autograph.impl import api
+converted = []
+convert = api._convert_actual
+def spy(entity, program_ctx):
+    converted.append(f"{getattr(entity, '__module__', '?')}.{getattr(entity, '__qualname__', entity)}")
+    return convert(entity, program_ctx)
+api._convert_actual = spy
+from kerasllm import CausalLM, DecoderConfig
+from kerasllm.data import lm_windows
+ids = np.random.default_rng(0).integers(0, 64, 2000)
+model = CausalLM(DecoderConfig(vocab_size=64, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+                               max_length=32, dropout=0.0))
+model.compile(total_steps=4, batch_split=2)
+model.fit(lm_windows(ids, 16, 4), epochs=1, steps_per_epoch=2, verbose=0,
+          validation_data=lm_windows(ids, 16, 4, mode="packed", repeat=False), validation_steps=2)
+model.generate([[1, 2, 3]], max_new_tokens=2)
+print("CONVERTED", [name for name in converted if name.startswith("kerasllm")])
+"""
+
+
+def test_autograph_rewrites_none_of_the_training_functions():
+    """AutoGraph's source rewriting (~15-75 ms a function, kerasllm.data.as_written) is off for the input
+    pipeline, the split step's programs, the evaluation warm-up and generation: a fit with validation and a
+    generate call convert none of kerasllm's functions (a fresh process: AutoGraph caches conversions)."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", AUTOGRAPH_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CONVERTED []" in done.stdout, done.stdout[-2000:]
