@@ -160,3 +160,38 @@ def test_steps_per_execution_keeps_every_logged_step_and_the_same_training(corpu
     np.testing.assert_allclose(five_hist["val_loss"], one_hist["val_loss"], rtol=1e-5)
     for a, b in zip(one.weights, five.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-5, err_msg=a.path)
+
+
+XLA_REDUCTION_SCRIPT = """
+import os
+from kerasllm.cli import configure_tensorflow
+configure_tensorflow()
+import tensorflow as tf
+layer_norm_like = tf.function(lambda x: tf.reduce_sum(x * x, axis=-1), jit_compile=True)
+hlo = layer_norm_like.experimental_get_compiler_ir(tf.ones((4, 128)))(stage="optimized_hlo")
+print("XLA_FLAGS", os.environ.get("XLA_FLAGS"))
+print("REDUCE_WINDOWS", hlo.count("reduce-window("))
+"""
+
+
+def test_the_cli_process_skips_xla_tree_reduction_unless_xla_flags_say_otherwise():
+    """configure_tensorflow (run by `kerasllm` before TensorFlow loads) turns off XLA's tree-reduction
+    rewrite (kerasllm.cli.XLA_CPU_TRAINING_FLAGS): a 128-wide sum compiles to a plain reduce, no
+    reduce-window kernel. A user's own `--xla_disable_hlo_passes` is kept as given: with an empty list
+    the rewrite happens, which also shows this XLA still has the pass the flag names."""
+    import os
+    import subprocess
+    import sys
+
+    counts = {}
+    for name, user_flags in (("default", None), ("user's own", "--xla_disable_hlo_passes=")):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        if user_flags is not None:
+            env["XLA_FLAGS"] = user_flags
+        done = subprocess.run([sys.executable, "-c", XLA_REDUCTION_SCRIPT], capture_output=True, text=True,
+                              timeout=300, env={**env, "CUDA_VISIBLE_DEVICES": "", "KERASLLM_XLA_CACHE": "off"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[name] = int(done.stdout.split("REDUCE_WINDOWS")[-1])
+        if user_flags is None:
+            assert "--xla_disable_hlo_passes=tree_reduction_rewriter" in done.stdout, done.stdout
+    assert counts == {"default": 0, "user's own": 1}, counts
