@@ -205,6 +205,34 @@ The same day, `--warm-cache-row` (the machine in its fastest phase of the day):
 A rerun of the same shape (the CLI keeps XLA's programs in ~/.cache/kerasllm/xla) loads them
 instead of compiling (XLA's log: 0.71 s of compile requests against 3.41 s cold) and is ~1.2 s
 shorter; it still misses 1.2x. The goal compares the cold row.
+
+2026-12-06 (fourth session), after the CLI turned off XLA's tree-reduction rewrite
+(`kerasllm.cli.XLA_CPU_TRAINING_FLAGS`: every reduction over > 32 values had become a reduce-window
+plus a reduce, two kernels XLA cannot fuse; part_gradients 246 -> 160 fusions, apply_mean 254 -> 182,
+each program compiling 0.1-0.2 s sooner, losses identical), same command with `--warm-cache-row`,
+twice, the machine in a middling phase (a slow-phase run just before: 1.32x wall, 0.99x tokens/s):
+
+    kerasllm                       14.2     29,857         1.27x         1.27x
+    kerasllm, warm XLA cache       12.8     30,293         1.14x         1.29x
+    keras-hub GPT2Backbone         23.8     23,498         2.12x         1.00x
+    nanoGPT (PyTorch)              11.2     28,194         1.00x         1.20x
+
+    kerasllm                       14.5     27,860         1.27x         1.28x
+    kerasllm, warm XLA cache       13.5     28,769         1.17x         1.32x
+    keras-hub GPT2Backbone         26.2     21,764         2.28x         1.00x
+    nanoGPT (PyTorch)              11.5     27,761         1.00x         1.28x
+
+tokens/s 1.06x and 1.00x nanoGPT (goal >= 1x), 1.27x and 1.28x keras-hub (goal 1.3x), wall 1.27x
+both times (goal 1.2x). Whole 300-step CLI runs with the rewrite (`XLA_FLAGS=--xla_disable_hlo_passes=`,
+which the CLI leaves as given) and without, 6 alternated pairs: 15.85 -> 15.16 s (medians, 6/6).
+Measured the same session and not kept: a flat AdamW (one buffer each for the moments, the weights
+updated from slices; a prototype of apply_mean's arithmetic): 79 fusions instead of 182, but its
+first call 0.64 s against 0.80 and its steps 1.65 vs 1.5-1.9 ms: XLA's CPU compile time follows
+the work in the kernels more than their number, and the optimizer's slots would change layout
+under every distribution strategy. The MLIR bridge on or off (3 runs each), XLA's fusion emitters
+off, codegen split 1 or 64, AVX2 only (1 run each), YNNPACK fusion types (2 runs each): compile and
+step times within noise (the emitters off compiled slower: 1.17 vs 0.82 s). XLA's compile
+uses ~1.4-1.5 of the 2 cores (process CPU time over wall), so work moved beside it is not free.
 """
 
 from __future__ import annotations
