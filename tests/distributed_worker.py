@@ -111,7 +111,8 @@ def fixed_pairs(global_batch: int, vocab_size: int):
 
 
 def sgd_run(opts) -> None:
-    """N steps of SGD on one fixed global batch per model and strategy.
+    """N steps of SGD (or `--optimizer adamw`: kerasllm's default compile) on one fixed global batch
+    per model and strategy.
 
     `--strategy one-device,mirrored`: one strategy after the other; `--models`: the
     decoder (`CausalLM`) and/or the encoder-decoder (`Seq2SeqLM`). The chief writes
@@ -143,15 +144,20 @@ def sgd_run(opts) -> None:
             for name in opts.models.split(","):
                 build, (x, y) = cases[name]
                 model = build()
-                model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=opts.jit)
+                if opts.optimizer == "sgd":
+                    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=opts.jit)
+                else:  # kerasllm's defaults: its AdamW (weight decay, clipping) and schedule
+                    model.compile(learning_rate=1e-2, warmup_steps=1, total_steps=opts.steps, jit_compile=opts.jit)
 
                 def make_dataset(batch_size, index, count, x=x, y=y):
                     # This process's share of the fixed global batch, repeated.
                     data = tf.data.Dataset.from_tensor_slices((x, y)).shard(count, index)
                     return data.batch(batch_size, drop_remainder=True).repeat()
 
-                history = model.fit(dist.distribute(make_dataset, opts.batch), epochs=1,
-                                    steps_per_epoch=opts.steps, verbose=0)
+                # adamw: one step per epoch, so the history has every step's loss
+                epochs, per_epoch = (opts.steps, 1) if opts.optimizer == "adamw" else (1, opts.steps)
+                history = model.fit(dist.distribute(make_dataset, opts.batch), epochs=epochs,
+                                    steps_per_epoch=per_epoch, verbose=0)
                 results[name] = history.history["loss"]
                 weights.update({f"{name}/{i}": w.numpy() for i, w in enumerate(model.weights)})
         if dist.is_chief:
@@ -236,6 +242,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd mode's optimizer")
     parser.add_argument("--models", default="causal,seq2seq")
     parser.add_argument("--out", default="")
     parser.add_argument("--data", default="")

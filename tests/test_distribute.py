@@ -332,6 +332,22 @@ def test_mirrored_and_multi_worker_match_one_device(tmp_path):
             np.testing.assert_allclose(losses, single_loss[model], rtol=1e-5, err_msg=f"{name} {model} loss")
 
 
+def test_mirrored_adamw_matches_one_device(tmp_path):
+    """kerasllm's default optimizer (AdamW with weight decay and global-norm clipping, its per-step
+    scalars shared across variables per device, optimizers.AdamW._scalars) under MirroredStrategy
+    on 2 logical CPUs ends 3 steps with one device's weights."""
+    local = dw.launch(["sgd", "--optimizer", "adamw", "--models", "causal", "--strategy", "one-device,mirrored",
+                       "--cpus", 2, "--out", tmp_path], dw.worker_env(), tmp_path / "local.log")
+    dw.wait_all([local], 300, tmp_path)
+    single, mirrored = np.load(tmp_path / "one-device.npz"), np.load(tmp_path / "mirrored.npz")
+    assert json.loads((tmp_path / "mirrored.json").read_text())["replicas"] == 2
+    assert mirrored.files == single.files
+    for key in single.files:
+        np.testing.assert_allclose(mirrored[key], single[key], rtol=0, atol=TOLERANCE, err_msg=key)
+    losses = json.loads((tmp_path / "one-device.json").read_text())["loss"]["causal"]
+    assert losses[-1] < losses[0], losses  # the steps moved the weights (lr 1e-2: far above TOLERANCE)
+
+
 def read_history(run_dir: Path) -> list[dict]:
     path = run_dir / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
