@@ -75,7 +75,7 @@ class AdamW(keras.optimizers.AdamW):
             super()._apply_weight_decay(variables)
 
     # The per-step scalars shared by every variable's update during one `_backend_update_step`
-    # (None outside it): {(dtype, device): _StepScalars}.
+    # (None outside it): {(dtype, device): ResourceApplyAdam's scalar arguments and the decay factor}.
     _step_scalars = None
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):

@@ -194,4 +194,4 @@ def test_the_cli_process_skips_xla_tree_reduction_unless_xla_flags_say_otherwise
         counts[name] = int(done.stdout.split("REDUCE_WINDOWS")[-1])
         if user_flags is None:
             assert "--xla_disable_hlo_passes=tree_reduction_rewriter" in done.stdout, done.stdout
-    assert counts == {"default": 0, "user's own": 1}, counts
+    assert counts["default"] == 0 and counts["user's own"] >= 1, counts
