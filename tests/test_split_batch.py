@@ -46,6 +46,27 @@ def test_causal_lm_split_step_equals_the_whole_step():
     _assert_same_training(*runs)
 
 
+def test_grappler_is_off_only_while_a_split_fit_runs():
+    """The split step's fit turns TensorFlow's graph optimizer off (split_batch._grappler_off) and sets
+    it back as it was when fit returns; Keras's own step (batch_split=1) leaves it on."""
+    import tensorflow as tf
+
+    seen = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.setdefault(self.model.batch_parts, set()).add(
+                tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"])
+
+    data = np.random.default_rng(0).integers(0, 64, (8, 17))
+    for split in (1, 2):
+        model = CausalLM(DecoderConfig(vocab_size=64, **TINY))
+        model.compile(total_steps=4, batch_split=split)
+        model.fit(data[:, :-1], data[:, 1:], batch_size=4, epochs=1, verbose=0, callbacks=[Record()])
+        assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is False
+    assert seen == {1: {False}, 2: {True}}, seen
+
+
 def test_classifier_metrics_see_the_whole_batch():
     """Compiled metrics (accuracy) get every part's predictions: the same figures as Keras's step."""
     rng = np.random.default_rng(1)
