@@ -223,7 +223,14 @@ twice, the machine in a middling phase (a slow-phase run just before: 1.32x wall
     nanoGPT (PyTorch)              11.5     27,761         1.00x         1.28x
 
 tokens/s 1.06x and 1.00x nanoGPT (goal >= 1x), 1.27x and 1.28x keras-hub (goal 1.3x), wall 1.27x
-both times (goal 1.2x). Whole 300-step CLI runs with the rewrite (`XLA_FLAGS=--xla_disable_hlo_passes=`,
+both times (goal 1.2x). Then AdamW's per-step scalars built once per apply (apply_mean's trace
+1,209 -> 717 ops) and Grappler off during the split step's fit (kerasllm/models/split_batch.py), once:
+
+    kerasllm                       14.6     28,051         1.23x         1.27x
+    kerasllm, warm XLA cache       13.1     28,580         1.10x         1.29x
+    keras-hub GPT2Backbone         25.9     22,162         2.17x         1.00x
+    nanoGPT (PyTorch)              11.9     26,881         1.00x         1.21x
+ Whole 300-step CLI runs with the rewrite (`XLA_FLAGS=--xla_disable_hlo_passes=`,
 which the CLI leaves as given) and without, 6 alternated pairs: 15.85 -> 15.16 s (medians, 6/6).
 Measured the same session and not kept: a flat AdamW (one buffer each for the moments, the weights
 updated from slices; a prototype of apply_mean's arithmetic): 79 fusions instead of 182, but its
