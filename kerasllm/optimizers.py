@@ -75,7 +75,7 @@ class AdamW(keras.optimizers.AdamW):
             super()._apply_weight_decay(variables)
 
     # The per-step scalars shared by every variable's update during one `_backend_update_step`
-    # (None outside it): {(dtype, device): ResourceApplyAdam's scalar arguments and the decay factor}.
+    # (None outside it): {(dtype, device): (ResourceApplyAdam's scalar arguments, decay factor)}.
     _step_scalars = None
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -91,7 +91,8 @@ class AdamW(keras.optimizers.AdamW):
         finally:
             self._step_scalars = None
 
-    def _scalars(self, learning_rate, dtype, device):
+    def _scalars(self, learning_rate, dtype, device) -> tuple[dict, object]:
+        """`(ResourceApplyAdam's scalar arguments, lr * weight_decay or None)` for this step."""
         import tensorflow as tf  # noqa: PLC0415
 
         cache = self._step_scalars
@@ -100,9 +101,9 @@ class AdamW(keras.optimizers.AdamW):
         lr = tf.cast(learning_rate, dtype)
         step = tf.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        scalars = dict(lr=lr, beta1=beta_1, beta2=beta_2, beta1_power=tf.pow(beta_1, step),
-                       beta2_power=tf.pow(beta_2, step), epsilon=tf.cast(self.epsilon, dtype),
-                       decay=lr * self.weight_decay if self.weight_decay else None)
+        scalars = (dict(lr=lr, beta1=beta_1, beta2=beta_2, beta1_power=tf.pow(beta_1, step),
+                        beta2_power=tf.pow(beta_2, step), epsilon=tf.cast(self.epsilon, dtype)),
+                   lr * self.weight_decay if self.weight_decay else None)
         if cache is not None:
             cache[(dtype, device)] = scalars
         return scalars
@@ -113,8 +114,7 @@ class AdamW(keras.optimizers.AdamW):
         import tensorflow as tf  # noqa: PLC0415 - TensorFlow backend only, like the rest of kerasllm's training
 
         dtype = variable.dtype
-        scalars = dict(self._scalars(learning_rate, dtype, variable.device))
-        decay = scalars.pop("decay")
+        adam, decay = self._scalars(learning_rate, dtype, variable.device)
         index = self._get_variable_index(variable)
         if decay is not None and self._use_weight_decay(variable):
             variable.assign_sub(variable * decay)
@@ -123,7 +123,7 @@ class AdamW(keras.optimizers.AdamW):
         # exactly `keras.optimizers.Adam.update_step`.
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
-            grad=tf.convert_to_tensor(gradient, dtype), use_locking=False, **scalars)
+            grad=tf.convert_to_tensor(gradient, dtype), use_locking=False, **adam)
 
     def _clip_gradients(self, grads):
         if not (self.clipnorm and self.clipnorm > 0):

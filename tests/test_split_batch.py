@@ -281,4 +281,3 @@ def test_warm_up_compiles_the_programs_the_steps_run(tmp_path):
     assert log.count("Instantly compiling for signature: __inference_part_gradients") == 1
     requests = re.findall(r"signature: __inference_part_gradients_\d+ with request count (\d+)", log)
     assert max(map(int, requests)) == 6, requests
-
