@@ -5,12 +5,15 @@ naming its line) and batch inference (which writes an error record for it and go
 Files are read as bytes line by line, so memory does not grow with the file and one
 undecodable line spoils only its own record.
 
-Formats (`fmt="auto"` picks by suffix: .jsonl/.json -> jsonl, .tsv, .csv, else text):
+Formats (`fmt="auto"` picks by suffix: .jsonl/.json -> jsonl, .tsv, .csv, .conll, else text):
     text   one record per line, field "text"
     jsonl  one JSON object per line, fields by name
     tsv    header row with column names, tab-separated rows
     csv    header row, comma-separated rows (RFC 4180 quoting, one record per physical line)
-Blank lines are skipped in every format (they are not records).
+    conll  one word per line, its tag in the last column (columns split on whitespace), a
+           blank line after each sentence; a record per sentence, fields "tokens" and "tags"
+           (lists), its line the sentence's first; `-DOCSTART-` lines are skipped
+Blank lines are skipped in every format (they are not records; in CoNLL they end a sentence).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from typing import BinaryIO, Iterator
 
 from kerasllm.errors import DataError, UsageError
 
-FORMATS = ("text", "jsonl", "tsv", "csv")
+FORMATS = ("text", "jsonl", "tsv", "csv", "conll")
+# The fields of a CoNLL record (a sentence): its words and their tags, as lists of strings.
+CONLL_FIELDS = ("tokens", "tags")
 
 
 @dataclass
@@ -46,13 +51,24 @@ class Record:
 
     def get(self, name: str) -> str:
         """The field `name` as text; DataError naming the line when it is missing."""
+        value = self._value(name)
+        return value if isinstance(value, str) else json.dumps(value)
+
+    def words(self, name: str) -> list[str]:
+        """The field `name` as a list of strings (a sentence's words or tags); DataError naming
+        the line when it is missing or holds anything else."""
+        value = self._value(name)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise DataError(f"line {self.line}: field {name!r} is not a list of strings")
+        return value
+
+    def _value(self, name: str):
         if self.error:
             raise DataError(f"line {self.line}: {self.error}")
         if name not in self.fields or self.fields[name] is None:
             known = ", ".join(sorted(self.fields)) or "none"
             raise DataError(f"line {self.line}: missing field {name!r} (fields: {known})")
-        value = self.fields[name]
-        return value if isinstance(value, str) else json.dumps(value)
+        return self.fields[name]
 
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:
@@ -61,7 +77,8 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
             raise UsageError(f"unknown input format {fmt!r} (choose from auto, {', '.join(FORMATS)})")
         return fmt
     suffix = Path(str(path)).suffix.lower()
-    return {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".csv": "csv"}.get(suffix, "text")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".csv": "csv",
+            ".conll": "conll"}.get(suffix, "text")
 
 
 def _open(path: str | Path) -> BinaryIO:
@@ -110,6 +127,9 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
     fmt = detect_format(path, fmt)
     stream = _open(path)
     try:
+        if fmt == "conll":
+            yield from _conll(_decoded_lines(stream), lines)
+            return
         lines = _decoded_lines(stream, lines, keep_first=fmt in ("tsv", "csv"))
         if fmt in ("tsv", "csv"):
             yield from _delimited(lines, "\t" if fmt == "tsv" else ",", path, id_field)
@@ -185,6 +205,42 @@ def _delimited(lines, delimiter: str, path, id_field) -> Iterator[Record]:
         yield Record(number, _record_id(fields, id_field, number), fields)
     if header is None:
         raise DataError(f"{path}: empty file (expected a header row)")
+
+
+def _conll(lines, shard: tuple[int, int] | None = None) -> Iterator[Record]:
+    """Sentences of CoNLL-style lines (see the module docstring). A sentence with a bad line (not
+    UTF-8, a single column) is one error record naming that line; the next sentence reads on.
+    With `shard=(first, last)`, only the sentences starting on those lines."""
+    words: list[str] = []
+    tags: list[str] = []
+    start, error = 0, None
+
+    def sentence() -> Iterator[Record]:
+        if start and (shard is None or shard[0] <= start <= shard[1]):
+            yield (Record(error[0], str(error[0]), error=error[1]) if error
+                   else Record(start, str(start), dict(zip(CONLL_FIELDS, (words, tags)))))
+
+    for number, text, decode_error in lines:
+        if shard is not None and not start and number > shard[1]:
+            return
+        if decode_error is None and not text.strip():
+            yield from sentence()
+            words, tags, start, error = [], [], 0, None
+            continue
+        start = start or number
+        if error:
+            continue
+        columns = text.split() if decode_error is None else []
+        if decode_error:
+            error = (number, decode_error)
+        elif columns[0] == "-DOCSTART-" and not words:
+            start = 0  # CoNLL-2003's document marker: not a word
+        elif len(columns) < 2:
+            error = (number, f"expected a word and a tag separated by whitespace, found {text.strip()!r}")
+        else:
+            words.append(columns[0])
+            tags.append(columns[-1])
+    yield from sentence()
 
 
 def read_parallel(source_file: str | Path, target_file: str | Path) -> Iterator[Record]:

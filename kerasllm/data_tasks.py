@@ -1,8 +1,9 @@
-"""Input pipelines for the encoder tasks: labelled rows and masked-LM sequences.
+"""Input pipelines for the encoder tasks: labelled rows, tagged sentences and masked-LM sequences.
 
 Reading (TSV/CSV with a header row, JSONL with named fields, plain text one record per
-line) goes through `kerasllm.export.records.read_records`, the same streaming reader
-batch inference uses; here a bad record is a `DataError` naming the file and line.
+line, CoNLL-style columns for tagged sentences) goes through
+`kerasllm.export.records.read_records`, the same streaming reader batch inference uses;
+here a bad record is a `DataError` naming the file and line.
 Everything above the `tf.data` section imports no TensorFlow (the ONNX-side
 `kerasllm evaluate` uses it too).
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from kerasllm.data import as_written, without_autotune
 from kerasllm.errors import DataError, UsageError
-from kerasllm.export.records import read_records
+from kerasllm.export.records import CONLL_FIELDS, detect_format, read_records
 
 MASK_RATE = 0.15
 
@@ -67,6 +68,80 @@ def read_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text"
     return rows
 
 
+@dataclass
+class TaggedRow:
+    """One tagged sentence: where it came from (for error messages), its words and their tags."""
+
+    where: str  # "path: line N"
+    words: list[str]
+    tags: list[str]
+
+
+TAGGED_FORMATS = ("jsonl", "conll")
+
+
+def read_tagged(paths: str | Path | Sequence[str | Path], tokens_field: str = "tokens", tags_field: str = "tags",
+                fmt: str = "auto") -> list[TaggedRow]:
+    """Read every tagged sentence of `paths` (JSONL with list fields, or CoNLL columns: see
+    `kerasllm.export.records`); DataError naming the file and line for a record that cannot be
+    read, a missing field, a field that is not a list of strings, an empty sentence, a blank word
+    or tag, or words and tags of different lengths. CoNLL records' fields are always
+    `tokens` and `tags`: the field names apply to JSONL.
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    rows: list[TaggedRow] = []
+    for path in paths:
+        kind = detect_format(path, fmt)
+        if kind not in TAGGED_FORMATS:
+            raise UsageError(f"{path}: tagged sentences are read from JSONL (.jsonl) or CoNLL (.conll) files, "
+                             f"not {kind} (name the format with --format jsonl or --format conll)")
+        fields = CONLL_FIELDS if kind == "conll" else (tokens_field, tags_field)
+        for record in read_records(path, fmt=kind):
+            where = f"{path}: line {record.line}"
+            try:
+                words, tags = record.words(fields[0]), record.words(fields[1])
+            except DataError as err:
+                raise DataError(f"{path}: {err}") from None
+            if not words:
+                raise DataError(f"{where}: empty sentence (no words)")
+            if len(words) != len(tags):
+                raise DataError(f"{where}: {len(words)} words but {len(tags)} tags")
+            blank = next((i for i, (w, t) in enumerate(zip(words, tags)) if not w.strip() or not t.strip()), None)
+            if blank is not None:
+                raise DataError(f"{where}: word {blank + 1} has a blank word or tag ({words[blank]!r}, {tags[blank]!r})")
+            rows.append(TaggedRow(where, words, [tag.strip() for tag in tags]))
+    if not rows:
+        raise DataError(f"{', '.join(map(str, paths))}: no records")
+    return rows
+
+
+def encode_tagged(tokenizer, rows: Sequence[TaggedRow], tags: "LabelMap", max_length: int):
+    """`(sequences, labels)`: `[BOS] + pieces` of each sentence and its per-position tag ids (-1 where
+    none), aligned by `kerasllm.export.word_pieces` as at inference; a sentence longer than
+    `max_length` keeps its start (as the classifier's texts). DataError naming the line for an
+    unknown tag or a word without tokens."""
+    from kerasllm.export.word_pieces import AlignmentError, encode_words, join_words  # noqa: PLC0415
+
+    flat = [word for row in rows for word in row.words]
+    try:
+        encoded = encode_words(tokenizer, flat)
+    except AlignmentError:  # find the sentence at fault (rare: only then sentence by sentence)
+        for row in rows:
+            try:
+                encode_words(tokenizer, row.words)
+            except AlignmentError as err:
+                raise DataError(f"{row.where}: {err}") from None
+        raise
+    sequences, labels, start = [], [], 0
+    for row in rows:
+        pieces = join_words(encoded[start:start + len(row.words)], row.words, tokenizer.bos_id)
+        start += len(row.words)
+        tag_ids = [tags.id(tag, row.where, what="tag") for tag in row.tags]
+        sequences.append(list(pieces[:max_length]))
+        labels.append(pieces.labels(tag_ids)[:max_length])
+    return sequences, labels
+
+
 class LabelMap:
     """Label names <-> ids 0..L-1, saved in config.json as `"labels": [...]`.
 
@@ -96,10 +171,10 @@ class LabelMap:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def id(self, label: str, where: str = "") -> int:
+    def id(self, label: str, where: str = "", what: str = "label") -> int:
         if label not in self.index:
             shown = ", ".join(self.labels[:20]) + (", ..." if len(self.labels) > 20 else "")
-            raise DataError(f"{where + ': ' if where else ''}unknown label {label!r} (known: {shown})")
+            raise DataError(f"{where + ': ' if where else ''}unknown {what} {label!r} (known: {shown})")
         return self.index[label]
 
     def ids(self, rows: Sequence[Row]) -> np.ndarray:
@@ -205,6 +280,23 @@ def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarra
     if repeat:
         dataset = dataset.repeat()
     dataset = _bucketed(dataset, max_length, batch_size, (tf.constant(pad_id, tf.int32), tf.constant(0, tf.int32)))
+    dataset = dataset.map(as_written(lambda x, y: ({"token_ids": x, "padding_mask": tf.not_equal(x, pad_id)}, y)))
+    return without_autotune(dataset.prefetch(2))
+
+
+def token_classification_dataset(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                                 batch_size: int, pad_id: int, max_length: int, shuffle: bool = True, seed: int = 0,
+                                 repeat: bool = True):
+    """`({"token_ids", "padding_mask"}, per-position labels)` batches, bucketed by length; the labels
+    of padding are -1, as those of BOS, separators and continuation pieces (ignored by the loss)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    dataset = tf.data.Dataset.zip(_ragged_slices(sequences), _ragged_slices(labels))
+    if shuffle:
+        dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = _bucketed(dataset, max_length, batch_size, (tf.constant(pad_id, tf.int32), tf.constant(-1, tf.int32)))
     dataset = dataset.map(as_written(lambda x, y: ({"token_ids": x, "padding_mask": tf.not_equal(x, pad_id)}, y)))
     return without_autotune(dataset.prefetch(2))
 

@@ -5,6 +5,7 @@ Everything here is deterministic for a given seed and imports no TensorFlow.
 * `sample_corpus`: English-like short stories from templates (causal LM demo).
 * `number_words_pairs`: numbers written in words -> digits (a seq2seq task).
 * `sentiment_rows`: templated product reviews labelled positive/negative (classification).
+* `ner_rows`: templated sentences with people, places and dates tagged in BIO (token classification).
 """
 
 from __future__ import annotations
@@ -91,4 +92,60 @@ def sentiment_rows(count: int = 2000, seed: int = 0) -> list[tuple[str, str]]:
             verdict="recommend" if positive else "never buy",
         )
         rows.append((text, "positive" if positive else "negative"))
+    return rows
+
+
+_FIRST_NAMES = ["Anna", "Ben", "Clara", "David", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Milo",
+                "Nora", "Oscar", "Paula", "Ravi", "Sofia", "Tariq", "Uma", "Victor"]
+_LAST_NAMES = ["Smith", "Garcia", "Kowalski", "Nguyen", "Okafor", "Rossi", "Schmidt", "Tanaka", "Dubois", "Larsen"]
+_CITIES = ["Paris", "Berlin", "Lagos", "Lima", "Oslo", "Madrid", "Nairobi", "Tokyo", "Toronto", "Vienna",
+           "New York", "San Francisco", "Buenos Aires", "Hong Kong", "Cape Town", "Rio de Janeiro"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+# {per}, {per2}: a person; {loc}: a city; {date}: a date. Every other word is tagged O.
+_NER_TEMPLATES = [
+    "{per} lives in {loc} .",
+    "{per} flew to {loc} on {date} .",
+    "On {date} , {per} met {per2} in {loc} .",
+    "{per} was born in {loc} in {date} .",
+    "The meeting in {loc} starts on {date} .",
+    "{per} and {per2} visited {loc} last week .",
+    "Yesterday {per} called {per2} from {loc} .",
+    "The train from {loc} to {loc2} leaves on {date} .",
+    "{per} will move to {loc} in {date} .",
+    "A letter from {per} arrived on {date} .",
+]
+
+
+def _entity(words: str, kind: str) -> list[tuple[str, str]]:
+    """`(word, tag)` pairs of one entity: B- on its first word, I- on the rest."""
+    return [(word, ("B-" if i == 0 else "I-") + kind) for i, word in enumerate(words.split())]
+
+
+def ner_rows(count: int = 2000, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """`(words, tags)` sentences with people (PER), cities (LOC) and dates (DATE) tagged in BIO (IOB2).
+
+    Example: (["Anna", "Smith", "lives", "in", "New", "York", "."],
+              ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"])
+    """
+    rng = random.Random(seed)
+
+    def person() -> str:
+        return rng.choice(_FIRST_NAMES) + (f" {rng.choice(_LAST_NAMES)}" if rng.random() < 0.5 else "")
+
+    def date() -> str:
+        return rng.choice([f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(1950, 2030)}",
+                           f"{rng.choice(_MONTHS)} {rng.randint(1950, 2030)}", rng.choice(_WEEKDAYS),
+                           str(rng.randint(1950, 2030))])
+
+    rows = []
+    for _ in range(count):
+        slots = {"per": _entity(person(), "PER"), "per2": _entity(person(), "PER"),
+                 "loc": _entity(rng.choice(_CITIES), "LOC"), "loc2": _entity(rng.choice(_CITIES), "LOC"),
+                 "date": _entity(date(), "DATE")}
+        pairs = []
+        for word in rng.choice(_NER_TEMPLATES).split():
+            pairs.extend(slots[word[1:-1]] if word.startswith("{") else [(word, "O")])
+        rows.append(([w for w, _ in pairs], [t for _, t in pairs]))
     return rows

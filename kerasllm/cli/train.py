@@ -16,7 +16,8 @@ from kerasllm.cli.options import model_override_options, run_options
 
 @click.group()
 def train():
-    """Train a model: causal-lm (GPT-like), masked-lm and classifier (BERT-like), seq2seq (encoder-decoder).
+    """Train a model: causal-lm (GPT-like), masked-lm, classifier and token-classifier (BERT-like),
+    seq2seq (encoder-decoder).
 
     \b
     Example:
@@ -199,4 +200,53 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
     )
     train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
                      distribute=distribute)
+    click.echo(f"kerasllm: model written to {out}", err=True)
+
+
+@train.command("token-classifier")
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Tagged sentences: JSONL (lists of words and tags) or CoNLL (.conll: a word and its tag a line, "
+                   "a blank line between sentences). Repeatable; optional with --resume.")
+@click.option("--tokens-field", default="tokens", show_default=True, help="JSONL field holding the list of words.")
+@click.option("--tags-field", default="tags", show_default=True, help="JSONL field holding the list of tags.")
+@click.option("--format", "data_format", type=click.Choice(["auto", "jsonl", "conll"]), default="auto",
+              show_default=True, help="Data format (auto: .conll is CoNLL, .jsonl/.json JSONL).")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Start from this masked-lm, classifier or token-classifier model directory's encoder and tokenizer.")
+@click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
+              show_default=True, help="Tokenizer trained on the data (not with --init-from).")
+@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@model_override_options
+def token_classifier(data, tokens_field, tags_field, data_format, init_from, out, preset, config_file, steps, epochs,
+                     batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size,
+                     eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides,
+                     distribute):
+    """Train a token classifier (NER, POS tagging: one tag per word) on tagged sentences.
+
+    Each word is tokenized on its own; its tag goes on its first token, the model learns
+    nothing from the others. Tags (any names, e.g. BIO: B-PER, I-PER, O) are saved with the
+    model. A sentence longer than --seq-len tokens keeps its start.
+
+    \b
+    Example:
+      kerasllm sample-data ner --out ner.jsonl
+      kerasllm train token-classifier --data ner.jsonl --out runs/ner --steps 300
+      kerasllm train token-classifier --data train.conll --init-from runs/mlm --out runs/ner
+    """
+    from kerasllm.recipes.token_classifier import TokenClassifierTrainArgs, train_token_classifier  # noqa: PLC0415
+
+    if not data and not resume:
+        raise click.UsageError("--data is required (except with --resume)")
+    if label_smoothing:
+        raise click.UsageError("--label-smoothing is not supported by token-classifier")
+    args = TokenClassifierTrainArgs(
+        data=[str(p) for p in data], tokens_field=tokens_field, tags_field=tags_field, data_format=data_format,
+        init_from=str(init_from) if init_from else None, preset=preset, steps=steps, epochs=epochs,
+        batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
+        validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
+    )
+    train_token_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                           config_overrides=overrides, distribute=distribute)
     click.echo(f"kerasllm: model written to {out}", err=True)

@@ -18,7 +18,7 @@ from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, r
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
-from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, copy_pretrained_encoder, pretrained_run, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -40,18 +40,6 @@ class ClassifierTrainArgs(RunArgs):
     weight_decay: float = 0.01
 
 
-def _pretrained(init_from: str):
-    """`(run config, tokenizer)` of the model directory a fine-tuning run starts from."""
-    from kerasllm.modeldir import is_model_dir  # noqa: PLC0415
-
-    if not is_model_dir(init_from):
-        raise UsageError(f"--init-from {init_from}: not a finished model directory (model.keras + config.json)")
-    run = read_run_config(init_from)
-    if run.get("task") not in INIT_TASKS:
-        raise UsageError(f"--init-from {init_from}: a {run.get('task')!r} model; expected one of {', '.join(INIT_TASKS)}")
-    return run, TextTokenizer.load(init_from)
-
-
 @distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                      quiet: bool = False, config_overrides: dict | None = None, dist=None):
@@ -71,7 +59,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         if args.init_from:
             if config_file or config_overrides:
                 raise UsageError("--init-from takes the pretrained model's architecture; drop --config and overrides")
-            pretrained, tokenizer = _pretrained(args.init_from)
+            pretrained, tokenizer = pretrained_run(args.init_from, INIT_TASKS)
             config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(labels), **changes)
         else:
             tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer,
@@ -108,10 +96,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.TextClassifier(config)
         if args.init_from and not resume:  # a resumed run restores its own checkpoint instead
-            from kerasllm.modeldir import load_model_dir  # noqa: PLC0415
-
-            pretrained_model, _, _ = load_model_dir(args.init_from)
-            model.encoder.set_weights(pretrained_model.encoder.get_weights())
+            copy_pretrained_encoder(model, args.init_from)
         model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps, warmup_steps=args.warmup_steps,
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       jit_compile=dist.jit_compile(args.jit_compile))

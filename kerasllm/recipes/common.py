@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kerasllm.errors import UsageError
-from kerasllm.training import CHECKPOINT_DIR
+from kerasllm.training import CHECKPOINT_DIR, read_run_config
 
 
 @dataclass
@@ -62,3 +62,25 @@ def check_seq_len(seq_len: int, config) -> None:
     """Refuse a `--seq-len` longer than the model's positions (exit 2 through the CLI)."""
     if seq_len > config.max_length:
         raise UsageError(f"--seq-len {seq_len} is larger than the model's max_length {config.max_length}")
+
+
+def pretrained_run(init_from: str, tasks: tuple[str, ...]):
+    """`(run config, tokenizer)` of the model directory a fine-tuning run starts from (`--init-from`),
+    which must be a finished run of one of `tasks` (exit 2 otherwise)."""
+    from kerasllm.modeldir import is_model_dir  # noqa: PLC0415
+    from kerasllm.tokenizers import TextTokenizer  # noqa: PLC0415
+
+    if not is_model_dir(init_from):
+        raise UsageError(f"--init-from {init_from}: not a finished model directory (model.keras + config.json)")
+    run = read_run_config(init_from)
+    if run.get("task") not in tasks:
+        raise UsageError(f"--init-from {init_from}: a {run.get('task')!r} model; expected one of {', '.join(tasks)}")
+    return run, TextTokenizer.load(init_from)
+
+
+def copy_pretrained_encoder(model, init_from: str) -> None:
+    """Set `model`'s encoder weights to those of the model directory `init_from` (Keras side)."""
+    from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow
+
+    pretrained_model, _, _ = load_model_dir(init_from)
+    model.encoder.set_weights(pretrained_model.encoder.get_weights())

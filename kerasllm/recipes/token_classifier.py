@@ -1,0 +1,113 @@
+"""`kerasllm train token-classifier`: tagged sentences -> TokenClassifier -> model directory.
+
+Sentences come from JSONL (a list of words under `--tokens-field`, their tags under
+`--tags-field`) or CoNLL-style column files (`.conll`: a word and its tag a line, a blank line
+between sentences). Tags are mapped to ids 0..L-1 and the mapping is saved in config.json as
+`"labels"`, as the classifier's. Each word is tokenized on its own and its tag put on its first
+piece (`kerasllm.export.word_pieces`, the same alignment `kerasllm tag` uses); the other
+positions are ignored by the loss. With `--init-from MODEL_DIR` the encoder and the tokenizer
+come from a masked-LM, classifier or token-classifier run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kerasllm.config import EncoderConfig
+from kerasllm.data_tasks import LabelMap, encode_tagged, read_tagged, split_validation, token_classification_dataset
+from kerasllm.distribute import distributed_recipe, shard_batches
+from kerasllm.errors import UsageError
+from kerasllm.recipes.common import RunArgs, check_seq_len, copy_pretrained_encoder, pretrained_run, run_directory
+from kerasllm.recipes.masked_lm import encoder_config, validation_steps
+from kerasllm.tokenizers import TextTokenizer
+from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
+                               restored_epoch, write_json_atomic)
+
+log = logging.getLogger("kerasllm")
+
+TASK = "token-classifier"
+INIT_TASKS = ("masked-lm", "classifier", TASK)
+
+
+@dataclass
+class TokenClassifierTrainArgs(RunArgs):
+    """Everything a token-classifier run needs; saved in config.json so `--resume` can repeat it."""
+
+    data: list[str] = field(default_factory=list)
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    data_format: str = "auto"
+    init_from: str | None = None
+    weight_decay: float = 0.01
+
+
+@distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
+def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, config_file: str | None = None,
+                           resume: bool = False, quiet: bool = False, config_overrides: dict | None = None,
+                           dist=None):
+    """Train (or resume) a token classifier into the run directory `out`; returns the Keras history."""
+    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
+    if resume:
+        run = read_run_config(out)
+        args = TokenClassifierTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
+        tokenizer = TextTokenizer.load(out)
+        config = EncoderConfig.from_dict(run["model"])
+        tags = LabelMap(run["labels"])
+        rows = read_tagged(args.data, args.tokens_field, args.tags_field, args.data_format)
+    else:
+        # fails early, before anything is written
+        rows = read_tagged(args.data, args.tokens_field, args.tags_field, args.data_format)
+        tags = LabelMap.from_labels([tag for row in rows for tag in row.tags])
+        if args.init_from:
+            if config_file or config_overrides:
+                raise UsageError("--init-from takes the pretrained model's architecture; drop --config and overrides")
+            pretrained, tokenizer = pretrained_run(args.init_from, INIT_TASKS)
+            config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(tags))
+        else:
+            # The tokenizer learns the text as the tagger will see it: words joined by spaces.
+            tokenizer = TextTokenizer.train([" ".join(row.words) for row in rows], kind=args.tokenizer,
+                                            vocab_size=args.vocab_size)
+            config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer, num_labels=len(tags))
+    check_seq_len(args.seq_len, config)
+    train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
+    train_seqs, train_labels = encode_tagged(tokenizer, train_rows, tags, args.seq_len)
+    val_seqs, val_labels = encode_tagged(tokenizer, val_rows, tags, args.seq_len)
+    total_steps, steps_per_epoch, epochs = plan_steps(
+        args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+    )
+
+    def save_run_files():
+        tokenizer.save(out)
+        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "labels": tags.labels,
+                                              "train": asdict(args)})
+
+    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
+        import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+
+        import kerasllm.models as models  # noqa: PLC0415
+
+        seed = args.seed + restored_epoch(out)
+        # Each worker of a multi-worker job keeps its own share of the batches (shard_batches).
+        train_data = dist.distribute(lambda batch, shard, shards: shard_batches(token_classification_dataset(
+            train_seqs, train_labels, batch, config.pad_id, args.seq_len, seed=seed), shard, shards), args.batch_size)
+        val_data = (dist.distribute(lambda batch, shard, shards: shard_batches(token_classification_dataset(
+            val_seqs, val_labels, batch, config.pad_id, args.seq_len, shuffle=False), shard, shards),
+            args.batch_size) if val_seqs else None)
+        # -- model construction and compile (the one place a strategy scope wraps) --------------
+        keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
+        model = models.TokenClassifier(config)
+        if args.init_from and not resume:  # a resumed run restores its own checkpoint instead
+            copy_pretrained_encoder(model, args.init_from)
+        model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps, warmup_steps=args.warmup_steps,
+                      weight_decay=args.weight_decay, jit_compile=dist.jit_compile(args.jit_compile))
+        # ---------------------------------------------------------------------------------------
+        if not quiet:
+            log.info("token-classifier: %s parameters, %d tags, %d steps of %d sentences%s",
+                     f"{model.count_params():,}", len(tags), total_steps, args.batch_size,
+                     f", encoder from {args.init_from}" if args.init_from else "")
+        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
+                       eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
+                       log_every=args.log_every, is_chief=dist.is_chief)
