@@ -1,6 +1,6 @@
 """Batch inference over a stream of records: bounded memory, token-budget batches, input order.
 
-The machinery behind `kerasllm generate|classify|embed|translate` (and the Beam model
+The machinery behind `kerasllm generate|classify|embed|tag|translate` (and the Beam model
 handler). It never imports TensorFlow: it talks to a `Predictor` (export/predict.py).
 
 How a job runs:
@@ -53,6 +53,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "translate": _DECODING,
     "classify": {"top_k": None},
     "embed": {"normalize": False},
+    "tag": {},
 }
 
 
@@ -377,6 +378,8 @@ class BatchRunner:
         predictor: the Predictor (bundle or model dir).
         options: decoding/task options passed to `predictor.predict` by name.
         text_field: the record field holding the text.
+        tokens_field: the record field holding a list of words (`tag`): a record that has it is
+            read as those words, one without it as its text (split on whitespace by the tagger).
         batch_size: most records per batch.
         max_batch_tokens: padded-token budget per batch (None: no budget).
         bucket: sort each window by length before cutting batches.
@@ -390,7 +393,7 @@ class BatchRunner:
     """
 
     def __init__(self, predictor: Predictor, options: dict | None = None, text_field: str = "text",
-                 batch_size: int = 32, max_batch_tokens: int | None = 8192, bucket: bool = True,
+                 tokens_field: str | None = None, batch_size: int = 32, max_batch_tokens: int | None = 8192, bucket: bool = True,
                  window: int = 1024, truncate: str = "error", extra_tokens: int = 0,
                  on_error: Callable[[str], None] | None = None,
                  on_progress: Callable[[int], None] | None = None,
@@ -399,6 +402,7 @@ class BatchRunner:
         self.predictor = predictor
         self.options = dict(options or {})
         self.text_field = text_field
+        self.tokens_field = tokens_field
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.bucket = bucket
@@ -438,7 +442,7 @@ class BatchRunner:
         ids: dict[int, list[int]] = {}
         for position, record in enumerate(window):
             try:
-                text = record.get(self.text_field)  # DataError: unreadable record, missing field
+                text = self._input(record)  # DataError: unreadable record, missing field
                 ids[position] = check_text(self.predictor, text, self.truncate)
             except (DataError, RecordError) as err:
                 rows[position] = self._error_row(record, err)
@@ -460,6 +464,17 @@ class BatchRunner:
                         summary.tokens += len(ids[position])
                 written = self._write_ready(rows, written, writer, guard, summary)
         self._write_ready(rows, written, writer, guard, summary)
+
+    def _input(self, record: Record) -> str | list[str]:
+        """The record's text, or its list of words under `tokens_field` when it has one."""
+        if self.tokens_field and record.error is None:
+            if self.tokens_field in record.fields:
+                return record.words(self.tokens_field)
+            if self.text_field not in record.fields:
+                known = ", ".join(sorted(record.fields)) or "none"
+                raise DataError(f"line {record.line}: missing field {self.text_field!r} or {self.tokens_field!r} "
+                                f"(fields: {known})")
+        return record.get(self.text_field)
 
     def _write_ready(self, rows, written: int, writer: JsonlWriter, guard: SignalGuard, summary: Summary) -> int:
         """Write the finished rows from `written` on, up to the first unfinished one."""

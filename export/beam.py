@@ -40,7 +40,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
 
     Args:
         bundle: the bundle directory (a path every worker can read).
-        task: "generate", "translate", "classify" or "embed".
+        task: "generate", "translate", "classify", "embed" or "tag".
         options: the predictor's options by name (`max_new_tokens`, ...: see
             `batch.TASK_DEFAULTS`); the CLI's defaults fill the rest.
         text_field: where the text is when elements are dicts.

@@ -12,7 +12,8 @@ The declaration (`encoder_graph`) is all this family adds to the shared machiner
 into `com.microsoft.Attention` (attention_fusion.py), optimize with ONNX Runtime's "bert"
 fusions, validate). `check_parity` is the family's validation: Keras
 `export_outputs` against ONNX Runtime on right-padded batches of several sizes; every
-output within 1e-4 and, for classifiers, identical labels. Imports TensorFlow (Keras side).
+output within 1e-4 and, for classifiers, identical labels (token classifiers: identical tags at
+every real position). Imports TensorFlow (Keras side).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ PARITY_ATOL = FP32_TOLERANCE  # fp32 logits and embeddings, ONNX Runtime vs Kera
 FP16_ATOL = 5e-2  # fp16 embeddings (logits are judged by top-1 agreement)
 # (batch, length) pairs validated at export; rows get different real lengths (right padding).
 PARITY_SHAPES = ((1, 1), (1, 9), (3, 17), (4, 40))
+# Tasks whose logits' argmax is the result (a label per text, a tag per token): identical at export.
+LABELLED_TASKS = ("classifier", "token-classifier")
 
 
 def encoder_outputs(task: str, config) -> dict[str, TensorDecl]:
@@ -152,7 +155,7 @@ def check_parity(model, task: str, session, atol: float = PARITY_ATOL, fp16: boo
     """Compare Keras and an ONNX Runtime `session` on `parity_inputs`; raise `ValidationError` on a mismatch.
 
     fp32: every output within `atol` (per-token logits on real positions only) and, for a
-    classifier, identical labels. fp16: no NaN/Inf, labels (or per-token top-1) agreeing
+    classifier, identical labels (a token classifier: identical tags on the real positions). fp16: no NaN/Inf, labels (or per-token top-1) agreeing
     on at least `FP16_MIN_TOP1` of the cases and embeddings within `FP16_ATOL`.
     Returns the figures for the manifest.
     """
@@ -186,8 +189,10 @@ def check_parity(model, task: str, session, atol: float = PARITY_ATOL, fp16: boo
             if not diff <= limit:
                 raise ValidationError(f"validation: {name} differs by {diff:.3g} (> {limit:g}) between ONNX Runtime "
                                       f"and Keras for a batch of shape {list(ids.shape)}")
-        if task == "classifier" and not fp16:
+        if task in LABELLED_TASKS and not fp16:
             keras_labels, ort_labels = expected["logits"].argmax(-1), got["logits"].argmax(-1)
+            if task == "token-classifier":  # tags at the real positions; padding's are don't-care
+                keras_labels, ort_labels = keras_labels[real], ort_labels[real]
             if not np.array_equal(keras_labels, ort_labels):
                 raise ValidationError(f"validation: labels differ between ONNX Runtime {ort_labels.tolist()} and "
                                       f"Keras {keras_labels.tolist()} for a batch of shape {list(ids.shape)}")
@@ -195,6 +200,6 @@ def check_parity(model, task: str, session, atol: float = PARITY_ATOL, fp16: boo
     if fp16 and rate < FP16_MIN_TOP1:
         raise ValidationError(f"validation: fp16 top-1 agreement {rate:.2%} < {FP16_MIN_TOP1:.0%}")
     report = {"atol": limit, "max_abs_diff": worst, "shapes": shapes, "top1_agreement": rate}
-    if task == "classifier":
+    if task in LABELLED_TASKS:
         report["labels_compared"] = compared
     return report

@@ -1,4 +1,4 @@
-"""`classify` and `embed` predictors for the encoder family: a bundle on ONNX Runtime, or a model dir in Keras.
+"""`classify`, `embed` and `tag` predictors for the encoder family: a bundle on ONNX Runtime, or a model dir in Keras.
 
 Both sources run the same graph (`export_outputs(input_ids, attention_mask)`: pooled
 `embeddings`, and `logits`), on the same right-padded batches, so their results agree
@@ -6,10 +6,13 @@ within the export's parity tolerance. Options (names shared with the batch CLI):
 
     classify  top_k=None: keep the k most probable labels in "scores" (default all)
     embed     normalize=False: scale each embedding to unit length
+    tag       none
 
 Results: classify `{"label": str, "scores": {label: probability}}` (most probable first),
-embed `{"embedding": [float, ...]}`. `check` turns a text into `[BOS] + ids`; an empty
-text, or (with `truncate="error"`) one longer than the model allows, is a RecordError.
+embed `{"embedding": [float, ...]}`, tag `{"tokens": [word, ...], "tags": [tag, ...],
+"scores": [probability of each tag, ...]}`. `check` turns a text into `[BOS] + ids` (tag: a
+text split on whitespace, or a list of words, into `WordPieces`, see export/word_pieces.py);
+an empty text, or (with `truncate="error"`) one longer than the model allows, is a RecordError.
 
 A bundle on the CPU runs each batch as several sessions of at most `CPU_RUN_TOKENS` padded
 tokens, rows of similar length together, each padded only to its own longest row (see
@@ -28,9 +31,10 @@ import numpy as np
 from kerasllm.errors import UsageError
 from kerasllm.export.batch import plan_batches
 from kerasllm.export.predict import RecordError, trained_seq_len
+from kerasllm.export.word_pieces import WordPieces, align_words
 
-CLASSIFY_TASKS = ("classifier",)
-EMBED_TASKS = ("classifier", "masked-lm")
+# predictor task -> the model tasks that can do it
+MODEL_TASKS = {"classify": ("classifier",), "embed": ("classifier", "masked-lm"), "tag": ("token-classifier",)}
 # Padded tokens per ONNX Runtime call on the CPU. A layer's widest activation then stays
 # about the size of a core's L2 cache (1024 tokens x 512 FFN x 4 bytes = 2 MiB on the 'small'
 # preset) instead of streaming through memory between ops, and rows of similar length share
@@ -61,11 +65,11 @@ class EncoderPredictor:
     """Tokenization, batching and results; `run(ids, mask) -> {output name: array}` does the compute.
 
     Args:
-        task: "classify" or "embed".
-        model_task: the source's task ("classifier", "masked-lm").
+        task: "classify", "embed" or "tag" (`TagPredictor`).
+        model_task: the source's task ("classifier", "masked-lm", "token-classifier").
         tokenizer: the source's `TextTokenizer`.
         config: the encoder config dict.
-        labels: label names by id (classifiers).
+        labels: label (tag) names by id (classifiers, token classifiers).
         run: `run(input_ids, attention_mask, names) -> {name: np.ndarray}`.
         run_tokens: split a batch into calls of `run` of at most this many padded tokens
             (None: one call per batch).
@@ -75,11 +79,11 @@ class EncoderPredictor:
 
     def __init__(self, task: str, model_task: str, tokenizer, config: dict, labels: Sequence[str] | None,
                  run: Callable, source: Path, run_tokens: int | None = None, train: dict | None = None):
-        allowed = CLASSIFY_TASKS if task == "classify" else EMBED_TASKS
+        allowed = MODEL_TASKS[task]
         if model_task not in allowed:
             raise UsageError(f"{source}: a {model_task!r} model cannot {task} (needs {' or '.join(allowed)})")
-        if task == "classify" and not labels:
-            raise UsageError(f"{source}: no label names saved with this classifier")
+        if task in ("classify", "tag") and not labels:
+            raise UsageError(f"{source}: no label names saved with this {model_task}")
         self.task = task
         self.tokenizer = tokenizer
         self.config = config
@@ -146,6 +150,36 @@ class EncoderPredictor:
         return results
 
 
+class TagPredictor(EncoderPredictor):
+    """`tag`: one tag per word, from the logits at the word's first piece, with its probability.
+
+    `check` takes a text (split on whitespace into words) or a list of words and aligns them as
+    training did (`align_words`); with `truncate` "right" ("left") a sentence too long for the
+    model keeps its first (last) words, and the result's `tokens` are those words.
+    """
+
+    def check(self, text: str | Sequence[str], truncate: str = "error") -> WordPieces:
+        words = text.split() if isinstance(text, str) else list(text)
+        return align_words(self.tokenizer, words, self.bos_id, self.max_length, truncate)
+
+    def word_probabilities(self, batch: Sequence[WordPieces]) -> list[np.ndarray]:
+        """Per sentence, the tag probabilities `[words, L]` at each word's first piece."""
+        logits = self.outputs(batch, ["logits"])["logits"]
+        return [softmax(row[pieces.starts]) for row, pieces in zip(logits, batch)]
+
+    def predict(self, batch: Sequence[WordPieces], **_: Any) -> list[dict]:
+        results = []
+        for pieces, probabilities in zip(batch, self.word_probabilities(batch)):
+            chosen = probabilities.argmax(-1)
+            results.append({"tokens": pieces.words, "tags": [self.labels[int(i)] for i in chosen],
+                            "scores": [round(float(p[i]), 6) for p, i in zip(probabilities, chosen)]})
+        return results
+
+
+def _predictor_class(task: str) -> type[EncoderPredictor]:
+    return TagPredictor if task == "tag" else EncoderPredictor
+
+
 def _bundle(path: Path, task: str, device: str | None = None, threads: int | None = None) -> EncoderPredictor:
     from kerasllm.export.bundle import load_bundle  # noqa: PLC0415
     from kerasllm.export.runtime import create_session  # noqa: PLC0415
@@ -168,7 +202,7 @@ def session_predictor(session, task: str, model_task: str, tokenizer, config: di
             return dict(zip(names, session.session.run(names, {"input_ids": ids, "attention_mask": mask})))
 
     run_tokens = CPU_RUN_TOKENS if session.device_type == "cpu" else None  # a GPU wants whole batches
-    return EncoderPredictor(task, model_task, tokenizer, config, labels, run, source, run_tokens, train)
+    return _predictor_class(task)(task, model_task, tokenizer, config, labels, run, source, run_tokens, train)
 
 
 def _modeldir(path: Path, task: str) -> EncoderPredictor:
@@ -182,8 +216,8 @@ def _modeldir(path: Path, task: str) -> EncoderPredictor:
         outputs = model.export_outputs(ids.astype("int32"), mask)
         return {name: np.asarray(outputs[name]) for name in names}
 
-    return EncoderPredictor(task, run_config["task"], tokenizer, run_config["model"], run_config.get("labels"),
-                            run, path, train=run_config.get("train"))
+    return _predictor_class(task)(task, run_config["task"], tokenizer, run_config["model"],
+                                  run_config.get("labels"), run, path, train=run_config.get("train"))
 
 
 def load_classify_bundle(path: Path, device: str | None = None, **kwargs: Any) -> EncoderPredictor:
@@ -200,3 +234,11 @@ def load_classify_modeldir(path: Path, device: str | None = None, **kwargs: Any)
 
 def load_embed_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> EncoderPredictor:
     return _modeldir(path, "embed")
+
+
+def load_tag_bundle(path: Path, device: str | None = None, **kwargs: Any) -> TagPredictor:
+    return _bundle(path, "tag", device, kwargs.get("threads"))
+
+
+def load_tag_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> TagPredictor:
+    return _modeldir(path, "tag")

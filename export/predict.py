@@ -1,6 +1,6 @@
 """One interface for batch inference over any model source, bundle or model dir.
 
-The batch CLI (`kerasllm generate|classify|embed|translate`) only talks to a
+The batch CLI (`kerasllm generate|classify|embed|tag|translate`) only talks to a
 `Predictor`; each family supplies its implementations. A bundle's predictor runs on
 ONNX Runtime and must not import TensorFlow; a model directory's predictor runs the
 Keras model (imports TensorFlow lazily), so the two can be compared on the same input.
@@ -9,11 +9,12 @@ A predictor takes a batch of texts and returns one result dict per text, in orde
     generate / translate: {"output": str}  or, with n-best, {"output": [str, ...], "scores": [float, ...]}
     classify:             {"label": str, "scores": {label: probability, ...}}
     embed:                {"embedding": [float, ...]}
+    tag:                  {"tokens": [word, ...], "tags": [tag, ...], "scores": [float, ...]}
 A text that cannot be processed raises `RecordError` from `check` (before batching),
 so the CLI can write an error record for it and carry on with the others. `predict`
 receives the decoding options by name (generate/translate: max_new_tokens, temperature,
 top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed; classify: top_k;
-embed: normalize); a `RecordError` it raises is pinned on one record by the batch
+embed: normalize; tag: none); a `RecordError` it raises is pinned on one record by the batch
 runner (export/batch.py), which retries the batch in halves.
 
 A predictor may also offer `predict_batches(batches, **options) -> Iterator[list[dict]]`:
@@ -50,7 +51,7 @@ class RecordError(KerasLLMError):
 
 
 class Predictor(Protocol):
-    task: str  # "generate", "classify", "embed" or "translate"
+    task: str  # "generate", "classify", "embed", "tag" or "translate"
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Tokenize one text and return its ids; raise RecordError if it is empty.
@@ -72,6 +73,8 @@ PREDICTORS: dict[tuple[str, str], str] = {
     ("classify", "modeldir"): "kerasllm.export.encoder_predictor:load_classify_modeldir",
     ("embed", "bundle"): "kerasllm.export.encoder_predictor:load_embed_bundle",
     ("embed", "modeldir"): "kerasllm.export.encoder_predictor:load_embed_modeldir",
+    ("tag", "bundle"): "kerasllm.export.encoder_predictor:load_tag_bundle",
+    ("tag", "modeldir"): "kerasllm.export.encoder_predictor:load_tag_modeldir",
     ("translate", "bundle"): "kerasllm.export.translate_predictor:load_bundle",
     ("translate", "modeldir"): "kerasllm.export.translate_predictor:load_modeldir",
 }

@@ -5,9 +5,9 @@ One evaluator per task, registered in `EVALUATORS` (task -> "module:function"); 
     evaluate_<task>(source: Path, data: Path, *, device=None, batch_size=32, **fields) -> dict
 
 and returns the metrics under the names `kerasllm evaluate` documents (`accuracy`,
-`macro_f1`, `perplexity`, `bleu`, `chrf`) plus `count` (records scored). `fields` holds
-the `--text-field`, `--label-field`, `--source-field`, `--target-field` values; an
-evaluator reads the ones it needs. Sources are opened through the batch predictors
+`macro_f1`, `entity_f1`, `perplexity`, `bleu`, `chrf`, ...) plus `count` (records scored).
+`fields` holds the `--text-field`, `--label-field`, `--tokens-field`, `--tags-field`,
+`--source-field`, `--target-field` values; an evaluator reads the ones it needs. Sources are opened through the batch predictors
 (export/predict.py), so a bundle is scored on ONNX Runtime and a model dir in Keras,
 and a bad record (unreadable, missing field, unknown label) is a DataError naming its line.
 """
@@ -27,6 +27,7 @@ EVALUATORS: dict[str, str] = {
     "causal-lm": "kerasllm.evaluation:evaluate_causal_lm",
     "classifier": "kerasllm.evaluation:evaluate_classifier",
     "masked-lm": "kerasllm.evaluation:evaluate_masked_lm",
+    "token-classifier": "kerasllm.evaluation:evaluate_token_classifier",
     "seq2seq": "kerasllm.export.translate_predictor:evaluate_seq2seq",
 }
 
@@ -43,14 +44,15 @@ def evaluate(source: str | Path, data: str | Path, **kwargs: Any) -> dict:
     return {"task": task, **result}
 
 
-def _checked(predictor, rows) -> list[list[int]]:
-    """Token ids of every row; texts longer than the model keep their start (as in training)."""
+def _checked(predictor, rows, truncate: str = "right") -> list[list[int]]:
+    """Token ids of every row (its `text`, or a tagged row's `words`); texts longer than the model
+    keep their start (as in training) unless `truncate="error"`."""
     from kerasllm.export.predict import RecordError  # noqa: PLC0415
 
     sequences = []
     for row in rows:
         try:
-            sequences.append(predictor.check(row.text, truncate="right"))
+            sequences.append(predictor.check(getattr(row, "words", None) or row.text, truncate=truncate))
         except RecordError as err:
             raise DataError(f"{row.where}: {err}") from None
     return sequences
@@ -80,6 +82,36 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
         predictions[indices] = np.argmax(logits, axis=-1)
     return {"count": len(rows), "accuracy": metrics.accuracy(references, predictions),
             "macro_f1": metrics.macro_f1(references, predictions, num_labels=len(labels))}
+
+
+def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
+                              tokens_field: str = "tokens", tags_field: str = "tags", fmt: str = "auto",
+                              **_: Any) -> dict:
+    """`accuracy` (per word) and `macro_f1` (over the tag ids) of a token classifier on tagged
+    sentences (JSONL or CoNLL, as in training), and with BIO (IOB2) tags the entity-level
+    `entity_f1`, `entity_precision` and `entity_recall` (seqeval, `metrics.entity_scores`).
+
+    Every word is scored: a sentence longer than the model allows is a DataError naming its line.
+    """
+    from kerasllm.data_tasks import LabelMap, read_tagged  # noqa: PLC0415
+    from kerasllm.export.predict import load_predictor  # noqa: PLC0415
+
+    rows = read_tagged(data, tokens_field, tags_field, fmt=fmt)
+    predictor = load_predictor("tag", source, device=device)
+    tags = LabelMap(predictor.labels)
+    references = [np.asarray([tags.id(tag, row.where, what="tag") for tag in row.tags]) for row in rows]
+    sentences = _checked(predictor, rows, truncate="error")
+    predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
+    for indices in _by_length(sentences, batch_size):
+        for i, probabilities in zip(indices, predictor.word_probabilities([sentences[i] for i in indices])):
+            predictions[i] = probabilities.argmax(-1)
+    y_true, y_pred = np.concatenate(references), np.concatenate(predictions)
+    result = {"count": len(rows), "words": int(y_true.size), "accuracy": metrics.accuracy(y_true, y_pred),
+              "macro_f1": metrics.macro_f1(y_true, y_pred, num_labels=len(tags))}
+    if metrics.is_bio(tags.labels):
+        result.update(metrics.entity_scores([row.tags for row in rows],
+                                            [[tags.labels[i] for i in p] for p in predictions]))
+    return result
 
 
 def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,

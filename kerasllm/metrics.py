@@ -1,12 +1,14 @@
 """Evaluation metrics on numpy arrays. No TensorFlow: `kerasllm evaluate` runs them on bundles too.
 
 Each metric is a small separate function; `kerasllm evaluate` reports them under these
-names: `accuracy`, `macro_f1` (classification), `perplexity` (language models).
+names: `accuracy`, `macro_f1` (classification), `perplexity` (language models),
+`entity_f1`, `entity_precision`, `entity_recall` (token classification with BIO tags).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -55,6 +57,26 @@ def perplexity(nll: Sequence[float]) -> float:
     """`exp` of the mean negative log-likelihood per predicted token."""
     nll = np.asarray(nll, dtype=np.float64)
     return float(np.exp(nll.mean())) if nll.size else math.nan
+
+
+# -- token classification (tagging) ---------------------------------------------------------
+def is_bio(tags: Sequence[str]) -> bool:
+    """Whether every tag is BIO (IOB2): `O`, or `B-` / `I-` and an entity type."""
+    return bool(tags) and all(tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2) for tag in tags)
+
+
+def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Entity-level `entity_precision`, `entity_recall` and `entity_f1` (micro-averaged over entity
+    types) of BIO-tagged sentences, by `seqeval` in its default (conlleval) mode: an entity counts
+    when its type and its span match exactly. 0 when there is nothing to count."""
+    from seqeval.metrics import f1_score, precision_score, recall_score  # noqa: PLC0415 - imports scikit-learn
+
+    y_true, y_pred = [list(s) for s in references], [list(s) for s in predictions]
+    with warnings.catch_warnings():  # "ill-defined" when a side has no entity: 0, as documented
+        warnings.simplefilter("ignore")
+        return {"entity_f1": float(f1_score(y_true, y_pred)),
+                "entity_precision": float(precision_score(y_true, y_pred)),
+                "entity_recall": float(recall_score(y_true, y_pred))}
 
 
 # -- sequence-to-sequence (translation, text-to-text) -----------------------------------------

@@ -30,6 +30,7 @@ COMMANDS = {
     "translate": "kerasllm.cli.infer:translate",
     "classify": "kerasllm.cli.infer:classify",
     "embed": "kerasllm.cli.infer:embed",
+    "tag": "kerasllm.cli.infer:tag",
 }
 
 HELP = """Train transformer language models in Keras and serve them with ONNX Runtime.

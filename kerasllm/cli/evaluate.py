@@ -11,19 +11,25 @@ import click
 @click.command("evaluate")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TSV/CSV (header row), JSONL or text file to score.")
+              help="TSV/CSV (header row), JSONL or text file to score (token-classifier: JSONL or CoNLL).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics here (JSON).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "tsv", "csv"]), default="auto",
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "tsv", "csv", "conll"]), default="auto",
               show_default=True, help="Input format (auto: by file suffix).")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
 @click.option("--label-field", default="label", show_default=True, help="Field holding the reference label.")
+@click.option("--tokens-field", default="tokens", show_default=True,
+              help="Field holding the list of words (token-classifier, JSONL).")
+@click.option("--tags-field", default="tags", show_default=True,
+              help="Field holding the reference tags (token-classifier, JSONL).")
 @click.option("--source-field", default="source", show_default=True, help="Field holding the source (seq2seq).")
 @click.option("--target-field", default="target", show_default=True, help="Field holding the reference (seq2seq).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Records per batch.")
 @click.option("--device", default="cpu", show_default=True, help="Bundles: cpu, cuda, cuda:N or auto.")
-def evaluate(source, data, output, fmt, text_field, label_field, source_field, target_field, batch_size, device):
+def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, tags_field, source_field, target_field,
+             batch_size, device):
     """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,
-    masked-lm), bleu and chrf (seq2seq).
+    masked-lm), bleu and chrf (seq2seq), word accuracy, macro_f1 and with BIO tags entity_f1,
+    entity_precision, entity_recall (token-classifier).
 
     Prints the metrics as JSON on stdout (keys `accuracy`, `macro_f1`, `perplexity`, ... as apply).
     A causal LM's perplexity uses the context it was trained with (`--seq-len`, reported as
@@ -34,11 +40,13 @@ def evaluate(source, data, output, fmt, text_field, label_field, source_field, t
       kerasllm evaluate runs/clf --data test.tsv --output metrics.json
       kerasllm evaluate bundles/lm --data held_out.txt
       kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
+      kerasllm evaluate bundles/ner --data test.conll          # accuracy per word, entity_f1 (seqeval)
     """
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
 
     result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
-                 label_field=label_field, source_field=source_field, target_field=target_field)
+                 label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
+                 source_field=source_field, target_field=target_field)
     text = json.dumps(result, indent=2)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)

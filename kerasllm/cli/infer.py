@@ -1,12 +1,13 @@
-"""`kerasllm generate|classify|embed|translate SOURCE`: batch inference, files in, JSONL out.
+"""`kerasllm generate|classify|embed|tag|translate SOURCE`: batch inference, files in, JSONL out.
 
 SOURCE is a bundle (ONNX Runtime, no TensorFlow: the production path) or a model
-directory (Keras). Input: plain text (one record a line), JSONL, TSV or CSV; output: JSONL,
-one line per input record, in input order:
+directory (Keras). Input: plain text (one record a line), JSONL, TSV, CSV or CoNLL (tag);
+output: JSONL, one line per input record, in input order:
     {"id": "1", "output": "..."}                        generate, translate
     {"id": "1", "output": ["...", ...], "scores": [...]} with --n-best > 1
     {"id": "1", "label": "pos", "scores": {"pos": 0.9, ...}}   classify
     {"id": "1", "embedding": [...]}                      embed
+    {"id": "1", "tokens": ["Anna", ...], "tags": ["B-PER", ...], "scores": [0.99, ...]}   tag
     {"id": "7", "error": "line 7: empty text"}           a record that failed
 `id` is the `--id-field` value, else the line number.
 
@@ -29,7 +30,7 @@ import click
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.batch import TASK_DEFAULTS
 
-FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv"]
+FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv", "conll"]
 _GEN = TASK_DEFAULTS["generate"]  # decoding defaults, shared with the Beam handler
 
 
@@ -42,7 +43,7 @@ def batch_options(command):
         click.option("-o", "--output", "output_path", default="-", show_default=True,
                      help="Output JSONL file, or - for standard output."),
         click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="auto", show_default=True,
-                     help="Input format (auto: by suffix .jsonl/.json, .tsv, .csv, else text)."),
+                     help="Input format (auto: by suffix .jsonl/.json, .tsv, .csv, .conll, else text)."),
         click.option("--text-field", default="text", show_default=True,
                      help="JSONL field or TSV/CSV column holding the text."),
         click.option("--id-field", default=None, help="JSONL field or TSV/CSV column holding the id "
@@ -101,7 +102,7 @@ def decoding_options(command):
 def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: str, text_field: str,
             id_field: str | None, batch_size: int, max_batch_tokens: int, bucket: bool, window: int,
             truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
-            quiet: bool, options: dict, extra_tokens: int = 0) -> None:
+            quiet: bool, options: dict, extra_tokens: int = 0, tokens_field: str | None = None) -> None:
     """Load the predictor for `task` on `source` and run the batch job; exits with its code."""
     from tqdm import tqdm  # noqa: PLC0415  (kept off `kerasllm --help`'s path)
 
@@ -155,10 +156,11 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
                        file=sys.stderr)
 
     on_window = None
-    if task in ("generate", "classify", "embed"):
+    if task in ("generate", "classify", "embed", "tag"):
         on_window = context_check(predictor, options.get("max_new_tokens", 0),
                                   lambda message: tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr))
-    runner = batch.BatchRunner(predictor, options, text_field=text_field, batch_size=batch_size,
+    runner = batch.BatchRunner(predictor, options, text_field=text_field, tokens_field=tokens_field,
+                               batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
                                extra_tokens=extra_tokens, on_error=on_error, on_progress=bar.update,
                                on_window=on_window)
@@ -306,4 +308,25 @@ def embed(source, normalize, **kwargs):
     run_job("embed", source, options={"normalize": normalize}, **kwargs)
 
 
-__all__ = ["classify", "embed", "generate", "translate"]
+@click.command(epilog=EPILOG)
+@batch_options
+@click.option("--tokens-field", default="tokens", show_default=True,
+              help="JSONL field holding a list of words (a record without it is read from --text-field, "
+                   "split on whitespace; a CoNLL input's words are read from its first column).")
+def tag(source, tokens_field, **kwargs):
+    """Tag each word of each sentence with a token classifier (NER, POS), with each tag's probability.
+
+    Records are a text (split on whitespace into words) or, in JSONL, a list of words under
+    --tokens-field. Output: {"id", "tokens", "tags", "scores"}, one tag per word. A sentence
+    longer than the model allows is an error record, or with --truncate right (left) keeps
+    its first (last) words: "tokens" then lists the words kept.
+
+    \b
+    Example:
+      kerasllm tag bundles/ner --input sentences.txt --output tags.jsonl
+      kerasllm tag bundles/ner -i sentences.jsonl --tokens-field words --id-field id -o tags.jsonl
+    """
+    run_job("tag", source, options={}, tokens_field=tokens_field, **kwargs)
+
+
+__all__ = ["classify", "embed", "generate", "tag", "translate"]
