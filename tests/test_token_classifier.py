@@ -278,3 +278,36 @@ def test_fuzzed_records_are_read_whole_or_refused_naming_a_line(lines, suffix):
             assert row.words and len(row.words) == len(row.tags)
             assert all(isinstance(w, str) and w.strip() for w in row.words)
             assert all(isinstance(t, str) and t.strip() for t in row.tags)
+
+
+def test_resume_continues_and_init_from_reuses_the_encoder(work, tmp_path, monkeypatch):
+    from kerasllm import training
+    from kerasllm.modeldir import load_model_dir
+
+    data = write_jsonl(tmp_path / "train.jsonl", datasets.ner_rows(200, seed=5))
+    out = tmp_path / "run"
+    original = training.ProgressLogger.on_train_batch_end
+
+    def crash_at_step_15(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 15:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_15)
+    assert kerasllm("train", "token-classifier", "--data", data, "--out", out, "--steps", "20", "--eval-interval", "10",
+                    "--eval-steps", "1", *FAST) == 130
+    assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+    assert kerasllm("train", "token-classifier", "--out", out, "--resume", "--quiet") == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "val_loss" in h] == [10, 20]
+    # --init-from a token-classifier run: its tokenizer and (one step at a negligible rate) its encoder
+    tuned = tmp_path / "tuned"
+    assert kerasllm("train", "token-classifier", "--data", data, "--init-from", work / "ner", "--out", tuned,
+                    "--steps", "1", "--lr", "1e-9", "--weight-decay", "0", "--validation-fraction", "0", *FAST) == 0
+    assert (tuned / "tokenizer.json").read_bytes() == (work / "ner" / "tokenizer.json").read_bytes()
+    pretrained, _, _ = load_model_dir(work / "ner")
+    finetuned, _, run = load_model_dir(tuned)
+    assert run["task"] == "token-classifier" and run["train"]["init_from"] == str(work / "ner")
+    for a, b in zip(pretrained.encoder.get_weights(), finetuned.encoder.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
