@@ -6,14 +6,12 @@ no XLA) on the generated sentiment task and shared by the tests.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from filelock import FileLock
 
 from kerasllm import datasets
 
@@ -51,22 +49,10 @@ def build(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, worker_id):
-    """Data, a masked LM, a classifier trained from scratch, and both bundles (read-only for tests).
-
-    Built once per test session even under pytest-xdist: the first worker builds it under a
-    file lock in the directory the workers share, the others wait and reuse it.
-    """
-    base = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        base = base.parent
-    root = base / "encoder-pipeline"
-    with FileLock(str(base / "encoder-pipeline.lock")):
-        if not (root / "built").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            build(root)
-            (root / "built").touch()
+def work(build_once):
+    """Data, a masked LM, a classifier trained from scratch, and both bundles (read-only for tests),
+    built once per test session (`build_once`, tests/conftest.py)."""
+    root = build_once("encoder-pipeline", build)
     return root, root / "train.tsv", root / "test.jsonl"
 
 
@@ -257,23 +243,14 @@ def test_serving_a_bundle_imports_no_tensorflow(work):
     assert json.loads(result.stdout.splitlines()[-1])[0]["label"] == "positive"
 
 
-def test_classifier_resume_continues_from_the_last_checkpoint(work, tmp_path, monkeypatch):
-    from kerasllm import training
-
+def test_classifier_resume_continues_from_the_last_checkpoint(work, tmp_path, interrupt_training):
     _, train, _ = work
     out = tmp_path / "run"
-    original = training.ProgressLogger.on_train_batch_end
-
-    def crash_at_step_15(self, batch, logs=None):
-        original(self, batch, logs)
-        if self.step == 15:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_15)
+    interrupt_training(15)
     assert kerasllm("train", "classifier", "--data", train, "--out", out, "--steps", "20", "--eval-interval", "10",
                     "--eval-steps", "1", *FAST) == 130
     assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
-    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+    interrupt_training(None)
     assert kerasllm("train", "classifier", "--out", out, "--resume", "--quiet") == 0
     steps = [h["step"] for h in history(out)]
     assert steps == sorted(set(steps)) and steps[-1] == 20

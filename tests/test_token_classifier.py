@@ -8,7 +8,6 @@ and exported once for the module.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,44 +26,24 @@ SENTENCES = ["Anna Smith flew to New York on 3 May 2020 .", "Ben lives in Paris 
              "On Monday , Clara met Hugo Tanaka in Rio de Janeiro ."]
 
 
-def kerasllm(*args) -> int:
-    """Run the CLI in-process; the exit code."""
-    from kerasllm.cli import main
-
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
-
-
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps({"tokens": w, "tags": t}) + "\n" for w, t in rows), encoding="utf-8")
     return path
 
 
-def build(root: Path) -> None:
-    train = write_jsonl(root / "train.jsonl", datasets.ner_rows(1500, seed=1))
-    assert kerasllm("sample-data", "ner", "--out", root / "test.conll", "--count", "300", "--seed", "7") == 0
-    assert kerasllm("train", "token-classifier", "--data", train, "--out", root / "ner", "--steps", "200",
-                    "--eval-interval", "100", "--lr", "3e-3", *FAST) == 0
-    assert kerasllm("export", root / "ner", "--out", root / "ner-bundle") == 0
-
-
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, worker_id):
-    """Data, a token classifier and its bundle (read-only for the tests), built once per session."""
-    base = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        base = base.parent
-    root = base / "token-classifier"
-    with FileLock(str(base / "token-classifier.lock")):
-        if not (root / "built").is_file():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir()
-            build(root)
-            (root / "built").touch()
-    return root
+def work(build_once, cli_code):
+    """Data, a token classifier and its bundle (read-only for the tests), built once per session
+    (`build_once`, tests/conftest.py)."""
+
+    def build(root: Path) -> None:
+        train = write_jsonl(root / "train.jsonl", datasets.ner_rows(1500, seed=1))
+        assert cli_code("sample-data", "ner", "--out", root / "test.conll", "--count", "300", "--seed", "7") == 0
+        assert cli_code("train", "token-classifier", "--data", train, "--out", root / "ner", "--steps", "200",
+                        "--eval-interval", "100", "--lr", "3e-3", *FAST) == 0
+        assert cli_code("export", root / "ner", "--out", root / "ner-bundle") == 0
+
+    return build_once("token-classifier", build)
 
 
 # -- alignment (no model) -------------------------------------------------------------------------
@@ -98,13 +76,12 @@ def test_each_word_tag_sits_on_its_first_piece_for_every_tokenizer_kind(kind):
 
 
 # -- training, export, parity ---------------------------------------------------------------------
-def test_word_accuracy_reaches_95_percent_in_keras_and_bundle(work, capsys, tmp_path):
+def test_word_accuracy_reaches_95_percent_in_keras_and_bundle(work, run_cli, tmp_path):
     results = {}
     for source in ("ner", "ner-bundle"):
-        capsys.readouterr()
-        assert kerasllm("evaluate", work / source, "--data", work / "test.conll",
-                        "--output", tmp_path / f"{source}.json") == 0
-        printed = json.loads(capsys.readouterr().out)
+        result = run_cli("evaluate", work / source, "--data", work / "test.conll", "--output", tmp_path / f"{source}.json")
+        assert result.code == 0, result
+        printed = json.loads(result.out)
         results[source] = json.loads((tmp_path / f"{source}.json").read_text())
         assert printed == results[source] and results[source]["task"] == "token-classifier"
         assert results[source]["count"] == 300 and results[source]["words"] > 2000
@@ -155,7 +132,7 @@ def test_padding_does_not_change_tags(work, source):
 
 
 # -- kerasllm tag ---------------------------------------------------------------------------------
-def test_tag_cli_end_to_end_keeps_order_and_reports_bad_records(work, tmp_path, capsys):
+def test_tag_cli_end_to_end_keeps_order_and_reports_bad_records(work, tmp_path, run_cli):
     data = tmp_path / "in.jsonl"
     long_sentence = " ".join(["Paris"] * 40)  # 240 characters: past the model's max_length (128)
     data.write_text("\n".join([
@@ -169,7 +146,8 @@ def test_tag_cli_end_to_end_keeps_order_and_reports_bad_records(work, tmp_path, 
         json.dumps({"id": "f", "tokens": []}),
     ]) + "\n", encoding="utf-8")
     out = tmp_path / "tags.jsonl"
-    assert kerasllm("tag", work / "ner-bundle", "-i", data, "-o", out, "--id-field", "id", "-q") == 1
+    result = run_cli("tag", work / "ner-bundle", "-i", data, "-o", out, "--id-field", "id", "-q")
+    assert result.code == 1 and "5 record(s) failed" in result.err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c", "5", "d", "e", "f"]
     assert rows[0]["tokens"] == SENTENCES[0].split() and len(rows[0]["tags"]) == len(rows[0]["scores"]) == 11
@@ -179,12 +157,11 @@ def test_tag_cli_end_to_end_keeps_order_and_reports_bad_records(work, tmp_path, 
     assert rows[4]["error"] == "line 6: missing field 'text' or 'tokens' (fields: id, words)"
     assert rows[5]["error"].startswith("line 7: sentence of 40 words is 241 tokens, longer than the model's 128")
     assert rows[6]["error"] == "line 8: empty sentence (no words)"
-    assert "5 record(s) failed" in capsys.readouterr().err
     # --truncate right keeps the first words that fit; plain text in, standard output out
     (tmp_path / "long.txt").write_text(long_sentence + "\n", encoding="utf-8")
-    capsys.readouterr()
-    assert kerasllm("tag", work / "ner", "-i", tmp_path / "long.txt", "--truncate", "right", "-q") == 0
-    kept = json.loads(capsys.readouterr().out)
+    result = run_cli("tag", work / "ner", "-i", tmp_path / "long.txt", "--truncate", "right", "-q")
+    assert result.code == 0, result
+    kept = json.loads(result.out)
     assert kept["tokens"] == ["Paris"] * 21 and len(kept["tags"]) == 21  # 1 + 21 x 6 tokens <= 128
 
 
@@ -220,26 +197,26 @@ def test_tag_on_a_bundle_imports_no_tensorflow(work, tmp_path):
     ("bad.conll", "Anna B-PER\nlives O\n\nBen B-PER\nParis\n", "bad.conll: line 5: expected a word and a tag", 1),
     ("bad.tsv", "tokens\ttags\na\tO\n", "bad.tsv: tagged sentences are read from JSONL (.jsonl) or CoNLL", 2),
 ])
-def test_bad_training_data_is_one_line_naming_the_line(tmp_path, capsys, name, content, message, code):
+def test_bad_training_data_is_one_line_naming_the_line(tmp_path, run_cli, name, content, message, code):
     data = tmp_path / name
     data.write_text(content, encoding="utf-8")
-    assert kerasllm("train", "token-classifier", "--data", data, "--out", tmp_path / "run", *FAST) == code
-    lines = capsys.readouterr().err.splitlines()
+    result = run_cli("train", "token-classifier", "--data", data, "--out", tmp_path / "run", *FAST)
+    lines = result.err.splitlines()
+    assert result.code == code, result
     assert len(lines) == 1 and lines[0].startswith(f"kerasllm: error: {tmp_path}/{message}"), lines
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_tag_or_too_long_sentence_at_evaluation_names_the_line(work, capsys, tmp_path):
+def test_unknown_tag_or_too_long_sentence_at_evaluation_names_the_line(work, run_cli, tmp_path):
     data = tmp_path / "odd.jsonl"
     write_jsonl(data, [(["Ben", "lives"], ["B-PER", "O"]), (["Acme", "hires"], ["B-ORG", "O"])])
     long = write_jsonl(tmp_path / "long.jsonl", [(["Ben"], ["B-PER"]), (["Paris"] * 40, ["B-LOC"] * 40)])
     for source in ("ner", "ner-bundle"):
-        capsys.readouterr()
-        assert kerasllm("evaluate", work / source, "--data", data) == 1
-        assert ("odd.jsonl: line 2: unknown tag 'B-ORG' (known: B-DATE, B-LOC, B-PER, I-DATE, I-LOC, I-PER, O)"
-                in capsys.readouterr().err)
-        assert kerasllm("evaluate", work / source, "--data", long) == 1
-        assert "long.jsonl: line 2: sentence of 40 words is 241 tokens" in capsys.readouterr().err
+        result = run_cli("evaluate", work / source, "--data", data)
+        assert result.code == 1 and ("odd.jsonl: line 2: unknown tag 'B-ORG' (known: B-DATE, B-LOC, B-PER, I-DATE, "
+                                     "I-LOC, I-PER, O)") in result.err
+        result = run_cli("evaluate", work / source, "--data", long)
+        assert result.code == 1 and "long.jsonl: line 2: sentence of 40 words is 241 tokens" in result.err
 
 
 _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=4),
@@ -280,30 +257,22 @@ def test_fuzzed_records_are_read_whole_or_refused_naming_a_line(lines, suffix):
             assert all(isinstance(t, str) and t.strip() for t in row.tags)
 
 
-def test_resume_continues_and_init_from_reuses_the_encoder(work, tmp_path, monkeypatch):
-    from kerasllm import training
+def test_resume_continues_and_init_from_reuses_the_encoder(work, tmp_path, interrupt_training, cli_code):
     from kerasllm.modeldir import load_model_dir
 
     data = write_jsonl(tmp_path / "train.jsonl", datasets.ner_rows(200, seed=5))
     out = tmp_path / "run"
-    original = training.ProgressLogger.on_train_batch_end
-
-    def crash_at_step_15(self, batch, logs=None):
-        original(self, batch, logs)
-        if self.step == 15:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", crash_at_step_15)
-    assert kerasllm("train", "token-classifier", "--data", data, "--out", out, "--steps", "20", "--eval-interval", "10",
+    interrupt_training(15)
+    assert cli_code("train", "token-classifier", "--data", data, "--out", out, "--steps", "20", "--eval-interval", "10",
                     "--eval-steps", "1", *FAST) == 130
     assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
-    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
-    assert kerasllm("train", "token-classifier", "--out", out, "--resume", "--quiet") == 0
+    interrupt_training(None)
+    assert cli_code("train", "token-classifier", "--out", out, "--resume", "--quiet") == 0
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "val_loss" in h] == [10, 20]
     # --init-from a token-classifier run: its tokenizer and (one step at a negligible rate) its encoder
     tuned = tmp_path / "tuned"
-    assert kerasllm("train", "token-classifier", "--data", data, "--init-from", work / "ner", "--out", tuned,
+    assert cli_code("train", "token-classifier", "--data", data, "--init-from", work / "ner", "--out", tuned,
                     "--steps", "1", "--lr", "1e-9", "--weight-decay", "0", "--validation-fraction", "0", *FAST) == 0
     assert (tuned / "tokenizer.json").read_bytes() == (work / "ner" / "tokenizer.json").read_bytes()
     pretrained, _, _ = load_model_dir(work / "ner")

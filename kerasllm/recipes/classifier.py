@@ -15,10 +15,11 @@ from pathlib import Path
 
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, read_rows, split_validation
-from kerasllm.distribute import distributed_recipe, shard_batches
+from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
-from kerasllm.recipes.common import RunArgs, check_seq_len, copy_pretrained_encoder, pretrained_run, run_directory
+from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets, pretrained_run,
+                                     run_directory)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -85,13 +86,9 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
 
         import kerasllm.models as models  # noqa: PLC0415
 
-        seed = args.seed + restored_epoch(out)
-        # Each worker of a multi-worker job keeps its own share of the batches (shard_batches).
-        train_data = dist.distribute(lambda batch, shard, shards: shard_batches(classification_dataset(
-            train_seqs, train_ids, batch, config.pad_id, args.seq_len, seed=seed), shard, shards), args.batch_size)
-        val_data = (dist.distribute(lambda batch, shard, shards: shard_batches(classification_dataset(
-            val_seqs, val_ids, batch, config.pad_id, args.seq_len, shuffle=False), shard, shards),
-            args.batch_size) if val_seqs else None)
+        train_data, val_data = labelled_datasets(dist, classification_dataset, (train_seqs, train_ids),
+                                                 (val_seqs, val_ids), args.batch_size, config.pad_id, args.seq_len,
+                                                 seed=args.seed + restored_epoch(out))
         # -- model construction and compile (the one place a strategy scope wraps) --------------
         keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.TextClassifier(config)

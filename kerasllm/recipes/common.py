@@ -84,3 +84,19 @@ def copy_pretrained_encoder(model, init_from: str) -> None:
 
     pretrained_model, _, _ = load_model_dir(init_from)
     model.encoder.set_weights(pretrained_model.encoder.get_weights())
+
+
+def labelled_datasets(dist, make_dataset: Callable, train: tuple, val: tuple, batch_size: int, pad_id: int,
+                      seq_len: int, seed: int):
+    """`(training batches, validation batches or None)` of a labelled encoder task (classifier, token
+    classifier): `make_dataset(sequences, labels, batch, pad_id, seq_len, shuffle=, seed=)` (from
+    `kerasllm.data_tasks`) over `train` and `val` (each `(sequences, labels)`), distributed by `dist`;
+    each worker of a multi-worker job keeps its own share of the batches (`shard_batches`)."""
+    from kerasllm.distribute import shard_batches  # noqa: PLC0415
+
+    def batches(data: tuple, shuffle: bool) -> Callable:
+        return lambda batch, shard, shards: shard_batches(
+            make_dataset(*data, batch, pad_id, seq_len, shuffle=shuffle, seed=seed), shard, shards)
+
+    return (dist.distribute(batches(train, True), batch_size),
+            dist.distribute(batches(val, False), batch_size) if len(val[0]) else None)

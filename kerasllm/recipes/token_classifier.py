@@ -17,9 +17,10 @@ from pathlib import Path
 
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, encode_tagged, read_tagged, split_validation, token_classification_dataset
-from kerasllm.distribute import distributed_recipe, shard_batches
+from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
-from kerasllm.recipes.common import RunArgs, check_seq_len, copy_pretrained_encoder, pretrained_run, run_directory
+from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets, pretrained_run,
+                                     run_directory)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -88,13 +89,9 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
 
         import kerasllm.models as models  # noqa: PLC0415
 
-        seed = args.seed + restored_epoch(out)
-        # Each worker of a multi-worker job keeps its own share of the batches (shard_batches).
-        train_data = dist.distribute(lambda batch, shard, shards: shard_batches(token_classification_dataset(
-            train_seqs, train_labels, batch, config.pad_id, args.seq_len, seed=seed), shard, shards), args.batch_size)
-        val_data = (dist.distribute(lambda batch, shard, shards: shard_batches(token_classification_dataset(
-            val_seqs, val_labels, batch, config.pad_id, args.seq_len, shuffle=False), shard, shards),
-            args.batch_size) if val_seqs else None)
+        train_data, val_data = labelled_datasets(dist, token_classification_dataset, (train_seqs, train_labels),
+                                                 (val_seqs, val_labels), args.batch_size, config.pad_id, args.seq_len,
+                                                 seed=args.seed + restored_epoch(out))
         # -- model construction and compile (the one place a strategy scope wraps) --------------
         keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.TokenClassifier(config)
