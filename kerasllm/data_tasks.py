@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from kerasllm.data import as_written, without_autotune
+from kerasllm.data import as_written, ragged_slices, without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import CONLL_FIELDS, detect_format, read_records
 
@@ -248,6 +248,9 @@ def bucket_boundaries(max_length: int) -> list[int]:
 def _bucketed(dataset, max_length: int, batch_size: int, padding_values):
     import tensorflow as tf  # noqa: PLC0415
 
+    # `ragged_slices`' rows are ragged tensors of ragged rank 0, which bucketing cannot pad; a map
+    # hands them on as plain tensors. Here, after any shuffle: its buffer then fills without a map.
+    dataset = dataset.map(as_written(lambda *row: row if len(row) > 1 else row[0]))
     sizes = bucket_boundaries(max_length)
     # A sequence of length n goes to the first bucket whose boundary exceeds n and is
     # padded to boundary - 1; hence boundaries of size + 1.
@@ -258,22 +261,12 @@ def _bucketed(dataset, max_length: int, batch_size: int, padding_values):
     )
 
 
-def _ragged_slices(sequences: Sequence[Sequence[int]]):
-    """A dataset of variable-length int32 sequences (slices of one flat array)."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    flat = tf.constant(np.concatenate([np.asarray(s, np.int32) for s in sequences]))
-    lengths = np.asarray([len(s) for s in sequences], np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return tf.data.Dataset.from_tensor_slices((starts, lengths)).map(as_written(lambda s, n: flat[s:s + n]))
-
-
 def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarray, batch_size: int, pad_id: int,
                            max_length: int, shuffle: bool = True, seed: int = 0, repeat: bool = True):
     """`({"token_ids", "padding_mask"}, label)` batches, bucketed by length."""
     import tensorflow as tf  # noqa: PLC0415
 
-    dataset = tf.data.Dataset.zip(_ragged_slices(sequences),
+    dataset = tf.data.Dataset.zip(ragged_slices(sequences),
                                   tf.data.Dataset.from_tensor_slices(np.asarray(labels, np.int32)))
     if shuffle:
         dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
@@ -291,7 +284,7 @@ def token_classification_dataset(sequences: Sequence[Sequence[int]], labels: Seq
     of padding are -1, as those of BOS, separators and continuation pieces (ignored by the loss)."""
     import tensorflow as tf  # noqa: PLC0415
 
-    dataset = tf.data.Dataset.zip(_ragged_slices(sequences), _ragged_slices(labels))
+    dataset = tf.data.Dataset.zip(ragged_slices(sequences), ragged_slices(labels))
     if shuffle:
         dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -324,7 +317,7 @@ def masked_lm_dataset(sequences: Sequence[Sequence[int]], batch_size: int, vocab
         mask_selection_length=mask_selection_length(max_length),
         unselectable_token_ids=sorted({pad_id, special_ids["bos"], special_ids["eos"], special_ids["sep"]}),
     )
-    dataset = _ragged_slices(sequences)
+    dataset = ragged_slices(sequences)
     if shuffle:
         dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
     if repeat:

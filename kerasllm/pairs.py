@@ -15,9 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from kerasllm.data import as_written, without_autotune
+from kerasllm.data import as_written, ragged_slices, without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import read_parallel, read_records
+from kerasllm.tokenizers import ENCODE_CHUNK
 
 
 @dataclass
@@ -71,20 +72,26 @@ def encode_pairs(pairs: Sequence[Pair], source_tokenizer, target_tokenizer, max_
 
     A source may use `max_length` positions; a target `max_length - 1` (the decoder
     reads BOS + target and predicts target + EOS). Longer pairs are a DataError naming
-    the line, not silently truncated.
+    the line, not silently truncated. Encoded `ENCODE_CHUNK` pairs at a time, so only one
+    chunk's ids are held as Python lists beside the arrays.
     """
-    sources = source_tokenizer.encode_batch([p.source for p in pairs])
-    targets = target_tokenizer.encode_batch([p.target for p in pairs])
-    for pair, source, target in zip(pairs, sources, targets):
-        if len(source) > max_length:
-            raise DataError(f"{pair.path}: line {pair.line}: source is {len(source)} tokens, longer than the "
-                            f"model allows ({max_length})")
-        if len(target) + 1 > max_length:
-            raise DataError(f"{pair.path}: line {pair.line}: target is {len(target)} tokens, longer than the "
-                            f"model allows ({max_length - 1} plus EOS)")
-        if not source or not target:
-            raise DataError(f"{pair.path}: line {pair.line}: tokenizes to nothing")
-    return [np.asarray(s, np.int32) for s in sources], [np.asarray(t, np.int32) for t in targets]
+    sources, targets = [], []
+    for start in range(0, len(pairs), ENCODE_CHUNK):
+        chunk = pairs[start:start + ENCODE_CHUNK]
+        encoded = zip(chunk, source_tokenizer.encode_batch([p.source for p in chunk]),
+                      target_tokenizer.encode_batch([p.target for p in chunk]))
+        for pair, source, target in encoded:
+            if len(source) > max_length:
+                raise DataError(f"{pair.path}: line {pair.line}: source is {len(source)} tokens, longer than the "
+                                f"model allows ({max_length})")
+            if len(target) + 1 > max_length:
+                raise DataError(f"{pair.path}: line {pair.line}: target is {len(target)} tokens, longer than the "
+                                f"model allows ({max_length - 1} plus EOS)")
+            if not source or not target:
+                raise DataError(f"{pair.path}: line {pair.line}: tokenizes to nothing")
+            sources.append(np.asarray(source, np.int32))
+            targets.append(np.asarray(target, np.int32))
+    return sources, targets
 
 
 def split_pairs(count: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +119,7 @@ def pair_batches(sources, targets, batch_size: int, *, pad_id: int, bos_id: int,
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    source = tf.ragged.constant([s.tolist() for s in sources], dtype=tf.int32)
-    target = tf.ragged.constant([t.tolist() for t in targets], dtype=tf.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((source, target))
+    dataset = tf.data.Dataset.zip(ragged_slices(sources), ragged_slices(targets))
     if shuffle:
         dataset = dataset.shuffle(len(sources), seed=seed, reshuffle_each_iteration=True)
     if repeat:

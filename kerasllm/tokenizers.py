@@ -27,6 +27,8 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<mask>", "<sep>"]
 PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
 TOKENIZER_KINDS = ("char", "byte", "bpe", "unigram")
 TOKENIZER_FILE = "tokenizer.json"
+# Texts per call of the `tokenizers` library in `encode_batch` (it still spreads each call over the cores).
+ENCODE_CHUNK = 8192
 
 
 class TextTokenizer:
@@ -172,7 +174,11 @@ class TextTokenizer:
         return self._char_vocab_cache
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        # `ENCODE_CHUNK` texts per call of the library: each text's Encoding (ids, offsets, token
+        # strings, masks) is dropped once its ids are taken, rather than a corpus' all held at once.
+        texts = list(texts)
+        return [encoding.ids for start in range(0, len(texts), ENCODE_CHUNK)
+                for encoding in self.tokenizer.encode_batch(texts[start:start + ENCODE_CHUNK], add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
