@@ -593,3 +593,23 @@ def test_bundle_translation_and_evaluation_import_no_tensorflow(trained):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ["42", "seq2seq", False, False]
+
+
+def test_pair_batches_hold_every_pair_once_with_teacher_forcing():
+    """One epoch of `pair_batches` (built from one flat array, `kerasllm.data.ragged_slices`) holds
+    every pair exactly once: BOS + target in, target + EOS out, padding only after each row."""
+    from kerasllm.pairs import pair_batches
+
+    rng = np.random.default_rng(3)
+    sources = [rng.integers(5, 50, n).astype(np.int32) for n in rng.integers(1, 30, 57)]
+    targets = [rng.integers(5, 50, n).astype(np.int32) for n in rng.integers(1, 30, 57)]
+    seen = []
+    for inputs, labels in pair_batches(sources, targets, 8, pad_id=0, bos_id=2, eos_id=3, seed=1, repeat=False):
+        for src, mask, dec, lab in zip(inputs["encoder_token_ids"].numpy(), inputs["encoder_padding_mask"].numpy(),
+                                       inputs["decoder_token_ids"].numpy(), labels.numpy()):
+            real = int(mask.sum())
+            assert (src[real:] == 0).all() and (src[:real] != 0).all()
+            length = int((lab != 0).sum())
+            assert dec[0] == 2 and lab[length - 1] == 3 and (dec[1:length] == lab[:length - 1]).all()
+            seen.append((tuple(src[:real]), tuple(lab[:length - 1])))
+    assert sorted(seen) == sorted((tuple(s), tuple(t)) for s, t in zip(sources, targets))
