@@ -240,6 +240,21 @@ under every distribution strategy. The MLIR bridge on or off (3 runs each), XLA'
 off, codegen split 1 or 64, AVX2 only (1 run each), YNNPACK fusion types (2 runs each): compile and
 step times within noise (the emitters off compiled slower: 1.17 vs 0.82 s). XLA's compile
 uses ~1.4-1.5 of the 2 cores (process CPU time over wall), so work moved beside it is not free.
+
+2026-12-06 (fifth session), no change to training, same command with `--warm-cache-row`, the
+machine in a slow phase (an earlier run while another job's `pip install` shared the cores is not
+counted: kerasllm 0.77x nanoGPT's tokens/s there):
+
+    kerasllm                       17.9     26,671         1.33x         1.23x
+    kerasllm, warm XLA cache       16.3     25,307         1.21x         1.17x
+    keras-hub GPT2Backbone         28.2     21,646         2.10x         1.00x
+    nanoGPT (PyTorch)              13.4     23,966         1.00x         1.11x
+
+Two timestamped CLI runs right after it took 14.3 and 14.0 s (TensorFlow imported at 2.2-2.4 s,
+first 10 steps done at 5.8-6.2 s, the first validation 0.38-0.42 s against 0.19-0.21 s for the
+second). Where a split step's thread time goes (XLA's profiler, 100 steps, 26.9 ms a step): dots
+24.3 ms at ~150 GFLOP/s a thread, ~15 ms of fused element-wise kernels at ~1 ns an element
+(GELU's erf and its gradient's exp, layer norms, softmax), the two cores ~75% busy.
 """
 
 from __future__ import annotations
