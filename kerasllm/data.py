@@ -6,9 +6,10 @@ when called. Errors name the file (and line) at fault.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,17 +39,82 @@ def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+# Bytes read at a time by `text_blocks`: the memory a streamed file costs, whatever its size.
+BLOCK_BYTES = 16 << 20
+# A block ends after a newline between two non-blank bytes where it can: there every kind of
+# tokenizer but unigram splits words the same in the block as in the whole file (see `text_blocks`).
+_CLEAN_LINE_END = re.compile(rb"\S\n(?=\S)")
+
+
 def read_text(path: Path) -> str:
     """Read one file as strict UTF-8; the error names the line and column of a bad byte."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(
-            f"data: {path}: line {line}, column {column}: not valid UTF-8 (byte 0x{raw[err.start]:02x})"
-        ) from None
+        raise utf8_error(path, raw, err.start) from None
+
+
+def utf8_error(path: Path, raw: bytes, start: int, line: int = 1, column: int = 1) -> DataError:
+    """The error for the bad byte `raw[start]`; `raw` begins at `line`, `column` of the file."""
+    line += raw.count(b"\n", 0, start)
+    last_newline = raw.rfind(b"\n", 0, start)
+    column = start - last_newline if last_newline >= 0 else column + start
+    return DataError(f"data: {path}: line {line}, column {column}: not valid UTF-8 (byte 0x{raw[start]:02x})")
+
+
+def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
+    """The text of one file in blocks of about `block_bytes` (`BLOCK_BYTES`), strict UTF-8.
+
+    Memory stays bounded for a file of any size. A block is cut after a newline between two
+    non-blank bytes where the block has one (in its last half), else after its last newline in
+    its last half, else (a line longer than half a block) before its last whole character. At the first kind of cut
+    char, byte and byte-level BPE tokenizers give the same ids for the blocks as for the whole
+    file (GPT-2's pre-tokenizer ends a word there either way); unigram's Metaspace starts each
+    text with a word marker, so its tokens can differ at a cut (one in millions at 16 MB blocks).
+    Errors are `read_text`'s: a bad byte's line and column, and an empty (all blank) file.
+    """
+    block_bytes = block_bytes or BLOCK_BYTES
+    line, column = 1, 1  # where the next block starts in the file
+    has_text, carry = False, b""
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(block_bytes)
+            data = carry + chunk if carry else chunk
+            if not data:
+                break
+            cut = _block_cut(data) if chunk else len(data)
+            block, carry = data[:cut], data[cut:]
+            try:
+                text = block.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise utf8_error(path, block, err.start, line, column) from None
+            has_text = has_text or not text.isspace()
+            last_newline = block.rfind(b"\n")
+            line += block.count(b"\n")
+            column = len(block) - last_newline if last_newline >= 0 else column + len(block)
+            yield text
+    if not has_text:
+        raise DataError(f"data: {path}: file is empty")
+
+
+def _block_cut(data: bytes) -> int:
+    """Where `text_blocks` cuts `data` (more of the file follows): see its docstring."""
+    half = len(data) // 2
+    for window in (1 << 16, 1 << 20, half):  # the last clean line end, looked for near the end first
+        last = None
+        for last in _CLEAN_LINE_END.finditer(data, max(half, len(data) - window)):
+            pass
+        if last is not None:
+            return last.end()
+    newline = data.rfind(b"\n")
+    if newline >= half:  # (an earlier one would leave more than half a block to carry over)
+        return newline + 1
+    # One line longer than the block: cut before the last character's first byte (not 10xxxxxx).
+    for start in range(len(data) - 1, max(len(data) - 5, 0), -1):
+        if data[start] & 0xC0 != 0x80:
+            return start
+    return len(data)
 
 
 def read_corpus(paths) -> list[str]:
@@ -81,20 +147,32 @@ class TokenSplit:
 
     @classmethod
     def from_ids(cls, ids: np.ndarray, validation_fraction: float, seq_len: int) -> "TokenSplit":
+        cls.check_fraction(validation_fraction)
+        cut = int(len(ids) * (1.0 - validation_fraction))
+        return cls(ids[:cut], ids[cut:]).checked(validation_fraction, seq_len)
+
+    @staticmethod
+    def check_fraction(validation_fraction: float) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise UsageError(f"validation fraction must be in [0, 1), got {validation_fraction}")
-        cut = int(len(ids) * (1.0 - validation_fraction))
-        split = cls(ids[:cut], ids[cut:])
-        if len(split.train) < seq_len + 2:
+
+    def checked(self, validation_fraction: float, seq_len: int) -> "TokenSplit":
+        """This split, if each part fills a window of `seq_len` (a DataError otherwise)."""
+        if len(self.train) < seq_len + 2:
             raise DataError(
-                f"data: only {len(split.train)} training tokens, fewer than one window of --seq-len {seq_len}"
+                f"data: only {len(self.train)} training tokens, fewer than one window of --seq-len {seq_len}"
             )
-        if validation_fraction and len(split.validation) < seq_len + 2:
+        if validation_fraction and len(self.validation) < seq_len + 2:
             raise DataError(
-                f"data: only {len(split.validation)} validation tokens for --seq-len {seq_len}; "
+                f"data: only {len(self.validation)} validation tokens for --seq-len {seq_len}; "
                 "add text or lower the validation fraction"
             )
-        return split
+        return self
+
+
+# Up to this many ids, `lm_windows` gathers windows from a `tf.constant` copy of them (256 MB of int32);
+# beyond it, from the ids where they lie (the token cache's memory map). A module constant for tests.
+IN_MEMORY_TOKENS = 1 << 26
 
 
 def shard_seed(seed: int, shard_index: int, num_shards: int) -> int:
@@ -119,6 +197,11 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
     `n - 1` trailing windows sit out), so within an epoch no window is read twice or
     skipped; in random mode each shard draws from its own seed (`shard_seed`).
     `batch_size` is then the shard's (per-replica) batch.
+
+    `ids` of up to `IN_MEMORY_TOKENS` tokens are copied into one `tf.constant` and the windows
+    gathered from it in the graph; longer ones (an `np.memmap` of the token cache) stay on disk and
+    each batch's windows are read from them by `memmap_windows`. Both read the same windows for
+    the same seed: only where the tokens come from differs.
     """
     import tensorflow as tf  # noqa: PLC0415
 
@@ -126,8 +209,12 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         raise UsageError(f"window mode must be 'random' or 'packed', got {mode!r}")
     if len(ids) < seq_len + 2:
         raise DataError(f"data: {len(ids)} tokens cannot fill one window of {seq_len} + 1")
-    table = tf.constant(ids, dtype=tf.int32)
-    span = tf.range(seq_len + 1, dtype=tf.int64)
+    if len(ids) <= IN_MEMORY_TOKENS:
+        table = tf.constant(np.asarray(ids, dtype=np.int32))
+        span = tf.range(seq_len + 1, dtype=tf.int64)
+        windows_at = as_written(lambda o: tf.gather(table, o[:, None] + span[None, :]))
+    else:
+        windows_at = memmap_windows(ids, seq_len, batch_size)
 
     def split(windows):
         return windows[:, :-1], windows[:, 1:]
@@ -140,9 +227,7 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         offsets = tf.data.Dataset.random(seed=seed).map(as_written(lambda r: tf.math.floormod(r, limit)))
         if not repeat:
             offsets = offsets.take(max(limit // seq_len, 1))
-        dataset = offsets.batch(batch_size, drop_remainder=True).map(
-            as_written(lambda o: tf.gather(table, o[:, None] + span[None, :]))
-        )
+        dataset = offsets.batch(batch_size, drop_remainder=True).map(windows_at)
     else:
         count = (len(ids) - 1) // seq_len
         if count < num_shards:
@@ -154,10 +239,27 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             dataset = dataset.repeat()
-        dataset = dataset.batch(batch_size, drop_remainder=True).map(
-            as_written(lambda o: tf.gather(table, o[:, None] + span[None, :]))
-        )
+        dataset = dataset.batch(batch_size, drop_remainder=True).map(windows_at)
     return without_autotune(dataset.map(as_written(split)).prefetch(2))
+
+
+def memmap_windows(ids: np.ndarray, seq_len: int, batch_size: int):
+    """A `Dataset.map` function from a batch of window offsets `[B]` to the windows `[B, T + 1]`,
+    read from `ids` (an `np.memmap`: only the pages the windows touch are read) by numpy in a
+    `tf.numpy_function`; `lm_windows` uses it for more than `IN_MEMORY_TOKENS` ids."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    span = np.arange(seq_len + 1, dtype=np.int64)
+
+    def read(offsets: np.ndarray) -> np.ndarray:
+        return np.asarray(ids[offsets[:, None] + span[None, :]], dtype=np.int32)
+
+    def windows_at(offsets):
+        windows = tf.numpy_function(read, [offsets], tf.int32, stateful=False)
+        windows.set_shape([batch_size, seq_len + 1])
+        return windows
+
+    return as_written(windows_at)
 
 
 def as_written(function):

@@ -13,7 +13,6 @@ Every kind reserves the same special tokens at the same ids (see `SPECIAL_TOKENS
 
 from __future__ import annotations
 
-import collections
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -55,10 +54,7 @@ class TextTokenizer:
         if kind == "char":
             # The vocabulary is every character seen, most frequent first: counted here in
             # one pass (a WordLevelTrainer over one "word" per character is ~10x slower).
-            counts = collections.Counter()
-            for text in texts:
-                counts.update(text)
-            chars = sorted(counts, key=lambda ch: (-counts[ch], ch))
+            chars = _chars_by_frequency(texts)
             vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *chars])}
             tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
             # Every character, newlines included, is its own "word".
@@ -160,9 +156,24 @@ class TextTokenizer:
         if self._char_vocab is None or any(token in text for token in SPECIAL_TOKENS):
             return np.asarray(self.encode(text), dtype=np.int32)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        unique, inverse = np.unique(codes, return_inverse=True)
-        lookup = np.array([self._char_vocab.get(chr(c), self.unk_id) for c in unique], dtype=np.int32)
-        return lookup[inverse.reshape(-1)]
+        # A table indexed by code point (a sort of the codes, np.unique, cost ~10x more);
+        # code points past the vocabulary's largest read its last entry, unknown.
+        lookup = self._char_lookup
+        return lookup[np.minimum(codes, len(lookup) - 1)]
+
+    @property
+    def _char_lookup(self) -> np.ndarray:
+        """A char tokenizer's id of each code point up to the vocabulary's largest, then unknown."""
+        if not hasattr(self, "_char_lookup_cache"):
+            vocab = {ord(token): i for token, i in self._char_vocab.items() if len(token) == 1}
+            lookup = np.full(max(vocab, default=0) + 2, self.unk_id, dtype=np.int32)
+            lookup[list(vocab)] = list(vocab.values())
+            self._char_lookup_cache = lookup
+        return self._char_lookup_cache
+
+    @property
+    def is_char(self) -> bool:
+        return self._char_vocab is not None
 
     @property
     def _char_vocab(self) -> dict[str, int] | None:
@@ -190,3 +201,36 @@ class TextTokenizer:
     def describe(self) -> dict:
         model = json.loads(self.tokenizer.to_str())["model"]["type"]
         return {"model": model, "vocab_size": self.vocab_size, "special_ids": self.special_ids()}
+
+
+# Characters counted per call of np.bincount: texts are joined up to this length first, so that
+# many short texts (one a line) do not each pay for the 1.1M-entry count table.
+CHAR_COUNT_GROUP = 1 << 20
+CODE_POINTS = 0x110000
+
+
+def _chars_by_frequency(texts: Iterable[str]) -> list[str]:
+    """Every character of `texts`, most frequent first (ties by code point).
+
+    Counted with np.bincount over UTF-32 code points (~10x faster than `collections.Counter` on
+    large texts), one streaming pass: no more than a group of texts is held at once.
+    """
+    counts = np.zeros(CODE_POINTS, dtype=np.int64)
+    group: list[str] = []
+    size = 0
+
+    def count() -> None:
+        codes = np.frombuffer("".join(group).encode("utf-32-le"), dtype=np.uint32)
+        counts[:] += np.bincount(codes, minlength=CODE_POINTS)
+        group.clear()
+
+    for text in texts:
+        group.append(text)
+        size += len(text)
+        if size >= CHAR_COUNT_GROUP:
+            count()
+            size = 0
+    if group:
+        count()
+    seen = np.flatnonzero(counts)
+    return [chr(code) for code in seen[np.lexsort((seen, -counts[seen]))]]

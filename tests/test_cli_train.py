@@ -31,7 +31,8 @@ def test_train_writes_a_complete_run_directory(run_cli, corpus_file, tmp_path):
                      "--eval-interval", "15", "--eval-steps", "2", *FAST)
     assert result.code == 0, result
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.jsonl", "model.keras",
-                                                     "tokenizer.json"]
+                                                     "tokenizer.json", "tokens"]
+    assert sorted(p.name for p in (out / "tokens").iterdir()) == ["tokens.json", "train.bin", "validation.bin"]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in history]
     assert steps == sorted(set(steps)) and steps[-1] == 35

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kerasllm.config import DecoderConfig
-from kerasllm.data import TokenSplit, lm_windows, read_corpus, tokenize_corpus
+from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
 from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
+from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -47,29 +48,32 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         saved = run["train"]
         # A resumed run repeats the saved run; only the data paths may be given again.
         args = CausalLMTrainArgs(**{**saved, "data": args.data or saved["data"]})
+        files = resolve_text_files(args.data)
         tokenizer = TextTokenizer.load(out)
         config = DecoderConfig.from_dict(run["model"])
-        texts = read_corpus(args.data)
     else:
-        texts = read_corpus(args.data)  # fails early, before anything is written
+        files = resolve_text_files(args.data)  # fails early, before anything is written
         config = build_config(args, config_file, config_overrides or {})
-        tokenizer = TextTokenizer.train(texts, kind=args.tokenizer, vocab_size=args.vocab_size)
+        tokenizer = train_corpus_tokenizer(files, args.tokenizer, args.vocab_size)
         config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     check_seq_len(args.seq_len, config)
-    ids = tokenize_corpus(texts, tokenizer)
-    split = TokenSplit.from_ids(ids, args.validation_fraction, args.seq_len)
+    plan_steps(args.steps, args.epochs, 1, args.eval_interval)  # bad --steps/--epochs: refused before tokenizing
     tokens_per_step = args.batch_size * args.seq_len
-    total_steps, steps_per_epoch, epochs = plan_steps(
-        args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
-    )
 
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
                                               "train": asdict(args), "distribute": asdict(dist.options)})
 
-    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
+    with (run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files),
+          token_cache_dir(out, dist.is_chief) as tokens_dir):
+        # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
+        split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)
+        total_steps, steps_per_epoch, epochs = plan_steps(
+            args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
+        )
+
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
