@@ -41,9 +41,10 @@ def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
 
 # Bytes read at a time by `text_blocks`: the memory a streamed file costs, whatever its size.
 BLOCK_BYTES = 16 << 20
-# A block ends after a newline between two non-blank bytes where it can: there every kind of
-# tokenizer but unigram splits words the same in the block as in the whole file (see `text_blocks`).
-_CLEAN_LINE_END = re.compile(rb"\S\n(?=\S)")
+# A block ends before a space that follows a printable ASCII character where it can: there the
+# char, byte, byte-level BPE and unigram (Metaspace) tokenizers all split words the same in the block
+# as in the whole file (see `text_blocks`).
+_CLEAN_CUT = re.compile(rb"[\x21-\x7e](?= )")
 
 
 def read_text(path: Path) -> str:
@@ -66,12 +67,12 @@ def utf8_error(path: Path, raw: bytes, start: int, line: int = 1, column: int = 
 def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
     """The text of one file in blocks of about `block_bytes` (`BLOCK_BYTES`), strict UTF-8.
 
-    Memory stays bounded for a file of any size. A block is cut after a newline between two
-    non-blank bytes where the block has one (in its last half), else after its last newline in
-    its last half, else (a line longer than half a block) before its last whole character. At the first kind of cut
-    char, byte and byte-level BPE tokenizers give the same ids for the blocks as for the whole
-    file (GPT-2's pre-tokenizer ends a word there either way); unigram's Metaspace starts each
-    text with a word marker, so its tokens can differ at a cut (one in millions at 16 MB blocks).
+    Memory stays bounded for a file of any size. A block is cut before a space that follows a
+    printable ASCII character where its last half has one, else after its last newline in its last
+    half, else (no newline for half a block) before its last whole character. At the first kind
+    of cut every tokenizer kind gives the same ids for the blocks as for the whole file: GPT-2's
+    pre-tokenizer (byte-level BPE) ends a word there either way, and unigram's Metaspace starts
+    the next word with its marker there either way (the other cuts may change a token or two).
     Errors are `read_text`'s: a bad byte's line and column, and an empty (all blank) file.
     """
     block_bytes = block_bytes or BLOCK_BYTES
@@ -101,9 +102,9 @@ def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
 def _block_cut(data: bytes) -> int:
     """Where `text_blocks` cuts `data` (more of the file follows): see its docstring."""
     half = len(data) // 2
-    for window in (1 << 16, 1 << 20, half):  # the last clean line end, looked for near the end first
+    for window in (1 << 12, 1 << 16, half):  # the last clean cut, looked for near the end first
         last = None
-        for last in _CLEAN_LINE_END.finditer(data, max(half, len(data) - window)):
+        for last in _CLEAN_CUT.finditer(data, max(half, len(data) - window)):
             pass
         if last is not None:
             return last.end()

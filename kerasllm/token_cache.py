@@ -11,9 +11,10 @@ instead of tokenizing again; a changed file, tokenizer or validation fraction re
 
 The ids are today's `tokenize_corpus` + `TokenSplit.from_ids`: the files in order, each followed
 by EOS, the last fraction of the ids for validation. What changes: the files are tokenized in
-blocks, which for char, byte and BPE tokenizers gives the same ids (see `text_blocks`), for
-unigram possibly another token at a block boundary; and bpe/unigram tokenizers are trained on at
-most `TOKENIZER_SAMPLE_BYTES` of text spread over the files (`tokenizer_sample`).
+blocks, which gives the same ids wherever a block can be cut before a space (see `text_blocks`;
+text without one for half a block, e.g. CJK, may get another subword token at a cut); and
+bpe/unigram tokenizers are trained on at most `TOKENIZER_SAMPLE_BYTES` of text spread over the
+files (`tokenizer_sample`), not on all of it.
 
 Writes are atomic: the bins are written under `.partial` names and renamed, and tokens.json is
 written last (removed first when rebuilding), so a cache without it is never taken for a finished one.
@@ -32,6 +33,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kerasllm.atomic import write_json_atomic
 from kerasllm.data import TokenSplit, text_blocks
 
 TOKENS_DIR = "tokens"
@@ -135,8 +137,6 @@ def read_cache(directory: Path, key: dict) -> TokenSplit | None:
 
 def build_cache(directory: Path, files: Sequence[Path], tokenizer, key: dict) -> TokenSplit:
     """Tokenize `files` into `directory` (see the module docstring) and read the result back."""
-    from kerasllm.training import write_json_atomic  # noqa: PLC0415 - imports Keras
-
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)  # from here on the cache is not a finished one
     dtype = np.dtype(key["dtype"])

@@ -27,6 +27,7 @@ from typing import Any
 
 import keras
 
+from kerasllm.atomic import write_json_atomic  # noqa: F401 - the recipes' import
 from kerasllm.errors import KerasLLMError, UsageError
 
 CONFIG_FILE = "config.json"
@@ -62,12 +63,6 @@ def read_run_config(out: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise UsageError(f"{path}: cannot be read ({err})") from None
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_model_atomic(model: keras.Model, out: Path) -> Path:

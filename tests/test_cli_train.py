@@ -63,8 +63,17 @@ def test_resume_continues_from_the_last_checkpoint(run_cli, corpus_file, tmp_pat
     assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
     monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
 
+    # The resumed run reads the token cache: no tokenizer trained, no file tokenized, the .bin files untouched.
+    from kerasllm import token_cache
+    from kerasllm.tokenizers import TextTokenizer
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "tokens").iterdir()}
+    monkeypatch.setattr(TextTokenizer, "train", None)
+    monkeypatch.setattr(token_cache, "document_ids", None)
     resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet")
     assert resumed.code == 0, resumed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "tokens").iterdir()} == stamps
+    monkeypatch.undo()
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in history]
     # Steps 21..25 ran before the crash but after the last checkpoint (step 20): they are
