@@ -47,16 +47,7 @@ BLOCK_BYTES = 16 << 20
 _CLEAN_CUT = re.compile(rb"[\x21-\x7e](?= )")
 
 
-def read_text(path: Path) -> str:
-    """Read one file as strict UTF-8; the error names the line and column of a bad byte."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise utf8_error(path, raw, err.start) from None
-
-
-def utf8_error(path: Path, raw: bytes, start: int, line: int = 1, column: int = 1) -> DataError:
+def utf8_error(path: Path, raw: bytes, start: int, line: int, column: int) -> DataError:
     """The error for the bad byte `raw[start]`; `raw` begins at `line`, `column` of the file."""
     line += raw.count(b"\n", 0, start)
     last_newline = raw.rfind(b"\n", 0, start)
@@ -73,7 +64,7 @@ def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
     of cut every tokenizer kind gives the same ids for the blocks as for the whole file: GPT-2's
     pre-tokenizer (byte-level BPE) ends a word there either way, and unigram's Metaspace starts
     the next word with its marker there either way (the other cuts may change a token or two).
-    Errors are `read_text`'s: a bad byte's line and column, and an empty (all blank) file.
+    Errors name the file and a bad byte's line and column, or say that the file is empty (all blank).
     """
     block_bytes = block_bytes or BLOCK_BYTES
     line, column = 1, 1  # where the next block starts in the file
@@ -119,14 +110,8 @@ def _block_cut(data: bytes) -> int:
 
 
 def read_corpus(paths) -> list[str]:
-    """All documents (one per file) of a corpus; refuses empty files."""
-    texts = []
-    for path in resolve_text_files(paths):
-        text = read_text(path)
-        if not text.strip():
-            raise DataError(f"data: {path}: file is empty")
-        texts.append(text)
-    return texts
+    """All documents (one per file) of a corpus, read as `text_blocks` reads them; refuses empty files."""
+    return ["".join(text_blocks(path)) for path in resolve_text_files(paths)]
 
 
 def tokenize_corpus(texts: Iterable[str], tokenizer, eos_between_documents: bool = True) -> np.ndarray:

@@ -52,11 +52,8 @@ def test_a_bad_byte_deep_in_a_streamed_file_names_its_line_and_column(tmp_path, 
     for damaged, where in ((b"".join(lines[:2800]), "line 2346, column 4"),
                            (b"".join(lines[:2345] + lines[2346:]), "line 2800, column 9001")):
         path.write_bytes(damaged)
-        with pytest.raises(DataError) as streamed:
+        with pytest.raises(DataError, match=f"deep.txt: {where}: not valid UTF-8"):
             list(text_blocks(path))
-        with pytest.raises(DataError) as whole:
-            data.read_text(path)
-        assert where in str(streamed.value) and str(streamed.value) == str(whole.value)
 
 
 def test_empty_files_are_refused_after_streaming(tmp_path):
