@@ -158,6 +158,9 @@ class TokenSplit:
 
 # Up to this many ids, `lm_windows` gathers windows from a `tf.constant` copy of them (256 MB of int32);
 # beyond it, from the ids where they lie (the token cache's memory map). A module constant for tests.
+# Steady step time, 4-layer 128-wide char GPT, batch 12 x 64, XLA, 2 cores, alternating rounds of 300
+# steps in one process: over 270M cached tokens 25.6 ms (tf.constant) vs 26.1 ms (np.memmap), rounds
+# spreading 24.1-27.8 ms on both; over tinyshakespeare's 1M 28.3 vs 27.2 ms (the threshold forced down).
 IN_MEMORY_TOKENS = 1 << 26
 
 
