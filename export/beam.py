@@ -3,11 +3,12 @@
 A `ModelHandler` (Beam's interface for RunInference) that loads a bundle's predictor once
 per worker and runs it on batches of texts with the very code of the batch CLI
 (export/batch.py: token-budget batches, length bucketing, per-record errors), so a
-pipeline's results equal `kerasllm generate|classify|embed|translate`'s. It imports no
+pipeline's results equal `kerasllm generate|classify|embed|tag|translate`'s. It imports no
 TensorFlow: a Beam worker needs only the serving dependencies and `apache-beam`
 (`pip install "kerasllm[serve,beam]"`).
 
-Elements are texts (str) or dicts holding the text under `text_field`; wrap the handler in
+Elements are texts (str) or dicts holding the text under `text_field` (for `tag` also a list of
+words, or a dict holding one under `tokens_field`, as `kerasllm tag --tokens-field`); wrap the handler in
 Beam's `KeyedModelHandler` to carry ids through. Each `PredictionResult.inference` is the
 predictor's result dict (`{"output": ...}`, `{"label": ..., "scores": ...}`,
 `{"embedding": ...}`) or `{"error": message}` for an element that failed; a failed element
@@ -44,6 +45,8 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
         options: the predictor's options by name (`max_new_tokens`, ...: see
             `batch.TASK_DEFAULTS`); the CLI's defaults fill the rest.
         text_field: where the text is when elements are dicts.
+        tokens_field: `tag`: where a list of words is when elements are dicts (one without it is
+            read from `text_field`); an element may also be a list of words itself.
         device: "cpu", "cuda" or "cuda:N" on the worker.
         truncate: "error", "left" or "right" for texts longer than the model allows.
         batch_size: most elements per model call (also Beam's max batch size).
@@ -53,7 +56,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
 
     def __init__(self, bundle: str | Path, task: str, options: dict | None = None, text_field: str = "text",
                  device: str = "cpu", truncate: str = "error", batch_size: int = 32,
-                 max_batch_tokens: int | None = 8192, min_batch_size: int = 1):
+                 max_batch_tokens: int | None = 8192, min_batch_size: int = 1, tokens_field: str = "tokens"):
         super().__init__()
         if task not in batch.TASK_DEFAULTS:
             raise ValueError(f"unknown task {task!r} (choose from {', '.join(batch.TASK_DEFAULTS)})")
@@ -62,6 +65,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
         self._check_options(options or {})
         self.options = {**batch.TASK_DEFAULTS[task], **(options or {})}
         self.text_field = text_field
+        self.tokens_field = tokens_field
         self.device = device
         self.truncate = truncate
         self.batch_size = batch_size
@@ -92,7 +96,14 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
         return [PredictionResult(element, result, model_id=self.bundle)
                 for element, result in zip(batch_of_elements, results)]
 
-    def _text(self, element: Any) -> str:
+    def _text(self, element: Any) -> str | list[str]:
+        if self.task == "tag":  # a list of words, itself or in a dict (else a text, split by the tagger)
+            words = element.get(self.tokens_field) if isinstance(element, dict) else element
+            if isinstance(words, (list, tuple)):
+                if not all(isinstance(word, str) for word in words):
+                    raise DataError(f"{self.tokens_field!r} is not a list of strings" if isinstance(element, dict)
+                                    else "expected a text, a list of strings or a dict")
+                return list(words)
         if isinstance(element, str):
             return element
         if isinstance(element, dict):
@@ -123,6 +134,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
 
     def _safe_text(self, element: Any) -> str:
         try:
-            return self._text(element)
+            text = self._text(element)
         except DataError:
             return ""
+        return text if isinstance(text, str) else " ".join(text)

@@ -6,6 +6,7 @@ the record, never on its batch, so any batching must give the same output:
     generate/translate: the text reversed, upper-cased, cut at max_new_tokens characters
     classify: "long" or "short" (by token count) with two probabilities
     embed: [tokens, sum of ids mod 97] (unit length under normalize)
+    tag: each word (a text split on whitespace, or a list of words) tagged "LONG" or "SHORT"
 A text equal to "boom" passes `check` but makes `predict` raise RecordError, as a model
 failing on one input would. Every batch seen is appended to `FakePredictor.batches`.
 With `workers` > 0 the predictor also offers `predict_batches`, predicting that many batches
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from kerasllm.export.predict import RecordError
 
-TASKS = ("generate", "translate", "classify", "embed")
+TASKS = ("generate", "translate", "classify", "embed", "tag")
 
 
 def make_bundle(directory: Path, task: str = "generate", max_len: int = 40, delay: float = 0.0,
@@ -66,7 +67,9 @@ class FakePredictor:
             for future in futures:
                 future.cancel()
 
-    def check(self, text: str, truncate: str = "error") -> list[int]:
+    def check(self, text: str | list[str], truncate: str = "error") -> list[int]:
+        if not isinstance(text, str):  # tag: a list of words, as the real tagger takes it
+            text = " ".join(text)
         if not text.strip():
             raise RecordError("empty text")
         ids = list(text.encode("utf-8"))
@@ -98,6 +101,10 @@ class FakePredictor:
             if options.get("top_k"):
                 scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[: options["top_k"]])
             return {"label": max(scores, key=scores.get), "scores": scores}
+        if self.task == "tag":
+            words = text.split()
+            return {"tokens": words, "tags": ["LONG" if len(w) > 3 else "SHORT" for w in words],
+                    "scores": [1.0] * len(words)}
         vector = [float(len(ids)), float(sum(ids) % 97)]
         if options.get("normalize"):
             norm = math.sqrt(sum(v * v for v in vector)) or 1.0

@@ -76,3 +76,28 @@ def test_handler_takes_dict_elements_and_refuses_unknown_options(tmp_path):
         BundleModelHandler(bundle, "generate", {"beams": 4})
     with pytest.raises(ValueError, match="unknown option"):
         handler.validate_inference_args({"normalize": True})
+
+
+def test_tag_takes_texts_lists_of_words_and_dicts_as_the_cli_does(run_cli, tmp_path):
+    """`tag`: a text (split on whitespace), a list of words, or a dict with the words under
+    `tokens_field` (else its text); a list of non-strings is an error for that element only."""
+    bundle = fake_predictor.make_bundle(tmp_path / "bundle", "tag")
+    records = [{"text": "hello big world"}, {"tokens": ["a", "list", "of", "words"]}, {"words": ["x", "yyyy"]},
+               {"tokens": [1, 2]}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    assert run_cli("tag", bundle, "-i", source, "-o", out).code == 1  # the list of numbers fails
+    cli = [json.loads(line) for line in out.read_text().splitlines()]
+    assert cli[1]["tokens"] == ["a", "list", "of", "words"] and "error" in cli[3] and "error" in cli[2]
+    handler = BundleModelHandler(bundle, "tag")
+    model = handler.load_model()
+    elements = ["hello big world", ["a", "list", "of", "words"], records[0], records[1], {"tokens": [1, 2]}]
+    results = [r.inference for r in handler.run_inference(elements, model)]
+    strip = [{k: v for k, v in row.items() if k != "id"} for row in cli]
+    assert results[:4] == [strip[0], strip[1], strip[0], strip[1]]
+    assert results[4] == {"error": "'tokens' is not a list of strings"}
+    renamed = BundleModelHandler(bundle, "tag", tokens_field="words")
+    assert [r.inference for r in renamed.run_inference([records[2]], renamed.load_model())] == [
+        {"tokens": ["x", "yyyy"], "tags": ["SHORT", "LONG"], "scores": [1.0, 1.0]}]
+    assert handler.get_num_bytes(elements[:2]) == len("hello big world") + len("a list of words")
