@@ -119,27 +119,38 @@ def encode_tagged(tokenizer, rows: Sequence[TaggedRow], tags: "LabelMap", max_le
     """`(sequences, labels)`: `[BOS] + pieces` of each sentence and its per-position tag ids (-1 where
     none), aligned by `kerasllm.export.word_pieces` as at inference; a sentence longer than
     `max_length` keeps its start (as the classifier's texts). DataError naming the line for an
-    unknown tag or a word without tokens."""
-    from kerasllm.export.word_pieces import AlignmentError, encode_words, join_words  # noqa: PLC0415
+    unknown tag or a word without tokens. The words of `ENCODE_CHUNK` sentences are encoded per
+    call, so the tokenizer's per-word Encodings are held for one chunk, not the whole corpus."""
+    from kerasllm.export.word_pieces import join_words  # noqa: PLC0415
+    from kerasllm.tokenizers import ENCODE_CHUNK  # noqa: PLC0415
 
-    flat = [word for row in rows for word in row.words]
+    sequences, labels = [], []
+    for first in range(0, len(rows), ENCODE_CHUNK):
+        chunk = rows[first:first + ENCODE_CHUNK]
+        encoded, start = _encoded_words(tokenizer, chunk), 0
+        for row in chunk:
+            pieces = join_words(encoded[start:start + len(row.words)], row.words, tokenizer.bos_id)
+            start += len(row.words)
+            tag_ids = [tags.id(tag, row.where, what="tag") for tag in row.tags]
+            sequences.append(list(pieces[:max_length]))
+            labels.append(pieces.labels(tag_ids)[:max_length])
+    return sequences, labels
+
+
+def _encoded_words(tokenizer, rows: Sequence[TaggedRow]):
+    """`word_pieces.encode_words` of all the words of `rows` in one call; DataError naming the
+    sentence of a word without tokens (found sentence by sentence, only then)."""
+    from kerasllm.export.word_pieces import AlignmentError, encode_words  # noqa: PLC0415
+
     try:
-        encoded = encode_words(tokenizer, flat)
-    except AlignmentError:  # find the sentence at fault (rare: only then sentence by sentence)
+        return encode_words(tokenizer, [word for row in rows for word in row.words])
+    except AlignmentError:
         for row in rows:
             try:
                 encode_words(tokenizer, row.words)
             except AlignmentError as err:
                 raise DataError(f"{row.where}: {err}") from None
         raise
-    sequences, labels, start = [], [], 0
-    for row in rows:
-        pieces = join_words(encoded[start:start + len(row.words)], row.words, tokenizer.bos_id)
-        start += len(row.words)
-        tag_ids = [tags.id(tag, row.where, what="tag") for tag in row.tags]
-        sequences.append(list(pieces[:max_length]))
-        labels.append(pieces.labels(tag_ids)[:max_length])
-    return sequences, labels
 
 
 class LabelMap:
