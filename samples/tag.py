@@ -2,7 +2,7 @@
 
 1. write generated sentences with people, cities and dates tagged in BIO (train JSONL, test CoNLL)
 2. train a token classifier (each word's tag on its first token)
-3. evaluate it in Keras: word accuracy, macro-F1 and entity-level F1 (seqeval)
+3. evaluate it in Keras: word accuracy, macro-F1 and entity-level F1 (conlleval rules)
 4. export it to a verified ONNX bundle (tags identical, logits within 1e-4 of Keras)
 5. evaluate the bundle and batch-tag new sentences on ONNX Runtime, no TensorFlow
 

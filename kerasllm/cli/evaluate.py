@@ -40,7 +40,7 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
       kerasllm evaluate runs/clf --data test.tsv --output metrics.json
       kerasllm evaluate bundles/lm --data held_out.txt
       kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
-      kerasllm evaluate bundles/ner --data test.conll          # accuracy per word, entity_f1 (seqeval)
+      kerasllm evaluate bundles/ner --data test.conll          # accuracy per word, entity_f1 (conlleval)
     """
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
 

@@ -1,0 +1,108 @@
+"""Entity-level scores of BIO-tagged sentences (`kerasllm.metrics.entity_scores`).
+
+kerasllm counts entities itself (see `entity_scores` for why not seqeval). Checked here against
+an independent transcription of conlleval's chunk rules (the reference scorer of the CoNLL shared
+tasks, whose default mode seqeval follows) on random tag sequences, and against seqeval's
+documented example.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kerasllm import metrics
+
+
+def conlleval_chunks(tags: list[str]) -> set[tuple[str, int, int]]:
+    """Spans by conlleval.pl's `endOfChunk` / `startOfChunk` (its B/I/O cases), walked as the
+    script walks a sentence: the previous tag starts as O, and an O closes the sentence."""
+
+    def end_of_chunk(prev_tag, tag, prev_type, tag_type):
+        return ((prev_tag, tag) in {("B", "B"), ("B", "O"), ("I", "B"), ("I", "O")}
+                or (prev_tag != "O" and prev_type != tag_type))
+
+    def start_of_chunk(prev_tag, tag, prev_type, tag_type):
+        return ((prev_tag, tag) in {("B", "B"), ("I", "B"), ("O", "B"), ("O", "I")}
+                or (tag != "O" and prev_type != tag_type))
+
+    chunks, start, prev_tag, prev_type = set(), None, "O", ""
+    for position, full_tag in enumerate([*tags, "O"]):
+        tag, _, tag_type = full_tag.partition("-")
+        if start is not None and end_of_chunk(prev_tag, tag, prev_type, tag_type):
+            chunks.add((prev_type, start, position))
+            start = None
+        if start_of_chunk(prev_tag, tag, prev_type, tag_type):
+            start = position
+        prev_tag, prev_type = tag, tag_type
+    return chunks
+
+
+bio_tags = st.sampled_from(["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"])
+sentences = st.lists(bio_tags, min_size=1, max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(sentences)
+def test_entities_are_conllevals_chunks(tags):
+    assert metrics.bio_entities(tags) == conlleval_chunks(tags)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(sentences, sentences), min_size=1, max_size=6))
+def test_entity_scores_count_exact_type_and_span_matches(pairs):
+    references = [r for r, _ in pairs]
+    predictions = [p[:len(r)] + ["O"] * (len(r) - len(p)) for r, p in pairs]
+    true = [conlleval_chunks(r) for r in references]
+    predicted = [conlleval_chunks(p) for p in predictions]
+    correct = sum(len(t & p) for t, p in zip(true, predicted))
+    n_true, n_predicted = sum(map(len, true)), sum(map(len, predicted))
+    scores = metrics.entity_scores(references, predictions)
+    precision = correct / n_predicted if n_predicted else 0.0
+    recall = correct / n_true if n_true else 0.0
+    assert scores["entity_precision"] == pytest.approx(precision)
+    assert scores["entity_recall"] == pytest.approx(recall)
+    assert scores["entity_f1"] == pytest.approx(2 * precision * recall / (precision + recall) if correct else 0.0)
+    assert (scores["entity_f1"] == 1.0) == (true == predicted and n_true > 0)
+
+
+def test_seqevals_documented_example():
+    # seqeval's README: the MISC entity starts one word early in the prediction; PER matches.
+    y_true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    y_pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    assert metrics.entity_scores(y_true, y_pred) == {"entity_f1": 0.5, "entity_precision": 0.5, "entity_recall": 0.5}
+
+
+def test_an_i_tag_after_another_type_starts_an_entity_and_nothing_to_count_scores_zero():
+    assert metrics.bio_entities(["B-PER", "I-LOC", "I-LOC", "O", "I-PER"]) == {
+        ("PER", 0, 1), ("LOC", 1, 3), ("PER", 4, 5)}
+    assert metrics.entity_scores([["O", "O"]], [["O", "O"]]) == {
+        "entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0}
+    with pytest.raises(ValueError, match="2 references vs 1 predictions"):
+        metrics.entity_scores([["O"], ["O"]], [["O"]])
+
+
+def _requirement_names(distribution: str, seen: set[str]) -> set[str]:
+    """Names of `distribution`'s installed requirements, recursively, extras left out."""
+    for requirement in importlib.metadata.requires(distribution) or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            _requirement_names(name, seen)
+        except importlib.metadata.PackageNotFoundError:
+            pass  # an environment marker kept it out of this platform's install
+    return seen
+
+
+def test_kerasllm_does_not_install_scikit_learn():
+    # With scikit-learn installed, `import keras` imports it and SciPy (its scikit-learn wrappers):
+    # ~0.45 s added to every training and export process. Nothing kerasllm requires may pull it in.
+    assert "scikit-learn" not in _requirement_names("kerasllm", set())
