@@ -265,6 +265,34 @@ program faster; nanoGPT most):
 
 and the 300-step CLI run of the tree before the cache (d00be85) and after, 4 alternated pairs:
 12.66/12.33, 16.33/15.49, 13.27/13.83, 14.29/13.85 s (after shorter in 3 of 4; val loss identical).
+
+2026-12-06 (sixth session), after kerasllm stopped requiring seqeval (and with it scikit-learn,
+which Keras imports with TensorFlow when installed: `import tensorflow, keras` 2.1 -> 1.65 s, five
+alternated pairs), `--warm-cache-row`, three runs (`--repeats 3`, 3, then 5):
+
+    kerasllm                       11.7     35,134         1.26x         1.28x
+    kerasllm, warm XLA cache       11.2     34,127         1.20x         1.24x
+    keras-hub GPT2Backbone         21.1     27,535         2.28x         1.00x
+    nanoGPT (PyTorch)               9.3     34,783         1.00x         1.26x
+
+    kerasllm                       12.4     32,853         1.31x         1.21x
+    kerasllm, warm XLA cache       11.1     34,096         1.17x         1.25x
+    keras-hub GPT2Backbone         21.9     27,186         2.30x         1.00x
+    nanoGPT (PyTorch)               9.5     33,268         1.00x         1.22x
+
+    kerasllm                       12.4     33,478         1.17x         1.27x
+    kerasllm, warm XLA cache       11.3     33,046         1.06x         1.26x
+    keras-hub GPT2Backbone         22.5     26,314         2.11x         1.00x
+    nanoGPT (PyTorch)              10.6     30,035         1.00x         1.14x
+
+Measured that session and not kept: LLVM at `--xla_backend_optimization_level=1` (part_gradients'
+compile 1.15-1.28 vs 1.22-1.60 CPU-s, apply_mean's unchanged, steps alike: within noise),
+`--xla_cpu_enable_fast_math=true` (part_gradients 16.2-17.9 vs 15.7-18.5 ms a call), apply_mean
+without XLA (its first call 0.31-0.33 vs 0.95-1.15 s, but each call slower), apply_mean as two
+XLA programs over halves of the weights (no faster: they hardly overlap), a trivial XLA compile
+ahead to take XLA's one-time set-up off the first step (it is ~20 ms). Where a cold run's CPU goes
+(`/proc/self/stat` sampled every 0.1 s): one core until ~3 s (TensorFlow's import, data, model,
+the parts' traces), both from ~3.8 s (the compiles, then the steps).
 """
 
 from __future__ import annotations
