@@ -8,9 +8,6 @@ documented example.
 
 from __future__ import annotations
 
-import importlib.metadata
-import re
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -84,25 +81,3 @@ def test_an_i_tag_after_another_type_starts_an_entity_and_nothing_to_count_score
         "entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0}
     with pytest.raises(ValueError, match="2 references vs 1 predictions"):
         metrics.entity_scores([["O"], ["O"]], [["O"]])
-
-
-def _requirement_names(distribution: str, seen: set[str]) -> set[str]:
-    """Names of `distribution`'s installed requirements, recursively, extras left out."""
-    for requirement in importlib.metadata.requires(distribution) or []:
-        if "extra ==" in requirement:
-            continue
-        name = re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            _requirement_names(name, seen)
-        except importlib.metadata.PackageNotFoundError:
-            pass  # an environment marker kept it out of this platform's install
-    return seen
-
-
-def test_kerasllm_does_not_install_scikit_learn():
-    # With scikit-learn installed, `import keras` imports it and SciPy (its scikit-learn wrappers):
-    # ~0.45 s added to every training and export process. Nothing kerasllm requires may pull it in.
-    assert "scikit-learn" not in _requirement_names("kerasllm", set())
