@@ -78,6 +78,8 @@ the 4-batch job in one process over 3 x 300 alternations: 1.000, 1.024, 1.000).
 2026-12-06 (fifth session), no decoding change, `--keep --repeats 3`: greedy Keras 314.1 | bundle
 930.0 sentences/s 2.96x | per batch 580.7 1.85x, greedy outputs 64/64 identical; beam 4 5.65x. (An
 earlier run while another job's `pip install` shared the cores is not counted: greedy 2.06x.)
+2026-12-06 (sixth session), no decoding change, `--keep --repeats 3`, the machine in a fast phase: greedy
+Keras 433.7 | bundle 1207.9 sentences/s 2.79x | per batch 921.2 2.12x, 64/64 identical; beam 4 6.31x.
 A second run 45 minutes later, in a fast phase (Keras fastest so far): greedy Keras 465.3 | bundle
 1287.2 2.77x | per batch 2.23x, 64/64 identical; beam 4 6.46x.
 The encoder on one thread (ORT profile, 16 rows of 16-32 tokens, a slow phase, 11.0 ms a
