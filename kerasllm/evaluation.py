@@ -89,7 +89,8 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
                               **_: Any) -> dict:
     """`accuracy` (per word) and `macro_f1` (over the tag ids) of a token classifier on tagged
     sentences (JSONL or CoNLL, as in training), and with BIO (IOB2) tags the entity-level
-    `entity_f1`, `entity_precision` and `entity_recall` (conlleval rules, `metrics.entity_scores`).
+    `entity_f1`, `entity_precision` and `entity_recall` (conlleval rules, `metrics.entity_scores`), and
+    per entity type under `entity_types`.
 
     Every word is scored: a sentence longer than the model allows is a DataError naming its line.
     """

@@ -80,10 +80,12 @@ def bio_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     return spans
 
 
-def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> dict[str, float]:
+def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> dict:
     """Entity-level `entity_precision`, `entity_recall` and `entity_f1` (micro-averaged over entity
     types) of BIO-tagged sentences, as conlleval and seqeval's default mode count them: an entity
     counts when its type and its span match exactly. 0 when there is nothing to count.
+    `entity_types` holds each type's `precision`, `recall`, `f1` and `support` (its entities in the
+    references), as seqeval's `classification_report` gives them, for every type either side names.
 
     Written here rather than taken from seqeval: seqeval requires scikit-learn, and once
     scikit-learn is installed Keras imports it (and SciPy) with TensorFlow for its scikit-learn
@@ -93,15 +95,25 @@ def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Seq
     """
     if len(references) != len(predictions):
         raise ValueError(f"entity_scores: {len(references)} references vs {len(predictions)} predictions")
-    true_count = predicted_count = correct = 0
+    counts: dict[str, list[int]] = {}  # type -> [in the references, predicted, both]
     for reference, prediction in zip(references, predictions):
         true_spans, predicted_spans = bio_entities(reference), bio_entities(prediction)
-        true_count, predicted_count = true_count + len(true_spans), predicted_count + len(predicted_spans)
-        correct += len(true_spans & predicted_spans)
-    precision = correct / predicted_count if predicted_count else 0.0
-    recall = correct / true_count if true_count else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"entity_f1": f1, "entity_precision": precision, "entity_recall": recall}
+        for index, spans in enumerate((true_spans, predicted_spans, true_spans & predicted_spans)):
+            for kind, _, _ in spans:
+                counts.setdefault(kind, [0, 0, 0])[index] += 1
+    true_count, predicted_count, correct = (sum(c[i] for c in counts.values()) for i in range(3))
+    scores = _precision_recall_f1(correct, predicted_count, true_count)
+    by_type = {kind: {**_precision_recall_f1(both, predicted, true), "support": true}
+               for kind, (true, predicted, both) in sorted(counts.items())}
+    return {"entity_f1": scores["f1"], "entity_precision": scores["precision"], "entity_recall": scores["recall"],
+            "entity_types": by_type}
+
+
+def _precision_recall_f1(correct: int, predicted: int, true: int) -> dict[str, float]:
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / true if true else 0.0
+    return {"precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
 
 
 # -- sequence-to-sequence (translation, text-to-text) -----------------------------------------

@@ -65,19 +65,33 @@ def test_entity_scores_count_exact_type_and_span_matches(pairs):
     assert scores["entity_recall"] == pytest.approx(recall)
     assert scores["entity_f1"] == pytest.approx(2 * precision * recall / (precision + recall) if correct else 0.0)
     assert (scores["entity_f1"] == 1.0) == (true == predicted and n_true > 0)
+    # Per type: the same counts restricted to one type; every type either side names is listed.
+    named = {kind for spans in true + predicted for kind, _, _ in spans}
+    assert set(scores["entity_types"]) == named
+    for kind, row in scores["entity_types"].items():
+        of_kind = [{s for s in spans if s[0] == kind} for spans in true], [{s for s in spans if s[0] == kind} for spans in predicted]
+        kind_true, kind_predicted = sum(map(len, of_kind[0])), sum(map(len, of_kind[1]))
+        kind_correct = sum(len(t & p) for t, p in zip(*of_kind))
+        assert row["support"] == kind_true
+        assert row["precision"] == pytest.approx(kind_correct / kind_predicted if kind_predicted else 0.0)
+        assert row["recall"] == pytest.approx(kind_correct / kind_true if kind_true else 0.0)
 
 
 def test_seqevals_documented_example():
     # seqeval's README: the MISC entity starts one word early in the prediction; PER matches.
     y_true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
     y_pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
-    assert metrics.entity_scores(y_true, y_pred) == {"entity_f1": 0.5, "entity_precision": 0.5, "entity_recall": 0.5}
+    scores = metrics.entity_scores(y_true, y_pred)
+    assert (scores["entity_f1"], scores["entity_precision"], scores["entity_recall"]) == (0.5, 0.5, 0.5)
+    # and its classification_report: MISC 0.00 0.00 0.00 support 1, PER 1.00 1.00 1.00 support 1
+    assert scores["entity_types"] == {"MISC": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+                                      "PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}}
 
 
 def test_an_i_tag_after_another_type_starts_an_entity_and_nothing_to_count_scores_zero():
     assert metrics.bio_entities(["B-PER", "I-LOC", "I-LOC", "O", "I-PER"]) == {
         ("PER", 0, 1), ("LOC", 1, 3), ("PER", 4, 5)}
     assert metrics.entity_scores([["O", "O"]], [["O", "O"]]) == {
-        "entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0}
+        "entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0, "entity_types": {}}
     with pytest.raises(ValueError, match="2 references vs 1 predictions"):
         metrics.entity_scores([["O"], ["O"]], [["O"]])

@@ -88,6 +88,11 @@ def test_word_accuracy_reaches_95_percent_in_keras_and_bundle(work, run_cli, tmp
         assert results[source]["accuracy"] >= 0.95, results
         assert results[source]["entity_f1"] >= 0.85 and results[source]["macro_f1"] >= 0.85, results
         assert set(results[source]) >= {"entity_precision", "entity_recall"}
+        # per entity type: every type of the test set, each with its reference entities as support
+        types = {tag[2:] for line in (work / "test.conll").read_text().splitlines() if line.strip()
+                 for tag in [line.split()[-1]] if tag != "O"}
+        by_type = results[source]["entity_types"]
+        assert set(by_type) >= types and all(row["support"] > 0 and row["f1"] >= 0.5 for row in by_type.values()), by_type
     assert results["ner"] == results["ner-bundle"]
     history = [json.loads(line) for line in (work / "ner" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "val_loss" in h] == [100, 200]
