@@ -2,7 +2,8 @@
 
 Each metric is a small separate function; `kerasllm evaluate` reports them under these
 names: `accuracy`, `macro_f1` (classification), `perplexity` (language models),
-`entity_f1`, `entity_precision`, `entity_recall` (token classification with BIO tags).
+`entity_f1`, `entity_precision`, `entity_recall` and per type `entity_types` (token classification
+with BIO tags).
 """
 
 from __future__ import annotations
