@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kerasllm import datasets
+from kerasllm.data_tasks import read_tagged
 from kerasllm.errors import DataError, UsageError
 
 FAST = ["--preset", "tiny", "--seq-len", "96", "--batch-size", "32", "--no-jit-compile", "--quiet"]
@@ -89,8 +90,7 @@ def test_word_accuracy_reaches_95_percent_in_keras_and_bundle(work, run_cli, tmp
         assert results[source]["entity_f1"] >= 0.85 and results[source]["macro_f1"] >= 0.85, results
         assert set(results[source]) >= {"entity_precision", "entity_recall"}
         # per entity type: every type of the test set, each with its reference entities as support
-        types = {tag[2:] for line in (work / "test.conll").read_text().splitlines() if line.strip()
-                 for tag in [line.split()[-1]] if tag != "O"}
+        types = {tag[2:] for row in read_tagged(work / "test.conll") for tag in row.tags if tag != "O"}
         by_type = results[source]["entity_types"]
         assert set(by_type) >= types and all(row["support"] > 0 and row["f1"] >= 0.5 for row in by_type.values()), by_type
     assert results["ner"] == results["ner-bundle"]
@@ -240,8 +240,6 @@ _conll_lines = st.one_of(st.just(""), st.text(alphabet=" \tabO-", max_size=8),
 def test_fuzzed_records_are_read_whole_or_refused_naming_a_line(lines, suffix):
     """Whatever the file holds, `read_tagged` returns well-formed sentences or raises a DataError that
     names the file and a line of it (or, for a file without records, the file): never anything else."""
-    from kerasllm.data_tasks import read_tagged
-
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"data{suffix}"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
