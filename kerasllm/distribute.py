@@ -111,6 +111,10 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None):
     # strategy can no longer be set up ("Collective ops must be configured at program
     # startup"): only the local strategies look at devices.
     if name == "auto":
+        # Physical devices first: on one GPU or none the runtime stays unstarted, so a recipe can
+        # still set TensorFlow's threads (split_batch.give_parts_a_core_each).
+        if len(tf.config.list_physical_devices("GPU")) < 2:
+            return tf.distribute.get_strategy()
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     if name == "one-device":
@@ -304,6 +308,13 @@ class Distribution:
             return requested
         log.info("--jit-compile is off: XLA cannot compile a step replicated over %d devices", self.num_replicas)
         return False
+
+    def threads_for(self, config, jit_compile: bool) -> None:
+        """Before TensorFlow's runtime starts: its threads for training `config` here (see
+        `kerasllm.models.split_batch.give_parts_a_core_each`)."""
+        from kerasllm.models.split_batch import give_parts_a_core_each  # noqa: PLC0415 - imports keras
+
+        give_parts_a_core_each(jit_compile=jit_compile, dropout=config.dropout, replicas=self.num_replicas)
 
     def learning_rate(self, learning_rate: float, scale: bool | None = None) -> float:
         """`--lr`, times the replicas with `--scale-lr` (`scale`, default: the run's option)."""

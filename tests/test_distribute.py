@@ -49,6 +49,7 @@ def test_auto_and_one_device_pick_gpus_when_there_are_some(monkeypatch):
 
     gpus = [Device("/device:GPU:0"), Device("/device:GPU:1")]
     monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
     monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda devices=None: ("mirrored", devices))
     monkeypatch.setattr(tf.distribute, "OneDeviceStrategy", lambda device: ("one", device))
     assert resolve_strategy("auto") == ("mirrored", None)  # every local GPU

@@ -281,3 +281,68 @@ def test_warm_up_compiles_the_programs_the_steps_run(tmp_path):
     assert log.count("Instantly compiling for signature: __inference_part_gradients") == 1
     requests = re.findall(r"signature: __inference_part_gradients_\d+ with request count (\d+)", log)
     assert max(map(int, requests)) == 6, requests
+
+
+CORE_PER_PART_SCRIPT = """
+import json, os, sys
+import kerasllm.distribute
+kerasllm.distribute.usable_cores = lambda: 2  # the rule is for a machine whose cores equal the parts
+from kerasllm.models import split_batch
+give = split_batch.give_parts_a_core_each
+import tensorflow as tf
+checks = {
+    "dropout": give(jit_compile=True, dropout=0.1),
+    "no_xla": give(jit_compile=False, dropout=0.0),
+    "replicas": give(jit_compile=True, dropout=0.0, replicas=2),
+}
+os.environ["TF_NUM_INTRAOP_THREADS"] = "2"
+checks["user_threads"] = give(jit_compile=True, dropout=0.0)
+del os.environ["TF_NUM_INTRAOP_THREADS"]
+checks["threads_before"] = tf.config.threading.get_intra_op_parallelism_threads()
+from kerasllm.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:
+    checks["exit"] = done.code
+checks["threads_after"] = tf.config.threading.get_intra_op_parallelism_threads()
+checks["tiny_model_parts"] = split_batch.resolve_batch_split(
+    __import__("kerasllm").CausalLM(__import__("kerasllm").DecoderConfig.preset("tiny", vocab_size=40)), "auto", True)
+checks["after_start"] = give(jit_compile=True, dropout=0.0)  # True where set before; else the runtime runs: no error
+print("CHECKS", json.dumps(checks))
+"""
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cli_training_gives_each_part_a_core(tmp_path, corpus_file, dropout):
+    """`kerasllm train` on a 2-core machine without a GPU sets TensorFlow's intra-op threads to 1
+    before its runtime starts, so each part of the split step runs on a core of its own
+    (split_batch.give_parts_a_core_each), and "auto" then splits even a small model. A model with
+    dropout keeps one program, so it keeps TensorFlow's default threads; so do XLA off, several
+    replicas, and a user's own TF_NUM_INTRAOP_THREADS."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"family": "decoder", "num_layers": 2, "num_heads": 2, "hidden_dim": 32,
+                                  "intermediate_dim": 64, "max_length": 32, "dropout": dropout}))
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_NUM_INTRAOP_THREADS", "KERASLLM_BATCH_SPLIT")}
+    done = subprocess.run(
+        [sys.executable, "-c", CORE_PER_PART_SCRIPT, "train", "causal-lm", "--data", str(corpus_file), "--out",
+         str(tmp_path / "run"), "--config", str(config), "--steps", "4", "--batch-size", "4", "--seq-len", "16",
+         "--quiet"],
+        capture_output=True, text=True, timeout=600, env={**env, "CUDA_VISIBLE_DEVICES": "", "KERASLLM_XLA_CACHE": "off"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    checks = json.loads(done.stdout.split("CHECKS")[-1])
+    assert checks.get("exit") in (None, 0), checks
+    assert not any(checks[k] for k in ("dropout", "no_xla", "replicas", "user_threads")), checks
+    assert checks["after_start"] == (not dropout)  # once TensorFlow runs, its threads stay as they are
+    assert checks["threads_before"] == 0  # TensorFlow's default: a thread per core
+    if dropout:
+        assert checks["threads_after"] == 0
+        assert checks["tiny_model_parts"] == 1  # below AUTO_MIN_PARAMETERS
+    else:
+        assert checks["threads_after"] == 1
+        assert checks["tiny_model_parts"] == 2  # one thread each: the split is how the second core is used
+    assert (tmp_path / "run" / "model.keras").is_file()

@@ -66,6 +66,8 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
                                               "train": asdict(args), "distribute": asdict(dist.options)})
 
+    # Before TensorFlow's runtime starts: its threads are fixed from then on.
+    dist.threads_for(config, args.jit_compile)
     with (run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files),
           token_cache_dir(out, dist.is_chief) as tokens_dir):
         # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.

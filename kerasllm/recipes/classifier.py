@@ -81,6 +81,8 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
                                               "labels": labels.labels, "train": asdict(args)})
 
+    # Before TensorFlow's runtime starts: its threads are fixed from then on.
+    dist.threads_for(config, args.jit_compile)
     with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 

@@ -84,6 +84,8 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
         write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "labels": tags.labels,
                                               "train": asdict(args)})
 
+    # Before TensorFlow's runtime starts: its threads are fixed from then on.
+    dist.threads_for(config, args.jit_compile)
     with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
