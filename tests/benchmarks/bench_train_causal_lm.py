@@ -453,6 +453,19 @@ def main() -> None:
         k = summary["kerasllm"]
         print(f"\nkerasllm steady tokens/s = {k['tokens_per_s'] / base['tokens_per_s']:.2f}x nanoGPT's; "
               f"whole-process time = {k['wall_s'] / base['wall_s']:.2f}x nanoGPT's")
+    # Each run, in order: the machine's speed drifts by 20-40% within minutes, so the ratios of the
+    # runs of one repeat (minutes apart at most) show what medians of separate runs can hide.
+    print("\nruns in order (wall s / tokens/s):")
+    for name, rs in runs.items():
+        if rs:
+            print(f"  {name:<26}" + "  ".join(f"{r['wall_s']:5.1f}/{r['tokens_per_s']:>6,.0f}" for r in rs))
+    pairs = {"wall / nanoGPT": ("nanoGPT (PyTorch)", "wall_s"), "tok/s vs hub": ("keras-hub GPT2Backbone", "tokens_per_s"),
+             "tok/s vs nanoGPT": ("nanoGPT (PyTorch)", "tokens_per_s")}
+    for label, (other, key) in pairs.items():
+        if runs[other] and runs["kerasllm"]:
+            ratios = [a[key] / b[key] for a, b in zip(runs["kerasllm"], runs[other])]
+            print(f"  kerasllm {label:<17} per repeat: " + " ".join(f"{r:.2f}x" for r in ratios)
+                  + f"  (median {statistics.median(ratios):.2f}x)")
     shutil.rmtree(workdir, ignore_errors=True)
 
 
