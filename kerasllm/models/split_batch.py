@@ -16,7 +16,7 @@ two halves plus the update (one process, steps alternated, median of 8 x 25 step
 faster, ratio per pair 0.85-1.02). With TensorFlow's default threads both parts' kernels share
 one pool and finish at different times; `kerasllm train` on a machine whose cores equal the
 parts gives TensorFlow one intra-op thread, so each part runs whole on a core of its own
-(`give_parts_a_core_each`: ~8% more tokens/s in whole CLI runs). See
+(`give_parts_a_core_each`: ~7% more tokens/s in whole CLI runs). See
 tests/benchmarks/bench_train_causal_lm.py for whole-run figures.
 
 When (`batch_split="auto"`, the default of `TransformerModel.compile`): XLA is on, no
@@ -110,9 +110,9 @@ def give_parts_a_core_each(*, jit_compile: bool, dropout: float, replicas: int =
     matrix product passes between threads (43 context switches per step against 10). With
     one intra-op thread, each part runs whole on the inter-op thread that calls it and both
     end together. `kerasllm train causal-lm` at tests/benchmarks/bench_train_causal_lm.py's
-    shape, 300 steps, 10 alternated pairs on the 2-core machine: steady tokens/s higher in
-    9 of 10 (+4% to +15%), the whole run shorter in 9 of 10 (0.1-1.3 s, median 0.65), the
-    validation loss identical. A model that keeps one program (dropout, several devices, no
+    shape, 300 steps, 24 alternated pairs against TensorFlow's default on the 2-core machine:
+    steady tokens/s higher in 17 (median ratio 1.067), the whole run shorter in 18 (median
+    ratio 0.948), the validation loss identical. A model that keeps one program (dropout, several devices, no
     XLA) would run its step on one thread instead of two (2x slower measured), so those keep
     TensorFlow's default; so does a machine with a GPU or TPU, or with more cores than
     parts (not measured), and a process where `TF_NUM_INTRAOP_THREADS` is set.

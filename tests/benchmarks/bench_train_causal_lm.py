@@ -293,6 +293,54 @@ XLA programs over halves of the weights (no faster: they hardly overlap), a triv
 ahead to take XLA's one-time set-up off the first step (it is ~20 ms). Where a cold run's CPU goes
 (`/proc/self/stat` sampled every 0.1 s): one core until ~3 s (TensorFlow's import, data, model,
 the parts' traces), both from ~3.8 s (the compiles, then the steps).
+
+2026-12-06 (seventh session), after two changes to training: `kerasllm train` on a 2-core machine
+gives TensorFlow one intra-op thread, so each part of the split step runs whole on a core of its
+own (split_batch.give_parts_a_core_each; with the default pool, XLA ran both parts' kernels on the
+same two threads and the parts ended 2-6 ms apart, one core idle meanwhile; 24 alternated 300-step
+CLI pairs: tokens/s higher in 17, median +6.7%; wall shorter in 18, median -5.2%; losses identical), and FeedForward's
+training GELU with its gradient written out (one backward kernel from x: element-wise kernel time
+-0.3 to -1.0 ms a step of ~34). Val loss after 2000 iterations unchanged: 1.823. Four runs
+(`--warm-cache-row`; R = 3, 5, 5, 3), the last two with the per-run lines:
+
+    kerasllm                       10.6     41,063         1.21x         1.35x     (fast phase)
+    kerasllm, warm XLA cache        9.8     39,851         1.11x         1.31x
+    keras-hub GPT2Backbone         19.6     30,422         2.23x         1.00x
+    nanoGPT (PyTorch)               8.8     36,031         1.00x         1.18x
+
+    kerasllm                       13.2     31,948         1.38x         1.16x
+    kerasllm, warm XLA cache       10.4     37,633         1.10x         1.37x
+    keras-hub GPT2Backbone         21.7     27,485         2.28x         1.00x
+    nanoGPT (PyTorch)               9.5     33,139         1.00x         1.21x
+
+    kerasllm                       16.3     21,972         1.29x         1.14x     (slow phase from the third repeat:
+    kerasllm, warm XLA cache       16.2     23,852         1.29x         1.24x      keras-hub 26.7 -> 30.0-37.8 s)
+    keras-hub GPT2Backbone         30.0     19,293         2.38x         1.00x
+    nanoGPT (PyTorch)              12.6     25,301         1.00x         1.31x
+      per repeat: wall / nanoGPT 1.12x 1.24x 1.29x 1.10x 1.54x; tok/s vs hub 1.46x 1.51x 1.03x 1.24x 1.06x;
+      tok/s vs nanoGPT 1.18x 1.05x 0.87x 1.00x 0.82x
+
+    kerasllm                       12.7     33,434         1.08x         1.32x
+    kerasllm, warm XLA cache       11.0     35,440         0.94x         1.40x
+    keras-hub GPT2Backbone         23.3     25,293         1.99x         1.00x
+    nanoGPT (PyTorch)              11.7     28,710         1.00x         1.14x
+      per repeat: wall / nanoGPT 1.25x 1.07x 1.13x; tok/s vs hub 1.32x 1.47x 1.26x;
+      tok/s vs nanoGPT 1.07x 1.20x 1.24x
+
+Runs 1 and 4 meet all three goals (wall <= 1.2x nanoGPT: 1.21x / 1.08x; tokens/s >= 1.3x keras-hub:
+1.35x / 1.32x; >= nanoGPT: 1.14x / 1.16x); runs 2 and 3 do not. In the slow repeats of run 3 kerasllm
+fell to 0.82-0.87x nanoGPT's tokens/s: with one thread per part, a core the host slows holds its
+part back, where the shared pool let the other thread take over kernels (a guess from the
+pattern, not measured apart). What a step's kernels cost now (XLA profiler, one thread per part,
+fast phase): ~34-36 ms of kernel time per step, dots ~25 ms (single-threaded Eigen, ~20% more
+than the pooled dots' event time), element-wise ~9.5-10 ms (against 12-13.5 with the pool).
+Measured this session and not kept: column reductions (the layer norms' gamma gradients, ~100 us
+each in the step) written as a dot with a ones vector, a transposed row reduction or two stages (in
+a micro-benchmark, 16 at [384, 128]: all 63-88 us each, XLA folds them into the same reduce; a row
+reduction of the same data takes 23 us). Measured and not built: launching an XLA program with 108
+resource variables and 72 tensor arguments costs ~410 us against ~85 us for 39 + 2 (tiny tensors),
+so apply_mean over flat optimizer slots would save ~0.3 ms a step (~1.4%), not worth a second
+optimizer layout under every distribution strategy.
 """
 
 from __future__ import annotations
