@@ -112,10 +112,11 @@ def give_parts_a_core_each(*, jit_compile: bool, dropout: float, replicas: int =
     end together. `kerasllm train causal-lm` at tests/benchmarks/bench_train_causal_lm.py's
     shape, 300 steps, 24 alternated pairs against TensorFlow's default on the 2-core machine:
     steady tokens/s higher in 17 (median ratio 1.067), the whole run shorter in 18 (median
-    ratio 0.948), the validation loss identical. A model that keeps one program (dropout, several devices, no
-    XLA) would run its step on one thread instead of two (2x slower measured), so those keep
-    TensorFlow's default; so does a machine with a GPU or TPU, or with more cores than
-    parts (not measured), and a process where `TF_NUM_INTRAOP_THREADS` is set.
+    ratio 0.948), the validation loss identical. A model that keeps one program (dropout,
+    several devices, no XLA) would run its step on one thread instead of two (2x slower,
+    measured), so those keep TensorFlow's default; so does a machine with a GPU or TPU, or
+    with more cores than parts (not measured), and a process where `TF_NUM_INTRAOP_THREADS`
+    is set.
     With the thread set, `"auto"` splits a model of any size (the size rule weighs the second
     program's compile against a second thread that is no longer there).
     """
