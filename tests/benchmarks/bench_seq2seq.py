@@ -82,6 +82,8 @@ earlier run while another job's `pip install` shared the cores is not counted: g
 Keras 433.7 | bundle 1207.9 sentences/s 2.79x | per batch 921.2 2.12x, 64/64 identical; beam 4 6.31x.
 A second run 45 minutes later, in a fast phase (Keras fastest so far): greedy Keras 465.3 | bundle
 1287.2 2.77x | per batch 2.23x, 64/64 identical; beam 4 6.46x.
+2026-12-06 (seventh session), no decoding change, `--keep --repeats 3`: greedy Keras 405.9 | bundle 1142.5
+sentences/s 2.81x | per batch 942.5 2.32x, 64/64 identical; beam 4 6.65x.
 The encoder on one thread (ORT profile, 16 rows of 16-32 tokens, a slow phase, 11.0 ms a
 batch): Attention 3.1 ms (QKV projection over the padded positions ~0.37 ms and ~0.38 ms of
 per-(row, head) work a layer), MatMul/Gemm 4.2 ms at ~135 GFLOP/s, BiasGelu 1.1 ms, the
