@@ -327,8 +327,16 @@ training GELU with its gradient written out (one backward kernel from x: element
       per repeat: wall / nanoGPT 1.25x 1.07x 1.13x; tok/s vs hub 1.32x 1.47x 1.26x;
       tok/s vs nanoGPT 1.07x 1.20x 1.24x
 
+and a fifth (`--repeats 5`, no warm row), the machine steady:
+
+    kerasllm                       12.9     32,190         1.23x         1.25x
+    keras-hub GPT2Backbone         22.6     25,710         2.17x         1.00x
+    nanoGPT (PyTorch)              10.4     30,757         1.00x         1.20x
+      per repeat: wall / nanoGPT 1.33x 1.31x 1.21x 1.15x 1.24x; tok/s vs hub 1.19x 1.15x 1.25x 1.38x 1.22x;
+      tok/s vs nanoGPT 0.97x 0.99x 1.10x 1.12x 1.04x
+
 Runs 1 and 4 meet all three goals (wall <= 1.2x nanoGPT: 1.21x / 1.08x; tokens/s >= 1.3x keras-hub:
-1.35x / 1.32x; >= nanoGPT: 1.14x / 1.16x); runs 2 and 3 do not. In the slow repeats of run 3 kerasllm
+1.35x / 1.32x; >= nanoGPT: 1.14x / 1.16x); runs 2, 3 and 5 do not (5: 1.23x wall, 1.25x keras-hub). In the slow repeats of run 3 kerasllm
 fell to 0.82-0.87x nanoGPT's tokens/s: with one thread per part, a core the host slows holds its
 part back, where the shared pool let the other thread take over kernels (a guess from the
 pattern, not measured apart). What a step's kernels cost now (XLA profiler, one thread per part,
