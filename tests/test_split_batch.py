@@ -298,6 +298,12 @@ checks = {
 os.environ["TF_NUM_INTRAOP_THREADS"] = "2"
 checks["user_threads"] = give(jit_compile=True, dropout=0.0)
 del os.environ["TF_NUM_INTRAOP_THREADS"]
+os.environ["KERASLLM_BATCH_SPLIT"] = "1"
+checks["split_off"] = give(jit_compile=True, dropout=0.0)
+del os.environ["KERASLLM_BATCH_SPLIT"]
+kerasllm.distribute.usable_cores = lambda: 4
+checks["more_cores_than_parts"] = give(jit_compile=True, dropout=0.0)  # not measured there: left alone
+kerasllm.distribute.usable_cores = lambda: 2
 checks["threads_before"] = tf.config.threading.get_intra_op_parallelism_threads()
 from kerasllm.cli import main
 try:
@@ -318,7 +324,7 @@ def test_cli_training_gives_each_part_a_core(tmp_path, corpus_file, dropout):
     before its runtime starts, so each part of the split step runs on a core of its own
     (split_batch.give_parts_a_core_each), and "auto" then splits even a small model. A model with
     dropout keeps one program, so it keeps TensorFlow's default threads; so do XLA off, several
-    replicas, and a user's own TF_NUM_INTRAOP_THREADS."""
+    replicas, KERASLLM_BATCH_SPLIT=1, more cores than parts, and a user's own TF_NUM_INTRAOP_THREADS."""
     import json
     import os
     import subprocess
@@ -336,7 +342,8 @@ def test_cli_training_gives_each_part_a_core(tmp_path, corpus_file, dropout):
     assert done.returncode == 0, done.stderr[-3000:]
     checks = json.loads(done.stdout.split("CHECKS")[-1])
     assert checks.get("exit") in (None, 0), checks
-    assert not any(checks[k] for k in ("dropout", "no_xla", "replicas", "user_threads")), checks
+    refusals = ("dropout", "no_xla", "replicas", "user_threads", "split_off", "more_cores_than_parts")
+    assert not any(checks[k] for k in refusals), checks
     assert checks["after_start"] == (not dropout)  # once TensorFlow runs, its threads stay as they are
     assert checks["threads_before"] == 0  # TensorFlow's default: a thread per core
     if dropout:
