@@ -285,6 +285,7 @@ def test_warm_up_compiles_the_programs_the_steps_run(tmp_path):
 
 CORE_PER_PART_SCRIPT = """
 import json, os, sys
+import kerasllm
 import kerasllm.distribute
 kerasllm.distribute.usable_cores = lambda: 2  # the rule is for a machine whose cores equal the parts
 from kerasllm.models import split_batch
@@ -311,8 +312,8 @@ try:
 except SystemExit as done:
     checks["exit"] = done.code
 checks["threads_after"] = tf.config.threading.get_intra_op_parallelism_threads()
-checks["tiny_model_parts"] = split_batch.resolve_batch_split(
-    __import__("kerasllm").CausalLM(__import__("kerasllm").DecoderConfig.preset("tiny", vocab_size=40)), "auto", True)
+tiny = kerasllm.CausalLM(kerasllm.DecoderConfig.preset("tiny", vocab_size=40))
+checks["tiny_model_parts"] = split_batch.resolve_batch_split(tiny, "auto", True)
 checks["after_start"] = give(jit_compile=True, dropout=0.0)  # True where set before; else the runtime runs: no error
 print("CHECKS", json.dumps(checks))
 """

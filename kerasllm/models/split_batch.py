@@ -27,8 +27,8 @@ a few milliseconds either way), and the model draws no random numbers in trainin
 running at the same time would read the same random-seed state and draw the same dropout
 masks, so a model with dropout keeps the one-program step; so does a model compiled with several
 losses (Keras updates a metric per loss inside `compute_loss`, which parts would race on). In a
-process that `give_parts_a_core_each` set to one intra-op thread, the size rule is skipped. An integer asks for that many
-parts regardless (1: off); the random-number rule still holds. The environment variable
+process that `give_parts_a_core_each` set to one intra-op thread, the size rule is skipped. An
+integer asks for that many parts regardless (1: off); the random-number rule still holds. The environment variable
 `KERASLLM_BATCH_SPLIT` (an integer) stands in for `"auto"`, e.g. `KERASLLM_BATCH_SPLIT=1
 kerasllm train ...` trains with Keras's own step.
 
