@@ -15,8 +15,8 @@ Prompts of different lengths are left-padded and masked; positions come from the
 attention mask, so each row sees exactly what it would see alone.
 
 Options (names shared with the batch CLI): `max_new_tokens`, `temperature` (0 = greedy),
-`top_k`, `top_p`, `repetition_penalty`, `stop` (strings), `stop_ids`, `num_beams`,
-`n_best`, `seed`. Sampling draws from `numpy.random.Generator(seed)`: the same seed and
+`top_k`, `top_p`, `repetition_penalty`, `stop` (strings), `stop_ids`, `suppress_ids`,
+`num_beams`, `n_best`, `seed`. Sampling draws from `numpy.random.Generator(seed)`: the same seed and
 the same batch give the same tokens.
 """
 
@@ -40,7 +40,9 @@ class StepFunction(Protocol):
 
 @dataclass
 class DecodingOptions:
-    """How to decode; see the module docstring. `stop_ids` end a sequence (not included in it)."""
+    """How to decode; see the module docstring. `stop_ids` end a sequence (not included in it);
+    `suppress_ids` are never chosen (their logits set to -inf first, as Hugging Face's
+    `suppress_tokens`: a seq2seq model's special tokens but EOS, Seq2SeqConfig.suppressed_ids)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -49,6 +51,7 @@ class DecodingOptions:
     repetition_penalty: float = 1.0
     stop: Sequence[str] | None = None
     stop_ids: Sequence[int] = field(default_factory=tuple)
+    suppress_ids: Sequence[int] = field(default_factory=tuple)
     num_beams: int = 1
     n_best: int = 1
     seed: int | None = None
@@ -70,6 +73,8 @@ class DecodingOptions:
             raise UsageError(f"n_best must be between 1 and num_beams ({self.num_beams}), got {self.n_best}")
         if self.num_beams > 1 and self.temperature > 0:
             raise UsageError("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if set(self.suppress_ids) & set(self.stop_ids):
+            raise UsageError("a stop id cannot be suppressed (generation could never stop)")
 
 
 @dataclass
@@ -96,6 +101,16 @@ def hypotheses_result(hyps: list[Hypothesis], n_best: int, text: Callable[[list[
 
 
 # -- logits processing -------------------------------------------------------------------------
+def suppress(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`logits [..., V]` with columns `ids` at -inf: in place where the array is writable (the
+    steps' logits are fresh copies: one NumPy call a step), else in a copy."""
+    if ids.size:
+        if not logits.flags.writeable:
+            logits = logits.copy()
+        logits[..., ids] = -np.inf
+    return logits
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL's penalty (as in Hugging Face): seen tokens' logits divided by `penalty` if positive,
     multiplied if negative. `seen` is a `[B, V]` boolean mask."""
@@ -140,7 +155,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def next_tokens(logits: np.ndarray, seen: np.ndarray, options: DecodingOptions,
                 rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits `[B, V]`."""
+    """One token per row from last-position logits `[B, V]` (`options.suppress_ids` never)."""
+    logits = suppress(logits, np.asarray(options.suppress_ids, np.int64))
     if not options.temperature and options.repetition_penalty == 1.0:
         return np.argmax(logits, axis=-1)
     logits = apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty)
@@ -204,9 +220,12 @@ def prompt_step(step: StepFunction, ids: np.ndarray, mask: np.ndarray) -> tuple[
 def greedy_on_device(step: StepFunction, options: DecodingOptions) -> Callable | None:
     """The step function's `greedy_step(ids [B, 1], mask, cache) -> (next ids [B, 1], cache)` when it
     has one (a graph with the `next_token` output, runtime.DecoderSession) and the options are plain
-    greedy: the choice is made where the graph runs and only token ids come back."""
+    greedy with the ids the graph suppresses (`suppressed_on_device`, optimize.add_next_token): the
+    choice is made where the graph runs and only token ids come back."""
     if options.temperature or options.repetition_penalty != 1.0 or not getattr(step, "greedy_on_device", False):
         return None
+    if set(getattr(step, "suppressed_on_device", ())) != set(options.suppress_ids):
+        return None  # e.g. a bundle exported before suppression: the host chooses
     return step.greedy_step
 
 
@@ -298,7 +317,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
         return [Hypothesis(row.tolist()) for row in generated]
     if compact and not penalize and not options.stop and (limits == steps).all():
         return _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id,
-                                  greedy_on_device(step, options))
+                                  greedy_on_device(step, options), np.asarray(options.suppress_ids, np.int64))
     active = np.arange(batch)
     for t in range(steps):
         tokens = next_tokens(logits, seen, options, rng)
@@ -329,7 +348,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
 
 
 def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id,
-                       choose: Callable | None = None) -> list[Hypothesis]:
+                       choose: Callable | None = None, suppressed: np.ndarray | None = None) -> list[Hypothesis]:
     """`_sample`'s loop for greedy decoding with stop ids (seq2seq's EOS) and one limit for all
     rows: the same tokens, fed tokens and batch compaction, with per-row bookkeeping only at
     the steps where a row stops (rare) instead of a dozen array ops at every step.
@@ -340,14 +359,16 @@ def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad
     and its any() cost ~13 us), and the tokens kept per step to be written out after the loop.
     A row that stopped at step t has length t (the stop id excluded); what it is given while it
     waits in the batch to be dropped (pads) is never read. `choose` (`greedy_on_device`): the steps
-    after the prompt's return their choice instead of logits."""
+    after the prompt's return their choice instead of logits; `suppressed`: ids never chosen."""
     batch = len(logits)
     lengths = np.full(batch, steps, dtype=np.int64)
     stops = set(stop_array.tolist())
     columns = []  # per step: (the rows in the model's batch or None for all, their tokens [n, 1])
     active = None  # the rows in the model's batch (None: all of them, in order)
     finished = None  # which of those have stopped (None: none yet)
-    tokens = logits.argmax(-1)[:, None]  # [B, 1]: the next input's shape
+    if suppressed is None:
+        suppressed = np.zeros(0, np.int64)
+    tokens = suppress(logits, suppressed).argmax(-1)[:, None]  # [B, 1]: the next input's shape
     for t in range(steps):
         columns.append((active, tokens))
         if not stops.isdisjoint(tokens.ravel().tolist()):
@@ -372,7 +393,7 @@ def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad
             tokens, cache = choose(tokens, masks[:, :width + t + 1], cache)
         else:
             logits, cache = step(tokens, masks[:, :width + t + 1], cache)
-            tokens = logits.argmax(-1)
+            tokens = suppress(logits, suppressed).argmax(-1)
     generated = np.empty((batch, len(columns)), dtype=np.int64)
     for t, (rows, tokens) in enumerate(columns):
         generated[slice(None) if rows is None else rows, t] = tokens[:, 0]
@@ -390,6 +411,7 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
     batch = len(prompts)
     limits = _row_limits(prompts, options, max_length)
     stop_ids = set(int(i) for i in options.stop_ids)
+    suppressed = np.asarray(options.suppress_ids, np.int64)
     ids, mask = left_pad(prompts, pad_id)
     logits, cache = prompt_step(step, ids, mask)
     # Run each prompt once, then copy its cache for every beam.
@@ -408,7 +430,8 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
     done = np.zeros(batch, dtype=bool)
     active = np.arange(batch)  # the inputs in the batch; row i * beams + k is beam k of active[i]
     for t in range(int(limits.max())):
-        logp = log_softmax(apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty))
+        logp = log_softmax(suppress(apply_repetition_penalty(logits.astype(np.float64), seen,
+                                                             options.repetition_penalty), suppressed))
         candidates = (scores[:, None] + logp).reshape(len(active), beams * vocab)
         # The 2 * beams best candidates of every input at once: best first, lowest id on ties.
         tops = np.argpartition(-candidates, 2 * beams, axis=1)[:, :2 * beams]

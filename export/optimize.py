@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -35,7 +37,7 @@ from kerasllm.export.attention_fusion import MASK_VALUE
 from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, graph_inputs_read, replace_nodes,
                                      save_onnx, typed_producer)
 from kerasllm.export.rotary_fusion import RotaryTables, match_rotary, rotary_embedding
-from kerasllm.export.runtime import KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER
+from kerasllm.export.runtime import KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, SUPPRESSED_METADATA
 
 # Ops kept in float32 in fp16 graphs: decomposed normalization statistics and softmax overflow
 # in fp16. Not LayerNormalization: it computes in float32 whatever its input type (`stash_type`
@@ -416,9 +418,12 @@ def keep_last_logits(model: onnx.ModelProto) -> bool:
     return True
 
 
-def add_next_token(model: onnx.ModelProto) -> None:
+def add_next_token(model: onnx.ModelProto, suppressed_ids: Sequence[int] = ()) -> None:
     """Give a decoder graph the output `next_token` (int64 `[B, 1]`): the argmax of the last
-    position's logits, greedy decoding's choice, computed where the graph runs.
+    position's logits, greedy decoding's choice, computed where the graph runs. With
+    `suppressed_ids` (generate.DecodingOptions.suppress_ids) the argmax skips those ids (a
+    constant -inf added to their logits), and the graph's metadata lists them
+    (SUPPRESSED_METADATA), so the runtime chooses there only for options that suppress the same.
 
     Why: on a GPU a step's logits (`[B, 1, V]` float32, 6.4 MB at batch 32 with GPT-2's 50,257
     tokens) otherwise cross to the host every step and are searched there; with this output
@@ -433,11 +438,25 @@ def add_next_token(model: onnx.ModelProto) -> None:
     graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/start"),
                               numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{prefix}/end"),
                               numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axis")])
-    graph.node.extend([
-        helper.make_node("Slice", ["logits", f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"],
-                         [f"{prefix}/last"], name=f"{prefix}/Slice"),
-        helper.make_node("ArgMax", [f"{prefix}/last"], [NEXT_TOKEN], name=f"{prefix}/ArgMax", axis=-1, keepdims=0),
-    ])
+    nodes = [helper.make_node("Slice", ["logits", f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"],
+                              [f"{prefix}/last"], name=f"{prefix}/Slice")]
+    chosen_from = f"{prefix}/last"
+    if suppressed_ids:
+        logits = next(o for o in graph.output if o.name == "logits").type.tensor_type
+        vocab = logits.shape.dim[-1].dim_value
+        if not vocab:
+            raise ValueError("add_next_token: suppressing ids needs the logits' vocabulary size in the graph")
+        bias = np.zeros(vocab, onnx.helper.tensor_dtype_to_np_dtype(logits.elem_type))
+        bias[list(suppressed_ids)] = -np.inf
+        graph.initializer.append(numpy_helper.from_array(bias, f"{prefix}/suppress"))
+        nodes.append(helper.make_node("Add", [chosen_from, f"{prefix}/suppress"], [f"{prefix}/allowed"],
+                                      name=f"{prefix}/Suppress"))
+        chosen_from = f"{prefix}/allowed"
+        entry = model.metadata_props.add()
+        entry.key, entry.value = SUPPRESSED_METADATA, json.dumps(sorted(int(i) for i in suppressed_ids))
+    nodes.append(helper.make_node("ArgMax", [chosen_from], [NEXT_TOKEN], name=f"{prefix}/ArgMax", axis=-1,
+                                  keepdims=0))
+    graph.node.extend(nodes)
     graph.output.append(helper.make_tensor_value_info(NEXT_TOKEN, onnx.TensorProto.INT64, ["batch", 1]))
 
 
@@ -565,7 +584,8 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
                    hidden_size: int, fuse: bool = True, dtype: str = "fp32",
                    keep_float32_io: tuple[str, ...] = ("logits",), shape_inference: bool = True,
                    disabled_fusions: tuple[str, ...] = (), cached_attention: bool = False,
-                   shared_kv_buffer: bool = False, rotary_positions: int = 0, next_token: bool = False) -> dict:
+                   shared_kv_buffer: bool = False, rotary_positions: int = 0, next_token: bool = False,
+                   suppressed_ids: Sequence[int] = ()) -> dict:
     """Fuse (optional) and convert (fp16 optional) a graph, save it at `target`.
 
     Args:
@@ -588,7 +608,8 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
             `logits_to_keep` (`keep_last_logits`).
         rotary_positions: with `cached_attention`, also fuse self-attention with rotary
             positions, with cos/sin tables for positions below this (0: leave it unfused).
-        next_token: add the output `next_token`, greedy decoding's choice (`add_next_token`).
+        next_token: add the output `next_token`, greedy decoding's choice (`add_next_token`),
+            never one of `suppressed_ids`.
     Returns what was done: `{"fusions": {op: count}, "kv_cache": "growing" | "shared_buffer", "dtype",
     "nodes_before", "nodes_after", ...}`.
     """
@@ -640,8 +661,10 @@ def optimize_graph(source: str | Path | onnx.ModelProto, target: str | Path, *, 
     if kv_cache == SHARED_BUFFER:
         report[LOGITS_TO_KEEP] = keep_last_logits(proto)
     if next_token:
-        add_next_token(proto)
+        add_next_token(proto, suppressed_ids)
         report[NEXT_TOKEN] = True
+        if suppressed_ids:
+            report["next_token_suppressed_ids"] = sorted(int(i) for i in suppressed_ids)
     proto.ir_version = IR_VERSION
     report["nodes_after"] = len(proto.graph.node)
     save_onnx(proto, target)

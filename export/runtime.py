@@ -256,6 +256,8 @@ KV_CACHE_METADATA = "kerasllm.kv_cache"
 SHARED_BUFFER = "shared_buffer"
 # Optional decoder output (optimize.add_next_token): the last position's argmax, `[B, 1]` int64.
 NEXT_TOKEN = "next_token"
+# Model metadata written with it where the argmax skips ids (a JSON list; absent: none skipped).
+SUPPRESSED_METADATA = "kerasllm.next_token_suppressed_ids"
 # Slots a shared KV buffer gets beyond the prompt; it doubles when a row outgrows it.
 _BUFFER_HEADROOM = 128
 # Shapes (batch, capacity) whose static-step tensors a DecoderSession keeps (each holds a KV buffer).

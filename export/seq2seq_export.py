@@ -272,7 +272,7 @@ def check_greedy_on_device(config, sessions) -> dict:
     rng = np.random.default_rng(3)
     new = min(GREEDY_NEW_TOKENS, c.max_length - 1)
     sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=n).tolist() for n in (3, 9, 6)]
-    options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,))
+    options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,), suppress_ids=c.suppressed_ids)
     on_device, on_host = (translate_ids(sessions, sources, options, c.pad_id, c.bos_id, c.max_length, generate,
                                         choice_on_host=host) for host in (False, True))
     check_same_choices(on_device, on_host, "greedy translation of source")
@@ -288,8 +288,8 @@ def check_greedy(model, sessions) -> dict:
     new = min(GREEDY_NEW_TOKENS, c.max_length - 1)
     sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=n).tolist() for n in (3, 9, 6)]
     expected = model.generate(sources, max_new_tokens=new)
-    got = translate_ids(sessions, sources, DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,)), c.pad_id,
-                        c.bos_id, c.max_length, generate)
+    options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,), suppress_ids=c.suppressed_ids)
+    got = translate_ids(sessions, sources, options, c.pad_id, c.bos_id, c.max_length, generate)
     for row, (want, hyps) in enumerate(zip(expected, got)):
         if hyps[0].tokens != want:
             raise ValidationError(f"validation: greedy translation of source {row}: {hyps[0].tokens} on ONNX "
@@ -340,7 +340,7 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
             rotary_positions=self_attention_slots_bound(c.max_length),
             # Symbolic shape inference only guards SkipLayerNormalization, left out in fp32.
             shape_inference=not fp32, disabled_fusions=cpu_slower_fusions(options.dtype),
-            next_token=not fp32 and spec.name == "decoder",
+            next_token=not fp32 and spec.name == "decoder", suppressed_ids=c.suppressed_ids,
         )
         if encoder_fused:
             reports[spec.name]["fusions"] = {**made, **reports[spec.name]["fusions"]}

@@ -33,6 +33,7 @@ a step binds nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -41,8 +42,9 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import (KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, Session, StepOutputs, bind_cache,
-                                     cache_tensors, create_session, reorder_outputs_in_place, reorder_rows_in_place)
+from kerasllm.export.runtime import (KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, SUPPRESSED_METADATA, Session,
+                                     StepOutputs, bind_cache, cache_tensors, create_session, reorder_outputs_in_place,
+                                     reorder_rows_in_place)
 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
@@ -101,6 +103,8 @@ class Seq2SeqSessions:
         self.vocab = outputs[[o.name for o in outputs].index("logits")].shape[-1]
         # The `next_token` output (optimize.add_next_token, fp16 graphs) serves greedy steps on the buffer.
         self.greedy_on_device = self.shared_buffer and NEXT_TOKEN in [o.name for o in outputs]
+        # The ids its argmax skips (bundles exported before 2026-12-07 skip none: the host chooses for them).
+        self.suppressed_on_device = tuple(json.loads(metadata.get(SUPPRESSED_METADATA, "[]")))
         if self.shared_buffer and decoder.device_type == "cuda" and self.cache_dtype == np.float32:
             # ORT places the node on the CPU provider and copies the cache across every step.
             log.warning("this fp32 bundle's GroupQueryAttention has no CUDA kernel (fp16/bf16 only) and runs on "
@@ -336,6 +340,10 @@ class Seq2SeqStep:
     @property
     def greedy_on_device(self) -> bool:
         return getattr(self.sessions, "greedy_on_device", False)  # the Keras reference sessions have none
+
+    @property
+    def suppressed_on_device(self) -> tuple[int, ...]:
+        return getattr(self.sessions, "suppressed_on_device", ())
 
     def greedy_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache):
         """A step after the first: `(next ids [B, 1], cache)`, the argmax made in the graph

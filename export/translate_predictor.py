@@ -3,7 +3,8 @@
 Both take the same options (names shared with the batch CLI, see predict.py):
 max_new_tokens=64, temperature=0.0 (greedy), top_k=None, top_p=None,
 repetition_penalty=1.0, stop=None (strings), num_beams=1, n_best=1, seed=None.
-Decoding stops at the target tokenizer's `<eos>`. Each result is `{"output": str}`, or
+Decoding stops at the target tokenizer's `<eos>` and never chooses the model's suppressed ids
+(Seq2SeqConfig.suppressed_ids: its other special tokens). Each result is `{"output": str}`, or
 with `n_best > 1` `{"output": [str, ...], "scores": [float, ...]}` (mean log-probability
 per generated token, EOS included, best first; needs `num_beams >= n_best`).
 
@@ -34,6 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import usable_cores
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, truncate_at_stop
@@ -62,6 +64,7 @@ class Translator:
         self.config = config
         self.max_length = int(config["max_length"])
         self.pad_id, self.bos_id, self.eos_id = int(config["pad_id"]), int(config["bos_id"]), int(config["eos_id"])
+        self.suppress_ids = Seq2SeqConfig.from_dict(config).suppressed_ids  # as Seq2SeqLM.generate
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Token ids of a source text, at most `max_length`."""
@@ -85,7 +88,8 @@ class Translator:
         stop = options.get("stop")
         if isinstance(stop, str):
             stop = [stop]
-        decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None}, stop_ids=(self.eos_id,))
+        decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None}, stop_ids=(self.eos_id,),
+                                   suppress_ids=self.suppress_ids)
         decoding.validate()
         if decoding.n_best > 1 and decoding.num_beams < decoding.n_best:
             raise UsageError("translate: n_best > 1 needs beam search with num_beams >= n_best")

@@ -167,11 +167,32 @@ class Seq2SeqConfig(TransformerConfig):
 
     `num_layers` is the encoder depth; `num_decoder_layers` the decoder's (0: same).
     `target_vocab_size` 0 means source and target share one vocabulary.
+    `suppress_ids`: target ids generation never produces, besides `pad_id` and `bos_id`
+    (always suppressed; see `suppressed_ids`). `kerasllm train seq2seq` lists the target
+    tokenizer's other special tokens but EOS (`<unk>`, `<mask>`, `<sep>`): never targets in
+    training, yet a beam's weaker hypotheses may pick one, which decodes to nothing and
+    duplicates another hypothesis's text (Hugging Face's `suppress_tokens`).
     """
 
     family: ClassVar[str] = "seq2seq"
     num_decoder_layers: int = 0
     target_vocab_size: int = 0
+    suppress_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        super().validate()
+        vocab = self.target_vocab_size or self.vocab_size
+        bad = [i for i in self.suppress_ids if not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"config: suppress_ids must be target ids in [0, {vocab}), got {bad[0]!r}")
+        if self.eos_id in self.suppress_ids:
+            raise UsageError(f"config: suppress_ids cannot hold eos_id {self.eos_id} (generation could never end)")
+
+    @property
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """The target ids decoding never chooses (their logits set to -inf before any choice, in
+        Keras and on ONNX Runtime alike): pad, BOS and `suppress_ids`, never EOS."""
+        return tuple(sorted({self.pad_id, self.bos_id, *self.suppress_ids} - {self.eos_id}))
 
     @property
     def decoder_layers(self) -> int:

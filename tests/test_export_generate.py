@@ -247,3 +247,78 @@ def test_ort_thread_spinning_refuses_a_bad_value(monkeypatch):
     monkeypatch.setenv("KERASLLM_ORT_SPINNING", "maybe")
     with pytest.raises(UsageError, match="KERASLLM_ORT_SPINNING"):
         runtime._spinning()
+
+
+def chain_without(table, prompt, steps, suppressed, stop_ids=()):
+    """The greedy chain by hand with `suppressed` columns out of reach, cut before a stop id."""
+    allowed = table.copy()
+    allowed[:, list(suppressed)] = -np.inf
+    out, token = [], prompt[-1]
+    for _ in range(steps):
+        token = int(np.argmax(allowed[token]))
+        if token in stop_ids:
+            break
+        out.append(token)
+    return out
+
+
+def test_suppressed_ids_are_never_chosen_by_any_decoding():
+    # The two ids the plain argmax chains visit most are suppressed: every loop (greedy with and
+    # without stop ids, sampling, beam n-best) must route around them.
+    table = random_table(6)
+    prompts = [[t] for t in range(1, VOCAB)]
+    visits = np.bincount([t for h in run(table, prompts, max_new_tokens=10) for t in h[0].tokens], minlength=VOCAB)
+    suppressed = tuple(int(t) for t in np.argsort(-visits)[:2])
+    stop = int(np.argsort(-visits)[2])
+    for stop_ids in ((), (stop,)):
+        greedy = run(table, prompts, max_new_tokens=10, stop_ids=stop_ids, suppress_ids=suppressed)
+        assert [h[0].tokens for h in greedy] == [chain_without(table, p, 10, suppressed, stop_ids) for p in prompts]
+        one_beam = run(table, prompts, max_new_tokens=10, stop_ids=stop_ids, suppress_ids=suppressed, num_beams=1)
+        assert [h[0].tokens for h in one_beam] == [h[0].tokens for h in greedy]
+    sampled = run(table, prompts * 20, max_new_tokens=10, temperature=2.0, seed=0, suppress_ids=suppressed)
+    beams = run(table, prompts, max_new_tokens=10, num_beams=4, n_best=4, suppress_ids=suppressed)
+    produced = {t for hyps in sampled + beams for h in hyps for t in h.tokens}
+    assert produced.isdisjoint(suppressed) and len(produced) >= VOCAB - 4
+    assert all(np.isfinite(h.score) for hyps in beams for h in hyps)
+
+
+def test_a_stop_id_cannot_be_suppressed():
+    with pytest.raises(UsageError, match="stop id cannot be suppressed"):
+        run(random_table(), [[1]], stop_ids=(3,), suppress_ids=(2, 3))
+
+
+class ChoosingStep(MarkovStep):
+    """A step whose graph makes the greedy choice (`greedy_step`), skipping `suppressed_on_device`."""
+
+    greedy_on_device = True
+
+    def __init__(self, table, suppressed_on_device):
+        super().__init__(table)
+        self.suppressed_on_device = suppressed_on_device
+        self.choices = 0
+
+    def greedy_step(self, input_ids, attention_mask, cache):
+        self.choices += 1
+        logits, cache = self(input_ids, attention_mask, cache)
+        return chain_choice(logits[:, -1], self.suppressed_on_device), cache
+
+
+def chain_choice(logits, suppressed):
+    logits = logits.copy()
+    logits[:, list(suppressed)] = -np.inf
+    return logits.argmax(-1)[:, None]
+
+
+@pytest.mark.parametrize("stop_ids", [(), (5,)])
+def test_the_graph_chooses_only_where_it_suppresses_what_the_options_do(stop_ids):
+    # A graph that suppresses the same ids chooses; one that suppresses none (a bundle exported
+    # before suppression) leaves the choice to the host. Same tokens either way.
+    table = random_table(7)
+    prompts = [[t] for t in range(1, VOCAB)]
+    suppressed = (2, 9)
+    expected = [chain_without(table, p, 8, suppressed, stop_ids) for p in prompts]
+    options = DecodingOptions(max_new_tokens=8, stop_ids=stop_ids, suppress_ids=suppressed)
+    for on_device, choices in ((suppressed, True), ((), False)):
+        step = ChoosingStep(table, on_device)
+        assert [h[0].tokens for h in generate(step, prompts, options, pad_id=PAD)] == expected
+        assert (step.choices > 0) == choices

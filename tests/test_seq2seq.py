@@ -130,6 +130,54 @@ def test_rotary_seq2seq_exports_with_every_attention_fused(tmp_path, kv_cache):
     assert validation["greedy"]["identical"] is True
 
 
+def test_suppressed_ids_are_never_generated_in_keras_nor_by_the_bundles(tmp_path):
+    """The ids a random model's greedy outputs use most, suppressed (Seq2SeqConfig.suppress_ids):
+    Keras greedy and beam n-best route around them, and so do the bundles: fp32 (the choice on the
+    host, Keras's greedy tokens) and fp16 (the argmax in the graph, checked at export
+    against the host's choice)."""
+    from kerasllm import Seq2SeqLM
+    from kerasllm.export.exporter import ExportOptions, export_model_dir
+    from kerasllm.export.translate_predictor import BundleTranslator
+    from kerasllm.tokenizers import TextTokenizer
+    from kerasllm.training import save_model_atomic, write_json_atomic
+
+    keras.utils.set_random_seed(1)
+    tokenizer = TextTokenizer.train(["abcdefghijklmnopqrstuvwxyz0123456789 .,"], kind="char")
+    plain = Seq2SeqConfig.preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0)
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(6, plain.vocab_size, size=n).tolist() for n in (3, 9, 6, 12, 5, 7)]
+    model = Seq2SeqLM(plain)
+    before = model.generate(sources, max_new_tokens=8)
+    favourites = [int(t) for t in np.argsort(-np.bincount(sum(before, []), minlength=plain.vocab_size))[:2]]
+    config = plain.replace(suppress_ids=favourites)
+    assert set(config.suppressed_ids) == {plain.pad_id, plain.bos_id, *favourites}
+    suppressed = Seq2SeqLM(config)
+    suppressed.generate(sources[:1], max_new_tokens=1)  # builds the weights
+    suppressed.set_weights(model.get_weights())
+    greedy = suppressed.generate(sources, max_new_tokens=8)
+    n_best = suppressed.generate_n_best(sources, max_new_tokens=8, num_beams=4, n_best=3)
+    produced = {t for tokens in greedy for t in tokens} | {t for best in n_best for tokens, _ in best for t in tokens}
+    assert produced.isdisjoint(config.suppressed_ids) and greedy != before
+    run = tmp_path / "run"
+    run.mkdir()
+    tokenizer.save(run)
+    write_json_atomic(run / "config.json", {"task": "seq2seq", "model": config.to_dict(), "train": {}})
+    save_model_atomic(suppressed, run)
+    fp32 = BundleTranslator(export_model_dir(run, tmp_path / "fp32", log=lambda m: None).path, device="cpu")
+    assert [h[0].tokens for h in fp32._generate(sources, fp32.options(max_new_tokens=8))] == greedy
+    # (The bundle's beam search stops early where keras-hub's runs to the end: the n-best lists may differ.)
+    beams = fp32._generate(sources, fp32.options(max_new_tokens=8, num_beams=4, n_best=3))
+    assert {t for hyps in beams for h in hyps for t in h.tokens}.isdisjoint(config.suppressed_ids)
+    assert all(len({tuple(h.tokens) for h in hyps}) == 3 for hyps in beams)
+    fp16 = export_model_dir(run, tmp_path / "fp16", ExportOptions(dtype="fp16"), log=lambda m: None)
+    assert fp16.manifest["optimization"]["decoder"]["next_token_suppressed_ids"] == list(config.suppressed_ids)
+    assert fp16.manifest["validation"]["greedy_on_device"]["identical"] is True
+    translator = BundleTranslator(fp16.path, device="cpu")
+    assert translator.sessions.suppressed_on_device == config.suppressed_ids
+    on_device = translator._generate(sources, translator.options(max_new_tokens=8))
+    assert {t for hyps in on_device for t in hyps[0].tokens}.isdisjoint(config.suppressed_ids)
+
+
 def test_bundle_greedy_is_token_identical_to_keras(trained):
     from kerasllm.export.generate import DecodingOptions
     from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
@@ -187,7 +235,7 @@ def test_decoding_with_device_buffers_equals_decoding_with_host_arrays(trained):
     self-attention buffer as tensors only ORT touches, beam search's reorders and the rows that
     leave the batch gathered by row_gather.py instead of NumPy. Beam search (n-best with scores)
     and greedy decoding give exactly the host path's results."""
-    from kerasllm.export.generate import DecodingOptions, generate
+    from kerasllm.export.generate import generate
     from kerasllm.export.seq2seq_export import translate_ids
     from kerasllm.export.seq2seq_runtime import Seq2SeqSessions
     from kerasllm.export.translate_predictor import BundleTranslator
@@ -200,8 +248,8 @@ def test_decoding_with_device_buffers_equals_decoding_with_host_arrays(trained):
     graphs = [bundle / "encoder.onnx", bundle / "decoder.onnx"]
     host, device = (Seq2SeqSessions.open(*graphs, "cpu", host_buffers=flag) for flag in (True, False))
     assert host.shared_buffer and not device.host_buffers
-    for options in (DecodingOptions(max_new_tokens=10, num_beams=4, n_best=3, stop_ids=(c["eos_id"],)),
-                    DecodingOptions(max_new_tokens=10, stop_ids=(c["eos_id"],))):
+    for options in (translator.options(max_new_tokens=10, num_beams=4, n_best=3),
+                    translator.options(max_new_tokens=10)):
         results = [translate_ids(s, sources, options, c["pad_id"], c["bos_id"], c["max_length"], generate)
                    for s in (host, device)]
         assert [[(h.tokens, h.score) for h in r] for r in results[0]] == \

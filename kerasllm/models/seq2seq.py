@@ -228,6 +228,8 @@ class Seq2SeqLM(TransformerModel):
             # The causal LM's sampler choice (greedy / top-k / top-p / random); it uses no model state.
             sampler = CausalLM._make_sampler(self, temperature, top_k, top_p, seed)
         layers = c.decoder_layers
+        # The ids generation never chooses (Seq2SeqConfig.suppressed_ids), as the bundle's loops skip them.
+        suppressed = np.isin(np.arange(c.target_vocab), c.suppressed_ids)[None, :]
 
         def next_token(prompt, cache, index):
             buffer, cross, source_mask = cache
@@ -243,7 +245,7 @@ class Seq2SeqLM(TransformerModel):
                 [buffer[:, i, 0] for i in range(layers)], [buffer[:, i, 1] for i in range(layers)],
                 cache_update_index=index - 1,
             )
-            logits = logits[:, 0, :]
+            logits = ops.where(suppressed, -1e9, logits[:, 0, :])
             if num_beams:
                 # keras-hub's beam search keeps extending finished beams; a beam that has
                 # ended (last token EOS or pad) may only continue with pad at probability 1,

@@ -252,7 +252,6 @@ def main() -> None:
 
     from kerasllm import Seq2SeqConfig, Seq2SeqLM
     from kerasllm.export.exporter import export_model_dir
-    from kerasllm.export.generate import DecodingOptions
     from kerasllm.export.translate_predictor import BundleTranslator
     from kerasllm.tokenizers import TextTokenizer
     from kerasllm.training import save_model_atomic, write_json_atomic
@@ -285,7 +284,7 @@ def main() -> None:
         translator = BundleTranslator(bundle, device="cpu", threads=args.threads)
         results = {}
         for name, beams in (("greedy", 1), ("beam 4", 4)):
-            options = DecodingOptions(max_new_tokens=new, num_beams=beams, stop_ids=(config.eos_id,))
+            options = translator.options(max_new_tokens=new, num_beams=beams)  # EOS stops, specials suppressed
             if beams == 1:
                 def keras_call(batches):
                     return [o for batch in batches for o in model.generate(batch, max_new_tokens=new)]
