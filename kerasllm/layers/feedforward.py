@@ -38,6 +38,44 @@ def gelu_for_training(x):
     return y, grad
 
 
+def _optimization_barrier(x):
+    """`x`, through XLA's optimization barrier (a plain identity outside XLA): XLA may not fold
+    the ops on either side into each other. TensorFlow exposes it only in its tf2xla module."""
+    from tensorflow.compiler.tf2xla.python import xla  # noqa: PLC0415 - the TF backend only
+
+    return xla.optimization_barrier(x)[0]
+
+
+@ops.custom_gradient
+def narrowing_projection(x, kernel):
+    """`x @ kernel` for a kernel `[in, out]` with `in > out` (the feed-forward block's output),
+    whose kernel gradient is computed as `(dy^T x)^T`: a `[out, in]` product, then a transpose.
+
+    Why: differentiated as written, the kernel gradient is `x^T dy`, an XLA dot whose output is
+    `[in, out]`; XLA's CPU dot (Eigen) runs it at about half the rate of the same product laid out
+    `[out, in]`. Measured with XLA's profiler on the benchmark model (tests/benchmarks/
+    bench_train_causal_lm.py's shape, one part of the split step: 384 tokens, `[384, 512]^T
+    [384, 128]`, one thread, AMD EPYC): 910-935 us per layer at ~54 GFLOP/s, against ~520 us for
+    the feed-forward's input kernel gradient, `[384, 128]^T [384, 512]` (~95 GFLOP/s); with this
+    function ~545 us (XLA lays the dot's output out `[out, in]` and the transposes become free).
+    The barrier keeps XLA from folding `(dy^T x)^T` back into `x^T dy` (without it, the same slow
+    dot). Whole `kerasllm train causal-lm` runs at that shape (300 steps, cold XLA cache, 6
+    alternated pairs, 2-core AMD EPYC): steady tokens/s 22,845 -> 24,955 (medians, higher in 5/6),
+    wall 18.1 -> 16.6 s, the validation loss the same to four digits.
+    """
+    y = ops.matmul(x, kernel)
+
+    def grad(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        dx = ops.matmul(upstream, ops.transpose(kernel))
+        rows_in = ops.reshape(x, (-1, ops.shape(kernel)[0]))
+        rows_out = ops.reshape(upstream, (-1, ops.shape(kernel)[1]))
+        kernel_t = _optimization_barrier(ops.matmul(ops.transpose(rows_out), rows_in))
+        return dx, ops.transpose(kernel_t)
+
+    return y, grad
+
+
 @keras.saving.register_keras_serializable(package="kerasllm")
 class FeedForward(keras.layers.Layer):
     """`C -> intermediate -> C` with GELU or ReLU, or SwiGLU (`silu(x W) * (x V)`).
@@ -81,7 +119,11 @@ class FeedForward(keras.layers.Layer):
             h = gelu_for_training(h) if training else ops.gelu(h, approximate=False)
         else:
             h = ops.relu(h)
-        return self.output_dense(h)
+        if not training or self.output_dense.quantization_mode is not None:
+            return self.output_dense(h)
+        # Training: the same product with a faster kernel gradient on the CPU (narrowing_projection).
+        y = narrowing_projection(h, ops.cast(self.output_dense.kernel, h.dtype))
+        return y + ops.cast(self.output_dense.bias, y.dtype) if self.use_bias else y
 
     def get_config(self):
         config = super().get_config()
