@@ -81,6 +81,9 @@ def test_fp16_bundle_fuses_attention_and_translates_as_the_fp32_bundle(trained, 
     assert manifest["graphs"]["decoder"]["outputs"]["next_token"] == {"dtype": "int64", "shape": ["batch", 1]}
     assert manifest["validation"]["greedy_on_device"]["identical"] is True
     assert BundleTranslator(fp16, device="cpu").sessions.greedy_on_device
+    # `kerasllm train seq2seq` suppresses the target's special tokens but EOS: the graph's choice too.
+    assert manifest["config"]["suppress_ids"] == [1, 4, 5]  # <unk>, <mask>, <sep>
+    assert decoder["next_token_suppressed_ids"] == [0, 1, 2, 4, 5]  # and <pad>, <bos>
     sources = [pair.source for pair in read_pairs(held_out)]
     outputs = [[r["output"] for r in BundleTranslator(b, device="cpu").translate(sources, max_new_tokens=8)]
                for b in (bundle, fp16)]

@@ -81,9 +81,9 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
             vocab_size=source_tokenizer.vocab_size,
             target_vocab_size=target_tokenizer.vocab_size if args.separate_vocab else 0,
             pad_id=source_tokenizer.pad_id, bos_id=source_tokenizer.bos_id, eos_id=source_tokenizer.eos_id,
-            # Never targets in training, so never outputs (Seq2SeqConfig.suppress_ids).
-            suppress_ids=sorted(i for name, i in target_tokenizer.special_ids().items()
-                                if name not in ("pad", "bos", "eos")),
+            # Never targets in training, so never outputs (Seq2SeqConfig.suppress_ids); a --config's own kept.
+            suppress_ids=sorted({*config.suppress_ids, *(i for name, i in target_tokenizer.special_ids().items()
+                                                         if name not in ("pad", "bos", "eos"))}),
         )
     # --seq-len caps the accepted lengths further than the model's max_length.
     source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
