@@ -103,7 +103,7 @@ class Seq2SeqSessions:
         self.vocab = outputs[[o.name for o in outputs].index("logits")].shape[-1]
         # The `next_token` output (optimize.add_next_token, fp16 graphs) serves greedy steps on the buffer.
         self.greedy_on_device = self.shared_buffer and NEXT_TOKEN in [o.name for o in outputs]
-        # The ids its argmax skips (bundles exported before 2026-12-07 skip none: the host chooses for them).
+        # The ids its argmax skips (bundles exported before 2026-12-06 skip none: the host chooses for them).
         self.suppressed_on_device = tuple(json.loads(metadata.get(SUPPRESSED_METADATA, "[]")))
         if self.shared_buffer and decoder.device_type == "cuda" and self.cache_dtype == np.float32:
             # ORT places the node on the CPU provider and copies the cache across every step.

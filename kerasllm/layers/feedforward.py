@@ -46,6 +46,14 @@ def _optimization_barrier(x):
     return xla.optimization_barrier(x)[0]
 
 
+def _cpu_only() -> bool:
+    """No GPU or TPU in this process: where narrowing_projection was measured (cuBLAS and TPUs
+    were not, and would only pay its transpose)."""
+    import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+    return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
 @ops.custom_gradient
 def narrowing_projection(x, kernel):
     """`x @ kernel` for a kernel `[in, out]` with `in > out` (the feed-forward block's output),
@@ -57,11 +65,11 @@ def narrowing_projection(x, kernel):
     bench_train_causal_lm.py's shape, one part of the split step: 384 tokens, `[384, 512]^T
     [384, 128]`, one thread, AMD EPYC): 910-935 us per layer at ~54 GFLOP/s, against ~520 us for
     the feed-forward's input kernel gradient, `[384, 128]^T [384, 512]` (~95 GFLOP/s); with this
-    function ~545 us (XLA lays the dot's output out `[out, in]` and the transposes become free).
-    The barrier keeps XLA from folding `(dy^T x)^T` back into `x^T dy` (without it, the same slow
-    dot). Whole `kerasllm train causal-lm` runs at that shape (300 steps, cold XLA cache, 6
-    alternated pairs, 2-core AMD EPYC): steady tokens/s 22,845 -> 24,955 (medians, higher in 5/6),
-    wall 18.1 -> 16.6 s, the validation loss the same to four digits.
+    function ~545 us, plus a ~60 us copy that lays the gradient back out `[in, out]`. The barrier
+    keeps XLA from folding `(dy^T x)^T` back into `x^T dy` (without it, the same slow dot). Whole
+    `kerasllm train causal-lm` runs at that shape (300 steps, cold XLA cache, 6 alternated pairs,
+    2-core AMD EPYC): steady tokens/s 22,845 -> 24,955 (medians, higher in 5/6), wall 18.1 -> 16.6
+    s, the validation loss the same to four digits (after 2000 iterations still 1.823).
     """
     y = ops.matmul(x, kernel)
 
@@ -119,9 +127,9 @@ class FeedForward(keras.layers.Layer):
             h = gelu_for_training(h) if training else ops.gelu(h, approximate=False)
         else:
             h = ops.relu(h)
-        if not training or self.output_dense.quantization_mode is not None:
+        if not training or self.output_dense.quantization_mode is not None or not _cpu_only():
             return self.output_dense(h)
-        # Training: the same product with a faster kernel gradient on the CPU (narrowing_projection).
+        # Training on the CPU: the same product with a faster kernel gradient (narrowing_projection).
         y = narrowing_projection(h, ops.cast(self.output_dense.kernel, h.dtype))
         return y + ops.cast(self.output_dense.bias, y.dtype) if self.use_bias else y
 
