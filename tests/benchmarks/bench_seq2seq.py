@@ -213,6 +213,20 @@ Beam outputs differ on some random-weight inputs (50/64 identical):
 Keras runs keras-hub's BeamSampler (finished beams continue with pad at probability 1), the bundle
 generate.py's beam search (a pool of finished hypotheses). On the trained numbers model, the two inputs
 compared by hand gave the same 2-best outputs and scores (to 1e-5); no test asserts Keras/bundle beam equality.
+
+2026-12-06, eighth session, on another machine (2 cores of an AMD EPYC, Zen 4), after generation
+began suppressing special tokens but EOS (both sides; ~1% of the bundle's job in one process,
+72.7 vs 72.1 ms, 23/60 faster: not measurable apart), `--keep --repeats 3`, four runs:
+    greedy: Keras 396.3 | bundle  780.1 1.97x | per batch 868.9 2.19x; beam 4 4.57x  (export in the same process)
+    greedy: Keras 415.4 | bundle  992.1 2.39x | per batch 903.3 2.17x; beam 4 4.69x
+    greedy: Keras 422.8 | bundle  980.7 2.32x | per batch 869.8 2.06x; beam 4 4.33x
+    greedy: Keras 352.7 | bundle  831.2 2.36x | per batch 810.6 2.30x; beam 4 4.83x
+Keras runs as fast as on the Xeon; ONNX Runtime's kernels do not. One worker's batch of 16 (one
+thread, instrumented): 31.0 ms = encoder 10.0 ms, 32 decoder runs of 578 us (18.5 ms), Python 2.5
+ms. In an ORT profile of the decoder (profiling on, a run 1.37 ms) the two attention kernels
+(cross MultiHeadAttention and GroupQueryAttention, 64 (row, head) pairs each per call) take ~350 us
+a step, nearly as much as its MatMuls (~400 us for ~30 MFLOP); 3x Keras would need the batch at
+~24.5 ms.
 """
 
 from __future__ import annotations

@@ -349,6 +349,39 @@ reduction of the same data takes 23 us). Measured and not built: launching an XL
 resource variables and 72 tensor arguments costs ~410 us against ~85 us for 39 + 2 (tiny tensors),
 so apply_mean over flat optimizer slots would save ~0.3 ms a step (~1.4%), not worth a second
 optimizer layout under every distribution strategy.
+
+2026-12-06, eighth session, on another machine: 2 cores of an AMD EPYC (Zen 4), where nanoGPT's
+PyTorch runs ~40% slower than on the earlier Xeon and TensorFlow about as fast. Before any change
+(`--repeats 3`, then `--repeats 5`):
+
+    kerasllm                       18.0     22,589         0.94x         1.21x
+    keras-hub GPT2Backbone         31.8     18,690         1.66x         1.00x
+    nanoGPT (PyTorch)              19.1     16,470         1.00x         0.88x
+
+    kerasllm                       18.1     22,810         1.02x         1.21x
+    keras-hub GPT2Backbone         32.0     18,818         1.81x         1.00x
+    nanoGPT (PyTorch)              17.7     17,451         1.00x         0.93x
+
+Per dot of one split-step part (XLA profiler, HLO names mapped to shapes): the feed-forward
+output's kernel gradient, `[384, 512]^T [384, 128]`, ran at ~54 GFLOP/s against 90-105 for every
+other projection; computed as `(dy^T x)^T` (layers/feedforward.narrowing_projection) it runs at
+~91, and whole CLI runs gained ~9% tokens/s (6 alternated pairs). Then `--repeats 7`, the
+machine in a faster phase for every program:
+
+    kerasllm                       15.7     25,260         0.90x         1.19x
+    keras-hub GPT2Backbone         27.7     21,173         1.59x         1.00x
+    nanoGPT (PyTorch)              17.5     18,486         1.00x         0.87x
+      per repeat: tok/s vs hub 1.12x 1.33x 1.23x 1.31x 1.13x 1.16x 1.18x
+
+`--repeats 0 --full --skip-kerashub`: val loss after 2000 iterations 1.823 (nanoGPT 1.886).
+On this machine two goals hold (tokens/s 1.35-1.37x nanoGPT's, wall 0.90-1.02x) and one does not
+(1.19-1.21x keras-hub's, goal 1.3x). A part's kernels are ~29 ms, ~23 of them dots at 90-105
+GFLOP/s except attention's batched `[64, 64]` products (44-60 GFLOP/s, ~2.5 ms): the step is
+bound by fp32 matrix throughput, so 1.3x keras-hub here would need fewer FLOPs than the same model.
+Measured and not kept: XLA's XNNPACK dots (`--xla_cpu_use_xnnpack`: 21,032 vs 21,711 tok/s, 4
+pairs), the attention's batched products and the square output projection's gradient in the other
+orientation (micro-benchmarks: no faster), GELU's derivative saved from the forward instead of
+recomputed (no faster); TensorFlow's default threads instead of one per part lost 12% again here.
 """
 
 from __future__ import annotations
