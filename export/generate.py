@@ -154,9 +154,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def next_tokens(logits: np.ndarray, seen: np.ndarray, options: DecodingOptions,
-                rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits `[B, V]` (`options.suppress_ids` never)."""
-    logits = suppress(logits, np.asarray(options.suppress_ids, np.int64))
+                rng: np.random.Generator, suppressed: np.ndarray) -> np.ndarray:
+    """One token per row from last-position logits `[B, V]`, never one of `suppressed`
+    (`options.suppress_ids` as an array, made once per call of the loop)."""
+    logits = suppress(logits, suppressed)
     if not options.temperature and options.repetition_penalty == 1.0:
         return np.argmax(logits, axis=-1)
     logits = apply_repetition_penalty(logits.astype(np.float64), seen, options.repetition_penalty)
@@ -287,6 +288,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     lengths = np.zeros(batch, dtype=np.int64)
     done = np.zeros(batch, dtype=bool)
     stop_array = np.array(sorted(stop_ids), dtype=np.int64)
+    suppressed = np.asarray(options.suppress_ids, np.int64)
     penalize = options.repetition_penalty != 1.0
     compact = not options.temperature
     width = mask.shape[1]
@@ -299,7 +301,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
         rows = np.arange(batch)
         choose = greedy_on_device(step, options)
         if choose is not None:
-            tokens = next_tokens(logits, seen, options, rng)  # the prompt step's choice, from its logits
+            tokens = next_tokens(logits, seen, options, rng, suppressed)  # the prompt step's choice, from its logits
             for t in range(steps):
                 generated[:, t] = tokens
                 if t + 1 < steps:
@@ -307,7 +309,7 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
                     tokens = ids[:, 0]
             return [Hypothesis(row.tolist()) for row in generated]
         for t in range(steps):
-            tokens = next_tokens(logits, seen, options, rng)
+            tokens = next_tokens(logits, seen, options, rng, suppressed)
             generated[:, t] = tokens
             if penalize:
                 seen[rows, tokens] = True
@@ -316,11 +318,11 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
                 logits = logits[:, -1]
         return [Hypothesis(row.tolist()) for row in generated]
     if compact and not penalize and not options.stop and (limits == steps).all():
-        return _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id,
-                                  greedy_on_device(step, options), np.asarray(options.suppress_ids, np.int64))
+        return _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id, suppressed,
+                                  greedy_on_device(step, options))
     active = np.arange(batch)
     for t in range(steps):
-        tokens = next_tokens(logits, seen, options, rng)
+        tokens = next_tokens(logits, seen, options, rng, suppressed)
         live = ~done[active]
         stopped = live & (tokens[:, None] == stop_array).any(axis=1) if stop_array.size else np.zeros_like(live)
         keep = live & ~stopped
@@ -347,8 +349,8 @@ def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothes
     return [Hypothesis(generated[row, :lengths[row]].tolist()) for row in range(batch)]
 
 
-def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id,
-                       choose: Callable | None = None, suppressed: np.ndarray | None = None) -> list[Hypothesis]:
+def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad_id, suppressed: np.ndarray,
+                       choose: Callable | None = None) -> list[Hypothesis]:
     """`_sample`'s loop for greedy decoding with stop ids (seq2seq's EOS) and one limit for all
     rows: the same tokens, fed tokens and batch compaction, with per-row bookkeeping only at
     the steps where a row stops (rare) instead of a dozen array ops at every step.
@@ -359,15 +361,13 @@ def _greedy_with_stops(step, logits, cache, masks, width, steps, stop_array, pad
     and its any() cost ~13 us), and the tokens kept per step to be written out after the loop.
     A row that stopped at step t has length t (the stop id excluded); what it is given while it
     waits in the batch to be dropped (pads) is never read. `choose` (`greedy_on_device`): the steps
-    after the prompt's return their choice instead of logits; `suppressed`: ids never chosen."""
+    after the prompt's return their choice instead of logits. `suppressed`: ids never chosen."""
     batch = len(logits)
     lengths = np.full(batch, steps, dtype=np.int64)
     stops = set(stop_array.tolist())
     columns = []  # per step: (the rows in the model's batch or None for all, their tokens [n, 1])
     active = None  # the rows in the model's batch (None: all of them, in order)
     finished = None  # which of those have stopped (None: none yet)
-    if suppressed is None:
-        suppressed = np.zeros(0, np.int64)
     tokens = suppress(logits, suppressed).argmax(-1)[:, None]  # [B, 1]: the next input's shape
     for t in range(steps):
         columns.append((active, tokens))
