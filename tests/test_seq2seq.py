@@ -168,10 +168,14 @@ def test_suppressed_ids_are_never_generated_in_keras_nor_by_the_bundles(tmp_path
     save_model_atomic(suppressed, run)
     fp32 = BundleTranslator(export_model_dir(run, tmp_path / "fp32", log=lambda m: None).path, device="cpu")
     assert [h[0].tokens for h in fp32._generate(sources, fp32.options(max_new_tokens=8))] == greedy
-    # (The bundle's beam search stops early where keras-hub's runs to the end: the n-best lists may differ.)
     beams = fp32._generate(sources, fp32.options(max_new_tokens=8, num_beams=4, n_best=3))
     assert {t for hyps in beams for h in hyps for t in h.tokens}.isdisjoint(config.suppressed_ids)
     assert all(len({tuple(h.tokens) for h in hyps}) == 3 for hyps in beams)
+    # The same search rules on both sides (kerasllm.models.beam_search): the same n-best lists, the
+    # scores equal to float rounding (the bundle scores in float64).
+    assert [[tokens for tokens, _ in best] for best in n_best] == [[h.tokens for h in hyps] for hyps in beams]
+    np.testing.assert_allclose([[score for _, score in best] for best in n_best],
+                               [[h.score for h in hyps] for hyps in beams], rtol=0, atol=1e-5)
     fp16 = export_model_dir(run, tmp_path / "fp16", ExportOptions(dtype="fp16"), log=lambda m: None)
     assert fp16.manifest["optimization"]["decoder"]["next_token_suppressed_ids"] == list(config.suppressed_ids)
     assert fp16.manifest["validation"]["greedy_on_device"]["identical"] is True
@@ -226,7 +230,11 @@ def test_beam_search_n_best_and_beam_one_is_greedy(trained):
         assert result["scores"] == sorted(result["scores"], reverse=True)
         assert all(s <= 0 for s in result["scores"])
     assert np.mean([r["output"][0] == t for r, (_, t) in zip(beams, pairs)]) >= 0.9
-    # Keras: a one-beam BeamSampler gives exactly the greedy tokens.
+    # Keras's beam search (the bundle's rules) gives the bundle's n-best lists and scores.
+    keras_beams = ModelDirTranslator(run).predict(sources, num_beams=4, n_best=3, max_new_tokens=8)
+    assert [r["output"] for r in keras_beams] == [r["output"] for r in beams]
+    np.testing.assert_allclose([r["scores"] for r in keras_beams], [r["scores"] for r in beams], rtol=0, atol=1e-5)
+    # Keras: one beam gives exactly the greedy tokens.
     model = ModelDirTranslator(run).model
     one_beam = [best[0][0] for best in model.generate_n_best(sources, max_new_tokens=8, num_beams=1)]
     assert one_beam == model.generate(sources, max_new_tokens=8)

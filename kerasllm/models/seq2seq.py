@@ -206,27 +206,26 @@ class Seq2SeqLM(TransformerModel):
 
     # -- Keras generation -----------------------------------------------------------------------
     def _generate_function(self, key):
-        """One compiled function per decoding setting: encode, then a keras-hub sampler's while loop.
+        """One compiled function per decoding setting: encode, then one while loop, a keras-hub
+        sampler's (greedy, sampling) or kerasllm.models.beam_search's (beam search).
 
-        The loop state is `(decoder ids [B, T_max], cache)`: the cache holds the
-        self-attention buffer `[B, L, 2, H, T_max, D]`, the cross keys/values
-        `[B, L, 2, H, S, D]` and the source mask, so a beam sampler repeats and
-        reorders all of them per beam.
+        The sampler's loop state is `(decoder ids [B, T_max], cache)`: the cache holds the
+        self-attention buffer `[B, L, 2, H, T_max, D]`, the cross keys/values `[B, L, 2, H, S, D]`
+        and the source mask. Beam search repeats the cross keys/values and the mask per beam once,
+        and reorders only the buffer as beams move.
         """
         if key in self._generate_functions:
             return self._generate_functions[key]
-        import keras_hub  # noqa: PLC0415 - heavy, only needed to generate in Keras
         import tensorflow as tf  # noqa: PLC0415 - the Keras side runs on the TF backend
 
+        from kerasllm.models.beam_search import beam_search  # noqa: PLC0415
         from kerasllm.models.causal_lm import CausalLM  # noqa: PLC0415
 
         temperature, top_k, top_p, seed, num_beams = key  # num_beams 0: sampling, not beam search
         c = self.config
-        if num_beams:
-            sampler = keras_hub.samplers.BeamSampler(num_beams=num_beams, return_all_beams=True)
-        else:
-            # The causal LM's sampler choice (greedy / top-k / top-p / random); it uses no model state.
-            sampler = CausalLM._make_sampler(self, temperature, top_k, top_p, seed)
+        # Beam search: the bundle's rules (kerasllm.models.beam_search); otherwise the causal LM's
+        # keras-hub sampler choice (greedy / top-k / top-p / random), which uses no model state.
+        sampler = None if num_beams else CausalLM._make_sampler(self, temperature, top_k, top_p, seed)
         layers = c.decoder_layers
         # The ids generation never chooses (Seq2SeqConfig.suppressed_ids), as the bundle's loops skip them.
         suppressed = np.isin(np.arange(c.target_vocab), c.suppressed_ids)[None, :]
@@ -245,14 +244,8 @@ class Seq2SeqLM(TransformerModel):
                 [buffer[:, i, 0] for i in range(layers)], [buffer[:, i, 1] for i in range(layers)],
                 cache_update_index=index - 1,
             )
-            logits = ops.where(suppressed, -1e9, logits[:, 0, :])
-            if num_beams:
-                # keras-hub's beam search keeps extending finished beams; a beam that has
-                # ended (last token EOS or pad) may only continue with pad at probability 1,
-                # so its score stays the sum of log-probs up to and including EOS.
-                done = ops.logical_or(ops.equal(token[:, 0], c.eos_id), ops.equal(token[:, 0], c.pad_id))
-                forced = ops.where(ops.arange(ops.shape(logits)[-1]) == c.pad_id, 0.0, -1e9)[None, :]
-                logits = ops.where(done[:, None], forced, logits)
+            # -inf for beam search (a suppressed candidate is no candidate, as in the bundle's search).
+            logits = ops.where(suppressed, -np.inf if num_beams else -1e9, logits[:, 0, :])
             buffer = ops.stack([ops.stack([k, v], axis=1) for k, v in zip(keys, values)], axis=1)
             return logits, None, (buffer, cross, source_mask)
 
@@ -260,12 +253,24 @@ class Seq2SeqLM(TransformerModel):
             _, keys, values = self.encode(source_ids, source_mask)
             cross = ops.stack([ops.stack([k, v], axis=1) for k, v in zip(keys, values)], axis=1)
             batch, total = ops.shape(prompt)[0], ops.shape(prompt)[1]
-            buffer = ops.zeros((batch, layers, 2, c.num_heads, total, c.head_dim), self.compute_dtype)
-            return sampler(next_token, prompt, cache=(buffer, cross, source_mask), index=1, mask=prompt_mask,
-                           stop_token_ids=[c.eos_id], model=self)
+            rows = batch * max(num_beams, 1)
+            buffer = ops.zeros((rows, layers, 2, c.num_heads, total, c.head_dim), self.compute_dtype)
+            if not num_beams:
+                return sampler(next_token, prompt, cache=(buffer, cross, source_mask), index=1, mask=prompt_mask,
+                               stop_token_ids=[c.eos_id], model=self)
+            # Each input's encoder outputs once per beam; beams never leave their input's rows, so
+            # only the self-attention buffer moves with them.
+            beam_cross, beam_mask = ops.repeat(cross, num_beams, axis=0), ops.repeat(source_mask, num_beams, axis=0)
+
+            def beam_logits(sequences, state, index):
+                logits, _, (buffer, _, _) = next_token(sequences, (state[0], beam_cross, beam_mask), index)
+                return logits, (buffer,)
+
+            return beam_search(beam_logits, prompt, (buffer,), num_beams=num_beams, eos_id=c.eos_id,
+                               pad_id=c.pad_id)
 
         function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
-        seed_states = [(v, v.numpy()) for v in sampler.variables]
+        seed_states = [(v, v.numpy()) for v in sampler.variables] if sampler is not None else []
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]
 
@@ -324,23 +329,15 @@ class Seq2SeqLM(TransformerModel):
                         n_best: int = 1) -> list[list[tuple[list[int], float]]]:
         """Beam search: for each source, the `n_best` best `(ids, score)` pairs, best first.
 
-        The search keeps the beams with the highest sum of log-probabilities (keras-hub's
-        `BeamSampler`); the reported score, by which the final beams are ranked, is the
-        mean log-probability per generated token, EOS included (as in the bundle's beam
-        search, kerasllm.export.generate). `num_beams=1` gives the greedy output.
+        The bundle's search (kerasllm.models.beam_search, as kerasllm.export.generate): beams
+        ranked by their sum of log-probabilities; a beam ending in EOS (or at `max_new_tokens`)
+        becomes a finished hypothesis scored by its mean log-probability per generated token, EOS
+        included; a source is done once it has `num_beams` of them. `num_beams=1` gives the
+        greedy output.
         """
+        from kerasllm.models.beam_search import n_best_from_beams  # noqa: PLC0415
+
         if num_beams < 1 or not 1 <= n_best <= num_beams:
             raise UsageError(f"generate: need 1 <= n_best <= num_beams, got n_best {n_best}, num_beams {num_beams}")
-        prompts, log_probs = (np.asarray(t) for t in self._run_generation(sources, max_new_tokens, num_beams))
-        results = []
-        for row in range(len(sources)):
-            beams = []
-            for k in range(num_beams):
-                if not np.isfinite(log_probs[row, k]):
-                    continue
-                tokens = self._strip(prompts[row, k])
-                ended = len(tokens) + 1 < prompts.shape[-1] and prompts[row, k, len(tokens) + 1] == self.config.eos_id
-                beams.append((tokens, float(log_probs[row, k]) / (len(tokens) + int(ended))))
-            beams.sort(key=lambda beam: -beam[1])
-            results.append(beams[:n_best])
-        return results
+        arrays = [np.asarray(t) for t in self._run_generation(sources, max_new_tokens, num_beams)]
+        return n_best_from_beams(*arrays, n_best=n_best, strip=self._strip)
