@@ -10,7 +10,8 @@ every sentence decodes the full length on both sides; the tokens are compared):
 
 * greedy: `Seq2SeqLM.generate` (XLA while loop, keras-hub GreedySampler) vs the bundle's
   greedy loop (generate.py over encoder.onnx + decoder.onnx with cross K/V bound);
-* beam 4: `Seq2SeqLM.generate_n_best` (XLA, keras-hub BeamSampler) vs the bundle's beam search.
+* beam 4: `Seq2SeqLM.generate_n_best` (XLA, kerasllm.models.beam_search: the bundle's rules; keras-hub's
+  BeamSampler before 2026-12-06, ninth session) vs the bundle's beam search.
 
 What is compared: the same batches (`--batch-size`, in input order, no bucketing) on both
 sides. Keras is called batch by batch (its `generate` takes one batch). The bundle is timed
@@ -27,6 +28,20 @@ Outputs are compared token for token with Keras (the two bundle ways must agree 
 Keras is timed after a warm-up call per batch shape (XLA compile time is reported
 separately); ONNX Runtime after one warm-up pass. Each way is timed `--repeats` times,
 interleaved, and the best pass counts. Goal (issue 4): bundle >= 3x Keras.
+
+2026-12-06, ninth session (2-core AMD EPYC), `--keep /tmp/s2s_v4 --repeats 3`, after Keras's beam search
+took the bundle's rules (kerasllm.models.beam_search: finished hypotheses leave their slot for a pool,
+early stopping at num_beams finished) in place of keras-hub's BeamSampler, and the bundle's beam search
+kept the cross keys/values of the rows that stay in place when inputs finish (no fresh gather) and
+copied only the filled slots when it expands the self-attention buffer per beam:
+    greedy: Keras 368.6 | bundle 959.5 2.60x | per batch 864.2 2.34x, 64/64 identical
+    beam 4: Keras 120.1 | bundle 275.6 2.30x | per batch 274.2 2.28x, 64/64 identical (was 50/64)
+    greedy: Keras 442.9 | bundle 984.8 2.22x | per batch 901.7 2.04x, 64/64 identical
+    beam 4: Keras 117.3 | bundle 276.5 2.36x | per batch 256.9 2.19x, 64/64 identical
+The beam ratio fell from 4.3-4.8x because the Keras side is now 2.2-2.7x faster (43-55 -> 117-120
+sentences/s: it stops early where keras-hub's loop ran every beam to the last step). The bundle's beam
+job gained 5-7% here (one batch of 16, one thread, old and new export/ alternated in 4 process pairs:
+medians of 12, 111-129 -> 100-117 ms, faster in 4/4). Beam 4 now misses 3x as greedy does.
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
