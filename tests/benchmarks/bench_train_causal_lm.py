@@ -383,6 +383,24 @@ pairs), the attention's batched products and the square output projection's grad
 orientation (micro-benchmarks: no faster), GELU's derivative saved from the forward instead of
 recomputed (no faster). One thread per part still wins here: 21,305 vs 19,041 tok/s with TensorFlow's
 default threads (medians of 4 alternated pairs, 200 steps).
+
+2026-12-06, ninth session, same machine, no training change landed. Measured and not kept (one
+split-step part's kernel time from XLA's profiler, 3 alternated processes each, unless stated):
+* the layer norm's gradient written out, the gamma gradient as `ones[1, rows] @ (dy * x_hat)` with
+  runtime ones (XLA fuses the product into its vector-matrix loop, 70-80 us, as slow as the reduce it
+  replaces): non-dot kernel time 3.6-4.1 ms either way;
+* GELU's forward as `0.5 x (1 + erf(x / sqrt 2))` instead of TensorFlow's erfc form (1.5x faster
+  alone: 337 vs 505 us a [384, 512] chain link): the GELU kernels 1.75 -> 1.18 ms a part, but XLA
+  then fuses differently and the part's dots took 1.2-1.4 ms longer in 3/3 pairs;
+* the optimizer update in two programs, one per core, each over half the weights (the global-norm
+  clip computed in both; weights bit-identical after 50 steps): XLA runs a program of independent
+  updates on the intra-op pool, which holds one thread here, so both halves queued on it: fit step
+  27.98 vs 28.02 and 28.12 vs 30.81 ms (no gain); with two intra-op threads and single-threaded
+  XLA dots (`--xla_cpu_multi_thread_eigen=false`) every step was ~1 ms slower;
+* apply_mean left to TensorFlow's executor (no XLA): no faster (29.55 vs 29.38, 31.66 vs 29.10 ms);
+* attention's `P^T dO` and `dS^T Q` as an explicit transpose (behind an optimization barrier) then a
+  plain dot: 101 vs 120 us a dot in a micro-benchmark, ~0.15 ms of a 27 ms part: not worth a custom
+  gradient.
 """
 
 from __future__ import annotations
