@@ -568,3 +568,21 @@ def test_the_seq_len_warning_is_capped_at_the_models_max_length():
     check([50])
     assert len(messages) == 1 and "reach 103 tokens" in messages[0]
     assert context_check(object(), 100, messages.append) is None  # no recorded seq_len: no hook
+
+
+def test_batch_jobs_let_the_heap_keep_freed_memory(run_cli, bundle, tmp_path, monkeypatch):
+    """A batch job's process keeps what its heap frees for the next batch (runtime.retain_freed_memory:
+    glibc's mallopt; elsewhere it reports that nothing changed), set once, before the model loads and
+    any batch runs; the outputs are as without it."""
+    import platform
+
+    from kerasllm.export import runtime
+
+    assert runtime.retain_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(runtime, "retain_freed_memory", lambda: calls.append(len(fake_predictor.FakePredictor.batches)))
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    source.write_text("abc\ndef\n")
+    assert run_cli("generate", bundle, "-i", source, "-o", out, "-q").code == 0
+    assert calls == [0]  # once, before any batch ran
+    assert [json.loads(line)["output"] for line in out.read_text().splitlines()] == [expected("abc"), expected("def")]

@@ -109,6 +109,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     from kerasllm.export import batch  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
     from kerasllm.export.records import detect_format, read_records  # noqa: PLC0415
+    from kerasllm.export.runtime import retain_freed_memory  # noqa: PLC0415
 
     started = time.perf_counter()
     if input_path == "-" and sys.stdin.isatty():
@@ -138,6 +139,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             total_lines = lines[1] - lines[0] + 1
 
     point = batch.resume_point(output_path) if resume else batch.ResumePoint()  # before the (slow) model load
+    retain_freed_memory()  # a serving process: freed arrays stay for the next batch (export/runtime.py)
     predictor = load_predictor(task, source, device=device)
     records = read_records(input_path, fmt, id_field=id_field, lines=lines)
     if point.done:

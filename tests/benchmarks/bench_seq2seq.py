@@ -280,6 +280,7 @@ def main() -> None:
     import numpy as np
 
     from kerasllm import Seq2SeqConfig, Seq2SeqLM
+    from kerasllm.export import runtime
     from kerasllm.export.exporter import export_model_dir
     from kerasllm.export.translate_predictor import BundleTranslator
     from kerasllm.tokenizers import TextTokenizer
@@ -310,6 +311,9 @@ def main() -> None:
             start = time.perf_counter()
             export_model_dir(run, bundle, log=lambda message: None)
             print(f"export (convert, optimize, validate): {time.perf_counter() - start:.1f} s", flush=True)
+        # As `kerasllm translate`'s process does (export/runtime.py; TensorFlow's tensors have their own
+        # allocator, so the Keras side keeps its memory behaviour).
+        runtime.retain_freed_memory()
         translator = BundleTranslator(bundle, device="cpu", threads=args.threads)
         results = {}
         for name, beams in (("greedy", 1), ("beam 4", 4)):
