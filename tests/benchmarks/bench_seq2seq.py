@@ -41,7 +41,16 @@ copied only the filled slots when it expands the self-attention buffer per beam:
 The beam ratio fell from 4.3-4.8x because the Keras side is now 2.2-2.7x faster (43-55 -> 117-120
 sentences/s: it stops early where keras-hub's loop ran every beam to the last step). The bundle's beam
 job gained 5-7% here (one batch of 16, one thread, old and new export/ alternated in 4 process pairs:
-medians of 12, 111-129 -> 100-117 ms, faster in 4/4). Beam 4 now misses 3x as greedy does.
+medians of 12, 111-129 -> 100-117 ms, faster in 4/4). Then the process (as `kerasllm translate`'s)
+let its heap keep freed memory (runtime.retain_freed_memory: a beam batch's new buffers had come as
+fresh mmaps whose first writes page-fault), two runs:
+    greedy: Keras 432.8 | bundle 1070.9 2.47x | per batch 889.7 2.06x, 64/64 identical
+    beam 4: Keras 115.5 | bundle  308.4 2.67x | per batch 278.6 2.41x, 64/64 identical
+    greedy: Keras 395.6 | bundle  985.5 2.49x | per batch 862.9 2.18x, 64/64 identical
+    beam 4: Keras 114.6 | bundle  295.2 2.58x | per batch 265.9 2.32x, 64/64 identical
+Beam 4 still misses 3x, as greedy does. What a beam batch of 16 costs now on one thread (~100 ms):
+ONNX Runtime ~76 ms, the self-attention buffer's per-step reorders ~11 ms (memory-bound copies of
+the moved beams' filled slots), the search's Python ~6 ms, the per-beam expansion ~4 ms.
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
