@@ -187,9 +187,10 @@ def flush_denormals():
         _LIBM.fesetenv(saved)
 
 
-# glibc's mallopt parameters (malloc.h).
+# glibc's mallopt parameters (malloc.h), and the values set: the mmap threshold at its documented
+# maximum on 64-bit systems (4 MB * sizeof(long); newer glibc refuses more), the trim threshold at 1 GB.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_RETAINED_BYTES = 1 << 30
+_MMAP_THRESHOLD_BYTES, _TRIM_THRESHOLD_BYTES = 32 << 20, 1 << 30
 
 
 def retain_freed_memory() -> bool:
@@ -200,12 +201,14 @@ def retain_freed_memory() -> bool:
     Why: glibc serves allocations above its mmap threshold (128 KB at first, raised adaptively up
     to 32 MB) with fresh `mmap`s and gives freed heap tops back to the system, so the buffers a
     batch allocates (a beam's self-attention buffer, the cross keys/values gathered per beam)
-    arrive as untouched pages, and the first write to each page is a page fault. Here the
-    thresholds are 1 GB: arrays below that come from the heap and stay with the process for the
-    next batch (its resident memory stays at its peak instead of falling between batches).
-    Measured on one beam-4 batch of 16 (bench_seq2seq's small model, one thread, medians of 12,
-    3 alternated process pairs, 2-core AMD EPYC): 108.0 -> 98.3, 111.8 -> 106.6, 102.8 -> 96.3 ms;
-    greedy the same (31.0/31.3, 30.9/31.0, 30.6/30.8 ms). Not glibc (macOS, musl): nothing changes.
+    arrive as untouched pages, and the first write to each page is a page fault. Here arrays up to
+    32 MB come from the heap, and the heap is trimmed only past 1 GB free: freed memory stays with
+    the process for the next batch (its resident memory stays at its peak instead of falling
+    between batches). Measured on one beam-4 batch of 16 (bench_seq2seq's small model, one thread,
+    medians of 12, 3 alternated process pairs, 2-core AMD EPYC): 122.5 -> 98.0, 115.5 -> 96.4,
+    100.4 -> 87.8 ms; greedy the same (31.8/31.0, 32.0/33.8, 30.6/30.2 ms). `kerasllm translate
+    --num-beams 4` over 512 lines, 3 alternated pairs: 2.62/2.35, 2.49/2.46, 2.81/2.37 s, peak
+    resident memory the same (176-177 MB). Not glibc (macOS, musl): nothing changes.
     No library sets this from Python, hence `mallopt` through ctypes.
     """
     try:
@@ -213,7 +216,8 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, _RETAINED_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _RETAINED_BYTES))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                                 _TRIM_THRESHOLD_BYTES))
 
 
 # What runs, as logged: a job opens several sessions (encoder and decoder, one per worker thread)
