@@ -104,6 +104,11 @@ def test_repetition_penalty_moves_away_from_seen_tokens():
     assert run(table, [[1]], max_new_tokens=3)[0][0].tokens == [4, 4, 4]
     # 4 is in the prompt: 2.0 / 1.5 = 1.33 < 1.5, so 6 wins; then 6 is seen too (1.0) and 4 (1.33) wins again.
     assert run(table, [[4]], max_new_tokens=3, repetition_penalty=1.5)[0][0].tokens == [6, 4, 4]
+    # Beam search applies it too: one beam is greedy, two keep the penalized best first.
+    assert run(table, [[4]], max_new_tokens=3, repetition_penalty=1.5, num_beams=1)[0][0].tokens == [6, 4, 4]
+    beams = run(table, [[4]], max_new_tokens=3, repetition_penalty=1.5, num_beams=2, n_best=2)[0]
+    assert [h.tokens for h in beams] == [[6, 4, 4], [4, 6, 4]]
+    assert run(table, [[4]], max_new_tokens=3, num_beams=2)[0][0].tokens == [4, 4, 4]
 
 
 def test_stop_ids_and_stop_strings_end_each_row_on_its_own():
@@ -120,6 +125,9 @@ def test_stop_ids_and_stop_strings_end_each_row_on_its_own():
     options = DecodingOptions(max_new_tokens=8, stop=["de"])
     results = generate(MarkovStep(table), [[1]], options, pad_id=PAD, decode=decode)
     assert decode(results[0][0].tokens) == "cde"  # generation stops once "de" appears
+    options = DecodingOptions(max_new_tokens=8, stop=["de"], num_beams=2, n_best=2)
+    beams = generate(MarkovStep(table), [[1]], options, pad_id=PAD, decode=decode)[0]
+    assert [decode(h.tokens) for h in beams] == ["cde", "cdbcde"]  # beams end at the stop string too
 
 
 def test_a_stop_id_that_never_fires_changes_nothing():
@@ -322,3 +330,21 @@ def test_the_graph_chooses_only_where_it_suppresses_what_the_options_do(stop_ids
         step = ChoosingStep(table, on_device)
         assert [h[0].tokens for h in generate(step, prompts, options, pad_id=PAD)] == expected
         assert (step.choices > 0) == choices
+
+
+def test_beam_rows_stay_with_their_parents():
+    """A beam search step puts each new beam whose parent no earlier beam claimed in its parent's
+    row (generate._parents_in_place), so the cache reorder copies only forks; rank order is kept
+    among the rest, and nothing is lost."""
+    from kerasllm.export.generate import _parents_in_place
+
+    # Input 1's rows are 4..7; new beams in rank order: parents 4, 4, 5, 4 (row 4 forks three ways).
+    rows, tokens, scores = [9, 9, 9, 9, 4, 4, 5, 4], [0, 0, 0, 0, 10, 11, 12, 13], [0, 0, 0, 0, -1, -2, -3, -4]
+    _parents_in_place(rows, tokens, scores, 4, 4)
+    assert rows[:4] == [9] * 4  # an earlier input's beams untouched
+    assert rows[4:] == [4, 5, 4, 4] and tokens[4:] == [10, 12, 11, 13] and scores[4:] == [-1, -3, -2, -4]
+    moved = sum(row != 4 + slot for slot, row in enumerate(rows[4:]))
+    assert moved == 2  # in rank order three rows would have moved (parents 4, 4, 5, 4 in rows 4-7)
+    rows, tokens, scores = [7, 6, 5, 4], [1, 2, 3, 4], [-1, -2, -3, -4]  # all parents distinct: none moves
+    _parents_in_place(rows, tokens, scores, 4, 4)
+    assert rows == [4, 5, 6, 7] and tokens == [4, 3, 2, 1]
