@@ -48,9 +48,16 @@ fresh mmaps whose first writes page-fault), two runs:
     beam 4: Keras 115.5 | bundle  308.4 2.67x | per batch 278.6 2.41x, 64/64 identical
     greedy: Keras 395.6 | bundle  985.5 2.49x | per batch 862.9 2.18x, 64/64 identical
     beam 4: Keras 114.6 | bundle  295.2 2.58x | per batch 265.9 2.32x, 64/64 identical
-Beam 4 still misses 3x, as greedy does. What a beam batch of 16 costs now on one thread (~100 ms):
-ONNX Runtime ~76 ms, the self-attention buffer's per-step reorders ~11 ms (memory-bound copies of
-the moved beams' filled slots), the search's Python ~6 ms, the per-beam expansion ~4 ms.
+Then new beams took their parent's row where no higher-ranked beam had (generate._parents_in_place:
+one batch's moved rows 6,952 -> 5,208, its reorders 10.3 -> 8.0 ms), two runs:
+    greedy: Keras 408.1 | bundle 1011.8 2.48x | per batch 901.2 2.21x, 64/64 identical
+    beam 4: Keras 116.4 | bundle  289.7 2.49x | per batch 270.7 2.33x, 64/64 identical
+    greedy: Keras 451.4 | bundle 1054.4 2.34x | per batch 922.4 2.04x, 64/64 identical
+    beam 4: Keras 120.6 | bundle  298.5 2.48x | per batch 282.8 2.35x, 64/64 identical
+(within these runs' noise of the runs before). Beam 4 still misses 3x, as greedy does. What a beam
+batch of 16 costs now on one thread (~90-95 ms): ONNX Runtime ~76 ms, the self-attention buffer's
+per-step reorders ~8 ms (memory-bound copies of the forked beams' filled slots), the search's
+Python ~6 ms.
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
