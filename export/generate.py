@@ -475,14 +475,13 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
                     break
                 row, token = i * beams + flat // vocab, int(flat % vocab)
                 length = len(sequences[row]) + 1  # with the new token (the list is made only if needed)
-                stopped = token in stop_ids
-                if not stopped and options.stop and truncate_at_stop(decode(sequences[row] + [token]),
-                                                                     options.stop)[1]:
-                    stopped = True
+                stop_id = token in stop_ids
+                stopped = stop_id or bool(options.stop and truncate_at_stop(decode(sequences[row] + [token]),
+                                                                            options.stop)[1])
                 if stopped or length >= limits[b]:
                     if rank < beams:  # a finished hypothesis only counts if it beat the live ones
-                        kept = sequences[row] if token in stop_ids else sequences[row] + [token]
-                        finished[b].append(Hypothesis(list(kept), score / length))
+                        kept = list(sequences[row]) if stop_id else sequences[row] + [token]
+                        finished[b].append(Hypothesis(kept, score / length))
                     continue
                 new_rows.append(row)
                 new_tokens.append(token)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 
 def beam_search(next_logits: Callable, sequences, state, *, num_beams: int, eos_id: int, pad_id: int):
     """Beam search over `sequences [B, T]` (the first token, BOS, given; `T - 1` new tokens at most).
@@ -110,8 +112,6 @@ def n_best_from_beams(pool_seqs, pool_scores, pool_count, in_last_step, live_seq
     """Each input's `n_best` `(ids, score)`, best first, from `beam_search`'s arrays (NumPy), as the
     bundle assembles them: the finished hypotheses, and, for an input still searching in the last
     step with fewer than `n_best` of them, its live beams (scored by mean log-probability per token)."""
-    import numpy as np  # noqa: PLC0415
-
     results = []
     for b in range(len(pool_count)):
         hyps = [(strip(pool_seqs[b, i]), float(pool_scores[b, i])) for i in range(int(pool_count[b]))]
