@@ -37,7 +37,8 @@ from kerasllm.export.attention_fusion import MASK_VALUE
 from kerasllm.export.convert import (IR_VERSION, _constant_value, graph_index, graph_inputs_read, replace_nodes,
                                      save_onnx, typed_producer)
 from kerasllm.export.rotary_fusion import RotaryTables, match_rotary, rotary_embedding
-from kerasllm.export.runtime import KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, SUPPRESSED_METADATA
+from kerasllm.export.runtime import (CROSS_ROWS_METADATA, CROSS_ROWS_PER_INPUT, KV_CACHE_METADATA, NEXT_TOKEN,
+                                     SHARED_BUFFER, SUPPRESSED_METADATA)
 
 # Ops kept in float32 in fp16 graphs: decomposed normalization statistics and softmax overflow
 # in fp16. Not LayerNormalization: it computes in float32 whatever its input type (`stash_type`
@@ -217,9 +218,15 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
     # takes them as they are (BNSH key/value), the query projection `[B, T, C]` as query.
     # Its bias `[B, 1, 1, S]` (padding only) is expanded to the `[B, 1, T, S]` the kernel
     # wants, once per step for all layers.
+    # With the padding mask as the only bias, the query rows are grouped per key row
+    # (CROSS_ROWS_METADATA): `[R, T, C]` -> `[B, R / B * T, C]` (B = the keys' rows) before the
+    # kernel and back after it, so R rows that share an input (its beams) can share one row of
+    # keys/values. Cross-attention has no causal mask: a query attends to its input's keys
+    # wherever it sits in the group. With one row per query row (R = B) it is the plain form.
     cross_keys = [i.name for i in graph.input if i.name.startswith("past_key_values.")
                   and i.name.endswith(".encoder.key")]
     expanded = {}  # bias tensor -> its expanded name
+    grouped = 0
     for key in cross_keys:
         value = key[:-len("key")] + "value"
         attn = [n for n in consumers.get(value, []) if n.op_type == "MatMul"]
@@ -238,13 +245,30 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
                 new_nodes.append(helper.make_node("Cast", ["encoder_attention_mask"], [f"{prefix}/key_padding_mask"],
                                                   to=onnx.TensorProto.INT32, name=f"{prefix}/Cast"))
                 expanded["encoder_attention_mask"] = f"{prefix}/key_padding_mask"
-            new_nodes.append(helper.make_node(
-                "MultiHeadAttention", [x_q, key, value, "", expanded["encoder_attention_mask"]], [out_r.output[0]],
-                name=f"{prefix}/MultiHeadAttention", domain="com.microsoft", num_heads=num_heads, scale=scale,
-                mask_filter_value=MASK_VALUE,
-            ))
+            if "grouped_shape" not in expanded:  # [B, -1, C] from the keys' rows, one for every layer
+                groups = f"{prefix}/groups"
+                graph.initializer.append(numpy_helper.from_array(np.array([-1, 0], np.int64), f"{groups}/tail"))
+                new_nodes += [
+                    helper.make_node("Shape", [key], [f"{groups}/rows"], start=0, end=1, name=f"{groups}/Shape"),
+                    helper.make_node("Concat", [f"{groups}/rows", f"{groups}/tail"], [f"{groups}/shape"], axis=0,
+                                     name=f"{groups}/Concat"),
+                    helper.make_node("Shape", [x_q], [f"{groups}/query_shape"], name=f"{groups}/QueryShape"),
+                ]
+                expanded["grouped_shape"], expanded["query_shape"] = f"{groups}/shape", f"{groups}/query_shape"
+            new_nodes += [
+                helper.make_node("Reshape", [x_q, expanded["grouped_shape"]], [f"{prefix}/grouped_query"],
+                                 name=f"{prefix}/GroupQueries"),
+                helper.make_node(
+                    "MultiHeadAttention", [f"{prefix}/grouped_query", key, value, "", expanded["encoder_attention_mask"]],
+                    [f"{prefix}/grouped_output"], name=f"{prefix}/MultiHeadAttention", domain="com.microsoft",
+                    num_heads=num_heads, scale=scale, mask_filter_value=MASK_VALUE,
+                ),
+                helper.make_node("Reshape", [f"{prefix}/grouped_output", expanded["query_shape"]], [out_r.output[0]],
+                                 name=f"{prefix}/UngroupQueries"),
+            ]
             replacements[id(out_r)] = new_nodes
             fused += 1
+            grouped += 1
             continue
         if bias not in expanded:
             one = f"{prefix}/one"
@@ -265,6 +289,9 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
         fused += 1
     if fused:
         replace_nodes(model, replacements)
+    if cross_keys and grouped == len(cross_keys):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = CROSS_ROWS_METADATA, CROSS_ROWS_PER_INPUT
     return fused
 
 

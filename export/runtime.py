@@ -287,6 +287,12 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
 # Model metadata written by optimize.share_kv_buffer: the graph updates a fixed-size KV buffer in place.
 KV_CACHE_METADATA = "kerasllm.kv_cache"
 SHARED_BUFFER = "shared_buffer"
+# Model metadata written by optimize.fuse_cached_attention where a seq2seq decoder's cross-attention
+# groups its query rows per row of the encoder's keys/values: those inputs may hold one row per input
+# (CROSS_ROWS_PER_INPUT) for query rows that come in equal contiguous groups per input (beams), as
+# well as one row per query row.
+CROSS_ROWS_METADATA = "kerasllm.cross_attention_rows"
+CROSS_ROWS_PER_INPUT = "per_input"
 # Optional decoder output (optimize.add_next_token): the last position's argmax, `[B, 1]` int64.
 NEXT_TOKEN = "next_token"
 # Model metadata written with it where the argmax skips ids (a JSON list; absent: none skipped).

@@ -256,11 +256,32 @@ def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", gree
             for i, (ref, got) in enumerate(zip(ref_past, sessions.presents(got_past))):
                 compare_output(f"{name}, {step_name}: {sessions.present_names[i]}", ref, got, fp16, figures)
         figures["cases"].append({"name": name, "source_lengths": mask.sum(1).tolist(), "steps": [1, 3]})
+    if sessions.cross_per_input:
+        figures["rows_per_input"] = check_rows_per_input(keras_sessions, sessions, c, fp16, figures)
     if greedy and not fp16:
         figures["greedy"] = check_greedy(model, sessions)
     if sessions.greedy_on_device:
         figures["greedy_on_device"] = check_greedy_on_device(c, sessions)
     return figures
+
+
+def check_rows_per_input(keras_sessions, sessions, config, fp16: bool, figures: dict, rows: int = 3) -> dict:
+    """A decoder whose cross-attention groups its query rows per input (`cross_per_input`) must give
+    `rows` rows of each input (different tokens: beams) attending to that input's one row of cross
+    keys/values the logits Keras gives with the keys/values copied for every row."""
+    name, ids, mask = list(parity_batches(config, seed=4))[-1]
+    expand = np.repeat(np.arange(len(ids)), rows)
+    ref_cross, cross = keras_sessions.encode(ids[expand], mask[expand]), sessions.encode(ids, mask)
+    rng = np.random.default_rng(5)
+    tokens = np.full((len(expand), 1), config.bos_id, np.int64)
+    ref_past = got_past = None
+    for step in range(2):
+        ref_logits, ref_past = keras_sessions.step(tokens, mask[expand], ref_cross, ref_past)
+        logits, got_past = sessions.step(tokens, mask, cross, got_past)
+        compare_output(f"{name}, {rows} rows per input, step {step + 1}: logits", ref_logits, logits, fp16, figures,
+                       logits=True)
+        tokens = rng.integers(min(6, config.target_vocab - 1), config.target_vocab, (len(expand), 1)).astype(np.int64)
+    return {"inputs": len(ids), "rows_per_input": rows, "steps": 2}
 
 
 def check_greedy_on_device(config, sessions) -> dict:

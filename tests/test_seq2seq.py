@@ -443,16 +443,31 @@ def _mask_contract_bundle(bundle, target):
     2026-12-05: `attention_mask [B, M]` (ones in each row's first n columns, n = tokens so far with
     the new one) from which the graph computes GroupQueryAttention's `seqlens_k` and
     `total_sequence_length` itself, instead of taking them as inputs."""
+    return _with_edited_decoder(bundle, target, _older_mask_contract)
+
+
+def _with_edited_decoder(bundle, target, edit):
+    """A copy of `bundle` at `target` whose decoder.onnx `edit(model)` changed (manifest hash updated)."""
     import hashlib
     import shutil
 
     import onnx
+
+    shutil.copytree(bundle, target)
+    model = onnx.load(str(target / "decoder.onnx"))
+    edit(model)
+    onnx.save(model, str(target / "decoder.onnx"))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"]["decoder.onnx"] = hashlib.sha256((target / "decoder.onnx").read_bytes()).hexdigest()
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _older_mask_contract(model):
     from onnx import TensorProto, helper, numpy_helper
 
     from kerasllm.export.seq2seq_runtime import SEQLENS_K, TOTAL_SEQUENCE_LENGTH
 
-    shutil.copytree(bundle, target)
-    model = onnx.load(str(target / "decoder.onnx"))
     graph = model.graph
     kept = [i for i in graph.input if i.name not in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH)]
     del graph.input[:]
@@ -469,11 +484,6 @@ def _mask_contract_bundle(bundle, target):
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(lengths + nodes)
-    onnx.save(model, str(target / "decoder.onnx"))
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["files"]["decoder.onnx"] = hashlib.sha256((target / "decoder.onnx").read_bytes()).hexdigest()
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    return target
 
 
 def test_bundles_with_the_older_mask_contract_decode_the_same(trained, tmp_path):
@@ -490,6 +500,105 @@ def test_bundles_with_the_older_mask_contract_decode_the_same(trained, tmp_path)
     assert old.predict(batch, max_new_tokens=8) == new.predict(batch, max_new_tokens=8)
     assert old.predict(batch, max_new_tokens=8, num_beams=3, n_best=2) == \
         new.predict(batch, max_new_tokens=8, num_beams=3, n_best=2)
+
+
+def test_rows_per_input():
+    from kerasllm.export.seq2seq_runtime import rows_per_input
+
+    assert rows_per_input(np.array([0, 0, 0, 1, 1, 1])) == 3  # beams, input by input
+    assert rows_per_input(np.array([2, 2, 0, 0])) == 2  # any order of the inputs
+    assert rows_per_input(np.array([0, 1, 2])) == 1
+    for ragged in ([0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1, 0, 0]):
+        assert rows_per_input(np.array(ragged)) == 1
+
+
+def _drop_cross_rows_metadata(model):
+    from kerasllm.export.runtime import CROSS_ROWS_METADATA
+
+    kept = [p for p in model.metadata_props if p.key != CROSS_ROWS_METADATA]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+
+
+def test_beams_share_their_inputs_cross_attention_rows(trained, tmp_path, monkeypatch):
+    """The decoder groups its cross-attention queries per input (metadata
+    `kerasllm.cross_attention_rows`): beam search binds one row of cross keys/values per input,
+    not per beam, also after done inputs leave, and gives the n-best lists (tokens and scores) of
+    the same bundle driven with the keys/values copied for every beam (the metadata removed)."""
+    from kerasllm.export.seq2seq_runtime import Seq2SeqSessions
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    grouped = BundleTranslator(bundle, device="cpu", threads=1)
+    per_row = BundleTranslator(_with_edited_decoder(bundle, tmp_path / "per_row", _drop_cross_rows_metadata),
+                               device="cpu", threads=1)
+    assert grouped.sessions.cross_per_input and not per_row.sessions.cross_per_input
+    shapes = []  # (decoder rows, cross rows, encoder mask rows) of every step
+    real_step = Seq2SeqSessions.step
+
+    def recording_step(self, input_ids, encoder_mask, cross, past, greedy=False):
+        shapes.append((len(input_ids), cross[0].shape()[0], len(encoder_mask)))
+        return real_step(self, input_ids, encoder_mask, cross, past, greedy=greedy)
+
+    monkeypatch.setattr(Seq2SeqSessions, "step", recording_step)
+    texts = ("seven", "forty-two", "six hundred and one", "thirteen", "nine", "three hundred")
+    batch = [grouped.check(t) for t in texts]
+    results = {}
+    for name, translator in (("grouped", grouped), ("per row", per_row)):
+        shapes.clear()
+        results[name] = translator._generate(batch, translator.options(max_new_tokens=10, num_beams=3, n_best=3))
+        results[name + " shapes"] = list(shapes)
+    beam_steps = results["grouped shapes"][1:]  # after the first step, on one row per input
+    assert all(rows == 3 * cross == 3 * mask for rows, cross, mask in beam_steps)
+    assert len({rows for rows, _, _ in beam_steps}) > 1  # done inputs left the batch on the way
+    assert all(rows == cross for rows, cross, _ in results["per row shapes"])
+    for got, want in zip(results["grouped"], results["per row"]):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+
+
+def test_inputs_leaving_keep_their_beams_cross_attention_rows(trained, tmp_path):
+    """Seq2SeqStep with beams grouped per input: as inputs leave (first a gather from the encoder's
+    outputs, then twice the kept rows moved up in place) each row of the bound cross keys/values is
+    the input of its group of beams, and the logits equal those of per-beam copies within 1e-5."""
+    from kerasllm.export.seq2seq_runtime import Seq2SeqStep
+    from kerasllm.export.translate_predictor import BundleTranslator
+
+    _, bundle, _ = trained
+    grouped = BundleTranslator(bundle, device="cpu", threads=1).sessions
+    per_row = BundleTranslator(_with_edited_decoder(bundle, tmp_path / "per_row", _drop_cross_rows_metadata),
+                               device="cpu", threads=1).sessions
+    texts = ("seven", "forty-two", "six hundred and one", "thirteen")
+    sources = [BundleTranslator(bundle, device="cpu", threads=1).check(t) for t in texts]  # source ids
+    width = max(len(s) for s in sources)
+    ids, mask = np.zeros((4, width), np.int64), np.zeros((4, width), np.int64)
+    for row, source in enumerate(sources):
+        ids[row, :len(source)], mask[row, :len(source)] = source, 1
+
+    def drive(sessions):
+        step = Seq2SeqStep(sessions, ids, mask)
+        logits, cache = step(np.full((4, 1), 2, np.int64), None, None)
+        cache = step.reorder(cache, np.repeat(np.arange(4), 2))  # two beams per input
+        tokens = np.arange(8, dtype=np.int64)[:, None] % 5 + 6
+        seen, cross_rows = [], []
+        # Inputs 0 1 2 3, then 0 2 3 (gathered), 0 3 and 3 (moved up in place), then a same-size reorder.
+        for rows in (None, [0, 1, 4, 5, 6, 7], [1, 0, 4, 5], [3, 2], [1, 1]):
+            if rows is not None:
+                cache = step.reorder(cache, np.array(rows))
+                tokens = tokens[rows] + 1
+            logits, cache = step(tokens, None, cache)
+            seen.append(logits)
+            cross_rows.append(step.cross_rows.tolist())
+            memory.append(None if step.cross_arrays is None else step.cross_arrays[0].__array_interface__["data"][0])
+        return seen, cross_rows
+
+    memory = []  # where the first cross tensor's rows live: None while they are the encoder's outputs
+    (got, got_rows), (want, want_rows) = drive(grouped), drive(per_row)
+    assert memory[0] is None and memory[1] == memory[2] == memory[3] == memory[4] is not None  # in place
+    assert got_rows == [[0, 1, 2, 3], [0, 2, 3], [0, 3], [3], [3]]
+    assert want_rows == [[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 2, 2, 3, 3], [0, 0, 3, 3], [3, 3], [3, 3]]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_padding_does_not_change_results(trained):
