@@ -59,6 +59,31 @@ batch of 16 costs now on one thread (~90-95 ms): ONNX Runtime ~76 ms, the self-a
 per-step reorders ~8 ms (memory-bound copies of the forked beams' filled slots), the search's
 Python ~6 ms.
 
+2026-12-06, tenth session (same machine, slower that hour: Keras greedy 280-390 sentences/s), after
+the decoder's cross-attention grouped its queries per input (optimize.fuse_cached_attention,
+metadata `kerasllm.cross_attention_rows`): beam search binds one row of cross keys/values per
+input, not a copy per beam. Cross-attention of the 4 layers at 64 rows (16 inputs x 4 beams, 32
+source tokens, one thread): 539 -> 241 us a step (the kernel runs 64 [4 x 32] products instead of
+256 [1 x 32] ones, over a quarter of the memory). The 4-batch beam job in alternated processes
+(3 pairs, medians over 8 s each): 290 / 265 / 269 ms -> 239 / 240 / 246 ms. This command with the
+bundle exported before (/tmp/s2s_v4) and after (/tmp/s2s_v5), alternated, `--repeats 5`:
+    before: greedy 2.47x, beam 4: Keras  91.9 | bundle 193.8 2.11x, 64/64 identical
+    after:  greedy 2.34x, beam 4: Keras  84.3 | bundle 231.1 2.74x, 64/64 identical
+    before: greedy 2.54x, beam 4: Keras  97.3 | bundle 213.6 2.19x, 64/64 identical
+    after:  greedy 2.43x, beam 4: Keras 102.8 | bundle 245.8 2.39x, 64/64 identical
+and the new bundle twice more:
+    greedy: Keras 311.5 | bundle 818.1 2.63x | per batch 775.0 2.49x, 64/64 identical
+    beam 4: Keras  89.3 | bundle 262.9 2.94x | per batch 264.8 2.97x, 64/64 identical
+    greedy: Keras 388.8 | bundle 829.7 2.13x | per batch 759.6 1.95x, 64/64 identical
+    beam 4: Keras  92.6 | bundle 245.7 2.65x | per batch 228.8 2.47x, 64/64 identical
+(Keras's beam search, like keras-hub's and Hugging Face's seq2seq generation, repeats the cross
+keys/values per beam.) Greedy is unchanged (one row per input already). Tried that session and not
+kept: the decoder's residual stream as `[B, C]` instead of `[B, 1, C]` (so that ONNX Runtime fuses
+each MatMul + bias Add into a Gemm: 20 Gemms): one batch of 16 on one thread, 40 alternated pairs,
+greedy 38.3 -> 36.8 ms (faster in 21/40), beam 86.2 -> 82.9 ms (10/20): noise; beam search's step
+on all inputs at once in NumPy instead of the loop over inputs (outputs bit-identical, but the ~40
+small NumPy calls a step cost what the loop did: 4 alternated process pairs, 3 of them slower).
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,
