@@ -50,9 +50,9 @@ import numpy as np
 import onnxruntime as ort
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.export.runtime import (CROSS_ROWS_METADATA, CROSS_ROWS_PER_INPUT, KV_CACHE_METADATA, NEXT_TOKEN, SHARED_BUFFER, SUPPRESSED_METADATA, Session,
-                                     StepOutputs, bind_cache, cache_tensors, create_session, reorder_outputs_in_place,
-                                     reorder_rows_in_place)
+from kerasllm.export.runtime import (CROSS_ROWS_METADATA, CROSS_ROWS_PER_INPUT, KV_CACHE_METADATA, NEXT_TOKEN,
+                                     SHARED_BUFFER, SUPPRESSED_METADATA, Session, StepOutputs, bind_cache,
+                                     cache_tensors, create_session, reorder_outputs_in_place, reorder_rows_in_place)
 
 log = logging.getLogger("kerasllm")
 # Slots a shared self-attention buffer starts with (a multiple of 64); it doubles when full.
@@ -390,24 +390,25 @@ class Seq2SeqStep:
         past, sources = cache
         indices = np.asarray(indices)
         sources = np.asarray(sources)
+        kept_sources = sources[indices]
         if self.cross_arrays is not None and sources is self.sources and len(indices) < len(sources):
             # Rows leave (beam search: inputs that are done): the cross keys/values gathered for the
             # rows (the host arrays of __call__, not the encoder's own outputs) keep the rows that
             # stay, moved up in place, as the self-attention buffer does, instead of a fresh gather
             # from the encoder's outputs: a fresh gather allocates, and its page faults made it ~2 ms
             # a time at 64 rows (the 'small' preset, 32 source tokens, CPU).
-            moved = sources[indices]
-            # The row of `cross` each new group of rows reads: every row of a group serves one input.
-            keep = indices[::self._group(moved)] // (len(sources) // len(self.cross_rows))
-            for array in self.cross_arrays:
-                reorder_rows_in_place(array, keep)
-            self.cross_arrays = [array[:len(keep)] for array in self.cross_arrays]  # views: contiguous
-            self.cross = [self.sessions._device_value(array) for array in self.cross_arrays]
-            self.encoder_mask = self.encoder_mask[keep]
-            self.cross_rows = self.cross_rows[keep]
-            self.sources = moved
-            return self.sessions.reorder(past, indices), self.sources
-        return self.sessions.reorder(past, indices), sources[indices]
+            # The row of `cross` each new group of rows reads (every row of a group serves one input).
+            keep = indices[::self._group(kept_sources)] // (len(sources) // len(self.cross_rows))
+            if len(keep) <= len(self.cross_rows):  # else (rows no longer grouped) __call__ gathers anew
+                for array in self.cross_arrays:
+                    reorder_rows_in_place(array, keep)
+                self.cross_arrays = [array[:len(keep)] for array in self.cross_arrays]  # views: contiguous
+                self.cross = [self.sessions._device_value(array) for array in self.cross_arrays]
+                self.encoder_mask = self.encoder_mask[keep]
+                self.cross_rows = self.cross_rows[keep]
+                self.sources = kept_sources
+                return self.sessions.reorder(past, indices), self.sources
+        return self.sessions.reorder(past, indices), kept_sources
 
 
 def rows_per_input(sources: np.ndarray) -> int:

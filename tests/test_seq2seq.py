@@ -575,30 +575,40 @@ def test_inputs_leaving_keep_their_beams_cross_attention_rows(trained, tmp_path)
     for row, source in enumerate(sources):
         ids[row, :len(source)], mask[row, :len(source)] = source, 1
 
-    def drive(sessions):
+    def drive(sessions, reorders):
         step = Seq2SeqStep(sessions, ids, mask)
         logits, cache = step(np.full((4, 1), 2, np.int64), None, None)
         cache = step.reorder(cache, np.repeat(np.arange(4), 2))  # two beams per input
         tokens = np.arange(8, dtype=np.int64)[:, None] % 5 + 6
-        seen, cross_rows = [], []
-        # Inputs 0 1 2 3, then 0 2 3 (gathered), 0 3 and 3 (moved up in place), then a same-size reorder.
-        for rows in (None, [0, 1, 4, 5, 6, 7], [1, 0, 4, 5], [3, 2], [1, 1]):
+        seen, cross_rows, memory = [], [], []
+        for rows in (None, *reorders):
             if rows is not None:
                 cache = step.reorder(cache, np.array(rows))
                 tokens = tokens[rows] + 1
             logits, cache = step(tokens, None, cache)
             seen.append(logits)
             cross_rows.append(step.cross_rows.tolist())
+            # Where the first cross tensor's rows live: None while they are the encoder's outputs.
             memory.append(None if step.cross_arrays is None else step.cross_arrays[0].__array_interface__["data"][0])
-        return seen, cross_rows
+        return seen, cross_rows, memory
 
-    memory = []  # where the first cross tensor's rows live: None while they are the encoder's outputs
-    (got, got_rows), (want, want_rows) = drive(grouped), drive(per_row)
+    # Inputs 0 1 2 3, then 0 2 3 (gathered), 0 3 and 3 (moved up in place), then a same-size reorder.
+    reorders = ([0, 1, 4, 5, 6, 7], [1, 0, 4, 5], [3, 2], [1, 1])
+    (got, got_rows, memory), (want, want_rows, _) = drive(grouped, reorders), drive(per_row, reorders)
     assert memory[0] is None and memory[1] == memory[2] == memory[3] == memory[4] is not None  # in place
     assert got_rows == [[0, 1, 2, 3], [0, 2, 3], [0, 3], [3], [3]]
     assert want_rows == [[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 2, 2, 3, 3], [0, 0, 3, 3], [3, 3], [3, 3]]
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    # Rows that stop coming in equal groups (inputs 0 2 3 with two beams each, then one row each, or
+    # rows 0 0 2 3 3): one row of cross keys/values per row again, moved up in place while they are no
+    # more than the rows bound, else gathered anew.
+    for reorders, rows, in_place in ((([0, 1, 4, 5, 6, 7], [0, 2, 4]), [0, 2, 3], True),
+                                     (([0, 1, 4, 5, 6, 7], [0, 1, 2, 4, 5]), [0, 0, 2, 3, 3], False)):
+        (got, got_rows, memory), (want, _, _) = drive(grouped, reorders), drive(per_row, reorders)
+        assert got_rows[-1] == rows and (memory[-1] == memory[-2]) == in_place
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_padding_does_not_change_results(trained):
