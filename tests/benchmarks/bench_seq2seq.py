@@ -82,7 +82,16 @@ kept: the decoder's residual stream as `[B, C]` instead of `[B, 1, C]` (so that 
 each MatMul + bias Add into a Gemm: 20 Gemms): one batch of 16 on one thread, 40 alternated pairs,
 greedy 38.3 -> 36.8 ms (faster in 21/40), beam 86.2 -> 82.9 ms (10/20): noise; beam search's step
 on all inputs at once in NumPy instead of the loop over inputs (outputs bit-identical, but the ~40
-small NumPy calls a step cost what the loop did: 4 alternated process pairs, 3 of them slower).
+small NumPy calls a step cost what the loop did: 4 alternated process pairs, 3 of them slower);
+the workers sharing one pair of single-threaded sessions (one copy of the weights in the caches)
+instead of a pair each (20 alternated 4-batch jobs: greedy 96.1 -> 91.6 ms, faster in 13/20; beam
+277.6 -> 278.9 ms, 6/20: noise). Measured and not changed: two workers decode the 4-batch job
+1.66x (greedy) and 1.69x (beam) as fast as one (two separate processes: ~1.8x), and TensorFlow
+loaded with a Keras model run in the same process leaves the bundle's job as it is (3 alternated
+process pairs, medians within 7% both ways). Where a greedy batch of 16 goes on one thread (~29
+ms): the encoder ~8.5 ms (its MatMuls/Gemms at ~108 GFLOP/s, the core's fp32 peak), 32 decoder
+steps of ~0.64 ms, of which the MatMuls ~0.3 ms (at peak) and the attention kernels ~0.26 ms
+(GroupQueryAttention and MultiHeadAttention at 16 rows: per-head products of one query, fixed cost).
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the

@@ -401,6 +401,17 @@ split-step part's kernel time from XLA's profiler, 3 alternated processes each, 
 * attention's `P^T dO` and `dS^T Q` as an explicit transpose (behind an optimization barrier) then a
   plain dot: 101 vs 120 us a dot in a micro-benchmark, ~0.15 ms of a 27 ms part: not worth a custom
   gradient.
+
+2026-12-06, tenth session, same machine, no training change, `--steps 300 --repeats 3`:
+
+    kerasllm                       19.0     22,088         0.94x         1.21x
+    keras-hub GPT2Backbone         31.9     18,197         1.58x         1.00x
+    nanoGPT (PyTorch)              20.3     14,990         1.00x         0.82x
+      per repeat: tok/s vs hub 1.21x 1.13x 1.25x; tok/s vs nanoGPT 1.18x 1.45x 1.62x; wall 1.05x 0.97x 0.82x
+
+Tried that session and not kept: XLA's oneDNN dots on this CPU (`--xla_cpu_use_onednn=true`, and
+`--xla_cpu_experimental_onednn_custom_call=true`): fit step 35.4 and 35.1 ms against 34.6 ms in the
+same minutes (the machine in a slow phase).
 """
 
 from __future__ import annotations
