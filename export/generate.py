@@ -22,6 +22,7 @@ the same batch give the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -458,6 +459,7 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     active = np.arange(batch)  # the inputs in the batch; row i * beams + k is beam k of active[i]
+    limit_list = limits.tolist()
     for t in range(int(limits.max())):
         logp = log_softmax(suppress(apply_repetition_penalty(logits.astype(np.float64), seen,
                                                              options.repetition_penalty), suppressed))
@@ -468,17 +470,19 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
         order = np.lexsort((tops, -top_scores), axis=1)
         tops, top_scores = np.take_along_axis(tops, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
         new_rows, new_tokens, new_scores = [], [], []
-        for i, b in enumerate(active.tolist()):
+        # Python scalars from here on: the loop below reads each candidate once (NumPy scalars and
+        # per-row conversions cost more than the work; a step on all inputs at once in NumPy did too).
+        for i, (b, input_tops, input_scores) in enumerate(zip(active.tolist(), tops.tolist(), top_scores.tolist())):
             chosen = 0
-            for rank, (flat, score) in enumerate(zip(tops[i].tolist(), top_scores[i].tolist())):
-                if not np.isfinite(score):
+            for rank, (flat, score) in enumerate(zip(input_tops, input_scores)):
+                if not math.isfinite(score):
                     break
                 row, token = i * beams + flat // vocab, int(flat % vocab)
                 length = len(sequences[row]) + 1  # with the new token (the list is made only if needed)
                 stop_id = token in stop_ids
                 stopped = stop_id or bool(options.stop and truncate_at_stop(decode(sequences[row] + [token]),
                                                                             options.stop)[1])
-                if stopped or length >= limits[b]:
+                if stopped or length >= limit_list[b]:
                     if rank < beams:  # a finished hypothesis only counts if it beat the live ones
                         kept = list(sequences[row]) if stop_id else sequences[row] + [token]
                         finished[b].append(Hypothesis(kept, score / length))
@@ -495,7 +499,7 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
                 new_scores.append(-np.inf)
                 chosen += 1
             _parents_in_place(new_rows, new_tokens, new_scores, i * beams, beams)
-            if len(finished[b]) >= beams or t + 1 >= limits[b]:
+            if len(finished[b]) >= beams or t + 1 >= limit_list[b]:
                 done[b] = True
         if done.all():
             break
@@ -506,8 +510,8 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
             new_rows = [r for r, k in zip(new_rows, keep) if k]
             new_tokens = [x for x, k in zip(new_tokens, keep) if k]
             new_scores = [x for x, k in zip(new_scores, keep) if k]
+        sequences = [sequences[r] + [tok] for r, tok in zip(new_rows, new_tokens)]
         rows = np.array(new_rows)
-        sequences = [sequences[r] + [tok] for r, tok in zip(rows, new_tokens)]
         scores = np.array(new_scores)
         if seen is not None:
             seen = seen[rows]

@@ -92,6 +92,10 @@ process pairs, medians within 7% both ways). Where a greedy batch of 16 goes on 
 ms): the encoder ~8.5 ms (its MatMuls/Gemms at ~108 GFLOP/s, the core's fp32 peak), 32 decoder
 steps of ~0.64 ms, of which the MatMuls ~0.3 ms (at peak) and the attention kernels ~0.26 ms
 (GroupQueryAttention and MultiHeadAttention at 16 rows: per-head products of one query, fixed cost).
+Kept: beam search's loop over candidates reads Python scalars (the step's candidates converted once,
+not per input; math.isfinite, the limits as a list): one beam-4 batch of 16 on one thread, the old
+and new generate.py alternated in one process, 2 x 60 runs: 107.3 -> 104.1 and 97.5 -> 93.8 ms
+(medians; faster in 38/60 and 39/60), outputs (tokens and scores) identical.
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
