@@ -96,6 +96,13 @@ Kept: beam search's loop over candidates reads Python scalars (the step's candid
 not per input; math.isfinite, the limits as a list): one beam-4 batch of 16 on one thread, the old
 and new generate.py alternated in one process, 2 x 60 runs: 107.3 -> 104.1 and 97.5 -> 93.8 ms
 (medians; faster in 38/60 and 39/60), outputs (tokens and scores) identical.
+Then (the machine faster: Keras greedy 291-432, beam 103-112 sentences/s) four runs of this command at
+b338edc, `--keep` the grouped bundle, `--repeats 5`:
+    greedy: Keras 290.7 | bundle  954.0 3.28x;  beam 4: Keras 103.2 | bundle 308.8 2.99x, 64/64 identical
+    greedy: Keras 378.1 | bundle  818.7 2.17x;  beam 4: Keras 112.1 | bundle 348.6 3.11x, 64/64 identical
+    greedy: Keras 398.4 | bundle  960.8 2.41x;  beam 4: Keras 103.3 | bundle 342.8 3.32x, 64/64 identical
+    greedy: Keras 432.3 | bundle  998.2 2.31x;  beam 4: Keras 111.6 | bundle 341.3 3.06x, 64/64 identical
+Beam 4 reaches 3x in three of the four runs (2.99x in the fourth); greedy in one (2.17-2.41x in the others).
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
