@@ -181,12 +181,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     """`[B, L]` ids and attention mask, prompts aligned to the right."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("generate: every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+    return _padded(prompts, pad_id, left=True)
+
+
+def right_pad(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`[B, S]` ids and attention mask, sources aligned to the left (an encoder's input)."""
+    return _padded(sources, pad_id, left=False)
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = row
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -477,7 +487,7 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
             for rank, (flat, score) in enumerate(zip(input_tops, input_scores)):
                 if not math.isfinite(score):
                     break
-                row, token = i * beams + flat // vocab, int(flat % vocab)
+                row, token = i * beams + flat // vocab, flat % vocab
                 length = len(sequences[row]) + 1  # with the new token (the list is made only if needed)
                 stop_id = token in stop_ids
                 stopped = stop_id or bool(options.stop and truncate_at_stop(decode(sequences[row] + [token]),

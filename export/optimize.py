@@ -245,7 +245,9 @@ def fuse_cached_attention(model: onnx.ModelProto, num_heads: int, head_dim: int,
                 new_nodes.append(helper.make_node("Cast", ["encoder_attention_mask"], [f"{prefix}/key_padding_mask"],
                                                   to=onnx.TensorProto.INT32, name=f"{prefix}/Cast"))
                 expanded["encoder_attention_mask"] = f"{prefix}/key_padding_mask"
-            if "grouped_shape" not in expanded:  # [B, -1, C] from the keys' rows, one for every layer
+            # [B, -1, C] from the keys' rows, and the queries' own shape to go back to (every layer's
+            # queries have the same): made once, at the first layer.
+            if "grouped_shape" not in expanded:
                 groups = f"{prefix}/groups"
                 graph.initializer.append(numpy_helper.from_array(np.array([-1, 0], np.int64), f"{groups}/tail"))
                 new_nodes += [

@@ -322,13 +322,9 @@ def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_leng
                   choice_on_host: bool = False):
     """Run generate.py's loops over one batch of source id lists (right-padded for the encoder);
     `choice_on_host`: greedy picks from the logits even where the graph has `next_token`."""
-    width = max(len(s) for s in sources)
-    ids = np.full((len(sources), width), pad_id, np.int64)
-    mask = np.zeros((len(sources), width), np.int64)
-    for row, source in enumerate(sources):
-        ids[row, :len(source)] = source
-        mask[row, :len(source)] = 1
-    step = Seq2SeqStep(sessions, ids, mask)
+    from kerasllm.export.generate import right_pad  # noqa: PLC0415
+
+    step = Seq2SeqStep(sessions, *right_pad(sources, pad_id))
     if choice_on_host:
         from kerasllm.export.generate import ChoiceOnHost  # noqa: PLC0415
 

@@ -38,7 +38,8 @@ import numpy as np
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import usable_cores
 from kerasllm.errors import DataError, UsageError
-from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, truncate_at_stop
+from kerasllm.export.generate import (DecodingOptions, Hypothesis, generate, hypotheses_result, right_pad,
+                                      truncate_at_stop)
 from kerasllm.export.predict import RecordError
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -127,13 +128,7 @@ class Translator:
         """generate.py's loops over `sessions` (ONNX Runtime or the Keras reference)."""
         from kerasllm.export.seq2seq_runtime import Seq2SeqStep  # noqa: PLC0415
 
-        width = max(len(s) for s in batch)
-        ids = np.full((len(batch), width), self.pad_id, np.int64)
-        mask = np.zeros((len(batch), width), np.int64)
-        for row, source in enumerate(batch):
-            ids[row, :len(source)] = source
-            mask[row, :len(source)] = 1
-        step = Seq2SeqStep(sessions, ids, mask)
+        step = Seq2SeqStep(sessions, *right_pad(batch, self.pad_id))
         return generate(step, [[self.bos_id]] * len(batch), decoding, pad_id=self.pad_id, max_length=self.max_length,
                         decode=self.target_tokenizer.decode)
 

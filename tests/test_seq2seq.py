@@ -409,17 +409,14 @@ def test_fewer_rows_stay_in_the_same_self_attention_buffer(trained):
     """Finished rows leaving the batch (greedy) or done inputs (beam search) shrink the shared
     self-attention buffer in place on the CPU: the kept rows' cache and next logits are those of
     a fresh buffer holding only them."""
+    from kerasllm.export.generate import right_pad
     from kerasllm.export.seq2seq_runtime import Seq2SeqStep
     from kerasllm.export.translate_predictor import BundleTranslator
 
     _, bundle, _ = trained
     translator = BundleTranslator(bundle, device="cpu", threads=1)
     sources = [translator.check(t) for t in ("seven", "forty-two", "nine hundred and one", "six hundred")]
-    width = max(len(s) for s in sources)
-    ids, mask = np.zeros((4, width), np.int64), np.zeros((4, width), np.int64)
-    for row, source in enumerate(sources):
-        ids[row, :len(source)], mask[row, :len(source)] = source, 1
-    step = Seq2SeqStep(translator.sessions, ids, mask)
+    step = Seq2SeqStep(translator.sessions, *right_pad(sources, translator.pad_id))
     tokens = np.full((4, 1), translator.bos_id, np.int64)
     cache = None
     for _ in range(3):
@@ -561,19 +558,17 @@ def test_inputs_leaving_keep_their_beams_cross_attention_rows(trained, tmp_path)
     """Seq2SeqStep with beams grouped per input: as inputs leave (first a gather from the encoder's
     outputs, then twice the kept rows moved up in place) each row of the bound cross keys/values is
     the input of its group of beams, and the logits equal those of per-beam copies within 1e-5."""
+    from kerasllm.export.generate import right_pad
     from kerasllm.export.seq2seq_runtime import Seq2SeqStep
     from kerasllm.export.translate_predictor import BundleTranslator
 
     _, bundle, _ = trained
-    grouped = BundleTranslator(bundle, device="cpu", threads=1).sessions
+    translator = BundleTranslator(bundle, device="cpu", threads=1)
+    grouped = translator.sessions
     per_row = BundleTranslator(_with_edited_decoder(bundle, tmp_path / "per_row", _drop_cross_rows_metadata),
                                device="cpu", threads=1).sessions
     texts = ("seven", "forty-two", "six hundred and one", "thirteen")
-    sources = [BundleTranslator(bundle, device="cpu", threads=1).check(t) for t in texts]  # source ids
-    width = max(len(s) for s in sources)
-    ids, mask = np.zeros((4, width), np.int64), np.zeros((4, width), np.int64)
-    for row, source in enumerate(sources):
-        ids[row, :len(source)], mask[row, :len(source)] = source, 1
+    ids, mask = right_pad([translator.check(t) for t in texts], translator.pad_id)
 
     def drive(sessions, reorders):
         step = Seq2SeqStep(sessions, ids, mask)
