@@ -103,6 +103,23 @@ b338edc, `--keep` the grouped bundle, `--repeats 5`:
     greedy: Keras 398.4 | bundle  960.8 2.41x;  beam 4: Keras 103.3 | bundle 342.8 3.32x, 64/64 identical
     greedy: Keras 432.3 | bundle  998.2 2.31x;  beam 4: Keras 111.6 | bundle 341.3 3.06x, 64/64 identical
 Beam 4 reaches 3x in three of the four runs (2.99x in the fourth); greedy in one (2.17-2.41x in the others).
+2026-12-06, eleventh session (same machine), no decoding change, four runs of this command, `--keep` the
+grouped bundle, `--repeats 5`:
+    greedy: Keras 421.2 | bundle 1052.5 2.50x;  beam 4: Keras 117.8 | bundle 383.9 3.26x, 64/64 identical
+    greedy: Keras 322.2 | bundle  814.4 2.53x;  beam 4: Keras 107.2 | bundle 321.4 3.00x, 64/64 identical
+    greedy: Keras 349.2 | bundle  847.4 2.43x;  beam 4: Keras 110.4 | bundle 346.4 3.14x, 64/64 identical
+    greedy: Keras 413.3 | bundle  992.9 2.40x;  beam 4: Keras 110.1 | bundle 351.2 3.19x, 64/64 identical
+Beam 4 is at or above 3x in all four; greedy is not (2.40-2.53x). The cross-attention kernel at greedy's
+shape (16 rows, 32 source positions, 4 layers, one thread, medians of 30 x 50 runs), against other ways
+ONNX Runtime 1.31 offers: MultiHeadAttention with the int32 key padding mask (as exported) 154.0 us,
+ONNX's opset-23 Attention (keys/values `[B, S, C]`, a bool mask) 164.7 us, block-diagonal batched
+MatMuls (the queries spread over a per-head mask, keys stored `[B, C, S]`: 2 MatMuls, Softmax, Mul,
+ReduceSum) 177.7 us; MultiHeadAttention with the mask as key lengths `[B]` 146.0, with no mask at all
+137.4: the masking is ~5% of the kernel, the rest its per-(row, head) products. DecoderMaskedMultiHead-
+Attention has a CPU kernel, but for cross-attention and beamless self-attention it calls the same
+ApplyAttention as MultiHeadAttention (its beam path does a scalar dot per key). What greedy would need
+(~25 ms a batch of 16 on one thread against ~29) is therefore a one-query attention kernel of our own
+or a GPU, as before.
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the

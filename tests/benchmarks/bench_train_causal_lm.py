@@ -412,6 +412,27 @@ split-step part's kernel time from XLA's profiler, 3 alternated processes each, 
 Tried that session and not kept: XLA's oneDNN dots on this CPU (`--xla_cpu_use_onednn=true`, and
 `--xla_cpu_experimental_onednn_custom_call=true`): fit step 35.4 and 35.1 ms against 34.6 ms in the
 same minutes (the machine in a slow phase).
+
+2026-12-06, eleventh session, same machine, no training change, `--steps 300 --repeats 3`:
+
+    kerasllm                       15.6     25,661         1.03x         1.19x
+    keras-hub GPT2Backbone         26.3     21,713         1.74x         1.00x
+    nanoGPT (PyTorch)              15.8     20,740         1.00x         0.96x
+      per repeat: tok/s vs hub 1.19x 1.21x 1.15x; tok/s vs nanoGPT 1.24x 1.49x 1.20x; wall 1.03x 0.90x 1.04x
+
+Where a step's wall time goes (XLA's profiler, the fit of this file's shape in one process, 30.4 ms
+a step): both parts run 26.2 ms side by side; then apply_mean ~3.5 ms, of which ~0.9 ms is
+TensorFlow's launch before its first kernel and ~0.3 ms after its last, and the rest its kernels on
+the one intra-op thread while the calling thread waits (the global-norm clip joins every gradient
+before any update, and the thread that finishes the join cannot hand work to a second worker).
+So ~11% of each step has one core idle; the ninth session's two-program update (above) and flat
+launches were the tries at it. Tried this session and not kept: the parts returning their
+gradients as one flat buffer each, apply_mean clipping the flat mean (one reduction) before cutting
+it into the weights' shapes, so the updates become ready on the calling thread: weights equal to
+the current step's after 50 steps, fit steps alternated in one process (50-step fits, 6 pairs
+twice): minimum 29.42 vs 29.54 and 31.68 vs 32.68 ms, medians within the machine's noise. In those
+in-process A/Bs some 50-step fits took ~1 s longer with both cores idle for that second (vmstat),
+on either side; they are the reason such A/Bs compare minima.
 """
 
 from __future__ import annotations
