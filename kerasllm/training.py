@@ -5,7 +5,8 @@ A run directory holds everything a finished model needs and nothing half-written
     DIR/config.json     {"task", "model": family config, "train": the run's arguments, ...}
     DIR/tokenizer.json  the tokenizer the model was trained with
     DIR/model.keras     written once, atomically, when training ends
-    DIR/history.jsonl   one JSON object per logged step: step, loss, val_loss, tokens_per_s
+    DIR/history.jsonl   one JSON object per logged step: step, loss (mean since the line before),
+                        val_loss, tokens_per_s
     DIR/checkpoints/    Keras BackupAndRestore state (weights, optimizer, epoch) while running
 
 `--resume` restores the last checkpoint (weights, optimizer state and step) and
@@ -114,6 +115,12 @@ class ProgressLogger(keras.callbacks.Callback):
     Steps count across epochs (`epoch * steps_per_epoch + batch + 1`), so a resumed run
     continues the numbering. On resume, lines past the restored step are dropped so the
     history never holds a step twice.
+
+    A line's `loss` is the mean training loss of the steps since the line before (nanoGPT logs
+    the step's own loss; a window of `log_every` steps is that, less noisy). Keras's `logs["loss"]`
+    is the mean since the Keras epoch (validation interval) began, which lags the model by
+    half an interval and drops at every validation; the window's mean is recovered from two
+    of those running means (`_window_loss`).
     """
 
     def __init__(self, history_path: Path, steps_per_epoch: int, total_steps: int, tokens_per_step: int,
@@ -146,6 +153,21 @@ class ProgressLogger(keras.callbacks.Callback):
                                 dynamic_ncols=True, desc="train")
         self.step = self.epoch_first = first
         self.mark_time, self.mark_step = time.perf_counter(), first
+        self.loss_mark = (0, 0.0)  # (steps into the epoch, Keras's running mean loss there) at the last line
+
+    def _window_loss(self, logs: dict) -> float:
+        """Mean loss of the steps since the last logged line, from Keras's running mean over the epoch.
+
+        Keras's loss tracker weights each step by its batch's rows; training batches all have the
+        same rows (the pipelines drop a short last batch), so each step weighs the same and
+        `mean_n * n - mean_m * m` is the sum of the losses of steps m+1..n.
+        """
+        running = float(logs.get("loss", math.nan))
+        steps, (marked_steps, marked_mean) = self.step - self.epoch_first, self.loss_mark
+        self.loss_mark = (steps, running)
+        if steps <= marked_steps:
+            return running
+        return (running * steps - marked_mean * marked_steps) / (steps - marked_steps)
 
     def _truncate_history(self, first_step: int) -> None:
         if not self.is_chief or not self.history_path.exists():
@@ -172,7 +194,7 @@ class ProgressLogger(keras.callbacks.Callback):
         # The last step of an interval (and of the run) is logged with its val_loss in on_epoch_end.
         if self.step % self.log_every == 0 and self.step % self.steps_per_epoch and self.step < self.total_steps:
             rate = self._rate()
-            loss = float(logs.get("loss", math.nan))
+            loss = self._window_loss(logs)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
             self._write({"step": self.step, "loss": loss, "tokens_per_s": round(rate, 1)})
@@ -188,7 +210,7 @@ class ProgressLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         rate = self._rate()
-        record = {"step": self.step, "loss": float(logs.get("loss", math.nan)), "tokens_per_s": round(rate, 1)}
+        record = {"step": self.step, "loss": self._window_loss(logs), "tokens_per_s": round(rate, 1)}
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
         if "val_loss" in logs:

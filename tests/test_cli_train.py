@@ -144,6 +144,28 @@ def test_the_same_seed_trains_the_same_model(run_cli, corpus_file, tmp_path):
     np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
 
 
+def test_history_logs_the_mean_loss_since_the_line_before_not_since_the_interval_began(tmp_path):
+    """Keras reports the mean loss since its epoch (validation interval) began; the history and the
+    progress bar show the mean of the steps since the last line, across intervals too."""
+    from kerasllm.training import ProgressLogger
+
+    step_losses = [[4.0, 3.0, 2.0, 2.5, 1.5, 1.0], [0.9, 0.7, 0.8, 0.6, 0.5, 0.4]]  # two intervals of 6 steps
+    logger = ProgressLogger(tmp_path / "history.jsonl", steps_per_epoch=6, total_steps=12, tokens_per_step=100,
+                            log_every=2, quiet=True)
+    logger.set_model(keras.Sequential())
+    for epoch, losses in enumerate(step_losses):
+        logger.on_epoch_begin(epoch)
+        for batch in range(len(losses)):
+            running = float(np.mean(losses[:batch + 1]))  # what Keras passes: the mean since the epoch began
+            logger.on_train_batch_end(batch, {"loss": running})
+        logger.on_epoch_end(epoch, {"loss": running, "val_loss": 0.5})
+    logged = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in logged] == [2, 4, 6, 8, 10, 12]
+    expected = [3.5, 2.25, 1.25, 0.8, 0.7, 0.45]  # each pair of steps' mean
+    assert [h["loss"] for h in logged] == pytest.approx(expected, rel=1e-9)
+    assert [h.get("val_loss") for h in logged] == [None, None, 0.5, None, None, 0.5]
+
+
 def test_steps_per_execution_keeps_every_logged_step_and_the_same_training(corpus_file, tmp_path):
     """Several steps per call of the train function (training.execution_steps): the history logs the
     same steps, validation comes at the same steps, and the weights equal one step per call."""
@@ -164,9 +186,14 @@ def test_steps_per_execution_keeps_every_logged_step_and_the_same_training(corpu
     (one, one_log, one_hist), (five, five_log, five_hist) = runs[1], runs[10]
     assert [h["step"] for h in five_log] == [10, 20, 30, 35]
     assert [h["step"] for h in five_log if "val_loss" in h] == [20, 35]
-    by_step = {h["step"]: h for h in one_log}
+    # With one step per line each line is that step's loss; a line of the 5-steps-per-call run is the
+    # mean of the steps since its line before (ProgressLogger._window_loss).
+    step_loss = {h["step"]: h["loss"] for h in one_log}
+    previous = 0
     for record in five_log:
-        assert record["loss"] == pytest.approx(by_step[record["step"]]["loss"], rel=1e-5), record
+        window = [step_loss[step] for step in range(previous + 1, record["step"] + 1)]
+        assert record["loss"] == pytest.approx(np.mean(window), rel=1e-4), record
+        previous = record["step"]
     np.testing.assert_allclose(five_hist["val_loss"], one_hist["val_loss"], rtol=1e-5)
     for a, b in zip(one.weights, five.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-5, err_msg=a.path)

@@ -121,6 +121,34 @@ def test_masking_follows_the_80_10_10_rule(sentiment):
     assert abs((selected - mask - kept) / selected - 0.1) < 0.02
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_masked_lm_loss_is_the_weighted_mean_over_masked_positions_with_label_smoothing(eps):
+    """MaskedLM's compiled loss: the mean over the masked positions (sample weight 0 on the padding of
+    `mask_positions`) of `(1 - eps) * nll + eps * mean(-log p)`; eps 0 is Keras's sparse cross-entropy."""
+    model = MaskedLM(config())
+    model.compile(label_smoothing=eps, jit_compile=False)
+    ids = texts([10, 7])
+    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32"),
+              "mask_positions": np.array([[1, 4, 6], [2, 5, 0]], "int32")}
+    targets = np.array([[11, 12, 13], [14, 15, 0]], "int32")
+    weights = np.array([[1, 1, 1], [1, 1, 0]], "float32")
+    logits = np.asarray(model(inputs), "float64")
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    per_position = (1 - eps) * nll + eps * -log_probs.mean(-1)
+    expected = (per_position * weights).sum() / weights.sum()
+    got = float(model.compute_loss(x=inputs, y=targets, y_pred=model(inputs), sample_weight=weights))
+    assert got == pytest.approx(expected, rel=1e-5)
+    if eps == 0:
+        keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+        assert got == pytest.approx(float(keras_loss(targets, model(inputs), sample_weight=weights)), rel=1e-6)
+
+
+def test_token_classifier_refuses_label_smoothing_it_would_not_apply():
+    with pytest.raises(ValueError, match="TokenClassifier does not support label_smoothing"):
+        TokenClassifier(config()).compile(label_smoothing=0.1, jit_compile=False)
+
+
 def test_metrics_by_hand():
     y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]
     assert metrics.accuracy(y_true, y_pred) == pytest.approx(4 / 6)

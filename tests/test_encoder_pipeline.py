@@ -70,6 +70,24 @@ def test_masked_lm_loss_falls(work):
     assert config["task"] == "masked-lm" and config["model"]["family"] == "encoder"
 
 
+def test_masked_lm_cli_compiles_with_the_label_smoothing_it_is_given(tmp_path, monkeypatch):
+    """`--label-smoothing` reaches MaskedLM.compile (it was once accepted and dropped) and is saved with the run."""
+    from kerasllm import MaskedLM
+
+    seen, compile_as_is = [], MaskedLM.compile
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("label_smoothing"))
+        return compile_as_is(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedLM, "compile", spy)
+    train = write_rows(tmp_path / "train.tsv", datasets.sentiment_rows(100, seed=1), "tsv")
+    assert kerasllm("train", "masked-lm", "--data", train, "--out", tmp_path / "mlm", "--steps", "2",
+                    "--eval-interval", "2", "--label-smoothing", "0.1", *FAST) == 0
+    assert seen == [0.1]
+    assert json.loads((tmp_path / "mlm" / "config.json").read_text())["train"]["label_smoothing"] == 0.1
+
+
 def test_classifier_reaches_95_percent_in_keras_and_bundle(work, capsys, tmp_path):
     root, _, test = work
     results = {}

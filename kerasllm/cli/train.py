@@ -157,8 +157,8 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
     args = MaskedLMTrainArgs(
         data=[str(p) for p in data], text_field=text_field, preset=preset, steps=steps, epochs=epochs,
         batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
-        validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
+        label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
+        eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
     train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
                     distribute=distribute)

@@ -21,24 +21,34 @@ class SparseCrossEntropy(keras.losses.Loss):
     `CategoricalCrossentropy` needs one-hot targets; this computes the smoothed loss from
     the log-softmax directly (`(1 - eps) * nll + eps * mean(-log p)`) without one-hot.
     Positions whose target equals `ignore_id` (padding) contribute nothing.
+
+    Each example's loss is the mean over its positions; with `per_token=True` the loss of
+    every position is returned as it is (y_true's shape), for Keras's reduction and sample
+    weights to average (MaskedLM: the masked positions, weighted, `mean_with_sample_weight`).
     """
 
-    def __init__(self, label_smoothing=0.0, ignore_id=None, name="sparse_cross_entropy", **kwargs):
+    def __init__(self, label_smoothing=0.0, ignore_id=None, per_token=False, name="sparse_cross_entropy", **kwargs):
         super().__init__(name=name, **kwargs)
+        if per_token and ignore_id is not None:
+            raise ValueError("per_token leaves the weighting to sample weights: pass ignore_id=None")
         self.label_smoothing = float(label_smoothing)
         self.ignore_id = ignore_id
+        self.per_token = bool(per_token)
 
     def call(self, y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
         y_true = ops.cast(y_true, "int32")
         if not self.label_smoothing and self.ignore_id is None:
             # The fused kernel (tf.nn.sparse_softmax_cross_entropy_with_logits) is faster.
-            return ops.mean(ops.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True), axis=-1)
+            nll = ops.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+            return nll if self.per_token else ops.mean(nll, axis=-1)
         log_probs = ops.log_softmax(y_pred, axis=-1)
         nll = -ops.take_along_axis(log_probs, ops.expand_dims(y_true, -1), axis=-1)[..., 0]
         if self.label_smoothing:
             smooth = -ops.mean(log_probs, axis=-1)
             nll = (1.0 - self.label_smoothing) * nll + self.label_smoothing * smooth
+        if self.per_token:
+            return nll
         if self.ignore_id is not None:
             keep = ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
             # Mean over kept tokens of each example, so padding does not dilute the loss.
@@ -46,7 +56,8 @@ class SparseCrossEntropy(keras.losses.Loss):
         return ops.mean(nll, axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing, "ignore_id": self.ignore_id}
+        return {**super().get_config(), "label_smoothing": self.label_smoothing, "ignore_id": self.ignore_id,
+                "per_token": self.per_token}
 
 
 def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, min_learning_rate=None,

@@ -23,7 +23,7 @@ from keras import ops
 
 from kerasllm.config import EncoderConfig
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
-from kerasllm.models.base import TransformerModel
+from kerasllm.models.base import SparseCrossEntropy, TransformerModel
 
 
 def pool(hidden, padding_mask, pooling="cls"):
@@ -257,7 +257,7 @@ class MaskedLM(EncoderModel):
     def default_loss(self, label_smoothing=0.0):
         # Mean over the masked positions of the batch: the sample weights are 0 on the
         # padding of `mask_positions`, and "mean_with_sample_weight" divides by their sum.
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+        return SparseCrossEntropy(label_smoothing=label_smoothing, per_token=True, reduction="mean_with_sample_weight")
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
         if metrics == "auto":  # accuracy on masked positions only (weighted by the sample weights)
@@ -369,6 +369,10 @@ class TokenClassifier(EncoderModel):
         return ops.cast(self.classifier(self.head_dropout(hidden, training=training)), "float32")
 
     def default_loss(self, label_smoothing=0.0):
+        if label_smoothing:
+            # Keras's ignore_class skips the untagged tokens (-1) and averages over the rest; a
+            # smoothed loss would have to rebuild that masking (the CLI refuses the option too).
+            raise ValueError("TokenClassifier does not support label_smoothing")
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
 
     def export_outputs(self, input_ids, attention_mask):

@@ -93,7 +93,8 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         keras.utils.set_random_seed(args.seed)  # the same --seed, the same initial weights
         model = models.MaskedLM(config)
         model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, jit_compile=dist.jit_compile(args.jit_compile))
+                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                      jit_compile=dist.jit_compile(args.jit_compile))
         # ---------------------------------------------------------------------------------------
         if not quiet:
             log.info("masked-lm: %s parameters, %d steps of %d sequences, vocab %d (%s)",
