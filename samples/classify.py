@@ -41,11 +41,11 @@ def main() -> None:
     train, test = OUT / "train.tsv", OUT / "test.jsonl"
     kerasllm("sample-data", "sentiment", "--out", str(train), "--count", "3000", "--seed", "1")
     kerasllm("sample-data", "sentiment", "--out", str(test), "--count", "500", "--seed", "2")
-    common = ["--preset", "tiny", "--seq-len", "64", "--batch-size", "32", "--lr", "3e-3", "--eval-interval", "100"]
-    init = []
+    common = ["--seq-len", "64", "--batch-size", "32", "--lr", "3e-3", "--eval-interval", "100"]
+    init = ["--preset", "tiny"]  # with --init-from, the architecture is the pretrained run's
     if args.pretrain:
         kerasllm("train", "masked-lm", "--data", str(train), "--out", str(OUT / "mlm"),
-                 "--steps", str(args.pretrain_steps), *common)
+                 "--steps", str(args.pretrain_steps), "--preset", "tiny", *common)
         kerasllm("evaluate", str(OUT / "mlm"), "--data", str(test))
         init = ["--init-from", str(OUT / "mlm")]
     kerasllm("train", "classifier", "--data", str(train), "--out", str(OUT / "clf"), "--steps", str(args.steps),

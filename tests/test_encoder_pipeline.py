@@ -211,15 +211,25 @@ def test_init_from_reuses_the_pretrained_encoder_and_tokenizer(work, tmp_path):
 
     root, train, _ = work
     out = tmp_path / "finetuned"
-    # One step at a negligible rate: the encoder must still hold the masked LM's weights.
+    # One step at a negligible rate: the encoder must still hold the masked LM's weights. No --preset
+    # (FAST[2:]): the architecture is the pretrained run's.
     assert kerasllm("train", "classifier", "--data", train, "--init-from", root / "mlm", "--out", out,
-                    "--steps", "1", "--lr", "1e-9", "--weight-decay", "0", "--validation-fraction", "0", *FAST) == 0
+                    "--steps", "1", "--lr", "1e-9", "--weight-decay", "0", "--validation-fraction", "0", *FAST[2:]) == 0
     assert (out / "tokenizer.json").read_bytes() == (root / "mlm" / "tokenizer.json").read_bytes()
     pretrained, _, _ = load_model_dir(root / "mlm")
     finetuned, _, run = load_model_dir(out)
     assert run["train"]["init_from"] == str(root / "mlm") and run["model"]["num_labels"] == 2
     for a, b in zip(pretrained.encoder.get_weights(), finetuned.encoder.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_init_from_refuses_options_it_would_ignore(work, run_cli, tmp_path):
+    root, train, _ = work
+    for given in (["--tokenizer", "bpe"], ["--preset", "small"], ["--vocab-size", "300"]):
+        result = run_cli("train", "classifier", "--data", train, "--init-from", root / "mlm", "--out",
+                         tmp_path / "clf", *given)
+        assert result.code == 2 and f"drop {given[0]}" in result.err, result
+        assert not (tmp_path / "clf").exists()
 
 
 def test_unknown_label_at_evaluation_names_the_line(work, capsys, tmp_path):

@@ -124,6 +124,20 @@ _text_fields = [
 ]
 
 
+def _refuse_with_init_from(init_from, *names: str) -> None:
+    """A usage error for options given on the command line that `--init-from` would ignore: the
+    pretrained run brings its own tokenizer and architecture (--config and overrides are refused
+    in the recipe, where they are known)."""
+    if not init_from:
+        return
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in names
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise click.UsageError(f"--init-from takes the pretrained model's tokenizer and architecture; "
+                               f"drop {', '.join(given)}")
+
+
 def _with(options):
     def decorate(command):
         for option in reversed(options):
@@ -191,6 +205,7 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
 
     if not data and not resume:
         raise click.UsageError("--data is required (except with --resume)")
+    _refuse_with_init_from(init_from, "preset", "tokenizer", "vocab_size")
     args = ClassifierTrainArgs(
         data=[str(p) for p in data], text_field=text_field, label_field=label_field,
         init_from=str(init_from) if init_from else None, pooling=pooling, preset=preset, steps=steps, epochs=epochs,
@@ -240,6 +255,7 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
         raise click.UsageError("--data is required (except with --resume)")
     if label_smoothing:
         raise click.UsageError("--label-smoothing is not supported by token-classifier")
+    _refuse_with_init_from(init_from, "preset", "tokenizer", "vocab_size")
     args = TokenClassifierTrainArgs(
         data=[str(p) for p in data], tokens_field=tokens_field, tags_field=tags_field, data_format=data_format,
         init_from=str(init_from) if init_from else None, preset=preset, steps=steps, epochs=epochs,
