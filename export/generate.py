@@ -74,6 +74,9 @@ class DecodingOptions:
             raise UsageError(f"n_best must be between 1 and num_beams ({self.num_beams}), got {self.n_best}")
         if self.num_beams > 1 and self.temperature > 0:
             raise UsageError("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if self.temperature == 0 and (self.top_k is not None or (self.top_p is not None and self.top_p < 1.0)):
+            # Refused rather than ignored: without it `--top-k 50` alone decoded greedily, silently.
+            raise UsageError("top_k and top_p narrow sampling: give a temperature > 0 (0 decodes greedily)")
         if set(self.suppress_ids) & set(self.stop_ids):
             raise UsageError("a stop id cannot be suppressed (generation could never stop)")
 

@@ -119,6 +119,9 @@ def test_generation_refuses_prompts_longer_than_the_model():
     model = tiny()
     with pytest.raises(UsageError, match="exceeds the model's max_length 64"):
         model.generate([[7] * 60], max_new_tokens=10)
+    # the bundle's option rules (export/generate.DecodingOptions): top-k without a temperature would decode greedily
+    with pytest.raises(UsageError, match="give a temperature > 0"):
+        model.generate([[7]], max_new_tokens=2, top_k=5)
 
 
 def test_label_smoothing_matches_the_definition():

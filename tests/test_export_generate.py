@@ -224,6 +224,8 @@ def test_full_recompute_wrapper_gives_the_same_tokens():
 @pytest.mark.parametrize("options, message", [
     (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"), (dict(n_best=2), "n_best"),
     (dict(num_beams=2, temperature=1.0), "deterministic"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(top_k=5), "give a temperature > 0"), (dict(top_p=0.9), "give a temperature > 0"),
+    (dict(num_beams=2, top_k=3), "give a temperature > 0"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(UsageError, match=message):

@@ -22,6 +22,7 @@ from keras import ops
 
 from kerasllm.config import DecoderConfig
 from kerasllm.errors import UsageError
+from kerasllm.export.generate import DecodingOptions
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
 from kerasllm.models.base import TransformerModel
 
@@ -232,6 +233,9 @@ class CausalLM(TransformerModel):
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("generate: every prompt needs at least one token")
+        # The bundle's rules for these options (one place: export/generate.py, no TensorFlow there).
+        DecodingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed).validate()
         lengths = np.array([len(p) for p in prompts])
         needed = int(lengths.max()) + max_new_tokens
         if needed > self.config.max_length:
