@@ -234,7 +234,7 @@ class CausalLM(TransformerModel):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("generate: every prompt needs at least one token")
         # The bundle's rules for these options (one place: export/generate.py, no TensorFlow there).
-        DecodingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k, top_p=top_p,
                         seed=seed).validate()
         lengths = np.array([len(p) for p in prompts])
         needed = int(lengths.max()) + max_new_tokens
