@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from kerasllm.config import TransformerConfig, config_from_dict
+from kerasllm.models.array_inputs import ArrayInputFitMixin
 from kerasllm.models.multi_worker import MultiWorkerFitMixin
 from kerasllm.models.split_batch import SplitBatchFitMixin
 from kerasllm.optimizers import AdamW, WarmupCosineDecay
@@ -90,9 +91,12 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
     return optimizer
 
 
-class TransformerModel(MultiWorkerFitMixin, SplitBatchFitMixin, keras.Model):
+class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMixin, keras.Model):
     """Base class: holds a family config and rebuilds from it when loading `.keras` files.
 
+    `ArrayInputFitMixin` feeds arrays given to `fit`/`evaluate`/`predict` through Keras's own
+    batching without tf.data's autotuning, whose iterators could hold an epoch's start for
+    seconds (see `kerasllm/models/array_inputs.py`).
     `MultiWorkerFitMixin` makes `fit` work under `MultiWorkerMirroredStrategy` (Keras 3 bug,
     see `kerasllm/models/multi_worker.py`); outside multi-worker training it changes nothing.
     `SplitBatchFitMixin` runs a CPU step as concurrent parts of the batch
