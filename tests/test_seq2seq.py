@@ -238,6 +238,13 @@ def test_beam_search_n_best_and_beam_one_is_greedy(trained):
     model = ModelDirTranslator(run).model
     one_beam = [best[0][0] for best in model.generate_n_best(sources, max_new_tokens=8, num_beams=1)]
     assert one_beam == model.generate(sources, max_new_tokens=8)
+    # Options the search would not use are refused, as the bundle refuses them (DecodingOptions).
+    from kerasllm.errors import UsageError
+
+    with pytest.raises(UsageError, match="beam search is deterministic"):
+        model.generate(sources, max_new_tokens=8, num_beams=2, temperature=0.7)
+    with pytest.raises(UsageError, match="give a temperature > 0"):
+        model.generate(sources, max_new_tokens=8, top_k=3)
     assert [ort_translator.target_tokenizer.decode(t) for t in one_beam] == [g["output"] for g in greedy]
 
 

@@ -35,6 +35,7 @@ from keras import ops
 
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.errors import UsageError
+from kerasllm.export.generate import DecodingOptions
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
 from kerasllm.models.base import SparseCrossEntropy, TransformerModel
 
@@ -320,6 +321,10 @@ class Seq2SeqLM(TransformerModel):
         `top_k` / `top_p`, reproducible with `seed`. Outputs stop at EOS or after
         `max_new_tokens` tokens.
         """
+        # The bundle's rules for these options (export/generate.py): e.g. a temperature or top-k under beam
+        # search is refused, not ignored.
+        DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k,
+                        top_p=top_p, num_beams=num_beams, seed=seed).validate()
         if num_beams > 1:
             return [best[0][0] for best in self.generate_n_best(sources, max_new_tokens, num_beams, n_best=1)]
         result = self._run_generation(sources, max_new_tokens, 0, temperature, top_k, top_p, seed)
