@@ -78,6 +78,11 @@ def test_keras_gets_untuned_datasets_of_known_length_and_other_inputs_as_they_ar
         assert isinstance(dataset, tf.data.Dataset)
         assert dataset.options().autotune.enabled is False
         assert int(dataset.cardinality()) == batches
+    # with steps_per_epoch the training arrays stay Keras's; validation arrays still take batch_size
+    model.fit(x[:, :-1], x[:, 1:], batch_size=5, steps_per_epoch=2, epochs=1,
+              validation_data=(x[:10, :-1], x[:10, 1:]), verbose=0)
+    train, validation = seen[-1]
+    assert isinstance(train, np.ndarray) and int(validation.cardinality()) == 2
     own = tf.data.Dataset.from_tensor_slices((x[:, :-1], x[:, 1:])).batch(8)
     model.fit(own, epochs=1, verbose=0)
     assert seen[-1][0] is own  # a dataset of the caller's keeps its own options
