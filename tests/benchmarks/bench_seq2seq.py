@@ -119,7 +119,10 @@ ReduceSum) 177.7 us; MultiHeadAttention with the mask as key lengths `[B]` 146.0
 Attention has a CPU kernel, but for cross-attention and beamless self-attention it calls the same
 ApplyAttention as MultiHeadAttention (its beam path does a scalar dot per key). What greedy would need
 (~25 ms a batch of 16 on one thread against ~29) is therefore a one-query attention kernel of our own
-or a GPU, as before.
+or a GPU, as before. The most such a kernel could give for cross-attention: the grouped bundle with its 4
+cross-attention nodes replaced by Identity (outputs wrong, time only), one greedy batch of 16 on the 2
+cores, 40 alternated runs: 21.84 -> 18.32 ms (medians), 16% of the batch; self-attention (GroupQuery-
+Attention) costs about half as much again, so even free attention kernels would lift greedy by ~25%.
 
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
