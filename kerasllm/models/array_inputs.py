@@ -22,13 +22,19 @@ passes is left as it is (its tuning is the caller's), and so are arrays with
 from __future__ import annotations
 
 
-def _array_dataset(x, y, sample_weight, batch_size, shuffle, class_weight=None):
-    """Keras's dataset for arrays, untuned; None if the inputs are not arrays Keras would slice."""
+def _are_arrays(x, y=None, sample_weight=None) -> bool:
+    """Whether Keras would batch these inputs with its array adapter (the test Keras itself makes)."""
     from keras.src.trainers.data_adapters import array_data_adapter  # noqa: PLC0415
 
-    if x is None or not array_data_adapter.can_convert_arrays((x, y, sample_weight)):
+    return x is not None and array_data_adapter.can_convert_arrays((x, y, sample_weight))
+
+
+def _array_dataset(x, y, sample_weight, batch_size, shuffle, class_weight=None):
+    """Keras's dataset for arrays, untuned; None if the inputs are not arrays Keras would slice."""
+    if not _are_arrays(x, y, sample_weight):
         return None
     import tensorflow as tf  # noqa: PLC0415
+    from keras.src.trainers.data_adapters import array_data_adapter  # noqa: PLC0415
 
     from kerasllm.data import without_autotune  # noqa: PLC0415
 
@@ -49,15 +55,12 @@ class ArrayInputFitMixin:
         from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils  # noqa: PLC0415
 
         validation_rows = validation_batch_size or batch_size  # Keras's batch size for validation arrays
-        if steps_per_epoch is None and x is not None:
+        if steps_per_epoch is None and _are_arrays(x, y, sample_weight):
             if validation_split and validation_data is None:
-                from keras.src.trainers.data_adapters import array_data_adapter  # noqa: PLC0415
-
-                if array_data_adapter.can_convert_arrays((x, y, sample_weight)):
-                    # Keras's own split (the last `validation_split` of the rows), before batching.
-                    (x, y, sample_weight), validation_data = array_slicing.train_validation_split(
-                        (x, y, sample_weight), validation_split=validation_split)
-                    validation_split = 0.0
+                # Keras's own split (the last `validation_split` of the rows), before batching.
+                (x, y, sample_weight), validation_data = array_slicing.train_validation_split(
+                    (x, y, sample_weight), validation_split=validation_split)
+                validation_split = 0.0
             dataset = _array_dataset(x, y, sample_weight, batch_size, shuffle, class_weight)
             if dataset is not None:
                 # shuffle: the dataset shuffles (Keras warns when told to shuffle a dataset)
