@@ -183,6 +183,9 @@ class KerasSeq2SeqSessions:
     decoding options Keras generation lacks. Tensors are numpy arrays.
     """
 
+    # Seq2SeqStep gathers rows through `rows()` (NumPy here), not ORT-wrapped host buffers.
+    host_buffers = False
+
     def __init__(self, model):
         import tensorflow as tf  # noqa: PLC0415
 
@@ -196,7 +199,11 @@ class KerasSeq2SeqSessions:
         _, keys, values = self._encode(np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int64))
         return [np.asarray(x) for pair in zip(keys, values) for x in pair]
 
-    def step(self, input_ids, encoder_mask, cross, past):
+    def step(self, input_ids, encoder_mask, cross, past, greedy: bool = False):
+        # `greedy` asks for a graph's own choice of token; Keras has none (greedy_on_device is
+        # False for these sessions), so the shared loops never set it here.
+        if greedy:
+            raise ValueError("the Keras reference sessions return logits only")
         if past is None:
             empty = np.zeros((input_ids.shape[0], self.num_heads, 0, self.head_dim), np.float32)
             past = [empty] * (2 * self.layers)

@@ -216,6 +216,28 @@ def test_bundle_greedy_is_token_identical_to_keras(trained):
     assert isinstance(options, DecodingOptions)
 
 
+def test_model_dir_decodes_stop_strings_and_repetition_penalty_as_the_bundle(trained):
+    """These options go through generate.py's loops on both sides (Keras generation lacks them);
+    the model dir's loop once crashed on the step's `greedy` argument."""
+    from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
+
+    run, bundle, _ = trained
+    texts = [s for s, _ in datasets.number_words_pairs(12, max_value=999, seed=5)]
+    ort_translator, keras_translator = BundleTranslator(bundle, device="cpu"), ModelDirTranslator(run)
+    sources = [ort_translator.check(t) for t in texts]
+    beams = {"num_beams": 3, "n_best": 2}
+    for options, without in (({"stop": ["5"]}, {}), ({"repetition_penalty": 5.0}, {}),
+                             ({**beams, "repetition_penalty": 5.0}, beams)):
+        on_ort = ort_translator.predict(sources, max_new_tokens=8, **options)
+        in_keras = keras_translator.predict(sources, max_new_tokens=8, **options)
+        assert [r["output"] for r in in_keras] == [r["output"] for r in on_ort], options
+        if "scores" in on_ort[0]:
+            np.testing.assert_allclose([r["scores"] for r in in_keras], [r["scores"] for r in on_ort], atol=1e-5)
+        assert on_ort != ort_translator.predict(sources, max_new_tokens=8, **without), options  # it took effect
+    cut = ort_translator.predict(sources, max_new_tokens=8, stop=["5"])
+    assert all("5" not in r["output"] for r in cut)
+
+
 def test_beam_search_n_best_and_beam_one_is_greedy(trained):
     from kerasllm.export.translate_predictor import BundleTranslator, ModelDirTranslator
 
