@@ -10,8 +10,9 @@ sampling (`temperature > 0`: independent samples).
 
 The bundle predictor imports no TensorFlow. The model-dir predictor runs Keras: greedy
 and plain sampling through `CausalLM.generate` (XLA, keras-hub samplers); beam search,
-repetition penalty, stop strings and n-best samples through the same decoding loop as
-the bundle (generate.py) over the Keras model's cached forward pass. Seeded sampling
+repetition penalty, stop strings, n-best samples and batches whose longest prompt leaves
+fewer than `max_new_tokens` under `max_length` through the same decoding loop as the
+bundle (generate.py) over the Keras model's cached forward pass. Seeded sampling
 is reproducible within one source; Keras and the bundle draw different random numbers.
 """
 
@@ -146,12 +147,13 @@ class ModelDirGenerator(CausalGenerator):
         self.step = KerasDecoderStep(self.model)
 
     def _generate(self, batch, decoding: DecodingOptions) -> list[list[Hypothesis]]:
-        plain = (decoding.num_beams == 1 and decoding.repetition_penalty == 1.0 and not decoding.stop)
+        # CausalLM.generate gives every row the same number of new tokens; where the longest prompt
+        # leaves less room than that, the shared loop caps each row by its own room, as the bundle does.
+        fits = max(len(p) for p in batch) + decoding.max_new_tokens <= self.max_length
+        plain = (decoding.num_beams == 1 and decoding.repetition_penalty == 1.0 and not decoding.stop and fits)
         if not plain:
             return super()._generate(batch, decoding)
-        longest = max(len(p) for p in batch)
-        new = min(decoding.max_new_tokens, self.max_length - longest)
-        tokens = self.model.generate(batch, max_new_tokens=new, temperature=decoding.temperature,
+        tokens = self.model.generate(batch, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
                                      top_k=decoding.top_k, top_p=decoding.top_p, seed=decoding.seed,
                                      stop_token_ids=list(decoding.stop_ids))
         results = []

@@ -19,11 +19,10 @@ from kerasllm.export.batch import TASK_DEFAULTS
 
 
 @pytest.fixture(scope="module")
-def real_bundle(tmp_path_factory, corpus_file) -> Path:
+def real_model_dir(tmp_path_factory, corpus_file) -> Path:
     import keras
 
     from kerasllm import CausalLM, DecoderConfig
-    from kerasllm.cli import main
     from kerasllm.data import read_corpus
     from kerasllm.tokenizers import TextTokenizer
     from kerasllm.training import write_json_atomic
@@ -37,9 +36,16 @@ def real_bundle(tmp_path_factory, corpus_file) -> Path:
     model.save(model_dir / "model.keras")
     tokenizer.save(model_dir)
     write_json_atomic(model_dir / "config.json", {"task": "causal-lm", "model": config.to_dict(), "train": {}})
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory, real_model_dir) -> Path:
+    from kerasllm.cli import main
+
     out = tmp_path_factory.mktemp("batch_bundle") / "bundle"
     try:
-        main(["export", str(model_dir), "--out", str(out), "--no-optimize"])
+        main(["export", str(real_model_dir), "--out", str(out), "--no-optimize"])
     except SystemExit as exc:
         assert exc.code in (0, None)
     return out
@@ -86,3 +92,19 @@ def test_cli_on_a_real_bundle_equals_generation_one_prompt_at_a_time_and_resumes
     resumed.write_bytes(b"".join(lines[:13]) + lines[13][:10])  # 13 whole lines and a torn one
     assert run_cli(*args, "-o", resumed, "--resume", "--batch-size", 4).code == 1
     assert resumed.read_bytes() == out.read_bytes()
+
+
+def test_a_prompt_near_max_length_leaves_the_other_rows_their_new_tokens(real_model_dir, real_bundle):
+    """Each row gets max_new_tokens capped by its own room under max_length (64 here), on the
+    bundle and on the model dir alike, whatever the batch (the model dir once capped every row
+    at the longest prompt's room)."""
+    from kerasllm.export.predict import GENERATED_TOKENS, load_predictor
+
+    bundle, model_dir = load_predictor("generate", real_bundle), load_predictor("generate", real_model_dir)
+    short, long = bundle.check("the cat"), bundle.check("a" * 60)  # 60 tokens: room for 4
+    for predictor in (bundle, model_dir):
+        together = predictor.predict([short, long], max_new_tokens=12)
+        alone = [predictor.predict([short], max_new_tokens=12)[0], predictor.predict([long], max_new_tokens=12)[0]]
+        assert [r[GENERATED_TOKENS] for r in together] == [12, 4]
+        assert together == alone
+    assert model_dir.predict([short, long], max_new_tokens=12) == bundle.predict([short, long], max_new_tokens=12)
