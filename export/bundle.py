@@ -155,6 +155,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if manifest["format"] != FORMAT or manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: unsupported bundle format {manifest['format']!r} version "
                           f"{manifest['format_version']!r} (this kerasllm reads {FORMAT} {FORMAT_VERSION})")
+    _check_manifest_fields(manifest, manifest_path)
     files = manifest["files"]
     needed = [g["file"] for g in manifest["graphs"].values()] + [manifest["tokenizer"]]
     unlisted = [f for f in needed if f not in files]
@@ -167,6 +168,37 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if verify and sha256(file) != digest:
             raise BundleError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
     return Bundle(path, manifest)
+
+
+# Config fields every predictor reads from the manifest (written by every kerasllm version).
+_CONFIG_FIELDS = ("vocab_size", "max_length", "num_layers", "num_heads", "hidden_dim", "pad_id", "bos_id", "eos_id")
+
+
+def _check_manifest_fields(manifest: dict[str, Any], manifest_path: Path) -> None:
+    """The manifest's graphs, files, tokenizer and config have the shapes the runtime reads
+    (a hand-edited manifest gets one line naming the field, not a KeyError later)."""
+    from kerasllm.config import config_from_dict  # noqa: PLC0415 - a dataclass module, no TensorFlow
+
+    graphs, files = manifest["graphs"], manifest["files"]
+    if not isinstance(graphs, dict) or not graphs or not all(
+            isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values()):
+        raise BundleError(f"{manifest_path}: graphs must map each graph's name to {{\"file\": ...}}")
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise BundleError(f"{manifest_path}: files must map each file to its sha256")
+    if not isinstance(manifest["tokenizer"], str):
+        raise BundleError(f"{manifest_path}: tokenizer must be a file name")
+    config = manifest["config"]
+    if not isinstance(config, dict):
+        raise BundleError(f"{manifest_path}: config must be a JSON object")
+    missing = [name for name in _CONFIG_FIELDS if name not in config]
+    if missing:
+        raise BundleError(f"{manifest_path}: config is missing {', '.join(missing)}")
+    try:
+        config_from_dict(config)
+    except UsageError as err:
+        raise BundleError(f"{manifest_path}: {err}") from None
+    if not all(isinstance(config[name], int) for name in ("pad_id", "bos_id", "eos_id")):
+        raise BundleError(f"{manifest_path}: config: pad_id, bos_id and eos_id must be integers")
 
 
 def genai_config(config: dict[str, Any], graph: dict[str, Any], special_ids: dict[str, int],

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from kerasllm.errors import KerasLLMError, UsageError
+from kerasllm.errors import BundleError, KerasLLMError, UsageError
 
 log = logging.getLogger("kerasllm")
 
@@ -276,9 +276,16 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
                 reason = "CUDA provider did not load (no CUDA driver or libraries)"
         if kind == "cuda":
             raise KerasLLMError(f"device {device}: {reason}")
-    with flush_denormals():  # undoes what the process's first session does to this thread
-        session = ort.InferenceSession(path, _options(_QUIET, threads), providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
+    try:
+        with flush_denormals():  # undoes what the process's first session does to this thread
+            session = ort.InferenceSession(path, _options(_QUIET, threads), providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
+    except Exception as err:  # ORT raises its own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
+        if not type(err).__module__.startswith("onnxruntime"):
+            raise
+        # A graph that passed its checksum can still be unloadable (damaged before the manifest was
+        # written, or the manifest rewritten to match): one line, as for a failed checksum.
+        raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({str(err).splitlines()[0][:300]})") from None
     description = f"ONNX Runtime {ort.__version__} on CPUExecutionProvider ({reason})"
     _announce(description)
     return Session(session, "cpu", 0, description)

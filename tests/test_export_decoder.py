@@ -8,6 +8,7 @@ fp16 through the API; the tests share those bundles.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -513,6 +514,55 @@ def test_tampered_or_incomplete_bundles_are_refused(bundle_dir, tmp_path, run_cl
     (incomplete / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="missing graphs"):
         load_bundle(incomplete)
+
+
+def _rewritten_bundle(bundle_dir, path, edit):
+    """A copy of the bundle with its manifest changed by `edit` (a hand edit, not a checksum break)."""
+    shutil.copytree(bundle_dir, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("graphs-list", lambda m: m.update(graphs=[]), "graphs must map each graph's name"),
+    ("graph-no-file", lambda m: m.update(graphs={"model": {}}), "graphs must map each graph's name"),
+    ("files-list", lambda m: m.update(files=["model.onnx"]), "files must map each file to its sha256"),
+    ("no-max-length", lambda m: m["config"].pop("max_length"), "config is missing max_length"),
+    ("max-length-text", lambda m: m["config"].update(max_length="x"), "max_length must be a positive integer"),
+    ("config-list", lambda m: m.update(config=[]), "config must be a JSON object"),
+    ("unknown-key", lambda m: m["config"].update(colour=1), "unknown key 'colour'"),
+])
+def test_a_hand_edited_manifest_is_refused_in_one_line(bundle_dir, tmp_path, run_cli, name, edit, message):
+    from kerasllm.export.bundle import load_bundle
+
+    bundle = _rewritten_bundle(bundle_dir, tmp_path / name, edit)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(bundle)
+    (tmp_path / "prompts.txt").write_text("Anna\n")
+    result = run_cli("generate", bundle, "--input", tmp_path / "prompts.txt", "--output", tmp_path / "o.jsonl")
+    assert result.code == 1 and message in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_unloadable_graph_with_a_matching_checksum_is_refused_in_one_line(bundle_dir, tmp_path, run_cli):
+    from kerasllm.export.bundle import sha256
+
+    bundle = tmp_path / "corrupt"
+    shutil.copytree(bundle_dir, bundle)
+    graph = bundle / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[100:140] = bytes(40)  # no longer a valid protobuf
+    graph.write_bytes(bytes(data))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256(graph)  # the checksum made to match
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "prompts.txt").write_text("Anna\n")
+    result = run_cli("generate", bundle, "--input", tmp_path / "prompts.txt", "--output", tmp_path / "o.jsonl")
+    assert result.code == 1 and "model.onnx: ONNX Runtime cannot load this graph" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
 
 
 def test_failed_validation_leaves_no_bundle_and_exits_1(model_dir, tmp_path, run_cli, monkeypatch):
