@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 from kerasllm.config import config_from_dict
-from kerasllm.errors import UsageError
+from kerasllm.errors import KerasLLMError, UsageError
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import CONFIG_FILE, MODEL_FILE, read_run_config
 
@@ -25,7 +26,13 @@ def load_model_dir(path: str | Path):
 
     import kerasllm.models  # noqa: F401,PLC0415 - registers the serializable classes
 
-    model = keras.models.load_model(path / MODEL_FILE, compile=False)
+    broken = f"{path / MODEL_FILE}: cannot be loaded, corrupt or incomplete"
+    if not zipfile.is_zipfile(path / MODEL_FILE):  # Keras would say "File not found" of it
+        raise KerasLLMError(f"{broken} (not a whole .keras zip file)")
+    try:
+        model = keras.models.load_model(path / MODEL_FILE, compile=False)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
+        raise KerasLLMError(f"{broken} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
     tokenizer = TextTokenizer.load(path)
     run["model"] = config_from_dict(run["model"]).to_dict()
     return model, tokenizer, run

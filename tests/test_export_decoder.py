@@ -565,6 +565,21 @@ def test_an_unloadable_graph_with_a_matching_checksum_is_refused_in_one_line(bun
     assert len(result.err.strip().splitlines()) == 1, result.err
 
 
+def test_a_truncated_model_file_is_named_in_one_line(model_dir, tmp_path, run_cli):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    model_file = broken / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    (tmp_path / "prompts.txt").write_text("Anna\n")
+    for args in (("generate", broken, "-i", tmp_path / "prompts.txt", "-o", tmp_path / "o.jsonl"),
+                 ("export", broken, "--out", tmp_path / "bundle")):
+        result = run_cli(*args)
+        assert result.code == 1, result
+        assert f"{model_file}: cannot be loaded, corrupt or incomplete" in result.err, result.err
+        assert "File not found" not in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "bundle").exists()
+
+
 def test_failed_validation_leaves_no_bundle_and_exits_1(model_dir, tmp_path, run_cli, monkeypatch):
     from kerasllm.export import validate
 
