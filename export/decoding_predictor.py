@@ -140,7 +140,7 @@ class ModelDirGenerator(CausalGenerator):
         from kerasllm.export.validate import KerasDecoderStep  # noqa: PLC0415
         from kerasllm.modeldir import load_model_dir  # noqa: PLC0415
 
-        self.model, tokenizer, run = load_model_dir(path)
+        self.model, tokenizer, run = load_model_dir(path, device)
         if run["model"]["family"] != "decoder":
             raise UsageError(f"{path}: a {run['model']['family']} model cannot generate (needs a causal LM)")
         super().__init__(tokenizer, run["model"], run.get("train"))

@@ -205,10 +205,10 @@ def session_predictor(session, task: str, model_task: str, tokenizer, config: di
     return _predictor_class(task)(task, model_task, tokenizer, config, labels, run, source, run_tokens, train)
 
 
-def _modeldir(path: Path, task: str) -> EncoderPredictor:
+def _modeldir(path: Path, task: str, device: str | None = None) -> EncoderPredictor:
     from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow
 
-    model, tokenizer, run_config = load_model_dir(path)
+    model, tokenizer, run_config = load_model_dir(path, device)
     if run_config["model"]["family"] != "encoder":
         raise UsageError(f"{path}: a {run_config['model']['family']} model cannot {task} (needs an encoder)")
 
@@ -229,11 +229,11 @@ def load_embed_bundle(path: Path, device: str | None = None, **kwargs: Any) -> E
 
 
 def load_classify_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> EncoderPredictor:
-    return _modeldir(path, "classify")
+    return _modeldir(path, "classify", device)
 
 
 def load_embed_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> EncoderPredictor:
-    return _modeldir(path, "embed")
+    return _modeldir(path, "embed", device)
 
 
 def load_tag_bundle(path: Path, device: str | None = None, **kwargs: Any) -> TagPredictor:
@@ -241,4 +241,4 @@ def load_tag_bundle(path: Path, device: str | None = None, **kwargs: Any) -> Tag
 
 
 def load_tag_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> TagPredictor:
-    return _modeldir(path, "tag")
+    return _modeldir(path, "tag", device)

@@ -55,7 +55,7 @@ def parse_device(device: str | None) -> tuple[str, int]:
         return "cuda", 0
     if device.startswith("cuda:") and device[5:].isdigit():
         return "cuda", int(device[5:])
-    raise UsageError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    raise UsageError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
 
 
 @dataclass

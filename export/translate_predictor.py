@@ -280,7 +280,7 @@ class ModelDirTranslator(Translator):
     def __init__(self, path: str | Path, device: str | None = None):
         from kerasllm.modeldir import load_model_dir  # noqa: PLC0415
 
-        self.model, _, run = load_model_dir(path)
+        self.model, _, run = load_model_dir(path, device)
         if run["model"]["family"] != "seq2seq":
             raise UsageError(f"{path}: a {run['model']['family']} model cannot translate (needs a seq2seq model)")
         super().__init__(*_tokenizers(Path(path)), run["model"])

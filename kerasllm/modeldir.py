@@ -16,12 +16,17 @@ def is_model_dir(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
-def load_model_dir(path: str | Path):
-    """Return `(model, tokenizer, run_config)`; `run_config["model"]` is the family config dict."""
+def load_model_dir(path: str | Path, device: str | None = None):
+    """Return `(model, tokenizer, run_config)`; `run_config["model"]` is the family config dict.
+
+    `device` as the batch commands take it: None/"auto" (TensorFlow's choice), "cpu", or
+    "cuda[:N]", which needs TensorFlow to see GPU N (else one line, as a bundle's CUDA session
+    that does not load)."""
     path = Path(path)
     if not (path / MODEL_FILE).is_file():
         raise UsageError(f"{path}: not a finished model directory (no {MODEL_FILE})")
     run = read_run_config(path)
+    use_device(device)
     import keras  # noqa: PLC0415
 
     import kerasllm.models  # noqa: F401,PLC0415 - registers the serializable classes
@@ -36,3 +41,24 @@ def load_model_dir(path: str | Path):
     tokenizer = TextTokenizer.load(path)
     run["model"] = config_from_dict(run["model"]).to_dict()
     return model, tokenizer, run
+
+
+def use_device(device: str | None) -> None:
+    """Make TensorFlow run on `device` (see `load_model_dir`), before it places anything."""
+    from kerasllm.export.runtime import parse_device  # noqa: PLC0415 - one reading of --device
+
+    kind, index = parse_device(device)
+    if kind == "auto":
+        return
+    import tensorflow as tf  # noqa: PLC0415
+
+    gpus = tf.config.list_physical_devices("GPU")
+    wanted = [] if kind == "cpu" else gpus[index:index + 1]
+    if kind == "cuda" and not wanted:
+        raise KerasLLMError(f"device {device}: TensorFlow sees {len(gpus)} GPU(s) (no CUDA build or driver?)")
+    if wanted == tf.config.get_visible_devices("GPU"):
+        return
+    try:
+        tf.config.set_visible_devices(wanted, "GPU")
+    except RuntimeError as err:  # TensorFlow's runtime has already started in this process
+        raise KerasLLMError(f"device {device}: TensorFlow has already started on other devices ({err})") from None

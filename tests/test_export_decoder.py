@@ -580,6 +580,25 @@ def test_a_truncated_model_file_is_named_in_one_line(model_dir, tmp_path, run_cl
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "bundle").exists()
 
 
+def test_a_model_dir_runs_on_the_device_asked_for_or_says_it_cannot(model_dir, tmp_path, run_cli):
+    """As a bundle: --device cuda without a GPU TensorFlow can use is one line and exit 1, not a
+    silent run on the CPU (CI machines have no GPU)."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: the refusal cannot be shown here")
+    (tmp_path / "prompts.txt").write_text("Anna\n")
+    for device in ("cuda", "cuda:3"):
+        result = run_cli("generate", model_dir, "-i", tmp_path / "prompts.txt", "-o", tmp_path / "o.jsonl",
+                         "--device", device)
+        assert result.code == 1 and f"device {device}: TensorFlow sees 0 GPU(s)" in result.err, result.err
+        assert not (tmp_path / "o.jsonl").exists()
+    result = run_cli("generate", model_dir, "-i", tmp_path / "prompts.txt", "-o", tmp_path / "o.jsonl",
+                     "--device", "cpu", "--max-new-tokens", 3)
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "o.jsonl").read_text())["output"]
+
+
 def test_failed_validation_leaves_no_bundle_and_exits_1(model_dir, tmp_path, run_cli, monkeypatch):
     from kerasllm.export import validate
 
@@ -613,7 +632,7 @@ def test_sessions_use_cuda_only_when_it_loads_and_say_so_in_one_line(bundle_dir,
     monkeypatch.setattr(runtime, "_ANNOUNCED", set())  # as in a fresh process
 
     assert parse_device("cuda:1") == ("cuda", 1) and parse_device(None) == ("auto", 0)
-    with pytest.raises(UsageError, match="cpu, cuda or cuda:N"):
+    with pytest.raises(UsageError, match="cpu, cuda, cuda:N or auto"):
         parse_device("gpu")
     with caplog.at_level(logging.INFO, logger="kerasllm"):
         session = create_session(bundle_dir / "model.onnx")  # auto
