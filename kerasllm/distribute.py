@@ -205,6 +205,21 @@ def precision_policy(precision: str) -> str:
     return "float32" if precision == "fp32" else precision
 
 
+# -- XLA ----------------------------------------------------------------------------------------
+def xla_compiles_step(strategy) -> bool:
+    """Whether XLA can compile a train step under `strategy`: one replica, or TPUs.
+
+    With several CPU/GPU replicas Keras 3.15 + TF 2.21 cannot XLA-compile the replicated
+    step (MirroredStrategy: "Trying to access resource ... located in device CPU:1";
+    MultiWorkerMirroredStrategy on CPU: no XLA kernel for CollectiveGatherV2). TPUStrategy
+    always compiles with XLA. `TransformerModel.compile(jit_compile="auto")` and the CLI's
+    `--jit-compile` both follow this rule.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    return strategy.num_replicas_in_sync == 1 or isinstance(strategy, tf.distribute.TPUStrategy)
+
+
 # -- the one helper recipes use ---------------------------------------------------------------
 @dataclass
 class DistributeArgs:
@@ -294,17 +309,9 @@ class Distribution:
         return per_replica_batch_size(global_batch_size, self.strategy)
 
     def jit_compile(self, requested: bool) -> bool:
-        """XLA for the train step only where it can compile it: one replica, or TPUs.
-
-        With several CPU/GPU replicas Keras 3.15 + TF 2.21 cannot XLA-compile the
-        replicated step (MirroredStrategy: "Trying to access resource ... located in
-        device CPU:1"; MultiWorkerMirroredStrategy on CPU: no XLA kernel for
-        CollectiveGatherV2), so `--jit-compile` is turned off there, with a log line.
-        TPUStrategy always compiles with XLA.
-        """
-        import tensorflow as tf  # noqa: PLC0415
-
-        if not requested or self.num_replicas == 1 or isinstance(self.strategy, tf.distribute.TPUStrategy):
+        """XLA for the train step only where it can compile it (`xla_compiles_step`); the
+        CLI's `--jit-compile` is turned off elsewhere, with a log line."""
+        if not requested or xla_compiles_step(self.strategy):
             return requested
         log.info("--jit-compile is off: XLA cannot compile a step replicated over %d devices", self.num_replicas)
         return False

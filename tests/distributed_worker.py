@@ -135,7 +135,7 @@ def sgd_run(opts) -> None:
                     fixed_pairs(opts.batch, 53)),
     }
     for strategy in opts.strategy.split(","):
-        results, weights = {}, {}
+        results, weights, compiled = {}, {}, {}
         with training_strategy(strategy, precision="fp32", quiet=True) as dist:
             # Seeded once per strategy, not per model: under multi-worker, tf.random.set_seed
             # clears TensorFlow's caches and desynchronised the workers' collective ops
@@ -144,10 +144,12 @@ def sgd_run(opts) -> None:
             for name in opts.models.split(","):
                 build, (x, y) = cases[name]
                 model = build()
+                jit = {} if opts.jit == "default" else {"jit_compile": opts.jit == "on"}
                 if opts.optimizer == "sgd":
-                    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), jit_compile=opts.jit)
+                    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), **jit)
                 else:  # kerasllm's defaults: its AdamW (weight decay, clipping) and schedule
-                    model.compile(learning_rate=1e-2, warmup_steps=1, total_steps=opts.steps, jit_compile=opts.jit)
+                    model.compile(learning_rate=1e-2, warmup_steps=1, total_steps=opts.steps, **jit)
+                compiled[name] = bool(model.jit_compile)
 
                 def make_dataset(batch_size, index, count, x=x, y=y):
                     # This process's share of the fixed global batch, repeated.
@@ -165,7 +167,7 @@ def sgd_run(opts) -> None:
             out.mkdir(parents=True, exist_ok=True)
             np.savez(out / f"{strategy}.npz", **weights)
             (out / f"{strategy}.json").write_text(json.dumps(
-                {"loss": results, "replicas": dist.num_replicas, "workers": dist.num_workers,
+                {"loss": results, "replicas": dist.num_replicas, "workers": dist.num_workers, "jit_compile": compiled,
                  "strategy": type(dist.strategy).__name__}))
 
 
@@ -241,7 +243,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--jit", action="store_true")
+    parser.add_argument("--jit", choices=["off", "on", "default"], default="off",
+                        help="sgd mode: jit_compile False, True, or compile's default (not passed)")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd mode's optimizer")
     parser.add_argument("--models", default="causal,seq2seq")
     parser.add_argument("--out", default="")

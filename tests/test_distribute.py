@@ -334,14 +334,18 @@ def test_mirrored_and_multi_worker_match_one_device(tmp_path):
 
 
 def test_mirrored_adamw_matches_one_device(tmp_path):
-    """kerasllm's default optimizer (AdamW with weight decay and global-norm clipping, its per-step
+    """kerasllm's default compile (AdamW with weight decay and global-norm clipping, its per-step
     scalars shared across variables per device, optimizers.AdamW._scalars) under MirroredStrategy
-    on 2 logical CPUs ends 3 steps with one device's weights."""
+    on 2 logical CPUs ends 3 steps with one device's weights. compile's default jit_compile is
+    XLA on one device and off for the replicated step, which XLA cannot compile (it had been on,
+    and fit failed: "Trying to access resource ... located in device CPU:1")."""
     local = dw.launch(["sgd", "--optimizer", "adamw", "--models", "causal", "--strategy", "one-device,mirrored",
-                       "--cpus", 2, "--out", tmp_path], dw.worker_env(), tmp_path / "local.log")
+                       "--cpus", 2, "--jit", "default", "--out", tmp_path], dw.worker_env(), tmp_path / "local.log")
     dw.wait_all([local], 300, tmp_path)
     single, mirrored = np.load(tmp_path / "one-device.npz"), np.load(tmp_path / "mirrored.npz")
-    assert json.loads((tmp_path / "mirrored.json").read_text())["replicas"] == 2
+    info = json.loads((tmp_path / "mirrored.json").read_text())
+    assert info["replicas"] == 2 and info["jit_compile"] == {"causal": False}, info
+    assert json.loads((tmp_path / "one-device.json").read_text())["jit_compile"] == {"causal": True}
     assert mirrored.files == single.files
     for key in single.files:
         np.testing.assert_allclose(mirrored[key], single[key], rtol=0, atol=TOLERANCE, err_msg=key)

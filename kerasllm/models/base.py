@@ -131,15 +131,17 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
 
     def compile(self, optimizer="auto", loss="auto", metrics="auto", *, learning_rate=1e-3, total_steps=None,
                 warmup_steps=None, weight_decay=0.1, global_clipnorm=1.0, clipnorm=None, label_smoothing=0.0,
-                jit_compile=True, batch_split="auto", **kwargs):
+                jit_compile="auto", batch_split="auto", **kwargs):
         """`keras.Model.compile` with defaults that train transformers well.
 
         `optimizer="auto"`: AdamW, warmup then cosine decay (`default_optimizer`).
         `loss="auto"`: token cross-entropy from logits, with `label_smoothing`.
         `metrics="auto"`: none for language models (perplexity is exp(loss); an argmax
         over the vocabulary every step costs throughput), task heads may define theirs in
-        `default_metrics`. `jit_compile=True`: XLA, whose steps are ~1.7x
-        faster on CPU too (Keras's own "auto" only turns it on for GPUs and TPUs).
+        `default_metrics`. `jit_compile="auto"`: XLA, whose steps are ~1.7x faster on CPU
+        too (Keras's own "auto" only turns it on for GPUs and TPUs), wherever it can compile
+        the step: not under a strategy with several CPU/GPU replicas, such as
+        MirroredStrategy (`kerasllm.distribute.xla_compiles_step`).
         `batch_split="auto"`: on a multi-core CPU without a distribution strategy and
         without dropout, each batch's gradients are computed in two parts at once, one
         compiled program per core (~12% faster steps; `kerasllm/models/split_batch.py`);
@@ -153,6 +155,10 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
             loss = self.default_loss(label_smoothing)
         if metrics == "auto":
             metrics = self.default_metrics()
+        if jit_compile == "auto":
+            from kerasllm.distribute import xla_compiles_step  # noqa: PLC0415
+
+            jit_compile = xla_compiles_step(self.distribute_strategy)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile, **kwargs)
         self.configure_batch_split(batch_split, loss)
         if self.built and self.optimizer is not None and not self.optimizer.built:
