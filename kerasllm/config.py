@@ -11,14 +11,50 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 from kerasllm.errors import UsageError
 
 POSITION_KINDS = ("learned", "sinusoidal", "rotary")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+
+class Rule(NamedTuple):
+    """What one config field must hold: a value of `kind` passing `test`, described by `text`
+    in the error. bool fields take only True/False, int fields only ints (not bools), float
+    fields ints or finite floats; `optional` fields may also be None."""
+
+    kind: type
+    text: str
+    test: Callable[[Any], bool] = lambda value: True
+    optional: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool):
+            return False
+        if self.kind is float:
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+        elif self.kind is list:
+            ok = isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        else:
+            ok = isinstance(value, self.kind)
+        return ok and self.test(value)
+
+
+POSITIVE = Rule(int, "a positive integer", lambda v: v > 0)
+TOKEN_ID = Rule(int, "a non-negative integer", lambda v: v >= 0)
+FLAG = Rule(bool, "true or false")
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    return Rule(str, f"one of {choices}", lambda v: v in choices)
 
 
 @dataclass
@@ -44,6 +80,17 @@ class TransformerConfig:
     """
 
     family: ClassVar[str] = "transformer"
+    # Every field's type and range (checked first by `validate`, before the checks across fields).
+    rules: ClassVar[dict[str, Rule]] = {
+        **dict.fromkeys(("vocab_size", "max_length", "num_layers", "num_heads", "hidden_dim", "intermediate_dim"),
+                        POSITIVE),
+        "dropout": Rule(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
+        "activation": one_of(ACTIVATIONS),
+        "position": one_of(POSITION_KINDS),
+        **dict.fromkeys(("norm_first", "tie_embeddings", "use_bias"), FLAG),
+        "layer_norm_epsilon": Rule(float, "a positive number", lambda v: v > 0),
+        **dict.fromkeys(("pad_id", "bos_id", "eos_id"), TOKEN_ID),
+    }
 
     vocab_size: int = 256
     max_length: int = 128
@@ -70,23 +117,24 @@ class TransformerConfig:
         return self.hidden_dim // self.num_heads
 
     def validate(self) -> None:
-        for name in ("vocab_size", "max_length", "num_layers", "num_heads",
-                     "hidden_dim", "intermediate_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UsageError(f"config: {name} must be a positive integer, got {value!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            rule = self.rules[field.name]
+            if not rule.accepts(value):
+                raise UsageError(f"config: {field.name} must be {rule.text}, got {value!r}")
         if self.hidden_dim % self.num_heads:
             raise UsageError(
                 f"config: hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}"
             )
         if self.position == "rotary" and self.head_dim % 2:
             raise UsageError(f"config: rotary positions need an even head size, got {self.head_dim}")
-        if self.position not in POSITION_KINDS:
-            raise UsageError(f"config: position must be one of {POSITION_KINDS}, got {self.position!r}")
-        if self.activation not in ACTIVATIONS:
-            raise UsageError(f"config: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"config: dropout must be in [0, 1), got {self.dropout!r}")
+        for name, (limit_name, limit) in self.id_limits().items():
+            if getattr(self, name) >= limit:
+                raise UsageError(f"config: {name} must be below {limit_name} {limit}, got {getattr(self, name)!r}")
+
+    def id_limits(self) -> dict[str, tuple[str, int]]:
+        """Each special id field -> the vocabulary (field name, size) it must lie in."""
+        return dict.fromkeys(("pad_id", "bos_id", "eos_id"), ("vocab_size", self.vocab_size))
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -149,24 +197,29 @@ class EncoderConfig(TransformerConfig):
     """BERT-like encoder (masked LM, classification, embeddings)."""
 
     family: ClassVar[str] = "encoder"
+    rules: ClassVar[dict[str, Rule]] = {
+        **TransformerConfig.rules,
+        "num_labels": Rule(int, "a non-negative integer (0: no classifier head)", lambda v: v >= 0),
+        "mask_id": TOKEN_ID,
+        "pooling": one_of(("cls", "mean")),
+    }
     norm_first: bool = False
     tie_embeddings: bool = True
     num_labels: int = 0
     mask_id: int = 4
     pooling: str = "cls"
 
-    def validate(self) -> None:
-        super().validate()
-        if self.pooling not in ("cls", "mean"):
-            raise UsageError(f"config: pooling must be 'cls' or 'mean', got {self.pooling!r}")
+    def id_limits(self) -> dict[str, tuple[str, int]]:
+        return {**super().id_limits(), "mask_id": ("vocab_size", self.vocab_size)}
 
 
 @dataclass
 class Seq2SeqConfig(TransformerConfig):
     """Encoder-decoder (Transformer/T5/BART-like) with cross-attention.
 
-    `num_layers` is the encoder depth; `num_decoder_layers` the decoder's (0: same).
-    `target_vocab_size` 0 means source and target share one vocabulary.
+    `num_layers` is the encoder depth; `num_decoder_layers` the decoder's (0 or None: same).
+    `target_vocab_size` 0 (or None) means source and target share one vocabulary; with
+    separate vocabularies `bos_id` and `eos_id` are target ids and `pad_id` pads both.
     `suppress_ids`: target ids generation never produces, besides `pad_id` and `bos_id`
     (always suppressed; see `suppressed_ids`). `kerasllm train seq2seq` lists the target
     tokenizer's other special tokens but EOS (`<unk>`, `<mask>`, `<sep>`): never targets in
@@ -175,18 +228,33 @@ class Seq2SeqConfig(TransformerConfig):
     """
 
     family: ClassVar[str] = "seq2seq"
+    rules: ClassVar[dict[str, Rule]] = {
+        **TransformerConfig.rules,
+        "num_decoder_layers": Rule(int, "a non-negative integer (0: num_layers)", lambda v: v >= 0, optional=True),
+        "target_vocab_size": Rule(int, "a non-negative integer (0: vocab_size)", lambda v: v >= 0, optional=True),
+        "suppress_ids": Rule(list, "a list of integer ids"),
+    }
     num_decoder_layers: int = 0
     target_vocab_size: int = 0
     suppress_ids: list[int] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
-        vocab = self.target_vocab_size or self.vocab_size
-        bad = [i for i in self.suppress_ids if not isinstance(i, int) or not 0 <= i < vocab]
+        vocab = self.target_vocab
+        bad = [i for i in self.suppress_ids if not 0 <= i < vocab]
         if bad:
             raise UsageError(f"config: suppress_ids must be target ids in [0, {vocab}), got {bad[0]!r}")
         if self.eos_id in self.suppress_ids:
             raise UsageError(f"config: suppress_ids cannot hold eos_id {self.eos_id} (generation could never end)")
+
+    def id_limits(self) -> dict[str, tuple[str, int]]:
+        if not self.target_vocab_size:  # one vocabulary
+            return super().id_limits()
+        # Targets start with bos_id, end with eos_id and are padded with pad_id, as sources are.
+        limits = dict.fromkeys(("pad_id", "bos_id", "eos_id"), ("target_vocab_size", self.target_vocab_size))
+        if self.vocab_size < self.target_vocab_size:
+            limits["pad_id"] = ("vocab_size", self.vocab_size)
+        return limits
 
     @property
     def suppressed_ids(self) -> tuple[int, ...]:
