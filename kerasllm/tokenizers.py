@@ -6,7 +6,7 @@ the Keras-side data pipelines and the TensorFlow-free ONNX runtime. Kinds:
 * `char`: one token per Unicode character seen in training (nanoGPT's character level).
 * `byte`: one token per UTF-8 byte (256 ids, never unknown).
 * `bpe`: byte-level BPE subwords (GPT-2 style).
-* `unigram`: SentencePiece-style unigram subwords.
+* `unigram`: SentencePiece-style unigram subwords (no dummy prefix: text round-trips exactly).
 
 Every kind reserves the same special tokens at the same ids (see `SPECIAL_TOKENS`).
 """
@@ -72,8 +72,12 @@ class TextTokenizer:
                                           special_tokens=SPECIAL_TOKENS, show_progress=False)
         else:
             tokenizer = Tokenizer(models.Unigram())
-            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-            tokenizer.decoder = decoders.Metaspace()
+            # No "▁" prepended to the text (prepend_scheme="never", as bpe adds no prefix space): the
+            # default "always" prepends one only where the text does not start with a space and its
+            # decoder strips the first "▁" regardless, so leading whitespace was lost ("  a" -> " a",
+            # " " -> "") and so was the space before a continuation decoded on its own.
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+            tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
             trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK,
                                               show_progress=False)
         tokenizer.train_from_iterator(texts, trainer=trainer)

@@ -54,3 +54,10 @@ def test_char_fast_path_gives_the_tokenizers_own_ids():
         assert tok.encode_array(text).tolist() == tok.encode(text), text
     bpe = TextTokenizer.train([TEXT], kind="bpe", vocab_size=200)
     assert bpe.encode_array("The lazy fox").tolist() == bpe.encode("The lazy fox")
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+@pytest.mark.parametrize("text", ["  leading  and double  spaces ", " ", "", "\n indented\n", " fox"])
+def test_every_kind_round_trips_whitespace(kind, text):
+    tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=120)
+    assert tok.decode(tok.encode(text)) == text
