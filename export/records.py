@@ -50,9 +50,20 @@ class Record:
     error: str | None = None
 
     def get(self, name: str) -> str:
-        """The field `name` as text; DataError naming the line when it is missing."""
+        """The field `name` as text; DataError naming the line when it is missing, null, or a list
+        or object (which has no one text: `["a", "b"]` is not the text `'["a", "b"]'`).
+
+        A JSON number or boolean is taken as its literal (`5` -> "5", `true` -> "true"): labels
+        and ids are often written so (`"stars": 5`; the README's "labels as names or numbers"),
+        and a seq2seq target may be a number (`"target": 402`). One rule for every field, in
+        training and in batch inference alike.
+        """
         value = self._value(name)
-        return value if isinstance(value, str) else json.dumps(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):  # bool is an int
+            return json.dumps(value)
+        raise DataError(f"line {self.line}: field {name!r} is not a string ({_json_kind(value)})")
 
     def words(self, name: str) -> list[str]:
         """The field `name` as a list of strings (a sentence's words or tags); DataError naming
@@ -65,10 +76,17 @@ class Record:
     def _value(self, name: str):
         if self.error:
             raise DataError(f"line {self.line}: {self.error}")
-        if name not in self.fields or self.fields[name] is None:
+        if name not in self.fields:
             known = ", ".join(sorted(self.fields)) or "none"
             raise DataError(f"line {self.line}: missing field {name!r} (fields: {known})")
+        if self.fields[name] is None:  # JSON null: the field is there, its value is not
+            raise DataError(f"line {self.line}: field {name!r} is null")
         return self.fields[name]
+
+
+def _json_kind(value) -> str:
+    """How a JSON value is named in messages: "a list", "an object"."""
+    return {list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
 
 
 def detect_format(path: str | Path, fmt: str = "auto") -> str:

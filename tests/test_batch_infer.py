@@ -247,6 +247,24 @@ def test_each_bad_record_becomes_an_error_record_and_the_rest_succeed(run_cli, b
     assert "warning: line 3: not valid UTF-8" in result.err
 
 
+def test_a_text_field_that_is_not_a_string_is_an_error_record(run_cli, bundle, tmp_path):
+    """A list or object has no one text (it was used as its JSON, `["a", "b"]`); null is named as
+    null (it read "missing field 'text' (fields: text)"). A number is taken as its literal, as a
+    label or seq2seq target written as a number is (Record.get)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": ["a", "b"]}\n{"text": {"a": 1}}\n{"text": null}\n{"text": 42}\n{"text": "ok"}\n')
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "-q")
+    assert result.code == 1, result
+    assert read_jsonl(out) == [
+        {"id": "1", "error": "line 1: field 'text' is not a string (a list)"},
+        {"id": "2", "error": "line 2: field 'text' is not a string (an object)"},
+        {"id": "3", "error": "line 3: field 'text' is null"},
+        {"id": "4", "output": "24"},
+        {"id": "5", "output": "KO"},
+    ]
+
+
 def test_a_predictor_of_many_batches_gets_each_window_at_once_with_the_same_output(run_cli, tmp_path):
     """A predictor with `predict_batches` (here 2 batches at a time on threads) gets every batch
     of a window in one call; the output is byte for byte that of batch-by-batch `predict`, in
