@@ -113,6 +113,33 @@ def test_sampling_is_reproducible_with_a_seed():
     assert not np.array_equal(first, other)
 
 
+def test_sampling_without_a_seed_draws_afresh_on_every_call():
+    """No seed: each call samples anew (it had restarted the sampler's seed state, so every call
+    repeated the first). The untrained model is near uniform (top probability ~0.02 over 61 ids),
+    so two equal draws of 24 tokens have a chance of about 1e-43. A seed still repeats, even
+    with unseeded calls in between."""
+    model = tiny()
+    kwargs = dict(max_new_tokens=24, temperature=1.0)
+    first, second = (model.generate([[7, 8, 9]], **kwargs) for _ in range(2))
+    assert not np.array_equal(first, second)
+    seeded = model.generate([[7, 8, 9]], seed=5, **kwargs)
+    model.generate([[7, 8, 9]], **kwargs)
+    np.testing.assert_array_equal(model.generate([[7, 8, 9]], seed=5, **kwargs), seeded)
+
+
+def test_top_k_of_the_vocabulary_or_more_filters_nothing():
+    """The bundle's rule (export/generate.filter_top_k): k >= the vocabulary keeps every token, so a
+    seed samples as without top_k (a k past the vocabulary had failed in XLA's TopKV2)."""
+    model = tiny()
+    prompts = [[7, 8, 9], [10, 11]]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, seed=3)
+    plain = model.generate(prompts, **kwargs)
+    nucleus = model.generate(prompts, top_p=0.9, **kwargs)
+    for k in (VOCAB, 1000):
+        np.testing.assert_array_equal(model.generate(prompts, top_k=k, **kwargs), plain)
+        np.testing.assert_array_equal(model.generate(prompts, top_k=k, top_p=0.9, **kwargs), nucleus)
+
+
 def test_generation_refuses_prompts_longer_than_the_model():
     from kerasllm.errors import UsageError
 

@@ -434,6 +434,26 @@ def test_translate_cli_hands_a_window_of_batches_over_at_once(trained, run_cli, 
     assert [r["output"] for r in rows] == [one.translate([t], max_new_tokens=8)[0]["output"] for t in texts]
 
 
+def test_keras_sampling_seeds_and_top_k_past_the_vocabulary():
+    """Seq2SeqLM.generate on an untrained (near uniform) model: without a seed each call samples
+    anew (every call had repeated the first); one seed repeats, unseeded calls in between or not;
+    top_k >= the target vocabulary filters nothing, the bundle's rule (export/generate.filter_top_k),
+    where a k past it had failed in XLA's TopKV2. Four sources of 24 tokens: a row's two unseeded
+    draws agree by chance mostly when both begin with EOS (~1/60 each), all four about 1e-14."""
+    from kerasllm import Seq2SeqLM
+
+    keras.utils.set_random_seed(0)
+    model = Seq2SeqLM(Seq2SeqConfig.preset("tiny", vocab_size=64, dropout=0.0, max_length=64))
+    sources = [[7, 8, 9, 10], [11, 12], [13, 14, 15], [16]]
+    kwargs = dict(max_new_tokens=24, temperature=1.0)
+    assert model.generate(sources, **kwargs) != model.generate(sources, **kwargs)
+    seeded = model.generate(sources, seed=3, **kwargs)
+    model.generate(sources, **kwargs)
+    assert model.generate(sources, seed=3, **kwargs) == seeded
+    for k in (model.config.target_vocab, 1000):
+        assert model.generate(sources, seed=3, top_k=k, **kwargs) == seeded
+
+
 def test_fewer_rows_stay_in_the_same_self_attention_buffer(trained):
     """Finished rows leaving the batch (greedy) or done inputs (beam search) shrink the shared
     self-attention buffer in place on the CPU: the kept rows' cache and next logits are those of

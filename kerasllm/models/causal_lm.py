@@ -179,6 +179,17 @@ class CausalLM(TransformerModel):
         cache = ops.stack([ops.stack([k, v], axis=1) for k, v in zip(keys, values)], axis=1)
         return logits, cache
 
+    @staticmethod
+    def _sampling_top_k(top_k, vocab_size):
+        """`top_k` as the samplers take it: None when it keeps the whole vocabulary.
+
+        The bundle's rule (export/generate.py `filter_top_k`): k >= the vocabulary filters
+        nothing. keras-hub would pass such a k to `ops.top_k`, which refuses k past the last
+        dimension; None also makes it the same compiled function (and, for one seed, the same
+        samples) as giving no top_k.
+        """
+        return None if top_k is not None and top_k >= vocab_size else top_k
+
     def _make_sampler(self, temperature, top_k, top_p, seed):
         import keras_hub  # noqa: PLC0415 - heavy, only needed to generate in Keras
 
@@ -218,7 +229,9 @@ class CausalLM(TransformerModel):
                            stop_token_ids=list(stop) if stop else None, model=self)
 
         function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
-        seed_states = [(v, v.numpy()) for v in sampler.variables]
+        # A seed's samplers restart from their initial state on each call (same seed, same samples,
+        # call after call); without one the state runs on from call to call, so each draws afresh.
+        seed_states = [(v, v.numpy()) for v in sampler.variables] if seed is not None else []
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]
 
@@ -228,8 +241,8 @@ class CausalLM(TransformerModel):
         """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
         `temperature=0` is greedy; otherwise sampling with `top_k` and/or `top_p`, made
-        reproducible by `seed`. Returns int32 `[B, max_new_tokens]`; after a stop id the
-        row holds `pad_id`.
+        reproducible by `seed` (without one, each call samples afresh). Returns int32
+        `[B, max_new_tokens]`; after a stop id the row holds `pad_id`.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UsageError("generate: every prompt needs at least one token")
@@ -251,8 +264,9 @@ class CausalLM(TransformerModel):
             token_ids[row, :len(prompt)] = prompt
             prompt_mask[row, :len(prompt)] = True
         stop = tuple(stop_token_ids or ())
+        top_k = self._sampling_top_k(top_k, self.config.vocab_size)
         function, seed_states = self._generate_function((float(temperature or 0.0), top_k, top_p, seed, stop))
-        for variable, initial in seed_states:  # same seed, same samples, call after call
+        for variable, initial in seed_states:  # empty without a seed (see _generate_function)
             variable.assign(initial)
         output = np.asarray(function(token_ids, prompt_mask, int(lengths.min())))
         new_tokens = np.full((len(prompts), max_new_tokens), self.config.pad_id, dtype="int32")

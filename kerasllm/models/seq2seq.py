@@ -38,6 +38,7 @@ from kerasllm.errors import UsageError
 from kerasllm.export.generate import DecodingOptions
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
 from kerasllm.models.base import SparseCrossEntropy, TransformerModel
+from kerasllm.models.causal_lm import CausalLM
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -220,7 +221,6 @@ class Seq2SeqLM(TransformerModel):
         import tensorflow as tf  # noqa: PLC0415 - the Keras side runs on the TF backend
 
         from kerasllm.models.beam_search import beam_search  # noqa: PLC0415
-        from kerasllm.models.causal_lm import CausalLM  # noqa: PLC0415
 
         temperature, top_k, top_p, seed, num_beams = key  # num_beams 0: sampling, not beam search
         c = self.config
@@ -271,7 +271,8 @@ class Seq2SeqLM(TransformerModel):
                                pad_id=c.pad_id)
 
         function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
-        seed_states = [(v, v.numpy()) for v in sampler.variables] if sampler is not None else []
+        # Restored before each call only for a seed (as CausalLM): unseeded calls draw afresh.
+        seed_states = [(v, v.numpy()) for v in sampler.variables] if sampler is not None and seed is not None else []
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]
 
@@ -298,8 +299,9 @@ class Seq2SeqLM(TransformerModel):
         prompt[:, 0] = c.bos_id
         prompt_mask = np.zeros_like(prompt, dtype=bool)
         prompt_mask[:, 0] = True
+        top_k = CausalLM._sampling_top_k(top_k, c.target_vocab)  # k >= the vocabulary: no filter, as the bundle
         function, seed_states = self._generate_function((float(temperature or 0.0), top_k, top_p, seed, num_beams))
-        for variable, initial in seed_states:  # same seed, same samples, call after call
+        for variable, initial in seed_states:  # empty without a seed (see _generate_function)
             variable.assign(initial)
         return function(source_ids, source_mask.astype("int32"), prompt, prompt_mask)
 
@@ -318,8 +320,8 @@ class Seq2SeqLM(TransformerModel):
         """The best target (list of ids, without BOS/EOS) for each source (list of ids).
 
         `num_beams > 1`: beam search; otherwise greedy (`temperature=0`) or sampling with
-        `top_k` / `top_p`, reproducible with `seed`. Outputs stop at EOS or after
-        `max_new_tokens` tokens.
+        `top_k` / `top_p`, reproducible with `seed` (without one, each call samples afresh).
+        Outputs stop at EOS or after `max_new_tokens` tokens.
         """
         # The bundle's rules for these options (export/generate.py): e.g. a temperature or top-k under beam
         # search is refused, not ignored.
