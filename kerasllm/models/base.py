@@ -23,9 +23,13 @@ class SparseCrossEntropy(keras.losses.Loss):
     the log-softmax directly (`(1 - eps) * nll + eps * mean(-log p)`) without one-hot.
     Positions whose target equals `ignore_id` (padding) contribute nothing.
 
-    Each example's loss is the mean over its positions; with `per_token=True` the loss of
+    Each example's loss is the mean over its positions (targets `[B, T]`; a classifier's
+    targets `[B]` give one loss per example as they are); with `per_token=True` the loss of
     every position is returned as it is (y_true's shape), for Keras's reduction and sample
     weights to average (MaskedLM: the masked positions, weighted, `mean_with_sample_weight`).
+    Sample weights of the targets' shape (one per position) weigh each position's loss, as in
+    Keras's `SparseCategoricalCrossentropy` (ignored positions weigh nothing); weights of shape
+    `[B]` weigh each example's mean.
     """
 
     def __init__(self, label_smoothing=0.0, ignore_id=None, per_token=False, name="sparse_cross_entropy", **kwargs):
@@ -36,22 +40,40 @@ class SparseCrossEntropy(keras.losses.Loss):
         self.ignore_id = ignore_id
         self.per_token = bool(per_token)
 
-    def call(self, y_true, y_pred):
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if (sample_weight is not None and not self.per_token and len(ops.shape(y_true)) >= 2
+                and len(ops.shape(sample_weight)) == len(ops.shape(y_true))):
+            # One weight per position: each position's loss weighed by Keras's own reduction
+            # (a mean per example first would have no place for them).
+            from keras.src.losses.loss import reduce_weighted_values  # noqa: PLC0415
+
+            with keras.name_scope(self.name):
+                y_true = ops.cast(y_true, "int32")
+                sample_weight = ops.cast(sample_weight, "float32")
+                if self.ignore_id is not None:
+                    sample_weight = sample_weight * ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
+                return reduce_weighted_values(self._token_losses(y_true, y_pred), sample_weight=sample_weight,
+                                              reduction=self.reduction, dtype=self.dtype)
+        return super().__call__(y_true, y_pred, sample_weight)
+
+    def _token_losses(self, y_true, y_pred):
+        """The (smoothed) loss of every target, y_true's shape."""
         y_pred = ops.cast(y_pred, "float32")
         y_true = ops.cast(y_true, "int32")
-        if not self.label_smoothing and self.ignore_id is None:
+        if not self.label_smoothing:
             # The fused kernel (tf.nn.sparse_softmax_cross_entropy_with_logits) is faster.
-            nll = ops.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-            return nll if self.per_token else ops.mean(nll, axis=-1)
+            return ops.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
         log_probs = ops.log_softmax(y_pred, axis=-1)
         nll = -ops.take_along_axis(log_probs, ops.expand_dims(y_true, -1), axis=-1)[..., 0]
-        if self.label_smoothing:
-            smooth = -ops.mean(log_probs, axis=-1)
-            nll = (1.0 - self.label_smoothing) * nll + self.label_smoothing * smooth
-        if self.per_token:
+        smooth = -ops.mean(log_probs, axis=-1)
+        return (1.0 - self.label_smoothing) * nll + self.label_smoothing * smooth
+
+    def call(self, y_true, y_pred):
+        nll = self._token_losses(y_true, y_pred)
+        if self.per_token or len(ops.shape(y_true)) < 2:  # per token, or one target per example
             return nll
         if self.ignore_id is not None:
-            keep = ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
+            keep = ops.cast(ops.not_equal(ops.cast(y_true, "int32"), self.ignore_id), "float32")
             # Mean over kept tokens of each example, so padding does not dilute the loss.
             return ops.sum(nll * keep, axis=-1) / ops.maximum(ops.sum(keep, axis=-1), 1.0)
         return ops.mean(nll, axis=-1)

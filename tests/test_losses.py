@@ -1,0 +1,59 @@
+"""Sample weights reach kerasllm's default losses as they reach Keras's own."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from kerasllm import CausalLM, DecoderConfig, EncoderConfig, TextClassifier
+from kerasllm.models import SparseCrossEntropy
+
+RNG = np.random.default_rng(0)
+KERAS_SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def test_one_target_per_example_gives_one_loss_per_example():
+    """A classifier's targets `[B]`: the loss weighs each example (it had averaged over the batch
+    first, so sample and class weights multiplied one scalar)."""
+    logits, labels = RNG.normal(size=(8, 3)).astype("float32"), RNG.integers(0, 3, 8)
+    weights = np.array([1, 0] * 4, "float32")
+    assert keras.ops.shape(SparseCrossEntropy().call(labels, logits)) == (8,)
+    got = float(SparseCrossEntropy()(labels, logits, sample_weight=weights))
+    assert got == pytest.approx(float(KERAS_SCCE(labels, logits, sample_weight=weights)), rel=1e-6)
+    assert got != pytest.approx(float(SparseCrossEntropy()(labels, logits)), rel=1e-3)  # the weights count
+
+
+@pytest.mark.parametrize("ignore_id", [None, 0])
+def test_one_weight_per_position_weighs_each_position(ignore_id):
+    """Targets `[B, T]` with weights `[B, T]`: Keras's reduction over weighted positions (it had
+    failed: "Dimensions must be equal ... [8], [8,16]"); ignored positions weigh nothing."""
+    logits, labels = RNG.normal(size=(8, 16, 11)).astype("float32"), RNG.integers(0, 11, (8, 16))
+    weights = np.zeros((8, 16), "float32")
+    weights[:, :4] = 1
+    got = float(SparseCrossEntropy(ignore_id=ignore_id)(labels, logits, sample_weight=weights))
+    kept = weights * (labels != ignore_id) if ignore_id is not None else weights
+    assert got == pytest.approx(float(KERAS_SCCE(labels, logits, sample_weight=kept)), rel=1e-6)
+    # Per-example weights [B] still weigh each example's mean over its positions.
+    rows = np.arange(8, dtype="float32")
+    per_example = float(SparseCrossEntropy()(labels, logits, sample_weight=rows))
+    nll = -np.take_along_axis(keras.ops.convert_to_numpy(keras.ops.log_softmax(logits)), labels[..., None], -1)[..., 0]
+    assert per_example == pytest.approx(float((nll.mean(-1) * rows).mean()), rel=1e-5)
+
+
+def test_models_evaluate_with_sample_weights_as_keras_loss_does():
+    tokens = RNG.integers(6, 64, (8, 17))
+    positions = np.zeros((8, 16), "float32")
+    positions[:, :4] = 1
+    causal = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    texts = RNG.integers(6, 64, (8, 12))
+    texts[:, 0] = 2
+    labels, examples = np.array([0, 1] * 4), np.array([1, 0] * 4, "float32")
+    classifier = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=2))
+    for model, x, y, weights in ((causal, tokens[:, :-1], tokens[:, 1:], positions),
+                                 (classifier, texts, labels, examples)):
+        model.compile(batch_split=1)
+        ours = model.evaluate(x, y, sample_weight=weights, batch_size=8, verbose=0)
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), batch_split=1)
+        theirs = model.evaluate(x, y, sample_weight=weights, batch_size=8, verbose=0)
+        assert ours == pytest.approx(theirs, rel=1e-5), type(model).__name__
