@@ -39,7 +39,7 @@ class Record:
 
     Attributes:
         line: 1-based line number in the file (what error messages name).
-        id: the `id_field` value when given and present, else the line number as a string.
+        id: the `id_field` value when given (see `read_records`), else the line number as a string.
         fields: field name -> value (strings; JSON numbers/bools are kept as JSON scalars).
         error: why the record could not be read (bad UTF-8, malformed JSON, ragged row), else None.
     """
@@ -134,15 +134,29 @@ def _decoded_lines(stream: BinaryIO, lines: tuple[int, int] | None = None,
 
 
 def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = None,
-                 lines: tuple[int, int] | None = None) -> Iterator[Record]:
+                 lines: tuple[int, int] | None = None, text_field: str | None = None) -> Iterator[Record]:
     """Yield the records of `path` (`-` is standard input) one by one.
 
     `lines=(first, last)` (1-based, inclusive) reads only the records on those lines (a
     TSV/CSV header is still read from line 1): how a shard of a file is read.
+
+    `id_field` names the field holding each record's id. A TSV/CSV header states its columns
+    up front, so one without the `id_field` column (or, when given, the `text_field` column
+    the caller will read) is a UsageError naming the columns it has, raised when the header
+    is read, before any record: a misspelt column name would otherwise cost every record
+    (the ids silently line numbers, or an error record each). JSONL has no header: a record
+    without its id (missing, null, a list or object, as `Record.get` reads fields) comes
+    back as an error record naming its line, as one without its text becomes one when the
+    text is read; its id is its line number. Plain text and CoNLL records have no fields
+    to name, so an `id_field` for them is a UsageError.
+
     Raises DataError only for problems with the file as a whole (no header row in a
     TSV/CSV, duplicate column names); a bad record comes back with `error` set.
     """
     fmt = detect_format(path, fmt)
+    if id_field and fmt in ("text", "conll"):
+        raise UsageError(f"{path}: {fmt} input has no fields to hold an id ({id_field!r}); ids need JSONL, "
+                         "TSV or CSV input")
     stream = _open(path)
     try:
         if fmt == "conll":
@@ -150,7 +164,7 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
             return
         lines = _decoded_lines(stream, lines, keep_first=fmt in ("tsv", "csv"))
         if fmt in ("tsv", "csv"):
-            yield from _delimited(lines, "\t" if fmt == "tsv" else ",", path, id_field)
+            yield from _delimited(lines, "\t" if fmt == "tsv" else ",", path, id_field, text_field)
             return
         for number, text, error in lines:
             if error:
@@ -172,7 +186,7 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
             if not isinstance(value, dict):
                 yield Record(number, str(number), error=f"expected a JSON object, got {type(value).__name__}")
                 continue
-            yield Record(number, _record_id(value, id_field, number), value)
+            yield _record(number, value, id_field)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -184,14 +198,19 @@ def _json_reason(err: json.JSONDecodeError) -> str:
     return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else f"{err.msg} at column {err.colno}"
 
 
-def _record_id(fields: dict, id_field: str | None, number: int) -> str:
-    if id_field and fields.get(id_field) is not None:
-        value = fields[id_field]
-        return value if isinstance(value, str) else json.dumps(value)
-    return str(number)
+def _record(number: int, fields: dict, id_field: str | None) -> Record:
+    """The record of `fields` on line `number`, its id read from `id_field` by `Record.get`'s rules;
+    an error record (id: the line number) when it has none (see `read_records`)."""
+    record = Record(number, str(number), fields)
+    if id_field:
+        try:
+            record.id = record.get(id_field)
+        except DataError as err:
+            record.error = str(err).removeprefix(f"line {number}: ")
+    return record
 
 
-def _delimited(lines, delimiter: str, path, id_field) -> Iterator[Record]:
+def _delimited(lines, delimiter: str, path, id_field, text_field) -> Iterator[Record]:
     header = None
     for number, text, error in lines:
         if error:
@@ -214,13 +233,16 @@ def _delimited(lines, delimiter: str, path, id_field) -> Iterator[Record]:
             duplicates = sorted({n for n in header if header.count(n) > 1})
             if duplicates:
                 raise DataError(f"{path}: line {number}: duplicate column {duplicates[0]!r} in the header")
+            for role, name in (("text", text_field), ("id", id_field)):
+                if name and name not in header:
+                    raise UsageError(f"{path}: no {role} column {name!r} in the header "
+                                     f"(columns: {', '.join(header)})")
             continue
         if len(row) != len(header):
             yield Record(number, str(number),
                          error=f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}")
             continue
-        fields = dict(zip(header, row))
-        yield Record(number, _record_id(fields, id_field, number), fields)
+        yield _record(number, dict(zip(header, row)), id_field)
     if header is None:
         raise DataError(f"{path}: empty file (expected a header row)")
 

@@ -94,6 +94,55 @@ def test_every_input_format(run_cli, bundle, tmp_path, fmt):
     assert "2 records, 0 errors" in result.err
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+@pytest.mark.parametrize("option,role", [("--id-field", "id"), ("--text-field", "text")])
+def test_a_column_missing_from_the_header_is_a_usage_error_before_anything_runs(run_cli, tmp_path, suffix, option,
+                                                                                role):
+    """The header names the columns up front: a misspelt --id-field was ignored (ids silently line
+    numbers) and a misspelt --text-field gave an error record for every line."""
+    bundle = fake_predictor.make_bundle(tmp_path / "b", "classify")
+    sep = "," if suffix == ".csv" else "\t"
+    source = tmp_path / f"in{suffix}"
+    source.write_text(f"review{sep}id\ngood lamp{sep}a1\n")
+    out = tmp_path / "out.jsonl"
+    fields = {"--id-field": ["--text-field", "review", "--id-field", "idx"], "--text-field": ["--text-field", "txt"]}
+    result = run_cli("classify", bundle, "-i", source, "-o", out, *fields[option])
+    assert result.code == 2, result
+    missing = "idx" if role == "id" else "txt"
+    assert result.err.splitlines() == [
+        f"kerasllm: error: {source}: no {role} column {missing!r} in the header (columns: review, id)"]
+    assert not out.exists()
+    assert fake_predictor.FakePredictor.devices == []  # refused before the model loaded
+    result = run_cli("classify", bundle, "-i", source, "-o", out, "--text-field", "review", "--id-field", "id")
+    assert result.code == 0 and read_jsonl(out)[0]["id"] == "a1", result
+
+
+def test_a_jsonl_record_without_its_id_is_an_error_record_as_one_without_its_text(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"key": "a", "text": "x"}\n{"text": "y"}\n{"key": null, "text": "z"}\n'
+                      '{"key": ["b"], "text": "w"}\n{"key": 7, "text": "v"}\n{"key": "c"}\n')
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--id-field", "key", "-q")
+    assert result.code == 1, result
+    assert read_jsonl(out) == [
+        {"id": "a", "output": "X"},
+        {"id": "2", "error": "line 2: missing field 'key' (fields: text)"},
+        {"id": "3", "error": "line 3: field 'key' is null"},
+        {"id": "4", "error": "line 4: field 'key' is not a string (a list)"},
+        {"id": "7", "output": "V"},
+        {"id": "c", "error": "line 6: missing field 'text' (fields: key)"},
+    ]
+
+
+def test_an_id_field_for_plain_text_input_is_a_usage_error(run_cli, bundle, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("hello\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--id-field", "key")
+    assert result.code == 2 and "text input has no fields to hold an id ('key')" in result.err, result
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
 def test_an_empty_input_is_an_error_and_leaves_no_output(run_cli, bundle, tmp_path, content):
     source = tmp_path / "empty.txt"

@@ -9,7 +9,9 @@ output: JSONL, one line per input record, in input order:
     {"id": "1", "embedding": [...]}                      embed
     {"id": "1", "tokens": ["Anna", ...], "tags": ["B-PER", ...], "scores": [0.99, ...]}   tag
     {"id": "7", "error": "line 7: empty text"}           a record that failed
-`id` is the `--id-field` value, else the line number.
+`id` is the `--id-field` value, else the line number. A TSV/CSV header without the
+`--id-field` or `--text-field` column is a usage error before anything runs; a JSONL record
+without them is an error record (export/records.py).
 
 Exit codes: 0 every record succeeded; 1 some records failed (error records were written)
 or a runtime error; 2 bad usage; 130 interrupted by SIGINT, 143 by SIGTERM (what was
@@ -20,6 +22,7 @@ This module imports no TensorFlow (the Keras predictor of a model dir does, when
 
 from __future__ import annotations
 
+import itertools
 import signal
 import sys
 import time
@@ -47,7 +50,7 @@ def batch_options(command):
         click.option("--text-field", default="text", show_default=True,
                      help="JSONL field or TSV/CSV column holding the text."),
         click.option("--id-field", default=None, help="JSONL field or TSV/CSV column holding the id "
-                     "(default: the line number)."),
+                     "(default: the line number; a JSONL record without it is an error record)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Most records per batch."),
         click.option("--max-batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
@@ -139,9 +142,13 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             total_lines = lines[1] - lines[0] + 1
 
     point = batch.resume_point(output_path) if resume else batch.ResumePoint()  # before the (slow) model load
+    records = read_records(input_path, fmt, id_field=id_field, lines=lines, text_field=text_field)
+    # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
+    # column (or no header at all) stops the job here, before the model loads or the output opens.
+    first = next(records, None)
+    records = itertools.chain([first] if first is not None else [], records)
     retain_freed_memory()  # a serving process: freed arrays stay for the next batch (export/runtime.py)
     predictor = load_predictor(task, source, device=device)
-    records = read_records(input_path, fmt, id_field=id_field, lines=lines)
     if point.done:
         records = batch.skip_resumed(iter(records), point, output_path)
 
