@@ -376,6 +376,61 @@ def test_usage_errors_exit_2(run_cli, bundle, tmp_path):
     assert result.code == 2 and "--shard-index 2" in result.err
 
 
+@pytest.mark.parametrize("task,options,message", [
+    ("generate", ["--top-k", "5"], "--top-k and --top-p narrow sampling: give a --temperature > 0"),
+    ("generate", ["--top-p", "0.9"], "--top-k and --top-p narrow sampling: give a --temperature > 0"),
+    ("generate", ["--n-best", "2"], "--n-best 2 needs beam search (--num-beams 2 or more) or sampling "
+                                    "(--temperature > 0)"),
+    ("generate", ["--num-beams", "2", "--n-best", "3"], "--n-best 3 is more than --num-beams 2"),
+    ("generate", ["--num-beams", "2", "--temperature", "0.7"],
+     "beam search is deterministic: use --temperature 0 with --num-beams > 1"),
+    ("translate", ["--n-best", "2", "--temperature", "1"], "--n-best 2 needs beam search (--num-beams 2 or more; "
+                                                           "translate does not sample n-best lists)"),
+])
+def test_decoding_options_that_cannot_go_together_stop_before_the_model_loads(run_cli, tmp_path, task, options,
+                                                                             message):
+    """They were refused by the predictor in its own names (`top_k`, `n_best must be between 1 and
+    num_beams`, pre-empting translate's clearer message) once the model was loaded and the output
+    opened, leaving a 0-byte output behind."""
+    bundle = fake_predictor.make_bundle(tmp_path / "b", task)
+    source = tmp_path / "in.txt"
+    source.write_text("forty two\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli(task, bundle, "-i", source, "-o", out, *options)
+    assert result.code == 2, result
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kerasllm: error: {message}"), result
+    assert not out.exists()
+    assert fake_predictor.FakePredictor.devices == []  # no model loaded
+
+
+@pytest.mark.parametrize("task,options", [("generate", ["--n-best", "2", "--temperature", "1"]),  # sampled n-best
+                                          ("generate", ["--top-k", "5", "--temperature", "0.8"]),
+                                          ("generate", ["--top-p", "1"]),  # no narrowing: greedy is fine
+                                          ("translate", ["--n-best", "2", "--num-beams", "2"])])
+def test_decoding_options_that_go_together_run(run_cli, tmp_path, task, options):
+    bundle = fake_predictor.make_bundle(tmp_path / "b", task)
+    source = tmp_path / "in.txt"
+    source.write_text("forty two\n")
+    result = run_cli(task, bundle, "-i", source, "-o", tmp_path / "out.jsonl", *options)
+    assert result.code == 0, result
+
+
+def test_a_job_failing_before_its_first_line_leaves_no_empty_output(run_cli, bundle, tmp_path, monkeypatch):
+    from kerasllm.errors import UsageError
+
+    def refuse(self, batch, **options):
+        raise UsageError("the predictor refuses these options")
+
+    monkeypatch.setattr(fake_predictor.FakePredictor, "predict", refuse)
+    source = tmp_path / "in.txt"
+    source.write_text("abc\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "-q")
+    assert result.code == 2 and "the predictor refuses these options" in result.err, result
+    assert not out.exists()
+
+
 # -- resume, signals ---------------------------------------------------------------------------
 def _cli(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(FAKE), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,

@@ -184,6 +184,10 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     finally:
         writer.close()
         bar.close()
+        # An output this run started and wrote nothing to (no records, or the job failed before
+        # its first line) is removed: an empty file would pass for a finished job.
+        if output_path != "-" and not resume and Path(output_path).is_file() and not Path(output_path).stat().st_size:
+            Path(output_path).unlink()
     if not quiet:
         click.echo(f"kerasllm: {task}: {summary.line()} (total {time.perf_counter() - started:.2f} s)", err=True)
     if summary.interrupted is not None:
@@ -196,9 +200,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
                    f"{'the output' if output_path == '-' else output_path}", err=True)
         sys.exit(1)
     if not summary.records and not summary.skipped:
-        # An empty input is almost always a mistake upstream: say so, and leave no empty output.
-        if output_path != "-" and not resume and Path(output_path).stat().st_size == 0:
-            Path(output_path).unlink()
+        # An empty input is almost always a mistake upstream: say so (its empty output is gone).
         name = "standard input" if input_path == "-" else input_path
         raise DataError(f"{name}: no records to process (the input is empty or holds only blank lines)")
 
@@ -247,16 +249,54 @@ def _check_device(device: str) -> None:
 
 
 def _decoding(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed) -> dict:
-    # Combinations (n-best without beams or sampling, ...) are checked by the predictor.
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "repetition_penalty": repetition_penalty, "stop": list(stop) or None, "num_beams": num_beams,
             "n_best": n_best, "seed": seed}
 
 
-def _split_decoding(kwargs: dict) -> dict:
+def _split_decoding(task: str, kwargs: dict) -> dict:
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
              "n_best", "seed")
-    return _decoding(*(kwargs.pop(name) for name in names))
+    options = _decoding(*(kwargs.pop(name) for name in names))
+    check_decoding(task, options)
+    return options
+
+
+def check_decoding(task: str, options: dict) -> None:
+    """UsageError, naming the CLI's options, for decoding options that cannot go together.
+
+    The predictor checks them too (for every caller: the Beam handler, the Python API), but
+    only once the model is loaded and the output open, in its own names (`n_best`); the CLI
+    asks first, so a mistyped command costs no model load and leaves no empty output. The
+    n-best rule is each task's (generate samples an n-best list under --temperature > 0,
+    translate needs beams, as their predictors' `options()`); the rest are
+    `DecodingOptions.validate`'s (export/generate.py), its messages' option names put as
+    the CLI spells them.
+    """
+    import re  # noqa: PLC0415
+
+    from kerasllm.export.generate import DecodingOptions  # noqa: PLC0415  (numpy only, no TensorFlow)
+
+    n_best, num_beams = options["n_best"], options["num_beams"]
+    if n_best > 1 and num_beams == 1:
+        if task == "translate":
+            raise UsageError(f"--n-best {n_best} needs beam search (--num-beams {n_best} or more; translate does "
+                             "not sample n-best lists)")
+        if not options["temperature"]:
+            raise UsageError(f"--n-best {n_best} needs beam search (--num-beams {n_best} or more) or sampling "
+                             "(--temperature > 0)")
+    elif n_best > num_beams:
+        raise UsageError(f"--n-best {n_best} is more than --num-beams {num_beams} (beam search keeps "
+                         f"{num_beams} hypotheses)")
+    try:
+        DecodingOptions(**{**options, "n_best": 1}).validate()  # n-best: checked above
+    except UsageError as err:
+        raise UsageError(re.sub(rf"\b({'|'.join(_DECODING_FLAGS)})\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                                str(err))) from None
+
+
+# The options DecodingOptions.validate's messages name, each the CLI's --flag with "-" for "_".
+_DECODING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "n_best")
 
 
 @click.command(epilog=EPILOG)
@@ -271,7 +311,7 @@ def generate(source, **kwargs):
       kerasllm generate bundle/ -i prompts.jsonl -o out.jsonl --temperature 0.8 --top-p 0.9 --seed 1
       kerasllm generate bundle/ -i prompts.txt -o out.jsonl --resume     # after an interruption
     """
-    options = _split_decoding(kwargs)
+    options = _split_decoding("generate", kwargs)
     run_job("generate", source, options=options, extra_tokens=options["max_new_tokens"], **kwargs)
 
 
@@ -285,7 +325,7 @@ def translate(source, **kwargs):
     Example:
       kerasllm translate bundle/ --input source.txt --output out.jsonl --num-beams 4
     """
-    options = _split_decoding(kwargs)
+    options = _split_decoding("translate", kwargs)
     run_job("translate", source, options=options, extra_tokens=options["max_new_tokens"], **kwargs)
 
 
