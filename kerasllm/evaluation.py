@@ -39,9 +39,26 @@ def evaluate(source: str | Path, data: str | Path, **kwargs: Any) -> dict:
     task = source_task(source)
     if task not in EVALUATORS:
         raise UsageError(f"{source}: no evaluation for a {task!r} model (have: {', '.join(sorted(EVALUATORS))})")
+    if task == "seq2seq":
+        _require_pairs(data, kwargs.get("fmt", "auto"))
     module, attr = EVALUATORS[task].split(":")
     result = getattr(importlib.import_module(module), attr)(Path(source), Path(data), **kwargs)
     return {"task": task, **result}
+
+
+def _require_pairs(data: str | Path, fmt: str) -> None:
+    """UsageError unless `data` is a file of source/target pairs (TSV, CSV or JSONL).
+
+    The seq2seq evaluator reads pairs with training's reader (kerasllm.pairs.read_pairs), whose
+    message for any other file offers `--source-file/--target-file`: `kerasllm train` has them,
+    `kerasllm evaluate` does not. So evaluate says it here, in its own options, before the model loads.
+    """
+    from kerasllm.export.records import detect_format  # noqa: PLC0415
+
+    kind = detect_format(data, fmt)
+    if kind not in ("tsv", "csv", "jsonl"):
+        raise UsageError(f"{data}: a seq2seq model is scored on source/target pairs: give a .tsv, .csv or .jsonl "
+                         f"file with --source-field and --target-field columns (read as {kind}; see --format)")
 
 
 def _checked(predictor, rows, truncate: str = "right") -> list[list[int]]:

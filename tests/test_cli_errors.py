@@ -29,3 +29,20 @@ def test_malformed_json_message_reads_cleanly(tmp_path):
     errors = [r.error for r in read_records(path)]
     assert errors == ["malformed JSON (Unterminated string starting at column 10)",
                       "malformed JSON (Expecting property name enclosed in double quotes at column 12)"]
+
+
+@pytest.mark.parametrize("name, fmt, kind", [("words.txt", "auto", "text"), ("pairs.tsv", "text", "text"),
+                                             ("pairs.tsv", "conll", "conll")])
+def test_evaluate_of_a_seq2seq_model_on_a_file_without_pairs_names_its_own_options(run_cli, tmp_path, name, fmt,
+                                                                                  kind):
+    """The message was training's, offering --source-file/--target-file, which evaluate does not have."""
+    source = tmp_path / "bundle"
+    source.mkdir()
+    (source / "manifest.json").write_text('{"task": "seq2seq"}')  # refused before the model loads
+    data = tmp_path / name
+    data.write_text("forty two\tseven\n")
+    result = run_cli("evaluate", source, "--data", data, "--format", fmt)
+    assert result.code == 2, result
+    assert result.err.splitlines() == [
+        f"kerasllm: error: {data}: a seq2seq model is scored on source/target pairs: give a .tsv, .csv or .jsonl "
+        f"file with --source-field and --target-field columns (read as {kind}; see --format)"]
