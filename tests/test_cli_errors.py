@@ -46,3 +46,35 @@ def test_evaluate_of_a_seq2seq_model_on_a_file_without_pairs_names_its_own_optio
     assert result.err.splitlines() == [
         f"kerasllm: error: {data}: a seq2seq model is scored on source/target pairs: give a .tsv, .csv or .jsonl "
         f"file with --source-field and --target-field columns (read as {kind}; see --format)"]
+
+
+def test_the_cli_process_drops_tensorflows_retracing_warnings_only(run_cli, tmp_path):
+    """A model dir traces its generate function once per batch shape, by design; TensorFlow warned
+    "N out of the last N calls to <function ...> triggered tf.function retracing" for it, under
+    --quiet too and twice (its own handler and the CLI's), again as the shapes changed."""
+    import logging
+
+    tf = pytest.importorskip("tensorflow")
+    run_cli("generate", tmp_path / "missing", "-q")  # any kerasllm run sets its process up
+
+    class Collect(logging.Handler):  # beside TensorFlow's own handler on its logger
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    @tf.function(autograph=False)
+    def double(x):
+        return x * 2
+
+    collect, tf_logger = Collect(), logging.getLogger("tensorflow")
+    tf_logger.addHandler(collect)
+    try:
+        for n in range(8):  # a new Python number each call: a trace each, as a new batch shape
+            double(n)
+        tf_logger.warning("another TensorFlow warning")
+    finally:
+        tf_logger.removeHandler(collect)
+    assert collect.messages == ["another TensorFlow warning"]  # TensorFlow's other warnings pass

@@ -77,21 +77,40 @@ class LazyGroup(click.Group):
 XLA_CPU_TRAINING_FLAGS = "--xla_disable_hlo_passes=tree_reduction_rewriter"
 
 
+class _NoRetracingWarnings(logging.Filter):
+    """Drops TensorFlow's "N out of the last N calls to <function ...> triggered tf.function
+    retracing" warning.
+
+    A batch job's batches come in uneven shapes (a window's last batch, the token budget,
+    prompts of every length), and a model dir traces its generate/predict function once per
+    shape by design; TensorFlow reads that as a mistake and warned again and again, under
+    --quiet too, and twice (its own handler and ours: "WARNING:tensorflow:..." and
+    "kerasllm: ..."). As a filter on the "tensorflow" logger it stops the record before any
+    handler sees it; TensorFlow's other warnings pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def configure_tensorflow() -> None:
-    """Quiet TensorFlow's start-up chatter, keep XLA's compiled programs between runs, and skip
-    XLA's tree-reduction rewrite (`XLA_CPU_TRAINING_FLAGS`, unless `XLA_FLAGS` already names
-    passes to disable).
+    """Quiet TensorFlow's start-up chatter and its retracing warnings (`_NoRetracingWarnings`),
+    keep XLA's compiled programs between runs, and skip XLA's tree-reduction rewrite
+    (`XLA_CPU_TRAINING_FLAGS`, unless `XLA_FLAGS` already names passes to disable).
 
     XLA compiles the train step anew in every process (~5-8 s for a small model on two
     cores); TensorFlow's persistent compilation cache makes a rerun of the same shape
     skip most of that. It lives in `$KERASLLM_XLA_CACHE` (default
-    `~/.cache/kerasllm/xla`; set it to `off` to disable). Serving commands never load
-    TensorFlow, so this only matters for training and export.
+    `~/.cache/kerasllm/xla`; set it to `off` to disable). Serving commands on a bundle never
+    load TensorFlow, so this only matters for training, export and model-dir sources.
     """
     # Level 3 also hides "failed call to cuInit" on machines without a GPU; TensorFlow's
     # real failures still surface as Python exceptions.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    tf_logger = logging.getLogger("tensorflow")  # TensorFlow logs here; getting it imports nothing
+    if not any(isinstance(f, _NoRetracingWarnings) for f in tf_logger.filters):
+        tf_logger.addFilter(_NoRetracingWarnings())
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kerasllm" / "xla"
     cache = os.environ.get("KERASLLM_XLA_CACHE", str(default))
     flags = os.environ.get("TF_XLA_FLAGS", "")
