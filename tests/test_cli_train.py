@@ -232,3 +232,60 @@ def test_the_cli_process_skips_xla_tree_reduction_unless_xla_flags_say_otherwise
         if user_flags is None:
             assert "--xla_disable_hlo_passes=tree_reduction_rewriter" in done.stdout, done.stdout
     assert counts["default"] == 0 and counts["user's own"] >= 1, counts
+
+
+# -- options beside --resume ------------------------------------------------------------------------
+RESUME_REFUSED = ["--steps", "60", "--lr", "0.5", "--batch-size", "3", "--layers", "4", "--seq-len", "16",
+                  "--preset", "small", "--no-jit-compile"]
+
+
+def test_resume_refuses_the_options_it_would_ignore(run_cli, corpus_file, tmp_path, interrupt_training):
+    """A resumed run repeats the stopped one with its saved options: options beside --resume (but the
+    data, --quiet and where to run) are refused in one line naming them, before anything is read;
+    the stopped run is left as it was and resumes with the options it may take."""
+    out = tmp_path / "run"
+    interrupt_training(6)
+    args = ["--out", out, "--steps", "12", "--eval-interval", "4", "--eval-steps", "1", *FAST]
+    assert run_cli("train", "causal-lm", "--data", corpus_file, *args).code == 130
+    interrupt_training(None)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    refused = run_cli("train", "causal-lm", "--out", out, "--resume", *RESUME_REFUSED)
+    assert refused.code == 2, refused
+    assert refused.err.splitlines() == [
+        f"kerasllm: error: --resume continues the run in {out} with its saved options; drop --preset, --steps, "
+        "--batch-size, --seq-len, --lr, --no-jit-compile, --layers "
+        "(see 'kerasllm train causal-lm --help')"], refused.err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--data", corpus_file, "--quiet",
+                      "--strategy", "auto")
+    assert resumed.code == 0, resumed
+    run = json.loads((out / "config.json").read_text())
+    assert run["train"]["steps"] == 12 and run["train"]["lr"] == 1e-3 and run["model"]["num_layers"] == 2
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 12
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("causal-lm", ["--window", "packed", "--config", "{config}"]),
+    ("masked-lm", ["--text-field", "body", "--vocab-size", "300"]),
+    ("classifier", ["--label-field", "y", "--pooling", "mean", "--init-from", "{run}"]),
+    ("token-classifier", ["--format", "conll", "--label-smoothing", "0.1", "--init-from", "{run}"]),
+    ("seq2seq", ["--separate-vocab", "--target-tokenizer", "byte", "--source-field", "en"]),
+])
+def test_every_train_command_refuses_options_beside_resume(run_cli, tmp_path, command, extra):
+    """The same in every `kerasllm train` command: each option given is named, the defaults are not."""
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    extra = [str(a).format(config=config, run=tmp_path) for a in extra]
+    out = tmp_path / "run"
+    result = run_cli("train", command, "--out", out, "--resume", "--quiet", *RESUME_REFUSED, *extra)
+    assert result.code == 2, result
+    assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err, result.err
+    assert result.err.startswith(f"kerasllm: error: --resume continues the run in {out} with its saved options; "
+                                 "drop "), result.err
+    given = [a for a in RESUME_REFUSED + extra if a.startswith("--")]
+    dropped = result.err.split("; drop ")[1].split(" (see")[0].split(", ")
+    assert sorted(dropped) == sorted(given), result.err
+    assert not out.exists()

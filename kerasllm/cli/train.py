@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from kerasllm.cli.options import model_override_options, run_options
+from kerasllm.cli.options import DISTRIBUTE_OPTIONS, model_override_options, run_options
 
 
 @click.group()
@@ -45,6 +46,7 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
       kerasllm train causal-lm --data corpus.txt --out runs/lm --preset small --steps 2000
       kerasllm train causal-lm --out runs/lm --resume      # continue a stopped run
     """
+    _refuse_with_resume(resume, out)
     from kerasllm.recipes.causal_lm import CausalLMTrainArgs, train_causal_lm  # noqa: PLC0415
 
     if not data and not resume:
@@ -95,6 +97,7 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
           --separate-vocab --target-tokenizer char
       kerasllm train seq2seq --source-file train.en --target-file train.de --out runs/mt --separate-vocab
     """
+    _refuse_with_resume(resume, out)
     from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq  # noqa: PLC0415
 
     if data and (source_file or target_file):
@@ -124,18 +127,47 @@ _text_fields = [
 ]
 
 
+# What `--resume` takes beside it: where the run is, its data files (moved or renamed), whether to
+# show progress, and where to run it (the strategy and precision are not part of the saved run).
+RESUME_TAKES = ("out", "data", "source_file", "target_file", "resume", "quiet", *DISTRIBUTE_OPTIONS)
+RESUME_HELP = ("Continue the stopped run in --out from its last checkpoint, with the options saved in its "
+               "config.json: beside it only the data paths (files moved), --quiet and "
+               "--strategy/--tpu/--precision/--scale-lr are taken; other options are refused.")
+
+
+def _refuse_given(reason: str, names) -> None:
+    """A usage error naming the options among `names` given on the command line (or in the
+    environment), as the user wrote them: `reason` says why they cannot be taken."""
+    ctx = click.get_current_context()
+    params = {param.name: param for param in ctx.command.params}
+    given = []
+    for name in names:
+        if ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        param = params[name]
+        # --no-jit-compile, not --jit-compile, when that is what was given
+        off = getattr(param, "secondary_opts", None) and ctx.params.get(name) is False
+        given.append(param.secondary_opts[0] if off else param.opts[0])
+    if given:
+        raise click.UsageError(f"{reason}; drop {', '.join(given)}")
+
+
 def _refuse_with_init_from(init_from, *names: str) -> None:
     """A usage error for options given on the command line that `--init-from` would ignore: the
     pretrained run brings its own tokenizer and architecture (--config and overrides are refused
     in the recipe, where they are known)."""
-    if not init_from:
-        return
-    ctx = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in names
-             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
-    if given:
-        raise click.UsageError(f"--init-from takes the pretrained model's tokenizer and architecture; "
-                               f"drop {', '.join(given)}")
+    if init_from:
+        _refuse_given("--init-from takes the pretrained model's tokenizer and architecture", names)
+
+
+def _refuse_with_resume(resume: bool, out: Path) -> None:
+    """A usage error for options given beside `--resume`, before anything is read: a resumed run
+    repeats the stopped one with its saved options (a restarted multi-worker job, which resumes
+    without `--resume`, is not concerned: it gives the very same command again)."""
+    if resume:
+        ctx = click.get_current_context()
+        _refuse_given(f"--resume continues the run in {out} with its saved options",
+                      [param.name for param in ctx.command.params if param.name not in RESUME_TAKES])
 
 
 def _with(options):
@@ -164,6 +196,7 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
       kerasllm train masked-lm --data reviews.jsonl --out runs/mlm --steps 1000
       kerasllm train classifier --data reviews.jsonl --init-from runs/mlm --out runs/clf
     """
+    _refuse_with_resume(resume, out)
     from kerasllm.recipes.masked_lm import MaskedLMTrainArgs, train_masked_lm  # noqa: PLC0415
 
     if not data and not resume:
@@ -201,6 +234,7 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
       kerasllm train classifier --data reviews.tsv --out runs/clf --epochs 3
       kerasllm train classifier --data reviews.tsv --init-from runs/mlm --out runs/clf
     """
+    _refuse_with_resume(resume, out)
     from kerasllm.recipes.classifier import ClassifierTrainArgs, train_classifier  # noqa: PLC0415
 
     if not data and not resume:
@@ -249,6 +283,7 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
       kerasllm train token-classifier --data ner.jsonl --out runs/ner --steps 300
       kerasllm train token-classifier --data train.conll --init-from runs/mlm --out runs/ner
     """
+    _refuse_with_resume(resume, out)
     from kerasllm.recipes.token_classifier import TokenClassifierTrainArgs, train_token_classifier  # noqa: PLC0415
 
     if not data and not resume:
@@ -266,3 +301,11 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
     train_token_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
                            config_overrides=overrides, distribute=distribute)
     click.echo(f"kerasllm: model written to {out}", err=True)
+
+
+# The --resume option is declared once for every task (kerasllm.cli.options.run_options); what it
+# keeps and refuses is decided here (_refuse_with_resume), so its help is too.
+for _command in train.commands.values():
+    for _param in _command.params:
+        if _param.name == "resume":
+            _param.help = RESUME_HELP
