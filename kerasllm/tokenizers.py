@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -48,9 +48,21 @@ class TextTokenizer:
     # -- training ---------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], kind: str = "char", vocab_size: int = 8000) -> "TextTokenizer":
-        """Train a tokenizer of `kind` on an iterable of texts (lines or documents)."""
+        """Train a tokenizer of `kind` on an iterable of texts (lines or documents).
+
+        `vocab_size` (bpe, unigram; positive for every kind) too small for the kind is a UsageError
+        naming --vocab-size and the size needed: bpe needs `MIN_BPE_VOCAB` (the 256 bytes and the
+        special tokens), unigram a token for each character of the texts and the special tokens
+        (`_unigram_too_small`; known once the texts are read, so that is checked by training).
+        """
         if kind not in TOKENIZER_KINDS:
             raise UsageError(f"tokenizer: unknown kind {kind!r} (choose from {', '.join(TOKENIZER_KINDS)})")
+        if vocab_size < 1:
+            raise UsageError(f"--vocab-size must be positive, got {vocab_size}")
+        if kind == "bpe" and vocab_size < MIN_BPE_VOCAB:
+            # (BpeTrainer silently gave MIN_BPE_VOCAB tokens for any size below it, 0 included.)
+            raise UsageError(f"--vocab-size {vocab_size} is too small for a bpe tokenizer: it needs at least "
+                             f"{MIN_BPE_VOCAB} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
         if kind == "char":
             # The vocabulary is every character seen, most frequent first: counted here in
             # one pass (a WordLevelTrainer over one "word" per character is ~10x slower).
@@ -80,7 +92,17 @@ class TextTokenizer:
             tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
             trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK,
                                               show_progress=False)
-        tokenizer.train_from_iterator(texts, trainer=trainer)
+            chars: set[str] = set()
+            texts = _recording_chars(texts, chars)
+        try:
+            tokenizer.train_from_iterator(texts, trainer=trainer)
+        except Exception as err:  # the Rust side raises a bare Exception
+            if kind == "unigram" and "not large enough" in str(err):
+                raise _unigram_too_small(vocab_size, chars) from None
+            raise
+        if kind == "unigram" and tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
+            # Between the characters' count and the minimum, the trainer returned more tokens than asked.
+            raise _unigram_too_small(vocab_size, chars)
         return cls(tokenizer)
 
     # -- files ------------------------------------------------------------------------------
@@ -205,6 +227,28 @@ class TextTokenizer:
     def describe(self) -> dict:
         model = json.loads(self.tokenizer.to_str())["model"]["type"]
         return {"model": model, "vocab_size": self.vocab_size, "special_ids": self.special_ids()}
+
+
+# The smallest bpe vocabulary: one token per byte and the special tokens (byte-level BPE's alphabet).
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def _recording_chars(texts: Iterable[str], chars: set[str]) -> Iterator[str]:
+    """`texts`, adding each one's characters to `chars` as it passes (the trainer reads them once)."""
+    for text in texts:
+        chars.update(text)
+        yield text
+
+
+def _unigram_too_small(vocab_size: int, chars: set[str]) -> UsageError:
+    """The error for a unigram `vocab_size` below what texts of these characters need to train to that
+    size: a token per character (a space counts as the "▁" that replaces it), the special tokens and
+    the trainer's own unknown token. Below the characters' count the trainer fails; from there up to
+    the minimum it returned more tokens than asked."""
+    pieces = len({"▁" if c == " " else c for c in chars})
+    more = len(SPECIAL_TOKENS) + 1
+    return UsageError(f"--vocab-size {vocab_size} is too small for a unigram tokenizer of this data: it needs at "
+                      f"least {pieces + more} (a token for each of its {pieces} distinct characters and {more} more)")
 
 
 # Characters counted per call of np.bincount: texts are joined up to this length first, so that

@@ -78,3 +78,45 @@ def test_the_cli_process_drops_tensorflows_retracing_warnings_only(run_cli, tmp_
     finally:
         tf_logger.removeHandler(collect)
     assert collect.messages == ["another TensorFlow warning"]  # TensorFlow's other warnings pass
+
+
+def one_line_usage_error(result, expected):
+    assert result.code == 2, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kerasllm: error: "), result.err
+    assert expected in lines[0], result.err
+
+
+@pytest.mark.parametrize("command", ["causal-lm", "classifier"])
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_train_seed_out_of_range_is_a_usage_error(run_cli, corpus_file, tmp_path, command, seed):
+    result = run_cli("train", command, "--data", corpus_file, "--out", tmp_path / "run", "--steps", 1, "--seed", seed)
+    one_line_usage_error(result, f"Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tokenizer, vocab_size, expected", [
+    ("bpe", -5, "--vocab-size must be positive, got -5"),
+    ("bpe", 0, "--vocab-size must be positive, got 0"),
+    ("char", 0, "--vocab-size must be positive, got 0"),
+    ("bpe", 200, "--vocab-size 200 is too small for a bpe tokenizer: it needs at least 262 "
+                 "(256 bytes and 6 special tokens)"),
+])
+def test_train_vocab_size_too_small_is_a_usage_error(run_cli, corpus_file, tmp_path, tokenizer, vocab_size, expected):
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--steps", 1,
+                     "--preset", "tiny", "--quiet", "--tokenizer", tokenizer, "--vocab-size", vocab_size)
+    one_line_usage_error(result, expected)
+
+
+@pytest.mark.parametrize("vocab_size", [5, 29, 30, 36])
+def test_unigram_vocab_size_below_the_datas_characters_names_the_size_needed(run_cli, tmp_path, vocab_size):
+    """30 distinct characters (space, '-', digits, 17 letters): the trainer failed below 30 with a bare
+    Exception, and from 30 to 36 returned more tokens than asked (48 for 30); 37 trains to 37."""
+    from kerasllm import datasets
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("source\ttarget\n" + "".join(f"{a}\t{b}\n" for a, b in datasets.number_words_pairs(300, seed=0)))
+    result = run_cli("train", "seq2seq", "--data", pairs, "--out", tmp_path / "run", "--steps", 1, "--preset", "tiny",
+                     "--quiet", "--tokenizer", "unigram", "--vocab-size", vocab_size)
+    one_line_usage_error(result, f"--vocab-size {vocab_size} is too small for a unigram tokenizer of this data: "
+                                 "it needs at least 37 (a token for each of its 30 distinct characters and 7 more)")

@@ -12,7 +12,7 @@ TEXT = "The quick brown fox jumps over the lazy dog.\nA second line, with punctu
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
 def test_round_trip_and_special_ids(kind, tmp_path):
-    tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=120)
+    tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=300)
     sample = "The lazy fox.\nA quick dog!"
     assert tok.decode(tok.encode(sample)) == sample
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
@@ -34,7 +34,7 @@ def test_subword_kinds_compress_and_byte_never_unknown():
 
 
 def test_loading_a_tokenizer_does_not_import_tensorflow(tmp_path):
-    path = TextTokenizer.train([TEXT], kind="bpe", vocab_size=200).save(tmp_path)
+    path = TextTokenizer.train([TEXT], kind="bpe", vocab_size=300).save(tmp_path)
     code = ("import sys; from kerasllm.tokenizers import TextTokenizer; "
             f"t = TextTokenizer.load({str(path)!r}); t.encode('fox'); "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
@@ -52,12 +52,32 @@ def test_char_fast_path_gives_the_tokenizers_own_ids():
     tok = TextTokenizer.train([TEXT], kind="char")
     for text in [TEXT, "Unseen: é ✓ 🙂\r\n\ttabs", "spelled <eos> and <pad> inside", ""]:
         assert tok.encode_array(text).tolist() == tok.encode(text), text
-    bpe = TextTokenizer.train([TEXT], kind="bpe", vocab_size=200)
+    bpe = TextTokenizer.train([TEXT], kind="bpe", vocab_size=300)
     assert bpe.encode_array("The lazy fox").tolist() == bpe.encode("The lazy fox")
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
 @pytest.mark.parametrize("text", ["  leading  and double  spaces ", " ", "", "\n indented\n", " fox"])
 def test_every_kind_round_trips_whitespace(kind, text):
-    tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=120)
+    tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=300)
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_unigram_trains_to_its_smallest_size_and_refuses_a_smaller_one():
+    from kerasllm.errors import UsageError
+
+    chars = set(TEXT)  # (no "▁" in it: its spaces count as that one character)
+    smallest = len(chars) + len(SPECIAL_TOKENS) + 1
+    assert TextTokenizer.train(iter([TEXT]), kind="unigram", vocab_size=smallest).vocab_size == smallest
+    for size in (smallest - 1, len(chars) - 1):
+        with pytest.raises(UsageError, match=f"--vocab-size {size} is too small .* at least {smallest} "):
+            TextTokenizer.train(iter([TEXT]), kind="unigram", vocab_size=size)
+
+
+def test_bpe_refuses_a_vocabulary_smaller_than_its_byte_alphabet():
+    from kerasllm.errors import UsageError
+
+    assert TextTokenizer.train([TEXT], kind="bpe", vocab_size=262).vocab_size == 262
+    for size in (261, 0, -5):
+        with pytest.raises(UsageError, match="--vocab-size"):
+            TextTokenizer.train([TEXT], kind="bpe", vocab_size=size)

@@ -73,7 +73,9 @@ def run_options(batch_size: int, seq_len: int, lr: float):
                          help="Validation batches per evaluation."),
             click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
                          show_default=True, help="Fraction of the data held out for validation."),
-            click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+            # NumPy's and Keras's seeds are 32-bit: a negative or larger one failed deep in training.
+            click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+                         help="Random seed (0 to 2**32 - 1)."),
             click.option("--jit-compile/--no-jit-compile", default=True, show_default=True,
                          help="Compile the train step with XLA: ~1.7x faster steps on one device, a slower "
                               "first step; turned off with several replicas (XLA cannot compile them)."),
