@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
 import click
 
 from kerasllm import datasets
+from kerasllm.data import TEXT_SUFFIXES
+
+# The format written for each suffix of --out a kind can take (as the readers pick a format by suffix).
+SUFFIX_FORMATS = {
+    "corpus": {suffix: "text" for suffix in TEXT_SUFFIXES},
+    "numbers": {".jsonl": "jsonl", ".tsv": "tsv", ".csv": "csv"},
+    "sentiment": {".jsonl": "jsonl", ".tsv": "tsv", ".csv": "csv"},
+    "ner": {".jsonl": "jsonl", ".conll": "conll"},
+}
 
 
 @click.command("sample-data")
-@click.argument("kind", type=click.Choice(["corpus", "numbers", "sentiment", "ner"]))
+@click.argument("kind", type=click.Choice(list(SUFFIX_FORMATS)))
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="File to write (.txt for the corpus, .jsonl or .tsv for the tasks; ner: .jsonl or .conll).")
-@click.option("--count", type=int, default=None, help="Number of stories/rows (default: a demo-sized set).")
+              help="File to write, in the format its suffix names: corpus .txt (or .text, .md, .raw); numbers "
+                   "and sentiment .jsonl, .tsv or .csv (header row); ner .jsonl or .conll.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Number of stories/rows (default: a demo-sized set).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same file.")
 def sample_data(kind, out, count, seed):
     """Write a generated sample dataset: a story corpus, number-words->digits pairs, sentiment rows,
@@ -24,14 +37,19 @@ def sample_data(kind, out, count, seed):
     Example:
       kerasllm sample-data corpus --out corpus.txt
       kerasllm sample-data numbers --out numbers.jsonl --count 5000
+      kerasllm sample-data sentiment --out reviews.csv   # columns text, label
       kerasllm sample-data ner --out ner.conll      # or ner.jsonl: fields tokens, tags
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
+    formats = SUFFIX_FORMATS[kind]
+    fmt = formats.get(out.suffix.lower())
+    if fmt is None:
+        raise click.BadParameter(f"{out.name}: a {kind} sample can be written as {', '.join(formats)} "
+                                 "(the format its suffix names)", param_hint="'--out'")
     if kind == "corpus":
         text = datasets.sample_corpus(count or 2000, seed=seed)
     elif kind == "ner":
         sentences = datasets.ner_rows(count or 2000, seed=seed)
-        if out.suffix == ".conll":  # a word and its tag a line, a blank line after each sentence
+        if fmt == "conll":  # a word and its tag a line, a blank line after each sentence
             text = "".join("".join(f"{w}\t{t}\n" for w, t in zip(*row)) + "\n" for row in sentences)
         else:
             text = "".join(json.dumps({"tokens": words, "tags": tags}) + "\n" for words, tags in sentences)
@@ -39,10 +57,15 @@ def sample_data(kind, out, count, seed):
         rows = (datasets.number_words_pairs(count or 5000, seed=seed) if kind == "numbers"
                 else datasets.sentiment_rows(count or 2000, seed=seed))
         keys = ("source", "target") if kind == "numbers" else ("text", "label")
-        if out.suffix == ".tsv":
-            text = "\t".join(keys) + "\n" + "".join(f"{a}\t{b}\n" for a, b in rows)
-        else:
+        if fmt == "jsonl":
             text = "".join(json.dumps(dict(zip(keys, row))) + "\n" for row in rows)
+        else:  # a header row, then the rows; fields quoted where they hold the delimiter or a quote
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
+            writer.writerow(keys)
+            writer.writerows(rows)
+            text = buffer.getvalue()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
