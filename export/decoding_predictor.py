@@ -69,8 +69,7 @@ class CausalGenerator:
             stop = [stop]
         decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None},
                                    stop_ids=(self.eos_id,))
-        if decoding.n_best > 1 and decoding.num_beams == 1 and not decoding.temperature:
-            raise UsageError("n_best > 1 needs beam search (num_beams >= n_best) or sampling (temperature > 0)")
+        decoding.validate(sampled_n_best=True)
         return decoding
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:

@@ -57,7 +57,10 @@ class DecodingOptions:
     n_best: int = 1
     seed: int | None = None
 
-    def validate(self) -> None:
+    def validate(self, sampled_n_best: bool = False) -> None:
+        """UsageError for options out of range or that cannot go together. `n_best > 1` needs beam
+        search (`num_beams >= n_best`), or with `sampled_n_best` (causal generation: independent
+        samples, decoding_predictor) sampling instead (`temperature > 0`, one beam)."""
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -70,8 +73,17 @@ class DecodingOptions:
             raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise UsageError(f"num_beams must be at least 1, got {self.num_beams}")
-        if not 1 <= self.n_best <= self.num_beams:
-            raise UsageError(f"n_best must be between 1 and num_beams ({self.num_beams}), got {self.n_best}")
+        if self.n_best < 1:
+            raise UsageError(f"n_best must be at least 1, got {self.n_best}")
+        if self.n_best > 1 and self.num_beams == 1:
+            if not sampled_n_best:
+                raise UsageError(f"n_best {self.n_best} needs beam search (num_beams {self.n_best} or more)")
+            if not self.temperature:
+                raise UsageError(f"n_best {self.n_best} needs beam search (num_beams {self.n_best} or more) or "
+                                 "sampling (temperature > 0)")
+        elif self.n_best > self.num_beams:
+            raise UsageError(f"n_best {self.n_best} is more than num_beams {self.num_beams} (beam search keeps "
+                             f"{self.num_beams} hypotheses)")
         if self.num_beams > 1 and self.temperature > 0:
             raise UsageError("beam search is deterministic: use temperature 0 with num_beams > 1")
         if self.temperature == 0 and (self.top_k is not None or (self.top_p is not None and self.top_p < 1.0)):

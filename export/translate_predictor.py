@@ -91,9 +91,7 @@ class Translator:
             stop = [stop]
         decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None}, stop_ids=(self.eos_id,),
                                    suppress_ids=self.suppress_ids)
-        decoding.validate()
-        if decoding.n_best > 1 and decoding.num_beams < decoding.n_best:
-            raise UsageError("translate: n_best > 1 needs beam search with num_beams >= n_best")
+        decoding.validate()  # n-best lists come from beam search only
         return decoding
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:

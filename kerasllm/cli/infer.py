@@ -265,31 +265,18 @@ def _split_decoding(task: str, kwargs: dict) -> dict:
 def check_decoding(task: str, options: dict) -> None:
     """UsageError, naming the CLI's options, for decoding options that cannot go together.
 
-    The predictor checks them too (for every caller: the Beam handler, the Python API), but
-    only once the model is loaded and the output open, in its own names (`n_best`); the CLI
-    asks first, so a mistyped command costs no model load and leaves no empty output. The
-    n-best rule is each task's (generate samples an n-best list under --temperature > 0,
-    translate needs beams, as their predictors' `options()`); the rest are
-    `DecodingOptions.validate`'s (export/generate.py), its messages' option names put as
-    the CLI spells them.
+    The rules are `DecodingOptions.validate`'s (export/generate.py), which the predictor applies
+    too (for every caller: the Beam handler, the Python API), but only once the model is loaded
+    and the output open; the CLI asks first, so a mistyped command costs no model load and leaves
+    no empty output, and puts the messages' option names as the CLI spells them. generate samples
+    an n-best list under --temperature > 0; translate's come from beam search only.
     """
     import re  # noqa: PLC0415
 
     from kerasllm.export.generate import DecodingOptions  # noqa: PLC0415  (numpy only, no TensorFlow)
 
-    n_best, num_beams = options["n_best"], options["num_beams"]
-    if n_best > 1 and num_beams == 1:
-        if task == "translate":
-            raise UsageError(f"--n-best {n_best} needs beam search (--num-beams {n_best} or more; translate does "
-                             "not sample n-best lists)")
-        if not options["temperature"]:
-            raise UsageError(f"--n-best {n_best} needs beam search (--num-beams {n_best} or more) or sampling "
-                             "(--temperature > 0)")
-    elif n_best > num_beams:
-        raise UsageError(f"--n-best {n_best} is more than --num-beams {num_beams} (beam search keeps "
-                         f"{num_beams} hypotheses)")
     try:
-        DecodingOptions(**{**options, "n_best": 1}).validate()  # n-best: checked above
+        DecodingOptions(**options).validate(sampled_n_best=task == "generate")
     except UsageError as err:
         raise UsageError(re.sub(rf"\b({'|'.join(_DECODING_FLAGS)})\b", lambda m: "--" + m.group(1).replace("_", "-"),
                                 str(err))) from None
