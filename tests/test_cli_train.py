@@ -289,3 +289,36 @@ def test_every_train_command_refuses_options_beside_resume(run_cli, tmp_path, co
     dropped = result.err.split("; drop ")[1].split(" (see")[0].split(", ")
     assert sorted(dropped) == sorted(given), result.err
     assert not out.exists()
+
+
+# -- --config on top of --preset --------------------------------------------------------------------
+@pytest.mark.parametrize("command, kind, data", [
+    ("causal-lm", "corpus", "corpus.txt"),
+    ("masked-lm", "sentiment", "rows.tsv"),
+    ("classifier", "sentiment", "rows.tsv"),
+    ("token-classifier", "ner", "ner.jsonl"),
+    ("seq2seq", "numbers", "pairs.tsv"),
+])
+def test_a_partial_config_file_changes_the_preset_it_is_given_with(run_cli, tmp_path, command, kind, data):
+    """`--preset small --config c.json` is the small preset with c.json's keys on top (it had been the
+    config's defaults, tiny-sized, while config.json recorded preset small), the command line's
+    overrides on top of both; without --preset, the default preset (tiny)."""
+    from kerasllm.config import PRESETS
+
+    assert run_cli("sample-data", kind, "--out", tmp_path / data, "--count", "40").code == 0
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"dropout": 0.1, "num_layers": 3, "num_heads": 8}))
+    family = {"causal-lm": "decoder", "seq2seq": "seq2seq"}.get(command, "encoder")
+    # without --preset, the default: checked for one command
+    for preset, given in (("small", ["--preset", "small"]), ("tiny", []))[:2 if command == "causal-lm" else 1]:
+        out = tmp_path / f"run-{preset}"
+        result = run_cli("train", command, "--data", tmp_path / data, "--out", out, "--config", config, *given,
+                         "--heads", "2", "--steps", "1", "--eval-steps", "1", "--batch-size", "4", "--seq-len", "64",
+                         "--no-jit-compile", "--quiet")
+        assert result.code == 0, result
+        run = json.loads((out / "config.json").read_text())
+        shape = PRESETS[family][preset]
+        assert run["train"]["preset"] == preset
+        assert {k: run["model"][k] for k in ("hidden_dim", "intermediate_dim", "max_length")} == {
+            k: shape[k] for k in ("hidden_dim", "intermediate_dim", "max_length")}, (preset, run["model"])
+        assert (run["model"]["num_layers"], run["model"]["dropout"], run["model"]["num_heads"]) == (3, 0.1, 2)

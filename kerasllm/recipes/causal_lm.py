@@ -9,7 +9,7 @@ from pathlib import Path
 from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
-from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, model_config, run_directory
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -26,11 +26,6 @@ class CausalLMTrainArgs(RunArgs):
     batch_size: int = 12
     seq_len: int = 64
     window: str = "random"
-
-
-def build_config(args: CausalLMTrainArgs, config_file: str | None, overrides: dict) -> DecoderConfig:
-    config = DecoderConfig.from_json(config_file) if config_file else DecoderConfig.preset(args.preset)
-    return config.replace(**overrides) if overrides else config
 
 
 @distributed_recipe
@@ -53,7 +48,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         config = DecoderConfig.from_dict(run["model"])
     else:
         files = resolve_text_files(args.data)  # fails early, before anything is written
-        config = build_config(args, config_file, config_overrides or {})
+        config = model_config(DecoderConfig, args.preset, config_file, config_overrides or {})
         tokenizer = train_corpus_tokenizer(files, args.tokenizer, args.vocab_size)
         config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
-from kerasllm.recipes.common import RunArgs, check_seq_len, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, model_config, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -34,11 +34,11 @@ class MaskedLMTrainArgs(RunArgs):
 
 def encoder_config(preset: str, config_file: str | None, overrides: dict, tokenizer: TextTokenizer,
                    **changes) -> EncoderConfig:
-    """The encoder config of a fresh run: preset or file, CLI overrides, the tokenizer's ids."""
-    config = EncoderConfig.from_json(config_file) if config_file else EncoderConfig.preset(preset)
+    """The encoder config of a fresh run (`model_config`: the preset, a --config file's keys on top,
+    the CLI overrides), with the tokenizer's ids."""
     ids = tokenizer.special_ids()
-    return config.replace(**overrides, **changes, vocab_size=tokenizer.vocab_size, pad_id=ids["pad"],
-                          bos_id=ids["bos"], eos_id=ids["eos"], mask_id=ids["mask"])
+    return model_config(EncoderConfig, preset, config_file, overrides, **changes, vocab_size=tokenizer.vocab_size,
+                        pad_id=ids["pad"], bos_id=ids["bos"], eos_id=ids["eos"], mask_id=ids["mask"])
 
 
 def validation_steps(count: int, batch_size: int, eval_steps: int) -> int:

@@ -14,7 +14,7 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import RunArgs, run_directory
+from kerasllm.recipes.common import RunArgs, model_config, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -45,11 +45,6 @@ def load_tokenizers(path: str | Path) -> tuple[TextTokenizer, TextTokenizer]:
     return source, TextTokenizer.load(target_file) if target_file.is_file() else source
 
 
-def build_config(args: Seq2SeqTrainArgs, config_file: str | None, overrides: dict) -> Seq2SeqConfig:
-    config = Seq2SeqConfig.from_json(config_file) if config_file else Seq2SeqConfig.preset(args.preset)
-    return config.replace(**overrides) if overrides else config
-
-
 @distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                   quiet: bool = False, config_overrides: dict | None = None, dist=None):
@@ -64,7 +59,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         config = Seq2SeqConfig.from_dict(run["model"])
     pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
     if not resume:  # everything is checked before anything is written
-        config = build_config(args, config_file, config_overrides or {})
+        config = model_config(Seq2SeqConfig, args.preset, config_file, config_overrides or {})
         if args.target_tokenizer and not args.separate_vocab:
             raise UsageError("--target-tokenizer needs --separate-vocab")
         sources = [p.source for p in pairs]
