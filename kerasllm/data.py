@@ -6,6 +6,7 @@ when called. Errors name the file (and line) at fault.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,12 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
 
 
 def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expand files and directories (recursively, text suffixes only) into a sorted file list."""
+    """Expand files and directories (recursively, text suffixes only) into a sorted file list.
+
+    Files found in a directory that hold no text (empty or only whitespace) are left out, as the
+    record readers skip their blank lines; a directory without any text is a DataError, and a file
+    named itself stays in the list (`text_blocks` refuses it if empty).
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
@@ -29,7 +35,11 @@ def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
             if not found:
                 raise DataError(f"data: {path}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
-            files.extend(found)
+            with_text = [p for p in found if not is_blank(p)]
+            if not with_text:
+                raise DataError(f"data: {path}: directory holds no text (its {len(found)} text "
+                                f"file{'s are' if len(found) > 1 else ' is'} empty)")
+            files.extend(with_text)
         elif path.is_file():
             files.append(path)
         else:
@@ -37,6 +47,19 @@ def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     if not files:
         raise DataError("data: no input files given")
     return files
+
+
+def is_blank(path: Path) -> bool:
+    """Whether the file holds no text: empty, or only whitespace as `text_blocks` reads it (read up to
+    its first other character; a byte that is not UTF-8 counts as text, for `text_blocks` to report)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 16):
+            text = decoder.decode(chunk)
+            if text and not text.isspace():
+                return False
+    text = decoder.decode(b"", final=True)
+    return not text or text.isspace()
 
 
 # Bytes read at a time by `text_blocks`: the memory a streamed file costs, whatever its size.

@@ -120,3 +120,35 @@ def test_unigram_vocab_size_below_the_datas_characters_names_the_size_needed(run
                      "--quiet", "--tokenizer", "unigram", "--vocab-size", vocab_size)
     one_line_usage_error(result, f"--vocab-size {vocab_size} is too small for a unigram tokenizer of this data: "
                                  "it needs at least 37 (a token for each of its 30 distinct characters and 7 more)")
+
+
+@pytest.mark.parametrize("command", ["causal-lm", "masked-lm"])
+def test_blank_files_inside_a_data_directory_are_skipped(run_cli, corpus_file, tmp_path, command):
+    """causal-lm had refused the whole directory for its one empty .txt ('file is empty'); masked-lm
+    skipped it (no records). Both train on the files with text."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text(corpus_file.read_text(encoding="utf-8"), encoding="utf-8")
+    (data / "b.txt").write_text("")
+    (data / "sub" / "c.md").write_text(" \n\t\n\u3000\n", encoding="utf-8")  # whitespace only
+    result = run_cli("train", command, "--data", data, "--out", tmp_path / "run", "--steps", 2, "--preset", "tiny",
+                     "--seq-len", 32, "--batch-size", 4, "--eval-steps", 1, "--quiet", "--no-jit-compile")
+    assert result.code == 0, result
+
+
+def test_a_data_directory_without_text_and_a_named_empty_file_stay_errors(run_cli, tmp_path):
+    from kerasllm.data import resolve_text_files
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("")
+    (data / "b.txt").write_text("\n  \n")
+    result = run_cli("train", "causal-lm", "--data", data, "--out", tmp_path / "run", "--steps", 2, "--quiet")
+    assert result.code == 1, result
+    assert result.err.strip() == f"kerasllm: error: data: {data}: directory holds no text (its 2 text files are empty)"
+    result = run_cli("train", "causal-lm", "--data", data / "a.txt", "--out", tmp_path / "run", "--steps", 2, "--quiet")
+    assert result.code == 1, result
+    assert result.err.strip() == f"kerasllm: error: data: {data / 'a.txt'}: file is empty"
+    # A file named itself is kept whatever it holds; a byte that is not UTF-8 counts as text (reported later).
+    (data / "c.txt").write_bytes(b"  \xff\n")
+    assert resolve_text_files([data, data / "a.txt"]) == [data / "c.txt", data / "a.txt"]
