@@ -31,7 +31,7 @@ import numpy as np
 from kerasllm.errors import UsageError
 from kerasllm.export.batch import plan_batches
 from kerasllm.export.predict import RecordError, trained_seq_len
-from kerasllm.export.word_pieces import WordPieces, align_words
+from kerasllm.export.word_pieces import TRUNCATE_HINT, WordPieces, align_words
 
 # predictor task -> the model tasks that can do it
 MODEL_TASKS = {"classify": ("classifier",), "embed": ("classifier", "masked-lm"), "tag": ("token-classifier",)}
@@ -158,9 +158,10 @@ class TagPredictor(EncoderPredictor):
     model keeps its first (last) words, and the result's `tokens` are those words.
     """
 
-    def check(self, text: str | Sequence[str], truncate: str = "error") -> WordPieces:
+    def check(self, text: str | Sequence[str], truncate: str = "error", hint: str | None = TRUNCATE_HINT) -> WordPieces:
+        """`hint` ends the error for a sentence too long (default: `kerasllm tag`'s --truncate)."""
         words = text.split() if isinstance(text, str) else list(text)
-        return align_words(self.tokenizer, words, self.bos_id, self.max_length, truncate)
+        return align_words(self.tokenizer, words, self.bos_id, self.max_length, truncate, hint)
 
     def word_probabilities(self, batch: Sequence[WordPieces]) -> list[np.ndarray]:
         """Per sentence, the tag probabilities `[words, L]` at each word's first piece."""

@@ -30,6 +30,8 @@ from kerasllm.export.predict import RecordError
 IGNORED = -1  # the label of a position without one (BOS, separators, continuation pieces, padding)
 SEPARATOR = " "  # what goes before every word: the pieces that hold only this are separators
 TRUNCATE_POLICIES = ("error", "left", "right")
+# What `kerasllm tag` adds to the error for a sentence too long (`TagPredictor.check`'s default hint).
+TRUNCATE_HINT = "use --truncate right to keep its first words"
 
 
 class AlignmentError(RecordError):
@@ -72,28 +74,29 @@ def encode_words(tokenizer, words: Sequence[str]) -> list[tuple[list[int], int]]
 
 
 def align_words(tokenizer, words: Sequence[str], bos_id: int, max_length: int | None = None,
-                truncate: str = "error") -> WordPieces:
+                truncate: str = "error", hint: str | None = None) -> WordPieces:
     """`[BOS]` and the pieces of `words`, each word tokenized on its own (see the module docstring).
 
     A sentence longer than `max_length` positions: AlignmentError under `truncate="error"`;
     `"right"` keeps the leading words that fit whole, `"left"` the trailing ones (the result's
-    `words` are the ones kept). AlignmentError too for an empty sentence or a blank word.
+    `words` are the ones kept). AlignmentError too for an empty sentence or a blank word. `hint`, if
+    given, ends the too-long error in brackets (where the caller offers a way round it, e.g. `TRUNCATE_HINT`).
     """
     if truncate not in TRUNCATE_POLICIES:
         raise ValueError(f"unknown truncate policy {truncate!r}")
     if not words:
         raise AlignmentError("empty sentence (no words)")
-    return join_words(encode_words(tokenizer, words), words, bos_id, max_length, truncate)
+    return join_words(encode_words(tokenizer, words), words, bos_id, max_length, truncate, hint)
 
 
 def join_words(encoded: Sequence[tuple[list[int], int]], words: Sequence[str], bos_id: int,
-               max_length: int | None = None, truncate: str = "error") -> WordPieces:
+               max_length: int | None = None, truncate: str = "error", hint: str | None = None) -> WordPieces:
     """`align_words` from `encode_words`' output (training encodes all sentences' words in one call)."""
     total = 1 + sum(len(ids) for ids, _ in encoded)
     if max_length is not None and total > max_length:
         if truncate == "error":
             raise AlignmentError(f"sentence of {len(words)} words is {total} tokens, longer than the model's "
-                                 f"{max_length} (use --truncate right to keep its first words)")
+                                 f"{max_length}" + (f" ({hint})" if hint else ""))
         kept, room = 0, max_length - 1
         order = range(len(encoded)) if truncate == "right" else range(len(encoded) - 1, -1, -1)
         for i in order:

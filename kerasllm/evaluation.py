@@ -61,15 +61,15 @@ def _require_pairs(data: str | Path, fmt: str) -> None:
                          f"file with --source-field and --target-field columns (read as {kind}; see --format)")
 
 
-def _checked(predictor, rows, truncate: str = "right") -> list[list[int]]:
+def _checked(predictor, rows, truncate: str = "right", **options: Any) -> list[list[int]]:
     """Token ids of every row (its `text`, or a tagged row's `words`); texts longer than the model
-    keep their start (as in training) unless `truncate="error"`."""
+    keep their start (as in training) unless `truncate="error"`; `options` go to `predictor.check`."""
     from kerasllm.export.predict import RecordError  # noqa: PLC0415
 
     sequences = []
     for row in rows:
         try:
-            sequences.append(predictor.check(getattr(row, "words", None) or row.text, truncate=truncate))
+            sequences.append(predictor.check(getattr(row, "words", None) or row.text, truncate=truncate, **options))
         except RecordError as err:
             raise DataError(f"{row.where}: {err}") from None
     return sequences
@@ -118,7 +118,7 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
     predictor = load_predictor("tag", source, device=device)
     tags = LabelMap(predictor.labels)
     references = [np.asarray([tags.id(tag, row.where, what="tag") for tag in row.tags]) for row in rows]
-    sentences = _checked(predictor, rows, truncate="error")
+    sentences = _checked(predictor, rows, truncate="error", hint=None)  # (evaluate has no --truncate)
     predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
     for indices in _by_length(sentences, batch_size):
         for i, probabilities in zip(indices, predictor.word_probabilities([sentences[i] for i in indices])):

@@ -152,3 +152,27 @@ def test_a_data_directory_without_text_and_a_named_empty_file_stay_errors(run_cl
     # A file named itself is kept whatever it holds; a byte that is not UTF-8 counts as text (reported later).
     (data / "c.txt").write_bytes(b"  \xff\n")
     assert resolve_text_files([data, data / "a.txt"]) == [data / "c.txt", data / "a.txt"]
+
+
+def test_only_tag_hints_at_truncate_for_a_sentence_too_long(run_cli, tmp_path):
+    """`kerasllm evaluate` has no --truncate: its error had still said '(use --truncate right ...)',
+    hard-coded for `kerasllm tag` in join_words."""
+    import json
+
+    from kerasllm import datasets
+
+    train = tmp_path / "ner.jsonl"
+    train.write_text("".join(json.dumps({"tokens": w, "tags": t}) + "\n" for w, t in datasets.ner_rows(100, seed=0)))
+    run = tmp_path / "ner"
+    assert run_cli("train", "token-classifier", "--data", train, "--out", run, "--steps", 2, "--preset", "tiny",
+                   "--max-length", 32, "--seq-len", 32, "--quiet", "--no-jit-compile").code == 0
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"tokens": ["Anna"] * 40, "tags": ["B-PER"] + ["I-PER"] * 39}) + "\n")
+    too_long = "line 1: sentence of 40 words is 201 tokens, longer than the model's 32"
+    result = run_cli("evaluate", run, "--data", long)
+    assert result.code == 1, result
+    assert result.err.strip() == f"kerasllm: error: {long}: {too_long}", result.err
+    assert run_cli("export", run, "--out", tmp_path / "bundle").code == 0
+    result = run_cli("tag", tmp_path / "bundle", "-i", long, "-o", tmp_path / "tagged.jsonl")
+    error = json.loads((tmp_path / "tagged.jsonl").read_text())["error"]
+    assert error == f"{too_long} (use --truncate right to keep its first words)"
