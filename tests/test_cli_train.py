@@ -322,3 +322,53 @@ def test_a_partial_config_file_changes_the_preset_it_is_given_with(run_cli, tmp_
         assert {k: run["model"][k] for k in ("hidden_dim", "intermediate_dim", "max_length")} == {
             k: shape[k] for k in ("hidden_dim", "intermediate_dim", "max_length")}, (preset, run["model"])
         assert (run["model"]["num_layers"], run["model"]["dropout"], run["model"]["num_heads"]) == (3, 0.1, 2)
+
+
+# -- seq2seq --seq-len against the model's max_length -----------------------------------------------
+@pytest.fixture
+def short_pairs(tmp_path):
+    from kerasllm import datasets
+
+    path = tmp_path / "pairs.tsv"
+    path.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in datasets.number_words_pairs(
+        64, max_value=99, seed=4)), encoding="utf-8")
+    return path
+
+
+def test_seq2seq_refuses_a_seq_len_above_max_length_and_defaults_to_it(run_cli, tmp_path, short_pairs):
+    """As the other train commands: an explicit --seq-len above the model's max_length is refused (it
+    had been accepted and recorded, seq_len 200 beside max_length 128); not given, it is the model's
+    max_length, so `--max-length 32` alone (the README's tour) trains and records seq_len 32."""
+    out = tmp_path / "run"
+    fast = ["--steps", "1", "--eval-steps", "1", "--batch-size", "8", "--no-jit-compile", "--quiet"]
+    for extra, max_length in ((["--seq-len", "200"], 128), (["--seq-len", "40", "--max-length", "32"], 32)):
+        result = run_cli("train", "seq2seq", "--data", short_pairs, "--out", out, *extra, *fast)
+        assert result.code == 2, result
+        assert result.err.splitlines() == [
+            f"kerasllm: error: --seq-len {extra[1]} is larger than the model's max_length {max_length}"], result.err
+        assert not out.exists()
+
+    for extra, seq_len in ((["--max-length", "32"], 32), (["--max-length", "32", "--seq-len", "24"], 24)):
+        out = tmp_path / f"run{seq_len}"
+        result = run_cli("train", "seq2seq", "--data", short_pairs, "--out", out, *extra, *fast)
+        assert result.code == 0, result
+        run = json.loads((out / "config.json").read_text())
+        assert (run["train"]["seq_len"], run["model"]["max_length"]) == (seq_len, 32)
+
+
+def test_seq2seq_run_recorded_with_a_seq_len_above_max_length_still_resumes(run_cli, tmp_path, short_pairs,
+                                                                           interrupt_training):
+    """Runs stopped before the check recorded the default seq_len 128 beside a smaller max_length (as
+    the README's `--max-length 32` run did): they resume, capped at max_length as they began."""
+    out = tmp_path / "run"
+    interrupt_training(6)
+    assert run_cli("train", "seq2seq", "--data", short_pairs, "--out", out, "--max-length", "32", "--steps", "8",
+                   "--eval-interval", "4", "--validation-fraction", "0", "--batch-size", "8", "--no-jit-compile",
+                   "--quiet").code == 130
+    interrupt_training(None)
+    run = json.loads((out / "config.json").read_text())
+    run["train"]["seq_len"] = 128
+    (out / "config.json").write_text(json.dumps(run))
+    resumed = run_cli("train", "seq2seq", "--out", out, "--resume", "--quiet")
+    assert resumed.code == 0, resumed
+    assert [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][-1]["step"] == 8

@@ -88,7 +88,7 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
     """Train an encoder-decoder (Transformer/T5-like) on source/target pairs.
 
     --seq-len is the longest source or target (in tokens) accepted, at most the model's
-    max_length; a longer pair is an error naming its line.
+    max_length (its default); a longer pair is an error naming its line.
 
     \b
     Example:
@@ -111,8 +111,9 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
         target_file=str(target_file) if target_file else None, source_field=source_field, target_field=target_field,
         preset=preset, steps=steps, epochs=epochs, batch_size=batch_size, seq_len=seq_len, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, label_smoothing=label_smoothing, tokenizer=tokenizer,
-        vocab_size=vocab_size, separate_vocab=separate_vocab, target_tokenizer=target_tokenizer, eval_interval=eval_interval, eval_steps=eval_steps,
-        validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
+        vocab_size=vocab_size, separate_vocab=separate_vocab, target_tokenizer=target_tokenizer,
+        eval_interval=eval_interval, eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed,
+        jit_compile=jit_compile,
     )
     train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
                   distribute=distribute)
@@ -303,9 +304,16 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
     click.echo(f"kerasllm: model written to {out}", err=True)
 
 
-# The --resume option is declared once for every task (kerasllm.cli.options.run_options); what it
-# keeps and refuses is decided here (_refuse_with_resume), so its help is too.
+def _option(command: click.Command, name: str) -> click.Option:
+    return next(param for param in command.params if param.name == name)
+
+
+# The options below are declared once for every task (kerasllm.cli.options.run_options); what
+# they mean here is decided in this module, so is their help.
 for _command in train.commands.values():
-    for _param in _command.params:
-        if _param.name == "resume":
-            _param.help = RESUME_HELP
+    _option(_command, "resume").help = RESUME_HELP
+# seq2seq: the model's max_length unless given (the recipe's Seq2SeqTrainArgs.seq_len None), so
+# that --max-length alone sets both; a larger --seq-len is refused, as in the other tasks.
+_seq_len = _option(seq2seq, "seq_len")
+_seq_len.default, _seq_len.show_default = None, False
+_seq_len.help = "Longest source or target, in tokens (default: the model's max_length)."

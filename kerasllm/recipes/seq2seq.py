@@ -7,14 +7,14 @@ tokenizer for the target side (`target_tokenizer.json`).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import RunArgs, model_config, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, model_config, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -35,6 +35,7 @@ class Seq2SeqTrainArgs(RunArgs):
     target_field: str = "target"
     separate_vocab: bool = False
     target_tokenizer: str | None = None  # kind of the target tokenizer (separate vocab); default `tokenizer`
+    seq_len: int | None = None  # longest source or target accepted; None: the model's max_length
 
 
 def load_tokenizers(path: str | Path) -> tuple[TextTokenizer, TextTokenizer]:
@@ -60,6 +61,9 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
     pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
     if not resume:  # everything is checked before anything is written
         config = model_config(Seq2SeqConfig, args.preset, config_file, config_overrides or {})
+        if args.seq_len is None:  # recorded as the number it stands for
+            args = replace(args, seq_len=config.max_length)
+        check_seq_len(args.seq_len, config)
         if args.target_tokenizer and not args.separate_vocab:
             raise UsageError("--target-tokenizer needs --separate-vocab")
         sources = [p.source for p in pairs]
@@ -80,9 +84,10 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
             suppress_ids=sorted({*config.suppress_ids, *(i for name, i in target_tokenizer.special_ids().items()
                                                          if name not in ("pad", "bos", "eos"))}),
         )
-    # --seq-len caps the accepted lengths further than the model's max_length.
+    # --seq-len caps the accepted lengths further than the model's max_length (a run saved before
+    # --seq-len was checked against it may record a larger one: it resumes capped, as it began).
     source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
-                                          min(args.seq_len, config.max_length))
+                                          min(args.seq_len or config.max_length, config.max_length))
     train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)
     tokens_per_step = args.batch_size * int(round(
         sum(len(source_ids[i]) + len(target_ids[i]) + 1 for i in train_index) / len(train_index)))
