@@ -3,13 +3,16 @@
 One reader serves both sides: training recipes (which refuse a file with a bad record,
 naming its line) and batch inference (which writes an error record for it and goes on).
 Files are read as bytes line by line, so memory does not grow with the file and one
-undecodable line spoils only its own record.
+undecodable line spoils only its own record. A UTF-8 byte order mark opening a file (as
+Excel's "CSV UTF-8" writes) is dropped (`_raw_lines`, which every reader reads through).
 
 Formats (`fmt="auto"` picks by suffix: .jsonl/.json -> jsonl, .tsv, .csv, .conll, else text):
     text   one record per line, field "text"
     jsonl  one JSON object per line, fields by name
-    tsv    header row with column names, tab-separated rows
-    csv    header row, comma-separated rows (RFC 4180 quoting, one record per physical line)
+    tsv    header row with column names, tab-separated rows (csv's excel-tab dialect)
+    csv    header row, comma-separated rows (RFC 4180 quoting, csv's excel dialect)
+           In both, a quoted field may hold newlines (as the csv module writes them), so a
+           record may span several physical lines; its line is the line where it starts
     conll  one word per line, its tag in the last column (columns split on whitespace), a
            blank line after each sentence; a record per sentence, fields "tokens" and "tags"
            (lists), its line the sentence's first; `-DOCSTART-` lines are skipped
@@ -110,27 +113,41 @@ def _open(path: str | Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _decoded_lines(stream: BinaryIO, lines: tuple[int, int] | None = None,
-                   keep_first: bool = False) -> Iterator[tuple[int, str | None, str | None]]:
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+
+
+def _raw_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, the line's bytes with its newline) of `stream`; one UTF-8 byte order
+    mark opening the file is dropped, so that it ends up in no text, column name or token.
+    Every reader here reads its lines through this."""
+    for number, raw in enumerate(stream, start=1):
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        yield number, raw
+
+
+def _utf8_reason(raw: bytes, err: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+
+
+def _decoded_lines(stream: BinaryIO, lines: tuple[int, int] | None = None
+                   ) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, text without the newline or None, decode error or None).
 
-    With `lines=(first, last)` (1-based, inclusive) only those lines are decoded (and, when
-    `keep_first`, the file's first non-blank line: a header row); reading stops after `last`.
+    With `lines=(first, last)` (1-based, inclusive) only those lines are decoded; reading
+    stops after `last`.
     """
-    first_pending = keep_first
-    for number, raw in enumerate(stream, start=1):
+    for number, raw in _raw_lines(stream):
         if lines is not None:
             if number > lines[1]:
                 return
             if number < lines[0]:
-                if not first_pending:
-                    continue
-                first_pending = not raw.strip()
+                continue
         raw = raw.rstrip(b"\n").rstrip(b"\r")
         try:
             yield number, raw.decode("utf-8"), None
         except UnicodeDecodeError as err:
-            yield number, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            yield number, None, _utf8_reason(raw, err)
 
 
 def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = None,
@@ -162,10 +179,11 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
         if fmt == "conll":
             yield from _conll(_decoded_lines(stream), lines)
             return
-        lines = _decoded_lines(stream, lines, keep_first=fmt in ("tsv", "csv"))
         if fmt in ("tsv", "csv"):
-            yield from _delimited(lines, "\t" if fmt == "tsv" else ",", path, id_field, text_field)
+            yield from _delimited(stream, "excel-tab" if fmt == "tsv" else "excel", path, id_field, text_field,
+                                  lines)
             return
+        lines = _decoded_lines(stream, lines)
         for number, text, error in lines:
             if error:
                 yield Record(number, str(number), error=error)
@@ -210,23 +228,80 @@ def _record(number: int, fields: dict, id_field: str | None) -> Record:
     return record
 
 
-def _delimited(lines, delimiter: str, path, id_field, text_field) -> Iterator[Record]:
-    header = None
-    for number, text, error in lines:
-        if error:
-            if header is None:
-                raise DataError(f"{path}: line {number}: header row is {error}")
-            yield Record(number, str(number), error=error)
-            continue
-        if not text.strip():
-            continue
+class _LineFeed:
+    """The physical lines `csv.reader` pulls, decoded, and which of them the current row took.
+
+    A row may span lines (a quoted field holding a newline), so where it starts and ends is
+    known only here: `start()` before each row, then `first`/`last` are its lines, `error`
+    the first undecodable line in it, `blank` whether it was one blank line. A line that is
+    not UTF-8 is handed on with its bad bytes replaced (they are never quotes, delimiters or
+    newlines, so the parse stays in step and the rows after it read as they would).
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self._lines = _raw_lines(stream)
+        self.start()
+
+    def start(self) -> None:
+        self.first = self.last = None
+        self.error: str | None = None
+        self.blank = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        number, raw = next(self._lines)
         try:
-            row = next(csv.reader([text], delimiter=delimiter))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            text = raw.decode("utf-8", "replace")
+            if self.error is None:
+                reason = _utf8_reason(raw, err)  # the record's own line is named by its messages
+                self.error = reason if self.first is None else reason.replace("at column", f"at line {number}, column")
+        self.blank = self.first is None and not text.strip()
+        self.first = self.first or number
+        self.last = number
+        return text  # with its newline: csv keeps a quoted field's newlines from it
+
+
+def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
+               shard: tuple[int, int] | None = None) -> Iterator[Record]:
+    """TSV/CSV records, parsed by the csv module over the file's lines (so quoted fields may
+    span lines); a record's line is the line it starts on. With `shard=(first, last)`, only
+    the records starting on those lines: the lines before are still parsed (a record may
+    run into the shard from before it), and reading goes past `last` to finish a record."""
+    feed = _LineFeed(stream)
+    reader = csv.reader(feed, dialect)
+    header = None
+    while True:
+        feed.start()
+        try:
+            row, parse_error = next(reader, None), None
         except csv.Error as err:  # e.g. a stray carriage return in an unquoted field
+            row, parse_error = [], err
+        number = feed.first
+        if number is None:  # end of the file
+            break
+        if header is not None and shard is not None and number > shard[1]:
+            return
+        if feed.blank or header is not None and shard is not None and number < shard[0]:
+            continue
+        row = row or []
+        span = (f" (the row runs from line {number} to line {feed.last}: is a quote left open?)"
+                if feed.last > number else "")
+        if feed.error:
             if header is None:
-                raise DataError(f"{path}: line {number}: header row cannot be parsed ({err})") from None
-            reason = "a carriage return in an unquoted field" if "new-line" in str(err) else str(err)
-            yield Record(number, str(number), error=f"malformed row ({reason})")
+                raise DataError(f"{path}: line {number}: header row is {feed.error}")
+            yield Record(number, str(number), error=feed.error)
+            continue
+        if parse_error is not None:
+            if header is None:
+                raise DataError(f"{path}: line {number}: header row cannot be parsed ({parse_error}){span}")
+            reason = "a carriage return in an unquoted field" if "new-line" in str(parse_error) else str(parse_error)
+            if "field limit" in reason and not span:
+                span = " (is a quote left open?)"
+            yield Record(number, str(number), error=f"malformed row ({reason}){span}")
             continue
         if header is None:
             header = [name.strip() for name in row]
@@ -240,7 +315,7 @@ def _delimited(lines, delimiter: str, path, id_field, text_field) -> Iterator[Re
             continue
         if len(row) != len(header):
             yield Record(number, str(number),
-                         error=f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}")
+                         error=f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}{span}")
             continue
         yield _record(number, dict(zip(header, row)), id_field)
     if header is None:

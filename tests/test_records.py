@@ -1,0 +1,192 @@
+"""The record readers (export/records.py): quoted fields spanning lines in TSV/CSV, byte order
+marks, and the line numbers that error messages, ids, shards and --resume go by."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import fake_predictor
+from kerasllm.data_tasks import read_rows
+from kerasllm.errors import DataError
+from kerasllm.export.predict import PREDICTORS
+from kerasllm.export.records import read_parallel, read_records
+
+BOM = b"\xef\xbb\xbf"
+
+
+def write_rows(path: Path, rows: list[list[str]], dialect: str = "excel") -> Path:
+    """`rows` as Python's csv module writes them (a field with a newline is quoted, newline kept)."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        csv.writer(file, dialect).writerows(rows)
+    return path
+
+
+def lines_and_fields(path: Path, **kwargs) -> list[tuple[int, dict, str | None]]:
+    return [(r.line, r.fields, r.error) for r in read_records(path, **kwargs)]
+
+
+# -- quoted fields holding newlines ---------------------------------------------------------------
+@pytest.mark.parametrize("suffix, dialect", [(".csv", "excel"), (".tsv", "excel-tab")])
+def test_a_quoted_newline_is_part_of_its_field_and_the_record_keeps_its_first_line(tmp_path, suffix, dialect):
+    path = write_rows(tmp_path / f"in{suffix}", [
+        ["text", "label"],                          # line 1
+        ["bad item", "negative"],                   # line 2
+        ["great item\nreally good", "positive"],    # lines 3-4
+        ["one\ntwo\r\nthree", "mixed"],             # lines 5-7 (a CRLF inside the field is kept too)
+        ["after", "neutral"],                       # line 8
+    ], dialect)
+    assert lines_and_fields(path) == [
+        (2, {"text": "bad item", "label": "negative"}, None),
+        (3, {"text": "great item\nreally good", "label": "positive"}, None),
+        (5, {"text": "one\ntwo\r\nthree", "label": "mixed"}, None),
+        (8, {"text": "after", "label": "neutral"}, None),
+    ]
+    assert [r.id for r in read_records(path)] == ["2", "3", "5", "8"]
+
+
+@pytest.mark.parametrize("suffix, dialect", [(".csv", "excel"), (".tsv", "excel-tab")])
+def test_a_bad_record_after_a_multi_line_one_is_named_by_its_own_line(tmp_path, suffix, dialect):
+    path = write_rows(tmp_path / f"in{suffix}", [
+        ["text", "label"],
+        ["great item\nreally good\nreally", "positive"],  # lines 2-4
+        ["ragged"],                                       # line 5
+        ["fine", "positive"],                             # line 6
+    ], dialect)
+    records = list(read_records(path))
+    assert [(r.line, r.error) for r in records] == [
+        (2, None), (5, "expected 2 columns (text, label), found 1"), (6, None)]
+    with pytest.raises(DataError, match=r"^line 5: expected 2 columns \(text, label\), found 1$"):
+        records[1].get("text")
+
+
+def test_training_reads_multi_line_rows_and_names_the_physical_line_of_a_bad_one(tmp_path):
+    rows = [["text", "label"]] + [["great item\nreally good" if i % 2 else "bad item",
+                                   "positive" if i % 2 else "negative"] for i in range(40)]
+    good = write_rows(tmp_path / "ml.csv", rows)
+    read = read_rows(good, label_field="label")
+    assert len(read) == 40 and read[1].text == "great item\nreally good" and read[1].where == f"{good}: line 3"
+    bad = write_rows(tmp_path / "bad.csv", rows[:4] + [["", "positive"]])  # 1 + 1 + 2 + 1 lines before it
+    with pytest.raises(DataError, match=r"bad\.csv: line 6: empty 'text' field"):
+        read_rows(bad, label_field="label")
+
+
+def test_undecodable_bytes_inside_and_after_a_multi_line_record_name_their_lines(tmp_path):
+    path = tmp_path / "in.tsv"
+    path.write_bytes(b'text\tlabel\n'
+                     b'"first\nsec\xffond"\ta\n'   # lines 2-3, the bad byte on line 3
+                     b'ok\tb\n'                    # line 4: read as it would be without line 3's byte
+                     b'"x\ny"\tc\n'                # lines 5-6
+                     b'\xc3(\td\n'                 # line 7
+                     b'last\te\n')                 # line 8
+    assert [(r.line, r.error) for r in read_records(path)] == [
+        (2, "not valid UTF-8 (byte 0xff at line 3, column 4)"),
+        (4, None),
+        (5, None),
+        (7, "not valid UTF-8 (byte 0xc3 at column 1)"),
+        (8, None),
+    ]
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"te\xffxt\nok\n")
+    with pytest.raises(DataError, match=r"line 1: header row is not valid UTF-8 \(byte 0xff at column 3\)"):
+        list(read_records(header))
+
+
+def test_a_quote_left_open_is_one_error_record_at_the_line_it_opens(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'text,label\nok,a\n"never closed,b\nmore,c\n')
+    records = list(read_records(path))
+    assert [(r.line, r.error) for r in records] == [
+        (2, None),
+        (3, "expected 2 columns (text, label), found 1 (the row runs from line 3 to line 4: is a quote left open?)")]
+
+
+def test_blank_lines_between_records_are_skipped_but_kept_inside_a_quoted_field(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'\n\ntext,label\n\n"a\n\n  \nb",x\n \t\nc,y\n')
+    assert lines_and_fields(path) == [(5, {"text": "a\n\n  \nb", "label": "x"}, None),
+                                      (10, {"text": "c", "label": "y"}, None)]
+
+
+def test_shards_hold_the_records_that_start_in_them_whole(tmp_path):
+    path = write_rows(tmp_path / "in.csv", [
+        ["text"], ["a"], ["b\nc\nd"], ["e"], ["f\ng"], ["h"]])  # records on lines 2, 3-5, 6, 7-8, 9
+    whole = lines_and_fields(path)
+    assert [line for line, _, _ in whole] == [2, 3, 6, 7, 9]
+    for blocks in ([(1, 3), (4, 6), (7, 9)], [(1, 4), (5, 7), (8, 9)], [(1, 2), (3, 3), (4, 5), (6, 9)]):
+        shards = [lines_and_fields(path, lines=block) for block in blocks]
+        assert sum(shards, []) == whole, blocks
+    assert lines_and_fields(path, lines=(4, 5)) == []  # inside a record that starts on line 3
+    assert lines_and_fields(path, lines=(3, 3)) == [(3, {"text": "b\nc\nd"}, None)]
+
+
+# -- batch inference: ids, shards and --resume go by the record's first line ------------------------
+@pytest.fixture
+def bundle(tmp_path, monkeypatch):
+    for task in fake_predictor.TASKS:
+        monkeypatch.setitem(PREDICTORS, (task, "bundle"), "fake_predictor:load")
+    return fake_predictor.make_bundle(tmp_path / "bundle", "generate", max_len=200)
+
+
+def test_batch_job_on_multi_line_records_resumes_and_shards_to_the_same_output(run_cli, bundle, tmp_path):
+    texts = [f"record {i}" + ("\nsecond line" * (i % 3)) for i in range(12)]
+    source = write_rows(tmp_path / "in.csv", [["text"]] + [[t] for t in texts])
+    whole = tmp_path / "whole.jsonl"
+    assert run_cli("generate", bundle, "-i", source, "-o", whole).code == 0
+    rows = [json.loads(line) for line in whole.read_text(encoding="utf-8").splitlines()]
+    starts, line = [], 2
+    for text in texts:
+        starts.append(str(line))
+        line += text.count("\n") + 1
+    assert [row["id"] for row in rows] == starts
+    assert [row["output"] for row in rows] == [t[::-1].upper() for t in texts]
+    # Cut after 5 records, half a line torn off: --resume finishes it as one run would have.
+    part = tmp_path / "part.jsonl"
+    kept = whole.read_bytes().splitlines(keepends=True)
+    part.write_bytes(b"".join(kept[:5]) + kept[5][:7])
+    result = run_cli("generate", bundle, "-i", source, "-o", part, "--resume")
+    assert result.code == 0 and "+5 already in the output" in result.err, result
+    assert part.read_bytes() == whole.read_bytes()
+    parts = []
+    for index in range(3):
+        out = tmp_path / f"shard{index}.jsonl"
+        assert run_cli("generate", bundle, "-i", source, "-o", out, "--num-shards", 3, "--shard-index", index).code == 0
+        parts.append(out.read_bytes())
+    assert all(parts) and b"".join(parts) == whole.read_bytes()
+
+
+# -- byte order marks ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, content, expected", [
+    ("in.tsv", b"text\tlabel\nhi\tpos\n", [(2, {"text": "hi", "label": "pos"}, None)]),
+    ("in.csv", b"text,label\r\nhi,pos\r\n", [(2, {"text": "hi", "label": "pos"}, None)]),
+    ("in.jsonl", b'{"text": "hi"}\n{"text": "yo"}\n', [(1, {"text": "hi"}, None), (2, {"text": "yo"}, None)]),
+    ("in.txt", b"hi\nyo\n", [(1, {"text": "hi"}, None), (2, {"text": "yo"}, None)]),
+    ("in.conll", b"EU B-ORG\nrejects O\n", [(1, {"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}, None)]),
+])
+def test_a_leading_byte_order_mark_is_dropped(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(BOM + content)
+    assert lines_and_fields(path) == expected
+    path.write_bytes(BOM + BOM + content)  # one is dropped: a second is the file's text (or bad JSON)
+    assert lines_and_fields(path) != expected
+
+
+def test_a_byte_order_mark_is_dropped_in_training_and_parallel_files(tmp_path):
+    tsv = tmp_path / "bom.tsv"
+    tsv.write_bytes(BOM + b"text\tlabel\n" + b"".join(b"row %d\tpos\n" % i for i in range(3)))
+    assert [(row.where, row.text, row.label) for row in read_rows(tsv, label_field="label")][0] == \
+        (f"{tsv}: line 2", "row 0", "pos")
+    source, target = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    source.write_bytes(BOM + b"hello\n")
+    target.write_bytes(BOM + b"bonjour\n")
+    assert [r.fields for r in read_parallel(source, target)] == [{"source": "hello", "target": "bonjour"}]
+
+
+def test_a_bad_byte_on_the_first_line_after_a_byte_order_mark_still_names_its_line(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(BOM + b"a\xffb\nok\n")
+    assert [(r.line, r.error) for r in read_records(path)] == [
+        (1, "not valid UTF-8 (byte 0xff at column 2)"), (2, None)]
