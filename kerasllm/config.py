@@ -163,16 +163,7 @@ class TransformerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TransformerConfig":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"config: {path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UsageError(f"config: {path}: not valid JSON ({err})") from None
-        if not isinstance(values, dict):
-            raise UsageError(f"config: {path}: expected a JSON object")
-        return cls.from_dict(values)
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
@@ -269,6 +260,20 @@ class Seq2SeqConfig(TransformerConfig):
     @property
     def target_vocab(self) -> int:
         return self.target_vocab_size or self.vocab_size
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The keys of a config JSON file (an object), each fault a UsageError naming the file."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config: {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"config: {path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config: {path}: expected a JSON object")
+    return values
 
 
 CONFIG_CLASSES: dict[str, type[TransformerConfig]] = {

@@ -50,14 +50,14 @@ class TextTokenizer:
     def train(cls, texts: Iterable[str], kind: str = "char", vocab_size: int = 8000) -> "TextTokenizer":
         """Train a tokenizer of `kind` on an iterable of texts (lines or documents).
 
-        `vocab_size` (bpe, unigram; positive for every kind) too small for the kind is a UsageError
+        `vocab_size` (bpe, unigram; the other kinds' vocabulary is their characters or bytes) too small is a UsageError
         naming --vocab-size and the size needed: bpe needs `MIN_BPE_VOCAB` (the 256 bytes and the
         special tokens), unigram a token for each character of the texts and the special tokens
         (`_unigram_too_small`; known once the texts are read, so that is checked by training).
         """
         if kind not in TOKENIZER_KINDS:
             raise UsageError(f"tokenizer: unknown kind {kind!r} (choose from {', '.join(TOKENIZER_KINDS)})")
-        if vocab_size < 1:
+        if kind in ("bpe", "unigram") and vocab_size < 1:
             raise UsageError(f"--vocab-size must be positive, got {vocab_size}")
         if kind == "bpe" and vocab_size < MIN_BPE_VOCAB:
             # (BpeTrainer silently gave MIN_BPE_VOCAB tokens for any size below it, 0 included.)

@@ -96,9 +96,9 @@ def test_train_seed_out_of_range_is_a_usage_error(run_cli, corpus_file, tmp_path
 
 
 @pytest.mark.parametrize("tokenizer, vocab_size, expected", [
-    ("bpe", -5, "--vocab-size must be positive, got -5"),
-    ("bpe", 0, "--vocab-size must be positive, got 0"),
-    ("char", 0, "--vocab-size must be positive, got 0"),
+    ("bpe", -5, "Invalid value for '--vocab-size': -5 is not in the range x>=1"),
+    ("bpe", 0, "Invalid value for '--vocab-size': 0 is not in the range x>=1"),
+    ("char", 0, "Invalid value for '--vocab-size': 0 is not in the range x>=1"),
     ("bpe", 200, "--vocab-size 200 is too small for a bpe tokenizer: it needs at least 262 "
                  "(256 bytes and 6 special tokens)"),
 ])

@@ -41,9 +41,15 @@ def distribute_options(command):
     return wrapper
 
 
-def run_options(batch_size: int, seq_len: int, lr: float):
+# Every train command's --vocab-size (the tokenizer checks what each kind needs: TextTokenizer.train).
+vocab_size_option = click.option("--vocab-size", type=click.IntRange(min=1), default=4000, show_default=True,
+                                 help="Subword vocabulary size (bpe, unigram).")
+
+
+def run_options(batch_size: int, seq_len: int | None, lr: float):
     """--out, --preset, --config, --steps/--epochs, optimisation, validation, --resume, --quiet,
-    and the distribution options (`distribute_options`)."""
+    and the distribution options (`distribute_options`). `seq_len` None: the model's max_length
+    (seq2seq, where --max-length alone sets both)."""
 
     def decorate(command):
         command = distribute_options(command)
@@ -53,13 +59,14 @@ def run_options(batch_size: int, seq_len: int, lr: float):
             click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="tiny", show_default=True,
                          help="Model size preset."),
             click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                         help="Model config JSON (overrides --preset)."),
+                         help="Model config JSON: its keys replace --preset's (the model options below replace both)."),
             click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: one epoch of data)."),
             click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data, instead of --steps."),
             click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
                          help="Global batch size (split across replicas)."),
-            click.option("--seq-len", type=click.IntRange(min=1), default=seq_len, show_default=True,
-                         help="Tokens per training sequence."),
+            click.option("--seq-len", type=click.IntRange(min=1), default=seq_len, show_default=seq_len is not None,
+                         help="Tokens per training sequence." if seq_len is not None else
+                         "Longest source or target, in tokens (default: the model's max_length)."),
             click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=True,
                          help="Peak learning rate (AdamW, warmup then cosine decay to lr/10)."),
             click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup steps (default 5% of steps)."),
@@ -79,7 +86,10 @@ def run_options(batch_size: int, seq_len: int, lr: float):
             click.option("--jit-compile/--no-jit-compile", default=True, show_default=True,
                          help="Compile the train step with XLA: ~1.7x faster steps on one device, a slower "
                               "first step; turned off with several replicas (XLA cannot compile them)."),
-            click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+            click.option("--resume", is_flag=True,
+                         help="Continue the stopped run in --out from its last checkpoint, with the options saved "
+                              "in its config.json: beside it only the data paths (files moved), --quiet and "
+                              "--strategy/--tpu/--precision/--scale-lr are taken; other options are refused."),
             click.option("--quiet", is_flag=True, help="No progress bar."),
         ]
         for option in reversed(options):

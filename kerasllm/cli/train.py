@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from kerasllm.cli.options import DISTRIBUTE_OPTIONS, model_override_options, run_options
+from kerasllm.cli.options import DISTRIBUTE_OPTIONS, model_override_options, run_options, vocab_size_option
 
 
 @click.group()
@@ -31,7 +31,7 @@ def train():
               help="Text file or directory of .txt files (repeatable). Optional with --resume.")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data.")
-@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@vocab_size_option
 @click.option("--window", type=click.Choice(["random", "packed"]), default="random", show_default=True,
               help="Random windows (nanoGPT) or packed consecutive windows.")
 @run_options(batch_size=12, seq_len=64, lr=1e-3)
@@ -74,12 +74,12 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
 @click.option("--target-field", default="target", show_default=True, help="Target column/field in --data.")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data.")
-@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@vocab_size_option
 @click.option("--separate-vocab", is_flag=True,
               help="Separate source and target tokenizers (tokenizer.json, target_tokenizer.json).")
 @click.option("--target-tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]),
               help="Kind of the target tokenizer with --separate-vocab (default: --tokenizer).")
-@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@run_options(batch_size=32, seq_len=None, lr=1e-3)
 @model_override_options
 def seq2seq(data, source_file, target_file, source_field, target_field, tokenizer, vocab_size, separate_vocab,
             target_tokenizer, out,
@@ -131,9 +131,6 @@ _text_fields = [
 # What `--resume` takes beside it: where the run is, its data files (moved or renamed), whether to
 # show progress, and where to run it (the strategy and precision are not part of the saved run).
 RESUME_TAKES = ("out", "data", "source_file", "target_file", "resume", "quiet", *DISTRIBUTE_OPTIONS)
-RESUME_HELP = ("Continue the stopped run in --out from its last checkpoint, with the options saved in its "
-               "config.json: beside it only the data paths (files moved), --quiet and "
-               "--strategy/--tpu/--precision/--scale-lr are taken; other options are refused.")
 
 
 def _refuse_given(reason: str, names) -> None:
@@ -184,7 +181,7 @@ def _with(options):
 @_with(_text_fields)
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data.")
-@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@vocab_size_option
 @run_options(batch_size=32, seq_len=128, lr=1e-3)
 @model_override_options
 def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps,
@@ -221,7 +218,7 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
 @click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooled vector: CLS token or mean (default: cls).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data (not with --init-from).")
-@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@vocab_size_option
 @run_options(batch_size=32, seq_len=128, lr=1e-3)
 @model_override_options
 def classifier(data, text_field, label_field, init_from, pooling, out, preset, config_file, steps, epochs, batch_size,
@@ -265,7 +262,7 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
               help="Start from this masked-lm, classifier or token-classifier model directory's encoder and tokenizer.")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data (not with --init-from).")
-@click.option("--vocab-size", type=int, default=4000, show_default=True, help="Subword vocabulary size (bpe, unigram).")
+@vocab_size_option
 @run_options(batch_size=32, seq_len=128, lr=1e-3)
 @model_override_options
 def token_classifier(data, tokens_field, tags_field, data_format, init_from, out, preset, config_file, steps, epochs,
@@ -303,17 +300,3 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
                            config_overrides=overrides, distribute=distribute)
     click.echo(f"kerasllm: model written to {out}", err=True)
 
-
-def _option(command: click.Command, name: str) -> click.Option:
-    return next(param for param in command.params if param.name == name)
-
-
-# The options below are declared once for every task (kerasllm.cli.options.run_options); what
-# they mean here is decided in this module, so is their help.
-for _command in train.commands.values():
-    _option(_command, "resume").help = RESUME_HELP
-# seq2seq: the model's max_length unless given (the recipe's Seq2SeqTrainArgs.seq_len None), so
-# that --max-length alone sets both; a larger --seq-len is refused, as in the other tasks.
-_seq_len = _option(seq2seq, "seq_len")
-_seq_len.default, _seq_len.show_default = None, False
-_seq_len.help = "Longest source or target, in tokens (default: the model's max_length)."

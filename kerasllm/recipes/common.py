@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.training import CHECKPOINT_DIR, read_run_config
 
@@ -63,26 +64,10 @@ def model_config(config_class, preset: str, config_file: str | None, overrides: 
     `--config` file on top (a partial file means "this preset, with these changes"; a full one
     sets every field), then the command line's overrides and the recipe's `changes` (the
     tokenizer's ids, the number of labels)."""
-    values = read_config_file(config_file) if config_file else {}
+    values = read_config_json(config_file) if config_file else {}
     # One config built from it all, checked once: from_dict names a wrong family or unknown key
     # (the file's), validate a bad value or combination (a UsageError each).
     return config_class.from_dict({**config_class.preset(preset).to_dict(), **values, **overrides, **changes})
-
-
-def read_config_file(path: str | Path) -> dict:
-    """The keys of a `--config` JSON file (an object), each fault a UsageError naming the file."""
-    import json  # noqa: PLC0415
-
-    path = Path(path)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"config: {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"config: {path}: not valid JSON ({err})") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"config: {path}: expected a JSON object")
-    return values
 
 
 def check_seq_len(seq_len: int, config) -> None:
