@@ -88,11 +88,14 @@ def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
     pre-tokenizer (byte-level BPE) ends a word there either way, and unigram's Metaspace starts
     the next word with its marker there either way (the other cuts may change a token or two).
     Errors name the file and a bad byte's line and column, or say that the file is empty (all blank).
+    A UTF-8 byte order mark at the start is skipped, as the record readers skip it (export/records.py).
     """
     block_bytes = block_bytes or BLOCK_BYTES
     line, column = 1, 1  # where the next block starts in the file
     has_text, carry = False, b""
     with open(path, "rb") as file:
+        if file.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:  # a leading BOM (Excel, Notepad) is not text
+            file.seek(0)
         while True:
             chunk = file.read(block_bytes)
             data = carry + chunk if carry else chunk

@@ -34,6 +34,7 @@ build the cache. Training steps read as fast from the memory map as from memory 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -85,6 +86,8 @@ def tokenizer_sample(files: Sequence[Path], budget: int | None = None) -> Iterat
                 raw = file.read(share // pieces)
                 if k:  # from the start of a line
                     raw = raw[raw.find(b"\n") + 1:]
+                elif raw.startswith(codecs.BOM_UTF8):  # as text_blocks skips it
+                    raw = raw[len(codecs.BOM_UTF8):]
                 raw = raw[:raw.rfind(b"\n") + 1] or raw
                 yield raw.decode("utf-8", errors="replace")
 

@@ -56,6 +56,22 @@ def test_a_bad_byte_deep_in_a_streamed_file_names_its_line_and_column(tmp_path, 
             list(text_blocks(path))
 
 
+def test_a_leading_byte_order_mark_is_not_text(tmp_path, small_blocks):
+    """Excel's and Notepad's UTF-8 files start with a BOM: a corpus learnt it as a character."""
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(b"\xef\xbb\xbfhello there\nsecond line \xc3\xa9\xff\n")
+    with pytest.raises(DataError, match=r"line 2, column 15"):  # columns count from the text's start
+        list(text_blocks(marked))
+    marked.write_bytes(b"\xef\xbb\xbfhello there\nsecond line\n")
+    assert "".join(text_blocks(marked)) == "hello there\nsecond line\n"
+    assert "".join(tokenizer_sample([marked], budget=8)).startswith("hello")  # the sampled path too
+    assert train_corpus_tokenizer([marked], "char", 0).token_to_id("\ufeff") is None
+    only_mark = tmp_path / "only.txt"
+    only_mark.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(DataError, match="file is empty"):
+        list(text_blocks(only_mark))
+
+
 def test_empty_files_are_refused_after_streaming(tmp_path):
     path = tmp_path / "blank.txt"
     path.write_text(" \n\n\t\n")
