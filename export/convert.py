@@ -43,6 +43,9 @@ from onnx import helper, numpy_helper
 # ONNX Runtime 1.31 refuses some models saved with onnx 1.23's default IR version.
 IR_VERSION = 8
 DEFAULT_OPSET = 17
+# The opsets a bundle can be exported at: tf2onnx 1.17 converts up to 18, and the graph rewrites
+# (export/optimize.py, seq2seq_export.py) slice shapes with Shape's start/end, new in opset 15.
+OPSETS = range(15, 19)
 # Protobuf cannot serialize a message over 2 GB: bigger graphs keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 

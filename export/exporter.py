@@ -25,7 +25,7 @@ from typing import Callable
 
 from kerasllm.errors import UsageError
 from kerasllm.export import bundle as bundle_lib
-from kerasllm.export.convert import DEFAULT_OPSET
+from kerasllm.export.convert import DEFAULT_OPSET, OPSETS
 
 
 @dataclass
@@ -42,8 +42,9 @@ class ExportOptions:
     def validate(self) -> None:
         if self.dtype not in ("fp32", "fp16"):
             raise UsageError(f"--dtype must be fp32 or fp16, got {self.dtype!r}")
-        if not 13 <= self.opset <= 21:
-            raise UsageError(f"--opset must be between 13 and 21, got {self.opset}")
+        if self.opset not in OPSETS:
+            raise UsageError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {self.opset} (tf2onnx "
+                             f"converts up to {OPSETS[-1]}; the bundle's graph rewrites need {OPSETS[0]})")
 
 
 

@@ -367,6 +367,25 @@ def test_decoding_with_device_buffers_equals_decoding_with_host_arrays(shared_kv
             [[(h.tokens, h.score) for h in r] for r in results[1]]
 
 
+@pytest.mark.parametrize("opset", [13, 14, 19, 21])
+def test_export_refuses_opsets_it_cannot_write_in_one_line(model_dir, tmp_path, run_cli, opset):
+    """tf2onnx 1.17 stops at 18 (19-21 had ended in its traceback); the decoder's rewrites slice
+    shapes with Shape start/end (13-14: ONNX Runtime refused the graph after conversion)."""
+    result = run_cli("export", model_dir, "--out", tmp_path / "bundle", "--opset", opset)
+    assert result.code == 2 and result.err.strip().splitlines() == [
+        f"kerasllm: error: --opset must be between 15 and 18, got {opset} (tf2onnx converts up to 18; "
+        "the bundle's graph rewrites need 15)"], result.err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_an_export_at_the_lowest_opset_serves(model_dir, tmp_path, run_cli):
+    out = tmp_path / "bundle"
+    assert run_cli("export", model_dir, "--out", out, "--opset", 15).code == 0
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["model"]["opset"] == 15
+    imports = onnx.load(out / "model.onnx").opset_import
+    assert next(o.version for o in imports if o.domain in ("", "ai.onnx")) == 15
+
+
 def test_export_cli_keeps_a_growing_cache_when_asked(model_dir, tmp_path, run_cli):
     out = tmp_path / "growing"
     result = run_cli("export", model_dir, "--out", out, "--kv-cache", "growing")
