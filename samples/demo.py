@@ -19,6 +19,8 @@ from pathlib import Path
 from _cli import kerasllm  # samples/ is on sys.path when a sample runs as a script
 
 OUT = Path("samples/out")
+# What this job writes in OUT, removed before it runs (the other samples' folders stay).
+OWN = ("corpus.txt", "lm", "bundle", "prompts.txt", "generations.jsonl")
 PROMPTS = ["Anna had a", "The fox lived near the", "\"Where is my", "In the garden there was",
            "Ben saw a", "Milo and the bear played", "The owl", "Grace picked"]
 
@@ -27,8 +29,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args()
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for path in (OUT / name for name in OWN):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     kerasllm("sample-data", "corpus", "--out", str(OUT / "corpus.txt"))
     kerasllm("train", "causal-lm", "--data", str(OUT / "corpus.txt"), "--out", str(OUT / "lm"),
              "--preset", "small", "--seq-len", "64", "--batch-size", "16", "--steps", str(args.steps),
