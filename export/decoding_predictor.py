@@ -6,7 +6,10 @@ repetition_penalty=1.0, stop=None (strings), num_beams=1, n_best=1, seed=None.
 Generation also stops at the tokenizer's `<eos>`. Each result is `{"output": str}`, or
 with `n_best > 1` `{"output": [str, ...], "scores": [float, ...]}` (mean log-probability
 per token, best first). `n_best > 1` needs beam search (`num_beams >= n_best`) or
-sampling (`temperature > 0`: independent samples).
+sampling (`temperature > 0`: independent samples). Samples are scored as beam search scores
+its hypotheses: the model's mean log-probability per generated token, `<eos>` included where
+the sample ended on it (one that ends at once scores log p(<eos>)); one cut by
+`max_new_tokens` (or `max_length`) or a stop string has no `<eos>` term.
 
 The bundle predictor imports no TensorFlow. The model-dir predictor runs Keras: greedy
 and plain sampling through `CausalLM.generate` (XLA, keras-hub samplers); beam search,
@@ -24,7 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from kerasllm.errors import UsageError
-from kerasllm.export.generate import DecodingOptions, Hypothesis, generate, hypotheses_result, log_softmax, truncate_at_stop
+from kerasllm.export.generate import (DecodingOptions, Hypothesis, _row_limits, generate, hypotheses_result,
+                                      log_softmax, truncate_at_stop)
 from kerasllm.export.predict import RecordError, trained_seq_len
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -86,24 +90,35 @@ class CausalGenerator:
                         decode=self.tokenizer.decode)
 
     def _samples(self, batch, decoding: DecodingOptions) -> list[list[Hypothesis]]:
-        """`n_best` independent samples per prompt, scored by their mean log-probability."""
+        """`n_best` independent samples per prompt, scored as beam search scores a finished
+        hypothesis (generate._beam_search): the mean log-probability of its tokens, the stop id
+        included where the sample ended on one."""
         n = decoding.n_best
         repeated = [prompt for prompt in batch for _ in range(n)]
         single = DecodingOptions(**{**decoding.__dict__, "n_best": 1})
         hyps = [h[0] for h in self._generate(repeated, single)]
-        for prompt, hyp in zip(repeated, hyps):
-            hyp.score = self._score(prompt, hyp.tokens)
+        limits = _row_limits(repeated, single, self.max_length).tolist()
+        for prompt, hyp, limit in zip(repeated, hyps, limits):
+            eos = [self.eos_id] if self._ended_on_eos(hyp.tokens, limit, decoding) else []
+            hyp.score = self._score(prompt, hyp.tokens + eos)
         grouped = [hyps[i * n:(i + 1) * n] for i in range(len(batch))]
         return [sorted(group, key=lambda h: -h.score) for group in grouped]
 
-    def _score(self, prompt: list[int], tokens: list[int]) -> float:
-        """Mean log-probability of `tokens` after `prompt` under the model (one forward pass)."""
-        if not tokens:
-            return 0.0
-        ids = np.array([prompt + tokens], np.int64)
+    def _ended_on_eos(self, tokens: list[int], limit: int, decoding: DecodingOptions) -> bool:
+        """Whether a sample of `tokens` (its stop id left out) ended on `<eos>`. A sample ends on the
+        stop id, on reaching its `limit` of new tokens, or on the token that completes a stop string
+        (kept): fewer tokens than the limit and no stop string means the stop id."""
+        if len(tokens) >= limit:
+            return False
+        return not (decoding.stop and truncate_at_stop(self.tokenizer.decode(tokens), decoding.stop)[1])
+
+    def _score(self, prompt: list[int], targets: list[int]) -> float:
+        """Mean log-probability of `targets` (at least one) after `prompt` under the model (one
+        forward pass; the last target is predicted, never fed)."""
+        ids = np.array([prompt + targets[:-1]], np.int64)
         logits, _ = self.step(ids, np.ones_like(ids), None)
-        logp = log_softmax(logits[0, len(prompt) - 1:-1].astype(np.float64))
-        return float(logp[np.arange(len(tokens)), tokens].mean())
+        logp = log_softmax(logits[0, len(prompt) - 1:].astype(np.float64))
+        return float(logp[np.arange(len(targets)), targets].mean())
 
     def _text(self, tokens: list[int], decoding: DecodingOptions) -> str:
         return truncate_at_stop(self.tokenizer.decode(tokens), decoding.stop)[0]

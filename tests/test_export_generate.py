@@ -350,3 +350,49 @@ def test_beam_rows_stay_with_their_parents():
     rows, tokens, scores = [7, 6, 5, 4], [1, 2, 3, 4], [-1, -2, -3, -4]  # all parents distinct: none moves
     _parents_in_place(rows, tokens, scores, 4, 4)
     assert rows == [4, 5, 6, 7] and tokens == [4, 3, 2, 1]
+
+
+class LetterTokenizer:
+    """The tokenizer a CausalGenerator needs: pad 0, `<eos>` 11, token i decodes to a letter."""
+
+    pad_id, eos_id = PAD, VOCAB - 1
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def markov_generator(table):
+    from kerasllm.export.decoding_predictor import CausalGenerator
+
+    generator = CausalGenerator(LetterTokenizer(), {"max_length": 16})
+    generator.step = MarkovStep(table)
+    return generator
+
+
+@pytest.mark.parametrize("options, last", [
+    (dict(max_new_tokens=2), [2, 3]),  # ends at max_new_tokens
+    (dict(max_new_tokens=5, stop=["e"]), [2, 3, 4]),  # ends at the stop string: token 4 is "e"
+])
+def test_sampled_n_best_scores_count_eos_as_beam_search_does(options, last):
+    # After the prompt [1]: <eos> 0.4, 2 0.6; after 2: 3 0.8, <eos> 0.2; after 3: 4; after 4: 5.
+    # Three samples can come out: [] (<eos> at once), [2] (then <eos>) and `last`, which ends
+    # without <eos>. Each scores the mean log-probability of its tokens, <eos> included where it
+    # ended on it, as beam search scores the same hypotheses.
+    eos = VOCAB - 1
+    table = np.full((VOCAB, VOCAB), -30.0)
+    table[1, eos], table[1, 2] = np.log(0.4), np.log(0.6)
+    table[2, 3], table[2, eos] = np.log(0.8), np.log(0.2)
+    table[3, 4] = table[4, 5] = 0.0
+    logp = log_softmax(table)
+    expected = {"": float(logp[1, eos]),  # log p(<eos>): not 0.0, not certainty
+                "c": float(logp[1, 2] + logp[2, eos]) / 2,
+                "cd": float(sum(logp[a, b] for a, b in zip([1] + last, last))) / len(last)}
+    generator = markov_generator(table)
+    result = generator.predict([[1]], temperature=1.0, n_best=40, seed=0, **options)[0]
+    assert set(result["output"]) == set(expected)  # the seed draws all three
+    for text, score in zip(result["output"], result["scores"]):
+        assert score == pytest.approx(expected[text], abs=1e-6)
+    assert result["scores"] == sorted(result["scores"], reverse=True)
+    assert result["output"][0] == "cd" and result["output"][-1] == "c"  # <eos> at once ranks below "cd"
+    beams = generator.predict([[1]], num_beams=3, n_best=3, **options)[0]
+    assert dict(zip(beams["output"], beams["scores"])) == pytest.approx(expected, abs=1e-6)
