@@ -378,6 +378,18 @@ def test_export_refuses_opsets_it_cannot_write_in_one_line(model_dir, tmp_path, 
     assert not (tmp_path / "bundle").exists()
 
 
+def test_export_refuses_a_kv_cache_choice_for_an_encoder(tmp_path, run_cli):
+    """An encoder's graph has no KV cache: the option had been accepted and ignored. Refused before
+    TensorFlow loads (the model file is never read here)."""
+    encoder = tmp_path / "encoder-run"
+    encoder.mkdir()
+    (encoder / "model.keras").write_bytes(b"")
+    (encoder / "config.json").write_text(json.dumps({"task": "classifier", "model": {"family": "encoder"}}))
+    result = run_cli("export", encoder, "--out", tmp_path / "bundle", "--kv-cache", "growing")
+    assert result.code == 2 and result.err.strip().splitlines() == [
+        f"kerasllm: error: --kv-cache is for decoder and seq2seq models; {encoder} is an encoder"], result.err
+
+
 def test_an_export_at_the_lowest_opset_serves(model_dir, tmp_path, run_cli):
     out = tmp_path / "bundle"
     assert run_cli("export", model_dir, "--out", out, "--opset", 15).code == 0

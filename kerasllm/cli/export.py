@@ -40,6 +40,15 @@ def export(model_dir, out, opset, dtype, optimize, kv_cache):
     # Checked before TensorFlow loads (seconds), so a wrong path fails at once.
     if not (model_dir / "model.keras").is_file() or not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir}: not a finished model directory (needs model.keras and config.json)")
+    if click.get_current_context().get_parameter_source("kv_cache") == click.core.ParameterSource.COMMANDLINE:
+        import json  # noqa: PLC0415
+
+        try:
+            family = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["model"]["family"]
+        except (ValueError, KeyError, TypeError):
+            family = None  # load_model_dir names a broken config.json below
+        if family == "encoder":  # refused rather than ignored: an encoder's graph has no KV cache
+            raise UsageError(f"--kv-cache is for decoder and seq2seq models; {model_dir} is an encoder")
     from kerasllm.export.exporter import ExportOptions, export_model_dir  # noqa: PLC0415 - imports TensorFlow
 
     def log(message: str) -> None:
