@@ -176,3 +176,55 @@ def test_only_tag_hints_at_truncate_for_a_sentence_too_long(run_cli, tmp_path):
     result = run_cli("tag", tmp_path / "bundle", "-i", long, "-o", tmp_path / "tagged.jsonl")
     error = json.loads((tmp_path / "tagged.jsonl").read_text())["error"]
     assert error == f"{too_long} (use --truncate right to keep its first words)"
+
+
+def _evaluate_needing(monkeypatch, module):
+    """`kerasllm evaluate` whose scoring imports `module` (as metrics.bleu imports sacrebleu)."""
+    from kerasllm import evaluation
+
+    def run(*args, **kwargs):
+        __import__(module)
+
+    monkeypatch.setattr(evaluation, "evaluate", run)
+
+
+def test_a_missing_optional_package_is_one_line_exit_1(run_cli, monkeypatch, tmp_path):
+    """`kerasllm evaluate` on a seq2seq bundle in a serving-only environment without sacrebleu ended
+    in a ModuleNotFoundError traceback."""
+    import sys
+
+    from kerasllm import metrics
+
+    data = tmp_path / "pairs.tsv"
+    data.write_text("source\ttarget\nforty two\t42\n")
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # `import sacrebleu` fails: not installed
+    monkeypatch.setattr("kerasllm.evaluation.evaluate", lambda *a, **k: metrics.bleu(["42"], ["42"]))
+    result = run_cli("evaluate", tmp_path, "--data", data)
+    assert result.code == 1, result
+    assert result.err.splitlines() == ["kerasllm: error: this command needs the Python package 'sacrebleu' "
+                                       "(pip install sacrebleu)"]
+    _evaluate_needing(monkeypatch, "tensorflow_text.ops")  # a submodule: named by its package
+    result = run_cli("evaluate", tmp_path, "--data", data)
+    assert result.err.splitlines() == ["kerasllm: error: this command needs the Python package 'tensorflow_text' "
+                                       "(pip install tensorflow_text)"]
+    _evaluate_needing(monkeypatch, "kerasllm.no_such_module")  # kerasllm's own: a bug, its traceback stays
+    with pytest.raises(ModuleNotFoundError, match="kerasllm.no_such_module"):
+        main(["evaluate", str(tmp_path), "--data", str(data)])
+
+
+def test_a_missing_package_under_verbose_logs_its_traceback_too(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "pairs.tsv"
+    data.write_text("source\ttarget\nforty two\t42\n")
+    code = ("import sys; sys.modules['sacrebleu'] = None\n"
+            "from kerasllm import evaluation, metrics\n"
+            "evaluation.evaluate = lambda *a, **k: metrics.bleu(['42'], ['42'])\n"
+            "from kerasllm.cli import main\n"
+            f"main(['-v', 'evaluate', {str(tmp_path)!r}, '--data', {str(data)!r}])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr and "import sacrebleu" in result.stderr
+    assert result.stderr.splitlines()[-1] == ("kerasllm: error: this command needs the Python package 'sacrebleu' "
+                                              "(pip install sacrebleu)")

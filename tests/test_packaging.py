@@ -54,3 +54,43 @@ def test_kerasllm_does_not_install_scikit_learn():
     # With scikit-learn installed, `import keras` imports it and SciPy (its scikit-learn wrappers):
     # ~0.45 s added to every training and export process. Nothing kerasllm requires may pull it in.
     assert "scikit-learn" not in _requirement_names("kerasllm", set())
+
+
+def _requirements(specs: list[str]) -> dict[str, str]:
+    """{normalized name: requirement} of pyproject requirement strings."""
+    return {re.split(r"[ ;<>=!~\[(]", spec, maxsplit=1)[0].lower().replace("_", "-"): spec for spec in specs}
+
+
+# The serving side: the batch commands and `kerasllm evaluate` on bundles (no TensorFlow, no onnx).
+SERVING_MODULES = ("kerasllm.cli", "kerasllm.cli.infer", "kerasllm.cli.evaluate", "kerasllm.evaluation",
+                   "kerasllm.metrics", "kerasllm.tokenizers", *(f"kerasllm.export.{name}" for name in (
+                       "batch", "bundle", "decoding_predictor", "encoder_predictor", "generate", "predict", "records",
+                       "row_gather", "runtime", "seq2seq_runtime", "translate_predictor", "word_pieces")))
+
+
+def test_the_serve_extra_holds_every_package_the_serving_side_imports():
+    """README: `pip install --no-deps kerasllm` plus the `serve` extra's list is a serving-only
+    environment. `kerasllm evaluate` on a seq2seq bundle imports sacrebleu (bleu, chrf) when it
+    scores: left out of `serve`, it ended in a ModuleNotFoundError traceback there."""
+    import json
+    import subprocess
+    import sys
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    serve = _requirements(project["optional-dependencies"]["serve"])
+    assert serve.items() <= _requirements(project["dependencies"]).items()  # the same pins as a full install
+    code = ("import json, sys; before = set(sys.modules)\n"
+            f"for name in {SERVING_MODULES!r}: __import__(name)\n"
+            "from kerasllm import metrics\n"
+            "metrics.bleu(['forty two'], ['forty two']); metrics.chrf(['forty two'], ['forty two'])\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = set(json.loads(result.stdout.splitlines()[-1])) - set(sys.stdlib_module_names) - {"kerasllm"}
+    installed = set()  # what `pip install` of the serve list brings: its requirements' own, recursively
+    for name in serve:
+        installed |= {name} | _requirement_names(name, set())
+    owners = importlib.metadata.packages_distributions()
+    missing = {module: owners.get(module) for module in imported
+               if module in owners and not {d.lower().replace("_", "-") for d in owners[module]} & installed}
+    assert not missing, f"add to pyproject's serve extra: {missing}"

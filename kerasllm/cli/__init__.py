@@ -160,16 +160,23 @@ def _runs_keras(argv: list[str]) -> bool:
     return argv[0] in ("train", "export") or (len(argv) > 1 and (Path(argv[1]) / "model.keras").is_file())
 
 
+def _missing_package(err: ModuleNotFoundError) -> str | None:
+    """The top-level package a command needed and did not find (e.g. TensorFlow for a model dir
+    in a serving-only environment), or None where the missing module is kerasllm's own."""
+    package = (err.name or "").split(".")[0]
+    return package if package and package != "kerasllm" else None
+
+
 def main(argv=None) -> None:
     configure_tensorflow()
     arguments = sys.argv[1:] if argv is None else list(argv)
-    if _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments:
-        import_tensorflow_quietly()
-        # TensorFlow's modules are hundreds of thousands of long-lived objects: moved out of
-        # the collector's reach, each garbage collection while Keras traces the train step
-        # no longer walks them all again.
-        gc.freeze()
     try:
+        if _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments:
+            import_tensorflow_quietly()  # a serving-only environment: ModuleNotFoundError, one line below
+            # TensorFlow's modules are hundreds of thousands of long-lived objects: moved out of
+            # the collector's reach, each garbage collection while Keras traces the train step
+            # no longer walks them all again.
+            gc.freeze()
         cli.main(args=argv, prog_name="kerasllm", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("kerasllm: interrupted", err=True)
@@ -190,6 +197,14 @@ def main(argv=None) -> None:
         sys.exit(130)
     except OSError as err:
         click.echo(f"kerasllm: error: {err}", err=True)
+        sys.exit(1)
+    except ModuleNotFoundError as err:
+        package = _missing_package(err)
+        if package is None:  # a module of kerasllm's own: a bug, keep its traceback
+            raise
+        logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
+        click.echo(f"kerasllm: error: this command needs the Python package '{package}' (pip install {package})",
+                   err=True)
         sys.exit(1)
     finally:
         # Everything is written by now. Interpreter shutdown with TensorFlow loaded spends
