@@ -343,3 +343,25 @@ def test_encoder_attention_fusion_is_dropped_when_it_fails_validation(tmp_path, 
     assert len(calls) == 2 and "Attention" not in report["fusions"]
     assert report["attention_fusion_reverted"].endswith("differs by 0.005 (> 0.0001)")
     assert report["fusions"]["LayerNormalization"] == 5  # the other fusions stay
+
+
+def test_fp16_token_classifier_export_records_its_logits_difference(tmp_path):
+    """fp16 logits are judged by top-1 agreement; their max |diff| had not been recorded either, so a
+    token classifier (logits its only output) logged 'max |diff| , labels agree ...' and wrote
+    `max_abs_diff: {}` into the manifest."""
+    import keras
+
+    from kerasllm import EncoderConfig, TokenClassifier
+    from kerasllm.export.encoder_export import export_encoder_family
+    from kerasllm.export.exporter import ExportOptions
+
+    keras.utils.set_random_seed(0)
+    model = TokenClassifier(EncoderConfig.preset("tiny", vocab_size=50, max_length=48, num_labels=5))
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "staging").mkdir()
+    lines = []
+    validation = export_encoder_family(model, tmp_path / "scratch", tmp_path / "staging", ExportOptions(dtype="fp16"),
+                                       log=lines.append)["validation"]
+    assert list(validation["max_abs_diff"]) == ["logits"] and 0 < validation["max_abs_diff"]["logits"] < 0.05
+    line = next(text for text in lines if text.startswith("validated against Keras"))
+    assert f"max |diff| logits {validation['max_abs_diff']['logits']:.2g}, labels agree on" in line, line
