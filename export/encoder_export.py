@@ -114,6 +114,7 @@ def export_encoder_family(model, scratch: Path, staging: Path, options, log: Cal
                                 fuse=options.optimize, dtype=options.dtype, keep_float32_io=tuple(spec.outputs),
                                 disabled_fusions=disabled)
         report["nodes_before"] = nodes_before
+        del report["kv_cache"]  # optimize_graph's decoder figure: an encoder graph has no KV cache
         if attention:
             report["fusions"] = {**made, **report["fusions"]}
         fusions = ", ".join(f"{op} x{n}" for op, n in report["fusions"].items()) or "none"

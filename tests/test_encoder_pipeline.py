@@ -313,6 +313,7 @@ def test_encoder_export_fuses_attention_where_it_matches(tmp_path, overrides, fu
     assert entries["optimization"]["fusions"].get("RotaryEmbedding", 0) == (2 * fused if "rotary" in str(overrides)
                                                                           else 0)
     assert entries["validation"]["max_abs_diff"]["logits"] <= 1e-4
+    assert "kv_cache" not in entries["optimization"]  # had claimed "growing": an encoder graph has no KV cache
     ops = [node.op_type for node in onnx.load(str(tmp_path / "staging" / "model.onnx")).graph.node]
     assert ops.count(kernel) == fused and ops.count("Softmax") == 2 - fused
 
@@ -340,7 +341,7 @@ def test_encoder_attention_fusion_is_dropped_when_it_fails_validation(tmp_path, 
     (tmp_path / "staging").mkdir()
     report = encoder_export.export_encoder_family(model, tmp_path / "scratch", tmp_path / "staging", ExportOptions(),
                                                   log=print)["optimization"]
-    assert len(calls) == 2 and "Attention" not in report["fusions"]
+    assert len(calls) == 2 and "Attention" not in report["fusions"] and "kv_cache" not in report
     assert report["attention_fusion_reverted"].endswith("differs by 0.005 (> 0.0001)")
     assert report["fusions"]["LayerNormalization"] == 5  # the other fusions stay
 
