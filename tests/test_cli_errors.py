@@ -228,3 +228,15 @@ def test_a_missing_package_under_verbose_logs_its_traceback_too(tmp_path):
     assert "Traceback (most recent call last)" in result.stderr and "import sacrebleu" in result.stderr
     assert result.stderr.splitlines()[-1] == ("kerasllm: error: this command needs the Python package 'sacrebleu' "
                                               "(pip install sacrebleu)")
+    # Any other error the CLI reports in one line: -v adds its traceback before it ("Log debug details
+    # (and tracebacks)"), without -v the one line alone.
+    code = ("from kerasllm import evaluation\nfrom kerasllm.errors import DataError\n"
+            "def fail(*a, **k):\n    raise DataError('pairs.tsv: line 2: empty target')\n"
+            "evaluation.evaluate = fail\nfrom kerasllm.cli import main\n"
+            f"main(sys.argv[1:] + ['evaluate', {str(tmp_path)!r}, '--data', {str(data)!r}])\n")
+    for flags, traceback in (["-v"], True), ([], False):
+        result = subprocess.run([sys.executable, "-c", "import sys\n" + code, *flags], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert ("Traceback (most recent call last)" in result.stderr) is traceback, result.stderr
+        assert result.stderr.splitlines()[-1] == "kerasllm: error: pairs.tsv: line 2: empty target"

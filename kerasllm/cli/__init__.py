@@ -190,12 +190,14 @@ def main(argv=None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except KerasLLMError as err:
+        logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("kerasllm: interrupted", err=True)
         sys.exit(130)
     except OSError as err:
+        logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: {err}", err=True)
         sys.exit(1)
     except ModuleNotFoundError as err:
