@@ -124,6 +124,14 @@ cross-attention nodes replaced by Identity (outputs wrong, time only), one greed
 cores, 40 alternated runs: 21.84 -> 18.32 ms (medians), 16% of the batch; self-attention (GroupQuery-
 Attention) costs about half as much again, so even free attention kernels would lift greedy by ~25%.
 
+2026-12-06, twelfth session (same machine), no decoding change, `--keep` the grouped bundle, `--repeats 5`,
+four runs (the first's greedy line was lost to a truncated log):
+    greedy: Keras 439.6 | bundle 1047.6 2.38x;  beam 4: Keras 121.8 | bundle 378.3 3.11x, 64/64 identical
+    greedy: Keras 350.4 | bundle  823.6 2.35x;  beam 4: Keras 110.8 | bundle 335.8 3.03x, 64/64 identical
+    greedy: Keras 425.8 | bundle  997.3 2.34x;  beam 4: Keras 103.2 | bundle 339.7 3.29x, 64/64 identical
+    beam 4 (first run): Keras 120.4 | bundle 377.2 3.13x
+Beam 4 stays above 3x; greedy at 2.34-2.38x does not.
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

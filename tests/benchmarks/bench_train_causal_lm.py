@@ -433,6 +433,17 @@ the current step's after 50 steps, fit steps alternated in one process (50-step 
 twice): minimum 29.42 vs 29.54 and 31.68 vs 32.68 ms, medians within the machine's noise. In those
 in-process A/Bs some 50-step fits took ~1 s longer with both cores idle for that second (vmstat),
 on either side; they are the reason such A/Bs compare minima.
+
+2026-12-06, twelfth session, same machine, `--steps 300 --repeats 3` after the split step began
+weighing its parts by the loss's denominator (split_batch.loss_denominator: for this model's loss
+the rows, as before; two scalar ops more per step in the uncompiled outer function):
+
+    kerasllm                       16.2     24,709         0.81x         1.24x
+    keras-hub GPT2Backbone         29.7     19,954         1.48x         1.00x
+    nanoGPT (PyTorch)              20.1     16,302         1.00x         0.82x
+      per repeat: tok/s vs hub 1.24x 1.20x 1.26x; tok/s vs nanoGPT 1.52x 1.37x 1.63x; wall 0.80x 0.93x 0.83x
+
+Goals: tokens/s >= nanoGPT's and wall <= 1.2x met; 1.3x keras-hub's still not (1.20-1.26x).
 """
 
 from __future__ import annotations
