@@ -27,8 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from kerasllm.errors import UsageError
-from kerasllm.export.generate import (DecodingOptions, Hypothesis, _row_limits, generate, hypotheses_result,
-                                      log_softmax, truncate_at_stop)
+from kerasllm.export.generate import (DecodingOptions, Hypothesis, generate, hypotheses_result, log_softmax,
+                                      row_limits, truncate_at_stop)
 from kerasllm.export.predict import RecordError, trained_seq_len
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -97,7 +97,7 @@ class CausalGenerator:
         repeated = [prompt for prompt in batch for _ in range(n)]
         single = DecodingOptions(**{**decoding.__dict__, "n_best": 1})
         hyps = [h[0] for h in self._generate(repeated, single)]
-        limits = _row_limits(repeated, single, self.max_length).tolist()
+        limits = row_limits(repeated, single, self.max_length).tolist()
         for prompt, hyp, limit in zip(repeated, hyps, limits):
             eos = [self.eos_id] if self._ended_on_eos(hyp.tokens, limit, decoding) else []
             hyp.score = self._score(prompt, hyp.tokens + eos)

@@ -221,7 +221,7 @@ def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _row_limits(prompts, options: DecodingOptions, max_length: int | None) -> np.ndarray:
+def row_limits(prompts, options: DecodingOptions, max_length: int | None) -> np.ndarray:
     """New tokens allowed per row: `max_new_tokens`, capped so prompt + new fits `max_length`."""
     limits = np.full(len(prompts), options.max_new_tokens)
     if max_length is not None:
@@ -296,7 +296,7 @@ def generate(step: StepFunction, prompts: Sequence[Sequence[int]], options: Deco
 def _sample(step, prompts, options, pad_id, max_length, decode) -> list[Hypothesis]:
     ids, mask = left_pad(prompts, pad_id)
     batch = len(prompts)
-    limits = _row_limits(prompts, options, max_length)
+    limits = row_limits(prompts, options, max_length)
     rng = np.random.default_rng(options.seed)
     stop_ids = set(int(i) for i in options.stop_ids)
     logits, cache = prompt_step(step, ids, mask)
@@ -461,7 +461,7 @@ def _beam_search(step, prompts, options, pad_id, max_length, decode) -> list[lis
     weight on random-weight seq2seq beams (bench_seq2seq)."""
     beams = options.num_beams
     batch = len(prompts)
-    limits = _row_limits(prompts, options, max_length)
+    limits = row_limits(prompts, options, max_length)
     stop_ids = set(int(i) for i in options.stop_ids)
     suppressed = np.asarray(options.suppress_ids, np.int64)
     ids, mask = left_pad(prompts, pad_id)
