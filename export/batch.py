@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import inspect
-import io
 import json
 import signal
 import sys
@@ -228,10 +227,14 @@ def resume_point(output: str | Path) -> ResumePoint:
     path = Path(output)
     if not path.exists() or path.stat().st_size == 0:
         return ResumePoint()
-    _cut_torn_tail(path)
+    # Checked before anything is changed: a file this command did not write is refused as it is.
     done = errors = 0
+    tail = b""
     with open(path, "rb") as stream:
         for number, raw in enumerate(stream, start=1):
+            if not raw.endswith(b"\n"):  # the last line, unterminated
+                tail = raw
+                break
             try:
                 row = json.loads(raw)
                 row["id"]  # noqa: B018 (must be there)
@@ -240,25 +243,18 @@ def resume_point(output: str | Path) -> ResumePoint:
                                 "--resume continues an output this command wrote") from None
             done += 1
             errors += "error" in row
+    if tail:
+        # A kill mid-write leaves the start of a record, which the writer begins with its id.
+        if not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+            raise DataError(f"{path}: line {done + 1}: not a kerasllm output record; "
+                            "--resume continues an output this command wrote")
+        with open(path, "rb+") as stream:
+            stream.truncate(path.stat().st_size - len(tail))
     return ResumePoint(done, errors, _output_ids(path))
 
 
-def _cut_torn_tail(path: Path) -> None:
-    """Truncate `path` after its last newline (a kill mid-write can leave half a line)."""
-    with open(path, "rb+") as stream:
-        size = stream.seek(0, io.SEEK_END)
-        position = size
-        while position > 0:
-            step = min(65536, position)
-            stream.seek(position - step)
-            chunk = stream.read(step)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                position = position - step + newline + 1
-                break
-            position -= step
-        if position != size:
-            stream.truncate(position)
+# How every output record's line begins (JsonlWriter writes `{"id": ..., ...}`, the id first).
+RECORD_START = b'{"id": '
 
 
 def _output_ids(path: Path) -> Iterator[str]:
