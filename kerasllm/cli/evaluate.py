@@ -42,8 +42,11 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
       kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
       kerasllm evaluate bundles/ner --data test.conll          # accuracy per word, entity_f1 (conlleval)
     """
+    from kerasllm.errors import UsageError  # noqa: PLC0415
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
 
+    if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
+        raise UsageError(f"{output} is also the --data file")
     result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
                  label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
                  source_field=source_field, target_field=target_field)

@@ -1,4 +1,5 @@
-"""`--resume` leaves a file it did not write as it is (the batch CLI on the fake predictor)."""
+"""Files a user already has are never lost to a command's output: `--resume` leaves a file it did
+not write as it is (the batch CLI on the fake predictor), `evaluate --output` never replaces its data."""
 
 from __future__ import annotations
 
@@ -42,3 +43,16 @@ def test_resume_cuts_a_record_torn_by_a_kill_and_finishes(run_cli, tmp_path, tor
     out.write_bytes(first + torn)
     assert run_cli("generate", bundle, "-i", source, "-o", out, "--resume").code == 0
     assert out.read_bytes() == full.read_bytes()
+
+
+def test_evaluate_refuses_to_write_its_metrics_over_its_data(run_cli, tmp_path):
+    """It had replaced the data file with the metrics' JSON, exit 0. Refused before the model loads
+    (SOURCE here is no model at all)."""
+    source = tmp_path / "no-model"
+    source.mkdir()
+    data = tmp_path / "test.tsv"
+    data.write_text("text\tlabel\ngood\tpositive\n")
+    before = data.read_bytes()
+    result = run_cli("evaluate", source, "--data", data, "--output", tmp_path / "." / "test.tsv")
+    assert result.code == 2 and "is also the --data file" in result.err, result
+    assert data.read_bytes() == before
