@@ -240,3 +240,37 @@ def test_a_missing_package_under_verbose_logs_its_traceback_too(tmp_path):
         assert result.returncode == 1, result.stderr
         assert ("Traceback (most recent call last)" in result.stderr) is traceback, result.stderr
         assert result.stderr.splitlines()[-1] == "kerasllm: error: pairs.tsv: line 2: empty target"
+
+
+def _import_failing(how):
+    """A batch job whose lazy `import onnxruntime` is hit by Ctrl-C: onnxruntime's module init turns
+    the KeyboardInterrupt into `ImportError: initialization failed` raised from it (`how`: "cause"),
+    or another import's error may only have it as its context ("context"); None: a plain ImportError."""
+
+    def run_job(*args, **kwargs):
+        if how is None:
+            raise ImportError("initialization failed")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            if how == "cause":
+                raise ImportError("initialization failed") from stop
+            raise ImportError("initialization failed")  # noqa: B904  (implicit chaining is the point)
+
+    return run_job
+
+
+@pytest.mark.parametrize("how", ["cause", "context"])
+def test_ctrl_c_during_a_lazy_import_is_an_interruption(run_cli, monkeypatch, tmp_path, how):
+    """Ctrl-C early in a batch job, while run_job imported onnxruntime (before its SignalGuard),
+    printed a 37-line ImportError traceback and exited 1 instead of `kerasllm: interrupted` / 130."""
+    monkeypatch.setattr("kerasllm.cli.infer.run_job", _import_failing(how))
+    result = run_cli("classify", tmp_path, "-i", tmp_path / "in.txt", "-q")
+    assert result.code == 130, result
+    assert result.err.splitlines() == ["kerasllm: interrupted"]
+
+
+def test_an_import_error_without_an_interrupt_keeps_its_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr("kerasllm.cli.infer.run_job", _import_failing(None))
+    with pytest.raises(ImportError, match="initialization failed"):
+        main(["classify", str(tmp_path), "-i", str(tmp_path / "in.txt"), "-q"])

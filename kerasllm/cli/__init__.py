@@ -167,6 +167,25 @@ def _missing_package(err: ModuleNotFoundError) -> str | None:
     return package if package and package != "kerasllm" else None
 
 
+def _interrupted_import(err: ImportError) -> bool:
+    """Whether `err` is a Ctrl-C that landed during an import.
+
+    Commands import their heavy modules lazily (a batch job imports onnxruntime when it runs,
+    before its SignalGuard turns SIGINT into a clean stop), and a SIGINT arriving in the middle of
+    a C extension's module initialisation comes out of the import as another exception:
+    onnxruntime's raises `ImportError: initialization failed` *from* the KeyboardInterrupt. That is
+    an interruption, not a broken installation: one line and exit 130, like any other Ctrl-C.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def main(argv=None) -> None:
     configure_tensorflow()
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -200,9 +219,12 @@ def main(argv=None) -> None:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: {err}", err=True)
         sys.exit(1)
-    except ModuleNotFoundError as err:
-        package = _missing_package(err)
-        if package is None:  # a module of kerasllm's own: a bug, keep its traceback
+    except ImportError as err:
+        if _interrupted_import(err):
+            click.echo("kerasllm: interrupted", err=True)
+            sys.exit(130)
+        package = _missing_package(err) if isinstance(err, ModuleNotFoundError) else None
+        if package is None:  # a module of kerasllm's own, or an import that broke: a bug, keep its traceback
             raise
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: this command needs the Python package '{package}' (pip install {package})",
