@@ -170,11 +170,11 @@ class TokenSplit:
 
     def checked(self, validation_fraction: float, seq_len: int) -> "TokenSplit":
         """This split, if each part fills a window of `seq_len` (a DataError otherwise)."""
-        if len(self.train) < seq_len + 2:
+        if len(self.train) < seq_len + 1:
             raise DataError(
                 f"data: only {len(self.train)} training tokens, fewer than one window of --seq-len {seq_len}"
             )
-        if validation_fraction and len(self.validation) < seq_len + 2:
+        if validation_fraction and len(self.validation) < seq_len + 1:
             raise DataError(
                 f"data: only {len(self.validation)} validation tokens for --seq-len {seq_len}; "
                 "add text or lower the validation fraction"
@@ -222,7 +222,7 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
 
     if mode not in ("random", "packed"):
         raise UsageError(f"window mode must be 'random' or 'packed', got {mode!r}")
-    if len(ids) < seq_len + 2:
+    if len(ids) < seq_len + 1:  # one window: seq_len inputs and the target after the last
         raise DataError(f"data: {len(ids)} tokens cannot fill one window of {seq_len} + 1")
     if len(ids) <= IN_MEMORY_TOKENS:
         table = tf.constant(np.asarray(ids, dtype=np.int32))
@@ -238,10 +238,12 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         raise UsageError(f"shard index {shard_index} is out of range for {num_shards} shards")
     seed = shard_seed(seed, shard_index, num_shards)
     if mode == "random":
-        limit = len(ids) - seq_len - 1
+        # Offsets 0 .. len - seq_len - 1 inclusive (nanoGPT's torch.randint(len - block_size)): the last
+        # window's last target is the corpus's last token.
+        limit = len(ids) - seq_len
         offsets = tf.data.Dataset.random(seed=seed).map(as_written(lambda r: tf.math.floormod(r, limit)))
         if not repeat:
-            offsets = offsets.take(max(limit // seq_len, 1))
+            offsets = offsets.take(max((limit - 1) // seq_len, 1))
         dataset = offsets.batch(batch_size, drop_remainder=True).map(windows_at)
     else:
         count = (len(ids) - 1) // seq_len
