@@ -415,6 +415,20 @@ def test_decoding_options_that_go_together_run(run_cli, tmp_path, task, options)
     assert result.code == 0, result
 
 
+def test_resume_and_overwrite_together_are_a_usage_error_before_the_model_loads(run_cli, bundle, tmp_path):
+    """--overwrite was silently ignored and the run resumed."""
+    source = tmp_path / "in.txt"
+    source.write_text("x\ny\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "1", "output": "X"}\n')
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--resume", "--overwrite")
+    assert result.code == 2, result
+    assert result.err.splitlines() == ["kerasllm: error: --resume and --overwrite cannot go together (--resume "
+                                       "continues --output, --overwrite replaces it): give one"]
+    assert out.read_text() == '{"id": "1", "output": "X"}\n'  # untouched
+    assert fake_predictor.FakePredictor.devices == []  # refused before the model loaded
+
+
 def test_a_job_failing_before_its_first_line_leaves_no_empty_output(run_cli, bundle, tmp_path, monkeypatch):
     from kerasllm.errors import UsageError
 

@@ -119,6 +119,11 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         raise UsageError("no --input given and standard input is a terminal (pass --input FILE or pipe records in)")
     if shard_index >= num_shards:
         raise UsageError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} for --num-shards {num_shards}")
+    if resume and overwrite:
+        # Each names what to do with an existing --output: continue it or replace it. Taking
+        # one silently (--resume won) could throw away a run the user meant to start afresh.
+        raise UsageError("--resume and --overwrite cannot go together (--resume continues --output, "
+                         "--overwrite replaces it): give one")
     if input_path == "-" and num_shards > 1:
         raise UsageError("--num-shards needs an input file (standard input cannot be split into blocks)")
     _check_device(device)
