@@ -429,6 +429,21 @@ def test_resume_and_overwrite_together_are_a_usage_error_before_the_model_loads(
     assert fake_predictor.FakePredictor.devices == []  # refused before the model loaded
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_an_output_that_is_a_directory_is_a_usage_error_before_the_model_loads(run_cli, bundle, tmp_path, resume):
+    """It was `[Errno 21] Is a directory` (exit 1), once the model had loaded."""
+    source = tmp_path / "in.txt"
+    source.write_text("x\n")
+    odir = tmp_path / "odir"
+    odir.mkdir()
+    result = run_cli("generate", bundle, "-i", source, "-o", odir, *resume)
+    assert result.code == 2, result
+    assert result.err.splitlines() == [f"kerasllm: error: {odir}: is a directory, expected a file "
+                                       "(--output names the JSONL file to write)"]
+    assert fake_predictor.FakePredictor.devices == []  # refused before the model loaded
+    assert list(odir.iterdir()) == []
+
+
 def test_a_job_failing_before_its_first_line_leaves_no_empty_output(run_cli, bundle, tmp_path, monkeypatch):
     from kerasllm.errors import UsageError
 

@@ -130,6 +130,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     fmt = detect_format(input_path, fmt)
     if input_path != "-" and not Path(input_path).is_file():
         raise UsageError(f"{input_path}: no such file")
+    if output_path != "-" and Path(output_path).is_dir():  # else open() fails only after the model load
+        raise UsageError(f"{output_path}: is a directory, expected a file (--output names the JSONL file to write)")
     if output_path == "-" and resume:
         raise UsageError("--resume needs an --output file")
     output_exists = output_path != "-" and Path(output_path).is_file() and Path(output_path).stat().st_size > 0
