@@ -256,6 +256,17 @@ def bucket_boundaries(max_length: int) -> list[int]:
     return sizes + [max_length]
 
 
+def _check_lengths(sequences: Sequence[Sequence[int]], max_length: int) -> None:
+    """DataError naming the longest sequence if it is longer than `max_length` (bucketing would
+    otherwise fail at iteration, in a tf.data assertion that names neither). The recipes cut their
+    sequences to `--seq-len` first (`encode_rows`, `encode_tagged`, `encode_chunks`)."""
+    lengths = [len(s) for s in sequences]
+    longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+    if longest is not None and lengths[longest] > max_length:
+        raise DataError(f"data: sequence {longest} has {lengths[longest]} tokens, more than the maximum length "
+                        f"{max_length} (cut sequences to it first)")
+
+
 def _bucketed(dataset, max_length: int, batch_size: int, padding_values):
     import tensorflow as tf  # noqa: PLC0415
 
@@ -277,6 +288,8 @@ def classification_dataset(sequences: Sequence[Sequence[int]], labels: np.ndarra
     """`({"token_ids", "padding_mask"}, label)` batches, bucketed by length."""
     import tensorflow as tf  # noqa: PLC0415
 
+    _check_lengths(sequences, max_length)
+
     dataset = tf.data.Dataset.zip(ragged_slices(sequences),
                                   tf.data.Dataset.from_tensor_slices(np.asarray(labels, np.int32)))
     if shuffle:
@@ -294,6 +307,8 @@ def token_classification_dataset(sequences: Sequence[Sequence[int]], labels: Seq
     """`({"token_ids", "padding_mask"}, per-position labels)` batches, bucketed by length; the labels
     of padding are -1, as those of BOS, separators and continuation pieces (ignored by the loss)."""
     import tensorflow as tf  # noqa: PLC0415
+
+    _check_lengths(sequences, max_length)
 
     dataset = tf.data.Dataset.zip(ragged_slices(sequences), ragged_slices(labels))
     if shuffle:
@@ -322,6 +337,7 @@ def masked_lm_dataset(sequences: Sequence[Sequence[int]], batch_size: int, vocab
     import keras_hub  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
+    _check_lengths(sequences, max_length)
     pad_id = special_ids["pad"]
     generator = keras_hub.layers.MaskedLMMaskGenerator(
         vocabulary_size=vocab_size, mask_selection_rate=MASK_RATE, mask_token_id=special_ids["mask"],

@@ -57,3 +57,24 @@ def test_memmap_windows_reach_the_last_token_as_in_memory(mode, tmp_path, monkey
     np.testing.assert_array_equal(from_disk, in_memory)
     if mode == "random":
         assert from_disk.max() == 39
+
+
+# -- encoder task pipelines -----------------------------------------------------------------------
+SPECIAL = dict(pad=0, unk=1, bos=2, eos=3, mask=4, sep=5)
+
+
+def test_sequences_longer_than_the_maximum_are_refused_up_front_naming_the_longest():
+    from kerasllm.data_tasks import classification_dataset, masked_lm_dataset, token_classification_dataset
+
+    seqs = [list(range(2, 12)), list(range(2, 82)), list(range(2, 70))]
+    message = "sequence 1 has 80 tokens, more than the maximum length 64"
+    with pytest.raises(DataError, match=message):
+        classification_dataset(seqs, np.array([0, 1, 0]), 2, 0, 64, repeat=False)
+    with pytest.raises(DataError, match=message):
+        token_classification_dataset(seqs, [[-1] * len(s) for s in seqs], 2, 0, 64, repeat=False)
+    with pytest.raises(DataError, match=message):
+        masked_lm_dataset(seqs, 2, 90, SPECIAL, 64, repeat=False)
+    # max_length itself is allowed, and padded to its bucket
+    batches = list(classification_dataset([list(range(2, 66)), [2, 7]], np.array([0, 1]), 1, 0, 64,
+                                          shuffle=False, repeat=False))
+    assert [b[0]["token_ids"].shape[1] for b in batches] == [64, 16]
