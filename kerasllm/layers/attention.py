@@ -75,6 +75,11 @@ class MultiHeadAttention(keras.layers.Layer):
         cache_update_index: None for the growing cache, else the buffer index.
     Returns `(output [B, T, C], key, value)` where key/value are the updated cache.
 
+    Call arguments (cross-attention): `x`, `context` `[B, S, C_context]` (required; its
+    width sizes the key/value projection when the first call builds the layer), `bias`.
+    Returns `(output [B, T, C], key, value)`, key/value projected from `context`; decoders
+    project once (`project_key_value`) and attend per step (`cross_attend`) instead.
+
     Example:
     >>> layer = MultiHeadAttention(num_heads=2, head_dim=16)
     >>> x = keras.random.normal((1, 5, 32))
@@ -94,6 +99,9 @@ class MultiHeadAttention(keras.layers.Layer):
         self.cross_attention = cross_attention
 
     def build(self, x_shape, context_shape=None):
+        # Keras builds a layer on its first call from the shapes of call's tensor arguments,
+        # passing each to the build parameter named after it plus `_shape`: `context_shape` is
+        # `call`'s `context` (a build parameter without a call argument of that name fails).
         width = x_shape[-1]
         inner = self.num_heads * self.head_dim
         dense = dict(use_bias=self.use_bias, dtype=self.dtype_policy)
@@ -157,9 +165,16 @@ class MultiHeadAttention(keras.layers.Layer):
 
     # -- call ------------------------------------------------------------------------------
     def call(self, x, bias=None, positions=None, past_key=None, past_value=None,
-             cache_update_index=None, training=None):
+             cache_update_index=None, training=None, context=None):
         if self.cross_attention:
-            raise ValueError("cross-attention layers are called through `cross_attend`")
+            if context is None:
+                raise ValueError("a cross-attention layer is called with `context` (the sequence it attends "
+                                 "to), or through `cross_attend` with keys/values from `project_key_value`")
+            key, value = self.project_key_value(context)
+            return self.cross_attend(x, key, value, bias, training=training), key, value
+        if context is not None:
+            raise ValueError("`context` is for cross-attention layers (`cross_attention=True`); "
+                             "this one is self-attention")
         query, key, value = self._heads(self.qkv_dense(x), 3)
         query = ops.transpose(self._rope(query, positions), (0, 2, 1, 3))
         key = ops.transpose(self._rope(key, positions), (0, 2, 1, 3))

@@ -1,0 +1,50 @@
+"""kerasllm.layers used directly, outside the library's models: standalone calls, users'
+own functional models saved and loaded, argument checks."""
+
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+
+import keras
+
+from kerasllm.layers import MultiHeadAttention, attention_bias
+
+
+# -- MultiHeadAttention builds on its first call -----------------------------------------------
+@pytest.mark.parametrize("module", ["attention", "block", "embedding", "feedforward"])
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(f"kerasllm.layers.{module}")
+    result = doctest.testmod(mod, verbose=False)
+    assert result.attempted and not result.failed
+
+
+def test_multi_head_attention_builds_on_its_first_call():
+    keras.utils.set_random_seed(0)
+    layer = MultiHeadAttention(num_heads=2, head_dim=16, name="mha")
+    x = keras.random.normal((1, 5, 32))
+    out, key, value = layer(x, bias=attention_bias(5, 5))
+    assert tuple(out.shape) == (1, 5, 32) and tuple(key.shape) == tuple(value.shape) == (1, 2, 5, 16)
+    # The same variables as when built explicitly (TransformerBlock's way; saved models depend on it).
+    explicit = MultiHeadAttention(num_heads=2, head_dim=16, name="mha")
+    explicit.build((1, 5, 32))
+    assert [v.path for v in layer.weights] == [v.path for v in explicit.weights]
+    explicit.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np.asarray(explicit(x, bias=attention_bias(5, 5))[0]), np.asarray(out),
+                               atol=1e-6)
+
+
+def test_cross_attention_builds_on_its_first_call_from_the_context():
+    keras.utils.set_random_seed(0)
+    layer = MultiHeadAttention(num_heads=2, head_dim=4, cross_attention=True)
+    x, context = keras.random.normal((2, 3, 8)), keras.random.normal((2, 5, 12))
+    out, key, value = layer(x, context=context)
+    assert tuple(out.shape) == (2, 3, 8) and tuple(key.shape) == (2, 2, 5, 4)
+    assert tuple(layer.key_value_dense.kernel.shape) == (12, 16)
+    expected = layer.cross_attend(x, *layer.project_key_value(context))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="context"):
+        layer(x)
+    with pytest.raises(ValueError, match="context"):
+        MultiHeadAttention(num_heads=2, head_dim=4)(x, context=context)
