@@ -459,6 +459,90 @@ def test_a_job_failing_before_its_first_line_leaves_no_empty_output(run_cli, bun
     assert not out.exists()
 
 
+# -- pipes and devices as --input -----------------------------------------------------------------
+def _feeding(fifo: Path, data: bytes):
+    """A thread writing `data` into the named pipe `fifo` once a reader opens it; `stop()` unblocks
+    a writer no reader came for (the job refused the pipe before reading it)."""
+    import threading  # noqa: PLC0415
+
+    def write() -> None:
+        try:
+            fifo.write_bytes(data)
+        except OSError:  # stop()'s reader left before the data was written
+            pass
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+
+    def stop() -> None:
+        deadline = time.time() + 10
+        while writer.is_alive() and time.time() < deadline:  # a reader held open while the writer finishes
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            writer.join(timeout=0.05)
+            os.close(reader)
+        assert not writer.is_alive()
+
+    return stop
+
+
+@pytest.mark.parametrize("quiet", [[], ["-q"]], ids=["progress-bar", "quiet"])
+def test_a_named_pipe_as_input_is_read_once_as_a_stream(run_cli, bundle, tmp_path, quiet):
+    """A FIFO was refused as "no such file" (its check was `is_file()`); counting its lines for the
+    progress bar would have consumed it before the job read it."""
+    fifo = tmp_path / "in.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    stop = _feeding(fifo, b"abc\nde\n\nfgh\n")
+    try:
+        result = run_cli("generate", bundle, "-i", fifo, "-o", out, *quiet)
+    finally:
+        stop()
+    assert result.code == 0, result
+    assert read_jsonl(out) == [{"id": "1", "output": "CBA"}, {"id": "2", "output": "ED"},
+                               {"id": "4", "output": "HGF"}]
+    # --resume reads its input once too (the records the output holds are skipped as they stream by)
+    out.write_text('{"id": "1", "output": "CBA"}\n')
+    stop = _feeding(fifo, b"abc\nde\n\nfgh\n")
+    try:
+        result = run_cli("generate", bundle, "-i", fifo, "-o", out, "--resume", *quiet)
+    finally:
+        stop()
+    assert result.code == 0, result
+    assert read_jsonl(out) == [{"id": "1", "output": "CBA"}, {"id": "2", "output": "ED"},
+                               {"id": "4", "output": "HGF"}]
+
+
+def test_a_process_substitution_as_input_is_read(bundle, tmp_path):
+    """`-i <(head -3 prompts.txt)` was `/dev/fd/63: no such file`."""
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(["bash", "-c", '"$0" "$1" generate "$2" -i <(printf "abc\\nde\\n") -o "$3"',
+                           sys.executable, str(FAKE), str(bundle), str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert read_jsonl(out) == [{"id": "1", "output": "CBA"}, {"id": "2", "output": "ED"}]
+
+
+def test_a_pipe_cannot_be_sharded_and_a_directory_or_missing_input_is_named(run_cli, bundle, tmp_path):
+    fifo = tmp_path / "in.txt"
+    os.mkfifo(fifo)
+    stop = _feeding(fifo, b"abc\n")
+    try:
+        result = run_cli("generate", bundle, "-i", fifo, "-o", tmp_path / "o.jsonl", "--num-shards", 2)
+    finally:
+        stop()
+    assert result.code == 2, result
+    assert result.err.splitlines() == [f"kerasllm: error: --num-shards needs a regular input file ({fifo} is a pipe "
+                                       "or device: read once as a stream, it cannot be split into blocks)"]
+    result = run_cli("generate", bundle, "-i", tmp_path, "-o", tmp_path / "o.jsonl")
+    assert result.code == 2, result
+    assert result.err.splitlines() == [f"kerasllm: error: {tmp_path}: is a directory, expected a file"]
+    result = run_cli("generate", bundle, "-i", tmp_path / "nope.txt", "-o", tmp_path / "o.jsonl")
+    assert result.code == 2, result
+    assert result.err.splitlines() == [f"kerasllm: error: {tmp_path / 'nope.txt'}: no such file"]
+    assert fake_predictor.FakePredictor.devices == []  # each refused before the model loaded
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # -- resume, signals ---------------------------------------------------------------------------
 def _cli(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(FAKE), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,

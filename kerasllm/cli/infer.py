@@ -42,7 +42,7 @@ def batch_options(command):
     options = [
         click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path)),
         click.option("-i", "--input", "input_path", default="-", show_default=True,
-                     help="Input file, or - for standard input."),
+                     help="Input file (a pipe such as <(zcat in.gz) is read as a stream), or - for standard input."),
         click.option("-o", "--output", "output_path", default="-", show_default=True,
                      help="Output JSONL file, or - for standard output."),
         click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="auto", show_default=True,
@@ -128,8 +128,19 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         raise UsageError("--num-shards needs an input file (standard input cannot be split into blocks)")
     _check_device(device)
     fmt = detect_format(input_path, fmt)
-    if input_path != "-" and not Path(input_path).is_file():
-        raise UsageError(f"{input_path}: no such file")
+    # A pipe (`-i <(zcat big.txt.gz)`, a named FIFO) or a character device is a stream, read once
+    # from its start like standard input: counting its lines first (the progress bar's total, the
+    # shards' blocks) would consume what the job then reads.
+    streamed = input_path == "-"
+    if not streamed:
+        if Path(input_path).is_dir():
+            raise UsageError(f"{input_path}: is a directory, expected a file")
+        if not Path(input_path).exists():
+            raise UsageError(f"{input_path}: no such file")
+        streamed = not Path(input_path).is_file()
+        if streamed and num_shards > 1:
+            raise UsageError(f"--num-shards needs a regular input file ({input_path} is a pipe or device: "
+                             "read once as a stream, it cannot be split into blocks)")
     if output_path != "-" and Path(output_path).is_dir():  # else open() fails only after the model load
         raise UsageError(f"{output_path}: is a directory, expected a file (--output names the JSONL file to write)")
     if output_path == "-" and resume:
@@ -142,7 +153,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
 
     lines = None
     total_lines = None
-    if input_path != "-" and (num_shards > 1 or not quiet):
+    if not streamed and (num_shards > 1 or not quiet):
         total_lines = batch.count_lines(input_path)
         if num_shards > 1:
             lines = batch.shard_lines(total_lines, num_shards, shard_index)
