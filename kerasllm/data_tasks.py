@@ -223,7 +223,7 @@ def mask_for_evaluation(sequences: Sequence[Sequence[int]], vocab_size: int, mas
                         unselectable: Sequence[int], seed: int = 0, rate: float = MASK_RATE):
     """BERT masking (80% MASK, 10% random, 10% kept) in numpy with a fixed seed.
 
-    Written by hand (training uses keras-hub's `MaskedLMMaskGenerator` in tf.data)
+    Written in numpy (training masks in tf.data with `bert_masking`)
     because evaluation must also run on an ONNX bundle without TensorFlow, and the
     fixed seed makes perplexities comparable between a model dir and its bundle.
     Returns `(masked sequences, [(row, position, original id), ...])`.
@@ -329,38 +329,77 @@ def masked_lm_dataset(sequences: Sequence[Sequence[int]], batch_size: int, vocab
                       max_length: int, shuffle: bool = True, seed: int = 0, repeat: bool = True):
     """Masked-LM batches `(inputs, targets, sample_weights)`, masked anew every time (dynamic masking).
 
-    keras-hub's `MaskedLMMaskGenerator` selects 15% of the real tokens (never PAD, BOS,
-    EOS or SEP), replaces 80% of them by MASK, 10% by a random id and keeps 10%.
+    `bert_masking` selects 15% of the real tokens (never PAD, BOS, EOS or SEP), replaces
+    80% of them by MASK, 10% by a random id and keeps 10%, with stateless random ops seeded
+    per batch from `seed` (`Dataset.random`, re-drawn on each pass over a finite dataset):
+    the same seed gives the same batches, masks included.
     inputs: `{"token_ids", "padding_mask", "mask_positions"}`; targets: the original ids
     at `mask_positions`; sample weights: 1 for real selections, 0 for their padding.
     """
-    import keras_hub  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
     _check_lengths(sequences, max_length)
     pad_id = special_ids["pad"]
-    generator = keras_hub.layers.MaskedLMMaskGenerator(
-        vocabulary_size=vocab_size, mask_selection_rate=MASK_RATE, mask_token_id=special_ids["mask"],
-        mask_selection_length=mask_selection_length(max_length),
-        unselectable_token_ids=sorted({pad_id, special_ids["bos"], special_ids["eos"], special_ids["sep"]}),
-    )
+    unselectable = sorted({pad_id, special_ids["bos"], special_ids["eos"], special_ids["sep"]})
+    selection_length = mask_selection_length(max_length)
     dataset = ragged_slices(sequences)
     if shuffle:
         dataset = dataset.shuffle(len(sequences), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
     dataset = _bucketed(dataset, max_length, batch_size, tf.constant(pad_id, tf.int32))
+    # One stateless seed [2] per batch; in step with the batches, so parallel maps stay deterministic.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
-    def mask(token_ids):
-        out = generator(token_ids)
-        inputs = {"token_ids": tf.cast(out["token_ids"], tf.int32),
-                  # From the ids before masking: a random replacement may be the PAD id.
-                  "padding_mask": tf.not_equal(token_ids, pad_id),
-                  "mask_positions": tf.cast(out["mask_positions"], tf.int32)}
-        return inputs, tf.cast(out["mask_ids"], tf.int32), out["mask_weights"]
+    def mask(token_ids, batch_seed):
+        masked, positions, ids, weights = bert_masking(token_ids, batch_seed, vocab_size, special_ids["mask"],
+                                                       unselectable, selection_length)
+        # padding_mask from the ids before masking: a random replacement may be the PAD id.
+        inputs = {"token_ids": masked, "padding_mask": tf.not_equal(token_ids, pad_id), "mask_positions": positions}
+        return inputs, ids, weights
 
     # Fixed parallelism, no autotuning: see kerasllm.data.without_autotune.
+    dataset = tf.data.Dataset.zip(dataset, seeds)
     return without_autotune(dataset.map(as_written(mask), num_parallel_calls=2).prefetch(2))
+
+
+def bert_masking(token_ids, seed, vocab_size: int, mask_id: int, unselectable: Sequence[int], selection_length: int,
+                 rate: float = MASK_RATE, mask_token_rate: float = 0.8, random_token_rate: float = 0.1):
+    """BERT masking of a batch `token_ids [B, T]` (int32) by stateless random ops from `seed` (int64 `[2]`).
+
+    As keras-hub's `MaskedLMMaskGenerator` (tf-text's `mask_language_model`), which takes no seed:
+    in each row `ceil(rate * n)` (at most `selection_length`) of the `n` tokens not in
+    `unselectable` are chosen, uniformly; of those `mask_token_rate` become `mask_id`,
+    `random_token_rate` a uniform random id below `vocab_size` and the rest stay.
+    Returns `(masked ids [B, T], positions [B, L] ascending, original ids [B, L], weights [B, L]
+    float32)`, the last three padded with 0 to `L = selection_length`.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    select_seed, value_seed, random_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    shape = tf.shape(token_ids)
+    rows, length = shape[0], shape[1]
+    selectable = tf.reduce_all(token_ids[:, :, None] != tf.constant(unselectable, tf.int32)[None, None, :], axis=-1)
+    count = tf.math.ceil(rate * tf.reduce_sum(tf.cast(selectable, tf.float32), axis=1))
+    count = tf.minimum(tf.cast(count, tf.int32), selection_length)
+    # A uniformly random subset: the `count` selectable positions of highest random score.
+    scores = tf.where(selectable, tf.random.stateless_uniform(shape, select_seed), -1.0)
+    top = tf.math.top_k(scores, k=tf.minimum(selection_length, length), sorted=True).indices
+    chosen = tf.range(tf.shape(top)[1])[None, :] < count[:, None]
+    positions = tf.sort(tf.where(chosen, top, length), axis=1)  # ascending, the unchosen (= length) last
+    positions = tf.pad(positions, [[0, 0], [0, selection_length - tf.shape(positions)[1]]], constant_values=length)
+    valid = positions < length
+    positions = tf.where(valid, positions, 0)
+    positions.set_shape([None, selection_length])
+    valid.set_shape([None, selection_length])
+    original = tf.where(valid, tf.gather(token_ids, positions, batch_dims=1), 0)
+    roll = tf.random.stateless_uniform(tf.shape(positions), value_seed)
+    random_ids = tf.random.stateless_uniform(tf.shape(positions), random_seed, maxval=vocab_size, dtype=tf.int32)
+    values = tf.where(roll < mask_token_rate, mask_id,
+                      tf.where(roll < mask_token_rate + random_token_rate, random_ids, original))
+    where = tf.stack([tf.broadcast_to(tf.range(rows)[:, None], tf.shape(positions)), positions], axis=-1)
+    masked = tf.tensor_scatter_nd_update(token_ids, tf.boolean_mask(where, valid), tf.boolean_mask(values, valid))
+    return masked, positions, original, tf.cast(valid, tf.float32)
 
 
 def iter_batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:

@@ -78,3 +78,62 @@ def test_sequences_longer_than_the_maximum_are_refused_up_front_naming_the_longe
     batches = list(classification_dataset([list(range(2, 66)), [2, 7]], np.array([0, 1]), 1, 0, 64,
                                           shuffle=False, repeat=False))
     assert [b[0]["token_ids"].shape[1] for b in batches] == [64, 16]
+
+
+def masked_batches(seed: int, **options):
+    from kerasllm.data_tasks import masked_lm_dataset
+
+    seqs = [[2] + list(range(6, 6 + n)) for n in [3, 10, 20, 40, 7, 33]]
+    dataset = masked_lm_dataset(seqs, 2, 60, SPECIAL, 64, seed=seed, **options)
+    return [(x["token_ids"].numpy(), x["mask_positions"].numpy(), y.numpy(), w.numpy()) for x, y, w in dataset]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for one, other in zip(a, b):
+        for x, y in zip(one, other):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_masked_lm_masks_are_reproducible_with_a_seed(shuffle):
+    """Two pipelines of one seed: the same batches, masks included; another seed masks otherwise."""
+    first = masked_batches(5, shuffle=shuffle, repeat=False)
+    assert_same_batches(first, masked_batches(5, shuffle=shuffle, repeat=False))
+    other = masked_batches(6, shuffle=False, repeat=False)
+    if not shuffle:  # the same rows in the same order, masked differently
+        assert any((a[1] != b[1]).any() for a, b in zip(first, other))
+    for ids, positions, targets, weights in first:
+        chosen = positions[weights > 0]
+        assert (chosen > 0).all()  # never BOS
+        assert targets.dtype == np.int32 and weights.dtype == np.float32
+
+
+def test_masked_lm_masks_differ_between_epochs_of_one_pipeline():
+    from kerasllm.data_tasks import masked_lm_dataset
+
+    seqs = [[2] + list(range(6, 46))] * 4
+    dataset = masked_lm_dataset(seqs, 2, 60, SPECIAL, 64, seed=1, shuffle=False, repeat=False)
+    epochs = [[x["mask_positions"].numpy() for x, _, _ in dataset] for _ in range(2)]
+    assert any((a != b).any() for a, b in zip(*epochs))
+
+
+def test_bert_masking_selects_ceil_15_percent_of_the_selectable_tokens_in_order():
+    import tensorflow as tf
+
+    from kerasllm.data_tasks import bert_masking
+
+    ids = np.zeros((3, 32), np.int32)
+    ids[0, :21] = [2] + list(range(6, 26))  # 20 selectable: 3 chosen
+    ids[1, :3] = [2, 7, 3]  # 1 selectable (EOS is not): 1 chosen
+    ids[2, :2] = [2, 3]  # none
+    masked, positions, targets, weights = (t.numpy() for t in bert_masking(
+        tf.constant(ids), tf.constant([4, 2], tf.int64), 60, 4, [0, 2, 3, 5], 6))
+    assert positions.shape == (3, 6) and weights.sum(axis=1).tolist() == [3, 1, 0]
+    for row in range(3):
+        chosen = positions[row][weights[row] > 0]
+        assert (np.diff(chosen) > 0).all() and (positions[row][weights[row] == 0] == 0).all()
+        np.testing.assert_array_equal(targets[row][weights[row] > 0], ids[row, chosen])
+        unchosen = np.setdiff1d(np.arange(32), chosen)
+        np.testing.assert_array_equal(masked[row, unchosen], ids[row, unchosen])
+    assert positions[1, 0] == 1 and (targets[2] == 0).all()
