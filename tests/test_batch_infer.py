@@ -649,6 +649,54 @@ def test_sharded_runs_joined_equal_the_unsharded_run(run_cli, bundle, tmp_path, 
     assert len(whole.read_bytes().splitlines()) == 101
 
 
+def test_a_shard_without_records_succeeds_with_an_empty_part(run_cli, bundle, tmp_path):
+    """A shard holding no records (more shards than lines, or a block of blank lines) failed its
+    array task: "no records to process", exit 1, and no part to concatenate."""
+    source = tmp_path / "in.txt"
+    source.write_text("abc\nde\nfgh\n")
+    whole = tmp_path / "whole.jsonl"
+    assert run_cli("generate", bundle, "-i", source, "-o", whole, "-q").code == 0
+    parts = []
+    for index in range(5):  # blocks of the 3 lines: shards 0 and 2 get none
+        part = tmp_path / f"part{index}.jsonl"
+        loads = len(fake_predictor.FakePredictor.devices)
+        result = run_cli("generate", bundle, "-i", source, "-o", part, "--num-shards", 5, "--shard-index", index)
+        assert result.code == 0, result
+        parts.append(part.read_bytes())
+        if index in (0, 2):
+            assert result.err.splitlines() == [f"kerasllm: generate: --shard-index {index} of 5: no records in this "
+                                               f"shard's block ({source} has 3 lines, fewer than the shards); "
+                                               f"wrote an empty {part}"]
+            assert len(fake_predictor.FakePredictor.devices) == loads  # no model loaded for nothing
+    assert [bool(p) for p in parts] == [False, True, False, True, True]
+    assert b"".join(parts) == whole.read_bytes()
+    # quiet: no note; a rerun with --resume of the empty part is done too
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "part0.jsonl", "--num-shards", 5,
+                     "--shard-index", 0, "--resume", "-q")
+    assert (result.code, result.err, (tmp_path / "part0.jsonl").read_bytes()) == (0, "", b"")
+    # a block of blank lines
+    source.write_text("a\n\n\n\nb\n")
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "blank.jsonl", "--num-shards", 3,
+                     "--shard-index", 1)
+    assert result.code == 0, result
+    assert result.err.splitlines() == [f"kerasllm: generate: --shard-index 1 of 3: no records in this shard's block "
+                                       f"(lines 2-3 of {source} hold none); wrote an empty {tmp_path / 'blank.jsonl'}"]
+    assert (tmp_path / "blank.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"])
+def test_a_sharded_run_of_an_empty_input_is_still_an_error(run_cli, bundle, tmp_path, content):
+    source = tmp_path / "empty.txt"
+    source.write_bytes(content)
+    for index in range(2):
+        out = tmp_path / f"part{index}.jsonl"
+        result = run_cli("generate", bundle, "-i", source, "-o", out, "--num-shards", 2, "--shard-index", index, "-q")
+        assert result.code == 1, result
+        assert result.err.splitlines() == [f"kerasllm: error: {source}: no records to process (the input is empty "
+                                           "or holds only blank lines)"]
+        assert not out.exists()
+
+
 # -- reader fuzzing ----------------------------------------------------------------------------
 GOOD = [f"good record {i}" for i in range(5)]
 

@@ -154,7 +154,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     lines = None
     total_lines = None
     if not streamed and (num_shards > 1 or not quiet):
-        total_lines = batch.count_lines(input_path)
+        total_lines = input_lines = batch.count_lines(input_path)
         if num_shards > 1:
             lines = batch.shard_lines(total_lines, num_shards, shard_index)
             total_lines = lines[1] - lines[0] + 1
@@ -164,6 +164,27 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
     # column (or no header at all) stops the job here, before the model loads or the output opens.
     first = next(records, None)
+    if first is None and lines is not None and not point.done:
+        # This shard's block of lines holds no record (more shards than the input has lines, or a
+        # block of blank lines). In an array job that is a task with nothing to do, not a failure:
+        # it succeeds, without loading the model, and leaves an empty output, so that the shards'
+        # outputs still concatenate (and a `part-$I` a later step lists is there). An input with
+        # no record at all is still an error, as unsharded.
+        everything = read_records(input_path, fmt, id_field=id_field, text_field=text_field)
+        try:
+            input_empty = next(everything, None) is None
+        finally:
+            everything.close()
+        if input_empty:
+            raise DataError(f"{input_path}: no records to process (the input is empty or holds only blank lines)")
+        batch.JsonlWriter(output_path, append=resume).close()
+        if not quiet:
+            block = (f"lines {lines[0]}-{lines[1]} of {input_path} hold none" if lines[0] <= lines[1]
+                     else f"{input_path} has {input_lines} lines, fewer than the shards")
+            written = "nothing written" if output_path == "-" else f"wrote an empty {output_path}"
+            click.echo(f"kerasllm: {task}: --shard-index {shard_index} of {num_shards}: no records in this "
+                       f"shard's block ({block}); {written}", err=True)
+        return
     records = itertools.chain([first] if first is not None else [], records)
     retain_freed_memory()  # a serving process: freed arrays stay for the next batch (export/runtime.py)
     predictor = load_predictor(task, source, device=device)
