@@ -9,7 +9,15 @@ import pytest
 
 import keras
 
-from kerasllm.layers import MultiHeadAttention, attention_bias
+from kerasllm.layers import (FeedForward, MultiHeadAttention, TokenAndPositionEmbedding, TransformerBlock,
+                             attention_bias)
+
+
+def _round_trip(model, path, x):
+    """Save `model` to `path` (.keras), load it back, and check the loaded model's output on `x`."""
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(loaded(x)))
 
 
 # -- MultiHeadAttention builds on its first call -----------------------------------------------
@@ -48,3 +56,38 @@ def test_cross_attention_builds_on_its_first_call_from_the_context():
         layer(x)
     with pytest.raises(ValueError, match="context"):
         MultiHeadAttention(num_heads=2, head_dim=4)(x, context=context)
+
+
+# -- users' own functional models save and load -------------------------------------------------
+def test_functional_model_with_feedforward_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((None,), dtype="int32")
+    h = FeedForward(16)(TokenAndPositionEmbedding(20, 8, 8)(tokens))
+    model = keras.Model(tokens, keras.layers.Dense(3)(h))
+    _round_trip(model, tmp_path / "ff.keras", np.arange(12, dtype="int32").reshape(2, 6) % 20)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(activation="swiglu", norm_first=False, rotary=True)])
+def test_functional_model_with_a_transformer_block_saves_and_loads(overrides, tmp_path):
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((None,), dtype="int32")
+    h = TokenAndPositionEmbedding(20, 8, 8, position="rotary" if overrides else "learned")(tokens)
+    h, _, _ = TransformerBlock(num_heads=2, intermediate_dim=16, **overrides)(h)
+    model = keras.Model(tokens, keras.layers.Dense(3)(h))
+    _round_trip(model, tmp_path / "block.keras", np.arange(12, dtype="int32").reshape(2, 6) % 20)
+
+
+def test_functional_model_with_attention_saves_and_loads(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = keras.Input((None, 8))
+    out, _, _ = MultiHeadAttention(num_heads=2, head_dim=4)(x)
+    model = keras.Model(x, out)
+    _round_trip(model, tmp_path / "mha.keras", np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32"))
+
+
+def test_builds_accept_shapes_as_lists():
+    """Keras restores build shapes from JSON as lists."""
+    FeedForward(16).build([None, None, 8])
+    TransformerBlock(num_heads=2, intermediate_dim=16, cross_attention=True).build([None, None, 8])
+    MultiHeadAttention(num_heads=2, head_dim=4, cross_attention=True).build([None, 3, 8], [None, 5, 12])
+    TokenAndPositionEmbedding(20, 8, 8).build([None, None])

@@ -102,6 +102,9 @@ class MultiHeadAttention(keras.layers.Layer):
         # Keras builds a layer on its first call from the shapes of call's tensor arguments,
         # passing each to the build parameter named after it plus `_shape`: `context_shape` is
         # `call`'s `context` (a build parameter without a call argument of that name fails).
+        # Shapes may be lists (Keras restores them from JSON when loading a saved model).
+        x_shape = tuple(x_shape)
+        context_shape = None if context_shape is None else tuple(context_shape)
         width = x_shape[-1]
         inner = self.num_heads * self.head_dim
         dense = dict(use_bias=self.use_bias, dtype=self.dtype_policy)

@@ -64,6 +64,7 @@ class TransformerBlock(keras.layers.Layer):
         return norm
 
     def build(self, x_shape, *args, **kwargs):
+        x_shape = tuple(x_shape)  # a list when Keras restores it from a saved model's JSON
         width = x_shape[-1]
         head_dim = width // self.num_heads
         common = dict(num_heads=self.num_heads, head_dim=head_dim, dropout=self.dropout,

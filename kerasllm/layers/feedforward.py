@@ -105,6 +105,7 @@ class FeedForward(keras.layers.Layer):
         self.use_bias = use_bias
 
     def build(self, x_shape):
+        x_shape = tuple(x_shape)  # a list when Keras restores it from a saved model's JSON
         gated = self.activation == "swiglu"
         self.inner_dense = keras.layers.Dense(
             self.intermediate_dim * (2 if gated else 1), use_bias=self.use_bias, name="inner",
