@@ -91,3 +91,13 @@ def test_builds_accept_shapes_as_lists():
     TransformerBlock(num_heads=2, intermediate_dim=16, cross_attention=True).build([None, None, 8])
     MultiHeadAttention(num_heads=2, head_dim=4, cross_attention=True).build([None, 3, 8], [None, 5, 12])
     TokenAndPositionEmbedding(20, 8, 8).build([None, None])
+
+
+# -- activations are checked ---------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda a: FeedForward(16, a),
+                                  lambda a: TransformerBlock(num_heads=2, intermediate_dim=16, activation=a)])
+def test_an_unknown_activation_is_refused_at_construction(make):
+    with pytest.raises(ValueError, match="'bogus'.*'gelu', 'relu', 'swiglu'"):
+        make("bogus")
+    for name in ("gelu", "relu", "swiglu"):
+        make(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 
 from kerasllm.layers.attention import MultiHeadAttention
-from kerasllm.layers.feedforward import FeedForward
+from kerasllm.layers.feedforward import FeedForward, check_activation
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -50,7 +50,7 @@ class TransformerBlock(keras.layers.Layer):
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.dropout = dropout
-        self.activation = activation
+        self.activation = check_activation(activation)  # at construction, not when build makes the FeedForward
         self.norm_first = norm_first
         self.layer_norm_epsilon = layer_norm_epsilon
         self.use_bias = use_bias

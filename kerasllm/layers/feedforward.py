@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kerasllm.config import ACTIVATIONS
+
 
 _SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
@@ -36,6 +38,14 @@ def gelu_for_training(x):
         return upstream * (cdf + x * pdf)
 
     return y, grad
+
+
+def check_activation(activation):
+    """`activation` if FeedForward knows it, else ValueError naming the ones it does."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of "
+                         f"{', '.join(repr(name) for name in ACTIVATIONS)}")
+    return activation
 
 
 def _optimization_barrier(x):
@@ -101,7 +111,7 @@ class FeedForward(keras.layers.Layer):
     def __init__(self, intermediate_dim, activation="gelu", use_bias=True, **kwargs):
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim
-        self.activation = activation
+        self.activation = check_activation(activation)
         self.use_bias = use_bias
 
     def build(self, x_shape):
@@ -126,7 +136,7 @@ class FeedForward(keras.layers.Layer):
             # Inference keeps the plain op: its graph is what ONNX export and ONNX Runtime's
             # GELU fusion expect.
             h = gelu_for_training(h) if training else ops.gelu(h, approximate=False)
-        else:
+        else:  # "relu" (__init__ admits no other)
             h = ops.relu(h)
         if not training or self.output_dense.quantization_mode is not None or not _cpu_only():
             return self.output_dense(h)
