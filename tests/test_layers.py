@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import keras
+import tensorflow as tf
+from keras import ops
 
 from kerasllm.layers import (FeedForward, MultiHeadAttention, TokenAndPositionEmbedding, TransformerBlock,
                              attention_bias)
@@ -101,3 +103,45 @@ def test_an_unknown_activation_is_refused_at_construction(make):
         make("bogus")
     for name in ("gelu", "relu", "swiglu"):
         make(name)
+
+
+# -- learned positions past max_length ----------------------------------------------------------
+def test_learned_positions_past_max_length_are_a_clear_error():
+    layer = TokenAndPositionEmbedding(20, 4, 8, position="learned")
+    layer(np.zeros((1, 4), "int32"))  # max_length tokens: fine
+    with pytest.raises(ValueError, match="6 tokens.*max_length 4"):
+        layer(np.zeros((1, 6), "int32"))
+    with pytest.raises(ValueError, match="position 4.*max_length 4"):
+        layer(np.zeros((1, 5), "int32"), np.arange(5, dtype="int32")[None])
+    with pytest.raises(ValueError, match="position 4.*max_length 4"):
+        layer(np.zeros((1, 2), "int32"), ops.convert_to_tensor([[0, 4]], "int32"))
+    with pytest.raises(ValueError, match="position -1"):
+        layer(np.zeros((1, 2), "int32"), np.array([[0, -1]], "int32"))
+    # Traced with a static length: at trace time, for a Keras model or a tf.function alike.
+    with pytest.raises(ValueError, match="6 tokens.*max_length 4"):
+        layer(keras.Input((6,), dtype="int32"))
+    with pytest.raises(ValueError, match="6 tokens.*max_length 4"):
+        tf.function(lambda t: layer(t)).get_concrete_function(tf.TensorSpec((1, 6), tf.int32))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_learned_positions_within_max_length_run_traced_with_a_dynamic_length(jit_compile):
+    layer = TokenAndPositionEmbedding(20, 4, 8, position="learned")
+    ids = np.array([[1, 2, 3]], "int32")
+    eager = np.asarray(layer(ids))
+    step = tf.function(lambda t, p: layer(t, p), jit_compile=jit_compile,
+                       input_signature=[tf.TensorSpec((None, None), tf.int32)] * 2)
+    np.testing.assert_allclose(step(ids, np.array([[0, 1, 2]], "int32")).numpy(), eager, atol=1e-6)
+    plain = tf.function(lambda t: layer(t), jit_compile=jit_compile,
+                        input_signature=[tf.TensorSpec((None, None), tf.int32)])
+    np.testing.assert_allclose(plain(ids).numpy(), eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "rotary"])
+def test_sinusoidal_and_rotary_positions_run_past_max_length(position):
+    layer = TokenAndPositionEmbedding(20, 4, 8, position=position)
+    assert tuple(layer(np.zeros((1, 9), "int32")).shape) == (1, 9, 8)
+    assert tuple(layer(np.zeros((1, 2), "int32"), np.array([[7, 100]], "int32")).shape) == (1, 2, 8)
+    assert tuple(layer(keras.Input((9,), dtype="int32")).shape) == (None, 9, 8)
+    traced = tf.function(lambda t: layer(t), input_signature=[tf.TensorSpec((None, None), tf.int32)])
+    assert tuple(traced(np.zeros((2, 11), "int32")).shape) == (2, 11, 8)

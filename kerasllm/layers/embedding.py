@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -33,7 +34,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         vocab_size: number of token ids.
         max_length: number of learned positions.
         hidden_dim: embedding width `C`.
-        position: "learned", "sinusoidal" or "rotary" (nothing added here).
+        position: "learned", "sinusoidal" or "rotary" (nothing added here). Learned
+            positions are `0..max_length-1`; the others work at any position.
         dropout: dropout on the summed embeddings.
 
     Call arguments:
@@ -70,7 +72,37 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.built = True
 
+    def _check_learned_positions(self, token_ids, positions):
+        """ValueError for learned positions past the table, where that is known without
+        running the graph: a static sequence length (eager, or traced with a static length)
+        over `max_length`, or explicit positions outside `0..max_length-1` in an eager call.
+
+        Not checked inside a traced graph (dynamic length, or positions as graph tensors): XLA
+        compiles TensorFlow's Assert to a no-op, and its gather clamps an out-of-range index
+        (TensorFlow's on the GPU returns zeros), so a compiled training step could only pay
+        for a check that never fires. There, callers keep within max_length (CausalLM and
+        Seq2SeqLM check their generation lengths against it).
+        """
+        if positions is None:
+            length = token_ids.shape[1]
+            if length is not None and length > self.max_length:
+                raise ValueError(f"a sequence of {length} tokens is longer than max_length {self.max_length}, "
+                                 f"the number of learned positions")
+            return
+        import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+        if keras.utils.is_keras_tensor(positions) or not tf.executing_eagerly():
+            return
+        positions = np.asarray(positions)
+        if positions.size:
+            for bad in (positions.max(), positions.min()):
+                if not 0 <= bad < self.max_length:
+                    raise ValueError(f"position {bad} is outside the learned positions 0..{self.max_length - 1} "
+                                     f"(max_length {self.max_length})")
+
     def call(self, token_ids, positions=None, training=None):
+        if self.position == "learned":
+            self._check_learned_positions(token_ids, positions)
         x = self.token_embedding(token_ids)
         if positions is None and self.position != "rotary":
             # Positions 0..T-1 (training without padding): a slice of the table, whose
