@@ -8,6 +8,8 @@ within the export's parity tolerance. Options (names shared with the batch CLI):
     embed     normalize=False: scale each embedding to unit length
     tag       none
 
+An unknown option name, or a top_k below 1, is a UsageError; an empty batch gets [].
+
 Results: classify `{"label": str, "scores": {label: probability}}` (most probable first),
 embed `{"embedding": [float, ...]}`, tag `{"tokens": [word, ...], "tags": [tag, ...],
 "scores": [probability of each tag, ...]}`. `check` turns a text into `[BOS] + ids` (tag: a
@@ -29,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from kerasllm.errors import UsageError
-from kerasllm.export.batch import plan_batches
+from kerasllm.export.batch import TASK_DEFAULTS, plan_batches
 from kerasllm.export.predict import RecordError, trained_seq_len
 from kerasllm.export.word_pieces import TRUNCATE_HINT, WordPieces, align_words
 
@@ -134,14 +136,31 @@ class EncoderPredictor:
                 results[name][rows, :value.shape[1]] = value
         return results
 
-    def predict(self, batch: Sequence[list[int]], top_k: int | None = None, normalize: bool = False,
-                **_: Any) -> list[dict]:
+    def options(self, **options: Any) -> dict[str, Any]:
+        """The options with their defaults (`batch.TASK_DEFAULTS`): UsageError for an unknown name
+        or a `top_k` that is not a whole number >= 1 (None: all labels)."""
+        known = TASK_DEFAULTS[self.task]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"{self.task}: unknown option {unknown[0]!r}"
+                             f" (known: {', '.join(sorted(known)) or 'none'})")
+        options = {**known, **options}
+        top_k = options.get("top_k")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise UsageError(f"{self.task}: top_k must be a whole number >= 1 (or None for all labels), got {top_k!r}")
+        return options
+
+    def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
+        options = self.options(**options)
+        if not batch:
+            return []
         if self.task == "embed":
             vectors = self.outputs(batch, ["embeddings"])["embeddings"].astype(np.float64)
-            if normalize:
+            if options["normalize"]:
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
             return [{"embedding": [round(float(v), 7) for v in row]} for row in vectors]
         probabilities = softmax(self.outputs(batch, ["logits"])["logits"])
+        top_k = options["top_k"]
         results = []
         for row in probabilities:
             order = np.argsort(-row, kind="stable")[:top_k or len(row)]
@@ -168,7 +187,10 @@ class TagPredictor(EncoderPredictor):
         logits = self.outputs(batch, ["logits"])["logits"]
         return [softmax(row[pieces.starts]) for row, pieces in zip(logits, batch)]
 
-    def predict(self, batch: Sequence[WordPieces], **_: Any) -> list[dict]:
+    def predict(self, batch: Sequence[WordPieces], **options: Any) -> list[dict]:
+        self.options(**options)
+        if not batch:
+            return []
         results = []
         for pieces, probabilities in zip(batch, self.word_probabilities(batch)):
             chosen = probabilities.argmax(-1)

@@ -137,3 +137,59 @@ def test_bert_masking_selects_ceil_15_percent_of_the_selectable_tokens_in_order(
         unchosen = np.setdiff1d(np.arange(32), chosen)
         np.testing.assert_array_equal(masked[row, unchosen], ids[row, unchosen])
     assert positions[1, 0] == 1 and (targets[2] == 0).all()
+
+
+# -- encoder predictors ---------------------------------------------------------------------------
+def encoder_predictor(task: str):
+    """A classify/embed/tag predictor over a stand-in graph: logits [B, 3] (or [B, T, 3] to tag)."""
+    from pathlib import Path
+
+    from kerasllm.export.encoder_predictor import EncoderPredictor, TagPredictor
+
+    def run(ids, mask, names):
+        logits = np.stack([ids.sum(-1) * 0.0, ids.sum(-1) * 0.01, -ids.sum(-1) * 0.01], -1)
+        per_token = np.stack([ids * 0.01, ids * 0.0, -ids * 0.01], -1)
+        outputs = {"logits": per_token if task == "tag" else logits, "embeddings": np.stack([ids.sum(-1), mask.sum(-1)], -1)}
+        return {name: outputs[name] for name in names}
+
+    model_task = {"classify": "classifier", "embed": "masked-lm", "tag": "token-classifier"}[task]
+    config = {"max_length": 16, "bos_id": 2, "pad_id": 0}
+    cls = TagPredictor if task == "tag" else EncoderPredictor
+    return cls(task, model_task, None, config, ["a", "b", "c"], run, Path("src"))
+
+
+BATCH = [[2, 7, 8], [2, 9]]
+
+
+@pytest.mark.parametrize("task, options, message", [
+    ("classify", dict(topk=1), "classify: unknown option 'topk'"),
+    ("classify", dict(normalize=True), "classify: unknown option 'normalize'"),
+    ("embed", dict(normalise=True), "embed: unknown option 'normalise'"),
+    ("embed", dict(top_k=1), "embed: unknown option 'top_k'"),
+    ("tag", dict(top_k=1), "tag: unknown option 'top_k'"),
+    ("classify", dict(top_k=0), "top_k must be a whole number >= 1"),
+    ("classify", dict(top_k=-1), "top_k must be a whole number >= 1"),
+    ("classify", dict(top_k=1.5), "top_k must be a whole number >= 1"),
+])
+def test_encoder_predictors_refuse_unknown_options_and_a_top_k_below_one(task, options, message):
+    from kerasllm.errors import UsageError
+
+    predictor = encoder_predictor(task)
+    with pytest.raises(UsageError, match=message):
+        predictor.predict(BATCH, **options)
+
+
+def test_encoder_predictors_take_the_batch_clis_options_and_an_empty_batch():
+    from kerasllm.export.batch import TASK_DEFAULTS
+
+    classify = encoder_predictor("classify")
+    assert len(classify.predict(BATCH, **TASK_DEFAULTS["classify"])[0]["scores"]) == 3
+    top = classify.predict(BATCH, top_k=np.int64(2))
+    assert [list(r["scores"]) for r in top] == [["b", "a"], ["b", "a"]]
+    assert list(classify.predict(BATCH, top_k=5)[0]["scores"]) == ["b", "a", "c"]
+    embed = encoder_predictor("embed")
+    assert embed.predict(BATCH, **TASK_DEFAULTS["embed"])[1]["embedding"] == [11.0, 2.0]
+    assert np.linalg.norm(embed.predict(BATCH, normalize=True)[1]["embedding"]) == pytest.approx(1.0)
+    for task in ("classify", "embed", "tag"):
+        assert encoder_predictor(task).predict([], **TASK_DEFAULTS[task]) == []
+
