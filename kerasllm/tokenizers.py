@@ -218,11 +218,30 @@ class TextTokenizer:
                 for encoding in self.tokenizer.encode_batch(texts[start:start + ENCODE_CHUNK], add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; ValueError naming an id outside `0 .. vocab_size - 1` (the library
+        raises a bare OverflowError for a negative one and drops one past the vocabulary)."""
+        ids = list(map(int, ids))
+        try:
+            if max(ids, default=0) >= self.vocab_size:
+                raise self._bad_id(ids)
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        except OverflowError:  # a negative id (or one past 2**32)
+            raise self._bad_id(ids) from None
 
     def decode_batch(self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
-        return self.tokenizer.decode_batch([[int(i) for i in r] for r in rows],
-                                           skip_special_tokens=skip_special_tokens)
+        """`decode` of each row (ValueError as `decode` for an id outside the vocabulary)."""
+        rows = [list(map(int, r)) for r in rows]
+        try:
+            if max(map(max, filter(None, rows)), default=0) >= self.vocab_size:
+                raise self._bad_id([i for r in rows for i in r])
+            return self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        except OverflowError:
+            raise self._bad_id([i for r in rows for i in r]) from None
+
+    def _bad_id(self, ids: Sequence[int]) -> ValueError:
+        bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+        return ValueError(f"token id {bad} is outside the vocabulary (ids 0 .. {self.vocab_size - 1}, "
+                          f"vocabulary size {self.vocab_size})")
 
     def describe(self) -> dict:
         model = json.loads(self.tokenizer.to_str())["model"]["type"]

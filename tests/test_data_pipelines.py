@@ -193,3 +193,20 @@ def test_encoder_predictors_take_the_batch_clis_options_and_an_empty_batch():
     for task in ("classify", "embed", "tag"):
         assert encoder_predictor(task).predict([], **TASK_DEFAULTS[task]) == []
 
+
+# -- tokenizer ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_decoding_an_id_outside_the_vocabulary_is_a_value_error_naming_it(kind):
+    from kerasllm.tokenizers import TextTokenizer
+
+    tok = TextTokenizer.train(["hello world, hello there"] * 20, kind=kind, vocab_size=300)
+    size = tok.vocab_size
+    good = tok.encode("hello there")
+    assert tok.decode(good) == "hello there" and tok.decode(np.asarray(good)) == "hello there"
+    assert tok.decode([]) == "" and tok.decode_batch([good, []]) == ["hello there", ""]
+    for bad in (-1, size, size + 7, 2**40):
+        message = f"token id {bad} is outside the vocabulary \\(ids 0 .. {size - 1}, vocabulary size {size}\\)"
+        with pytest.raises(ValueError, match=message):
+            tok.decode(good + [bad])
+        with pytest.raises(ValueError, match=message):
+            tok.decode_batch([good, [bad]])
