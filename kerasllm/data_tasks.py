@@ -367,7 +367,9 @@ def bert_masking(token_ids, seed, vocab_size: int, mask_id: int, unselectable: S
                  rate: float = MASK_RATE, mask_token_rate: float = 0.8, random_token_rate: float = 0.1):
     """BERT masking of a batch `token_ids [B, T]` (int32) by stateless random ops from `seed` (int64 `[2]`).
 
-    As keras-hub's `MaskedLMMaskGenerator` (tf-text's `mask_language_model`), which takes no seed:
+    Written here rather than taken from keras-hub because its `MaskedLMMaskGenerator` (tf-text's
+    `mask_language_model`) takes no seed, so `masked_lm_dataset(seed=...)` could not repeat its masks.
+    The same rule:
     in each row `ceil(rate * n)` (at most `selection_length`) of the `n` tokens not in
     `unselectable` are chosen, uniformly; of those `mask_token_rate` become `mask_id`,
     `random_token_rate` a uniform random id below `vocab_size` and the rest stay.

@@ -4,7 +4,8 @@ The whole family in one file: token + position embeddings, a stack of non-causal
 `TransformerBlock`s whose attention ignores padding, and four ways to use it:
 
 * `MaskedLM`: pretraining by predicting masked tokens (BERT's 15%, 80/10/10 rule;
-  the masking itself happens in tf.data with keras-hub's `MaskedLMMaskGenerator`).
+  the masking itself happens in tf.data, `kerasllm.data_tasks.bert_masking`: keras-hub's
+  `MaskedLMMaskGenerator` rule, from stateless random ops so that a seed repeats the masks).
 * `TextClassifier`: one label per text from a pooled vector (CLS or mean pooling).
 * `TokenClassifier`: one label per token.
 * sentence embeddings: `model.embed(...)` on any of them, the pooled encoder output.
