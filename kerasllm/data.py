@@ -177,7 +177,7 @@ class TokenSplit:
         if validation_fraction and len(self.validation) < seq_len + 1:
             raise DataError(
                 f"data: only {len(self.validation)} validation tokens for --seq-len {seq_len}; "
-                "add text or lower the validation fraction"
+                "add text, raise --validation-fraction, lower --seq-len, or validate on none (--validation-fraction 0)"
             )
         return self
 

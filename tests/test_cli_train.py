@@ -267,6 +267,46 @@ def test_resume_refuses_the_options_it_would_ignore(run_cli, corpus_file, tmp_pa
     assert history[-1]["step"] == 12
 
 
+def test_resume_keeps_the_precision_the_run_trained_with(run_cli, corpus_file, tmp_path, interrupt_training):
+    """A plain --resume of a mixed-precision run had trained on in fp32 and Keras had dropped the
+    checkpoint's optimizer state ("Skipping variable loading for optimizer ..."): the schedule and
+    AdamW's moments started over. Now it takes the saved precision, and refuses another."""
+    out = tmp_path / "run"
+    interrupt_training(6)
+    args = ["--out", out, "--steps", "12", "--eval-interval", "4", "--eval-steps", "1", "--precision",
+            "mixed_bfloat16", *FAST]
+    assert run_cli("train", "causal-lm", "--data", corpus_file, *args).code == 130
+    interrupt_training(None)
+    assert json.loads((out / "config.json").read_text())["distribute"]["precision"] == "mixed_bfloat16"
+    refused = run_cli("train", "causal-lm", "--out", out, "--resume", "--precision", "fp32")
+    assert refused.code == 2 and refused.err.splitlines() == [
+        f"kerasllm: error: --resume continues the run in {out}, trained with --precision mixed_bfloat16: its "
+        "checkpoint holds that precision's optimizer state; drop --precision fp32"], refused.err
+    resumed = run_cli("train", "causal-lm", "--out", out, "--resume")
+    assert resumed.code == 0, resumed
+    assert "Skipping variable loading" not in resumed.err, resumed.err
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 12
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "inf"), ("--epochs", "nan"), ("--lr", "nan"),
+                                           ("--lr", "inf"), ("--weight-decay", "nan"), ("--label-smoothing", "nan")])
+def test_numbers_that_are_not_finite_are_usage_errors(run_cli, corpus_file, tmp_path, option, value):
+    """nan passes every range comparison: --lr nan trained until the loss was nan; --epochs inf overflowed."""
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", option, value)
+    assert result.code == 2 and result.err.splitlines() == [
+        f"kerasllm: error: Invalid value for '{option}': {float(value)} is not a finite number. "
+        "(see 'kerasllm train causal-lm --help')"], result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tpu_without_the_tpu_strategy_is_refused(run_cli, corpus_file, tmp_path):
+    """It had been ignored: the run trained on the CPU with --strategy auto, exit 0."""
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--tpu", "grpc://x:1")
+    assert result.code == 2 and "--tpu names the TPU of --strategy tpu" in result.err, result.err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command, extra", [
     ("causal-lm", ["--window", "packed", "--config", "{config}"]),
     ("masked-lm", ["--text-field", "body", "--vocab-size", "300"]),

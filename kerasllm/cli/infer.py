@@ -30,6 +30,7 @@ from pathlib import Path
 
 import click
 
+from kerasllm.cli.options import FiniteFloatRange
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.batch import TASK_DEFAULTS
 
@@ -83,12 +84,12 @@ def decoding_options(command):
     options = [
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=_GEN["max_new_tokens"],
                      show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=_GEN["temperature"], show_default=True,
+        click.option("--temperature", type=FiniteFloatRange(min=0), default=_GEN["temperature"], show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens."),
-        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+        click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=None,
                      help="Sample within the smallest set of tokens of probability >= p."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+        click.option("--repetition-penalty", type=FiniteFloatRange(min=0, min_open=True),
                      default=_GEN["repetition_penalty"], show_default=True),
         click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
         click.option("--num-beams", type=click.IntRange(min=1), default=_GEN["num_beams"], show_default=True,

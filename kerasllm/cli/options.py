@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 
 DISTRIBUTE_OPTIONS = ("strategy", "tpu", "precision", "scale_lr")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """`click.FloatRange` that also refuses nan and inf: `nan` passes every range comparison
+    (`--lr nan` trained until the loss was nan), `--epochs inf` overflowed planning the steps."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return value
 
 
 def distribute_options(command):
@@ -31,6 +44,10 @@ def distribute_options(command):
         from kerasllm.distribute import DistributeArgs  # noqa: PLC0415 - TF-free
 
         values = {k: kwargs.pop(k) for k in DISTRIBUTE_OPTIONS}
+        if values["tpu"] and values["strategy"] != "tpu":  # refused rather than ignored
+            raise click.UsageError("--tpu names the TPU of --strategy tpu; add --strategy tpu or drop --tpu")
+        if kwargs.get("resume"):
+            values["precision"] = _resumed_precision(kwargs["out"], values["precision"])
         distribute = DistributeArgs(**values)
         if accepts:
             return command(distribute=distribute, **kwargs)
@@ -39,6 +56,27 @@ def distribute_options(command):
         return command(**kwargs)
 
     return wrapper
+
+
+def _resumed_precision(out: Path, given: str) -> str:
+    """The `--precision` of a resumed run: the one it trained with (config.json's "distribute"),
+    whose optimizer state its checkpoint holds. Another was taken as given, and Keras then dropped
+    that state with a warning (AdamW's moments and step: the schedule started over, in fp32)."""
+    import json  # noqa: PLC0415
+
+    from kerasllm.errors import UsageError  # noqa: PLC0415
+
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8")).get("distribute", {}).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return given  # the recipe reports a missing or broken run directory
+    if saved is None:  # a run recorded before its precision was
+        return given
+    source = click.get_current_context().get_parameter_source("precision")
+    if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT) and given != saved:
+        raise UsageError(f"--resume continues the run in {out}, trained with --precision {saved}: its "
+                         f"checkpoint holds that precision's optimizer state; drop --precision {given}")
+    return saved
 
 
 # Every train command's --vocab-size (the tokenizer checks what each kind needs: TextTokenizer.train).
@@ -61,24 +99,25 @@ def run_options(batch_size: int, seq_len: int | None, lr: float):
             click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                          help="Model config JSON: its keys replace --preset's (the model options below replace both)."),
             click.option("--steps", type=click.IntRange(min=1), help="Training steps (default: one epoch of data)."),
-            click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data, instead of --steps."),
+            click.option("--epochs", type=FiniteFloatRange(min=0, min_open=True),
+                         help="Passes over the data, instead of --steps."),
             click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
                          help="Global batch size (split across replicas)."),
             click.option("--seq-len", type=click.IntRange(min=1), default=seq_len, show_default=seq_len is not None,
                          help="Tokens per training sequence." if seq_len is not None else
                          "Longest source or target, in tokens (default: the model's max_length)."),
-            click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=True,
+            click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=lr, show_default=True,
                          help="Peak learning rate (AdamW, warmup then cosine decay to lr/10)."),
             click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup steps (default 5% of steps)."),
-            click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True,
+            click.option("--weight-decay", type=FiniteFloatRange(min=0), default=0.1, show_default=True,
                          help="Decoupled weight decay on weight matrices."),
-            click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+            click.option("--label-smoothing", type=FiniteFloatRange(0, 1, max_open=True), default=0.0,
                          show_default=True, help="Label smoothing of the cross-entropy."),
             click.option("--eval-interval", type=click.IntRange(min=1), default=100, show_default=True,
                          help="Validate and checkpoint every N steps."),
             click.option("--eval-steps", type=click.IntRange(min=1), default=20, show_default=True,
                          help="Validation batches per evaluation."),
-            click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+            click.option("--validation-fraction", type=FiniteFloatRange(0, 1, max_open=True), default=0.1,
                          show_default=True, help="Fraction of the data held out for validation."),
             # NumPy's and Keras's seeds are 32-bit: a negative or larger one failed deep in training.
             click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
@@ -88,8 +127,9 @@ def run_options(batch_size: int, seq_len: int | None, lr: float):
                               "first step; turned off with several replicas (XLA cannot compile them)."),
             click.option("--resume", is_flag=True,
                          help="Continue the stopped run in --out from its last checkpoint, with the options saved "
-                              "in its config.json: beside it only the data paths (files moved), --quiet and "
-                              "--strategy/--tpu/--precision/--scale-lr are taken; other options are refused."),
+                              "in its config.json (its --precision too): beside it only the data paths (files "
+                              "moved), --quiet and --strategy/--tpu/--scale-lr are taken; other options are "
+                              "refused."),
             click.option("--quiet", is_flag=True, help="No progress bar."),
         ]
         for option in reversed(options):
@@ -110,7 +150,7 @@ def model_override_options(command):
     @click.option("--hidden", type=click.IntRange(min=1), help="Override the hidden size.")
     @click.option("--intermediate", type=click.IntRange(min=1), help="Override the feed-forward size.")
     @click.option("--max-length", type=click.IntRange(min=1), help="Override the maximum sequence length.")
-    @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
+    @click.option("--dropout", type=FiniteFloatRange(0, 1, max_open=True), help="Override the dropout rate.")
     @click.option("--position", type=click.Choice(["learned", "sinusoidal", "rotary"]), help="Position encoding.")
     @click.option("--activation", type=click.Choice(["gelu", "relu", "swiglu"]), help="Feed-forward activation.")
     @functools.wraps(command)

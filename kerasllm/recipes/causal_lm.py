@@ -9,7 +9,7 @@ from pathlib import Path
 from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
-from kerasllm.recipes.common import RunArgs, check_seq_len, model_config, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -59,7 +59,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
-                                              "train": asdict(args), "distribute": asdict(dist.options)})
+                                              "train": asdict(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)

@@ -18,8 +18,8 @@ from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, r
 from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
-from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets, pretrained_run,
-                                     run_directory)
+from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
+                                     labelled_datasets, pretrained_run, run_directory)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -79,7 +79,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
-                                              "labels": labels.labels, "train": asdict(args)})
+                                              "labels": labels.labels, "train": asdict(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)

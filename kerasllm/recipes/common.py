@@ -59,6 +59,14 @@ def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[],
         raise
 
 
+def distribute_record(dist) -> dict:
+    """What config.json records of the run's `--strategy/--tpu/--precision/--scale-lr`: `--resume`
+    takes the saved precision (its checkpoint's optimizer state is that precision's)."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    return {"distribute": asdict(dist.options)} if dist.options is not None else {}
+
+
 def model_config(config_class, preset: str, config_file: str | None, overrides: dict, **changes):
     """The model config of a fresh run, for every family: the `--preset`'s shape, the keys of a
     `--config` file on top (a partial file means "this preset, with these changes"; a full one

@@ -15,7 +15,7 @@ from pathlib import Path
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
-from kerasllm.recipes.common import RunArgs, check_seq_len, model_config, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -72,7 +72,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
-                                              "train": asdict(args)})
+                                              "train": asdict(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)

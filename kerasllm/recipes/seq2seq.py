@@ -14,7 +14,7 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import RunArgs, check_seq_len, model_config, run_directory
+from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -99,7 +99,8 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         source_tokenizer.save(out)
         if args.separate_vocab:
             target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
-        write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args)})
+        write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args),
+                                              **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)

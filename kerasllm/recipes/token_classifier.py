@@ -19,8 +19,8 @@ from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, encode_tagged, read_tagged, split_validation, token_classification_dataset
 from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
-from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets, pretrained_run,
-                                     run_directory)
+from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
+                                     labelled_datasets, pretrained_run, run_directory)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -82,7 +82,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "labels": tags.labels,
-                                              "train": asdict(args)})
+                                              "train": asdict(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)
