@@ -45,11 +45,11 @@ def load_model_dir(path: str | Path, device: str | None = None):
 
 def use_device(device: str | None) -> None:
     """Make TensorFlow run on `device` (see `load_model_dir`), before it places anything."""
+    if device in (None, "", "auto"):  # TensorFlow's choice (and no import of ONNX Runtime, parse_device's module)
+        return
     from kerasllm.export.runtime import parse_device  # noqa: PLC0415 - one reading of --device
 
     kind, index = parse_device(device)
-    if kind == "auto":
-        return
     import tensorflow as tf  # noqa: PLC0415
 
     gpus = tf.config.list_physical_devices("GPU")

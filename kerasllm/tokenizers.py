@@ -50,8 +50,8 @@ class TextTokenizer:
     def train(cls, texts: Iterable[str], kind: str = "char", vocab_size: int = 8000) -> "TextTokenizer":
         """Train a tokenizer of `kind` on an iterable of texts (lines or documents).
 
-        `vocab_size` (bpe, unigram; the other kinds' vocabulary is their characters or bytes) too small is a UsageError
-        naming --vocab-size and the size needed: bpe needs `MIN_BPE_VOCAB` (the 256 bytes and the
+        `vocab_size` (bpe, unigram; the other kinds' vocabulary is their characters or bytes) too
+        small is a UsageError naming --vocab-size and the size needed: bpe needs `MIN_BPE_VOCAB` (the 256 bytes and the
         special tokens), unigram a token for each character of the texts and the special tokens
         (`_unigram_too_small`; known once the texts are read, so that is checked by training).
         """

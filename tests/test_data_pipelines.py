@@ -149,7 +149,8 @@ def encoder_predictor(task: str):
     def run(ids, mask, names):
         logits = np.stack([ids.sum(-1) * 0.0, ids.sum(-1) * 0.01, -ids.sum(-1) * 0.01], -1)
         per_token = np.stack([ids * 0.01, ids * 0.0, -ids * 0.01], -1)
-        outputs = {"logits": per_token if task == "tag" else logits, "embeddings": np.stack([ids.sum(-1), mask.sum(-1)], -1)}
+        outputs = {"logits": per_token if task == "tag" else logits,
+                   "embeddings": np.stack([ids.sum(-1), mask.sum(-1)], -1)}
         return {name: outputs[name] for name in names}
 
     model_task = {"classify": "classifier", "embed": "masked-lm", "tag": "token-classifier"}[task]

@@ -24,7 +24,8 @@ import click
 @click.option("--source-field", default="source", show_default=True, help="Field holding the source (seq2seq).")
 @click.option("--target-field", default="target", show_default=True, help="Field holding the reference (seq2seq).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Records per batch.")
-@click.option("--device", default="cpu", show_default=True, help="Bundles: cpu, cuda, cuda:N or auto.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N or auto (a bundle or a model dir).")
 def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, tags_field, source_field, target_field,
              batch_size, device):
     """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,

@@ -10,7 +10,8 @@ import click
 @click.command("export")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write (new or empty).")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset, 15 to 18 (17+ has LayerNormalization).")
+@click.option("--opset", type=int, default=17, show_default=True,
+              help="ONNX opset, 15 to 18 (17+ has LayerNormalization).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weights and KV cache precision (fp16: for GPUs; layer norm statistics and softmax are "
                    "computed in fp32).")

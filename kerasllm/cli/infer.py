@@ -71,7 +71,8 @@ def batch_options(command):
         click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
                      help="...and process block I (0-based). Outputs concatenated in shard order "
                      "equal the unsharded output."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="cpu, cuda, cuda:N or auto (a bundle or a model dir)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, per-record warnings or summary."),
     ]
     for option in reversed(options):

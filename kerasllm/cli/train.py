@@ -129,7 +129,8 @@ _text_fields = [
 
 
 # What `--resume` takes beside it: where the run is, its data files (moved or renamed), whether to
-# show progress, and where to run it (the strategy and precision are not part of the saved run).
+# show progress, and where to run it (the strategy; a --precision must be the saved one, whose
+# optimizer state the checkpoint holds: options._resumed_precision).
 RESUME_TAKES = ("out", "data", "source_file", "target_file", "resume", "quiet", *DISTRIBUTE_OPTIONS)
 
 

@@ -79,7 +79,8 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
-                                              "labels": labels.labels, "train": asdict(args), **distribute_record(dist)})
+                                              "labels": labels.labels, "train": asdict(args),
+                                              **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)
