@@ -136,9 +136,15 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return np.where(seen, penalized, logits)
 
 
+def narrowing_top_k(top_k: int | None, vocab_size: int) -> int | None:
+    """`top_k` where it narrows sampling, else None: a k of the vocabulary or more filters nothing
+    (`filter_top_k`; Keras's samplers take the same rule from here)."""
+    return None if top_k is not None and top_k >= vocab_size else top_k
+
+
 def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """Keep the `k` largest logits of each row (ties at the boundary kept), others -inf."""
-    if k >= logits.shape[-1]:
+    if narrowing_top_k(k, logits.shape[-1]) is None:
         return logits
     kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
     return np.where(logits >= kth, logits, -np.inf)

@@ -22,7 +22,7 @@ from keras import ops
 
 from kerasllm.config import DecoderConfig
 from kerasllm.errors import UsageError
-from kerasllm.export.generate import DecodingOptions
+from kerasllm.export.generate import DecodingOptions, narrowing_top_k
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
 from kerasllm.models.base import TransformerModel
 
@@ -179,17 +179,6 @@ class CausalLM(TransformerModel):
         cache = ops.stack([ops.stack([k, v], axis=1) for k, v in zip(keys, values)], axis=1)
         return logits, cache
 
-    @staticmethod
-    def _sampling_top_k(top_k, vocab_size):
-        """`top_k` as the samplers take it: None when it keeps the whole vocabulary.
-
-        The bundle's rule (export/generate.py `filter_top_k`): k >= the vocabulary filters
-        nothing. keras-hub would pass such a k to `ops.top_k`, which refuses k past the last
-        dimension; None also makes it the same compiled function (and, for one seed, the same
-        samples) as giving no top_k.
-        """
-        return None if top_k is not None and top_k >= vocab_size else top_k
-
     def _make_sampler(self, temperature, top_k, top_p, seed):
         import keras_hub  # noqa: PLC0415 - heavy, only needed to generate in Keras
 
@@ -264,7 +253,9 @@ class CausalLM(TransformerModel):
             token_ids[row, :len(prompt)] = prompt
             prompt_mask[row, :len(prompt)] = True
         stop = tuple(stop_token_ids or ())
-        top_k = self._sampling_top_k(top_k, self.config.vocab_size)
+        # The bundle's rule: k >= the vocabulary filters nothing. keras-hub would pass such a k to
+        # ops.top_k, which refuses it; None also shares no-top_k's compiled function (and samples).
+        top_k = narrowing_top_k(top_k, self.config.vocab_size)
         function, seed_states = self._generate_function((float(temperature or 0.0), top_k, top_p, seed, stop))
         for variable, initial in seed_states:  # empty without a seed (see _generate_function)
             variable.assign(initial)

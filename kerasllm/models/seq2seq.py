@@ -35,7 +35,7 @@ from keras import ops
 
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.errors import UsageError
-from kerasllm.export.generate import DecodingOptions
+from kerasllm.export.generate import DecodingOptions, narrowing_top_k
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
 from kerasllm.models.base import SparseCrossEntropy, TransformerModel
 from kerasllm.models.causal_lm import CausalLM
@@ -299,7 +299,7 @@ class Seq2SeqLM(TransformerModel):
         prompt[:, 0] = c.bos_id
         prompt_mask = np.zeros_like(prompt, dtype=bool)
         prompt_mask[:, 0] = True
-        top_k = CausalLM._sampling_top_k(top_k, c.target_vocab)  # k >= the vocabulary: no filter, as the bundle
+        top_k = narrowing_top_k(top_k, c.target_vocab)  # k >= the vocabulary: no filter, as the bundle
         function, seed_states = self._generate_function((float(temperature or 0.0), top_k, top_p, seed, num_beams))
         for variable, initial in seed_states:  # empty without a seed (see _generate_function)
             variable.assign(initial)
