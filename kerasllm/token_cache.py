@@ -40,13 +40,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from kerasllm.atomic import write_json_atomic
+from kerasllm.atomic import worker_scratch_dir, write_json_atomic
 from kerasllm.data import TokenSplit, text_blocks
 
 TOKENS_DIR = "tokens"
@@ -199,14 +198,14 @@ def move_tail(source: Path, target: Path, offset: int) -> None:
 
 
 @contextlib.contextmanager
-def token_cache_dir(out: Path, is_chief: bool) -> Iterator[Path]:
+def token_cache_dir(out: Path, worker_index: int) -> Iterator[Path]:
     """Where a worker keeps the run's token cache: `out/tokens` for the chief (the one writer of the
     run directory); a scratch directory of its own, removed afterwards, for every other worker of a
     multi-worker job (which tokenizes the corpus itself, as each worker did before the cache)."""
-    if is_chief:
+    if worker_index == 0:
         yield out / TOKENS_DIR
         return
-    scratch = Path(tempfile.mkdtemp(prefix="kerasllm-worker-tokens-"))
+    scratch = worker_scratch_dir("tokens", out, worker_index)
     try:
         yield scratch
     finally:

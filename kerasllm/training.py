@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import keras
 
-from kerasllm.atomic import write_json_atomic  # noqa: F401 - the recipes' import
+from kerasllm.atomic import worker_scratch_dir, write_json_atomic  # noqa: F401 - the recipes' import
 from kerasllm.errors import KerasLLMError, UsageError
 
 CONFIG_FILE = "config.json"
@@ -81,15 +80,16 @@ def unfinished_run(out: str | Path) -> bool:
     return (out / CONFIG_FILE).is_file() and (out / CHECKPOINT_DIR / "training_metadata.json").is_file()
 
 
-def worker_backup_dir(out: Path) -> Path:
+def worker_backup_dir(out: Path, worker_index: int) -> Path:
     """A non-chief worker's own BackupAndRestore directory, seeded from the chief's backup.
 
     Keras's `BackupAndRestore` needs a directory per worker (two writers of one file
     tear it). Workers train in lock-step, so the chief's backup is every worker's state:
     each other worker restores from a private copy of it and writes its own backups to
-    that scratch directory, which is deleted when training ends (as Keras 2 did).
+    that scratch directory, which is deleted when training ends (as Keras 2 did), or, where the
+    worker was killed, when its next attempt starts (`worker_scratch_dir`).
     """
-    scratch = Path(tempfile.mkdtemp(prefix="kerasllm-worker-backup-"))
+    scratch = worker_scratch_dir("backup", out, worker_index)
     chief = out / CHECKPOINT_DIR
     if (chief / "training_metadata.json").is_file():
         for name in ("latest.weights.h5", "training_metadata.json", "latest.weights.h5.bkp",
@@ -261,13 +261,14 @@ def execution_steps(log_every: int, steps_per_epoch: int, total_steps: int, eval
 
 def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total_steps: int,
             steps_per_epoch: int, epochs: int, tokens_per_step: int, eval_steps: int, quiet: bool = False,
-            log_every: int = 10, extra_callbacks=(), is_chief: bool = True, verbose_fit: int = 0):
+            log_every: int = 10, extra_callbacks=(), worker_index: int = 0, verbose_fit: int = 0):
     """`model.fit` with checkpoints (BackupAndRestore), progress and history, then the final save.
 
-    Only the chief (`is_chief`) writes into `out`: history, checkpoints and `model.keras`;
+    Only the chief (worker 0) writes into `out`: history, checkpoints and `model.keras`;
     the other workers of a multi-worker run back up to a scratch copy (`worker_backup_dir`).
     """
-    backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out)
+    is_chief = worker_index == 0
+    backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)
     callbacks = [
         # double_checkpoint: the previous backup is kept, so a process killed while writing
         # (a preempted or failed worker) restarts from it instead of a torn file.

@@ -361,11 +361,15 @@ def read_history(run_dir: Path) -> list[dict]:
 def test_killed_worker_job_resumes_from_the_last_backup(tmp_path, corpus_file):
     """Kill worker 1 (SIGKILL) after the first checkpoint, end the job, start it again with the same
     command: it resumes from the backup, ends at the same step, and the model matches an
-    uninterrupted run's quality."""
+    uninterrupted run's quality. The killed worker's scratch backup (in its temp directory) is
+    taken over by its restart and removed at the end, not left behind for good."""
     run_dir, steps, interval = tmp_path / "run", 12, 4
+    worker_tmp = tmp_path / "worker-tmp"  # the workers' TMPDIR: what they leave there is seen
+    worker_tmp.mkdir()
     args = ["recipe", "--strategy", "multi-worker", "--data", corpus_file, "--run-dir", run_dir,
             "--steps", steps, "--eval-interval", interval, "--batch", 8]
-    procs = dw.launch_workers(args, 2, tmp_path, extra_env={"KERASLLM_TEST_STEP_SLEEP": "0.4"}, log_prefix="first")
+    procs = dw.launch_workers(args, 2, tmp_path, log_prefix="first",
+                              extra_env={"KERASLLM_TEST_STEP_SLEEP": "0.4", "TMPDIR": str(worker_tmp)})
     deadline = time.monotonic() + 150
     while not any(r["step"] > interval + 1 for r in read_history(run_dir)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "first run ended early"
@@ -377,9 +381,13 @@ def test_killed_worker_job_resumes_from_the_last_backup(tmp_path, corpus_file):
     assert not (run_dir / "model.keras").exists()
     backed_up = json.loads((run_dir / "checkpoints" / "training_metadata.json").read_text())["epoch"]
     assert backed_up >= 1
+    left_by_the_kill = sorted(p.name.split("-")[2] for p in worker_tmp.glob("kerasllm-worker-*"))
+    assert left_by_the_kill == ["backup", "tokens"]
 
-    procs = dw.launch_workers(args, 2, tmp_path, log_prefix="restart")  # the very same command
+    procs = dw.launch_workers(args, 2, tmp_path, log_prefix="restart",  # the very same command
+                              extra_env={"TMPDIR": str(worker_tmp)})
     dw.wait_all(procs, 240, tmp_path)
+    assert list(worker_tmp.glob("kerasllm-worker-*")) == []
     starts = [json.loads((tmp_path / f"run-worker{i}-epochs.json").read_text()) for i in range(2)]
     assert starts[0] == starts[1] == list(range(backed_up, steps // interval)), "resumed from the backup"
     history = read_history(run_dir)

@@ -64,7 +64,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)
     with (run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files),
-          token_cache_dir(out, dist.is_chief) as tokens_dir):
+          token_cache_dir(out, dist.worker_index) as tokens_dir):
         # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
         split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)
         total_steps, steps_per_epoch, epochs = plan_steps(
@@ -96,4 +96,4 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
                      total_steps, tokens_per_step, config.vocab_size, args.tokenizer)
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
-                       log_every=args.log_every, is_chief=dist.is_chief, extra_callbacks=extra_callbacks)
+                       log_every=args.log_every, worker_index=dist.worker_index, extra_callbacks=extra_callbacks)

@@ -108,4 +108,4 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
-                       log_every=args.log_every, is_chief=dist.is_chief)
+                       log_every=args.log_every, worker_index=dist.worker_index)

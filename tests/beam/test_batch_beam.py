@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import apache_beam as beam
@@ -22,6 +23,13 @@ from kerasllm.export.beam import BundleModelHandler  # noqa: E402
 from kerasllm.export.predict import PREDICTORS  # noqa: E402
 
 TEXTS = ["hello world", "", "a", "boom", "y" * 50, "the fox ran to the forest", "x" * 39, "  spaces  "]
+
+
+@pytest.fixture(autouse=True)
+def beam_temp_in_tmp_path(monkeypatch, tmp_path):
+    """Beam's job server makes a `beam-temp*` directory per pipeline and leaves it: keep them in
+    the test's own directory, not the machine's temp directory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(autouse=True)
