@@ -519,12 +519,13 @@ def prepare_nanogpt(nanogpt: Path, torch_python: str) -> None:
 
 
 def run_nanogpt(nanogpt: Path, torch_python: str, steps: int, eval_interval: int) -> dict:
-    wall, stdout, stderr = timed([
-        torch_python, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-        "--eval_iters=20", "--log_interval=1", f"--block_size={SEQ}", f"--batch_size={BATCH}", "--n_layer=4",
-        "--n_head=4", "--n_embd=128", f"--max_iters={steps}", "--lr_decay_iters=2000", "--dropout=0.0",
-        f"--eval_interval={eval_interval}", f"--out_dir={tempfile.mkdtemp()}",
-    ], cwd=nanogpt)
+    with tempfile.TemporaryDirectory(prefix="bench-nanogpt-") as out_dir:  # its ckpt.pt, deleted after the run
+        wall, stdout, stderr = timed([
+            torch_python, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+            "--eval_iters=20", "--log_interval=1", f"--block_size={SEQ}", f"--batch_size={BATCH}", "--n_layer=4",
+            "--n_head=4", "--n_embd=128", f"--max_iters={steps}", "--lr_decay_iters=2000", "--dropout=0.0",
+            f"--eval_interval={eval_interval}", f"--out_dir={out_dir}",
+        ], cwd=nanogpt)
     output = stdout + stderr
     times = [float(ms) for it, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", output) if int(it) > 20]
     # nanoGPT's step time includes its evaluations at eval_interval; the median skips them.
