@@ -132,6 +132,11 @@ four runs (the first's greedy line was lost to a truncated log):
     beam 4 (first run): Keras 120.4 | bundle 377.2 3.13x
 Beam 4 stays above 3x; greedy at 2.34-2.38x does not.
 
+2026-12-07, thirteenth session (same machine, a slow phase: Keras greedy 288-320 sentences/s against
+350-440 the session before), no decoding change, `--keep` the grouped bundle, `--repeats 5`, two runs:
+    greedy: Keras 288.5 | bundle 692.4 2.40x;  beam 4: Keras  97.8 | bundle 299.1 3.06x, 64/64 identical
+    greedy: Keras 320.4 | bundle 759.6 2.37x;  beam 4: Keras  91.5 | bundle 254.4 2.78x, 64/64 identical
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

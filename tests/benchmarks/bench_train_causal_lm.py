@@ -447,6 +447,14 @@ Goals: tokens/s >= nanoGPT's and wall <= 1.2x met; 1.3x keras-hub's still not (1
 Then `lm_windows`' random offsets began to reach the corpus's last token (an off-by-one; nanoGPT's
 range), and `--repeats 0 --full --skip-kerashub`: kerasllm val loss after 2000 iterations 1.819
 (1.823 before), nanoGPT 1.886 (goal <= 1.88: met).
+
+2026-12-07, thirteenth session, same machine in a slow phase (keras-hub 18.2-20.0k tokens/s against
+~20k the session before), no training change, `--steps 300 --repeats 3`:
+
+    kerasllm                       19.2     21,858         0.90x         1.19x
+    keras-hub GPT2Backbone         32.5     18,428         1.53x         1.00x
+    nanoGPT (PyTorch)              21.2     14,836         1.00x         0.81x
+      per repeat: tok/s vs hub 1.09x 1.26x 1.16x; tok/s vs nanoGPT 1.47x 1.84x 1.18x; wall 0.90x 0.73x 1.20x
 """
 
 from __future__ import annotations
