@@ -51,8 +51,9 @@ def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def is_blank(path: Path) -> bool:
     """Whether the file holds no text: empty, or only whitespace as `text_blocks` reads it (read up to
-    its first other character; a byte that is not UTF-8 counts as text, for `text_blocks` to report)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    its first other character; a byte that is not UTF-8 counts as text, for `text_blocks` to report).
+    A byte order mark opening the file is not text, as `text_blocks` drops it ("utf-8-sig")."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     with open(path, "rb") as file:
         while chunk := file.read(1 << 16):
             text = decoder.decode(chunk)

@@ -151,6 +151,8 @@ def test_a_data_directory_without_text_and_a_named_empty_file_stay_errors(run_cl
     assert result.err.strip() == f"kerasllm: error: data: {data / 'a.txt'}: file is empty"
     # A file named itself is kept whatever it holds; a byte that is not UTF-8 counts as text (reported later).
     (data / "c.txt").write_bytes(b"  \xff\n")
+    # A blank file an editor saved "UTF-8 with BOM" holds no text either (the BOM is not read as text).
+    (data / "d.txt").write_bytes(b"\xef\xbb\xbf\r\n")
     assert resolve_text_files([data, data / "a.txt"]) == [data / "c.txt", data / "a.txt"]
 
 
