@@ -8,7 +8,11 @@ the Keras-side data pipelines and the TensorFlow-free ONNX runtime. Kinds:
 * `bpe`: byte-level BPE subwords (GPT-2 style).
 * `unigram`: SentencePiece-style unigram subwords (no dummy prefix: text round-trips exactly).
 
-Every kind reserves the same special tokens at the same ids (see `SPECIAL_TOKENS`).
+Every kind reserves the same special tokens at the same ids (see `SPECIAL_TOKENS`). They are
+put in by id (BOS, EOS, padding), never read from text: a user's text that spells one ("<eos>",
+"<pad>") is encoded as the characters it is made of, so a prompt cannot end a sequence early and
+a typed "<pad>" is not padding. (Unigram tokenizers trained before 2026-12-07 still read the
+spellings as the special tokens: their unigram model holds them as pieces that win any match.)
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from kerasllm.errors import DataError, UsageError
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<mask>", "<sep>"]
 PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
+# Unigram's word-boundary mark (what a space becomes in its pieces). SentencePiece's "▁" (U+2581)
+# is also a character people type (the lowest block of a sparkline, "▁▂▃▅▇"), which decoding
+# turned into a space; U+FDD0 is a noncharacter, which Unicode reserves for a program's own use
+# and never puts in interchanged text. Unigram tokenizers trained before 2026-12-07 keep "▁".
+WORD_MARK = "\ufdd0"
 TOKENIZER_KINDS = ("char", "byte", "bpe", "unigram")
 TOKENIZER_FILE = "tokenizer.json"
 # Texts per call of the `tokenizers` library in `encode_batch` (it still spreads each call over the cores).
@@ -40,6 +49,10 @@ class TextTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer):
+        # Text spelling a special token is encoded as that text (see the module docstring); the
+        # library would match the spellings as the special tokens. Not saved in tokenizer.json,
+        # so set on every tokenizer made or loaded (all come through here).
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
@@ -88,8 +101,14 @@ class TextTokenizer:
             # default "always" prepends one only where the text does not start with a space and its
             # decoder strips the first "▁" regardless, so leading whitespace was lost ("  a" -> " a",
             # " " -> "") and so was the space before a continuation decoded on its own.
-            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-            tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
+            # A word-boundary mark of its own (`WORD_MARK`), not "▁". And "<" is a piece of its own
+            # before Metaspace: the trainer puts the special tokens in the unigram model as pieces
+            # that would win any match of their spelling in a text (score 0, the highest), and
+            # every spelling starts with "<", so none can match across that cut.
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split("<", behavior="isolated"),
+                pre_tokenizers.Metaspace(replacement=WORD_MARK, prepend_scheme="never")])
+            tokenizer.decoder = decoders.Metaspace(replacement=WORD_MARK, prepend_scheme="never")
             trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK,
                                               show_progress=False)
             chars: set[str] = set()
@@ -177,9 +196,9 @@ class TextTokenizer:
 
         A character tokenizer's ids are a per-character lookup, done here with numpy
         (~20x faster than the Rust pre-tokenizer's one split per character). Text holding
-        a special token's spelling takes the tokenizer's own path, which matches those first.
+        a special token's spelling is its characters on both paths (`encode_special_tokens`).
         """
-        if self._char_vocab is None or any(token in text for token in SPECIAL_TOKENS):
+        if self._char_vocab is None:
             return np.asarray(self.encode(text), dtype=np.int32)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         # A table indexed by code point (a sort of the codes, np.unique, cost ~10x more);
@@ -261,10 +280,10 @@ def _recording_chars(texts: Iterable[str], chars: set[str]) -> Iterator[str]:
 
 def _unigram_too_small(vocab_size: int, chars: set[str]) -> UsageError:
     """The error for a unigram `vocab_size` below what texts of these characters need to train to that
-    size: a token per character (a space counts as the "▁" that replaces it), the special tokens and
+    size: a token per character (a space counts as the `WORD_MARK` that replaces it), the special tokens and
     the trainer's own unknown token. Below the characters' count the trainer fails; from there up to
     the minimum it returned more tokens than asked."""
-    pieces = len({"▁" if c == " " else c for c in chars})
+    pieces = len({WORD_MARK if c == " " else c for c in chars})
     more = len(SPECIAL_TOKENS) + 1
     return UsageError(f"--vocab-size {vocab_size} is too small for a unigram tokenizer of this data: it needs at "
                       f"least {pieces + more} (a token for each of its {pieces} distinct characters and {more} more)")

@@ -81,3 +81,29 @@ def test_bpe_refuses_a_vocabulary_smaller_than_its_byte_alphabet():
     for size in (261, 0, -5):
         with pytest.raises(UsageError, match="--vocab-size"):
             TextTokenizer.train([TEXT], kind="bpe", vocab_size=size)
+
+
+# Every special token's spelling, "<" and ">" and the sparkline blocks in a training corpus, so
+# that each kind knows the characters (an unknown one decodes to nothing, which is not the point).
+SPELLINGS = "ask <pad> <unk> <bos> <eos> <mask> <sep> cpu ▁▂▃▅▇ load\n"
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+def test_text_spelling_a_special_token_is_text(kind, tmp_path):
+    """A user's "<eos>" or "<pad>" is encoded as its characters, not as the special token (which had
+    put an EOS in the middle of a prompt, dropped the spelling from decoded text, and made a typed
+    "<pad>" padding in training but not in the bundle), also after a save and load."""
+    tok = TextTokenizer.train([TEXT + SPELLINGS * 20], kind=kind, vocab_size=300)
+    for tokenizer in (tok, TextTokenizer.load(tok.save(tmp_path))):
+        for text in ("a <eos> b <pad>", "x<unk>y <mask><sep><bos>", SPELLINGS):
+            ids = tokenizer.encode(text)
+            assert not set(ids) & set(range(len(SPECIAL_TOKENS))), (text, ids)
+            assert tokenizer.decode(ids) == text
+            assert tokenizer.encode_array(text).tolist() == ids
+
+
+def test_unigram_keeps_a_typed_word_boundary_mark():
+    """U+2581 ("▁", SentencePiece's word mark) typed in a text decodes as itself, not as a space."""
+    tok = TextTokenizer.train([TEXT + SPELLINGS * 20], kind="unigram", vocab_size=300)
+    for text in ("cpu load ▁▂▃▅▇", "a▁b", "▁ ▁"):
+        assert tok.decode(tok.encode(text)) == text
