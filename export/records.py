@@ -32,6 +32,9 @@ from typing import BinaryIO, Iterator
 from kerasllm.errors import DataError, UsageError
 
 FORMATS = ("text", "jsonl", "tsv", "csv", "conll")
+# The longest TSV/CSV field read, in characters: csv's default (131,072) had made a long document an
+# error record where JSONL reads it; a quote left open still stops at this many characters.
+FIELD_LIMIT = 1 << 26
 # The fields of a CoNLL record (a sentence): its words and their tags, as lists of strings.
 CONLL_FIELDS = ("tokens", "tags")
 
@@ -56,15 +59,16 @@ class Record:
         """The field `name` as text; DataError naming the line when it is missing, null, or a list
         or object (which has no one text: `["a", "b"]` is not the text `'["a", "b"]'`).
 
-        A JSON number or boolean is taken as its literal (`5` -> "5", `true` -> "true"): labels
-        and ids are often written so (`"stars": 5`; the README's "labels as names or numbers"),
-        and a seq2seq target may be a number (`"target": 402`). One rule for every field, in
-        training and in batch inference alike.
+        A JSON number or boolean is taken as its literal, as written (`5` -> "5", `1.10` -> "1.10",
+        `true` -> "true"): labels and ids are often written so (`"stars": 5`; the README's "labels
+        as names or numbers"), and a seq2seq target may be a number (`"target": 402`). One rule for
+        every field, in training and in batch inference alike. A JSON string escaping half of a
+        surrogate pair (`"\\ud83d"`, a cut emoji) is no text: a DataError naming the line.
         """
         value = self._value(name)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)):  # bool is an int
+        if isinstance(value, str):  # a _NumberLiteral too
+            return _text(str(value), self.line, name)
+        if isinstance(value, bool):
             return json.dumps(value)
         raise DataError(f"line {self.line}: field {name!r} is not a string ({_json_kind(value)})")
 
@@ -72,9 +76,9 @@ class Record:
         """The field `name` as a list of strings (a sentence's words or tags); DataError naming
         the line when it is missing or holds anything else."""
         value = self._value(name)
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        if not isinstance(value, list) or not all(type(item) is str for item in value):  # not _NumberLiteral
             raise DataError(f"line {self.line}: field {name!r} is not a list of strings")
-        return value
+        return [_text(item, self.line, name) for item in value]
 
     def _value(self, name: str):
         if self.error:
@@ -85,6 +89,23 @@ class Record:
         if self.fields[name] is None:  # JSON null: the field is there, its value is not
             raise DataError(f"line {self.line}: field {name!r} is null")
         return self.fields[name]
+
+
+class _NumberLiteral(str):
+    """A JSON number as the file writes it: the JSONL reader parses numbers so (`json.loads`'s
+    parse_int/parse_float), as floats would read `1.10` as "1.1", `1e2` as "100.0" (the id of
+    `100.0` too) and round `9007199254740993.0`, and an int of over 4,300 digits raised."""
+
+
+def _text(value: str, line: int, name: str) -> str:
+    """`value`, or a DataError naming the line where it holds a lone surrogate (only a JSON escape
+    makes one: UTF-8 cannot); the tokenizers and every writer of UTF-8 fail on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"line {line}: field {name!r} holds half of a surrogate pair "
+                        f"(\\u{ord(value[err.start]):04x} at character {err.start + 1}), which is not text") from None
+    return value
 
 
 def _json_kind(value) -> str:
@@ -194,7 +215,7 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
                 yield Record(number, str(number), {"text": text})
                 continue
             try:
-                value = json.loads(text)
+                value = json.loads(text, parse_int=_NumberLiteral, parse_float=_NumberLiteral)
             except json.JSONDecodeError as err:
                 yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
                 continue
@@ -271,6 +292,8 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
     span lines); a record's line is the line it starts on. With `shard=(first, last)`, only
     the records starting on those lines: the lines before are still parsed (a record may
     run into the shard from before it), and reading goes past `last` to finish a record."""
+    if csv.field_size_limit() < FIELD_LIMIT:
+        csv.field_size_limit(FIELD_LIMIT)
     feed = _LineFeed(stream)
     reader = csv.reader(feed, dialect)
     header = None
@@ -293,14 +316,20 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
         if feed.error:
             if header is None:
                 raise DataError(f"{path}: line {number}: header row is {feed.error}")
-            yield Record(number, str(number), error=feed.error)
+            # The row was still parsed (its bad bytes replaced): its id, where that cell is whole,
+            # so that the error record does not take a line number another record has as its id.
+            yield Record(number, _cell(row, header, id_field) or str(number), error=feed.error)
             continue
         if parse_error is not None:
-            if header is None:
-                raise DataError(f"{path}: line {number}: header row cannot be parsed ({parse_error}){span}")
-            reason = "a carriage return in an unquoted field" if "new-line" in str(parse_error) else str(parse_error)
+            reason = str(parse_error)
+            if "new-line" in reason:
+                reason = "a carriage return in an unquoted field"
+                if header is None:  # a file whose lines end in a carriage return alone is one line here
+                    reason += ": are its lines ended by a carriage return alone? end them with a line feed"
             if "field limit" in reason and not span:
                 span = " (is a quote left open?)"
+            if header is None:
+                raise DataError(f"{path}: line {number}: header row cannot be parsed ({reason}){span}")
             yield Record(number, str(number), error=f"malformed row ({reason}){span}")
             continue
         if header is None:
@@ -320,6 +349,15 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
         yield _record(number, dict(zip(header, row)), id_field)
     if header is None:
         raise DataError(f"{path}: empty file (expected a header row)")
+
+
+def _cell(row: list[str], header: list[str] | None, name: str | None) -> str | None:
+    """The `name` column of a row read with replaced bytes, unless the row is ragged or the cell
+    holds a replaced byte (U+FFFD)."""
+    if not name or not header or len(row) != len(header):
+        return None
+    value = row[header.index(name)]
+    return None if "\ufffd" in value else value
 
 
 def _conll(lines, shard: tuple[int, int] | None = None) -> Iterator[Record]:

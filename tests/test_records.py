@@ -190,3 +190,68 @@ def test_a_bad_byte_on_the_first_line_after_a_byte_order_mark_still_names_its_li
     path.write_bytes(BOM + b"a\xffb\nok\n")
     assert [(r.line, r.error) for r in read_records(path)] == [
         (1, "not valid UTF-8 (byte 0xff at column 2)"), (2, None)]
+
+
+# -- values JSON can hold and text cannot; ids as written -----------------------------------------
+def test_a_lone_surrogate_is_an_error_record_and_the_job_goes_on(run_cli, bundle, tmp_path):
+    r"""A JSON escape of half a surrogate pair ("\ud83d", an emoji cut in two) in a text or an id is
+    an error record naming the line and field; the records around it are written. It had ended the
+    job in a traceback (the tokenizer's TypeError, or the writer's UnicodeEncodeError for an id)
+    and deleted the output, good records included."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "cut \\ud83d"}\n'
+                      '{"id": "\\ud800", "text": "x"}\n{"id": "c", "text": "also fine"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--id-field", "id")
+    assert result.code == 1 and "Traceback" not in result.err, result
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows == [
+        {"id": "a", "output": "ENIF"},
+        {"id": "b", "error": "line 2: field 'text' holds half of a surrogate pair (\\ud83d at character 5), "
+                             "which is not text"},
+        {"id": "3", "error": "line 3: field 'id' holds half of a surrogate pair (\\ud800 at character 1), "
+                             "which is not text"},
+        {"id": "c", "output": "ENIF OSLA"}]
+
+
+def test_training_refuses_a_lone_surrogate_naming_its_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "good", "label": "a"}\n{"text": "bad \\udc00", "label": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2: field 'text' holds half of a surrogate pair"):
+        read_rows(path, "text", "label")
+
+
+def test_json_number_ids_keep_their_literal(tmp_path):
+    """`1.10` had become "1.1", and `1e2` and `100.0` the same id "100.0"; an int of 5,000 digits
+    had ended the reader in a ValueError."""
+    path = tmp_path / "in.jsonl"
+    literals = ["1.10", "1e2", "100.0", "9007199254740993.0", "1e400", "-0", "1" * 5000]
+    path.write_text("".join(f'{{"id": {n}, "text": "t"}}\n' for n in literals))
+    records = list(read_records(path, id_field="id"))
+    assert [(r.id, r.error) for r in records] == [(n, None) for n in literals]
+    assert [type(r.id) for r in records] == [str] * len(literals)
+
+
+def test_a_csv_row_with_a_bad_byte_keeps_its_own_id(tmp_path):
+    """Its error record had taken the line number as its id: "3", which the next row has too."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"id,text\n1,good\n2,bad \xff byte\n3,next\n\xff4,bad id\n")
+    records = list(read_records(path, id_field="id"))
+    assert [(r.line, r.id, r.error is None) for r in records] == [
+        (2, "1", True), (3, "2", False), (4, "3", True), (5, "5", False)]  # a bad byte in the id: the line
+
+
+def test_a_long_csv_field_is_read_whole(tmp_path):
+    """A document over csv's default field limit (131,072 characters) had been an error record
+    hinting at an open quote, where the same text in JSONL read fine."""
+    text = "word " * 40_000
+    path = write_rows(tmp_path / "in.csv", [["text"], [text], ["short"]])
+    assert [(r.line, r.fields, r.error) for r in read_records(path)] == [
+        (2, {"text": text}, None), (3, {"text": "short"}, None)]
+
+
+def test_a_csv_with_carriage_return_line_ends_is_named_so(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"text,label\rhi,pos\rho,neg\r")
+    with pytest.raises(DataError, match="are its lines ended by a carriage return alone"):
+        list(read_records(path))
