@@ -8,7 +8,11 @@ configs work in a serving environment without TensorFlow.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
+import warnings
 
 # Keras 3 must run on TensorFlow here; set it before anything imports keras.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -37,6 +41,53 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'kerasllm' has no attribute {name!r}")
+
+
+class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports kerasllm's models right after `keras` itself is imported, so that Keras finds their
+    classes in a saved model: `import kerasllm, keras; keras.saving.load_model("lm.keras")` had
+    failed ("Could not locate class 'CausalLM'") until some kerasllm model was touched, as the
+    models register with Keras on import and load lazily (see the module docstring). A process
+    that never imports keras (the serving side) never triggers it and stays TensorFlow-free.
+    Written by hand: Python has no post-import hook, so this finder wraps keras's own loader once.
+    """
+
+    _finding = False
+
+    def find_spec(self, name, path=None, target=None):
+        # Also asked when something only looks keras up (TensorFlow's import does): this finder
+        # stays in place until keras is really executed.
+        if name != "keras" or self._finding:
+            return None
+        self._finding = True  # the lookup below asks the other finders for keras's own spec
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        module.__spec__.loader = module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        try:
+            importlib.import_module("kerasllm.models")  # registers every model and layer
+        except Exception as err:  # noqa: BLE001 - never make the user's `import keras` fail
+            warnings.warn(f"kerasllm: its models could not be registered with Keras ({err})", stacklevel=2)
+
+
+if "keras" in sys.modules:  # keras came first: register now (TensorFlow is loaded already)
+    importlib.import_module("kerasllm.models")
+elif not any(isinstance(finder, _RegisterWhenKerasLoads) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenKerasLoads())
 
 
 __all__ = ["CausalLM", "MaskedLM", "Seq2SeqLM", "TextClassifier", "TokenClassifier", "DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "__version__"]

@@ -3,8 +3,11 @@ and its data files, and what kerasllm requires stays free of what would slow eve
 
 import importlib.metadata
 import re
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +97,23 @@ def test_the_serve_extra_holds_every_package_the_serving_side_imports():
     missing = {module: owners.get(module) for module in imported
                if module in owners and not {d.lower().replace("_", "-") for d in owners[module]} & installed}
     assert not missing, f"add to pyproject's serve extra: {missing}"
+
+
+@pytest.mark.parametrize("imports", ["import kerasllm, keras", "import keras, kerasllm",
+                                     "import kerasllm; import tensorflow as tf; keras = tf.keras"])
+def test_a_saved_model_loads_in_a_fresh_process_after_import_kerasllm(tmp_path, imports):
+    """Keras finds kerasllm's classes once kerasllm is imported, whichever of the two came first
+    (the models load lazily; loading had failed with "Could not locate class 'CausalLM'" unless
+    a kerasllm model had been touched first); a process that imports no keras imports no TensorFlow."""
+    import subprocess
+
+    path = tmp_path / "lm.keras"
+    save = ("import kerasllm; from kerasllm import CausalLM, DecoderConfig; "
+            f"CausalLM(DecoderConfig.preset('tiny', vocab_size=64)).save({str(path)!r})")
+    subprocess.run([sys.executable, "-c", save], check=True, capture_output=True, timeout=300)
+    load = f"{imports}; print(type(keras.models.load_model({str(path)!r})).__name__)"
+    result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "CausalLM", result.stderr[-2000:]
+    serving = ("import sys, kerasllm, kerasllm.export.runtime, kerasllm.tokenizers; "
+               "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
+    subprocess.run([sys.executable, "-c", serving], check=True, timeout=120)
