@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple
@@ -51,6 +52,27 @@ class Rule(NamedTuple):
 POSITIVE = Rule(int, "a positive integer", lambda v: v > 0)
 TOKEN_ID = Rule(int, "a non-negative integer", lambda v: v >= 0)
 FLAG = Rule(bool, "true or false")
+
+
+def python_number(value: Any) -> Any:
+    """NumPy's number scalars as Python's (np.int64(64) -> 64), anything else as it is: a
+    vocabulary size computed with NumPy (`ids.max() + 1`) is a size all the same, and a config
+    holds values JSON can write."""
+    if isinstance(value, list):
+        return [python_number(item) for item in value]
+    if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def head_problem(hidden_dim: int, num_heads: int, rotary: bool) -> str | None:
+    """Why `num_heads` attention heads cannot split a width of `hidden_dim`, or None: the rule
+    the configs and `kerasllm.layers.TransformerBlock` share."""
+    if hidden_dim % num_heads:
+        return f"hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}"
+    if rotary and (hidden_dim // num_heads) % 2:
+        return f"rotary positions need an even head size, got {hidden_dim // num_heads}"
+    return None
 
 
 def one_of(choices: tuple[str, ...]) -> Rule:
@@ -110,6 +132,8 @@ class TransformerConfig:
     eos_id: int = 3
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, python_number(getattr(self, field.name)))
         self.validate()
 
     @property
@@ -122,12 +146,9 @@ class TransformerConfig:
             rule = self.rules[field.name]
             if not rule.accepts(value):
                 raise UsageError(f"config: {field.name} must be {rule.text}, got {value!r}")
-        if self.hidden_dim % self.num_heads:
-            raise UsageError(
-                f"config: hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}"
-            )
-        if self.position == "rotary" and self.head_dim % 2:
-            raise UsageError(f"config: rotary positions need an even head size, got {self.head_dim}")
+        problem = head_problem(self.hidden_dim, self.num_heads, self.position == "rotary")
+        if problem:
+            raise UsageError(f"config: {problem}")
         for name, (limit_name, limit) in self.id_limits().items():
             if getattr(self, name) >= limit:
                 raise UsageError(f"config: {name} must be below {limit_name} {limit}, got {getattr(self, name)!r}")

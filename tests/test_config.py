@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from kerasllm.config import DecoderConfig, EncoderConfig, Seq2SeqConfig, config_from_dict
@@ -119,3 +120,18 @@ def test_values_at_the_edges_are_accepted(cls, change):
 @pytest.mark.parametrize("cls", [DecoderConfig, EncoderConfig, Seq2SeqConfig])
 def test_every_field_has_a_rule(cls):
     assert set(cls.rules) == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_numpy_numbers_are_accepted_as_python_numbers():
+    """A size computed with NumPy (`ids.max() + 1`, np.int64) is a size: it had been refused as
+    "vocab_size must be a positive integer, got np.int64(64)"."""
+    ids = np.arange(64)
+    config = DecoderConfig.preset("tiny", vocab_size=ids.max() + 1, num_heads=np.int32(4), dropout=np.float32(0.5))
+    assert (config.vocab_size, config.num_heads, config.dropout) == (64, 4, 0.5)
+    assert type(config.vocab_size) is int and type(config.num_heads) is int and type(config.dropout) is float
+    assert config_from_dict(json.loads(config.to_json())) == config
+    assert Seq2SeqConfig(target_vocab_size=np.int64(40), suppress_ids=[np.int64(5)]).suppress_ids == [5]
+    with pytest.raises(UsageError, match="vocab_size must be a positive integer, got 0"):
+        DecoderConfig(vocab_size=np.int64(0))
+    with pytest.raises(UsageError, match=r"vocab_size must be a positive integer, got 64.0"):
+        DecoderConfig(vocab_size=np.float64(64))

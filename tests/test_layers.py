@@ -105,6 +105,25 @@ def test_an_unknown_activation_is_refused_at_construction(make):
         make(name)
 
 
+# -- the configs' rules for positions and heads --------------------------------------------------
+def test_an_unknown_position_kind_is_refused_at_construction():
+    """It had built a layer that adds no position information at all."""
+    with pytest.raises(ValueError, match="unknown position 'absolute': expected one of 'learned', 'sinusoidal', "
+                                         "'rotary'"):
+        TokenAndPositionEmbedding(vocab_size=10, max_length=8, hidden_dim=4, position="absolute")
+
+
+def test_heads_that_do_not_split_the_width_are_refused():
+    """Width 30 over 4 heads had silently attended over 4 x 7 = 28 dimensions."""
+    block = TransformerBlock(num_heads=4, intermediate_dim=64)
+    with pytest.raises(ValueError, match="hidden_dim 30 is not divisible by num_heads 4"):
+        block(keras.random.normal((1, 4, 30)))
+    with pytest.raises(ValueError, match="rotary positions need an even head size, got 5"):
+        TransformerBlock(num_heads=2, intermediate_dim=16, rotary=True).build((None, None, 10))
+    out, _, _ = TransformerBlock(num_heads=3, intermediate_dim=16)(keras.random.normal((1, 4, 30)))
+    assert tuple(out.shape) == (1, 4, 30)
+
+
 # -- learned positions past max_length ----------------------------------------------------------
 def test_learned_positions_past_max_length_are_a_clear_error():
     layer = TokenAndPositionEmbedding(20, 4, 8, position="learned")

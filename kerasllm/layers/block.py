@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keras
 
+from kerasllm.config import head_problem
 from kerasllm.layers.attention import MultiHeadAttention
 from kerasllm.layers.feedforward import FeedForward, check_activation
 
@@ -66,6 +67,10 @@ class TransformerBlock(keras.layers.Layer):
     def build(self, x_shape, *args, **kwargs):
         x_shape = tuple(x_shape)  # a list when Keras restores it from a saved model's JSON
         width = x_shape[-1]
+        # The configs' rule: heads that do not split the width would silently attend over a narrower one.
+        problem = head_problem(width, self.num_heads, self.rotary)
+        if problem:
+            raise ValueError(problem)
         head_dim = width // self.num_heads
         common = dict(num_heads=self.num_heads, head_dim=head_dim, dropout=self.dropout,
                       use_bias=self.use_bias, dtype=self.dtype_policy)

@@ -14,6 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasllm.config import POSITION_KINDS
+
 
 def sinusoidal_encoding(positions, width, max_wavelength=10000.0):
     """The original Transformer's sine/cosine encoding of `[B, T]` positions -> `[B, T, C]`."""
@@ -24,6 +26,14 @@ def sinusoidal_encoding(positions, width, max_wavelength=10000.0):
     if width % 2:
         encoding = ops.pad(encoding, [[0, 0], [0, 0], [0, 1]])
     return encoding
+
+
+def check_position(position):
+    """`position` if this layer knows it, else ValueError naming the kinds it does (the configs' rule)."""
+    if position not in POSITION_KINDS:
+        raise ValueError(f"unknown position {position!r}: expected one of "
+                         f"{', '.join(repr(name) for name in POSITION_KINDS)}")
+    return position
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -54,7 +64,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.hidden_dim = hidden_dim
-        self.position = position
+        # At construction: an unknown kind would add no position information at all.
+        self.position = check_position(position)
         self.dropout = dropout
 
     def build(self, token_ids_shape, positions_shape=None):
