@@ -10,7 +10,8 @@ import pytest
 
 import keras
 
-from kerasllm import EncoderConfig, MaskedLM, TextClassifier, TokenClassifier, datasets, metrics
+from kerasllm import (CausalLM, DecoderConfig, EncoderConfig, MaskedLM, Seq2SeqLM, TextClassifier, TokenClassifier,
+                      datasets, metrics)
 from kerasllm.data_tasks import LabelMap, Row, encode_rows, masked_lm_dataset, read_rows
 from kerasllm.errors import DataError
 from kerasllm.tokenizers import TextTokenizer
@@ -142,6 +143,18 @@ def test_masked_lm_loss_is_the_weighted_mean_over_masked_positions_with_label_sm
     if eps == 0:
         keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
         assert got == pytest.approx(float(keras_loss(targets, model(inputs), sample_weight=weights)), rel=1e-6)
+
+
+def test_a_config_of_another_family_is_a_type_error_naming_the_expected_class():
+    """It had been an AttributeError ('DecoderConfig' object has no attribute 'num_labels'), or
+    (CausalLM given an EncoderConfig) a model that saved under the encoder family."""
+    decoder = DecoderConfig.preset("tiny", vocab_size=64)
+    for make, expected, given in [(lambda: TextClassifier(decoder), "EncoderConfig", "DecoderConfig"),
+                                  (lambda: Seq2SeqLM(decoder), "Seq2SeqConfig", "DecoderConfig"),
+                                  (lambda: CausalLM(config()), "DecoderConfig", "EncoderConfig"),
+                                  (lambda: CausalLM(config().to_dict()), "DecoderConfig", "EncoderConfig")]:
+        with pytest.raises(TypeError, match=rf"expects a config of class {expected} \(or its dict\), got {given}$"):
+            make()
 
 
 def test_token_classifier_refuses_label_smoothing_it_would_not_apply():

@@ -131,6 +131,11 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = config_from_dict(config)
+        if not isinstance(config, self.config_class):
+            # Another family's config lacks this model's fields (or, worse, has them all and saves
+            # under the wrong family).
+            raise TypeError(f"{type(self).__name__} expects a config of class {self.config_class.__name__} "
+                            f"(or its dict), got {type(config).__name__}")
         self.config = config
 
     def get_config(self):
