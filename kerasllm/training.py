@@ -283,6 +283,11 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
     steps_per_execution = model.steps_per_execution
     model.steps_per_execution = execution_steps(log_every, steps_per_epoch, total_steps,
                                                 eval_steps if validation_data is not None else None)
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        # Keras 3's several-step loop fails on more than one replica ("You must feed a value for
+        # placeholder tensor", keras-team/keras#19246): multi-worker and multi-GPU runs had ended
+        # in that traceback under the default options.
+        model.steps_per_execution = 1
     model.train_function = model.test_function = None  # built again with these steps per call
     try:
         history = model.fit(

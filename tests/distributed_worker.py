@@ -176,9 +176,10 @@ def recipe_run(opts) -> None:
     from kerasllm.distribute import DistributeArgs
     from kerasllm.recipes.causal_lm import CausalLMTrainArgs, train_causal_lm
 
+    configure_cpus(opts.cpus)
     args = CausalLMTrainArgs(data=[opts.data], steps=opts.steps, batch_size=opts.batch, seq_len=16, lr=3e-3,
-                             eval_interval=opts.eval_interval, eval_steps=2, window="packed", jit_compile=False,
-                             log_every=1)
+                             eval_interval=opts.eval_interval, eval_steps=opts.eval_steps, window="packed",
+                             jit_compile=False, log_every=opts.log_every)
     overrides = dict(num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64, max_length=32, dropout=0.0)
     import keras
 
@@ -252,6 +253,8 @@ def main(argv=None) -> None:
     parser.add_argument("--run-dir", default="")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--eval-interval", type=int, default=4)
+    parser.add_argument("--eval-steps", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=1, help="recipe: the CLI's --log-every (its default is 10)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)

@@ -353,6 +353,20 @@ def test_mirrored_adamw_matches_one_device(tmp_path):
     assert losses[-1] < losses[0], losses  # the steps moved the weights (lr 1e-2: far above TOLERANCE)
 
 
+def test_the_recipe_trains_on_two_replicas_with_the_cli_defaults(tmp_path, corpus_file):
+    """The CLI's defaults run 10 steps per call of the train function (training.execution_steps),
+    which Keras 3 cannot do on more than one replica (keras-team/keras#19246: "You must feed a
+    value for placeholder tensor"): a mirrored or multi-worker run had ended in that traceback."""
+    run_dir = tmp_path / "run"
+    local = dw.launch(["recipe", "--strategy", "mirrored", "--cpus", 2, "--data", corpus_file, "--run-dir", run_dir,
+                       "--steps", 20, "--eval-interval", 10, "--eval-steps", 10, "--log-every", 10, "--batch", 8],
+                      dw.worker_env(), tmp_path / "mirrored.log")
+    dw.wait_all([local], 300, tmp_path)
+    history = read_history(run_dir)
+    assert [r["step"] for r in history] == [10, 20] and all("val_loss" in r for r in history), history
+    assert (run_dir / "model.keras").is_file()
+
+
 def read_history(run_dir: Path) -> list[dict]:
     path = run_dir / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
