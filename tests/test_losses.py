@@ -57,3 +57,34 @@ def test_models_evaluate_with_sample_weights_as_keras_loss_does():
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), batch_split=1)
         theirs = model.evaluate(x, y, sample_weight=weights, batch_size=8, verbose=0)
         assert ours == pytest.approx(theirs, rel=1e-5), type(model).__name__
+
+
+@pytest.mark.parametrize("ignore_id, label_smoothing", [(None, 0.0), (0, 0.1)])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_weights_of_a_rank_unknown_until_run_time_weigh_as_their_rank_does(ignore_id, label_smoothing, jit_compile):
+    """Keras retraces a step that has seen `[B]` and `[B, T]` weights with the weights' rank unknown
+    (it had failed: "All tensors passed to ops.shape must have a statically known rank")."""
+    import tensorflow as tf
+
+    loss = SparseCrossEntropy(label_smoothing=label_smoothing, ignore_id=ignore_id)
+    logits, labels = RNG.normal(size=(4, 6, 11)).astype("float32"), RNG.integers(0, 11, (4, 6))
+    relaxed = tf.function(loss, jit_compile=jit_compile, input_signature=[
+        tf.TensorSpec((None, None), "int64"), tf.TensorSpec((None, None, 11), "float32"), tf.TensorSpec(None)])
+    for weights in (RNG.uniform(size=4).astype("float32"), RNG.uniform(size=(4, 6)).astype("float32")):
+        expected = float(loss(labels, logits, sample_weight=weights))  # the weights' rank known
+        assert float(relaxed(labels, logits, weights)) == pytest.approx(expected, rel=1e-6), weights.shape
+
+
+def test_one_model_takes_weights_per_example_then_per_position_as_keras_loss_does():
+    tokens = RNG.integers(6, 64, (8, 17))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    per_example, per_position = RNG.uniform(size=8), RNG.uniform(size=(8, 16))
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    model.compile(batch_split=1)
+    ours = [model.evaluate(x, y, sample_weight=w, batch_size=8, verbose=0) for w in (per_example, per_position)]
+    # Keras's loss takes per-position weights only: a row's weight at each of its positions.
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), batch_split=1)
+    theirs = [model.evaluate(x, y, sample_weight=w, batch_size=8, verbose=0)
+              for w in (np.repeat(per_example[:, None], 16, axis=1), per_position)]
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    assert ours[0] != pytest.approx(ours[1], rel=1e-3)  # the two kinds weigh differently

@@ -41,20 +41,37 @@ class SparseCrossEntropy(keras.losses.Loss):
         self.per_token = bool(per_token)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        if (sample_weight is not None and not self.per_token and len(ops.shape(y_true)) >= 2
-                and len(ops.shape(sample_weight)) == len(ops.shape(y_true))):
-            # One weight per position: each position's loss weighed by Keras's own reduction
-            # (a mean per example first would have no place for them).
-            from keras.src.losses.loss import reduce_weighted_values  # noqa: PLC0415
+        target_rank = len(ops.shape(y_true))
+        if sample_weight is None or self.per_token or target_rank < 2:
+            return super().__call__(y_true, y_pred, sample_weight)
+        weight_rank = ops.ndim(sample_weight)
+        if weight_rank == target_rank:
+            return self._weigh_positions(y_true, y_pred, sample_weight)
+        if weight_rank is not None:
+            return super().__call__(y_true, y_pred, sample_weight)
+        # Rank unknown until run time: Keras retraces a step that has seen weights of both ranks
+        # ([B] and [B, T]) with the rank relaxed. Both readings, each from a view of the weights
+        # that is valid for either rank, and the one of the weights' rank kept (two scalars;
+        # XLA knows the rank when it compiles).
+        import tensorflow as tf  # noqa: PLC0415 - the TF backend only
 
-            with keras.name_scope(self.name):
-                y_true = ops.cast(y_true, "int32")
-                sample_weight = ops.cast(sample_weight, "float32")
-                if self.ignore_id is not None:
-                    sample_weight = sample_weight * ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
-                return reduce_weighted_values(self._token_losses(y_true, y_pred), sample_weight=sample_weight,
-                                              reduction=self.reduction, dtype=self.dtype)
-        return super().__call__(y_true, y_pred, sample_weight)
+        rows = ops.reshape(sample_weight, (ops.shape(y_true)[0], -1))  # [B, 1] or [B, T]
+        per_position = self._weigh_positions(y_true, y_pred, ops.broadcast_to(rows, ops.shape(y_true)))
+        per_example = super().__call__(y_true, y_pred, rows[:, 0])
+        return ops.where(ops.equal(tf.rank(sample_weight), target_rank), per_position, per_example)
+
+    def _weigh_positions(self, y_true, y_pred, sample_weight):
+        """The loss with one weight per position (targets' shape): each position's loss weighed by
+        Keras's own reduction (a mean per example first would have no place for them)."""
+        from keras.src.losses.loss import reduce_weighted_values  # noqa: PLC0415
+
+        with keras.name_scope(self.name):
+            y_true = ops.cast(y_true, "int32")
+            sample_weight = ops.cast(sample_weight, "float32")
+            if self.ignore_id is not None:
+                sample_weight = sample_weight * ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
+            return reduce_weighted_values(self._token_losses(y_true, y_pred), sample_weight=sample_weight,
+                                          reduction=self.reduction, dtype=self.dtype)
 
     def _token_losses(self, y_true, y_pred):
         """The (smoothed) loss of every target, y_true's shape."""
