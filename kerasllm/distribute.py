@@ -41,10 +41,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from kerasllm.errors import UsageError
+from kerasllm.errors import KerasLLMError, UsageError
 
 log = logging.getLogger("kerasllm")
 
@@ -129,28 +131,48 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None):
             resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         elif _in_slurm_job():
             try:
-                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-            except (RuntimeError, ValueError, KeyError) as err:
+                resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(**_slurm_gpu_slots(tf))
+            except (RuntimeError, ValueError, KeyError, OSError) as err:
                 raise UsageError(f"multi-worker: cannot read the Slurm job: {err}") from None
         else:
             raise UsageError("--strategy multi-worker needs a cluster: set TF_CONFIG, or run inside a Slurm job (srun)")
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         except (ValueError, RuntimeError, tf.errors.OpError) as err:
             raise UsageError(f"multi-worker: cannot join the cluster: {str(err).splitlines()[0]}") from None
+        if threading.current_thread() is threading.main_thread() and sigterm is not None:
+            # The strategy installs TensorFlow's own SIGTERM handler (for a preemption checkpoint
+            # handler kerasllm does not use), under which a worker told to stop trained on to the
+            # end: SIGTERM ends a worker again as it ends a one-process run, the last backup kept.
+            signal.signal(signal.SIGTERM, sigterm)
+        return strategy
     if name == "tpu":
         address = "" if tpu in (None, "local") else tpu
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
-        except (ValueError, RuntimeError, tf.errors.OpError) as err:
+        except (ValueError, RuntimeError, OSError, tf.errors.OpError) as err:  # OSError: a name off Google Cloud
             where = f"--tpu {tpu}" if tpu else "a local TPU (give --tpu NAME_OR_GRPC_ADDRESS)"
             raise UsageError(f"tpu: cannot reach {where}: {str(err).splitlines()[0]}") from None
         return tf.distribute.TPUStrategy(resolver)
     # parameter-server
     raise UsageError("--strategy parameter-server is not supported: Keras 3 model.fit cannot drive "
                      "ParameterServerStrategy (no ClusterCoordinator); use multi-worker")
+
+
+def _slurm_gpu_slots(tf) -> dict:
+    """SlurmClusterResolver's GPU arguments for this node. Left to itself it runs nvidia-smi (absent
+    on CPU nodes: "No such file or directory") and gives each task a slice of the node's GPUs,
+    dropping the tasks past the last GPU (with none: "range() arg 3 must not be zero"). So it is
+    told the GPU count; on a node without GPUs each task gets a notional slot of its own, and
+    CUDA_VISIBLE_DEVICES is left as it is."""
+    gpus = len(tf.config.list_physical_devices("GPU"))  # physical: the runtime stays unstarted
+    if gpus:
+        return {"gpus_per_node": gpus}
+    return {"gpus_per_node": int(os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1),
+            "gpus_per_task": 1, "auto_set_gpu": False}
 
 
 # -- facts about a strategy -------------------------------------------------------------------
@@ -374,5 +396,22 @@ def training_strategy(name: str = "auto", precision: str = "fp32", tpu: str | No
     try:
         with strategy.scope():
             yield dist
+    except Exception as err:
+        if workers > 1 and _lost_the_cluster(err):
+            # Another worker stopped (the chief refusing its --out, a killed process): one line
+            # naming this worker instead of TensorFlow's collective traceback.
+            raise KerasLLMError(f"multi-worker: worker {index} lost the other workers ({type(err).__name__}: "
+                                f"{str(err).strip().splitlines()[0][:200]}); the first worker to stop says why "
+                                "in its own output") from err
+        raise
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def _lost_the_cluster(err: Exception) -> bool:
+    """A collective op that failed because a peer went away (TensorFlow's Unavailable, Aborted,
+    Cancelled or DeadlineExceeded)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return isinstance(err, (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                            tf.errors.DeadlineExceededError))

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +80,7 @@ def test_multi_worker_uses_slurm_without_tf_config(monkeypatch):
     made = []
 
     class FakeSlurm:
-        def __init__(self):
+        def __init__(self, **gpu_slots):
             made.append(self)
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -85,6 +89,25 @@ def test_multi_worker_uses_slurm_without_tf_config(monkeypatch):
     monkeypatch.setattr(tf.distribute.cluster_resolver, "SlurmClusterResolver", FakeSlurm)
     monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", FakeStrategy)
     assert resolve_strategy("multi-worker").resolver is made[0]
+
+
+def test_slurm_on_cpu_nodes_makes_a_worker_of_every_task(monkeypatch, tmp_path):
+    """Two tasks of an `srun` step on a node without GPUs (no nvidia-smi on PATH): a cluster of
+    two workers. SlurmClusterResolver had run nvidia-smi ("No such file or directory") or, with
+    no GPU, failed on "range() arg 3 must not be zero"."""
+    import tensorflow as tf
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    for name, value in {"SLURM_PROCID": "1", "SLURM_STEP_NODELIST": "cpu1", "SLURM_STEP_TASKS_PER_NODE": "2",
+                        "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", FakeStrategy)
+    resolver = resolve_strategy("multi-worker").resolver
+    assert resolver.cluster_spec().as_dict() == {"worker": ["cpu1:8888", "cpu1:8889"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_tpu_strategy_with_a_faked_resolver(monkeypatch):
@@ -111,6 +134,13 @@ def test_tpu_strategy_with_a_faked_resolver(monkeypatch):
     monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", unreachable)
     with pytest.raises(UsageError, match=r"^tpu: cannot reach --tpu nope: Could not lookup TPU metadata"):
         resolve_strategy("tpu", tpu="nope")
+
+    def off_google_cloud(tpu):  # a TPU name is looked up on GCE's metadata server
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", off_google_cloud)
+    with pytest.raises(UsageError, match=r"^tpu: cannot reach --tpu my-tpu: <urlopen error"):
+        resolve_strategy("tpu", tpu="my-tpu")
 
 
 @pytest.mark.parametrize("name, message", [
@@ -413,6 +443,57 @@ def test_killed_worker_job_resumes_from_the_last_backup(tmp_path, corpus_file):
     dw.main(["recipe", "--strategy", "auto", "--data", str(corpus_file), "--run-dir", str(straight),
              "--steps", str(steps), "--eval-interval", str(interval), "--batch", "8"])
     assert loss_on_validation(run_dir) == pytest.approx(loss_on_validation(straight), rel=0.1)
+
+
+def launch_cli_workers(args: list, tmp_path: Path, log_prefix: str, extra_env: dict | None = None):
+    """`kerasllm ARGS` as 2 workers of one multi-worker cluster (the CLI itself, not the test worker)."""
+    ports = dw.free_ports(2)
+    procs = []
+    for index in range(2):
+        log = open(tmp_path / f"{log_prefix}{index}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen([sys.executable, "-m", "kerasllm", *map(str, args)], stdout=log,
+                                      stderr=subprocess.STDOUT, env=dw.worker_env(index, ports, extra_env),
+                                      cwd=dw.ROOT))
+    return procs
+
+
+CLI_RUN = ["--steps", 40, "--eval-interval", 4, "--eval-steps", 1, "--batch-size", 8, "--seq-len", 16, "--layers", 2,
+           "--hidden", 32, "--no-jit-compile", "--quiet", "--strategy", "multi-worker"]
+
+
+def test_sigterm_stops_multi_worker_training_with_its_backup_kept(tmp_path, corpus_file):
+    """SIGTERM to every worker (a job manager stopping the job) ends them as it ends a one-process
+    run, the last backup kept; MultiWorkerMirroredStrategy's own SIGTERM handler had left them
+    training to the last step."""
+    out = tmp_path / "run"
+    long_run = [*CLI_RUN[2:], "--steps", 5000]  # minutes of steps: the signal comes long before the end
+    procs = launch_cli_workers(["train", "causal-lm", "--data", corpus_file, "--out", out, *long_run], tmp_path, "term")
+    deadline = time.monotonic() + 150
+    while not (out / "checkpoints" / "training_metadata.json").is_file():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "ended before a backup"
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=60) for p in procs]
+    assert codes == [-signal.SIGTERM] * 2, codes
+    assert not (out / "model.keras").exists() and (out / "checkpoints" / "training_metadata.json").is_file()
+    assert max(r["step"] for r in read_history(out)) < 5000
+
+
+def test_a_worker_whose_chief_stopped_says_so_in_one_line(tmp_path, corpus_file):
+    """The chief refuses an --out that holds another run; the other worker, which does not look at
+    the directory, had ended in TensorFlow's 79-line collective traceback."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's files")
+    procs = launch_cli_workers(["train", "causal-lm", "--data", corpus_file, "--out", out, *CLI_RUN], tmp_path, "stop")
+    codes = [p.wait(timeout=240) for p in procs]
+    logs = [(tmp_path / f"stop{i}.log").read_text() for i in range(2)]
+    assert codes == [2, 1], (codes, logs)
+    assert logs[0].strip().endswith("choose a new --out or pass --resume"), logs[0]
+    assert "Traceback" not in logs[1], logs[1]
+    assert "kerasllm: error: multi-worker: worker 1 lost the other workers" in logs[1], logs[1]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def loss_on_validation(run_dir: Path) -> float:
