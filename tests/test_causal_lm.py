@@ -151,6 +151,44 @@ def test_generation_refuses_prompts_longer_than_the_model():
         model.generate([[7]], max_new_tokens=2, top_k=5)
 
 
+def test_generation_refuses_token_ids_outside_the_vocabulary():
+    """The compiled loop had clamped them into the embedding table and returned tokens (80 and -1
+    gave the same ones)."""
+    from kerasllm.errors import UsageError
+
+    model = tiny()
+    for bad in (VOCAB, 80, -1):
+        with pytest.raises(UsageError, match=rf"prompt 1 has token id {bad}, outside the vocabulary of 61 ids "
+                                             r"\(0\.\.60\)"):
+            model.generate([[7, 8], [7, bad]], max_new_tokens=2)
+    with pytest.raises(UsageError, match="prompt 0 is not a list of token ids"):
+        model.generate([[7.5, 8]], max_new_tokens=2)
+
+
+def test_generation_takes_numpy_prompts():
+    """A 2-D array (a slice of the training ids) or a list of 1-D arrays: the lists' outputs
+    (it had failed: "The truth value of an array ... is ambiguous")."""
+    model = tiny()
+    prompts = ids(3, 5)
+    expected = model.generate(prompts.tolist(), max_new_tokens=4)
+    np.testing.assert_array_equal(model.generate(prompts, max_new_tokens=4), expected)
+    np.testing.assert_array_equal(model.generate(list(prompts), max_new_tokens=4), expected)
+
+
+def test_seeded_sampling_from_threads_repeats_the_serial_samples():
+    """Each seeded call restarts the sampler's shared seed state, then draws from it: concurrent
+    calls had drawn from each other's state (9-17 of 32 threaded results differed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny()
+    prompts = [[[7, 8, 9]], [[10, 11, 12]], [[13, 14, 15]], [[16, 17, 18]]]  # one length: one compiled loop
+    kwargs = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    serial = [model.generate(p, **kwargs).tolist() for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda k: model.generate(prompts[k % 4], **kwargs).tolist(), range(16)))
+    assert threaded == [serial[k % 4] for k in range(16)]
+
+
 def test_label_smoothing_matches_the_definition():
     logits = np.random.default_rng(0).normal(size=(2, 3, 5)).astype("float32")
     labels = np.array([[1, 2, 0], [4, 4, 3]])

@@ -454,6 +454,41 @@ def test_keras_sampling_seeds_and_top_k_past_the_vocabulary():
         assert model.generate(sources, seed=3, top_k=k, **kwargs) == seeded
 
 
+def test_keras_generation_refuses_ids_outside_the_vocabulary_and_takes_numpy_sources():
+    """Source ids outside the vocabulary are refused (the compiled loop had clamped them); a 2-D
+    array of sources decodes as its lists (it had failed on "truth value of an array")."""
+    from kerasllm import Seq2SeqLM
+    from kerasllm.errors import UsageError
+
+    keras.utils.set_random_seed(0)
+    model = Seq2SeqLM(Seq2SeqConfig.preset("tiny", vocab_size=64, target_vocab_size=40, max_length=32))
+    for bad in (64, -1):
+        with pytest.raises(UsageError, match=rf"source 0 has token id {bad}, outside the vocabulary of 64 ids"):
+            model.generate([[7, bad]], max_new_tokens=2)
+    with pytest.raises(UsageError, match="source 1 has token id 99"):
+        model.generate_n_best([[7], [99]], max_new_tokens=2, num_beams=2)
+    sources = np.random.default_rng(0).integers(6, 64, (2, 5))
+    assert model.generate(sources, max_new_tokens=4) == model.generate(sources.tolist(), max_new_tokens=4)
+    assert (model.generate_n_best(sources, max_new_tokens=4, num_beams=2)
+            == model.generate_n_best(sources.tolist(), max_new_tokens=4, num_beams=2))
+
+
+def test_keras_seeded_sampling_from_threads_repeats_the_serial_samples():
+    """Concurrent seeded calls had drawn from each other's sampler seed state (CausalLM's fault too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kerasllm import Seq2SeqLM
+
+    keras.utils.set_random_seed(0)
+    model = Seq2SeqLM(Seq2SeqConfig.preset("tiny", vocab_size=64, max_length=32))
+    sources = [[[7, 8, 9]], [[10, 11, 12]], [[13, 14, 15]], [[16, 17, 18]]]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    serial = [model.generate(r, **kwargs) for r in sources]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda k: model.generate(sources[k % 4], **kwargs), range(16)))
+    assert threaded == [serial[k % 4] for k in range(16)]
+
+
 def test_fewer_rows_stay_in_the_same_self_attention_buffer(trained):
     """Finished rows leaving the batch (greedy) or done inputs (beam search) shrink the shared
     self-attention buffer in place on the CPU: the kept rows' cache and next logits are those of

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from kerasllm.config import TransformerConfig, config_from_dict
+from kerasllm.errors import UsageError
 from kerasllm.models.array_inputs import ArrayInputFitMixin
 from kerasllm.models.multi_worker import MultiWorkerFitMixin
 from kerasllm.models.split_batch import SplitBatchFitMixin
@@ -98,6 +100,26 @@ class SparseCrossEntropy(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing, "ignore_id": self.ignore_id,
                 "per_token": self.per_token}
+
+
+def token_id_rows(rows, vocab_size: int, what: str = "prompt") -> list[np.ndarray]:
+    """`generate`'s inputs (lists of ids, 1-D arrays, or a 2-D array's rows) as 1-D int arrays.
+
+    UsageError for an empty input or row, a row that is not a list of integer ids, and an id
+    outside the vocabulary: the compiled loop would clamp it into the embedding table (XLA's
+    gather does) and return tokens all the same.
+    """
+    rows = [np.asarray(row) for row in rows]
+    if not rows or any(row.size == 0 for row in rows):
+        raise UsageError(f"generate: every {what} needs at least one token")
+    for index, row in enumerate(rows):
+        if row.ndim != 1 or row.dtype.kind not in "iu":
+            raise UsageError(f"generate: {what} {index} is not a list of token ids: {row!r}")
+        bad = row[(row < 0) | (row >= vocab_size)]
+        if bad.size:
+            raise UsageError(f"generate: {what} {index} has token id {bad[0]}, outside the vocabulary "
+                             f"of {vocab_size} ids (0..{vocab_size - 1})")
+    return rows
 
 
 def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, min_learning_rate=None,

@@ -14,6 +14,7 @@ embedding. Three entry points share the same weights:
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import keras
@@ -24,7 +25,7 @@ from kerasllm.config import DecoderConfig
 from kerasllm.errors import UsageError
 from kerasllm.export.generate import DecodingOptions, narrowing_top_k
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
-from kerasllm.models.base import TransformerModel
+from kerasllm.models.base import TransformerModel, token_id_rows
 
 
 def positions_from_mask(attention_mask, query_length):
@@ -98,6 +99,7 @@ class CausalLM(TransformerModel):
         # Untracked on purpose: Keras locks a built model's tracked state, and the samplers'
         # seed variables must not become model weights.
         object.__setattr__(self, "_generate_functions", {})
+        object.__setattr__(self, "_seeded_generation", threading.Lock())  # see _run_generate_function
         self.build((None, None))
 
     def build(self, input_shape=None):
@@ -224,17 +226,32 @@ class CausalLM(TransformerModel):
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]
 
+    def _run_generate_function(self, key, *args):
+        """Run the compiled generation for `key` on `args` (Seq2SeqLM's too).
+
+        Seeded calls hold the model's lock: each restarts the sampler's seed state, which
+        `key`'s calls share, then draws from it, so concurrent ones would draw from each
+        other's state (different samples from the same seed). Unseeded calls run concurrently.
+        """
+        function, seed_states = self._generate_function(key)
+        if not seed_states:  # no seed (see _generate_function)
+            return function(*args)
+        with self._seeded_generation:
+            for variable, initial in seed_states:
+                variable.assign(initial)
+            return function(*args)
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop_token_ids: Sequence[int] | None = None) -> np.ndarray:
-        """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+        """Continue each prompt (a list or 1-D array of token ids; or the rows of a 2-D array)
+        by up to `max_new_tokens` tokens.
 
         `temperature=0` is greedy; otherwise sampling with `top_k` and/or `top_p`, made
         reproducible by `seed` (without one, each call samples afresh). Returns int32
         `[B, max_new_tokens]`; after a stop id the row holds `pad_id`.
         """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UsageError("generate: every prompt needs at least one token")
+        prompts = token_id_rows(prompts, self.config.vocab_size)
         # The bundle's rules for these options (one place: export/generate.py, no TensorFlow there).
         DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k, top_p=top_p,
                         seed=seed).validate()
@@ -256,10 +273,8 @@ class CausalLM(TransformerModel):
         # The bundle's rule: k >= the vocabulary filters nothing. keras-hub would pass such a k to
         # ops.top_k, which refuses it; None also shares no-top_k's compiled function (and samples).
         top_k = narrowing_top_k(top_k, self.config.vocab_size)
-        function, seed_states = self._generate_function((float(temperature or 0.0), top_k, top_p, seed, stop))
-        for variable, initial in seed_states:  # empty without a seed (see _generate_function)
-            variable.assign(initial)
-        output = np.asarray(function(token_ids, prompt_mask, int(lengths.min())))
+        output = np.asarray(self._run_generate_function((float(temperature or 0.0), top_k, top_p, seed, stop),
+                                                        token_ids, prompt_mask, int(lengths.min())))
         new_tokens = np.full((len(prompts), max_new_tokens), self.config.pad_id, dtype="int32")
         for row, length in enumerate(lengths):
             continuation = output[row, length:length + max_new_tokens]

@@ -27,6 +27,7 @@ Shapes: `B` batch, `S` source tokens, `T` new target tokens, `P` past target tok
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import keras
@@ -37,7 +38,7 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.errors import UsageError
 from kerasllm.export.generate import DecodingOptions, narrowing_top_k
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
-from kerasllm.models.base import SparseCrossEntropy, TransformerModel
+from kerasllm.models.base import SparseCrossEntropy, TransformerModel, token_id_rows
 from kerasllm.models.causal_lm import CausalLM
 
 
@@ -94,6 +95,7 @@ class Seq2SeqLM(TransformerModel):
         # A plain dict, not one Keras tracks: it holds compiled functions and the samplers'
         # seed variables, which must not become model state (nor hit Keras's post-build lock).
         object.__setattr__(self, "_generate_functions", {})
+        object.__setattr__(self, "_seeded_generation", threading.Lock())  # see CausalLM._run_generate_function
         self.build(None)
 
     @property
@@ -279,8 +281,7 @@ class Seq2SeqLM(TransformerModel):
     def _run_generation(self, sources, max_new_tokens, num_beams, temperature=0.0, top_k=None, top_p=None,
                         seed=None):
         c = self.config
-        if not sources or any(len(s) == 0 for s in sources):
-            raise UsageError("generate: every source needs at least one token")
+        sources = token_id_rows(sources, c.vocab_size, "source")
         longest = max(len(s) for s in sources)
         if longest > c.max_length:
             raise UsageError(f"generate: a source of {longest} tokens exceeds the model's max_length {c.max_length}")
@@ -300,10 +301,9 @@ class Seq2SeqLM(TransformerModel):
         prompt_mask = np.zeros_like(prompt, dtype=bool)
         prompt_mask[:, 0] = True
         top_k = narrowing_top_k(top_k, c.target_vocab)  # k >= the vocabulary: no filter, as the bundle
-        function, seed_states = self._generate_function((float(temperature or 0.0), top_k, top_p, seed, num_beams))
-        for variable, initial in seed_states:  # empty without a seed (see _generate_function)
-            variable.assign(initial)
-        return function(source_ids, source_mask.astype("int32"), prompt, prompt_mask)
+        # CausalLM's (seeded calls one at a time), as _make_sampler.
+        return CausalLM._run_generate_function(self, (float(temperature or 0.0), top_k, top_p, seed, num_beams),
+                                               source_ids, source_mask.astype("int32"), prompt, prompt_mask)
 
     def _strip(self, row) -> list[int]:
         """Generated ids after BOS, up to (not including) EOS."""
@@ -317,7 +317,8 @@ class Seq2SeqLM(TransformerModel):
     def generate(self, sources: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None) -> list[list[int]]:
-        """The best target (list of ids, without BOS/EOS) for each source (list of ids).
+        """The best target (list of ids, without BOS/EOS) for each source (a list or 1-D array of
+        ids; or the rows of a 2-D array).
 
         `num_beams > 1`: beam search; otherwise greedy (`temperature=0`) or sampling with
         `top_k` / `top_p`, reproducible with `seed` (without one, each call samples afresh).
