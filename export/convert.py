@@ -193,6 +193,37 @@ def _without_global_pool_optimizer():
 
 
 @contextlib.contextmanager
+def _reshape_merges_keep_copied_dims():
+    """tf2onnx merges `Reshape(Reshape(x, s1), s2)` into `Reshape(x, s2)` (its back-to-back
+    optimizer), also where `s2` holds zeros, ONNX's "copy this dim from the input": merged, they
+    copy x's dims instead of the intermediate's. Its reshape optimizer writes such zeros for every
+    dim read from the input's shape, so the merge broke three graphs: one-head attention (the
+    context's head Transpose, a Reshape for a size-1 axis, merged with the head merge [0, 0, C]:
+    [B, 1, T, D] -> [B, 1, C]), and bias-free projections (a Dense's [B*T, N] tensordot output
+    merged with the head split [0, 0, k, H, D]). The merge is kept only where every zero of `s2`
+    copies a dim that `s1` copied from x too."""
+    from tf2onnx.optimizer import back_to_back_optimizer  # noqa: PLC0415
+
+    handlers = back_to_back_optimizer._func_map
+    merge = handlers[("Reshape",)]
+
+    def merge_if_same(g, node, consumer_nodes):
+        shapes = [n.inputs[1] if len(n.input) > 1 else None for n in (node, *consumer_nodes[:1])]
+        if len(shapes) == 2 and shapes[1] is not None and shapes[1].is_const():
+            first = shapes[0].get_tensor_value() if shapes[0] is not None and shapes[0].is_const() else []
+            copied = [i for i, dim in enumerate(shapes[1].get_tensor_value()) if dim == 0]
+            if any(i >= len(first) or first[i] != 0 for i in copied):
+                return []
+        return merge(g, node, consumer_nodes)
+
+    handlers[("Reshape",)] = merge_if_same
+    try:
+        yield
+    finally:
+        handlers[("Reshape",)] = merge
+
+
+@contextlib.contextmanager
 def _quiet_tf2onnx():
     """tf2onnx logs every op it meets at INFO, and "Erfc is not supported" (rewritten below)."""
     import logging  # noqa: PLC0415
@@ -235,7 +266,8 @@ def trace_to_onnx(spec: GraphSpec, model, opset: int = DEFAULT_OPSET) -> onnx.Mo
             raise ValueError(f"forward() did not return {sorted(missing)}")
         return {name: outputs[name] for name in spec.outputs}
 
-    with _export_friendly_layers(model), _without_global_pool_optimizer(), _quiet_tf2onnx():
+    with (_export_friendly_layers(model), _without_global_pool_optimizer(), _reshape_merges_keep_copied_dims(),
+          _quiet_tf2onnx()):
         proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
     # Rewrite while the weights are still graph inputs: protobuf keeps removed or copied
     # messages' memory until the whole model is freed, so big tensors join last.

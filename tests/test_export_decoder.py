@@ -779,6 +779,50 @@ def test_other_architectures_export_with_parity(variant, attention_fused, shared
     assert np.abs(step.last_logits(ids, mask)[0] - step(ids, mask, None)[0][:, -1]).max() <= 1e-5
 
 
+def _random_decoder_dir(path: Path, **config) -> tuple[Path, object]:
+    """A model directory holding a tiny causal LM with random weights (`DecoderConfig` overrides
+    `config`), as `kerasllm train causal-lm` lays it out; returns `(run, model)`."""
+    import keras
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.tokenizers import TextTokenizer
+    from kerasllm.training import save_model_atomic, write_json_atomic
+
+    keras.utils.set_random_seed(0)
+    tokenizer = TextTokenizer.train(["abcdefghijklmnopqrstuvwxyz0123456789 .,"], kind="char")
+    config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0,
+                                  **{"max_length": 64, **config})
+    model = CausalLM(config)
+    path.mkdir()
+    tokenizer.save(path)
+    write_json_atomic(path / "config.json", {"task": "causal-lm", "model": config.to_dict(), "train": {}})
+    save_model_atomic(model, path)
+    return path, model
+
+
+def _bundle_greedy(bundle_path: Path, prompts, new_tokens: int) -> list[list[int]]:
+    from kerasllm.export.decoding_predictor import BundleGenerator
+    from kerasllm.export.generate import DecodingOptions, generate
+
+    generator = BundleGenerator(bundle_path, device="cpu")
+    return [h[0].tokens for h in generate(generator.step, prompts, DecodingOptions(max_new_tokens=new_tokens),
+                                          pad_id=generator.pad_id, max_length=generator.max_length)]
+
+
+def test_a_one_head_decoder_exports_and_decodes_as_keras(tmp_path):
+    """One attention head: tf2onnx traces the head Transpose of a size-1 axis as a Reshape and had
+    merged it with the head merge's Reshape [0, 0, C], whose zeros then copied [B, 1, ...] instead of
+    [B, T, ...] (ORT: cannot reshape {1,1,5,32} to {1,1,32}); convert.py keeps such merges out."""
+    from kerasllm.export.exporter import export_model_dir
+
+    run, model = _random_decoder_dir(tmp_path / "run", num_heads=1)
+    bundle = export_model_dir(run, tmp_path / "bundle", log=lambda message: None)
+    validation = bundle.manifest["validation"]
+    assert max(validation["max_abs_diff"].values()) <= 1e-4 and validation["greedy"]["identical"] is True
+    prompts = [[7, 8, 9], [10, 11, 12, 13, 14, 15]]
+    assert _bundle_greedy(bundle.path, prompts, 12) == np.asarray(model.generate(prompts, max_new_tokens=12)).tolist()
+
+
 def test_rotary_swiglu_decoder_gets_the_fused_fast_path_in_fp32_and_fp16(corpus_file, tmp_path):
     """A Llama-style decoder (rotary positions, SwiGLU, no biases, untied head) exports as fast as
     a learned-position one: each layer's q/k rotation goes into GroupQueryAttention (`do_rotary`,
