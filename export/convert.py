@@ -412,13 +412,7 @@ def _fold_tensordot(proto: onnx.ModelProto) -> None:
         if len(consumers.get(before.output[0], [])) != 1:
             continue
         if after[0].name != node.name.rsplit("/", 1)[0]:
-            # Not the tensordot's own Reshape: without a bias, tf2onnx merges that one with the
-            # next (attention's split into heads) into `Reshape(x2d, [0, 0, 3, H, D])`, whose
-            # zeros copy the dims of a [B, T, 3C] input: ORT fails on the [B*T, 3C] it gets.
-            # Dropping only the Reshape before gives the MatMul [B, T, C] in and [B, T, 3C] out.
-            replace[id(node)] = helper.make_node("MatMul", [before.input[0], node.input[1]], list(node.output),
-                                                 name=node.name)
-            continue
+            continue  # not the tensordot's own Reshape
         replace[id(node)] = helper.make_node("MatMul", [before.input[0], node.input[1]], [after[0].output[0]],
                                              name=node.name)
         replace[id(after[0])] = None

@@ -97,3 +97,13 @@ def test_a_one_head_seq2seq_model_exports_and_translates_as_keras(tmp_path):
     model, bundle = export_seq2seq(tmp_path, num_heads=1)
     assert bundle.manifest["validation"]["greedy"]["identical"] is True
     assert_translations_match_keras(model, bundle)
+
+
+def test_a_bias_free_seq2seq_model_exports_and_translates_as_keras(tmp_path):
+    """use_bias=False: tf2onnx had merged the cross-attention key/value projection's [B*S, 2C]
+    tensordot output with the head split Reshape [0, 0, 2, H, D], taking B and T from the 2-D
+    tensor (ORT: cannot reshape {5,64} to {5,64,2,2,16}), whatever the options. Two decoder layers:
+    their projections share the encoder output's flattening, which convert._fold_tensordot leaves."""
+    model, bundle = export_seq2seq(tmp_path, use_bias=False, num_decoder_layers=2)
+    assert bundle.manifest["validation"]["greedy"]["identical"] is True
+    assert_translations_match_keras(model, bundle)

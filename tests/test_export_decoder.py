@@ -749,7 +749,7 @@ def test_attention_fusion_is_dropped_when_it_fails_validation(model_dir, tmp_pat
     (dict(position="sinusoidal", activation="swiglu"), True, True),
     (dict(norm_first=False, tie_embeddings=False, activation="relu"), True, True),
     (dict(), True, False),  # MultiHeadAttention over a growing cache
-    (dict(use_bias=False), True, True),  # tf2onnx merges the bias-free qkv tensordot with the heads Reshape
+    (dict(use_bias=False), True, True),  # the bias-free qkv tensordot next to the heads Reshape (convert.py)
 ])
 def test_other_architectures_export_with_parity(variant, attention_fused, shared_kv_buffer, tmp_path):
     import keras
