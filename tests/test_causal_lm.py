@@ -189,6 +189,50 @@ def test_seeded_sampling_from_threads_repeats_the_serial_samples():
     assert threaded == [serial[k % 4] for k in range(16)]
 
 
+def test_inputs_longer_than_the_learned_positions_are_refused_before_running():
+    """fit/evaluate/predict refuse ids past max_length with learned positions. A compiled step
+    clamps such positions (XLA's gather), so a dict input (explicit positions) had run silently,
+    and plain ids after two other lengths (a trace with a dynamic length) had failed with
+    "Incompatible shapes"."""
+    import tensorflow as tf
+
+    def short(**overrides):
+        return CausalLM(DecoderConfig.preset("tiny", vocab_size=VOCAB, max_length=16, **overrides))
+
+    model = short()
+    model.compile()
+    model.predict(ids(2, 5), verbose=0)
+    model.predict(ids(2, 7), verbose=0)  # Keras retraces with the length dynamic
+    long = ids(4, 17)
+    message = "token_ids: a sequence of 17 tokens is longer than max_length 16, the number of learned positions"
+    dict_input = {"token_ids": long, "padding_mask": np.ones_like(long)}
+    for run in (lambda: model.predict(long, verbose=0), lambda: model.predict(dict_input, verbose=0),
+                lambda: model.fit(dict_input, long, verbose=0), lambda: model.evaluate(long, long, verbose=0),
+                lambda: model.fit(ids(4, 9), ids(4, 9), validation_data=(long, long), verbose=0),
+                lambda: model.fit(tf.data.Dataset.from_tensor_slices((long, long)).batch(2), verbose=0),
+                lambda: model(dict_input)):
+        with pytest.raises(ValueError, match=message):
+            run()
+    # Sinusoidal and rotary positions run at any length.
+    assert short(position="sinusoidal")(long).shape == (4, 17, VOCAB)
+
+
+def test_ids_without_a_batch_axis_are_a_clear_error():
+    """One sequence, or an unbatched dataset: it had been an IndexError ("tuple index out of range")."""
+    import tensorflow as tf
+
+    model = tiny()
+    model.compile()
+    message = r"CausalLM expects token_ids of shape \[batch, length\], got shape \(3,\)"
+    with pytest.raises(ValueError, match=message):
+        model(np.array([7, 8, 9]))
+    with pytest.raises(ValueError, match=message):
+        model.predict(np.array([7, 8, 9]), verbose=0)
+    unbatched = tf.data.Dataset.from_tensor_slices((ids(4, 3), ids(4, 3)))
+    with pytest.raises(ValueError, match=message + ".*a tf.data.Dataset: batch it"):
+        model.fit(unbatched, verbose=0)
+
+
 def test_label_smoothing_matches_the_definition():
     logits = np.random.default_rng(0).normal(size=(2, 3, 5)).astype("float32")
     labels = np.array([[1, 2, 0], [4, 4, 3]])

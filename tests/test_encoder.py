@@ -157,6 +157,39 @@ def test_a_config_of_another_family_is_a_type_error_naming_the_expected_class():
             make()
 
 
+@pytest.mark.parametrize("cls", [MaskedLM, TextClassifier, TokenClassifier])
+def test_inputs_longer_than_the_learned_positions_or_without_a_batch_axis_are_refused(cls):
+    """A compiled step clamps positions past max_length (XLA's gather, explicit positions): fit and
+    predict had run on 200 tokens with max_length 128 (tokens past 127 all at position 127)."""
+    import tensorflow as tf
+
+    model = cls(config(max_length=16))
+    long = texts([17, 12])
+    labels = np.zeros((2, 17) if cls is not TextClassifier else 2, "int32")
+    message = "token_ids: a sequence of 17 tokens is longer than max_length 16, the number of learned positions"
+    for run in (lambda: model.predict(long, verbose=0), lambda: model.predict({"token_ids": long}, verbose=0),
+                lambda: model.fit(long, labels, verbose=0), lambda: model.evaluate(long, labels, verbose=0),
+                lambda: model.predict(tf.data.Dataset.from_tensor_slices(long).batch(2), verbose=0)):
+        with pytest.raises(ValueError, match=message):
+            run()
+    with pytest.raises(ValueError, match=rf"{cls.__name__} expects token_ids of shape \[batch, length\]"):
+        model(long[0])
+
+
+def test_classifier_labels_outside_the_labels_are_refused():
+    """Under XLA (compile's default) a label past num_labels had trained on with loss NaN."""
+    model = TextClassifier(config(num_labels=2))
+    model.compile()
+    x = texts([5] * 4)
+    for bad in (2, 5, -1):
+        labels = np.array([0, 1, bad, 0])
+        message = rf"TextClassifier: label {bad} is not one of the labels 0\.\.1 \(config.num_labels 2\)$"
+        for run in (lambda: model.fit(x, labels, verbose=0), lambda: model.evaluate(x, labels, verbose=0),
+                    lambda: model.fit(x, labels * 0, validation_data=(x, labels), verbose=0)):
+            with pytest.raises(ValueError, match=message):
+                run()
+
+
 def test_token_classifier_refuses_label_smoothing_it_would_not_apply():
     with pytest.raises(ValueError, match="TokenClassifier does not support label_smoothing"):
         TokenClassifier(config()).compile(label_smoothing=0.1, jit_compile=False)

@@ -750,6 +750,29 @@ def test_cached_decoding_matches_teacher_forcing_and_keras_file_round_trip(tmp_p
     np.testing.assert_array_equal(again, full)
 
 
+def test_sources_and_targets_longer_than_the_learned_positions_or_without_a_batch_axis_are_refused():
+    """A compiled step clamps positions past max_length (XLA's gather): predict had run on a
+    200-token source with max_length 128."""
+    import tensorflow as tf
+
+    from kerasllm.models import Seq2SeqLM
+
+    model = Seq2SeqLM(Seq2SeqConfig.preset("tiny", vocab_size=30, max_length=16))
+    rng = np.random.default_rng(0)
+    short, long = rng.integers(6, 30, (2, 5)), rng.integers(6, 30, (2, 17))
+    for name, x in [("encoder_token_ids", {"encoder_token_ids": long, "decoder_token_ids": short}),
+                    ("decoder_token_ids", {"encoder_token_ids": short, "decoder_token_ids": long})]:
+        message = f"{name}: a sequence of 17 tokens is longer than max_length 16, the number of learned positions"
+        y = x["decoder_token_ids"]
+        for run in (lambda: model.predict(x, verbose=0), lambda: model.fit(x, y, verbose=0),
+                    lambda: model.evaluate(x, y, verbose=0),
+                    lambda: model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(2), verbose=0)):
+            with pytest.raises(ValueError, match=message):
+                run()
+    with pytest.raises(ValueError, match=r"Seq2SeqLM expects encoder_token_ids of shape \[batch, length\]"):
+        model({"encoder_token_ids": short[0], "decoder_token_ids": short})
+
+
 def test_loss_ignores_target_padding():
     from kerasllm.models import Seq2SeqLM
 

@@ -283,3 +283,21 @@ def test_resume_continues_and_init_from_reuses_the_encoder(work, tmp_path, inter
     assert run["task"] == "token-classifier" and run["train"]["init_from"] == str(work / "ner")
     for a, b in zip(pretrained.encoder.get_weights(), finetuned.encoder.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_token_labels_outside_the_labels_are_refused_but_minus_one_is_no_label():
+    """Under XLA (compile's default) a label past num_labels had given the loss NaN."""
+    from kerasllm import EncoderConfig, TokenClassifier
+
+    model = TokenClassifier(EncoderConfig.preset("tiny", vocab_size=32, num_labels=3, max_length=8))
+    model.compile(batch_split=1)
+    x = np.random.default_rng(0).integers(6, 32, (4, 6))
+    labels = np.full((4, 6), -1)
+    labels[:, 1:4] = 1
+    for bad in (3, -2):
+        labels[2, 5] = bad
+        with pytest.raises(ValueError, match=rf"TokenClassifier: label {bad} is not one of the labels 0\.\.2 "
+                                             r"\(config.num_labels 3\) nor -1 \(no label\)"):
+            model.fit(x, labels, verbose=0)
+    labels[2, 5] = -1
+    assert np.isfinite(model.evaluate(x, labels, verbose=0))

@@ -36,6 +36,14 @@ def check_position(position):
     return position
 
 
+def check_learned_length(length, max_length, what="a sequence"):
+    """ValueError for `what` of `length` tokens past `max_length` learned positions; a length
+    of None (unknown until run time) passes."""
+    if length is not None and length > max_length:
+        raise ValueError(f"{what} of {length} tokens is longer than max_length {max_length}, "
+                         f"the number of learned positions")
+
+
 @keras.saving.register_keras_serializable(package="kerasllm")
 class TokenAndPositionEmbedding(keras.layers.Layer):
     """Token embedding (reversible, for tied output projections) plus positions.
@@ -92,13 +100,11 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         compiles TensorFlow's Assert to a no-op, and its gather clamps an out-of-range index
         (TensorFlow's on the GPU returns zeros), so a compiled training step could only pay
         for a check that never fires. There, callers keep within max_length (CausalLM and
-        Seq2SeqLM check their generation lengths against it).
+        Seq2SeqLM check their generation lengths against it, and every model the inputs given to
+        fit/evaluate/predict: `TransformerModel.check_inputs`).
         """
         if positions is None:
-            length = token_ids.shape[1]
-            if length is not None and length > self.max_length:
-                raise ValueError(f"a sequence of {length} tokens is longer than max_length {self.max_length}, "
-                                 f"the number of learned positions")
+            check_learned_length(token_ids.shape[1], self.max_length)
             return
         import tensorflow as tf  # noqa: PLC0415 - the TF backend only
 

@@ -17,6 +17,9 @@ sample weights, `validation_split` and validation batch size as Keras) and the d
 makes gets the same option. A `tf.data.Dataset`, generator or `PyDataset` the caller
 passes is left as it is (its tuning is the caller's), and so are arrays with
 `steps_per_epoch`/`steps` (Keras keeps one iterator for those across epochs).
+
+Before any of that, each method hands what it was given (arrays or a dataset alike) to the
+model's `check_inputs`, which refuses inputs the model cannot take (here: it takes anything).
 """
 
 from __future__ import annotations
@@ -49,11 +52,17 @@ def _array_dataset(x, y, sample_weight, batch_size, shuffle, class_weight=None):
 class ArrayInputFitMixin:
     """Mixin for a `keras.Model` (TensorFlow backend): array inputs as untuned datasets (module docs)."""
 
+    def check_inputs(self, x, y=None):
+        """The model's check of the inputs `x` (and targets `y`) given to fit/evaluate/predict."""
+
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_split=0.0,
             validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0,
             steps_per_epoch=None, validation_steps=None, validation_batch_size=None, validation_freq=1):
         from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils  # noqa: PLC0415
 
+        self.check_inputs(x, y)
+        if validation_data is not None:
+            self.check_inputs(*data_adapter_utils.unpack_x_y_sample_weight(validation_data)[:2])
         validation_rows = validation_batch_size or batch_size  # Keras's batch size for validation arrays
         if steps_per_epoch is None and _are_arrays(x, y, sample_weight):
             if validation_split and validation_data is None:
@@ -78,6 +87,7 @@ class ArrayInputFitMixin:
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, steps=None,
                  callbacks=None, return_dict=False, **kwargs):
+        self.check_inputs(x, y)
         if steps is None and not kwargs.get("_use_cached_eval_dataset"):
             dataset = _array_dataset(x, y, sample_weight, batch_size, shuffle=False)
             if dataset is not None:
@@ -86,6 +96,7 @@ class ArrayInputFitMixin:
                                 steps=steps, callbacks=callbacks, return_dict=return_dict, **kwargs)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        self.check_inputs(x)
         if steps is None:
             dataset = _array_dataset(x, None, None, batch_size, shuffle=False)
             if dataset is not None:

@@ -10,6 +10,7 @@ from keras import ops
 
 from kerasllm.config import TransformerConfig, config_from_dict
 from kerasllm.errors import UsageError
+from kerasllm.layers.embedding import check_learned_length
 from kerasllm.models.array_inputs import ArrayInputFitMixin
 from kerasllm.models.multi_worker import MultiWorkerFitMixin
 from kerasllm.models.split_batch import SplitBatchFitMixin
@@ -165,6 +166,8 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
     """
 
     config_class: type[TransformerConfig] = TransformerConfig
+    # The input dict's keys that hold token ids `[B, T]` (the first: the ids given without a dict).
+    token_inputs: tuple[str, ...] = ("token_ids",)
 
     def __init__(self, config: TransformerConfig | dict, **kwargs):
         super().__init__(**kwargs)
@@ -176,6 +179,38 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
             raise TypeError(f"{type(self).__name__} expects a config of class {self.config_class.__name__} "
                             f"(or its dict), got {type(config).__name__}")
         self.config = config
+
+    def check_token_ids(self, name, value):
+        """ValueError unless `value` (an array, tensor or `tf.TensorSpec`) holds `[batch, length]`
+        token ids, within `max_length` with learned positions. Dimensions unknown until run time
+        pass: there XLA's gather clamps positions past the table (see TokenAndPositionEmbedding)."""
+        shape = getattr(value, "shape", None)
+        if shape is None or getattr(shape, "rank", 0) is None:  # no shape, or a tf.TensorShape of unknown rank
+            return
+        shape = tuple(shape)
+        if len(shape) != 2:
+            raise ValueError(f"{type(self).__name__} expects {name} of shape [batch, length], got shape {shape} "
+                             f"(one sequence: add a batch axis; a tf.data.Dataset: batch it)")
+        if self.config.position == "learned":
+            check_learned_length(shape[1], self.config.max_length, f"{name}: a sequence")
+
+    def check_inputs(self, x, y=None):
+        """Refuse what `fit`/`evaluate`/`predict` were given (`ArrayInputFitMixin` calls this first):
+        token ids by their shape (`check_token_ids`), from arrays, tensors or dicts of them, or from
+        a `tf.data.Dataset`'s element_spec. Where a length is unknown until run time it passes,
+        and a compiled step silently clamps positions past max_length (learned positions).
+        Subclasses check their targets `y` too (arrays only: a dataset's are seen when it runs).
+        """
+        import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+        from keras.src.trainers.data_adapters import data_adapter_utils  # noqa: PLC0415
+
+        if isinstance(x, tf.data.Dataset):
+            x = data_adapter_utils.unpack_x_y_sample_weight(x.element_spec)[0]
+        if isinstance(x, dict):
+            for name in self.token_inputs:
+                self.check_token_ids(name, x.get(name))
+        else:
+            self.check_token_ids(self.token_inputs[0], x)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}

@@ -141,6 +141,7 @@ class CausalLM(TransformerModel):
             token_ids, padding_mask = inputs["token_ids"], inputs.get("padding_mask")
         else:
             token_ids, padding_mask = inputs, None
+        self.check_token_ids("token_ids", token_ids)  # a clear error for 1-D ids, not an IndexError here
         length = ops.shape(token_ids)[1]
         if padding_mask is None:
             positions = None  # 0..T-1 in every row (see TokenAndPositionEmbedding)

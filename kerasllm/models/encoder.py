@@ -20,6 +20,7 @@ the graph that the ONNX export traces (dynamic batch and length).
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from kerasllm.config import EncoderConfig
@@ -33,6 +34,22 @@ def pool(hidden, padding_mask, pooling="cls"):
         return hidden[:, 0, :]
     mask = ops.expand_dims(ops.cast(padding_mask, hidden.dtype), -1)
     return ops.sum(hidden * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+
+
+def check_labels(model, y, no_label=None):
+    """ValueError for a label in the array targets `y` outside `0..num_labels-1` (`no_label`, the
+    loss's ignored value, aside). Under XLA (compile's default) the loss of such a label is NaN,
+    where TensorFlow's own kernel raises; a dataset's labels are seen only when it runs."""
+    if y is None:
+        return
+    labels, count = np.asarray(y), model.config.num_labels
+    bad = (labels < 0) | (labels >= count)
+    if no_label is not None:
+        bad &= labels != no_label
+    if bad.any():
+        aside = f" nor {no_label} (no label)" if no_label is not None else ""
+        raise ValueError(f"{type(model).__name__}: label {labels[bad].flat[0].item()} is not one of the labels "
+                         f"0..{count - 1} (config.num_labels {count}){aside}")
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -177,6 +194,7 @@ class EncoderModel(TransformerModel):
             token_ids, padding_mask = inputs["token_ids"], inputs.get("padding_mask")
         else:
             token_ids, padding_mask = inputs, None
+        self.check_token_ids("token_ids", token_ids)  # 1-D ids, or learned positions past the table
         if padding_mask is None:
             padding_mask = ops.not_equal(token_ids, self.config.pad_id)
         return token_ids, padding_mask
@@ -320,6 +338,10 @@ class TextClassifier(EncoderModel):
         model.encoder.set_weights(masked_lm.encoder.get_weights())
         return model
 
+    def check_inputs(self, x, y=None):
+        super().check_inputs(x, y)
+        check_labels(self, y)
+
     def _head(self, pooled, training=None):
         features = self.head_dropout(self.pooler(pooled), training=training)
         return ops.cast(self.classifier(features), "float32")
@@ -364,6 +386,10 @@ class TokenClassifier(EncoderModel):
         self.encoder.build((None, None))
         self.classifier.build((None, None, self.config.hidden_dim))
         self.built = True
+
+    def check_inputs(self, x, y=None):
+        super().check_inputs(x, y)
+        check_labels(self, y, no_label=-1)
 
     def call(self, inputs, training=None):
         hidden, _ = self.encode(inputs, training=training)

@@ -71,6 +71,7 @@ class Seq2SeqLM(TransformerModel):
     """
 
     config_class = Seq2SeqConfig
+    token_inputs = ("encoder_token_ids", "decoder_token_ids")
 
     def __init__(self, config, **kwargs):
         kwargs.setdefault("name", "seq2seq_lm")
@@ -171,6 +172,8 @@ class Seq2SeqLM(TransformerModel):
         return ops.cast(logits, "float32"), keys, values
 
     def call(self, inputs, training=None):
+        for name in self.token_inputs:  # 1-D ids, or learned positions past the table
+            self.check_token_ids(name, inputs[name])
         source = inputs["encoder_token_ids"]
         mask = inputs.get("encoder_padding_mask")
         if mask is None:
