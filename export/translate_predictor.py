@@ -202,9 +202,10 @@ class BundleTranslator(Translator):
         """The bounds of the pieces each batch (of `sizes[i]` inputs) is decoded in, one per worker task.
 
         Whole batches (`[0, n]`) while there are at least as many left as workers; each of the
-        `r < workers` last ones is cut into up to `workers // r` shards, so no core idles.
+        `r < workers` last ones is cut into up to `workers // r` shards, so no core idles. With
+        2 workers:
 
-        >>> translator.plan([16, 16, 16, 16, 16], options)  # doctest: +SKIP  (2 workers)
+        >>> translator.plan([16, 16, 16, 16, 16], options)  # doctest: +SKIP
         [[0, 16], [0, 16], [0, 16], [0, 16], [0, 8, 16]]
         """
         workers = self.workers(decoding)

@@ -30,6 +30,8 @@ layers compute softmax and the logits in float32 either way. Saved models carry 
 policy: `model.keras` loads in float32, and the export decides fp32 or fp16.
 
 Example:
+>>> from kerasllm import CausalLM, DecoderConfig
+>>> config = DecoderConfig.preset("tiny", vocab_size=64)
 >>> with training_strategy("auto", precision="fp32") as dist:
 ...     model = CausalLM(config)
 ...     model.compile(learning_rate=dist.learning_rate(1e-3, scale=False))
