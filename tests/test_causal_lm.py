@@ -102,6 +102,20 @@ def test_greedy_generation_equals_full_recompute():
         assert list(row) == seq[len(prompt):]
 
 
+def test_prompts_of_other_lengths_reuse_the_compiled_generation():
+    """The shortest prompt's length is an argument of the compiled loop, not part of its trace: a
+    new length had compiled the loop again (seconds each), and still decodes as a full recompute."""
+    model = tiny()
+    for prompts in ([[7, 8, 9]], [[7, 8]], [[7, 8, 9, 10, 11, 12]]):
+        generated = model.generate(prompts, max_new_tokens=6)
+        seq = list(prompts[0])
+        for _ in range(6):
+            seq.append(int(np.asarray(model(np.array([seq])))[0, -1].argmax()))
+        assert list(generated[0]) == seq[len(prompts[0]):]
+    function, _ = model._generate_functions[(0.0, None, None, None, ())]
+    assert len(function._list_all_concrete_functions()) == 1
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny()
     prompts = [[7, 8, 9], [10, 11]]

@@ -275,7 +275,7 @@ class CausalLM(TransformerModel):
         # ops.top_k, which refuses it; None also shares no-top_k's compiled function (and samples).
         top_k = narrowing_top_k(top_k, self.config.vocab_size)
         output = np.asarray(self._run_generate_function((float(temperature or 0.0), top_k, top_p, seed, stop),
-                                                        token_ids, prompt_mask, int(lengths.min())))
+                                                        token_ids, prompt_mask, np.asarray(lengths.min(), np.int32)))
         new_tokens = np.full((len(prompts), max_new_tokens), self.config.pad_id, dtype="int32")
         for row, length in enumerate(lengths):
             continuation = output[row, length:length + max_new_tokens]
