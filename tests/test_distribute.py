@@ -301,6 +301,22 @@ def test_mixed_float16_scales_the_loss_and_the_saved_model_loads_as_float32(tmp_
     np.testing.assert_allclose(loaded.predict(x[:2], verbose=0), model.predict(x[:2], verbose=0), atol=0.05)
 
 
+def test_compile_refuses_several_steps_per_execution_on_several_replicas(monkeypatch):
+    """Keras 3 cannot run them (keras-team/keras#19246): the first fit had ended in "You must feed a
+    value for placeholder tensor"; one replica keeps them."""
+    from kerasllm import CausalLM, DecoderConfig
+
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=61))
+    model.compile(jit_compile=False, steps_per_execution=4)
+    assert model.steps_per_execution == 4
+    monkeypatch.setattr(CausalLM, "distribute_strategy", property(lambda self: TwoReplicas()))
+    with pytest.raises(ValueError, match=r"steps_per_execution=4 cannot run on the 2 replicas of TwoReplicas"):
+        model.compile(jit_compile=False, steps_per_execution=4)
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(UsageError, match="^unknown --precision 'fp8'; choose one of: fp32, mixed_float16"):
         with training_strategy("auto", precision="fp8"):

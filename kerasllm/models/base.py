@@ -260,6 +260,13 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
             from kerasllm.distribute import xla_compiles_step  # noqa: PLC0415
 
             jit_compile = xla_compiles_step(self.distribute_strategy)
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if kwargs.get("steps_per_execution", 1) > 1 and replicas > 1:
+            # Keras 3's several-step loop fails there at the first fit (keras-team/keras#19246:
+            # "You must feed a value for placeholder tensor"); kerasllm's own runs use 1 (fit_run).
+            raise ValueError(f"steps_per_execution={kwargs['steps_per_execution']} cannot run on the "
+                             f"{replicas} replicas of {type(self.distribute_strategy).__name__} in Keras 3 "
+                             "(keras-team/keras#19246); use steps_per_execution=1")
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile, **kwargs)
         self.configure_batch_split(batch_split, loss)
         if self.built and self.optimizer is not None and not self.optimizer.built:
