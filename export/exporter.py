@@ -54,19 +54,27 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     With `optimize`, the self-attention of each layer is fused into ONNX Runtime's
     MultiHeadAttention kernel (optimize.fuse_cached_attention) and, in fp32 when every
     layer fused, into GroupQueryAttention over a KV buffer updated in place
-    (optimize.share_kv_buffer; the manifest's `optimization.kv_cache` says which). These
-    kernels compute the softmax their own way; if the result misses the fp32 tolerance
-    (seen with very peaked attention: 5e-3 on logits of magnitude 16) the graph is rebuilt
+    (optimize.share_kv_buffer; the manifest's `optimization.kv_cache` says which), unless its
+    kernel refuses the head size (optimize.group_query_attention_problem; then
+    `optimization.shared_buffer_unsupported` says why). These kernels compute the softmax their
+    own way; if the result misses the fp32 tolerance (seen with very peaked attention: 5e-3 on
+    logits of magnitude 16), or ONNX Runtime cannot run the fused graph, the graph is rebuilt
     without that one fusion, and the manifest says so.
     """
     from kerasllm.export.convert import TensorDecl, causal_lm_graph, trace_to_onnx  # noqa: PLC0415
-    from kerasllm.export.optimize import cpu_slower_fusions, optimize_graph  # noqa: PLC0415
+    from kerasllm.export.optimize import (cpu_slower_fusions, group_query_attention_problem,  # noqa: PLC0415
+                                          optimize_graph)
     from kerasllm.export.runtime import NEXT_TOKEN, DecoderSession, buffer_slots_bound, create_session  # noqa: PLC0415
     from kerasllm.export.validate import validate_causal_lm, validated_with_fallback  # noqa: PLC0415
 
     c = model.config
     spec = causal_lm_graph(model)
     target = staging / spec.file
+    # Heads GroupQueryAttention cannot run keep the growing cache (ORT would refuse them in validation).
+    buffer_problem = (group_query_attention_problem(c.head_dim, c.position == "rotary")
+                      if options.optimize and options.shared_kv_buffer else None)
+    if buffer_problem:
+        log(f"keeping the growing KV cache: {buffer_problem}")
 
     def build(fuse_attention: bool) -> tuple[dict, dict]:
         start = time.perf_counter()
@@ -75,7 +83,7 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
         report = optimize_graph(proto, target, model_type="gpt2", num_heads=c.num_heads, hidden_size=c.hidden_dim,
                                 fuse=options.optimize, dtype=options.dtype, shape_inference=False,
                                 cached_attention=fuse_attention,
-                                shared_kv_buffer=fuse_attention and options.shared_kv_buffer,
+                                shared_kv_buffer=fuse_attention and options.shared_kv_buffer and not buffer_problem,
                                 rotary_positions=buffer_slots_bound(c.max_length),
                                 disabled_fusions=cpu_slower_fusions(options.dtype),
                                 next_token=options.dtype == "fp16")
@@ -90,6 +98,8 @@ def export_decoder(model, scratch: Path, staging: Path, options: ExportOptions, 
     report, figures, reverted = validated_with_fallback(build, options.optimize, log)
     if reverted:
         report["attention_fusion_reverted"] = reverted
+    if buffer_problem:
+        report["shared_buffer_unsupported"] = buffer_problem
     for name, decl in {**spec.inputs, **spec.outputs}.items():
         if name.startswith(("past_key_values.", "present.")):
             if options.dtype == "fp16":  # the cache travels in fp16 too

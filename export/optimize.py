@@ -373,6 +373,21 @@ def attention_splits(model: onnx.ModelProto, attention: list) -> list | None:
     return splits
 
 
+def group_query_attention_problem(head_dim: int, rotary: bool) -> str | None:
+    """Why ONNX Runtime's GroupQueryAttention cannot run heads of `head_dim`, or None.
+
+    Its kernel (ORT 1.31) takes head sizes that are multiples of 8, and of 16 with the rotation
+    inside (`do_rotary`: cos/sin tables of head_dim / 2 columns, a multiple of 8), but says so
+    only when the graph runs. The decoder and seq2seq exports ask it from the config before they
+    ask for the in-place buffer (`share_kv_buffer`, `seq2seq_export.share_self_attention_buffer`),
+    and keep the growing cache for such models."""
+    multiple = 16 if rotary else 8
+    if head_dim % multiple:
+        return (f"ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of {multiple}"
+                f"{' with rotary positions' if rotary else ''}, this model's is {head_dim}")
+    return None
+
+
 def to_group_query_attention(model: onnx.ModelProto, attention: list, splits: list, num_heads: int, lengths: list,
                              seqlens: str, total: str, is_cache) -> None:
     """Replace each fused MultiHeadAttention by `com.microsoft.GroupQueryAttention` (kv_num_heads ==

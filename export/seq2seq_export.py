@@ -27,7 +27,8 @@ from onnx import helper, numpy_helper
 
 from kerasllm.export.convert import (GraphSpec, TensorDecl, graph_index, graph_inputs_read, save_onnx,
                                      trace_to_onnx, typed_producer)
-from kerasllm.export.optimize import attention_splits, cpu_slower_fusions, optimize_graph, to_group_query_attention
+from kerasllm.export.optimize import (attention_splits, cpu_slower_fusions, group_query_attention_problem,
+                                      optimize_graph, to_group_query_attention)
 from kerasllm.export.runtime import NEXT_TOKEN, SHARED_BUFFER
 from kerasllm.export.seq2seq_runtime import (SEQLENS_K, TOTAL_SEQUENCE_LENGTH, Seq2SeqSessions, Seq2SeqStep,
                                               cross_names, self_attention_slots_bound, self_names)
@@ -343,6 +344,11 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
     """`FAMILY_EXPORTERS["seq2seq"]` (see exporter.py): convert, optimize, validate both graphs."""
     c = model.config
     graphs, reports, raws = {}, {}, {}
+    # The decoder's self-attention keeps the growing cache for heads GroupQueryAttention cannot run.
+    buffer_problem = (group_query_attention_problem(c.head_dim, c.position == "rotary")
+                      if options.optimize and options.shared_kv_buffer else None)
+    if buffer_problem:
+        log(f"decoder: keeping the growing KV cache: {buffer_problem}")
 
     def optimize(spec, fuse_attention: bool) -> None:
         import onnx  # noqa: PLC0415
@@ -374,7 +380,7 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
                 save_onnx(encoder, staging / spec.file)
                 reports[spec.name]["padding_free"] = True
                 log("encoder: token-wise layers run on the real tokens only (padding removed)")
-        if fuse_attention and spec.name == "decoder" and options.shared_kv_buffer:
+        if fuse_attention and spec.name == "decoder" and options.shared_kv_buffer and not buffer_problem:
             decoder = onnx.load(str(staging / spec.file))
             if share_self_attention_buffer(decoder, c.num_heads):
                 save_onnx(decoder, staging / spec.file)
@@ -411,6 +417,8 @@ def export_seq2seq_family(model, scratch: Path, staging: Path, options, log: Cal
     if reverted:
         for report in reports.values():
             report["attention_fusion_reverted"] = reverted
+    if buffer_problem:
+        reports["decoder"]["shared_buffer_unsupported"] = buffer_problem
     if reports["decoder"].get("kv_cache") == SHARED_BUFFER:  # the decoder's contract (share_self_attention_buffer)
         decoder = graphs["decoder"]
         decoder["inputs"] = {"input_ids": decoder["inputs"]["input_ids"],

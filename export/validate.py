@@ -17,9 +17,11 @@ was traced with dynamic axes only), through the KV-cache path:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from kerasllm.errors import KerasLLMError
+from kerasllm.errors import BundleError, KerasLLMError
 
 FP32_TOLERANCE = 1e-4
 FP16_MIN_TOP1 = 0.99
@@ -34,21 +36,46 @@ def validated_with_fallback(build, fuse_attention: bool, log):
     """`build(fuse_attention) -> (report, figures)`, validated; if the graph with fused attention
     fails validation, built once more without that fusion. The fused kernels (ORT's Attention,
     MultiHeadAttention, GroupQueryAttention) compute the softmax their own way; with very
-    peaked attention that missed the fp32 tolerance (5e-3 on logits of magnitude 16).
+    peaked attention that missed the fp32 tolerance (5e-3 on logits of magnitude 16). A graph
+    ONNX Runtime cannot load or run fails validation too (`_checked_build`), in one line.
 
     Returns `(report, figures, reverted)`: `reverted` is the failed check's message, or None.
     """
-    from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415 - as the bundle will run
-
     try:
-        with flush_denormals():
-            return (*build(fuse_attention), None)
+        return (*_checked_build(build, fuse_attention), None)
     except ValidationError as err:
         if not fuse_attention:
             raise
         log(f"fused attention failed validation ({err}); exporting without that fusion")
+        return (*_checked_build(build, False), str(err))
+
+
+def _checked_build(build, fuse_attention: bool):
+    """`build(fuse_attention)`, with ONNX Runtime's failures to load or run the graph as a
+    `ValidationError`: its kernels check some attributes only when they run (GroupQueryAttention's
+    head size: a RuntimeError from the IO binding), and a traceback is no answer to an export."""
+    from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415 - as the bundle will run
+
+    try:
         with flush_denormals():
-            return (*build(False), str(err))
+            return build(fuse_attention)
+    except BundleError as err:  # runtime.create_session: ONNX Runtime cannot load the graph
+        raise ValidationError(f"validation: {err}") from None
+    except Exception as err:
+        if not _raised_by_onnxruntime(err):
+            raise
+        raise ValidationError(f"validation: ONNX Runtime cannot run the graph "
+                              f"({(str(err).splitlines() or [''])[0][:300]})") from None
+
+
+def _raised_by_onnxruntime(err: Exception) -> bool:
+    """ORT raises its own exception types from `session.run`, but a plain RuntimeError from
+    `run_with_iobinding`: told apart by the module of the innermost frame it came from."""
+    import traceback  # noqa: PLC0415
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return type(err).__module__.startswith("onnxruntime") or (
+        bool(frames) and "onnxruntime" in Path(frames[-1].filename).parts)
 
 
 class KerasDecoderStep:

@@ -107,3 +107,16 @@ def test_a_bias_free_seq2seq_model_exports_and_translates_as_keras(tmp_path):
     model, bundle = export_seq2seq(tmp_path, use_bias=False, num_decoder_layers=2)
     assert bundle.manifest["validation"]["greedy"]["identical"] is True
     assert_translations_match_keras(model, bundle)
+
+
+def test_a_seq2seq_decoder_with_heads_group_query_attention_refuses_keeps_the_growing_cache(tmp_path):
+    """Head size 4: ORT's GroupQueryAttention (the decoder's in-place self-attention buffer) refuses
+    it when it runs, which had ended the default export in a traceback; the decoder keeps the growing
+    cache (MultiHeadAttention) and the manifest says why."""
+    model, bundle = export_seq2seq(tmp_path, num_heads=8)
+    decoder = bundle.manifest["optimization"]["decoder"]
+    assert decoder["kv_cache"] == "growing" and "GroupQueryAttention" not in decoder["fusions"]
+    assert decoder["shared_buffer_unsupported"].endswith("this model's is 4")
+    assert "attention_fusion_reverted" not in decoder
+    assert bundle.manifest["validation"]["greedy"]["identical"] is True
+    assert_translations_match_keras(model, bundle)

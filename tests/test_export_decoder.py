@@ -823,6 +823,84 @@ def test_a_one_head_decoder_exports_and_decodes_as_keras(tmp_path):
     assert _bundle_greedy(bundle.path, prompts, 12) == np.asarray(model.generate(prompts, max_new_tokens=12)).tolist()
 
 
+@pytest.mark.parametrize("variant, head_size", [(dict(num_heads=8), 4), (dict(num_heads=4, position="rotary"), 8)])
+def test_heads_group_query_attention_refuses_keep_the_growing_cache(variant, head_size, tmp_path):
+    """ORT's GroupQueryAttention takes head sizes that are multiples of 8 (16 with rotary positions)
+    and says so only when it runs: the default export had died in validation with its RuntimeError.
+    Such heads keep the growing cache (fused MultiHeadAttention) and the manifest says why."""
+    from kerasllm.export.exporter import export_model_dir
+
+    run, model = _random_decoder_dir(tmp_path / "run", **variant)
+    logs = []
+    bundle = export_model_dir(run, tmp_path / "bundle", log=logs.append)
+    report = bundle.manifest["optimization"]
+    assert report["kv_cache"] == "growing" and report["fusions"]["MultiHeadAttention"] == 2
+    assert "attention_fusion_reverted" not in report
+    assert report["shared_buffer_unsupported"].endswith(f"this model's is {head_size}")
+    assert f"keeping the growing KV cache: {report['shared_buffer_unsupported']}" in logs
+    assert bundle.manifest["validation"]["greedy"]["identical"] is True
+    prompts = [[7, 8, 9], [10, 11, 12, 13, 14, 15]]
+    assert _bundle_greedy(bundle.path, prompts, 12) == np.asarray(model.generate(prompts, max_new_tokens=12)).tolist()
+
+
+def test_a_fused_graph_onnx_runtime_cannot_run_falls_back_to_the_unfused_graph(tmp_path, monkeypatch):
+    """Should ORT refuse the optimized graph when it runs (here GroupQueryAttention forced on heads
+    of 4), the export rebuilds it without the attention fusion, as for a failed check."""
+    from kerasllm.export import optimize
+    from kerasllm.export.exporter import export_model_dir
+
+    monkeypatch.setattr(optimize, "group_query_attention_problem", lambda head_dim, rotary: None)
+    run, model = _random_decoder_dir(tmp_path / "run", num_heads=8)
+    bundle = export_model_dir(run, tmp_path / "bundle", log=lambda message: None)
+    report = bundle.manifest["optimization"]
+    assert report["attention_fusion_reverted"].startswith("validation: ONNX Runtime cannot run the graph (")
+    assert "GroupQueryAttention" in report["attention_fusion_reverted"]
+    assert report["kv_cache"] == "growing" and "MultiHeadAttention" not in report["fusions"]
+    assert bundle.manifest["validation"]["greedy"]["identical"] is True
+
+
+def _unrunnable_graph(path: Path) -> Path:
+    """A graph ONNX Runtime loads but cannot run: x [N] reshaped to [3]."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("failure", ["run", "load"])
+def test_onnx_runtime_failures_in_validation_fall_back_or_end_in_one_line(failure, tmp_path):
+    from kerasllm.export.runtime import create_session
+    from kerasllm.export.validate import ValidationError, validated_with_fallback
+
+    graph = _unrunnable_graph(tmp_path / "g.onnx")
+    if failure == "load":
+        graph.write_bytes(b"not a graph")
+    broken = {"unfused": True}  # whether the unfused graph fails too
+
+    def build(fuse_attention):
+        if fuse_attention or broken["unfused"]:
+            create_session(graph, "cpu").session.run(None, {"x": np.zeros(4, np.float32)})
+        return {"fused": fuse_attention}, {}
+
+    with pytest.raises(ValidationError) as refused:
+        validated_with_fallback(build, False, log=lambda message: None)
+    message = str(refused.value)
+    expected = "cannot run the graph (" if failure == "run" else "cannot load this graph ("
+    assert message.startswith("validation: ") and expected in message and "\n" not in message
+    broken["unfused"] = False  # only the fused graph fails: the export falls back to the unfused one
+    logs = []
+    report, _, reverted = validated_with_fallback(build, True, log=logs.append)
+    assert report == {"fused": False} and reverted == message
+    assert logs == [f"fused attention failed validation ({message}); exporting without that fusion"]
+
+
 def test_rotary_swiglu_decoder_gets_the_fused_fast_path_in_fp32_and_fp16(corpus_file, tmp_path):
     """A Llama-style decoder (rotary positions, SwiGLU, no biases, untied head) exports as fast as
     a learned-position one: each layer's q/k rotation goes into GroupQueryAttention (`do_rotary`,
