@@ -8,8 +8,8 @@ inputs next to its growing self-attention cache, so a decoding step costs one to
 `export_seq2seq_family` plugs the family into exporter.py (convert, optimize, validate).
 Validation (`validate_seq2seq`), on shapes never used while tracing:
 * encoder: cross keys/values of right-padded batches (batch 1 and batch 3) within 1e-4;
-* decoder: a BOS step (past 0), then a 3-token step on top of its past: logits and
-  presents within 1e-4 (fp32) or top-1 agreement >= 99% (fp16);
+* decoder: a BOS step (past 0), then a 3-token step (less where max_length < 4) on top of its
+  past: logits and presents within 1e-4 (fp32) or top-1 agreement >= 99% (fp16);
 * fp32: greedy translations of a few inputs token-identical between `Seq2SeqLM.generate`
   (Keras, XLA) and the bundle's decoding loop (generate.py) over ONNX Runtime.
 """
@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from kerasllm.errors import KerasLLMError
 from kerasllm.export.convert import (GraphSpec, TensorDecl, graph_index, graph_inputs_read, save_onnx,
                                      trace_to_onnx, typed_producer)
 from kerasllm.export.optimize import (attention_splits, cpu_slower_fusions, group_query_attention_problem,
@@ -242,10 +243,14 @@ def parity_batches(config, seed: int = 0):
 def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", greedy: bool = True) -> dict:
     """Compare the ONNX Runtime `sessions` with `model`; returns the figures, raises `ValidationError`."""
     c = model.config
+    if c.max_length < 2:  # no room for a new token, nor for any case (not a failed check: no fallback)
+        raise KerasLLMError(f"validation: a seq2seq model of max_length {c.max_length} cannot be checked (it needs "
+                            "2 positions or more: BOS and a new token)")
     keras_sessions = KerasSeq2SeqSessions(model)
     fp16 = dtype == "fp16"
     figures: dict = {"dtype": dtype, "cases": []}
     rng = np.random.default_rng(1)
+    step = min(3, c.max_length - 1)  # the multi-token step after BOS, within max_length
     for name, ids, mask in parity_batches(c):
         ref_cross, cross = keras_sessions.encode(ids, mask), sessions.encode(ids, mask)
         # Padded positions of the cross keys/values are never attended to: compare real ones.
@@ -255,15 +260,15 @@ def validate_seq2seq(model, sessions: Seq2SeqSessions, dtype: str = "fp32", gree
             ref_real, got_real = (np.transpose(x, (0, 2, 1, 3))[real] for x in (ref, got))
             compare_output(f"{name}: {sessions.cross_outputs[i]}", ref_real, got_real, fp16, figures)
         start = np.full((len(ids), 1), c.bos_id, np.int64)
-        chunk = rng.integers(min(6, c.target_vocab - 1), c.target_vocab, (len(ids), 3)).astype(np.int64)
+        chunk = rng.integers(min(6, c.target_vocab - 1), c.target_vocab, (len(ids), step)).astype(np.int64)
         ref_past = got_past = None
-        for step_name, tokens in (("BOS step", start), ("3-token step with past", chunk)):
+        for step_name, tokens in (("BOS step", start), (f"{step}-token step with past", chunk)):
             ref_logits, ref_past = keras_sessions.step(tokens, mask, ref_cross, ref_past)
             logits, got_past = sessions.step(tokens, mask, cross, got_past)
             compare_output(f"{name}, {step_name}: logits", ref_logits, logits, fp16, figures, logits=True)
             for i, (ref, got) in enumerate(zip(ref_past, sessions.presents(got_past))):
                 compare_output(f"{name}, {step_name}: {sessions.present_names[i]}", ref, got, fp16, figures)
-        figures["cases"].append({"name": name, "source_lengths": mask.sum(1).tolist(), "steps": [1, 3]})
+        figures["cases"].append({"name": name, "source_lengths": mask.sum(1).tolist(), "steps": [1, step]})
     if sessions.cross_per_input:
         figures["rows_per_input"] = check_rows_per_input(keras_sessions, sessions, c, fp16, figures)
     if greedy and not fp16:
@@ -298,9 +303,7 @@ def check_greedy_on_device(config, sessions) -> dict:
     from kerasllm.export.generate import DecodingOptions, generate  # noqa: PLC0415
 
     c = config
-    rng = np.random.default_rng(3)
-    new = min(GREEDY_NEW_TOKENS, c.max_length - 1)
-    sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=n).tolist() for n in (3, 9, 6)]
+    sources, new = _greedy_sources(np.random.default_rng(3), c)
     options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,), suppress_ids=c.suppressed_ids)
     on_device, on_host = (translate_ids(sessions, sources, options, c.pad_id, c.bos_id, c.max_length, generate,
                                         choice_on_host=host) for host in (False, True))
@@ -313,9 +316,7 @@ def check_greedy(model, sessions) -> dict:
     from kerasllm.export.generate import DecodingOptions, generate  # noqa: PLC0415
 
     c = model.config
-    rng = np.random.default_rng(2)
-    new = min(GREEDY_NEW_TOKENS, c.max_length - 1)
-    sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=n).tolist() for n in (3, 9, 6)]
+    sources, new = _greedy_sources(np.random.default_rng(2), c)
     expected = model.generate(sources, max_new_tokens=new)
     options = DecodingOptions(max_new_tokens=new, stop_ids=(c.eos_id,), suppress_ids=c.suppressed_ids)
     got = translate_ids(sessions, sources, options, c.pad_id, c.bos_id, c.max_length, generate)
@@ -324,6 +325,15 @@ def check_greedy(model, sessions) -> dict:
             raise ValidationError(f"validation: greedy translation of source {row}: {hyps[0].tokens} on ONNX "
                                   f"Runtime, {want} in Keras")
     return {"sources": len(sources), "max_new_tokens": new, "identical": True}
+
+
+def _greedy_sources(rng, config) -> tuple[list[list[int]], int]:
+    """Random sources of 3, 9 and 6 tokens (at most max_length) and how many tokens to translate
+    them to (GREEDY_NEW_TOKENS; BOS and the new tokens within max_length)."""
+    c = config
+    sources = [rng.integers(min(6, c.vocab_size - 1), c.vocab_size, size=min(n, c.max_length)).tolist()
+               for n in (3, 9, 6)]
+    return sources, min(GREEDY_NEW_TOKENS, c.max_length - 1)
 
 
 def translate_ids(sessions, sources, options, pad_id: int, bos_id: int, max_length: int, generate,

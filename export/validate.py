@@ -7,7 +7,7 @@ case and the figure against its tolerance. The export fails on the first failure
 Decoder family (`validate_causal_lm`), on shapes never used while tracing (the graph
 was traced with dynamic axes only), through the KV-cache path:
 * prompt step (past length 0) at batch 1 and at batch 3 with left padding;
-* one decode step (T = 1) and a multi-token chunk (T = 4) on top of a past;
+* one decode step (T = 1) and a multi-token chunk (T = 4; less where max_length < 8) on top of a past;
 * fp32: max |logits diff| and max |present diff| <= 1e-4 over every real (unpadded)
   position (prompt step) and every position (steps on top of the past);
 * fp16: top-1 agreement >= 99% and no NaN/Inf, over real (unpadded) positions;
@@ -106,11 +106,14 @@ class KerasDecoderStep:
 
 
 def _cases(vocab_size: int, max_length: int, seed: int = 0):
-    """(name, prompt lengths, new-token chunk length) triples; prompts are random ids."""
+    """(name, prompts, new-token chunk) triples of random ids, each within `max_length` positions
+    (prompt + chunk; the Keras reference has no position past it): prompts of 5 and of 7, 3 and 11
+    tokens and a 4-token chunk where they fit, shorter ones for short models (max_length >= 2)."""
     rng = np.random.default_rng(seed)
-    limit = max(2, min(11, max_length - 5))
-    lengths = [[min(5, limit)], [min(7, limit), 3, limit]]
-    for name, rows, chunk in (("batch 1", lengths[0], 1), ("batch 3 left-padded", lengths[1], 4)):
+    step = min(4, max(1, max_length // 2))  # the multi-token chunk
+    limit = max(1, min(11, max_length - step))  # the longest prompt
+    lengths = [[min(5, limit)], [min(7, limit), max(1, min(3, limit - 1)), limit]]  # uneven: left padding
+    for name, rows, chunk in (("batch 1", lengths[0], 1), ("batch 3 left-padded", lengths[1], step)):
         prompts = [rng.integers(0, vocab_size, size=n).tolist() for n in rows]
         chunk_ids = rng.integers(0, vocab_size, size=(len(rows), chunk))
         yield name, prompts, chunk_ids
@@ -153,6 +156,9 @@ def validate_causal_lm(model, step, dtype: str = "fp32", greedy: bool = True) ->
     from kerasllm.export.generate import DecodingOptions, generate, left_pad  # noqa: PLC0415
 
     c = model.config
+    if c.max_length < 2:  # no room for a new token, nor for any case (not a failed check: no fallback)
+        raise KerasLLMError(f"validation: a decoder of max_length {c.max_length} cannot be checked (it needs 2 "
+                            "positions or more: a prompt token and a new one)")
     keras_step = KerasDecoderStep(model)
     fp16 = dtype == "fp16"
     figures: dict = {"dtype": dtype, "cases": []}
@@ -192,14 +198,20 @@ def check_greedy_on_device(config, step) -> dict:
     from kerasllm.export.generate import ChoiceOnHost, DecodingOptions, generate  # noqa: PLC0415
 
     c = config
-    rng = np.random.default_rng(3)
-    new = min(GREEDY_NEW_TOKENS, c.max_length - 8)
-    prompts = [rng.integers(0, c.vocab_size, size=n).tolist() for n in (3, 8, 5)]
+    prompts, new = _greedy_prompts(np.random.default_rng(3), c.vocab_size, c.max_length)
     options = DecodingOptions(max_new_tokens=new)
     on_device, on_host = (generate(s, prompts, options, pad_id=c.pad_id, max_length=c.max_length)
                           for s in (step, ChoiceOnHost(step)))
     check_same_choices(on_device, on_host, "greedy generation, prompt")
     return {"prompts": len(prompts), "new_tokens": new, "identical": True}
+
+
+def _greedy_prompts(rng, vocab_size: int, max_length: int) -> tuple[list[list[int]], int]:
+    """Random prompts of 3, 8 and 5 tokens and how many to generate (GREEDY_NEW_TOKENS), all within
+    `max_length`: short models get prompts of at most half of it and the rest as new tokens."""
+    lengths = [min(n, max(1, max_length // 2)) for n in (3, 8, 5)]
+    prompts = [rng.integers(0, vocab_size, size=n).tolist() for n in lengths]
+    return prompts, min(GREEDY_NEW_TOKENS, max_length - max(lengths))
 
 
 def check_same_choices(on_device, on_host, what: str) -> None:
@@ -214,9 +226,7 @@ def check_same_choices(on_device, on_host, what: str) -> None:
 def check_greedy(model, step, generate, DecodingOptions) -> dict:
     """Greedy generation in Keras (`CausalLM.generate`) and on ONNX Runtime must be identical."""
     c = model.config
-    rng = np.random.default_rng(1)
-    new = min(GREEDY_NEW_TOKENS, c.max_length - 8)
-    prompts = [rng.integers(0, c.vocab_size, size=n).tolist() for n in (3, 8, 5)]
+    prompts, new = _greedy_prompts(np.random.default_rng(1), c.vocab_size, c.max_length)
     keras_tokens = np.asarray(model.generate(prompts, max_new_tokens=new))
     ours = generate(step, prompts, DecodingOptions(max_new_tokens=new), pad_id=c.pad_id, max_length=c.max_length)
     for row, (expected, hyps) in enumerate(zip(keras_tokens, ours)):

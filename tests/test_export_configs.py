@@ -54,10 +54,10 @@ def export_seq2seq(tmp_path: Path, **overrides):
     from kerasllm import Seq2SeqConfig, Seq2SeqLM
 
     keras.utils.set_random_seed(0)
-    config = Seq2SeqConfig.preset("tiny", vocab_size=_vocab_size(), dropout=0.0, num_layers=1, max_length=32,
-                                  **overrides)
+    config = Seq2SeqConfig.preset("tiny", vocab_size=_vocab_size(), dropout=0.0,
+                                  **{"num_layers": 1, "max_length": 32, **overrides})
     model = Seq2SeqLM(config)
-    model.generate([[7, 8, 9]], max_new_tokens=1)  # builds the weights
+    model.generate([[7]], max_new_tokens=1)  # builds the weights
     return model, _export(_model_dir(tmp_path / "run", "seq2seq", config, model), tmp_path / "bundle")
 
 
@@ -78,11 +78,13 @@ def assert_classifier_bundle_matches_keras(model, bundle) -> None:
 def assert_translations_match_keras(model, bundle) -> None:
     from kerasllm.export.translate_predictor import BundleTranslator
 
+    c = model.config
     translator = BundleTranslator(bundle.path, device="cpu")
     rng = np.random.default_rng(0)
-    sources = [rng.integers(6, model.config.vocab_size, size=n).tolist() for n in (4, 9, 6)]
-    got = translator._generate(sources, translator.options(max_new_tokens=10))
-    assert [h[0].tokens for h in got] == model.generate(sources, max_new_tokens=10)
+    sources = [rng.integers(6, c.vocab_size, size=min(n, c.max_length)).tolist() for n in (4, 9, 6)]
+    new = min(10, c.max_length - 1)
+    got = translator._generate(sources, translator.options(max_new_tokens=new))
+    assert [h[0].tokens for h in got] == model.generate(sources, max_new_tokens=new)
 
 
 def test_a_one_head_classifier_exports_with_parity(tmp_path):
@@ -119,4 +121,14 @@ def test_a_seq2seq_decoder_with_heads_group_query_attention_refuses_keeps_the_gr
     assert decoder["shared_buffer_unsupported"].endswith("this model's is 4")
     assert "attention_fusion_reverted" not in decoder
     assert bundle.manifest["validation"]["greedy"]["identical"] is True
+    assert_translations_match_keras(model, bundle)
+
+
+def test_a_short_seq2seq_model_exports_with_validation_cases_that_fit(tmp_path):
+    """max_length 6: the validation's greedy sources of 9 tokens had ended the export ("a source of 9
+    tokens exceeds the model's max_length"); its cases now fit, the decoder step shortened where needed."""
+    model, bundle = export_seq2seq(tmp_path, max_length=6)
+    validation = bundle.manifest["validation"]
+    assert validation["greedy"]["identical"] is True and validation["greedy"]["max_new_tokens"] == 5
+    assert max(v for k, v in validation["max_abs_diff"].items() if k.endswith("logits")) <= 1e-4
     assert_translations_match_keras(model, bundle)

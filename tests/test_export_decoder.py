@@ -859,6 +859,39 @@ def test_a_fused_graph_onnx_runtime_cannot_run_falls_back_to_the_unfused_graph(t
     assert bundle.manifest["validation"]["greedy"]["identical"] is True
 
 
+@pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # one key at max_length 2: intended
+@pytest.mark.parametrize("max_length", [2, 6])
+def test_a_short_decoder_exports_with_validation_cases_that_fit(max_length, tmp_path):
+    """The validation's cases had used prompts of 3 tokens and a 4-token step, and greedy runs of
+    max_length - 8 new tokens: past max_length 6, where Keras's position lookup fails (a TensorFlow
+    traceback). Each case now fits, still with uneven (left-padded) prompts and a multi-token step
+    where there is room for them."""
+    from kerasllm.export.exporter import export_model_dir
+
+    run, model = _random_decoder_dir(tmp_path / "run", max_length=max_length)
+    bundle = export_model_dir(run, tmp_path / "bundle", log=lambda message: None)
+    validation = bundle.manifest["validation"]
+    cases = validation["cases"]
+    assert [max(case["prompt_lengths"]) + case["step_tokens"] <= max_length for case in cases] == [True, True]
+    assert max(validation["max_abs_diff"].values()) <= 1e-4
+    assert validation["greedy"]["identical"] is True and validation["greedy"]["new_tokens"] >= 1
+    if max_length == 6:
+        assert len(set(cases[1]["prompt_lengths"])) > 1 and cases[1]["step_tokens"] > 1
+    prompts = [[7], [8, 9, 10]] if max_length > 3 else [[7], [8]]
+    new = max_length - max(len(p) for p in prompts)
+    assert _bundle_greedy(bundle.path, prompts, new) == np.asarray(model.generate(prompts, max_new_tokens=new)).tolist()
+
+
+def test_a_decoder_too_short_to_check_is_refused_in_one_line(tmp_path, run_cli):
+    run, _ = _random_decoder_dir(tmp_path / "run", max_length=1)
+    result = run_cli("export", run, "--out", tmp_path / "bundle")
+    assert result.code == 1 and "Traceback" not in result.err
+    assert result.err.strip().splitlines()[-1] == (
+        "kerasllm: error: validation: a decoder of max_length 1 cannot be checked (it needs 2 positions or more: "
+        "a prompt token and a new one)")
+    assert not (tmp_path / "bundle").exists()
+
+
 def _unrunnable_graph(path: Path) -> Path:
     """A graph ONNX Runtime loads but cannot run: x [N] reshaped to [3]."""
     from onnx import TensorProto, helper
