@@ -391,8 +391,10 @@ def test_export_refuses_a_kv_cache_choice_for_an_encoder(tmp_path, run_cli):
 
 
 def test_an_export_at_the_lowest_opset_serves(model_dir, tmp_path, run_cli):
+    """(--quiet, as on every other command: nothing printed but errors.)"""
     out = tmp_path / "bundle"
-    assert run_cli("export", model_dir, "--out", out, "--opset", 15).code == 0
+    result = run_cli("export", model_dir, "--out", out, "--opset", 15, "--quiet")
+    assert result.code == 0 and result.err == "" and result.out == "", result
     assert json.loads((out / "manifest.json").read_text())["graphs"]["model"]["opset"] == 15
     imports = onnx.load(out / "model.onnx").opset_import
     assert next(o.version for o in imports if o.domain in ("", "ai.onnx")) == 15

@@ -22,7 +22,8 @@ import click
               help="Decoder KV cache: one buffer per layer updated in place by GroupQueryAttention (fastest "
                    "on CPU; on CUDA that kernel takes fp16 only, so serve it there with --dtype fp16), or past + "
                    "new concatenated by MultiHeadAttention (an fp32 bundle served on CUDA).")
-def export(model_dir, out, opset, dtype, optimize, kv_cache):
+@click.option("--quiet", is_flag=True, help="Print nothing but errors (the figures stay in manifest.json).")
+def export(model_dir, out, opset, dtype, optimize, kv_cache, quiet):
     """Export a trained model to an ONNX bundle, checked against Keras.
 
     The bundle (graph, tokenizer.json, manifest.json with hashes and the validation
@@ -53,8 +54,9 @@ def export(model_dir, out, opset, dtype, optimize, kv_cache):
     from kerasllm.export.exporter import ExportOptions, export_model_dir  # noqa: PLC0415 - imports TensorFlow
 
     def log(message: str) -> None:
-        click.echo(f"kerasllm: {message}", err=True)
+        if not quiet:
+            click.echo(f"kerasllm: {message}", err=True)
 
     options = ExportOptions(opset=opset, dtype=dtype, optimize=optimize, shared_kv_buffer=kv_cache == "shared-buffer")
     export_model_dir(model_dir, out, options, log=log)
-    click.echo(f"kerasllm: bundle written to {out}", err=True)
+    log(f"bundle written to {out}")
