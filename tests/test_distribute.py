@@ -462,7 +462,10 @@ def test_killed_worker_job_resumes_from_the_last_backup(tmp_path, corpus_file):
 
 
 def launch_cli_workers(args: list, tmp_path: Path, log_prefix: str, extra_env: dict | None = None):
-    """`kerasllm ARGS` as 2 workers of one multi-worker cluster (the CLI itself, not the test worker)."""
+    """`kerasllm ARGS` as 2 workers of one multi-worker cluster (the CLI itself, not the test worker),
+    their temp directory (the other worker's scratch) in `tmp_path / "worker-tmp"`."""
+    (tmp_path / "worker-tmp").mkdir(exist_ok=True)
+    extra_env = {"TMPDIR": str(tmp_path / "worker-tmp"), **(extra_env or {})}
     ports = dw.free_ports(2)
     procs = []
     for index in range(2):
@@ -510,6 +513,7 @@ def test_a_worker_whose_chief_stopped_says_so_in_one_line(tmp_path, corpus_file)
     assert "Traceback" not in logs[1], logs[1]
     assert "kerasllm: error: multi-worker: worker 1 lost the other workers" in logs[1], logs[1]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert list((tmp_path / "worker-tmp").glob("kerasllm-worker-*")) == []  # its scratch removed
 
 
 def loss_on_validation(run_dir: Path) -> float:
