@@ -317,6 +317,23 @@ def test_compile_refuses_several_steps_per_execution_on_several_replicas(monkeyp
         model.compile(jit_compile=False, steps_per_execution=4)
 
 
+def test_tensorflow_log_lines_are_not_printed_twice(tmp_path, corpus_file):
+    """TensorFlow's INFO records (MirroredStrategy's device list) had come out twice, through its own
+    handler and kerasllm's, even under --quiet; now once each through kerasllm's, and only with -v."""
+    command = [sys.executable, "-m", "kerasllm", "train", "causal-lm", "--data", str(corpus_file), "--steps", "2",
+               "--preset", "tiny", "--seq-len", "16", "--batch-size", "4", "--eval-steps", "1", "--quiet",
+               "--strategy", "mirrored"]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the CLI's own default, as a user's
+    quiet = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert quiet.returncode == 0 and quiet.stderr.splitlines() == [f"kerasllm: model written to {tmp_path / 'a'}"], \
+        quiet.stderr
+    verbose = subprocess.run([command[0], *command[1:3], "-v", *command[3:], "--out", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in verbose.stderr.splitlines() if "Using MirroredStrategy" in line]
+    assert verbose.returncode == 0 and len(lines) == 1 and lines[0].startswith("kerasllm: "), verbose.stderr
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(UsageError, match="^unknown --precision 'fp8'; choose one of: fp32, mixed_float16"):
         with training_strategy("auto", precision="fp8"):

@@ -133,6 +133,13 @@ def cli(ctx, verbose):
     if not verbose:
         # ONNX Runtime's transformer optimizer logs every fusion; the export prints a summary.
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    # TensorFlow, imported before this (main), gave its logger a stderr handler of its own, so its
+    # records came out twice ("INFO:tensorflow: Using MirroredStrategy ..." and "kerasllm: Using
+    # ..."), --quiet or not. They go through the handler above alone, and its INFO lines (strategy
+    # and collective details; kerasllm says which strategy runs) only with -v.
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.handlers.clear()
+    tf_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def import_tensorflow_quietly() -> None:
