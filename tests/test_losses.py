@@ -88,3 +88,17 @@ def test_one_model_takes_weights_per_example_then_per_position_as_keras_loss_doe
               for w in (np.repeat(per_example[:, None], 16, axis=1), per_position)]
     assert ours == pytest.approx(theirs, rel=1e-5)
     assert ours[0] != pytest.approx(ours[1], rel=1e-3)  # the two kinds weigh differently
+
+
+def test_one_classifier_takes_labels_of_shape_b_then_b_1():
+    """Keras takes a classifier's labels as [B] or [B, 1]; a model given both (evaluate, then fit)
+    retraces with the labels' rank unknown, where the loss had failed ("statically known rank")."""
+    from kerasllm import EncoderConfig, TextClassifier
+
+    x = RNG.integers(6, 64, (8, 12)).astype("int32")
+    y = RNG.integers(0, 3, (8,))
+    model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=3, max_length=16))
+    model.compile(batch_split=1)
+    losses = [model.evaluate(x, labels, batch_size=8, verbose=0) for labels in (y, y[:, None], y)]
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)
+    model.fit(x, y[:, None], epochs=1, batch_size=8, verbose=0)

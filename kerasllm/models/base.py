@@ -44,6 +44,11 @@ class SparseCrossEntropy(keras.losses.Loss):
         self.per_token = bool(per_token)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        if ops.ndim(y_true) is None:
+            # Rank unknown until run time: Keras retraces a step that has seen targets of two ranks
+            # (a classifier's [B] and [B, 1]) with the rank relaxed. Every target shape this loss
+            # takes holds one id per row of the logits: read them so.
+            y_true = ops.reshape(y_true, ops.shape(y_pred)[:-1])
         target_rank = len(ops.shape(y_true))
         if sample_weight is None or self.per_token or target_rank < 2:
             return super().__call__(y_true, y_pred, sample_weight)
