@@ -93,8 +93,6 @@ def test_one_model_takes_weights_per_example_then_per_position_as_keras_loss_doe
 def test_one_classifier_takes_labels_of_shape_b_then_b_1():
     """Keras takes a classifier's labels as [B] or [B, 1]; a model given both (evaluate, then fit)
     retraces with the labels' rank unknown, where the loss had failed ("statically known rank")."""
-    from kerasllm import EncoderConfig, TextClassifier
-
     x = RNG.integers(6, 64, (8, 12)).astype("int32")
     y = RNG.integers(0, 3, (8,))
     model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=3, max_length=16))
