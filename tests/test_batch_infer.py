@@ -256,10 +256,15 @@ def test_device_reaches_the_predictor_and_no_tensorflow_is_imported(bundle, tmp_
 
 
 def test_device_option_is_passed_in_process(run_cli, bundle, tmp_path):
+    """(auto, which --help offers, had been refused as not cpu, cuda or cuda:N.)"""
     source = tmp_path / "in.txt"
     source.write_text("abc\n")
     assert run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o.jsonl", "--device", "cuda").code == 0
     assert fake_predictor.FakePredictor.devices == ["cuda"]
+    assert run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o2.jsonl", "--device", "auto").code == 0
+    assert fake_predictor.FakePredictor.devices[-1] == "auto"
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "o3.jsonl", "--device", "auto:1")
+    assert result.code == 2 and "expected cpu, cuda, cuda:N or auto" in result.err
 
 
 # -- bad records -------------------------------------------------------------------------------

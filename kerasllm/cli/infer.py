@@ -284,9 +284,13 @@ def context_check(predictor, max_new_tokens: int, warn):
 
 
 def _check_device(device: str) -> None:
+    """Refuse a --device the runtime cannot read (runtime.parse_device's rule; checked here before
+    ONNX Runtime or TensorFlow loads). "auto" (the GPU where there is one) had been refused although
+    the help offers it and the runtime and `evaluate` take it."""
     name, _, index = device.partition(":")
-    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
-        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if (name not in ("cpu", "cuda", "auto") or (index and not index.isdigit())
+            or (name in ("cpu", "auto") and index)):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
 
 
 def _decoding(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, num_beams, n_best, seed) -> dict:
