@@ -195,6 +195,9 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
     if id_field and fmt in ("text", "conll"):
         raise UsageError(f"{path}: {fmt} input has no fields to hold an id ({id_field!r}); ids need JSONL, "
                          "TSV or CSV input")
+    if fmt == "text" and text_field not in (None, "text"):  # had been an error record per line
+        raise UsageError(f"{path}: plain text input is one text a line, field 'text'; a text field "
+                         f"({text_field!r}) needs JSONL, TSV or CSV input")
     stream = _open(path)
     try:
         if fmt == "conll":

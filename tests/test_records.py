@@ -255,3 +255,15 @@ def test_a_csv_with_carriage_return_line_ends_is_named_so(tmp_path):
     path.write_bytes(b"text,label\rhi,pos\rho,neg\r")
     with pytest.raises(DataError, match="are its lines ended by a carriage return alone"):
         list(read_records(path))
+
+
+def test_a_text_field_for_plain_text_input_is_a_usage_error(run_cli, bundle, tmp_path):
+    """Plain text has one field; `--text-field foo` had made every line an error record
+    ("missing field 'foo' (fields: text)") where TSV/CSV refuse the column up front."""
+    source = tmp_path / "prompts.txt"
+    source.write_text("one\ntwo\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--text-field", "foo")
+    assert result.code == 2 and not out.exists(), result
+    assert "plain text input is one text a line, field 'text'; a text field ('foo') needs JSONL" in result.err
+    assert run_cli("generate", bundle, "-i", source, "-o", out, "--text-field", "text").code == 0
