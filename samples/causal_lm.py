@@ -28,6 +28,12 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
     args = parser.parse_args()
 
+    # As the CLI does: TensorFlow's start-up lines (absl's, oneDNN's notice, "failed call to cuInit"
+    # on a machine without a GPU) silenced, XLA's compiled programs kept between runs.
+    from kerasllm.cli import configure_tensorflow, import_tensorflow_quietly
+
+    configure_tensorflow()
+    import_tensorflow_quietly()
     from kerasllm import datasets
     from kerasllm.export.exporter import ExportOptions, export_model_dir
     from kerasllm.export.predict import load_predictor

@@ -29,7 +29,7 @@ import click
 def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, tags_field, source_field, target_field,
              batch_size, device):
     """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,
-    masked-lm), bleu and chrf (seq2seq), word accuracy, macro_f1 and with BIO tags entity_f1,
+    masked-lm), bleu, chrf and exact_match (seq2seq), word accuracy, macro_f1 and with BIO tags entity_f1,
     entity_precision, entity_recall and entity_types (per type) (token-classifier).
 
     Prints the metrics as JSON on stdout (keys `accuracy`, `macro_f1`, `perplexity`, ... as apply).
