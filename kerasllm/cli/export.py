@@ -57,11 +57,18 @@ def export(model_dir, out, opset, dtype, optimize, kv_cache, quiet):
         if not quiet:
             click.echo(f"kerasllm: {message}", err=True)
 
-    if quiet:  # the runtime's line saying where ONNX Runtime runs (the batch commands keep it under --quiet)
-        import logging  # noqa: PLC0415
+    import logging  # noqa: PLC0415
 
-        logging.getLogger("kerasllm").setLevel(logging.WARNING)
-
-    options = ExportOptions(opset=opset, dtype=dtype, optimize=optimize, shared_kv_buffer=kv_cache == "shared-buffer")
-    export_model_dir(model_dir, out, options, log=log)
+    # --quiet also hides the runtime's line saying where ONNX Runtime runs (the batch commands keep
+    # it under --quiet), for this export only: the logger's level is the process's (in-process callers).
+    logger = logging.getLogger("kerasllm")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        options = ExportOptions(opset=opset, dtype=dtype, optimize=optimize,
+                                shared_kv_buffer=kv_cache == "shared-buffer")
+        export_model_dir(model_dir, out, options, log=log)
+    finally:
+        logger.setLevel(level)
     log(f"bundle written to {out}")
