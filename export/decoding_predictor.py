@@ -61,7 +61,8 @@ class CausalGenerator:
                 return ids[-limit:]
             if truncate == "right":
                 return ids[:limit]
-            raise RecordError(f"prompt of {len(ids)} tokens is longer than the model's {limit}")
+            raise RecordError(f"prompt of {len(ids)} tokens leaves no room for a new token within the model's "
+                              f"max_length {self.max_length} (at most {limit}; --truncate left keeps its end)")
         return ids
 
     def options(self, **options: Any) -> DecodingOptions:
@@ -143,6 +144,8 @@ class BundleGenerator(CausalGenerator):
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
         from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
 
+        # Checked before denormals are flushed: under the flush a denormal temperature compares equal to 0.
+        self.options(**options)
         with flush_denormals():  # ORT's kernels run on this thread (see runtime.flush_denormals)
             return super().predict(batch, **options)
 

@@ -110,8 +110,8 @@ class EncoderPredictor:
             elif truncate == "right":
                 ids = ids[:limit]
             else:
-                raise RecordError(f"text of {len(ids)} tokens is longer than the model's {limit} "
-                                  "(use --truncate right to keep its start)")
+                raise RecordError(f"text of {len(ids)} tokens is longer than the model's max_length {self.max_length} "
+                                  f"allows (at most {limit} and the start token; --truncate right keeps its start)")
         return [self.bos_id] + ids
 
     def outputs(self, batch: Sequence[list[int]], names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -39,6 +39,29 @@ class StepFunction(Protocol):
         ...
 
 
+# The largest seed (the training command's --seed range too) and the smallest temperature above 0.
+MAX_SEED = 2**32 - 1
+MIN_TEMPERATURE = 1e-6
+
+
+def _integer(name: str, value, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UsageError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
 @dataclass
 class DecodingOptions:
     """How to decode; see the module docstring. `stop_ids` end a sequence (not included in it);
@@ -58,9 +81,23 @@ class DecodingOptions:
     seed: int | None = None
 
     def validate(self, sampled_n_best: bool = False) -> None:
-        """UsageError for options out of range or that cannot go together. `n_best > 1` needs beam
-        search (`num_beams >= n_best`), or with `sampled_n_best` (causal generation: independent
-        samples, decoding_predictor) sampling instead (`temperature > 0`, one beam)."""
+        """UsageError for options of the wrong type, out of range or that cannot go together.
+        `n_best > 1` needs beam search (`num_beams >= n_best`), or with `sampled_n_best` (causal
+        generation: independent samples, decoding_predictor) sampling instead (`temperature > 0`,
+        one beam). NumPy numbers are taken (and kept as Python ones)."""
+        # Types first: a float where a count goes had been truncated (max_new_tokens=2.5 gave 2
+        # tokens) or failed deep in NumPy, and NaN passed every range comparison below.
+        for name in ("max_new_tokens", "num_beams", "n_best", "top_k", "seed"):
+            setattr(self, name, _integer(name, getattr(self, name), optional=name in ("top_k", "seed")))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            setattr(self, name, _finite(name, getattr(self, name), optional=name == "top_p"))
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            # NumPy's generator refuses negative seeds, Keras's samplers seeds past int64: one range for both.
+            raise UsageError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # Logits divided by a denormal overflow to inf (NaN probabilities in float32), and where
+            # denormals are flushed (ONNX Runtime's threads) it compares equal to 0: refused, not guessed.
+            raise UsageError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}")
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -79,7 +79,7 @@ class Translator:
                 return ids[-self.max_length:]
             if truncate == "right":
                 return ids[:self.max_length]
-            raise RecordError(f"source of {len(ids)} tokens is longer than the model's {self.max_length}")
+            raise RecordError(f"source of {len(ids)} tokens is longer than the model's max_length {self.max_length}")
         return ids
 
     def options(self, **options: Any) -> DecodingOptions:

@@ -96,7 +96,7 @@ def join_words(encoded: Sequence[tuple[list[int], int]], words: Sequence[str], b
     if max_length is not None and total > max_length:
         if truncate == "error":
             raise AlignmentError(f"sentence of {len(words)} words is {total} tokens, longer than the model's "
-                                 f"{max_length}" + (f" ({hint})" if hint else ""))
+                                 f"max_length {max_length}" + (f" ({hint})" if hint else ""))
         kept, room = 0, max_length - 1
         order = range(len(encoded)) if truncate == "right" else range(len(encoded) - 1, -1, -1)
         for i in order:

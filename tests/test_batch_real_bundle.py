@@ -69,7 +69,7 @@ def test_cli_on_a_real_bundle_equals_generation_one_prompt_at_a_time_and_resumes
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [g["id"] for g in got] == [r["key"] for r in rows]
     assert got[5]["error"] == "line 6: empty prompt"
-    assert got[9]["error"].startswith("line 10: prompt of 200 tokens is longer than the model's 63")
+    assert got[9]["error"].startswith("line 10: prompt of 200 tokens leaves no room for a new token within the model's max_length 64 (at most 63")
 
     assert len({g.get("output") for g in got}) >= 5  # the random model does not emit one string for all
 
@@ -108,3 +108,15 @@ def test_a_prompt_near_max_length_leaves_the_other_rows_their_new_tokens(real_mo
         assert [r[GENERATED_TOKENS] for r in together] == [12, 4]
         assert together == alone
     assert model_dir.predict([short, long], max_new_tokens=12) == bundle.predict([short, long], max_new_tokens=12)
+
+
+def test_a_denormal_temperature_is_refused_by_the_bundle_as_by_the_model_dir(real_model_dir, real_bundle):
+    """The bundle checked its options where ONNX Runtime's denormals are flushed, so 1e-320 read as 0
+    there (greedy, or a top_p refusal naming the wrong option) while Keras sampled from NaNs."""
+    from kerasllm.errors import UsageError
+    from kerasllm.export.predict import load_predictor
+
+    for source in (real_bundle, real_model_dir):
+        predictor = load_predictor("generate", source)
+        with pytest.raises(UsageError, match="temperature must be 0 .greedy. or at least 1e-06, got 1e-320"):
+            predictor.predict([predictor.check("the cat")], max_new_tokens=2, temperature=1e-320, top_p=0.9)

@@ -10,6 +10,9 @@ from kerasllm.export.records import read_records
     (["generate", "{tmp}/missing_bundle", "-i", "-"], "Directory '{tmp}/missing_bundle' does not exist"),
     (["generate", "{tmp}", "--format", "xml"], "'xml' is not one of"),
     (["classify", "{tmp}", "--no-such-option"], "No such option '--no-such-option'"),
+    # a negative seed crashed a bundle's sampling (NumPy), one past int64 a model dir's (Keras)
+    (["generate", "{tmp}", "--temperature", "1", "--seed", "-5"], "'--seed': -5 is not in the range 0<=x<=4294967295"),
+    (["translate", "{tmp}", "--temperature", "1", "--seed", str(2**63)], "is not in the range 0<=x<=4294967295"),
 ])
 def test_click_usage_errors_are_one_line_exit_2(tmp_path, capsys, args, expected):
     with pytest.raises(SystemExit) as exit_info:
@@ -170,7 +173,7 @@ def test_only_tag_hints_at_truncate_for_a_sentence_too_long(run_cli, tmp_path):
                    "--max-length", 32, "--seq-len", 32, "--quiet", "--no-jit-compile").code == 0
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"tokens": ["Anna"] * 40, "tags": ["B-PER"] + ["I-PER"] * 39}) + "\n")
-    too_long = "line 1: sentence of 40 words is 201 tokens, longer than the model's 32"
+    too_long = "line 1: sentence of 40 words is 201 tokens, longer than the model's max_length 32"
     result = run_cli("evaluate", run, "--data", long)
     assert result.code == 1, result
     assert result.err.strip() == f"kerasllm: error: {long}: {too_long}", result.err

@@ -232,6 +232,35 @@ def test_bad_options_are_refused_by_name(options, message):
         run(random_table(), [[1]], **options)
 
 
+@pytest.mark.parametrize("options, message", [
+    # NaN passed every range comparison (garbage tokens: the bundle's NaN probabilities picked the pad id)
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number, got nan"),
+    (dict(top_p=float("inf"), temperature=1.0), "top_p must be a finite number, got inf"),
+    # counts that are not integers had been truncated (2 tokens for 2.5) or failed inside NumPy
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got 2.5"),
+    (dict(top_k=2.5, temperature=1.0), "top_k must be an integer, got 2.5"),
+    (dict(seed=1.5, temperature=1.0), "seed must be an integer, got 1.5"),
+    (dict(temperature="0.5"), "temperature must be a number, got '0.5'"),
+    (dict(max_new_tokens=None), "max_new_tokens must be an integer, got None"),
+    # NumPy's generator refuses negative seeds, Keras's samplers those past int64
+    (dict(seed=-5, temperature=1.0), r"seed must be in 0\.\.4294967295, got -5"),
+    (dict(seed=2**63, temperature=1.0), r"seed must be in 0\.\.4294967295"),
+    # a denormal temperature overflows the logits (and reads as 0 where ORT flushes denormals)
+    (dict(temperature=1e-320), "temperature must be 0 .greedy. or at least 1e-06"),
+])
+def test_options_of_the_wrong_type_or_not_finite_are_refused(options, message):
+    with pytest.raises(UsageError, match=message):
+        DecodingOptions(**options).validate()
+
+
+def test_numpy_numbers_are_taken_as_python_ones():
+    options = DecodingOptions(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(2), seed=np.uint8(7))
+    options.validate()
+    assert (options.max_new_tokens, options.temperature, options.top_k, options.seed) == (3, 0.5, 2, 7)
+    assert all(type(v) in (int, float) for v in (options.max_new_tokens, options.temperature, options.top_k))
+
+
 def test_top_p_sampling_never_leaves_the_nucleus():
     table = np.zeros((VOCAB, VOCAB), np.float32)
     table[:, 1], table[:, 2], table[:, 3] = 3.0, 2.5, 2.0  # the nucleus at p=0.6 is {1, 2}

@@ -160,7 +160,7 @@ def test_tag_cli_end_to_end_keeps_order_and_reports_bad_records(work, tmp_path, 
     assert rows[2]["error"] == "line 4: field 'tokens' is not a list of strings"
     assert rows[3]["error"].startswith("line 5: malformed JSON")
     assert rows[4]["error"] == "line 6: missing field 'text' or 'tokens' (fields: id, words)"
-    assert rows[5]["error"].startswith("line 7: sentence of 40 words is 241 tokens, longer than the model's 128")
+    assert rows[5]["error"].startswith("line 7: sentence of 40 words is 241 tokens, longer than the model's max_length 128")
     assert rows[6]["error"] == "line 8: empty sentence (no words)"
     # --truncate right keeps the first words that fit; plain text in, standard output out
     (tmp_path / "long.txt").write_text(long_sentence + "\n", encoding="utf-8")

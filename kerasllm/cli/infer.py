@@ -84,7 +84,8 @@ def decoding_options(command):
     """The decoding options of generate and translate (names as `Predictor.predict` takes them)."""
     options = [
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=_GEN["max_new_tokens"],
-                     show_default=True),
+                     show_default=True, help="New tokens per record at most: fewer at the end token, a --stop "
+                                             "string, or the model's max_length (prompt + new tokens)."),
         click.option("--temperature", type=FiniteFloatRange(min=0), default=_GEN["temperature"], show_default=True,
                      help="0 is greedy decoding."),
         click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens."),
@@ -97,7 +98,8 @@ def decoding_options(command):
                      help="Beam search width (1: no beam search)."),
         click.option("--n-best", type=click.IntRange(min=1), default=_GEN["n_best"], show_default=True,
                      help="Outputs per record (with scores); at most --num-beams under beam search."),
-        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None,
+                     help="Seed for reproducible sampling (0 to 2**32 - 1)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -328,7 +330,8 @@ def check_decoding(task: str, options: dict) -> None:
 
 
 # The options DecodingOptions.validate's messages name, each the CLI's --flag with "-" for "_".
-_DECODING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "n_best")
+_DECODING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams", "n_best",
+                   "seed")
 
 
 @click.command(epilog=EPILOG)
