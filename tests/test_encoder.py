@@ -176,6 +176,28 @@ def test_inputs_longer_than_the_learned_positions_or_without_a_batch_axis_are_re
         model(long[0])
 
 
+@pytest.mark.parametrize("cls", [MaskedLM, TextClassifier, TokenClassifier])
+def test_token_ids_as_lists_of_rows(cls):
+    """What a tokenizer returns: rows of one length are taken as the array of them (`predict` had
+    refused a list as an "Unrecognized data type", `embed` failed in Keras's call); rows of
+    different lengths, as lists or a NumPy object array (read as one sequence: "add a batch axis"),
+    are refused in one message saying how to pad them."""
+    model = cls(config())
+    ids = texts([6, 6], seed=1)
+    for run in (lambda x: model.predict(x, verbose=0), lambda x: model.predict({"token_ids": x}, verbose=0),
+                model.embed):
+        expected = np.asarray(run(ids))
+        for given in (ids.tolist(), np.array(ids.tolist(), dtype=object)):
+            np.testing.assert_allclose(np.asarray(run(given)), expected, atol=1e-6)
+    message = (rf"^{cls.__name__} expects token_ids of shape \[batch, length\], got rows of 2 to 3 tokens: pad the "
+               r"rows to one length with pad_id 0 \(after each row's tokens\)$")
+    ragged = [[2, 7, 8], [2, 9]]
+    for given in (ragged, np.array(ragged, dtype=object)):
+        for run in (lambda x: model.predict(x, verbose=0), model.embed):
+            with pytest.raises(ValueError, match=message):
+                run(given)
+
+
 def test_classifier_labels_outside_the_labels_are_refused():
     """Under XLA (compile's default) a label past num_labels had trained on with loss NaN."""
     model = TextClassifier(config(num_labels=2))

@@ -185,6 +185,31 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
                             f"(or its dict), got {type(config).__name__}")
         self.config = config
 
+    def token_id_batch(self, name, value):
+        """`value` as the model takes it: token ids given as a list of rows (what a tokenizer returns,
+        and `CausalLM.generate` takes) or a NumPy object array of rows, as the `[batch, length]`
+        array of them; anything else as it is. Rows of different lengths are a ValueError saying
+        how to pad them (Keras had refused a list as an "Unrecognized data type", and an object
+        array of rows had read as one sequence)."""
+        if not isinstance(value, list) and not (isinstance(value, np.ndarray) and value.dtype == object):
+            return value
+        rows = value.tolist() if isinstance(value, np.ndarray) else value
+        lengths = sorted({len(row) for row in rows if isinstance(row, (list, tuple, np.ndarray))})
+        if len(lengths) > 1:
+            raise ValueError(f"{type(self).__name__} expects {name} of shape [batch, length], got rows of "
+                             f"{lengths[0]} to {lengths[-1]} tokens: pad the rows to one length with pad_id "
+                             f"{self.config.pad_id} (after each row's tokens)")
+        return np.asarray(rows)
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`, with token ids as lists of rows too (`token_id_batch`)."""
+        if isinstance(x, dict):
+            x = {key: self.token_id_batch(key, value) if key in self.token_inputs else value
+                 for key, value in x.items()}
+        else:
+            x = self.token_id_batch(self.token_inputs[0], x)
+        return super().predict(x, *args, **kwargs)
+
     def check_token_ids(self, name, value):
         """ValueError unless `value` (an array, tensor or `tf.TensorSpec`) holds `[batch, length]`
         token ids, within `max_length` with learned positions. Dimensions unknown until run time

@@ -194,6 +194,7 @@ class EncoderModel(TransformerModel):
             token_ids, padding_mask = inputs["token_ids"], inputs.get("padding_mask")
         else:
             token_ids, padding_mask = inputs, None
+        token_ids = self.token_id_batch("token_ids", token_ids)  # `embed` on lists of rows
         self.check_token_ids("token_ids", token_ids)  # 1-D ids, or learned positions past the table
         if padding_mask is None:
             padding_mask = ops.not_equal(token_ids, self.config.pad_id)
