@@ -412,3 +412,26 @@ def test_seq2seq_run_recorded_with_a_seq_len_above_max_length_still_resumes(run_
     resumed = run_cli("train", "seq2seq", "--out", out, "--resume", "--quiet")
     assert resumed.code == 0, resumed
     assert [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][-1]["step"] == 8
+
+
+# -- each command's defaults are its recipe's --------------------------------------------------------
+@pytest.mark.parametrize("command", ["causal-lm", "masked-lm", "classifier", "token-classifier", "seq2seq"])
+def test_each_train_command_defaults_to_its_recipes_arguments(command):
+    """The encoder recipes' weight_decay 0.01 (BERT's) never reached a CLI run: --weight-decay's default
+    was 0.1 for every command, so the CLI and the Python API trained differently. Every option that
+    is a field of the recipe's arguments now defaults to that field's default (shown in --help)."""
+    import dataclasses
+
+    from kerasllm.recipes import causal_lm, classifier, masked_lm, seq2seq, token_classifier
+
+    args_class = {"causal-lm": causal_lm.CausalLMTrainArgs, "masked-lm": masked_lm.MaskedLMTrainArgs,
+                  "classifier": classifier.ClassifierTrainArgs, "seq2seq": seq2seq.Seq2SeqTrainArgs,
+                  "token-classifier": token_classifier.TokenClassifierTrainArgs}[command]
+    train = cli.get_command(None, "train")
+    ctx = train.commands[command].make_context(command, ["--out", "run"])
+    defaults = {f.name: f.default for f in dataclasses.fields(args_class) if f.default is not dataclasses.MISSING}
+    paths = ("data", "source_file", "target_file")  # a tuple of paths on the command line
+    compared = {name: ctx.params[name] for name in defaults if name in ctx.params and name not in paths}
+    assert compared == {name: defaults[name] for name in compared}
+    assert {"batch_size", "seq_len", "lr", "weight_decay", "eval_interval", "seed"} <= set(compared)
+    assert compared["weight_decay"] == (0.1 if command in ("causal-lm", "seq2seq") else 0.01)

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from kerasllm.recipes import WEIGHT_DECAY  # TensorFlow-free, as this module
+
 
 DISTRIBUTE_OPTIONS = ("strategy", "tpu", "precision", "scale_lr")
 
@@ -84,10 +86,11 @@ vocab_size_option = click.option("--vocab-size", type=click.IntRange(min=1), def
                                  help="Subword vocabulary size (bpe, unigram).")
 
 
-def run_options(batch_size: int, seq_len: int | None, lr: float):
+def run_options(batch_size: int, seq_len: int | None, lr: float, weight_decay: float = WEIGHT_DECAY):
     """--out, --preset, --config, --steps/--epochs, optimisation, validation, --resume, --quiet,
     and the distribution options (`distribute_options`). `seq_len` None: the model's max_length
-    (seq2seq, where --max-length alone sets both)."""
+    (seq2seq, where --max-length alone sets both). The defaults given are the task recipe's own
+    (its arguments dataclass), for a CLI run to train as a Python one does."""
 
     def decorate(command):
         command = distribute_options(command)
@@ -109,7 +112,7 @@ def run_options(batch_size: int, seq_len: int | None, lr: float):
             click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=lr, show_default=True,
                          help="Peak learning rate (AdamW, warmup then cosine decay to lr/10)."),
             click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warmup steps (default 5% of steps)."),
-            click.option("--weight-decay", type=FiniteFloatRange(min=0), default=0.1, show_default=True,
+            click.option("--weight-decay", type=FiniteFloatRange(min=0), default=weight_decay, show_default=True,
                          help="Decoupled weight decay on weight matrices."),
             click.option("--label-smoothing", type=FiniteFloatRange(0, 1, max_open=True), default=0.0,
                          show_default=True, help="Label smoothing of the cross-entropy."),

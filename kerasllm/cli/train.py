@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from kerasllm.cli.options import DISTRIBUTE_OPTIONS, model_override_options, run_options, vocab_size_option
+from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 
 
 @click.group()
@@ -183,7 +184,7 @@ def _with(options):
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data.")
 @vocab_size_option
-@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@run_options(batch_size=32, seq_len=128, lr=1e-3, weight_decay=ENCODER_WEIGHT_DECAY)
 @model_override_options
 def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps,
               weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval, eval_steps, validation_fraction,
@@ -220,7 +221,7 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data (not with --init-from).")
 @vocab_size_option
-@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@run_options(batch_size=32, seq_len=128, lr=1e-3, weight_decay=ENCODER_WEIGHT_DECAY)
 @model_override_options
 def classifier(data, text_field, label_field, init_from, pooling, out, preset, config_file, steps, epochs, batch_size,
                seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval,
@@ -264,7 +265,7 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data (not with --init-from).")
 @vocab_size_option
-@run_options(batch_size=32, seq_len=128, lr=1e-3)
+@run_options(batch_size=32, seq_len=128, lr=1e-3, weight_decay=ENCODER_WEIGHT_DECAY)
 @model_override_options
 def token_classifier(data, tokens_field, tags_field, data_format, init_from, out, preset, config_file, steps, epochs,
                      batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size,

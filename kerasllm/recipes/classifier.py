@@ -18,6 +18,7 @@ from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, r
 from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
+from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
                                      labelled_datasets, pretrained_run, run_directory)
 from kerasllm.tokenizers import TextTokenizer
@@ -38,7 +39,7 @@ class ClassifierTrainArgs(RunArgs):
     label_field: str = "label"
     init_from: str | None = None
     pooling: str | None = None
-    weight_decay: float = 0.01
+    weight_decay: float = ENCODER_WEIGHT_DECAY
 
 
 @distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
+from kerasllm.recipes import WEIGHT_DECAY
 from kerasllm.training import CHECKPOINT_DIR, read_run_config
 
 
@@ -28,7 +29,7 @@ class RunArgs:
     seq_len: int = 128
     lr: float = 1e-3
     warmup_steps: int | None = None
-    weight_decay: float = 0.1
+    weight_decay: float = WEIGHT_DECAY
     label_smoothing: float = 0.0
     tokenizer: str = "char"
     vocab_size: int = 4000

@@ -15,6 +15,7 @@ from pathlib import Path
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
+from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -29,7 +30,7 @@ class MaskedLMTrainArgs(RunArgs):
 
     data: list[str] = field(default_factory=list)
     text_field: str = "text"
-    weight_decay: float = 0.01
+    weight_decay: float = ENCODER_WEIGHT_DECAY
 
 
 def encoder_config(preset: str, config_file: str | None, overrides: dict, tokenizer: TextTokenizer,

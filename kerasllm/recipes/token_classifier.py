@@ -19,6 +19,7 @@ from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, encode_tagged, read_tagged, split_validation, token_classification_dataset
 from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
+from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
                                      labelled_datasets, pretrained_run, run_directory)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
@@ -41,7 +42,7 @@ class TokenClassifierTrainArgs(RunArgs):
     tags_field: str = "tags"
     data_format: str = "auto"
     init_from: str | None = None
-    weight_decay: float = 0.01
+    weight_decay: float = ENCODER_WEIGHT_DECAY
 
 
 @distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
