@@ -414,6 +414,70 @@ def test_seq2seq_run_recorded_with_a_seq_len_above_max_length_still_resumes(run_
     assert [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()][-1]["step"] == 8
 
 
+# -- paths saved in config.json ----------------------------------------------------------------------
+def test_resume_from_another_directory_reads_the_paths_saved_absolute(run_cli, tmp_path, monkeypatch,
+                                                                      interrupt_training):
+    """config.json had saved --data as typed ("reviews.tsv") and `--resume` read it from the directory
+    it was run in: from another one it failed with "reviews.tsv: no such file". Paths are saved
+    absolute; a saved one that is gone is named as the one saved in DIR/config.json, with the option
+    that gives another, and --data given again is taken."""
+    from pathlib import Path
+
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    start = Path.cwd()
+    assert run_cli("sample-data", "sentiment", "--out", "reviews.tsv", "--count", "40").code == 0
+    interrupt_training(6)
+    args = ["--steps", "12", "--eval-interval", "4", "--eval-steps", "1", *FAST]
+    assert run_cli("train", "classifier", "--data", "reviews.tsv", "--out", "run", *args).code == 130
+    assert json.loads((start / "run" / "config.json").read_text())["train"]["data"] == [str(start / "reviews.tsv")]
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = Path("..", "start", "run")
+    interrupt_training(10)
+    assert run_cli("train", "classifier", "--out", out, "--resume", "--quiet").code == 130  # read the saved path
+    interrupt_training(None)
+    (start / "reviews.tsv").rename(start / "moved.tsv")
+    refused = run_cli("train", "classifier", "--out", out, "--resume", "--quiet")
+    assert refused.code == 2 and refused.err.splitlines() == [
+        f"kerasllm: error: {start / 'reviews.tsv'} (the --data saved in {out / 'config.json'}): no such file or "
+        "directory; pass --data again to read the data from elsewhere"], refused.err
+    resumed = run_cli("train", "classifier", "--out", out, "--resume", "--quiet", "--data", start / "moved.tsv")
+    assert resumed.code == 0, resumed
+    steps = [json.loads(line)["step"] for line in (start / "run" / "history.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def test_train_record_saves_every_path_absolute_and_resume_names_the_saved_one(tmp_path, monkeypatch):
+    """`--init-from` and seq2seq's --source-file/--target-file too; the data given again replaces all the
+    saved data (--data in place of the files); other saved options, weight_decay among them, are kept."""
+    from kerasllm.errors import UsageError
+    from kerasllm.recipes.classifier import ClassifierTrainArgs
+    from kerasllm.recipes.common import resumed_args, train_record
+    from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs
+
+    monkeypatch.chdir(tmp_path)
+    record = train_record(ClassifierTrainArgs(data=["a.tsv", "sub/b.tsv"], init_from="runs/mlm"))
+    assert (record["data"], record["init_from"]) == ([str(tmp_path / "a.tsv"), str(tmp_path / "sub" / "b.tsv")],
+                                                     str(tmp_path / "runs" / "mlm"))
+    record = train_record(Seq2SeqTrainArgs(source_file="train.en", target_file="../train.de", weight_decay=0.3))
+    assert (record["data"], record["source_file"], record["target_file"]) == (
+        None, str(tmp_path / "train.en"), str(tmp_path.parent / "train.de"))
+
+    run = {"train": record}
+    with pytest.raises(UsageError) as refused:
+        resumed_args(Seq2SeqTrainArgs, run, tmp_path / "run", data=None, source_file=None, target_file=None)
+    assert str(refused.value) == (f"{tmp_path / 'train.en'} (the --source-file saved in "
+                                  f"{tmp_path / 'run' / 'config.json'}): no such file or directory; pass "
+                                  "--source-file and --target-file again to read the data from elsewhere")
+    args = resumed_args(Seq2SeqTrainArgs, run, tmp_path / "run", data="pairs.tsv", source_file=None,
+                        target_file=None)
+    assert (args.data, args.source_file, args.target_file, args.weight_decay) == ("pairs.tsv", None, None, 0.3)
+    saved = train_record(ClassifierTrainArgs(data=[str(tmp_path)], weight_decay=0.1))  # a run saved with 0.1
+    assert resumed_args(ClassifierTrainArgs, {"train": saved}, tmp_path, data=[]).weight_decay == 0.1
+
+
 # -- each command's defaults are its recipe's --------------------------------------------------------
 @pytest.mark.parametrize("command", ["causal-lm", "masked-lm", "classifier", "token-classifier", "seq2seq"])
 def test_each_train_command_defaults_to_its_recipes_arguments(command):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
-from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
+from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
+                                     run_directory, train_record)
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -40,9 +41,8 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
     out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
-        saved = run["train"]
         # A resumed run repeats the saved run; only the data paths may be given again.
-        args = CausalLMTrainArgs(**{**saved, "data": args.data or saved["data"]})
+        args = resumed_args(CausalLMTrainArgs, run, out, data=args.data)
         files = resolve_text_files(args.data)
         tokenizer = TextTokenizer.load(out)
         config = DecoderConfig.from_dict(run["model"])
@@ -59,7 +59,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
-                                              "train": asdict(args), **distribute_record(dist)})
+                                              "train": train_record(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)

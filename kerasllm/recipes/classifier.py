@@ -10,7 +10,7 @@ trained here from scratch.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kerasllm.config import EncoderConfig
@@ -20,7 +20,8 @@ from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
-                                     labelled_datasets, pretrained_run, run_directory)
+                                     labelled_datasets, pretrained_run, resumed_args, run_directory,
+                                     train_record)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -50,7 +51,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
     changes = {"pooling": args.pooling} if args.pooling else {}
     if resume:
         run = read_run_config(out)
-        args = ClassifierTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
+        args = resumed_args(ClassifierTrainArgs, run, out, data=args.data)
         tokenizer = TextTokenizer.load(out)
         config = EncoderConfig.from_dict(run["model"])
         labels = LabelMap(run["labels"])
@@ -80,7 +81,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
-                                              "labels": labels.labels, "train": asdict(args),
+                                              "labels": labels.labels, "train": train_record(args),
                                               **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
-from kerasllm.training import CHECKPOINT_DIR, read_run_config
+from kerasllm.training import CHECKPOINT_DIR, CONFIG_FILE, read_run_config
+
+# The arguments that name input files, and the option that gives each again beside `--resume`.
+DATA_PATHS = {"data": "--data", "source_file": "--source-file", "target_file": "--target-file"}
 
 
 @dataclass
@@ -41,6 +45,38 @@ class RunArgs:
     log_every: int = 10
 
 
+def train_record(args) -> dict:
+    """What config.json records of a run's arguments (`"train"`): every field, with the paths
+    (data files, `--init-from`) absolute. As typed they were relative to the directory the run
+    started in, and `--resume` from another directory could not find them."""
+    record = asdict(args)
+    for name in (*DATA_PATHS, "init_from"):
+        value = record.get(name)
+        if isinstance(value, list):
+            record[name] = [os.path.abspath(path) for path in value]
+        elif value:
+            record[name] = os.path.abspath(value)
+    return record
+
+
+def resumed_args(args_class, run: dict, out: Path, **paths):
+    """The arguments of a resumed run: those saved in its config.json (`run`), with the data paths
+    given again (`paths`: the recipe's fields among DATA_PATHS, empty when not given) in place of
+    all the saved ones. A saved path that is gone is a usage error that says where it was saved
+    and how to give another (it had read "reviews.tsv: no such file" from another directory)."""
+    saved = run["train"]
+    if any(paths.values()):
+        return args_class(**{**saved, **paths})
+    for name in paths:
+        value = saved.get(name)
+        for path in value if isinstance(value, list) else [value]:
+            if path and not Path(path).exists():
+                again = " and ".join(DATA_PATHS[n] for n in paths if saved.get(n))
+                raise UsageError(f"{path} (the {DATA_PATHS[name]} saved in {Path(out) / CONFIG_FILE}): no such file "
+                                 f"or directory; pass {again} again to read the data from elsewhere")
+    return args_class(**saved)
+
+
 @contextlib.contextmanager
 def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None]) -> Iterator[None]:
     """The run directory around a recipe's training: created (by the chief only: one writer in
@@ -63,8 +99,6 @@ def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[],
 def distribute_record(dist) -> dict:
     """What config.json records of the run's `--strategy/--tpu/--precision/--scale-lr`: `--resume`
     takes the saved precision (its checkpoint's optimizer state is that precision's)."""
-    from dataclasses import asdict  # noqa: PLC0415
-
     return {"distribute": asdict(dist.options)} if dist.options is not None else {}
 
 

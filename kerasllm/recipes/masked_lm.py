@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
-from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
+from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
+                                     run_directory, train_record)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -54,7 +55,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
     out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
-        args = MaskedLMTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
+        args = resumed_args(MaskedLMTrainArgs, run, out, data=args.data)
         tokenizer = TextTokenizer.load(out)
         config = EncoderConfig.from_dict(run["model"])
         rows = read_rows(args.data, args.text_field)
@@ -73,7 +74,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
-                                              "train": asdict(args), **distribute_record(dist)})
+                                              "train": train_record(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)

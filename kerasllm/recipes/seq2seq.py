@@ -7,14 +7,15 @@ tokenizer for the target side (`target_tokenizer.json`).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import RunArgs, check_seq_len, distribute_record, model_config, run_directory
+from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
+                                     run_directory, train_record)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
@@ -53,9 +54,9 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
     out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
-        saved = run["train"]
-        given = {k: getattr(args, k) for k in ("data", "source_file", "target_file") if getattr(args, k)}
-        args = Seq2SeqTrainArgs(**{**saved, **given})
+        # The data given again (--data, or --source-file and --target-file) replaces the saved data.
+        args = resumed_args(Seq2SeqTrainArgs, run, out, data=args.data, source_file=args.source_file,
+                            target_file=args.target_file)
         source_tokenizer, target_tokenizer = load_tokenizers(out)
         config = Seq2SeqConfig.from_dict(run["model"])
     pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
@@ -99,7 +100,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         source_tokenizer.save(out)
         if args.separate_vocab:
             target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
-        write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": asdict(args),
+        write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": train_record(args),
                                               **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.

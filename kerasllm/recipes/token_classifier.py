@@ -12,7 +12,7 @@ come from a masked-LM, classifier or token-classifier run.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kerasllm.config import EncoderConfig
@@ -21,7 +21,8 @@ from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
-                                     labelled_datasets, pretrained_run, run_directory)
+                                     labelled_datasets, pretrained_run, resumed_args, run_directory,
+                                     train_record)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
@@ -53,7 +54,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
     out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
     if resume:
         run = read_run_config(out)
-        args = TokenClassifierTrainArgs(**{**run["train"], "data": args.data or run["train"]["data"]})
+        args = resumed_args(TokenClassifierTrainArgs, run, out, data=args.data)
         tokenizer = TextTokenizer.load(out)
         config = EncoderConfig.from_dict(run["model"])
         tags = LabelMap(run["labels"])
@@ -83,7 +84,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
     def save_run_files():
         tokenizer.save(out)
         write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "labels": tags.labels,
-                                              "train": asdict(args), **distribute_record(dist)})
+                                              "train": train_record(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)
