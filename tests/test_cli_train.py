@@ -123,7 +123,7 @@ def test_sample_data_is_deterministic(run_cli, tmp_path):
     for kind, name in [("corpus", "a.txt"), ("numbers", "n.jsonl"), ("sentiment", "s.tsv")]:
         assert run_cli("sample-data", kind, "--out", tmp_path / name, "--count", "50").code == 0
         first = (tmp_path / name).read_bytes()
-        assert run_cli("sample-data", kind, "--out", tmp_path / name, "--count", "50").code == 0
+        assert run_cli("sample-data", kind, "--out", tmp_path / name, "--count", "50", "--overwrite").code == 0
         assert (tmp_path / name).read_bytes() == first and len(first) > 500
 
 

@@ -72,3 +72,17 @@ def test_count_must_be_positive(run_cli, tmp_path, count):
 def test_the_documented_commands_still_work(run_cli, tmp_path, kind, name):
     assert run_cli("sample-data", kind, "--out", tmp_path / "sub" / name, "--count", 3).code == 0
     assert (tmp_path / "sub" / name).stat().st_size > 0
+
+
+def test_an_existing_file_is_kept_unless_overwrite_is_given(run_cli, tmp_path):
+    """It had been replaced silently (a user's own reviews.tsv lost): refused as every other writer
+    refuses an existing output, in one line with exit 2; --overwrite replaces it."""
+    path = tmp_path / "reviews.tsv"
+    path.write_text("text\tlabel\nmy own precious row\tpositive\n", encoding="utf-8")
+    refused = run_cli("sample-data", "sentiment", "--out", path, "--count", 3)
+    assert refused.code == 2, refused
+    assert refused.err.splitlines() == [f"kerasllm: error: {path} exists: add --overwrite to replace it"], refused.err
+    assert path.read_text(encoding="utf-8") == "text\tlabel\nmy own precious row\tpositive\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.tsv"]  # no partial file left either
+    assert run_cli("sample-data", "sentiment", "--out", path, "--count", 3, "--overwrite").code == 0
+    assert [r.get("text") for r in read_records(path)] == [text for text, _ in datasets.sentiment_rows(3)]

@@ -11,6 +11,7 @@ import click
 
 from kerasllm import datasets
 from kerasllm.data import TEXT_SUFFIXES
+from kerasllm.errors import UsageError
 
 # The format written for each suffix of --out a kind can take (as the readers pick a format by suffix).
 SUFFIX_FORMATS = {
@@ -29,7 +30,8 @@ SUFFIX_FORMATS = {
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Number of stories/rows (default: a demo-sized set).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same file.")
-def sample_data(kind, out, count, seed):
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def sample_data(kind, out, count, seed, overwrite):
     """Write a generated sample dataset: a story corpus, number-words->digits pairs, sentiment rows,
     or sentences tagged with people, places and dates (ner, BIO tags).
 
@@ -45,6 +47,8 @@ def sample_data(kind, out, count, seed):
     if fmt is None:
         raise click.BadParameter(f"{out.name}: a {kind} sample can be written as {', '.join(formats)} "
                                  "(the format its suffix names)", param_hint="'--out'")
+    if out.exists() and not overwrite:  # --out is a likely name for the user's own data (reviews.tsv)
+        raise UsageError(f"{out} exists: add --overwrite to replace it")
     if kind == "corpus":
         text = datasets.sample_corpus(count or 2000, seed=seed)
     elif kind == "ner":
