@@ -7,7 +7,8 @@ One evaluator per task, registered in `EVALUATORS` (task -> "module:function"); 
 and returns the metrics under the names `kerasllm evaluate` documents (`accuracy`,
 `macro_f1`, `entity_f1`, `perplexity`, `bleu`, `chrf`, ...) plus `count` (records scored).
 `fields` holds the `--text-field`, `--label-field`, `--tokens-field`, `--tags-field`,
-`--source-field`, `--target-field` values; an evaluator reads the ones it needs. Sources are opened through the batch predictors
+`--source-field`, `--target-field` values; an evaluator reads the ones it needs, and `warn` (a
+callable, default: the "kerasllm" logger) gets the one-line warnings (`_checked`). Sources are opened through the batch predictors
 (export/predict.py), so a bundle is scored on ONNX Runtime and a model dir in Keras,
 and a bad record (unreadable, missing field, unknown label) is a DataError naming its line.
 """
@@ -15,13 +16,16 @@ and a bad record (unreadable, missing field, unknown label) is a DataError namin
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from kerasllm import metrics
 from kerasllm.errors import DataError, UsageError
+
+log = logging.getLogger("kerasllm")
 
 EVALUATORS: dict[str, str] = {
     "causal-lm": "kerasllm.evaluation:evaluate_causal_lm",
@@ -61,9 +65,17 @@ def _require_pairs(data: str | Path, fmt: str) -> None:
                          f"file with --source-field and --target-field columns (read as {kind}; see --format)")
 
 
-def _checked(predictor, rows, truncate: str = "right", **options: Any) -> list[list[int]]:
-    """Token ids of every row (its `text`, or a tagged row's `words`); texts longer than the model
-    keep their start (as in training) unless `truncate="error"`; `options` go to `predictor.check`."""
+def _checked(predictor, rows, truncate: str = "right", warn: Callable[[str], None] | None = None,
+             **options: Any) -> list[list[int]]:
+    """Token ids of every row (its `text`, or a tagged row's `words`); texts longer than the model's
+    max_length keep their start unless `truncate="error"`; `options` go to `predictor.check`.
+
+    Training cut texts at its `--seq-len`, often shorter than max_length: positions past it were
+    never trained, and the metrics of texts that reach them may degrade. `warn` gets the line
+    `kerasllm classify` prints for them (`context_check`, once), the model's `--seq-len` beside
+    the tokens the texts reach (default: a warning on the "kerasllm" logger).
+    """
+    from kerasllm.cli.infer import context_check  # noqa: PLC0415 - TensorFlow-free, as this module
     from kerasllm.export.predict import RecordError  # noqa: PLC0415
 
     sequences = []
@@ -72,6 +84,9 @@ def _checked(predictor, rows, truncate: str = "right", **options: Any) -> list[l
             sequences.append(predictor.check(getattr(row, "words", None) or row.text, truncate=truncate, **options))
         except RecordError as err:
             raise DataError(f"{row.where}: {err}") from None
+    past_trained = context_check(predictor, 0, warn or (lambda message: log.warning("warning: %s", message)))
+    if past_trained is not None:
+        past_trained([len(ids) for ids in sequences])
     return sequences
 
 
@@ -83,7 +98,8 @@ def _by_length(sequences, batch_size):
 
 
 def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
-                        text_field: str = "text", label_field: str = "label", fmt: str = "auto", **_: Any) -> dict:
+                        text_field: str = "text", label_field: str = "label", fmt: str = "auto",
+                        warn: Callable[[str], None] | None = None, **_: Any) -> dict:
     """`accuracy` and `macro_f1` of a text classifier on labelled rows."""
     from kerasllm.data_tasks import LabelMap, read_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -92,7 +108,7 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
     predictor = load_predictor("classify", source, device=device)
     labels = LabelMap(predictor.labels)
     references = labels.ids(rows)  # an unknown label names its line
-    sequences = _checked(predictor, rows)
+    sequences = _checked(predictor, rows, warn=warn)
     predictions = np.zeros(len(rows), dtype=np.int64)
     for indices in _by_length(sequences, batch_size):
         logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
@@ -103,7 +119,7 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
 
 def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                               tokens_field: str = "tokens", tags_field: str = "tags", fmt: str = "auto",
-                              **_: Any) -> dict:
+                              warn: Callable[[str], None] | None = None, **_: Any) -> dict:
     """`accuracy` (per word) and `macro_f1` (over the tag ids) of a token classifier on tagged
     sentences (JSONL or CoNLL, as in training), and with BIO (IOB2) tags the entity-level
     `entity_f1`, `entity_precision` and `entity_recall` (conlleval rules, `metrics.entity_scores`), and
@@ -118,7 +134,7 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
     predictor = load_predictor("tag", source, device=device)
     tags = LabelMap(predictor.labels)
     references = [np.asarray([tags.id(tag, row.where, what="tag") for tag in row.tags]) for row in rows]
-    sentences = _checked(predictor, rows, truncate="error", hint=None)  # (evaluate has no --truncate)
+    sentences = _checked(predictor, rows, truncate="error", warn=warn, hint=None)  # (evaluate has no --truncate)
     predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
     for indices in _by_length(sentences, batch_size):
         for i, probabilities in zip(indices, predictor.word_probabilities([sentences[i] for i in indices])):
@@ -133,7 +149,8 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
 
 
 def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
-                       text_field: str = "text", fmt: str = "auto", seed: int = 0, **_: Any) -> dict:
+                       text_field: str = "text", fmt: str = "auto", seed: int = 0,
+                       warn: Callable[[str], None] | None = None, **_: Any) -> dict:
     """`perplexity` on masked positions: 15% of the tokens masked (80/10/10) with a fixed seed."""
     from kerasllm.data_tasks import mask_for_evaluation, read_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -141,7 +158,7 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
     rows = read_rows(data, text_field, fmt=fmt)
     predictor = load_predictor("embed", source, device=device)
     c = predictor.config
-    sequences = _checked(predictor, rows)
+    sequences = _checked(predictor, rows, warn=warn)
     special = {int(c["pad_id"]), int(c["bos_id"]), int(c["eos_id"])}
     masked, targets = mask_for_evaluation(sequences, int(c["vocab_size"]), int(c["mask_id"]), special, seed=seed)
     by_row: dict[int, list[tuple[int, int]]] = {}

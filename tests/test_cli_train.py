@@ -499,3 +499,22 @@ def test_each_train_command_defaults_to_its_recipes_arguments(command):
     assert compared == {name: defaults[name] for name in compared}
     assert {"batch_size", "seq_len", "lr", "weight_decay", "eval_interval", "seed"} <= set(compared)
     assert compared["weight_decay"] == (0.1 if command in ("causal-lm", "seq2seq") else 0.01)
+
+
+# -- evaluate past the trained --seq-len -------------------------------------------------------------
+def test_evaluate_says_when_texts_go_past_the_trained_seq_len(run_cli, tmp_path):
+    """`kerasllm evaluate` read texts up to the model's max_length and said nothing when they went past
+    the --seq-len training cut them at (the metrics then count positions never trained): it prints
+    the line `classify` prints, once, on stderr; the metrics stay on stdout."""
+    data = tmp_path / "reviews.tsv"
+    assert run_cli("sample-data", "sentiment", "--out", data, "--count", "40").code == 0
+    run = tmp_path / "run"
+    assert run_cli("train", "classifier", "--data", data, "--out", run, "--steps", "1", "--eval-steps", "1",
+                   "--preset", "tiny", "--seq-len", "8", "--batch-size", "8", "--no-jit-compile", "--quiet").code == 0
+    result = run_cli("evaluate", run, "--data", data, "--batch-size", "16")
+    assert result.code == 0, result
+    assert json.loads(result.out)["count"] == 40
+    warnings = [line for line in result.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("kerasllm: warning: texts reach "), result.err
+    assert warnings[0].endswith(" tokens, longer than the --seq-len 8 the model was trained with; results for "
+                                "such texts may degrade"), result.err

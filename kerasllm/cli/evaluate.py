@@ -34,7 +34,9 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
 
     Prints the metrics as JSON on stdout (keys `accuracy`, `macro_f1`, `perplexity`, ... as apply).
     A causal LM's perplexity uses the context it was trained with (`--seq-len`, reported as
-    `context`): longer records are scored in sliding windows, every token once.
+    `context`): longer records are scored in sliding windows, every token once. An encoder reads
+    each text whole (up to its max_length), and says once, as `classify` does, when texts go
+    past the `--seq-len` it was trained with.
 
     \b
     Example:
@@ -50,7 +52,8 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
         raise UsageError(f"{output} is also the --data file")
     result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
                  label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
-                 source_field=source_field, target_field=target_field)
+                 source_field=source_field, target_field=target_field,
+                 warn=lambda message: click.echo(f"kerasllm: warning: {message}", err=True))
     text = json.dumps(result, indent=2)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
