@@ -13,7 +13,8 @@ How a job runs:
 Memory holds one window, never the file. A record that cannot be read, has no text, or
 fails `check` becomes an error record (`{"id": ..., "error": "line N: ..."}`) and the job
 goes on. A `RecordError` raised by `predict` is pinned on its record by retrying the
-batch in halves.
+batch in halves. ONNX Runtime failing to run a batch stops the job (`RuntimeFailure`): one line
+naming the batch's lines, the finished lines written.
 
 Resuming (`resume_point`): the output is a prefix of the full output (one line per input
 record, in input order), so rerunning skips as many input records as the output has
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from kerasllm.errors import DataError, UsageError
+from kerasllm.errors import DataError, KerasLLMError, UsageError
 from kerasllm.export.predict import GENERATED_TOKENS, Predictor, RecordError
 from kerasllm.export.records import Record
 
@@ -150,7 +151,34 @@ def predict_planned(predictor: Predictor, ids: dict[int, list[int]], options: di
     plan = [[positions[i] for i in batch] for batch in plan_batches(
         [len(ids[p]) for p in positions], batch_size, max_batch_tokens, bucket, extra_tokens)]
     with closing(predict_in_order(predictor, [[ids[p] for p in batch] for batch in plan], options)) as stream:
-        yield from zip(plan, stream)
+        for batch in plan:
+            try:
+                results = next(stream)
+            except Exception as err:
+                if not _raised_by_onnxruntime(err):
+                    raise
+                from kerasllm.export.runtime import ort_message  # noqa: PLC0415 (ONNX Runtime is loaded)
+
+                raise RuntimeFailure(f"ONNX Runtime failed running the model ({ort_message(err)})", batch) from None
+            yield batch, results
+
+
+class RuntimeFailure(KerasLLMError):
+    """The runtime failed on the batch of records at `positions`, which no retry would change: the job
+    stops there (one line, what is finished written). E.g. a bundle whose manifest promises more than
+    its graph has (a max_length past the graph's position table: `bundle.check_graph` cannot see it)."""
+
+    def __init__(self, message: str, positions: list[int]):
+        super().__init__(message)
+        self.positions = positions
+
+
+def _raised_by_onnxruntime(err: Exception) -> bool:
+    if "onnxruntime" not in sys.modules:  # a model dir's job, on Keras
+        return False
+    from kerasllm.export.runtime import raised_by_onnxruntime  # noqa: PLC0415
+
+    return raised_by_onnxruntime(err)
 
 
 def _counted(results: Sequence[dict], batch: Sequence) -> list[dict]:
@@ -447,18 +475,23 @@ class BatchRunner:
         written = 0
         stream = predict_planned(self.predictor, ids, self.options, self.batch_size, self.max_batch_tokens,
                                  self.bucket, self.extra_tokens)
-        with closing(stream):  # an interrupt stops the predictor's work on the rest of the window
-            for batch_positions, results in stream:
-                for position, result in zip(batch_positions, results):
-                    record = window[position]
-                    if "error" in result:
-                        rows[position] = self._error_row(record, RecordError(result["error"]))
-                    else:
-                        # Keys starting with "_" are the predictor's accounting, not output.
-                        summary.generated += int(result.pop(GENERATED_TOKENS, 0))
-                        rows[position] = {"id": record.id, **result}
-                        summary.tokens += len(ids[position])
-                written = self._write_ready(rows, written, writer, guard, summary)
+        try:
+            with closing(stream):  # an interrupt stops the predictor's work on the rest of the window
+                for batch_positions, results in stream:
+                    for position, result in zip(batch_positions, results):
+                        record = window[position]
+                        if "error" in result:
+                            rows[position] = self._error_row(record, RecordError(result["error"]))
+                        else:
+                            # Keys starting with "_" are the predictor's accounting, not output.
+                            summary.generated += int(result.pop(GENERATED_TOKENS, 0))
+                            rows[position] = {"id": record.id, **result}
+                            summary.tokens += len(ids[position])
+                    written = self._write_ready(rows, written, writer, guard, summary)
+        except RuntimeFailure as err:
+            lines = sorted(window[p].line for p in err.positions)
+            named = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+            raise KerasLLMError(f"line{'s' if len(lines) > 1 else ''} {named}: {err}") from None
         self._write_ready(rows, written, writer, guard, summary)
 
     def _input(self, record: Record) -> str | list[str]:

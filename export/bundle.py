@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from kerasllm.errors import BundleError, UsageError
 
@@ -170,6 +170,13 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return Bundle(path, manifest)
 
 
+# Each family's tasks, as the recipes name them (recipes/causal_lm.py, models/encoder.py's
+# ENCODER_TASKS, recipes/seq2seq.py).
+FAMILY_TASKS = {"decoder": ("causal-lm",), "encoder": ("masked-lm", "classifier", "token-classifier"),
+                "seq2seq": ("seq2seq",)}
+# The manifest's `dtype` -> the ONNX Runtime type of the KV cache it travels in (exporter.py).
+GRAPH_DTYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
+
 # Config fields every predictor reads from the manifest (written by every kerasllm version).
 _CONFIG_FIELDS = ("vocab_size", "max_length", "num_layers", "num_heads", "hidden_dim", "pad_id", "bos_id", "eos_id")
 
@@ -199,6 +206,111 @@ def _check_manifest_fields(manifest: dict[str, Any], manifest_path: Path) -> Non
         raise BundleError(f"{manifest_path}: {err}") from None
     if not all(isinstance(config[name], int) for name in ("pad_id", "bos_id", "eos_id")):
         raise BundleError(f"{manifest_path}: config: pad_id, bos_id and eos_id must be integers")
+    family, task = manifest["family"], manifest["task"]
+    if not isinstance(family, str) or family not in FAMILY_TASKS:
+        raise BundleError(f"{manifest_path}: unknown family {family!r} (choose from {', '.join(FAMILY_TASKS)})")
+    if task not in FAMILY_TASKS[family]:
+        raise BundleError(f"{manifest_path}: task {task!r} does not go with family {family!r} "
+                          f"(its tasks: {', '.join(FAMILY_TASKS[family])})")
+    if config.get("family") != family:
+        raise BundleError(f"{manifest_path}: config: family {config.get('family')!r} in a {family} bundle")
+    if manifest.get("dtype", "fp32") not in GRAPH_DTYPES:
+        raise BundleError(f"{manifest_path}: dtype must be one of {', '.join(GRAPH_DTYPES)}, got {manifest['dtype']!r}")
+    # Optional fields, read by the predictors as they are.
+    train = manifest.get("train")
+    if train is not None and not (isinstance(train, dict) and _positive_int_or_absent(train.get("seq_len"))):
+        raise BundleError(f"{manifest_path}: train must be an object whose seq_len is a positive integer, "
+                          f"got {json.dumps(train)[:100]}")
+    labels = manifest.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
+        raise BundleError(f"{manifest_path}: labels must be a list of label names")
+    if "target_tokenizer" in manifest and not isinstance(manifest["target_tokenizer"], str):
+        raise BundleError(f"{manifest_path}: target_tokenizer must be a file name")
+
+
+def _positive_int_or_absent(value: Any) -> bool:
+    return value is None or (type(value) is int and value > 0)
+
+
+# The manifest's tensor dtypes (convert.TensorDecl) as ONNX Runtime names them.
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)"}
+
+
+def check_graph(bundle: Bundle, role: str, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
+    """Refuse graph `role` of `bundle` (BundleError, one line naming its file) where it is not the graph
+    the manifest describes, judged from its inputs and outputs as ONNX Runtime reads them (`NodeArg`s:
+    `name`, `type` such as "tensor(float)", `shape` of ints and axis names).
+
+    Why: the manifest does not hash itself, so its fields can be edited without a checksum failing;
+    a `config` that disagrees with the graph had passed until it broke a job halfway (a vocabulary
+    the logits do not have) or never showed (the wrong dtype). What the I/O cannot show (max_length:
+    the position table's rows) fails when ONNX Runtime runs the graph.
+    Checked: each output the manifest records is there (older bundles' graphs may take fewer inputs),
+    of its recorded dtype and fixed sizes, and so is each recorded input the graph has; the logits'
+    and embeddings' last sizes against the config; the KV cache's layers, heads and head size against
+    the config, its dtype against the manifest's.
+    """
+    file = bundle.graph_path(role)
+    graph = {"input": {arg.name: arg for arg in inputs}, "output": {arg.name: arg for arg in outputs}}
+    for kind in ("input", "output"):
+        declared = bundle.manifest["graphs"][role].get(kind + "s")
+        for name, decl in (declared.items() if isinstance(declared, dict) else ()):
+            arg = graph[kind].get(name)
+            if arg is None and kind == "input":
+                continue  # (seq2seq_runtime reads which contract a decoder graph takes from its inputs)
+            if arg is None:
+                raise BundleError(f"{file}: the graph has no {kind} {name!r}, which the manifest lists (its "
+                                  f"{kind}s: {', '.join(graph[kind]) or 'none'}): not this bundle's graph")
+            decl = decl if isinstance(decl, dict) else {}
+            dtype, shape = _ORT_TYPES.get(decl.get("dtype")), decl.get("shape")
+            if not _matches(arg, dtype, shape):
+                raise BundleError(f"{file}: the graph's {kind} {name!r} is {_show(arg.type, arg.shape)}, the manifest "
+                                  f"lists {_show(decl.get('dtype'), shape)}: not this bundle's graph")
+    config = bundle.config
+    seq2seq = bundle.family == "seq2seq"
+    if bundle.task in ("classifier", "token-classifier"):
+        logits = "num_labels"
+    else:
+        logits = "target_vocab_size" if seq2seq and config.get("target_vocab_size") else "vocab_size"
+    for name, field in (("logits", logits), ("embeddings", "hidden_dim")):
+        arg, size = graph["output"].get(name), config.get(field)
+        if arg is None or not isinstance(size, int) or not isinstance(arg.shape, list):
+            continue
+        if not _matches(arg, None, [None] * (len(arg.shape) - 1) + [size]):
+            raise BundleError(f"{file}: the graph's output {name!r} is {_show(arg.type, arg.shape)}, but the config's "
+                              f"{field} is {size}")
+    past = [arg for name, arg in graph["input"].items() if name.startswith("past_key_values.")]
+    if past and bundle.family in ("decoder", "seq2seq"):
+        layers = (config.get("num_decoder_layers") or config["num_layers"]) if seq2seq else config["num_layers"]
+        found = {arg.name.split(".")[1] for arg in past}
+        if found != {str(i) for i in range(layers)}:
+            raise BundleError(f"{file}: the graph's KV cache has {len(found)} layers, but the config has {layers}")
+        heads, dtype = config["num_heads"], bundle.manifest.get("dtype", "fp32")
+        for arg in past:
+            if not _matches(arg, GRAPH_DTYPES[dtype], None):
+                raise BundleError(f"{file}: the graph's KV cache is {arg.type} ({arg.name}), but the manifest's "
+                                  f"dtype is {dtype}")
+            if not _matches(arg, None, [None, heads, None, config["hidden_dim"] // heads]):
+                raise BundleError(f"{file}: the graph's input {arg.name!r} is {_show(arg.type, arg.shape)}, but the "
+                                  f"config's num_heads {heads} and hidden_dim {config['hidden_dim']} make "
+                                  f"{heads} heads of {config['hidden_dim'] // heads}")
+
+
+def _matches(arg: Any, dtype: str | None, shape: Any) -> bool:
+    """Whether ONNX Runtime's `arg` is of `dtype` (None: any) and `shape` (not a list: any; None or
+    a name in it: any size), where the graph fixes them."""
+    if dtype is not None and arg.type != dtype:
+        return False
+    if not isinstance(shape, list) or not isinstance(arg.shape, list):
+        return True
+    return len(arg.shape) == len(shape) and all(not isinstance(want, int) or not isinstance(have, int) or want == have
+                                                for want, have in zip(shape, arg.shape))
+
+
+def _show(dtype: Any, shape: Any) -> str:
+    dims = ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) if isinstance(shape, list) else "?"
+    return f"{dtype} [{dims}]"
 
 
 def genai_config(config: dict[str, Any], graph: dict[str, Any], special_ids: dict[str, int],

@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Session:
     device_id: int
     description: str
     cuda_graph: bool = False  # opened with ORT's `enable_cuda_graph` (see `create_session`)
+    path: str = ""  # the graph's file, for messages
 
     @property
     def input_types(self) -> dict[str, type]:
@@ -239,9 +241,32 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
     `cuda_graph` (CUDA only): open it with ORT's `enable_cuda_graph`, for `DecoderSession`'s
     captured decode steps. Every run of such a session has to name its graph (`gpu_graph_id`,
     -1 for none), which `DecoderSession` does. Where ORT refuses (a node on the CPU provider
-    that needs a copy), the session opens without it and a warning quotes ORT."""
+    that needs a copy), the session opens without it and a warning quotes ORT.
+
+    A graph in a bundle (a kerasllm manifest beside it that lists it: how every bundle predictor
+    opens its graphs) is checked against that manifest (`bundle.check_graph`); a graph ONNX Runtime
+    cannot load, or one that does not match, is a `BundleError` naming the file."""
+    session = _open_session(str(path), device, threads, cuda_graph)
+    _check_bundle_graph(Path(path), session)
+    return session
+
+
+def _check_bundle_graph(path: Path, session: Session) -> None:
+    from kerasllm.export.bundle import MANIFEST, check_graph, load_bundle  # noqa: PLC0415
+
+    if not (path.parent / MANIFEST).is_file():
+        return
+    try:
+        bundle = load_bundle(path.parent, verify=False)  # verified by whoever loaded the bundle
+    except BundleError:
+        return  # not a bundle's manifest (another tool's), or one whose loader says what is wrong
+    for role, graph in bundle.manifest["graphs"].items():
+        if (path.parent / graph["file"]).resolve() == path.resolve():
+            check_graph(bundle, role, session.session.get_inputs(), session.session.get_outputs())
+
+
+def _open_session(path: str, device: str | None, threads: int | None, cuda_graph: bool) -> Session:
     kind, device_id = parse_device(device)
-    path = str(path)
     reason = "CPU requested"
     if kind in ("auto", "cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -271,24 +296,47 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
                 description = (f"ONNX Runtime {ort.__version__} on CUDAExecutionProvider (cuda:{device_id})"
                                + (", CUDA graphs" if captured else ""))
                 _announce(description)
-                return Session(session, "cuda", device_id, description, cuda_graph=captured)
+                return Session(session, "cuda", device_id, description, cuda_graph=captured, path=path)
             if session is not None:
                 reason = "CUDA provider did not load (no CUDA driver or libraries)"
         if kind == "cuda":
             raise KerasLLMError(f"device {device}: {reason}")
     try:
         with flush_denormals():  # undoes what the process's first session does to this thread
-            session = ort.InferenceSession(path, _options(_QUIET, threads), providers=["CPUExecutionProvider"],
-                                           disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
-    except Exception as err:  # ORT raises its own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
-        if not type(err).__module__.startswith("onnxruntime"):
-            raise
+            # No fallback: ORT's is to the CPU provider, this one, and it announces the retry on stdout.
+            # Silent: a kernel's failure comes back as an exception, which the callers turn into one
+            # line; ORT's logger printed it too (a coloured line before that one).
+            session = ort.InferenceSession(path, _options(_SILENT, threads), providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=CPU_DISABLED_OPTIMIZERS, enable_fallback=0)
+    except Exception as err:
         # A graph that passed its checksum can still be unloadable (damaged before the manifest was
-        # written, or the manifest rewritten to match): one line, as for a failed checksum.
-        raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({str(err).splitlines()[0][:300]})") from None
+        # written, or the manifest rewritten to match): one line, as for a failed checksum. Whatever
+        # ORT raises: its own types (InvalidProtobuf, Fail, InvalidGraph, ...), but also a builtin
+        # UnicodeDecodeError when its message quotes a damaged name.
+        raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({ort_message(err)})") from None
     description = f"ONNX Runtime {ort.__version__} on CPUExecutionProvider ({reason})"
     _announce(description)
-    return Session(session, "cpu", 0, description)
+    return Session(session, "cpu", 0, description, path=path)
+
+
+def raised_by_onnxruntime(err: BaseException) -> bool:
+    """Whether ONNX Runtime raised `err`: its own exception types from `run`, but a plain RuntimeError
+    from `run_with_iobinding`, told apart by the module of the innermost frame it came from."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return type(err).__module__.startswith("onnxruntime") or (
+        bool(frames) and "onnxruntime" in Path(frames[-1].filename).parts)
+
+
+def ort_message(err: Exception) -> str:
+    """The first line of an ONNX Runtime error's message (at most 300 characters), for one-line errors.
+
+    ORT's message can quote a damaged graph's bytes (a node's op type with a flipped bit), which its
+    Python binding then fails to decode: the UnicodeDecodeError carries the message as bytes."""
+    if isinstance(err, UnicodeDecodeError) and isinstance(err.object, bytes):
+        text = err.object.decode("utf-8", "replace")
+    else:
+        text = str(err) or type(err).__name__
+    return (text.splitlines() or [""])[0][:300]
 
 
 # Model metadata written by optimize.share_kv_buffer: the graph updates a fixed-size KV buffer in place.
@@ -375,7 +423,8 @@ class DecoderSession:
         self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
         self.present_names = [n for n in session.output_names if n.startswith("present.")]
         if not self.past_names or len(self.past_names) != len(self.present_names):
-            raise KerasLLMError("graph has no past_key_values/present inputs and outputs")
+            raise BundleError(f"{session.path or 'the graph'}: not a decoder graph with a KV cache (no "
+                              "past_key_values.*/present.* inputs and outputs)")
         past = next(i for i in inputs if i.name == self.past_names[0])
         self.num_heads, self.head_dim = past.shape[1], past.shape[3]
         self.cache_dtype = session.input_types[self.past_names[0]]
