@@ -34,7 +34,7 @@ import json
 import signal
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -222,12 +222,26 @@ class JsonlWriter:
         # short at worst, which `resume_point` repairs by dropping the torn last line.
         text = "".join(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows)
         if text:
-            self.stream.write(text)
-            self.stream.flush()
+            with self._naming_errors():
+                self.stream.write(text)
+                self.stream.flush()
 
     def close(self) -> None:
         if self._close:
-            self.stream.close()
+            with self._naming_errors():  # what a failed write left in the buffer is flushed again
+                self.stream.close()
+
+    @contextmanager
+    def _naming_errors(self):
+        """An OSError of a write (a full disk, /dev/full) as one line naming the output: the OS's
+        message carries no file name. A reader that went away (`| head`) is no fault of the output."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            name = "standard output" if self.path == "-" else self.path
+            raise KerasLLMError(f"{name}: cannot write the output ({err.strerror or err})") from None
 
 
 def _plain(value: Any) -> Any:
@@ -328,7 +342,11 @@ class SignalGuard:
     """Turns SIGINT/SIGTERM into `Interrupted`, but never in the middle of writing output.
 
     Inside `with guard.writing():` a signal is held until the block ends, so the lines being
-    written are written whole and flushed before the job stops.
+    written are written whole and flushed before the job stops. Outside, the handler raises at
+    once, and also records the signal, which `check()` raises: Python runs a handler wherever the
+    main thread is, a weakref callback or a `__del__` (`_KVBuffer.__del__`, every batch) included,
+    and drops what it raises there, so the runner checks between batches and windows too.
+    A signal ignored when the guard starts (SIG_IGN inherited: `cmd &` in a script) stays ignored.
     """
 
     def __init__(self):
@@ -338,6 +356,8 @@ class SignalGuard:
 
     def __enter__(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                continue
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. inside a test runner's thread)
@@ -350,10 +370,14 @@ class SignalGuard:
         return False
 
     def _handle(self, signum, frame):
-        if self._writing:
-            self._pending = signum
-        else:
+        self._pending = signum
+        if not self._writing:
             raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise `Interrupted` for a signal that arrived (its raise may have been dropped)."""
+        if self._pending is not None:
+            raise Interrupted(self._pending)
 
     def writing(self):
         guard = self
@@ -451,8 +475,10 @@ class BatchRunner:
                 for record in records:
                     window.append(record)
                     if len(window) >= self.window:
+                        guard.check()
                         self._run_window(window, writer, guard, summary)
                         window = []
+                guard.check()
                 if window:
                     self._run_window(window, writer, guard, summary)
         except Interrupted as stop:
@@ -488,6 +514,7 @@ class BatchRunner:
                             rows[position] = {"id": record.id, **result}
                             summary.tokens += len(ids[position])
                     written = self._write_ready(rows, written, writer, guard, summary)
+                    guard.check()
         except RuntimeFailure as err:
             lines = sorted(window[p].line for p in err.positions)
             named = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")

@@ -152,6 +152,27 @@ def test_an_empty_input_is_an_error_and_leaves_no_output(run_cli, bundle, tmp_pa
     assert result.code == 1, result
     assert f"{source}: no records to process" in result.err and "Traceback" not in result.err
     assert not out.exists()
+    assert fake_predictor.FakePredictor.devices == []  # said before the model loaded
+
+
+def test_an_empty_standard_input_is_an_error_before_the_model_loads(bundle):
+    (bundle / "manifest.json").write_text('{"task": "generate"}')  # a model that would fail to load
+    proc = subprocess.run([sys.executable, str(FAKE), "generate", str(bundle), "-q"], input="\n\n",
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["kerasllm: error: standard input: no records to process "
+                                        "(the input is empty or holds only blank lines)"], proc.stderr
+
+
+def test_a_failed_write_names_the_output(run_cli, bundle, tmp_path):
+    """A full disk (here /dev/full) said only "[Errno 28] No space left on device"."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    source = tmp_path / "in.txt"
+    source.write_text("abc\nde\n")
+    result = run_cli("generate", bundle, "-i", source, "-o", "/dev/full", "-q")
+    assert result.code == 1, result
+    assert result.err.splitlines() == ["kerasllm: error: /dev/full: cannot write the output (No space left on device)"]
 
 
 def test_stdin_to_stdout_and_explicit_format(bundle, tmp_path):
@@ -610,6 +631,106 @@ def test_signal_writes_complete_lines_exits_nonzero_and_resume_finishes(slow_job
     proc = _cli(*args, "-o", out, "--resume")
     assert proc.wait(timeout=120) == 0, proc.communicate()
     assert out.read_bytes() == full.read_bytes()
+
+
+class _Dropping:
+    """Sends this process `signum` from its `__del__`, where Python runs the handler and drops what
+    it raises ("Exception ignored in ..."), as it does in a weakref callback or garbage collection."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        for _ in range(1000):  # the handler runs at the next bytecode boundary: in here
+            pass
+
+
+class _SignallingPredictor:
+    """A predictor whose `signal_at`-th batch signals the process (in a `__del__`, or plainly)."""
+
+    task = "generate"
+
+    def __init__(self, signal_at: int, signum=signal.SIGINT, in_del: bool = True):
+        self.calls, self.signal_at, self.signum, self.in_del = 0, signal_at, signum, in_del
+
+    def check(self, text, truncate="error"):
+        return list(text.encode())
+
+    def predict(self, batch, **options):
+        self.calls += 1
+        if self.calls == self.signal_at:
+            if self.in_del:
+                _Dropping(self.signum)  # freed at once
+            else:
+                os.kill(os.getpid(), self.signum)
+        return [{"output": "x"} for _ in batch]
+
+
+def _run_records(predictor, tmp_path, count=40):
+    from kerasllm.export.records import Record
+
+    records = [Record(id=str(i), line=i, fields={"text": f"t{i}"}) for i in range(1, count + 1)]
+    out = tmp_path / "out.jsonl"
+    writer = batch.JsonlWriter(out)
+    try:
+        summary = batch.BatchRunner(predictor, batch_size=4, window=8).run(iter(records), writer)
+    finally:
+        writer.close()
+    return summary, out.read_text().splitlines()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_whose_interrupt_python_drops_still_stops_the_job(tmp_path, monkeypatch, signum):
+    """The guard's handler raised only: raised in a `__del__` (or a weakref callback), the
+    Interrupted was dropped and the job ran to the end."""
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_value))
+    previous = signal.getsignal(signum)
+    try:
+        summary, lines = _run_records(_SignallingPredictor(signal_at=3, signum=signum), tmp_path)
+    finally:
+        signal.signal(signum, previous)
+    assert [type(err) for err in dropped] == [batch.Interrupted]  # Python dropped the handler's raise
+    assert summary.interrupted is not None and summary.interrupted.signum == signum
+    assert len(lines) == 12  # the three batches done, then stopped
+
+
+def test_a_signal_ignored_when_the_job_starts_stays_ignored(tmp_path):
+    """SIG_IGN inherited (`cmd &` in a script): the guard had installed its handler anyway, so a
+    Ctrl-C meant for the script's foreground process stopped its background jobs too."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        summary, lines = _run_records(_SignallingPredictor(signal_at=2, in_del=False), tmp_path)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert summary.interrupted is None and len(lines) == 40
+
+
+def test_a_signal_as_the_job_closes_is_no_exception_ignored_in_the_progress_bar(run_cli, bundle, tmp_path,
+                                                                                 monkeypatch):
+    """A SIGINT just after the last record: the default handler's KeyboardInterrupt landed in
+    tqdm.__del__, which printed "Exception ignored in: <function tqdm.__del__ ...>" and a traceback."""
+    import tqdm
+
+    sent = []
+    original = tqdm.tqdm.__del__
+
+    def signalling_del(self):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self)
+
+    monkeypatch.setattr(tqdm.tqdm, "__del__", signalling_del)
+    source = tmp_path / "in.txt"
+    source.write_text("abc\nde\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "-q")
+    assert sent and result.code == 130, result
+    assert "Exception ignored" not in result.err and "Traceback" not in result.err
+    assert len(out.read_text().splitlines()) == 2  # everything was written
 
 
 def test_resume_refuses_an_output_of_another_input(run_cli, bundle, tmp_path):

@@ -168,6 +168,11 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
     # column (or no header at all) stops the job here, before the model loads or the output opens.
     first = next(records, None)
+    if first is None and lines is None and not point.done:
+        # An empty input is almost always a mistake upstream: say so, before the (slow) model load.
+        # (Its one read, of a file, a pipe or standard input alike, found no record.)
+        name = "standard input" if input_path == "-" else input_path
+        raise DataError(f"{name}: no records to process (the input is empty or holds only blank lines)")
     if first is None and lines is not None and not point.done:
         # This shard's block of lines holds no record (more shards than the input has lines, or a
         # block of blank lines). In an array job that is a task with nothing to do, not a failure:
@@ -221,16 +226,26 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         bar.update(point.done)
     writer = batch.JsonlWriter(output_path, append=resume)
     try:
-        summary = runner.run(records, writer, summary)
-        if summary.interrupted is None and bar.total:
-            bar.update(bar.total - bar.n)  # the total counted blank lines and headers too
-    finally:
-        writer.close()
-        bar.close()
-        # An output this run started and wrote nothing to (no records, or the job failed before
-        # its first line) is removed: an empty file would pass for a finished job.
-        if output_path != "-" and not resume and Path(output_path).is_file() and not Path(output_path).stat().st_size:
-            Path(output_path).unlink()
+        # A guard of its own around the runner's: a signal while the job closes its output and the
+        # progress bar waits until they are closed (and the bar freed). The default handler raised a
+        # KeyboardInterrupt wherever it landed, a tqdm.__del__ among them ("Exception ignored in ...").
+        with batch.SignalGuard() as guard:
+            try:
+                summary = runner.run(records, writer, summary)
+                if summary.interrupted is None and bar.total:
+                    bar.update(bar.total - bar.n)  # the total counted blank lines and headers too
+            finally:
+                with guard.writing():
+                    writer.close()
+                    bar.close()
+                    runner = bar = None  # the bar's __del__ runs here (the runner holds bar.update)
+                    # An output this run started and wrote nothing to (the job failed before its
+                    # first line) is removed: an empty file would pass for a finished job.
+                    if (output_path != "-" and not resume and Path(output_path).is_file()
+                            and not Path(output_path).stat().st_size):
+                        Path(output_path).unlink()
+    except batch.Interrupted as stop:  # a signal outside the runner's guard (what is complete is written)
+        summary.interrupted = summary.interrupted or stop
     if not quiet:
         click.echo(f"kerasllm: {task}: {summary.line()} (total {time.perf_counter() - started:.2f} s)", err=True)
     if summary.interrupted is not None:
@@ -242,10 +257,6 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         click.echo(f"kerasllm: {summary.errors_total} record(s) failed: see the \"error\" lines in "
                    f"{'the output' if output_path == '-' else output_path}", err=True)
         sys.exit(1)
-    if not summary.records and not summary.skipped:
-        # An empty input is almost always a mistake upstream: say so (its empty output is gone).
-        name = "standard input" if input_path == "-" else input_path
-        raise DataError(f"{name}: no records to process (the input is empty or holds only blank lines)")
 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
