@@ -27,9 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from kerasllm.errors import UsageError
-from kerasllm.export.generate import (DecodingOptions, Hypothesis, generate, hypotheses_result, log_softmax,
-                                      row_limits, truncate_at_stop)
-from kerasllm.export.predict import RecordError, trained_seq_len
+from kerasllm.export.generate import (DecodingOptions, Hypothesis, check_token_ids, generate, hypotheses_result,
+                                      log_softmax, row_limits, truncate_at_stop)
+from kerasllm.export.predict import RecordError, kept_end, trained_seq_len
+from kerasllm.tokenizers import token_count
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
                 "n_best", "seed")
@@ -52,17 +53,18 @@ class CausalGenerator:
         """Token ids of a prompt; at most `max_length - 1` so that one new token fits."""
         if not text or not text.strip():
             raise RecordError("empty prompt")
-        ids = self.tokenizer.encode(text)
+        limit = self.max_length - 1
+        ids, whole = self.tokenizer.encode_bounded(text, limit, keep=kept_end(truncate))
         if not ids:
             raise RecordError("prompt has no tokens")
-        limit = self.max_length - 1
         if len(ids) > limit:
             if truncate == "left":
                 return ids[-limit:]
             if truncate == "right":
                 return ids[:limit]
-            raise RecordError(f"prompt of {len(ids)} tokens leaves no room for a new token within the model's "
-                              f"max_length {self.max_length} (at most {limit}; --truncate left keeps its end)")
+            raise RecordError(f"prompt of {token_count(ids, whole, limit)} tokens leaves no room for a new token "
+                              f"within the model's max_length {self.max_length} (at most {limit}; --truncate left "
+                              "keeps its end)")
         return ids
 
     def options(self, **options: Any) -> DecodingOptions:
@@ -79,6 +81,9 @@ class CausalGenerator:
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
         decoding = self.options(**options)
+        if not len(batch):
+            return []
+        check_token_ids(batch, int(self.config["vocab_size"]))
         if decoding.n_best > 1 and decoding.num_beams == 1:
             results = self._samples(batch, decoding)
         else:

@@ -30,9 +30,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kerasllm.errors import UsageError
+from kerasllm.errors import KerasLLMError, UsageError
 from kerasllm.export.batch import TASK_DEFAULTS, plan_batches
-from kerasllm.export.predict import RecordError, trained_seq_len
+from kerasllm.export.generate import check_token_ids
+from kerasllm.export.predict import RecordError, kept_end, trained_seq_len
+from kerasllm.tokenizers import token_count
 from kerasllm.export.word_pieces import TRUNCATE_HINT, WordPieces, align_words
 
 # predictor task -> the model tasks that can do it
@@ -86,6 +88,11 @@ class EncoderPredictor:
             raise UsageError(f"{source}: a {model_task!r} model cannot {task} (needs {' or '.join(allowed)})")
         if task in ("classify", "tag") and not labels:
             raise UsageError(f"{source}: no label names saved with this {model_task}")
+        if labels and len(labels) != int(config.get("num_labels") or 0):
+            # One name per output of the head, or a label is never given (too many names) or indexing
+            # fails mid-job (too few): an edited manifest.json or config.json.
+            raise KerasLLMError(f"{source}: {len(labels)} label names saved for a model with "
+                                f"{config.get('num_labels')} outputs (config num_labels)")
         self.task = task
         self.tokenizer = tokenizer
         self.config = config
@@ -100,18 +107,19 @@ class EncoderPredictor:
         """`[BOS] + ids` of a text, at most `max_length` tokens."""
         if not text or not text.strip():
             raise RecordError("empty text")
-        ids = self.tokenizer.encode(text)
+        limit = self.max_length - 1
+        ids, whole = self.tokenizer.encode_bounded(text, limit, keep=kept_end(truncate))
         if not ids:
             raise RecordError("text has no tokens")
-        limit = self.max_length - 1
         if len(ids) > limit:
             if truncate == "left":
                 ids = ids[-limit:]
             elif truncate == "right":
                 ids = ids[:limit]
             else:
-                raise RecordError(f"text of {len(ids)} tokens is longer than the model's max_length {self.max_length} "
-                                  f"allows (at most {limit} and the start token; --truncate right keeps its start)")
+                raise RecordError(f"text of {token_count(ids, whole, limit)} tokens is longer than the model's "
+                                  f"max_length {self.max_length} allows (at most {limit} and the start token; "
+                                  "--truncate right keeps its start)")
         return [self.bos_id] + ids
 
     def outputs(self, batch: Sequence[list[int]], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -122,6 +130,7 @@ class EncoderPredictor:
         Real positions get the same values either way (a row's outputs never depend on the
         other rows or on its padding); per-token values at padding positions are unspecified.
         """
+        check_token_ids(batch, int(self.config["vocab_size"]), "text")
         runs = plan_batches([len(s) for s in batch], len(batch), self.run_tokens) if self.run_tokens else []
         if len(runs) <= 1:
             return self._run(*pad_batch(batch, self.pad_id), list(names))

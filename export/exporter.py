@@ -156,13 +156,19 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
     family = run["model"]["family"]
     if family not in FAMILY_EXPORTERS:
         raise UsageError(f"{model_dir}: no export for the {family} family yet")
+    target_tokenizer = Path(model_dir) / "target_tokenizer.json"
+    has_target = bool(run["model"].get("target_vocab_size"))
+    if has_target:
+        from kerasllm.export.translate_predictor import seq2seq_tokenizers  # noqa: PLC0415
+        seq2seq_tokenizers(Path(model_dir), run["model"])  # the checks translating from the model dir makes
     staging = bundle_lib.staging_dir(out)
     try:
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
             entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
         tokenizer_file = tokenizer.save(staging / "tokenizer.json").name
-        target_tokenizer = Path(model_dir) / "target_tokenizer.json"  # seq2seq with separate vocabularies
-        if target_tokenizer.is_file():
+        # seq2seq with separate vocabularies (the config says so; a missing file had been exported as a
+        # bundle translating with the source's tokenizer, and passed its own greedy check)
+        if has_target:
             shutil.copyfile(target_tokenizer, staging / target_tokenizer.name)
         special_ids = tokenizer.special_ids()
         if family == "decoder":
@@ -171,8 +177,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
         manifest = {
             "family": family, "task": run["task"], "config": run["model"], "special_ids": special_ids,
-            "tokenizer": tokenizer_file, **({"target_tokenizer": target_tokenizer.name}
-                                            if target_tokenizer.is_file() else {}),
+            "tokenizer": tokenizer_file, **({"target_tokenizer": target_tokenizer.name} if has_target else {}),
             "dtype": options.dtype, "opset": options.opset,
             **entries, "tools": bundle_lib.tool_versions(),
         }

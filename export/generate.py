@@ -235,6 +235,22 @@ def next_tokens(logits: np.ndarray, seen: np.ndarray, options: DecodingOptions,
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str = "prompt") -> None:
+    """UsageError naming the row for ids a predictor's `predict` cannot take: none, not integers, or
+    outside `0 .. vocab_size - 1` (a negative id had wrapped to the vocabulary's end in a Gather,
+    one past it had failed inside ONNX Runtime)."""
+    for i, row in enumerate(rows):
+        ids = np.asarray(row)
+        if ids.ndim != 1 or not len(ids):
+            raise UsageError(f"{what} {i}: needs a list of at least one token id")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(f"{what} {i}: token ids must be integers, got {ids.dtype}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise UsageError(f"{what} {i}: token id {low if low < 0 else high} is outside the vocabulary "
+                             f"0..{vocab_size - 1}")
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """`[B, L]` ids and attention mask, prompts aligned to the right."""
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -50,6 +50,17 @@ class RecordError(KerasLLMError):
     """One input record cannot be processed (the job goes on with the others)."""
 
 
+TRUNCATE_MODES = ("error", "left", "right")
+
+
+def kept_end(truncate: str) -> str:
+    """The end of a text `check(text, truncate)` keeps: "end" for `left` (its start is dropped), else
+    "start". UsageError for a mode that is none of TRUNCATE_MODES ("middle" had silently meant "error")."""
+    if truncate not in TRUNCATE_MODES:
+        raise UsageError(f"truncate must be one of {', '.join(TRUNCATE_MODES)}, got {truncate!r}")
+    return "end" if truncate == "left" else "start"
+
+
 class Predictor(Protocol):
     task: str  # "generate", "classify", "embed", "tag" or "translate"
 

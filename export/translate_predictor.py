@@ -37,10 +37,11 @@ import numpy as np
 
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import usable_cores
-from kerasllm.errors import DataError, UsageError
-from kerasllm.export.generate import (DecodingOptions, Hypothesis, generate, hypotheses_result, right_pad,
-                                      truncate_at_stop)
-from kerasllm.export.predict import RecordError
+from kerasllm.errors import DataError, KerasLLMError, UsageError
+from kerasllm.export.generate import (DecodingOptions, Hypothesis, check_token_ids, generate, hypotheses_result,
+                                      right_pad, truncate_at_stop)
+from kerasllm.export.predict import RecordError, kept_end
+from kerasllm.tokenizers import token_count
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
                 "n_best", "seed")
@@ -71,15 +72,17 @@ class Translator:
         """Token ids of a source text, at most `max_length`."""
         if not text or not text.strip():
             raise RecordError("empty source")
-        ids = self.tokenizer.encode(text)
+        limit = self.max_length
+        ids, whole = self.tokenizer.encode_bounded(text, limit, keep=kept_end(truncate))
         if not ids:
             raise RecordError("source has no tokens")
-        if len(ids) > self.max_length:
+        if len(ids) > limit:
             if truncate == "left":
-                return ids[-self.max_length:]
+                return ids[-limit:]
             if truncate == "right":
-                return ids[:self.max_length]
-            raise RecordError(f"source of {len(ids)} tokens is longer than the model's max_length {self.max_length}")
+                return ids[:limit]
+            raise RecordError(f"source of {token_count(ids, whole, limit)} tokens is longer than the model's "
+                              f"max_length {self.max_length}")
         return ids
 
     def options(self, **options: Any) -> DecodingOptions:
@@ -100,8 +103,12 @@ class Translator:
     def predict_batches(self, batches: Sequence[Sequence[list[int]]], **options: Any) -> Iterator[list[dict]]:
         """Each batch's results, batch by batch in order (see predict.Predictor)."""
         decoding = self.options(**options)
-        for hyps in self._generate_batches([list(batch) for batch in batches], decoding):
-            yield [self._result(h, decoding) for h in hyps]
+        batches = [list(batch) for batch in batches]
+        for batch in batches:
+            check_token_ids(batch, int(self.config["vocab_size"]), "source")
+        results = self._generate_batches([batch for batch in batches if batch], decoding)
+        for batch in batches:  # an empty batch gets no results (its loop needs rows)
+            yield [self._result(h, decoding) for h in next(results)] if batch else []
 
     def translate(self, texts: Sequence[str], **options: Any) -> list[dict]:
         """Translate raw texts (a RecordError for an empty or too long one)."""
@@ -131,12 +138,25 @@ class Translator:
                         decode=self.target_tokenizer.decode)
 
 
-def _tokenizers(path: Path, source_file: str = "tokenizer.json", target_file: str | None = None):
-    from kerasllm.tokenizers import TextTokenizer  # noqa: PLC0415
+def seq2seq_tokenizers(path: Path, config: dict[str, Any], source_file: str = "tokenizer.json",
+                target_file: str | None = None):
+    """`(source, target)` tokenizers of a model dir or bundle at `path`, checked against the model's
+    vocabularies. The config says whether the target has its own (`target_vocab_size`): a missing
+    target tokenizer had silently become the source's (garbage translations, exit 0)."""
+    from kerasllm.tokenizers import TextTokenizer, check_vocabulary  # noqa: PLC0415
 
     source = TextTokenizer.load(path / source_file)
-    target_file = target_file or (TARGET_TOKENIZER_FILE if (path / TARGET_TOKENIZER_FILE).is_file() else None)
-    return source, TextTokenizer.load(path / target_file) if target_file else source
+    check_vocabulary(source, int(config["vocab_size"]), path / source_file)
+    target_size = int(config.get("target_vocab_size") or 0)
+    if not target_size:
+        return source, source
+    target_path = path / (target_file or TARGET_TOKENIZER_FILE)
+    if not target_path.is_file():
+        raise KerasLLMError(f"{target_path}: missing (the model has a target vocabulary of its own, "
+                            f"{target_size} ids)")
+    target = TextTokenizer.load(target_path)
+    check_vocabulary(target, target_size, target_path)
+    return source, target
 
 
 class BundleTranslator(Translator):
@@ -177,8 +197,8 @@ class BundleTranslator(Translator):
         if self.bundle.family != "seq2seq":
             raise UsageError(f"{path}: a {self.bundle.family} bundle cannot translate (needs a seq2seq bundle)")
         manifest = self.bundle.manifest
-        super().__init__(*_tokenizers(self.bundle.path, manifest["tokenizer"], manifest.get("target_tokenizer")),
-                         self.bundle.config)
+        super().__init__(*seq2seq_tokenizers(self.bundle.path, self.bundle.config, manifest["tokenizer"],
+                                      manifest.get("target_tokenizer")), self.bundle.config)
         self.sessions = Seq2SeqSessions.open(self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"),
                                              device, threads)
         graph_bytes = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*"))
@@ -282,7 +302,7 @@ class ModelDirTranslator(Translator):
         self.model, _, run = load_model_dir(path, device)
         if run["model"]["family"] != "seq2seq":
             raise UsageError(f"{path}: a {run['model']['family']} model cannot translate (needs a seq2seq model)")
-        super().__init__(*_tokenizers(Path(path)), run["model"])
+        super().__init__(*seq2seq_tokenizers(Path(path), run["model"]), run["model"])
         self._sessions = None
 
     def _generate(self, batch, decoding):
@@ -325,7 +345,7 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
         try:
             sources.append(predictor.check(pair.source))
         except RecordError as err:
-            raise DataError(f"{pair.path}: line {pair.line}: {err}") from None
+            raise DataError(f"{pair.where('source')}: {err}") from None
     hypotheses = [""] * len(pairs)
     new = max_new_tokens or predictor.max_length - 1
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # little padding per batch

@@ -17,8 +17,6 @@ was traced with dynamic axes only), through the KV-cache path:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from kerasllm.errors import BundleError, KerasLLMError
@@ -54,7 +52,7 @@ def _checked_build(build, fuse_attention: bool):
     """`build(fuse_attention)`, with ONNX Runtime's failures to load or run the graph as a
     `ValidationError`: its kernels check some attributes only when they run (GroupQueryAttention's
     head size: a RuntimeError from the IO binding), and a traceback is no answer to an export."""
-    from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415 - as the bundle will run
+    from kerasllm.export.runtime import flush_denormals, raised_by_onnxruntime  # noqa: PLC0415 - as the bundle will run
 
     try:
         with flush_denormals():
@@ -62,20 +60,10 @@ def _checked_build(build, fuse_attention: bool):
     except BundleError as err:  # runtime.create_session: ONNX Runtime cannot load the graph
         raise ValidationError(f"validation: {err}") from None
     except Exception as err:
-        if not _raised_by_onnxruntime(err):
+        if not raised_by_onnxruntime(err):
             raise
         raise ValidationError(f"validation: ONNX Runtime cannot run the graph "
                               f"({(str(err).splitlines() or [''])[0][:300]})") from None
-
-
-def _raised_by_onnxruntime(err: Exception) -> bool:
-    """ORT raises its own exception types from `session.run`, but a plain RuntimeError from
-    `run_with_iobinding`: told apart by the module of the innermost frame it came from."""
-    import traceback  # noqa: PLC0415
-
-    frames = traceback.extract_tb(err.__traceback__)
-    return type(err).__module__.startswith("onnxruntime") or (
-        bool(frames) and "onnxruntime" in Path(frames[-1].filename).parts)
 
 
 class KerasDecoderStep:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kerasllm.export.predict import RecordError
+from kerasllm.export.predict import RecordError, kept_end
 
 IGNORED = -1  # the label of a position without one (BOS, separators, continuation pieces, padding)
 SEPARATOR = " "  # what goes before every word: the pieces that hold only this are separators
@@ -93,6 +93,7 @@ def join_words(encoded: Sequence[tuple[list[int], int]], words: Sequence[str], b
                max_length: int | None = None, truncate: str = "error", hint: str | None = None) -> WordPieces:
     """`align_words` from `encode_words`' output (training encodes all sentences' words in one call)."""
     total = 1 + sum(len(ids) for ids, _ in encoded)
+    kept_end(truncate)  # a mode that is none of error/left/right is refused, not read as one
     if max_length is not None and total > max_length:
         if truncate == "error":
             raise AlignmentError(f"sentence of {len(words)} words is {total} tokens, longer than the model's "

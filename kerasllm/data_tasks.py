@@ -172,9 +172,23 @@ class LabelMap:
     def from_labels(cls, labels: Sequence[str]) -> "LabelMap":
         unique = set(labels)
         try:
-            ordered = sorted(unique, key=float)
+            numbers = {label: float(label) for label in unique}
         except ValueError:
             ordered = sorted(unique)
+        else:
+            # One number written two ways ("1" and "1.0", as pandas writes a column that held a NaN)
+            # had become two classes, their order left to the set's (string-hash) order.
+            spellings: dict[float, list[str]] = {}
+            for label, number in numbers.items():
+                spellings.setdefault(number, []).append(label)
+            for same in spellings.values():
+                if len(same) > 1:
+                    shown = " and ".join(repr(label) for label in sorted(same))
+                    raise DataError(f"data: labels {shown} are the same number written differently: write each "
+                                    "label one way")
+            # NaN sorts last (its comparisons are all False); the spelling breaks no tie left but keeps it total.
+            ordered = sorted(unique, key=lambda label: (math.isnan(numbers[label]), numbers[label] if not
+                                                        math.isnan(numbers[label]) else 0.0, label))
         if len(ordered) < 2:
             raise DataError(f"data: need at least 2 different labels, found {ordered}")
         return cls(ordered)
@@ -193,9 +207,10 @@ class LabelMap:
 
 
 def encode_rows(tokenizer, rows: Sequence[Row], max_length: int) -> list[list[int]]:
-    """`[BOS] + ids` per row, cut to `max_length` tokens (a classifier reads the start of a text)."""
-    encoded = tokenizer.encode_batch([row.text for row in rows])
-    return [[tokenizer.bos_id] + ids[:max_length - 1] for ids in encoded]
+    """`[BOS] + ids` per row, cut to `max_length` tokens (a classifier reads the start of a text;
+    a long one is not tokenized whole, `TextTokenizer.encode_batch_bounded`)."""
+    encoded = tokenizer.encode_batch_bounded([row.text for row in rows], max_length - 1)
+    return [[tokenizer.bos_id] + ids[:max_length - 1] for ids, _ in encoded]
 
 
 def encode_chunks(tokenizer, rows: Sequence[Row], max_length: int) -> list[list[int]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kerasllm.config import config_from_dict
 from kerasllm.errors import KerasLLMError, UsageError
-from kerasllm.tokenizers import TextTokenizer
+from kerasllm.tokenizers import TOKENIZER_FILE, TextTokenizer, check_vocabulary
 from kerasllm.training import CONFIG_FILE, MODEL_FILE, read_run_config
 
 
@@ -40,6 +40,7 @@ def load_model_dir(path: str | Path, device: str | None = None):
         raise KerasLLMError(f"{broken} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})") from None
     tokenizer = TextTokenizer.load(path)
     run["model"] = config_from_dict(run["model"]).to_dict()
+    check_vocabulary(tokenizer, run["model"]["vocab_size"], path / TOKENIZER_FILE)
     return model, tokenizer, run
 
 

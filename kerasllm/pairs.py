@@ -18,7 +18,7 @@ import numpy as np
 from kerasllm.data import as_written, ragged_slices, without_autotune
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.records import read_parallel, read_records
-from kerasllm.tokenizers import ENCODE_CHUNK
+from kerasllm.tokenizers import ENCODE_CHUNK, token_count
 
 
 @dataclass
@@ -29,6 +29,10 @@ class Pair:
     target: str
     path: str
     line: int
+    target_path: str | None = None  # the target's file, where it is not `path` (parallel files)
+
+    def where(self, side: str) -> str:
+        return f"{(self.target_path or self.path) if side == 'target' else self.path}: line {self.line}"
 
 
 def read_pairs(data: str | Path | None = None, source_file: str | Path | None = None,
@@ -61,7 +65,7 @@ def read_pairs(data: str | Path | None = None, source_file: str | Path | None = 
             if not value.strip():
                 label = target_file if (data is None and side == "target") else where
                 raise DataError(f"{label}: line {record.line}: empty {side} ({name!r})")
-        pairs.append(Pair(source, target, where, record.line))
+        pairs.append(Pair(source, target, where, record.line, None if data is not None else str(target_file)))
     if not pairs:
         raise DataError(f"{where}: no pairs found")
     return pairs
@@ -72,23 +76,25 @@ def encode_pairs(pairs: Sequence[Pair], source_tokenizer, target_tokenizer, max_
 
     A source may use `max_length` positions; a target `max_length - 1` (the decoder
     reads BOS + target and predicts target + EOS). Longer pairs are a DataError naming
-    the line, not silently truncated. Encoded `ENCODE_CHUNK` pairs at a time, so only one
-    chunk's ids are held as Python lists beside the arrays.
+    the file and line, not silently truncated (nor tokenized whole: `encode_batch_bounded`).
+    Encoded `ENCODE_CHUNK` pairs at a time, so only one chunk's ids are held as Python lists
+    beside the arrays.
     """
     sources, targets = [], []
     for start in range(0, len(pairs), ENCODE_CHUNK):
         chunk = pairs[start:start + ENCODE_CHUNK]
-        encoded = zip(chunk, source_tokenizer.encode_batch([p.source for p in chunk]),
-                      target_tokenizer.encode_batch([p.target for p in chunk]))
-        for pair, source, target in encoded:
+        encoded = zip(chunk, source_tokenizer.encode_batch_bounded([p.source for p in chunk], max_length),
+                      target_tokenizer.encode_batch_bounded([p.target for p in chunk], max_length - 1))
+        for pair, (source, whole_source), (target, whole_target) in encoded:
             if len(source) > max_length:
-                raise DataError(f"{pair.path}: line {pair.line}: source is {len(source)} tokens, longer than the "
-                                f"model allows ({max_length})")
+                raise DataError(f"{pair.where('source')}: source is {token_count(source, whole_source, max_length)} "
+                                f"tokens, longer than the model allows ({max_length})")
             if len(target) + 1 > max_length:
-                raise DataError(f"{pair.path}: line {pair.line}: target is {len(target)} tokens, longer than the "
-                                f"model allows ({max_length - 1} plus EOS)")
-            if not source or not target:
-                raise DataError(f"{pair.path}: line {pair.line}: tokenizes to nothing")
+                raise DataError(f"{pair.where('target')}: target is {token_count(target, whole_target, max_length - 1)}"
+                                f" tokens, longer than the model allows ({max_length - 1} plus EOS)")
+            for side, ids in (("source", source), ("target", target)):
+                if not ids:
+                    raise DataError(f"{pair.where(side)}: {side} tokenizes to nothing")
             sources.append(np.asarray(source, np.int32))
             targets.append(np.asarray(target, np.int32))
     return sources, targets

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kerasllm.errors import DataError, UsageError
+from kerasllm.errors import DataError, KerasLLMError, UsageError
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<mask>", "<sep>"]
 PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
@@ -229,6 +229,54 @@ class TextTokenizer:
             self._char_vocab_cache = self.tokenizer.get_vocab() if is_char else None
         return self._char_vocab_cache
 
+    def encode_bounded(self, text: str, max_tokens: int, keep: str = "start") -> tuple[list[int], bool]:
+        """`(ids, whole)` for a text of which a model reads at most `max_tokens` tokens, from its
+        start or (`keep="end"`) its end. `whole`: `ids` are the whole text's. Otherwise the text
+        holds more than `max_tokens` tokens and `ids` are those of a window of it: their first
+        (last) `max_tokens` are the whole text's.
+
+        A long text is not tokenized whole just to be cut or refused (a 10 MB record had taken
+        86 s and 4 GB: the library keeps ~400 bytes a character); see `encode_batch_bounded`.
+        """
+        if keep not in ("start", "end"):
+            raise ValueError(f"keep must be 'start' or 'end', got {keep!r}")
+        window = self._window_chars(max_tokens)
+        if len(text) <= window:
+            return self.encode(text), True
+        ids = self.encode(text[:window] if keep == "start" else text[-window:])
+        if len(ids) <= max_tokens:  # the window showed too few tokens (see encode_batch_bounded): all of it
+            return self.encode(text), True
+        return ids, False
+
+    def encode_batch_bounded(self, texts: Sequence[str], max_tokens: int) -> list[tuple[list[int], bool]]:
+        """`encode_bounded(text, max_tokens)` of each text (their starts), in batched library calls.
+
+        The window is `2 * (max_tokens + 1)` times the longest token's characters (no token covers
+        more, so it holds twice the tokens wanted) plus 256 characters, and only its last tokens can
+        differ from the whole text's where it cuts a word. A text whose window yields no more than
+        `max_tokens` tokens (characters the tokenizer drops, or unknowns fused into one token) is
+        encoded whole. The one place the first tokens could differ: a unigram "word" (a run without
+        spaces) longer than the window, whose best segmentation can shift with its length.
+        """
+        window = self._window_chars(max_tokens)
+        texts = list(texts)
+        cut = [len(text) > window for text in texts]
+        encoded = self.encode_batch([text[:window] if long else text for text, long in zip(texts, cut)])
+        results = []
+        for text, long, ids in zip(texts, cut, encoded):
+            if long and len(ids) <= max_tokens:
+                results.append((self.encode(text), True))
+            else:
+                results.append((ids, not long))
+        return results
+
+    def _window_chars(self, max_tokens: int) -> int:
+        if not hasattr(self, "_longest_token"):
+            # Token strings in the model's own alphabet: one character a byte for byte-level BPE (at
+            # least the characters they stand for), WORD_MARK for a space in unigram pieces.
+            self._longest_token = max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=False))
+        return 2 * (max_tokens + 1) * self._longest_token + 256
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # `ENCODE_CHUNK` texts per call of the library: each text's Encoding (ids, offsets, token
         # strings, masks) is dropped once its ids are taken, rather than a corpus' all held at once.
@@ -269,6 +317,21 @@ class TextTokenizer:
 
 # The smallest bpe vocabulary: one token per byte and the special tokens (byte-level BPE's alphabet).
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def check_vocabulary(tokenizer: "TextTokenizer", size: int, where: str | Path) -> None:
+    """KerasLLMError when `tokenizer` (loaded from `where`) has ids the model's vocabulary of `size`
+    does not: another model's tokenizer, which would feed the graph ids out of range or decode
+    garbage. (Smaller is allowed: a model's vocabulary may be padded past its tokenizer's.)"""
+    if tokenizer.vocab_size > size:
+        raise KerasLLMError(f"{where}: {tokenizer.vocab_size} token ids, more than the model's vocabulary of {size}: "
+                            "not this model's tokenizer")
+
+
+def token_count(ids: Sequence[int], whole: bool, limit: int) -> str:
+    """How many tokens `encode_bounded`'s `(ids, whole)` show, for a message: the count, or for a
+    text cut to a window only that it is more than `limit`."""
+    return f"{len(ids)}" if whole else f"more than {limit}"
 
 
 def _recording_chars(texts: Iterable[str], chars: set[str]) -> Iterator[str]:

@@ -69,7 +69,8 @@ def test_cli_on_a_real_bundle_equals_generation_one_prompt_at_a_time_and_resumes
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [g["id"] for g in got] == [r["key"] for r in rows]
     assert got[5]["error"] == "line 6: empty prompt"
-    assert got[9]["error"].startswith("line 10: prompt of 200 tokens leaves no room for a new token within the model's max_length 64 (at most 63")
+    assert got[9]["error"].startswith("line 10: prompt of 200 tokens leaves no room for a new token within the "
+                                      "model's max_length 64 (at most 63")
 
     assert len({g.get("output") for g in got}) >= 5  # the random model does not emit one string for all
 
@@ -120,3 +121,43 @@ def test_a_denormal_temperature_is_refused_by_the_bundle_as_by_the_model_dir(rea
         predictor = load_predictor("generate", source)
         with pytest.raises(UsageError, match="temperature must be 0 .greedy. or at least 1e-06, got 1e-320"):
             predictor.predict([predictor.check("the cat")], max_new_tokens=2, temperature=1e-320, top_p=0.9)
+
+
+def test_a_huge_prompt_is_refused_or_cut_without_tokenizing_it_whole(real_model_dir, real_bundle):
+    """A 10 MB prompt had been tokenized whole (86 s, 4 GB) before it became an error record or was cut."""
+    from kerasllm.export.predict import RecordError, load_predictor
+
+    huge = "the cat sat on the mat. " * 400_000
+    for source in (real_bundle, real_model_dir):
+        predictor = load_predictor("generate", source)
+        with pytest.raises(RecordError, match="prompt of more than 63 tokens leaves no room"):
+            predictor.check(huge)
+        tail = huge[-2000:]
+        assert predictor.check(huge, truncate="left") == predictor.tokenizer.encode(tail)[-63:]
+        assert predictor.check(huge, truncate="right") == predictor.tokenizer.encode(huge[:2000])[:63]
+
+
+def test_predict_takes_an_empty_batch_and_refuses_ids_outside_the_vocabulary(real_model_dir, real_bundle):
+    """An empty batch had raised "every prompt needs at least one token"; a negative id wrapped to the
+    vocabulary's end in the bundle's Gather and one past it failed inside ONNX Runtime."""
+    from kerasllm.errors import UsageError
+    from kerasllm.export.predict import load_predictor
+
+    for source in (real_bundle, real_model_dir):
+        predictor = load_predictor("generate", source)
+        vocab = int(predictor.config["vocab_size"])
+        assert predictor.predict([], max_new_tokens=2) == []
+        for bad in (-1, vocab):
+            with pytest.raises(UsageError, match=f"prompt 1: token id {bad} is outside the vocabulary 0..{vocab - 1}"):
+                predictor.predict([[7, 8], [7, bad]], max_new_tokens=2)
+        with pytest.raises(UsageError, match="prompt 0: token ids must be integers"):
+            predictor.predict([[7.0, 8.0]], max_new_tokens=2)
+
+
+def test_an_unknown_truncate_mode_is_refused(real_bundle):
+    """check(truncate="middle") had been read as "error"."""
+    from kerasllm.errors import UsageError
+    from kerasllm.export.predict import load_predictor
+
+    with pytest.raises(UsageError, match="truncate must be one of error, left, right, got 'middle'"):
+        load_predictor("generate", real_bundle).check("the cat", truncate="middle")

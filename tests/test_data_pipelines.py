@@ -154,7 +154,7 @@ def encoder_predictor(task: str):
         return {name: outputs[name] for name in names}
 
     model_task = {"classify": "classifier", "embed": "masked-lm", "tag": "token-classifier"}[task]
-    config = {"max_length": 16, "bos_id": 2, "pad_id": 0}
+    config = {"max_length": 16, "bos_id": 2, "pad_id": 0, "vocab_size": 16, "num_labels": 3}
     cls = TagPredictor if task == "tag" else EncoderPredictor
     return cls(task, model_task, None, config, ["a", "b", "c"], run, Path("src"))
 
@@ -211,3 +211,29 @@ def test_decoding_an_id_outside_the_vocabulary_is_a_value_error_naming_it(kind):
             tok.decode(good + [bad])
         with pytest.raises(ValueError, match=message):
             tok.decode_batch([good, [bad]])
+
+
+def test_one_number_written_two_ways_is_refused_and_label_order_is_fixed():
+    """"1" and "1.0" had become two classes, in an order that followed Python's string hashing."""
+    import itertools
+
+    from kerasllm.data_tasks import LabelMap
+
+    with pytest.raises(DataError, match=r"labels '1' and '1\.0' are the same number written differently"):
+        LabelMap.from_labels(["0", "1", "0", "1.0"])
+    orders = {tuple(LabelMap.from_labels(list(p)).labels) for p in itertools.permutations(["2", "nan", "-1e3", "10"])}
+    assert orders == {("-1e3", "2", "10", "nan")}
+
+
+def test_classifier_rows_are_not_tokenized_whole_to_keep_their_start(monkeypatch):
+    from kerasllm.data_tasks import Row, encode_rows
+    from kerasllm.tokenizers import TextTokenizer
+
+    tok = TextTokenizer.train(["great lamp bad lamp"], kind="char")
+    lengths = []
+    real = tok.encode_batch
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: lengths.extend(map(len, texts)) or real(texts))
+    rows = [Row("f.tsv: line 2", "great lamp " * 1_000_000, "pos"), Row("f.tsv: line 3", "bad lamp", "neg")]
+    encoded = encode_rows(tok, rows, max_length=16)
+    assert encoded == [[tok.bos_id] + tok.encode("great lamp " * 2)[:15], [tok.bos_id] + tok.encode("bad lamp")]
+    assert max(lengths) < 5000

@@ -366,3 +366,35 @@ def test_fp16_token_classifier_export_records_its_logits_difference(tmp_path):
     assert list(validation["max_abs_diff"]) == ["logits"] and 0 < validation["max_abs_diff"]["logits"] < 0.05
     line = next(text for text in lines if text.startswith("validated against Keras"))
     assert f"max |diff| logits {validation['max_abs_diff']['logits']:.2g}, labels agree on" in line, line
+
+
+def test_a_huge_text_is_refused_or_cut_without_tokenizing_it_whole(work):
+    """A 5.5 MB text had been tokenized whole (19 s, 2 GB) only to be refused or cut to max_length."""
+    from kerasllm.export.predict import RecordError, load_predictor
+
+    root, _, _ = work
+    predictor = load_predictor("classify", root / "clf-bundle")
+    huge = "great lamp " * 500_000
+    limit = predictor.max_length - 1
+    with pytest.raises(RecordError, match=f"text of more than {limit} tokens is longer than the model's max_length"):
+        predictor.check(huge)
+    assert predictor.check(huge, truncate="right") == [predictor.bos_id] + predictor.tokenizer.encode(huge[:5000])[:limit]
+    assert predictor.check(huge, truncate="left")[-5:] == predictor.tokenizer.encode(huge[-5000:])[-5:]
+
+
+@pytest.mark.parametrize("labels", [["only"], ["negative", "positive", "neutral"]])
+def test_label_names_that_do_not_fit_the_head_are_refused(work, tmp_path, labels):
+    """Too few names ended classify in an IndexError traceback, too many gave a label that never comes."""
+    import shutil
+
+    from kerasllm.errors import KerasLLMError
+    from kerasllm.export.predict import load_predictor
+
+    root, _, _ = work
+    for name, record in (("clf-bundle", "manifest.json"), ("clf", "config.json")):
+        copy = tmp_path / name
+        shutil.copytree(root / name, copy)
+        saved = json.loads((copy / record).read_text())
+        (copy / record).write_text(json.dumps({**saved, "labels": labels}))
+        with pytest.raises(KerasLLMError, match=f"{len(labels)} label names saved for a model with 2 outputs"):
+            load_predictor("classify", copy)

@@ -393,7 +393,7 @@ class LetterTokenizer:
 def markov_generator(table):
     from kerasllm.export.decoding_predictor import CausalGenerator
 
-    generator = CausalGenerator(LetterTokenizer(), {"max_length": 16})
+    generator = CausalGenerator(LetterTokenizer(), {"max_length": 16, "vocab_size": VOCAB})
     generator.step = MarkovStep(table)
     return generator
 

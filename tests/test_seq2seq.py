@@ -893,3 +893,56 @@ def test_pair_batches_hold_every_pair_once_with_teacher_forcing():
             assert dec[0] == 2 and lab[length - 1] == 3 and (dec[1:length] == lab[:length - 1]).all()
             seen.append((tuple(src[:real]), tuple(lab[:length - 1])))
     assert sorted(seen) == sorted((tuple(s), tuple(t)) for s, t in zip(sources, targets))
+
+
+def test_a_huge_source_is_refused_without_tokenizing_it_whole(trained):
+    from kerasllm.export.predict import RecordError, load_predictor
+
+    _, bundle, _ = trained
+    predictor = load_predictor("translate", bundle)
+    with pytest.raises(RecordError, match="source of more than 32 tokens is longer than the model's max_length 32"):
+        predictor.check("one hundred " * 1_000_000)
+
+
+def test_parallel_files_name_the_target_file_for_a_long_target(tmp_path):
+    """Every parallel pair carried the source file's path, so a target's error named the wrong file."""
+    from kerasllm.pairs import encode_pairs, read_pairs
+    from kerasllm.tokenizers import TextTokenizer
+
+    (tmp_path / "src.txt").write_text("one\ntwo\n")
+    (tmp_path / "tgt.txt").write_text("1\n" + "2" * 40 + "\n")
+    pairs = read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
+    tok = TextTokenizer.train(["one two 1 2"], kind="char")
+    with pytest.raises(DataError, match=r"tgt\.txt: line 2: target is 40 tokens, longer than the model allows \(15"):
+        encode_pairs(pairs, tok, tok, max_length=16)
+    (tmp_path / "tgt.txt").write_text("1\n" + "2" * 10_000_000 + "\n")  # refused from its start alone
+    pairs = read_pairs(source_file=tmp_path / "src.txt", target_file=tmp_path / "tgt.txt")
+    with pytest.raises(DataError, match=r"tgt\.txt: line 2: target is more than 15 tokens"):
+        encode_pairs(pairs, tok, tok, max_length=16)
+
+
+def test_a_missing_or_foreign_target_tokenizer_is_refused(trained, tmp_path):
+    """A model dir with its own target vocabulary but no target_tokenizer.json had translated with the
+    source tokenizer (garbage, exit 0), and exported to a bundle that did the same for good."""
+    import shutil
+
+    from kerasllm.errors import KerasLLMError
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.export.predict import load_predictor
+    from kerasllm.tokenizers import TextTokenizer
+
+    run, _, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "target_tokenizer.json").unlink()
+    with pytest.raises(KerasLLMError, match=r"target_tokenizer\.json: missing \(the model has a target vocabulary"):
+        load_predictor("translate", copy)
+    with pytest.raises(KerasLLMError, match=r"target_tokenizer\.json: missing"):
+        export_model_dir(copy, tmp_path / "bundle", log=lambda message: None)
+    assert not (tmp_path / "bundle").exists()
+    foreign = TextTokenizer.train([" ".join(f"word{i * 7919}" for i in range(5000))], kind="bpe", vocab_size=600)
+    assert foreign.vocab_size > 300
+    foreign.save(copy)
+    shutil.copyfile(run / "target_tokenizer.json", copy / "target_tokenizer.json")
+    with pytest.raises(KerasLLMError, match=r"tokenizer\.json: \d+ token ids, more than the model's vocabulary of"):
+        load_predictor("translate", copy)

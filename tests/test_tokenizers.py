@@ -107,3 +107,64 @@ def test_unigram_keeps_a_typed_word_boundary_mark():
     tok = TextTokenizer.train([TEXT + SPELLINGS * 20], kind="unigram", vocab_size=300)
     for text in ("cpu load ▁▂▃▅▇", "a▁b", "▁ ▁"):
         assert tok.decode(tok.encode(text)) == text
+
+
+WORDS = ["the", "cat", "sat", "évènement", "日本語", "<eos>", "  ", "\n", "x" * 30, "a.b", "🙂"]
+
+
+@pytest.fixture(scope="module")
+def every_kind():
+    import random
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(20)]
+    return {kind: TextTokenizer.train(corpus, kind=kind, vocab_size=300) for kind in ("char", "byte", "bpe", "unigram")}
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+def test_bounded_encoding_keeps_the_whole_texts_first_or_last_tokens(every_kind, kind):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = every_kind[kind]
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.sampled_from(WORDS) | st.text(max_size=3), max_size=400), st.integers(1, 40))
+    def check(parts, max_tokens):
+        text = " ".join(parts)
+        full = tok.encode(text)
+        head, whole = tok.encode_bounded(text, max_tokens)
+        assert head[:max_tokens] == full[:max_tokens]
+        assert (head == full) if whole else len(head) > max_tokens
+        tail, whole = tok.encode_bounded(text, max_tokens, keep="end")
+        assert tail[-max_tokens:] == full[-max_tokens:]
+        [(batch, whole)] = tok.encode_batch_bounded([text], max_tokens)
+        assert batch[:max_tokens] == full[:max_tokens] and ((batch == full) if whole else len(batch) > max_tokens)
+
+    check()
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+def test_a_huge_text_is_not_tokenized_whole_to_keep_its_start(every_kind, kind, monkeypatch):
+    """A 10 MB record had been tokenized whole (86 s, 4 GB) only to be cut to a model's length."""
+    tok = every_kind[kind]
+    huge = "the cat sat " * 1_000_000
+    spy_lengths = []
+    real = tok.tokenizer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode(self, text, **kw):
+            spy_lengths.append(len(text))
+            return real.encode(text, **kw)
+
+        def encode_batch(self, texts, **kw):
+            spy_lengths.extend(len(t) for t in texts)
+            return real.encode_batch(texts, **kw)
+
+    monkeypatch.setattr(tok, "tokenizer", Spy())
+    ids, whole = tok.encode_bounded(huge, 63)
+    [(batch, batch_whole)] = tok.encode_batch_bounded([huge], 63)
+    assert not whole and not batch_whole and len(ids) > 63 and batch[:63] == ids[:63]
+    assert max(spy_lengths) < 20_000, spy_lengths

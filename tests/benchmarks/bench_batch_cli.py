@@ -38,7 +38,7 @@ def build_bundle(work: Path) -> Path:
     if (bundle / "manifest.json").is_file():
         return bundle
     corpus, run = work / "corpus.txt", work / "lm"
-    for args in (["sample-data", "corpus", "--out", corpus],
+    for args in (["sample-data", "corpus", "--out", corpus, "--overwrite"],
                  ["train", "causal-lm", "--data", corpus, "--out", run, "--steps", "200", "--quiet"],
                  ["export", run, "--out", bundle]):
         subprocess.run([*CLI, *map(str, args)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
