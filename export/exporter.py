@@ -26,6 +26,7 @@ from typing import Callable
 from kerasllm.errors import UsageError
 from kerasllm.export import bundle as bundle_lib
 from kerasllm.export.convert import DEFAULT_OPSET, OPSETS
+from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, load_seq2seq_tokenizers
 
 
 @dataclass
@@ -156,11 +157,10 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
     family = run["model"]["family"]
     if family not in FAMILY_EXPORTERS:
         raise UsageError(f"{model_dir}: no export for the {family} family yet")
-    target_tokenizer = Path(model_dir) / "target_tokenizer.json"
+    target_tokenizer = Path(model_dir) / TARGET_TOKENIZER_FILE
     has_target = bool(run["model"].get("target_vocab_size"))
     if has_target:
-        from kerasllm.export.translate_predictor import seq2seq_tokenizers  # noqa: PLC0415
-        seq2seq_tokenizers(Path(model_dir), run["model"])  # the checks translating from the model dir makes
+        load_seq2seq_tokenizers(model_dir, run["model"])  # the checks translating from the model dir makes
     staging = bundle_lib.staging_dir(out)
     try:
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:

@@ -37,15 +37,14 @@ import numpy as np
 
 from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import usable_cores
-from kerasllm.errors import DataError, KerasLLMError, UsageError
+from kerasllm.errors import DataError, UsageError
 from kerasllm.export.generate import (DecodingOptions, Hypothesis, check_token_ids, generate, hypotheses_result,
                                       right_pad, truncate_at_stop)
 from kerasllm.export.predict import RecordError, kept_end
-from kerasllm.tokenizers import token_count
+from kerasllm.tokenizers import load_seq2seq_tokenizers, token_count
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
                 "n_best", "seed")
-TARGET_TOKENIZER_FILE = "target_tokenizer.json"
 # Decoder rows (inputs x beams) a shard gets at least. A decode step of a small model is nearly
 # all fixed cost, so even small shards pay off: 'small' preset, 2 cores, greedy sentences/s
 # (64 sentences, 32 tokens) unsharded vs shards of >= 4 rows: batch 8 299 vs 457, batch 16 355 vs 635.
@@ -138,27 +137,6 @@ class Translator:
                         decode=self.target_tokenizer.decode)
 
 
-def seq2seq_tokenizers(path: Path, config: dict[str, Any], source_file: str = "tokenizer.json",
-                target_file: str | None = None):
-    """`(source, target)` tokenizers of a model dir or bundle at `path`, checked against the model's
-    vocabularies. The config says whether the target has its own (`target_vocab_size`): a missing
-    target tokenizer had silently become the source's (garbage translations, exit 0)."""
-    from kerasllm.tokenizers import TextTokenizer, check_vocabulary  # noqa: PLC0415
-
-    source = TextTokenizer.load(path / source_file)
-    check_vocabulary(source, int(config["vocab_size"]), path / source_file)
-    target_size = int(config.get("target_vocab_size") or 0)
-    if not target_size:
-        return source, source
-    target_path = path / (target_file or TARGET_TOKENIZER_FILE)
-    if not target_path.is_file():
-        raise KerasLLMError(f"{target_path}: missing (the model has a target vocabulary of its own, "
-                            f"{target_size} ids)")
-    target = TextTokenizer.load(target_path)
-    check_vocabulary(target, target_size, target_path)
-    return source, target
-
-
 class BundleTranslator(Translator):
     """Translation from a seq2seq bundle on ONNX Runtime (no TensorFlow).
 
@@ -197,7 +175,7 @@ class BundleTranslator(Translator):
         if self.bundle.family != "seq2seq":
             raise UsageError(f"{path}: a {self.bundle.family} bundle cannot translate (needs a seq2seq bundle)")
         manifest = self.bundle.manifest
-        super().__init__(*seq2seq_tokenizers(self.bundle.path, self.bundle.config, manifest["tokenizer"],
+        super().__init__(*load_seq2seq_tokenizers(self.bundle.path, self.bundle.config, manifest["tokenizer"],
                                       manifest.get("target_tokenizer")), self.bundle.config)
         self.sessions = Seq2SeqSessions.open(self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"),
                                              device, threads)
@@ -302,7 +280,7 @@ class ModelDirTranslator(Translator):
         self.model, _, run = load_model_dir(path, device)
         if run["model"]["family"] != "seq2seq":
             raise UsageError(f"{path}: a {run['model']['family']} model cannot translate (needs a seq2seq model)")
-        super().__init__(*seq2seq_tokenizers(Path(path), run["model"]), run["model"])
+        super().__init__(*load_seq2seq_tokenizers(Path(path), run["model"]), run["model"])
         self._sessions = None
 
     def _generate(self, batch, decoding):

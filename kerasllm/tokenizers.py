@@ -35,6 +35,8 @@ PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
 WORD_MARK = "\ufdd0"
 TOKENIZER_KINDS = ("char", "byte", "bpe", "unigram")
 TOKENIZER_FILE = "tokenizer.json"
+# A seq2seq model's target tokenizer, beside TOKENIZER_FILE, where its target has a vocabulary of its own.
+TARGET_TOKENIZER_FILE = "target_tokenizer.json"
 # Texts per call of the `tokenizers` library in `encode_batch` (it still spreads each call over the cores).
 ENCODE_CHUNK = 8192
 
@@ -326,6 +328,26 @@ def check_vocabulary(tokenizer: "TextTokenizer", size: int, where: str | Path) -
     if tokenizer.vocab_size > size:
         raise KerasLLMError(f"{where}: {tokenizer.vocab_size} token ids, more than the model's vocabulary of {size}: "
                             "not this model's tokenizer")
+
+
+def load_seq2seq_tokenizers(path: str | Path, config: dict, source_file: str = TOKENIZER_FILE,
+                           target_file: str | None = None) -> tuple[TextTokenizer, TextTokenizer]:
+    """`(source, target)` tokenizers of a model dir or bundle at `path`, checked against the model's
+    vocabularies. The config says whether the target has its own (`target_vocab_size`): a missing
+    target tokenizer had silently become the source's (garbage translations, exit 0)."""
+    path = Path(path)
+    source = TextTokenizer.load(path / source_file)
+    check_vocabulary(source, int(config["vocab_size"]), path / source_file)
+    target_size = int(config.get("target_vocab_size") or 0)
+    if not target_size:
+        return source, source
+    target_path = path / (target_file or TARGET_TOKENIZER_FILE)
+    if not target_path.is_file():
+        raise KerasLLMError(f"{target_path}: missing (the model has a target vocabulary of its own, "
+                            f"{target_size} ids)")
+    target = TextTokenizer.load(target_path)
+    check_vocabulary(target, target_size, target_path)
+    return source, target
 
 
 def token_count(ids: Sequence[int], whole: bool, limit: int) -> str:

@@ -16,13 +16,12 @@ from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
 from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
                                      run_directory, train_record)
-from kerasllm.tokenizers import TextTokenizer
+from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TextTokenizer, load_seq2seq_tokenizers
 from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
                                restored_epoch, write_json_atomic)
 
 log = logging.getLogger("kerasllm")
 
-TARGET_TOKENIZER_FILE = "target_tokenizer.json"
 
 
 @dataclass
@@ -39,14 +38,6 @@ class Seq2SeqTrainArgs(RunArgs):
     seq_len: int | None = None  # longest source or target accepted; None: the model's max_length
 
 
-def load_tokenizers(path: str | Path) -> tuple[TextTokenizer, TextTokenizer]:
-    """`(source, target)` tokenizers of a model dir or bundle (the same one when shared)."""
-    path = Path(path)
-    source = TextTokenizer.load(path)
-    target_file = path / TARGET_TOKENIZER_FILE
-    return source, TextTokenizer.load(target_file) if target_file.is_file() else source
-
-
 @distributed_recipe  # --strategy/--precision: supplies `dist` (kerasllm.distribute)
 def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                   quiet: bool = False, config_overrides: dict | None = None, dist=None):
@@ -57,7 +48,8 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         # The data given again (--data, or --source-file and --target-file) replaces the saved data.
         args = resumed_args(Seq2SeqTrainArgs, run, out, data=args.data, source_file=args.source_file,
                             target_file=args.target_file)
-        source_tokenizer, target_tokenizer = load_tokenizers(out)
+        # The config says whether the target has its own tokenizer (a missing file had become the source's).
+        source_tokenizer, target_tokenizer = load_seq2seq_tokenizers(out, run["model"])
         config = Seq2SeqConfig.from_dict(run["model"])
     pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
     if not resume:  # everything is checked before anything is written
