@@ -125,9 +125,14 @@ class Bundle:
         return self.path / graphs[name]["file"]
 
     def tokenizer(self):
-        from kerasllm.tokenizers import TextTokenizer  # noqa: PLC0415
+        """The (source) tokenizer, checked against the config's vocabulary (one with ids the graph
+        lacks, its hash updated, had loaded and failed the job at the first record using them)."""
+        from kerasllm.tokenizers import TextTokenizer, check_vocabulary  # noqa: PLC0415
 
-        return TextTokenizer.load(self.path / self.manifest["tokenizer"])
+        path = self.path / self.manifest["tokenizer"]
+        tokenizer = TextTokenizer.load(path)
+        check_vocabulary(tokenizer, int(self.config["vocab_size"]), path)
+        return tokenizer
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -161,3 +161,34 @@ def test_an_unknown_truncate_mode_is_refused(real_bundle):
 
     with pytest.raises(UsageError, match="truncate must be one of error, left, right, got 'middle'"):
         load_predictor("generate", real_bundle).check("the cat", truncate="middle")
+
+
+def test_a_bundles_tokenizer_with_ids_the_model_lacks_is_refused_at_load(real_bundle, tmp_path):
+    """Swapped in with its hash updated, it loaded, wrote lines, then stopped at the first record
+    holding an id past the model's vocabulary."""
+    import shutil
+
+    from kerasllm.errors import KerasLLMError
+    from kerasllm.export.bundle import sha256
+    from kerasllm.export.predict import load_predictor
+    from kerasllm.tokenizers import TextTokenizer
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(real_bundle, copy)
+    TextTokenizer.train([" ".join(f"word{i * 7919}" for i in range(5000))], kind="bpe", vocab_size=600).save(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["tokenizer.json"] = sha256(copy / "tokenizer.json")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KerasLLMError, match=r"tokenizer\.json: \d+ token ids, more than the model's vocabulary of"):
+        load_predictor("generate", copy)
+
+
+def test_keras_generation_takes_numpy_numbers(real_model_dir):
+    """The options were checked on a copy and the originals passed on: np.int64 seeds failed in Keras."""
+    from kerasllm.modeldir import load_model_dir
+
+    model, _, _ = load_model_dir(real_model_dir)
+    seeded = model.generate([[7, 8, 9]], max_new_tokens=np.int64(3), temperature=np.float32(1.0),
+                            top_k=np.int64(5), seed=np.int64(3))
+    again = model.generate([[7, 8, 9]], max_new_tokens=3, temperature=1.0, top_k=5, seed=3)
+    np.testing.assert_array_equal(seeded, again)

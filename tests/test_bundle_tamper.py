@@ -135,8 +135,9 @@ def _set_config(key, value):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_set_config("vocab_size", 10), "model.onnx: the graph's output 'logits' is tensor(float) [?, ?, {vocab}], "
-                                    "but the config's vocab_size is 10"),
+    # (the tokenizer, loaded first, is checked against the same field: its ids past 10 are named)
+    (_set_config("vocab_size", 10), "tokenizer.json: {vocab} token ids, more than the model's vocabulary of 10: "
+                                    "not this model's tokenizer"),
     (_set_config("vocab_size", 100000), "model.onnx: the graph's output 'logits' is tensor(float) [?, ?, {vocab}], "
                                         "but the config's vocab_size is 100000"),
     (_set_config("num_layers", 3), "model.onnx: the graph's KV cache has 2 layers, but the config has 3"),

@@ -946,3 +946,15 @@ def test_a_missing_or_foreign_target_tokenizer_is_refused(trained, tmp_path):
     shutil.copyfile(run / "target_tokenizer.json", copy / "target_tokenizer.json")
     with pytest.raises(KerasLLMError, match=r"tokenizer\.json: \d+ token ids, more than the model's vocabulary of"):
         load_predictor("translate", copy)
+
+
+def test_keras_seq2seq_generation_takes_numpy_numbers(trained):
+    """The options were checked on a copy and the originals passed on: np.int64 beams failed in TensorFlow."""
+    from kerasllm.modeldir import load_model_dir
+
+    model, _, _ = load_model_dir(trained[0])
+    sources = [[5, 6, 7], [8, 9]]
+    assert model.generate(sources, max_new_tokens=np.int64(4), num_beams=np.int64(2)) == \
+        model.generate(sources, max_new_tokens=4, num_beams=2)
+    assert model.generate_n_best(sources, max_new_tokens=np.int64(4), num_beams=np.int64(2), n_best=np.int64(2)) == \
+        model.generate_n_best(sources, max_new_tokens=4, num_beams=2, n_best=2)

@@ -84,10 +84,10 @@ def decoding_options(command):
     """The decoding options of generate and translate (names as `Predictor.predict` takes them)."""
     options = [
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=_GEN["max_new_tokens"],
-                     show_default=True, help="New tokens per record at most: fewer at the end token, a --stop "
-                                             "string, or the model's max_length (prompt + new tokens)."),
+                     show_default=True, help="New tokens per record at most: fewer where the output ends (the end "
+                                             "token, a --stop string) or reaches the model's max_length."),
         click.option("--temperature", type=FiniteFloatRange(min=0), default=_GEN["temperature"], show_default=True,
-                     help="0 is greedy decoding."),
+                     help="0 is greedy decoding; sampling takes 1e-6 or more."),
         click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens."),
         click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=None,
                      help="Sample within the smallest set of tokens of probability >= p."),

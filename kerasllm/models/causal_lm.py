@@ -254,8 +254,11 @@ class CausalLM(TransformerModel):
         """
         prompts = token_id_rows(prompts, self.config.vocab_size)
         # The bundle's rules for these options (one place: export/generate.py, no TensorFlow there).
-        DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k, top_p=top_p,
-                        seed=seed).validate()
+        options = DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k,
+                                  top_p=top_p, seed=seed)
+        options.validate()  # NumPy numbers come back as Python ones (np.int64 seeds had failed inside Keras)
+        max_new_tokens, temperature, top_k, top_p, seed = (options.max_new_tokens, options.temperature, options.top_k,
+                                                           options.top_p, options.seed)
         lengths = np.array([len(p) for p in prompts])
         needed = int(lengths.max()) + max_new_tokens
         if needed > self.config.max_length:

@@ -329,8 +329,11 @@ class Seq2SeqLM(TransformerModel):
         """
         # The bundle's rules for these options (export/generate.py): e.g. a temperature or top-k under beam
         # search is refused, not ignored.
-        DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k,
-                        top_p=top_p, num_beams=num_beams, seed=seed).validate()
+        options = DecodingOptions(max_new_tokens=max_new_tokens, temperature=float(temperature or 0.0), top_k=top_k,
+                                  top_p=top_p, num_beams=num_beams, seed=seed)
+        options.validate()  # NumPy numbers come back as Python ones (np.int64 seeds had failed inside Keras)
+        max_new_tokens, num_beams, temperature, top_k, top_p, seed = (
+            options.max_new_tokens, options.num_beams, options.temperature, options.top_k, options.top_p, options.seed)
         if num_beams > 1:
             return [best[0][0] for best in self.generate_n_best(sources, max_new_tokens, num_beams, n_best=1)]
         result = self._run_generation(sources, max_new_tokens, 0, temperature, top_k, top_p, seed)
@@ -348,7 +351,8 @@ class Seq2SeqLM(TransformerModel):
         """
         from kerasllm.models.beam_search import n_best_from_beams  # noqa: PLC0415
 
-        if num_beams < 1 or not 1 <= n_best <= num_beams:
-            raise UsageError(f"generate: need 1 <= n_best <= num_beams, got n_best {n_best}, num_beams {num_beams}")
+        options = DecodingOptions(max_new_tokens=max_new_tokens, num_beams=num_beams, n_best=n_best)
+        options.validate()  # the bundle's rules, NumPy numbers as Python ones
+        max_new_tokens, num_beams, n_best = options.max_new_tokens, options.num_beams, options.n_best
         arrays = [np.asarray(t) for t in self._run_generation(sources, max_new_tokens, num_beams)]
         return n_best_from_beams(*arrays, n_best=n_best, strip=self._strip)
