@@ -137,6 +137,14 @@ Beam 4 stays above 3x; greedy at 2.34-2.38x does not.
     greedy: Keras 288.5 | bundle 692.4 2.40x;  beam 4: Keras  97.8 | bundle 299.1 3.06x, 64/64 identical
     greedy: Keras 320.4 | bundle 759.6 2.37x;  beam 4: Keras  91.5 | bundle 254.4 2.78x, 64/64 identical
 
+2026-12-07, fourteenth session (same machine), after the bundle's load-time checks (manifest against
+graphs, tokenizers against vocabularies) and the predictors' per-batch token id checks, `--keep` the
+grouped bundle, `--repeats 5`, two runs back to back, nothing else running:
+    greedy: Keras 263.1 | bundle 816.5 3.10x;  beam 4: Keras 104.3 | bundle 305.7 2.93x, 64/64 identical
+    greedy: Keras 341.9 | bundle 814.6 2.38x;  beam 4: Keras 105.1 | bundle 308.8 2.94x, 64/64 identical
+The bundle's own figures are steady (815-817 and 306-309 sentences/s); Keras's greedy moved 30% between
+the runs, and with it the ratio: one run reaches 3x, the other does not.
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

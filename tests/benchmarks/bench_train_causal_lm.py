@@ -455,6 +455,13 @@ range), and `--repeats 0 --full --skip-kerashub`: kerasllm val loss after 2000 i
     keras-hub GPT2Backbone         32.5     18,428         1.53x         1.00x
     nanoGPT (PyTorch)              21.2     14,836         1.00x         0.81x
       per repeat: tok/s vs hub 1.09x 1.26x 1.16x; tok/s vs nanoGPT 1.47x 1.84x 1.18x; wall 0.90x 0.73x 1.20x
+
+2026-12-07, fourteenth session, same machine, no training change, `--steps 300 --repeats 3`:
+
+    kerasllm                       15.5     25,884         0.94x         1.24x
+    keras-hub GPT2Backbone         28.0     20,878         1.69x         1.00x
+    nanoGPT (PyTorch)              16.5     19,343         1.00x         0.93x
+      per repeat: tok/s vs hub 1.20x 1.24x 1.30x; tok/s vs nanoGPT 1.28x 1.34x 1.56x; wall 0.95x 0.97x 0.88x
 """
 
 from __future__ import annotations
