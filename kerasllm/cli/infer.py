@@ -196,7 +196,21 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         return
     records = itertools.chain([first] if first is not None else [], records)
     retain_freed_memory()  # a serving process: freed arrays stay for the next batch (export/runtime.py)
-    predictor = load_predictor(task, source, device=device)
+    # Guarded too: Python runs a signal's handler wherever the main thread is, and a KeyboardInterrupt
+    # raised in a weakref callback of the model's imports was dropped (the job then ran to its end).
+    with batch.SignalGuard() as loading:
+        try:
+            predictor = load_predictor(task, source, device=device)
+            loading.check()
+        except Exception as err:
+            # The Interrupted itself, or one a C extension's import turned into "ImportError:
+            # initialization failed" (TensorFlow's, loading a model dir).
+            stop = _interruption(err)
+            if stop is None:
+                raise
+            click.echo(f"kerasllm: interrupted by {signal.Signals(stop.signum).name} while loading the model; "
+                       "nothing was written", err=True)
+            sys.exit(128 + stop.signum)
     if point.done:
         records = batch.skip_resumed(iter(records), point, output_path)
 
@@ -261,6 +275,19 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
           "error; 2 bad usage; 130 (SIGINT) or 143 (SIGTERM) interrupted: rerun with --resume.")
+
+
+def _interruption(err: BaseException):
+    """The `batch.Interrupted` that `err` is, or that caused it (through __cause__/__context__), or None."""
+    from kerasllm.export import batch  # noqa: PLC0415
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, batch.Interrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def context_check(predictor, max_new_tokens: int, warn):
