@@ -124,6 +124,15 @@ class Bundle:
             raise BundleError(f"{self.path}: no {name!r} graph (has {', '.join(graphs)})")
         return self.path / graphs[name]["file"]
 
+    def open_session(self, role: str, device: str | None = None, threads: int | None = None):
+        """An ONNX Runtime session (runtime.create_session) of graph `role`, checked against this
+        manifest (`check_graph`): how every bundle predictor opens its graphs."""
+        from kerasllm.export.runtime import create_session  # noqa: PLC0415 - ONNX Runtime loads here
+
+        session = create_session(self.graph_path(role), device, threads)
+        check_graph(self, role, session.session.get_inputs(), session.session.get_outputs())
+        return session
+
     def tokenizer(self):
         """The (source) tokenizer, checked against the config's vocabulary (one with ids the graph
         lacks, its hash updated, had loaded and failed the job at the first record using them)."""

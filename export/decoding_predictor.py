@@ -138,13 +138,13 @@ class BundleGenerator(CausalGenerator):
 
     def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
         from kerasllm.export.bundle import load_bundle  # noqa: PLC0415
-        from kerasllm.export.runtime import DecoderSession, create_session  # noqa: PLC0415
+        from kerasllm.export.runtime import DecoderSession  # noqa: PLC0415
 
         self.bundle = load_bundle(path)
         if self.bundle.family != "decoder":
             raise UsageError(f"{path}: a {self.bundle.family} bundle cannot generate (needs a decoder bundle)")
         super().__init__(self.bundle.tokenizer(), self.bundle.config, self.bundle.manifest.get("train"))
-        self.step = DecoderSession(create_session(self.bundle.graph_path("model"), device, threads))
+        self.step = DecoderSession(self.bundle.open_session("model", device, threads))
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
         from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415

@@ -214,12 +214,11 @@ def _predictor_class(task: str) -> type[EncoderPredictor]:
 
 def _bundle(path: Path, task: str, device: str | None = None, threads: int | None = None) -> EncoderPredictor:
     from kerasllm.export.bundle import load_bundle  # noqa: PLC0415
-    from kerasllm.export.runtime import create_session  # noqa: PLC0415
 
     bundle = load_bundle(path)
     if bundle.family != "encoder":
         raise UsageError(f"{path}: a {bundle.family} bundle cannot {task} (needs an encoder bundle)")
-    session = create_session(bundle.graph_path("model"), device, threads)
+    session = bundle.open_session("model", device, threads)
     return session_predictor(session, task, bundle.task, bundle.tokenizer(), bundle.config,
                              bundle.manifest.get("labels"), path, train=bundle.manifest.get("train"))
 

@@ -243,29 +243,9 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
     -1 for none), which `DecoderSession` does. Where ORT refuses (a node on the CPU provider
     that needs a copy), the session opens without it and a warning quotes ORT.
 
-    A graph in a bundle (a kerasllm manifest beside it that lists it: how every bundle predictor
-    opens its graphs) is checked against that manifest (`bundle.check_graph`); a graph ONNX Runtime
-    cannot load, or one that does not match, is a `BundleError` naming the file."""
-    session = _open_session(str(path), device, threads, cuda_graph)
-    _check_bundle_graph(Path(path), session)
-    return session
-
-
-def _check_bundle_graph(path: Path, session: Session) -> None:
-    from kerasllm.export.bundle import MANIFEST, check_graph, load_bundle  # noqa: PLC0415
-
-    if not (path.parent / MANIFEST).is_file():
-        return
-    try:
-        bundle = load_bundle(path.parent, verify=False)  # verified by whoever loaded the bundle
-    except BundleError:
-        return  # not a bundle's manifest (another tool's), or one whose loader says what is wrong
-    for role, graph in bundle.manifest["graphs"].items():
-        if (path.parent / graph["file"]).resolve() == path.resolve():
-            check_graph(bundle, role, session.session.get_inputs(), session.session.get_outputs())
-
-
-def _open_session(path: str, device: str | None, threads: int | None, cuda_graph: bool) -> Session:
+    A graph ONNX Runtime cannot load is a `BundleError` naming the file. (A bundle's loaders then
+    check the graph against its manifest: `Bundle.open_session`.)"""
+    path = str(path)
     kind, device_id = parse_device(device)
     reason = "CPU requested"
     if kind in ("auto", "cuda"):

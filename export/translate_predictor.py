@@ -176,9 +176,10 @@ class BundleTranslator(Translator):
             raise UsageError(f"{path}: a {self.bundle.family} bundle cannot translate (needs a seq2seq bundle)")
         manifest = self.bundle.manifest
         super().__init__(*load_seq2seq_tokenizers(self.bundle.path, self.bundle.config, manifest["tokenizer"],
-                                      manifest.get("target_tokenizer")), self.bundle.config)
-        self.sessions = Seq2SeqSessions.open(self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"),
-                                             device, threads)
+                                                  manifest.get("target_tokenizer")), self.bundle.config)
+        # (the worker threads' own sessions, `_shard_loop`, open the same files, checked here once)
+        self.sessions = Seq2SeqSessions(self.bundle.open_session("encoder", device, threads),
+                                        self.bundle.open_session("decoder", device, threads))
         graph_bytes = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*"))
         small = graph_bytes <= SHARD_MAX_GRAPH_BYTES
         self.max_shards = (threads or usable_cores()) if self.sessions.decoder.device_type == "cpu" and small else 1

@@ -713,12 +713,6 @@ def test_cuda_graph_sessions_are_asked_of_ort_and_a_refusal_falls_back_in_one_wa
         def get_providers(self):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
-        def get_inputs(self):  # read by the bundle's graph check (bundle.check_graph)
-            return self.inner.get_inputs()
-
-        def get_outputs(self):
-            return self.inner.get_outputs()
-
     monkeypatch.setattr(runtime, "_ANNOUNCED", set())
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FakeCudaSession)
