@@ -24,3 +24,16 @@ class DataError(KerasLLMError):
 
 class BundleError(KerasLLMError):
     """A bundle that is incomplete, tampered with or of an unknown format."""
+
+
+def in_chain(err: BaseException | None, kind: type) -> BaseException | None:
+    """The first exception of `kind` among `err` and what caused it (`__cause__`, else `__context__`),
+    or None: an interrupt that a C extension's import turned into "ImportError: initialization failed"
+    is still the interrupt."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from kerasllm import __version__
-from kerasllm.errors import KerasLLMError
+from kerasllm.errors import KerasLLMError, in_chain
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -183,14 +183,7 @@ def _interrupted_import(err: ImportError) -> bool:
     onnxruntime's raises `ImportError: initialization failed` *from* the KeyboardInterrupt. That is
     an interruption, not a broken installation: one line and exit 130, like any other Ctrl-C.
     """
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return in_chain(err, KeyboardInterrupt) is not None
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import click
 
 from kerasllm.cli.options import FiniteFloatRange
-from kerasllm.errors import DataError, UsageError
+from kerasllm.errors import DataError, UsageError, in_chain
 from kerasllm.export.batch import TASK_DEFAULTS
 
 FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv", "conll"]
@@ -205,7 +205,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         except Exception as err:
             # The Interrupted itself, or one a C extension's import turned into "ImportError:
             # initialization failed" (TensorFlow's, loading a model dir).
-            stop = _interruption(err)
+            stop = in_chain(err, batch.Interrupted)
             if stop is None:
                 raise
             click.echo(f"kerasllm: interrupted by {signal.Signals(stop.signum).name} while loading the model; "
@@ -275,19 +275,6 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
           "error; 2 bad usage; 130 (SIGINT) or 143 (SIGTERM) interrupted: rerun with --resume.")
-
-
-def _interruption(err: BaseException):
-    """The `batch.Interrupted` that `err` is, or that caused it (through __cause__/__context__), or None."""
-    from kerasllm.export import batch  # noqa: PLC0415
-
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, batch.Interrupted):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def context_check(predictor, max_new_tokens: int, warn):
