@@ -32,13 +32,27 @@ def test_one_weight_per_position_weighs_each_position(ignore_id):
     weights = np.zeros((8, 16), "float32")
     weights[:, :4] = 1
     got = float(SparseCrossEntropy(ignore_id=ignore_id)(labels, logits, sample_weight=weights))
-    kept = weights * (labels != ignore_id) if ignore_id is not None else weights
-    assert got == pytest.approx(float(KERAS_SCCE(labels, logits, sample_weight=kept)), rel=1e-6)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore_id)
+    assert got == pytest.approx(float(keras_loss(labels, logits, sample_weight=weights)), rel=1e-6)
     # Per-example weights [B] still weigh each example's mean over its positions.
     rows = np.arange(8, dtype="float32")
     per_example = float(SparseCrossEntropy()(labels, logits, sample_weight=rows))
     nll = -np.take_along_axis(keras.ops.convert_to_numpy(keras.ops.log_softmax(logits)), labels[..., None], -1)[..., 0]
     assert per_example == pytest.approx(float((nll.mean(-1) * rows).mean()), rel=1e-5)
+
+
+def test_ignored_positions_do_not_dilute_per_position_weights():
+    """Weights `[B, T]` with an ignored id: the weighted sum is divided by the positions kept, as
+    Keras's `ignore_class` does, so padding appended to the targets leaves the loss as it was (it
+    had divided by every position: a Seq2SeqLM batch's loss shrank by its share of real tokens)."""
+    logits, labels = RNG.normal(size=(4, 6, 11)).astype("float32"), RNG.integers(1, 11, (4, 6))
+    loss = SparseCrossEntropy(ignore_id=0)
+    alone = float(loss(labels, logits, sample_weight=np.ones((4, 6), "float32")))
+    padded_labels = np.concatenate([labels, np.zeros((4, 10), labels.dtype)], axis=1)
+    padded_logits = np.concatenate([logits, RNG.normal(size=(4, 10, 11)).astype("float32")], axis=1)
+    padded = float(loss(padded_labels, padded_logits, sample_weight=np.ones((4, 16), "float32")))
+    assert padded == pytest.approx(alone, rel=1e-6)
+    assert alone == pytest.approx(float(KERAS_SCCE(labels, logits)), rel=1e-6)  # all kept: the plain mean
 
 
 def test_models_evaluate_with_sample_weights_as_keras_loss_does():

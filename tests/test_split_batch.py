@@ -94,7 +94,8 @@ def test_parts_weigh_as_the_loss_divides_not_by_rows():
     """Where the loss divides by the sample weights' sum (MaskedLM, mean_with_sample_weight) or by
     the labelled tokens (TokenClassifier, ignore_class), the parts carry unequal shares of the batch:
     the split step weighs them so (it weighed by rows: a masked LM's loss 4.177 against 4.191, one
-    SGD step's weights up to 89 apart). First half of each batch: 1 of 3 positions weighed / labelled."""
+    SGD step's weights up to 89 apart). First half of each batch: 1 of 3 positions weighed / labelled
+    (a seq2seq model's: 2 of 11 target positions not padding)."""
     from kerasllm import MaskedLM, TokenClassifier
 
     rng = np.random.default_rng(3)
@@ -107,10 +108,16 @@ def test_parts_weigh_as_the_loss_divides_not_by_rows():
     tags = rng.integers(0, 3, (8, 12))
     tags[:4, 2:] = -1  # untagged
     config = EncoderConfig(vocab_size=64, num_labels=3, **TINY)
+    s2s_config = Seq2SeqConfig(vocab_size=64, **TINY)
+    target = rng.integers(6, 64, (8, 12))
+    target[:4, 3:] = s2s_config.pad_id  # the first part's targets mostly padding
     cases = {
         "masked-lm": (lambda: MaskedLM(config), {**x, "mask_positions": positions},
                       np.take_along_axis(tokens, positions, 1), {"sample_weight": weights}),
         "token-classifier": (lambda: TokenClassifier(config), x, tags, {}),
+        # Weights per target position with padded targets: the loss divides by the kept positions.
+        "seq2seq": (lambda: Seq2SeqLM(s2s_config), {"encoder_token_ids": tokens, "decoder_token_ids": target[:, :-1]},
+                    target[:, 1:], {"sample_weight": np.ones((8, 11), "float32")}),
     }
     for name, (make, inputs, targets, fit) in cases.items():
         runs = [_train(make, inputs, targets, split, sgd=True, batch_size=8, **fit) for split in (1, 2)]

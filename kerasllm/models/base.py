@@ -70,14 +70,23 @@ class SparseCrossEntropy(keras.losses.Loss):
 
     def _weigh_positions(self, y_true, y_pred, sample_weight):
         """The loss with one weight per position (targets' shape): each position's loss weighed by
-        Keras's own reduction (a mean per example first would have no place for them)."""
+        Keras's own reduction (a mean per example first would have no place for them). Ignored
+        positions weigh nothing and, as Keras's `ignore_class` does (`apply_mask`), are not counted:
+        the weighted sum is divided by the positions kept, not by all of them (else the more padding
+        a batch held, the less its loss and gradient would weigh)."""
         from keras.src.losses.loss import reduce_weighted_values  # noqa: PLC0415
 
         with keras.name_scope(self.name):
             y_true = ops.cast(y_true, "int32")
             sample_weight = ops.cast(sample_weight, "float32")
             if self.ignore_id is not None:
-                sample_weight = sample_weight * ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
+                keep = ops.cast(ops.not_equal(y_true, self.ignore_id), "float32")
+                sample_weight = sample_weight * keep
+                if self.reduction in ("mean", "sum_over_batch_size"):
+                    # Keras's apply_mask: the kept positions scaled by all / kept, so that the
+                    # reduction's division by all positions becomes one by the kept ones.
+                    total = ops.cast(ops.prod(ops.convert_to_tensor(ops.shape(keep), "int32")), "float32")
+                    sample_weight = sample_weight * (total / ops.maximum(ops.sum(keep), 1.0))
             return reduce_weighted_values(self._token_losses(y_true, y_pred), sample_weight=sample_weight,
                                           reduction=self.reduction, dtype=self.dtype)
 
