@@ -137,6 +137,54 @@ def token_id_rows(rows, vocab_size: int, what: str = "prompt") -> list[np.ndarra
     return rows
 
 
+def stop_id_tuple(stop_token_ids, vocab_size: int) -> tuple[int, ...]:
+    """`generate`'s `stop_token_ids` (None, one id, or a sequence of ids) as a tuple of Python ints.
+
+    UsageError for anything that is not integer ids and for an id outside the vocabulary (the
+    model can never emit it, so it would stop nothing).
+    """
+    if stop_token_ids is None:
+        return ()
+    ids = np.asarray(stop_token_ids)
+    if ids.size == 0:
+        return ()
+    if ids.ndim > 1 or ids.dtype.kind not in "iu":
+        raise UsageError(f"generate: stop_token_ids must be token ids (integers), got {stop_token_ids!r}")
+    ids = ids.reshape(-1)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise UsageError(f"generate: stop token id {bad[0]} is outside the vocabulary of {vocab_size} ids "
+                         f"(0..{vocab_size - 1})")
+    return tuple(int(i) for i in ids)
+
+
+def check_id_range(model, name, value, vocab_size: int):
+    """ValueError where the array `value` holds an id outside `0..vocab_size-1`. Under XLA
+    (compile's default) an input id past the table is clamped into it (the model reads another
+    token) and a target past the logits gives a NaN loss, which one `fit` step spreads to every
+    weight; TensorFlow's own kernels raise a multi-line graph error. Tensors and datasets pass:
+    their values are seen only when the step runs."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf" or not value.size:
+        return
+    low, high = value.min(), value.max()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{type(model).__name__}: {name} holds id {bad.item():g}, outside the vocabulary of "
+                         f"{vocab_size} ids (0..{vocab_size - 1})")
+
+
+def _sparse_cross_entropy_ignores(loss):
+    """The id a sparse cross-entropy `loss` ignores (None: none), or False where `loss` is not one
+    (kerasllm's `SparseCrossEntropy`, Keras's by name, class or function) or not known."""
+    if isinstance(loss, SparseCrossEntropy):
+        return loss.ignore_id
+    if loss in ("sparse_categorical_crossentropy", keras.losses.sparse_categorical_crossentropy):
+        return None
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return loss._fn_kwargs.get("ignore_class")
+    return False
+
+
 def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, min_learning_rate=None,
                       weight_decay=0.1, beta_2=0.99, global_clipnorm=1.0, clipnorm=None):
     """AdamW with linear warmup then cosine decay, decoupled weight decay and gradient clipping.
@@ -210,14 +258,33 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
                              f"{self.config.pad_id} (after each row's tokens)")
         return np.asarray(rows)
 
+    def token_batches(self, x):
+        """The inputs `x` (ids, or a dict of them) with `token_id_batch` applied to the token ids."""
+        if isinstance(x, dict):
+            return {key: self.token_id_batch(key, value) if key in self.token_inputs else value
+                    for key, value in x.items()}
+        return self.token_id_batch(self.token_inputs[0], x)
+
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict`, with token ids as lists of rows too (`token_id_batch`)."""
-        if isinstance(x, dict):
-            x = {key: self.token_id_batch(key, value) if key in self.token_inputs else value
-                 for key, value in x.items()}
-        else:
-            x = self.token_id_batch(self.token_inputs[0], x)
-        return super().predict(x, *args, **kwargs)
+        return super().predict(self.token_batches(x), *args, **kwargs)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, with token ids and targets as lists of rows too (`token_id_batch`),
+        in `validation_data` too."""
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, tuple) and len(validation) in (2, 3):
+            kwargs["validation_data"] = (self.token_batches(validation[0]),
+                                         self.token_id_batch("targets", validation[1]), *validation[2:])
+        return super().fit(self.token_batches(x), self.token_id_batch("targets", y), *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, with token ids and targets as lists of rows too (`token_id_batch`)."""
+        return super().evaluate(self.token_batches(x), self.token_id_batch("targets", y), *args, **kwargs)
+
+    def input_vocab_size(self, name) -> int:
+        """How many ids the token input `name` indexes (a Seq2SeqLM's decoder: its target vocabulary)."""
+        return self.config.vocab_size
 
     def check_token_ids(self, name, value):
         """ValueError unless `value` (an array, tensor or `tf.TensorSpec`) holds `[batch, length]`
@@ -235,21 +302,46 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
 
     def check_inputs(self, x, y=None):
         """Refuse what `fit`/`evaluate`/`predict` were given (`ArrayInputFitMixin` calls this first):
+        a dict without the token inputs the model needs (or, for a model of several, no dict),
         token ids by their shape (`check_token_ids`), from arrays, tensors or dicts of them, or from
-        a `tf.data.Dataset`'s element_spec. Where a length is unknown until run time it passes,
-        and a compiled step silently clamps positions past max_length (learned positions).
-        Subclasses check their targets `y` too (arrays only: a dataset's are seen when it runs).
+        a `tf.data.Dataset`'s element_spec, and arrays' ids and targets by their values
+        (`check_id_range`, `check_targets`). Where a length is unknown until run time it passes,
+        and a compiled step silently clamps positions past max_length (learned positions); a
+        dataset's or a tensor's values are seen only when the step runs.
         """
         import tensorflow as tf  # noqa: PLC0415 - the TF backend only
         from keras.src.trainers.data_adapters import data_adapter_utils  # noqa: PLC0415
 
         if isinstance(x, tf.data.Dataset):
             x = data_adapter_utils.unpack_x_y_sample_weight(x.element_spec)[0]
+        expected = " and ".join(self.token_inputs)
         if isinstance(x, dict):
+            missing = [name for name in self.token_inputs if x.get(name) is None]
+            if missing:
+                raise ValueError(f"{type(self).__name__} expects a dict with {expected}; {', '.join(missing)} "
+                                 f"missing (got {', '.join(map(str, x)) or 'no keys'})")
             for name in self.token_inputs:
-                self.check_token_ids(name, x.get(name))
+                self.check_token_ids(name, x[name])
+                check_id_range(self, name, x[name], self.input_vocab_size(name))
+        elif len(self.token_inputs) > 1:
+            if hasattr(x, "shape") or isinstance(x, (list, tuple)):  # generators and PyDatasets are seen when run
+                raise ValueError(f"{type(self).__name__} expects a dict with {expected}, got {type(x).__name__}")
         else:
             self.check_token_ids(self.token_inputs[0], x)
+            check_id_range(self, self.token_inputs[0], x, self.input_vocab_size(self.token_inputs[0]))
+        self.check_targets(y)
+
+    def check_targets(self, y):
+        """Refuse array targets the loss cannot take: here token ids outside the vocabulary of the
+        logits (the last token input's), its ignored id aside, where the loss is kerasllm's or
+        Keras's sparse cross-entropy (a loss of the caller's own may read other values); models
+        that predict labels check those instead."""
+        ignored = _sparse_cross_entropy_ignores(self.loss)
+        if ignored is False or y is None:
+            return
+        if ignored is not None and isinstance(y, np.ndarray):
+            y = y[y != ignored]
+        check_id_range(self, "targets", y, self.input_vocab_size(self.token_inputs[-1]))
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}

@@ -25,7 +25,7 @@ from kerasllm.config import DecoderConfig
 from kerasllm.errors import UsageError
 from kerasllm.export.generate import DecodingOptions, narrowing_top_k
 from kerasllm.layers import TokenAndPositionEmbedding, TransformerBlock, attention_bias
-from kerasllm.models.base import TransformerModel, token_id_rows
+from kerasllm.models.base import TransformerModel, stop_id_tuple, token_id_rows
 
 
 def positions_from_mask(attention_mask, query_length):
@@ -273,7 +273,7 @@ class CausalLM(TransformerModel):
         for row, prompt in enumerate(prompts):
             token_ids[row, :len(prompt)] = prompt
             prompt_mask[row, :len(prompt)] = True
-        stop = tuple(stop_token_ids or ())
+        stop = stop_id_tuple(stop_token_ids, self.config.vocab_size)
         # The bundle's rule: k >= the vocabulary filters nothing. keras-hub would pass such a k to
         # ops.top_k, which refuses it; None also shares no-top_k's compiled function (and samples).
         top_k = narrowing_top_k(top_k, self.config.vocab_size)

@@ -339,8 +339,7 @@ class TextClassifier(EncoderModel):
         model.encoder.set_weights(masked_lm.encoder.get_weights())
         return model
 
-    def check_inputs(self, x, y=None):
-        super().check_inputs(x, y)
+    def check_targets(self, y):
         check_labels(self, y)
 
     def _head(self, pooled, training=None):
@@ -388,8 +387,7 @@ class TokenClassifier(EncoderModel):
         self.classifier.build((None, None, self.config.hidden_dim))
         self.built = True
 
-    def check_inputs(self, x, y=None):
-        super().check_inputs(x, y)
+    def check_targets(self, y):
         check_labels(self, y, no_label=-1)
 
     def call(self, inputs, training=None):

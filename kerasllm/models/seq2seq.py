@@ -119,6 +119,9 @@ class Seq2SeqLM(TransformerModel):
             self.lm_head.build(shape)
         self.built = True
 
+    def input_vocab_size(self, name) -> int:
+        return self.config.target_vocab if name == "decoder_token_ids" else self.config.vocab_size
+
     def default_loss(self, label_smoothing=0.0):
         # Target padding never counts: labels are right-padded with pad_id.
         return SparseCrossEntropy(label_smoothing=label_smoothing, ignore_id=self.config.pad_id)
