@@ -99,7 +99,7 @@ def _spinning() -> str:
     """
     value = os.environ.get("KERASLLM_ORT_SPINNING", "1").strip().lower()
     if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-        raise UsageError(f"KERASLLM_ORT_SPINNING must be 0 or 1, got {value!r}")
+        raise UsageError(f"KERASLLM_ORT_SPINNING must be 0 or 1 (also true/false, yes/no, on/off), got {value!r}")
     return "1" if value in ("1", "true", "yes", "on") else "0"
 
 
@@ -247,6 +247,10 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
     check the graph against its manifest: `Bundle.open_session`.)"""
     path = str(path)
     kind, device_id = parse_device(device)
+    # Built before the loads below: their handlers report any failure as the graph's (or CUDA's), and
+    # a bad KERASLLM_ORT_SPINNING is the user's setting, not a broken bundle. ORT copies the options
+    # into each session, so the CUDA attempts and the CPU session share them.
+    options = _options(_SILENT, threads)
     reason = "CPU requested"
     if kind in ("auto", "cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -260,7 +264,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
                     provider = {"device_id": device_id, **({"enable_cuda_graph": "1"} if captured else {})}
                     try:
                         with flush_denormals():
-                            session = ort.InferenceSession(path, _options(_SILENT, threads),
+                            session = ort.InferenceSession(path, options,
                                                            providers=[("CUDAExecutionProvider", provider),
                                                                       "CPUExecutionProvider"])
                     except Exception as err:  # ORT raises its own exception types
@@ -286,7 +290,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
             # No fallback: ORT's is to the CPU provider, this one, and it announces the retry on stdout.
             # Silent: a kernel's failure comes back as an exception, which the callers turn into one
             # line; ORT's logger printed it too (a coloured line before that one).
-            session = ort.InferenceSession(path, _options(_SILENT, threads), providers=["CPUExecutionProvider"],
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"],
                                            disabled_optimizers=CPU_DISABLED_OPTIMIZERS, enable_fallback=0)
     except Exception as err:
         # A graph that passed its checksum can still be unloadable (damaged before the manifest was

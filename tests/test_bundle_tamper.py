@@ -210,3 +210,31 @@ def test_a_graph_in_a_directory_with_another_tools_manifest_opens(tmp_path):
     path.write_bytes(_decoder_graph(12).SerializeToString())
     assert create_session(path, "cpu").path == str(path)
 
+
+
+def test_a_bad_ort_spinning_setting_is_a_usage_error_not_a_broken_graph(run_cli, tmp_path, prompts, monkeypatch):
+    """The setting was read inside the graph load's error handling: a healthy bundle was reported as
+    "ONNX Runtime cannot load this graph (KERASLLM_ORT_SPINNING ...)", exit 1."""
+    bundle = make_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("KERASLLM_ORT_SPINNING", "maybe")
+    result = run_cli("generate", bundle, "-i", prompts, "-o", tmp_path / "out.jsonl", "--max-new-tokens", 2, "-q")
+    assert result.code == 2, result
+    assert result.err.strip().splitlines() == [
+        "kerasllm: error: KERASLLM_ORT_SPINNING must be 0 or 1 (also true/false, yes/no, on/off), got 'maybe'"]
+
+
+def test_a_bad_ort_spinning_setting_is_not_taken_for_a_failed_cuda_session(tmp_path, monkeypatch):
+    """The CUDA branch had turned the same error into "device cuda: CUDA session failed (...)". ORT's
+    CUDA provider is only listed here (this machine may have no GPU); no session is opened."""
+    import onnxruntime as ort
+
+    from kerasllm.errors import UsageError
+    from kerasllm.export.runtime import create_session
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_decoder_graph(12).SerializeToString())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setenv("KERASLLM_ORT_SPINNING", "maybe")
+    for device in ("cuda", "auto"):
+        with pytest.raises(UsageError, match="^KERASLLM_ORT_SPINNING must be 0 or 1 "):
+            create_session(path, device)
