@@ -80,17 +80,34 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> dict[str,
 
 
 def commit_bundle(staging: Path, out: Path) -> None:
-    """Move a finished staging directory to `out` in one rename (no half-written bundle)."""
+    """Move a finished staging directory to `out` in one rename (no half-written bundle), with the
+    mode a plain `mkdir` of `out` would have had."""
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         else:
             raise UsageError(f"{out} exists and is not empty; choose a new --out")
+    # mkdtemp made it 0700 (private while half-written); renamed as is, a bundle exported by one
+    # account could not be read by the service account or container user that serves it.
+    os.chmod(staging, _mkdir_mode(staging))
     os.replace(staging, out)
 
 
+def _mkdir_mode(directory: Path) -> int:
+    """The mode `mkdir` gives a new directory in `directory`: 0777 less the umask, plus a setgid
+    parent's bit. Asked of the file system: `os.umask` can only be read by setting it, for the
+    whole process (its other threads' files included)."""
+    probe = directory / ".mkdir-mode"
+    probe.mkdir()
+    try:
+        return probe.stat().st_mode & 0o7777
+    finally:
+        probe.rmdir()
+
+
 def staging_dir(out: Path) -> Path:
-    """A temporary directory beside `out` (same file system, so the final rename is atomic)."""
+    """A temporary directory beside `out` (same file system, so the final rename is atomic);
+    `commit_bundle` gives it its final mode."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 

@@ -646,6 +646,25 @@ def test_failed_validation_leaves_no_bundle_and_exits_1(model_dir, tmp_path, run
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nor a staging directory
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_a_committed_bundle_directory_has_the_mode_mkdir_gives_under_the_umask(tmp_path, umask):
+    """The staging directory (mkdtemp: always 0700) had been renamed as is, so a bundle could not be
+    read by another account (a service user, a container) until someone ran chmod."""
+    from kerasllm.export.bundle import commit_bundle, staging_dir
+
+    out = tmp_path / "bundle"
+    previous = os.umask(umask)
+    try:
+        staging = staging_dir(out)
+        (staging / "manifest.json").write_text("{}")
+        commit_bundle(staging, out)
+    finally:
+        os.umask(previous)
+    assert oct(out.stat().st_mode & 0o7777) == oct(0o777 & ~umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging directory left
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # nor the mode probe
+
+
 def test_serving_modules_import_without_tensorflow():
     code = ("import sys, time; t = time.perf_counter(); "
             "import kerasllm.export.runtime, kerasllm.export.generate, kerasllm.export.bundle, "
