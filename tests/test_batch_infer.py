@@ -1028,3 +1028,20 @@ def test_a_signal_while_the_model_loads_stops_the_job(run_cli, tmp_path, monkeyp
     assert result.err.strip().splitlines()[-1] == ("kerasllm: interrupted by SIGINT while loading the model; "
                                                    "nothing was written")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "translate", "classify", "embed", "tag"])
+def test_every_batch_option_says_what_it_does_in_help(run_cli, command):
+    """--repetition-penalty (generate, translate) had shown only its default and range."""
+    import click
+
+    from kerasllm.cli import infer
+
+    options = [p for p in getattr(infer, command).params if isinstance(p, click.Option)]
+    assert [p.name for p in options if not p.help] == []
+    if command in ("generate", "translate"):
+        result = run_cli(command, "--help")
+        assert result.code == 0
+        text = " ".join(result.out.split())
+        assert "--repetition-penalty FLOAT RANGE Discourage repeats:" in text
+        assert "1 is off" in text and "[default: 1.0; x>0]" in text

@@ -92,7 +92,10 @@ def decoding_options(command):
         click.option("--top-p", type=FiniteFloatRange(min=0, max=1, min_open=True), default=None,
                      help="Sample within the smallest set of tokens of probability >= p."),
         click.option("--repetition-penalty", type=FiniteFloatRange(min=0, min_open=True),
-                     default=_GEN["repetition_penalty"], show_default=True),
+                     default=_GEN["repetition_penalty"], show_default=True,
+                     help="Discourage repeats: the logits of tokens already in the prompt or the output are "
+                          "divided by this (multiplied where negative, as CTRL's penalty). 1 is off, above 1 "
+                          "penalizes (1.1 to 1.3 is usual), below 1 favours repeats."),
         click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
         click.option("--num-beams", type=click.IntRange(min=1), default=_GEN["num_beams"], show_default=True,
                      help="Beam search width (1: no beam search)."),
