@@ -34,6 +34,9 @@ PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
 # and never puts in interchanged text. Unigram tokenizers trained before 2026-12-07 keep "▁".
 WORD_MARK = "\ufdd0"
 TOKENIZER_KINDS = ("char", "byte", "bpe", "unigram")
+# How a too-small vocabulary's messages name the size: read by callers of `TextTokenizer.train`
+# (its argument) and by users of `kerasllm train` (its flag), who get the same message.
+VOCAB_SIZE = "vocab_size (--vocab-size)"
 TOKENIZER_FILE = "tokenizer.json"
 # A seq2seq model's target tokenizer, beside TOKENIZER_FILE, where its target has a vocabulary of its own.
 TARGET_TOKENIZER_FILE = "target_tokenizer.json"
@@ -66,17 +69,19 @@ class TextTokenizer:
         """Train a tokenizer of `kind` on an iterable of texts (lines or documents).
 
         `vocab_size` (bpe, unigram; the other kinds' vocabulary is their characters or bytes) too
-        small is a UsageError naming --vocab-size and the size needed: bpe needs `MIN_BPE_VOCAB` (the 256 bytes and the
+        small is a UsageError naming the size needed: bpe needs `MIN_BPE_VOCAB` (the 256 bytes and the
         special tokens), unigram a token for each character of the texts and the special tokens
         (`_unigram_too_small`; known once the texts are read, so that is checked by training).
+        Its messages name the argument and the CLI's flag for it (`VOCAB_SIZE`): `kerasllm train`
+        passes them on as they are.
         """
         if kind not in TOKENIZER_KINDS:
             raise UsageError(f"tokenizer: unknown kind {kind!r} (choose from {', '.join(TOKENIZER_KINDS)})")
         if kind in ("bpe", "unigram") and vocab_size < 1:
-            raise UsageError(f"--vocab-size must be positive, got {vocab_size}")
+            raise UsageError(f"{VOCAB_SIZE} must be positive, got {vocab_size}")
         if kind == "bpe" and vocab_size < MIN_BPE_VOCAB:
             # (BpeTrainer silently gave MIN_BPE_VOCAB tokens for any size below it, 0 included.)
-            raise UsageError(f"--vocab-size {vocab_size} is too small for a bpe tokenizer: it needs at least "
+            raise UsageError(f"{VOCAB_SIZE} {vocab_size} is too small for a bpe tokenizer: it needs at least "
                              f"{MIN_BPE_VOCAB} (256 bytes and {len(SPECIAL_TOKENS)} special tokens)")
         if kind == "char":
             # The vocabulary is every character seen, most frequent first: counted here in
@@ -370,7 +375,7 @@ def _unigram_too_small(vocab_size: int, chars: set[str]) -> UsageError:
     the minimum it returned more tokens than asked."""
     pieces = len({WORD_MARK if c == " " else c for c in chars})
     more = len(SPECIAL_TOKENS) + 1
-    return UsageError(f"--vocab-size {vocab_size} is too small for a unigram tokenizer of this data: it needs at "
+    return UsageError(f"{VOCAB_SIZE} {vocab_size} is too small for a unigram tokenizer of this data: it needs at "
                       f"least {pieces + more} (a token for each of its {pieces} distinct characters and {more} more)")
 
 

@@ -102,7 +102,7 @@ def test_train_seed_out_of_range_is_a_usage_error(run_cli, corpus_file, tmp_path
     ("bpe", -5, "Invalid value for '--vocab-size': -5 is not in the range x>=1"),
     ("bpe", 0, "Invalid value for '--vocab-size': 0 is not in the range x>=1"),
     ("char", 0, "Invalid value for '--vocab-size': 0 is not in the range x>=1"),
-    ("bpe", 200, "--vocab-size 200 is too small for a bpe tokenizer: it needs at least 262 "
+    ("bpe", 200, "vocab_size (--vocab-size) 200 is too small for a bpe tokenizer: it needs at least 262 "
                  "(256 bytes and 6 special tokens)"),
 ])
 def test_train_vocab_size_too_small_is_a_usage_error(run_cli, corpus_file, tmp_path, tokenizer, vocab_size, expected):
@@ -121,8 +121,8 @@ def test_unigram_vocab_size_below_the_datas_characters_names_the_size_needed(run
     pairs.write_text("source\ttarget\n" + "".join(f"{a}\t{b}\n" for a, b in datasets.number_words_pairs(300, seed=0)))
     result = run_cli("train", "seq2seq", "--data", pairs, "--out", tmp_path / "run", "--steps", 1, "--preset", "tiny",
                      "--quiet", "--tokenizer", "unigram", "--vocab-size", vocab_size)
-    one_line_usage_error(result, f"--vocab-size {vocab_size} is too small for a unigram tokenizer of this data: "
-                                 "it needs at least 37 (a token for each of its 30 distinct characters and 7 more)")
+    one_line_usage_error(result, f"vocab_size (--vocab-size) {vocab_size} is too small for a unigram tokenizer of this "
+                                 "data: it needs at least 37 (a token for each of its 30 distinct characters and 7 more)")
 
 
 @pytest.mark.parametrize("command", ["causal-lm", "masked-lm"])
