@@ -205,7 +205,13 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
     `mode="random"`: windows at uniformly random offsets, as nanoGPT samples them
     (infinite; the model sees every region with equal probability).
     `mode="packed"`: the ids cut into consecutive non-overlapping windows, shuffled
-    each epoch, each seen once per epoch.
+    each epoch, each seen once per epoch (at most once with `repeat=False`: below).
+
+    `repeat=False` gives one pass: in random mode about as many windows as packed mode cuts, in
+    packed mode each window at most once. Every batch has `batch_size` rows (one batch shape, so XLA
+    compiles the step once), so a pass leaves out its last `windows % batch_size` windows (in
+    packed mode, a different few each pass, as the order is reshuffled). Data of fewer windows
+    than one batch is a DataError: it would yield no batch at all, and `evaluate` return [].
 
     With `num_shards > 1` (one shard per worker, see `Distribution.distribute`) the
     shards split the data: in packed mode shard `i` owns windows `i, i + n, i + 2n, ...`
@@ -244,7 +250,9 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         limit = len(ids) - seq_len
         offsets = tf.data.Dataset.random(seed=seed).map(as_written(lambda r: tf.math.floormod(r, limit)))
         if not repeat:
-            offsets = offsets.take(max((limit - 1) // seq_len, 1))
+            windows = max((limit - 1) // seq_len, 1)
+            _check_one_batch(windows, seq_len, batch_size, num_shards)
+            offsets = offsets.take(windows)
         dataset = offsets.batch(batch_size, drop_remainder=True).map(windows_at)
     else:
         count = (len(ids) - 1) // seq_len
@@ -255,10 +263,21 @@ def lm_windows(ids: np.ndarray, seq_len: int, batch_size: int, mode: str = "rand
         count = len(starts)
         dataset = tf.data.Dataset.from_tensor_slices(starts)
         dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
+        if repeat:  # batches run on across the epochs' boundaries: every window is seen
             dataset = dataset.repeat()
+        else:
+            _check_one_batch(count, seq_len, batch_size, num_shards)
         dataset = dataset.batch(batch_size, drop_remainder=True).map(windows_at)
     return without_autotune(dataset.map(as_written(split)).prefetch(2))
+
+
+def _check_one_batch(windows: int, seq_len: int, batch_size: int, num_shards: int) -> None:
+    """One pass of `lm_windows` (`repeat=False`) drops a short last batch: fewer windows than one
+    batch would give an empty dataset (no validation loss, an `evaluate` of [])."""
+    if windows < batch_size:
+        shard = " per shard" if num_shards > 1 else ""
+        raise DataError(f"data: {windows} windows of {seq_len} + 1 tokens{shard} cannot fill one batch of "
+                        f"{batch_size} (with repeat=False each batch is full; a short last one is dropped)")
 
 
 def memmap_windows(ids: np.ndarray, seq_len: int, batch_size: int):

@@ -38,6 +38,23 @@ def test_exactly_seq_len_plus_one_tokens_make_one_window(mode):
         lm_windows(ids[:16], 16, 1, mode=mode)
 
 
+@pytest.mark.parametrize("mode, windows", [("random", 8), ("packed", 9)])
+def test_one_pass_of_fewer_windows_than_a_batch_is_refused_naming_the_counts(mode, windows):
+    """300 tokens in windows of 32 + 1 fill no batch of 16: the pass had yielded no batch at all
+    (`evaluate` returned [], `fit` reported no val_loss)."""
+    ids = np.arange(300, dtype=np.int32)
+    with pytest.raises(DataError, match=f"^data: {windows} windows of 32 \\+ 1 tokens cannot fill one batch of 16 "):
+        lm_windows(ids, 32, 16, mode=mode, repeat=False)
+    per_shard = windows // 2 if mode == "packed" else windows  # packed shards split the windows
+    with pytest.raises(DataError, match=f"^data: {per_shard} windows of 32 \\+ 1 tokens per shard cannot fill "):
+        lm_windows(ids, 32, 16, mode=mode, repeat=False, shard_index=1, num_shards=2)
+    # One batch's worth makes one full batch (the rest of the pass is dropped); repeating, any count fills them.
+    assert [np.asarray(x).shape for x, _ in lm_windows(ids, 32, windows - 1, mode=mode, repeat=False)] == [
+        (windows - 1, 32)]
+    assert [np.asarray(x).shape for x, _ in lm_windows(ids, 32, windows, mode=mode, repeat=False)] == [(windows, 32)]
+    assert np.asarray(next(iter(lm_windows(ids, 32, 16, mode=mode)))[0]).shape == (16, 32)
+
+
 def test_a_split_of_seq_len_plus_one_tokens_a_part_is_enough():
     TokenSplit(np.arange(17), np.arange(17)).checked(0.5, 16)
     with pytest.raises(DataError, match="validation tokens"):
