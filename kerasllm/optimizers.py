@@ -126,6 +126,13 @@ class AdamW(keras.optimizers.AdamW):
             grad=tf.convert_to_tensor(gradient, dtype), use_locking=False, **adam)
 
     def _clip_gradients(self, grads):
+        # Keras 3 clips first and sums the replicas' gradients after (base_optimizer's
+        # `_backend_apply_gradients` calls this, then the TF backend's `_backend_update_step`
+        # all-reduces): under MirroredStrategy or MultiWorkerMirroredStrategy each replica clipped
+        # its own share of the gradient, so N replicas trained with a clip N times looser than one
+        # device's (a global norm of 1.0 clipped at ~N). Summed here first, then clipped, as on one
+        # device; `_all_reduce_sum_gradients` below then has nothing left to sum.
+        grads = _summed_over_replicas(grads)
         if not (self.clipnorm and self.clipnorm > 0):
             return super()._clip_gradients(grads)
         clipped = []
@@ -135,3 +142,21 @@ class AdamW(keras.optimizers.AdamW):
                 g = ops.multiply(g, ops.minimum(1.0, self.clipnorm / ops.maximum(norm, 1e-12)))
             clipped.append(g)
         return clipped
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)  # summed over the replicas already, before clipping (`_clip_gradients`)
+
+
+def _summed_over_replicas(grads):
+    """`grads` summed over the replicas of the strategy in scope (Keras's `_all_reduce_sum_gradients`
+    rule: None gradients stay None); as they are outside a replica context."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1 or all(g is None for g in grads):
+        return list(grads)
+    # Dense first, as the clip made them before: the replicas' sparse (IndexedSlices) gradients of
+    # an embedding differ in length, which the collective all-reduce refuses ("Shape mismatch").
+    present = [tf.convert_to_tensor(g) for g in grads if g is not None]
+    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    return [None if g is None else next(summed) for g in grads]

@@ -16,7 +16,10 @@ class itself, so nothing in Keras is patched and single-process training takes e
 Keras's own code path:
 
 1. its `_maybe_symbolic_build` builds from the first local replica's batch, which has
-   the per-replica shapes and dtypes that Keras's symbolic build needs;
+   the per-replica shapes and dtypes that Keras's symbolic build needs; so it does under
+   every strategy of several replicas (MirroredStrategy, TPUStrategy), where Keras's
+   averaging of the batch fails for the encoders' boolean `padding_mask` (TensorFlow's AddN
+   takes no bools: every encoder recipe had stopped at its first step on two GPUs);
 2. its `train_step`/`test_step` return every value with a leading axis of length 1 in
    multi-worker mode, so Keras's `axis=0` reduce gives the mean over replicas of each
    value with its original shape, the same figure `MirroredStrategy` reports.
@@ -37,7 +40,7 @@ class MultiWorkerFitMixin:
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = getattr(self, "_distribute_strategy", None)
-        if strategy is None or iterator is None or not in_multi_worker_mode(strategy):
+        if strategy is None or iterator is None or strategy.num_replicas_in_sync == 1:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         import tensorflow as tf  # noqa: PLC0415
         from keras import tree  # noqa: PLC0415
