@@ -7,7 +7,7 @@ A run directory holds everything a finished model needs and nothing half-written
     DIR/model.keras     written once, atomically, when training ends
     DIR/history.jsonl   one JSON object per logged step: step, loss (mean since the line before),
                         val_loss, tokens_per_s
-    DIR/checkpoints/    Keras BackupAndRestore state (weights, optimizer, epoch) while running
+    DIR/checkpoints/    Keras BackupAndRestore state (weights, optimizer, epoch) until model.keras is written
 
 `--resume` restores the last checkpoint (weights, optimizer state and step) and
 carries on; the same mechanism brings a restarted multi-worker job back.
@@ -69,7 +69,11 @@ def save_model_atomic(model: keras.Model, out: Path) -> Path:
     """Write `model.keras` under a temporary name and rename it: never a torn file."""
     final = out / MODEL_FILE
     tmp = out / f".partial.{MODEL_FILE}"
-    model.save(tmp)
+    try:
+        model.save(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a torn file left beside the kept checkpoints
+        raise
     os.replace(tmp, final)
     return final
 
@@ -109,6 +113,32 @@ def restored_epoch(out: Path) -> int:
 
 
 # -- callbacks ------------------------------------------------------------------------------
+def _finite_loss(logs) -> bool:
+    loss = (logs or {}).get("loss")
+    return loss is None or math.isfinite(float(loss))
+
+
+class RunBackup(keras.callbacks.BackupAndRestore):
+    """Keras's `BackupAndRestore` that keeps its checkpoints when training ends and never saves
+    a diverged state.
+
+    Keras deletes the backup in `on_train_end` (`delete_checkpoint=True`), inside `fit`, before
+    `model.keras` is written: a Ctrl-C or a failure during the final save then left a run with
+    nothing to resume from (and `run_directory` removed it). `fit_run` deletes the checkpoints
+    once the model is written. An interval whose loss went NaN (the mean over the interval is
+    NaN from its first NaN step) would make the checkpoint a NaN model; the previous one stays.
+    """
+
+    def __init__(self, backup_dir: Path):
+        # double_checkpoint: the previous backup is kept, so a process killed while writing
+        # (a preempted or failed worker) restarts from it instead of a torn file.
+        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False, double_checkpoint=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _finite_loss(logs):
+            super().on_epoch_end(epoch, logs)
+
+
 class ProgressLogger(keras.callbacks.Callback):
     """A progress bar on stderr (loss, tokens/s) and `history.jsonl`, one line per logged step.
 
@@ -270,10 +300,7 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
     is_chief = worker_index == 0
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)
     callbacks = [
-        # double_checkpoint: the previous backup is kept, so a process killed while writing
-        # (a preempted or failed worker) restarts from it instead of a torn file.
-        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True,
-                                         double_checkpoint=True),
+        RunBackup(backup_dir),
         ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
                        quiet=quiet, is_chief=is_chief),
         keras.callbacks.TerminateOnNaN(),

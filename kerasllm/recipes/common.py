@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
-from kerasllm.training import CHECKPOINT_DIR, CONFIG_FILE, read_run_config
+from kerasllm.training import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, read_run_config
 
 # The arguments that name input files, and the option that gives each again beside `--resume`.
 DATA_PATHS = {"data": "--data", "source_file": "--source-file", "target_file": "--target-file"}
@@ -77,12 +77,17 @@ def resumed_args(args_class, run: dict, out: Path, **paths):
     return args_class(**saved)
 
 
+# What a run holds once it has trained: a failed run that holds any of them is never removed.
+PROGRESS = (CHECKPOINT_DIR, HISTORY_FILE, MODEL_FILE)
+
+
 @contextlib.contextmanager
 def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None]) -> Iterator[None]:
     """The run directory around a recipe's training: created (by the chief only: one writer in
     a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, and
-    on any failure before the first checkpoint removed again if this run created it, so a
-    failed run leaves nothing half-written behind."""
+    on a failure removed again if this run created it and it holds no progress yet (`PROGRESS`:
+    it failed before its first logged step), so a failed run leaves nothing half-written behind
+    and a stopped one keeps what it trained (a Ctrl-C during the final save had removed it all)."""
     created = is_chief and not out.exists()
     if is_chief:
         out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +96,7 @@ def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[],
             save()
         yield
     except BaseException:
-        if created and not (out / CHECKPOINT_DIR).exists():
+        if created and not any((out / name).exists() for name in PROGRESS):
             shutil.rmtree(out, ignore_errors=True)
         raise
 

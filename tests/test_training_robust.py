@@ -1,0 +1,79 @@
+"""A run that stops after training has begun keeps what it trained: Ctrl-C during the final save,
+a diverged loss, a failure of any kind; and a diverged run says so in one line."""
+
+import json
+
+import keras
+import pytest
+
+FAST = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--no-jit-compile", "--quiet"]
+
+
+def _steps(out):
+    return [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_during_the_final_save_keeps_the_run_and_resume_writes_the_model(run_cli, corpus_file, tmp_path,
+                                                                                monkeypatch):
+    """Keras's BackupAndRestore had deleted checkpoints/ when fit ended, before model.keras was
+    written: a Ctrl-C (or a peer dying) during the save then left no checkpoint, and the run
+    directory, created by this run, was removed whole (config, tokenizer, history, every step)."""
+    out = tmp_path / "run"
+
+    def interrupted_save(self, path, *args, **kwargs):
+        path.write_bytes(b"torn")  # the save had begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save", interrupted_save)
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "10",
+                     "--eval-interval", "5", "--eval-steps", "1", *FAST)
+    assert result.code == 130, result
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "history.jsonl",
+                                                     "tokenizer.json", "tokens"]  # no torn .partial file
+    assert json.loads((out / "checkpoints" / "training_metadata.json").read_text())["epoch"] == 2
+    monkeypatch.undo()
+
+    resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet")
+    assert resumed.code == 0, resumed
+    assert (out / "model.keras").is_file() and not (out / "checkpoints").exists()
+    assert _steps(out) == [5, 10]  # nothing trained again
+
+
+def test_a_run_that_diverges_after_a_checkpoint_keeps_it_and_resumes_from_it(corpus_file, tmp_path):
+    """It had been removed whole; and the interval that went NaN would have been the checkpoint."""
+    from kerasllm.errors import KerasLLMError
+    from kerasllm.recipes.causal_lm import CausalLMTrainArgs, train_causal_lm
+
+    class NaNWeightsAtStep8(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == 7:  # before the 8th step
+                for variable in self.model.trainable_variables:
+                    variable.assign(variable * float("nan"))
+
+    out = tmp_path / "run"
+    args = CausalLMTrainArgs(data=[str(corpus_file)], preset="tiny", steps=15, eval_interval=5, eval_steps=1,
+                             batch_size=8, seq_len=32, jit_compile=False)
+    with pytest.raises(KerasLLMError, match="training diverged: loss is nan"):
+        train_causal_lm(args, out, quiet=True, extra_callbacks=[NaNWeightsAtStep8()])
+    # The last checkpoint is the one before the NaN interval (step 5), not the NaN state of step 8.
+    assert json.loads((out / "checkpoints" / "training_metadata.json").read_text())["epoch"] == 1
+    train_causal_lm(CausalLMTrainArgs(), out, resume=True, quiet=True)
+    assert (out / "model.keras").is_file() and not (out / "checkpoints").exists()
+    assert _steps(out) == [5, 10, 15]
+
+
+def test_run_directory_removes_a_failed_run_only_while_it_holds_no_progress(tmp_path):
+    from kerasllm.recipes.common import run_directory
+
+    def fail(out, *progress):
+        with pytest.raises(RuntimeError), run_directory(out, resume=False, is_chief=True,
+                                                        save=lambda: (out / "config.json").write_text("{}")):
+            for name in progress:
+                (out / name).mkdir() if name == "checkpoints" else (out / name).write_text("x")
+            raise RuntimeError
+
+    fail(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()  # failed before its first step: nothing half-written left
+    for name in ["checkpoints", "history.jsonl", "model.keras"]:  # model.keras: checkpoints already removed
+        fail(tmp_path / name, name)
+        assert (tmp_path / name / name).exists() and (tmp_path / name / "config.json").exists(), name
