@@ -118,6 +118,18 @@ def _finite_loss(logs) -> bool:
     return loss is None or math.isfinite(float(loss))
 
 
+class StopWhenDiverged(keras.callbacks.Callback):
+    """Stop training at the first step whose loss is NaN or infinite (`fit_run` then reports it).
+
+    Keras's `TerminateOnNaN` does the same but also prints "Batch N: Invalid loss, terminating
+    training" on stdout, a second line beside kerasllm's one error line.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not _finite_loss(logs):
+            self.model.stop_training = True
+
+
 class RunBackup(keras.callbacks.BackupAndRestore):
     """Keras's `BackupAndRestore` that keeps its checkpoints when training ends and never saves
     a diverged state.
@@ -303,7 +315,7 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
         RunBackup(backup_dir),
         ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
                        quiet=quiet, is_chief=is_chief),
-        keras.callbacks.TerminateOnNaN(),
+        StopWhenDiverged(),
         *extra_callbacks,
     ]
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")

@@ -39,6 +39,15 @@ def test_ctrl_c_during_the_final_save_keeps_the_run_and_resume_writes_the_model(
     assert _steps(out) == [5, 10]  # nothing trained again
 
 
+def test_a_diverged_run_says_so_in_one_line(run_cli, corpus_file, tmp_path):
+    """Keras's TerminateOnNaN had printed "Batch 2: Invalid loss, terminating training" on stdout first."""
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--steps", "40",
+                     "--eval-interval", "5", "--eval-steps", "1", "--lr", "1e9", *FAST)
+    assert result.code == 1, result
+    assert result.out == ""
+    assert result.err.splitlines() == ["kerasllm: error: training diverged: loss is nan ; try a lower --lr"]
+
+
 def test_a_run_that_diverges_after_a_checkpoint_keeps_it_and_resumes_from_it(corpus_file, tmp_path):
     """It had been removed whole; and the interval that went NaN would have been the checkpoint."""
     from kerasllm.errors import KerasLLMError
