@@ -518,3 +518,24 @@ def test_evaluate_says_when_texts_go_past_the_trained_seq_len(run_cli, tmp_path)
     assert len(warnings) == 1 and warnings[0].startswith("kerasllm: warning: texts reach "), result.err
     assert warnings[0].endswith(" tokens, longer than the --seq-len 8 the model was trained with; results for "
                                 "such texts may degrade"), result.err
+
+
+# -- the closing line --------------------------------------------------------------------------------
+@pytest.mark.parametrize("worker, line", [
+    (0, "kerasllm: model written to {out}"),
+    (1, "kerasllm: worker 1 done; the chief (worker 0) writes the model to {out}"),
+])
+def test_only_the_chief_says_it_wrote_the_model(run_cli, corpus_file, tmp_path, monkeypatch, worker, line):
+    """Every worker of a multi-worker job had said "model written to OUT"; the others write nothing there."""
+    from types import SimpleNamespace
+
+    from kerasllm import distribute
+    from kerasllm.recipes import causal_lm
+
+    strategy = object()
+    monkeypatch.setattr(causal_lm, "train_causal_lm",
+                        lambda *args, **kwargs: SimpleNamespace(model=SimpleNamespace(distribute_strategy=strategy)))
+    monkeypatch.setattr(distribute, "worker_info", lambda given: (worker, 2) if given is strategy else None)
+    out = tmp_path / "run"
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out)
+    assert result.code == 0 and result.err.splitlines() == [line.format(out=out)], result

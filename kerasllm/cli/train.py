@@ -59,9 +59,9 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
         eval_steps=eval_steps, validation_fraction=validation_fraction, window=window, seed=seed,
         jit_compile=jit_compile,
     )
-    train_causal_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
-                    distribute=distribute)
-    click.echo(f"kerasllm: model written to {out}", err=True)
+    history = train_causal_lm(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                              config_overrides=overrides, distribute=distribute)
+    _say_where_the_model_is(out, history)
 
 
 @train.command("seq2seq")
@@ -116,9 +116,21 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
         eval_interval=eval_interval, eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed,
         jit_compile=jit_compile,
     )
-    train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
-                  distribute=distribute)
-    click.echo(f"kerasllm: model written to {out}", err=True)
+    history = train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                            config_overrides=overrides, distribute=distribute)
+    _say_where_the_model_is(out, history)
+
+
+def _say_where_the_model_is(out: Path, history) -> None:
+    """The closing line of a run. In a multi-worker job only the chief (worker 0) writes `out`; the
+    other workers had said "model written to OUT" too, though they wrote nothing there."""
+    from kerasllm.distribute import worker_info  # noqa: PLC0415 - imports TensorFlow
+
+    worker, _ = worker_info(history.model.distribute_strategy)
+    if worker == 0:
+        click.echo(f"kerasllm: model written to {out}", err=True)
+    else:
+        click.echo(f"kerasllm: worker {worker} done; the chief (worker 0) writes the model to {out}", err=True)
 
 
 _text_fields = [
@@ -207,9 +219,9 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
-                    distribute=distribute)
-    click.echo(f"kerasllm: model written to {out}", err=True)
+    history = train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                              config_overrides=overrides, distribute=distribute)
+    _say_where_the_model_is(out, history)
 
 
 @train.command("classifier")
@@ -247,9 +259,9 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet, config_overrides=overrides,
-                     distribute=distribute)
-    click.echo(f"kerasllm: model written to {out}", err=True)
+    history = train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                               config_overrides=overrides, distribute=distribute)
+    _say_where_the_model_is(out, history)
 
 
 @train.command("token-classifier")
@@ -298,7 +310,7 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
         tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
         validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    train_token_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
-                           config_overrides=overrides, distribute=distribute)
-    click.echo(f"kerasllm: model written to {out}", err=True)
+    history = train_token_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                                     config_overrides=overrides, distribute=distribute)
+    _say_where_the_model_is(out, history)
 
