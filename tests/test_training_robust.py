@@ -86,3 +86,24 @@ def test_run_directory_removes_a_failed_run_only_while_it_holds_no_progress(tmp_
     for name in ["checkpoints", "history.jsonl", "model.keras"]:  # model.keras: checkpoints already removed
         fail(tmp_path / name, name)
         assert (tmp_path / name / name).exists() and (tmp_path / name / "config.json").exists(), name
+
+
+def test_a_resumed_run_records_the_data_paths_it_was_given_again(tmp_path):
+    """`--resume --data NEW` had trained on NEW but left config.json naming the gone path, so a
+    second interruption needed --data again."""
+    from kerasllm.recipes.classifier import ClassifierTrainArgs
+    from kerasllm.recipes.common import resumed_args, run_directory, train_record
+
+    out = tmp_path / "run"
+    out.mkdir()
+    run = {"task": "classifier", "model": {"x": 1}, "train": train_record(ClassifierTrainArgs(data=["/gone.tsv"]))}
+    (out / "config.json").write_text(json.dumps(run))
+    new = tmp_path / "moved.tsv"
+    new.write_text("text\tlabel\n")
+    args = resumed_args(ClassifierTrainArgs, run, out, data=[str(new)])
+    with run_directory(out, resume=True, is_chief=False, save=None, args=args):
+        pass  # the other workers of a multi-worker job never write the run directory
+    assert json.loads((out / "config.json").read_text()) == run
+    with run_directory(out, resume=True, is_chief=True, save=None, args=args):
+        pass
+    assert json.loads((out / "config.json").read_text()) == {**run, "train": {**run["train"], "data": [str(new)]}}

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
-from kerasllm.training import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, read_run_config
+from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, read_run_config,
+                               write_json_atomic)
 
 # The arguments that name input files, and the option that gives each again beside `--resume`.
 DATA_PATHS = {"data": "--data", "source_file": "--source-file", "target_file": "--target-file"}
@@ -81,10 +82,22 @@ def resumed_args(args_class, run: dict, out: Path, **paths):
 PROGRESS = (CHECKPOINT_DIR, HISTORY_FILE, MODEL_FILE)
 
 
+def record_data_paths(out: Path, args) -> None:
+    """Save in config.json the data paths a resumed run reads (`args`, from `resumed_args`): those
+    given again had been used but not saved, so a second interruption needed them again."""
+    run = read_run_config(out)
+    record = train_record(args)
+    paths = {name: record[name] for name in DATA_PATHS if name in record}
+    if any(run["train"].get(name) != path for name, path in paths.items()):
+        write_json_atomic(out / CONFIG_FILE, {**run, "train": {**run["train"], **paths}})
+
+
 @contextlib.contextmanager
-def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None]) -> Iterator[None]:
+def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None],
+                  args=None) -> Iterator[None]:
     """The run directory around a recipe's training: created (by the chief only: one writer in
-    a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, and
+    a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, the
+    data paths of a resumed one (`args`) recorded in its config.json (`record_data_paths`), and
     on a failure removed again if this run created it and it holds no progress yet (`PROGRESS`:
     it failed before its first logged step), so a failed run leaves nothing half-written behind
     and a stopped one keeps what it trained (a Ctrl-C during the final save had removed it all)."""
@@ -92,8 +105,10 @@ def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[],
     if is_chief:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        if not resume and is_chief:
+        if is_chief and not resume:
             save()
+        elif is_chief and args is not None:
+            record_data_paths(out, args)
         yield
     except BaseException:
         if created and not any((out / name).exists() for name in PROGRESS):
