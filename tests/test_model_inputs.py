@@ -125,3 +125,16 @@ def test_generate_checks_its_stop_ids():
                          ([-1], r"stop token id -1 is outside the vocabulary of 64 ids \(0\.\.63\)")):
         with pytest.raises(UsageError, match=f"^generate: {message}$"):
             model.generate(prompt, max_new_tokens=4, stop_token_ids=bad)
+
+
+def test_compile_refuses_settings_it_would_not_apply():
+    """With an optimizer or loss of the caller's own, the default optimizer's settings and the default
+    loss's label smoothing had been dropped without a word."""
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    with pytest.raises(ValueError, match=r"^compile: learning_rate, total_steps configure the default optimizer "
+                                         r"\(optimizer='auto'\); with an optimizer of your own, set them on it$"):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), learning_rate=0.5, total_steps=100)
+    with pytest.raises(ValueError, match=r"^compile: label_smoothing applies to the default loss"):
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), label_smoothing=0.1)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(total_steps=100, label_smoothing=0.1)  # the defaults take them

@@ -18,8 +18,8 @@ def _train(make_model, x, y, batch_split, sgd=False, metrics="auto", **fit):
     # compare several steps of a model with such weights use SGD to compare the step's math.
     keras.utils.set_random_seed(1)
     model = make_model()
-    model.compile(optimizer=keras.optimizers.SGD(0.1) if sgd else "auto", total_steps=50, batch_split=batch_split,
-                  metrics=metrics)
+    optimizer = dict(optimizer=keras.optimizers.SGD(0.1)) if sgd else dict(total_steps=50)
+    model.compile(**optimizer, batch_split=batch_split, metrics=metrics)
     history = model.fit(x, y, epochs=3, verbose=0, shuffle=False, **fit).history
     evaluated = model.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
     return model, history, evaluated

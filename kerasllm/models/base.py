@@ -366,8 +366,13 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
                 jit_compile="auto", batch_split="auto", **kwargs):
         """`keras.Model.compile` with defaults that train transformers well.
 
-        `optimizer="auto"`: AdamW, warmup then cosine decay (`default_optimizer`).
-        `loss="auto"`: token cross-entropy from logits, with `label_smoothing`.
+        `optimizer="auto"`: AdamW with global-norm clipping (`default_optimizer`); its rate warms
+        up then decays on a cosine when `total_steps` is given, and is a constant `learning_rate`
+        without it. `learning_rate`, `total_steps`, `warmup_steps`, `weight_decay`,
+        `global_clipnorm` and `clipnorm` configure that optimizer: with an optimizer of your own,
+        set them on it (passing them too is a ValueError, not silently ignored).
+        `loss="auto"`: token cross-entropy from logits, with `label_smoothing` (likewise only
+        with the default loss).
         `metrics="auto"`: none for language models (perplexity is exp(loss); an argmax
         over the vocabulary every step costs throughput), task heads may define theirs in
         `default_metrics`. `jit_compile="auto"`: XLA, whose steps are ~1.7x faster on CPU
@@ -380,6 +385,16 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         an integer sets the parts, 1 turns it off.
         Anything passed explicitly is used as is.
         """
+        settings = [name for name, value, default in (
+            ("learning_rate", learning_rate, 1e-3), ("total_steps", total_steps, None),
+            ("warmup_steps", warmup_steps, None), ("weight_decay", weight_decay, 0.1),
+            ("global_clipnorm", global_clipnorm, 1.0), ("clipnorm", clipnorm, None)) if value != default]
+        if optimizer != "auto" and settings:
+            raise ValueError(f"compile: {', '.join(settings)} configure the default optimizer (optimizer='auto'); "
+                             f"with an optimizer of your own, set them on it")
+        if loss != "auto" and label_smoothing:
+            raise ValueError("compile: label_smoothing applies to the default loss (loss='auto'); with a loss of "
+                             "your own, set it on that loss")
         if optimizer == "auto":
             optimizer = default_optimizer(learning_rate, total_steps, warmup_steps, weight_decay=weight_decay,
                                           global_clipnorm=global_clipnorm, clipnorm=clipnorm)
