@@ -445,6 +445,8 @@ def test_resume_from_another_directory_reads_the_paths_saved_absolute(run_cli, t
         "directory; pass --data again to read the data from elsewhere"], refused.err
     resumed = run_cli("train", "classifier", "--out", out, "--resume", "--quiet", "--data", start / "moved.tsv")
     assert resumed.code == 0, resumed
+    # The path given again is saved: a later --resume reads it without --data.
+    assert json.loads((start / "run" / "config.json").read_text())["train"]["data"] == [str(start / "moved.tsv")]
     steps = [json.loads(line)["step"] for line in (start / "run" / "history.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 12
 

@@ -75,7 +75,7 @@ def test_run_directory_removes_a_failed_run_only_while_it_holds_no_progress(tmp_
     from kerasllm.recipes.common import run_directory
 
     def fail(out, *progress):
-        with pytest.raises(RuntimeError), run_directory(out, resume=False, is_chief=True,
+        with pytest.raises(RuntimeError), run_directory(out, resume=False, is_chief=True, args=None,
                                                         save=lambda: (out / "config.json").write_text("{}")):
             for name in progress:
                 (out / name).mkdir() if name == "checkpoints" else (out / name).write_text("x")

@@ -63,7 +63,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)
-    with (run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files),
+    with (run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args),
           token_cache_dir(out, dist.worker_index) as tokens_dir):
         # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
         split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)

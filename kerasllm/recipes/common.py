@@ -93,8 +93,7 @@ def record_data_paths(out: Path, args) -> None:
 
 
 @contextlib.contextmanager
-def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None],
-                  args=None) -> Iterator[None]:
+def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None], args) -> Iterator[None]:
     """The run directory around a recipe's training: created (by the chief only: one writer in
     a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, the
     data paths of a resumed one (`args`) recorded in its config.json (`record_data_paths`), and
@@ -107,7 +106,7 @@ def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[],
     try:
         if is_chief and not resume:
             save()
-        elif is_chief and args is not None:
+        elif is_chief:
             record_data_paths(out, args)
         yield
     except BaseException:

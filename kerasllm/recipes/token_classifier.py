@@ -88,7 +88,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
     dist.threads_for(config, args.jit_compile)
-    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files):
+    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args):
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
