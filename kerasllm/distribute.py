@@ -12,7 +12,9 @@ replicas. The names:
 * `multi-worker`: `MultiWorkerMirroredStrategy` over several processes/machines; the
   cluster comes from `TF_CONFIG`, or from Slurm (`SlurmClusterResolver`) inside an
   `srun` job. Every worker runs the same command with the same `--out`, which must be
-  storage all workers can read (only the chief writes there).
+  storage all workers can read (only the chief writes there). A worker waits for the others
+  at most `$KERASLLM_WORKER_WAIT` seconds (default 900), saying after 10 s what it waits for;
+  workers started with different arguments stop at once, each with one line.
 * `tpu`: `TPUStrategy` on the TPU named by `--tpu` (`TPUClusterResolver`; "" or "local"
   for a TPU VM).
 * `parameter-server`: recognised but refused: Keras 3's `model.fit` has no
@@ -42,7 +44,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -138,9 +142,16 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None):
                 raise UsageError(f"multi-worker: cannot read the Slurm job: {err}") from None
         else:
             raise UsageError("--strategy multi-worker needs a cluster: set TF_CONFIG, or run inside a Slurm job (srun)")
+        wait = worker_wait_seconds()
+        workers = _cluster_workers(resolver)
+        wait_for_the_other_workers(workers, wait)
+        _bound_tensorflow_registration(resolver, wait)
         sigterm = signal.getsignal(signal.SIGTERM)
         try:
             strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        except tf.errors.DeadlineExceededError as err:
+            raise KerasLLMError(f"multi-worker: gave up after {wait:g} s: {_unregistered(str(err), workers)} did "
+                                f"not join the cluster (wait longer with {WAIT_ENV}=SECONDS)") from None
         except (ValueError, RuntimeError, tf.errors.OpError) as err:
             raise UsageError(f"multi-worker: cannot join the cluster: {str(err).splitlines()[0]}") from None
         if threading.current_thread() is threading.main_thread() and sigterm is not None:
@@ -162,6 +173,160 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None):
     # parameter-server
     raise UsageError("--strategy parameter-server is not supported: Keras 3 model.fit cannot drive "
                      "ParameterServerStrategy (no ClusterCoordinator); use multi-worker")
+
+
+# -- joining the cluster -------------------------------------------------------------------------
+# How long a worker waits for the others to start (seconds). Long enough for a cluster's slow starts
+# (pods scheduled one by one, images pulled, a Slurm step's tasks launched node by node).
+WAIT_ENV = "KERASLLM_WORKER_WAIT"
+DEFAULT_WORKER_WAIT = 900.0
+NOTICE_AFTER = 10.0  # seconds of waiting before the line that says what this worker waits for
+
+
+def worker_wait_seconds() -> float:
+    """The bound on a multi-worker start-up: `$KERASLLM_WORKER_WAIT` seconds, default 900."""
+    raw = os.environ.get(WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKER_WAIT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{WAIT_ENV}={raw!r}: give the seconds a worker waits for the others (e.g. 900)")
+    return value
+
+
+@dataclass
+class _Worker:
+    index: int  # the worker number kerasllm uses (the chief first)
+    address: str  # host:port
+    task: str  # TensorFlow's task name, /job:worker/replica:0/task:1
+    me: bool
+
+
+def _cluster_workers(resolver) -> list[_Worker]:
+    """The chief and the workers of the cluster, in kerasllm's worker order (see `worker_info`)."""
+    spec = resolver.cluster_spec().as_dict()
+    workers = []
+    for job in ("chief", "worker"):
+        addresses = spec.get(job, [])
+        for task, address in (addresses.items() if isinstance(addresses, dict) else enumerate(addresses)):
+            me = job == resolver.task_type and task == resolver.task_id
+            workers.append(_Worker(len(workers), address, f"/job:{job}/replica:0/task:{task}", me))
+    return workers
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_the_other_workers(workers: list[_Worker], wait: float) -> None:
+    """Before TensorFlow joins the cluster: wait, in Python, until every other worker's address
+    accepts connections, while this worker's own address accepts them too.
+
+    TensorFlow's start-up (`MultiWorkerMirroredStrategy(...)`) blocks in C++ holding the GIL until
+    every worker has registered: no Python thread or signal handler runs there (a Ctrl-C waits
+    for it), and it installs its own SIGTERM handler, which ignores the signal. A peer that never
+    came had left a worker silent and unstoppable but for SIGKILL. Here the wait says what it waits
+    for after NOTICE_AFTER seconds, stops at once on SIGINT (KeyboardInterrupt: "interrupted",
+    130) or SIGTERM (one line, then the default action: 143), and ends after `wait` seconds with one line naming
+    the workers that never answered. Each worker listens on its own port meanwhile (never
+    accepting: a connection the kernel completes is the answer) so that the others can see it; it
+    closes the port just before TensorFlow binds it, and a worker that looks in between is
+    refused once and looks again (it then meets TensorFlow's server).
+    """
+    import socket  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    me = next(w for w in workers if w.me)
+    others = [w for w in workers if not w.me]
+    if not others:
+        return
+    listener = socket.socket(socket.AF_INET6 if ":" in _split_address(me.address)[0] else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", _split_address(me.address)[1]))
+        listener.listen(64)
+    except OSError as err:
+        listener.close()
+        raise UsageError(f"multi-worker: worker {me.index} cannot listen on its address {me.address}: "
+                         f"{err.strerror or err}") from None
+
+    def stop_on_sigterm(signum, frame):  # one line, then the default action: killed by SIGTERM (143)
+        print(f"kerasllm: stopped by SIGTERM while worker {me.index} waited for the other workers", file=sys.stderr,
+              flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if in_main else None
+    if sigterm == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
+    start, noticed = time.monotonic(), False
+    try:
+        waiting = list(others)
+        while True:
+            waiting = [w for w in waiting if not _answers(w.address)]
+            if not waiting:
+                return
+            elapsed = time.monotonic() - start
+            if elapsed >= wait:
+                raise KerasLLMError(f"multi-worker: gave up after {wait:g} s: {_named(waiting)} did not answer "
+                                    f"(wait longer with {WAIT_ENV}=SECONDS)")
+            if not noticed and elapsed >= min(NOTICE_AFTER, wait / 2):
+                noticed = True
+                print(f"kerasllm: multi-worker: worker {me.index} is waiting for {_named(waiting)} to start "
+                      f"(up to {wait:g} s, {WAIT_ENV})", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+    finally:
+        listener.close()
+        if sigterm == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _answers(address: str) -> bool:
+    import socket  # noqa: PLC0415
+
+    try:
+        with socket.create_connection(_split_address(address), timeout=2):
+            return True
+    except OSError:  # refused, unreachable, a name not (yet) in DNS, timed out
+        return False
+
+
+def _named(workers: list[_Worker]) -> str:
+    return ", ".join(f"worker {w.index} ({w.address})" for w in workers)
+
+
+def _bound_tensorflow_registration(resolver, wait: float) -> None:
+    """TensorFlow's own bound on its start-up, for a worker that answered and then went away:
+    the coordination service MultiWorkerMirroredStrategy would configure, with a registration
+    barrier that times out after `wait` seconds (DeadlineExceededError naming the missing tasks)
+    instead of waiting forever (TensorFlow 2.21's default)."""
+    from tensorflow.python.eager import context  # noqa: PLC0415 - no public API for these settings
+
+    spec = resolver.cluster_spec().as_dict()
+    if context.context().coordination_service is not None or resolver.task_type not in ("chief", "worker"):
+        return
+    leader = "chief" if spec.get("chief") else "worker"
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=f"/job:{leader}/replica:0/task:0",
+        cluster_register_timeout_in_ms=int(wait * 1000))
+    config = context.context().coordination_service
+    config.cluster_register_with_barrier = True  # without it the leader's wait ignores the timeout
+    for job in ("chief", "worker"):
+        if spec.get(job):
+            config.coordinated_job_list.add(name=job, num_tasks=len(spec[job]))
+
+
+def _unregistered(message: str, workers: list[_Worker]) -> str:
+    """The workers a TensorFlow registration timeout names (the leader names the tasks that did not
+    register; another worker, which could not register with the leader, names the leader)."""
+    named = [w for w in workers if not w.me and re.search(re.escape(w.task) + r"(?!\d)", message)]
+    return _named(named or [w for w in workers if not w.me])
 
 
 def _slurm_gpu_slots(tf) -> dict:
@@ -287,14 +452,102 @@ def distributed_recipe(recipe):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         call = bound.arguments
-        with (distribute or DistributeArgs()).scope(quiet=call.get("quiet", False)) as dist:
-            if dist.multi_worker and not call["resume"] and unfinished_run(call["out"]):
+        options = distribute or DistributeArgs()
+        with options.scope(quiet=call.get("quiet", False)) as dist:
+            if dist.multi_worker:
+                check_same_arguments(dist, command_record(recipe.__name__, call, options))
+            if dist.multi_worker and not call["resume"] and (
+                    unfinished_run(call["out"]) or started_by_this_command(call["out"], recipe.__name__, call["args"],
+                                                                           options)):
                 call["resume"] = True
                 log.info("multi-worker: resuming the stopped run in %s", call["out"])
             call["dist"] = dist
             return recipe(*bound.args, **bound.kwargs)
 
     return run
+
+
+# The recipe parameters that do not change what a worker computes: left out of the comparison.
+NOT_COMPARED = ("out", "quiet", "extra_callbacks", "dist")
+
+
+def command_record(recipe_name: str, call: dict, options: DistributeArgs) -> dict:
+    """What a worker was asked to train, as comparable JSON: the recipe, its arguments (each
+    field of the args dataclass), `--config`, the model overrides, `--resume` and the
+    `--strategy/--precision/--scale-lr` options."""
+    import dataclasses  # noqa: PLC0415
+
+    record = {"command": _task(recipe_name)}
+    for name, value in call.items():
+        if name in NOT_COMPARED:
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            record.update(dataclasses.asdict(value))
+        else:
+            record[name] = value
+    record.update(precision=options.precision, scale_lr=options.scale_lr)
+    return json.loads(json.dumps(record, default=str))
+
+
+def _task(recipe_name: str) -> str:
+    """The task a recipe records in config.json: train_causal_lm -> causal-lm."""
+    return recipe_name.removeprefix("train_").replace("_", "-")
+
+
+def _option(name: str) -> str:
+    return {"command": "the train command", "config_file": "--config",
+            "config_overrides": "the model options (--layers, --heads, ...)"}.get(name, "--" + name.replace("_", "-"))
+
+
+def check_same_arguments(dist: Distribution, record: dict) -> None:
+    """Every worker must train with the same arguments: each publishes `record` (`command_record`)
+    in the cluster's key-value store (TensorFlow's coordination service) and compares it with every
+    other worker's. A difference is one UsageError line naming the worker and the arguments;
+    without this check a different --steps or vocabulary ended in a collective op's traceback,
+    and a different --precision, --lr or --seed trained on silently, each worker its own way."""
+    from tensorflow.python.eager import context  # noqa: PLC0415 - the coordination service's store
+
+    key = "kerasllm/arguments/{}"
+    ctx = context.context()
+    ctx.set_config_key_value(key.format(dist.worker_index), json.dumps(record, sort_keys=True))
+    for other in range(dist.num_workers):
+        if other == dist.worker_index:
+            continue
+        theirs = json.loads(ctx.get_config_key_value(key.format(other), int(worker_wait_seconds() * 1000)))
+        differ = [name for name in sorted({*record, *theirs}) if record.get(name) != theirs.get(name)]
+        if differ:
+            shown = "; ".join(f"{_option(n)} {json.dumps(record.get(n))} here, {json.dumps(theirs.get(n))} there"
+                              for n in differ[:4])
+            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+            raise UsageError(f"multi-worker: worker {dist.worker_index} was started with other arguments than worker "
+                             f"{other}: {shown}{more}; start every worker with the same command")
+
+
+def started_by_this_command(out, recipe_name: str, args, options: DistributeArgs) -> bool:
+    """`out` holds a run that this very command started and that stopped before its first checkpoint
+    (its config.json records the same command, training arguments and options; no model.keras):
+    a restarted job resumes it, which, with no checkpoint, starts training over with the saved
+    tokenizer (the history past step 0 dropped). A directory of another command stays refused."""
+    import dataclasses  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from kerasllm.recipes.common import train_record  # noqa: PLC0415 - the recipes' module
+    from kerasllm.training import CONFIG_FILE, MODEL_FILE, read_run_config  # noqa: PLC0415 - imports keras
+
+    out = Path(out)
+    if not dataclasses.is_dataclass(args) or not (out / CONFIG_FILE).is_file() or (out / MODEL_FILE).exists():
+        return False
+    try:
+        saved = read_run_config(out)
+    except UsageError:  # unreadable: prepare_run_dir refuses the directory as before
+        return False
+    if not isinstance(saved, dict):
+        return False
+    distribute = saved.get("distribute")
+    return (saved.get("task") == _task(recipe_name)
+            and saved.get("train") == json.loads(json.dumps(train_record(args), default=str))
+            and isinstance(distribute, dict) and distribute.get("precision") == options.precision
+            and distribute.get("scale_lr") == options.scale_lr)
 
 
 def shard_batches(dataset, shard_index: int, num_shards: int):
@@ -399,6 +652,12 @@ def training_strategy(name: str = "auto", precision: str = "fp32", tpu: str | No
         with strategy.scope():
             yield dist
     except Exception as err:
+        if workers > 1 and _collective_mismatch(err):
+            # Workers that run different steps or shapes (other data, a changed file): TensorFlow's
+            # collective traceback, in one line.
+            raise KerasLLMError(f"multi-worker: worker {index}'s collective operations do not match the other "
+                                f"workers' ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); start "
+                                "every worker with the same command on the same data") from err
         if workers > 1 and _lost_the_cluster(err):
             # Another worker stopped (the chief refusing its --out, a killed process): one line
             # naming this worker instead of TensorFlow's collective traceback.
@@ -417,3 +676,13 @@ def _lost_the_cluster(err: Exception) -> bool:
 
     return isinstance(err, (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
                             tf.errors.DeadlineExceededError))
+
+
+def _collective_mismatch(err: Exception) -> bool:
+    """A collective op that failed because the workers disagree on it (TensorFlow's InternalError
+    "Collective instance ... expected type", InvalidArgumentError "Shape mismatch in the
+    collective instance")."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return (isinstance(err, (tf.errors.InternalError, tf.errors.InvalidArgumentError))
+            and "collective" in str(err).lower())

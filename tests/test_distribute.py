@@ -38,6 +38,17 @@ def test_local_strategies_resolve():
     assert mirrored.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
 
 
+@pytest.fixture
+def no_cluster_start(monkeypatch):
+    """For a faked MultiWorkerMirroredStrategy: no wait for the peers, and TensorFlow's coordination
+    service left unconfigured in this process."""
+    import kerasllm.distribute as distribute
+
+    monkeypatch.setattr(distribute, "_cluster_workers", lambda resolver: [])
+    monkeypatch.setattr(distribute, "wait_for_the_other_workers", lambda workers, wait: None)
+    monkeypatch.setattr(distribute, "_bound_tensorflow_registration", lambda resolver, wait: None)
+
+
 class FakeStrategy:
     def __init__(self, resolver=None, **kwargs):
         self.resolver = resolver or kwargs.get("cluster_resolver")
@@ -63,7 +74,7 @@ def test_auto_and_one_device_pick_gpus_when_there_are_some(monkeypatch):
     assert resolve_strategy("auto") is tf.distribute.get_strategy()  # one GPU: no distribution
 
 
-def test_multi_worker_reads_tf_config(monkeypatch):
+def test_multi_worker_reads_tf_config(no_cluster_start, monkeypatch):
     import tensorflow as tf
 
     monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy", FakeStrategy)
@@ -74,7 +85,7 @@ def test_multi_worker_reads_tf_config(monkeypatch):
     assert (resolver.task_type, resolver.task_id) == ("worker", 1)
 
 
-def test_multi_worker_uses_slurm_without_tf_config(monkeypatch):
+def test_multi_worker_uses_slurm_without_tf_config(no_cluster_start, monkeypatch):
     import tensorflow as tf
 
     made = []
@@ -91,7 +102,7 @@ def test_multi_worker_uses_slurm_without_tf_config(monkeypatch):
     assert resolve_strategy("multi-worker").resolver is made[0]
 
 
-def test_slurm_on_cpu_nodes_makes_a_worker_of_every_task(monkeypatch, tmp_path):
+def test_slurm_on_cpu_nodes_makes_a_worker_of_every_task(no_cluster_start, monkeypatch, tmp_path):
     """Two tasks of an `srun` step on a node without GPUs (no nvidia-smi on PATH): a cluster of
     two workers. SlurmClusterResolver had run nvidia-smi ("No such file or directory") or, with
     no GPU, failed on "range() arg 3 must not be zero"."""
@@ -184,6 +195,67 @@ def test_cli_broken_tf_config_exits_2_with_one_line(run_cli, corpus_file, tmp_pa
     assert result.err.strip() == 'kerasllm: error: TF_CONFIG has no "task" with "type" and "index" ' \
                                  '(e.g. {"type": "worker", "index": 0})'
     assert not (tmp_path / "run").exists()
+
+
+def test_the_worker_wait_is_bounded_by_an_environment_variable(monkeypatch):
+    from kerasllm.distribute import DEFAULT_WORKER_WAIT, worker_wait_seconds
+
+    monkeypatch.delenv("KERASLLM_WORKER_WAIT", raising=False)
+    assert worker_wait_seconds() == DEFAULT_WORKER_WAIT == 900
+    monkeypatch.setenv("KERASLLM_WORKER_WAIT", "2.5")
+    assert worker_wait_seconds() == 2.5
+    for bad in ("soon", "0", "-1", "nan", "inf"):
+        monkeypatch.setenv("KERASLLM_WORKER_WAIT", bad)
+        with pytest.raises(UsageError, match=f"^KERASLLM_WORKER_WAIT='{bad}': give the seconds a worker waits"):
+            worker_wait_seconds()
+
+
+def test_a_registration_timeout_names_the_missing_workers():
+    """TensorFlow's barrier timeout names tasks; the line names workers and their addresses."""
+    from kerasllm.distribute import _unregistered, _Worker
+
+    workers = [_Worker(i, f"h{i}:2222", f"/job:worker/replica:0/task:{i}", i == 1) for i in range(12)]
+    leader = ("Barrier timed out. Id: [Init]Wait_for_all_tasks_to_register::0. ... Some timed out task names:\n"
+              "/job:worker/replica:0/task:0\n/job:worker/replica:0/task:11\n")
+    assert _unregistered(leader, workers) == "worker 0 (h0:2222), worker 11 (h11:2222)"  # not task 1 in task:11
+    assert _unregistered("Deadline Exceeded", workers[:3]) == "worker 0 (h0:2222), worker 2 (h2:2222)"
+
+
+def test_collective_mismatches_are_told_apart_from_other_errors():
+    import tensorflow as tf
+
+    from kerasllm.distribute import _collective_mismatch
+
+    assert _collective_mismatch(tf.errors.InternalError(None, None, "Collective instance 275 expected type 0"))
+    assert _collective_mismatch(tf.errors.InvalidArgumentError(None, None, "Shape mismatch in the collective instance"))
+    assert not _collective_mismatch(tf.errors.InvalidArgumentError(None, None, "indices[3] = 70 is not in [0, 64)"))
+    assert not _collective_mismatch(ValueError("collective"))
+
+
+def test_a_restarted_job_takes_back_a_run_dir_its_own_command_started(tmp_path):
+    """The chief died before its first checkpoint: the very same command (its train arguments in
+    config.json) resumes the directory, which starts over; it had been refused as "exists and is not
+    empty". Another command's directory, or a finished run, is not taken."""
+    from kerasllm.distribute import started_by_this_command
+    from kerasllm.recipes.causal_lm import CausalLMTrainArgs
+    from kerasllm.recipes.common import train_record
+
+    args, options = CausalLMTrainArgs(data=["corpus.txt"], steps=40, lr=2e-3), DistributeArgs(strategy="multi-worker")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").write_text('{"step": 10, "loss": 3.2}\n')
+    assert not started_by_this_command(out, "train_causal_lm", args, options)  # no config.json: not a run
+    config = {"task": "causal-lm", "model": {}, "train": train_record(args), "distribute": {
+        "strategy": "multi-worker", "tpu": None, "precision": "fp32", "scale_lr": False}}
+    (out / "config.json").write_text(json.dumps(config))
+    assert started_by_this_command(out, "train_causal_lm", args, options)
+    assert not started_by_this_command(out, "train_causal_lm", CausalLMTrainArgs(data=["corpus.txt"], steps=40),
+                                       options)  # another --lr
+    assert not started_by_this_command(out, "train_masked_lm", args, options)
+    assert not started_by_this_command(out, "train_causal_lm", args,
+                                       DistributeArgs(strategy="multi-worker", precision="mixed_bfloat16"))
+    (out / "model.keras").write_text("finished")
+    assert not started_by_this_command(out, "train_causal_lm", args, options)
 
 
 # -- batch split, learning rate, input shards ---------------------------------------------------
