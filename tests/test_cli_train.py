@@ -541,3 +541,12 @@ def test_only_the_chief_says_it_wrote_the_model(run_cli, corpus_file, tmp_path, 
     out = tmp_path / "run"
     result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out)
     assert result.code == 0 and result.err.splitlines() == [line.format(out=out)], result
+
+
+def test_a_bad_batch_split_setting_is_one_line(run_cli, corpus_file, tmp_path, monkeypatch):
+    """KERASLLM_BATCH_SPLIT (README) set to a word had ended `kerasllm train` in a 48-line traceback."""
+    monkeypatch.setenv("KERASLLM_BATCH_SPLIT", "two")
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--steps", "4", *FAST)
+    assert result.code == 2 and result.err.splitlines() == [
+        "kerasllm: error: KERASLLM_BATCH_SPLIT must be a whole number of parts (1: no split), got 'two'"], result.err
+    assert not (tmp_path / "run").exists()

@@ -165,9 +165,13 @@ def test_auto_splits_only_where_it_is_safe_and_pays(monkeypatch):
         assert resolve_batch_split(big, "auto", jit_compile=True) == 1
     monkeypatch.setenv("KERASLLM_BATCH_SPLIT", "1")
     assert resolve_batch_split(big, "auto", jit_compile=True) == 1
-    monkeypatch.setenv("KERASLLM_BATCH_SPLIT", "two")
-    with pytest.raises(ValueError, match="KERASLLM_BATCH_SPLIT must be an integer, got 'two'"):
-        resolve_batch_split(big, "auto", jit_compile=True)
+    from kerasllm.errors import UsageError
+
+    for bad in ("two", "-3"):  # a UsageError: one line from the CLI (a ValueError had been a traceback)
+        monkeypatch.setenv("KERASLLM_BATCH_SPLIT", bad)
+        with pytest.raises(UsageError, match=rf"^KERASLLM_BATCH_SPLIT must be a whole number of parts \(1: no "
+                                             rf"split\), got '{bad}'$"):
+            resolve_batch_split(big, "auto", jit_compile=True)
     with pytest.raises(ValueError, match="batch_split must be 'auto' or an integer >= 1"):
         resolve_batch_split(big, "two", jit_compile=True)
     # Several losses: Keras updates a Mean per loss inside compute_loss, which parts would race on.

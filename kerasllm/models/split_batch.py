@@ -72,6 +72,7 @@ import keras
 from keras import tree
 
 from kerasllm import distribute
+from kerasllm.errors import UsageError
 
 log = logging.getLogger("kerasllm")
 
@@ -158,10 +159,11 @@ def _per_position_ignore_denominator(reduction, ignore_id):
 def _batch_split_from_environment(batch_split):
     """`KERASLLM_BATCH_SPLIT` (an integer) in place of `"auto"`."""
     if batch_split == "auto" and os.environ.get("KERASLLM_BATCH_SPLIT", "").strip():
-        try:
-            return int(os.environ["KERASLLM_BATCH_SPLIT"])
-        except ValueError:
-            raise ValueError(f"KERASLLM_BATCH_SPLIT must be an integer, got {os.environ['KERASLLM_BATCH_SPLIT']!r}")
+        raw = os.environ["KERASLLM_BATCH_SPLIT"].strip()
+        # A UsageError, as the other settings': the CLI's one line and exit 2, not a traceback.
+        if not raw.isdigit():
+            raise UsageError(f"KERASLLM_BATCH_SPLIT must be a whole number of parts (1: no split), got {raw!r}")
+        return int(raw)
     return batch_split
 
 
