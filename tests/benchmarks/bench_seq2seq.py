@@ -145,6 +145,10 @@ grouped bundle, `--repeats 5`, two runs back to back, nothing else running:
 The bundle's own figures are steady (815-817 and 306-309 sentences/s); Keras's greedy moved 30% between
 the runs, and with it the ratio: one run reaches 3x, the other does not.
 
+2026-12-07, fifteenth session (same machine), no decoding change, `--keep` the grouped bundle, `--repeats 5`,
+nothing else running:
+    greedy: Keras 426.4 | bundle 985.8 2.31x;  beam 4: Keras  95.8 | bundle 303.6 3.17x, 64/64 identical
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

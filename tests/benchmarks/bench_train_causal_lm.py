@@ -462,6 +462,26 @@ range), and `--repeats 0 --full --skip-kerashub`: kerasllm val loss after 2000 i
     keras-hub GPT2Backbone         28.0     20,878         1.69x         1.00x
     nanoGPT (PyTorch)              16.5     19,343         1.00x         0.93x
       per repeat: tok/s vs hub 1.20x 1.24x 1.30x; tok/s vs nanoGPT 1.28x 1.34x 1.56x; wall 0.95x 0.97x 0.88x
+
+2026-12-07, fifteenth session, same machine, `--steps 300 --repeats 3`, before and after the day's
+correctness changes to training (the clip after the replicas' sum, which one device never takes; the
+checkpoint callback keeping its files; the stop on a NaN loss without Keras's print): the compiled
+step is the same program. Nothing else running either time:
+
+    kerasllm                       17.1     23,639         0.86x         1.19x
+    keras-hub GPT2Backbone         29.6     19,877         1.48x         1.00x
+    nanoGPT (PyTorch)              19.9     15,302         1.00x         0.77x
+      per repeat: tok/s vs hub 1.24x 1.12x 1.19x; tok/s vs nanoGPT 1.62x 1.53x 1.23x; wall 0.86x 0.86x 1.05x
+
+    kerasllm                       15.8     25,903         0.85x         1.44x
+    keras-hub GPT2Backbone         32.1     18,036         1.73x         1.00x
+    nanoGPT (PyTorch)              18.6     15,597         1.00x         0.86x
+      per repeat: tok/s vs hub 1.22x 1.69x 1.37x; tok/s vs nanoGPT 1.27x 1.67x 1.97x; wall 0.97x 0.82x 0.73x
+
+In the second run the baselines slowed in its later repeats (keras-hub 21.2k -> 15.4k and 18.0k tokens/s,
+nanoGPT 20.4k -> 12.6k) while kerasllm held 24.8-26.0k: its one-thread-per-part step is less exposed to
+the machine's slow phases here, which moves the ratio more than any change did. The 1.3x keras-hub goal
+is met in that run, not in the first (nor in most runs since 2026-12-06).
 """
 
 from __future__ import annotations
