@@ -40,6 +40,8 @@ def test_ids_outside_the_vocabulary_are_refused_before_they_clamp_or_spread_nan(
                 run()
     with pytest.raises(ValueError, match=r"^CausalLM: token_ids holds id 1\d\d, outside the vocabulary"):
         model.predict(x + 100, verbose=0)
+    with pytest.raises(ValueError, match=r"^CausalLM: token_ids holds id 1234567, outside"):  # not 1.23457e+06
+        model.predict(np.full((2, 8), 1234567.0, "float32"), verbose=0)
     for w, old in zip(model.weights, before):  # nothing ran
         np.testing.assert_array_equal(w.numpy(), old)
     # Ids in range still train, and a loss of the caller's own is not second-guessed.

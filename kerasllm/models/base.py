@@ -168,8 +168,9 @@ def check_id_range(model, name, value, vocab_size: int):
         return
     low, high = value.min(), value.max()
     if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{type(model).__name__}: {name} holds id {bad.item():g}, outside the vocabulary of "
+        bad = (low if low < 0 else high).item()
+        bad = int(bad) if float(bad).is_integer() else bad  # 70000, not 7e+04, from a float array
+        raise ValueError(f"{type(model).__name__}: {name} holds id {bad}, outside the vocabulary of "
                          f"{vocab_size} ids (0..{vocab_size - 1})")
 
 
