@@ -336,6 +336,9 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
         )
         losses = history.history.get("loss", [])
         if losses and not math.isfinite(losses[-1]):
+            if is_chief and unfinished_run(out):  # a checkpoint from before the NaN interval (RunBackup)
+                raise KerasLLMError(f"training diverged: loss is {losses[-1]} ; {out} keeps its last checkpoint "
+                                    "from before; train again with a lower --lr and a new --out")
             raise KerasLLMError(f"training diverged: loss is {losses[-1]} ; try a lower --lr")
         # Every worker saves: under MultiWorkerMirroredStrategy saving runs collective ops
         # that all workers must join; the others write to their scratch directory.

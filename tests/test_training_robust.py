@@ -46,6 +46,11 @@ def test_a_diverged_run_says_so_in_one_line(run_cli, corpus_file, tmp_path):
     assert result.code == 1, result
     assert result.out == ""
     assert result.err.splitlines() == ["kerasllm: error: training diverged: loss is nan ; try a lower --lr"]
+    # Before its first checkpoint the run is removed, so the advice can be taken with the same --out.
+    assert not (tmp_path / "run").exists()
+    again = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--steps", "10",
+                    "--eval-interval", "5", "--eval-steps", "1", *FAST)
+    assert again.code == 0, again
 
 
 def test_a_run_that_diverges_after_a_checkpoint_keeps_it_and_resumes_from_it(corpus_file, tmp_path):
@@ -62,7 +67,8 @@ def test_a_run_that_diverges_after_a_checkpoint_keeps_it_and_resumes_from_it(cor
     out = tmp_path / "run"
     args = CausalLMTrainArgs(data=[str(corpus_file)], preset="tiny", steps=15, eval_interval=5, eval_steps=1,
                              batch_size=8, seq_len=32, jit_compile=False)
-    with pytest.raises(KerasLLMError, match="training diverged: loss is nan"):
+    with pytest.raises(KerasLLMError, match=rf"^training diverged: loss is nan ; {out} keeps its last checkpoint from "
+                                            r"before; train again with a lower --lr and a new --out$"):
         train_causal_lm(args, out, quiet=True, extra_callbacks=[NaNWeightsAtStep8()])
     # The last checkpoint is the one before the NaN interval (step 5), not the NaN state of step 8.
     assert json.loads((out / "checkpoints" / "training_metadata.json").read_text())["epoch"] == 1
@@ -83,7 +89,11 @@ def test_run_directory_removes_a_failed_run_only_while_it_holds_no_progress(tmp_
 
     fail(tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()  # failed before its first step: nothing half-written left
-    for name in ["checkpoints", "history.jsonl", "model.keras"]:  # model.keras: checkpoints already removed
+    # Nor before its first checkpoint: its history alone is nothing to resume from, and a kept
+    # directory would refuse the same command (say with a lower --lr after a divergence) run again.
+    fail(tmp_path / "history", "history.jsonl")
+    assert not (tmp_path / "history").exists()
+    for name in ["checkpoints", "model.keras"]:  # model.keras: checkpoints already removed
         fail(tmp_path / name, name)
         assert (tmp_path / name / name).exists() and (tmp_path / name / "config.json").exists(), name
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
-from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, read_run_config,
+from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, read_run_config,
                                write_json_atomic)
 
 # The arguments that name input files, and the option that gives each again beside `--resume`.
@@ -78,8 +78,10 @@ def resumed_args(args_class, run: dict, out: Path, **paths):
     return args_class(**saved)
 
 
-# What a run holds once it has trained: a failed run that holds any of them is never removed.
-PROGRESS = (CHECKPOINT_DIR, HISTORY_FILE, MODEL_FILE)
+# What a run holds once it has something to resume or keep: a failed run that holds either is never
+# removed. Not its history alone: a run that failed (or diverged) before its first checkpoint has
+# nothing to resume from, and keeping it would refuse the same command run again ("exists").
+PROGRESS = (CHECKPOINT_DIR, MODEL_FILE)
 
 
 def record_data_paths(out: Path, args) -> None:
@@ -98,8 +100,8 @@ def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[],
     a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, the
     data paths of a resumed one (`args`) recorded in its config.json (`record_data_paths`), and
     on a failure removed again if this run created it and it holds no progress yet (`PROGRESS`:
-    it failed before its first logged step), so a failed run leaves nothing half-written behind
-    and a stopped one keeps what it trained (a Ctrl-C during the final save had removed it all)."""
+    it failed before its first checkpoint), so a failed run leaves nothing half-written behind
+    and a stopped one keeps what it can resume from (a Ctrl-C during the final save had removed it all)."""
     created = is_chief and not out.exists()
     if is_chief:
         out.mkdir(parents=True, exist_ok=True)
