@@ -121,8 +121,8 @@ def test_generate_checks_its_stop_ids():
     np.testing.assert_array_equal(one, model.generate(prompt, max_new_tokens=4, stop_token_ids=[12]))
     np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=4, stop_token_ids=[]),
                                   model.generate(prompt, max_new_tokens=4))
-    for bad, message in ((["3"], r"stop_token_ids must be token ids \(integers\), got \['3'\]"),
-                         ([1.5], r"stop_token_ids must be token ids \(integers\), got \[1\.5\]"),
+    for bad, message in ((["3"], r"stop_token_ids must be token ids \(integers\), got '3' in them"),
+                         ([1.5], r"stop_token_ids must be token ids \(integers\), got 1\.5 in them"),
                          ([999], r"stop token id 999 is outside the vocabulary of 64 ids \(0\.\.63\)"),
                          ([-1], r"stop token id -1 is outside the vocabulary of 64 ids \(0\.\.63\)")):
         with pytest.raises(UsageError, match=f"^generate: {message}$"):
@@ -140,3 +140,41 @@ def test_compile_refuses_settings_it_would_not_apply():
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), label_smoothing=0.1)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.compile(total_steps=100, label_smoothing=0.1)  # the defaults take them
+
+
+def test_stop_ids_come_in_any_iterable():
+    """A set, dict keys or a generator of ids had worked before the check and must still."""
+    model = causal_lm()
+    prompt = [[7, 8, 9]]
+    expected = model.generate(prompt, max_new_tokens=4, stop_token_ids=[12, 13])
+    for given in ({12, 13}, frozenset({12, 13}), dict.fromkeys([12, 13]).keys(), (i for i in (12, 13)),
+                  np.array([12, 13])):
+        np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=4, stop_token_ids=given), expected)
+    with pytest.raises(UsageError, match=r"^generate: stop_token_ids must be token ids \(integers\), got '12'$"):
+        model.generate(prompt, max_new_tokens=4, stop_token_ids="12")
+
+
+def test_token_classifier_targets_are_padded_with_no_label():
+    """Rows of tags of different lengths: the advice had been pad_id 0, a real label (padding then
+    trained as label 0); -1 is the label the loss ignores."""
+    from kerasllm import TokenClassifier
+
+    model = TokenClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=3))
+    model.compile()
+    with pytest.raises(ValueError, match=r"got rows of 2 to 3 tokens: pad the rows to one length with -1 \(no "
+                                         r"label\) \(after each row's tokens\)$"):
+        model.fit([[2, 7, 8], [2, 9, 0]], [[0, 1, 2], [0, 1]], verbose=0)
+
+
+def test_a_loss_that_ignores_an_id_outside_the_vocabulary_takes_it():
+    """Keras's loss with ignore_class=-100 (Hugging Face's convention): -100 is no token id."""
+    model = causal_lm()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100),
+                  jit_compile=False, batch_split=1)
+    tokens = RNG.integers(6, 64, (4, 9))
+    x, y = tokens[:, :-1], tokens[:, 1:].copy()
+    y[:, 5:] = -100
+    assert np.isfinite(model.evaluate(x, y, verbose=0))
+    y[0, 0] = 500
+    with pytest.raises(ValueError, match=r"^CausalLM: targets holds id 500, outside the vocabulary of 64 ids"):
+        model.evaluate(x, y, verbose=0)

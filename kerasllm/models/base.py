@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -138,35 +139,43 @@ def token_id_rows(rows, vocab_size: int, what: str = "prompt") -> list[np.ndarra
 
 
 def stop_id_tuple(stop_token_ids, vocab_size: int) -> tuple[int, ...]:
-    """`generate`'s `stop_token_ids` (None, one id, or a sequence of ids) as a tuple of Python ints.
+    """`generate`'s `stop_token_ids` (None, one id, or any iterable of ids) as a tuple of Python ints.
 
     UsageError for anything that is not integer ids and for an id outside the vocabulary (the
     model can never emit it, so it would stop nothing).
     """
     if stop_token_ids is None:
         return ()
-    ids = np.asarray(stop_token_ids)
-    if ids.size == 0:
-        return ()
-    if ids.ndim > 1 or ids.dtype.kind not in "iu":
+    given = stop_token_ids
+    if isinstance(given, (int, np.integer)):
+        given = [given]
+    elif isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
         raise UsageError(f"generate: stop_token_ids must be token ids (integers), got {stop_token_ids!r}")
-    ids = ids.reshape(-1)
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
-    if bad.size:
-        raise UsageError(f"generate: stop token id {bad[0]} is outside the vocabulary of {vocab_size} ids "
-                         f"(0..{vocab_size - 1})")
-    return tuple(int(i) for i in ids)
+    ids = []
+    for value in given:  # a list, tuple, set, array, dict keys or generator of ids
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UsageError(f"generate: stop_token_ids must be token ids (integers), got {value!r} in them")
+        if not 0 <= value < vocab_size:
+            raise UsageError(f"generate: stop token id {value} is outside the vocabulary of {vocab_size} ids "
+                             f"(0..{vocab_size - 1})")
+        ids.append(int(value))
+    return tuple(ids)
 
 
-def check_id_range(model, name, value, vocab_size: int):
+def check_id_range(model, name, value, vocab_size: int, ignored=None):
     """ValueError where the array `value` holds an id outside `0..vocab_size-1`. Under XLA
     (compile's default) an input id past the table is clamped into it (the model reads another
     token) and a target past the logits gives a NaN loss, which one `fit` step spreads to every
     weight; TensorFlow's own kernels raise a multi-line graph error. Tensors and datasets pass:
-    their values are seen only when the step runs."""
+    their values are seen only when the step runs. `ignored` (a loss's ignored id, e.g. padding)
+    may stand anywhere."""
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf" or not value.size:
         return
     low, high = value.min(), value.max()
+    if (low < 0 or high >= vocab_size) and ignored is not None:  # the loss's ignored id is no token
+        # Only here, past the quick min/max: a mask and a copy of a large array cost ~20x as much.
+        kept = value[value != ignored]
+        low, high = (kept.min(), kept.max()) if kept.size else (0, 0)
     if low < 0 or high >= vocab_size:
         bad = (low if low < 0 else high).item()
         bad = int(bad) if float(bad).is_integer() else bad  # 70000, not 7e+04, from a float array
@@ -254,10 +263,16 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         rows = value.tolist() if isinstance(value, np.ndarray) else value
         lengths = sorted({len(row) for row in rows if isinstance(row, (list, tuple, np.ndarray))})
         if len(lengths) > 1:
+            padding = self.target_padding() if name == "targets" else f"pad_id {self.config.pad_id}"
             raise ValueError(f"{type(self).__name__} expects {name} of shape [batch, length], got rows of "
-                             f"{lengths[0]} to {lengths[-1]} tokens: pad the rows to one length with pad_id "
-                             f"{self.config.pad_id} (after each row's tokens)")
+                             f"{lengths[0]} to {lengths[-1]} tokens: pad the rows to one length with {padding} "
+                             f"(after each row's tokens)")
         return np.asarray(rows)
+
+    def target_padding(self) -> str:
+        """What rows of targets are padded with, as `token_id_batch`'s message says it: the id the
+        default loss ignores where it ignores one (a token classifier's -1: its pad_id is a label)."""
+        return f"pad_id {self.config.pad_id}"
 
     def token_batches(self, x):
         """The inputs `x` (ids, or a dict of them) with `token_id_batch` applied to the token ids."""
@@ -340,9 +355,7 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         ignored = _sparse_cross_entropy_ignores(self.loss)
         if ignored is False or y is None:
             return
-        if ignored is not None and isinstance(y, np.ndarray):
-            y = y[y != ignored]
-        check_id_range(self, "targets", y, self.input_vocab_size(self.token_inputs[-1]))
+        check_id_range(self, "targets", y, self.input_vocab_size(self.token_inputs[-1]), ignored=ignored)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}

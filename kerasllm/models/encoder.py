@@ -390,6 +390,9 @@ class TokenClassifier(EncoderModel):
     def check_targets(self, y):
         check_labels(self, y, no_label=-1)
 
+    def target_padding(self) -> str:
+        return "-1 (no label)"
+
     def call(self, inputs, training=None):
         hidden, _ = self.encode(inputs, training=training)
         return ops.cast(self.classifier(self.head_dropout(hidden, training=training)), "float32")
