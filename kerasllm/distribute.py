@@ -474,8 +474,11 @@ NOT_COMPARED = ("out", "quiet", "extra_callbacks", "dist")
 def command_record(recipe_name: str, call: dict, options: DistributeArgs) -> dict:
     """What a worker was asked to train, as comparable JSON: the recipe, its arguments (each
     field of the args dataclass), `--config`, the model overrides, `--resume` and the
-    `--strategy/--precision/--scale-lr` options."""
+    `--strategy/--precision/--scale-lr` options; not the data paths (`DATA_PATHS`, `--init-from`):
+    each machine may keep its copy of the data elsewhere."""
     import dataclasses  # noqa: PLC0415
+
+    from kerasllm.recipes.common import DATA_PATHS  # noqa: PLC0415 - the recipes' module
 
     record = {"command": _task(recipe_name)}
     for name, value in call.items():
@@ -485,6 +488,10 @@ def command_record(recipe_name: str, call: dict, options: DistributeArgs) -> dic
             record.update(dataclasses.asdict(value))
         else:
             record[name] = value
+    for name in (*DATA_PATHS, "init_from"):
+        # Where each machine keeps its copy of the data ("data.txt" here, "/mnt/d/data.txt" there):
+        # not compared. Different data still stops the job in one line where the shapes then differ.
+        record.pop(name, None)
     record.update(precision=options.precision, scale_lr=options.scale_lr)
     return json.loads(json.dumps(record, default=str))
 

@@ -72,13 +72,18 @@ def test_sigint_and_sigterm_stop_a_waiting_worker_at_once(tmp_path, corpus_file)
 
 
 def test_workers_started_with_other_arguments_stop_in_one_line(tmp_path, corpus_file):
-    """--lr and --precision differ on worker 1: both workers had trained on, each its own way."""
+    """--lr and --precision differ on worker 1: both workers had trained on, each its own way. The
+    data path, spelled differently on each (as each machine may keep its copy elsewhere), is not
+    an argument that differs."""
+    import os
+
     ports = dw.free_ports(2)
     procs = []
+    data = [corpus_file, os.path.relpath(corpus_file, dw.ROOT)]
     for index, extra in enumerate(([], ["--lr", "0.002", "--precision", "mixed_bfloat16"])):
         env = dw.worker_env(index, ports, {"TMPDIR": str(tmp_path)})
         env.pop("TF_CPP_MIN_LOG_LEVEL")
-        args = ["train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", *FAST, *extra]
+        args = ["train", "causal-lm", "--data", data[index], "--out", tmp_path / "run", *FAST, *extra]
         procs.append(subprocess.Popen([sys.executable, "-m", "kerasllm", *map(str, args)], env=env, cwd=dw.ROOT,
                                       stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"w{index}.log", "w")))  # noqa: SIM115
     codes = [p.wait(timeout=240) for p in procs]
