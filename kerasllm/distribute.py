@@ -550,9 +550,13 @@ def started_by_this_command(out, recipe_name: str, args, options: DistributeArgs
         return False
     if not isinstance(saved, dict):
         return False
-    distribute = saved.get("distribute")
+    distribute, trained = saved.get("distribute"), saved.get("train")
+    given = json.loads(json.dumps(train_record(args), default=str))
+    # An option the command left out (None) matches what the recipe chose and saved for it (seq2seq's
+    # --seq-len: the model's max_length).
     return (saved.get("task") == _task(recipe_name)
-            and saved.get("train") == json.loads(json.dumps(train_record(args), default=str))
+            and isinstance(trained, dict) and set(trained) == set(given)
+            and all(value is None or trained[name] == value for name, value in given.items())
             and isinstance(distribute, dict) and distribute.get("precision") == options.precision
             and distribute.get("scale_lr") == options.scale_lr)
 

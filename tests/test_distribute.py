@@ -258,6 +258,25 @@ def test_a_restarted_job_takes_back_a_run_dir_its_own_command_started(tmp_path):
     assert not started_by_this_command(out, "train_causal_lm", args, options)
 
 
+def test_a_restart_matches_the_options_a_recipe_filled_in(tmp_path):
+    """seq2seq saves --seq-len as the model's max_length when it is not given: the very same command
+    (still without it) had not been taken for the run it started, and was refused on restart."""
+    from kerasllm.distribute import started_by_this_command
+    from kerasllm.recipes.common import train_record
+    from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs
+
+    args, options = Seq2SeqTrainArgs(data="pairs.jsonl", steps=40), DistributeArgs(strategy="multi-worker")
+    out = tmp_path / "run"
+    out.mkdir()
+    distribute = {"strategy": "multi-worker", "tpu": None, "precision": "fp32", "scale_lr": False}
+    saved = train_record(Seq2SeqTrainArgs(data="pairs.jsonl", steps=40, seq_len=128))  # as the recipe saves it
+    (out / "config.json").write_text(json.dumps({"task": "seq2seq", "model": {}, "train": saved,
+                                                 "distribute": distribute}))
+    assert started_by_this_command(out, "train_seq2seq", args, options)
+    assert not started_by_this_command(out, "train_seq2seq", Seq2SeqTrainArgs(data="pairs.jsonl", steps=40, seq_len=64),
+                                       options)  # another --seq-len given
+
+
 # -- batch split, learning rate, input shards ---------------------------------------------------
 def test_global_batch_splits_per_replica_and_lr_scales_only_when_asked():
     strategy = FakeStrategy()  # 4 replicas
