@@ -438,12 +438,14 @@ def distributed_recipe(recipe):
     (only the chief writes the run directory), `dist.distribute(...)` (per-worker input),
     `dist.learning_rate(...)` and `dist.jit_compile(...)`. A restarted multi-worker job
     whose `out` holds a stopped run resumes it without `--resume`: cluster managers
-    restart the very same command.
+    restart the very same command. The recipe's module names its task in `TASK` (what the
+    recipe records in config.json), which the workers compare.
     """
     import functools  # noqa: PLC0415
     import inspect  # noqa: PLC0415
 
     signature = inspect.signature(recipe)
+    task = inspect.getmodule(recipe).TASK  # what the recipe records in config.json ("causal-lm")
 
     @functools.wraps(recipe)
     def run(*args, distribute: DistributeArgs | None = None, **kwargs):
@@ -455,10 +457,9 @@ def distributed_recipe(recipe):
         options = distribute or DistributeArgs()
         with options.scope(quiet=call.get("quiet", False)) as dist:
             if dist.multi_worker:
-                check_same_arguments(dist, command_record(recipe.__name__, call, options))
+                check_same_arguments(dist, command_record(task, call, options))
             if dist.multi_worker and not call["resume"] and (
-                    unfinished_run(call["out"]) or started_by_this_command(call["out"], recipe.__name__, call["args"],
-                                                                           options)):
+                    unfinished_run(call["out"]) or started_by_this_command(call["out"], task, call["args"], options)):
                 call["resume"] = True
                 log.info("multi-worker: resuming the stopped run in %s", call["out"])
             call["dist"] = dist
@@ -471,7 +472,7 @@ def distributed_recipe(recipe):
 NOT_COMPARED = ("out", "quiet", "extra_callbacks", "dist")
 
 
-def command_record(recipe_name: str, call: dict, options: DistributeArgs) -> dict:
+def command_record(task: str, call: dict, options: DistributeArgs) -> dict:
     """What a worker was asked to train, as comparable JSON: the recipe, its arguments (each
     field of the args dataclass), `--config`, the model overrides, `--resume` and the
     `--strategy/--precision/--scale-lr` options; not the data paths (`DATA_PATHS`, `--init-from`):
@@ -480,7 +481,7 @@ def command_record(recipe_name: str, call: dict, options: DistributeArgs) -> dic
 
     from kerasllm.recipes.common import DATA_PATHS  # noqa: PLC0415 - the recipes' module
 
-    record = {"command": _task(recipe_name)}
+    record = {"command": task}
     for name, value in call.items():
         if name in NOT_COMPARED:
             continue
@@ -494,11 +495,6 @@ def command_record(recipe_name: str, call: dict, options: DistributeArgs) -> dic
         record.pop(name, None)
     record.update(precision=options.precision, scale_lr=options.scale_lr)
     return json.loads(json.dumps(record, default=str))
-
-
-def _task(recipe_name: str) -> str:
-    """The task a recipe records in config.json: train_causal_lm -> causal-lm."""
-    return recipe_name.removeprefix("train_").replace("_", "-")
 
 
 def _option(name: str) -> str:
@@ -530,7 +526,7 @@ def check_same_arguments(dist: Distribution, record: dict) -> None:
                              f"{other}: {shown}{more}; start every worker with the same command")
 
 
-def started_by_this_command(out, recipe_name: str, args, options: DistributeArgs) -> bool:
+def started_by_this_command(out, task: str, args, options: DistributeArgs) -> bool:
     """`out` holds a run that this very command started and that stopped before its first checkpoint
     (its config.json records the same command, training arguments and options; no model.keras):
     a restarted job resumes it, which, with no checkpoint, starts training over with the saved
@@ -554,7 +550,7 @@ def started_by_this_command(out, recipe_name: str, args, options: DistributeArgs
     given = json.loads(json.dumps(train_record(args), default=str))
     # An option the command left out (None) matches what the recipe chose and saved for it (seq2seq's
     # --seq-len: the model's max_length).
-    return (saved.get("task") == _task(recipe_name)
+    return (saved.get("task") == task
             and isinstance(trained, dict) and set(trained) == set(given)
             and all(value is None or trained[name] == value for name, value in given.items())
             and isinstance(distribute, dict) and distribute.get("precision") == options.precision

@@ -244,18 +244,18 @@ def test_a_restarted_job_takes_back_a_run_dir_its_own_command_started(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "history.jsonl").write_text('{"step": 10, "loss": 3.2}\n')
-    assert not started_by_this_command(out, "train_causal_lm", args, options)  # no config.json: not a run
+    assert not started_by_this_command(out, "causal-lm", args, options)  # no config.json: not a run
     config = {"task": "causal-lm", "model": {}, "train": train_record(args), "distribute": {
         "strategy": "multi-worker", "tpu": None, "precision": "fp32", "scale_lr": False}}
     (out / "config.json").write_text(json.dumps(config))
-    assert started_by_this_command(out, "train_causal_lm", args, options)
-    assert not started_by_this_command(out, "train_causal_lm", CausalLMTrainArgs(data=["corpus.txt"], steps=40),
+    assert started_by_this_command(out, "causal-lm", args, options)
+    assert not started_by_this_command(out, "causal-lm", CausalLMTrainArgs(data=["corpus.txt"], steps=40),
                                        options)  # another --lr
-    assert not started_by_this_command(out, "train_masked_lm", args, options)
-    assert not started_by_this_command(out, "train_causal_lm", args,
+    assert not started_by_this_command(out, "masked-lm", args, options)
+    assert not started_by_this_command(out, "causal-lm", args,
                                        DistributeArgs(strategy="multi-worker", precision="mixed_bfloat16"))
     (out / "model.keras").write_text("finished")
-    assert not started_by_this_command(out, "train_causal_lm", args, options)
+    assert not started_by_this_command(out, "causal-lm", args, options)
 
 
 def test_a_restart_matches_the_options_a_recipe_filled_in(tmp_path):
@@ -272,8 +272,8 @@ def test_a_restart_matches_the_options_a_recipe_filled_in(tmp_path):
     saved = train_record(Seq2SeqTrainArgs(data="pairs.jsonl", steps=40, seq_len=128))  # as the recipe saves it
     (out / "config.json").write_text(json.dumps({"task": "seq2seq", "model": {}, "train": saved,
                                                  "distribute": distribute}))
-    assert started_by_this_command(out, "train_seq2seq", args, options)
-    assert not started_by_this_command(out, "train_seq2seq", Seq2SeqTrainArgs(data="pairs.jsonl", steps=40, seq_len=64),
+    assert started_by_this_command(out, "seq2seq", args, options)
+    assert not started_by_this_command(out, "seq2seq", Seq2SeqTrainArgs(data="pairs.jsonl", steps=40, seq_len=64),
                                        options)  # another --seq-len given
 
 

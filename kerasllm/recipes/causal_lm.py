@@ -18,6 +18,8 @@ from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir
 
 log = logging.getLogger("kerasllm")
 
+TASK = "causal-lm"  # recorded in config.json; distribute.py compares it on restart
+
 
 @dataclass
 class CausalLMTrainArgs(RunArgs):
@@ -58,7 +60,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
 
     def save_run_files():
         tokenizer.save(out)
-        write_json_atomic(out / CONFIG_FILE, {"task": "causal-lm", "model": config.to_dict(),
+        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
                                               "train": train_record(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.

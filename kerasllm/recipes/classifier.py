@@ -28,7 +28,8 @@ from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir
 
 log = logging.getLogger("kerasllm")
 
-INIT_TASKS = ("masked-lm", "classifier")
+TASK = "classifier"
+INIT_TASKS = ("masked-lm", TASK)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
 
     def save_run_files():
         tokenizer.save(out)
-        write_json_atomic(out / CONFIG_FILE, {"task": "classifier", "model": config.to_dict(),
+        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
                                               "labels": labels.labels, "train": train_record(args),
                                               **distribute_record(dist)})
 

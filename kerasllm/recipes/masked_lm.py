@@ -24,6 +24,8 @@ from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir
 
 log = logging.getLogger("kerasllm")
 
+TASK = "masked-lm"  # recorded in config.json; distribute.py compares it on restart
+
 
 @dataclass
 class MaskedLMTrainArgs(RunArgs):
@@ -73,7 +75,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
 
     def save_run_files():
         tokenizer.save(out)
-        write_json_atomic(out / CONFIG_FILE, {"task": "masked-lm", "model": config.to_dict(),
+        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
                                               "train": train_record(args), **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.

@@ -22,6 +22,8 @@ from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir
 
 log = logging.getLogger("kerasllm")
 
+TASK = "seq2seq"  # recorded in config.json; distribute.py compares it on restart
+
 
 
 @dataclass
@@ -92,7 +94,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         source_tokenizer.save(out)
         if args.separate_vocab:
             target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
-        write_json_atomic(out / CONFIG_FILE, {"task": "seq2seq", "model": config.to_dict(), "train": train_record(args),
+        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "train": train_record(args),
                                               **distribute_record(dist)})
 
     # Before TensorFlow's runtime starts: its threads are fixed from then on.
