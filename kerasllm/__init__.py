@@ -43,45 +43,75 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kerasllm' has no attribute {name!r}")
 
 
-class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports kerasllm's models right after `keras` itself is imported, so that Keras finds their
-    classes in a saved model: `import kerasllm, keras; keras.saving.load_model("lm.keras")` had
-    failed ("Could not locate class 'CausalLM'") until some kerasllm model was touched, as the
-    models register with Keras on import and load lazily (see the module docstring). A process
-    that never imports keras (the serving side) never triggers it and stays TensorFlow-free.
-    Written by hand: Python has no post-import hook, so this finder wraps keras's own loader once.
+class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
+    """Imports kerasllm's models once `keras` is imported, so that Keras finds their classes in a
+    saved model: `import kerasllm, keras; keras.saving.load_model("lm.keras")` had failed ("Could
+    not locate class 'CausalLM'") until some kerasllm model was touched, as the models register
+    with Keras on import and load lazily (see the module docstring). A process that never imports
+    keras (the serving side) never triggers it and stays TensorFlow-free.
+
+    keras is often imported from inside a kerasllm module (`import kerasllm.layers`: its
+    attention module imports keras), and the models cannot be imported while that module is
+    half-built (they import it back). So this finder wraps the loader of keras and of every
+    kerasllm module imported meanwhile, counts the imports in progress, and registers the models
+    when the outermost one has finished with keras loaded.
+    Written by hand: Python has no post-import hook.
     """
 
-    _finding = False
+    def __init__(self):
+        self._finding = False
+        self._executing = 0  # imports of keras / kerasllm modules in progress
+        self._keras_loaded = False
 
     def find_spec(self, name, path=None, target=None):
-        # Also asked when something only looks keras up (TensorFlow's import does): this finder
-        # stays in place until keras is really executed.
-        if name != "keras" or self._finding:
+        # Also asked when something only looks keras up (TensorFlow's import does): the wrapper
+        # acts only when a module is really executed.
+        if self._finding or not (name == "keras" or name.startswith("kerasllm.")):
             return None
-        self._finding = True  # the lookup below asks the other finders for keras's own spec
+        self._finding = True  # the lookup below asks the other finders for the module's own spec
         try:
             spec = importlib.util.find_spec(name)
         finally:
             self._finding = False
         if spec is None or spec.loader is None:
             return spec
-        self._loader = spec.loader
-        spec.loader = self
+        spec.loader = _CountingLoader(spec.loader, self)
         return spec
+
+    def executed(self, module, ok: bool) -> None:
+        """After a wrapped module ran: register once keras is loaded and nothing is half-built
+        (not after a failed import: the finder stays for the next one)."""
+        if module.__name__ == "keras" and ok:
+            self._keras_loaded = True
+        if not ok or self._executing or not self._keras_loaded:
+            return
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        try:
+            importlib.import_module("kerasllm.models")  # registers every model and layer
+        except Exception as err:  # noqa: BLE001 - never make the user's import fail
+            warnings.warn(f"kerasllm: its models could not be registered with Keras ({err})", stacklevel=3)
+
+
+class _CountingLoader(importlib.abc.Loader):
+    """A module's own loader, run inside `_RegisterWhenKerasLoads`' count of imports in progress."""
+
+    def __init__(self, loader, finder: _RegisterWhenKerasLoads):
+        self._loader, self._finder = loader, finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
         module.__spec__.loader = module.__loader__ = self._loader
-        self._loader.exec_module(module)
+        self._finder._executing += 1
+        ok = False
         try:
-            importlib.import_module("kerasllm.models")  # registers every model and layer
-        except Exception as err:  # noqa: BLE001 - never make the user's `import keras` fail
-            warnings.warn(f"kerasllm: its models could not be registered with Keras ({err})", stacklevel=2)
+            self._loader.exec_module(module)
+            ok = True
+        finally:
+            self._finder._executing -= 1
+            self._finder.executed(module, ok)
 
 
 if "keras" in sys.modules:  # keras came first: register now (TensorFlow is loaded already)
