@@ -114,3 +114,46 @@ def test_one_classifier_takes_labels_of_shape_b_then_b_1():
     losses = [model.evaluate(x, labels, batch_size=8, verbose=0) for labels in (y, y[:, None], y)]
     assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)
     model.fit(x, y[:, None], epochs=1, batch_size=8, verbose=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_an_ignored_id_gives_the_token_mean_whatever_the_weights(label_smoothing):
+    """With `ignore_id` (a Seq2SeqLM's padding) the loss is the mean over the batch's kept positions,
+    as torch's CrossEntropyLoss(ignore_index) computes it: no weights, weights of ones per position
+    and per example give one value, and a row of padding only adds nothing. Without weights it had
+    been the mean of each row's mean (short targets' tokens weighing more), which weights of ones
+    changed, and an all-padding row had counted as a loss of 0 (the batch's loss shrank by 1/B)."""
+    logits, labels = RNG.normal(size=(4, 7, 11)).astype("float32"), RNG.integers(1, 11, (4, 7))
+    labels[0, 5:], labels[1, 2:] = 0, 0  # rows keep 5, 2, 7 and 7 positions
+    loss = SparseCrossEntropy(label_smoothing=label_smoothing, ignore_id=0)
+    log_probs = keras.ops.convert_to_numpy(keras.ops.log_softmax(logits))
+    token = -(1 - label_smoothing) * np.take_along_axis(log_probs, labels[..., None], -1)[..., 0] \
+        - label_smoothing * log_probs.mean(-1)
+    kept = labels != 0
+    expected = token[kept].mean()  # torch: CrossEntropyLoss(ignore_index=0, label_smoothing=...)
+    values = [float(loss(labels, logits)), float(loss(labels, logits, sample_weight=np.ones((4, 7), "float32"))),
+              float(loss(labels, logits, sample_weight=np.ones(4, "float32")))]
+    assert values == pytest.approx([expected] * 3, rel=1e-5)
+    padded = float(loss(np.concatenate([labels, np.zeros((1, 7), labels.dtype)]),
+                        np.concatenate([logits, RNG.normal(size=(1, 7, 11)).astype("float32")])))
+    assert padded == pytest.approx(expected, rel=1e-5)
+    # A weight per example weighs each of its positions (Keras's broadcast), still over the kept ones.
+    rows = np.array([1, 0, 2, 1], "float32")
+    weighted = float(loss(labels, logits, sample_weight=rows))
+    assert weighted == pytest.approx(float((token * rows[:, None])[kept].sum() / kept.sum()), rel=1e-5)
+
+
+def test_classifier_labels_of_shape_b_1_are_smoothed_and_weighed_as_b():
+    """Labels `[B, 1]` with label smoothing had failed in take_along_axis, and with `[B]` weights
+    the direct call had returned the batch's mean loss times the mean weight."""
+    logits, labels = RNG.normal(size=(8, 3)).astype("float32"), RNG.integers(0, 3, 8)
+    weights = RNG.uniform(size=8).astype("float32")
+    for smoothing in (0.0, 0.1):
+        loss = SparseCrossEntropy(label_smoothing=smoothing)
+        assert float(loss(labels[:, None], logits, sample_weight=weights)) == pytest.approx(
+            float(loss(labels, logits, sample_weight=weights)), rel=1e-6)
+    model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=3, max_length=16))
+    model.compile(label_smoothing=0.1, batch_split=1)
+    x = RNG.integers(6, 64, (8, 12)).astype("int32")
+    history = model.fit(x, labels[:, None], epochs=3, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]

@@ -109,8 +109,6 @@ def loss_denominator(loss):
             return None  # a Loss subclass of its own: it may mask or weigh in ways not seen here
         reduction, ignore = loss.reduction, getattr(loss, "_fn_kwargs", {}).get("ignore_class")
         if isinstance(loss, SparseCrossEntropy) and loss.ignore_id is not None:
-            # Its ignored id counts only where the weights are per position (`_weigh_positions`);
-            # otherwise each example's loss is a mean over its kept positions, one value a row.
             return _per_position_ignore_denominator(reduction, loss.ignore_id)
     else:
         return None
@@ -134,24 +132,16 @@ def loss_denominator(loss):
 
 
 def _per_position_ignore_denominator(reduction, ignore_id):
-    """`loss_denominator` of a `SparseCrossEntropy(ignore_id=...)` (not per token): with weights of
-    the targets' shape the loss divides by the kept positions (`_weigh_positions`), otherwise each
-    example's loss is a mean over its kept positions and the batch's a mean over the rows. None
-    (Keras's own step) for other reductions, whose rules for this pair were not worth writing here."""
+    """`loss_denominator` of a `SparseCrossEntropy(ignore_id=...)` (not per token): the loss divides
+    by the batch's kept positions, whatever the weights (`_weigh_positions`). None (Keras's own
+    step) for other reductions, whose rules for this pair were not worth writing here."""
     import tensorflow as tf  # noqa: PLC0415
 
     if reduction not in ("sum_over_batch_size", "mean"):
         return None
 
     def denominator(y, sample_weight, rows):
-        by_rows = tf.cast(rows, "float32")
-        rank = len(y.shape)
-        if sample_weight is None or rank < 2 or sample_weight.shape.rank not in (None, rank):
-            return by_rows
-        kept = tf.reduce_sum(tf.cast(tf.not_equal(tf.cast(y, "int64"), ignore_id), "float32"))
-        if sample_weight.shape.rank == rank:
-            return kept
-        return tf.where(tf.equal(tf.rank(sample_weight), rank), kept, by_rows)  # rank known at run time only
+        return tf.reduce_sum(tf.cast(tf.not_equal(tf.cast(y, "int64"), ignore_id), "float32"))
 
     return denominator
 
