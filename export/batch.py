@@ -113,20 +113,36 @@ def predict_isolating(predictor: Predictor, batch: Sequence[list[int]], options:
     return _counted(results, batch)
 
 
+def batch_seed(seed: int, key: int) -> int:
+    """The seed a batch of a seeded sampling job draws from: one of its own, from the job's seed
+    and the batch's `key` (its first record's line). With `--seed` passed unchanged to every batch,
+    each batch had restarted the same random stream, so record k and record k + batch size of one
+    prompt were the same sample (1000 samples of one prompt: 31-39 distinct). The same job (same
+    input, seed and batching) still draws the same."""
+    import numpy as np  # noqa: PLC0415 - the serving side has NumPy; kept off this module's import
+
+    from kerasllm.export.generate import MAX_SEED  # noqa: PLC0415
+
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        return seed  # the predictor's options check refuses it in its own words
+    return int(np.random.SeedSequence([seed, key]).generate_state(1, np.uint64)[0] % (MAX_SEED + 1))
+
+
 def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]],
-                     options: dict) -> Iterator[list[dict]]:
+                     options: dict, batch_options: Sequence[dict] | None = None) -> Iterator[list[dict]]:
     """Each batch's results, batch by batch in order, with `predict_isolating`'s guarantees.
 
     A predictor with `predict_batches` gets every batch at once (it may decode several at the
     same time, e.g. one per core); when it raises a RecordError at one batch's turn, that batch
     goes through `predict_isolating` and the batches after it are handed over again (work the
-    predictor had done on them ahead is lost; errors are rare). Other predictors get `predict`
-    batch by batch. Close the iterator (or exhaust it) to stop the predictor's work.
+    predictor had done on them ahead is lost; errors are rare). Other predictors, and batches
+    with options of their own (`batch_options`, one dict a batch: seeded sampling's seeds), get
+    `predict` batch by batch. Close the iterator (or exhaust it) to stop the predictor's work.
     """
     many = getattr(predictor, "predict_batches", None)
-    if many is None:
-        for batch in batches:
-            yield predict_isolating(predictor, batch, options)
+    if many is None or batch_options is not None:
+        for i, batch in enumerate(batches):
+            yield predict_isolating(predictor, batch, options if batch_options is None else batch_options[i])
         return
     done = 0
     while done < len(batches):
@@ -142,15 +158,22 @@ def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]
 
 
 def predict_planned(predictor: Predictor, ids: dict[int, list[int]], options: dict, batch_size: int,
-                    max_batch_tokens: int | None, bucket: bool = True,
-                    extra_tokens: int = 0) -> Iterator[tuple[list[int], list[dict]]]:
+                    max_batch_tokens: int | None, bucket: bool = True, extra_tokens: int = 0,
+                    keys: dict[int, int] | None = None) -> Iterator[tuple[list[int], list[dict]]]:
     """`ids` (position -> token ids) cut into batches by `plan_batches`, then each batch's
     positions with its results, batch by batch (`predict_in_order`). Close the iterator to
-    stop the predictor's work on the batches not yet returned."""
+    stop the predictor's work on the batches not yet returned. Seeded sampling gives each
+    batch its own seed (`batch_seed`) from its first position's key (`keys`: position -> the
+    record's line; default the position)."""
     positions = list(ids)
     plan = [[positions[i] for i in batch] for batch in plan_batches(
         [len(ids[p]) for p in positions], batch_size, max_batch_tokens, bucket, extra_tokens)]
-    with closing(predict_in_order(predictor, [[ids[p] for p in batch] for batch in plan], options)) as stream:
+    seed = options.get("seed")
+    batch_options = None
+    if seed is not None and options.get("temperature"):  # greedy and beam search draw nothing
+        batch_options = [{**options, "seed": batch_seed(seed, (keys or {}).get(batch[0], batch[0]))} for batch in plan]
+    with closing(predict_in_order(predictor, [[ids[p] for p in batch] for batch in plan], options,
+                                  batch_options)) as stream:
         for batch in plan:
             try:
                 results = next(stream)
@@ -500,7 +523,7 @@ class BatchRunner:
             self.on_window([len(tokens) for tokens in ids.values()])
         written = 0
         stream = predict_planned(self.predictor, ids, self.options, self.batch_size, self.max_batch_tokens,
-                                 self.bucket, self.extra_tokens)
+                                 self.bucket, self.extra_tokens, keys={p: window[p].line for p in ids})
         try:
             with closing(stream):  # an interrupt stops the predictor's work on the rest of the window
                 for batch_positions, results in stream:

@@ -71,6 +71,9 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.min_batch_size = min_batch_size
+        # Elements this handler has sent to the model: seeded sampling keys each batch by it
+        # (batch.batch_seed), so that successive calls do not draw the same numbers again.
+        self._elements_seen = 0
 
     def load_model(self) -> Predictor:
         predictor = load_predictor(self.task, self.bundle, device=self.device)
@@ -88,8 +91,10 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
             except (DataError, RecordError) as err:
                 results[position] = {"error": str(err)}
         extra = options.get("max_new_tokens", 0) if self.task in ("generate", "translate") else 0
+        first, self._elements_seen = self._elements_seen, self._elements_seen + len(batch_of_elements)
         for chosen, batch_results in batch.predict_planned(model, ids, options, self.batch_size, self.max_batch_tokens,
-                                                           bucket=True, extra_tokens=extra or 0):
+                                                           bucket=True, extra_tokens=extra or 0,
+                                                           keys={p: first + p for p in ids}):
             for position, result in zip(chosen, batch_results):
                 result.pop(GENERATED_TOKENS, None)  # accounting for the CLI's summary, not output
                 results[position] = result

@@ -192,3 +192,47 @@ def test_keras_generation_takes_numpy_numbers(real_model_dir):
                             top_k=np.int64(5), seed=np.int64(3))
     again = model.generate([[7, 8, 9]], max_new_tokens=3, temperature=1.0, top_k=5, seed=3)
     np.testing.assert_array_equal(seeded, again)
+
+
+@pytest.mark.parametrize("source", ["bundle", "model dir"])
+def test_a_seeded_job_draws_afresh_in_every_batch_and_again_the_same(run_cli, real_model_dir, real_bundle, tmp_path,
+                                                                     source):
+    """One prompt 48 times with --seed: each batch had restarted the seed's random stream, so record
+    k and record k + batch size were the same sample (1000 records: 31-39 distinct). Each batch now
+    draws from a seed of its own (batch.batch_seed): the samples differ across batches, and the
+    same job gives the same file again."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the\n" * 48, encoding="utf-8")
+    path = real_bundle if source == "bundle" else real_model_dir
+    args = ["generate", path, "-i", prompts, "--max-new-tokens", 6, "--temperature", 1.5, "--seed", 3,
+            "--batch-size", 8, "-q"]
+    assert run_cli(*args, "-o", tmp_path / "a.jsonl").code == 0
+    assert run_cli(*args, "-o", tmp_path / "b.jsonl").code == 0
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    outputs = [json.loads(line)["output"] for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    repeats = sum(outputs[k] == outputs[k + 8] for k in range(40))
+    assert repeats < 10, outputs  # random samples of 6 characters rarely agree; the old job: 40 of 40
+    assert len(set(outputs)) > 24
+
+
+def test_keras_top_k_with_top_p_takes_the_nucleus_of_the_top_k_renormalised(real_model_dir):
+    """The bundle's rule (and Hugging Face's): top-k, renormalise, then the nucleus. keras-hub's
+    TopPSampler cut the top k's unnormalised cumulative sum, which kept more tokens: with p just
+    under the renormalised top token's probability, the rule keeps that token alone, keras-hub had
+    also sampled the second. One compiled function serves every seed."""
+    from kerasllm.export.generate import filter_top_k, filter_top_p
+    from kerasllm.modeldir import load_model_dir
+
+    model, _, _ = load_model_dir(real_model_dir)
+    prompt = [7, 8, 9]
+    logits = np.asarray(model(np.array([prompt], np.int32)))[0, -1].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    top3 = np.sort(probs / probs.sum())[-3:]
+    p = 0.99 * top3[-1] / top3.sum()  # the renormalised top-3's first share, just under
+    assert top3[-1] < p  # unnormalised, the first token alone stays under p: keras-hub kept the second too
+    kept = np.isfinite(filter_top_p(filter_top_k(logits[None], 3), p))[0]
+    assert kept.sum() == 1
+    samples = [model.generate([prompt] * 64, max_new_tokens=1, temperature=1.0, top_k=3, top_p=p, seed=s)[:, 0]
+               for s in range(3)]
+    assert set(np.concatenate(samples).tolist()) == {int(np.argmax(logits))}
+    assert sum(key[3] for key in model._generate_functions) == 1  # seeds 0, 1, 2: one seeded function

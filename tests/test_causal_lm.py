@@ -112,7 +112,7 @@ def test_prompts_of_other_lengths_reuse_the_compiled_generation():
         for _ in range(6):
             seq.append(int(np.asarray(model(np.array([seq])))[0, -1].argmax()))
         assert list(generated[0]) == seq[len(prompts[0]):]
-    function, _ = model._generate_functions[(0.0, None, None, None, ())]
+    function, _ = model._generate_functions[(0.0, None, None, False, ())]
     assert len(function._list_all_concrete_functions()) == 1
 
 

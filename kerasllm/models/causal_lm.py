@@ -54,6 +54,24 @@ def positions_from_mask_sum(attention_mask, query_length):
     return ops.maximum(count - query_length + offsets, 0)
 
 
+def _top_k_then_top_p_sampler(**kwargs):
+    """keras-hub's TopPSampler, its nucleus taken within the top k renormalised (the bundle's rule,
+    export/generate.py, and Hugging Face's: top-k, then top-p). keras-hub's cut the cumulative sum
+    of the top k's full-vocabulary probabilities, which keeps more tokens: with k=3 and p=0.5 it had
+    sampled a third token the rule excludes. Dividing by the top k's sum first changes nothing else
+    (the categorical draw ignores the scale). Built on first use: keras-hub is heavy to import."""
+    import keras_hub  # noqa: PLC0415
+
+    class TopKThenTopPSampler(keras_hub.samplers.TopPSampler):
+        def get_next_token(self, probabilities):
+            if self.k is not None:
+                top = ops.top_k(probabilities, k=self.k, sorted=False)[0]
+                probabilities = probabilities / ops.sum(top, axis=-1, keepdims=True)
+            return super().get_next_token(probabilities)
+
+    return TopKThenTopPSampler(**kwargs)
+
+
 @keras.saving.register_keras_serializable(package="kerasllm")
 class CausalLM(TransformerModel):
     """GPT-like causal language model.
@@ -188,7 +206,7 @@ class CausalLM(TransformerModel):
         if not temperature:
             return keras_hub.samplers.GreedySampler()
         if top_p is not None:
-            return keras_hub.samplers.TopPSampler(p=top_p, k=top_k, seed=seed, temperature=temperature)
+            return _top_k_then_top_p_sampler(p=top_p, k=top_k, seed=seed, temperature=temperature)
         if top_k is not None:
             return keras_hub.samplers.TopKSampler(k=top_k, seed=seed, temperature=temperature)
         return keras_hub.samplers.RandomSampler(seed=seed, temperature=temperature)
@@ -199,8 +217,8 @@ class CausalLM(TransformerModel):
             return self._generate_functions[key]
         import tensorflow as tf  # noqa: PLC0415 - the Keras side runs on the TF backend
 
-        temperature, top_k, top_p, seed, stop = key
-        sampler = self._make_sampler(temperature, top_k, top_p, seed)
+        temperature, top_k, top_p, seeded, stop = key
+        sampler = self._make_sampler(temperature, top_k, top_p, 0 if seeded else None)
         c = self.config
 
         def generate(token_ids, prompt_mask, start):
@@ -221,25 +239,29 @@ class CausalLM(TransformerModel):
                            stop_token_ids=list(stop) if stop else None, model=self)
 
         function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
-        # A seed's samplers restart from their initial state on each call (same seed, same samples,
-        # call after call); without one the state runs on from call to call, so each draws afresh.
-        seed_states = [(v, v.numpy()) for v in sampler.variables] if seed is not None else []
+        # A seeded call sets the sampler's seed state from its seed (`_run_generate_function`): same
+        # seed, same samples, call after call, and one compiled function for every seed (the seed
+        # had been part of the key: a batch job with a seed per batch would compile each batch).
+        # Without a seed the state runs on from call to call, so each draws afresh.
+        seed_states = list(sampler.variables) if seeded else []
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]
 
-    def _run_generate_function(self, key, *args):
-        """Run the compiled generation for `key` on `args` (Seq2SeqLM's too).
+    def _run_generate_function(self, key, *args, seed=None):
+        """Run the compiled generation for `key` on `args` (Seq2SeqLM's too), seeded by `seed`
+        where `key` says seeded.
 
-        Seeded calls hold the model's lock: each restarts the sampler's seed state, which
-        `key`'s calls share, then draws from it, so concurrent ones would draw from each
-        other's state (different samples from the same seed). Unseeded calls run concurrently.
+        Seeded calls hold the model's lock: each sets the sampler's seed state (keras's
+        SeedGenerator starts from `[seed, 0]`), which `key`'s calls share, then draws from it,
+        so concurrent ones would draw from each other's state (different samples from the same
+        seed). Unseeded calls run concurrently.
         """
         function, seed_states = self._generate_function(key)
         if not seed_states:  # no seed (see _generate_function)
             return function(*args)
         with self._seeded_generation:
-            for variable, initial in seed_states:
-                variable.assign(initial)
+            for variable in seed_states:
+                variable.assign(np.asarray([seed, 0], dtype=variable.dtype))
             return function(*args)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -277,8 +299,9 @@ class CausalLM(TransformerModel):
         # The bundle's rule: k >= the vocabulary filters nothing. keras-hub would pass such a k to
         # ops.top_k, which refuses it; None also shares no-top_k's compiled function (and samples).
         top_k = narrowing_top_k(top_k, self.config.vocab_size)
-        output = np.asarray(self._run_generate_function((float(temperature or 0.0), top_k, top_p, seed, stop),
-                                                        token_ids, prompt_mask, np.asarray(lengths.min(), np.int32)))
+        output = np.asarray(self._run_generate_function(
+            (float(temperature or 0.0), top_k, top_p, seed is not None, stop), token_ids, prompt_mask,
+            np.asarray(lengths.min(), np.int32), seed=seed))
         new_tokens = np.full((len(prompts), max_new_tokens), self.config.pad_id, dtype="int32")
         for row, length in enumerate(lengths):
             continuation = output[row, length:length + max_new_tokens]

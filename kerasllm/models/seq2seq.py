@@ -230,11 +230,11 @@ class Seq2SeqLM(TransformerModel):
 
         from kerasllm.models.beam_search import beam_search  # noqa: PLC0415
 
-        temperature, top_k, top_p, seed, num_beams = key  # num_beams 0: sampling, not beam search
+        temperature, top_k, top_p, seeded, num_beams = key  # num_beams 0: sampling, not beam search
         c = self.config
         # Beam search: the bundle's rules (kerasllm.models.beam_search); otherwise the causal LM's
         # keras-hub sampler choice (greedy / top-k / top-p / random), which uses no model state.
-        sampler = None if num_beams else CausalLM._make_sampler(self, temperature, top_k, top_p, seed)
+        sampler = None if num_beams else CausalLM._make_sampler(self, temperature, top_k, top_p, 0 if seeded else None)
         layers = c.decoder_layers
         # The ids generation never chooses (Seq2SeqConfig.suppressed_ids), as the bundle's loops skip them.
         suppressed = np.isin(np.arange(c.target_vocab), c.suppressed_ids)[None, :]
@@ -279,8 +279,8 @@ class Seq2SeqLM(TransformerModel):
                                pad_id=c.pad_id)
 
         function = tf.function(generate, jit_compile=True, reduce_retracing=True, autograph=False)  # data.as_written
-        # Restored before each call only for a seed (as CausalLM): unseeded calls draw afresh.
-        seed_states = [(v, v.numpy()) for v in sampler.variables] if sampler is not None and seed is not None else []
+        # Set from each call's seed only where seeded (as CausalLM): unseeded calls draw afresh.
+        seed_states = list(sampler.variables) if sampler is not None and seeded else []
         self._generate_functions[key] = (function, seed_states)
         return self._generate_functions[key]
 
@@ -308,8 +308,9 @@ class Seq2SeqLM(TransformerModel):
         prompt_mask[:, 0] = True
         top_k = narrowing_top_k(top_k, c.target_vocab)  # k >= the vocabulary: no filter, as the bundle
         # CausalLM's (seeded calls one at a time), as _make_sampler.
-        return CausalLM._run_generate_function(self, (float(temperature or 0.0), top_k, top_p, seed, num_beams),
-                                               source_ids, source_mask.astype("int32"), prompt, prompt_mask)
+        return CausalLM._run_generate_function(
+            self, (float(temperature or 0.0), top_k, top_p, seed is not None, num_beams), source_ids,
+            source_mask.astype("int32"), prompt, prompt_mask, seed=seed)
 
     def _strip(self, row) -> list[int]:
         """Generated ids after BOS, up to (not including) EOS."""
