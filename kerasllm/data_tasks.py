@@ -336,7 +336,7 @@ def token_classification_dataset(sequences: Sequence[Sequence[int]], labels: Seq
 
 
 def mask_selection_length(max_length: int, rate: float = MASK_RATE) -> int:
-    """Most masked positions per sequence (the selector picks round(rate * n) of n tokens)."""
+    """Most masked positions per sequence (`bert_masking` picks max(1, round(rate * n)) of n tokens)."""
     return max(1, math.ceil(rate * max_length) + 1)
 
 
@@ -384,8 +384,8 @@ def bert_masking(token_ids, seed, vocab_size: int, mask_id: int, unselectable: S
 
     Written here rather than taken from keras-hub because its `MaskedLMMaskGenerator` (tf-text's
     `mask_language_model`) takes no seed, so `masked_lm_dataset(seed=...)` could not repeat its masks.
-    The same rule:
-    in each row `ceil(rate * n)` (at most `selection_length`) of the `n` tokens not in
+    The same rule but for the count, BERT's (tf-text's selector takes `ceil(rate * n)`):
+    in each row `max(1, round(rate * n))` (at most `selection_length`) of the `n` tokens not in
     `unselectable` are chosen, uniformly; of those `mask_token_rate` become `mask_id`,
     `random_token_rate` a uniform random id below `vocab_size` and the rest stay.
     Returns `(masked ids [B, T], positions [B, L] ascending, original ids [B, L], weights [B, L]
@@ -397,7 +397,10 @@ def bert_masking(token_ids, seed, vocab_size: int, mask_id: int, unselectable: S
     shape = tf.shape(token_ids)
     rows, length = shape[0], shape[1]
     selectable = tf.reduce_all(token_ids[:, :, None] != tf.constant(unselectable, tf.int32)[None, None, :], axis=-1)
-    count = tf.math.ceil(rate * tf.reduce_sum(tf.cast(selectable, tf.float32), axis=1))
+    # BERT's count, as `mask_for_evaluation`'s: round(rate * n), at least one of n > 0 tokens (the
+    # ceiling, tf-text's selector's rule, had masked 16.5% where 15% was documented).
+    selectable_count = tf.reduce_sum(tf.cast(selectable, tf.float32), axis=1)
+    count = tf.minimum(tf.maximum(tf.round(rate * selectable_count), 1.0), selectable_count)
     count = tf.minimum(tf.cast(count, tf.int32), selection_length)
     # A uniformly random subset: the `count` selectable positions of highest random score.
     scores = tf.where(selectable, tf.random.stateless_uniform(shape, select_seed), -1.0)

@@ -159,7 +159,8 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
     predictor = load_predictor("embed", source, device=device)
     c = predictor.config
     sequences = _checked(predictor, rows, warn=warn)
-    special = {int(c["pad_id"]), int(c["bos_id"]), int(c["eos_id"])}
+    # The ids training never masks (data_tasks.masked_lm_dataset): padding, BOS, EOS and SEP.
+    special = {int(c["pad_id"]), int(c["bos_id"]), int(c["eos_id"]), int(predictor.tokenizer.special_ids()["sep"])}
     masked, targets = mask_for_evaluation(sequences, int(c["vocab_size"]), int(c["mask_id"]), special, seed=seed)
     by_row: dict[int, list[tuple[int, int]]] = {}
     for row, position, original in targets:

@@ -135,19 +135,21 @@ def test_masked_lm_masks_differ_between_epochs_of_one_pipeline():
     assert any((a != b).any() for a, b in zip(*epochs))
 
 
-def test_bert_masking_selects_ceil_15_percent_of_the_selectable_tokens_in_order():
+def test_bert_masking_selects_round_15_percent_of_the_selectable_tokens_in_order():
+    """BERT's count, max(1, round(0.15 n)), as the evaluation's masking (the ceiling had masked 16.5%)."""
     import tensorflow as tf
 
     from kerasllm.data_tasks import bert_masking
 
-    ids = np.zeros((3, 32), np.int32)
+    ids = np.zeros((4, 32), np.int32)
     ids[0, :21] = [2] + list(range(6, 26))  # 20 selectable: 3 chosen
     ids[1, :3] = [2, 7, 3]  # 1 selectable (EOS is not): 1 chosen
     ids[2, :2] = [2, 3]  # none
+    ids[3, :8] = [2] + list(range(6, 13))  # 7 selectable: round(1.05) = 1 chosen (the ceiling: 2)
     masked, positions, targets, weights = (t.numpy() for t in bert_masking(
         tf.constant(ids), tf.constant([4, 2], tf.int64), 60, 4, [0, 2, 3, 5], 6))
-    assert positions.shape == (3, 6) and weights.sum(axis=1).tolist() == [3, 1, 0]
-    for row in range(3):
+    assert positions.shape == (4, 6) and weights.sum(axis=1).tolist() == [3, 1, 0, 1]
+    for row in range(4):
         chosen = positions[row][weights[row] > 0]
         assert (np.diff(chosen) > 0).all() and (positions[row][weights[row] == 0] == 0).all()
         np.testing.assert_array_equal(targets[row][weights[row] > 0], ids[row, chosen])

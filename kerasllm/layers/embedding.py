@@ -18,7 +18,12 @@ from kerasllm.config import POSITION_KINDS
 
 
 def sinusoidal_encoding(positions, width, max_wavelength=10000.0):
-    """The original Transformer's sine/cosine encoding of `[B, T]` positions -> `[B, T, C]`."""
+    """Sine/cosine encoding of `[B, T]` positions -> `[B, T, C]`, in tensor2tensor's layout
+    (`get_timing_signal_1d`, as the Transformer's reference code wrote it): the sines in the first
+    half of the channels and the cosines in the second, at wavelengths geometric from 2 pi to
+    `max_wavelength` over each half (`10000 ** (-i / (C/2 - 1))`). The paper's formula interleaves
+    sines and cosines at `10000 ** (-2i / C)`; both are fixed encodings of the same kind, but the
+    numbers differ, so a model trained with one is not a model of the other."""
     half = width // 2
     exponents = ops.arange(half, dtype="float32") * (-math.log(max_wavelength) / max(half - 1, 1))
     angles = ops.cast(positions, "float32")[..., None] * ops.exp(exponents)[None, None, :]

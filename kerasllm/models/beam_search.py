@@ -2,8 +2,10 @@
 
 Why not keras-hub's `BeamSampler`: it keeps a beam that has ended in its slot to the end of the
 loop, ranks beams by their sum of log-probabilities and stops only when every beam has ended. The
-bundle's search (Hugging Face's rules, length penalty 1, early stopping) moves an ended beam into a
-pool of finished hypotheses, scored by mean log-probability per token (EOS included), refills its
+bundle's search (Hugging Face's search with early stopping) moves an ended beam into a
+pool of finished hypotheses, scored by mean log-probability per token (the sum, EOS's
+included, over the tokens with EOS counted; Hugging Face's length penalty 1 counts them without
+EOS, so its scores and the order of near ties can differ), refills its
 slot with the next best live candidate, and finishes an input once it holds `num_beams` finished
 hypotheses. The two gave different n-best lists for the same model (48 of 64 best hypotheses alike
 on a random-weight model); with the same rules here, a model directory and its bundle agree (to
