@@ -136,7 +136,10 @@ class TextTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
-        self.tokenizer.save(str(path))
+        # Written by Python, not by the library's save(path), which takes the path as UTF-8 text: a
+        # name that is not (surrogate-escaped bytes, or any non-ASCII name under a C locale) had failed
+        # in a traceback ("surrogates not allowed"). Pretty-printed, byte for byte what save() wrote.
+        path.write_bytes(self.tokenizer.to_str(pretty=True).encode("utf-8"))
         return path
 
     @classmethod
@@ -146,8 +149,14 @@ class TextTokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise DataError(f"tokenizer: {path}: no such file")
+        # Read by Python, for the path's sake (see `save`): from_file(path) had refused such a path
+        # with "cannot be read", as if the tokenizer were bad.
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"tokenizer: {path}: cannot be read ({err})") from None
+        try:
+            return cls(Tokenizer.from_str(text))
         except Exception as err:  # the Rust side raises a bare Exception
             raise DataError(f"tokenizer: {path}: cannot be read ({err})") from None
 

@@ -48,6 +48,47 @@ def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
         TextTokenizer.load(tmp_path / "nope.json")
 
 
+def test_a_directory_name_that_is_not_utf8_saves_and_loads(tmp_path):
+    """The library's save(path)/from_file(path) take the path as UTF-8 text: a name holding a byte
+    that is not UTF-8 (a surrogate in Python's str) had failed: saving in a traceback ("surrogates
+    not allowed", `train --out` there), loading as "cannot be read", blaming the tokenizer."""
+    import os
+
+    directory = tmp_path / os.fsdecode(b"bad\xffdir")
+    directory.mkdir()
+    tok = TextTokenizer.train([TEXT], kind="bpe", vocab_size=300)
+    (directory / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")  # a bundle's, say
+    assert TextTokenizer.load(directory).encode("The lazy fox") == tok.encode("The lazy fox")
+    path = tok.save(directory)
+    assert path == directory / "tokenizer.json" and path.is_file()
+    assert TextTokenizer.load(directory).encode("The lazy fox") == tok.encode("The lazy fox")
+
+
+def test_a_non_ascii_directory_name_under_the_c_locale_saves_and_loads(tmp_path):
+    """Without Python's UTF-8 mode a C locale's file names are ASCII, the other bytes surrogates."""
+    import os
+
+    directory = tmp_path / "bündle lm"
+    directory.mkdir()
+    code = ("import sys; from kerasllm.tokenizers import TextTokenizer; d = sys.argv[1]; "
+            "t = TextTokenizer.train(['the lazy fox'], kind='char'); t.save(d); "
+            "assert TextTokenizer.load(d).encode('fox') == t.encode('fox')")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    env.pop("LANG", None)
+    result = subprocess.run([sys.executable, "-c", code, os.fsencode(directory)], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (directory / "tokenizer.json").is_file()
+
+
+def test_an_unreadable_tokenizer_file_is_one_error_naming_it(tmp_path):
+    from kerasllm.errors import DataError
+
+    (tmp_path / "tokenizer.json").write_bytes(b"{\xff not json")
+    with pytest.raises(DataError, match=r"^tokenizer: .*tokenizer\.json: cannot be read \("):
+        TextTokenizer.load(tmp_path)
+
+
 def test_char_fast_path_gives_the_tokenizers_own_ids():
     tok = TextTokenizer.train([TEXT], kind="char")
     for text in [TEXT, "Unseen: é ✓ 🙂\r\n\ttabs", "spelled <eos> and <pad> inside", ""]:
