@@ -125,13 +125,21 @@ def detect_format(path: str | Path, fmt: str = "auto") -> str:
 
 def _open(path: str | Path) -> BinaryIO:
     if str(path) == "-":
-        return sys.stdin.buffer
+        return stdin_bytes()
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory, expected a file")
     return open(path, "rb")
+
+
+def stdin_bytes() -> BinaryIO:
+    """Standard input's bytes; a UsageError where it is closed (`cmd <&-`, some daemons and job
+    runners), where Python's `sys.stdin` is None."""
+    if sys.stdin is None:
+        raise UsageError("standard input is closed: pass --input FILE")
+    return sys.stdin.buffer
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
@@ -230,7 +238,9 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
                 continue
             yield _record(number, value, id_field)
     finally:
-        if stream is not sys.stdin.buffer:
+        # Standard input stays open for the caller; compared by the path, as `sys.stdin` is None
+        # where it was closed (the end of every `-i FILE` job had raised there).
+        if str(path) != "-":
             stream.close()
 
 

@@ -1045,3 +1045,27 @@ def test_every_batch_option_says_what_it_does_in_help(run_cli, command):
         text = " ".join(result.out.split())
         assert "--repetition-penalty FLOAT RANGE Discourage repeats:" in text
         assert "1 is off" in text and "[default: 1.0; x>0]" in text
+
+
+# -- closed standard streams ------------------------------------------------------------------------
+def _closed(redirect: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI (fake predictors) with a standard stream closed by `redirect`: `<&-`, `>&-` or `2>&-`."""
+    return subprocess.run(["bash", "-c", f'"$@" {redirect}', "bash", sys.executable, str(FAKE), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, **kwargs)
+
+
+def test_a_closed_standard_input_does_not_matter_with_an_input_file(bundle, tmp_path):
+    """`<&-` with `-i FILE`: the job had failed at the end of its input (records.py compared with
+    `sys.stdin.buffer`, and sys.stdin is None), its last window lost, and --resume failed the same way."""
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"t{i}\n" for i in range(5)))
+    out = tmp_path / "out.jsonl"
+    proc = _closed("<&-", "generate", bundle, "-i", source, "-o", out, "--window", 2, "-q")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert read_jsonl(out) == [{"id": str(i + 1), "output": expected(f"t{i}")} for i in range(5)]
+    # `-i -` (the default) with nothing to read: one line, exit 2, before the model loads (it would fail)
+    (bundle / "manifest.json").write_text('{"task": "generate"}')
+    proc = _closed("<&-", "generate", bundle, "-o", tmp_path / "o.jsonl", "-q")
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, ["kerasllm: error: standard input is closed: "
+                                                               "pass --input FILE"])
+    assert not (tmp_path / "o.jsonl").exists()

@@ -267,3 +267,21 @@ def test_a_text_field_for_plain_text_input_is_a_usage_error(run_cli, bundle, tmp
     assert result.code == 2 and not out.exists(), result
     assert "plain text input is one text a line, field 'text'; a text field ('foo') needs JSONL" in result.err
     assert run_cli("generate", bundle, "-i", source, "-o", out, "--text-field", "text").code == 0
+
+
+# -- a closed standard input ------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".tsv", ".conll"])
+def test_a_file_is_read_to_its_end_with_standard_input_closed(tmp_path, monkeypatch, suffix):
+    """With fd 0 closed (`cmd <&-`, daemons, job runners) `sys.stdin` is None: the reader's cleanup
+    after the last record had raised AttributeError (every batch job lost its last window and could
+    never finish, and `evaluate` and `train classifier` failed). Reading `-` is then one line."""
+    from kerasllm.errors import UsageError
+
+    content = {".txt": "a\nb\n", ".jsonl": '{"text": "a"}\n{"text": "b"}\n', ".tsv": "text\na\nb\n",
+               ".conll": "a X\n\nb Y\n"}[suffix]
+    path = tmp_path / f"in{suffix}"
+    path.write_text(content)
+    monkeypatch.setattr("sys.stdin", None)
+    assert len(list(read_records(path))) == 2
+    with pytest.raises(UsageError, match="^standard input is closed: pass --input FILE$"):
+        list(read_records("-"))

@@ -118,11 +118,11 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
 
     from kerasllm.export import batch  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
-    from kerasllm.export.records import detect_format, read_records  # noqa: PLC0415
+    from kerasllm.export.records import detect_format, read_records, stdin_bytes  # noqa: PLC0415
     from kerasllm.export.runtime import retain_freed_memory  # noqa: PLC0415
 
     started = time.perf_counter()
-    if input_path == "-" and sys.stdin.isatty():
+    if input_path == "-" and stdin_bytes().isatty():  # (closed: a UsageError)
         raise UsageError("no --input given and standard input is a terminal (pass --input FILE or pipe records in)")
     if shard_index >= num_shards:
         raise UsageError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} for --num-shards {num_shards}")
