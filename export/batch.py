@@ -37,7 +37,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from kerasllm.errors import DataError, KerasLLMError, UsageError
 from kerasllm.export.predict import GENERATED_TOKENS, Predictor, RecordError
@@ -227,17 +227,20 @@ def require_truncate_support(predictor: Predictor, truncate: str) -> None:
 class JsonlWriter:
     """Writes one JSON object per line, whole lines only, flushed after each group of lines.
 
-    `path="-"` writes to standard output. `append=True` continues an existing file.
+    `path="-"` writes to standard output. The lines are UTF-8 whatever the locale: written as bytes,
+    to standard output's byte stream too (its text layer's encoding had followed the locale: an
+    ASCII locale raised at the first non-ASCII character, latin-1 wrote JSONL no UTF-8 reader reads).
+    `append=True` continues an existing file.
     """
 
     def __init__(self, path: str | Path, append: bool = False):
         self.path = str(path)
         if self.path == "-":
-            self.stream = sys.stdout
+            self.stream = standard_output()
             self._close = False
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.stream = open(self.path, "a" if append else "w", encoding="utf-8", newline="\n")
+            self.stream = open(self.path, "ab" if append else "wb")
             self._close = True
 
     def write(self, rows: Iterable[dict]) -> None:
@@ -246,7 +249,7 @@ class JsonlWriter:
         text = "".join(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows)
         if text:
             with self._naming_errors():
-                self.stream.write(text)
+                self.stream.write(text.encode("utf-8"))
                 self.stream.flush()
 
     def close(self) -> None:
@@ -265,6 +268,15 @@ class JsonlWriter:
         except OSError as err:
             name = "standard output" if self.path == "-" else self.path
             raise KerasLLMError(f"{name}: cannot write the output ({err.strerror or err})") from None
+
+
+def standard_output() -> BinaryIO:
+    """Standard output's byte stream, for output written as UTF-8 bytes; a UsageError where it is
+    closed (`cmd >&-`: Python's `sys.stdout` is None, and the first write had raised)."""
+    if sys.stdout is None:
+        raise UsageError("standard output is closed: pass --output FILE")
+    sys.stdout.flush()  # what went through its text layer comes first
+    return sys.stdout.buffer
 
 
 def _plain(value: Any) -> Any:

@@ -1047,7 +1047,7 @@ def test_every_batch_option_says_what_it_does_in_help(run_cli, command):
         assert "1 is off" in text and "[default: 1.0; x>0]" in text
 
 
-# -- closed standard streams ------------------------------------------------------------------------
+# -- closed standard streams, the locale --------------------------------------------------------------
 def _closed(redirect: str, *args, **kwargs) -> subprocess.CompletedProcess:
     """The CLI (fake predictors) with a standard stream closed by `redirect`: `<&-`, `>&-` or `2>&-`."""
     return subprocess.run(["bash", "-c", f'"$@" {redirect}', "bash", sys.executable, str(FAKE), *map(str, args)],
@@ -1069,3 +1069,53 @@ def test_a_closed_standard_input_does_not_matter_with_an_input_file(bundle, tmp_
     assert (proc.returncode, proc.stderr.splitlines()) == (2, ["kerasllm: error: standard input is closed: "
                                                                "pass --input FILE"])
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_closed_standard_output_is_one_line_before_the_model_loads(bundle, tmp_path):
+    """`>&-` with `-o -` (the default) had been an AttributeError traceback at the first write."""
+    source = tmp_path / "in.txt"
+    source.write_text("abc\n")
+    (bundle / "manifest.json").write_text('{"task": "generate"}')  # a model that would fail to load
+    proc = _closed(">&-", "generate", bundle, "-i", source, "-q")
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, ["kerasllm: error: standard output is closed: "
+                                                               "pass --output FILE"])
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["all-good", "an-error-record"])
+def test_a_closed_standard_error_stops_no_job(bundle, tmp_path, monkeypatch, bad):
+    """`2>&-` without --quiet: the progress bar had been handed None (sys.stderr) and failed at its
+    first write, exit 1 with no output; warnings about failed records go nowhere, not to stdout."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "abc"}\n{"text": "de"}\n' + ('{"nope": 1}\n' if bad else ""))
+    out = tmp_path / "out.jsonl"
+    proc = _closed("2>&-", "generate", bundle, "-i", source, "-o", out)
+    assert (proc.returncode, proc.stdout) == (1 if bad else 0, "")
+    rows = read_jsonl(out)
+    assert rows[:2] == [{"id": "1", "output": "CBA"}, {"id": "2", "output": "ED"}]
+    assert len(rows) == 2 + bad and (not bad or rows[2]["error"].startswith("line 3: missing field 'text'"))
+    # The batch command itself, without `kerasllm.cli.main` (which puts /dev/null in a closed stderr's place)
+    from kerasllm.cli.infer import generate
+
+    out.unlink()
+    monkeypatch.setattr("sys.stderr", None)
+    try:
+        generate.main([str(bundle), "-i", str(source), "-o", str(out)], standalone_mode=False)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    assert (code, read_jsonl(out)) == (1 if bad else 0, rows)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_jsonl_on_standard_output_is_utf8_whatever_the_locale(bundle, tmp_path, encoding):
+    """Standard output's text layer follows the locale: PYTHONIOENCODING=ascii had raised a
+    UnicodeEncodeError traceback at the first non-ASCII record, latin-1 had written JSONL that
+    no UTF-8 reader reads."""
+    source = tmp_path / "in.txt"
+    texts = ["Zoë", "ok", "Zürich ☃"]
+    source.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(FAKE), "generate", str(bundle), "-i", str(source), "-q"],
+                          capture_output=True, cwd=REPO, timeout=60, env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()] == [
+        {"id": str(i + 1), "output": expected(t)} for i, t in enumerate(texts)]

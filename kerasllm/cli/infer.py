@@ -152,6 +152,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         raise UsageError(f"{output_path}: is a directory, expected a file (--output names the JSONL file to write)")
     if output_path == "-" and resume:
         raise UsageError("--resume needs an --output file")
+    if output_path == "-":
+        batch.standard_output()  # closed: one line now, not after the model load
     output_exists = output_path != "-" and Path(output_path).is_file() and Path(output_path).stat().st_size > 0
     if output_exists and not (resume or overwrite):
         raise UsageError(f"{output_path} exists: add --resume to continue it or --overwrite to replace it")
@@ -217,22 +219,26 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     if point.done:
         records = batch.skip_resumed(iter(records), point, output_path)
 
-    bar = tqdm(total=total_lines, unit="rec", desc=task, file=sys.stderr, disable=quiet, dynamic_ncols=True,
-               mininterval=0.5, smoothing=0.1, initial=0)
+    # With standard error closed (`2>&-`: sys.stderr is None) there is nowhere to show progress or
+    # warnings: tqdm had been handed None and failed at its first write, before any output.
+    bar = tqdm(total=total_lines, unit="rec", desc=task, file=sys.stderr, disable=quiet or sys.stderr is None,
+               dynamic_ncols=True, mininterval=0.5, smoothing=0.1, initial=0)
     warned = [0]
+
+    def warn(message: str) -> None:
+        if sys.stderr is not None:
+            tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr)
 
     def on_error(message: str) -> None:
         warned[0] += 1
         if not quiet and warned[0] <= 10:
-            tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr)
+            warn(message)
         elif not quiet and warned[0] == 11:
-            tqdm.write("kerasllm: warning: more failed records; see the \"error\" lines in the output",
-                       file=sys.stderr)
+            warn("more failed records; see the \"error\" lines in the output")
 
     on_window = None
     if task in ("generate", "classify", "embed", "tag"):
-        on_window = context_check(predictor, options.get("max_new_tokens", 0),
-                                  lambda message: tqdm.write(f"kerasllm: warning: {message}", file=sys.stderr))
+        on_window = context_check(predictor, options.get("max_new_tokens", 0), warn)
     runner = batch.BatchRunner(predictor, options, text_field=text_field, tokens_field=tokens_field,
                                batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
