@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import signal
 import sys
 import time
@@ -230,18 +231,29 @@ class JsonlWriter:
     `path="-"` writes to standard output. The lines are UTF-8 whatever the locale: written as bytes,
     to standard output's byte stream too (its text layer's encoding had followed the locale: an
     ASCII locale raised at the first non-ASCII character, latin-1 wrote JSONL no UTF-8 reader reads).
-    `append=True` continues an existing file.
+
+    A file is created exclusively (`open(..., "x")`): a file that exists is refused in one line,
+    the same refusal whether it was there before the job or a job started beside this one created
+    it in the meantime (both had opened it with "w" and each overwrote the other's lines).
+    `append=True` continues an existing file, `replace=True` truncates one. A path that is not a
+    regular file (/dev/null, a FIFO) is opened for writing as it is.
     """
 
-    def __init__(self, path: str | Path, append: bool = False):
+    def __init__(self, path: str | Path, append: bool = False, replace: bool = False):
         self.path = str(path)
         if self.path == "-":
             self.stream = standard_output()
             self._close = False
-        else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.stream = open(self.path, "ab" if append else "wb")
-            self._close = True
+            return
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = "ab" if append else "wb" if replace or target.exists() and not target.is_file() else "xb"
+        try:
+            # A symbolic link's target (O_EXCL does not follow links: one to a new file had been refused).
+            self.stream = open(os.path.realpath(target) if target.is_symlink() else target, mode)
+        except FileExistsError:
+            raise UsageError(f"{self.path} exists: add --resume to continue it or --overwrite to replace it") from None
+        self._close = True
 
     def write(self, rows: Iterable[dict]) -> None:
         # One write call per group of whole lines, then a flush: a kill can cut the OS write

@@ -1047,7 +1047,7 @@ def test_every_batch_option_says_what_it_does_in_help(run_cli, command):
         assert "1 is off" in text and "[default: 1.0; x>0]" in text
 
 
-# -- closed standard streams, the locale --------------------------------------------------------------
+# -- closed standard streams, the locale, jobs racing for an output ----------------------------------
 def _closed(redirect: str, *args, **kwargs) -> subprocess.CompletedProcess:
     """The CLI (fake predictors) with a standard stream closed by `redirect`: `<&-`, `>&-` or `2>&-`."""
     return subprocess.run(["bash", "-c", f'"$@" {redirect}', "bash", sys.executable, str(FAKE), *map(str, args)],
@@ -1119,3 +1119,39 @@ def test_jsonl_on_standard_output_is_utf8_whatever_the_locale(bundle, tmp_path, 
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()] == [
         {"id": str(i + 1), "output": expected(t)} for i, t in enumerate(texts)]
+
+
+def test_an_output_another_job_creates_while_the_model_loads_is_refused(run_cli, bundle, tmp_path, monkeypatch):
+    """Two jobs started together with the same --output both passed the check that it did not exist
+    and both opened it with "w": the file held lines of both, and both exited 0. The writer creates it
+    exclusively: the job that comes second is refused as one started after the first, the first's
+    file left as it is."""
+    source = tmp_path / "in.txt"
+    source.write_text("abc\nde\n")
+    out = tmp_path / "out.jsonl"
+    theirs = '{"id": "B1", "output": "the other job\'s"}\n'
+    load = fake_predictor.load
+
+    def raced(source, **kwargs):  # the other job opens the output while this one loads its model
+        out.write_text(theirs)
+        return load(source, **kwargs)
+
+    monkeypatch.setattr(fake_predictor, "load", raced)
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "-q")
+    assert (result.code, result.err.splitlines()) == (2, [f"kerasllm: error: {out} exists: add --resume to "
+                                                          "continue it or --overwrite to replace it"])
+    assert out.read_text() == theirs
+    # An empty file too (what the other job has before its first window), refused before the model loads.
+    out.write_bytes(b"")
+    monkeypatch.setattr(fake_predictor, "load", load)
+    fake_predictor.FakePredictor.devices.clear()
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "-q")
+    assert (result.code, fake_predictor.FakePredictor.devices, out.read_bytes()) == (2, [], b""), result
+    assert run_cli("generate", bundle, "-i", source, "-o", out, "-q", "--overwrite").code == 0
+    assert read_jsonl(out) == [{"id": "1", "output": "CBA"}, {"id": "2", "output": "ED"}]
+    # What is not a regular file is written as it is; a symbolic link to a new file creates it.
+    assert run_cli("generate", bundle, "-i", source, "-o", os.devnull, "-q").code == 0
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "target.jsonl")
+    assert run_cli("generate", bundle, "-i", source, "-o", link, "-q").code == 0
+    assert read_jsonl(tmp_path / "target.jsonl") == read_jsonl(out)

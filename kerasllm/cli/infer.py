@@ -154,8 +154,9 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         raise UsageError("--resume needs an --output file")
     if output_path == "-":
         batch.standard_output()  # closed: one line now, not after the model load
-    output_exists = output_path != "-" and Path(output_path).is_file() and Path(output_path).stat().st_size > 0
-    if output_exists and not (resume or overwrite):
+    # An empty file too: the writer creates --output exclusively (JsonlWriter), so that a job racing
+    # this one for it is refused as well; this says so before the model load.
+    if output_path != "-" and Path(output_path).is_file() and not (resume or overwrite):
         raise UsageError(f"{output_path} exists: add --resume to continue it or --overwrite to replace it")
     if output_path != "-" and input_path != "-" and Path(output_path).resolve() == Path(input_path).resolve():
         raise UsageError(f"{output_path} is also the input")
@@ -191,7 +192,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             everything.close()
         if input_empty:
             raise DataError(f"{input_path}: no records to process (the input is empty or holds only blank lines)")
-        batch.JsonlWriter(output_path, append=resume).close()
+        batch.JsonlWriter(output_path, append=resume, replace=overwrite).close()
         if not quiet:
             block = (f"lines {lines[0]}-{lines[1]} of {input_path} hold none" if lines[0] <= lines[1]
                      else f"{input_path} has {input_lines} lines, fewer than the shards")
@@ -247,7 +248,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     summary = batch.Summary(skipped=point.done, errors_total=point.errors)
     if point.done:
         bar.update(point.done)
-    writer = batch.JsonlWriter(output_path, append=resume)
+    writer = batch.JsonlWriter(output_path, append=resume, replace=overwrite)
     try:
         # A guard of its own around the runner's: a signal while the job closes its output and the
         # progress bar waits until they are closed (and the bar freed). The default handler raised a
