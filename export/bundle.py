@@ -141,14 +141,31 @@ class Bundle:
             raise BundleError(f"{self.path}: no {name!r} graph (has {', '.join(graphs)})")
         return self.path / graphs[name]["file"]
 
-    def open_session(self, role: str, device: str | None = None, threads: int | None = None):
+    def open_session(self, role: str, device: str | None = None, threads: int | None = None,
+                     graph: bytes | None = None):
         """An ONNX Runtime session (runtime.create_session) of graph `role`, checked against this
-        manifest (`check_graph`): how every bundle predictor opens its graphs."""
+        manifest (`check_graph`): how every bundle predictor opens its graphs. `graph`: the graph's
+        bytes from `graph_bytes`, opened instead of its file."""
         from kerasllm.export.runtime import create_session  # noqa: PLC0415 - ONNX Runtime loads here
 
-        session = create_session(self.graph_path(role), device, threads)
+        session = create_session(self.graph_path(role), device, threads, graph=graph)
         check_graph(self, role, session.session.get_inputs(), session.session.get_outputs())
         return session
+
+    def graph_bytes(self, role: str) -> bytes:
+        """Graph `role`'s file, read once and checked against the manifest's sha256 (BundleError
+        where it differs): for sessions opened after the load (`open_session(graph=...)`), which
+        then run what was checked, whatever the directory holds by then (a redeploy replacing the
+        bundle mid-job had given a job loaded from one model another model's graphs). Only for a
+        graph whose weights are in its file: one over 2 GB keeps them beside it (convert.save_onnx)."""
+        name = self.manifest["graphs"][role]["file"]
+        try:
+            data = self.graph_path(role).read_bytes()
+        except OSError as err:
+            raise BundleError(f"{self.path}: {name} cannot be read ({err.strerror or err})") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]:
+            raise BundleError(f"{self.path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+        return data
 
     def tokenizer(self):
         """The (source) tokenizer, checked against the config's vocabulary (one with ids the graph

@@ -234,7 +234,7 @@ def _announce(description: str) -> None:
 
 
 def create_session(path: str | Path, device: str | None = None, threads: int | None = None,
-                   cuda_graph: bool = False) -> Session:
+                   cuda_graph: bool = False, graph: bytes | None = None) -> Session:
     """Open `path` on `device` (see the module docstring); logs one line saying what runs (once per
     process for each provider and reason).
 
@@ -243,9 +243,13 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
     -1 for none), which `DecoderSession` does. Where ORT refuses (a node on the CPU provider
     that needs a copy), the session opens without it and a warning quotes ORT.
 
+    `graph`: the graph's bytes, opened instead of reading `path` (which then only names it in
+    messages): `Bundle.graph_bytes`, checked against the manifest once and not read again.
+
     A graph ONNX Runtime cannot load is a `BundleError` naming the file. (A bundle's loaders then
     check the graph against its manifest: `Bundle.open_session`.)"""
     path = str(path)
+    model = path if graph is None else graph
     kind, device_id = parse_device(device)
     # Built before the loads below: their handlers report any failure as the graph's (or CUDA's), and
     # a bad KERASLLM_ORT_SPINNING is the user's setting, not a broken bundle. ORT copies the options
@@ -264,7 +268,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
                     provider = {"device_id": device_id, **({"enable_cuda_graph": "1"} if captured else {})}
                     try:
                         with flush_denormals():
-                            session = ort.InferenceSession(path, options,
+                            session = ort.InferenceSession(model, options,
                                                            providers=[("CUDAExecutionProvider", provider),
                                                                       "CPUExecutionProvider"])
                     except Exception as err:  # ORT raises its own exception types
@@ -290,7 +294,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
             # No fallback: ORT's is to the CPU provider, this one, and it announces the retry on stdout.
             # Silent: a kernel's failure comes back as an exception, which the callers turn into one
             # line; ORT's logger printed it too (a coloured line before that one).
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"],
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                            disabled_optimizers=CPU_DISABLED_OPTIMIZERS, enable_fallback=0)
     except Exception as err:
         # A graph that passed its checksum can still be unloadable (damaged before the manifest was

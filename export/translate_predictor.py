@@ -177,11 +177,15 @@ class BundleTranslator(Translator):
         manifest = self.bundle.manifest
         super().__init__(*load_seq2seq_tokenizers(self.bundle.path, self.bundle.config, manifest["tokenizer"],
                                                   manifest.get("target_tokenizer")), self.bundle.config)
-        # (the worker threads' own sessions, `_shard_loop`, open the same files, checked here once)
-        self.sessions = Seq2SeqSessions(self.bundle.open_session("encoder", device, threads),
-                                        self.bundle.open_session("decoder", device, threads))
-        graph_bytes = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*"))
-        small = graph_bytes <= SHARD_MAX_GRAPH_BYTES
+        small = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*")) <= SHARD_MAX_GRAPH_BYTES
+        # A small bundle's graphs are read and checked against the manifest once, here: the bundle's
+        # sessions and the worker threads' (opened later, `_shard_loop`) open these bytes, never the
+        # files again. The workers had opened the files as they were by then, unchecked: a bundle
+        # replaced on disk mid-job decoded with the new model's graphs and the loaded one's tokenizer.
+        # Held for the job: at most SHARD_MAX_GRAPH_BYTES, about what one more worker's sessions hold.
+        self._graphs = {role: self.bundle.graph_bytes(role) for role in ("encoder", "decoder")} if small else {}
+        self.sessions = Seq2SeqSessions(*(self.bundle.open_session(role, device, threads, self._graphs.get(role))
+                                          for role in ("encoder", "decoder")))
         self.max_shards = (threads or usable_cores()) if self.sessions.decoder.device_type == "cpu" and small else 1
         self._pool = None
         self._local = threading.local()  # a worker thread's single-threaded sessions
@@ -225,8 +229,8 @@ class BundleTranslator(Translator):
             quiet = _ThreadFilter(threading.get_ident())
             logging.getLogger("kerasllm").addFilter(quiet)
             try:
-                sessions = self._local.sessions = Seq2SeqSessions.open(
-                    self.bundle.graph_path("encoder"), self.bundle.graph_path("decoder"), "cpu", threads=1)
+                sessions = self._local.sessions = Seq2SeqSessions(
+                    *(self.bundle.open_session(role, "cpu", 1, self._graphs[role]) for role in ("encoder", "decoder")))
             finally:
                 logging.getLogger("kerasllm").removeFilter(quiet)
         return self._loop(sessions, batch, decoding)

@@ -238,3 +238,27 @@ def test_a_bad_ort_spinning_setting_is_not_taken_for_a_failed_cuda_session(tmp_p
     for device in ("cuda", "auto"):
         with pytest.raises(UsageError, match="^KERASLLM_ORT_SPINNING must be 0 or 1 "):
             create_session(path, device)
+
+
+def test_a_graph_is_opened_from_the_bytes_checked_against_the_manifest(tmp_path):
+    """`Bundle.graph_bytes` reads a graph once and checks it against the loaded manifest; sessions opened
+    from those bytes run them whatever the directory holds later (a translate job's worker threads had
+    opened the files as they were by then, unchecked: a bundle replaced mid-job gave another model's
+    outputs). A graph replaced before it is read is refused in one line."""
+    from kerasllm.export.bundle import load_bundle
+
+    bundle = load_bundle(make_bundle(tmp_path / "bundle"))
+    graph = bundle.graph_bytes("model")
+    (bundle.path / "model.onnx").write_bytes(b"another model")  # replaced after the check
+    session = bundle.open_session("model", "cpu", graph=graph)
+    assert session.path == str(bundle.path / "model.onnx")  # messages still name its file
+    past = np.zeros((1, HEADS, 0, HEAD_DIM), np.float32)
+    feeds = {"input_ids": np.array([[1]]), "attention_mask": np.array([[1]]),
+             **{f"past_key_values.{layer}.{kind}": past for layer in range(LAYERS) for kind in ("key", "value")}}
+    assert session.session.run(["logits"], feeds)[0].shape == (1, 1, bundle.config["vocab_size"])
+    with pytest.raises(BundleError, match=r"^\S+: model\.onnx does not match its sha256 in the manifest \(modified or "
+                                          r"corrupt\)$"):
+        bundle.graph_bytes("model")
+    (bundle.path / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"^\S+: model\.onnx cannot be read \(No such file or directory\)$"):
+        bundle.graph_bytes("model")
