@@ -17,6 +17,7 @@ that writes its graph file(s) into `staging` and returns the manifest entries it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -151,6 +152,11 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not empty; choose a new --out")
+    if out.is_symlink():
+        # A link (to an empty directory, or to none yet) gets the bundle in its target, which it then
+        # shows: the finished bundle is renamed into place, and the rename cannot go through a link
+        # (commit_bundle's rmdir of it had failed "Not a directory" after the whole export).
+        out = Path(os.path.realpath(out))
     from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow (after the quick checks)
 
     model, tokenizer, run = load_model_dir(model_dir)

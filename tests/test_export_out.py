@@ -1,0 +1,60 @@
+"""Where `kerasllm export --out` puts the bundle: a symbolic link gets it in its target.
+
+The model and its graph are stand-ins (the export's own steps are tested in test_export_*.py):
+what is checked here is where the finished bundle lands.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kerasllm.config import DecoderConfig
+from kerasllm.tokenizers import TextTokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    """A model directory whose load and graph export are stand-ins (a file for the graph)."""
+    from kerasllm import modeldir
+    from kerasllm.export import exporter
+
+    tokenizer = TextTokenizer.train(["the cat saw a duck"], kind="char")
+    config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.keras", "config.json"):  # what `kerasllm export` checks before loading
+        (run / name).write_text("{}")
+    monkeypatch.setattr(modeldir, "load_model_dir", lambda path, device=None: (
+        None, tokenizer, {"task": "causal-lm", "model": config.to_dict()}))
+
+    def export_graph(model, scratch, staging, options, log):
+        (staging / "model.onnx").write_bytes(b"the graph")
+        return {"graphs": {"model": {"file": "model.onnx"}}, "optimization": {}}
+
+    monkeypatch.setitem(exporter.FAMILY_EXPORTERS, "decoder", export_graph)
+    return run
+
+
+def test_an_out_that_is_a_symbolic_link_gets_the_bundle_in_its_target(run_cli, model_dir, tmp_path):
+    """A link to an empty directory passed the check at the start, then failed after the whole export:
+    "[Errno 20] Not a directory", the work lost."""
+    from kerasllm.export.bundle import load_bundle
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    for target in (tmp_path / "empty", tmp_path / "new"):  # an empty directory, and none yet
+        if target.name == "empty":
+            target.mkdir()
+        link = bundles / f"to-{target.name}"
+        link.symlink_to(target)
+        result = run_cli("export", model_dir, "--out", link, "--quiet")
+        assert (result.code, result.err) == (0, ""), result
+        assert link.is_symlink() and load_bundle(link).manifest["files"]["model.onnx"]
+        assert sorted(p.name for p in target.iterdir()) == ["genai_config.json", "manifest.json", "model.onnx",
+                                                            "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundles", "empty", "new", "run"]  # no staging left
+    assert sorted(p.name for p in bundles.iterdir()) == ["to-empty", "to-new"]
+    # A link to a directory that is not empty is refused at the start, naming the link.
+    result = run_cli("export", model_dir, "--out", bundles / "to-empty", "--quiet")
+    assert (result.code, result.err.splitlines()) == (2, [f"kerasllm: error: {bundles / 'to-empty'} exists and is "
+                                                          "not empty; choose a new --out"])
