@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -45,19 +46,49 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
       kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
       kerasllm evaluate bundles/ner --data test.conll          # accuracy per word, entity_f1 (conlleval)
     """
-    from kerasllm.errors import UsageError  # noqa: PLC0415
+    from kerasllm.errors import KerasLLMError, UsageError  # noqa: PLC0415
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
 
     if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
         raise UsageError(f"{output} is also the --data file")
+    if output:
+        _check_writable(output)
     result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
                  label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
                  source_field=source_field, target_field=target_field,
                  warn=lambda message: click.echo(f"kerasllm: warning: {message}", err=True))
     text = json.dumps(result, indent=2)
+    click.echo(text)  # first: a write that still fails (a full disk) loses none of the evaluation
     if output:
+        tmp = _partial(output)
+        try:
+            tmp.write_text(text + "\n", encoding="utf-8")
+            tmp.replace(output)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # (its directory may be what failed)
+                tmp.unlink(missing_ok=True)
+            raise KerasLLMError(f"--output {output}: cannot write the metrics ({err.strerror or err}); they are "
+                                "on standard output above") from None
+
+
+def _partial(output: Path) -> Path:
+    """Where the metrics are written before they are renamed to `output` (never half a file there)."""
+    return output.with_name(f".{output.name}.partial")
+
+
+def _check_writable(output: Path) -> None:
+    """UsageError, before the evaluation runs (it may take long), where `output` cannot be written:
+    its directory (made where missing) takes a new file. The metrics had been computed, then lost to
+    a message naming the partial file or another path ("[Errno 17] File exists: 'afile'")."""
+    from kerasllm.errors import UsageError  # noqa: PLC0415
+
+    tmp = _partial(output)
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.partial")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(output)
-    click.echo(text)
+        tmp.touch()
+        tmp.unlink()
+    except OSError as err:
+        blocking = next((p for p in (output.parent, *output.parent.parents) if p.is_file()), None)
+        reason = (f"{blocking} is not a directory" if blocking is not None
+                  else f"cannot create a file in {output.parent} ({err.strerror or err})")
+        raise UsageError(f"--output {output}: {reason}") from None

@@ -1,0 +1,75 @@
+"""`kerasllm evaluate --output`: a path that cannot be written is refused before the evaluation
+runs, and a write that still fails loses none of the metrics (they are on standard output first).
+The evaluation itself is a stand-in here (its metrics are tested with each family)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+METRICS = {"count": 2, "accuracy": 0.5}
+
+
+@pytest.fixture
+def evaluations(tmp_path, monkeypatch):
+    """The paths of the evaluations run (a stand-in evaluation returning METRICS); a model dir and a data file."""
+    from kerasllm import evaluation
+
+    ran = []
+
+    def evaluate(source, data, **options):
+        ran.append(Path(source))
+        hook = getattr(evaluate, "during", None)
+        if hook:
+            hook()
+        return dict(METRICS)
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "test.tsv").write_text("text\tlabel\ngood\tpositive\n")
+    return ran, evaluate
+
+
+def test_metrics_go_to_standard_output_and_the_output_file(run_cli, tmp_path, evaluations):
+    out = tmp_path / "new" / "dir" / "metrics.json"
+    result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out)
+    assert (result.code, json.loads(result.out), json.loads(out.read_text())) == (0, METRICS, METRICS), result
+    assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.json"]  # no partial file left
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(run_cli, tmp_path, evaluations, where):
+    """The metrics had been computed, then lost: "[Errno 17] File exists: 'afile'" or a message naming
+    the partial file ('/proc/.metrics.json.partial'), nothing on standard output, exit 1."""
+    ran, _ = evaluations
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc")
+        out, reason = Path("/proc/metrics.json"), "cannot create a file in /proc ("
+    else:
+        (tmp_path / "afile").write_text("mine")
+        out, reason = tmp_path / "afile" / "sub" / "metrics.json", f"{tmp_path / 'afile'} is not a directory"
+    result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out)
+    assert (result.code, result.out, ran) == (2, "", []), result
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kerasllm: error: --output {out}: {reason}"), lines
+    if where != "proc":
+        assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_write_that_fails_after_the_evaluation_keeps_the_metrics_on_standard_output(run_cli, tmp_path,
+                                                                                       evaluations):
+    ran, evaluate = evaluations
+    out = tmp_path / "results" / "metrics.json"
+
+    def lose_the_directory():  # e.g. removed (or its disk filled) while the evaluation ran
+        out.parent.rmdir()
+        out.parent.write_text("")
+
+    evaluate.during = lose_the_directory
+    result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out)
+    assert (result.code, json.loads(result.out), len(ran)) == (1, METRICS, 1), result
+    assert result.err.splitlines() == [f"kerasllm: error: --output {out}: cannot write the metrics (Not a directory); "
+                                       "they are on standard output above"]
