@@ -8,6 +8,7 @@ A run directory holds everything a finished model needs and nothing half-written
     DIR/history.jsonl   one JSON object per logged step: step, loss (mean since the line before),
                         val_loss, tokens_per_s
     DIR/checkpoints/    Keras BackupAndRestore state (weights, optimizer, epoch) until model.keras is written
+    DIR/.kerasllm.lock  while a run writes DIR: the lock that keeps every other run out (`run_dir_lock`)
 
 `--resume` restores the last checkpoint (weights, optimizer state and step) and
 carries on; the same mechanism brings a restarted multi-worker job back.
@@ -15,6 +16,7 @@ carries on; the same mechanism brings a restarted multi-worker job back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +25,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 
@@ -34,6 +36,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".kerasllm.lock"
 
 
 # -- the run directory ----------------------------------------------------------------------
@@ -52,9 +55,61 @@ def prepare_run_dir(out: str | Path, resume: bool, is_chief: bool = True) -> Pat
         if (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
             raise UsageError(f"--resume: the run in {out} already finished ({MODEL_FILE} is written)")
         return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not empty; choose a new --out or pass --resume")
+    # A lock file alone is what a run killed before writing anything left (`run_dir_lock`).
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
+        raise _not_empty(out)
     return out
+
+
+def _not_empty(out: Path) -> UsageError:
+    return UsageError(f"{out} exists and is not empty; choose a new --out or pass --resume")
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path, resume: bool) -> Iterator[None]:
+    """Hold the run directory `out` (which exists) while this run writes it, checked again under
+    the lock (`prepare_run_dir`): of two runs started together into one --out exactly one trains,
+    and the other gets the refusal it would get later ("exists and is not empty"; with --resume,
+    "in use"). Both had passed the check before either wrote anything, then both trained into
+    the directory and said "model written", the second one's files in place of the first's.
+
+    The lock is an flock on DIR/.kerasllm.lock, which the kernel drops when the process ends,
+    however it ends: the file a killed run leaves behind locks nothing (`prepare_run_dir` takes
+    a directory holding nothing else as empty, so the same command, or a restarted multi-worker
+    job, starts again). It is removed when the run ends. Where the file system has no locks
+    (some network and FUSE mounts), the run goes on unguarded, as before.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX, as TensorFlow's multi-worker training
+
+    busy = UsageError(f"--resume: {out} is in use by another kerasllm run") if resume else _not_empty(out)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        except OSError:
+            pass  # no locks on this file system
+        # A run that ends removes the file it locked: a lock on that file, opened before, guards nothing.
+        if not _same_file(fd, path):
+            raise busy
+        try:
+            prepare_run_dir(out, resume)  # what another run wrote before this one held the lock
+            yield
+        finally:
+            # Not after this run's failure removed the directory (`run_directory`): another run may hold the new one.
+            if _same_file(fd, path):
+                path.unlink()
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def read_run_config(out: str | Path) -> dict[str, Any]:

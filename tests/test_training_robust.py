@@ -81,8 +81,8 @@ def test_run_directory_removes_a_failed_run_only_while_it_holds_no_progress(tmp_
     from kerasllm.recipes.common import run_directory
 
     def fail(out, *progress):
-        with pytest.raises(RuntimeError), run_directory(out, resume=False, is_chief=True, args=None,
-                                                        save=lambda: (out / "config.json").write_text("{}")):
+        with pytest.raises(RuntimeError), run_directory(out, resume=False, is_chief=True):
+            (out / "config.json").write_text("{}")
             for name in progress:
                 (out / name).mkdir() if name == "checkpoints" else (out / name).write_text("x")
             raise RuntimeError
@@ -102,7 +102,7 @@ def test_a_resumed_run_records_the_data_paths_it_was_given_again(tmp_path):
     """`--resume --data NEW` had trained on NEW but left config.json naming the gone path, so a
     second interruption needed --data again."""
     from kerasllm.recipes.classifier import ClassifierTrainArgs
-    from kerasllm.recipes.common import resumed_args, run_directory, train_record
+    from kerasllm.recipes.common import resumed_args, run_directory, train_record, write_run_files
 
     out = tmp_path / "run"
     out.mkdir()
@@ -111,9 +111,83 @@ def test_a_resumed_run_records_the_data_paths_it_was_given_again(tmp_path):
     new = tmp_path / "moved.tsv"
     new.write_text("text\tlabel\n")
     args = resumed_args(ClassifierTrainArgs, run, out, data=[str(new)])
-    with run_directory(out, resume=True, is_chief=False, save=None, args=args):
-        pass  # the other workers of a multi-worker job never write the run directory
+    with run_directory(out, resume=True, is_chief=False) as held:
+        # the other workers of a multi-worker job never write the run directory
+        write_run_files(held, resume=True, is_chief=False, save=None, args=args)
     assert json.loads((out / "config.json").read_text()) == run
-    with run_directory(out, resume=True, is_chief=True, save=None, args=args):
-        pass
+    with run_directory(out, resume=True, is_chief=True) as held:
+        write_run_files(held, resume=True, is_chief=True, save=None, args=args)
     assert json.loads((out / "config.json").read_text()) == {**run, "train": {**run["train"], "data": [str(new)]}}
+
+
+def test_of_two_runs_started_together_into_one_out_the_second_is_refused(run_cli, corpus_file, tmp_path, monkeypatch):
+    """Both had passed the check that --out is empty, both had tokenized, then trained into the same
+    directory and said "model written": the first run's model and history replaced by the second's.
+    Run B starts here while run A trains its tokenizer, between A's check and its first write."""
+    from kerasllm.errors import UsageError
+    from kerasllm.recipes import causal_lm
+    from kerasllm.recipes.causal_lm import CausalLMTrainArgs, train_causal_lm
+
+    out = tmp_path / "same"
+    train_tokenizer = causal_lm.train_corpus_tokenizer
+    second = []
+
+    def start_run_b_meanwhile(*args, **kwargs):
+        if not second:
+            second.append(None)
+            args_b = CausalLMTrainArgs(data=[str(corpus_file)], tokenizer="byte", steps=2, eval_interval=2,
+                                       eval_steps=1, batch_size=8, seq_len=32, jit_compile=False)
+            with pytest.raises(UsageError) as refused:
+                train_causal_lm(args_b, out, quiet=True)
+            second[0] = str(refused.value)
+        return train_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(causal_lm, "train_corpus_tokenizer", start_run_b_meanwhile)
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "4", "--eval-interval", "2",
+                     "--eval-steps", "1", "--tokenizer", "char", *FAST)
+    assert second == [f"{out} exists and is not empty; choose a new --out or pass --resume"]
+    assert result.code == 0, result
+    assert json.loads((out / "config.json").read_text())["train"]["tokenizer"] == "char"  # A's, whole
+    assert _steps(out) == [2, 4]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.jsonl", "model.keras", "tokenizer.json",
+                                                     "tokens"]  # the lock is gone with the run
+
+
+def test_a_run_directory_held_by_another_process_is_refused_and_left_to_it(run_cli, corpus_file, tmp_path):
+    """The lock is the kernel's (flock): held while the other run lives, whatever its state."""
+    import fcntl
+    import os
+
+    from kerasllm.errors import UsageError
+    from kerasllm.training import LOCK_FILE, run_dir_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # another run, between its check and its first write
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "2", *FAST)
+        assert result.code == 2, result
+        assert result.err.splitlines() == [f"kerasllm: error: {out} exists and is not empty; choose a new --out or "
+                                           "pass --resume"]
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]  # the other run's, untouched
+        (out / "config.json").write_text("{}")
+        with pytest.raises(UsageError, match=rf"^--resume: {out} is in use by another kerasllm run$"):
+            with run_dir_lock(out, resume=True):
+                pass
+    finally:
+        os.close(fd)
+
+
+def test_the_lock_file_of_a_killed_run_locks_nothing(run_cli, corpus_file, tmp_path):
+    """A run killed before it wrote anything (SIGKILL, an XLA abort) leaves its lock file: the same
+    command, or a restarted multi-worker job, starts again; the lock is gone once it has run."""
+    from kerasllm.training import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("")
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "2", "--eval-interval",
+                     "2", "--eval-steps", "1", *FAST)
+    assert result.code == 0, result
+    assert (out / "model.keras").is_file() and not (out / LOCK_FILE).exists()

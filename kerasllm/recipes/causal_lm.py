@@ -10,11 +10,10 @@ from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
 from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
-                                     run_directory, train_record)
+                                     run_directory, train_record, write_run_files)
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
-                               restored_epoch, write_json_atomic)
+from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
 
 log = logging.getLogger("kerasllm")
 
@@ -40,62 +39,62 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
     `distribute=DistributeArgs(...)` picks the strategy and precision (default: auto,
     fp32; see `kerasllm.distribute.distributed_recipe`, which supplies `dist`).
     """
-    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
-    if resume:
-        run = read_run_config(out)
-        # A resumed run repeats the saved run; only the data paths may be given again.
-        args = resumed_args(CausalLMTrainArgs, run, out, data=args.data)
-        files = resolve_text_files(args.data)
-        tokenizer = TextTokenizer.load(out)
-        config = DecoderConfig.from_dict(run["model"])
-    else:
-        files = resolve_text_files(args.data)  # fails early, before anything is written
-        config = model_config(DecoderConfig, args.preset, config_file, config_overrides or {})
-        tokenizer = train_corpus_tokenizer(files, args.tokenizer, args.vocab_size)
-        config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    check_seq_len(args.seq_len, config)
-    plan_steps(args.steps, args.epochs, 1, args.eval_interval)  # bad --steps/--epochs: refused before tokenizing
-    tokens_per_step = args.batch_size * args.seq_len
+    with run_directory(out, resume=resume, is_chief=dist.is_chief) as out:  # this run's alone from here on
+        if resume:
+            run = read_run_config(out)
+            # A resumed run repeats the saved run; only the data paths may be given again.
+            args = resumed_args(CausalLMTrainArgs, run, out, data=args.data)
+            files = resolve_text_files(args.data)
+            tokenizer = TextTokenizer.load(out)
+            config = DecoderConfig.from_dict(run["model"])
+        else:
+            files = resolve_text_files(args.data)  # fails early, before anything is written
+            config = model_config(DecoderConfig, args.preset, config_file, config_overrides or {})
+            tokenizer = train_corpus_tokenizer(files, args.tokenizer, args.vocab_size)
+            config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        check_seq_len(args.seq_len, config)
+        plan_steps(args.steps, args.epochs, 1, args.eval_interval)  # bad --steps/--epochs: refused before tokenizing
+        tokens_per_step = args.batch_size * args.seq_len
 
-    def save_run_files():
-        tokenizer.save(out)
-        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
-                                              "train": train_record(args), **distribute_record(dist)})
+        def save_run_files():
+            tokenizer.save(out)
+            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
+                                                  "train": train_record(args), **distribute_record(dist)})
 
-    # Before TensorFlow's runtime starts: its threads are fixed from then on.
-    dist.threads_for(config, args.jit_compile)
-    with (run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args),
-          token_cache_dir(out, dist.worker_index) as tokens_dir):
-        # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
-        split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)
-        total_steps, steps_per_epoch, epochs = plan_steps(
-            args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
-        )
+        # Before TensorFlow's runtime starts: its threads are fixed from then on.
+        dist.threads_for(config, args.jit_compile)
+        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
+        with token_cache_dir(out, dist.worker_index) as tokens_dir:
+            # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
+            split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)
+            total_steps, steps_per_epoch, epochs = plan_steps(
+                args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
+            )
 
-        import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
+            import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
-        import kerasllm.models as models  # noqa: PLC0415
+            import kerasllm.models as models  # noqa: PLC0415
 
-        # Before the input pipelines and the model: the same --seed, the same data order and weights.
-        keras.utils.set_random_seed(args.seed)
+            # Before the input pipelines and the model: the same --seed, the same data order and weights.
+            keras.utils.set_random_seed(args.seed)
 
-        # Fresh data order after a resume instead of replaying the first windows.
-        seed = args.seed + restored_epoch(out)
-        train_data = dist.distribute(
-            lambda batch, shard, shards: lm_windows(split.train, args.seq_len, batch, args.window, seed=seed,
-                                                    shard_index=shard, num_shards=shards), args.batch_size)
-        val_data = (dist.distribute(
-            lambda batch, shard, shards: lm_windows(split.validation, args.seq_len, batch, "random",
-                                                    seed=args.seed + 1, shard_index=shard, num_shards=shards),
-            args.batch_size) if len(split.validation) else None)
-        model = models.CausalLM(config)
-        model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps,
-                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                      label_smoothing=args.label_smoothing, jit_compile=dist.jit_compile(args.jit_compile))
-        if not quiet:
-            log.info("causal-lm: %s parameters, %d steps of %d tokens, vocab %d (%s)", f"{model.count_params():,}",
-                     total_steps, tokens_per_step, config.vocab_size, args.tokenizer)
-        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                       epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
-                       log_every=args.log_every, worker_index=dist.worker_index, extra_callbacks=extra_callbacks)
+            # Fresh data order after a resume instead of replaying the first windows.
+            seed = args.seed + restored_epoch(out)
+            train_data = dist.distribute(
+                lambda batch, shard, shards: lm_windows(split.train, args.seq_len, batch, args.window, seed=seed,
+                                                        shard_index=shard, num_shards=shards), args.batch_size)
+            val_data = (dist.distribute(
+                lambda batch, shard, shards: lm_windows(split.validation, args.seq_len, batch, "random",
+                                                        seed=args.seed + 1, shard_index=shard, num_shards=shards),
+                args.batch_size) if len(split.validation) else None)
+            model = models.CausalLM(config)
+            model.compile(learning_rate=dist.learning_rate(args.lr), total_steps=total_steps,
+                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                          label_smoothing=args.label_smoothing, jit_compile=dist.jit_compile(args.jit_compile))
+            if not quiet:
+                log.info("causal-lm: %s parameters, %d steps of %d tokens, vocab %d (%s)", f"{model.count_params():,}",
+                         total_steps, tokens_per_step, config.vocab_size, args.tokenizer)
+            return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                           epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
+                           log_every=args.log_every, worker_index=dist.worker_index, extra_callbacks=extra_callbacks)

@@ -21,10 +21,9 @@ from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
                                      labelled_datasets, pretrained_run, resumed_args, run_directory,
-                                     train_record)
+                                     train_record, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
-                               restored_epoch, write_json_atomic)
+from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
 
 log = logging.getLogger("kerasllm")
 
@@ -48,46 +47,47 @@ class ClassifierTrainArgs(RunArgs):
 def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                      quiet: bool = False, config_overrides: dict | None = None, dist=None):
     """Train (or resume) a text classifier into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
-    changes = {"pooling": args.pooling} if args.pooling else {}
-    if resume:
-        run = read_run_config(out)
-        args = resumed_args(ClassifierTrainArgs, run, out, data=args.data)
-        tokenizer = TextTokenizer.load(out)
-        config = EncoderConfig.from_dict(run["model"])
-        labels = LabelMap(run["labels"])
-        rows = read_rows(args.data, args.text_field, args.label_field)
-    else:
-        rows = read_rows(args.data, args.text_field, args.label_field)  # fails early, before anything is written
-        labels = LabelMap.from_labels([row.label for row in rows])
-        if args.init_from:
-            if config_file or config_overrides:
-                raise UsageError("--init-from takes the pretrained model's architecture; drop --config and overrides")
-            pretrained, tokenizer = pretrained_run(args.init_from, INIT_TASKS)
-            config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(labels), **changes)
+    with run_directory(out, resume=resume, is_chief=dist.is_chief) as out:  # this run's alone from here on
+        changes = {"pooling": args.pooling} if args.pooling else {}
+        if resume:
+            run = read_run_config(out)
+            args = resumed_args(ClassifierTrainArgs, run, out, data=args.data)
+            tokenizer = TextTokenizer.load(out)
+            config = EncoderConfig.from_dict(run["model"])
+            labels = LabelMap(run["labels"])
+            rows = read_rows(args.data, args.text_field, args.label_field)
         else:
-            tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer,
-                                            vocab_size=args.vocab_size)
-            config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer,
-                                    num_labels=len(labels), **changes)
-    check_seq_len(args.seq_len, config)
-    train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
-    train_ids, val_ids = labels.ids(train_rows), labels.ids(val_rows)
-    train_seqs, val_seqs = encode_rows(tokenizer, train_rows, args.seq_len), encode_rows(tokenizer, val_rows,
-                                                                                           args.seq_len)
-    total_steps, steps_per_epoch, epochs = plan_steps(
-        args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
-    )
+            rows = read_rows(args.data, args.text_field, args.label_field)  # fails early, before anything is written
+            labels = LabelMap.from_labels([row.label for row in rows])
+            if args.init_from:
+                if config_file or config_overrides:
+                    raise UsageError("--init-from takes the pretrained model's architecture; drop --config and "
+                                     "overrides")
+                pretrained, tokenizer = pretrained_run(args.init_from, INIT_TASKS)
+                config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(labels), **changes)
+            else:
+                tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer,
+                                                vocab_size=args.vocab_size)
+                config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer,
+                                        num_labels=len(labels), **changes)
+        check_seq_len(args.seq_len, config)
+        train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
+        train_ids, val_ids = labels.ids(train_rows), labels.ids(val_rows)
+        train_seqs, val_seqs = encode_rows(tokenizer, train_rows, args.seq_len), encode_rows(tokenizer, val_rows,
+                                                                                               args.seq_len)
+        total_steps, steps_per_epoch, epochs = plan_steps(
+            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+        )
 
-    def save_run_files():
-        tokenizer.save(out)
-        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
-                                              "labels": labels.labels, "train": train_record(args),
-                                              **distribute_record(dist)})
+        def save_run_files():
+            tokenizer.save(out)
+            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
+                                                  "labels": labels.labels, "train": train_record(args),
+                                                  **distribute_record(dist)})
 
-    # Before TensorFlow's runtime starts: its threads are fixed from then on.
-    dist.threads_for(config, args.jit_compile)
-    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args):
+        # Before TensorFlow's runtime starts: its threads are fixed from then on.
+        dist.threads_for(config, args.jit_compile)
+        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415

@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
-from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, read_run_config,
-                               write_json_atomic)
+from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, prepare_run_dir, read_run_config,
+                               run_dir_lock, write_json_atomic)
 
 # The arguments that name input files, and the option that gives each again beside `--resume`.
 DATA_PATHS = {"data": "--data", "source_file": "--source-file", "target_file": "--target-file"}
@@ -95,26 +95,39 @@ def record_data_paths(out: Path, args) -> None:
 
 
 @contextlib.contextmanager
-def run_directory(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None], args) -> Iterator[None]:
-    """The run directory around a recipe's training: created (by the chief only: one writer in
-    a multi-worker job), `save()` writing the tokenizer(s) and config.json of a fresh run, the
-    data paths of a resumed one (`args`) recorded in its config.json (`record_data_paths`), and
-    on a failure removed again if this run created it and it holds no progress yet (`PROGRESS`:
-    it failed before its first checkpoint), so a failed run leaves nothing half-written behind
-    and a stopped one keeps what it can resume from (a Ctrl-C during the final save had removed it all)."""
-    created = is_chief and not out.exists()
-    if is_chief:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        if is_chief and not resume:
-            save()
-        elif is_chief:
-            record_data_paths(out, args)
-        yield
-    except BaseException:
-        if created and not any((out / name).exists() for name in PROGRESS):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+def run_directory(out: str | Path, *, resume: bool, is_chief: bool) -> Iterator[Path]:
+    """The run directory `out` around the whole of a recipe's run: checked (`prepare_run_dir`), and by
+    the chief (the one writer in a multi-worker job) created and held (`run_dir_lock`) from that check
+    on, before the data is read and tokenized, so that of two runs started together into one --out the
+    second is refused at once. The directory had been created only once the data was tokenized, and
+    both runs had trained into it. On a failure a fresh run's directory is removed again if this run
+    created it and it holds no progress yet (`PROGRESS`: it failed before its first checkpoint), so a
+    failed run leaves nothing half-written behind and a stopped one keeps what it can resume from (a
+    Ctrl-C during the final save had removed it all). What the run writes first: `write_run_files`."""
+    out = prepare_run_dir(out, resume, is_chief=is_chief)
+    if not is_chief:
+        yield out
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(out, resume):
+        try:
+            yield out
+        except BaseException:
+            # Under the lock: no other run has taken the directory in the meantime.
+            if created and not any((out / name).exists() for name in PROGRESS):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def write_run_files(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None], args) -> None:
+    """What the chief writes into the run directory before training: `save()`, the tokenizer(s) and
+    config.json of a fresh run; the data paths of a resumed one (`args`), recorded in its config.json
+    (`record_data_paths`)."""
+    if is_chief and not resume:
+        save()
+    elif is_chief:
+        record_data_paths(out, args)
 
 
 def distribute_record(dist) -> dict:

@@ -17,10 +17,9 @@ from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, spl
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
-                                     run_directory, train_record)
+                                     run_directory, train_record, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
-                               restored_epoch, write_json_atomic)
+from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
 
 log = logging.getLogger("kerasllm")
 
@@ -54,33 +53,33 @@ def validation_steps(count: int, batch_size: int, eval_steps: int) -> int:
 def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                     quiet: bool = False, config_overrides: dict | None = None, dist=None):
     """Train (or resume) a masked LM into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
-    if resume:
-        run = read_run_config(out)
-        args = resumed_args(MaskedLMTrainArgs, run, out, data=args.data)
-        tokenizer = TextTokenizer.load(out)
-        config = EncoderConfig.from_dict(run["model"])
-        rows = read_rows(args.data, args.text_field)
-    else:
-        rows = read_rows(args.data, args.text_field)  # fails early, before anything is written
-        tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer, vocab_size=args.vocab_size)
-        config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer)
-    check_seq_len(args.seq_len, config)
-    sequences = encode_chunks(tokenizer, rows, args.seq_len)
-    train_seqs, val_seqs = split_validation(sequences, args.validation_fraction, args.seed)
-    tokens_per_step = args.batch_size * args.seq_len
-    total_steps, steps_per_epoch, epochs = plan_steps(
-        args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
-    )
+    with run_directory(out, resume=resume, is_chief=dist.is_chief) as out:  # this run's alone from here on
+        if resume:
+            run = read_run_config(out)
+            args = resumed_args(MaskedLMTrainArgs, run, out, data=args.data)
+            tokenizer = TextTokenizer.load(out)
+            config = EncoderConfig.from_dict(run["model"])
+            rows = read_rows(args.data, args.text_field)
+        else:
+            rows = read_rows(args.data, args.text_field)  # fails early, before anything is written
+            tokenizer = TextTokenizer.train([row.text for row in rows], kind=args.tokenizer, vocab_size=args.vocab_size)
+            config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer)
+        check_seq_len(args.seq_len, config)
+        sequences = encode_chunks(tokenizer, rows, args.seq_len)
+        train_seqs, val_seqs = split_validation(sequences, args.validation_fraction, args.seed)
+        tokens_per_step = args.batch_size * args.seq_len
+        total_steps, steps_per_epoch, epochs = plan_steps(
+            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+        )
 
-    def save_run_files():
-        tokenizer.save(out)
-        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
-                                              "train": train_record(args), **distribute_record(dist)})
+        def save_run_files():
+            tokenizer.save(out)
+            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
+                                                  "train": train_record(args), **distribute_record(dist)})
 
-    # Before TensorFlow's runtime starts: its threads are fixed from then on.
-    dist.threads_for(config, args.jit_compile)
-    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args):
+        # Before TensorFlow's runtime starts: its threads are fixed from then on.
+        dist.threads_for(config, args.jit_compile)
+        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415

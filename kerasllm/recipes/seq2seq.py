@@ -15,10 +15,9 @@ from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
 from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
-                                     run_directory, train_record)
+                                     run_directory, train_record, write_run_files)
 from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TextTokenizer, load_seq2seq_tokenizers
-from kerasllm.training import (CONFIG_FILE, fit_run, plan_steps, prepare_run_dir, read_run_config,
-                               restored_epoch, write_json_atomic)
+from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
 
 log = logging.getLogger("kerasllm")
 
@@ -44,62 +43,62 @@ class Seq2SeqTrainArgs(RunArgs):
 def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | None = None, resume: bool = False,
                   quiet: bool = False, config_overrides: dict | None = None, dist=None):
     """Train (or resume) a seq2seq model into the run directory `out`; returns the Keras history."""
-    out = prepare_run_dir(out, resume, is_chief=dist.is_chief)
-    if resume:
-        run = read_run_config(out)
-        # The data given again (--data, or --source-file and --target-file) replaces the saved data.
-        args = resumed_args(Seq2SeqTrainArgs, run, out, data=args.data, source_file=args.source_file,
-                            target_file=args.target_file)
-        # The config says whether the target has its own tokenizer (a missing file had become the source's).
-        source_tokenizer, target_tokenizer = load_seq2seq_tokenizers(out, run["model"])
-        config = Seq2SeqConfig.from_dict(run["model"])
-    pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
-    if not resume:  # everything is checked before anything is written
-        config = model_config(Seq2SeqConfig, args.preset, config_file, config_overrides or {})
-        if args.seq_len is None:  # recorded as the number it stands for
-            args = replace(args, seq_len=config.max_length)
-        check_seq_len(args.seq_len, config)
-        if args.target_tokenizer and not args.separate_vocab:
-            raise UsageError("--target-tokenizer needs --separate-vocab")
-        sources = [p.source for p in pairs]
-        targets = [p.target for p in pairs]
-        if args.separate_vocab:
-            source_tokenizer = TextTokenizer.train(sources, kind=args.tokenizer, vocab_size=args.vocab_size)
-            target_tokenizer = TextTokenizer.train(targets, kind=args.target_tokenizer or args.tokenizer,
-                                                   vocab_size=args.vocab_size)
-        else:
-            source_tokenizer = target_tokenizer = TextTokenizer.train(sources + targets, kind=args.tokenizer,
-                                                                      vocab_size=args.vocab_size)
-        # Special ids are the same in every kerasllm tokenizer (SPECIAL_TOKENS order).
-        config = config.replace(
-            vocab_size=source_tokenizer.vocab_size,
-            target_vocab_size=target_tokenizer.vocab_size if args.separate_vocab else 0,
-            pad_id=source_tokenizer.pad_id, bos_id=source_tokenizer.bos_id, eos_id=source_tokenizer.eos_id,
-            # Never targets in training, so never outputs (Seq2SeqConfig.suppress_ids); a --config's own kept.
-            suppress_ids=sorted({*config.suppress_ids, *(i for name, i in target_tokenizer.special_ids().items()
-                                                         if name not in ("pad", "bos", "eos"))}),
+    with run_directory(out, resume=resume, is_chief=dist.is_chief) as out:  # this run's alone from here on
+        if resume:
+            run = read_run_config(out)
+            # The data given again (--data, or --source-file and --target-file) replaces the saved data.
+            args = resumed_args(Seq2SeqTrainArgs, run, out, data=args.data, source_file=args.source_file,
+                                target_file=args.target_file)
+            # The config says whether the target has its own tokenizer (a missing file had become the source's).
+            source_tokenizer, target_tokenizer = load_seq2seq_tokenizers(out, run["model"])
+            config = Seq2SeqConfig.from_dict(run["model"])
+        pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
+        if not resume:  # everything is checked before anything is written
+            config = model_config(Seq2SeqConfig, args.preset, config_file, config_overrides or {})
+            if args.seq_len is None:  # recorded as the number it stands for
+                args = replace(args, seq_len=config.max_length)
+            check_seq_len(args.seq_len, config)
+            if args.target_tokenizer and not args.separate_vocab:
+                raise UsageError("--target-tokenizer needs --separate-vocab")
+            sources = [p.source for p in pairs]
+            targets = [p.target for p in pairs]
+            if args.separate_vocab:
+                source_tokenizer = TextTokenizer.train(sources, kind=args.tokenizer, vocab_size=args.vocab_size)
+                target_tokenizer = TextTokenizer.train(targets, kind=args.target_tokenizer or args.tokenizer,
+                                                       vocab_size=args.vocab_size)
+            else:
+                source_tokenizer = target_tokenizer = TextTokenizer.train(sources + targets, kind=args.tokenizer,
+                                                                          vocab_size=args.vocab_size)
+            # Special ids are the same in every kerasllm tokenizer (SPECIAL_TOKENS order).
+            config = config.replace(
+                vocab_size=source_tokenizer.vocab_size,
+                target_vocab_size=target_tokenizer.vocab_size if args.separate_vocab else 0,
+                pad_id=source_tokenizer.pad_id, bos_id=source_tokenizer.bos_id, eos_id=source_tokenizer.eos_id,
+                # Never targets in training, so never outputs (Seq2SeqConfig.suppress_ids); a --config's own kept.
+                suppress_ids=sorted({*config.suppress_ids, *(i for name, i in target_tokenizer.special_ids().items()
+                                                             if name not in ("pad", "bos", "eos"))}),
+            )
+        # --seq-len caps the accepted lengths further than the model's max_length (a run saved before
+        # --seq-len was checked against it may record a larger one: it resumes capped, as it began).
+        source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
+                                              min(args.seq_len or config.max_length, config.max_length))
+        train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)
+        tokens_per_step = args.batch_size * int(round(
+            sum(len(source_ids[i]) + len(target_ids[i]) + 1 for i in train_index) / len(train_index)))
+        total_steps, steps_per_epoch, epochs = plan_steps(
+            args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
         )
-    # --seq-len caps the accepted lengths further than the model's max_length (a run saved before
-    # --seq-len was checked against it may record a larger one: it resumes capped, as it began).
-    source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
-                                          min(args.seq_len or config.max_length, config.max_length))
-    train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)
-    tokens_per_step = args.batch_size * int(round(
-        sum(len(source_ids[i]) + len(target_ids[i]) + 1 for i in train_index) / len(train_index)))
-    total_steps, steps_per_epoch, epochs = plan_steps(
-        args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
-    )
 
-    def save_run_files():
-        source_tokenizer.save(out)
-        if args.separate_vocab:
-            target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
-        write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "train": train_record(args),
-                                              **distribute_record(dist)})
+        def save_run_files():
+            source_tokenizer.save(out)
+            if args.separate_vocab:
+                target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
+            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "train": train_record(args),
+                                                  **distribute_record(dist)})
 
-    # Before TensorFlow's runtime starts: its threads are fixed from then on.
-    dist.threads_for(config, args.jit_compile)
-    with run_directory(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args):
+        # Before TensorFlow's runtime starts: its threads are fixed from then on.
+        dist.threads_for(config, args.jit_compile)
+        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
