@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -93,16 +94,11 @@ class _NoRetracingWarnings(logging.Filter):
         return "triggered tf.function retracing" not in record.getMessage()
 
 
-def configure_tensorflow() -> None:
+def configure_tensorflow(xla_cache: bool = True) -> str | None:
     """Quiet TensorFlow's start-up chatter and its retracing warnings (`_NoRetracingWarnings`),
-    keep XLA's compiled programs between runs, and skip XLA's tree-reduction rewrite
-    (`XLA_CPU_TRAINING_FLAGS`, unless `XLA_FLAGS` already names passes to disable).
-
-    XLA compiles the train step anew in every process (~5-8 s for a small model on two
-    cores); TensorFlow's persistent compilation cache makes a rerun of the same shape
-    skip most of that. It lives in `$KERASLLM_XLA_CACHE` (default
-    `~/.cache/kerasllm/xla`; set it to `off` to disable). Serving commands on a bundle never
-    load TensorFlow, so this only matters for training, export and model-dir sources.
+    skip XLA's tree-reduction rewrite (`XLA_CPU_TRAINING_FLAGS`, unless `XLA_FLAGS` already names
+    passes to disable) and, with `xla_cache`, keep XLA's compiled programs between runs
+    (`use_xla_cache`). Returns the notice of `use_xla_cache`, if any.
     """
     # Level 3 also hides "failed call to cuInit" on machines without a GPU; TensorFlow's
     # real failures still surface as Python exceptions.
@@ -111,14 +107,62 @@ def configure_tensorflow() -> None:
     tf_logger = logging.getLogger("tensorflow")  # TensorFlow logs here; getting it imports nothing
     if not any(isinstance(f, _NoRetracingWarnings) for f in tf_logger.filters):
         tf_logger.addFilter(_NoRetracingWarnings())
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kerasllm" / "xla"
-    cache = os.environ.get("KERASLLM_XLA_CACHE", str(default))
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    if cache.lower() not in ("", "off", "0", "false") and "tf_xla_persistent_cache_directory" not in flags:
-        os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={cache}".strip()
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if "xla_disable_hlo_passes" not in xla_flags:
         os.environ["XLA_FLAGS"] = f"{xla_flags} {XLA_CPU_TRAINING_FLAGS}".strip()
+    return use_xla_cache() if xla_cache else None
+
+
+_XLA_CACHE_ADVICE = "(set KERASLLM_XLA_CACHE to a writable directory, or to off)"
+
+
+def use_xla_cache() -> str | None:
+    """Point TensorFlow's persistent XLA compilation cache at kerasllm's cache directory
+    (`TF_XLA_FLAGS`, before TensorFlow loads). Returns None, or a one-line notice saying why
+    this process compiles without the cache.
+
+    XLA compiles the train step anew in every process (~5-8 s for a small model on two
+    cores); the cache makes a rerun of the same shape skip most of that. It lives in
+    `$KERASLLM_XLA_CACHE` (`off` disables it), else `$XDG_CACHE_HOME/kerasllm/xla`, else
+    `~/.cache/kerasllm/xla`. Only an optimisation: TensorFlow fails the first compiled call
+    when it cannot write there (a read-only home, an XDG_CACHE_HOME under /proc), so a
+    directory that cannot be created or written is skipped, as is a missing home directory
+    (arbitrary-uid containers). Called only for commands that run Keras: serving commands,
+    --help and --version never look for a home directory.
+    """
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" in flags:  # the user's own cache: theirs to keep
+        return None
+    if flags.strip() and not flags.lstrip().startswith("-"):
+        return None  # TF_XLA_FLAGS names a file of flags; anything appended would break its name
+    setting = os.environ.get("KERASLLM_XLA_CACHE")
+    if setting is not None and setting.lower() in ("", "off", "0", "false"):
+        return None
+    if setting is not None:
+        cache = Path(setting)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(base):  # unset, empty or relative: the XDG spec says to ignore it
+            try:
+                home = Path.home()
+            except RuntimeError:  # HOME unset and no passwd entry for this uid
+                home = Path()
+            if not home.is_absolute():  # also HOME="" (a cache in the current directory otherwise)
+                return f"XLA compilation cache off: no home directory to keep it in {_XLA_CACHE_ADVICE}"
+            base = home / ".cache"
+        cache = Path(base) / "kerasllm" / "xla"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):  # writable: the directory is not enough (a read-only mount)
+            pass
+    except OSError as err:
+        return f"XLA compilation cache off: cannot write {cache}: {err.strerror or err} {_XLA_CACHE_ADVICE}"
+    # TensorFlow splits TF_XLA_FLAGS at whitespace, but reads a double-quoted value whole, with
+    # backslash escapes (XLA's ParseArgvFromString): unquoted, a path with a space was cut there
+    # and the cache written into the directory before the space.
+    quoted = str(cache).replace("\\", "\\\\").replace('"', '\\"')
+    os.environ["TF_XLA_FLAGS"] = f'{flags} --tf_xla_persistent_cache_directory="{quoted}"'.strip()
+    return None
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,6 +204,19 @@ def import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
+def _home_for_keras_libraries() -> None:
+    """Give this process a HOME where it has none (HOME unset and no passwd entry for the uid:
+    arbitrary-uid containers): keras_hub imports kagglehub, which calls `Path.home()` at import
+    and failed the export and a model dir's generation ("Could not determine home directory").
+    The temporary directory is Keras's own fallback for an unusable home (its keras.json).
+    Nothing of kerasllm's is kept there: `use_xla_cache`, which runs first, has left the cache off.
+    """
+    try:
+        Path.home()
+    except RuntimeError:
+        os.environ["HOME"] = tempfile.gettempdir()
+
+
 def _runs_keras(argv: list[str]) -> bool:
     """Whether this command line will load TensorFlow: training, export, or a model directory source."""
     if not argv:
@@ -187,10 +244,14 @@ def _interrupted_import(err: ImportError) -> bool:
 
 
 def main(argv=None) -> None:
-    configure_tensorflow()
     arguments = sys.argv[1:] if argv is None else list(argv)
+    runs_keras = _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments
     try:
-        if _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments:
+        notice = configure_tensorflow(xla_cache=runs_keras)
+        if notice is not None and "--quiet" not in arguments and "-q" not in arguments:
+            click.echo(f"kerasllm: {notice}", err=True)
+        if runs_keras:
+            _home_for_keras_libraries()
             import_tensorflow_quietly()  # a serving-only environment: ModuleNotFoundError, one line below
             # TensorFlow's modules are hundreds of thousands of long-lived objects: moved out of
             # the collector's reach, each garbage collection while Keras traces the train step

@@ -1,0 +1,156 @@
+"""The CLI in the environments it meets: no home directory, an unusable or odd cache directory,
+stderr closed, another KERAS_BACKEND, a keras.json floatx, a memory limit, options before SOURCE."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kerasllm.cli import _runs_keras, configure_tensorflow  # noqa
+
+CACHE_VARIABLES = ("TF_XLA_FLAGS", "KERASLLM_XLA_CACHE", "XDG_CACHE_HOME")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, corpus_file, cli_code):
+    out = tmp_path_factory.mktemp("env") / "lm"
+    assert cli_code("train", "causal-lm", "--data", corpus_file, "--out", out, "--preset", "tiny", "--steps", "2",
+                    "--seq-len", "32", "--batch-size", "8", "--no-jit-compile", "--quiet") == 0
+    return out
+
+
+@pytest.fixture
+def cache_environment(monkeypatch):
+    """No cache setting of this process's (an earlier in-process `kerasllm` run set TF_XLA_FLAGS);
+    monkeypatch puts every variable back afterwards."""
+    for name in (*CACHE_VARIABLES, "XLA_FLAGS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _environment(**changes) -> dict[str, str]:
+    """This process's environment for a `kerasllm` subprocess: no cache setting of its own, then `changes`."""
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}
+    env.update(changes)
+    return env
+
+
+def _kerasllm(*args, env, stderr_closed=False, code="from kerasllm.cli import main; main()"):
+    command = [sys.executable, "-c", code, *map(str, args)]
+    if stderr_closed:  # `2>&-`: the child starts with descriptor 2 closed (sys.stderr None)
+        command = ["bash", "-c", 'exec "$@" 2>&-', "bash", *command]
+    return subprocess.run(command, capture_output=not stderr_closed, text=True, timeout=300, env=env)
+
+
+# -- the XLA compilation cache ------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["XDG_CACHE_HOME under a file", "XDG_CACHE_HOME in /proc", "KERASLLM_XLA_CACHE"])
+def test_an_unusable_xla_cache_directory_is_left_out_with_a_notice(cache_environment, tmp_path, where):
+    """TensorFlow was handed a cache directory it could not create or write (a read-only home,
+    XDG_CACHE_HOME under /proc or a file) and failed the first compiled call in a traceback."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    if where == "XDG_CACHE_HOME under a file":
+        cache_environment.setenv("XDG_CACHE_HOME", str(a_file))
+        expected = f"cannot write {a_file}/kerasllm/xla: Not a directory"
+    elif where == "XDG_CACHE_HOME in /proc":
+        cache_environment.setenv("XDG_CACHE_HOME", "/proc/nope")
+        expected = "cannot write /proc/nope/kerasllm/xla: "
+    else:
+        cache_environment.setenv("KERASLLM_XLA_CACHE", str(a_file / "xla"))
+        expected = f"cannot write {a_file}/xla: Not a directory"
+    notice = configure_tensorflow()
+    assert "TF_XLA_FLAGS" not in os.environ
+    assert notice.startswith(f"XLA compilation cache off: {expected}"), notice
+    assert notice.endswith("(set KERASLLM_XLA_CACHE to a writable directory, or to off)")
+
+
+def test_an_export_with_an_unusable_cache_runs_without_it(model_dir, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    done = _kerasllm("export", model_dir, "--out", tmp_path / "bundle", env=_environment(XDG_CACHE_HOME=str(a_file)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+    notices = [line for line in done.stderr.splitlines() if "XLA compilation cache" in line]
+    assert notices == [f"kerasllm: XLA compilation cache off: cannot write {a_file}/kerasllm/xla: Not a directory "
+                       "(set KERASLLM_XLA_CACHE to a writable directory, or to off)"], done.stderr
+
+
+XLA_CACHE_SCRIPT = """
+from kerasllm.cli import configure_tensorflow
+assert configure_tensorflow() is None
+import tensorflow as tf
+tf.function(lambda x: x * 2.0 + 1.0, jit_compile=True)(tf.ones(3))
+"""
+
+
+def test_a_cache_path_with_spaces_and_quotes_reaches_tensorflow_whole(tmp_path):
+    """TensorFlow splits TF_XLA_FLAGS at whitespace: the cache of XDG_CACHE_HOME="/x/cache dir" was
+    written to a new directory /x/cache. A double-quoted value is read whole (XLA's parser)."""
+    base = tmp_path / 'cache dir "q"'
+    done = _kerasllm(code=XLA_CACHE_SCRIPT, env=_environment(XDG_CACHE_HOME=str(base), CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((base / "kerasllm" / "xla").glob("xla_compile_cache__*")), list(tmp_path.rglob("*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [base.name]  # no "cache" cut at the space
+
+
+def test_the_cache_is_left_to_a_users_own_settings(cache_environment, tmp_path):
+    cache_environment.setenv("KERASLLM_XLA_CACHE", "off")
+    assert configure_tensorflow() is None and "TF_XLA_FLAGS" not in os.environ
+    cache_environment.setenv("KERASLLM_XLA_CACHE", str(tmp_path / "mine"))
+    cache_environment.setenv("TF_XLA_FLAGS", "--tf_xla_persistent_cache_directory=/theirs")
+    assert configure_tensorflow() is None
+    assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_persistent_cache_directory=/theirs"
+    cache_environment.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2")
+    assert configure_tensorflow() is None
+    assert os.environ["TF_XLA_FLAGS"] == f'--tf_xla_auto_jit=2 --tf_xla_persistent_cache_directory="{tmp_path}/mine"'
+
+
+# -- no home directory ----------------------------------------------------------------------------------
+def _no_home(monkeypatch):
+    """HOME unset and no passwd entry for the uid (arbitrary-uid containers): Path.home() raises."""
+    import pwd
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+
+
+def test_without_a_home_directory_only_the_cache_is_left_out(cache_environment, run_cli, tmp_path):
+    """Every command had failed on Path.home(), --version and TF-free serving included, and
+    with KERASLLM_XLA_CACHE=off too."""
+    _no_home(cache_environment)
+    result = run_cli("--version")
+    assert (result.code, result.out) == (0, "kerasllm, version 0.1.0\n"), result
+    result = run_cli("generate", tmp_path, "-i", tmp_path / "missing.txt")  # a serving command: past the start
+    assert result.code == 2 and "missing.txt" in result.err, result
+    assert configure_tensorflow(xla_cache=False) is None
+    assert configure_tensorflow() == ("XLA compilation cache off: no home directory to keep it in "
+                                      "(set KERASLLM_XLA_CACHE to a writable directory, or to off)")
+    cache_environment.setenv("KERASLLM_XLA_CACHE", "off")
+    assert configure_tensorflow() is None
+
+
+NO_HOME = """
+import pwd, sys
+def no_entry(uid):
+    raise KeyError(uid)
+pwd.getpwuid = no_entry
+from kerasllm.cli import main
+main()
+"""
+
+
+def test_an_export_runs_without_a_home_directory(model_dir, tmp_path):
+    """keras_hub's import (kagglehub) calls Path.home(): the export's validation failed there."""
+    env = {k: v for k, v in _environment().items() if k != "HOME"}
+    done = _kerasllm("export", model_dir, "--out", tmp_path / "bundle", "--quiet", env=env, code=NO_HOME)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+
