@@ -154,3 +154,18 @@ def test_an_export_runs_without_a_home_directory(model_dir, tmp_path):
     assert "Traceback" not in done.stderr, done.stderr
     assert (tmp_path / "bundle" / "manifest.json").is_file()
 
+
+# -- stderr closed ------------------------------------------------------------------------------------
+def test_train_and_export_run_with_stderr_closed(corpus_file, model_dir, tmp_path):
+    """`2>&-`: import_tensorflow_quietly flushed sys.stderr (None) and failed train and export
+    with exit 1, nothing written, not even a message."""
+    env = _environment(KERASLLM_XLA_CACHE="off")
+    done = _kerasllm("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--preset", "tiny",
+                     "--steps", "2", "--seq-len", "32", "--batch-size", "8", "--no-jit-compile", "--quiet",
+                     env=env, stderr_closed=True)
+    assert done.returncode == 0
+    assert (tmp_path / "run" / "model.keras").is_file()
+    done = _kerasllm("export", model_dir, "--out", tmp_path / "bundle", "--quiet", env=env, stderr_closed=True)
+    assert done.returncode == 0
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+

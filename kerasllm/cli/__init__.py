@@ -186,6 +186,26 @@ def cli(ctx, verbose):
     tf_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def _discard_closed_stderr() -> None:
+    """With stderr closed (`2>&-`, some daemons and job runners), put /dev/null in its place:
+    descriptor 2 and `sys.stderr`.
+
+    Python leaves `sys.stderr` None then, and every write to it (a flush, a progress bar, a
+    log line) had failed the command with nothing written. And a free descriptor 2 is the
+    next file opened: TensorFlow's and absl's C++ lines, written to descriptor 2, would land in
+    a checkpoint or an output file.
+    """
+    try:
+        os.fstat(2)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 2:
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the process's stderr from now on
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with file descriptor 2 silenced.
 
@@ -193,6 +213,7 @@ def import_tensorflow_quietly() -> None:
     before its logging is configured, ignoring TF_CPP_MIN_LOG_LEVEL. A failed import still
     raises its Python exception once stderr is back.
     """
+    _discard_closed_stderr()
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
@@ -244,6 +265,7 @@ def _interrupted_import(err: ImportError) -> bool:
 
 
 def main(argv=None) -> None:
+    _discard_closed_stderr()
     arguments = sys.argv[1:] if argv is None else list(argv)
     runs_keras = _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments
     try:
