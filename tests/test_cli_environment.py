@@ -169,3 +169,21 @@ def test_train_and_export_run_with_stderr_closed(corpus_file, model_dir, tmp_pat
     assert done.returncode == 0
     assert (tmp_path / "bundle" / "manifest.json").is_file()
 
+
+# -- which command lines load TensorFlow --------------------------------------------------------------
+def test_a_model_directory_is_found_wherever_source_stands(tmp_path):
+    """Only the word after the command was looked at: `generate -i prompts.txt runs/lm` imported
+    TensorFlow unsilenced (six start-up lines on stderr, under --quiet too)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({}))
+    for argv in (["generate", "-i", "prompts.txt", str(run), "--quiet"], ["-v", "generate", str(run)],
+                 ["evaluate", "--data", "x.tsv", str(run)], ["generate", str(run)], ["export", str(run)],
+                 ["-v", "train", "causal-lm"]):
+        assert _runs_keras(argv), argv
+    for argv in (["generate", "-i", "prompts.txt", str(bundle)], ["--version"], [], ["-v"],
+                 ["sample-data", "corpus", "--out", str(run)], ["generate", "-i", "x" * 5000]):
+        assert not _runs_keras(argv), argv

@@ -34,6 +34,9 @@ COMMANDS = {
     "tag": "kerasllm.cli.infer:tag",
 }
 
+# The commands whose SOURCE is a bundle or a model directory (Keras, so TensorFlow)
+SOURCE_COMMANDS = ("evaluate", "generate", "translate", "classify", "embed", "tag")
+
 HELP = """Train transformer language models in Keras and serve them with ONNX Runtime.
 
 \b
@@ -238,11 +241,31 @@ def _home_for_keras_libraries() -> None:
         os.environ["HOME"] = tempfile.gettempdir()
 
 
-def _runs_keras(argv: list[str]) -> bool:
-    """Whether this command line will load TensorFlow: training, export, or a model directory source."""
-    if not argv:
+def _command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The sub-command of a command line and the arguments after it (the group's own options,
+    -v, --version and -h, take no value, so the command is the first word that is not one)."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return arg, argv[i + 1:]
+    return None, []
+
+
+def _is_model_dir(arg: str) -> bool:
+    try:
+        return (Path(arg) / "model.keras").is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL: an option's value, not SOURCE
         return False
-    return argv[0] in ("train", "export") or (len(argv) > 1 and (Path(argv[1]) / "model.keras").is_file())
+
+
+def _runs_keras(argv: list[str]) -> bool:
+    """Whether this command line will load TensorFlow: training, export, or a model directory source.
+
+    SOURCE may stand anywhere after the command (`generate -i prompts.txt runs/lm`): only the
+    word right after it had been looked at, and TensorFlow's start-up lines then leaked."""
+    command, rest = _command(argv)
+    if command in ("train", "export"):
+        return True
+    return command in SOURCE_COMMANDS and any(_is_model_dir(arg) for arg in rest if not arg.startswith("-"))
 
 
 def _missing_package(err: ModuleNotFoundError) -> str | None:
