@@ -14,8 +14,11 @@ import os
 import sys
 import warnings
 
-# Keras 3 must run on TensorFlow here; set it before anything imports keras.
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Keras 3 must run on TensorFlow here; set it before anything imports keras. Keras reads an empty
+# KERAS_BACKEND as unset (it then takes keras.json's backend), so an empty value is replaced too; a
+# user's other value is kept, and `keras_backend_problem` names it where the Keras side is used.
+if not os.environ.get("KERAS_BACKEND"):
+    os.environ["KERAS_BACKEND"] = "tensorflow"
 
 __version__ = "0.1.0"
 
@@ -34,8 +37,25 @@ _LAZY = {
 }
 
 
+def keras_backend_problem() -> str | None:
+    """Why kerasllm's Keras side cannot run in this process (KERAS_BACKEND names another Keras
+    backend: kerasllm's models, training and export are TensorFlow code), or None.
+
+    Keras would import that backend's package and fail on it ("No module named 'jax'"), which
+    reads as advice to install it; the serving side (`kerasllm.export`) never imports Keras and
+    runs whatever the variable says.
+    """
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if backend == "tensorflow":
+        return None
+    return f"kerasllm needs Keras's TensorFlow backend; KERAS_BACKEND is {backend!r} (unset it or set it to tensorflow)"
+
+
 def __getattr__(name: str):
     if name in _LAZY:
+        problem = keras_backend_problem()
+        if problem is not None:
+            raise ImportError(problem)
         module = importlib.import_module(_LAZY[name])
         value = module if module.__name__.endswith(name) else getattr(module, name)
         globals()[name] = value

@@ -170,6 +170,46 @@ def test_train_and_export_run_with_stderr_closed(corpus_file, model_dir, tmp_pat
     assert (tmp_path / "bundle" / "manifest.json").is_file()
 
 
+# -- KERAS_BACKEND ----------------------------------------------------------------------------------------
+BACKEND_LINE = ("kerasllm: error: kerasllm needs Keras's TensorFlow backend; KERAS_BACKEND is 'jax' "
+                "(unset it or set it to tensorflow)")
+
+
+@pytest.mark.parametrize("command", ["train", "export", "generate"])
+def test_another_keras_backend_is_one_usage_line(run_cli, monkeypatch, corpus_file, model_dir, tmp_path, command):
+    """KERAS_BACKEND=jax had said "this command needs the Python package 'jax' (pip install jax)":
+    advice that cannot help, kerasllm is TensorFlow code."""
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    args = {"train": ["train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--steps", "1"],
+            "export": ["export", model_dir, "--out", tmp_path / "bundle"],
+            "generate": ["generate", "-i", corpus_file, model_dir]}[command]
+    result = run_cli(*args)
+    assert result.code == 2, result
+    assert result.err.splitlines() == [BACKEND_LINE]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "bundle").exists()
+
+
+BACKEND_SCRIPT = """
+import os, kerasllm, kerasllm.export.runtime
+print(os.environ["KERAS_BACKEND"])
+try:
+    kerasllm.CausalLM
+except ImportError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("", ["tensorflow"]),  # Keras reads "" as unset and would take keras.json's backend
+    ("jax", ["jax", BACKEND_LINE.removeprefix("kerasllm: error: ")]),
+])
+def test_the_python_api_names_the_backend_it_needs(backend, expected):
+    done = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KERAS_BACKEND": backend})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == expected
+
+
 # -- which command lines load TensorFlow --------------------------------------------------------------
 def test_a_model_directory_is_found_wherever_source_stands(tmp_path):
     """Only the word after the command was looked at: `generate -i prompts.txt runs/lm` imported

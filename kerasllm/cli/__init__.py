@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-from kerasllm import __version__
-from kerasllm.errors import KerasLLMError, in_chain
+from kerasllm import __version__, keras_backend_problem
+from kerasllm.errors import KerasLLMError, UsageError, in_chain
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -292,6 +292,8 @@ def main(argv=None) -> None:
     arguments = sys.argv[1:] if argv is None else list(argv)
     runs_keras = _runs_keras(arguments) and "--help" not in arguments and "-h" not in arguments
     try:
+        if runs_keras and (problem := keras_backend_problem()) is not None:
+            raise UsageError(problem)
         notice = configure_tensorflow(xla_cache=runs_keras)
         if notice is not None and "--quiet" not in arguments and "-q" not in arguments:
             click.echo(f"kerasllm: {notice}", err=True)
