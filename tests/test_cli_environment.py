@@ -210,6 +210,25 @@ def test_the_python_api_names_the_backend_it_needs(backend, expected):
     assert done.stdout.splitlines() == expected
 
 
+# -- keras.json's floatx ----------------------------------------------------------------------------------
+def test_a_keras_json_floatx_of_float64_changes_neither_training_nor_export(run_cli, corpus_file, tmp_path):
+    """The export built float64 graphs that ONNX Runtime's fused kernels could not run, and said fp32."""
+    import keras
+
+    keras.config.set_floatx("float64")  # what KERAS_HOME/keras.json {"floatx": "float64"} sets at import
+    try:
+        assert run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--preset", "tiny",
+                       "--steps", "1", "--seq-len", "32", "--batch-size", "8", "--no-jit-compile", "--quiet").code == 0
+        keras.config.set_floatx("float64")
+        result = run_cli("export", tmp_path / "run", "--out", tmp_path / "bundle", "--quiet")
+        assert result.code == 0, result
+    finally:
+        keras.config.set_floatx("float32")
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert {w.dtype for w in model.weights} == {"float32"}
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+
+
 # -- which command lines load TensorFlow --------------------------------------------------------------
 def test_a_model_directory_is_found_wherever_source_stands(tmp_path):
     """Only the word after the command was looked at: `generate -i prompts.txt runs/lm` imported

@@ -241,6 +241,18 @@ def _home_for_keras_libraries() -> None:
         os.environ["HOME"] = tempfile.gettempdir()
 
 
+def _pin_float32() -> None:
+    """Keras's default float type float32 in this process, whatever keras.json says.
+
+    kerasllm's models and bundles are float32 (mixed precision is a policy on top): a keras.json
+    `floatx` of float64 had built float64 models, trained them in float64 and exported float64
+    graphs that ONNX Runtime's fused kernels cannot run ("fused attention failed validation").
+    """
+    import keras  # noqa: PLC0415
+
+    keras.config.set_floatx("float32")
+
+
 def _command(argv: list[str]) -> tuple[str | None, list[str]]:
     """The sub-command of a command line and the arguments after it (the group's own options,
     -v, --version and -h, take no value, so the command is the first word that is not one)."""
@@ -300,6 +312,7 @@ def main(argv=None) -> None:
         if runs_keras:
             _home_for_keras_libraries()
             import_tensorflow_quietly()  # a serving-only environment: ModuleNotFoundError, one line below
+            _pin_float32()
             # TensorFlow's modules are hundreds of thousands of long-lived objects: moved out of
             # the collector's reach, each garbage collection while Keras traces the train step
             # no longer walks them all again.
