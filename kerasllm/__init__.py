@@ -122,6 +122,9 @@ class _CountingLoader(importlib.abc.Loader):
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
+    def __getattr__(self, name):  # the rest of the loader's API (`python -m kerasllm`: runpy's get_code)
+        return getattr(self._loader, name)
+
     def exec_module(self, module) -> None:
         module.__spec__.loader = module.__loader__ = self._loader
         self._finder._executing += 1

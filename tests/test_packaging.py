@@ -121,3 +121,13 @@ def test_a_saved_model_loads_in_a_fresh_process_after_import_kerasllm(tmp_path, 
     serving = ("import sys, kerasllm, kerasllm.export.runtime, kerasllm.tokenizers; "
                "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", serving], check=True, timeout=120)
+
+
+def test_python_dash_m_kerasllm_runs():
+    """`python -m kerasllm` (how the multi-worker tests and some launchers start it): runpy asks the
+    module's loader for its code, which the registration hook's wrapper must pass on."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "kerasllm", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "kerasllm" in result.stdout, result.stderr[-2000:]
