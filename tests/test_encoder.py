@@ -109,8 +109,10 @@ def test_masking_follows_the_80_10_10_rule(sentiment):
         for row in range(len(ids)):
             chosen = positions[row][weights[row] > 0]
             assert padding[row, chosen].all() and (chosen > 0).all()  # never padding, never BOS
-            selectable = int(padding[row].sum()) - 1  # real tokens but BOS
-            assert 0 <= len(chosen) - 0.15 * selectable <= 1 + 1e-6  # ceil(15%) of each sequence
+            original = ids[row].copy()
+            original[chosen] = targets[row][weights[row] > 0]
+            selectable = int((padding[row] & ~np.isin(original, [special[k] for k in ("bos", "eos", "sep")])).sum())
+            assert len(chosen) == max(1, round(0.15 * selectable))  # BERT's count (the ceiling had given 16.5%)
             now = ids[row, chosen]
             selected += len(chosen)
             mask += int((now == special["mask"]).sum())
