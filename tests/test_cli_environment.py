@@ -229,6 +229,39 @@ def test_a_keras_json_floatx_of_float64_changes_neither_training_nor_export(run_
     assert (tmp_path / "bundle" / "manifest.json").is_file()
 
 
+# -- out of memory ------------------------------------------------------------------------------------
+def _failing(error):
+    def run(*args, **kwargs):
+        raise error
+
+    return run
+
+
+@pytest.mark.parametrize("command, patched, error, expected", [
+    ("generate", "kerasllm.cli.infer.run_job",
+     MemoryError("Unable to allocate 469. MiB for an array with shape (20000, 2, 192, 16) and data type float32"),
+     "out of memory (Unable to allocate 469. MiB for an array with shape (20000, 2, 192, 16) and data type "
+     "float32): lower --batch-size, --max-batch-tokens or --window"),
+    ("classify", "kerasllm.cli.infer.run_job", MemoryError(),
+     "out of memory: lower --batch-size, --max-batch-tokens or --window"),
+    ("evaluate", "kerasllm.evaluation.evaluate", MemoryError(), "out of memory: lower --batch-size"),
+    # ulimit -v: the dynamic loader cannot map a C extension; a smaller batch would not help there
+    ("generate", "kerasllm.cli.infer.run_job",
+     ImportError("/venv/tokenizers/tokenizers.abi3.so: failed to map segment from shared object"),
+     "out of memory (/venv/tokenizers/tokenizers.abi3.so: failed to map segment from shared object)"),
+])
+def test_out_of_memory_is_one_line_exit_1(run_cli, monkeypatch, tmp_path, command, patched, error, expected):
+    """A MemoryError (numpy's allocation of a batch's cache) and an ImportError caused by a memory
+    limit had ended in tracebacks of 30-70 lines."""
+    monkeypatch.setattr(patched, _failing(error))
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("a prompt\n")
+    args = ["--data", inputs] if command == "evaluate" else ["-i", inputs, "-q"]
+    result = run_cli(command, tmp_path, *args)
+    assert result.code == 1, result
+    assert result.err.splitlines() == [f"kerasllm: error: {expected}"]
+
+
 # -- which command lines load TensorFlow --------------------------------------------------------------
 def test_a_model_directory_is_found_wherever_source_stands(tmp_path):
     """Only the word after the command was looked at: `generate -i prompts.txt runs/lm` imported

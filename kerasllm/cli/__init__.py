@@ -280,6 +280,33 @@ def _runs_keras(argv: list[str]) -> bool:
     return command in SOURCE_COMMANDS and any(_is_model_dir(arg) for arg in rest if not arg.startswith("-"))
 
 
+# What lowers a command's memory, named in the out-of-memory line.
+_MEMORY_OPTIONS = {
+    "train": "--batch-size or --seq-len",
+    "evaluate": "--batch-size",
+    **dict.fromkeys(("generate", "translate", "classify", "embed", "tag"),
+                    "--batch-size, --max-batch-tokens or --window"),
+}
+
+
+def _out_of_memory(err: BaseException, argv: list[str], hint: bool = True) -> str:
+    """The one line for a command that ran out of memory (a MemoryError, or an import that could
+    not map its library: a hint to lower the batch would not help there)."""
+    detail = str(err).strip()
+    line = f"out of memory ({detail})" if detail else "out of memory"
+    options = _MEMORY_OPTIONS.get(_command(argv)[0] or "")
+    return f"{line}: lower {options}" if hint and options else line
+
+
+def _import_out_of_memory(err: ImportError) -> bool:
+    """Whether an import failed for want of memory (a memory limit, `ulimit -v`): the dynamic
+    loader cannot map a C extension ("failed to map segment from shared object", "cannot
+    allocate memory"), or the import ran into a MemoryError."""
+    text = str(err).lower()
+    return ("failed to map segment" in text or "cannot allocate memory" in text
+            or in_chain(err, MemoryError) is not None)
+
+
 def _missing_package(err: ModuleNotFoundError) -> str | None:
     """The top-level package a command needed and did not find (e.g. TensorFlow for a model dir
     in a serving-only environment), or None where the missing module is kerasllm's own."""
@@ -340,10 +367,18 @@ def main(argv=None) -> None:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: {err}", err=True)
         sys.exit(1)
+    except MemoryError as err:
+        logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
+        click.echo(f"kerasllm: error: {_out_of_memory(err, arguments)}", err=True)
+        sys.exit(1)
     except ImportError as err:
         if _interrupted_import(err):
             click.echo("kerasllm: interrupted", err=True)
             sys.exit(130)
+        if _import_out_of_memory(err):
+            logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
+            click.echo(f"kerasllm: error: {_out_of_memory(err, arguments, hint=False)}", err=True)
+            sys.exit(1)
         package = _missing_package(err) if isinstance(err, ModuleNotFoundError) else None
         if package is None:  # a module of kerasllm's own, or an import that broke: a bug, keep its traceback
             raise
