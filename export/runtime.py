@@ -233,6 +233,14 @@ def _announce(description: str) -> None:
         log.info(description)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def create_session(path: str | Path, device: str | None = None, threads: int | None = None,
                    cuda_graph: bool = False, graph: bytes | None = None) -> Session:
     """Open `path` on `device` (see the module docstring); logs one line saying what runs (once per
@@ -250,6 +258,12 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
     check the graph against its manifest: `Bundle.open_session`.)"""
     path = str(path)
     model = path if graph is None else graph
+    if graph is None and not _utf8(path):
+        # ONNX Runtime takes a path as UTF-8 text: a directory name that is not (surrogate-escaped
+        # bytes, or any non-ASCII name under a C locale) had failed as "incompatible constructor
+        # arguments", reported as a broken graph. Its bytes load anywhere (a graph with external
+        # data, > 2 GB, still needs its path).
+        model = Path(path).read_bytes()
     kind, device_id = parse_device(device)
     # Built before the loads below: their handlers report any failure as the graph's (or CUDA's), and
     # a bad KERASLLM_ORT_SPINNING is the user's setting, not a broken bundle. ORT copies the options

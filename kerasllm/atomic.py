@@ -28,7 +28,7 @@ def worker_scratch_dir(kind: str, out: Path, worker_index: int) -> Path:
     `tempfile.mkdtemp` would give each attempt a new name, and a killed process never runs the
     cleanup that deletes it; here the leftover is cleared at the start of the next attempt.
     """
-    run = hashlib.sha256(str(Path(out).resolve()).encode("utf-8")).hexdigest()[:12]
+    run = hashlib.sha256(os.fsencode(Path(out).resolve())).hexdigest()[:12]  # any name the OS takes
     user = f"{os.getuid()}-" if hasattr(os, "getuid") else ""  # users sharing /tmp never collide
     scratch = Path(tempfile.gettempdir()) / f"kerasllm-worker-{kind}-{user}{run}-{int(worker_index)}"
     shutil.rmtree(scratch, ignore_errors=True)

@@ -236,3 +236,19 @@ def test_keras_top_k_with_top_p_takes_the_nucleus_of_the_top_k_renormalised(real
                for s in range(3)]
     assert set(np.concatenate(samples).tolist()) == {int(np.argmax(logits))}
     assert sum(key[3] for key in model._generate_functions) == 1  # seeds 0, 1, 2: one seeded function
+
+
+def test_a_bundle_in_a_directory_whose_name_is_not_utf8_serves(real_bundle, tmp_path):
+    """ONNX Runtime takes paths as UTF-8 text: a bundle under such a name had failed to load
+    ("incompatible constructor arguments", reported as a broken graph)."""
+    import os
+    import shutil
+
+    from kerasllm.export.predict import load_predictor
+
+    moved = tmp_path / os.fsdecode(b"bad\xffdir") / "bundle"
+    shutil.copytree(real_bundle, moved)
+    options = {**TASK_DEFAULTS["generate"], "max_new_tokens": 4}
+    here, there = (load_predictor("generate", path, device="cpu") for path in (real_bundle, moved))
+    prompt = [here.check("the")]
+    assert there.predict(prompt, **options) == here.predict(prompt, **options)
