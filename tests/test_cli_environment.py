@@ -210,6 +210,15 @@ def test_the_python_api_names_the_backend_it_needs(backend, expected):
     assert done.stdout.splitlines() == expected
 
 
+@pytest.mark.parametrize("module", ["kerasllm.models", "kerasllm.layers"])
+def test_a_keras_side_package_imported_directly_names_the_backend_it_needs(module):
+    """`import kerasllm.models` under KERAS_BACKEND=jax had failed inside Keras ("No module named 'jax'")."""
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "ImportError: " + BACKEND_LINE.removeprefix("kerasllm: error: ")
+
+
 # -- keras.json's floatx ----------------------------------------------------------------------------------
 def test_a_keras_json_floatx_of_float64_changes_neither_training_nor_export(run_cli, corpus_file, tmp_path):
     """The export built float64 graphs that ONNX Runtime's fused kernels could not run, and said fp32."""
