@@ -106,7 +106,8 @@ class SparseCrossEntropy(keras.losses.Loss):
                     # Keras's apply_mask: the kept positions scaled by all / kept, so that the
                     # reduction's division by all positions becomes one by the kept ones.
                     total = ops.cast(ops.prod(ops.convert_to_tensor(ops.shape(keep), "int32")), "float32")
-                    sample_weight = sample_weight * (total / ops.maximum(ops.sum(keep), 1.0))
+                    kept, replicas = _summed_over_replicas(ops.sum(keep))
+                    sample_weight = sample_weight * (total * replicas / ops.maximum(kept, 1.0))
             return reduce_weighted_values(self._token_losses(y_true, y_pred), sample_weight=sample_weight,
                                           reduction=self.reduction, dtype=self.dtype)
 
@@ -133,6 +134,22 @@ class SparseCrossEntropy(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "label_smoothing": self.label_smoothing, "ignore_id": self.ignore_id,
                 "per_token": self.per_token}
+
+
+def _summed_over_replicas(count):
+    """`(count summed over the replicas, replicas)` inside a replicated step, else `(count, 1)`.
+
+    Under a strategy with several replicas Keras divides each replica's loss by the replicas
+    (`scale_loss_for_distribution`) and sums the gradients: the mean of the replicas' own token
+    means, not the batch's token mean where the replicas keep different numbers of positions.
+    Divided by the positions kept on all replicas (times the replicas, which Keras divides out
+    again), the summed gradient is the global batch's, as on one device."""
+    import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return count, 1
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, count), context.num_replicas_in_sync
 
 
 def token_id_rows(rows, vocab_size: int, what: str = "prompt") -> list[np.ndarray]:
