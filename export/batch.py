@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -225,6 +226,15 @@ def require_truncate_support(predictor: Predictor, truncate: str) -> None:
 
 
 # -- output ------------------------------------------------------------------------------------
+def names_a_descriptor(path: str | Path) -> bool:
+    """Whether `path` names an open descriptor of this process (/dev/stdout, /dev/stderr, /dev/fd/N,
+    /proc/self/fd/N: `-o /dev/stdout | gzip`, bash's `-o >(gzip > out.gz)`), which the job writes as
+    the stream it is. Resolved, such a link names a pipe no path opens ("/proc/PID/fd/pipe:[N]") or
+    the file the shell opened (`> out.jsonl`, empty: an existing file the job would refuse)."""
+    name = os.path.abspath(str(path))
+    return name in ("/dev/stdout", "/dev/stderr") or re.fullmatch(r"/(dev/fd|proc/(self|\d+)/fd)/\d+", name) is not None
+
+
 class JsonlWriter:
     """Writes one JSON object per line, whole lines only, flushed after each group of lines.
 
@@ -246,6 +256,10 @@ class JsonlWriter:
             self._close = False
             return
         target = Path(self.path)
+        if names_a_descriptor(self.path):  # the shell's stream: written as it is, like /dev/null
+            self.stream = open(target, "ab" if append else "wb")
+            self._close = True
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = "ab" if append else "wb" if replace or target.exists() and not target.is_file() else "xb"
         try:

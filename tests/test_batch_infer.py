@@ -7,6 +7,7 @@ resume after a kill, shards, signals, reader fuzzing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -1155,3 +1156,26 @@ def test_an_output_another_job_creates_while_the_model_loads_is_refused(run_cli,
     link.symlink_to(tmp_path / "target.jsonl")
     assert run_cli("generate", bundle, "-i", source, "-o", link, "-q").code == 0
     assert read_jsonl(tmp_path / "target.jsonl") == read_jsonl(out)
+
+
+def test_an_output_naming_an_open_descriptor_is_written_as_the_stream_it_is(run_cli, bundle, tmp_path):
+    """`-o /dev/stdout`, `/dev/fd/N` (bash's `>(gzip > out.gz)`) and `/proc/self/fd/N`: the exclusive
+    creation had resolved such a link to "/proc/PID/fd/pipe:[N]" and failed after the model load, and
+    refused one the shell had opened on an empty file (`-o /dev/stdout > out.jsonl`) as existing."""
+    source = tmp_path / "in.txt"
+    source.write_text("abc\nde\n")
+    expected = [{"id": "1", "output": "CBA"}, {"id": "2", "output": "ED"}]
+    read, write = os.pipe()
+    try:
+        assert run_cli("generate", bundle, "-i", source, "-o", f"/dev/fd/{write}", "-q").code == 0
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            assert [json.loads(line) for line in pipe.read().splitlines()] == expected
+    finally:
+        for fd in (read, write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    shell_opened = tmp_path / "out.jsonl"
+    with open(shell_opened, "wb") as stream:  # empty, as `> out.jsonl` leaves it
+        assert run_cli("generate", bundle, "-i", source, "-o", f"/proc/self/fd/{stream.fileno()}", "-q").code == 0
+    assert read_jsonl(shell_opened) == expected

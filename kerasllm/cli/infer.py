@@ -156,7 +156,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         batch.standard_output()  # closed: one line now, not after the model load
     # An empty file too: the writer creates --output exclusively (JsonlWriter), so that a job racing
     # this one for it is refused as well; this says so before the model load.
-    if output_path != "-" and Path(output_path).is_file() and not (resume or overwrite):
+    if (output_path != "-" and Path(output_path).is_file() and not batch.names_a_descriptor(output_path)
+            and not (resume or overwrite)):
         raise UsageError(f"{output_path} exists: add --resume to continue it or --overwrite to replace it")
     if output_path != "-" and input_path != "-" and Path(output_path).resolve() == Path(input_path).resolve():
         raise UsageError(f"{output_path} is also the input")
