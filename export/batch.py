@@ -115,7 +115,7 @@ def predict_isolating(predictor: Predictor, batch: Sequence[list[int]], options:
     return _counted(results, batch)
 
 
-def batch_seed(seed: int, key: int) -> int:
+def batch_seed(seed: int, key: int | tuple[int, ...]) -> int:
     """The seed a batch of a seeded sampling job draws from: one of its own, from the job's seed
     and the batch's `key` (its first record's line). With `--seed` passed unchanged to every batch,
     each batch had restarted the same random stream, so record k and record k + batch size of one
@@ -127,7 +127,8 @@ def batch_seed(seed: int, key: int) -> int:
 
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         return seed  # the predictor's options check refuses it in its own words
-    return int(np.random.SeedSequence([seed, key]).generate_state(1, np.uint64)[0] % (MAX_SEED + 1))
+    entropy = [seed, *key] if isinstance(key, tuple) else [seed, key]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % (MAX_SEED + 1))
 
 
 def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]],
@@ -161,7 +162,7 @@ def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]
 
 def predict_planned(predictor: Predictor, ids: dict[int, list[int]], options: dict, batch_size: int,
                     max_batch_tokens: int | None, bucket: bool = True, extra_tokens: int = 0,
-                    keys: dict[int, int] | None = None) -> Iterator[tuple[list[int], list[dict]]]:
+                    keys: dict[int, int | tuple[int, ...]] | None = None) -> Iterator[tuple[list[int], list[dict]]]:
     """`ids` (position -> token ids) cut into batches by `plan_batches`, then each batch's
     positions with its results, batch by batch (`predict_in_order`). Close the iterator to
     stop the predictor's work on the batches not yet returned. Seeded sampling gives each

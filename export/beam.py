@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -71,11 +72,15 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.min_batch_size = min_batch_size
-        # Elements this handler has sent to the model: seeded sampling keys each batch by it
-        # (batch.batch_seed), so that successive calls do not draw the same numbers again.
+        # Seeded sampling keys each batch (batch.batch_seed) by this copy's own random number and the
+        # elements it has sent to the model, so that neither its successive calls nor the other
+        # workers' copies (each unpickled with a count from 0) draw the same numbers again: a seed
+        # makes every batch draw afresh, but Beam's bundling and workers make no run repeatable.
         self._elements_seen = 0
+        self._copy_key = 0
 
     def load_model(self) -> Predictor:
+        self._copy_key = secrets.randbits(63)  # per worker's copy (the handler is pickled to each)
         predictor = load_predictor(self.task, self.bundle, device=self.device)
         batch.require_truncate_support(predictor, self.truncate)
         return predictor
@@ -94,7 +99,7 @@ class BundleModelHandler(ModelHandler[Any, PredictionResult, Predictor]):
         first, self._elements_seen = self._elements_seen, self._elements_seen + len(batch_of_elements)
         for chosen, batch_results in batch.predict_planned(model, ids, options, self.batch_size, self.max_batch_tokens,
                                                            bucket=True, extra_tokens=extra or 0,
-                                                           keys={p: first + p for p in ids}):
+                                                           keys={p: (self._copy_key, first + p) for p in ids}):
             for position, result in zip(chosen, batch_results):
                 result.pop(GENERATED_TOKENS, None)  # accounting for the CLI's summary, not output
                 results[position] = result

@@ -109,3 +109,27 @@ def test_tag_takes_texts_lists_of_words_and_dicts_as_the_cli_does(run_cli, tmp_p
     assert [r.inference for r in renamed.run_inference([records[2]], renamed.load_model())] == [
         {"tokens": ["x", "yyyy"], "tags": ["SHORT", "LONG"], "scores": [1.0, 1.0]}]
     assert handler.get_num_bytes(elements[:2]) == len("hello big world") + len("a list of words")
+
+
+def test_each_copy_of_a_seeded_handler_draws_its_own_numbers(monkeypatch, tmp_path):
+    """Beam pickles the handler to every worker, each copy counting its elements from 0: keyed by the
+    count alone, every worker's k-th batch got the same seed (2000 copies of one prompt on 4 workers:
+    229 distinct samples). Each copy now keys its batches by a number of its own as well."""
+    import pickle
+
+    seeds = []
+    original = fake_predictor.FakePredictor.predict
+
+    def recording(self, batch, **options):
+        seeds.append(options["seed"])
+        return original(self, batch, **options)
+
+    monkeypatch.setattr(fake_predictor.FakePredictor, "predict", recording)
+    bundle = fake_predictor.make_bundle(tmp_path / "bundle", "generate")
+    handler = BundleModelHandler(bundle, "generate", options={"temperature": 1.0, "seed": 5, "max_new_tokens": 4},
+                                 batch_size=2)
+    for copy in (pickle.loads(pickle.dumps(handler)) for _ in range(2)):
+        model = copy.load_model()
+        for _ in range(2):
+            copy.run_inference(["abc", "abd"], model)
+    assert len(seeds) == 4 and len(set(seeds)) == 4, seeds  # two calls on each of two copies
