@@ -127,6 +127,11 @@ class _CountingLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         module.__spec__.loader = module.__loader__ = self._loader
+        if module.__name__ == "keras" and self._finder._executing and keras_backend_problem():
+            # A kerasllm module imports keras (kerasllm.training, a recipe, ...): say what it needs
+            # before Keras fails on the other backend's package ("No module named 'jax'"). A user's
+            # own `import keras` is left to Keras.
+            raise ImportError(keras_backend_problem())
         self._finder._executing += 1
         ok = False
         try:

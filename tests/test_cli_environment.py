@@ -210,7 +210,8 @@ def test_the_python_api_names_the_backend_it_needs(backend, expected):
     assert done.stdout.splitlines() == expected
 
 
-@pytest.mark.parametrize("module", ["kerasllm.models", "kerasllm.layers"])
+@pytest.mark.parametrize("module", ["kerasllm.models", "kerasllm.layers", "kerasllm.training", "kerasllm.optimizers",
+                                    "kerasllm.modeldir", "kerasllm.recipes.causal_lm"])
 def test_a_keras_side_package_imported_directly_names_the_backend_it_needs(module):
     """`import kerasllm.models` under KERAS_BACKEND=jax had failed inside Keras ("No module named 'jax'")."""
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120,
