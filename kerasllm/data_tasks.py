@@ -399,8 +399,10 @@ def bert_masking(token_ids, seed, vocab_size: int, mask_id: int, unselectable: S
     selectable = tf.reduce_all(token_ids[:, :, None] != tf.constant(unselectable, tf.int32)[None, None, :], axis=-1)
     # BERT's count, as `mask_for_evaluation`'s: round(rate * n), at least one of n > 0 tokens (the
     # ceiling, tf-text's selector's rule, had masked 16.5% where 15% was documented).
-    selectable_count = tf.reduce_sum(tf.cast(selectable, tf.float32), axis=1)
-    count = tf.minimum(tf.maximum(tf.round(rate * selectable_count), 1.0), selectable_count)
+    # In float64, as Python's round in mask_for_evaluation: 0.15 in float32 is 0.15000001, which
+    # rounds 0.15 * 190 = 28.4999... up to 29.
+    selectable_count = tf.reduce_sum(tf.cast(selectable, tf.float64), axis=1)
+    count = tf.minimum(tf.maximum(tf.round(tf.constant(rate, tf.float64) * selectable_count), 1.0), selectable_count)
     count = tf.minimum(tf.cast(count, tf.int32), selection_length)
     # A uniformly random subset: the `count` selectable positions of highest random score.
     scores = tf.where(selectable, tf.random.stateless_uniform(shape, select_seed), -1.0)

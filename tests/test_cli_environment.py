@@ -289,3 +289,19 @@ def test_a_model_directory_is_found_wherever_source_stands(tmp_path):
     for argv in (["generate", "-i", "prompts.txt", str(bundle)], ["--version"], [], ["-v"],
                  ["sample-data", "corpus", "--out", str(run)], ["generate", "-i", "x" * 5000]):
         assert not _runs_keras(argv), argv
+
+
+def test_out_of_memory_in_an_import_gives_no_batch_advice(run_cli, monkeypatch, tmp_path):
+    """A MemoryError out of a module's import (ulimit -v) had advised a smaller --batch-size, which
+    cannot help there."""
+    (tmp_path / "hungry_extension.py").write_text("raise MemoryError()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def run(*args, **kwargs):
+        import hungry_extension  # noqa: F401
+
+    monkeypatch.setattr("kerasllm.cli.infer.run_job", run)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("a prompt\n")
+    result = run_cli("generate", tmp_path, "-i", inputs, "-q")
+    assert (result.code, result.err.splitlines()) == (1, ["kerasllm: error: out of memory"]), result

@@ -256,3 +256,18 @@ def test_classifier_rows_are_not_tokenized_whole_to_keep_their_start(monkeypatch
     encoded = encode_rows(tok, rows, max_length=16)
     assert encoded == [[tok.bos_id] + tok.encode("great lamp " * 2)[:15], [tok.bos_id] + tok.encode("bad lamp")]
     assert max(lengths) < 5000
+
+
+def test_bert_masking_counts_as_python_rounds():
+    """0.15 * 190 is 28.4999... in float64 (Python's round, the evaluation's masking: 28) but 28.5 in
+    float32, which training had rounded to 29."""
+    import tensorflow as tf
+
+    from kerasllm.data_tasks import bert_masking
+
+    lengths = [190, 350, 390, 20, 7]
+    ids = np.zeros((len(lengths), 400), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = np.arange(n) % 50 + 6
+    _, _, _, weights = bert_masking(tf.constant(ids), tf.constant([1, 2], tf.int64), 60, 4, [0, 2, 3, 5], 80)
+    assert weights.numpy().sum(axis=1).tolist() == [max(1, round(0.15 * n)) for n in lengths]

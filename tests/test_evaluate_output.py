@@ -73,3 +73,30 @@ def test_a_write_that_fails_after_the_evaluation_keeps_the_metrics_on_standard_o
     assert (result.code, json.loads(result.out), len(ran)) == (1, METRICS, 1), result
     assert result.err.splitlines() == [f"kerasllm: error: --output {out}: cannot write the metrics (Not a directory); "
                                        "they are on standard output above"]
+
+
+def test_an_output_through_a_link_or_a_descriptor_is_written_there(run_cli, tmp_path, evaluations):
+    """A symbolic link --output had been replaced by a regular file (the partial file's rename), the
+    metrics never reaching its target; /dev/stdout as root would have replaced the system's link."""
+    import os
+
+    target = tmp_path / "kept" / "metrics.json"
+    target.parent.mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    args = ["evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output"]
+    assert run_cli(*args, link).code == 0
+    assert link.is_symlink() and json.loads(target.read_text()) == METRICS
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+    read, write = os.pipe()
+    try:
+        assert run_cli(*args, f"/dev/fd/{write}").code == 0
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            assert json.loads(pipe.read()) == METRICS
+    finally:
+        for fd in (read, write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

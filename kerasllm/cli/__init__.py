@@ -298,6 +298,14 @@ def _out_of_memory(err: BaseException, argv: list[str], hint: bool = True) -> st
     return f"{line}: lower {options}" if hint and options else line
 
 
+def _raised_in_an_import(err: BaseException) -> bool:
+    """Whether `err` came out of a module's import (a module's body is on its traceback below `main`;
+    Python trims its import machinery's frames): a smaller batch would not have helped there."""
+    import traceback  # noqa: PLC0415
+
+    return any(frame.f_code.co_name == "<module>" for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
 def _import_out_of_memory(err: ImportError) -> bool:
     """Whether an import failed for want of memory (a memory limit, `ulimit -v`): the dynamic
     loader cannot map a C extension ("failed to map segment from shared object", "cannot
@@ -369,7 +377,8 @@ def main(argv=None) -> None:
         sys.exit(1)
     except MemoryError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-        click.echo(f"kerasllm: error: {_out_of_memory(err, arguments)}", err=True)
+        click.echo(f"kerasllm: error: {_out_of_memory(err, arguments, hint=not _raised_in_an_import(err))}",
+                   err=True)
         sys.exit(1)
     except ImportError as err:
         if _interrupted_import(err):

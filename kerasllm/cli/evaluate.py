@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import click
@@ -48,18 +49,23 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     """
     from kerasllm.errors import KerasLLMError, UsageError  # noqa: PLC0415
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
+    from kerasllm.export.batch import names_a_descriptor  # noqa: PLC0415
 
     if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
         raise UsageError(f"{output} is also the --data file")
-    if output:
-        _check_writable(output)
+    if output and not names_a_descriptor(output):
+        _check_writable(Path(os.path.realpath(output)))
     result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
                  label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
                  source_field=source_field, target_field=target_field,
                  warn=lambda message: click.echo(f"kerasllm: warning: {message}", err=True))
     text = json.dumps(result, indent=2)
     click.echo(text)  # first: a write that still fails (a full disk) loses none of the evaluation
-    if output:
+    if output and names_a_descriptor(output):  # /dev/stdout, /dev/fd/N: the shell's stream, written as it is
+        with open(output, "w", encoding="utf-8") as stream:
+            stream.write(text + "\n")
+    elif output:
+        output = Path(os.path.realpath(output))  # through a symbolic link (the rename had replaced the link)
         tmp = _partial(output)
         try:
             tmp.write_text(text + "\n", encoding="utf-8")
