@@ -149,6 +149,12 @@ the runs, and with it the ratio: one run reaches 3x, the other does not.
 nothing else running:
     greedy: Keras 426.4 | bundle 985.8 2.31x;  beam 4: Keras  95.8 | bundle 303.6 3.17x, 64/64 identical
 
+2026-12-07, sixteenth session (same machine), nothing else running, `--keep` the grouped bundle, `--repeats 5`,
+before and after the day's changes (the translate workers' sessions opened from the graph bytes checked at
+load; seeded sampling's per-batch seeds, which greedy and beam search do not take):
+    before: greedy: Keras 438.1 | bundle 1003.4 2.29x;  beam 4: Keras  96.9 | bundle 303.2 3.13x, 64/64 identical
+    after:  greedy: Keras 447.9 | bundle 1011.2 2.26x;  beam 4: Keras 109.2 | bundle 335.4 3.07x, 64/64 identical
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,
