@@ -197,13 +197,42 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     """
 
     def __init__(self, backup_dir: Path):
-        # double_checkpoint: the previous backup is kept, so a process killed while writing
-        # (a preempted or failed worker) restarts from it instead of a torn file.
+        # double_checkpoint: the previous backup is kept beside the latest (`.bkp`).
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False, double_checkpoint=True)
 
     def on_epoch_end(self, epoch, logs=None):
         if _finite_loss(logs):
             super().on_epoch_end(epoch, logs)
+
+    def _save_model(self):
+        """Keras's save, each file written beside its place and renamed into it: Keras writes
+        `latest.weights.h5` in place, and a Ctrl-C or a kill during that write left a valid HDF5
+        file holding part of the weights, which every later `--resume` failed to load (a ValueError
+        Keras's fallback to `.bkp`, made for OSErrors, did not catch). A kill now leaves the
+        previous checkpoint whole; one between the two renames, new weights with the previous
+        interval's step (that interval trained again)."""
+        backup = Path(self.backup_dir)
+        backup.mkdir(parents=True, exist_ok=True)
+        for path in (self._weights_path, self._training_metadata_path):
+            if self.double_checkpoint and os.path.exists(path):
+                shutil.copyfile(path, f"{path}.partial")
+                os.replace(f"{path}.partial", f"{path}.bkp")
+        partial = backup / "partial.weights.h5"  # Keras wants the .weights.h5 suffix
+        self.model.save_weights(str(partial), overwrite=True)
+        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        Path(f"{self._training_metadata_path}.partial").write_text(json.dumps(metadata))
+        os.replace(partial, self._weights_path)
+        os.replace(f"{self._training_metadata_path}.partial", self._training_metadata_path)
+
+    def _load_model(self):
+        # A checkpoint torn before the atomic save above (or damaged since) fails to load with a
+        # ValueError or KeyError, not the OSError on which Keras falls back to `.bkp`.
+        try:
+            super()._load_model()
+        except (ValueError, KeyError) as err:
+            if not self.model.built:
+                raise
+            raise OSError(f"the checkpoint in {self.backup_dir} cannot be read ({str(err).splitlines()[0]})") from err
 
 
 class ProgressLogger(keras.callbacks.Callback):

@@ -191,3 +191,59 @@ def test_the_lock_file_of_a_killed_run_locks_nothing(run_cli, corpus_file, tmp_p
                      "2", "--eval-steps", "1", *FAST)
     assert result.code == 0, result
     assert (out / "model.keras").is_file() and not (out / LOCK_FILE).exists()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_leaves_a_run_that_resumes(run_cli, corpus_file, tmp_path, monkeypatch):
+    """Keras wrote latest.weights.h5 in place: a Ctrl-C during that write left a valid HDF5 file holding
+    part of the weights, and every --resume failed with a ValueError traceback (Keras falls back to
+    .bkp on OSErrors only). The checkpoint is now written beside and renamed into place; and one torn
+    before that (a run of an older version) is read from its .bkp."""
+    import h5py
+
+    out = tmp_path / "run"
+    saves = []
+    original = keras.Model.save_weights
+
+    def interrupted_second_save(self, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:  # the second checkpoint: half written, then the Ctrl-C
+            with h5py.File(path, "w") as torn:
+                torn.create_group("vars")
+            raise KeyboardInterrupt
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", interrupted_second_save)
+    args = ["--data", corpus_file, "--out", out, "--steps", "20", "--eval-interval", "5", "--eval-steps", "1", *FAST]
+    assert run_cli("train", "causal-lm", *args).code == 130
+    monkeypatch.undo()
+    checkpoints = out / "checkpoints"
+    assert json.loads((checkpoints / "training_metadata.json").read_text())["epoch"] == 1
+    assert run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet").code == 0
+    assert (out / "model.keras").is_file() and _steps(out) == [5, 10, 15, 20]
+
+
+def test_a_torn_checkpoint_of_an_older_version_resumes_from_its_backup(run_cli, corpus_file, tmp_path, monkeypatch):
+    import h5py
+
+    from kerasllm import training
+
+    out = tmp_path / "run"
+    original = training.ProgressLogger.on_train_batch_end
+
+    def stop_at_step_12(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 12:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", stop_at_step_12)
+    args = ["--data", corpus_file, "--out", out, "--steps", "20", "--eval-interval", "5", "--eval-steps", "1", *FAST]
+    assert run_cli("train", "causal-lm", *args).code == 130
+    monkeypatch.undo()
+    latest = out / "checkpoints" / "latest.weights.h5"
+    assert (out / "checkpoints" / "latest.weights.h5.bkp").is_file()
+    with h5py.File(latest, "r+") as weights:  # what an in-place write cut short leaves: a part of the groups
+        for name in list(weights.keys())[:-1]:
+            del weights[name]
+    resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet")
+    assert resumed.code == 0, resumed
+    assert (out / "model.keras").is_file() and _steps(out)[-1] == 20
