@@ -102,6 +102,8 @@ def test_a_resumed_run_records_the_data_paths_it_was_given_again(tmp_path):
     """`--resume --data NEW` had trained on NEW but left config.json naming the gone path, so a
     second interruption needed --data again."""
     from kerasllm.recipes.classifier import ClassifierTrainArgs
+    from types import SimpleNamespace
+
     from kerasllm.recipes.common import resumed_args, run_directory, train_record, write_run_files
 
     out = tmp_path / "run"
@@ -113,10 +115,12 @@ def test_a_resumed_run_records_the_data_paths_it_was_given_again(tmp_path):
     args = resumed_args(ClassifierTrainArgs, run, out, data=[str(new)])
     with run_directory(out, resume=True, is_chief=False) as held:
         # the other workers of a multi-worker job never write the run directory
-        write_run_files(held, resume=True, is_chief=False, save=None, args=args)
+        write_run_files(held, resume=True, dist=SimpleNamespace(is_chief=False), args=args, task="classifier",
+                        config=None, tokenizers=())
     assert json.loads((out / "config.json").read_text()) == run
     with run_directory(out, resume=True, is_chief=True) as held:
-        write_run_files(held, resume=True, is_chief=True, save=None, args=args)
+        write_run_files(held, resume=True, dist=SimpleNamespace(is_chief=True), args=args, task="classifier",
+                        config=None, tokenizers=())
     assert json.loads((out / "config.json").read_text()) == {**run, "train": {**run["train"], "data": [str(new)]}}
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
-from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
-                                     run_directory, train_record, write_run_files)
+from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
+                                     run_directory, write_run_files)
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
+from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -57,14 +57,10 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         plan_steps(args.steps, args.epochs, 1, args.eval_interval)  # bad --steps/--epochs: refused before tokenizing
         tokens_per_step = args.batch_size * args.seq_len
 
-        def save_run_files():
-            tokenizer.save(out)
-            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
-                                                  "train": train_record(args), **distribute_record(dist)})
-
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
-        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
+        write_run_files(out, resume=resume, dist=dist, args=args, task=TASK, config=config,
+                        tokenizers=[(tokenizer, out)])
         with token_cache_dir(out, dist.worker_index) as tokens_dir:
             # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
             split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)

@@ -19,11 +19,10 @@ from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
-from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, distribute_record,
-                                     labelled_datasets, pretrained_run, resumed_args, run_directory,
-                                     train_record, write_run_files)
+from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
+                                     pretrained_run, resumed_args, run_directory, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
+from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -79,15 +78,10 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
             args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
         )
 
-        def save_run_files():
-            tokenizer.save(out)
-            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(),
-                                                  "labels": labels.labels, "train": train_record(args),
-                                                  **distribute_record(dist)})
-
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
-        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
+        write_run_files(out, resume=resume, dist=dist, args=args, task=TASK, config=config,
+                        tokenizers=[(tokenizer, out)], labels=labels.labels)
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415

@@ -120,14 +120,20 @@ def run_directory(out: str | Path, *, resume: bool, is_chief: bool) -> Iterator[
             raise
 
 
-def write_run_files(out: Path, *, resume: bool, is_chief: bool, save: Callable[[], None], args) -> None:
-    """What the chief writes into the run directory before training: `save()`, the tokenizer(s) and
-    config.json of a fresh run; the data paths of a resumed one (`args`), recorded in its config.json
-    (`record_data_paths`)."""
-    if is_chief and not resume:
-        save()
-    elif is_chief:
+def write_run_files(out: Path, *, resume: bool, dist, args, task: str, config, tokenizers, **extra) -> None:
+    """What the chief writes into the run directory before training. A fresh run: each tokenizer at
+    its path (`tokenizers`: (tokenizer, path) pairs) and config.json (the task, the model config,
+    `extra` such as the labels, the training arguments and `distribute_record`); a resumed one: its
+    data paths (`args`), recorded in its config.json (`record_data_paths`)."""
+    if not dist.is_chief:
+        return
+    if resume:
         record_data_paths(out, args)
+        return
+    for tokenizer, path in tokenizers:
+        tokenizer.save(path)
+    write_json_atomic(out / CONFIG_FILE, {"task": task, "model": config.to_dict(), **extra,
+                                          "train": train_record(args), **distribute_record(dist)})
 
 
 def distribute_record(dist) -> dict:

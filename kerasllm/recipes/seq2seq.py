@@ -14,10 +14,10 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import (RunArgs, check_seq_len, distribute_record, model_config, resumed_args,
-                                     run_directory, train_record, write_run_files)
+from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
+                                     run_directory, write_run_files)
 from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TextTokenizer, load_seq2seq_tokenizers
-from kerasllm.training import CONFIG_FILE, fit_run, plan_steps, read_run_config, restored_epoch, write_json_atomic
+from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -89,16 +89,11 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
             args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
         )
 
-        def save_run_files():
-            source_tokenizer.save(out)
-            if args.separate_vocab:
-                target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
-            write_json_atomic(out / CONFIG_FILE, {"task": TASK, "model": config.to_dict(), "train": train_record(args),
-                                                  **distribute_record(dist)})
-
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
-        write_run_files(out, resume=resume, is_chief=dist.is_chief, save=save_run_files, args=args)
+        target_file = [(target_tokenizer, out / TARGET_TOKENIZER_FILE)] if args.separate_vocab else []
+        write_run_files(out, resume=resume, dist=dist, args=args, task=TASK, config=config,
+                        tokenizers=[(source_tokenizer, out), *target_file])
         import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
         import kerasllm.models as models  # noqa: PLC0415
