@@ -47,6 +47,10 @@ MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format", "format_version", "family", "task", "config", "graphs", "files", "tokenizer")
 
 
+def _modified(bundle: Path, name: str) -> BundleError:
+    return BundleError(f"{bundle}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+
+
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -164,7 +168,7 @@ class Bundle:
         except OSError as err:
             raise BundleError(f"{self.path}: {name} cannot be read ({err.strerror or err})") from None
         if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]:
-            raise BundleError(f"{self.path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+            raise _modified(self.path, name)
         return data
 
     def tokenizer(self):
@@ -214,7 +218,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if not file.is_file():
             raise BundleError(f"{path}: incomplete bundle, {name} is missing")
         if verify and sha256(file) != digest:
-            raise BundleError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+            raise _modified(path, name)
     return Bundle(path, manifest)
 
 

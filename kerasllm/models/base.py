@@ -57,7 +57,7 @@ class SparseCrossEntropy(keras.losses.Loss):
         if len(ops.shape(y_true)) == len(ops.shape(y_pred)) and ops.shape(y_true)[-1] == 1:
             y_true = ops.squeeze(y_true, axis=-1)  # a classifier's [B, 1] targets: one id per row, as [B]
         target_rank = len(ops.shape(y_true))
-        if self.ignore_id is not None and not self.per_token:
+        if self.ignore_id is not None:  # (never with per_token: __init__ refuses the pair)
             return self._weigh_positions(y_true, y_pred, self._weight_per_position(sample_weight, y_true))
         if sample_weight is None or self.per_token or target_rank < 2:
             return super().__call__(y_true, y_pred, sample_weight)
