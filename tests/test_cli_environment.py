@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -270,6 +271,44 @@ def test_out_of_memory_is_one_line_exit_1(run_cli, monkeypatch, tmp_path, comman
     result = run_cli(command, tmp_path, *args)
     assert result.code == 1, result
     assert result.err.splitlines() == [f"kerasllm: error: {expected}"]
+
+
+def test_tensorflow_out_of_memory_in_training_is_one_line(run_cli, monkeypatch, tmp_path, corpus_file):
+    """TensorFlow's own out-of-memory error (ResourceExhaustedError, not a MemoryError) had ended
+    `kerasllm train` in a traceback with the graph's frames, node names and hints (~40 lines).
+    Here a real one, from an allocation of 16 TiB inside a step's callback; the run keeps its
+    checkpoint for --resume."""
+    import tensorflow as tf
+
+    from kerasllm import training
+
+    original = training.ProgressLogger.on_train_batch_end
+
+    @tf.function
+    def allocate_too_much(n):
+        return tf.reduce_sum(tf.zeros([n, 2**20]))
+
+    def run_out_of_memory(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.step == 5:
+            allocate_too_much(tf.constant(2**22))
+
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", run_out_of_memory)
+    out = tmp_path / "run"
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--preset", "tiny", "--steps", "8",
+                     "--eval-interval", "2", "--eval-steps", "1", "--seq-len", "32", "--batch-size", "4",
+                     "--no-jit-compile", "--quiet")
+    assert result.code == 1, result
+    assert len(result.err.splitlines()) == 1, result
+    assert re.fullmatch(r"kerasllm: error: out of memory \(OOM when allocating tensor with shape\[4194304,1048576\] "
+                        r"and type float on \S+CPU:0 by allocator \w+\): lower --batch-size or --seq-len\n",
+                        result.err), result
+    monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", original)
+    assert not (out / "model.keras").exists()
+    assert training.restored_epoch(out) == 2  # steps 1-4 checkpointed, the 5th step's interval lost
+    resumed = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--resume", "--quiet")
+    assert resumed.code == 0, resumed
+    assert (out / "model.keras").is_file()
 
 
 # -- which command lines load TensorFlow --------------------------------------------------------------

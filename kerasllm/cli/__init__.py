@@ -12,6 +12,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -289,9 +290,10 @@ _MEMORY_OPTIONS = {
 }
 
 
-def _out_of_memory(err: BaseException, argv: list[str], hint: bool = True) -> str:
-    """The one line for a command that ran out of memory (a MemoryError, or an import that could
-    not map its library: a hint to lower the batch would not help there)."""
+def _out_of_memory(err: BaseException | str, argv: list[str], hint: bool = True) -> str:
+    """The one line for a command that ran out of memory (a MemoryError, TensorFlow's
+    out-of-memory error's first line, or an import that could not map its library: a hint to lower
+    the batch would not help there)."""
     detail = str(err).strip()
     line = f"out of memory ({detail})" if detail else "out of memory"
     options = _MEMORY_OPTIONS.get(_command(argv)[0] or "")
@@ -313,6 +315,23 @@ def _import_out_of_memory(err: ImportError) -> bool:
     text = str(err).lower()
     return ("failed to map segment" in text or "cannot allocate memory" in text
             or in_chain(err, MemoryError) is not None)
+
+
+def _tensorflow_out_of_memory(err: Exception) -> str | None:
+    """What TensorFlow's out-of-memory error (`ResourceExhaustedError`) says ran out, in one line,
+    else None: its allocator's "OOM when allocating tensor with shape[...]" or XLA's "Out of memory
+    while trying to allocate ...", without the graph's "Detected at node" frames, node names and
+    hints around it. Matched by name: TensorFlow is not imported here (serving commands run
+    without it). ONNX Runtime's failures are already one line where the batch runs
+    (export/batch.py's RuntimeFailure)."""
+    kind = type(err)
+    if kind.__name__ != "ResourceExhaustedError" or not kind.__module__.startswith("tensorflow"):
+        return None
+    for line in str(err).splitlines():
+        if re.search(r"\bOOM\b|out of memory", line, re.IGNORECASE):
+            line = re.sub(r"\{\{.*?\}\}", "", line)  # {{function_node ...}}
+            return re.sub(r"\s*\[Op:[^\]]*\].*$", "", line).strip()  # [Op:__inference_...] name:
+    return "resource exhausted"
 
 
 def _missing_package(err: ModuleNotFoundError) -> str | None:
@@ -394,6 +413,15 @@ def main(argv=None) -> None:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: this command needs the Python package '{package}' (pip install {package})",
                    err=True)
+        sys.exit(1)
+    except Exception as err:
+        detail = _tensorflow_out_of_memory(err)
+        if detail is None:
+            raise
+        # TensorFlow's own out-of-memory error: the same one line as a MemoryError (its message goes
+        # on for a dozen lines of graph nodes and hints).
+        logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
+        click.echo(f"kerasllm: error: {_out_of_memory(detail, arguments)}", err=True)
         sys.exit(1)
     finally:
         # Everything is written by now. Interpreter shutdown with TensorFlow loaded spends
