@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kerasllm.cli import _runs_keras, configure_tensorflow  # noqa
+from kerasllm.cli import _runs_keras, configure_tensorflow, machine_key, prune_xla_cache, xla_cache_limit  # noqa
 
 CACHE_VARIABLES = ("TF_XLA_FLAGS", "KERASLLM_XLA_CACHE", "XDG_CACHE_HOME")
 
@@ -94,7 +94,7 @@ def test_a_cache_path_with_spaces_and_quotes_reaches_tensorflow_whole(tmp_path):
     base = tmp_path / 'cache dir "q"'
     done = _kerasllm(code=XLA_CACHE_SCRIPT, env=_environment(XDG_CACHE_HOME=str(base), CUDA_VISIBLE_DEVICES=""))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert list((base / "kerasllm" / "xla").glob("xla_compile_cache__*")), list(tmp_path.rglob("*"))
+    assert list((base / "kerasllm" / "xla" / machine_key()).glob("xla_compile_cache__*")), list(tmp_path.rglob("*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [base.name]  # no "cache" cut at the space
 
 
@@ -107,7 +107,65 @@ def test_the_cache_is_left_to_a_users_own_settings(cache_environment, tmp_path):
     assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_persistent_cache_directory=/theirs"
     cache_environment.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2")
     assert configure_tensorflow() is None
-    assert os.environ["TF_XLA_FLAGS"] == f'--tf_xla_auto_jit=2 --tf_xla_persistent_cache_directory="{tmp_path}/mine"'
+    assert os.environ["TF_XLA_FLAGS"] == (f'--tf_xla_auto_jit=2 --tf_xla_persistent_cache_directory='
+                                          f'"{tmp_path}/mine/{machine_key()}"')
+
+
+def _cache_file(path, size, age_days):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    when = 1_700_000_000 - age_days * 86_400
+    os.utime(path, (when, when))
+
+
+def test_the_cache_is_pruned_to_its_limit_least_recently_used_first(tmp_path):
+    """Nothing pruned XLA's cache: every new shape or option added programs, GBs over many runs."""
+    root = tmp_path / "xla"
+    old_version = root / "tf2.20.0-cpuaaaa"
+    current = root / "tf2.21.0-cpubbbb"
+    for day in range(10):  # 10 files of 100 bytes, day 9 the oldest; the old version's are the oldest
+        _cache_file((old_version if day >= 8 else current) / f"program{day}.pb", 100, day)
+    prune_xla_cache(root, 1000)  # at the limit: nothing goes
+    assert len(list(root.rglob("*.pb"))) == 10
+    prune_xla_cache(root, 900)  # over it: down to 80% (720 bytes), the least recently used first
+    assert sorted(p.name for p in root.rglob("*.pb")) == [f"program{day}.pb" for day in range(7)]
+    assert not old_version.exists() and current.is_dir()  # emptied directories go, the root stays
+    read_yesterday = current / "program6.pb"  # read since it was written: its access time is recent
+    os.utime(read_yesterday, (1_700_000_000, read_yesterday.stat().st_mtime))
+    prune_xla_cache(root, 600)  # 700 bytes: down to 480, days 5, 4 and 3 go; day 6's, read since, stays
+    assert sorted(p.name for p in root.rglob("*.pb")) == ["program0.pb", "program1.pb", "program2.pb", "program6.pb"]
+
+
+def test_the_cache_is_kept_per_tensorflow_and_cpu_and_within_its_size(cache_environment, tmp_path):
+    """XLA loads a program compiled for another CPU with only a log line ("could lead to execution
+    errors such as SIGILL"): a home shared by machines of different CPUs gets a directory per CPU."""
+    root = tmp_path / "cache"
+    for day in range(30):  # 30 MB in an old layout's files, straight in the root
+        _cache_file(root / f"xla_compile_cache__{day}__XLA_CPU_JIT.pb", 2**20, day)
+    cache_environment.setenv("KERASLLM_XLA_CACHE", str(root))
+    cache_environment.setenv("KERASLLM_XLA_CACHE_SIZE", "20M")
+    assert configure_tensorflow() is None
+    key = machine_key()
+    assert re.fullmatch(r"tf\d+\.\d+\S*-cpu[0-9a-f]{12}", key), key
+    assert f'--tf_xla_persistent_cache_directory="{root / key}"' in os.environ["TF_XLA_FLAGS"]
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 16 * 2**20
+    assert (root / key).is_dir()
+    assert len(list(root.glob("xla_compile_cache__*"))) == 16  # the old layout's oldest 14 went
+
+
+@pytest.mark.parametrize("setting, expected", [("", 2 * 2**30), ("500M", 500 * 2**20), ("1.5G", 3 * 2**29),
+                                               ("2gib", 2 * 2**30), ("123456", 123456), (" 10 K ", 10 * 2**10)])
+def test_the_cache_size_setting(monkeypatch, setting, expected):
+    monkeypatch.setenv("KERASLLM_XLA_CACHE_SIZE", setting)
+    assert xla_cache_limit() == expected
+
+
+def test_a_bad_cache_size_is_one_line(tmp_path, model_dir):
+    done = _kerasllm("export", model_dir, "--out", tmp_path / "bundle",
+                     env=_environment(KERASLLM_XLA_CACHE=str(tmp_path / "cache"), KERASLLM_XLA_CACHE_SIZE="lots"))
+    assert (done.returncode, done.stderr.splitlines()) == (
+        2, ["kerasllm: error: KERASLLM_XLA_CACHE_SIZE='lots' is not a size (e.g. 500M or 2G)"]), done.stderr
+    assert not (tmp_path / "bundle").exists()
 
 
 # -- no home directory ----------------------------------------------------------------------------------

@@ -133,6 +133,9 @@ def use_xla_cache() -> str | None:
     directory that cannot be created or written is skipped, as is a missing home directory
     (arbitrary-uid containers). Called only for commands that run Keras: serving commands,
     --help and --version never look for a home directory.
+
+    The programs go in a subdirectory per TensorFlow version and CPU (`machine_key`), and the
+    cache is kept under `KERASLLM_XLA_CACHE_SIZE` (`prune_xla_cache`).
     """
     flags = os.environ.get("TF_XLA_FLAGS", "")
     if "tf_xla_persistent_cache_directory" in flags:  # the user's own cache: theirs to keep
@@ -155,18 +158,103 @@ def use_xla_cache() -> str | None:
                 return f"XLA compilation cache off: no home directory to keep it in {_XLA_CACHE_ADVICE}"
             base = home / ".cache"
         cache = Path(base) / "kerasllm" / "xla"
+    limit = xla_cache_limit()
+    root, cache = cache, cache / machine_key()
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=cache):  # writable: the directory is not enough (a read-only mount)
             pass
     except OSError as err:
-        return f"XLA compilation cache off: cannot write {cache}: {err.strerror or err} {_XLA_CACHE_ADVICE}"
+        return f"XLA compilation cache off: cannot write {root}: {err.strerror or err} {_XLA_CACHE_ADVICE}"
+    prune_xla_cache(root, limit)
     # TensorFlow splits TF_XLA_FLAGS at whitespace, but reads a double-quoted value whole, with
     # backslash escapes (XLA's ParseArgvFromString): unquoted, a path with a space was cut there
     # and the cache written into the directory before the space.
     quoted = str(cache).replace("\\", "\\\\").replace('"', '\\"')
     os.environ["TF_XLA_FLAGS"] = f'{flags} --tf_xla_persistent_cache_directory="{quoted}"'.strip()
     return None
+
+
+_XLA_CACHE_DEFAULT_SIZE = "2G"
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def xla_cache_limit() -> int:
+    """The XLA cache's size limit in bytes: `KERASLLM_XLA_CACHE_SIZE` (bytes, or a number with K,
+    M, G or T: binary units, as `du -h` prints), default 2G."""
+    setting = os.environ.get("KERASLLM_XLA_CACHE_SIZE", "").strip() or _XLA_CACHE_DEFAULT_SIZE
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", setting, re.IGNORECASE)
+    if match is None:
+        raise click.UsageError(f"KERASLLM_XLA_CACHE_SIZE={setting!r} is not a size (e.g. 500M or 2G)")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+
+
+def machine_key() -> str:
+    """The XLA cache's subdirectory for this TensorFlow and this CPU, e.g. `tf2.21.0-cpu3f9a1c2d0b7e`.
+
+    XLA's cache entries are machine code for the CPU that compiled them, and TensorFlow loads an
+    entry compiled for another CPU with only a log line ("could lead to execution errors such as
+    SIGILL"): a home directory shared by machines of different CPUs (a cluster's NFS home) would
+    hand one machine another's AVX-512 code. Entries of another TensorFlow version are unread
+    (XLA's own key) and only take room; apart, they are the first to be pruned.
+    """
+    import hashlib  # noqa: PLC0415
+    import importlib.metadata  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+
+    version = "unknown"
+    for distribution in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
+        try:
+            version = importlib.metadata.version(distribution)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    cpu = f"{platform.machine()} {platform.processor()}"
+    try:  # Linux: the model and its instruction set extensions, as the kernel reports them
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            first_cpu = info.read().split("\n\n")[0]
+        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
+        cpu += f" {fields.get('model name', '')} {fields.get('flags', '')}"
+    except OSError:
+        pass
+    return f"tf{version}-cpu{hashlib.sha256(cpu.encode()).hexdigest()[:12]}"
+
+
+def prune_xla_cache(root: Path, limit: int) -> None:
+    """Keep the XLA cache under `root` within `limit` bytes: past it, the least recently used files
+    go (by the later of access and modification time: Linux's default relatime updates the access
+    time of a file read once a day), down to 80% of the limit, and the subdirectories that leaves empty.
+
+    TensorFlow never deletes from its cache, and every new model shape or option adds programs
+    (~1 MB each for the tiny preset, tens of MB for larger models): a machine running many
+    trainings collected GBs. A program deleted while another run loads it is compiled again there.
+    """
+    files = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            try:
+                stat = os.stat(os.path.join(directory, name))
+            except OSError:  # deleted meanwhile by another run's pruning
+                continue
+            files.append((max(stat.st_atime, stat.st_mtime), stat.st_size, os.path.join(directory, name)))
+    total = sum(size for _, size, _ in files)
+    if total <= limit:
+        return
+    emptied = set()
+    for _, size, path in sorted(files):
+        if total <= 0.8 * limit:
+            break
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        emptied.add(os.path.dirname(path))
+    for directory in emptied - {str(root)}:
+        try:
+            os.rmdir(directory)  # only if empty
+        except OSError:
+            pass
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
