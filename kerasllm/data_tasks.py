@@ -15,7 +15,9 @@ length), so little padding is computed and XLA sees only a few shapes.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -153,6 +155,16 @@ def _encoded_words(tokenizer, rows: Sequence[TaggedRow]):
         raise
 
 
+# A number as JSON, CSV writers and pandas spell one (NaN and infinities included; not Python's
+# "1_000" or a number with spaces around it, which are names).
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+
+def _label_number(label: str) -> Decimal | None:
+    """The exact value of a label written as a number, else None (a name)."""
+    return Decimal(label) if _NUMBER.fullmatch(label) else None
+
+
 class LabelMap:
     """Label names <-> ids 0..L-1, saved in config.json as `"labels": [...]`.
 
@@ -171,14 +183,14 @@ class LabelMap:
     @classmethod
     def from_labels(cls, labels: Sequence[str]) -> "LabelMap":
         unique = set(labels)
-        try:
-            numbers = {label: float(label) for label in unique}
-        except ValueError:
+        numbers = {label: _label_number(label) for label in unique}
+        if any(number is None for number in numbers.values()):
             ordered = sorted(unique)
         else:
             # One number written two ways ("1" and "1.0", as pandas writes a column that held a NaN)
-            # had become two classes, their order left to the set's (string-hash) order.
-            spellings: dict[float, list[str]] = {}
+            # had become two classes, their order left to the set's (string-hash) order. Compared
+            # exactly: as floats, ids past 2**53 ("9007199254740993") had matched their neighbours.
+            spellings: dict[Decimal, list[str]] = {}
             for label, number in numbers.items():
                 spellings.setdefault(number, []).append(label)
             for same in spellings.values():
@@ -187,8 +199,8 @@ class LabelMap:
                     raise DataError(f"data: labels {shown} are the same number written differently: write each "
                                     "label one way")
             # NaN sorts last (its comparisons are all False); the spelling breaks no tie left but keeps it total.
-            ordered = sorted(unique, key=lambda label: (math.isnan(numbers[label]), numbers[label] if not
-                                                        math.isnan(numbers[label]) else 0.0, label))
+            ordered = sorted(unique, key=lambda label: (numbers[label].is_nan(), numbers[label] if not
+                                                        numbers[label].is_nan() else Decimal(0), label))
         if len(ordered) < 2:
             raise DataError(f"data: need at least 2 different labels, found {ordered}")
         return cls(ordered)

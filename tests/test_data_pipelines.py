@@ -244,6 +244,19 @@ def test_one_number_written_two_ways_is_refused_and_label_order_is_fixed():
     assert orders == {("-1e3", "2", "10", "nan")}
 
 
+@pytest.mark.parametrize("labels, expected", [
+    (["9007199254740993", "9007199254740992"], ["9007199254740992", "9007199254740993"]),  # 2**53 and 2**53 + 1
+    (["1e500", "1e400", "2"], ["2", "1e400", "1e500"]),  # both past a float's range
+    (["10", "1_0"], ["10", "1_0"]),  # Python's spelling of 10, a name here
+])
+def test_different_numbers_stay_different_labels(labels, expected):
+    """Labels were compared as floats: long numeric ids (snowflake or product ids) past 2**53, and
+    numbers past a float's range, were refused as "the same number written differently" (fuzzing)."""
+    from kerasllm.data_tasks import LabelMap
+
+    assert LabelMap.from_labels(labels * 2).labels == expected
+
+
 def test_classifier_rows_are_not_tokenized_whole_to_keep_their_start(monkeypatch):
     from kerasllm.data_tasks import Row, encode_rows
     from kerasllm.tokenizers import TextTokenizer
