@@ -70,6 +70,9 @@ class Record:
             return _text(str(value), self.line, name)
         if isinstance(value, bool):
             return json.dumps(value)
+        if isinstance(value, _NonStandardConstant):
+            raise DataError(f"line {self.line}: field {name!r} is {value}, which JSON does not allow "
+                            "(write a string or a number)")
         raise DataError(f"line {self.line}: field {name!r} is not a string ({_json_kind(value)})")
 
     def words(self, name: str) -> list[str]:
@@ -106,6 +109,19 @@ def _text(value: str, line: int, name: str) -> str:
         raise DataError(f"line {line}: field {name!r} holds half of a surrogate pair "
                         f"(\\u{ord(value[err.start]):04x} at character {err.start + 1}), which is not text") from None
     return value
+
+
+class _NonStandardConstant:
+    """`NaN`, `Infinity` or `-Infinity` where a JSON value stands: not JSON, but Python's
+    `json.dumps` writes them for float NaN and infinities, so JSONL made by Python scripts holds
+    them. Read as this marker (`json.loads`'s parse_constant), a field holding one is refused
+    as what it is, not as "not a string (a float)"; in a field nobody reads it does no harm."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _json_kind(value) -> str:
@@ -226,7 +242,8 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
                 yield Record(number, str(number), {"text": text})
                 continue
             try:
-                value = json.loads(text, parse_int=_NumberLiteral, parse_float=_NumberLiteral)
+                value = json.loads(text, parse_int=_NumberLiteral, parse_float=_NumberLiteral,
+                                   parse_constant=_NonStandardConstant)
             except json.JSONDecodeError as err:
                 yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
                 continue
@@ -267,13 +284,15 @@ class _LineFeed:
 
     A row may span lines (a quoted field holding a newline), so where it starts and ends is
     known only here: `start()` before each row, then `first`/`last` are its lines, `error`
-    the first undecodable line in it, `blank` whether it was one blank line. A line that is
+    the first undecodable line in it, `blank` whether it was one blank line (whitespace without
+    the `delimiter`). A line that is
     not UTF-8 is handed on with its bad bytes replaced (they are never quotes, delimiters or
     newlines, so the parse stays in step and the rows after it read as they would).
     """
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, delimiter: str):
         self._lines = _raw_lines(stream)
+        self._delimiter = delimiter
         self.start()
 
     def start(self) -> None:
@@ -293,7 +312,8 @@ class _LineFeed:
             if self.error is None:
                 reason = _utf8_reason(raw, err)  # the record's own line is named by its messages
                 self.error = reason if self.first is None else reason.replace("at column", f"at line {number}, column")
-        self.blank = self.first is None and not text.strip()
+        # A line of whitespace alone, not a row of empty cells: a TSV row "\t" strips to nothing too.
+        self.blank = self.first is None and not text.strip() and self._delimiter not in text
         self.first = self.first or number
         self.last = number
         return text  # with its newline: csv keeps a quoted field's newlines from it
@@ -307,7 +327,7 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
     run into the shard from before it), and reading goes past `last` to finish a record."""
     if csv.field_size_limit() < FIELD_LIMIT:
         csv.field_size_limit(FIELD_LIMIT)
-    feed = _LineFeed(stream)
+    feed = _LineFeed(stream, csv.get_dialect(dialect).delimiter)
     reader = csv.reader(feed, dialect)
     header = None
     while True:

@@ -111,6 +111,32 @@ def test_blank_lines_between_records_are_skipped_but_kept_inside_a_quoted_field(
                                       (10, {"text": "c", "label": "y"}, None)]
 
 
+def test_a_tsv_row_of_empty_cells_is_a_row_not_a_blank_line(tmp_path):
+    """A TSV row of empty cells ("\t") strips to nothing and was skipped as a blank line: no error
+    record, one output line fewer than the input's rows, where the same row in CSV (",") is one
+    (fuzzing). A line of spaces alone is still blank in both."""
+    tsv = tmp_path / "in.tsv"
+    tsv.write_bytes(b"text\tlabel\ngood\ta\n\t\n  \nbad\tb\n")
+    assert lines_and_fields(tsv) == [(2, {"text": "good", "label": "a"}, None), (3, {"text": "", "label": ""}, None),
+                                     (5, {"text": "bad", "label": "b"}, None)]
+    with pytest.raises(DataError, match=r"line 3: .*empty"):
+        read_rows(tsv, "text", "label")
+
+
+def test_json_nan_and_infinity_are_named_as_what_they_are(tmp_path):
+    """`NaN`/`Infinity` (not JSON, but Python's json.dumps writes them) had been refused as "not a
+    string (a float)", a type the file never wrote (fuzzing). In a field nobody reads they do no harm."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": NaN}\n{"text": "ok", "score": -Infinity}\n{"text": Infinity}\n')
+    records = list(read_records(path))
+    with pytest.raises(DataError) as err:
+        records[0].get("text")
+    assert str(err.value) == "line 1: field 'text' is NaN, which JSON does not allow (write a string or a number)"
+    assert records[1].get("text") == "ok"
+    with pytest.raises(DataError, match="^line 3: field 'text' is Infinity, which JSON does not allow"):
+        records[2].get("text")
+
+
 def test_shards_hold_the_records_that_start_in_them_whole(tmp_path):
     path = write_rows(tmp_path / "in.csv", [
         ["text"], ["a"], ["b\nc\nd"], ["e"], ["f\ng"], ["h"]])  # records on lines 2, 3-5, 6, 7-8, 9
