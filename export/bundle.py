@@ -25,18 +25,21 @@ new tokens can go past it.
 `graphs` maps a role to one file and its I/O, so the encoder and seq2seq families add
 their graphs ("encoder", "decoder") without changing the format. `files` lists every
 file but the manifest itself; `load_bundle` refuses a bundle whose files are missing,
-extra graph files are unlisted, or whose hashes differ.
+unlisted (every file the runtime reads: graphs, their external data, tokenizers) or whose
+hashes differ, and any name that is not a plain relative path inside the bundle. Readers open
+the bytes they checked (`Bundle.read`), not the file again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from kerasllm.errors import BundleError, UsageError
@@ -47,8 +50,34 @@ MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("format", "format_version", "family", "task", "config", "graphs", "files", "tokenizer")
 
 
+# The longest `max_length` a manifest may give where the graph has no learned position table to
+# bound it (sinusoidal or rotary positions): 128k positions, the longest context of today's
+# long-context models and far past what this library trains. The runtime sizes buffers by it
+# (a decode's token and mask arrays, a shared KV buffer): a hand-edited 10**12 had been an
+# allocation of 233 TiB reported as "lower --batch-size", and 4,000,000 took 3 GB to evaluate.
+MAX_LENGTH_CEILING = 1 << 17
+
+
 def _modified(bundle: Path, name: str) -> BundleError:
-    return BundleError(f"{bundle}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+    return BundleError(f"{bundle}: {name!r} does not match its sha256 in the manifest (modified or corrupt)")
+
+
+def bundle_file(bundle: Path, name: str) -> Path:
+    """`bundle / name` for a file name the manifest gives: how every reader joins them. BundleError
+    (one line naming manifest.json and the name) unless the name is a plain relative path inside
+    `bundle`: absolute names, `..` parts and links leading out had run graphs and tokenizers from
+    outside the bundle, and told whether any file of the machine exists and what it holds."""
+    path = PurePosixPath(name)  # written by write_manifest as POSIX paths
+    file = bundle / name
+    try:
+        inside = (not path.is_absolute() and ".." not in path.parts
+                  and file.resolve().is_relative_to(bundle.resolve()))  # links followed
+    except (OSError, ValueError, RuntimeError):  # a NUL in the name, a loop of links
+        inside = False
+    if not inside:
+        raise BundleError(f"{bundle / MANIFEST}: file name {name!r} is not a relative path inside the bundle "
+                          "(absolute, with a '..' part, or through a link leading out)")
+    return file
 
 
 def sha256(path: str | Path) -> str:
@@ -122,10 +151,12 @@ def discard(staging: Path) -> None:
 
 @dataclass
 class Bundle:
-    """A verified bundle: its directory and manifest."""
+    """A verified bundle: its directory and manifest. `external_data`: each graph's external-data
+    files (bundle-relative names, listed and hashed), empty for a graph whose weights are in its file."""
 
     path: Path
     manifest: dict[str, Any]
+    external_data: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -139,56 +170,101 @@ class Bundle:
     def config(self) -> dict[str, Any]:
         return self.manifest["config"]
 
+    def file(self, name: str) -> Path:
+        """The path of file `name` of the manifest (`bundle_file`)."""
+        return bundle_file(self.path, name)
+
     def graph_path(self, name: str = "model") -> Path:
         graphs = self.manifest["graphs"]
         if name not in graphs:
             raise BundleError(f"{self.path}: no {name!r} graph (has {', '.join(graphs)})")
-        return self.path / graphs[name]["file"]
+        return self.file(graphs[name]["file"])
+
+    def graph_files(self, role: str) -> list[str]:
+        """The files graph `role` is read from: its own and its external data's."""
+        return [self.manifest["graphs"][role]["file"], *self.external_data.get(role, ())]
+
+    def read(self, name: str) -> bytes:
+        """File `name`, read once and checked against the manifest's sha256 (BundleError where it
+        differs): what the readers open, so that they run what was checked whatever the directory
+        holds by then (a redeploy replacing the bundle mid-job had given a job loaded from one
+        model another model's graphs)."""
+        try:
+            data = self.file(name).read_bytes()
+        except OSError as err:
+            raise BundleError(f"{self.path}: {name!r} cannot be read ({err.strerror or err})") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"].get(name):
+            raise _modified(self.path, name)
+        return data
 
     def open_session(self, role: str, device: str | None = None, threads: int | None = None,
                      graph: bytes | None = None):
         """An ONNX Runtime session (runtime.create_session) of graph `role`, checked against this
         manifest (`check_graph`): how every bundle predictor opens its graphs. `graph`: the graph's
-        bytes from `graph_bytes`, opened instead of its file."""
+        bytes from `graph_bytes` (read once for several sessions), else read here.
+
+        What opens is what was verified. A graph whose weights are in its file opens from its
+        checked bytes: one more sha256 pass over it (about 1 GB/s, and such a file is under 2 GB),
+        little next to ONNX Runtime's own parse and optimization of it. A graph with external data
+        (one over 2 GB, convert.save_onnx) has to open by path, for ONNX Runtime to find its data
+        beside it (from bytes it looks in the working directory): its files are hashed again just
+        before, which leaves only ONNX Runtime's own read open to a change, rather than the time
+        since the load."""
         from kerasllm.export.runtime import create_session  # noqa: PLC0415 - ONNX Runtime loads here
 
+        if self.external_data.get(role):
+            if graph is not None:
+                raise ValueError(f"graph {role!r} keeps its weights in external data: open it by path")
+            for name in self.graph_files(role):
+                self.read(name)  # (re-verified at open, see above; not kept)
+        elif graph is None:
+            graph = self.graph_bytes(role)
         session = create_session(self.graph_path(role), device, threads, graph=graph)
         check_graph(self, role, session.session.get_inputs(), session.session.get_outputs())
         return session
 
     def graph_bytes(self, role: str) -> bytes:
-        """Graph `role`'s file, read once and checked against the manifest's sha256 (BundleError
-        where it differs): for sessions opened after the load (`open_session(graph=...)`), which
-        then run what was checked, whatever the directory holds by then (a redeploy replacing the
-        bundle mid-job had given a job loaded from one model another model's graphs). Only for a
-        graph whose weights are in its file: one over 2 GB keeps them beside it (convert.save_onnx)."""
-        name = self.manifest["graphs"][role]["file"]
-        try:
-            data = self.graph_path(role).read_bytes()
-        except OSError as err:
-            raise BundleError(f"{self.path}: {name} cannot be read ({err.strerror or err})") from None
-        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]:
-            raise _modified(self.path, name)
-        return data
+        """Graph `role`'s file, read once and checked (`read`), for `open_session(graph=...)`. Only
+        for a graph whose weights are in its file (see `open_session`)."""
+        self.graph_path(role)  # (BundleError for an unknown role)
+        return self.read(self.manifest["graphs"][role]["file"])
+
+    def load_tokenizer(self, name: str):
+        """The tokenizer in file `name`, from its checked bytes (`read`)."""
+        from kerasllm.tokenizers import TextTokenizer  # noqa: PLC0415
+
+        return TextTokenizer.load(self.file(name), data=self.read(name))
 
     def tokenizer(self):
         """The (source) tokenizer, checked against the config's vocabulary (one with ids the graph
         lacks, its hash updated, had loaded and failed the job at the first record using them)."""
-        from kerasllm.tokenizers import TextTokenizer, check_vocabulary  # noqa: PLC0415
+        from kerasllm.tokenizers import check_vocabulary  # noqa: PLC0415
 
-        path = self.path / self.manifest["tokenizer"]
-        tokenizer = TextTokenizer.load(path)
-        check_vocabulary(tokenizer, int(self.config["vocab_size"]), path)
+        name = self.manifest["tokenizer"]
+        tokenizer = self.load_tokenizer(name)
+        check_vocabulary(tokenizer, int(self.config["vocab_size"]), self.file(name))
         return tokenizer
+
+    def seq2seq_tokenizers(self):
+        """`(source, target)` tokenizers of a seq2seq bundle (tokenizers.load_seq2seq_tokenizers), from
+        their checked bytes."""
+        from kerasllm.tokenizers import load_seq2seq_tokenizers  # noqa: PLC0415
+
+        return load_seq2seq_tokenizers(self.path, self.config, self.manifest["tokenizer"],
+                                       self.manifest.get("target_tokenizer"), load=self.load_tokenizer)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and verify a bundle; raise `BundleError` naming what is wrong.
 
     Checks: manifest present and valid JSON with the required keys, a known format
-    version, every graph and the tokenizer listed in `files`, every listed file present
-    with its sha256 (skipped with `verify=False`).
+    version, every file name a relative path inside the bundle (`bundle_file`), every
+    file the runtime reads listed in `files` (graphs, the external data they reference,
+    tokenizers), every listed file present with its sha256 (skipped with `verify=False`),
+    and a `max_length` the graphs can hold (`_check_max_length`).
     """
+    from kerasllm.tokenizers import TARGET_TOKENIZER_FILE  # noqa: PLC0415
+
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -208,18 +284,164 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: unsupported bundle format {manifest['format']!r} version "
                           f"{manifest['format_version']!r} (this kerasllm reads {FORMAT} {FORMAT_VERSION})")
     _check_manifest_fields(manifest, manifest_path)
-    files = manifest["files"]
-    needed = [g["file"] for g in manifest["graphs"].values()] + [manifest["tokenizer"]]
-    unlisted = [f for f in needed if f not in files]
-    if unlisted:
-        raise BundleError(f"{manifest_path}: {unlisted[0]} is not listed in the manifest's files")
+    files, graphs = manifest["files"], manifest["graphs"]
+    needed = [g["file"] for g in graphs.values()] + [manifest["tokenizer"]]
+    if "target_tokenizer" in manifest or manifest["config"].get("target_vocab_size"):
+        needed.append(manifest.get("target_tokenizer") or TARGET_TOKENIZER_FILE)  # as load_seq2seq_tokenizers
+    for name in [*needed, *files]:  # before any of them is opened
+        bundle_file(path, name)
+    _check_listed(needed, files, manifest_path)
+    scanned = {}
     for name, digest in files.items():
         file = path / name
         if not file.is_file():
-            raise BundleError(f"{path}: incomplete bundle, {name} is missing")
+            raise BundleError(f"{path}: incomplete bundle, {name!r} is missing")
         if verify and sha256(file) != digest:
             raise _modified(path, name)
-    return Bundle(path, manifest)
+    bundle = Bundle(path, manifest)
+    for role, graph in graphs.items():
+        name = graph["file"]
+        if name not in scanned:
+            scanned[name] = _graph_tensors(bundle.file(name), manifest_path)
+        external = sorted({_external_name(name, location, path) for _, _, location in scanned[name]
+                           if location is not None})
+        _check_listed(external, files, manifest_path, f", the external data of {name!r},")
+        bundle.external_data[role] = tuple(external)
+    _check_max_length(manifest, manifest_path, scanned)
+    return bundle
+
+
+def _check_listed(names: Sequence[str], files: dict[str, str], manifest_path: Path, what: str = "") -> None:
+    """BundleError naming the first of `names` that `files` does not list (and so does not hash)."""
+    unlisted = [name for name in names if name not in files]
+    if unlisted:
+        raise BundleError(f"{manifest_path}: {unlisted[0]!r}{what} is not listed in the manifest's files")
+
+
+def _external_name(graph: str, location: str, bundle: Path) -> str:
+    """The bundle-relative name of external data at `location` (relative to its graph's directory,
+    as ONNX Runtime reads it), refused as any manifest name that leads out of the bundle."""
+    parent = PurePosixPath(graph).parent
+    name = location if str(parent) == "." or PurePosixPath(location).is_absolute() else f"{parent}/{location}"
+    bundle_file(bundle, name)
+    return name
+
+
+def _check_max_length(manifest: dict[str, Any], manifest_path: Path, graphs: dict[str, list]) -> None:
+    """Refuse a `max_length` past what the graphs hold: the rows of their learned position tables
+    where they have one (`*position_embeddings` initializers, [rows, hidden]), else
+    `MAX_LENGTH_CEILING`. The runtime sizes buffers by it before it decodes a token (see there)."""
+    max_length = manifest["config"]["max_length"]
+    tables = [(dims[0], graph) for graph, tensors in graphs.items() for name, dims, _ in tensors
+              if name.endswith("position_embeddings") and len(dims) == 2]
+    if tables:
+        rows, graph = min(tables)
+        if max_length > rows:
+            raise BundleError(f"{manifest_path}: config: max_length {max_length} is more than the {rows} positions "
+                              f"of the graph's position table ({graph})")
+    elif max_length > MAX_LENGTH_CEILING:
+        raise BundleError(f"{manifest_path}: config: max_length {max_length} is implausible (more than "
+                          f"{MAX_LENGTH_CEILING} positions)")
+
+
+# What `_graph_tensors` reads of ONNX's protobuf messages (onnx.proto's field numbers): each kind's
+# fields holding messages, by number, and TensorProto's own.
+_MESSAGE_FIELDS = {
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 10: "tensor", 6: "graph", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_TENSOR_DIMS, _TENSOR_NAME, _TENSOR_EXTERNAL_DATA = 1, 8, 13
+
+
+def _graph_tensors(file: Path, manifest_path: Path) -> list[tuple[str, list[int], str | None]]:
+    """`(name, dims, external-data location or None)` of every tensor of the ONNX graph in `file`:
+    initializers, node attributes', subgraphs' and functions'.
+
+    Read from the protobuf's wire format, by hand: the serving side has no `onnx` package, and
+    this skips the weights by their lengths (the file is mapped, not read), where parsing the graph
+    copies them all. A file that is not protobuf is refused here (ONNX Runtime could not load it
+    either): a tensor this reader could not see would be external data read unverified.
+    """
+    size = file.stat().st_size
+    if not size:
+        return []
+    tensors = []
+
+    def walk(kind: str, data, start: int, end: int) -> None:
+        if kind == "tensor":
+            tensors.append(_tensor(data, start, end))
+            return
+        children = _MESSAGE_FIELDS[kind]
+        for number, wire, value in _fields(data, start, end):
+            if wire == 2 and number in children:
+                walk(children[number], data, *value)
+
+    try:
+        with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            walk("model", data, 0, size)
+    except (ValueError, IndexError, RecursionError) as err:
+        raise BundleError(f"{file}: not an ONNX graph this kerasllm can read ({err or type(err).__name__})") from None
+    except OSError as err:
+        raise BundleError(f"{file}: cannot be read ({err.strerror or err})") from None
+    return tensors
+
+
+def _tensor(data, start: int, end: int) -> tuple[str, list[int], str | None]:
+    name, dims, location = "", [], None
+    for number, wire, value in _fields(data, start, end):
+        if number == _TENSOR_DIMS and wire == 0:
+            dims.append(value - (1 << 64) if value >> 63 else value)
+        elif number == _TENSOR_DIMS and wire == 2:  # packed
+            pos, stop = value
+            while pos < stop:
+                dim, pos = _varint(data, pos)
+                dims.append(dim - (1 << 64) if dim >> 63 else dim)
+        elif number == _TENSOR_NAME and wire == 2:
+            name = data[value[0]:value[1]].decode("utf-8", "replace")
+        elif number == _TENSOR_EXTERNAL_DATA and wire == 2:
+            entry = {key: data[span[0]:span[1]] for key, kind, span in _fields(data, *value) if kind == 2}
+            if entry.get(1) == b"location":
+                location = entry.get(2, b"").decode("utf-8", "surrogateescape")
+    return name, dims, location
+
+
+def _fields(data, start: int, end: int):
+    """`(number, wire type, value)` of each field of the protobuf message in `data[start:end]`: the
+    value of a varint, `(start, end)` of a length-delimited field, None for fixed-size ones."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        value = None
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = (pos, pos + length), pos + length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:  # groups (proto2, no ONNX field) and invalid types
+            raise ValueError(f"protobuf wire type {wire} at byte {pos}")
+        if pos > end:
+            raise ValueError(f"truncated protobuf field at byte {pos}")
+        yield number, wire, value
+
+
+def _varint(data, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError(f"protobuf varint too long at byte {pos}")
 
 
 # Each family's tasks, as the recipes name them (recipes/causal_lm.py, models/encoder.py's
@@ -242,6 +464,16 @@ def _check_manifest_fields(manifest: dict[str, Any], manifest_path: Path) -> Non
     if not isinstance(graphs, dict) or not graphs or not all(
             isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values()):
         raise BundleError(f"{manifest_path}: graphs must map each graph's name to {{\"file\": ...}}")
+    for role, graph in graphs.items():
+        for kind in ("inputs", "outputs"):  # read by check_graph; optional
+            declared = graph.get(kind, {})
+            if not isinstance(declared, dict):
+                raise BundleError(f"{manifest_path}: graphs[{role!r}].{kind} must be a JSON object")
+            for name, decl in declared.items():
+                if not _tensor_decl(decl):
+                    raise BundleError(f"{manifest_path}: graphs[{role!r}].{kind}[{name!r}] must be "
+                                      f"{{\"dtype\": a name, \"shape\": a list of sizes and axis names}}, "
+                                      f"got {json.dumps(decl)[:100]}")
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
         raise BundleError(f"{manifest_path}: files must map each file to its sha256")
     if not isinstance(manifest["tokenizer"], str):
@@ -266,8 +498,9 @@ def _check_manifest_fields(manifest: dict[str, Any], manifest_path: Path) -> Non
                           f"(its tasks: {', '.join(FAMILY_TASKS[family])})")
     if config.get("family") != family:
         raise BundleError(f"{manifest_path}: config: family {config.get('family')!r} in a {family} bundle")
-    if manifest.get("dtype", "fp32") not in GRAPH_DTYPES:
-        raise BundleError(f"{manifest_path}: dtype must be one of {', '.join(GRAPH_DTYPES)}, got {manifest['dtype']!r}")
+    dtype = manifest.get("dtype", "fp32")
+    if not isinstance(dtype, str) or dtype not in GRAPH_DTYPES:  # (a list is no key: TypeError, not False)
+        raise BundleError(f"{manifest_path}: dtype must be one of {', '.join(GRAPH_DTYPES)}, got {dtype!r}")
     # Optional fields, read by the predictors as they are.
     train = manifest.get("train")
     if train is not None and not (isinstance(train, dict) and _positive_int_or_absent(train.get("seq_len"))):
@@ -278,6 +511,14 @@ def _check_manifest_fields(manifest: dict[str, Any], manifest_path: Path) -> Non
         raise BundleError(f"{manifest_path}: labels must be a list of label names")
     if "target_tokenizer" in manifest and not isinstance(manifest["target_tokenizer"], str):
         raise BundleError(f"{manifest_path}: target_tokenizer must be a file name")
+
+
+def _tensor_decl(decl: Any) -> bool:
+    """Whether `decl` is an I/O declaration as convert.TensorDecl writes it (both keys optional)."""
+    if not isinstance(decl, dict) or not isinstance(decl.get("dtype", ""), str):
+        return False
+    shape = decl.get("shape")
+    return shape is None or isinstance(shape, list) and all(d is None or isinstance(d, (int, str)) for d in shape)
 
 
 def _positive_int_or_absent(value: Any) -> bool:

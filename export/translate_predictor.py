@@ -174,16 +174,22 @@ class BundleTranslator(Translator):
         self.bundle = load_bundle(path)
         if self.bundle.family != "seq2seq":
             raise UsageError(f"{path}: a {self.bundle.family} bundle cannot translate (needs a seq2seq bundle)")
-        manifest = self.bundle.manifest
-        super().__init__(*load_seq2seq_tokenizers(self.bundle.path, self.bundle.config, manifest["tokenizer"],
-                                                  manifest.get("target_tokenizer")), self.bundle.config)
-        small = sum(f.stat().st_size for f in self.bundle.path.glob("*.onnx*")) <= SHARD_MAX_GRAPH_BYTES
+        super().__init__(*self.bundle.seq2seq_tokenizers(), self.bundle.config)
+        roles = ("encoder", "decoder")
+        # The files the graphs are read from, external data included (a glob of *.onnx* had missed
+        # external data of another name).
+        small = sum(self.bundle.file(name).stat().st_size
+                    for role in roles for name in self.bundle.graph_files(role)) <= SHARD_MAX_GRAPH_BYTES
         # A small bundle's graphs are read and checked against the manifest once, here: the bundle's
         # sessions and the worker threads' (opened later, `_shard_loop`) open these bytes, never the
         # files again. The workers had opened the files as they were by then, unchecked: a bundle
         # replaced on disk mid-job decoded with the new model's graphs and the loaded one's tokenizer.
         # Held for the job: at most SHARD_MAX_GRAPH_BYTES, about what one more worker's sessions hold.
-        self._graphs = {role: self.bundle.graph_bytes(role) for role in ("encoder", "decoder")} if small else {}
+        # A graph with external data cannot open from bytes (ONNX Runtime would look for its data in
+        # the working directory): each session opens it by path, its files checked again just before
+        # (Bundle.open_session).
+        self._graphs = {role: self.bundle.graph_bytes(role) for role in roles
+                        if small and not self.bundle.external_data[role]}
         self.sessions = Seq2SeqSessions(*(self.bundle.open_session(role, device, threads, self._graphs.get(role))
                                           for role in ("encoder", "decoder")))
         self.max_shards = (threads or usable_cores()) if self.sessions.decoder.device_type == "cpu" and small else 1
@@ -229,8 +235,9 @@ class BundleTranslator(Translator):
             quiet = _ThreadFilter(threading.get_ident())
             logging.getLogger("kerasllm").addFilter(quiet)
             try:
+                graphs = self._graphs
                 sessions = self._local.sessions = Seq2SeqSessions(
-                    *(self.bundle.open_session(role, "cpu", 1, self._graphs[role]) for role in ("encoder", "decoder")))
+                    *(self.bundle.open_session(role, "cpu", 1, graphs.get(role)) for role in ("encoder", "decoder")))
             finally:
                 logging.getLogger("kerasllm").removeFilter(quiet)
         return self._loop(sessions, batch, decoding)

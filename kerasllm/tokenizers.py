@@ -143,16 +143,18 @@ class TextTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextTokenizer":
+    def load(cls, path: str | Path, data: bytes | None = None) -> "TextTokenizer":
+        """The tokenizer in file `path`; `data`: its bytes, already read (a bundle's, checked against
+        its manifest: `Bundle.load_tokenizer`), `path` then only names it in messages."""
         path = Path(path)
-        if path.is_dir():
+        if data is None and path.is_dir():
             path = path / TOKENIZER_FILE
-        if not path.is_file():
+        if data is None and not path.is_file():
             raise DataError(f"tokenizer: {path}: no such file")
         # Read by Python, for the path's sake (see `save`): from_file(path) had refused such a path
         # with "cannot be read", as if the tokenizer were bad.
         try:
-            text = path.read_text(encoding="utf-8")
+            text = (path.read_bytes() if data is None else data).decode("utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"tokenizer: {path}: cannot be read ({err})") from None
         try:
@@ -171,6 +173,11 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def largest_id(self) -> int:
+        """The largest token id (-1 for none): past `vocab_size - 1` where the ids have gaps."""
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def token_to_id(self, token: str) -> int:
         return self.tokenizer.token_to_id(token)
@@ -338,19 +345,27 @@ MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
 def check_vocabulary(tokenizer: "TextTokenizer", size: int, where: str | Path) -> None:
     """KerasLLMError when `tokenizer` (loaded from `where`) has ids the model's vocabulary of `size`
     does not: another model's tokenizer, which would feed the graph ids out of range or decode
-    garbage. (Smaller is allowed: a model's vocabulary may be padded past its tokenizer's.)"""
+    garbage. (Smaller is allowed: a model's vocabulary may be padded past its tokenizer's.)
+    Judged by the largest id, not the count: a tokenizer whose ids have a gap (one id moved past
+    the vocabulary) had passed and failed the job at the first record using it."""
     if tokenizer.vocab_size > size:
         raise KerasLLMError(f"{where}: {tokenizer.vocab_size} token ids, more than the model's vocabulary of {size}: "
                             "not this model's tokenizer")
+    if tokenizer.largest_id >= size:
+        raise KerasLLMError(f"{where}: token id {tokenizer.largest_id}, outside the model's vocabulary of {size} "
+                            f"(ids 0..{size - 1}): not this model's tokenizer")
 
 
 def load_seq2seq_tokenizers(path: str | Path, config: dict, source_file: str = TOKENIZER_FILE,
-                           target_file: str | None = None) -> tuple[TextTokenizer, TextTokenizer]:
+                           target_file: str | None = None, load=None) -> tuple[TextTokenizer, TextTokenizer]:
     """`(source, target)` tokenizers of a model dir or bundle at `path`, checked against the model's
     vocabularies. The config says whether the target has its own (`target_vocab_size`): a missing
-    target tokenizer had silently become the source's (garbage translations, exit 0)."""
+    target tokenizer had silently become the source's (garbage translations, exit 0).
+    `load(name) -> TextTokenizer` reads file `name` of `path` (a bundle's: `Bundle.seq2seq_tokenizers`,
+    which checks the name and the bytes against its manifest)."""
     path = Path(path)
-    source = TextTokenizer.load(path / source_file)
+    load = load or (lambda name: TextTokenizer.load(path / name))
+    source = load(source_file)
     check_vocabulary(source, int(config["vocab_size"]), path / source_file)
     target_size = int(config.get("target_vocab_size") or 0)
     if not target_size:
@@ -359,7 +374,7 @@ def load_seq2seq_tokenizers(path: str | Path, config: dict, source_file: str = T
     if not target_path.is_file():
         raise KerasLLMError(f"{target_path}: missing (the model has a target vocabulary of its own, "
                             f"{target_size} ids)")
-    target = TextTokenizer.load(target_path)
+    target = load(target_file or TARGET_TOKENIZER_FILE)
     check_vocabulary(target, target_size, target_path)
     return source, target
 
