@@ -26,6 +26,13 @@ class BundleError(KerasLLMError):
     """A bundle that is incomplete, tampered with or of an unknown format."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived while a training ran (`kerasllm train` turns it into this, as Python turns
+    SIGINT into KeyboardInterrupt): a BaseException, so that no `except Exception` swallows it."""
+
+    exit_code = 143
+
+
 def in_chain(err: BaseException | None, kind: type) -> BaseException | None:
     """The first exception of `kind` among `err` and what caused it (`__cause__`, else `__context__`),
     or None: an interrupt that a C extension's import turned into "ImportError: initialization failed"

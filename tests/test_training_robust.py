@@ -251,3 +251,44 @@ def test_a_torn_checkpoint_of_an_older_version_resumes_from_its_backup(run_cli, 
     resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet")
     assert resumed.code == 0, resumed
     assert (out / "model.keras").is_file() and _steps(out)[-1] == 20
+
+
+def _train_until(tmp_path, corpus_file, out, ready, *options):
+    """`kerasllm train causal-lm` in a subprocess, sent SIGTERM once `ready()` holds; its result."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERASLLM_XLA_CACHE": "off"}
+    process = subprocess.Popen([sys.executable, "-m", "kerasllm", "train", "causal-lm", "--data", str(corpus_file),
+                                "--out", str(out), "--steps", "100000", *options, *FAST],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+def test_sigterm_before_the_first_checkpoint_leaves_nothing_behind(tmp_path, corpus_file):
+    """SIGTERM (a job manager, `timeout`) had killed a training where it stood: a run stopped in
+    its first interval left config, tokenizer and history, and the same command was then refused
+    ("exists and is not empty"). It now stops as Ctrl-C does: one line, exit 143, nothing left."""
+    out = tmp_path / "run"
+    code, err = _train_until(tmp_path, corpus_file, out, lambda: (out / "history.jsonl").exists(),
+                             "--eval-interval", "50000", "--eval-steps", "1")
+    assert (code, err.splitlines()[-1:]) == (143, ["kerasllm: stopped by SIGTERM"]), err
+    assert not out.exists()
+
+
+def test_sigterm_after_a_checkpoint_keeps_the_run_for_resume(tmp_path, corpus_file, run_cli):
+    out = tmp_path / "run"
+    code, err = _train_until(tmp_path, corpus_file, out, lambda: (out / "checkpoints" / "training_metadata.json").exists(),
+                             "--eval-interval", "10", "--eval-steps", "1")
+    assert (code, err.splitlines()[-1:]) == (143, ["kerasllm: stopped by SIGTERM"]), err
+    assert (out / "checkpoints" / "latest.weights.h5").is_file() and not (out / "model.keras").exists()
+    assert not (out / "checkpoints" / "partial.weights.h5").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from kerasllm import __version__, keras_backend_problem
-from kerasllm.errors import KerasLLMError, UsageError, in_chain
+from kerasllm.errors import KerasLLMError, Terminated, UsageError, in_chain
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -478,6 +478,9 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("kerasllm: interrupted", err=True)
         sys.exit(130)
+    except Terminated as err:
+        click.echo("kerasllm: stopped by SIGTERM", err=True)
+        sys.exit(err.exit_code)
     except OSError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: {err}", err=True)

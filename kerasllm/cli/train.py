@@ -7,12 +7,14 @@ checkpoints at each validation, and continues a stopped run with `--resume`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from kerasllm.cli.options import DISTRIBUTE_OPTIONS, model_override_options, run_options, vocab_size_option
+from kerasllm.errors import Terminated
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 
 
@@ -59,8 +61,9 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
         eval_steps=eval_steps, validation_fraction=validation_fraction, window=window, seed=seed,
         jit_compile=jit_compile,
     )
-    history = train_causal_lm(args, out, config_file=config_file, resume=resume, quiet=quiet,
-                              config_overrides=overrides, distribute=distribute)
+    with _sigterm_unwinds(distribute):
+        history = train_causal_lm(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                                  config_overrides=overrides, distribute=distribute)
     _say_where_the_model_is(out, history)
 
 
@@ -116,9 +119,42 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
         eval_interval=eval_interval, eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed,
         jit_compile=jit_compile,
     )
-    history = train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet,
-                            config_overrides=overrides, distribute=distribute)
+    with _sigterm_unwinds(distribute):
+        history = train_seq2seq(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                                config_overrides=overrides, distribute=distribute)
     _say_where_the_model_is(out, history)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(distribute):
+    """SIGTERM (a job manager, `timeout`, `kill`) stops a one-process training as Ctrl-C does: it
+    raises `Terminated` in the main thread, so the run directory is left as after an interrupt (a
+    run stopped before its first checkpoint is removed, one after it keeps what --resume needs) and
+    the command ends in one line, exit 143. Under the default action the process had died where it
+    stood, and a run stopped in its first interval left a directory that the same command then
+    refused ("exists and is not empty"). A second SIGTERM kills at once.
+
+    Not for `--strategy multi-worker`: a worker blocked in a collective op runs no Python, so a
+    Python handler would leave it running; there SIGTERM keeps its default action (distribute.py).
+    Python runs the handler between bytecodes: within a step (or a compile) of the signal."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    if (distribute is not None and distribute.strategy == "multi-worker"
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _say_where_the_model_is(out: Path, history) -> None:
@@ -219,8 +255,9 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    history = train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet,
-                              config_overrides=overrides, distribute=distribute)
+    with _sigterm_unwinds(distribute):
+        history = train_masked_lm(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                                  config_overrides=overrides, distribute=distribute)
     _say_where_the_model_is(out, history)
 
 
@@ -259,8 +296,9 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    history = train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
-                               config_overrides=overrides, distribute=distribute)
+    with _sigterm_unwinds(distribute):
+        history = train_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                                   config_overrides=overrides, distribute=distribute)
     _say_where_the_model_is(out, history)
 
 
@@ -310,7 +348,8 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
         tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
         validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
-    history = train_token_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
-                                     config_overrides=overrides, distribute=distribute)
+    with _sigterm_unwinds(distribute):
+        history = train_token_classifier(args, out, config_file=config_file, resume=resume, quiet=quiet,
+                                         config_overrides=overrides, distribute=distribute)
     _say_where_the_model_is(out, history)
 
