@@ -15,15 +15,16 @@ and a bad record (unreadable, missing field, unknown label) is a DataError namin
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from kerasllm import metrics
-from kerasllm.errors import DataError, UsageError
+from kerasllm.errors import DataError, KerasLLMError, UsageError
 
 log = logging.getLogger("kerasllm")
 
@@ -90,6 +91,27 @@ def _checked(predictor, rows, truncate: str = "right", warn: Callable[[str], Non
     return sequences
 
 
+@contextlib.contextmanager
+def _runtime_failure(where: Sequence[str]) -> Iterator[None]:
+    """ONNX Runtime failing on a batch of the records at `where` ("path: line N", in file order) as one
+    line naming the first, exit 1, as the batch commands say it (export/batch.py's RuntimeFailure):
+    it had ended `kerasllm evaluate` in a traceback (seen with a manifest whose max_length promised
+    more positions than the graph has). No retry: the same batch fails the same way."""
+    try:
+        yield
+    except Exception as err:
+        from kerasllm.export.batch import _raised_by_onnxruntime  # noqa: PLC0415
+
+        if not _raised_by_onnxruntime(err):
+            raise
+        from kerasllm.export.runtime import ort_message  # noqa: PLC0415 (ONNX Runtime is loaded)
+
+        others = len(where) - 1
+        batch = f" (and {others} other record{'s' if others > 1 else ''} of its batch)" if others else ""
+        raise KerasLLMError(f"{where[0]}{batch}: ONNX Runtime failed running the model "
+                            f"({ort_message(err)})") from None
+
+
 def _by_length(sequences, batch_size):
     """Batches of indices, shortest first (little padding); results are put back by index."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -111,7 +133,8 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
     sequences = _checked(predictor, rows, warn=warn)
     predictions = np.zeros(len(rows), dtype=np.int64)
     for indices in _by_length(sequences, batch_size):
-        logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
+        with _runtime_failure([rows[i].where for i in sorted(indices)]):
+            logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
         predictions[indices] = np.argmax(logits, axis=-1)
     return {"count": len(rows), "accuracy": metrics.accuracy(references, predictions),
             "macro_f1": metrics.macro_f1(references, predictions, num_labels=len(labels))}
@@ -137,7 +160,9 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
     sentences = _checked(predictor, rows, truncate="error", warn=warn, hint=None)  # (evaluate has no --truncate)
     predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
     for indices in _by_length(sentences, batch_size):
-        for i, probabilities in zip(indices, predictor.word_probabilities([sentences[i] for i in indices])):
+        with _runtime_failure([rows[i].where for i in sorted(indices)]):
+            probabilities_of = predictor.word_probabilities([sentences[i] for i in indices])
+        for i, probabilities in zip(indices, probabilities_of):
             predictions[i] = probabilities.argmax(-1)
     y_true, y_pred = np.concatenate(references), np.concatenate(predictions)
     result = {"count": len(rows), "words": int(y_true.size), "accuracy": metrics.accuracy(y_true, y_pred),
@@ -167,7 +192,8 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
         by_row.setdefault(row, []).append((position, original))
     nll = []
     for indices in _by_length(masked, batch_size):
-        logits = predictor.outputs([masked[i] for i in indices], ["logits"])["logits"]
+        with _runtime_failure([rows[i].where for i in sorted(indices)]):
+            logits = predictor.outputs([masked[i] for i in indices], ["logits"])["logits"]
         for k, i in enumerate(indices):
             for position, original in by_row.get(i, []):
                 nll.append(float(metrics.token_nll(logits[k, position], np.asarray(original))))
@@ -195,9 +221,13 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
     rows = read_rows(data, text_field, fmt=fmt)
     predictor = load_predictor("generate", source, device=device)
     context = min(predictor.trained_seq_len or predictor.max_length, predictor.max_length)
-    windows = [w for row in rows for w in context_windows(predictor.tokenizer.encode(row.text), context)]
+    windows, where = [], []  # each window, and the record it is of
+    for row in rows:
+        for window in context_windows(predictor.tokenizer.encode(row.text), context):
+            windows.append(window)
+            where.append(row.where)
     with flush_denormals():  # a bundle's ORT kernels run on this thread (see runtime.flush_denormals)
-        nll = _causal_nll(predictor, windows, batch_size)
+        nll = _causal_nll(predictor, windows, batch_size, where)
     if not nll:
         raise DataError(f"{data}: no record has two tokens (nothing to predict)")
     return {"count": len(rows), "predicted_tokens": len(nll), "context": context,
@@ -221,9 +251,9 @@ def context_windows(tokens: list[int], context: int) -> list[tuple[list[int], in
         done, end = end, min(end + stride, len(tokens))
 
 
-def _causal_nll(predictor, windows: list[tuple[list[int], int]], batch_size: int) -> list[float]:
+def _causal_nll(predictor, windows: list[tuple[list[int], int]], batch_size: int, where: list[str]) -> list[float]:
     """Negative log-likelihoods of each window's last `scored` tokens, in left-padded batches of
-    similar lengths."""
+    similar lengths; `where` names each window's record (`_runtime_failure`)."""
     nll: list[float] = []
     for indices in _by_length([tokens for tokens, _ in windows], batch_size):
         batch = [windows[i] for i in indices]
@@ -232,7 +262,8 @@ def _causal_nll(predictor, windows: list[tuple[list[int], int]], batch_size: int
         mask = np.zeros((len(batch), width), np.int64)
         for k, (tokens, _) in enumerate(batch):
             ids[k, width - len(tokens):], mask[k, width - len(tokens):] = tokens, 1
-        logits, _ = predictor.step(ids, mask, None)
+        with _runtime_failure(list(dict.fromkeys(where[i] for i in sorted(indices)))):  # each record once
+            logits, _ = predictor.step(ids, mask, None)
         for k, (tokens, scored) in enumerate(batch):
             # logits at position p predict the token at p + 1: the last `scored` targets.
             predicted = logits[k, width - 1 - scored:width - 1]
