@@ -33,7 +33,7 @@ import numpy as np
 from kerasllm.errors import KerasLLMError, UsageError
 from kerasllm.export.batch import TASK_DEFAULTS, plan_batches
 from kerasllm.export.generate import check_token_ids
-from kerasllm.export.predict import RecordError, kept_end, trained_seq_len
+from kerasllm.export.predict import RecordError, check_labels, kept_end, trained_seq_len
 from kerasllm.tokenizers import token_count
 from kerasllm.export.word_pieces import TRUNCATE_HINT, WordPieces, align_words
 
@@ -218,9 +218,12 @@ def _bundle(path: Path, task: str, device: str | None = None, threads: int | Non
     bundle = load_bundle(path)
     if bundle.family != "encoder":
         raise UsageError(f"{path}: a {bundle.family} bundle cannot {task} (needs an encoder bundle)")
+    labels = bundle.manifest.get("labels")
+    if labels is not None:  # (a model dir's are checked as its config.json is read)
+        check_labels(labels, path / "manifest.json")
     session = bundle.open_session("model", device, threads)
-    return session_predictor(session, task, bundle.task, bundle.tokenizer(), bundle.config,
-                             bundle.manifest.get("labels"), path, train=bundle.manifest.get("train"))
+    return session_predictor(session, task, bundle.task, bundle.tokenizer(), bundle.config, labels, path,
+                             train=bundle.manifest.get("train"))
 
 
 def session_predictor(session, task: str, model_task: str, tokenizer, config: dict, labels: Sequence[str] | None,

@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from kerasllm.errors import KerasLLMError, UsageError
+from kerasllm.errors import BundleError, KerasLLMError, UsageError
 
 
 # Optional key in a generate/translate result: how many tokens were generated for it. The
@@ -104,10 +104,82 @@ def source_kind(path: str | Path) -> str:
 
 
 def source_task(path: str | Path) -> str:
-    """The task recorded in a bundle's manifest or a model directory's config.json."""
+    """The task recorded in a bundle's manifest or a model directory's config.json: a malformed file
+    is the one line the other commands give, not a KeyError or JSONDecodeError traceback from
+    `kerasllm evaluate`, which asks first."""
     path = Path(path)
-    name = "manifest.json" if source_kind(path) == "bundle" else "config.json"
-    return json.loads((path / name).read_text(encoding="utf-8"))["task"]
+    if source_kind(path) == "bundle":
+        return _manifest_task(path / "manifest.json")
+    return read_run_config(path)["task"]
+
+
+def _manifest_task(file: Path) -> str:
+    """The `task` of a bundle's manifest, with load_bundle's messages for a manifest that is not JSON,
+    not an object, or has no task. Only the task: the rest is checked where the bundle loads, after
+    the checks of the command's own options (`kerasllm evaluate` of a seq2seq model on a file
+    without pairs is refused before the model loads)."""
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise BundleError(f"{file}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise BundleError(f"{file}: cannot be read ({err.strerror or err})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{file}: expected a JSON object")
+    if "task" not in manifest:
+        raise BundleError(f"{file}: incomplete manifest, missing task")
+    if not isinstance(manifest["task"], str):
+        raise BundleError(f"{file}: task must be a string, got {json.dumps(manifest['task'])[:100]}")
+    return manifest["task"]
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """A model directory's DIR/config.json, as `kerasllm train` writes it: a JSON object with a string
+    `task`, an object `model` (the family config; `config_from_dict` checks its fields where the model
+    loads), and where present an object `train` and `labels` (`check_labels`).
+
+    Here, with no TensorFlow, because the serving side reads it too (`source_task`); training.py's
+    `read_run_config` is this one. A file that cannot be read is a UsageError, as it always was; a
+    readable one of the wrong shape is one line naming it (exit 1), not a KeyError or
+    AttributeError traceback wherever a key was first read.
+    """
+    file = Path(path) / "config.json"
+    try:
+        run = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise UsageError(f"{file}: cannot be read ({err})") from None
+    if not isinstance(run, dict):
+        raise KerasLLMError(f"{file}: expected a JSON object, got {_json_type(run)}")
+    for key, kind, required in (("task", str, True), ("model", dict, True), ("train", dict, False)):
+        if key not in run:
+            if required:
+                raise KerasLLMError(f"{file}: no {key!r} (not a config.json that kerasllm train wrote?)")
+        elif not isinstance(run[key], kind):
+            raise KerasLLMError(f"{file}: {key!r} must be {'a string' if kind is str else 'a JSON object'}, "
+                                f"got {_json_type(run[key])}")
+    if "labels" in run:
+        check_labels(run["labels"], file)
+    return run
+
+
+def check_labels(labels: Any, where: str | Path) -> None:
+    """Label (tag) names by output id: a list of distinct strings. A name given twice had passed,
+    and `classify` then reported one output's probability under the other's name (the scores are
+    a dict by name), and `tag` wrote tags that cannot be told apart."""
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise KerasLLMError(f"{where}: labels must be a list of label names, got {json.dumps(labels)[:100]}")
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise KerasLLMError(f"{where}: labels: {label!r} appears twice (each output needs its own name)")
+        seen.add(label)
+
+
+def _json_type(value: Any) -> str:
+    """How JSON names the type of a parsed value (for messages)."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")
 
 
 def load_predictor(task: str, source: str | Path, **kwargs: Any) -> Predictor:

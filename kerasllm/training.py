@@ -25,12 +25,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import keras
 
 from kerasllm.atomic import worker_scratch_dir, write_json_atomic  # noqa: F401 - the recipes' import
 from kerasllm.errors import KerasLLMError, UsageError
+# DIR/config.json, read and checked without TensorFlow: the serving side reads it too.
+from kerasllm.export.predict import read_run_config  # noqa: F401 - the recipes' import
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -110,14 +112,6 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
-
-
-def read_run_config(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / CONFIG_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: cannot be read ({err})") from None
 
 
 def save_model_atomic(model: keras.Model, out: Path) -> Path:
