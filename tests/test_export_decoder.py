@@ -535,15 +535,15 @@ def test_tampered_or_incomplete_bundles_are_refused(bundle_dir, tmp_path, run_cl
     data = bytearray((tampered / "model.onnx").read_bytes())
     data[-100] ^= 0xFF
     (tampered / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="model.onnx does not match its sha256"):
+    with pytest.raises(BundleError, match="'model.onnx' does not match its sha256"):
         load_bundle(tampered)
     (tmp_path / "prompts.txt").write_text("Anna\n")
     result = run_cli("generate", tampered, "--input", tmp_path / "prompts.txt", "--output", tmp_path / "o.jsonl")
-    assert result.code == 1 and "model.onnx does not match its sha256" in result.err
+    assert result.code == 1 and "'model.onnx' does not match its sha256" in result.err
     incomplete = tmp_path / "incomplete"
     shutil.copytree(bundle_dir, incomplete)
     (incomplete / "tokenizer.json").unlink()
-    with pytest.raises(BundleError, match="incomplete bundle, tokenizer.json is missing"):
+    with pytest.raises(BundleError, match="incomplete bundle, 'tokenizer.json' is missing"):
         load_bundle(incomplete)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     del manifest["graphs"]
