@@ -215,6 +215,13 @@ class Bundle:
         if self.external_data.get(role):
             if graph is not None:
                 raise ValueError(f"graph {role!r} keeps its weights in external data: open it by path")
+            try:
+                os.fsdecode(self.graph_path(role)).encode("utf-8")
+            except UnicodeEncodeError:
+                # ONNX Runtime takes a path as UTF-8 text (runtime.create_session opens a graph in such a
+                # directory from its bytes), and from bytes it would look for the data in the working directory.
+                raise BundleError(f"{self.path}: graph {role!r} keeps its weights in external data, which ONNX Runtime "
+                                  "reads only from a directory whose path is UTF-8: move the bundle") from None
             for name in self.graph_files(role):
                 self.read(name)  # (re-verified at open, see above; not kept)
         elif graph is None:
@@ -566,13 +573,13 @@ def check_graph(bundle: Bundle, role: str, inputs: Sequence[Any], outputs: Seque
         logits = "num_labels"
     else:
         logits = "target_vocab_size" if seq2seq and config.get("target_vocab_size") else "vocab_size"
-    for name, field in (("logits", logits), ("embeddings", "hidden_dim")):
-        arg, size = graph["output"].get(name), config.get(field)
+    for name, config_field in (("logits", logits), ("embeddings", "hidden_dim")):
+        arg, size = graph["output"].get(name), config.get(config_field)
         if arg is None or not isinstance(size, int) or not isinstance(arg.shape, list):
             continue
         if not _matches(arg, None, [None] * (len(arg.shape) - 1) + [size]):
             raise BundleError(f"{file}: the graph's output {name!r} is {_show(arg.type, arg.shape)}, but the config's "
-                              f"{field} is {size}")
+                              f"{config_field} is {size}")
     past = [arg for name, arg in graph["input"].items() if name.startswith("past_key_values.")]
     if past and bundle.family in ("decoder", "seq2seq"):
         layers = (config.get("num_decoder_layers") or config["num_layers"]) if seq2seq else config["num_layers"]

@@ -168,6 +168,19 @@ def test_external_data_is_read_from_the_bundle_never_the_working_directory(run_c
     assert out.read_text() == expected
 
 
+def test_external_data_in_a_directory_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path):
+    """ONNX Runtime takes paths as UTF-8: such a graph was opened from its bytes, and its external
+    data then looked for in the working directory."""
+    _external(make_bundle(tmp_path / "cafe" / "bundle"))  # (onnx cannot save there itself)
+    parent = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    os.rename(tmp_path / "cafe", parent)
+    bundle = load_bundle(parent / "bundle")
+    with pytest.raises(BundleError) as err:
+        bundle.open_session("model", "cpu")
+    assert str(err.value) == (f"{bundle.path}: graph 'model' keeps its weights in external data, which ONNX Runtime "
+                              "reads only from a directory whose path is UTF-8: move the bundle")
+
+
 def test_unlisted_external_data_is_refused(run_cli, tmp_path):
     bundle = _external(make_bundle(tmp_path / "bundle"), listed=False)
     assert _refused(run_cli, bundle, tmp_path) == (f"kerasllm: error: {bundle / 'manifest.json'}: 'w.bin', the external "
