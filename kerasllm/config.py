@@ -305,7 +305,7 @@ CONFIG_CLASSES: dict[str, type[TransformerConfig]] = {
 def config_from_dict(values: dict[str, Any]) -> TransformerConfig:
     """Rebuild a config of any family from `to_dict()` output."""
     family = values.get("family")
-    if family not in CONFIG_CLASSES:
+    if not isinstance(family, str) or family not in CONFIG_CLASSES:  # (a list is no key: TypeError, not False)
         raise UsageError(f"config: unknown family {family!r} (choose from {', '.join(CONFIG_CLASSES)})")
     return CONFIG_CLASSES[family].from_dict(values)
 

@@ -542,7 +542,7 @@ def started_by_this_command(out, task: str, args, options: DistributeArgs) -> bo
         return False
     try:
         saved = read_run_config(out)
-    except UsageError:  # unreadable: prepare_run_dir refuses the directory as before
+    except KerasLLMError:  # unreadable or malformed: prepare_run_dir refuses the directory as before
         return False
     if not isinstance(saved, dict):
         return False

@@ -135,3 +135,12 @@ def test_numpy_numbers_are_accepted_as_python_numbers():
         DecoderConfig(vocab_size=np.int64(0))
     with pytest.raises(UsageError, match=r"vocab_size must be a positive integer, got 64.0"):
         DecoderConfig(vocab_size=np.float64(64))
+
+
+def test_a_family_that_is_not_a_name_is_one_line():
+    """A hand-edited config.json's "family": ["decoder"] had been a TypeError traceback (unhashable)."""
+    from kerasllm.config import config_from_dict
+    from kerasllm.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^config: unknown family \['decoder'\] \(choose from decoder, encoder, seq2seq\)$"):
+        config_from_dict({"family": ["decoder"]})

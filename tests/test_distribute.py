@@ -254,6 +254,10 @@ def test_a_restarted_job_takes_back_a_run_dir_its_own_command_started(tmp_path):
     assert not started_by_this_command(out, "masked-lm", args, options)
     assert not started_by_this_command(out, "causal-lm", args,
                                        DistributeArgs(strategy="multi-worker", precision="mixed_bfloat16"))
+    for malformed in ({**config, "model": "x"}, {**config, "train": [1]}, [config]):  # the directory is refused later
+        (out / "config.json").write_text(json.dumps(malformed))
+        assert not started_by_this_command(out, "causal-lm", args, options)
+    (out / "config.json").write_text(json.dumps(config))
     (out / "model.keras").write_text("finished")
     assert not started_by_this_command(out, "causal-lm", args, options)
 
