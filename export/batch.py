@@ -199,6 +199,25 @@ class RuntimeFailure(KerasLLMError):
         self.positions = positions
 
 
+@contextmanager
+def runtime_failure(where: Sequence[str]) -> Iterator[None]:
+    """ONNX Runtime failing on a batch of the records at `where` ("path: line N", in file order) as one
+    line naming the first (KerasLLMError, exit 1), as the batch commands say it (`RuntimeFailure`):
+    it had ended `kerasllm evaluate` in a traceback (seen with a manifest whose max_length promised
+    more positions than the graph has). No retry: the same batch fails the same way."""
+    try:
+        yield
+    except Exception as err:
+        if not _raised_by_onnxruntime(err):
+            raise
+        from kerasllm.export.runtime import ort_message  # noqa: PLC0415 (ONNX Runtime is loaded)
+
+        others = len(where) - 1
+        batch = f" (and {others} other record{'s' if others > 1 else ''} of its batch)" if others else ""
+        raise KerasLLMError(f"{where[0]}{batch}: ONNX Runtime failed running the model "
+                            f"({ort_message(err)})") from None
+
+
 def _raised_by_onnxruntime(err: Exception) -> bool:
     if "onnxruntime" not in sys.modules:  # a model dir's job, on Keras
         return False

@@ -325,6 +325,7 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
                      max_new_tokens: int | None = None, **_: Any) -> dict:
     """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets."""
     from kerasllm import metrics  # noqa: PLC0415
+    from kerasllm.export.batch import runtime_failure  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
     from kerasllm.pairs import read_pairs  # noqa: PLC0415
 
@@ -340,8 +341,11 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
     new = max_new_tokens or predictor.max_length - 1
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # little padding per batch
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    results = predictor.predict_batches([[sources[i] for i in indices] for indices in batches], max_new_tokens=new)
-    for indices, batch_results in zip(batches, results):
+    results = iter(predictor.predict_batches([[sources[i] for i in indices] for indices in batches],
+                                             max_new_tokens=new))
+    for indices in batches:
+        with runtime_failure([pairs[i].where("source") for i in sorted(indices)]):
+            batch_results = next(results)
         for i, result in zip(indices, batch_results):
             hypotheses[i] = result["output"]
     references = [p.target for p in pairs]

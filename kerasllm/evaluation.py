@@ -15,16 +15,16 @@ and a bad record (unreadable, missing field, unknown label) is a DataError namin
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from kerasllm import metrics
-from kerasllm.errors import DataError, KerasLLMError, UsageError
+from kerasllm.errors import DataError, UsageError
+from kerasllm.export.batch import runtime_failure
 
 log = logging.getLogger("kerasllm")
 
@@ -91,27 +91,6 @@ def _checked(predictor, rows, truncate: str = "right", warn: Callable[[str], Non
     return sequences
 
 
-@contextlib.contextmanager
-def _runtime_failure(where: Sequence[str]) -> Iterator[None]:
-    """ONNX Runtime failing on a batch of the records at `where` ("path: line N", in file order) as one
-    line naming the first, exit 1, as the batch commands say it (export/batch.py's RuntimeFailure):
-    it had ended `kerasllm evaluate` in a traceback (seen with a manifest whose max_length promised
-    more positions than the graph has). No retry: the same batch fails the same way."""
-    try:
-        yield
-    except Exception as err:
-        from kerasllm.export.batch import _raised_by_onnxruntime  # noqa: PLC0415
-
-        if not _raised_by_onnxruntime(err):
-            raise
-        from kerasllm.export.runtime import ort_message  # noqa: PLC0415 (ONNX Runtime is loaded)
-
-        others = len(where) - 1
-        batch = f" (and {others} other record{'s' if others > 1 else ''} of its batch)" if others else ""
-        raise KerasLLMError(f"{where[0]}{batch}: ONNX Runtime failed running the model "
-                            f"({ort_message(err)})") from None
-
-
 def _by_length(sequences, batch_size):
     """Batches of indices, shortest first (little padding); results are put back by index."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -133,7 +112,7 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
     sequences = _checked(predictor, rows, warn=warn)
     predictions = np.zeros(len(rows), dtype=np.int64)
     for indices in _by_length(sequences, batch_size):
-        with _runtime_failure([rows[i].where for i in sorted(indices)]):
+        with runtime_failure([rows[i].where for i in sorted(indices)]):
             logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
         predictions[indices] = np.argmax(logits, axis=-1)
     return {"count": len(rows), "accuracy": metrics.accuracy(references, predictions),
@@ -160,7 +139,7 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
     sentences = _checked(predictor, rows, truncate="error", warn=warn, hint=None)  # (evaluate has no --truncate)
     predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
     for indices in _by_length(sentences, batch_size):
-        with _runtime_failure([rows[i].where for i in sorted(indices)]):
+        with runtime_failure([rows[i].where for i in sorted(indices)]):
             probabilities_of = predictor.word_probabilities([sentences[i] for i in indices])
         for i, probabilities in zip(indices, probabilities_of):
             predictions[i] = probabilities.argmax(-1)
@@ -192,7 +171,7 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
         by_row.setdefault(row, []).append((position, original))
     nll = []
     for indices in _by_length(masked, batch_size):
-        with _runtime_failure([rows[i].where for i in sorted(indices)]):
+        with runtime_failure([rows[i].where for i in sorted(indices)]):
             logits = predictor.outputs([masked[i] for i in indices], ["logits"])["logits"]
         for k, i in enumerate(indices):
             for position, original in by_row.get(i, []):
@@ -253,7 +232,7 @@ def context_windows(tokens: list[int], context: int) -> list[tuple[list[int], in
 
 def _causal_nll(predictor, windows: list[tuple[list[int], int]], batch_size: int, where: list[str]) -> list[float]:
     """Negative log-likelihoods of each window's last `scored` tokens, in left-padded batches of
-    similar lengths; `where` names each window's record (`_runtime_failure`)."""
+    similar lengths; `where` names each window's record (`runtime_failure`)."""
     nll: list[float] = []
     for indices in _by_length([tokens for tokens, _ in windows], batch_size):
         batch = [windows[i] for i in indices]
@@ -262,7 +241,7 @@ def _causal_nll(predictor, windows: list[tuple[list[int], int]], batch_size: int
         mask = np.zeros((len(batch), width), np.int64)
         for k, (tokens, _) in enumerate(batch):
             ids[k, width - len(tokens):], mask[k, width - len(tokens):] = tokens, 1
-        with _runtime_failure(list(dict.fromkeys(where[i] for i in sorted(indices)))):  # each record once
+        with runtime_failure(list(dict.fromkeys(where[i] for i in sorted(indices)))):  # each record once
             logits, _ = predictor.step(ids, mask, None)
         for k, (tokens, scored) in enumerate(batch):
             # logits at position p predict the token at p + 1: the last `scored` targets.

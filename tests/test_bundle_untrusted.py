@@ -358,3 +358,23 @@ def test_a_seq2seq_max_length_past_its_position_table_is_refused_at_load(seq2seq
     with pytest.raises(BundleError, match=r"config: max_length 4000000 is more than the 32 positions of the graph's "
                                           r"position table \((de|en)coder\.onnx\)$"):
         load_bundle(bundle)
+
+
+def test_seq2seq_evaluate_says_an_onnxruntime_failure_in_one_line(seq2seq_bundle, tmp_path, run_cli, monkeypatch):
+    """As the other families' evaluations (test_modeldir_untrusted): ONNX Runtime failing on a batch had
+    ended `kerasllm evaluate` of a seq2seq bundle in a traceback."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    def fail(*args, **kwargs):
+        raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : indices element out of data bounds\nmore")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", fail)
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run_with_iobinding", fail)
+    data = tmp_path / "pairs.tsv"
+    data.write_text("source\ttarget\nseven\t7\ntwenty one\t21\n", encoding="utf-8")
+    result = run_cli("evaluate", seq2seq_bundle, "--data", data)
+    assert result.code == 1 and "Traceback" not in result.err, result
+    assert result.err.splitlines() == [
+        f"kerasllm: error: {data}: line 2 (and 1 other record of its batch): ONNX Runtime failed running the model "
+        "([ONNXRuntimeError] : 2 : INVALID_ARGUMENT : indices element out of data bounds)"], result.err
