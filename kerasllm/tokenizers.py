@@ -18,6 +18,8 @@ spellings as the special tokens: their unigram model holds them as pieces that w
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -25,6 +27,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kerasllm.errors import DataError, KerasLLMError, UsageError
+
+log = logging.getLogger("kerasllm")
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<mask>", "<sep>"]
 PAD, UNK, BOS, EOS, MASK, SEP = SPECIAL_TOKENS
@@ -40,8 +44,45 @@ VOCAB_SIZE = "vocab_size (--vocab-size)"
 TOKENIZER_FILE = "tokenizer.json"
 # A seq2seq model's target tokenizer, beside TOKENIZER_FILE, where its target has a vocabulary of its own.
 TARGET_TOKENIZER_FILE = "target_tokenizer.json"
-# Texts per call of the `tokenizers` library in `encode_batch` (it still spreads each call over the cores).
+# Texts per call of the `tokenizers` library in `encode_batch` (it still spreads each call over the cores),
+# and characters: while a call runs, each character costs ~370 bytes (its Encoding: ids, offsets,
+# token strings, masks), so 8192 records of 10 kB each had asked for ~30 GB at once.
 ENCODE_CHUNK = 8192
+ENCODE_CHARS = 1 << 20
+# A text longer than this is encoded, and given to a bpe/unigram trainer, in pieces of about this
+# size (`text_pieces`): whole, one 30 MB line had peaked at 12 GB when encoded (a masked-LM
+# record) and at 3.4 GB in training, where the same text as lines took 0.46 and 0.39 GB.
+PIECE_CHARS = 1 << 18
+
+# Where `text_pieces` cuts: before a space that follows a printable ASCII character (the rule of
+# kerasllm.data.text_blocks, whose docstring says why every kind gives the same ids there).
+_CLEAN_CUT = re.compile(r"[\x21-\x7e](?= )")
+
+
+def text_pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters, cut as `kerasllm.data.text_blocks` cuts a file
+    (on str here, where it works on bytes): before a space after a printable ASCII character in the
+    last half of a piece, else after its last newline there, else at `size`. At the first kind of cut
+    every tokenizer kind gives the pieces the ids of the whole. `size`: `PIECE_CHARS` by default."""
+    size = size or PIECE_CHARS
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        half = start + size // 2
+        cut = None
+        for cut in _CLEAN_CUT.finditer(text, max(half, end - (1 << 12)), end):
+            pass
+        if cut is None:
+            for cut in _CLEAN_CUT.finditer(text, half, end):
+                pass
+        if cut is not None:
+            end = cut.end()
+        else:
+            newline = text.rfind("\n", half, end)
+            end = newline + 1 if newline >= 0 else end
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 class TextTokenizer:
@@ -120,6 +161,9 @@ class TextTokenizer:
                                               show_progress=False)
             chars: set[str] = set()
             texts = _recording_chars(texts, chars)
+        # The trainers pre-tokenize each text whole, several at a time: a corpus read in 16 MB blocks
+        # (or a record of 30 MB) had peaked at 3.4-4 GB, against 0.4 GB in pieces.
+        texts = (piece for text in texts for piece in (text_pieces(text) if len(text) > PIECE_CHARS else (text,)))
         try:
             tokenizer.train_from_iterator(texts, trainer=trainer)
         except Exception as err:  # the Rust side raises a bare Exception
@@ -129,6 +173,12 @@ class TextTokenizer:
         if kind == "unigram" and tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
             # Between the characters' count and the minimum, the trainer returned more tokens than asked.
             raise _unigram_too_small(vocab_size, chars)
+        learned = tokenizer.get_vocab_size(with_added_tokens=True)
+        if kind != "byte" and learned < vocab_size:
+            # The trainers stop where the texts give no more merges or pieces, without a word: a model
+            # then had another vocabulary than asked (a later --init-from sized for it, a comparison).
+            log.warning("%s %d is more than the data gives: the tokenizer has %d tokens", VOCAB_SIZE, vocab_size,
+                        learned)
         return cls(tokenizer)
 
     # -- files ------------------------------------------------------------------------------
@@ -212,6 +262,8 @@ class TextTokenizer:
 
     # -- text <-> ids -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if len(text) > PIECE_CHARS:
+            return self.encode_batch([text])[0]
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -301,11 +353,30 @@ class TextTokenizer:
         return 2 * (max_tokens + 1) * self._longest_token + 256
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # `ENCODE_CHUNK` texts per call of the library: each text's Encoding (ids, offsets, token
-        # strings, masks) is dropped once its ids are taken, rather than a corpus' all held at once.
-        texts = list(texts)
-        return [encoding.ids for start in range(0, len(texts), ENCODE_CHUNK)
-                for encoding in self.tokenizer.encode_batch(texts[start:start + ENCODE_CHUNK], add_special_tokens=False)]
+        """The ids of each text. At most `ENCODE_CHUNK` texts and about `ENCODE_CHARS` characters per
+        call of the library, a text longer than `PIECE_CHARS` in pieces (`text_pieces`): each Encoding
+        (ids, offsets, token strings, masks) is dropped once its ids are taken, so memory stays bounded
+        whatever the texts' number and lengths."""
+        pieces: list[str] = []  # every text's pieces, in order
+        owners: list[int] = []  # the text each piece is of
+        count = 0
+        for count, text in enumerate(texts, 1):
+            for piece in text_pieces(text) if len(text) > PIECE_CHARS else (text,):
+                pieces.append(piece)
+                owners.append(count - 1)
+        ids: list[list[int]] = [[] for _ in range(count)]
+        start = 0
+        while start < len(pieces):
+            end, chars = start + 1, len(pieces[start])
+            while end < len(pieces) and end - start < ENCODE_CHUNK and chars + len(pieces[end]) <= ENCODE_CHARS:
+                chars += len(pieces[end])
+                end += 1
+            encodings = self.tokenizer.encode_batch(pieces[start:end], add_special_tokens=False)
+            for owner, encoding in zip(owners[start:end], encodings):
+                ids[owner].extend(encoding.ids)
+            del encodings
+            start = end
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`; ValueError naming an id outside `0 .. vocab_size - 1` (the library

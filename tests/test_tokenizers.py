@@ -210,3 +210,96 @@ def test_a_huge_text_is_not_tokenized_whole_to_keep_its_start(every_kind, kind, 
     [(batch, batch_whole)] = tok.encode_batch_bounded([huge], 63)
     assert not whole and not batch_whole and len(ids) > 63 and batch[:63] == ids[:63]
     assert max(spy_lengths) < 20_000, spy_lengths
+
+
+class _CallRecorder:
+    """A `tokenizers.Tokenizer` stand-in that records the texts of each encode_batch call."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.calls = tokenizer, []
+
+    def encode_batch(self, texts, **kwargs):
+        self.calls.append([len(text) for text in texts])
+        return self._tokenizer.encode_batch(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+def test_long_texts_are_encoded_in_bounded_pieces_with_the_whole_texts_ids(every_kind, kind, monkeypatch):
+    """A text was encoded whole, and 8192 texts per call whatever their length: one 30 MB record
+    (masked-LM pretraining, evaluation) peaked at 12 GB (~370 bytes a character while encoded)."""
+    import random
+
+    from kerasllm import tokenizers
+
+    monkeypatch.setattr(tokenizers, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(tokenizers, "ENCODE_CHARS", 3000)
+    tok = every_kind[kind]
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (2000, 3, 0, 700, 5)]
+    texts.append("t" * 2500 + "\n" + "h" * 10)  # no space to cut at: cut at the size
+    whole = [encoding.ids for encoding in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    recorder = _CallRecorder(tok.tokenizer)
+    monkeypatch.setattr(tok, "tokenizer", recorder)
+    encoded = tok.encode_batch(texts)
+    assert encoded[:5] == whole[:5]  # cut before spaces: the same ids
+    assert tok.decode(encoded[5]) == texts[5]
+    assert max(max(call) for call in recorder.calls) <= 1000
+    assert all(sum(call) <= 3000 or len(call) == 1 for call in recorder.calls), recorder.calls
+    assert tok.encode(texts[0]) == whole[0]
+
+
+def test_text_pieces_cover_the_text_within_the_size():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kerasllm.tokenizers import text_pieces
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(alphabet=st.sampled_from("ab ,.\n\u00e9\U0001f600"), max_size=300), st.integers(1, 40))
+    def check(text, size):
+        pieces = list(text_pieces(text, size))
+        assert "".join(pieces) == text
+        assert all(len(piece) <= size for piece in pieces)
+        assert all(pieces[:-1])  # no empty piece but a last one of an empty text
+
+    check()
+
+
+def test_a_long_text_reaches_the_trainer_in_pieces(monkeypatch):
+    """The bpe/unigram trainers pre-tokenize each text whole: a corpus read in 16 MB blocks, or one
+    long record, had peaked at 3.4-4 GB where the same text in pieces took 0.4 GB."""
+    from kerasllm import tokenizers
+
+    cut = []
+
+    def recorded(text, size=None):
+        pieces = list(text_pieces(text, 500))
+        cut.append([len(piece) for piece in pieces])
+        return iter(pieces)
+
+    text_pieces = tokenizers.text_pieces
+    monkeypatch.setattr(tokenizers, "PIECE_CHARS", 500)
+    monkeypatch.setattr(tokenizers, "text_pieces", recorded)
+    long = TEXT * 5
+    for kind in ("bpe", "unigram"):
+        cut.clear()
+        tok = TextTokenizer.train([long, "short text"], kind=kind, vocab_size=300 if kind == "bpe" else 60)
+        assert len(cut) == 1 and len(cut[0]) > 1 and max(cut[0]) <= 500, cut
+        assert tok.decode(tok.encode(long)) == long
+
+
+def test_a_vocabulary_the_data_cannot_fill_is_said(caplog):
+    """Asked for 100000 tokens, bpe and unigram had given a few hundred without a word."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kerasllm"):
+        for kind in ("bpe", "unigram"):
+            tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=100000)
+            assert f"vocab_size (--vocab-size) 100000 is more than the data gives: the tokenizer has {tok.vocab_size} " \
+                   "tokens" in caplog.messages, caplog.messages
+        caplog.clear()
+        TextTokenizer.train([TEXT], kind="bpe", vocab_size=300)
+    assert not caplog.messages
