@@ -155,6 +155,10 @@ load; seeded sampling's per-batch seeds, which greedy and beam search do not tak
     before: greedy: Keras 438.1 | bundle 1003.4 2.29x;  beam 4: Keras  96.9 | bundle 303.2 3.13x, 64/64 identical
     after:  greedy: Keras 447.9 | bundle 1011.2 2.26x;  beam 4: Keras 109.2 | bundle 335.4 3.07x, 64/64 identical
 
+2026-12-07, seventeenth session (same machine), nothing else running, no decoding change, `--keep` the grouped
+bundle, `--repeats 5`:
+    greedy: Keras 405.7 | bundle 1014.9 2.50x;  beam 4: Keras 110.0 | bundle 321.5 2.92x, 64/64 identical
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

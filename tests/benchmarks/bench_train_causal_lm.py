@@ -490,6 +490,17 @@ is met in that run, not in the first (nor in most runs since 2026-12-06).
     keras-hub GPT2Backbone         25.9     21,631         1.47x         1.00x
     nanoGPT (PyTorch)              17.7     16,437         1.00x         0.76x
       per repeat: tok/s vs hub 1.22x 1.19x 1.17x; tok/s vs nanoGPT 1.59x 1.61x 1.27x; wall 0.92x 0.84x 0.98x
+
+2026-12-07, seventeenth session, same machine, no change to the causal LM's step, `--steps 300 --repeats 3`
+(a 3-second Python import of Keras ran beside the first repeat):
+
+    kerasllm                       17.4     22,520         0.96x         1.10x
+    keras-hub GPT2Backbone         28.2     20,559         1.56x         1.00x
+    nanoGPT (PyTorch)              18.0     16,389         1.00x         0.80x
+      per repeat: tok/s vs hub 1.10x 1.22x 1.14x; tok/s vs nanoGPT 1.37x 1.62x 1.19x; wall 1.04x 0.86x 1.00x
+
+tokens/s 1.37x nanoGPT (goal >= 1x met), 1.14x keras-hub in the median repeat (goal 1.3x not met), wall
+0.96x nanoGPT (goal <= 1.2x met).
 """
 
 from __future__ import annotations
