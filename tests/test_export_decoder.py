@@ -1042,6 +1042,26 @@ def test_evaluate_gives_the_same_perplexity_from_the_bundle_and_the_model_dir(bu
     assert evaluate(bundle_dir, scrambled)["perplexity"] > from_bundle["perplexity"] * 1.2
 
 
+def test_a_causal_lm_is_evaluated_a_bounded_part_at_a_time(bundle_dir, corpus_file, tmp_path, monkeypatch):
+    """Every window and every token's loss of the file had been held to the end (2.8 GB for 40 MB of
+    text): the windows are now scored `EVAL_WINDOW_TOKENS` at a time, the losses summed as they come."""
+    from kerasllm import evaluation
+
+    lines = [line for line in Path(corpus_file).read_text().splitlines() if line.strip()][:40]
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(lines) + "\n")
+    whole = evaluation.evaluate(bundle_dir, held, batch_size=8)
+    scored = []
+    original = evaluation._causal_nll
+    monkeypatch.setattr(evaluation, "_causal_nll", lambda predictor, windows, *args: scored.append(len(windows))
+                        or original(predictor, windows, *args))
+    monkeypatch.setattr(evaluation, "EVAL_WINDOW_TOKENS", 100)
+    parts = evaluation.evaluate(bundle_dir, held, batch_size=8)
+    assert len(scored) > 5 and max(scored) < sum(scored) / 3, scored
+    assert parts["predicted_tokens"] == whole["predicted_tokens"] and parts["count"] == whole["count"] == 40
+    assert parts["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+
+
 @settings(max_examples=200, deadline=None)
 @given(length=st.integers(0, 300), context=st.integers(1, 100))
 def test_context_windows_predict_every_token_once_within_the_context(length, context):
