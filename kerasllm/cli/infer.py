@@ -218,9 +218,6 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             click.echo(f"kerasllm: interrupted by {signal.Signals(stop.signum).name} while loading the model; "
                        "nothing was written", err=True)
             sys.exit(128 + stop.signum)
-    if point.done:
-        records = batch.skip_resumed(iter(records), point, output_path)
-
     # With standard error closed (`2>&-`: sys.stderr is None) there is nowhere to show progress or
     # warnings: tqdm had been handed None and failed at its first write, before any output.
     bar = tqdm(total=total_lines, unit="rec", desc=task, file=sys.stderr, disable=quiet or sys.stderr is None,
@@ -256,7 +253,12 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         # KeyboardInterrupt wherever it landed, a tqdm.__del__ among them ("Exception ignored in ...").
         with batch.SignalGuard() as guard:
             try:
-                summary = runner.run(records, writer, summary)
+                done = []
+                if point.done:  # timed on its own: the records' rate is the work on the new ones
+                    skip_start = time.perf_counter()
+                    done = batch.skip_resumed(records, point, output_path, runner.window)
+                    summary.skip_seconds = time.perf_counter() - skip_start
+                summary = runner.run(records, writer, summary, done=done)
                 if summary.interrupted is None and bar.total:
                     bar.update(bar.total - bar.n)  # the total counted blank lines and headers too
             finally:
