@@ -1,6 +1,7 @@
 """Faults found running kerasllm at production scale (QA round 14, area "scale"), pinned small.
 
-5: a batch job resumed mid-window batched the rest of that window differently from the
+4: `train causal-lm` said nothing while it trained a bpe tokenizer and built the token cache (a minute
+   for 107 MB); 5: a batch job resumed mid-window batched the rest of that window differently from the
    uninterrupted job (an encoder's scores then differ at float rounding); 6: the summary after `--resume`
    counted the time spent skipping the records already in the output as the new records' work.
 """
@@ -17,6 +18,7 @@ import time
 import pytest
 
 import fake_predictor
+from kerasllm import token_cache
 from kerasllm.export import batch
 from kerasllm.export.predict import PREDICTORS
 from kerasllm.export.records import Record
@@ -155,3 +157,67 @@ def test_a_signal_while_the_done_records_are_skipped_stops_the_job_as_anywhere_e
     result = run_cli("generate", bundle, "-i", source, "-o", out, "--resume")
     assert result.code == 130 and "interrupted by SIGINT after 5 records; rerun" in result.err, result
     assert "Traceback" not in result.err and out.read_bytes() == before
+
+
+# -- 4: train causal-lm says what it does on a large corpus --------------------------------------
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"the cat {i} sat on the mat {i % 7}.\n" for i in range(3000)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_large_corpus_says_it_trains_the_tokenizer_and_builds_the_cache(corpus, tmp_path, caplog, capsys,
+                                                                          monkeypatch, kind):
+    size = corpus.stat().st_size
+    monkeypatch.setattr(token_cache, "ANNOUNCE_BYTES", size)  # this corpus counts as large
+    caplog.set_level(logging.INFO, logger="kerasllm")
+    tokenizer = token_cache.train_corpus_tokenizer([corpus], kind, 300, progress=True)
+    token_cache.cached_token_split(tmp_path / "tokens", [corpus], tokenizer, 0.1, 16, progress=True)
+    megabytes = token_cache.megabytes(size)
+    assert caplog.messages == [
+        f"causal-lm: training the {kind} tokenizer on {megabytes} of text",
+        f"causal-lm: tokenizing {megabytes} into {tmp_path / 'tokens'} (once; reruns and --resume read it)"]
+    assert "tokenize" in capsys.readouterr().err  # the bar over the bytes
+
+    # The cache read again: nothing to say.
+    caplog.clear()
+    token_cache.cached_token_split(tmp_path / "tokens", [corpus], tokenizer, 0.1, 16, progress=True)
+    assert caplog.messages == [] and capsys.readouterr().err == ""
+
+
+def test_a_sampled_corpus_names_the_sample_and_the_whole(corpus, caplog, monkeypatch):
+    monkeypatch.setattr(token_cache, "ANNOUNCE_BYTES", 1000)
+    monkeypatch.setattr(token_cache, "TOKENIZER_SAMPLE_BYTES", 50_000)  # the corpus is twice that
+    monkeypatch.setattr(token_cache, "megabytes", lambda size: f"{size:,} bytes")
+    caplog.set_level(logging.INFO, logger="kerasllm")
+    token_cache.train_corpus_tokenizer([corpus], "bpe", 300, progress=True)
+    assert caplog.messages == [f"causal-lm: training the bpe tokenizer on 50,000 bytes of the "
+                               f"{corpus.stat().st_size:,} bytes of text"]
+
+
+def test_a_small_corpus_or_no_progress_says_nothing(corpus, tmp_path, caplog, capsys, monkeypatch):
+    caplog.set_level(logging.INFO, logger="kerasllm")
+    tokenizer = token_cache.train_corpus_tokenizer([corpus], "bpe", 300, progress=True)  # under ANNOUNCE_BYTES
+    token_cache.cached_token_split(tmp_path / "small", [corpus], tokenizer, 0.1, 16, progress=True)
+    monkeypatch.setattr(token_cache, "ANNOUNCE_BYTES", 1, raising=False)
+    tokenizer = token_cache.train_corpus_tokenizer([corpus], "bpe", 300)  # --quiet
+    token_cache.cached_token_split(tmp_path / "quiet", [corpus], tokenizer, 0.1, 16)
+    assert caplog.messages == [] and capsys.readouterr().err == ""
+
+
+def test_train_causal_lm_says_it_before_its_first_line_and_not_under_quiet(run_cli, corpus, tmp_path, caplog,
+                                                                           monkeypatch):
+    monkeypatch.setattr(token_cache, "ANNOUNCE_BYTES", 1, raising=False)
+    caplog.set_level(logging.INFO, logger="kerasllm")
+    args = ["train", "causal-lm", "--data", corpus, "--tokenizer", "bpe", "--vocab-size", "300", "--steps", "2",
+            "--eval-interval", "2", "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--no-jit-compile"]
+    assert run_cli(*args, "--out", tmp_path / "run").code == 0
+    said = [m for m in caplog.messages if m.startswith("causal-lm:")]
+    assert said[0].startswith("causal-lm: training the bpe tokenizer on ")
+    assert said[1].startswith("causal-lm: tokenizing ") and f" into {tmp_path / 'run' / 'tokens'} " in said[1]
+    assert "parameters" in said[2]
+    caplog.clear()
+    assert run_cli(*args, "--out", tmp_path / "quiet", "--quiet").code == 0
+    assert not [m for m in caplog.messages if m.startswith("causal-lm:")]

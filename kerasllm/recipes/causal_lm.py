@@ -50,7 +50,8 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         else:
             files = resolve_text_files(args.data)  # fails early, before anything is written
             config = model_config(DecoderConfig, args.preset, config_file, config_overrides or {})
-            tokenizer = train_corpus_tokenizer(files, args.tokenizer, args.vocab_size)
+            # Each step that takes time on a large corpus says so (a minute of silence for 107 MB of bpe).
+            tokenizer = train_corpus_tokenizer(files, args.tokenizer, args.vocab_size, progress=not quiet)
             config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                     bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
         check_seq_len(args.seq_len, config)
@@ -63,7 +64,9 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
                         tokenizers=[(tokenizer, out)])
         with token_cache_dir(out, dist.worker_index) as tokens_dir:
             # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
-            split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len)
+            # (The chief alone shows it, as it alone shows the training bar: another worker's cache is scratch.)
+            split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len,
+                                       progress=not quiet and dist.is_chief)
             total_steps, steps_per_epoch, epochs = plan_steps(
                 args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
             )
