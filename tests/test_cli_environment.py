@@ -119,21 +119,29 @@ def _cache_file(path, size, age_days):
 
 
 def test_the_cache_is_pruned_to_its_limit_least_recently_used_first(tmp_path):
-    """Nothing pruned XLA's cache: every new shape or option added programs, GBs over many runs."""
+    """Nothing pruned XLA's cache: every new shape or option added programs, GBs over many runs.
+    Only XLA's own files go: a KERASLLM_XLA_CACHE naming a directory with other files in it (a home's
+    .cache) had lost them, least recently used first (the regression review)."""
     root = tmp_path / "xla"
     old_version = root / "tf2.20.0-cpuaaaa"
     current = root / "tf2.21.0-cpubbbb"
     for day in range(10):  # 10 files of 100 bytes, day 9 the oldest; the old version's are the oldest
-        _cache_file((old_version if day >= 8 else current) / f"program{day}.pb", 100, day)
-    prune_xla_cache(root, 1000)  # at the limit: nothing goes
-    assert len(list(root.rglob("*.pb"))) == 10
+        _cache_file((old_version if day >= 8 else current) / f"xla_compile_cache__{day}.pb", 100, day)
+    theirs = [root / "notes.txt", root / "tf2.21.0-cpubbbb" / "mine.bin", root / "other" / "xla_compile_cache__theirs.pb"]
+    for path in theirs:  # older than every program, and in the tree
+        _cache_file(path, 1000, 30)
+    prune_xla_cache(root, 1000)  # at the limit (the programs' 1000 bytes): nothing goes
+    assert len(list(root.rglob("xla_compile_cache__?.pb"))) == 10
     prune_xla_cache(root, 900)  # over it: down to 80% (720 bytes), the least recently used first
-    assert sorted(p.name for p in root.rglob("*.pb")) == [f"program{day}.pb" for day in range(7)]
+    assert sorted(p.name for p in root.rglob("xla_compile_cache__?.pb")) == [
+        f"xla_compile_cache__{day}.pb" for day in range(7)]
     assert not old_version.exists() and current.is_dir()  # emptied directories go, the root stays
-    read_yesterday = current / "program6.pb"  # read since it was written: its access time is recent
+    read_yesterday = current / "xla_compile_cache__6.pb"  # read since it was written: its access time is recent
     os.utime(read_yesterday, (1_700_000_000, read_yesterday.stat().st_mtime))
     prune_xla_cache(root, 600)  # 700 bytes: down to 480, days 5, 4 and 3 go; day 6's, read since, stays
-    assert sorted(p.name for p in root.rglob("*.pb")) == ["program0.pb", "program1.pb", "program2.pb", "program6.pb"]
+    assert sorted(p.name for p in root.rglob("xla_compile_cache__?.pb")) == [
+        f"xla_compile_cache__{day}.pb" for day in (0, 1, 2, 6)]
+    assert all(path.is_file() for path in theirs)
 
 
 def test_the_cache_is_kept_per_tensorflow_and_cpu_and_within_its_size(cache_environment, tmp_path):

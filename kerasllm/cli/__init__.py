@@ -220,23 +220,29 @@ def machine_key() -> str:
     return f"tf{version}-cpu{hashlib.sha256(cpu.encode()).hexdigest()[:12]}"
 
 
+# What XLA writes into its persistent cache (TensorFlow's naming): the only files pruning touches.
+_XLA_CACHE_FILES = "xla_compile_cache__*"
+
+
 def prune_xla_cache(root: Path, limit: int) -> None:
-    """Keep the XLA cache under `root` within `limit` bytes: past it, the least recently used files
-    go (by the later of access and modification time: Linux's default relatime updates the access
-    time of a file read once a day), down to 80% of the limit, and the subdirectories that leaves empty.
+    """Keep XLA's programs under `root` within `limit` bytes: past it, the least recently used go (by
+    the later of access and modification time: Linux's default relatime updates the access time of
+    a file read once a day), down to 80% of the limit, and the `machine_key` directories that leaves
+    empty. Only XLA's own files (`_XLA_CACHE_FILES`, in `root` as earlier versions kept them, or in
+    a `machine_key` directory): a KERASLLM_XLA_CACHE naming a directory that holds other files too
+    (a home's .cache, a project folder) leaves those alone.
 
     TensorFlow never deletes from its cache, and every new model shape or option adds programs
     (~1 MB each for the tiny preset, tens of MB for larger models): a machine running many
     trainings collected GBs. A program deleted while another run loads it is compiled again there.
     """
     files = []
-    for directory, _, names in os.walk(root):
-        for name in names:
-            try:
-                stat = os.stat(os.path.join(directory, name))
-            except OSError:  # deleted meanwhile by another run's pruning
-                continue
-            files.append((max(stat.st_atime, stat.st_mtime), stat.st_size, os.path.join(directory, name)))
+    for path in [*root.glob(_XLA_CACHE_FILES), *root.glob(f"tf*-cpu*/{_XLA_CACHE_FILES}")]:
+        try:
+            stat = path.stat()
+        except OSError:  # deleted meanwhile by another run's pruning
+            continue
+        files.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
     total = sum(size for _, size, _ in files)
     if total <= limit:
         return
@@ -245,14 +251,15 @@ def prune_xla_cache(root: Path, limit: int) -> None:
         if total <= 0.8 * limit:
             break
         try:
-            os.unlink(path)
+            path.unlink()
         except OSError:
             continue
         total -= size
-        emptied.add(os.path.dirname(path))
-    for directory in emptied - {str(root)}:
+        if path.parent != root:
+            emptied.add(path.parent)
+    for directory in emptied:
         try:
-            os.rmdir(directory)  # only if empty
+            directory.rmdir()  # only if empty
         except OSError:
             pass
 
