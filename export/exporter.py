@@ -193,8 +193,11 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         if isinstance(seq_len, int):  # the training window: `generate` warns past it (optional key)
             manifest["train"] = {"seq_len": seq_len}
         bundle_lib.write_manifest(staging, manifest)
+        # Loaded (every check a serving command makes) before it takes --out: a bundle refused after
+        # the commit had been left there, and the same export was then refused as "not empty".
+        bundle_lib.load_bundle(staging)
         bundle_lib.commit_bundle(staging, out)
     except BaseException:
         bundle_lib.discard(staging)
         raise
-    return bundle_lib.load_bundle(out)
+    return bundle_lib.load_bundle(out, verify=False)  # (its files hashed just above, then renamed into place)

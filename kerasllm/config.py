@@ -50,6 +50,10 @@ class Rule(NamedTuple):
 
 
 POSITIVE = Rule(int, "a positive integer", lambda v: v > 0)
+# The longest max_length a config may give (1M positions): far past any context this library trains,
+# and a bound on what a hand-edited manifest or config.json can make the runtime allocate (a decode's
+# token and mask arrays, a shared KV buffer: 10**12 had been a 233 TiB request, 4,000,000 took 3 GB).
+MAX_LENGTH_CEILING = 1 << 20
 TOKEN_ID = Rule(int, "a non-negative integer", lambda v: v >= 0)
 FLAG = Rule(bool, "true or false")
 
@@ -104,8 +108,8 @@ class TransformerConfig:
     family: ClassVar[str] = "transformer"
     # Every field's type and range (checked first by `validate`, before the checks across fields).
     rules: ClassVar[dict[str, Rule]] = {
-        **dict.fromkeys(("vocab_size", "max_length", "num_layers", "num_heads", "hidden_dim", "intermediate_dim"),
-                        POSITIVE),
+        **dict.fromkeys(("vocab_size", "num_layers", "num_heads", "hidden_dim", "intermediate_dim"), POSITIVE),
+        "max_length": Rule(int, f"a positive integer up to {MAX_LENGTH_CEILING}", lambda v: 0 < v <= MAX_LENGTH_CEILING),
         "dropout": Rule(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
         "activation": one_of(ACTIVATIONS),
         "position": one_of(POSITION_KINDS),

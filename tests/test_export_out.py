@@ -62,3 +62,20 @@ def test_an_out_that_is_a_symbolic_link_gets_the_bundle_in_its_target(run_cli, m
     result = run_cli("export", model_dir, "--out", bundles / "to-empty", "--quiet")
     assert (result.code, result.err.splitlines()) == (2, [f"kerasllm: error: {bundles / 'to-empty'} exists and is "
                                                           "not empty; choose a new --out"])
+
+
+def test_an_export_its_own_load_refuses_leaves_out_as_it_was(run_cli, model_dir, tmp_path, monkeypatch):
+    """The bundle was loaded (checked) only after it had taken --out: one refused there stayed, and the
+    same export was then refused as "exists and is not empty"."""
+    from kerasllm.export import exporter
+
+    def export_graph(model, scratch, staging, options, log):
+        (staging / "model.onnx").write_bytes(b"\x0f not a protobuf")
+        return {"graphs": {"model": {"file": "model.onnx"}}, "optimization": {}}
+
+    monkeypatch.setitem(exporter.FAMILY_EXPORTERS, "decoder", export_graph)
+    out = tmp_path / "bundle"
+    result = run_cli("export", model_dir, "--out", out, "--quiet")
+    assert result.code == 1 and "not an ONNX graph this kerasllm can read" in result.err, result
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging left either
