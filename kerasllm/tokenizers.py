@@ -54,16 +54,19 @@ ENCODE_CHARS = 1 << 20
 # record) and at 3.4 GB in training, where the same text as lines took 0.46 and 0.39 GB.
 PIECE_CHARS = 1 << 18
 
-# Where `text_pieces` cuts: before a space that follows a printable ASCII character (the rule of
-# kerasllm.data.text_blocks, whose docstring says why every kind gives the same ids there).
-_CLEAN_CUT = re.compile(r"[\x21-\x7e](?= )")
+# Where `text_pieces` cuts: before a space that follows a character other than whitespace. GPT-2's
+# pre-tokenizer (byte-level BPE) ends a word there either way, and unigram's Metaspace starts the next
+# word with its marker there either way (kerasllm.data.text_blocks cuts files so, after a printable
+# ASCII character: on bytes, that is also a character boundary).
+_CLEAN_CUT = re.compile(r"\S(?= )")
 
 
 def text_pieces(text: str, size: int | None = None) -> Iterator[str]:
-    """`text` in pieces of at most `size` characters, cut as `kerasllm.data.text_blocks` cuts a file
-    (on str here, where it works on bytes): before a space after a printable ASCII character in the
-    last half of a piece, else after its last newline there, else at `size`. At the first kind of cut
-    every tokenizer kind gives the pieces the ids of the whole. `size`: `PIECE_CHARS` by default."""
+    """`text` in pieces of at most `size` characters (`PIECE_CHARS` by default): cut before a space
+    that follows a character other than whitespace in the last half of a piece, where every tokenizer
+    kind gives the pieces the whole text's ids; else (no such space for half a piece: a long run of
+    CJK text, base64) after its last newline there, else at `size`, cuts that may change the token or
+    two around them, as `kerasllm.data.text_blocks`' own fallback cuts do."""
     size = size or PIECE_CHARS
     start = 0
     while len(text) - start > size:
@@ -177,8 +180,8 @@ class TextTokenizer:
         if kind != "byte" and learned < vocab_size:
             # The trainers stop where the texts give no more merges or pieces, without a word: a model
             # then had another vocabulary than asked (a later --init-from sized for it, a comparison).
-            log.warning("%s %d is more than the data gives: the tokenizer has %d tokens", VOCAB_SIZE, vocab_size,
-                        learned)
+            log.warning("warning: %s %d is more than the data gives: the tokenizer has %d tokens", VOCAB_SIZE,
+                        vocab_size, learned)
         return cls(tokenizer)
 
     # -- files ------------------------------------------------------------------------------

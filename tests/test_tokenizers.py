@@ -298,8 +298,24 @@ def test_a_vocabulary_the_data_cannot_fill_is_said(caplog):
     with caplog.at_level(logging.WARNING, logger="kerasllm"):
         for kind in ("bpe", "unigram"):
             tok = TextTokenizer.train([TEXT], kind=kind, vocab_size=100000)
-            assert f"vocab_size (--vocab-size) 100000 is more than the data gives: the tokenizer has {tok.vocab_size} " \
-                   "tokens" in caplog.messages, caplog.messages
+            assert f"warning: vocab_size (--vocab-size) 100000 is more than the data gives: the tokenizer has " \
+                   f"{tok.vocab_size} tokens" in caplog.messages, caplog.messages
         caplog.clear()
         TextTokenizer.train([TEXT], kind="bpe", vocab_size=300)
     assert not caplog.messages
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "unigram"])
+def test_long_texts_without_ascii_cut_in_pieces_with_the_whole_texts_ids(kind, monkeypatch):
+    """The first cut rule wanted a printable ASCII character before the space: Russian text (spaces only
+    after Cyrillic letters) fell to cuts at the size, which split a bpe word (the regression review)."""
+    import random
+
+    from kerasllm import tokenizers
+
+    monkeypatch.setattr(tokenizers, "PIECE_CHARS", 500)
+    rng = random.Random(2)
+    words = ["привет", "мир", "книга", "—", "日本語", "дом"]
+    text = " ".join(rng.choice(words) for _ in range(3000))
+    tok = TextTokenizer.train([text], kind=kind, vocab_size=300 if kind != "unigram" else 60)
+    assert tok.encode(text) == tok.tokenizer.encode(text, add_special_tokens=False).ids
