@@ -322,8 +322,9 @@ def load_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> Model
 
 def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                      source_field: str = "source", target_field: str = "target", fmt: str = "auto",
-                     max_new_tokens: int | None = None, **_: Any) -> dict:
-    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets."""
+                     max_new_tokens: int | None = None, progress: Any = None, **_: Any) -> dict:
+    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets.
+    `progress`: kerasllm.evaluation.Progress's `reset(total)` and `update(n)`, as the other evaluators take it."""
     from kerasllm import metrics  # noqa: PLC0415
     from kerasllm.export.batch import runtime_failure  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -343,11 +344,15 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     results = iter(predictor.predict_batches([[sources[i] for i in indices] for indices in batches],
                                              max_new_tokens=new))
+    if progress is not None:
+        progress.reset(len(pairs))
     for indices in batches:
         with runtime_failure([pairs[i].where("source") for i in sorted(indices)]):
             batch_results = next(results)
         for i, result in zip(indices, batch_results):
             hypotheses[i] = result["output"]
+        if progress is not None:
+            progress.update(len(indices))
     references = [p.target for p in pairs]
     return {"count": len(pairs), "bleu": metrics.bleu(hypotheses, references),
             "chrf": metrics.chrf(hypotheses, references), "exact_match": metrics.exact_match(hypotheses, references)}

@@ -37,6 +37,17 @@ EVALUATORS: dict[str, str] = {
 }
 
 
+class Progress:
+    """What an evaluator reports as it goes (the CLI's progress bar; this default shows nothing):
+    `reset(total)` once it knows how many items it will score, `update(n)` as it scores them."""
+
+    def reset(self, total: int | None = None) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def evaluate(source: str | Path, data: str | Path, **kwargs: Any) -> dict:
     """Metrics of `source` (model dir or bundle) on `data`, dispatched on the source's task."""
     from kerasllm.export.predict import source_task  # noqa: PLC0415
@@ -100,7 +111,8 @@ def _by_length(sequences, batch_size):
 
 def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                         text_field: str = "text", label_field: str = "label", fmt: str = "auto",
-                        warn: Callable[[str], None] | None = None, **_: Any) -> dict:
+                        warn: Callable[[str], None] | None = None,
+                        progress: Progress | None = None, **_: Any) -> dict:
     """`accuracy` and `macro_f1` of a text classifier on labelled rows."""
     from kerasllm.data_tasks import LabelMap, read_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -111,17 +123,21 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
     references = labels.ids(rows)  # an unknown label names its line
     sequences = _checked(predictor, rows, warn=warn)
     predictions = np.zeros(len(rows), dtype=np.int64)
+    progress = progress or Progress()
+    progress.reset(len(rows))
     for indices in _by_length(sequences, batch_size):
         with runtime_failure([rows[i].where for i in sorted(indices)]):
             logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
         predictions[indices] = np.argmax(logits, axis=-1)
+        progress.update(len(indices))
     return {"count": len(rows), "accuracy": metrics.accuracy(references, predictions),
             "macro_f1": metrics.macro_f1(references, predictions, num_labels=len(labels))}
 
 
 def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                               tokens_field: str = "tokens", tags_field: str = "tags", fmt: str = "auto",
-                              warn: Callable[[str], None] | None = None, **_: Any) -> dict:
+                              warn: Callable[[str], None] | None = None,
+                              progress: Progress | None = None, **_: Any) -> dict:
     """`accuracy` (per word) and `macro_f1` (over the tag ids) of a token classifier on tagged
     sentences (JSONL or CoNLL, as in training), and with BIO (IOB2) tags the entity-level
     `entity_f1`, `entity_precision` and `entity_recall` (conlleval rules, `metrics.entity_scores`), and
@@ -138,11 +154,14 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
     references = [np.asarray([tags.id(tag, row.where, what="tag") for tag in row.tags]) for row in rows]
     sentences = _checked(predictor, rows, truncate="error", warn=warn, hint=None)  # (evaluate has no --truncate)
     predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
+    progress = progress or Progress()
+    progress.reset(len(rows))
     for indices in _by_length(sentences, batch_size):
         with runtime_failure([rows[i].where for i in sorted(indices)]):
             probabilities_of = predictor.word_probabilities([sentences[i] for i in indices])
         for i, probabilities in zip(indices, probabilities_of):
             predictions[i] = probabilities.argmax(-1)
+        progress.update(len(indices))
     y_true, y_pred = np.concatenate(references), np.concatenate(predictions)
     result = {"count": len(rows), "words": int(y_true.size), "accuracy": metrics.accuracy(y_true, y_pred),
               "macro_f1": metrics.macro_f1(y_true, y_pred, num_labels=len(tags))}
@@ -154,7 +173,8 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
 
 def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                        text_field: str = "text", fmt: str = "auto", seed: int = 0,
-                       warn: Callable[[str], None] | None = None, **_: Any) -> dict:
+                       warn: Callable[[str], None] | None = None,
+                       progress: Progress | None = None, **_: Any) -> dict:
     """`perplexity` on masked positions: 15% of the tokens masked (80/10/10) with a fixed seed."""
     from kerasllm.data_tasks import mask_for_evaluation, read_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -170,17 +190,21 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
     for row, position, original in targets:
         by_row.setdefault(row, []).append((position, original))
     nll = []
+    progress = progress or Progress()
+    progress.reset(len(rows))
     for indices in _by_length(masked, batch_size):
         with runtime_failure([rows[i].where for i in sorted(indices)]):
             logits = predictor.outputs([masked[i] for i in indices], ["logits"])["logits"]
         for k, i in enumerate(indices):
             for position, original in by_row.get(i, []):
                 nll.append(float(metrics.token_nll(logits[k, position], np.asarray(original))))
+        progress.update(len(indices))
     return {"count": len(rows), "masked_tokens": len(nll), "perplexity": metrics.perplexity(nll)}
 
 
 def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
-                       text_field: str = "text", fmt: str = "auto", **_: Any) -> dict:
+                       text_field: str = "text", fmt: str = "auto", progress: Progress | None = None,
+                       **_: Any) -> dict:
     """`perplexity` of a causal LM: every token of a record predicted once from the ones before it.
 
     A record is a line of a text file or the text field of a JSONL/TSV/CSV row. The context is
@@ -205,6 +229,9 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
     # been held to the end (~70 bytes a character: 2.8 GB for 40 MB of text).
     total, predicted = 0.0, 0
     windows, where, tokens = [], [], 0  # the windows of the records read so far, the record each is of
+    progress = progress or Progress()
+    progress.reset(len(rows))
+    scored = 0  # records whose windows are scored
     with flush_denormals():  # a bundle's ORT kernels run on this thread (see runtime.flush_denormals)
         for number, row in enumerate(rows, 1):
             for window in context_windows(predictor.tokenizer.encode(row.text), context):
@@ -215,6 +242,8 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
                 nll = _causal_nll(predictor, windows, batch_size, where)
                 total, predicted = total + float(np.sum(nll, dtype=np.float64)), predicted + len(nll)
                 windows, where, tokens = [], [], 0
+                progress.update(number - scored)
+                scored = number
     if not predicted:
         raise DataError(f"{data}: no record has two tokens (nothing to predict)")
     return {"count": len(rows), "predicted_tokens": predicted, "context": context,

@@ -289,3 +289,37 @@ def test_untouched_sources_still_load(sources, texts, run_cli):
         result = run_cli("evaluate", sources / name, "--data", texts)
         assert result.code == 0, result
         assert json.loads(result.out)["count"] == 2
+
+
+# -- progress of `kerasllm evaluate` (scale QA: 11 minutes with nothing on the screen) -------------------
+class _Recorder:
+    def __init__(self):
+        self.totals, self.done = [], 0
+
+    def reset(self, total=None):
+        self.totals.append(total)
+
+    def update(self, n=1):
+        self.done += n
+
+
+def test_every_evaluator_reports_its_progress_over_the_records(sources, tmp_path, monkeypatch):
+    from kerasllm import evaluation
+
+    data = tmp_path / "texts.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"record {i} was {'good' if i % 2 else 'bad'}\t"
+                                              f"{'positive' if i % 2 else 'negative'}\n" for i in range(11)))
+    monkeypatch.setattr(evaluation, "EVAL_WINDOW_TOKENS", 40)  # the causal LM's records in several parts
+    for name in ("clf-bundle", "lm-bundle", "clf"):
+        progress = _Recorder()
+        result = evaluation.evaluate(sources / name, data, batch_size=4, progress=progress)
+        assert progress.totals == [11] and progress.done == 11 == result["count"], (name, vars(progress))
+
+
+def test_evaluate_takes_quiet_and_shows_no_bar_off_a_terminal(sources, tmp_path, run_cli):
+    data = tmp_path / "texts.tsv"
+    data.write_text("text\tlabel\nthe film was good\tpositive\na bad one\tnegative\n")
+    for quiet in ([], ["--quiet"]):
+        result = run_cli("evaluate", sources / "clf-bundle", "--data", data, *quiet)
+        assert result.code == 0 and json.loads(result.out)["count"] == 2, result
+        assert "evaluate:" not in result.err and "rec/s" not in result.err, result.err
