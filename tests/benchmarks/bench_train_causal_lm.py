@@ -500,7 +500,15 @@ is met in that run, not in the first (nor in most runs since 2026-12-06).
       per repeat: tok/s vs hub 1.10x 1.22x 1.14x; tok/s vs nanoGPT 1.37x 1.62x 1.19x; wall 1.04x 0.86x 1.00x
 
 tokens/s 1.37x nanoGPT (goal >= 1x met), 1.14x keras-hub in the median repeat (goal 1.3x not met), wall
-0.96x nanoGPT (goal <= 1.2x met).
+0.96x nanoGPT (goal <= 1.2x met). The same command at the session's end (9161dac; no change to the step),
+nothing else running:
+
+    kerasllm                       15.9     25,398         0.86x         1.21x
+    keras-hub GPT2Backbone         27.1     21,033         1.47x         1.00x
+    nanoGPT (PyTorch)              18.4     16,065         1.00x         0.76x
+      per repeat: tok/s vs hub 1.17x 1.21x 1.20x; tok/s vs nanoGPT 1.27x 1.62x 1.63x; wall 0.93x 0.86x 0.83x
+
+tokens/s 1.58x nanoGPT and 1.21x keras-hub (goal 1.3x not met), wall 0.86x.
 """
 
 from __future__ import annotations
