@@ -106,3 +106,26 @@ def build_once(tmp_path_factory, worker_id):
         return root
 
     return build_once_
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_bundle(build_once) -> Path:
+    """A tiny seq2seq bundle (numbers in words to digits, 2 training steps: what it outputs does not
+    matter), built once per test session; read-only, copy it to change it."""
+
+    def build(root: Path) -> None:
+        import keras  # noqa: PLC0415
+
+        from kerasllm.export.exporter import export_model_dir  # noqa: PLC0415
+        from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq  # noqa: PLC0415
+
+        keras.utils.set_random_seed(0)
+        data = root / "train.tsv"
+        data.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in datasets.number_words_pairs(
+            200, max_value=999, seed=0)), encoding="utf-8")
+        args = Seq2SeqTrainArgs(data=str(data), preset="tiny", steps=2, batch_size=16, eval_interval=100,
+                                jit_compile=False)
+        train_seq2seq(args, root / "run", quiet=True, config_overrides={"max_length": 32})
+        export_model_dir(root / "run", root / "bundle", log=lambda message: None)
+
+    return build_once("tiny-seq2seq", build) / "bundle"

@@ -315,23 +315,8 @@ def test_a_graph_with_external_data_is_reverified_when_opened(tmp_path):
 # -- translate: a real seq2seq bundle --------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def seq2seq_bundle(build_once) -> Path:
-    def build(root: Path) -> None:
-        import keras
-
-        from kerasllm.export.exporter import export_model_dir
-        from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq
-
-        keras.utils.set_random_seed(0)
-        data = root / "train.tsv"
-        data.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in datasets.number_words_pairs(
-            200, max_value=999, seed=0)), encoding="utf-8")
-        args = Seq2SeqTrainArgs(data=str(data), preset="tiny", steps=2, batch_size=16, eval_interval=100,
-                                jit_compile=False)
-        train_seq2seq(args, root / "run", quiet=True, config_overrides={"max_length": 32})
-        export_model_dir(root / "run", root / "bundle", log=lambda message: None)
-
-    return build_once("untrusted-seq2seq", build) / "bundle"
+def seq2seq_bundle(tiny_seq2seq_bundle) -> Path:
+    return tiny_seq2seq_bundle
 
 
 def test_translate_reads_external_data_from_the_bundle_on_every_worker(seq2seq_bundle, tmp_path, monkeypatch):

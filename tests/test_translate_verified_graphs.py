@@ -7,28 +7,16 @@ ran (a redeploy) decoded with the new model's graphs and the loaded one's manife
 
 from __future__ import annotations
 
-import keras
 import pytest
 
 from kerasllm import datasets
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """A tiny seq2seq bundle (a few training steps: what it outputs does not matter here)."""
-    from kerasllm.export.exporter import export_model_dir
-    from kerasllm.recipes.seq2seq import Seq2SeqTrainArgs, train_seq2seq
 
-    root = tmp_path_factory.mktemp("translate")
-    keras.utils.set_random_seed(0)
-    data = root / "train.tsv"
-    data.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in datasets.number_words_pairs(
-        200, max_value=999, seed=0)), encoding="utf-8")
-    args = Seq2SeqTrainArgs(data=str(data), preset="tiny", steps=2, batch_size=16, eval_interval=100,
-                            jit_compile=False)
-    train_seq2seq(args, root / "run", quiet=True, config_overrides={"max_length": 32})
-    export_model_dir(root / "run", root / "bundle", log=lambda message: None)
-    return root / "bundle"
+@pytest.fixture(scope="module")
+def bundle(tiny_seq2seq_bundle):
+    """A tiny seq2seq bundle (conftest's: what it outputs does not matter here)."""
+    return tiny_seq2seq_bundle
 
 
 def test_workers_decode_with_the_graphs_checked_at_load_after_the_bundle_is_replaced(bundle, tmp_path):
