@@ -30,7 +30,7 @@ from typing import Iterator
 import keras
 
 from kerasllm.atomic import worker_scratch_dir, write_json_atomic  # noqa: F401 - the recipes' import
-from kerasllm.errors import KerasLLMError, UsageError
+from kerasllm.errors import KerasLLMError, Terminated, UsageError
 # DIR/config.json, read and checked without TensorFlow: the serving side reads it too.
 from kerasllm.export.predict import read_run_config  # noqa: F401 - the recipes' import
 
@@ -177,6 +177,23 @@ class StopWhenDiverged(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not _finite_loss(logs):
             self.model.stop_training = True
+
+
+class StopWhenTerminated(keras.callbacks.Callback):
+    """Raise `Terminated` at the next step once SIGTERM was received (`received` holds its number).
+
+    `kerasllm train`'s handler raises `Terminated` itself; but Python runs a handler between any two
+    bytecodes, also inside a `__del__` or a garbage-collector callback, where an exception is
+    printed ("Exception ignored in ...") and dropped. A training whose signal landed there had
+    trained on with SIGTERM back at its default action (a CI run waited 120 s for it)."""
+
+    received: int | None = None
+
+    def _raise_if_received(self, *args, **kwargs):
+        if StopWhenTerminated.received is not None:
+            raise Terminated(StopWhenTerminated.received)
+
+    on_train_batch_end = on_test_batch_end = on_epoch_end = _raise_if_received
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
@@ -389,10 +406,14 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
     """
     is_chief = worker_index == 0
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)
+    # History before the backup: an interval's checkpoint never lacks its history line when a
+    # kill (a multi-worker SIGTERM keeps its default action) lands between the two; a line past
+    # the checkpoint is dropped on resume (ProgressLogger._truncate_history).
     callbacks = [
-        RunBackup(backup_dir),
+        StopWhenTerminated(),
         ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
                        quiet=quiet, is_chief=is_chief),
+        RunBackup(backup_dir),
         StopWhenDiverged(),
         *extra_callbacks,
     ]

@@ -146,8 +146,11 @@ def _sigterm_unwinds(distribute):
         yield
         return
 
+    from kerasllm.training import StopWhenTerminated  # noqa: PLC0415 - imports Keras
+
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        StopWhenTerminated.received = signum  # raised again at the next step if this one is dropped
         raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, stop)
@@ -155,6 +158,7 @@ def _sigterm_unwinds(distribute):
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        StopWhenTerminated.received = None
 
 
 def _say_where_the_model_is(out: Path, history) -> None:
