@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import keras
 
@@ -207,12 +207,15 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     NaN from its first NaN step) would make the checkpoint a NaN model; the previous one stays.
     """
 
-    def __init__(self, backup_dir: Path):
+    def __init__(self, backup_dir: Path, every: int = 1):
         # double_checkpoint: the previous backup is kept beside the latest (`.bkp`).
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False, double_checkpoint=True)
+        self.every = every  # Keras epochs between checkpoints (`StepPlan.checkpoint_every`)
 
     def on_epoch_end(self, epoch, logs=None):
-        if _finite_loss(logs):
+        # The last epoch's too: a stop during the final save then resumes straight to the save.
+        due = (epoch + 1) % self.every == 0 or epoch + 1 == self.params.get("epochs")
+        if due and _finite_loss(logs):
             super().on_epoch_end(epoch, logs)
 
     def _save_model(self):
@@ -364,13 +367,26 @@ class ProgressLogger(keras.callbacks.Callback):
             self.bar = None
 
 
-def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: int, eval_interval: int):
-    """Turn `--steps`/`--epochs` into `(total_steps, steps_per_epoch, keras_epochs)`.
+class StepPlan(NamedTuple):
+    """How a run's steps fall into Keras epochs (`plan_steps`)."""
 
-    Keras epochs are validation intervals: validation, checkpoints and the progress
-    summary happen at the end of each. When `total_steps` is not a multiple of the
-    interval the last Keras epoch is cut short (`ProgressLogger` stops the run at
-    `total_steps`), so `--steps 300 --eval-interval 250` trains 300 steps, not 500.
+    total_steps: int
+    steps_per_epoch: int  # a Keras epoch: the shorter of the validation and checkpoint intervals
+    epochs: int
+    validate_every: int  # Keras epochs between validations (and the last epoch)
+    checkpoint_every: int  # Keras epochs between checkpoints (and the last epoch)
+
+
+def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: int, eval_interval: int,
+               checkpoint_interval: int | None = None) -> StepPlan:
+    """Turn `--steps`/`--epochs`, `--eval-interval` and `--checkpoint-interval` into a `StepPlan`.
+
+    A Keras epoch is the shorter of the two intervals (by default both are `--eval-interval`):
+    progress lines, validation and checkpoints happen at the end of epochs, every
+    `validate_every` and `checkpoint_every` of them and at the last. So one interval must be a
+    multiple of the other. When `total_steps` is not a multiple of the epoch the last one is cut
+    short (`ProgressLogger` stops the run at `total_steps`), so `--steps 300 --eval-interval 250`
+    trains 300 steps, not 500.
     """
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
@@ -378,8 +394,14 @@ def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: in
         steps = max(1, int(round((epochs or 1) * steps_per_data_epoch)))
     if steps <= 0:
         raise UsageError(f"--steps must be positive, got {steps}")
-    interval = max(1, min(eval_interval, steps))
-    return steps, interval, -(-steps // interval)
+    checkpoint_interval = checkpoint_interval or eval_interval
+    if max(eval_interval, checkpoint_interval) % min(eval_interval, checkpoint_interval):
+        raise UsageError(f"--checkpoint-interval {checkpoint_interval} and --eval-interval {eval_interval}: one "
+                         "must be a multiple of the other (checkpoints and validations fall at the ends of the "
+                         "same Keras epochs)")
+    epoch = max(1, min(eval_interval, checkpoint_interval, steps))
+    return StepPlan(steps, epoch, -(-steps // epoch), max(1, eval_interval // epoch),
+                    max(1, checkpoint_interval // epoch))
 
 
 def execution_steps(log_every: int, steps_per_epoch: int, total_steps: int, eval_steps: int | None) -> int:
@@ -396,8 +418,8 @@ def execution_steps(log_every: int, steps_per_epoch: int, total_steps: int, eval
     return math.gcd(log_every, steps_per_epoch, total_steps, eval_steps or 0)
 
 
-def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total_steps: int,
-            steps_per_epoch: int, epochs: int, tokens_per_step: int, eval_steps: int, quiet: bool = False,
+def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, plan: StepPlan,
+            tokens_per_step: int, eval_steps: int, quiet: bool = False,
             log_every: int = 10, extra_callbacks=(), worker_index: int = 0, verbose_fit: int = 0):
     """`model.fit` with checkpoints (BackupAndRestore), progress and history, then the final save.
 
@@ -405,6 +427,7 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
     the other workers of a multi-worker run back up to a scratch copy (`worker_backup_dir`).
     """
     is_chief = worker_index == 0
+    total_steps, steps_per_epoch, epochs = plan.total_steps, plan.steps_per_epoch, plan.epochs
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)
     # History before the backup: an interval's checkpoint never lacks its history line when a
     # kill (a multi-worker SIGTERM keeps its default action) lands between the two; a line past
@@ -413,7 +436,7 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
         StopWhenTerminated(),
         ProgressLogger(out / HISTORY_FILE, steps_per_epoch, total_steps, tokens_per_step, log_every=log_every,
                        quiet=quiet, is_chief=is_chief),
-        RunBackup(backup_dir),
+        RunBackup(backup_dir, every=plan.checkpoint_every),
         StopWhenDiverged(),
         *extra_callbacks,
     ]
@@ -431,6 +454,7 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, total
         history = model.fit(
             train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
             validation_data=validation_data, validation_steps=eval_steps if validation_data is not None else None,
+            validation_freq=[e for e in range(1, epochs + 1) if e % plan.validate_every == 0 or e == epochs],
             callbacks=callbacks, verbose=verbose_fit,
         )
         losses = history.history.get("loss", [])

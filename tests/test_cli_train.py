@@ -550,3 +550,33 @@ def test_a_bad_batch_split_setting_is_one_line(run_cli, corpus_file, tmp_path, m
     assert result.code == 2 and result.err.splitlines() == [
         "kerasllm: error: KERASLLM_BATCH_SPLIT must be a whole number of parts (1: no split), got 'two'"], result.err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_interval_shorter_than_validation_loses_fewer_steps(run_cli, corpus_file, tmp_path,
+                                                                          interrupt_training):
+    """Checkpoints had come only with validation (`--eval-interval`): a run stopped 9 steps before
+    its next validation lost every step since the last one. With `--checkpoint-interval 5` it keeps
+    the checkpoint of step 10 when stopped at 15, resumes from there, and still validates at 20 and 40."""
+    out = tmp_path / "run"
+    interrupt_training(15)
+    args = ["--out", out, "--steps", "40", "--eval-interval", "20", "--checkpoint-interval", "5", "--eval-steps", "1",
+            *FAST]
+    assert run_cli("train", "causal-lm", "--data", corpus_file, *args).code == 130
+    interrupt_training(None)
+    # Keras epochs of 5 steps: the second one's checkpoint (step 10) is the last before the stop.
+    assert json.loads((out / "checkpoints" / "training_metadata.json").read_text())["epoch"] == 2
+    assert run_cli("train", "causal-lm", "--out", out, "--resume").code == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == list(range(5, 45, 5))
+    assert [r["step"] for r in history if "val_loss" in r] == [20, 40]
+    assert (out / "model.keras").is_file() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("checkpoint, evaluation", [("15", "20"), ("30", "20")])
+def test_intervals_that_do_not_divide_are_refused(run_cli, corpus_file, tmp_path, checkpoint, evaluation):
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", tmp_path / "run", "--steps", "40",
+                     "--eval-interval", evaluation, "--checkpoint-interval", checkpoint, *FAST)
+    assert result.code == 2 and result.err.splitlines() == [
+        f"kerasllm: error: --checkpoint-interval {checkpoint} and --eval-interval {evaluation}: one must be a "
+        "multiple of the other (checkpoints and validations fall at the ends of the same Keras epochs)"], result
+    assert not (tmp_path / "run").exists()

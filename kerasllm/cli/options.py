@@ -117,7 +117,11 @@ def run_options(batch_size: int, seq_len: int | None, lr: float, weight_decay: f
             click.option("--label-smoothing", type=FiniteFloatRange(0, 1, max_open=True), default=0.0,
                          show_default=True, help="Label smoothing of the cross-entropy."),
             click.option("--eval-interval", type=click.IntRange(min=1), default=100, show_default=True,
-                         help="Validate and checkpoint every N steps."),
+                         help="Validate (and, by default, checkpoint) every N steps."),
+            click.option("--checkpoint-interval", type=click.IntRange(min=1),
+                         help="Checkpoint every N steps (default: --eval-interval), a divisor or a multiple of "
+                              "--eval-interval: a stopped run resumes from its last checkpoint, so a shorter "
+                              "interval loses fewer steps to a stop, for the time each checkpoint takes to write."),
             click.option("--eval-steps", type=click.IntRange(min=1), default=20, show_default=True,
                          help="Validation batches per evaluation."),
             click.option("--validation-fraction", type=FiniteFloatRange(0, 1, max_open=True), default=0.1,

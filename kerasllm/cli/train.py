@@ -40,7 +40,8 @@ def train():
 @run_options(batch_size=12, seq_len=64, lr=1e-3)
 @model_override_options
 def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps, weight_decay,
-              label_smoothing, tokenizer, vocab_size, window, eval_interval, eval_steps, validation_fraction, seed,
+              label_smoothing, tokenizer, vocab_size, window, eval_interval,
+              checkpoint_interval, eval_steps, validation_fraction, seed,
               jit_compile, resume, quiet, overrides, distribute):
     """Pretrain a GPT-like causal language model on plain text.
 
@@ -58,6 +59,7 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
         data=[str(p) for p in data], preset=preset, steps=steps, epochs=epochs, batch_size=batch_size,
         seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
+        checkpoint_interval=checkpoint_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, window=window, seed=seed,
         jit_compile=jit_compile,
     )
@@ -88,7 +90,8 @@ def causal_lm(data, out, preset, config_file, steps, epochs, batch_size, seq_len
 def seq2seq(data, source_file, target_file, source_field, target_field, tokenizer, vocab_size, separate_vocab,
             target_tokenizer, out,
             preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing,
-            eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides, distribute):
+            eval_interval, checkpoint_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet,
+            overrides, distribute):
     """Train an encoder-decoder (Transformer/T5-like) on source/target pairs.
 
     --seq-len is the longest source or target (in tokens) accepted, at most the model's
@@ -116,7 +119,8 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
         preset=preset, steps=steps, epochs=epochs, batch_size=batch_size, seq_len=seq_len, lr=lr,
         warmup_steps=warmup_steps, weight_decay=weight_decay, label_smoothing=label_smoothing, tokenizer=tokenizer,
         vocab_size=vocab_size, separate_vocab=separate_vocab, target_tokenizer=target_tokenizer,
-        eval_interval=eval_interval, eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed,
+        eval_interval=eval_interval, checkpoint_interval=checkpoint_interval, eval_steps=eval_steps,
+        validation_fraction=validation_fraction, seed=seed,
         jit_compile=jit_compile,
     )
     with _sigterm_unwinds(distribute):
@@ -239,7 +243,8 @@ def _with(options):
 @run_options(batch_size=32, seq_len=128, lr=1e-3, weight_decay=ENCODER_WEIGHT_DECAY)
 @model_override_options
 def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_size, seq_len, lr, warmup_steps,
-              weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval, eval_steps, validation_fraction,
+              weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval,
+              checkpoint_interval, eval_steps, validation_fraction,
               seed, jit_compile, resume, quiet, overrides, distribute):
     """Pretrain a BERT-like encoder by masked-token prediction (15% masked, 80/10/10).
 
@@ -257,6 +262,7 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
         data=[str(p) for p in data], text_field=text_field, preset=preset, steps=steps, epochs=epochs,
         batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
+        checkpoint_interval=checkpoint_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
     with _sigterm_unwinds(distribute):
@@ -278,7 +284,8 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
 @model_override_options
 def classifier(data, text_field, label_field, init_from, pooling, out, preset, config_file, steps, epochs, batch_size,
                seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size, eval_interval,
-               eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides, distribute):
+               checkpoint_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides,
+               distribute):
     """Train a text classifier (encoder + pooled head) on labelled rows, from scratch or a pretrained encoder.
 
     \b
@@ -298,6 +305,7 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
         init_from=str(init_from) if init_from else None, pooling=pooling, preset=preset, steps=steps, epochs=epochs,
         batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         label_smoothing=label_smoothing, tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
+        checkpoint_interval=checkpoint_interval,
         eval_steps=eval_steps, validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
     with _sigterm_unwinds(distribute):
@@ -323,7 +331,8 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
 @model_override_options
 def token_classifier(data, tokens_field, tags_field, data_format, init_from, out, preset, config_file, steps, epochs,
                      batch_size, seq_len, lr, warmup_steps, weight_decay, label_smoothing, tokenizer, vocab_size,
-                     eval_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides,
+                     eval_interval,
+                     checkpoint_interval, eval_steps, validation_fraction, seed, jit_compile, resume, quiet, overrides,
                      distribute):
     """Train a token classifier (NER, POS tagging: one tag per word) on tagged sentences.
 
@@ -349,7 +358,8 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
         data=[str(p) for p in data], tokens_field=tokens_field, tags_field=tags_field, data_format=data_format,
         init_from=str(init_from) if init_from else None, preset=preset, steps=steps, epochs=epochs,
         batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval, eval_steps=eval_steps,
+        tokenizer=tokenizer, vocab_size=vocab_size, eval_interval=eval_interval,
+        checkpoint_interval=checkpoint_interval, eval_steps=eval_steps,
         validation_fraction=validation_fraction, seed=seed, jit_compile=jit_compile,
     )
     with _sigterm_unwinds(distribute):

@@ -55,7 +55,8 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
             config = config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                     bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
         check_seq_len(args.seq_len, config)
-        plan_steps(args.steps, args.epochs, 1, args.eval_interval)  # bad --steps/--epochs: refused before tokenizing
+        # Bad --steps/--epochs/intervals: refused before tokenizing.
+        plan_steps(args.steps, args.epochs, 1, args.eval_interval, args.checkpoint_interval)
         tokens_per_step = args.batch_size * args.seq_len
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
@@ -67,9 +68,11 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
             # (The chief alone shows it, as it alone shows the training bar: another worker's cache is scratch.)
             split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len,
                                        progress=not quiet and dist.is_chief)
-            total_steps, steps_per_epoch, epochs = plan_steps(
-                args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval
+            plan = plan_steps(
+                args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval,
+                args.checkpoint_interval,
             )
+            total_steps = plan.total_steps
 
             import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 
@@ -94,6 +97,6 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
             if not quiet:
                 log.info("causal-lm: %s parameters, %d steps of %d tokens, vocab %d (%s)", f"{model.count_params():,}",
                          total_steps, tokens_per_step, config.vocab_size, args.tokenizer)
-            return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                           epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
+            return fit_run(model, train_data, val_data, out, plan=plan,
+                           tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
                            log_every=args.log_every, worker_index=dist.worker_index, extra_callbacks=extra_callbacks)

@@ -74,9 +74,11 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         train_ids, val_ids = labels.ids(train_rows), labels.ids(val_rows)
         train_seqs, val_seqs = encode_rows(tokenizer, train_rows, args.seq_len), encode_rows(tokenizer, val_rows,
                                                                                                args.seq_len)
-        total_steps, steps_per_epoch, epochs = plan_steps(
-            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+        plan = plan_steps(
+            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval,
+            args.checkpoint_interval,
         )
+        total_steps = plan.total_steps
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
@@ -102,7 +104,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
             log.info("classifier: %s parameters, %d labels, %d steps of %d texts%s", f"{model.count_params():,}",
                      len(labels), total_steps, args.batch_size,
                      f", encoder from {args.init_from}" if args.init_from else "")
-        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                       epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
+        return fit_run(model, train_data, val_data, out, plan=plan,
+                       tokens_per_step=args.batch_size * args.seq_len,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
                        log_every=args.log_every, worker_index=dist.worker_index)

@@ -39,6 +39,7 @@ class RunArgs:
     tokenizer: str = "char"
     vocab_size: int = 4000
     eval_interval: int = 100
+    checkpoint_interval: int | None = None  # None: every eval_interval (runs saved before it)
     eval_steps: int = 20
     validation_fraction: float = 0.1
     seed: int = 0

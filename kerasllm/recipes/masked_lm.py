@@ -68,9 +68,11 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         sequences = encode_chunks(tokenizer, rows, args.seq_len)
         train_seqs, val_seqs = split_validation(sequences, args.validation_fraction, args.seed)
         tokens_per_step = args.batch_size * args.seq_len
-        total_steps, steps_per_epoch, epochs = plan_steps(
-            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+        plan = plan_steps(
+            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval,
+            args.checkpoint_interval,
         )
+        total_steps = plan.total_steps
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
@@ -98,7 +100,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
         if not quiet:
             log.info("masked-lm: %s parameters, %d steps of %d sequences, vocab %d (%s)",
                      f"{model.count_params():,}", total_steps, args.batch_size, config.vocab_size, args.tokenizer)
-        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                       epochs=epochs, tokens_per_step=tokens_per_step,
+        return fit_run(model, train_data, val_data, out, plan=plan,
+                       tokens_per_step=tokens_per_step,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
                        log_every=args.log_every, worker_index=dist.worker_index)

@@ -85,9 +85,11 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)
         tokens_per_step = args.batch_size * int(round(
             sum(len(source_ids[i]) + len(target_ids[i]) + 1 for i in train_index) / len(train_index)))
-        total_steps, steps_per_epoch, epochs = plan_steps(
-            args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval
+        plan = plan_steps(
+            args.steps, args.epochs, max(1, len(train_index) // args.batch_size), args.eval_interval,
+            args.checkpoint_interval,
         )
+        total_steps = plan.total_steps
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
@@ -124,6 +126,6 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
                      f"{model.count_params():,}", len(pairs), len(val_index), total_steps, args.batch_size,
                      f"{config.vocab_size}/{config.target_vocab}" if args.separate_vocab else config.vocab_size,
                      args.tokenizer)
-        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                       epochs=epochs, tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
+        return fit_run(model, train_data, val_data, out, plan=plan,
+                       tokens_per_step=tokens_per_step, eval_steps=args.eval_steps, quiet=quiet,
                        log_every=args.log_every, worker_index=dist.worker_index)

@@ -77,9 +77,11 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
         train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
         train_seqs, train_labels = encode_tagged(tokenizer, train_rows, tags, args.seq_len)
         val_seqs, val_labels = encode_tagged(tokenizer, val_rows, tags, args.seq_len)
-        total_steps, steps_per_epoch, epochs = plan_steps(
-            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval
+        plan = plan_steps(
+            args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval,
+            args.checkpoint_interval,
         )
+        total_steps = plan.total_steps
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
@@ -104,7 +106,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
             log.info("token-classifier: %s parameters, %d tags, %d steps of %d sentences%s",
                      f"{model.count_params():,}", len(tags), total_steps, args.batch_size,
                      f", encoder from {args.init_from}" if args.init_from else "")
-        return fit_run(model, train_data, val_data, out, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                       epochs=epochs, tokens_per_step=args.batch_size * args.seq_len,
+        return fit_run(model, train_data, val_data, out, plan=plan,
+                       tokens_per_step=args.batch_size * args.seq_len,
                        eval_steps=validation_steps(len(val_seqs), args.batch_size, args.eval_steps), quiet=quiet,
                        log_every=args.log_every, worker_index=dist.worker_index)
