@@ -16,6 +16,7 @@ that writes its graph file(s) into `staging` and returns the manifest entries it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -142,6 +143,22 @@ FAMILY_EXPORTERS: dict[str, Callable] = {"decoder": export_decoder, "encoder": e
                                          "seq2seq": export_seq2seq}
 
 
+@contextlib.contextmanager
+def float32_policy():
+    """Keras's global dtype policy float32 inside: the model loads and traces in float32 whatever the
+    process set (a training script's `mixed_float16`), and the export writes fp32 or fp16 as
+    `ExportOptions.dtype` says. Under a mixed policy the model had loaded with fp16 compute and the
+    traced graph mixed fp16 and fp32 nodes, which ONNX Runtime refused after the whole conversion."""
+    import keras  # noqa: PLC0415
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None,
                      log: Callable[[str], None] = print) -> bundle_lib.Bundle:
     """Export the model directory `model_dir` to a verified bundle at `out`."""
@@ -159,7 +176,8 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         out = Path(os.path.realpath(out))
     from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow (after the quick checks)
 
-    model, tokenizer, run = load_model_dir(model_dir)
+    with float32_policy():
+        model, tokenizer, run = load_model_dir(model_dir)
     family = run["model"]["family"]
     if family not in FAMILY_EXPORTERS:
         raise UsageError(f"{model_dir}: no export for the {family} family yet")
@@ -170,7 +188,8 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
     staging = bundle_lib.staging_dir(out)
     try:
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
-            entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
+            with float32_policy():
+                entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
         tokenizer_file = tokenizer.save(staging / "tokenizer.json").name
         # seq2seq with separate vocabularies (the config says so; a missing file had been exported as a
         # bundle translating with the source's tokenizer, and passed its own greedy check)

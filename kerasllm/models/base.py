@@ -196,6 +196,18 @@ def stop_id_tuple(stop_token_ids, vocab_size: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def refuse_ragged(model, name, value) -> None:
+    """ValueError for a `tf.RaggedTensor` (or a dataset's spec of one) where `[batch, length]` ids
+    are taken: it had failed inside the attention mask ("unsupported operand type(s) for -:
+    'NoneType' and 'NoneType')."""
+    import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+    if isinstance(value, (tf.RaggedTensor, tf.RaggedTensorSpec)):
+        raise ValueError(f"{type(model).__name__} expects {name} of shape [batch, length], got a ragged tensor: "
+                         f"pad it (`.to_tensor({model.config.pad_id})`, or batch a tf.data.Dataset with "
+                         "padded_batch)")
+
+
 def check_id_range(model, name, value, vocab_size: int, ignored=None):
     """ValueError where the array `value` holds an id outside `0..vocab_size-1`. Under XLA
     (compile's default) an input id past the table is clamped into it (the model reads another
@@ -279,6 +291,8 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
     config_class: type[TransformerConfig] = TransformerConfig
     # The input dict's keys that hold token ids `[B, T]` (the first: the ids given without a dict).
     token_inputs: tuple[str, ...] = ("token_ids",)
+    # One target per example (a text classifier's label), not one per token: what `class_weight` weighs.
+    per_example_targets: bool = False
 
     def __init__(self, config: TransformerConfig | dict, **kwargs):
         super().__init__(**kwargs)
@@ -327,6 +341,13 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, with token ids and targets as lists of rows too (`token_id_batch`),
         in `validation_data` too."""
+        if kwargs.get("class_weight") is not None and not self.per_example_targets:
+            # Keras weighs each example by the class `argmax(y, -1)`, which for [B, T] targets is the
+            # position of a row's largest id: a CausalLM's loss had become 0.0, a TokenClassifier's
+            # fit a graph error.
+            raise ValueError(f"{type(self).__name__}: class_weight weighs each example by its one class, and "
+                             f"{type(self).__name__}'s targets are per token: give the weights per token as "
+                             "sample_weight of shape [batch, length] instead")
         validation = kwargs.get("validation_data")
         if isinstance(validation, tuple) and len(validation) in (2, 3):
             kwargs["validation_data"] = (self.token_batches(validation[0]),
@@ -345,6 +366,7 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         """ValueError unless `value` (an array, tensor or `tf.TensorSpec`) holds `[batch, length]`
         token ids, within `max_length` with learned positions. Dimensions unknown until run time
         pass: there XLA's gather clamps positions past the table (see TokenAndPositionEmbedding)."""
+        refuse_ragged(self, name, value)
         shape = getattr(value, "shape", None)
         if shape is None or getattr(shape, "rank", 0) is None:  # no shape, or a tf.TensorShape of unknown rank
             return
@@ -368,7 +390,9 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         from keras.src.trainers.data_adapters import data_adapter_utils  # noqa: PLC0415
 
         if isinstance(x, tf.data.Dataset):
-            x = data_adapter_utils.unpack_x_y_sample_weight(x.element_spec)[0]
+            x, target_spec, _ = data_adapter_utils.unpack_x_y_sample_weight(x.element_spec)
+        else:
+            target_spec = None
         expected = " and ".join(self.token_inputs)
         if isinstance(x, dict):
             missing = [name for name in self.token_inputs if x.get(name) is None]
@@ -384,6 +408,7 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         else:
             self.check_token_ids(self.token_inputs[0], x)
             check_id_range(self, self.token_inputs[0], x, self.input_vocab_size(self.token_inputs[0]))
+        refuse_ragged(self, "targets", target_spec if target_spec is not None else y)
         self.check_targets(y)
 
     def check_targets(self, y):

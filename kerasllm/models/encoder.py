@@ -217,6 +217,24 @@ class EncoderModel(TransformerModel):
         """The exported graph: a dict of named float32 outputs (see each task)."""
         raise NotImplementedError
 
+    # What a model fine-tuned from a pretrained encoder may set anew: the rest is the encoder's shape
+    # and vocabulary, which its weights fix.
+    FINE_TUNING_SETTINGS = ("dropout", "pooling")
+
+    @classmethod
+    def from_masked_lm(cls, masked_lm: "EncoderModel", num_labels: int, **config_changes):
+        """A model of this class (TextClassifier, TokenClassifier) whose encoder starts from
+        `masked_lm`'s pretrained encoder weights (a MaskedLM, or any encoder model);
+        `config_changes` may set `dropout` and `pooling`. A change to the encoder's shape had
+        failed in Keras's `set_weights` ("a weight list of length 28, but the layer was expecting 40")."""
+        fixed = sorted(set(config_changes) - set(cls.FINE_TUNING_SETTINGS))
+        if fixed:
+            raise ValueError(f"{cls.__name__}.from_masked_lm: {', '.join(fixed)} cannot change (the pretrained "
+                             f"encoder's weights fix them); only {' and '.join(cls.FINE_TUNING_SETTINGS)} can")
+        model = cls(masked_lm.config.replace(num_labels=num_labels, **config_changes))
+        model.encoder.set_weights(masked_lm.encoder.get_weights())
+        return model
+
 
 @keras.saving.register_keras_serializable(package="kerasllm")
 class MaskedLM(EncoderModel):
@@ -314,6 +332,8 @@ class TextClassifier(EncoderModel):
     (2, 3)
     """
 
+    per_example_targets = True
+
     def __init__(self, config, **kwargs):
         kwargs.setdefault("name", "text_classifier")
         super().__init__(config, **kwargs)
@@ -330,14 +350,6 @@ class TextClassifier(EncoderModel):
         self.pooler.build((None, self.config.hidden_dim))
         self.classifier.build((None, self.config.hidden_dim))
         self.built = True
-
-    @classmethod
-    def from_masked_lm(cls, masked_lm: MaskedLM, num_labels: int, **config_changes) -> "TextClassifier":
-        """A classifier whose encoder starts from `masked_lm`'s pretrained encoder weights."""
-        config = masked_lm.config.replace(num_labels=num_labels, **config_changes)
-        model = cls(config)
-        model.encoder.set_weights(masked_lm.encoder.get_weights())
-        return model
 
     def check_targets(self, y):
         check_labels(self, y)

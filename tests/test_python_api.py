@@ -1,0 +1,93 @@
+"""The Python API as a user's own Keras code calls it: what it refuses, and in which words."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasllm import CausalLM, DecoderConfig, EncoderConfig, MaskedLM, TextClassifier, TokenClassifier
+
+IDS = np.random.RandomState(0).randint(20, 64, (16, 13))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CausalLM(DecoderConfig.preset("tiny", vocab_size=64)),
+    lambda: TokenClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=3)),
+])
+def test_class_weight_is_refused_where_targets_are_per_token(make):
+    """Keras weighs an example by the class argmax(y, -1), for [B, T] targets the position of the
+    row's largest id: a CausalLM's loss had become 0.0 (no training, nothing said), a
+    TokenClassifier's fit a TensorFlow graph error."""
+    model = make()
+    model.compile()
+    targets = IDS[:, 1:] if isinstance(model, CausalLM) else IDS[:, 1:] % 3
+    with pytest.raises(ValueError, match=r"class_weight weighs each example by its one class, and \w+'s targets "
+                                         r"are per token: give the weights per token as sample_weight"):
+        model.fit(IDS[:, :-1], targets, class_weight={0: 0.5, 1: 1.0, 2: 1.0}, epochs=1, verbose=0)
+
+
+def test_class_weight_still_weighs_a_text_classifiers_examples():
+    """One label per text: class_weight is Keras's per-example weighting, as sample_weight gives it."""
+    labels = IDS[:, 0] % 2
+    losses = []
+    for weights in ({"class_weight": {0: 0.25, 1: 1.0}}, {"sample_weight": np.where(labels == 0, 0.25, 1.0)}):
+        keras.utils.set_random_seed(1)
+        model = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=2))
+        model.compile()
+        losses.append(model.fit(IDS, labels, epochs=1, batch_size=16, verbose=0, **weights).history["loss"][0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_ragged_token_ids_are_refused_in_one_line():
+    """A tf.RaggedTensor had failed inside the attention mask ("unsupported operand type(s) for -")."""
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    model.compile()
+    rows = tf.ragged.constant([[7, 8, 9, 10], [7, 8, 9]])
+    dataset = tf.data.Dataset.from_tensor_slices((rows[:, :-1], rows[:, 1:])).batch(2)
+    message = r"CausalLM expects token_ids of shape \[batch, length\], got a ragged tensor: pad it \(`.to_tensor\(0\)`"
+    with pytest.raises(ValueError, match=message):
+        model.fit(dataset, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=message):
+        model.predict(rows, verbose=0)
+
+
+@pytest.mark.parametrize("cls", [TextClassifier, TokenClassifier])
+def test_fine_tuning_from_a_masked_lm(cls):
+    """TokenClassifier had no from_masked_lm (the CLI's --init-from had); a change to the encoder's
+    shape had failed in Keras's set_weights ("a weight list of length 28, but ... expecting 40")."""
+    masked_lm = MaskedLM(EncoderConfig.preset("tiny", vocab_size=64))
+    masked_lm(IDS)
+    model = cls.from_masked_lm(masked_lm, num_labels=3, dropout=0.1)
+    assert model.config.num_labels == 3 and model.config.dropout == 0.1
+    for mine, pretrained in zip(model.encoder.get_weights(), masked_lm.encoder.get_weights()):
+        np.testing.assert_array_equal(mine, pretrained)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.from_masked_lm: hidden_dim, num_layers cannot change "
+                                         r"\(the pretrained encoder's weights fix them\); only dropout and pooling can"):
+        cls.from_masked_lm(masked_lm, num_labels=3, num_layers=3, hidden_dim=64)
+
+
+def test_export_under_a_mixed_precision_policy_writes_an_fp32_bundle(tmp_path):
+    """A script that trains under mixed_float16 and then exports had loaded the model in fp16 compute
+    and traced a graph of mixed fp16 and fp32 nodes: ONNX Runtime refused it after the conversion."""
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.export.predict import load_predictor
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.train(["the quick brown fox jumps over the lazy dog"], kind="char")
+    config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=32)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    CausalLM(config).save(model_dir / "model.keras")
+    tokenizer.save(model_dir / "tokenizer.json")
+    (model_dir / "config.json").write_text(json.dumps({"task": "causal-lm", "model": config.to_dict()}))
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        export_model_dir(model_dir, tmp_path / "bundle", log=lambda line: None)
+        assert keras.config.dtype_policy().name == "mixed_float16"  # the script's policy given back
+    finally:
+        keras.config.set_dtype_policy("float32")
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["dtype"] == "fp32"
+    assert load_predictor("generate", tmp_path / "bundle") is not None
