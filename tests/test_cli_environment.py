@@ -410,3 +410,37 @@ def test_out_of_memory_in_an_import_gives_no_batch_advice(run_cli, monkeypatch, 
     inputs.write_text("a prompt\n")
     result = run_cli("generate", tmp_path, "-i", inputs, "-q")
     assert (result.code, result.err.splitlines()) == (1, ["kerasllm: error: out of memory"]), result
+
+
+def test_a_cache_disk_too_full_is_left_out_with_a_notice(cache_environment, tmp_path, monkeypatch):
+    """XLA's failed write into a full cache disk ended training and export as "out of memory": a
+    disk with less than 256 MiB free is not used for the cache."""
+    import shutil
+
+    cache_environment.setenv("KERASLLM_XLA_CACHE", str(tmp_path / "xla"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 2**20, 2**20))
+    notice = configure_tensorflow()
+    assert "TF_XLA_FLAGS" not in os.environ
+    assert notice == (f"XLA compilation cache off: {tmp_path / 'xla'} has 1 MiB free (< 256 MiB) "
+                      "(set KERASLLM_XLA_CACHE to a writable directory, or to off)")
+
+
+def test_a_disk_that_fills_during_the_run_is_named_not_called_out_of_memory(run_cli, monkeypatch, tmp_path):
+    """TensorFlow's ResourceExhaustedError for XLA's cache write ("No space left on device") had
+    read "out of memory ...: lower --batch-size or --seq-len"."""
+    import tensorflow as tf
+
+    cache = tmp_path / "xla" / "tf2.21.0-cpu0123"
+    message = (f"{{{{function_node __inference_<lambda>_1943}}}} {cache}/xla_compile_cache__123-XLA_CPU_JIT.pbvm-"
+               "0.tmp; No space left on device")
+
+    def fill_the_disk(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, message)
+
+    monkeypatch.setattr("kerasllm.cli.infer.run_job", fill_the_disk)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("a prompt\n")
+    result = run_cli("generate", tmp_path, "-i", inputs, "-q")
+    assert (result.code, result.err.splitlines()) == (1, [
+        f"kerasllm: error: {cache}: no space left on device for XLA's compilation cache: free space there "
+        "(set KERASLLM_XLA_CACHE to a writable directory, or to off)"]), result

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -167,6 +168,12 @@ def use_xla_cache() -> str | None:
     except OSError as err:
         return f"XLA compilation cache off: cannot write {root}: {err.strerror or err} {_XLA_CACHE_ADVICE}"
     prune_xla_cache(root, limit)
+    # XLA's failed cache write is a ResourceExhaustedError that ends the command (a full cache disk
+    # had stopped training and export as "out of memory"): a disk too full for it is skipped.
+    free = shutil.disk_usage(cache).free
+    if free < _XLA_CACHE_MIN_FREE:
+        return (f"XLA compilation cache off: {root} has {free / 2**20:.0f} MiB free "
+                f"(< {_XLA_CACHE_MIN_FREE // 2**20} MiB) {_XLA_CACHE_ADVICE}")
     # TensorFlow splits TF_XLA_FLAGS at whitespace, but reads a double-quoted value whole, with
     # backslash escapes (XLA's ParseArgvFromString): unquoted, a path with a space was cut there
     # and the cache written into the directory before the space.
@@ -176,6 +183,7 @@ def use_xla_cache() -> str | None:
 
 
 _XLA_CACHE_DEFAULT_SIZE = "2G"
+_XLA_CACHE_MIN_FREE = 256 * 2**20  # a base-size model's programs are tens of MB
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -412,6 +420,23 @@ def _import_out_of_memory(err: ImportError) -> bool:
             or in_chain(err, MemoryError) is not None)
 
 
+def _tensorflow_disk_full(err: Exception) -> str | None:
+    """The one line for TensorFlow's ResourceExhaustedError from a full disk (XLA writing a program
+    to its cache when the disk filled during the run), else None: it had read "out of memory ...
+    lower --batch-size"."""
+    kind = type(err)
+    if kind.__name__ != "ResourceExhaustedError" or not kind.__module__.startswith("tensorflow"):
+        return None
+    match = re.search(r"(\S+?);? No space left on device", str(err))
+    if match is None:
+        return None
+    where = Path(match.group(1).rstrip(";:,"))
+    if where.name.startswith("xla_compile_cache__"):
+        return (f"{where.parent}: no space left on device for XLA's compilation cache: free space there "
+                f"{_XLA_CACHE_ADVICE}")
+    return f"{where}: no space left on device"
+
+
 def _tensorflow_out_of_memory(err: Exception) -> str | None:
     """What TensorFlow's out-of-memory error (`ResourceExhaustedError`) says ran out, in one line,
     else None: its allocator's "OOM when allocating tensor with shape[...]" or XLA's "Out of memory
@@ -513,6 +538,11 @@ def main(argv=None) -> None:
                    err=True)
         sys.exit(1)
     except Exception as err:
+        disk_full = _tensorflow_disk_full(err)
+        if disk_full is not None:
+            logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
+            click.echo(f"kerasllm: error: {disk_full}", err=True)
+            sys.exit(1)
         detail = _tensorflow_out_of_memory(err)
         if detail is None:
             raise
