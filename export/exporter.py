@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kerasllm import signals
 from kerasllm.errors import UsageError
 from kerasllm.export import bundle as bundle_lib
 from kerasllm.export.convert import DEFAULT_OPSET, OPSETS
@@ -215,6 +216,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         # Loaded (every check a serving command makes) before it takes --out: a bundle refused after
         # the commit had been left there, and the same export was then refused as "not empty".
         bundle_lib.load_bundle(staging)
+        signals.raise_if_received()  # a Ctrl-C or SIGTERM that Python dropped (kerasllm.signals): no commit
         bundle_lib.commit_bundle(staging, out)
     except BaseException:
         bundle_lib.discard(staging)

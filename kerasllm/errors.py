@@ -27,8 +27,9 @@ class BundleError(KerasLLMError):
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived while a training ran (`kerasllm train` turns it into this, as Python turns
-    SIGINT into KeyboardInterrupt): a BaseException, so that no `except Exception` swallows it."""
+    """SIGTERM or SIGHUP (its number the first argument) arrived while a training or an export ran
+    (`kerasllm.signals` turns it into this, as Python turns SIGINT into KeyboardInterrupt): a
+    BaseException, so that no `except Exception` swallows it. The CLI exits 128 + the number."""
 
     exit_code = 143
 

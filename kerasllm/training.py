@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import keras
+import numpy as np
 
 from kerasllm.atomic import worker_scratch_dir, write_json_atomic  # noqa: F401 - the recipes' import
-from kerasllm.errors import KerasLLMError, Terminated, UsageError
+from kerasllm import signals
+from kerasllm.errors import KerasLLMError, UsageError
 # DIR/config.json, read and checked without TensorFlow: the serving side reads it too.
 from kerasllm.export.predict import read_run_config  # noqa: F401 - the recipes' import
 
@@ -180,20 +182,21 @@ class StopWhenDiverged(keras.callbacks.Callback):
 
 
 class StopWhenTerminated(keras.callbacks.Callback):
-    """Raise `Terminated` at the next step once SIGTERM was received (`received` holds its number).
-
-    `kerasllm train`'s handler raises `Terminated` itself; but Python runs a handler between any two
-    bytecodes, also inside a `__del__` or a garbage-collector callback, where an exception is
-    printed ("Exception ignored in ...") and dropped. A training whose signal landed there had
-    trained on with SIGTERM back at its default action (a CI run waited 120 s for it)."""
-
-    received: int | None = None
+    """Raise at the next step the stop a signal handler raised (`kerasllm.signals`): Python drops
+    a handler's exception raised inside a `__del__` or a garbage-collector callback, and a training
+    whose SIGTERM landed there had trained on (a CI run waited 120 s for it)."""
 
     def _raise_if_received(self, *args, **kwargs):
-        if StopWhenTerminated.received is not None:
-            raise Terminated(StopWhenTerminated.received)
+        signals.raise_if_received()
 
     on_train_batch_end = on_test_batch_end = on_epoch_end = _raise_if_received
+
+
+def _itemsize(dtype) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # a dtype NumPy does not name (bfloat16 without ml_dtypes registered)
+        return 2 if "16" in str(dtype) else 4
 
 
 class RunBackup(keras.callbacks.BackupAndRestore):
@@ -226,6 +229,7 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         previous checkpoint whole; one between the two renames, new weights with the previous
         interval's step (that interval trained again)."""
         backup = Path(self.backup_dir)
+        self._check_space(backup)  # before the directory: a run without a checkpoint is then removed
         backup.mkdir(parents=True, exist_ok=True)
         for path in (self._weights_path, self._training_metadata_path):
             if self.double_checkpoint and os.path.exists(path):
@@ -237,6 +241,19 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         Path(f"{self._training_metadata_path}.partial").write_text(json.dumps(metadata))
         os.replace(partial, self._weights_path)
         os.replace(f"{self._training_metadata_path}.partial", self._training_metadata_path)
+
+    def _check_space(self, backup: Path) -> None:
+        """KerasLLMError unless the disk holds a checkpoint's writes: the new weights and the copy of
+        the last ones to `.bkp` (weights and optimizer state, ~3x the model in fp32). On a disk that
+        filled while h5py wrote, it had printed ~70 tracebacks from its destructors, then the process
+        had died of a segmentation fault: at the first checkpoint with the run directory left behind,
+        which the same command then refused."""
+        state = [*self.model.weights, *getattr(self.model.optimizer, "variables", [])]
+        needed = sum(math.prod(v.shape) * _itemsize(v.dtype) for v in state) * 2 + (1 << 20)
+        free = shutil.disk_usage(backup if backup.exists() else backup.parent).free
+        if free < needed:
+            raise KerasLLMError(f"{backup}: no space left for the checkpoint ({needed / 2**20:,.1f} MiB needed, "
+                                f"{free / 2**20:,.1f} MiB free): free space there, then --resume")
 
     def _load_model(self):
         # A checkpoint torn before the atomic save above (or damaged since) fails to load with a

@@ -79,3 +79,40 @@ def test_an_export_its_own_load_refuses_leaves_out_as_it_was(run_cli, model_dir,
     assert result.code == 1 and "not an ONNX graph this kerasllm can read" in result.err, result
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging left either
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP", "SIGINT dropped by Python"])
+def test_a_stopped_export_leaves_no_staging_nor_scratch(run_cli, model_dir, tmp_path, monkeypatch, stop):
+    """SIGTERM and SIGHUP had killed an export where it stood, its staging directory left beside
+    --out and its scratch directory in $TMPDIR (graph-sized); a Ctrl-C that Python dropped inside a
+    TensorFlow `__del__` had let the export finish and exit 0. Each now stops it as Ctrl-C does."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from kerasllm import signals  # noqa: PLC0415
+    from kerasllm.export import exporter  # noqa: PLC0415
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    export_graph = exporter.FAMILY_EXPORTERS["decoder"]
+
+    def stopped_midway(model, scratch, staging, options, log):
+        entries = export_graph(model, scratch, staging, options, log)
+        (scratch / "model.onnx").write_bytes(b"graph-sized")
+        if stop == "SIGINT dropped by Python":
+            signals.received = signal.SIGINT  # what the handler leaves when its raise is lost
+        else:
+            os.kill(os.getpid(), getattr(signal, stop))
+        return entries
+
+    monkeypatch.setitem(exporter.FAMILY_EXPORTERS, "decoder", stopped_midway)
+    out = tmp_path / "bundle"
+    result = run_cli("export", model_dir, "--out", out, "--quiet")
+    expected = (130, "kerasllm: interrupted") if stop.startswith("SIGINT") else (
+        128 + getattr(signal, stop), f"kerasllm: stopped by {stop}")
+    assert (result.code, result.err.splitlines()[-1]) == expected, result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tmp"]  # no bundle, no staging beside it
+    assert list(scratch_root.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signals.received is None

@@ -2,6 +2,7 @@
 a diverged loss, a failure of any kind; and a diverged run says so in one line."""
 
 import json
+import re
 
 import keras
 import pytest
@@ -253,7 +254,7 @@ def test_a_torn_checkpoint_of_an_older_version_resumes_from_its_backup(run_cli, 
     assert (out / "model.keras").is_file() and _steps(out)[-1] == 20
 
 
-def _train_until(tmp_path, corpus_file, out, ready, *options):
+def _train_until(tmp_path, corpus_file, out, ready, *options, signum=None):
     """`kerasllm train causal-lm` in a subprocess, sent SIGTERM once `ready()` holds; its result."""
     import os  # noqa: PLC0415
     import signal  # noqa: PLC0415
@@ -269,7 +270,7 @@ def _train_until(tmp_path, corpus_file, out, ready, *options):
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process.poll() is None, process.communicate()[1]
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum or signal.SIGTERM)
     try:
         _, err = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -296,21 +297,33 @@ def test_a_sigterm_whose_exception_python_dropped_still_stops_the_training(tmp_p
     its SIGTERM. The signal is remembered and raised again at the next step."""
     import signal  # noqa: PLC0415
 
-    from kerasllm import training  # noqa: PLC0415
+    from kerasllm import signals, training  # noqa: PLC0415
 
     original = training.ProgressLogger.on_train_batch_end
 
     def drop_the_handlers_exception(self, batch, logs=None):  # what the handler leaves when its raise is lost
         original(self, batch, logs)
         if self.step == 10:
-            training.StopWhenTerminated.received = signal.SIGTERM
+            signals.received = signal.SIGTERM
 
     monkeypatch.setattr(training.ProgressLogger, "on_train_batch_end", drop_the_handlers_exception)
     out = tmp_path / "run"
     result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "60",
                      "--eval-interval", "1000", "--eval-steps", "1", *FAST)
     assert (result.code, result.err.splitlines()[-1:]) == (143, ["kerasllm: stopped by SIGTERM"]), result
-    assert not out.exists() and training.StopWhenTerminated.received is None
+    assert not out.exists() and signals.received is None
+
+
+def test_sighup_stops_a_training_as_sigterm_does(tmp_path, corpus_file):
+    """SIGHUP (a closed terminal or SSH session) had kept its default action: a run stopped in its
+    first interval left its directory, which the same command then refused."""
+    import signal  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    code, err = _train_until(tmp_path, corpus_file, out, lambda: (out / "history.jsonl").exists(),
+                             "--eval-interval", "50000", "--eval-steps", "1", signum=signal.SIGHUP)
+    assert (code, err.splitlines()[-1:]) == (129, ["kerasllm: stopped by SIGHUP"]), err
+    assert not out.exists()
 
 
 def test_sigterm_after_a_checkpoint_keeps_the_run_for_resume(tmp_path, corpus_file, run_cli):
@@ -320,3 +333,40 @@ def test_sigterm_after_a_checkpoint_keeps_the_run_for_resume(tmp_path, corpus_fi
     assert (code, err.splitlines()[-1:]) == (143, ["kerasllm: stopped by SIGTERM"]), err
     assert (out / "checkpoints" / "latest.weights.h5").is_file() and not (out / "model.keras").exists()
     assert not (out / "checkpoints" / "partial.weights.h5").exists()
+
+
+def test_a_disk_without_room_for_the_checkpoint_is_one_line_and_leaves_nothing(tmp_path, corpus_file, run_cli,
+                                                                                 monkeypatch):
+    """A disk that filled while h5py wrote the first checkpoint had printed ~70 tracebacks from h5py's
+    destructors, then died of a segmentation fault with the run directory left behind (the same
+    command then refused as "exists and is not empty"). The checkpoint's room is checked first."""
+    import shutil
+
+    disk_usage = shutil.disk_usage
+    out = tmp_path / "run"
+
+    def full_under_the_run(path):
+        usage = disk_usage(path)
+        return usage._replace(free=2**20) if str(path).startswith(str(out)) else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", full_under_the_run)
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "8",
+                     "--eval-interval", "4", "--eval-steps", "1", *FAST)
+    assert result.code == 1 and len(result.err.splitlines()) == 1, result
+    assert re.fullmatch(rf"kerasllm: error: {re.escape(str(out))}/checkpoints: no space left for the checkpoint "
+                        r"\([\d.,]+ MiB needed, 1\.0 MiB free\): free space there, then --resume\n", result.err), result
+    assert not out.exists()
+
+
+def test_a_disk_that_fills_during_the_token_cache_is_one_line(tmp_path, corpus_file, run_cli, monkeypatch):
+    """numpy's short write had read "42793 requested and 26624 written", naming no file nor the disk."""
+    def short_write(*args, **kwargs):
+        raise OSError("42793 requested and 26624 written")
+
+    monkeypatch.setattr("kerasllm.token_cache.move_tail", short_write)
+    out = tmp_path / "run"
+    result = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, "--steps", "8", *FAST)
+    assert result.code == 1 and len(result.err.splitlines()) == 1, result
+    assert re.fullmatch(rf"kerasllm: error: {re.escape(str(out))}/tokens: cannot write the token cache "
+                        r"\(42793 requested and 26624 written; .+ free there\)\n", result.err), result
+    assert not out.exists()

@@ -511,8 +511,11 @@ def main(argv=None) -> None:
         click.echo("kerasllm: interrupted", err=True)
         sys.exit(130)
     except Terminated as err:
-        click.echo("kerasllm: stopped by SIGTERM", err=True)
-        sys.exit(err.exit_code)
+        from kerasllm.signals import name  # noqa: PLC0415
+
+        signum = err.args[0] if err.args and isinstance(err.args[0], int) else 15
+        click.echo(f"kerasllm: stopped by {name(signum)}", err=True)
+        sys.exit(128 + signum)
     except OSError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         click.echo(f"kerasllm: error: {err}", err=True)

@@ -53,7 +53,10 @@ def export(model_dir, out, opset, dtype, optimize, kv_cache, quiet):
             raise UsageError(f"--kv-cache is for decoder and seq2seq models; {model_dir} is an encoder")
     from kerasllm.export.exporter import ExportOptions, export_model_dir  # noqa: PLC0415 - imports TensorFlow
 
+    from kerasllm import signals  # noqa: PLC0415
+
     def log(message: str) -> None:
+        signals.raise_if_received()  # a stop Python dropped (signals' docstring) ends the export here
         if not quiet:
             click.echo(f"kerasllm: {message}", err=True)
 
@@ -68,7 +71,10 @@ def export(model_dir, out, opset, dtype, optimize, kv_cache, quiet):
     try:
         options = ExportOptions(opset=opset, dtype=dtype, optimize=optimize,
                                 shared_kv_buffer=kv_cache == "shared-buffer")
-        export_model_dir(model_dir, out, options, log=log)
+        # SIGTERM and SIGHUP stop it as Ctrl-C does, the staging and scratch directories removed (under
+        # their default action they had been left beside --out and in $TMPDIR, graph-sized).
+        with signals.stops_cleanly():
+            export_model_dir(model_dir, out, options, log=log)
     finally:
         logger.setLevel(level)
     log(f"bundle written to {out}")

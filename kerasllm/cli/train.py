@@ -7,14 +7,12 @@ checkpoints at each validation, and continues a stopped run with `--resume`.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from kerasllm.cli.options import DISTRIBUTE_OPTIONS, model_override_options, run_options, vocab_size_option
-from kerasllm.errors import Terminated
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 
 
@@ -129,40 +127,19 @@ def seq2seq(data, source_file, target_file, source_field, target_field, tokenize
     _say_where_the_model_is(out, history)
 
 
-@contextlib.contextmanager
 def _sigterm_unwinds(distribute):
-    """SIGTERM (a job manager, `timeout`, `kill`) stops a one-process training as Ctrl-C does: it
-    raises `Terminated` in the main thread, so the run directory is left as after an interrupt (a
-    run stopped before its first checkpoint is removed, one after it keeps what --resume needs) and
-    the command ends in one line, exit 143. Under the default action the process had died where it
-    stood, and a run stopped in its first interval left a directory that the same command then
-    refused ("exists and is not empty"). A second SIGTERM kills at once.
+    """SIGTERM (a job manager, `timeout`, `kill`) and SIGHUP (a closed terminal) stop a one-process
+    training as Ctrl-C does (`kerasllm.signals`): the run directory is left as after an interrupt
+    (a run stopped before its first checkpoint is removed, one after it keeps what --resume needs)
+    and the command ends in one line, exit 143 (129). Under the default action the process had died
+    where it stood, and a run stopped in its first interval left a directory that the same command
+    then refused ("exists and is not empty").
 
     Not for `--strategy multi-worker`: a worker blocked in a collective op runs no Python, so a
-    Python handler would leave it running; there SIGTERM keeps its default action (distribute.py).
-    Python runs the handler between bytecodes: within a step (or a compile) of the signal."""
-    import signal  # noqa: PLC0415
-    import threading  # noqa: PLC0415
+    Python handler would leave it running; there the signals keep their default action (distribute.py)."""
+    from kerasllm.signals import stops_cleanly  # noqa: PLC0415
 
-    if (distribute is not None and distribute.strategy == "multi-worker"
-            or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
-        yield
-        return
-
-    from kerasllm.training import StopWhenTerminated  # noqa: PLC0415 - imports Keras
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        StopWhenTerminated.received = signum  # raised again at the next step if this one is dropped
-        raise Terminated(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        StopWhenTerminated.received = None
+    return stops_cleanly(enabled=distribute is None or distribute.strategy != "multi-worker")
 
 
 def _say_where_the_model_is(out: Path, history) -> None:
