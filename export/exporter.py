@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from kerasllm import signals
-from kerasllm.errors import UsageError
+from kerasllm.errors import KerasLLMError, UsageError
 from kerasllm.export import bundle as bundle_lib
 from kerasllm.export.convert import DEFAULT_OPSET, OPSETS
 from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, load_seq2seq_tokenizers
@@ -168,7 +168,9 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
     options = options or ExportOptions()
     options.validate()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; --out names the bundle's directory (a new or empty one)")
+    if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty; choose a new --out")
     if out.is_symlink():
         # A link (to an empty directory, or to none yet) gets the bundle in its target, which it then
@@ -177,17 +179,20 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         out = Path(os.path.realpath(out))
     from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow (after the quick checks)
 
-    with float32_policy():
-        model, tokenizer, run = load_model_dir(model_dir)
-    family = run["model"]["family"]
-    if family not in FAMILY_EXPORTERS:
-        raise UsageError(f"{model_dir}: no export for the {family} family yet")
-    target_tokenizer = Path(model_dir) / TARGET_TOKENIZER_FILE
-    has_target = bool(run["model"].get("target_vocab_size"))
-    if has_target:
-        load_seq2seq_tokenizers(model_dir, run["model"])  # the checks translating from the model dir makes
-    staging = bundle_lib.staging_dir(out)
+    try:  # before TensorFlow and the model load: a read-only --out had failed after them, naming the staging
+        staging = bundle_lib.staging_dir(out)
+    except OSError as err:
+        raise KerasLLMError(f"{out}: cannot write the bundle there ({err.strerror or err})") from None
     try:
+        with float32_policy():
+            model, tokenizer, run = load_model_dir(model_dir)
+        family = run["model"]["family"]
+        if family not in FAMILY_EXPORTERS:
+            raise UsageError(f"{model_dir}: no export for the {family} family yet")
+        target_tokenizer = Path(model_dir) / TARGET_TOKENIZER_FILE
+        has_target = bool(run["model"].get("target_vocab_size"))
+        if has_target:
+            load_seq2seq_tokenizers(model_dir, run["model"])  # the checks translating from the model dir makes
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
             with float32_policy():
                 entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)

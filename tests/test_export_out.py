@@ -116,3 +116,37 @@ def test_a_stopped_export_leaves_no_staging_nor_scratch(run_cli, model_dir, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tmp"]  # no bundle, no staging beside it
     assert list(scratch_root.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signals.received is None
+
+
+def test_an_out_that_is_a_file_or_cannot_be_written_is_named_before_the_model_loads(run_cli, model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """An empty file as --out had been "exists and is not empty"; a read-only directory had failed
+    after TensorFlow and the model loaded, naming the hidden staging directory."""
+    import os  # noqa: PLC0415
+
+    from kerasllm import modeldir  # noqa: PLC0415
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    result = run_cli("export", model_dir, "--out", a_file)
+    assert (result.code, result.err.splitlines()) == (2, [
+        f"kerasllm: error: {a_file} is a file; --out names the bundle's directory (a new or empty one)"]), result
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(modeldir, "load_model_dir", never)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):  # root writes anywhere: a directory under a file cannot be made
+            read_only = a_file / "sub"
+            reason = "Not a directory"
+        else:
+            reason = "Permission denied"
+        result = run_cli("export", model_dir, "--out", read_only / "bundle")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert (result.code, result.err.splitlines()) == (1, [
+        f"kerasllm: error: {read_only / 'bundle'}: cannot write the bundle there ({reason})"]), result
