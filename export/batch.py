@@ -257,6 +257,186 @@ def names_a_descriptor(path: str | Path) -> bool:
     return name in ("/dev/stdout", "/dev/stderr") or re.fullmatch(r"/(dev/fd|proc/(self|\d+)/fd)/\d+", name) is not None
 
 
+def _descriptor_number(path: str | Path) -> int | None:
+    """The descriptor of this process that `path` names (`names_a_descriptor`), None for another's."""
+    name = os.path.abspath(str(path))
+    if name in ("/dev/stdout", "/dev/stderr"):
+        return 1 if name == "/dev/stdout" else 2
+    match = re.fullmatch(r"/(?:dev/fd|proc/(self|\d+)/fd)/(\d+)", name)
+    if match is None or match.group(1) not in (None, "self", str(os.getpid())):
+        return None
+    return int(match.group(2))
+
+
+def open_descriptor(path: str | Path) -> BinaryIO:
+    """A path naming an open descriptor (`names_a_descriptor`) opened for writing as `-` is written:
+    the inherited descriptor itself (a duplicate), never opened again with O_TRUNC. Reopened with "wb",
+    `-o /dev/stdout >> job.log` had emptied the job's log (whatever earlier steps had written there),
+    and `> log 2>&1` shares one offset between stdout and stderr, which a file opened again does not.
+    A descriptor not open here for writing (another process's, a read-only one) is opened in append mode."""
+    number = _descriptor_number(path)
+    if number is not None:
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX only; elsewhere the path is opened
+
+            writable = (fcntl.fcntl(number, fcntl.F_GETFL) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        except (ImportError, OSError):
+            writable = False
+        if writable:
+            for stream in (sys.stdout, sys.stderr):  # what went through Python's own layers comes first
+                if stream is not None:
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError):
+                        pass
+            return os.fdopen(os.dup(number), "wb")
+    return open(path, "ab")
+
+
+class OutputInUse(UsageError):
+    """--output is held by another job (`OutputLock`)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path}: in use by another kerasllm job (it holds a lock on the file until it ends: "
+                         "wait for it, or choose another --output)")
+
+
+class OutputLock:
+    """Holds a regular --output file for a whole job: an advisory `flock` (exclusive) on the file itself.
+
+    Two jobs on one output (a batch system's retry beside the first attempt, an operator's rerun with
+    --resume) had both appended to it and both exited 0, every record then there twice. With the lock
+    the job that comes second is refused in one line (`OutputInUse`, exit 2) and writes nothing. The
+    kernel drops the lock when the process ends however it ends (SIGKILL included), so nothing is left
+    behind to clear. Outputs that are not regular files (`-`, /dev/stdout, /dev/null, a FIFO) are not
+    locked; where the file system has no locks (some network and FUSE mounts) the job goes on unguarded.
+
+    `open(create=...)`: a job continuing or replacing its output (`--resume`, `--overwrite`) takes the
+    lock before it reads or changes anything there (`resume_point` repairs a torn line); a new output is
+    created exclusively (`create=True`) when the writer opens it, and locked at once. `release()` removes
+    an output this job created or emptied and wrote nothing to, while still holding the lock, so that a
+    job that failed before its first line leaves no empty file (which would pass for a finished job).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.fd: int | None = None
+        self.emptied = False  # created by this job, or truncated by it (--overwrite)
+        self.keep = False  # an empty output that is the job's result (a shard without records)
+
+    @staticmethod
+    def applies(path: str | Path) -> bool:
+        """Whether `path` is (or will be) a regular file: what is locked."""
+        if str(path) == "-" or names_a_descriptor(path):
+            return False
+        return not os.path.exists(path) or os.path.isfile(path)
+
+    def open(self, create: bool = False, append: bool = False) -> int | None:
+        """Open and lock the output (made, with its directory, where missing); the descriptor, or None
+        for an output not locked. `create`: refuse one that exists (its own UsageError, or `OutputInUse`
+        where another job holds it)."""
+        if self.fd is not None or not self.applies(self.path):
+            return self.fd
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A symbolic link's target (O_EXCL does not follow links: one to a new file had been refused).
+        name = os.path.realpath(target) if target.is_symlink() else str(target)
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | (os.O_EXCL if create else 0)
+        existed = os.path.exists(name)
+        try:
+            fd = os.open(name, flags | (os.O_APPEND if append else 0), 0o666)
+        except FileExistsError:
+            if output_in_use(self.path):
+                raise OutputInUse(self.path) from None
+            raise UsageError(f"{self.path} exists: add --resume to continue it or --overwrite to replace it") from None
+        try:
+            _lock(fd, self.path)
+            if not _names(name, fd):  # the job that held it removed it (it wrote nothing) before this one locked it
+                raise OutputInUse(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.emptied = fd, create or not existed
+        return fd
+
+    def truncate(self) -> None:
+        """Empty the locked output (--overwrite), once, when its first lines are about to be written."""
+        if self.fd is not None and not self.emptied:
+            os.ftruncate(self.fd, 0)
+            self.emptied = True
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if self.emptied and not self.keep and os.fstat(fd).st_size == 0:
+                name = os.path.realpath(self.path)
+                if _names(name, fd):
+                    os.unlink(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _lock(fd: int, path: str) -> None:
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX (the serving side runs on Linux and macOS)
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputInUse(path) from None
+    except OSError:
+        pass  # no locks on this file system
+
+
+def _names(path: str, fd: int) -> bool:
+    try:
+        here, there = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def output_in_use(path: str | Path) -> bool:
+    """Whether another job holds `path` (`OutputLock`): a shared lock on it cannot be had."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def same_file(output: str | Path, input_path: str | Path) -> bool:
+    """Whether the regular file `output` is the input (`-`: standard input), compared as files
+    (device and inode), not as names: a hard link to the input, or `-i - < FILE -o FILE`, had been
+    truncated by `--overwrite` while it was read (exit 0, the records past the first buffer lost)."""
+    try:
+        out = os.stat(output)
+        # (standard input as the job reads it: `sys.stdin`, descriptor 0 in a process of the CLI)
+        source = os.fstat(sys.stdin.fileno()) if str(input_path) == "-" else os.stat(input_path)
+    except (OSError, ValueError, AttributeError):  # (closed, or replaced by an object without a descriptor)
+        return False
+    import stat  # noqa: PLC0415
+
+    return stat.S_ISREG(out.st_mode) and (out.st_dev, out.st_ino) == (source.st_dev, source.st_ino)
+
+
 class JsonlWriter:
     """Writes one JSON object per line, whole lines only, flushed after each group of lines.
 
@@ -264,32 +444,43 @@ class JsonlWriter:
     to standard output's byte stream too (its text layer's encoding had followed the locale: an
     ASCII locale raised at the first non-ASCII character, latin-1 wrote JSONL no UTF-8 reader reads).
 
-    A file is created exclusively (`open(..., "x")`): a file that exists is refused in one line,
+    A file is created exclusively (O_EXCL): a file that exists is refused in one line,
     the same refusal whether it was there before the job or a job started beside this one created
     it in the meantime (both had opened it with "w" and each overwrote the other's lines).
-    `append=True` continues an existing file, `replace=True` truncates one. A path that is not a
-    regular file (/dev/null, a FIFO) is opened for writing as it is.
+    `append=True` continues an existing file, `replace=True` truncates one. A regular file is held
+    with an `OutputLock` while the writer is open (`lock`: the job's own, taken earlier; else the
+    writer's, released by `close()`). A path naming an open descriptor (/dev/stdout, /dev/fd/N) is
+    written as that descriptor (`open_descriptor`: never truncated), and one that is not a regular
+    file (/dev/null, a FIFO) is opened for writing as it is.
     """
 
-    def __init__(self, path: str | Path, append: bool = False, replace: bool = False):
+    def __init__(self, path: str | Path, append: bool = False, replace: bool = False,
+                 lock: OutputLock | None = None):
         self.path = str(path)
+        self._lock = None
         if self.path == "-":
             self.stream = standard_output()
             self._close = False
             return
-        target = Path(self.path)
-        if names_a_descriptor(self.path):  # the shell's stream: written as it is, like /dev/null
-            self.stream = open(target, "ab" if append else "wb")
-            self._close = True
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        mode = "ab" if append else "wb" if replace or target.exists() and not target.is_file() else "xb"
-        try:
-            # A symbolic link's target (O_EXCL does not follow links: one to a new file had been refused).
-            self.stream = open(os.path.realpath(target) if target.is_symlink() else target, mode)
-        except FileExistsError:
-            raise UsageError(f"{self.path} exists: add --resume to continue it or --overwrite to replace it") from None
         self._close = True
+        if names_a_descriptor(self.path):  # the shell's stream: written as it is, like /dev/null
+            self.stream = open_descriptor(self.path)
+            return
+        target = Path(self.path)
+        if not OutputLock.applies(target):  # /dev/null, a FIFO
+            self.stream = open(target, "ab" if append else "wb")
+            return
+        if lock is None:
+            lock = self._lock = OutputLock(self.path)
+        try:
+            fd = lock.open(create=not (append or replace), append=append)
+            if replace:
+                lock.truncate()
+            self.stream = os.fdopen(os.dup(fd), "wb")
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
 
     def write(self, rows: Iterable[dict]) -> None:
         # One write call per group of whole lines, then a flush: a kill can cut the OS write
@@ -302,8 +493,13 @@ class JsonlWriter:
 
     def close(self) -> None:
         if self._close:
-            with self._naming_errors():  # what a failed write left in the buffer is flushed again
-                self.stream.close()
+            try:
+                with self._naming_errors():  # what a failed write left in the buffer is flushed again
+                    self.stream.close()
+            finally:
+                if self._lock is not None:
+                    self._lock.keep = True  # (the job decides about an empty output: `OutputLock.release`)
+                    self._lock.release()
 
     @contextmanager
     def _naming_errors(self):

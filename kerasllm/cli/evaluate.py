@@ -50,7 +50,7 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     """
     from kerasllm.errors import KerasLLMError, UsageError  # noqa: PLC0415
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
-    from kerasllm.export.batch import names_a_descriptor  # noqa: PLC0415
+    from kerasllm.export.batch import names_a_descriptor, open_descriptor  # noqa: PLC0415
 
     if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
         raise UsageError(f"{output} is also the --data file")
@@ -67,8 +67,9 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     text = json.dumps(result, indent=2)
     click.echo(text)  # first: a write that still fails (a full disk) loses none of the evaluation
     if output and names_a_descriptor(output):  # /dev/stdout, /dev/fd/N: the shell's stream, written as it is
-        with open(output, "w", encoding="utf-8") as stream:
-            stream.write(text + "\n")
+        # In place, never truncated: opened again with "w", `--output /dev/stdout >> job.log` had emptied the log.
+        with open_descriptor(output) as stream:
+            stream.write((text + "\n").encode("utf-8"))
     elif output:
         output = Path(os.path.realpath(output))  # through a symbolic link (the rename had replaced the link)
         tmp = _partial(output)

@@ -70,7 +70,9 @@ def batch_options(command):
                      help="Split the input into N contiguous blocks of lines (array jobs)..."),
         click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True,
                      help="...and process block I (0-based). Outputs concatenated in shard order "
-                     "equal the unsharded output."),
+                     "equal the unsharded output, but for seeded sampling (repeatable for the same "
+                     "sharding and --window, not across shardings) and, rarely, a score's last digits "
+                     "(a shard's windows and batches start at its own first line)."),
         click.option("--device", default="cpu", show_default=True,
                      help="cpu, cuda, cuda:N or auto (a bundle or a model dir)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, per-record warnings or summary."),
@@ -114,12 +116,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
             quiet: bool, options: dict, extra_tokens: int = 0, tokens_field: str | None = None) -> None:
     """Load the predictor for `task` on `source` and run the batch job; exits with its code."""
-    from tqdm import tqdm  # noqa: PLC0415  (kept off `kerasllm --help`'s path)
-
     from kerasllm.export import batch  # noqa: PLC0415
-    from kerasllm.export.predict import load_predictor  # noqa: PLC0415
-    from kerasllm.export.records import detect_format, read_records, stdin_bytes  # noqa: PLC0415
-    from kerasllm.export.runtime import retain_freed_memory  # noqa: PLC0415
+    from kerasllm.export.records import detect_format, stdin_bytes  # noqa: PLC0415
 
     started = time.perf_counter()
     if input_path == "-" and stdin_bytes().isatty():  # (closed: a UsageError)
@@ -134,7 +132,12 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     if input_path == "-" and num_shards > 1:
         raise UsageError("--num-shards needs an input file (standard input cannot be split into blocks)")
     _check_device(device)
-    fmt = detect_format(input_path, fmt)
+    given_fmt, fmt = fmt, detect_format(input_path, fmt)
+    if fmt == "conll" and task != "tag":
+        # CoNLL holds a word a line (`tag`'s input): every sentence had become an error record (exit 1).
+        how = "--format conll" if given_fmt == "conll" else f"{input_path}: a .conll file"
+        raise UsageError(f"{how}: CoNLL input (a word a line) is read by `kerasllm tag`; {task} reads text, "
+                         "JSONL, TSV or CSV (see --format)")
     # A pipe (`-i <(zcat big.txt.gz)`, a named FIFO) or a character device is a stream, read once
     # from its start like standard input: counting its lines first (the progress bar's total, the
     # shards' blocks) would consume what the job then reads.
@@ -158,9 +161,43 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     # this one for it is refused as well; this says so before the model load.
     if (output_path != "-" and Path(output_path).is_file() and not batch.names_a_descriptor(output_path)
             and not (resume or overwrite)):
+        if batch.output_in_use(output_path):
+            raise batch.OutputInUse(output_path)
         raise UsageError(f"{output_path} exists: add --resume to continue it or --overwrite to replace it")
-    if output_path != "-" and input_path != "-" and Path(output_path).resolve() == Path(input_path).resolve():
+    # Compared as files, not names: a hard link to the input, or `-i - < FILE -o FILE`, is the input too.
+    if output_path != "-" and (batch.same_file(output_path, input_path) or (
+            input_path != "-" and Path(output_path).resolve() == Path(input_path).resolve())):
         raise UsageError(f"{output_path} is also the input")
+    # Held for the whole job (an flock the kernel drops when the process ends): a second job on this
+    # --output, with --resume or without, is refused in one line instead of appending beside this one.
+    # A job continuing or replacing its output takes it now, before it reads or repairs it; a new
+    # output is created exclusively and locked when the writer opens it (after the model load).
+    lock = batch.OutputLock(output_path)
+    if resume or overwrite:
+        lock.open(append=resume)
+    try:
+        _run_locked(task, source, lock, input_path=input_path, output_path=output_path, fmt=fmt,
+                    text_field=text_field, id_field=id_field, batch_size=batch_size,
+                    max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
+                    resume=resume, overwrite=overwrite, num_shards=num_shards, shard_index=shard_index,
+                    device=device, quiet=quiet, options=options, extra_tokens=extra_tokens,
+                    tokens_field=tokens_field, streamed=streamed, started=started)
+    finally:
+        lock.release()  # (an output this job created or emptied and wrote nothing to is removed)
+
+
+def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: str, fmt: str, text_field: str,
+                id_field: str | None, batch_size: int, max_batch_tokens: int, bucket: bool, window: int,
+                truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
+                quiet: bool, options: dict, extra_tokens: int, tokens_field: str | None, streamed: bool,
+                started: float) -> None:
+    """`run_job` once its checks are passed and its `OutputLock` made (held, or taken by the writer)."""
+    from tqdm import tqdm  # noqa: PLC0415  (kept off `kerasllm --help`'s path)
+
+    from kerasllm.export import batch  # noqa: PLC0415
+    from kerasllm.export.predict import load_predictor  # noqa: PLC0415
+    from kerasllm.export.records import read_records  # noqa: PLC0415
+    from kerasllm.export.runtime import retain_freed_memory  # noqa: PLC0415
 
     lines = None
     total_lines = None
@@ -193,7 +230,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             everything.close()
         if input_empty:
             raise DataError(f"{input_path}: no records to process (the input is empty or holds only blank lines)")
-        batch.JsonlWriter(output_path, append=resume, replace=overwrite).close()
+        batch.JsonlWriter(output_path, append=resume, replace=overwrite, lock=lock).close()
+        lock.keep = True  # the empty part is this shard's result
         if not quiet:
             block = (f"lines {lines[0]}-{lines[1]} of {input_path} hold none" if lines[0] <= lines[1]
                      else f"{input_path} has {input_lines} lines, fewer than the shards")
@@ -246,7 +284,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     summary = batch.Summary(skipped=point.done, errors_total=point.errors)
     if point.done:
         bar.update(point.done)
-    writer = batch.JsonlWriter(output_path, append=resume, replace=overwrite)
+    writer = batch.JsonlWriter(output_path, append=resume, replace=overwrite, lock=lock)
     try:
         # A guard of its own around the runner's: a signal while the job closes its output and the
         # progress bar waits until they are closed (and the bar freed). The default handler raised a
@@ -266,11 +304,9 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
                     writer.close()
                     bar.close()
                     runner = bar = None  # the bar's __del__ runs here (the runner holds bar.update)
-                    # An output this run started and wrote nothing to (the job failed before its
-                    # first line) is removed: an empty file would pass for a finished job.
-                    if (output_path != "-" and not resume and Path(output_path).is_file()
-                            and not Path(output_path).stat().st_size):
-                        Path(output_path).unlink()
+                    # An output this run created or emptied and wrote nothing to (the job failed
+                    # before its first line) is removed when the lock is released (`run_job`),
+                    # still held then: an empty file would pass for a finished job.
     except batch.Interrupted as stop:  # a signal outside the runner's guard (what is complete is written)
         summary.interrupted = summary.interrupted or stop
     if not quiet:
