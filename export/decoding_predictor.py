@@ -48,6 +48,10 @@ class CausalGenerator:
         self.trained_seq_len = trained_seq_len(train)  # the batch CLI warns past it
         self.pad_id = tokenizer.pad_id
         self.eos_id = tokenizer.eos_id
+        # A model's vocabulary may be padded past its tokenizer's (tokenizers.check_vocabulary): those
+        # ids cannot be decoded, so they are never chosen (a sampled one had ended the job in a traceback).
+        vocab_size = int(config["vocab_size"])
+        self.unspoken_ids = tuple(range(getattr(tokenizer, "vocab_size", vocab_size), vocab_size))
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Token ids of a prompt; at most `max_length - 1` so that one new token fits."""
@@ -75,7 +79,7 @@ class CausalGenerator:
         if isinstance(stop, str):
             stop = [stop]
         decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None},
-                                   stop_ids=(self.eos_id,))
+                                   stop_ids=(self.eos_id,), suppress_ids=self.unspoken_ids)
         decoding.validate(sampled_n_best=True)
         return decoding
 
@@ -172,7 +176,8 @@ class ModelDirGenerator(CausalGenerator):
         # CausalLM.generate gives every row the same number of new tokens; where the longest prompt
         # leaves less room than that, the shared loop caps each row by its own room, as the bundle does.
         fits = max(len(p) for p in batch) + decoding.max_new_tokens <= self.max_length
-        plain = (decoding.num_beams == 1 and decoding.repetition_penalty == 1.0 and not decoding.stop and fits)
+        plain = (decoding.num_beams == 1 and decoding.repetition_penalty == 1.0 and not decoding.stop and fits
+                 and not decoding.suppress_ids)  # CausalLM.generate suppresses nothing
         if not plain:
             return super()._generate(batch, decoding)
         tokens = self.model.generate(batch, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,

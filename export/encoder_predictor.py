@@ -130,7 +130,7 @@ class EncoderPredictor:
         Real positions get the same values either way (a row's outputs never depend on the
         other rows or on its padding); per-token values at padding positions are unspecified.
         """
-        check_token_ids(batch, int(self.config["vocab_size"]), "text")
+        check_token_ids(batch, int(self.config["vocab_size"]), "text", max_length=self.max_length)
         runs = plan_batches([len(s) for s in batch], len(batch), self.run_tokens) if self.run_tokens else []
         if len(runs) <= 1:
             return self._run(*pad_batch(batch, self.pad_id), list(names))

@@ -235,14 +235,18 @@ def next_tokens(logits: np.ndarray, seen: np.ndarray, options: DecodingOptions,
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str = "prompt") -> None:
-    """UsageError naming the row for ids a predictor's `predict` cannot take: none, not integers, or
+def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str = "prompt",
+                    max_length: int | None = None) -> None:
+    """UsageError naming the row for ids a predictor's `predict` cannot take: none, not integers,
     outside `0 .. vocab_size - 1` (a negative id had wrapped to the vocabulary's end in a Gather,
-    one past it had failed inside ONNX Runtime)."""
+    one past it had failed inside ONNX Runtime) or, given `max_length`, more of them (learned
+    positions had failed inside ONNX Runtime, sinusoidal and rotary ones run past what was trained)."""
     for i, row in enumerate(rows):
         ids = np.asarray(row)
         if ids.ndim != 1 or not len(ids):
             raise UsageError(f"{what} {i}: needs a list of at least one token id")
+        if max_length is not None and len(ids) > max_length:
+            raise UsageError(f"{what} {i} has {len(ids)} tokens, more than the model's max_length {max_length}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise UsageError(f"{what} {i}: token ids must be integers, got {ids.dtype}")
         low, high = int(ids.min()), int(ids.max())

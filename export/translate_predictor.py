@@ -65,7 +65,12 @@ class Translator:
         self.config = config
         self.max_length = int(config["max_length"])
         self.pad_id, self.bos_id, self.eos_id = int(config["pad_id"]), int(config["bos_id"]), int(config["eos_id"])
-        self.suppress_ids = Seq2SeqConfig.from_dict(config).suppressed_ids  # as Seq2SeqLM.generate
+        seq2seq = Seq2SeqConfig.from_dict(config)
+        # The target ids past the target tokenizer's vocabulary (a model's padded past it) cannot be
+        # decoded: never chosen either (a sampled one had ended the job in a traceback).
+        self.unspoken_ids = tuple(range(getattr(target_tokenizer, "vocab_size", seq2seq.target_vocab),
+                                        seq2seq.target_vocab))
+        self.suppress_ids = tuple(sorted({*seq2seq.suppressed_ids, *self.unspoken_ids}))  # as Seq2SeqLM.generate
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Token ids of a source text, at most `max_length`."""
@@ -104,7 +109,7 @@ class Translator:
         decoding = self.options(**options)
         batches = [list(batch) for batch in batches]
         for batch in batches:
-            check_token_ids(batch, int(self.config["vocab_size"]), "source")
+            check_token_ids(batch, int(self.config["vocab_size"]), "source", max_length=self.max_length)
         results = self._generate_batches([batch for batch in batches if batch], decoding)
         for batch in batches:  # an empty batch gets no results (its loop needs rows)
             yield [self._result(h, decoding) for h in next(results)] if batch else []
@@ -296,7 +301,7 @@ class ModelDirTranslator(Translator):
         self._sessions = None
 
     def _generate(self, batch, decoding):
-        if decoding.repetition_penalty != 1.0 or decoding.stop:
+        if decoding.repetition_penalty != 1.0 or decoding.stop or self.unspoken_ids:  # (Keras's loop has neither)
             if self._sessions is None:
                 from kerasllm.export.seq2seq_export import KerasSeq2SeqSessions  # noqa: PLC0415
 

@@ -91,3 +91,55 @@ def test_export_under_a_mixed_precision_policy_writes_an_fp32_bundle(tmp_path):
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["dtype"] == "fp32"
     assert load_predictor("generate", tmp_path / "bundle") is not None
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_never_generates_the_padding(tmp_path, run_cli):
+    """A model's vocabulary may be padded past its tokenizer's (a round 64 here, 20-odd characters):
+    export verified such a model, then `generate` sampled an id the tokenizer does not have and
+    ended in a traceback ("token id 52 is outside the vocabulary"), its output file lost, from the
+    bundle and from the model dir alike."""
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.train(["the quick brown fox jumps over the lazy dog"], kind="char")
+    assert tokenizer.vocab_size < 40
+    config = DecoderConfig.preset("tiny", vocab_size=64, max_length=32)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    keras.utils.set_random_seed(3)
+    CausalLM(config).save(model_dir / "model.keras")
+    tokenizer.save(model_dir / "tokenizer.json")
+    (model_dir / "config.json").write_text(json.dumps({"task": "causal-lm", "model": config.to_dict()}))
+    export_model_dir(model_dir, tmp_path / "bundle", log=lambda line: None)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the fox\nover the\nlazy dog\nquick\n")
+    for source in (tmp_path / "bundle", model_dir):
+        out = tmp_path / f"{source.name}.jsonl"
+        result = run_cli("generate", source, "-i", prompts, "-o", out, "--max-new-tokens", "24",
+                         "--temperature", "50", "--seed", "1", "--quiet")
+        assert result.code == 0, result
+        outputs = [json.loads(line)["output"] for line in out.read_text().splitlines()]
+        assert len(outputs) == 4 and all(len(o) > 0 for o in outputs), outputs
+
+
+def test_predictors_refuse_rows_longer_than_the_model_in_one_line(tmp_path, tiny_seq2seq_bundle):
+    """`BundleGenerator.predict` refused a prompt past max_length; the translator's and the encoders'
+    `predict` had failed inside ONNX Runtime (learned positions) or run past the trained positions."""
+    from kerasllm.errors import UsageError
+    from kerasllm.export.predict import load_predictor
+    from kerasllm.tokenizers import TextTokenizer
+
+    translator = load_predictor("translate", tiny_seq2seq_bundle)
+    with pytest.raises(UsageError, match=r"^source 0 has 40 tokens, more than the model's max_length 32$"):
+        translator.predict([[5] * 40])
+    tokenizer = TextTokenizer.train(["good bad fine"], kind="char")
+    config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=16, num_labels=2)
+    model_dir = tmp_path / "classifier"
+    model_dir.mkdir()
+    TextClassifier(config).save(model_dir / "model.keras")
+    tokenizer.save(model_dir / "tokenizer.json")
+    (model_dir / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
+                                                       "labels": ["bad", "good"]}))
+    classifier = load_predictor("classify", model_dir)
+    with pytest.raises(UsageError, match=r"^text 1 has 17 tokens, more than the model's max_length 16$"):
+        classifier.outputs([[2, 5], [2] + [5] * 16], ["logits"])
