@@ -206,6 +206,12 @@ class DecoderConfig(TransformerConfig):
     """GPT-like decoder-only language model (causal LM)."""
 
     family: ClassVar[str] = "decoder"
+    rules: ClassVar[dict[str, Rule]] = {
+        **TransformerConfig.rules,
+        # A prompt token and a new one: max_length 1 had trained, then could neither export nor generate.
+        "max_length": Rule(int, f"an integer from 2 (a prompt token and a new one) up to {MAX_LENGTH_CEILING}",
+                           lambda v: 2 <= v <= MAX_LENGTH_CEILING),
+    }
 
 
 @dataclass

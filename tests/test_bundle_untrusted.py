@@ -221,7 +221,8 @@ def test_an_unlisted_target_tokenizer_is_refused(tmp_path):
 def test_an_implausible_max_length_is_refused_at_load(run_cli, tmp_path):
     bundle = make_bundle(tmp_path / "bundle", edit=lambda m: m["config"].update(max_length=10**12))
     assert _refused(run_cli, bundle, tmp_path) == (f"kerasllm: error: {bundle / 'manifest.json'}: config: max_length "
-                                                   "must be a positive integer up to 1048576, got 1000000000000")
+                                                   "must be an integer from 2 (a prompt token and a new one) up to 1048576, "
+                                                   "got 1000000000000")
 
 
 def test_a_long_context_model_without_a_position_table_exports_and_loads(run_cli, tmp_path):
@@ -232,7 +233,7 @@ def test_a_long_context_model_without_a_position_table_exports_and_loads(run_cli
     from kerasllm.config import DecoderConfig
     from kerasllm.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"^config: max_length must be a positive integer up to 1048576, got 2000000$"):
+    with pytest.raises(UsageError, match=r"^config: max_length must be an integer from 2 \(a prompt token and a new one\) up to 1048576, got 2000000$"):
         DecoderConfig.preset("tiny", vocab_size=40, max_length=2_000_000)  # refused where it is set, at training
 
 

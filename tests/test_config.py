@@ -103,8 +103,9 @@ def test_wrong_types_and_ranges_are_refused_naming_field_and_value(cls, change, 
     (DecoderConfig, dict(dropout=0)),  # floats accept ints
     (DecoderConfig, dict(dropout=0.999, layer_norm_epsilon=1)),
     (DecoderConfig, dict(norm_first=False, tie_embeddings=False, use_bias=False)),
-    (DecoderConfig, dict(num_layers=1, num_heads=1, hidden_dim=1, intermediate_dim=1, max_length=1,
+    (DecoderConfig, dict(num_layers=1, num_heads=1, hidden_dim=1, intermediate_dim=1, max_length=2,
                          position="sinusoidal")),
+    (EncoderConfig, dict(max_length=1)),
     (EncoderConfig, dict(vocab_size=5, num_labels=0, pooling="mean")),
     (EncoderConfig, dict(num_labels=2)),
     (Seq2SeqConfig, dict(vocab_size=4, num_decoder_layers=0, target_vocab_size=0)),
@@ -144,3 +145,13 @@ def test_a_family_that_is_not_a_name_is_one_line():
 
     with pytest.raises(UsageError, match=r"^config: unknown family \['decoder'\] \(choose from decoder, encoder, seq2seq\)$"):
         config_from_dict({"family": ["decoder"]})
+
+
+def test_a_decoder_needs_two_positions():
+    """A causal LM of max_length 1 had trained to the end, then could neither export nor generate."""
+    from kerasllm.config import DecoderConfig, EncoderConfig
+    from kerasllm.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"max_length must be an integer from 2 \(a prompt token and a new one\)"):
+        DecoderConfig.preset("tiny", max_length=1)
+    assert EncoderConfig.preset("tiny", max_length=1).max_length == 1  # one token still classifies

@@ -566,7 +566,7 @@ def _rewritten_bundle(bundle_dir, path, edit):
     ("graph-no-file", lambda m: m.update(graphs={"model": {}}), "graphs must map each graph's name"),
     ("files-list", lambda m: m.update(files=["model.onnx"]), "files must map each file to its sha256"),
     ("no-max-length", lambda m: m["config"].pop("max_length"), "config is missing max_length"),
-    ("max-length-text", lambda m: m["config"].update(max_length="x"), "max_length must be a positive integer"),
+    ("max-length-text", lambda m: m["config"].update(max_length="x"), "max_length must be an integer from 2"),
     ("config-list", lambda m: m.update(config=[]), "config must be a JSON object"),
     ("unknown-key", lambda m: m["config"].update(colour=1), "unknown key 'colour'"),
 ])
@@ -906,13 +906,18 @@ def test_a_short_decoder_exports_with_validation_cases_that_fit(max_length, tmp_
     assert _bundle_greedy(bundle.path, prompts, new) == np.asarray(model.generate(prompts, max_new_tokens=new)).tolist()
 
 
-def test_a_decoder_too_short_to_check_is_refused_in_one_line(tmp_path, run_cli):
-    run, _ = _random_decoder_dir(tmp_path / "run", max_length=1)
+def test_a_decoder_too_short_to_generate_is_refused_in_one_line(tmp_path, run_cli):
+    """A decoder of max_length 1 (no room for a prompt token and a new one) is refused where a config
+    is read: training now refuses it at the start, and a model dir from before is refused at export."""
+    run, _ = _random_decoder_dir(tmp_path / "run", max_length=2)
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"]["max_length"] = 1
+    (run / "config.json").write_text(json.dumps(saved))
     result = run_cli("export", run, "--out", tmp_path / "bundle")
     assert result.code == 1 and "Traceback" not in result.err
-    assert result.err.strip().splitlines()[-1] == (
-        "kerasllm: error: validation: a decoder of max_length 1 cannot be checked (it needs 2 positions or more: "
-        "a prompt token and a new one)")
+    assert result.err.strip().splitlines() == [
+        f"kerasllm: error: {run / 'config.json'}: model config: max_length must be an integer from 2 (a prompt "
+        "token and a new one) up to 1048576, got 1"]
     assert not (tmp_path / "bundle").exists()
 
 
