@@ -100,3 +100,35 @@ def test_an_output_through_a_link_or_a_descriptor_is_written_there(run_cli, tmp_
                 os.close(fd)
             except OSError:
                 pass
+
+
+def test_a_closed_standard_output_is_refused_before_the_evaluation(run_cli, tmp_path, evaluations, monkeypatch):
+    """With stdout closed (`>&-`) the metrics had gone nowhere, exit 0."""
+    import sys
+
+    ran, _ = evaluations
+    monkeypatch.setattr(sys, "stdout", None)
+    result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv")
+    assert (result.code, result.err.splitlines()) == (2, [
+        "kerasllm: error: standard output is closed: pass --output FILE"]), result
+    assert ran == []
+    out = tmp_path / "metrics.json"
+    assert run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out).code == 0
+    assert json.loads(out.read_text()) == METRICS
+
+
+def test_a_standard_output_that_fails_still_gets_the_output_file_written(run_cli, tmp_path, evaluations, monkeypatch):
+    """A failing stdout (a full disk under `> log`) had skipped the --output file too: both lost."""
+    import click
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(click, "echo", lambda message=None, err=False, **kw: full() if not err else
+                        print(message, file=__import__("sys").stderr))
+    out = tmp_path / "metrics.json"
+    result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out)
+    assert (result.code, result.err.splitlines()) == (1, [
+        f"kerasllm: error: standard output: cannot write the metrics (No space left on device); they are in {out}"]), \
+        result
+    assert json.loads(out.read_text()) == METRICS

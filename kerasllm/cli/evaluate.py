@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -56,6 +57,8 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
         raise UsageError(f"{output} is also the --data file")
     if output and not names_a_descriptor(output):
         _check_writable(Path(os.path.realpath(output)))
+    if sys.stdout is None and not output:  # `>&-`: the metrics had gone nowhere, exit 0
+        raise UsageError("standard output is closed: pass --output FILE")
     bar = _ProgressBar(quiet)
     try:
         result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
@@ -65,7 +68,14 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     finally:
         bar.close()
     text = json.dumps(result, indent=2)
-    click.echo(text)  # first: a write that still fails (a full disk) loses none of the evaluation
+    stdout_failure = None
+    if sys.stdout is not None:
+        try:
+            click.echo(text)  # first: a --output write that fails (a full disk) loses none of the evaluation
+        except OSError as err:  # ... and one to stdout that fails still writes --output
+            stdout_failure = err
+    if stdout_failure is not None and not output:
+        raise KerasLLMError(f"standard output: cannot write the metrics ({stdout_failure.strerror or stdout_failure})")
     if output and names_a_descriptor(output):  # /dev/stdout, /dev/fd/N: the shell's stream, written as it is
         # In place, never truncated: opened again with "w", `--output /dev/stdout >> job.log` had emptied the log.
         with open_descriptor(output) as stream:
@@ -81,6 +91,9 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
                 tmp.unlink(missing_ok=True)
             raise KerasLLMError(f"--output {output}: cannot write the metrics ({err.strerror or err}); they are "
                                 "on standard output above") from None
+    if stdout_failure is not None:
+        raise KerasLLMError(f"standard output: cannot write the metrics ({stdout_failure.strerror or stdout_failure}); "
+                            f"they are in {output}")
 
 
 class _ProgressBar:
