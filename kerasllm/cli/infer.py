@@ -55,7 +55,7 @@ def batch_options(command):
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Most records per batch."),
         click.option("--max-batch-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
-                     help="Padded tokens per batch: records x (longest input + new tokens)."),
+                     help="Padded tokens per batch: records x longest input (+ new tokens where it generates)."),
         click.option("--bucket/--no-bucket", default=True, show_default=True,
                      help="Sort each window by length so batches hold similar lengths (output order is kept)."),
         click.option("--window", type=click.IntRange(min=1), default=1024, show_default=True,
