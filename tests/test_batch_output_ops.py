@@ -104,12 +104,14 @@ def test_a_resume_beside_a_running_job_is_refused_and_a_killed_job_leaves_no_loc
         if first.poll() is None:
             first.kill()
             first.wait()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl", "slow"]
+    # (the killed job's settings stay beside its output for its --resume: export/job_record.py)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.jsonl.job.json", "in.txt", "out.jsonl", "slow"]
     resumed = _cli(*args, "--resume", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == [str(i + 1) for i in range(300)]  # each record once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl", "slow"]
 
 
 def test_a_resume_of_a_missing_output_that_fails_before_its_first_line_leaves_nothing(run_cli, bundle, source,

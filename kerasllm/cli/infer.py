@@ -32,6 +32,7 @@ import click
 
 from kerasllm.cli.options import FiniteFloatRange
 from kerasllm.errors import DataError, UsageError, in_chain
+from kerasllm.export import job_record
 from kerasllm.export.batch import TASK_DEFAULTS
 
 FORMAT_CHOICES = ["auto", "text", "jsonl", "tsv", "csv", "conll"]
@@ -208,6 +209,14 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
             total_lines = lines[1] - lines[0] + 1
 
     point = batch.resume_point(output_path) if resume else batch.ResumePoint()  # before the (slow) model load
+    # What this job's records depend on, kept beside the output while it runs (export/job_record.py):
+    # a --resume with other options or another model had appended their outputs to the old ones.
+    record_file = job_record.record_path(output_path)
+    record = job_record.settings(task, source, format=fmt, text_field=text_field, id_field=id_field,
+                                 tokens_field=tokens_field, truncate=truncate, shards=[shard_index, num_shards],
+                                 options=options)
+    if resume and point.done:
+        job_record.check(record_file, record, output_path)
     records = read_records(input_path, fmt, id_field=id_field, lines=lines, text_field=text_field)
     # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
     # column (or no header at all) stops the job here, before the model loads or the output opens.
@@ -285,6 +294,7 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
     if point.done:
         bar.update(point.done)
     writer = batch.JsonlWriter(output_path, append=resume, replace=overwrite, lock=lock)
+    job_record.write(record_file, record)
     try:
         # A guard of its own around the runner's: a signal while the job closes its output and the
         # progress bar waits until they are closed (and the bar freed). The default handler raised a
@@ -309,6 +319,8 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
                     # still held then: an empty file would pass for a finished job.
     except batch.Interrupted as stop:  # a signal outside the runner's guard (what is complete is written)
         summary.interrupted = summary.interrupted or stop
+    if summary.interrupted is None:  # every record done (error records too): nothing left to resume
+        job_record.remove(record_file)
     if not quiet:
         click.echo(f"kerasllm: {task}: {summary.line()} (total {time.perf_counter() - started:.2f} s)", err=True)
     if summary.interrupted is not None:

@@ -1,0 +1,92 @@
+"""What an unfinished batch job was started with, kept beside its output for `--resume`.
+
+`--resume` checks that the output's ids are the input's (`batch.skip_resumed`), not that the
+done records came from the same command: a resume with another `--max-new-tokens`, `--seed` or
+bundle had appended other outputs to the old ones, exit 0. So a job writing to a file records its
+settings in `.OUTPUT.job.json` beside it while it runs, and removes the record when it ends
+with every record done (error records included); a stopped or failed job keeps it, and its
+`--resume` is refused in one line where a setting differs. An output without a record (written
+by an older version, or a finished job's) resumes as before.
+
+Recorded: the source (its path and its manifest's or model file's size and time) and every
+option that changes a record's output: decoding options, fields, format, truncation, shards.
+Not recorded: what only changes speed or memory (`--batch-size`, `--max-batch-tokens`,
+`--bucket`, `--window`, `--device`), so that a job stopped by running out of memory resumes
+with smaller batches. (A sampled record's output depends on its batch: README says so.)
+The input's contents are not recorded either: `--resume` reads the same input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kerasllm.errors import UsageError
+
+
+def record_path(output_path: str) -> Path | None:
+    """Where the record of a job writing `output_path` lives; None for standard output and descriptors."""
+    from kerasllm.export.batch import names_a_descriptor  # noqa: PLC0415
+
+    if output_path == "-" or names_a_descriptor(output_path):
+        return None
+    output = Path(os.path.realpath(output_path))
+    return output.with_name(f".{output.name}.job.json")
+
+
+def source_identity(source: str | Path) -> dict[str, Any]:
+    """A bundle's or model dir's path and its defining file's size and modification time."""
+    source = Path(os.path.realpath(source))
+    for name in ("manifest.json", "model.keras"):
+        if (source / name).is_file():
+            stat = (source / name).stat()
+            return {"path": str(source), "file": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(source)}
+
+
+def settings(task: str, source: str | Path, **options: Any) -> dict[str, Any]:
+    """The record of a job: its task, its source's identity and `options` (made JSON-plain)."""
+    return json.loads(json.dumps({"task": task, "source": source_identity(source), **options}, default=str))
+
+
+def write(path: Path | None, record: dict[str, Any]) -> None:
+    if path is None:
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def remove(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def check(path: Path | None, record: dict[str, Any], output_path: str) -> None:
+    """UsageError where the stopped job recorded at `path` was started otherwise than `record`."""
+    if path is None or not path.is_file():
+        return
+    try:
+        started = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable: as without a record
+    if not isinstance(started, dict):
+        return
+    for key in sorted(set(started) | set(record)):
+        before, now = started.get(key), record.get(key)
+        if before == now:
+            continue
+        if key == "source":
+            what = (f"from {before.get('path')}" if before.get("path") != now.get("path")
+                    else f"from {now.get('path')} as it was then (its {now.get('file')} has changed since)")
+            raise UsageError(f"--resume: {output_path} was started {what}; its records would mix two models "
+                             "(pass --overwrite to start again)")
+        if isinstance(before, dict) and isinstance(now, dict):
+            inner = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            details = ", ".join(f"{k} {before.get(k)!r}, now {now.get(k)!r}" for k in inner)
+        else:
+            details = f"{before!r}, now {now!r}"
+        raise UsageError(f"--resume: {output_path} was started with other {key.replace('_', ' ')} ({details}); "
+                         "rerun with the job's options, or pass --overwrite to start again")
