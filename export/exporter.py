@@ -144,6 +144,28 @@ FAMILY_EXPORTERS: dict[str, Callable] = {"decoder": export_decoder, "encoder": e
                                          "seq2seq": export_seq2seq}
 
 
+# ONNX Runtime's fused attention operators (the optimizer's names in `optimization.fusions`).
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention")
+
+
+def note_unfused_attention(optimization: dict, options: ExportOptions, log: Callable[[str], None]) -> None:
+    """Say in the manifest (`attention_unfused`) and in one log line where ONNX Runtime's optimizer
+    fused no attention in an optimized graph and nothing else says why: its pattern matcher finds
+    none in some shapes (one head; encoders without biases), and the graph then runs attention as
+    plain ops, correct but slower. Such bundles had said nothing (a reason is given where kerasllm
+    itself keeps a fusion out: `attention_fusion_reverted`, `shared_buffer_unsupported`)."""
+    if not options.optimize:
+        return
+    reports = [optimization] if "fusions" in optimization else [r for r in optimization.values() if isinstance(r, dict)]
+    for report in reports:
+        if "attention_fusion_reverted" in report or any(op in report.get("fusions", {}) for op in ATTENTION_OPS):
+            continue
+        report["attention_unfused"] = ("ONNX Runtime's optimizer found no attention pattern to fuse (seen with one "
+                                       "head, and in encoders without biases): attention runs as plain ops, "
+                                       "correct but slower")
+        log(f"note: {report['attention_unfused']}")
+
+
 @contextlib.contextmanager
 def float32_policy():
     """Keras's global dtype policy float32 inside: the model loads and traces in float32 whatever the
@@ -196,6 +218,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
             with float32_policy():
                 entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
+        note_unfused_attention(entries["optimization"], options, log)
         tokenizer_file = tokenizer.save(staging / "tokenizer.json").name
         # seq2seq with separate vocabularies (the config says so; a missing file had been exported as a
         # bundle translating with the source's tokenizer, and passed its own greedy check)

@@ -77,11 +77,7 @@ def test_export_under_a_mixed_precision_policy_writes_an_fp32_bundle(tmp_path):
 
     tokenizer = TextTokenizer.train(["the quick brown fox jumps over the lazy dog"], kind="char")
     config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=32)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    CausalLM(config).save(model_dir / "model.keras")
-    tokenizer.save(model_dir / "tokenizer.json")
-    (model_dir / "config.json").write_text(json.dumps({"task": "causal-lm", "model": config.to_dict()}))
+    model_dir = _decoder_dir(tmp_path / "model", tokenizer, config)
     keras.config.set_dtype_policy("mixed_float16")
     try:
         export_model_dir(model_dir, tmp_path / "bundle", log=lambda line: None)
@@ -104,12 +100,8 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_generates_the_padding(tmp_
     tokenizer = TextTokenizer.train(["the quick brown fox jumps over the lazy dog"], kind="char")
     assert tokenizer.vocab_size < 40
     config = DecoderConfig.preset("tiny", vocab_size=64, max_length=32)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
     keras.utils.set_random_seed(3)
-    CausalLM(config).save(model_dir / "model.keras")
-    tokenizer.save(model_dir / "tokenizer.json")
-    (model_dir / "config.json").write_text(json.dumps({"task": "causal-lm", "model": config.to_dict()}))
+    model_dir = _decoder_dir(tmp_path / "model", tokenizer, config)
     export_model_dir(model_dir, tmp_path / "bundle", log=lambda line: None)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the fox\nover the\nlazy dog\nquick\n")
@@ -143,3 +135,31 @@ def test_predictors_refuse_rows_longer_than_the_model_in_one_line(tmp_path, tiny
     classifier = load_predictor("classify", model_dir)
     with pytest.raises(UsageError, match=r"^text 1 has 17 tokens, more than the model's max_length 16$"):
         classifier.outputs([[2, 5], [2] + [5] * 16], ["logits"])
+
+
+def _decoder_dir(path, tokenizer, config):
+    """A model directory of an untrained CausalLM (what `kerasllm export` and the batch commands read)."""
+    path.mkdir()
+    CausalLM(config).save(path / "model.keras")
+    tokenizer.save(path / "tokenizer.json")
+    (path / "config.json").write_text(json.dumps({"task": "causal-lm", "model": config.to_dict()}))
+    return path
+
+
+def test_an_export_whose_attention_did_not_fuse_says_so(tmp_path):
+    """ONNX Runtime's optimizer finds no attention pattern with one head: such bundles ran attention as
+    plain ops and said nothing (the manifest's reasons covered only the fusions kerasllm keeps out)."""
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.train(["the quick brown fox jumps over the lazy dog"], kind="char")
+    lines = []
+    for heads in (1, 2):
+        config = DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=32, num_heads=heads)
+        model_dir = _decoder_dir(tmp_path / f"model{heads}", tokenizer, config)
+        export_model_dir(model_dir, tmp_path / f"bundle{heads}", log=lines.append)
+    one, two = (json.loads((tmp_path / f"bundle{h}" / "manifest.json").read_text())["optimization"] for h in (1, 2))
+    assert "GroupQueryAttention" in two["fusions"] and "attention_unfused" not in two
+    assert not any(op in one["fusions"] for op in ("Attention", "MultiHeadAttention", "GroupQueryAttention"))
+    assert one["attention_unfused"].startswith("ONNX Runtime's optimizer found no attention pattern to fuse")
+    assert sum(line.startswith("note: ONNX Runtime's optimizer found no attention") for line in lines) == 1
