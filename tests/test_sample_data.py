@@ -86,3 +86,19 @@ def test_an_existing_file_is_kept_unless_overwrite_is_given(run_cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.tsv"]  # no partial file left either
     assert run_cli("sample-data", "sentiment", "--out", path, "--count", 3, "--overwrite").code == 0
     assert [r.get("text") for r in read_records(path)] == [text for text, _ in datasets.sentiment_rows(3)]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial(run_cli, tmp_path, monkeypatch):
+    """It had said "[Errno 28] No space left on device" of no file and left `.corpus.txt.partial`."""
+    from pathlib import Path
+
+    def full(self, *args, **kwargs):
+        Path.write_bytes(self, b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "corpus.txt"
+    result = run_cli("sample-data", "corpus", "--out", out, "--count", "5")
+    assert (result.code, result.err.splitlines()) == (1, [
+        f"kerasllm: error: {out}: cannot write the sample data (No space left on device)"]), result
+    assert list(tmp_path.iterdir()) == []

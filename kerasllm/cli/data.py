@@ -11,7 +11,7 @@ import click
 
 from kerasllm import datasets
 from kerasllm.data import TEXT_SUFFIXES
-from kerasllm.errors import UsageError
+from kerasllm.errors import KerasLLMError, UsageError
 
 # The format written for each suffix of --out a kind can take (as the readers pick a format by suffix).
 SUFFIX_FORMATS = {
@@ -69,8 +69,12 @@ def sample_data(kind, out, count, seed, overwrite):
             writer.writerow(keys)
             writer.writerows(rows)
             text = buffer.getvalue()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as err:  # a full disk had left the partial file and said "[Errno 28] ..." of no file
+        tmp.unlink(missing_ok=True)
+        raise KerasLLMError(f"{out}: cannot write the sample data ({err.strerror or err})") from None
     click.echo(f"wrote {out} ({len(text):,} characters)", err=True)
