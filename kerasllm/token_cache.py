@@ -188,23 +188,32 @@ def build_cache(directory: Path, files: Sequence[Path], tokenizer, key: dict, pr
                mininterval=0.5, disable=not announce or sys.stderr is None)
     counted = (lambda text: None) if bar.disable else (lambda text: bar.update(len(text.encode("utf-8"))))
     total = 0
-    try:
-        with bar, open(ids_path, "wb") as ids_file:
-            for path in files:
-                for ids in document_ids(path, tokenizer, on_text=counted):
-                    np.asarray(ids, dtype=dtype).tofile(ids_file)
-                    total += len(ids)
-                np.asarray([tokenizer.eos_id], dtype=dtype).tofile(ids_file)
-                total += 1
-        cut = int(total * (1.0 - key["validation_fraction"]))
-        move_tail(ids_path, validation_path, cut * dtype.itemsize)
-    except OSError as err:
+    def cannot_write(err: OSError) -> KerasLLMError:
         # A full disk: numpy's short write says only "42793 requested and 26624 written".
         ids_path.unlink(missing_ok=True)
         validation_path.unlink(missing_ok=True)
         free = shutil.disk_usage(directory).free
-        raise KerasLLMError(f"{directory}: cannot write the token cache ({err.strerror or err}; "
-                            f"{megabytes(free)} free there)") from None
+        return KerasLLMError(f"{directory}: cannot write the token cache ({err.strerror or err}; "
+                             f"{megabytes(free)} free there)")
+
+    def write(ids_file, ids) -> None:  # (a corpus file that cannot be read keeps its own error)
+        try:
+            np.asarray(ids, dtype=dtype).tofile(ids_file)
+        except OSError as err:
+            raise cannot_write(err) from None
+
+    with bar, open(ids_path, "wb") as ids_file:
+        for path in files:
+            for ids in document_ids(path, tokenizer, on_text=counted):
+                write(ids_file, ids)
+                total += len(ids)
+            write(ids_file, [tokenizer.eos_id])
+            total += 1
+    cut = int(total * (1.0 - key["validation_fraction"]))
+    try:
+        move_tail(ids_path, validation_path, cut * dtype.itemsize)
+    except OSError as err:
+        raise cannot_write(err) from None
     os.replace(ids_path, directory / "train.bin")
     os.replace(validation_path, directory / "validation.bin")
     write_json_atomic(directory / META_FILE, {"key": key, "counts": {"train": cut, "validation": total - cut}})

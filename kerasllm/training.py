@@ -249,7 +249,11 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         had died of a segmentation fault: at the first checkpoint with the run directory left behind,
         which the same command then refused."""
         state = [*self.model.weights, *getattr(self.model.optimizer, "variables", [])]
-        needed = sum(math.prod(v.shape) * _itemsize(v.dtype) for v in state) * 2 + (1 << 20)
+        size = sum(math.prod(v.shape) * _itemsize(v.dtype) for v in state)
+        # At most one checkpoint's size at a time: the copy of the last one to `.bkp` frees the
+        # older `.bkp` it replaces before the new weights are written; twice where there is none yet.
+        first_copy = os.path.exists(self._weights_path) and not os.path.exists(f"{self._weights_path}.bkp")
+        needed = size * (2 if first_copy else 1) + (1 << 20)
         free = shutil.disk_usage(backup if backup.exists() else backup.parent).free
         if free < needed:
             raise KerasLLMError(f"{backup}: no space left for the checkpoint ({needed / 2**20:,.1f} MiB needed, "
@@ -394,6 +398,19 @@ class StepPlan(NamedTuple):
     checkpoint_every: int  # Keras epochs between checkpoints (and the last epoch)
 
 
+class ValidationEpochs(list):
+    """Keras's `validation_freq` as the epochs (1-based) that validate: every `every`-th and the last.
+    A list to Keras (it takes an int or a list), but `in` is arithmetic: a list of them all was
+    scanned at every epoch, seconds over a run of 100k one-step checkpoint intervals."""
+
+    def __init__(self, every: int, last: int):
+        super().__init__()
+        self.every, self.last = every, last
+
+    def __contains__(self, epoch) -> bool:
+        return epoch % self.every == 0 or epoch == self.last
+
+
 def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: int, eval_interval: int,
                checkpoint_interval: int | None = None) -> StepPlan:
     """Turn `--steps`/`--epochs`, `--eval-interval` and `--checkpoint-interval` into a `StepPlan`.
@@ -471,7 +488,7 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, plan:
         history = model.fit(
             train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
             validation_data=validation_data, validation_steps=eval_steps if validation_data is not None else None,
-            validation_freq=[e for e in range(1, epochs + 1) if e % plan.validate_every == 0 or e == epochs],
+            validation_freq=ValidationEpochs(plan.validate_every, epochs),
             callbacks=callbacks, verbose=verbose_fit,
         )
         losses = history.history.get("loss", [])

@@ -109,13 +109,21 @@ def test_a_stopped_export_leaves_no_staging_nor_scratch(run_cli, model_dir, tmp_
 
     monkeypatch.setitem(exporter.FAMILY_EXPORTERS, "decoder", stopped_midway)
     out = tmp_path / "bundle"
-    result = run_cli("export", model_dir, "--out", out, "--quiet")
+    # The default actions, which the export replaces, whatever this runner inherited (`nohup`: SIGHUP
+    # ignored, and then left ignored); restored after.
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = run_cli("export", model_dir, "--out", out, "--quiet")
+        restored = [signal.getsignal(s) for s in previous] == [signal.SIG_DFL] * 2  # the export's handlers gone
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     expected = (130, "kerasllm: interrupted") if stop.startswith("SIGINT") else (
         128 + getattr(signal, stop), f"kerasllm: stopped by {stop}")
     assert (result.code, result.err.splitlines()[-1]) == expected, result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tmp"]  # no bundle, no staging beside it
     assert list(scratch_root.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signals.received is None
+    assert restored and signals.received is None
 
 
 def test_an_out_that_is_a_file_or_cannot_be_written_is_named_before_the_model_loads(run_cli, model_dir, tmp_path,

@@ -163,3 +163,9 @@ def test_an_export_whose_attention_did_not_fuse_says_so(tmp_path):
     assert not any(op in one["fusions"] for op in ("Attention", "MultiHeadAttention", "GroupQueryAttention"))
     assert one["attention_unfused"].startswith("ONNX Runtime's optimizer found no attention pattern to fuse")
     assert sum(line.startswith("note: ONNX Runtime's optimizer found no attention") for line in lines) == 1
+
+
+def test_fine_tuning_may_set_max_length_where_no_position_table_fixes_it():
+    masked_lm = MaskedLM(EncoderConfig.preset("tiny", vocab_size=64, position="rotary", max_length=32))
+    masked_lm(IDS)
+    assert TextClassifier.from_masked_lm(masked_lm, num_labels=2, max_length=64).config.max_length == 64

@@ -265,7 +265,10 @@ def _train_until(tmp_path, corpus_file, out, ready, *options, signum=None):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "KERASLLM_XLA_CACHE": "off"}
     process = subprocess.Popen([sys.executable, "-m", "kerasllm", "train", "causal-lm", "--data", str(corpus_file),
                                 "--out", str(out), "--steps", "100000", *options, *FAST],
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               # the default actions, whatever this runner inherited (`nohup`: SIGHUP ignored)
+                               preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGHUP,
+                                                                                             signal.SIGTERM)])
     deadline = time.monotonic() + 240
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -370,3 +373,36 @@ def test_a_disk_that_fills_during_the_token_cache_is_one_line(tmp_path, corpus_f
     assert re.fullmatch(rf"kerasllm: error: {re.escape(str(out))}/tokens: cannot write the token cache "
                         r"\(42793 requested and 26624 written; .+ free there\)\n", result.err), result
     assert not out.exists()
+
+
+def test_a_checkpoint_needs_room_for_one_checkpoint_once_its_backup_exists(tmp_path, monkeypatch):
+    """The check had asked for twice a checkpoint's size at every checkpoint: the copy of the last one
+    to `.bkp` frees the older `.bkp`, so only the second checkpoint needs twice."""
+    import shutil
+
+    from kerasllm import CausalLM, DecoderConfig
+    from kerasllm.errors import KerasLLMError
+    from kerasllm.training import RunBackup
+
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    model.compile()
+    model.optimizer.build(model.trainable_variables)
+    backup = RunBackup(tmp_path / "checkpoints")
+    backup.set_model(model)
+    size = sum(v.numpy().nbytes for v in [*model.weights, *model.optimizer.variables])
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=int(size * 1.5) + 2**20))
+    backup._check_space(tmp_path / "checkpoints")  # the first checkpoint: one size
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.weights.h5").write_bytes(b"w")
+    with pytest.raises(KerasLLMError, match="no space left for the checkpoint"):
+        backup._check_space(tmp_path / "checkpoints")  # the second: its copy to .bkp and the new one
+    (tmp_path / "checkpoints" / "latest.weights.h5.bkp").write_bytes(b"w")
+    backup._check_space(tmp_path / "checkpoints")  # from the third on: one size again
+
+
+def test_validation_falls_every_so_many_epochs_and_at_the_last():
+    from kerasllm.training import ValidationEpochs
+
+    epochs = ValidationEpochs(3, 10)
+    assert [e for e in range(1, 11) if e in epochs] == [3, 6, 9, 10]

@@ -514,7 +514,10 @@ def main(argv=None) -> None:
         from kerasllm.signals import name  # noqa: PLC0415
 
         signum = err.args[0] if err.args and isinstance(err.args[0], int) else 15
-        click.echo(f"kerasllm: stopped by {name(signum)}", err=True)
+        try:
+            click.echo(f"kerasllm: stopped by {name(signum)}", err=True)
+        except OSError:  # SIGHUP from a terminal that closed: its stderr is gone too
+            pass
         sys.exit(128 + signum)
     except OSError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback

@@ -2,7 +2,8 @@
 
 Every task writes a run directory (model.keras, tokenizer.json, config.json,
 history.jsonl), shows a progress bar with loss and tokens/s, validates at intervals,
-checkpoints at each validation, and continues a stopped run with `--resume`.
+checkpoints at each validation (or every `--checkpoint-interval` steps), and continues a stopped run
+with `--resume`.
 """
 
 from __future__ import annotations

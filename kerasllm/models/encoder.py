@@ -227,10 +227,11 @@ class EncoderModel(TransformerModel):
         `masked_lm`'s pretrained encoder weights (a MaskedLM, or any encoder model);
         `config_changes` may set `dropout` and `pooling`. A change to the encoder's shape had
         failed in Keras's `set_weights` ("a weight list of length 28, but the layer was expecting 40")."""
-        fixed = sorted(set(config_changes) - set(cls.FINE_TUNING_SETTINGS))
+        settable = {*cls.FINE_TUNING_SETTINGS, *(("max_length",) if masked_lm.config.position != "learned" else ())}
+        fixed = sorted(set(config_changes) - settable)  # (sinusoidal and rotary positions have no table)
         if fixed:
             raise ValueError(f"{cls.__name__}.from_masked_lm: {', '.join(fixed)} cannot change (the pretrained "
-                             f"encoder's weights fix them); only {' and '.join(cls.FINE_TUNING_SETTINGS)} can")
+                             f"encoder's weights fix them); only {' and '.join(sorted(settable))} can")
         model = cls(masked_lm.config.replace(num_labels=num_labels, **config_changes))
         model.encoder.set_weights(masked_lm.encoder.get_weights())
         return model
