@@ -159,6 +159,10 @@ load; seeded sampling's per-batch seeds, which greedy and beam search do not tak
 bundle, `--repeats 5`:
     greedy: Keras 405.7 | bundle 1014.9 2.50x;  beam 4: Keras 110.0 | bundle 321.5 2.92x, 64/64 identical
 
+2026-12-07, eighteenth session (same machine, a fast phase: Keras greedy 599 against 406 the session before),
+nothing else running, no decoding change, `--keep` a bundle exported fresh at 1c1766d, `--repeats 5`:
+    greedy: Keras 598.5 | bundle 1300.0 2.17x;  beam 4: Keras 126.8 | bundle 389.9 3.07x, 64/64 identical
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

@@ -509,6 +509,18 @@ nothing else running:
       per repeat: tok/s vs hub 1.17x 1.21x 1.20x; tok/s vs nanoGPT 1.27x 1.62x 1.63x; wall 0.93x 0.86x 0.83x
 
 tokens/s 1.58x nanoGPT and 1.21x keras-hub (goal 1.3x not met), wall 0.86x.
+
+2026-12-07, eighteenth session, same machine, no change to the causal LM's step (1c1766d), nothing else
+running, `--steps 300 --repeats 3`:
+
+    kerasllm                       15.1     32,237         0.87x         1.17x
+    keras-hub GPT2Backbone         28.4     27,639         1.64x         1.00x
+    nanoGPT (PyTorch)              17.3     18,502         1.00x         0.67x
+      per repeat: tok/s vs hub 1.14x 1.18x 1.37x; tok/s vs nanoGPT 1.74x 1.63x 2.15x; wall 0.95x 0.89x 0.79x
+
+tokens/s 1.74x nanoGPT (met), 1.18x keras-hub in the median repeat (goal 1.3x not met; 1.37x in one), wall
+0.87x (met). The day's training changes (--checkpoint-interval, the signal and disk-space checks) run
+outside the compiled step: a Python check per callback and, per checkpoint, a sum over the variables.
 """
 
 from __future__ import annotations
