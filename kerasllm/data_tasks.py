@@ -46,12 +46,18 @@ def read_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text"
 
     A directory stands for the text files under it (one record per line; see `kerasllm.data`).
     """
+    return list(iter_rows(paths, text_field, label_field, fmt))
+
+
+def iter_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text", label_field: str | None = None,
+              fmt: str = "auto") -> Iterator[Row]:
+    """`read_rows`, record by record (`kerasllm evaluate` holds a window of them at a time)."""
     from kerasllm.data import resolve_text_files  # noqa: PLC0415 - TF-free
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = [f for p in paths for f in (resolve_text_files(p) if Path(p).is_dir() else [Path(p)])]
-    rows: list[Row] = []
+    count = 0
     for path in paths:
         for record in read_records(path, fmt=fmt):
             where = f"{path}: line {record.line}"
@@ -64,10 +70,10 @@ def read_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text"
                 raise DataError(f"{where}: empty {text_field!r} field")
             if label_field and not label:
                 raise DataError(f"{where}: empty {label_field!r} field")
-            rows.append(Row(where, text, label))
-    if not rows:
+            count += 1
+            yield Row(where, text, label)
+    if not count:
         raise DataError(f"{', '.join(map(str, paths))}: no records")
-    return rows
 
 
 @dataclass
@@ -90,8 +96,14 @@ def read_tagged(paths: str | Path | Sequence[str | Path], tokens_field: str = "t
     or tag, or words and tags of different lengths. CoNLL records' fields are always
     `tokens` and `tags`: the field names apply to JSONL.
     """
+    return list(iter_tagged(paths, tokens_field, tags_field, fmt))
+
+
+def iter_tagged(paths: str | Path | Sequence[str | Path], tokens_field: str = "tokens", tags_field: str = "tags",
+                fmt: str = "auto") -> Iterator[TaggedRow]:
+    """`read_tagged`, sentence by sentence (`kerasllm evaluate` holds a window of them at a time)."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    rows: list[TaggedRow] = []
+    count = 0
     for path in paths:
         kind = detect_format(path, fmt)
         if kind not in TAGGED_FORMATS:
@@ -111,10 +123,10 @@ def read_tagged(paths: str | Path | Sequence[str | Path], tokens_field: str = "t
             blank = next((i for i, (w, t) in enumerate(zip(words, tags)) if not w.strip() or not t.strip()), None)
             if blank is not None:
                 raise DataError(f"{where}: word {blank + 1} has a blank word or tag ({words[blank]!r}, {tags[blank]!r})")
-            rows.append(TaggedRow(where, words, [tag.strip() for tag in tags]))
-    if not rows:
+            count += 1
+            yield TaggedRow(where, words, [tag.strip() for tag in tags])
+    if not count:
         raise DataError(f"{', '.join(map(str, paths))}: no records")
-    return rows
 
 
 def encode_tagged(tokenizer, rows: Sequence[TaggedRow], tags: "LabelMap", max_length: int):

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -77,17 +78,51 @@ def _require_pairs(data: str | Path, fmt: str) -> None:
                          f"file with --source-field and --target-field columns (read as {kind}; see --format)")
 
 
-def _checked(predictor, rows, truncate: str = "right", warn: Callable[[str], None] | None = None,
-             **options: Any) -> list[list[int]]:
-    """Token ids of every row (its `text`, or a tagged row's `words`); texts longer than the model's
-    max_length keep their start unless `truncate="error"`; `options` go to `predictor.check`.
+# Records scored at a time by the classifier, token-classifier and masked-LM evaluators: a file
+# of any size is read twice (counted and checked, then scored) and held a window at a time. Every
+# record had been held to the end, with its token ids (~0.8 kB a short record).
+EVAL_WINDOW_ROWS = 8192
+
+
+def _twice(read: Callable[[], Iterator], data: str | Path) -> tuple[int, Callable[[], Iterator]]:
+    """`(records, read again)`: a first pass over `read()` counts the records and checks each one (a
+    bad record names its line before the model loads, as when they were all held); a file or a
+    directory is then read again as it is scored, anything else (a pipe) kept from the first pass."""
+    if Path(data).is_file() or Path(data).is_dir():
+        return sum(1 for _ in read()), read
+    rows = list(read())
+    return len(rows), lambda: iter(rows)
+
+
+def _windows(rows: Iterator, size: int = 0) -> Iterator[list]:
+    """Lists of at most `size` (default EVAL_WINDOW_ROWS) consecutive rows."""
+    size = size or EVAL_WINDOW_ROWS
+    window = []
+    for row in rows:
+        window.append(row)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _past_trained_check(predictor, warn: Callable[[str], None] | None):
+    """`kerasllm classify`'s warning for texts that reach positions training never saw (`context_check`,
+    once a job), or None where the source does not record its training --seq-len.
 
     Training cut texts at its `--seq-len`, often shorter than max_length: positions past it were
     never trained, and the metrics of texts that reach them may degrade. `warn` gets the line
-    `kerasllm classify` prints for them (`context_check`, once), the model's `--seq-len` beside
-    the tokens the texts reach (default: a warning on the "kerasllm" logger).
-    """
+    (default: a warning on the "kerasllm" logger)."""
     from kerasllm.cli.infer import context_check  # noqa: PLC0415 - TensorFlow-free, as this module
+
+    return context_check(predictor, 0, warn or (lambda message: log.warning("warning: %s", message)))
+
+
+def _checked(predictor, rows, past_trained, truncate: str = "right", **options: Any) -> list[list[int]]:
+    """Token ids of every row (its `text`, or a tagged row's `words`); texts longer than the model's
+    max_length keep their start unless `truncate="error"`; `options` go to `predictor.check`;
+    `past_trained` (`_past_trained_check`) sees their lengths."""
     from kerasllm.export.predict import RecordError  # noqa: PLC0415
 
     sequences = []
@@ -96,7 +131,6 @@ def _checked(predictor, rows, truncate: str = "right", warn: Callable[[str], Non
             sequences.append(predictor.check(getattr(row, "words", None) or row.text, truncate=truncate, **options))
         except RecordError as err:
             raise DataError(f"{row.where}: {err}") from None
-    past_trained = context_check(predictor, 0, warn or (lambda message: log.warning("warning: %s", message)))
     if past_trained is not None:
         past_trained([len(ids) for ids in sequences])
     return sequences
@@ -114,24 +148,29 @@ def evaluate_classifier(source: Path, data: Path, *, device: str | None = None, 
                         warn: Callable[[str], None] | None = None,
                         progress: Progress | None = None, **_: Any) -> dict:
     """`accuracy` and `macro_f1` of a text classifier on labelled rows."""
-    from kerasllm.data_tasks import LabelMap, read_rows  # noqa: PLC0415
+    from kerasllm.data_tasks import LabelMap, iter_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
 
-    rows = read_rows(data, text_field, label_field, fmt=fmt)
+    count, rows = _twice(lambda: iter_rows(data, text_field, label_field, fmt=fmt), data)
     predictor = load_predictor("classify", source, device=device)
     labels = LabelMap(predictor.labels)
-    references = labels.ids(rows)  # an unknown label names its line
-    sequences = _checked(predictor, rows, warn=warn)
-    predictions = np.zeros(len(rows), dtype=np.int64)
+    past_trained = _past_trained_check(predictor, warn)
+    references, predictions = [], []
     progress = progress or Progress()
-    progress.reset(len(rows))
-    for indices in _by_length(sequences, batch_size):
-        with runtime_failure([rows[i].where for i in sorted(indices)]):
-            logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
-        predictions[indices] = np.argmax(logits, axis=-1)
-        progress.update(len(indices))
-    return {"count": len(rows), "accuracy": metrics.accuracy(references, predictions),
-            "macro_f1": metrics.macro_f1(references, predictions, num_labels=len(labels))}
+    progress.reset(count)
+    for window in _windows(rows()):
+        references.append(np.asarray(labels.ids(window), np.int64))  # an unknown label names its line
+        sequences = _checked(predictor, window, past_trained)
+        chosen = np.zeros(len(window), dtype=np.int64)
+        for indices in _by_length(sequences, batch_size):
+            with runtime_failure([window[i].where for i in sorted(indices)]):
+                logits = predictor.outputs([sequences[i] for i in indices], ["logits"])["logits"]
+            chosen[indices] = np.argmax(logits, axis=-1)
+            progress.update(len(indices))
+        predictions.append(chosen)
+    y_true, y_pred = np.concatenate(references), np.concatenate(predictions)
+    return {"count": count, "accuracy": metrics.accuracy(y_true, y_pred),
+            "macro_f1": metrics.macro_f1(y_true, y_pred, num_labels=len(labels))}
 
 
 def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
@@ -145,29 +184,37 @@ def evaluate_token_classifier(source: Path, data: Path, *, device: str | None = 
 
     Every word is scored: a sentence longer than the model allows is a DataError naming its line.
     """
-    from kerasllm.data_tasks import LabelMap, read_tagged  # noqa: PLC0415
+    from kerasllm.data_tasks import LabelMap, iter_tagged  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
 
-    rows = read_tagged(data, tokens_field, tags_field, fmt=fmt)
+    count, rows = _twice(lambda: iter_tagged(data, tokens_field, tags_field, fmt=fmt), data)
     predictor = load_predictor("tag", source, device=device)
     tags = LabelMap(predictor.labels)
-    references = [np.asarray([tags.id(tag, row.where, what="tag") for tag in row.tags]) for row in rows]
-    sentences = _checked(predictor, rows, truncate="error", warn=warn, hint=None)  # (evaluate has no --truncate)
-    predictions: list[np.ndarray] = [np.zeros(0, np.int64)] * len(rows)
+    past_trained = _past_trained_check(predictor, warn)
+    bio = metrics.is_bio(tags.labels)
+    references, predictions, entities = [], [], {}
     progress = progress or Progress()
-    progress.reset(len(rows))
-    for indices in _by_length(sentences, batch_size):
-        with runtime_failure([rows[i].where for i in sorted(indices)]):
-            probabilities_of = predictor.word_probabilities([sentences[i] for i in indices])
-        for i, probabilities in zip(indices, probabilities_of):
-            predictions[i] = probabilities.argmax(-1)
-        progress.update(len(indices))
+    progress.reset(count)
+    for window in _windows(rows()):
+        truth = [np.asarray([tags.id(tag, row.where, what="tag") for tag in row.tags]) for row in window]
+        sentences = _checked(predictor, window, past_trained, truncate="error", hint=None)  # (no --truncate)
+        chosen: list[np.ndarray] = [np.zeros(0, np.int64)] * len(window)
+        for indices in _by_length(sentences, batch_size):
+            with runtime_failure([window[i].where for i in sorted(indices)]):
+                probabilities_of = predictor.word_probabilities([sentences[i] for i in indices])
+            for i, probabilities in zip(indices, probabilities_of):
+                chosen[i] = probabilities.argmax(-1)
+            progress.update(len(indices))
+        references.extend(truth)
+        predictions.extend(chosen)
+        if bio:
+            metrics.count_entities([row.tags for row in window], [[tags.labels[i] for i in p] for p in chosen],
+                                   entities)
     y_true, y_pred = np.concatenate(references), np.concatenate(predictions)
-    result = {"count": len(rows), "words": int(y_true.size), "accuracy": metrics.accuracy(y_true, y_pred),
+    result = {"count": count, "words": int(y_true.size), "accuracy": metrics.accuracy(y_true, y_pred),
               "macro_f1": metrics.macro_f1(y_true, y_pred, num_labels=len(tags))}
-    if metrics.is_bio(tags.labels):
-        result.update(metrics.entity_scores([row.tags for row in rows],
-                                            [[tags.labels[i] for i in p] for p in predictions]))
+    if bio:
+        result.update(metrics.entity_scores_of(entities))
     return result
 
 
@@ -175,31 +222,37 @@ def evaluate_masked_lm(source: Path, data: Path, *, device: str | None = None, b
                        text_field: str = "text", fmt: str = "auto", seed: int = 0,
                        warn: Callable[[str], None] | None = None,
                        progress: Progress | None = None, **_: Any) -> dict:
-    """`perplexity` on masked positions: 15% of the tokens masked (80/10/10) with a fixed seed."""
-    from kerasllm.data_tasks import mask_for_evaluation, read_rows  # noqa: PLC0415
+    """`perplexity` on masked positions: 15% of the tokens masked (80/10/10) with a fixed seed (one
+    random stream over the whole file, window after window: the same masks as all at once)."""
+    from kerasllm.data_tasks import iter_rows, mask_for_evaluation  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
 
-    rows = read_rows(data, text_field, fmt=fmt)
+    count, rows = _twice(lambda: iter_rows(data, text_field, fmt=fmt), data)
     predictor = load_predictor("embed", source, device=device)
     c = predictor.config
-    sequences = _checked(predictor, rows, warn=warn)
+    past_trained = _past_trained_check(predictor, warn)
     # The ids training never masks (data_tasks.masked_lm_dataset): padding, BOS, EOS and SEP.
     special = {int(c["pad_id"]), int(c["bos_id"]), int(c["eos_id"]), int(predictor.tokenizer.special_ids()["sep"])}
-    masked, targets = mask_for_evaluation(sequences, int(c["vocab_size"]), int(c["mask_id"]), special, seed=seed)
-    by_row: dict[int, list[tuple[int, int]]] = {}
-    for row, position, original in targets:
-        by_row.setdefault(row, []).append((position, original))
-    nll = []
+    rng = np.random.default_rng(seed)
+    total_nll, masked_tokens = 0.0, 0
     progress = progress or Progress()
-    progress.reset(len(rows))
-    for indices in _by_length(masked, batch_size):
-        with runtime_failure([rows[i].where for i in sorted(indices)]):
-            logits = predictor.outputs([masked[i] for i in indices], ["logits"])["logits"]
-        for k, i in enumerate(indices):
-            for position, original in by_row.get(i, []):
-                nll.append(float(metrics.token_nll(logits[k, position], np.asarray(original))))
-        progress.update(len(indices))
-    return {"count": len(rows), "masked_tokens": len(nll), "perplexity": metrics.perplexity(nll)}
+    progress.reset(count)
+    for window in _windows(rows()):
+        sequences = _checked(predictor, window, past_trained)
+        masked, targets = mask_for_evaluation(sequences, int(c["vocab_size"]), int(c["mask_id"]), special, seed=rng)
+        by_row: dict[int, list[tuple[int, int]]] = {}
+        for row, position, original in targets:
+            by_row.setdefault(row, []).append((position, original))
+        for indices in _by_length(masked, batch_size):
+            with runtime_failure([window[i].where for i in sorted(indices)]):
+                logits = predictor.outputs([masked[i] for i in indices], ["logits"])["logits"]
+            for k, i in enumerate(indices):
+                for position, original in by_row.get(i, []):
+                    total_nll += float(metrics.token_nll(logits[k, position], np.asarray(original)))
+                    masked_tokens += 1
+            progress.update(len(indices))
+    return {"count": count, "masked_tokens": masked_tokens,
+            "perplexity": float(np.exp(total_nll / masked_tokens)) if masked_tokens else math.nan}
 
 
 def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
@@ -217,11 +270,11 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
     except near the record's start. Windows are forward passes (no cache), left-padded in
     batches of similar lengths; a record of one token predicts nothing.
     """
-    from kerasllm.data_tasks import read_rows  # noqa: PLC0415
+    from kerasllm.data_tasks import iter_rows  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
     from kerasllm.export.runtime import flush_denormals  # noqa: PLC0415
 
-    rows = read_rows(data, text_field, fmt=fmt)
+    count, rows = _twice(lambda: iter_rows(data, text_field, fmt=fmt), data)
     predictor = load_predictor("generate", source, device=device)
     context = min(predictor.trained_seq_len or predictor.max_length, predictor.max_length)
     # The windows of `EVAL_WINDOW_TOKENS` tokens of records at a time (sorted by length within them),
@@ -230,15 +283,15 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
     total, predicted = 0.0, 0
     windows, where, tokens = [], [], 0  # the windows of the records read so far, the record each is of
     progress = progress or Progress()
-    progress.reset(len(rows))
+    progress.reset(count)
     scored = 0  # records whose windows are scored
     with flush_denormals():  # a bundle's ORT kernels run on this thread (see runtime.flush_denormals)
-        for number, row in enumerate(rows, 1):
+        for number, row in enumerate(rows(), 1):
             for window in context_windows(predictor.tokenizer.encode(row.text), context):
                 windows.append(window)
                 where.append(row.where)
                 tokens += len(window[0])
-            if tokens >= EVAL_WINDOW_TOKENS or number == len(rows):
+            if tokens >= EVAL_WINDOW_TOKENS or number == count:
                 nll = _causal_nll(predictor, windows, batch_size, where)
                 total, predicted = total + float(np.sum(nll, dtype=np.float64)), predicted + len(nll)
                 windows, where, tokens = [], [], 0
@@ -246,7 +299,7 @@ def evaluate_causal_lm(source: Path, data: Path, *, device: str | None = None, b
                 scored = number
     if not predicted:
         raise DataError(f"{data}: no record has two tokens (nothing to predict)")
-    return {"count": len(rows), "predicted_tokens": predicted, "context": context,
+    return {"count": count, "predicted_tokens": predicted, "context": context,
             "perplexity": float(np.exp(total / predicted))}
 
 

@@ -94,14 +94,26 @@ def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Seq
     tensorflow, keras` on the 2-core machine). tests/test_metrics.py checks these spans against a
     transcription of conlleval's start/end-of-chunk rules and against seqeval's documented example.
     """
+    return entity_scores_of(count_entities(references, predictions))
+
+
+def count_entities(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]],
+                   counts: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Per entity type, `[in the references, predicted, both]`, added to `counts` (a running count
+    over batches of sentences: `kerasllm evaluate` holds a window of them at a time)."""
     if len(references) != len(predictions):
         raise ValueError(f"entity_scores: {len(references)} references vs {len(predictions)} predictions")
-    counts: dict[str, list[int]] = {}  # type -> [in the references, predicted, both]
+    counts = {} if counts is None else counts
     for reference, prediction in zip(references, predictions):
         true_spans, predicted_spans = bio_entities(reference), bio_entities(prediction)
         for index, spans in enumerate((true_spans, predicted_spans, true_spans & predicted_spans)):
             for kind, _, _ in spans:
                 counts.setdefault(kind, [0, 0, 0])[index] += 1
+    return counts
+
+
+def entity_scores_of(counts: dict[str, list[int]]) -> dict:
+    """`entity_scores` from `count_entities`' counts."""
     true_count, predicted_count, correct = (sum(c[i] for c in counts.values()) for i in range(3))
     scores = _precision_recall_f1(correct, predicted_count, true_count)
     by_type = {kind: {**_precision_recall_f1(both, predicted, true), "support": true}

@@ -398,3 +398,18 @@ def test_label_names_that_do_not_fit_the_head_are_refused(work, tmp_path, labels
         (copy / record).write_text(json.dumps({**saved, "labels": labels}))
         with pytest.raises(KerasLLMError, match=f"{len(labels)} label names saved for a model with 2 outputs"):
             load_predictor("classify", copy)
+
+
+@pytest.mark.parametrize("source", ["clf-bundle", "mlm-bundle"])
+def test_evaluation_in_windows_scores_as_all_at_once(work, monkeypatch, source):
+    """`kerasllm evaluate` holds a window of records at a time (every record, with its token ids, had
+    been held to the end): windows of 7 give the metrics of one window, the masks too."""
+    from kerasllm import evaluation
+
+    root, _, test = work
+    whole = evaluation.evaluate(root / source, test)
+    monkeypatch.setattr(evaluation, "EVAL_WINDOW_ROWS", 7)
+    windowed = evaluation.evaluate(root / source, test)
+    assert whole["count"] > 14 and windowed.keys() == whole.keys()
+    for key, value in whole.items():
+        assert windowed[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key

@@ -301,3 +301,12 @@ def test_token_labels_outside_the_labels_are_refused_but_minus_one_is_no_label()
             model.fit(x, labels, verbose=0)
     labels[2, 5] = -1
     assert np.isfinite(model.evaluate(x, labels, verbose=0))
+
+
+def test_evaluation_in_windows_scores_as_all_at_once(work, monkeypatch):
+    """Entities and words are counted window by window (all sentences had been held to the end)."""
+    from kerasllm import evaluation
+
+    whole = evaluation.evaluate(work / "ner-bundle", work / "test.conll")
+    monkeypatch.setattr(evaluation, "EVAL_WINDOW_ROWS", 5)
+    assert evaluation.evaluate(work / "ner-bundle", work / "test.conll") == whole
