@@ -102,14 +102,19 @@ def test_skip_resumed_returns_the_start_of_the_stopped_window():
 
 
 # -- 6: the summary of a resumed job ------------------------------------------------------------
-def test_the_resumed_summary_rates_the_new_records_and_names_a_slow_skip_on_its_own(run_cli, tmp_path,
-                                                                                    monkeypatch):
+def _finished_job(run_cli, tmp_path):
+    """`(bundle, input, output, the output's lines)` of a finished 6-record generate job."""
     bundle = fake_predictor.make_bundle(tmp_path / "bundle", "generate")
     source = tmp_path / "in.txt"
     source.write_text(_texts(6))
     out = tmp_path / "out.jsonl"
     assert run_cli("generate", bundle, "-i", source, "-o", out, "-q").code == 0
-    lines = out.read_bytes().splitlines(keepends=True)
+    return bundle, source, out, out.read_bytes().splitlines(keepends=True)
+
+
+def test_the_resumed_summary_rates_the_new_records_and_names_a_slow_skip_on_its_own(run_cli, tmp_path,
+                                                                                    monkeypatch):
+    bundle, source, out, lines = _finished_job(run_cli, tmp_path)
 
     # Fast: no word about the skip, the summary as before.
     out.write_bytes(b"".join(lines[:5]))
@@ -138,12 +143,8 @@ def test_the_resumed_summary_rates_the_new_records_and_names_a_slow_skip_on_its_
 
 def test_a_signal_while_the_done_records_are_skipped_stops_the_job_as_anywhere_else(run_cli, tmp_path,
                                                                                    monkeypatch):
-    bundle = fake_predictor.make_bundle(tmp_path / "bundle", "generate")
-    source = tmp_path / "in.txt"
-    source.write_text(_texts(6))
-    out = tmp_path / "out.jsonl"
-    assert run_cli("generate", bundle, "-i", source, "-o", out, "-q").code == 0
-    out.write_bytes(b"".join(out.read_bytes().splitlines(keepends=True)[:5]))
+    bundle, source, out, lines = _finished_job(run_cli, tmp_path)
+    out.write_bytes(b"".join(lines[:5]))
     before = out.read_bytes()
     output_ids = batch._output_ids
 
