@@ -114,9 +114,29 @@ def test_a_resume_beside_a_running_job_is_refused_and_a_killed_job_leaves_no_loc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.jsonl", "slow"]
 
 
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_an_output_resume_or_overwrite_names_is_not_made_before_the_model_loads(run_cli, bundle, source, tmp_path,
+                                                                                monkeypatch, flag):
+    """Made (and locked) before the load, it had stayed empty after a SIGKILL there: an empty output
+    that passes for a finished job. A missing one is made by the writer, as without the flag."""
+    loaded = fake_predictor.load
+    seen = []
+
+    def load(source, **kwargs):
+        seen.append(out.exists())
+        return loaded(source, **kwargs)
+
+    monkeypatch.setattr(fake_predictor, "load", load)
+    out = tmp_path / "sub" / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, flag, "-q")
+    assert result.code == 0, result
+    assert seen == [False]
+    assert read_jsonl(out) == EXPECTED
+
+
 def test_a_resume_of_a_missing_output_that_fails_before_its_first_line_leaves_nothing(run_cli, bundle, source,
                                                                                      tmp_path, monkeypatch):
-    """--resume creates and locks its output before the model loads; a job failing there removes it."""
+    """A job failing at the model load leaves no output behind (none made, or an emptied one removed)."""
     from kerasllm.errors import KerasLLMError
 
     def fail(source, **kwargs):

@@ -23,6 +23,7 @@ This module imports no TensorFlow (the Keras predictor of a model dir does, when
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import sys
 import time
@@ -172,9 +173,12 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     # Held for the whole job (an flock the kernel drops when the process ends): a second job on this
     # --output, with --resume or without, is refused in one line instead of appending beside this one.
     # A job continuing or replacing its output takes it now, before it reads or repairs it; a new
-    # output is created exclusively and locked when the writer opens it (after the model load).
+    # output is created exclusively and locked when the writer opens it (after the model load). So is
+    # one that --resume or --overwrite names but that is not there yet: made here, it had stayed empty
+    # after a SIGKILL during the model load (release() never ran), an empty output that reads as a
+    # finished job of no records.
     lock = batch.OutputLock(output_path)
-    if resume or overwrite:
+    if (resume or overwrite) and os.path.exists(output_path):
         lock.open(append=resume)
     try:
         _run_locked(task, source, lock, input_path=input_path, output_path=output_path, fmt=fmt,
