@@ -20,6 +20,14 @@ import warnings
 if not os.environ.get("KERAS_BACKEND"):
     os.environ["KERAS_BACKEND"] = "tensorflow"
 
+# ONNX Runtime (1.29 on) collects usage telemetry on Linux and macOS too: at its import it writes a
+# device id under ~/.cache/Microsoft and starts an uploader that sends events over HTTPS, from every
+# serving process (a batch job, a web server) and every export. kerasllm turns it off unless the user
+# has chosen (ORT_DISABLE_TELEMETRY=0 keeps ORT's default): a library should not open connections or
+# write to HOME unasked, and with a read-only HOME ORT printed a coloured warning on every command. ORT
+# reads the variable when it is imported, hence here, before any kerasllm module imports it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"
 
 from kerasllm.config import DecoderConfig, EncoderConfig, Seq2SeqConfig  # noqa: E402  (TF-free)

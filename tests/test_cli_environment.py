@@ -444,3 +444,23 @@ def test_a_disk_that_fills_during_the_run_is_named_not_called_out_of_memory(run_
     assert (result.code, result.err.splitlines()) == (1, [
         f"kerasllm: error: {cache}: no space left on device for XLA's compilation cache: free space there "
         "(set KERASLLM_XLA_CACHE to a writable directory, or to off)"]), result
+
+
+# -- ONNX Runtime's telemetry ---------------------------------------------------------------------
+@pytest.mark.parametrize("setting, written", [(None, False), ("0", True)])
+def test_onnx_runtimes_telemetry_is_off_unless_the_user_keeps_it(tmp_path, setting, written):
+    """ONNX Runtime (1.29 on) writes a device id under HOME at its import and uploads events; with a
+    read-only HOME it printed a warning on every serving command. Off unless ORT_DISABLE_TELEMETRY is
+    set (0: ONNX Runtime's default, which writes the id: what shows this test can see it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(home)
+    env.pop("XDG_CACHE_HOME", None)
+    if setting is not None:
+        env["ORT_DISABLE_TELEMETRY"] = setting
+    code = ("import kerasllm.export.runtime, onnxruntime, sys; "
+            "assert 'tensorflow' not in sys.modules; print(onnxruntime.get_available_providers()[-1])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (result.returncode, result.stdout.strip()) == (0, "CPUExecutionProvider"), result.stderr
+    assert (home / ".cache" / "Microsoft").exists() == written, sorted(p.name for p in home.rglob("*"))
