@@ -102,3 +102,19 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial(run_cli, 
     assert (result.code, result.err.splitlines()) == (1, [
         f"kerasllm: error: {out}: cannot write the sample data (No space left on device)"]), result
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_file_system_is_one_line_naming_the_file(run_cli, tmp_path, monkeypatch):
+    """There the partial file's removal fails too (EROFS, not ENOENT): it had escaped as
+    "[Errno 30] Read-only file system: '.corpus.txt.partial'", a name the user never gave."""
+    from pathlib import Path
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    out = tmp_path / "corpus.txt"
+    result = run_cli("sample-data", "corpus", "--out", out, "--count", "5")
+    assert (result.code, result.err.splitlines()) == (1, [
+        f"kerasllm: error: {out}: cannot write the sample data (Read-only file system)"]), result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -75,6 +76,7 @@ def sample_data(kind, out, count, seed, overwrite):
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out)
     except OSError as err:  # a full disk had left the partial file and said "[Errno 28] ..." of no file
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only file system refuses even this: EROFS, not ENOENT)
+            tmp.unlink(missing_ok=True)
         raise KerasLLMError(f"{out}: cannot write the sample data ({err.strerror or err})") from None
     click.echo(f"wrote {out} ({len(text):,} characters)", err=True)
