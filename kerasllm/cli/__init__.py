@@ -473,6 +473,15 @@ def _interrupted_import(err: ImportError) -> bool:
     return in_chain(err, KeyboardInterrupt) is not None
 
 
+# Control characters a message carries from the user's own names (a file name holding a newline, `$'a\nb'`),
+# written as escapes: an error is one line, which scripts and log parsers rely on.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in range(32) if code != 9} | {10: "\\n", 13: "\\r"}
+
+
+def _say_error(message) -> None:
+    click.echo(f"kerasllm: error: {str(message).translate(_CONTROL_ESCAPES)}", err=True)
+
+
 def main(argv=None) -> None:
     _discard_closed_stderr()
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -498,14 +507,14 @@ def main(argv=None) -> None:
     except click.UsageError as err:
         # One line, like every other error (click's own show() prints Usage/Try/Error lines).
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
-        click.echo(f"kerasllm: error: {err.format_message()}{hint}", err=True)
+        _say_error(f"{err.format_message()}{hint}")
         sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
     except KerasLLMError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-        click.echo(f"kerasllm: error: {err}", err=True)
+        _say_error(err)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("kerasllm: interrupted", err=True)
@@ -521,12 +530,11 @@ def main(argv=None) -> None:
         sys.exit(128 + signum)
     except OSError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-        click.echo(f"kerasllm: error: {err}", err=True)
+        _say_error(err)
         sys.exit(1)
     except MemoryError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-        click.echo(f"kerasllm: error: {_out_of_memory(err, arguments, hint=not _raised_in_an_import(err))}",
-                   err=True)
+        _say_error(_out_of_memory(err, arguments, hint=not _raised_in_an_import(err)))
         sys.exit(1)
     except ImportError as err:
         if _interrupted_import(err):
@@ -534,20 +542,19 @@ def main(argv=None) -> None:
             sys.exit(130)
         if _import_out_of_memory(err):
             logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-            click.echo(f"kerasllm: error: {_out_of_memory(err, arguments, hint=False)}", err=True)
+            _say_error(_out_of_memory(err, arguments, hint=False))
             sys.exit(1)
         package = _missing_package(err) if isinstance(err, ModuleNotFoundError) else None
         if package is None:  # a module of kerasllm's own, or an import that broke: a bug, keep its traceback
             raise
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-        click.echo(f"kerasllm: error: this command needs the Python package '{package}' (pip install {package})",
-                   err=True)
+        _say_error(f"this command needs the Python package '{package}' (pip install {package})")
         sys.exit(1)
     except Exception as err:
         disk_full = _tensorflow_disk_full(err)
         if disk_full is not None:
             logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-            click.echo(f"kerasllm: error: {disk_full}", err=True)
+            _say_error(disk_full)
             sys.exit(1)
         detail = _tensorflow_out_of_memory(err)
         if detail is None:
@@ -555,7 +562,7 @@ def main(argv=None) -> None:
         # TensorFlow's own out-of-memory error: the same one line as a MemoryError (its message goes
         # on for a dozen lines of graph nodes and hints).
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
-        click.echo(f"kerasllm: error: {_out_of_memory(detail, arguments)}", err=True)
+        _say_error(_out_of_memory(detail, arguments))
         sys.exit(1)
     finally:
         # Everything is written by now. Interpreter shutdown with TensorFlow loaded spends
