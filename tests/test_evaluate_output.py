@@ -132,3 +132,28 @@ def test_a_standard_output_that_fails_still_gets_the_output_file_written(run_cli
         f"kerasllm: error: standard output: cannot write the metrics (No space left on device); they are in {out}"]), \
         result
     assert json.loads(out.read_text()) == METRICS
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite_and_never_inside_the_model(run_cli, tmp_path,
+                                                                                       evaluations):
+    """`--output runs/clf/config.json` had replaced the model's config with the metrics (exit 0: the run
+    could no longer be loaded, exported or resumed); any other existing file without a word."""
+    ran, _ = evaluations
+    (tmp_path / "model" / "config.json").write_text('{"task": "classifier"}')
+    args = ["evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output"]
+    for inside in (tmp_path / "model" / "config.json", tmp_path / "model" / "sub" / "m.json"):
+        for extra in ([], ["--overwrite"]):
+            result = run_cli(*args, inside, *extra)
+            assert (result.code, result.err.splitlines()) == (2, [
+                f"kerasllm: error: --output {inside} is inside {tmp_path / 'model'}, the model being evaluated"]), result
+    assert (tmp_path / "model" / "config.json").read_text() == '{"task": "classifier"}'
+    assert not (tmp_path / "model" / "sub").exists()
+
+    mine = tmp_path / "metrics.json"
+    mine.write_text('{"model": "the previous one"}')
+    result = run_cli(*args, mine)
+    assert (result.code, result.err.splitlines()) == (2, [
+        f"kerasllm: error: {mine} exists: add --overwrite to replace it"]), result
+    assert mine.read_text() == '{"model": "the previous one"}' and ran == []  # refused before the evaluation
+    assert run_cli(*args, mine, "--overwrite").code == 0
+    assert json.loads(mine.read_text()) == METRICS

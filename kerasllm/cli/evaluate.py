@@ -29,9 +29,10 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Records per batch.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda, cuda:N or auto (a bundle or a model dir).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown only on a terminal).")
 def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, tags_field, source_field, target_field,
-             batch_size, device, quiet):
+             batch_size, device, overwrite, quiet):
     """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,
     masked-lm), bleu, chrf and exact_match (seq2seq), word accuracy, macro_f1 and with BIO tags entity_f1,
     entity_precision, entity_recall and entity_types (per type) (token-classifier).
@@ -55,6 +56,13 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
 
     if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
         raise UsageError(f"{output} is also the --data file")
+    # A file of SOURCE's own (--output runs/clf/config.json, a bundle's manifest.json) had been replaced
+    # by the metrics, exit 0, and the model with it; another existing file without a word. Refused, as
+    # the batch commands' --output and sample-data --out are (--overwrite for a file of one's own).
+    if output and output.resolve().is_relative_to(source.resolve()):
+        raise UsageError(f"--output {output} is inside {source}, the model being evaluated")
+    if output and not names_a_descriptor(output) and output.is_file() and not overwrite:
+        raise UsageError(f"{output} exists: add --overwrite to replace it")
     if output and not names_a_descriptor(output):
         _check_writable(Path(os.path.realpath(output)))
     if sys.stdout is None and not output:  # `>&-`: the metrics had gone nowhere, exit 0
