@@ -307,6 +307,11 @@ class TextTokenizer:
             self._char_vocab_cache = self.tokenizer.get_vocab() if is_char else None
         return self._char_vocab_cache
 
+    def unknown_chars(self, texts: Iterable[str]) -> list[str]:
+        """The characters of `texts` a `char` tokenizer has no token for, sorted ([] for other kinds)."""
+        vocab = self._char_vocab
+        return sorted({char for text in texts for char in text} - vocab.keys()) if vocab is not None else []
+
     def encode_bounded(self, text: str, max_tokens: int, keep: str = "start") -> tuple[list[int], bool]:
         """`(ids, whole)` for a text of which a model reads at most `max_tokens` tokens, from its
         start or (`keep="end"`) its end. `whole`: `ids` are the whole text's. Otherwise the text

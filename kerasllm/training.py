@@ -452,6 +452,14 @@ def execution_steps(log_every: int, steps_per_epoch: int, total_steps: int, eval
     return math.gcd(log_every, steps_per_epoch, total_steps, eval_steps or 0)
 
 
+def record_plan(out: Path, plan: StepPlan) -> None:
+    """Save in config.json the steps a run planned at its start (`"plan"`); a `--resume` keeps them
+    (`recipes.common.resumed_args`) whatever the size of the data it is given."""
+    run = read_run_config(out)
+    if "plan" not in run:
+        write_json_atomic(out / CONFIG_FILE, {**run, "plan": {"total_steps": plan.total_steps}})
+
+
 def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, plan: StepPlan,
             tokens_per_step: int, eval_steps: int, quiet: bool = False,
             log_every: int = 10, extra_callbacks=(), worker_index: int = 0, verbose_fit: int = 0):
@@ -462,6 +470,12 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, plan:
     """
     is_chief = worker_index == 0
     total_steps, steps_per_epoch, epochs = plan.total_steps, plan.steps_per_epoch, plan.epochs
+    if is_chief:
+        if restored_epoch(out) > epochs:  # a run saved before its plan was (a --resume re-planned it)
+            raise UsageError(f"--resume: {out}'s checkpoint is at step {restored_epoch(out) * steps_per_epoch}, past "
+                             f"the {total_steps} steps planned now (from --data of another size?); resume it with "
+                             "the data it started on")
+        record_plan(out, plan)
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)
     # History before the backup: an interval's checkpoint never lacks its history line when a
     # kill (a multi-worker SIGTERM keeps its default action) lands between the two; a line past

@@ -267,6 +267,46 @@ def test_resume_refuses_the_options_it_would_ignore(run_cli, corpus_file, tmp_pa
     assert history[-1]["step"] == 12
 
 
+def test_resume_keeps_the_runs_task_and_its_planned_steps(run_cli, corpus_file, tmp_path, interrupt_training):
+    """`train classifier --resume` of a stopped causal-lm run had ended in a TypeError traceback; an
+    --epochs run resumed with --data of another size had planned its steps again (a smaller file: the
+    checkpoint past the new end, "model written" with no step trained and a history line past it)."""
+    out = tmp_path / "run"
+    interrupt_training(9)
+    args = ["--out", out, "--epochs", "0.05", "--eval-interval", "2", "--eval-steps", "1", *FAST]
+    assert run_cli("train", "causal-lm", "--data", corpus_file, *args).code == 130
+    interrupt_training(None)
+    run = json.loads((out / "config.json").read_text())
+    planned = run["plan"]["total_steps"]
+    assert planned > 9, run  # (a twentieth of the corpus's windows)
+
+    refused = run_cli("train", "classifier", "--out", out, "--resume")
+    assert (refused.code, refused.err.splitlines()) == (2, [
+        f"kerasllm: error: --resume: {out} holds a causal-lm run, not a classifier one; resume it with "
+        f"'kerasllm train causal-lm --out {out} --resume'"]), refused
+
+    smaller = tmp_path / "third.txt"
+    smaller.write_text(corpus_file.read_text()[: len(corpus_file.read_text()) // 3])
+    # a run saved before its plan was: planned again, its checkpoint (step 8) is past the new end (4)
+    (out / "config.json").write_text(json.dumps({k: v for k, v in run.items() if k != "plan"}))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    refused = run_cli("train", "causal-lm", "--out", out, "--resume", "--data", smaller)
+    assert refused.code == 2, refused
+    assert refused.err.splitlines()[-1] == (
+        f"kerasllm: error: --resume: {out}'s checkpoint is at step 8, past the 4 steps planned now (from --data of "
+        "another size?); resume it with the data it started on")
+    assert not (out / "model.keras").exists() and (out / "checkpoints").is_dir()
+
+    (out / "config.json").write_text(json.dumps(run))
+    resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--data", smaller, "--quiet")
+    assert resumed.code == 0, resumed
+    steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, planned + 1)) or steps == list(range(2, planned + 1, 2)) + (
+        [planned] if planned % 2 else []), steps
+    assert (out / "model.keras").exists() and not (out / "checkpoints").exists()
+    assert json.loads((out / "config.json").read_text())["plan"] == {"total_steps": planned}
+
+
 def test_resume_keeps_the_precision_the_run_trained_with(run_cli, corpus_file, tmp_path, interrupt_training):
     """A plain --resume of a mixed-precision run had trained on in fp32 and Keras had dropped the
     checkpoint's optimizer state ("Skipping variable loading for optimizer ..."): the schedule and
@@ -467,17 +507,18 @@ def test_train_record_saves_every_path_absolute_and_resume_names_the_saved_one(t
     assert (record["data"], record["source_file"], record["target_file"]) == (
         None, str(tmp_path / "train.en"), str(tmp_path.parent / "train.de"))
 
-    run = {"train": record}
+    run = {"task": "seq2seq", "train": record}
     with pytest.raises(UsageError) as refused:
-        resumed_args(Seq2SeqTrainArgs, run, tmp_path / "run", data=None, source_file=None, target_file=None)
+        resumed_args(Seq2SeqTrainArgs, "seq2seq", run, tmp_path / "run", data=None, source_file=None, target_file=None)
     assert str(refused.value) == (f"{tmp_path / 'train.en'} (the --source-file saved in "
                                   f"{tmp_path / 'run' / 'config.json'}): no such file or directory; pass "
                                   "--source-file and --target-file again to read the data from elsewhere")
-    args = resumed_args(Seq2SeqTrainArgs, run, tmp_path / "run", data="pairs.tsv", source_file=None,
+    args = resumed_args(Seq2SeqTrainArgs, "seq2seq", run, tmp_path / "run", data="pairs.tsv", source_file=None,
                         target_file=None)
     assert (args.data, args.source_file, args.target_file, args.weight_decay) == ("pairs.tsv", None, None, 0.3)
     saved = train_record(ClassifierTrainArgs(data=[str(tmp_path)], weight_decay=0.1))  # a run saved with 0.1
-    assert resumed_args(ClassifierTrainArgs, {"train": saved}, tmp_path, data=[]).weight_decay == 0.1
+    assert resumed_args(ClassifierTrainArgs, "classifier", {"task": "classifier", "train": saved}, tmp_path,
+                        data=[]).weight_decay == 0.1
 
 
 # -- each command's defaults are its recipe's --------------------------------------------------------

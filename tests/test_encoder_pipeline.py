@@ -223,6 +223,23 @@ def test_init_from_reuses_the_pretrained_encoder_and_tokenizer(work, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_init_from_a_tokenizer_that_lacks_the_datas_characters_is_said(work, tmp_path, caplog):
+    """The README's pipeline with other text: the masked LM's char tokenizer never saw a digit, and the
+    fine-tune's reviews are full of them (they had become `<unk>` without a word)."""
+    import logging
+
+    root, _, _ = work
+    data = write_rows(tmp_path / "digits.tsv", [(f"Order {n} arrived on day {n * 7 % 31}.", "positive" if n % 2 else
+                                                 "negative") for n in range(1000, 1040)], "tsv")
+    with caplog.at_level(logging.WARNING, logger="kerasllm"):
+        assert kerasllm("train", "classifier", "--data", data, "--init-from", root / "mlm", "--out", tmp_path / "clf",
+                        "--steps", "1", "--validation-fraction", "0", *FAST[2:]) == 0
+    warnings = [m for m in caplog.messages if "<unk>" in m]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), caplog.messages
+    assert f"the tokenizer (--init-from {root / 'mlm'}'s) does not cover this data; it lacks '0', '1', '2'" \
+        in warnings[0], warnings
+
+
 def test_init_from_refuses_options_it_would_ignore(work, run_cli, tmp_path):
     root, train, _ = work
     for given in (["--tokenizer", "bpe"], ["--preset", "small"], ["--vocab-size", "300"]):

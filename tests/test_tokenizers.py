@@ -319,3 +319,27 @@ def test_long_texts_without_ascii_cut_in_pieces_with_the_whole_texts_ids(kind, m
     text = " ".join(rng.choice(words) for _ in range(3000))
     tok = TextTokenizer.train([text], kind=kind, vocab_size=300 if kind != "unigram" else 60)
     assert tok.encode(text) == tok.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_training_data_the_tokenizer_cannot_cover_is_said(caplog):
+    """A tokenizer from another corpus (--init-from, a --resume with new --data) had made every digit of a
+    NER set `<unk>` without a word. Over 1% of the tokens unknown: one warning naming the share, where the
+    tokenizer came from and (a char tokenizer) the characters it lacks."""
+    import logging
+
+    import numpy as np
+
+    from kerasllm.recipes.common import warn_unknown_tokens
+
+    tok = TextTokenizer.train(["the cat sat on the mat"], kind="char")
+    texts = ["the cat sat on 42 mats", "on the mat"]  # 2 of 32 characters unknown
+    with caplog.at_level(logging.WARNING, logger="kerasllm"):
+        share = warn_unknown_tokens(tok, tok.encode_batch(texts), origin="--init-from runs/mlm's", texts=texts)
+    assert share == 2 / 32
+    assert caplog.messages == ["warning: 6.2% of the training tokens (2 of 32) are <unk>: the tokenizer "
+                               "(--init-from runs/mlm's) does not cover this data; it lacks '2', '4'"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kerasllm"):
+        ids = np.array(tok.encode("the cat sat on the mat" * 9 + "4"))  # 1 of 199: under 1%, said nothing
+        assert warn_unknown_tokens(tok, ids, origin="x") == 1 / 199
+    assert caplog.messages == []

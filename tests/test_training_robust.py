@@ -113,7 +113,7 @@ def test_a_resumed_run_records_the_data_paths_it_was_given_again(tmp_path):
     (out / "config.json").write_text(json.dumps(run))
     new = tmp_path / "moved.tsv"
     new.write_text("text\tlabel\n")
-    args = resumed_args(ClassifierTrainArgs, run, out, data=[str(new)])
+    args = resumed_args(ClassifierTrainArgs, "classifier", run, out, data=[str(new)])
     with run_directory(out, resume=True, is_chief=False) as held:
         # the other workers of a multi-worker job never write the run directory
         write_run_files(held, resume=True, dist=SimpleNamespace(is_chief=False), args=args, task="classifier",

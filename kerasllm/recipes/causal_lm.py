@@ -10,7 +10,7 @@ from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
 from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
-                                     run_directory, write_run_files)
+                                     run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
@@ -43,7 +43,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
         if resume:
             run = read_run_config(out)
             # A resumed run repeats the saved run; only the data paths may be given again.
-            args = resumed_args(CausalLMTrainArgs, run, out, data=args.data)
+            args = resumed_args(CausalLMTrainArgs, TASK, run, out, data=args.data)
             files = resolve_text_files(args.data)
             tokenizer = TextTokenizer.load(out)
             config = DecoderConfig.from_dict(run["model"])
@@ -68,6 +68,8 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
             # (The chief alone shows it, as it alone shows the training bar: another worker's cache is scratch.)
             split = cached_token_split(tokens_dir, files, tokenizer, args.validation_fraction, args.seq_len,
                                        progress=not quiet and dist.is_chief)
+            if dist.is_chief:
+                warn_unknown_tokens(tokenizer, split.train, origin=tokenizer_origin(out, resume))
             plan = plan_steps(
                 args.steps, args.epochs, max(1, len(split.train) // tokens_per_step), args.eval_interval,
                 args.checkpoint_interval,

@@ -20,7 +20,8 @@ from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
-                                     pretrained_run, resumed_args, run_directory, write_run_files)
+                                     pretrained_run, resumed_args, run_directory, tokenizer_origin,
+                                     warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
 
@@ -50,7 +51,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         changes = {"pooling": args.pooling} if args.pooling else {}
         if resume:
             run = read_run_config(out)
-            args = resumed_args(ClassifierTrainArgs, run, out, data=args.data)
+            args = resumed_args(ClassifierTrainArgs, TASK, run, out, data=args.data)
             tokenizer = TextTokenizer.load(out)
             config = EncoderConfig.from_dict(run["model"])
             labels = LabelMap(run["labels"])
@@ -74,6 +75,9 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
         train_ids, val_ids = labels.ids(train_rows), labels.ids(val_rows)
         train_seqs, val_seqs = encode_rows(tokenizer, train_rows, args.seq_len), encode_rows(tokenizer, val_rows,
                                                                                                args.seq_len)
+        if dist.is_chief:
+            warn_unknown_tokens(tokenizer, train_seqs, origin=tokenizer_origin(out, resume, args.init_from),
+                                texts=(row.text for row in train_rows))
         plan = plan_steps(
             args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval,
             args.checkpoint_interval,

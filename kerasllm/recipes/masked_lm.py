@@ -17,7 +17,7 @@ from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, spl
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
-                                     run_directory, write_run_files)
+                                     run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
 
@@ -56,7 +56,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
     with run_directory(out, resume=resume, is_chief=dist.is_chief) as out:  # this run's alone from here on
         if resume:
             run = read_run_config(out)
-            args = resumed_args(MaskedLMTrainArgs, run, out, data=args.data)
+            args = resumed_args(MaskedLMTrainArgs, TASK, run, out, data=args.data)
             tokenizer = TextTokenizer.load(out)
             config = EncoderConfig.from_dict(run["model"])
             rows = read_rows(args.data, args.text_field)
@@ -66,6 +66,9 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
             config = encoder_config(args.preset, config_file, config_overrides or {}, tokenizer)
         check_seq_len(args.seq_len, config)
         sequences = encode_chunks(tokenizer, rows, args.seq_len)
+        if dist.is_chief:
+            warn_unknown_tokens(tokenizer, sequences, origin=tokenizer_origin(out, resume),
+                                texts=(row.text for row in rows))
         train_seqs, val_seqs = split_validation(sequences, args.validation_fraction, args.seed)
         tokens_per_step = args.batch_size * args.seq_len
         plan = plan_steps(

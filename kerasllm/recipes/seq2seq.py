@@ -15,7 +15,7 @@ from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
 from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
-                                     run_directory, write_run_files)
+                                     run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TextTokenizer, load_seq2seq_tokenizers
 from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
 
@@ -47,7 +47,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         if resume:
             run = read_run_config(out)
             # The data given again (--data, or --source-file and --target-file) replaces the saved data.
-            args = resumed_args(Seq2SeqTrainArgs, run, out, data=args.data, source_file=args.source_file,
+            args = resumed_args(Seq2SeqTrainArgs, TASK, run, out, data=args.data, source_file=args.source_file,
                                 target_file=args.target_file)
             # The config says whether the target has its own tokenizer (a missing file had become the source's).
             source_tokenizer, target_tokenizer = load_seq2seq_tokenizers(out, run["model"])
@@ -82,6 +82,10 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
         # --seq-len was checked against it may record a larger one: it resumes capped, as it began).
         source_ids, target_ids = encode_pairs(pairs, source_tokenizer, target_tokenizer,
                                               min(args.seq_len or config.max_length, config.max_length))
+        if dist.is_chief and resume:  # (a fresh run's tokenizers are trained on these pairs)
+            for what, tokenizer, ids, texts in (("source", source_tokenizer, source_ids, (p.source for p in pairs)),
+                                                ("target", target_tokenizer, target_ids, (p.target for p in pairs))):
+                warn_unknown_tokens(tokenizer, ids, origin=tokenizer_origin(out, resume), texts=texts, what=what)
         train_index, val_index = split_pairs(len(pairs), args.validation_fraction, args.seed)
         tokens_per_step = args.batch_size * int(round(
             sum(len(source_ids[i]) + len(target_ids[i]) + 1 for i in train_index) / len(train_index)))

@@ -21,7 +21,8 @@ from kerasllm.distribute import distributed_recipe
 from kerasllm.errors import UsageError
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
-                                     pretrained_run, resumed_args, run_directory, write_run_files)
+                                     pretrained_run, resumed_args, run_directory, tokenizer_origin,
+                                     warn_unknown_tokens, write_run_files)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
@@ -52,7 +53,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
     with run_directory(out, resume=resume, is_chief=dist.is_chief) as out:  # this run's alone from here on
         if resume:
             run = read_run_config(out)
-            args = resumed_args(TokenClassifierTrainArgs, run, out, data=args.data)
+            args = resumed_args(TokenClassifierTrainArgs, TASK, run, out, data=args.data)
             tokenizer = TextTokenizer.load(out)
             config = EncoderConfig.from_dict(run["model"])
             tags = LabelMap(run["labels"])
@@ -76,6 +77,9 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
         check_seq_len(args.seq_len, config)
         train_rows, val_rows = split_validation(rows, args.validation_fraction, args.seed)
         train_seqs, train_labels = encode_tagged(tokenizer, train_rows, tags, args.seq_len)
+        if dist.is_chief:
+            warn_unknown_tokens(tokenizer, train_seqs, origin=tokenizer_origin(out, resume, args.init_from),
+                                texts=(" ".join(row.words) for row in train_rows))
         val_seqs, val_labels = encode_tagged(tokenizer, val_rows, tags, args.seq_len)
         plan = plan_steps(
             args.steps, args.epochs, max(1, len(train_seqs) // args.batch_size), args.eval_interval,
