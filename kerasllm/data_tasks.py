@@ -59,7 +59,8 @@ def iter_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text"
     paths = [f for p in paths for f in (resolve_text_files(p) if Path(p).is_dir() else [Path(p)])]
     count = 0
     for path in paths:
-        for record in read_records(path, fmt=fmt):
+        # (a TSV/CSV header without the text column: a UsageError, as in the batch commands)
+        for record in read_records(path, fmt=fmt, text_field=text_field):
             where = f"{path}: line {record.line}"
             try:
                 text = record.get(text_field)

@@ -252,6 +252,17 @@ def test_bad_records_name_their_line(tmp_path, name, content, message):
         read_rows(path, "text", "label")
 
 
+def test_a_header_without_the_text_column_is_a_usage_error_before_any_record(tmp_path):
+    """Training and evaluate had read it as a bad record (line 2: missing field, exit 1) where the batch
+    commands refuse the header (exit 2): one reader, one answer."""
+    from kerasllm.errors import UsageError
+
+    path = tmp_path / "pairs.tsv"
+    path.write_text("source\ttarget\none\t1\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"pairs\.tsv: no text column 'text' in the header \(columns: source, target\)"):
+        read_rows(path, "text", "label")
+
+
 def test_numbers_from_jsonl_are_labels(tmp_path):
     path = tmp_path / "stars.jsonl"
     path.write_text("".join(json.dumps({"text": f"t{i}", "label": i % 3 + 1}) + "\n" for i in range(6)))
