@@ -29,7 +29,7 @@ import numpy as np
 from kerasllm.errors import UsageError
 from kerasllm.export.generate import (DecodingOptions, Hypothesis, check_token_ids, generate, hypotheses_result,
                                       log_softmax, row_limits, truncate_at_stop)
-from kerasllm.export.predict import RecordError, kept_end, trained_seq_len
+from kerasllm.export.predict import RecordError, check_text, kept_end, trained_seq_len
 from kerasllm.tokenizers import token_count
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -55,7 +55,7 @@ class CausalGenerator:
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Token ids of a prompt; at most `max_length - 1` so that one new token fits."""
-        if not text or not text.strip():
+        if not check_text(text, "prompt").strip():
             raise RecordError("empty prompt")
         limit = self.max_length - 1
         ids, whole = self.tokenizer.encode_bounded(text, limit, keep=kept_end(truncate))

@@ -33,7 +33,7 @@ import numpy as np
 from kerasllm.errors import KerasLLMError, UsageError
 from kerasllm.export.batch import TASK_DEFAULTS, plan_batches
 from kerasllm.export.generate import check_token_ids
-from kerasllm.export.predict import RecordError, check_labels, kept_end, trained_seq_len
+from kerasllm.export.predict import RecordError, check_labels, check_text, kept_end, trained_seq_len
 from kerasllm.tokenizers import token_count
 from kerasllm.export.word_pieces import TRUNCATE_HINT, WordPieces, align_words
 
@@ -105,7 +105,7 @@ class EncoderPredictor:
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """`[BOS] + ids` of a text, at most `max_length` tokens."""
-        if not text or not text.strip():
+        if not check_text(text).strip():
             raise RecordError("empty text")
         limit = self.max_length - 1
         ids, whole = self.tokenizer.encode_bounded(text, limit, keep=kept_end(truncate))
@@ -188,7 +188,12 @@ class TagPredictor(EncoderPredictor):
 
     def check(self, text: str | Sequence[str], truncate: str = "error", hint: str | None = TRUNCATE_HINT) -> WordPieces:
         """`hint` ends the error for a sentence too long (default: `kerasllm tag`'s --truncate)."""
-        words = text.split() if isinstance(text, str) else list(text)
+        if isinstance(text, str):
+            words = check_text(text).split()
+        elif isinstance(text, (list, tuple)):
+            words = [check_text(word, "word") for word in text]
+        else:  # (a dict or a number had been taken apart as words, or failed in the tokenizer)
+            raise UsageError(f"text must be a str or a list of words, got {type(text).__name__}")
         return align_words(self.tokenizer, words, self.bos_id, self.max_length, truncate, hint)
 
     def word_probabilities(self, batch: Sequence[WordPieces]) -> list[np.ndarray]:

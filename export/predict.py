@@ -31,7 +31,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from kerasllm.errors import BundleError, KerasLLMError, UsageError
+from kerasllm.errors import BundleError, DataError, KerasLLMError, UsageError
+from kerasllm.export.records import _text
 
 
 # Optional key in a generate/translate result: how many tokens were generated for it. The
@@ -51,6 +52,21 @@ class RecordError(KerasLLMError):
 
 
 TRUNCATE_MODES = ("error", "left", "right")
+
+
+def check_text(text: Any, what: str = "text") -> str:
+    """`text`, checked as `Predictor.check` takes it: UsageError naming the type of anything but a
+    str (bytes, a number or a list had failed inside `check` as a TypeError or AttributeError of the
+    tokenizer's), RecordError for a str holding half of a surrogate pair (a JSON request's `"\\udcff"`:
+    the tokenizer had raised "TextInputSequence must be str"), in the words of the record reader's
+    check, which the batch CLI applies to the same text (records._text)."""
+    if not isinstance(text, str):
+        raise UsageError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        _text(text, 0, what)
+    except DataError as err:  # "line 0: field 'text' holds half of ...": a request has no line or field
+        raise RecordError(f"{what} holds {str(err).split(' holds ', 1)[1]}") from None
+    return text
 
 
 def kept_end(truncate: str) -> str:

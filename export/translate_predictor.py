@@ -40,7 +40,7 @@ from kerasllm.distribute import usable_cores
 from kerasllm.errors import DataError, UsageError
 from kerasllm.export.generate import (DecodingOptions, Hypothesis, check_token_ids, generate, hypotheses_result,
                                       right_pad, truncate_at_stop)
-from kerasllm.export.predict import RecordError, kept_end
+from kerasllm.export.predict import RecordError, check_text, kept_end
 from kerasllm.tokenizers import load_seq2seq_tokenizers, token_count
 
 OPTION_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "num_beams",
@@ -74,7 +74,7 @@ class Translator:
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Token ids of a source text, at most `max_length`."""
-        if not text or not text.strip():
+        if not check_text(text, "source").strip():
             raise RecordError("empty source")
         limit = self.max_length
         ids, whole = self.tokenizer.encode_bounded(text, limit, keep=kept_end(truncate))
