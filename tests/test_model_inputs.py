@@ -134,12 +134,19 @@ def test_compile_refuses_settings_it_would_not_apply():
     loss's label smoothing had been dropped without a word."""
     model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
     with pytest.raises(ValueError, match=r"^compile: learning_rate, total_steps configure the default optimizer "
-                                         r"\(optimizer='auto'\); with an optimizer of your own, set them on it$"):
+                                         r"\(optimizer='auto'\); with an optimizer of your own, set them there$"):
         model.compile(optimizer=keras.optimizers.SGD(0.1), learning_rate=0.5, total_steps=100)
+    # passed at all, whatever the value: the defaults' own values had been dropped without a word (no clipping)
+    with pytest.raises(ValueError, match=r"^compile: global_clipnorm configures the default optimizer .* set it there$"):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), global_clipnorm=1.0)
+    with pytest.raises(ValueError, match=r"^compile: learning_rate, weight_decay configure the default optimizer"):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), learning_rate=1e-3, weight_decay=0.1)
     with pytest.raises(ValueError, match=r"^compile: label_smoothing applies to the default loss"):
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), label_smoothing=0.1)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.compile(total_steps=100, label_smoothing=0.1)  # the defaults take them
+    model.compile(learning_rate=1e-3, weight_decay=0.1, global_clipnorm=1.0)
+    assert (model.optimizer.weight_decay, model.optimizer.global_clipnorm) == (0.1, 1.0)
 
 
 def test_stop_ids_come_in_any_iterable():

@@ -276,6 +276,15 @@ def default_optimizer(learning_rate=1e-3, total_steps=None, warmup_steps=None, m
     return optimizer
 
 
+class _Default(float):
+    """A `compile` setting's default, told apart from the same value passed by the caller (`is`):
+    settings passed beside an optimizer of one's own are refused, whatever their value."""
+
+    @staticmethod
+    def value_of(value):
+        return float(value) if isinstance(value, _Default) else value
+
+
 class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMixin, keras.Model):
     """Base class: holds a family config and rebuilds from it when loading `.keras` files.
 
@@ -439,9 +448,9 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
     def default_loss(self, label_smoothing=0.0):
         return SparseCrossEntropy(label_smoothing=label_smoothing)
 
-    def compile(self, optimizer="auto", loss="auto", metrics="auto", *, learning_rate=1e-3, total_steps=None,
-                warmup_steps=None, weight_decay=0.1, global_clipnorm=1.0, clipnorm=None, label_smoothing=0.0,
-                jit_compile="auto", batch_split="auto", **kwargs):
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", *, learning_rate=_Default(1e-3), total_steps=None,
+                warmup_steps=None, weight_decay=_Default(0.1), global_clipnorm=_Default(1.0), clipnorm=None,
+                label_smoothing=0.0, jit_compile="auto", batch_split="auto", **kwargs):
         """`keras.Model.compile` with defaults that train transformers well.
 
         `optimizer="auto"`: AdamW with global-norm clipping (`default_optimizer`); its rate warms
@@ -463,13 +472,18 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         an integer sets the parts, 1 turns it off.
         Anything passed explicitly is used as is.
         """
-        settings = [name for name, value, default in (
-            ("learning_rate", learning_rate, 1e-3), ("total_steps", total_steps, None),
-            ("warmup_steps", warmup_steps, None), ("weight_decay", weight_decay, 0.1),
-            ("global_clipnorm", global_clipnorm, 1.0), ("clipnorm", clipnorm, None)) if value != default]
+        # Passed at all, not "other than the default": `global_clipnorm=1.0` beside an optimizer of one's
+        # own had been dropped without a word (no clipping), as the default's value.
+        settings = [name for name, value in (
+            ("learning_rate", learning_rate), ("total_steps", total_steps), ("warmup_steps", warmup_steps),
+            ("weight_decay", weight_decay), ("global_clipnorm", global_clipnorm), ("clipnorm", clipnorm))
+            if value is not None and not isinstance(value, _Default)]
         if optimizer != "auto" and settings:
-            raise ValueError(f"compile: {', '.join(settings)} configure the default optimizer (optimizer='auto'); "
-                             f"with an optimizer of your own, set them on it")
+            raise ValueError(f"compile: {', '.join(settings)} {'configures' if len(settings) == 1 else 'configure'} "
+                             "the default optimizer (optimizer='auto'); with an optimizer of your own, set "
+                             f"{'it' if len(settings) == 1 else 'them'} there")
+        learning_rate, weight_decay, global_clipnorm = (_Default.value_of(v) for v in (learning_rate, weight_decay,
+                                                                                       global_clipnorm))
         if loss != "auto" and label_smoothing:
             raise ValueError("compile: label_smoothing applies to the default loss (loss='auto'); with a loss of "
                              "your own, set it on that loss")
