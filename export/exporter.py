@@ -148,15 +148,30 @@ FAMILY_EXPORTERS: dict[str, Callable] = {"decoder": export_decoder, "encoder": e
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention")
 
 
-def note_unfused_attention(optimization: dict, options: ExportOptions, log: Callable[[str], None]) -> None:
+# Why a CLS-pooled classifier's last block has no fused attention (`note_unfused_attention`).
+CLS_QUERY_BLOCK = ("the last block attends from the CLS token only (all a classifier with pooling 'cls' reads: "
+                   "Encoder.first_token), as plain ops on purpose: less work than a fused whole block")
+
+
+def note_unfused_attention(optimization: dict, options: ExportOptions, log: Callable[[str], None],
+                           model=None) -> None:
     """Say in the manifest (`attention_unfused`) and in one log line where ONNX Runtime's optimizer
     fused no attention in an optimized graph and nothing else says why: its pattern matcher finds
     none in some shapes (one head; encoders without biases), and the graph then runs attention as
     plain ops, correct but slower. Such bundles had said nothing (a reason is given where kerasllm
-    itself keeps a fusion out: `attention_fusion_reverted`, `shared_buffer_unsupported`)."""
+    itself keeps a fusion out: `attention_fusion_reverted`, `shared_buffer_unsupported`).
+
+    A CLS-pooled classifier's graph computes its last block for the CLS query alone, which no
+    fusion matches: the manifest says so (`cls_query_block`), and a one-layer one gets no note
+    (the note had named one head and missing biases, neither the model's, and called it slower)."""
     if not options.optimize:
         return
     reports = [optimization] if "fusions" in optimization else [r for r in optimization.values() if isinstance(r, dict)]
+    config = getattr(model, "config", None)
+    if type(model).__name__ == "TextClassifier" and getattr(config, "pooling", None) == "cls":
+        optimization["cls_query_block"] = CLS_QUERY_BLOCK
+        if config.num_layers == 1:
+            return
     for report in reports:
         if "attention_fusion_reverted" in report or any(op in report.get("fusions", {}) for op in ATTENTION_OPS):
             continue
@@ -218,7 +233,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path, options: ExportOpti
         with tempfile.TemporaryDirectory(prefix="kerasllm-export-") as scratch:
             with float32_policy():
                 entries = FAMILY_EXPORTERS[family](model, Path(scratch), staging, options, log)
-        note_unfused_attention(entries["optimization"], options, log)
+        note_unfused_attention(entries["optimization"], options, log, model)
         tokenizer_file = tokenizer.save(staging / "tokenizer.json").name
         # seq2seq with separate vocabularies (the config says so; a missing file had been exported as a
         # bundle translating with the source's tokenizer, and passed its own greedy check)

@@ -165,6 +165,35 @@ def test_an_export_whose_attention_did_not_fuse_says_so(tmp_path):
     assert sum(line.startswith("note: ONNX Runtime's optimizer found no attention") for line in lines) == 1
 
 
+def test_a_cls_pooled_classifiers_query_only_block_is_explained_not_called_slower(tmp_path):
+    """Its last block attends from the CLS token only (on purpose: less work), which no fusion matches:
+    a one-layer one had been given the one-head / no-biases note ("slower"), with 2 heads and biases."""
+    from kerasllm.export.exporter import CLS_QUERY_BLOCK, export_model_dir
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.train(["good bad fine"], kind="char")
+    reports, notes = {}, []
+    for layers, pooling in ((1, "cls"), (2, "cls"), (1, "mean")):
+        config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=16, num_labels=2,
+                                      num_layers=layers, pooling=pooling)
+        model_dir = tmp_path / f"c{layers}{pooling}"
+        model_dir.mkdir()
+        TextClassifier(config).save(model_dir / "model.keras")
+        tokenizer.save(model_dir / "tokenizer.json")
+        (model_dir / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
+                                                           "labels": ["bad", "good"]}))
+        lines = []
+        export_model_dir(model_dir, tmp_path / f"b{layers}{pooling}", log=lines.append)
+        reports[layers, pooling] = json.loads((tmp_path / f"b{layers}{pooling}" / "manifest.json").read_text())[
+            "optimization"]
+        notes += [line for line in lines if line.startswith("note:")]
+    assert notes == []
+    for key in ((1, "cls"), (2, "cls")):
+        assert reports[key]["cls_query_block"] == CLS_QUERY_BLOCK and "attention_unfused" not in reports[key]
+    assert reports[2, "cls"]["fusions"]["Attention"] == 1  # the first block's
+    assert "cls_query_block" not in reports[1, "mean"] and reports[1, "mean"]["fusions"]["Attention"] == 1
+
+
 def test_fine_tuning_may_set_max_length_where_no_position_table_fixes_it():
     masked_lm = MaskedLM(EncoderConfig.preset("tiny", vocab_size=64, position="rotary", max_length=32))
     masked_lm(IDS)
