@@ -75,12 +75,8 @@ class CausalGenerator:
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise UsageError(f"generate: unknown option {unknown[0]!r}")
-        stop = options.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None},
-                                   stop_ids=(self.eos_id,), suppress_ids=self.unspoken_ids)
-        decoding.validate(sampled_n_best=True)
+        decoding = DecodingOptions(**options, stop_ids=(self.eos_id,), suppress_ids=self.unspoken_ids)
+        decoding.validate(sampled_n_best=True, vocab_size=int(self.config["vocab_size"]))
         return decoding
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:

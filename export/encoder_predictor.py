@@ -146,8 +146,8 @@ class EncoderPredictor:
         return results
 
     def options(self, **options: Any) -> dict[str, Any]:
-        """The options with their defaults (`batch.TASK_DEFAULTS`): UsageError for an unknown name
-        or a `top_k` that is not a whole number >= 1 (None: all labels)."""
+        """The options with their defaults (`batch.TASK_DEFAULTS`): UsageError for an unknown name,
+        a `top_k` that is not a whole number >= 1 (None: all labels) or a `normalize` that is not a bool."""
         known = TASK_DEFAULTS[self.task]
         unknown = sorted(set(options) - set(known))
         if unknown:
@@ -157,6 +157,10 @@ class EncoderPredictor:
         top_k = options.get("top_k")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
             raise UsageError(f"{self.task}: top_k must be a whole number >= 1 (or None for all labels), got {top_k!r}")
+        normalize = options.get("normalize", False)
+        if not isinstance(normalize, (bool, np.bool_)):
+            # Used for its truth value, normalize="no" (a query parameter's string) had normalized.
+            raise UsageError(f"{self.task}: normalize must be True or False, got {normalize!r}")
         return options
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:

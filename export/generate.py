@@ -62,6 +62,22 @@ def _finite(name: str, value, optional: bool = False) -> float | None:
     return float(value)
 
 
+def _stop_strings(stop) -> list[str] | None:
+    """`stop` as a list of stop strings (a str is one), None for none; UsageError for anything else,
+    before any decoding: `stop=5` had failed in `list()`, `[3]` only once the whole batch was decoded
+    (in truncate_at_stop), and `[None]` or `[""]` had passed and stopped nothing."""
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, (list, tuple)):
+        raise UsageError(f"stop must be a string or a list of strings, got {stop!r}")
+    for text in stop:
+        if not isinstance(text, str) or not text:
+            raise UsageError(f"stop strings must be non-empty strings, got {text!r}")
+    return list(stop) or None
+
+
 @dataclass
 class DecodingOptions:
     """How to decode; see the module docstring. `stop_ids` end a sequence (not included in it);
@@ -80,17 +96,20 @@ class DecodingOptions:
     n_best: int = 1
     seed: int | None = None
 
-    def validate(self, sampled_n_best: bool = False) -> None:
+    def validate(self, sampled_n_best: bool = False, vocab_size: int | None = None) -> None:
         """UsageError for options of the wrong type, out of range or that cannot go together.
         `n_best > 1` needs beam search (`num_beams >= n_best`), or with `sampled_n_best` (causal
         generation: independent samples, decoding_predictor) sampling instead (`temperature > 0`,
-        one beam). NumPy numbers are taken (and kept as Python ones)."""
+        one beam). NumPy numbers are taken (and kept as Python ones); `stop` is kept as a list
+        of strings (or None). `vocab_size` (the model's, where the caller knows it: the
+        predictors) bounds `num_beams`."""
         # Types first: a float where a count goes had been truncated (max_new_tokens=2.5 gave 2
         # tokens) or failed deep in NumPy, and NaN passed every range comparison below.
         for name in ("max_new_tokens", "num_beams", "n_best", "top_k", "seed"):
             setattr(self, name, _integer(name, getattr(self, name), optional=name in ("top_k", "seed")))
         for name in ("temperature", "top_p", "repetition_penalty"):
             setattr(self, name, _finite(name, getattr(self, name), optional=name == "top_p"))
+        self.stop = _stop_strings(self.stop)
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             # NumPy's generator refuses negative seeds, Keras's samplers seeds past int64: one range for both.
             raise UsageError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
@@ -110,6 +129,15 @@ class DecodingOptions:
             raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise UsageError(f"num_beams must be at least 1, got {self.num_beams}")
+        if vocab_size is not None and self.num_beams > vocab_size:
+            # Beam search copies the prompt's KV cache for batch x num_beams rows before its first
+            # step, whatever max_new_tokens: num_beams=1000000 on a 49-token model had the process
+            # OOM-killed. More beams than the vocabulary has tokens cannot be filled at the first step
+            # (its candidates are the prompt's vocab_size continuations) and no decoding uses so many,
+            # so the vocabulary bounds it for every model (not a memory estimate: a large-vocabulary
+            # model's bound still allows more beams than memory may hold).
+            raise UsageError(f"num_beams must be at most the model's vocabulary of {vocab_size} tokens, "
+                             f"got {self.num_beams}")
         if self.n_best < 1:
             raise UsageError(f"n_best must be at least 1, got {self.n_best}")
         if self.n_best > 1 and self.num_beams == 1:

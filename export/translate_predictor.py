@@ -71,6 +71,7 @@ class Translator:
         self.unspoken_ids = tuple(range(getattr(target_tokenizer, "vocab_size", seq2seq.target_vocab),
                                         seq2seq.target_vocab))
         self.suppress_ids = tuple(sorted({*seq2seq.suppressed_ids, *self.unspoken_ids}))  # as Seq2SeqLM.generate
+        self.target_vocab = seq2seq.target_vocab
 
     def check(self, text: str, truncate: str = "error") -> list[int]:
         """Token ids of a source text, at most `max_length`."""
@@ -93,12 +94,9 @@ class Translator:
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise UsageError(f"translate: unknown option {unknown[0]!r}")
-        stop = options.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        decoding = DecodingOptions(**{**options, "stop": list(stop) if stop else None}, stop_ids=(self.eos_id,),
-                                   suppress_ids=self.suppress_ids)
-        decoding.validate()  # n-best lists come from beam search only
+        decoding = DecodingOptions(**options, stop_ids=(self.eos_id,), suppress_ids=self.suppress_ids)
+        # n-best lists come from beam search only; beams are bounded by the target vocabulary
+        decoding.validate(vocab_size=self.target_vocab)
         return decoding
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:

@@ -97,3 +97,97 @@ def test_check_names_the_type_of_a_text_that_is_not_a_str(predictors, task, valu
     """bytes, a number or a list had failed inside check() (TypeError, AttributeError 'no attribute strip')."""
     with pytest.raises(UsageError, match=rf"must be a str, got {kind}$"):
         predictors[task].check(value)
+
+
+# -- options: checked, by type, before any decoding ------------------------------------------------
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """`no_decoding(predictor)`: the predictor fails the test if it starts to decode."""
+
+    def forbid(predictor):
+        def decode(*args, **kwargs):
+            raise AssertionError("decoding started")
+
+        for name in ("_generate", "_generate_batches", "_samples", "outputs"):
+            if hasattr(predictor, name):
+                monkeypatch.setattr(predictor, name, decode)
+        return predictor
+
+    return forbid
+
+
+@pytest.mark.parametrize("value", ["no", "false", 1, None])
+def test_embed_normalize_must_be_a_bool(predictors, no_decoding, value):
+    """normalize was used for its truth value: "no" (a query parameter's string) normalized."""
+    embed = predictors["embed"]
+    ids = [embed.check("a text")]
+    with pytest.raises(UsageError, match=rf"normalize must be True or False, got {value!r}"):
+        no_decoding(embed).predict(ids, normalize=value)
+
+
+def test_embed_normalize_takes_a_bool(predictors):
+    embed = predictors["embed"]
+    ids = [embed.check("a text")]
+    for value in (True, np.True_):
+        assert np.linalg.norm(embed.predict(ids, normalize=value)[0]["embedding"]) == pytest.approx(1, abs=1e-5)
+    assert np.linalg.norm(embed.predict(ids, normalize=False)[0]["embedding"]) != pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("task", ["generate", "translate"])
+@pytest.mark.parametrize("stop, message", [
+    (5, "stop must be a string or a list of strings, got 5"),
+    ({"a": 1}, "stop must be a string or a list of strings"),
+    ([None], "stop strings must be non-empty strings, got None"),  # had been accepted and ignored
+    ([3], "stop strings must be non-empty strings, got 3"),  # had failed once the whole batch was decoded
+    (["a", ""], "stop strings must be non-empty strings, got ''"),
+    ("", "stop strings must be non-empty strings, got ''"),
+])
+def test_stop_must_be_a_string_or_strings_refused_before_decoding(predictors, no_decoding, task, stop, message):
+    predictor = predictors[task]
+    ids = [predictor.check("four hundred")]
+    with pytest.raises(UsageError, match=f"^{message}"):
+        no_decoding(predictor).predict(ids, max_new_tokens=2, stop=stop)
+
+
+@pytest.mark.parametrize("task", ["generate", "translate"])
+def test_a_stop_string_and_a_list_of_one_stop_alike(predictors, task):
+    predictor = predictors[task]
+    ids = [predictor.check("four hundred")]
+    one = predictor.predict(ids, max_new_tokens=6, stop="e")
+    assert one == predictor.predict(ids, max_new_tokens=6, stop=["e"]) == predictor.predict(ids, max_new_tokens=6,
+                                                                                             stop=("e",))
+
+
+@pytest.mark.parametrize("task", ["generate", "translate"])
+def test_num_beams_past_the_vocabulary_is_refused_before_any_allocation(predictors, no_decoding, task):
+    """One request of num_beams=1000000 had the serving process allocate batch x num_beams cache rows
+    (OOM-killed at 24 GB on a 49-token model)."""
+    predictor = predictors[task]
+    vocab = predictor.target_vocab if task == "translate" else int(predictor.config["vocab_size"])
+    ids = [predictor.check("four hundred")]
+    assert len(predictor.predict(ids, max_new_tokens=1, num_beams=vocab, n_best=2)[0]["output"]) == 2
+    with pytest.raises(UsageError, match=f"num_beams must be at most the model's vocabulary of {vocab} tokens, "
+                                         "got 1000000"):
+        no_decoding(predictor).predict(ids, max_new_tokens=1, num_beams=1_000_000)
+
+
+@pytest.mark.parametrize("command, beams, hint", [
+    ("generate", ["--num-beams", "4"], "--num-beams, --batch-size, --max-batch-tokens or --window"),
+    ("translate", ["--num-beams=8"], "--num-beams, --batch-size, --max-batch-tokens or --window"),
+    ("generate", ["--num-beams", "1"], "--batch-size, --max-batch-tokens or --window"),
+    ("generate", [], "--batch-size, --max-batch-tokens or --window"),
+])
+def test_the_out_of_memory_line_names_num_beams_when_beams_are_in_use(run_cli, monkeypatch, tmp_path, command,
+                                                                      beams, hint):
+    """`--num-beams 100000 --max-new-tokens 2` on one record had been told to lower --batch-size,
+    --max-batch-tokens or --window, none of which can help a single record."""
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 2.29 GiB for an array")
+
+    monkeypatch.setattr("kerasllm.cli.infer.run_job", out_of_memory)
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("a prompt\n")
+    result = run_cli(command, tmp_path, "-i", inputs, "-q", *beams)
+    assert result.code == 1, result
+    assert result.err.splitlines() == [f"kerasllm: error: out of memory (Unable to allocate 2.29 GiB for an array): "
+                                       f"lower {hint}"]

@@ -399,7 +399,14 @@ def _out_of_memory(err: BaseException | str, argv: list[str], hint: bool = True)
     the batch would not help there)."""
     detail = str(err).strip()
     line = f"out of memory ({detail})" if detail else "out of memory"
-    options = _MEMORY_OPTIONS.get(_command(argv)[0] or "")
+    command, rest = _command(argv)
+    options = _MEMORY_OPTIONS.get(command or "")
+    # Beam search holds batch x --num-beams rows of the model's cache: with beams in use they are named
+    # first (`--num-beams 100000` on one record had been told to lower three options that cannot help it).
+    beams = [value for flag, value in zip(rest, rest[1:]) if flag == "--num-beams"]
+    beams += [arg.partition("=")[2] for arg in rest if arg.startswith("--num-beams=")]
+    if options and command in ("generate", "translate") and any(value.strip() not in ("", "1") for value in beams):
+        options = f"--num-beams, {options}"
     return f"{line}: lower {options}" if hint and options else line
 
 
