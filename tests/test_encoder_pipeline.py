@@ -242,11 +242,18 @@ def test_init_from_a_tokenizer_that_lacks_the_datas_characters_is_said(work, tmp
 
 def test_init_from_refuses_options_it_would_ignore(work, run_cli, tmp_path):
     root, train, _ = work
-    for given in (["--tokenizer", "bpe"], ["--preset", "small"], ["--vocab-size", "300"]):
+    (tmp_path / "c.json").write_text("{}")
+    for given in (["--tokenizer", "bpe"], ["--preset", "small"], ["--vocab-size", "300"], ["--layers", "4"],
+                  ["--config", str(tmp_path / "c.json")], ["--position", "rotary"]):
         result = run_cli("train", "classifier", "--data", train, "--init-from", root / "mlm", "--out",
                          tmp_path / "clf", *given)
-        assert result.code == 2 and f"drop {given[0]}" in result.err, result
+        assert result.code == 2 and f"drop {given[0]}" in result.err, result  # (it had said "and overrides")
         assert not (tmp_path / "clf").exists()
+    # --dropout is a fine-tuning setting, not the architecture's: taken
+    result = run_cli("train", "classifier", "--data", train, "--init-from", root / "mlm", "--out", tmp_path / "clf",
+                     "--dropout", "0.3", "--steps", "1", "--validation-fraction", "0", *FAST[2:])
+    assert result.code == 0, result
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["model"]["dropout"] == 0.3
 
 
 def test_unknown_label_at_evaluation_names_the_line(work, capsys, tmp_path):

@@ -186,12 +186,19 @@ def _refuse_given(reason: str, names) -> None:
         raise click.UsageError(f"{reason}; drop {', '.join(given)}")
 
 
-def _refuse_with_init_from(init_from, *names: str) -> None:
-    """A usage error for options given on the command line that `--init-from` would ignore: the
-    pretrained run brings its own tokenizer and architecture (--config and overrides are refused
-    in the recipe, where they are known)."""
+# The options that set a model's shape (`model_override_options`, --preset, --config): a pretrained
+# run brings its own. --dropout is a fine-tuning setting, taken with --init-from.
+ARCHITECTURE_OPTIONS = ("preset", "config_file", "layers", "heads", "hidden", "intermediate", "max_length",
+                        "position", "activation")
+
+
+def _refuse_with_init_from(init_from) -> None:
+    """A usage error naming the options given on the command line that `--init-from` would ignore:
+    the pretrained run brings its own tokenizer and architecture (it had said "drop --config and
+    overrides" of `--layers 4`)."""
     if init_from:
-        _refuse_given("--init-from takes the pretrained model's tokenizer and architecture", names)
+        _refuse_given("--init-from takes the pretrained model's tokenizer and architecture",
+                      [*ARCHITECTURE_OPTIONS, "tokenizer", "vocab_size"])
 
 
 def _refuse_with_resume(resume: bool, out: Path) -> None:
@@ -254,7 +261,8 @@ def masked_lm(data, text_field, out, preset, config_file, steps, epochs, batch_s
 @click.option("--label-field", default="label", show_default=True, help="Field (column) holding the label.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Start from this masked-lm (or classifier) model directory's encoder and tokenizer.")
-@click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooled vector: CLS token or mean (default: cls).")
+@click.option("--pooling", type=click.Choice(["cls", "mean"]),
+              help="Pooled vector: CLS token or mean (default: cls, or the --init-from model's).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe", "unigram"]), default="char",
               show_default=True, help="Tokenizer trained on the data (not with --init-from).")
 @vocab_size_option
@@ -277,7 +285,7 @@ def classifier(data, text_field, label_field, init_from, pooling, out, preset, c
 
     if not data and not resume:
         raise click.UsageError("--data is required (except with --resume)")
-    _refuse_with_init_from(init_from, "preset", "tokenizer", "vocab_size")
+    _refuse_with_init_from(init_from)
     args = ClassifierTrainArgs(
         data=[str(p) for p in data], text_field=text_field, label_field=label_field,
         init_from=str(init_from) if init_from else None, pooling=pooling, preset=preset, steps=steps, epochs=epochs,
@@ -331,7 +339,7 @@ def token_classifier(data, tokens_field, tags_field, data_format, init_from, out
         raise click.UsageError("--data is required (except with --resume)")
     if label_smoothing:
         raise click.UsageError("--label-smoothing is not supported by token-classifier")
-    _refuse_with_init_from(init_from, "preset", "tokenizer", "vocab_size")
+    _refuse_with_init_from(init_from)
     args = TokenClassifierTrainArgs(
         data=[str(p) for p in data], tokens_field=tokens_field, tags_field=tags_field, data_format=data_format,
         init_from=str(init_from) if init_from else None, preset=preset, steps=steps, epochs=epochs,

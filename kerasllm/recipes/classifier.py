@@ -16,11 +16,10 @@ from pathlib import Path
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, classification_dataset, encode_rows, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe
-from kerasllm.errors import UsageError
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
-                                     pretrained_run, resumed_args, run_directory, tokenizer_origin,
+                                     fine_tuning_changes, pretrained_run, resumed_args, run_directory, tokenizer_origin,
                                      warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
@@ -60,9 +59,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
             rows = read_rows(args.data, args.text_field, args.label_field)  # fails early, before anything is written
             labels = LabelMap.from_labels([row.label for row in rows])
             if args.init_from:
-                if config_file or config_overrides:
-                    raise UsageError("--init-from takes the pretrained model's architecture; drop --config and "
-                                     "overrides")
+                changes = fine_tuning_changes(changes, config_file, config_overrides)
                 pretrained, tokenizer = pretrained_run(args.init_from, INIT_TASKS)
                 config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(labels), **changes)
             else:

@@ -223,6 +223,18 @@ def pretrained_run(init_from: str, tasks: tuple[str, ...]):
     return run, TextTokenizer.load(init_from)
 
 
+def fine_tuning_changes(changes: dict, config_file: str | None, overrides: dict | None) -> dict:
+    """The config changes a fine-tune (`--init-from`) makes to the pretrained model's: `changes` (the
+    recipe's, e.g. pooling) and the overrides that leave its weights as they are (dropout); a
+    `--config` or an override of its shape is a UsageError naming them."""
+    overrides = dict(overrides or {})
+    changes = {**changes, **{name: overrides.pop(name) for name in ("dropout",) if name in overrides}}
+    refused = (["--config"] if config_file else []) + sorted(overrides)
+    if refused:
+        raise UsageError(f"--init-from takes the pretrained model's architecture; drop {', '.join(refused)}")
+    return changes
+
+
 def copy_pretrained_encoder(model, init_from: str) -> None:
     """Set `model`'s encoder weights to those of the model directory `init_from` (Keras side)."""
     from kerasllm.modeldir import load_model_dir  # noqa: PLC0415 - imports TensorFlow

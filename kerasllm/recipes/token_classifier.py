@@ -18,10 +18,9 @@ from pathlib import Path
 from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import LabelMap, encode_tagged, read_tagged, split_validation, token_classification_dataset
 from kerasllm.distribute import distributed_recipe
-from kerasllm.errors import UsageError
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
-                                     pretrained_run, resumed_args, run_directory, tokenizer_origin,
+                                     fine_tuning_changes, pretrained_run, resumed_args, run_directory, tokenizer_origin,
                                      warn_unknown_tokens, write_run_files)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
@@ -63,11 +62,9 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
             rows = read_tagged(args.data, args.tokens_field, args.tags_field, args.data_format)
             tags = LabelMap.from_labels([tag for row in rows for tag in row.tags])
             if args.init_from:
-                if config_file or config_overrides:
-                    raise UsageError("--init-from takes the pretrained model's architecture; drop --config and "
-                                     "overrides")
+                changes = fine_tuning_changes({}, config_file, config_overrides)
                 pretrained, tokenizer = pretrained_run(args.init_from, INIT_TASKS)
-                config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(tags))
+                config = EncoderConfig.from_dict(pretrained["model"]).replace(num_labels=len(tags), **changes)
             else:
                 # The tokenizer learns the text as the tagger will see it: words joined by spaces.
                 tokenizer = TextTokenizer.train([" ".join(row.words) for row in rows], kind=args.tokenizer,
