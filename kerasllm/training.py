@@ -56,8 +56,7 @@ def prepare_run_dir(out: str | Path, resume: bool, is_chief: bool = True) -> Pat
     if resume:
         if not (out / CONFIG_FILE).is_file():
             raise UsageError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
-        if (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
-            raise UsageError(f"--resume: the run in {out} already finished ({MODEL_FILE} is written)")
+        refuse_a_finished_resume(out)
         return out
     # A lock file alone is what a run killed before writing anything left (`run_dir_lock`).
     if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
@@ -65,7 +64,16 @@ def prepare_run_dir(out: str | Path, resume: bool, is_chief: bool = True) -> Pat
     return out
 
 
+def refuse_a_finished_resume(out: Path) -> None:
+    """`--resume` of a run that has finished is a usage error."""
+    if (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
+        raise UsageError(f"--resume: the run in {out} already finished ({MODEL_FILE} is written)")
+
+
 def _not_empty(out: Path) -> UsageError:
+    if (out / CONFIG_FILE).is_file() and (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
+        # (it had suggested --resume, which then said the run had finished)
+        return UsageError(f"{out} holds a finished run ({MODEL_FILE} is written); choose a new --out")
     return UsageError(f"{out} exists and is not empty; choose a new --out or pass --resume")
 
 

@@ -307,6 +307,21 @@ def test_resume_keeps_the_runs_task_and_its_planned_steps(run_cli, corpus_file, 
     assert json.loads((out / "config.json").read_text())["plan"] == {"total_steps": planned}
 
 
+def test_a_finished_run_is_named_as_one_before_anything_else(run_cli, corpus_file, tmp_path):
+    """Training into it had said "exists and is not empty; ... or pass --resume"; `--resume --steps 60` had
+    said "drop --steps", and only then that the run had finished."""
+    out = tmp_path / "run"
+    args = ["--out", out, "--steps", "2", "--eval-interval", "2", "--eval-steps", "1", *FAST]
+    assert run_cli("train", "causal-lm", "--data", corpus_file, *args).code == 0
+    again = run_cli("train", "causal-lm", "--data", corpus_file, *args)
+    assert (again.code, again.err.splitlines()) == (2, [
+        f"kerasllm: error: {out} holds a finished run (model.keras is written); choose a new --out"]), again
+    for extra in ([], ["--steps", "60"]):
+        resumed = run_cli("train", "causal-lm", "--out", out, "--resume", *extra)
+        assert (resumed.code, resumed.err.splitlines()) == (2, [
+            f"kerasllm: error: --resume: the run in {out} already finished (model.keras is written)"]), resumed
+
+
 def test_resume_keeps_the_precision_the_run_trained_with(run_cli, corpus_file, tmp_path, interrupt_training):
     """A plain --resume of a mixed-precision run had trained on in fp32 and Keras had dropped the
     checkpoint's optimizer state ("Skipping variable loading for optimizer ..."): the schedule and

@@ -206,6 +206,9 @@ def _refuse_with_resume(resume: bool, out: Path) -> None:
     repeats the stopped one with its saved options (a restarted multi-worker job, which resumes
     without `--resume`, is not concerned: it gives the very same command again)."""
     if resume:
+        from kerasllm.training import refuse_a_finished_resume  # noqa: PLC0415 - imports Keras
+
+        refuse_a_finished_resume(Path(out))  # first: it had said "drop --steps", then that the run had finished
         ctx = click.get_current_context()
         _refuse_given(f"--resume continues the run in {out} with its saved options",
                       [param.name for param in ctx.command.params if param.name not in RESUME_TAKES])
