@@ -27,6 +27,7 @@ and exact match of greedy translations against the references.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
@@ -196,7 +197,7 @@ class BundleTranslator(Translator):
         self.sessions = Seq2SeqSessions(*(self.bundle.open_session(role, device, threads, self._graphs.get(role))
                                           for role in ("encoder", "decoder")))
         self.max_shards = (threads or usable_cores()) if self.sessions.decoder.device_type == "cpu" and small else 1
-        self._pool = None
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
         self._local = threading.local()  # a worker thread's single-threaded sessions
 
     def workers(self, decoding: DecodingOptions) -> int:
@@ -227,6 +228,20 @@ class BundleTranslator(Translator):
             shards = self.shards(n, decoding, most=workers // tail)
             plan.append(np.linspace(0, n, shards + 1).round().astype(int).tolist())
         return plan
+
+    def _worker_pool(self) -> ThreadPoolExecutor:
+        """The worker threads' pool, made at the first use in this process. A forked child (a
+        pre-forking server's worker) inherits the parent's pool but none of its threads: its tasks
+        would wait forever for workers that are not there (every translate had hung), so the child
+        makes its own pool, and drops the thread-local sessions too (those of the forking thread, if
+        it was a worker: ONNX Runtime's sessions are not for sharing across a fork)."""
+        pool = self._pool  # one read: (pid, pool) stay a pair for threads that race here
+        if pool is None or pool[0] != os.getpid():
+            if pool is not None:
+                self._local = threading.local()
+            # (Two threads' first calls at once may each make one: the other's idles and is collected.)
+            pool = self._pool = (os.getpid(), ThreadPoolExecutor(self.max_shards, thread_name_prefix="kerasllm-worker"))
+        return pool[1]
 
     def _shard_loop(self, batch, decoding):
         """`_loop` of one piece of work on this worker thread's single-threaded sessions."""
@@ -261,11 +276,22 @@ class BundleTranslator(Translator):
             # nothing to run side by side: batch after batch on the bundle's sessions (all intra-op threads)
             yield from super()._generate_batches(batches, decoding)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_shards, thread_name_prefix="kerasllm-worker")
         # Every piece is queued at once; a worker takes the next as it finishes one.
-        pieces = [[self._pool.submit(self._shard_loop, batch[a:b], decoding) for a, b in pairwise(bounds)]
-                  for batch, bounds in zip(batches, plan)]
+        pieces = []
+        try:
+            pool = self._worker_pool()
+            for batch, bounds in zip(batches, plan):
+                pieces.append([pool.submit(self._shard_loop, batch[a:b], decoding) for a, b in pairwise(bounds)])
+        except RuntimeError:
+            # "cannot schedule new futures after (interpreter) shutdown": concurrent.futures shuts every
+            # pool down once the main thread has returned, while non-daemon threads may still serve
+            # (a server started on a thread at the end of a script); every translation had failed so.
+            # The bundle's own sessions decode the batches here instead (outputs identical).
+            for futures in pieces:
+                for future in futures:
+                    future.cancel()
+            yield from super()._generate_batches(batches, decoding)
+            return
         try:
             for futures in pieces:
                 yield [hyps for future in futures for hyps in future.result()]

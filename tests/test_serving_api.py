@@ -191,3 +191,74 @@ def test_the_out_of_memory_line_names_num_beams_when_beams_are_in_use(run_cli, m
     assert result.code == 1, result
     assert result.err.splitlines() == [f"kerasllm: error: out of memory (Unable to allocate 2.29 GiB for an array): "
                                        f"lower {hint}"]
+
+
+# -- the translator's worker threads in a service's life: forks, the main thread returning ------------
+def _serve(script: str, bundle: Path) -> list:
+    """Run `script` (its `t`: a translator on `bundle` with two worker threads, whatever the cores;
+    `batch`: a batch they share) in a fresh interpreter, as a service would (no TensorFlow loaded):
+    the JSON lines it printed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    prelude = textwrap.dedent(f"""
+        import json, os, sys, threading
+        from kerasllm.export.predict import load_predictor
+        t = load_predictor("translate", {str(bundle)!r}, device="cpu")
+        t.max_shards = 2
+        batch = [t.check(text) for text in ("four hundred and two", "nine", "seventy one", "six hundred")] * 2
+        def say(value):
+            print(json.dumps(value), flush=True)
+        """)
+    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_forked_child_translates_with_workers_of_its_own(tiny_seq2seq_bundle):
+    """A pre-forking server (gunicorn --preload): the child had inherited the parent's pool but none
+    of its threads, and every translate that used the workers waited for them forever."""
+    parent, *children = _serve("""
+        import multiprocessing
+        before = t.predict(batch, max_new_tokens=8, num_beams=2)  # the parent's workers start
+        say(before)
+        def child(results):
+            results.put([t.predict(batch, max_new_tokens=8, num_beams=2), t.predict(batch, max_new_tokens=8)])
+        fork = multiprocessing.get_context("fork")
+        results = fork.Queue()
+        for _ in range(2):
+            process = fork.Process(target=child, args=(results,))
+            process.start()
+            process.join(20)
+            if process.is_alive():
+                process.kill()
+                say("the child hung")
+                break
+            else:
+                say(results.get(timeout=5))
+        """, tiny_seq2seq_bundle)
+    assert "the child hung" not in children
+    greedy = _serve("say(t.predict(batch, max_new_tokens=8))", tiny_seq2seq_bundle)[0]
+    assert children == [[parent, greedy]] * 2
+
+
+def test_translating_goes_on_after_the_main_thread_returns(tiny_seq2seq_bundle):
+    """A service whose main thread starts a (non-daemon) serving thread and returns: concurrent.futures
+    shuts its pools down then, and every translate that would use the workers had raised "cannot
+    schedule new futures after shutdown"; it decodes on the bundle's own sessions instead."""
+    before, after = _serve("""
+        import concurrent.futures.thread as futures_thread, time
+        say(t.predict(batch, max_new_tokens=8, num_beams=2))  # the workers start
+        def serve():
+            deadline = time.monotonic() + 30
+            while not futures_thread._shutdown and time.monotonic() < deadline:  # the pools are shut down
+                time.sleep(0.01)
+            try:
+                say(t.predict(batch, max_new_tokens=8, num_beams=2))
+            except RuntimeError as err:
+                say(str(err))
+        threading.Thread(target=serve).start()
+        """, tiny_seq2seq_bundle)
+    assert after == before
