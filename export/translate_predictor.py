@@ -115,6 +115,10 @@ class Translator:
 
     def translate(self, texts: Sequence[str], **options: Any) -> list[dict]:
         """Translate raw texts (a RecordError for an empty or too long one)."""
+        if isinstance(texts, str):
+            # A str is a sequence of one-letter texts: "four" had been four translations. Refused, not
+            # taken as one text: the results are one per text, and a list of one says which is meant.
+            raise UsageError(f"texts must be a list of strings, got a str ({texts[:40]!r}): pass [text] for one")
         return self.predict([self.check(t) for t in texts], **options)
 
     def _generate(self, batch: list[list[int]], decoding: DecodingOptions) -> list[list[Hypothesis]]:

@@ -262,3 +262,12 @@ def test_translating_goes_on_after_the_main_thread_returns(tiny_seq2seq_bundle):
         threading.Thread(target=serve).start()
         """, tiny_seq2seq_bundle)
     assert after == before
+
+
+def test_translate_refuses_a_str_for_its_list_of_texts(predictors, no_decoding):
+    """translate("four") had translated "f", "o", "u" and "r" (a str is a sequence of texts too)."""
+    translator = predictors["translate"]
+    assert translator.translate(["four"], max_new_tokens=4) == translator.predict([translator.check("four")],
+                                                                                  max_new_tokens=4)
+    with pytest.raises(UsageError, match=r"^texts must be a list of strings, got a str \('four'\): pass \[text\]"):
+        no_decoding(translator).translate("four", max_new_tokens=2)
