@@ -121,7 +121,7 @@ class CausalGenerator:
     def _score(self, prompt: list[int], targets: list[int]) -> float:
         """Mean log-probability of `targets` (at least one) after `prompt` under the model (one
         forward pass; the last target is predicted, never fed)."""
-        ids = np.array([prompt + targets[:-1]], np.int64)
+        ids = np.array([list(prompt) + targets[:-1]], np.int64)  # (a NumPy row would be added to, not joined)
         logits, _ = self.step(ids, np.ones_like(ids), None)
         logp = log_softmax(logits[0, len(prompt) - 1:].astype(np.float64))
         return float(logp[np.arange(len(targets)), targets].mean())

@@ -165,7 +165,7 @@ class EncoderPredictor:
 
     def predict(self, batch: Sequence[list[int]], **options: Any) -> list[dict]:
         options = self.options(**options)
-        if not batch:
+        if not len(batch):  # (a 2-D NumPy batch has no truth value)
             return []
         if self.task == "embed":
             vectors = self.outputs(batch, ["embeddings"])["embeddings"].astype(np.float64)
@@ -207,7 +207,7 @@ class TagPredictor(EncoderPredictor):
 
     def predict(self, batch: Sequence[WordPieces], **options: Any) -> list[dict]:
         self.options(**options)
-        if not batch:
+        if not len(batch):
             return []
         results = []
         for pieces, probabilities in zip(batch, self.word_probabilities(batch)):

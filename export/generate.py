@@ -285,7 +285,7 @@ def check_token_ids(rows: Sequence[Sequence[int]], vocab_size: int, what: str = 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """`[B, L]` ids and attention mask, prompts aligned to the right."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not len(prompts) or any(len(p) == 0 for p in prompts):  # (len: a 2-D array has no truth value)
         raise UsageError("generate: every prompt needs at least one token")
     return _padded(prompts, pad_id, left=True)
 

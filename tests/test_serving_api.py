@@ -271,3 +271,28 @@ def test_translate_refuses_a_str_for_its_list_of_texts(predictors, no_decoding):
                                                                                   max_new_tokens=4)
     with pytest.raises(UsageError, match=r"^texts must be a list of strings, got a str \('four'\): pass \[text\]"):
         no_decoding(translator).translate("four", max_new_tokens=2)
+
+
+# -- batches as NumPy arrays -------------------------------------------------------------------------
+GENERATE_OPTIONS = [{"max_new_tokens": 4}, {"max_new_tokens": 4, "num_beams": 3, "n_best": 2},
+                    {"max_new_tokens": 4, "temperature": 0.9, "n_best": 2, "seed": 3},
+                    {"max_new_tokens": 4, "repetition_penalty": 1.3, "stop": "e"}]
+
+
+@pytest.mark.parametrize("task, options", [
+    *(("generate", options) for options in GENERATE_OPTIONS),
+    ("translate", {"max_new_tokens": 4}), ("translate", {"max_new_tokens": 4, "num_beams": 2, "n_best": 2}),
+    ("classify", {"top_k": 2}), ("embed", {"normalize": True}),
+])
+def test_a_2d_numpy_batch_gives_the_results_of_its_list(predictors, task, options):
+    """A [B, T] array of ids (the README: ids may be NumPy arrays) had failed in generate and classify
+    with NumPy's "truth value of an array ... is ambiguous" (`if not batch`); a sampled n-best list
+    had added the prompt array to its tokens instead of joining them."""
+    predictor = predictors[task]
+    rows = [predictor.check(text) for text in ("four hundred", "nine one two", "seventy six")]
+    width = min(len(row) for row in rows)
+    rows = [row[:width] for row in rows]  # equal lengths, to make one [3, T] array
+    expected = predictor.predict(rows, **options)
+    assert predictor.predict(np.array(rows), **options) == expected
+    assert predictor.predict([np.array(row, np.int32) for row in rows], **options) == expected
+    assert predictor.predict(np.zeros((0, width), np.int64), **options) == []
