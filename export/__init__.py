@@ -13,3 +13,23 @@ Serving side (no TensorFlow):
     generate.py    greedy / sampling / beam search over a generic step function
     predict.py     the Predictor interface and registry used by the batch CLI
 """
+
+import importlib
+
+# The supported entry points for serving bundles from Python (README, "Serving from Python"). Imported on
+# first access (PEP 562): `import kerasllm.export` stays cheap and TensorFlow-free (`kerasllm --help`'s path).
+_SERVING = dict.fromkeys(("load_predictor", "Predictor", "RecordError", "GENERATED_TOKENS", "TRUNCATE_MODES"),
+                         "kerasllm.export.predict")
+__all__ = sorted(_SERVING)
+
+
+def __getattr__(name: str):
+    if name not in _SERVING:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SERVING[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

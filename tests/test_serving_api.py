@@ -296,3 +296,46 @@ def test_a_2d_numpy_batch_gives_the_results_of_its_list(predictors, task, option
     assert predictor.predict(np.array(rows), **options) == expected
     assert predictor.predict([np.array(row, np.int32) for row in rows], **options) == expected
     assert predictor.predict(np.zeros((0, width), np.int64), **options) == []
+
+
+# -- the documented API ------------------------------------------------------------------------------
+def test_kerasllm_export_names_the_serving_entry_points_and_stays_cheap():
+    """`from kerasllm.export import load_predictor` had failed (no names, no __all__); the names load
+    on first use, so `import kerasllm.export` still imports no predictor, ONNX Runtime or TensorFlow."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import sys, kerasllm.export as export
+        print(sorted(export.__all__))
+        print([m for m in ("kerasllm.export.predict", "onnxruntime", "tensorflow", "keras") if m in sys.modules])
+        from kerasllm.export import *
+        from kerasllm.export.predict import load_predictor as direct
+        print(load_predictor is direct, RecordError.__module__, "load_predictor" in dir(export))
+        print([m for m in ("tensorflow", "keras") if m in sys.modules])
+        """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "['GENERATED_TOKENS', 'Predictor', 'RecordError', 'TRUNCATE_MODES', 'load_predictor']", "[]",
+        "True kerasllm.export.predict True", "[]"]
+
+
+def test_the_readmes_serving_example_runs(lm_bundle, tmp_path):
+    """README "Serving from Python": its example, as written, on a bundle at its bundles/lm."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n### Serving from Python\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    (tmp_path / "bundles").mkdir()
+    (tmp_path / "bundles" / "lm").symlink_to(lm_bundle)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    greedy, beams, empty, hot = done.stdout.splitlines()
+    assert re.fullmatch(r"\{'output': '.*'\}", greedy)
+    assert re.fullmatch(r"\{'output': \['.*', '.*'\], 'scores': \[-?[\d.]+, -?[\d.]+\]\}", beams)
+    assert empty == "{'error': 'empty prompt'}"
+    assert hot == """{'error': "temperature must be a number, got 'hot'"}"""
