@@ -99,6 +99,24 @@ def test_check_names_the_type_of_a_text_that_is_not_a_str(predictors, task, valu
         predictors[task].check(value)
 
 
+def test_tag_check_takes_a_str_or_a_list_of_str_words(predictors, tmp_path):
+    """The tagger's check (its tokenizer the classifier's here: only check runs) had taken any
+    iterable apart as words, and passed a word with half a surrogate pair to the tokenizer."""
+    from kerasllm.export.encoder_predictor import TagPredictor
+
+    classify = predictors["classify"]
+    tagger = TagPredictor("tag", "token-classifier", classify.tokenizer, classify.config, classify.labels,
+                          run=None, source=tmp_path)
+    assert tagger.check("ab cd").words == tagger.check(["ab", "cd"]).words == tagger.check(("ab", "cd")).words
+    with pytest.raises(RecordError, match=r"^word holds half of a surrogate pair \(\\udcff at character 2\)"):
+        tagger.check(["ab", json.loads('"c\\udcff"')])
+    for value, kind in ((b"ab cd", "bytes"), ({"ab": 1}, "dict"), (5, "int")):
+        with pytest.raises(UsageError, match=f"^text must be a str or a list of words, got {kind}$"):
+            tagger.check(value)
+    with pytest.raises(UsageError, match="^word must be a str, got int$"):
+        tagger.check(["ab", 5])
+
+
 # -- options: checked, by type, before any decoding ------------------------------------------------
 @pytest.fixture
 def no_decoding(monkeypatch):
