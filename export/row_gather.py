@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kerasllm.export.runtime import kept_in_forked_children
+
 GRAPHS = Path(__file__).with_name("graphs")
 # numpy dtype name -> ONNX TensorProto element type
 ELEMENT_TYPES = {"float32": 1, "float16": 10}
@@ -56,7 +58,8 @@ class RowGather:
         if session is None:
             providers = (["CPUExecutionProvider"] if self.device_type == "cpu" else
                          [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"])
-            session = self._sessions[dtype] = ort.InferenceSession(str(graph_path(dtype)), providers=providers)
+            session = self._sessions[dtype] = kept_in_forked_children(
+                ort.InferenceSession(str(graph_path(dtype)), providers=providers))
         return session
 
     def rows(self, values, indices: np.ndarray) -> list:

@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,35 @@ def parse_device(device: str | None) -> tuple[str, int]:
     raise UsageError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
 
 
+# The ONNX Runtime sessions this process opened (`kept_in_forked_children`).
+_SESSIONS: "weakref.WeakSet[ort.InferenceSession]" = weakref.WeakSet()
+
+
+def kept_in_forked_children(session: ort.InferenceSession) -> ort.InferenceSession:
+    """Register `session` so that a forked child never frees it (`_keep_inherited_sessions`)."""
+    _SESSIONS.add(session)
+    return session
+
+
+def _keep_inherited_sessions() -> None:
+    """In a forked child (gunicorn --preload, multiprocessing's fork), leak the sessions it inherited.
+
+    A session's thread pool stays in the parent (fork copies one thread), and ONNX Runtime's
+    destructor waits for those threads: a child that still held a predictor loaded before the fork
+    hung at its normal interpreter exit (`sys.exit`, returning from main) until killed. The child
+    keeps using the sessions; they are never freed, their memory is the parent's copy-on-write pages,
+    and the OS reclaims it at exit. Written by hand: ONNX Runtime has no fork hook (its Python API
+    cannot release a session without running that destructor)."""
+    for session in list(_SESSIONS):
+        native = getattr(session, "_sess", None)
+        if native is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(native))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_keep_inherited_sessions)
+
+
 @dataclass
 class Session:
     """An `InferenceSession` and where it runs (`device_type` "cpu" or "cuda", `device_id`)."""
@@ -69,6 +99,9 @@ class Session:
     description: str
     cuda_graph: bool = False  # opened with ORT's `enable_cuda_graph` (see `create_session`)
     path: str = ""  # the graph's file, for messages
+
+    def __post_init__(self):
+        kept_in_forked_children(self.session)
 
     @property
     def input_types(self) -> dict[str, type]:

@@ -84,7 +84,7 @@ def test_resume_continues_from_the_last_checkpoint(run_cli, corpus_file, tmp_pat
     # A finished run cannot be resumed, and a non-empty --out is not overwritten.
     assert run_cli("train", "causal-lm", "--out", out, "--resume").code == 2
     again = run_cli("train", "causal-lm", "--data", corpus_file, "--out", out, *FAST)
-    assert again.code == 2 and "not empty" in again.err
+    assert again.code == 2 and "holds a finished run" in again.err
 
 
 def _bad_inputs(tmp_path, corpus_file):

@@ -381,7 +381,7 @@ def test_whole_batches_on_the_workers_decode_as_one_batch_at_a_time(trained, mon
     first = next(stream)
     stream.close()
     release.set()
-    many._pool.submit(lambda: None).result()  # the workers are past everything queued before
+    many._worker_pool().submit(lambda: None).result()  # the workers are past everything queued before
     assert first == one.predict(batches[0], max_new_tokens=8)
     assert len(started) <= 3  # the first batch, then at most one more on each worker, held until the close
 

@@ -262,6 +262,45 @@ def test_a_forked_child_translates_with_workers_of_its_own(tiny_seq2seq_bundle):
     assert children == [[parent, greedy]] * 2
 
 
+def test_a_forked_child_that_exits_normally_ends(lm_bundle, clf_bundle, tiny_seq2seq_bundle):
+    """A child still holding sessions loaded before the fork (their thread pools stayed in the parent)
+    had hung at its normal interpreter exit (sys.exit, returning from main) until killed: ONNX Runtime's
+    destructor waits for the pool's threads. Inherited sessions are never freed in a child."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from kerasllm.export import load_predictor
+        generator = load_predictor("generate", {str(lm_bundle)!r}, device="cpu", threads=2)
+        classifier = load_predictor("classify", {str(clf_bundle)!r}, device="cpu", threads=2)
+        translator = load_predictor("translate", {str(tiny_seq2seq_bundle)!r}, device="cpu")
+        translator.max_shards = 2
+        def serve():
+            return [generator.predict([generator.check("abc")], max_new_tokens=3)[0]["output"],
+                    classifier.predict([classifier.check("abc")])[0]["label"],
+                    translator.translate(["nine", "four hundred and two"] * 4, num_beams=2)[0]["output"]]
+        expected = serve()
+        pid = os.fork()
+        if pid == 0:
+            assert serve() == expected
+            sys.exit(0)  # the interpreter's normal exit: module teardown, objects freed
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("exit", os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            print("the child hung at exit")
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "exit 0"), done.stderr[-3000:]
+
+
 def test_translating_goes_on_after_the_main_thread_returns(tiny_seq2seq_bundle):
     """A service whose main thread starts a (non-daemon) serving thread and returns: concurrent.futures
     shuts its pools down then, and every translate that would use the workers had raised "cannot
