@@ -20,6 +20,12 @@ import importlib
 # first access (PEP 562): `import kerasllm.export` stays cheap and TensorFlow-free (`kerasllm --help`'s path).
 _SERVING = dict.fromkeys(("load_predictor", "Predictor", "RecordError", "GENERATED_TOKENS", "TRUNCATE_MODES"),
                          "kerasllm.export.predict")
+# ... and the lower-level names the README points to: the export itself (Keras side: TensorFlow loads
+# only when a model is exported), a bundle, one session. (The Apache Beam handler needs apache_beam,
+# which `from kerasllm.export import *` must not: kerasllm.export.beam.BundleModelHandler.)
+_SERVING.update({"export_model_dir": "kerasllm.export.exporter", "ExportOptions": "kerasllm.export.exporter",
+                 "create_session": "kerasllm.export.runtime", "DecoderSession": "kerasllm.export.runtime",
+                 "load_bundle": "kerasllm.export.bundle"})
 __all__ = sorted(_SERVING)
 
 
