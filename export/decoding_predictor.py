@@ -164,7 +164,8 @@ class ModelDirGenerator(CausalGenerator):
 
         self.model, tokenizer, run = load_model_dir(path, device)
         if run["model"]["family"] != "decoder":
-            raise UsageError(f"{path}: a {run['model']['family']} model cannot generate (needs a causal LM)")
+            kind = run.get("task", run["model"]["family"])  # the task's name: 'a encoder' read badly
+            raise UsageError(f"{path}: a {kind!r} model cannot generate (needs a causal LM)")
         super().__init__(tokenizer, run["model"], run.get("train"))
         self.step = KerasDecoderStep(self.model)
 

@@ -253,7 +253,8 @@ def _modeldir(path: Path, task: str, device: str | None = None) -> EncoderPredic
 
     model, tokenizer, run_config = load_model_dir(path, device)
     if run_config["model"]["family"] != "encoder":
-        raise UsageError(f"{path}: a {run_config['model']['family']} model cannot {task} (needs an encoder)")
+        kind = run_config.get("task", run_config["model"]["family"])  # the task's name: 'a encoder' read badly
+        raise UsageError(f"{path}: a {kind!r} model cannot {task} (needs an encoder)")
 
     def run(ids, mask, names):
         outputs = model.export_outputs(ids.astype("int32"), mask)

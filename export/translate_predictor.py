@@ -324,7 +324,8 @@ class ModelDirTranslator(Translator):
 
         self.model, _, run = load_model_dir(path, device)
         if run["model"]["family"] != "seq2seq":
-            raise UsageError(f"{path}: a {run['model']['family']} model cannot translate (needs a seq2seq model)")
+            kind = run.get("task", run["model"]["family"])  # the task's name: 'a encoder' read badly
+            raise UsageError(f"{path}: a {kind!r} model cannot translate (needs a seq2seq model)")
         super().__init__(*load_seq2seq_tokenizers(Path(path), run["model"]), run["model"])
         self._sessions = None
 

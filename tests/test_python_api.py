@@ -198,3 +198,25 @@ def test_fine_tuning_may_set_max_length_where_no_position_table_fixes_it():
     masked_lm = MaskedLM(EncoderConfig.preset("tiny", vocab_size=64, position="rotary", max_length=32))
     masked_lm(IDS)
     assert TextClassifier.from_masked_lm(masked_lm, num_labels=2, max_length=64).config.max_length == 64
+
+
+def test_a_model_dir_of_another_task_is_named_by_its_task(tmp_path):
+    """"runs/clf: a encoder model cannot generate": the family's name, with the wrong article."""
+    from kerasllm.errors import UsageError
+    from kerasllm.export.predict import load_predictor
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.train(["good bad fine"], kind="char")
+    config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=16, num_labels=2)
+    model_dir = tmp_path / "clf"
+    model_dir.mkdir()
+    TextClassifier(config).save(model_dir / "model.keras")
+    tokenizer.save(model_dir / "tokenizer.json")
+    (model_dir / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
+                                                       "labels": ["bad", "good"]}))
+    for task, needs in (("generate", "a causal LM"), ("translate", "a seq2seq model")):
+        with pytest.raises(UsageError, match=f"^{model_dir}: a 'classifier' model cannot {task} \\(needs {needs}\\)$"):
+            load_predictor(task, model_dir)
+    lm_dir = _decoder_dir(tmp_path / "lm", tokenizer, DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size))
+    with pytest.raises(UsageError, match=f"^{lm_dir}: a 'causal-lm' model cannot embed \\(needs an encoder\\)$"):
+        load_predictor("embed", lm_dir)
