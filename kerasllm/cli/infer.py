@@ -104,7 +104,8 @@ def decoding_options(command):
         click.option("--num-beams", type=click.IntRange(min=1), default=_GEN["num_beams"], show_default=True,
                      help="Beam search width (1: no beam search)."),
         click.option("--n-best", type=click.IntRange(min=1), default=_GEN["n_best"], show_default=True,
-                     help="Outputs per record (with scores); at most --num-beams under beam search."),
+                     help="Outputs per record (with scores): at most --num-beams under beam search; generate "
+                          "also samples that many under --temperature (translate's come from beam search only)."),
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None,
                      help="Seed for reproducible sampling (0 to 2**32 - 1)."),
     ]
