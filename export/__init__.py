@@ -20,13 +20,14 @@ import importlib
 # first access (PEP 562): `import kerasllm.export` stays cheap and TensorFlow-free (`kerasllm --help`'s path).
 _SERVING = dict.fromkeys(("load_predictor", "Predictor", "RecordError", "GENERATED_TOKENS", "TRUNCATE_MODES"),
                          "kerasllm.export.predict")
-# ... and the lower-level names the README points to: the export itself (Keras side: TensorFlow loads
-# only when a model is exported), a bundle, one session. (The Apache Beam handler needs apache_beam,
-# which `from kerasllm.export import *` must not: kerasllm.export.beam.BundleModelHandler.)
-_SERVING.update({"export_model_dir": "kerasllm.export.exporter", "ExportOptions": "kerasllm.export.exporter",
-                 "create_session": "kerasllm.export.runtime", "DecoderSession": "kerasllm.export.runtime",
+# ... and the lower-level serving names the README points to: a bundle, one session.
+_SERVING.update({"create_session": "kerasllm.export.runtime", "DecoderSession": "kerasllm.export.runtime",
                  "load_bundle": "kerasllm.export.bundle"})
 __all__ = sorted(_SERVING)
+# The export itself (the training side's: it needs onnx and TensorFlow, which a serving install has
+# not), reachable here too but kept out of __all__, so that `from kerasllm.export import *` runs in a
+# serving environment. (The Beam handler, which needs apache_beam: kerasllm.export.beam.)
+_SERVING.update({"export_model_dir": "kerasllm.export.exporter", "ExportOptions": "kerasllm.export.exporter"})
 
 
 def __getattr__(name: str):

@@ -323,6 +323,10 @@ class OutputLock:
         self.fd: int | None = None
         self.emptied = False  # created by this job, or truncated by it (--overwrite)
         self.keep = False  # an empty output that is the job's result (a shard without records)
+        # An output --resume or --overwrite names that was not there when the job started: created
+        # exclusively all the same. Left to O_CREAT, a retry beside a first attempt that finished while
+        # the retry loaded its model had appended every record again (its resume point read no file).
+        self.create_new = False
 
     @staticmethod
     def applies(path: str | Path) -> bool:
@@ -341,6 +345,7 @@ class OutputLock:
         target.parent.mkdir(parents=True, exist_ok=True)
         # A symbolic link's target (O_EXCL does not follow links: one to a new file had been refused).
         name = os.path.realpath(target) if target.is_symlink() else str(target)
+        create = create or self.create_new
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | (os.O_EXCL if create else 0)
         existed = os.path.exists(name)
         try:
@@ -348,6 +353,9 @@ class OutputLock:
         except FileExistsError:
             if output_in_use(self.path):
                 raise OutputInUse(self.path) from None
+            if self.create_new:
+                raise UsageError(f"{self.path} was written by another job while this one started; run this one "
+                                 "again (--resume continues what is there)") from None
             raise UsageError(f"{self.path} exists: add --resume to continue it or --overwrite to replace it") from None
         try:
             _lock(fd, self.path)

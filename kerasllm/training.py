@@ -460,6 +460,16 @@ def execution_steps(log_every: int, steps_per_epoch: int, total_steps: int, eval
     return math.gcd(log_every, steps_per_epoch, total_steps, eval_steps or 0)
 
 
+def check_restored_within(out: Path, plan: StepPlan) -> None:
+    """A usage error where a resumed run's checkpoint lies past the steps planned now: a run saved
+    before config.json kept its plan (`record_plan`), given --data of another size, had written
+    model.keras without training, exit 0. Called by the recipes before they write anything."""
+    if restored_epoch(out) > plan.epochs:
+        raise UsageError(f"--resume: {out}'s checkpoint is at step {restored_epoch(out) * plan.steps_per_epoch}, "
+                         f"past the {plan.total_steps} steps planned now (from --data of another size?); resume it "
+                         "with the data it started on")
+
+
 def record_plan(out: Path, plan: StepPlan) -> None:
     """Save in config.json the steps a run planned at its start (`"plan"`); a `--resume` keeps them
     (`recipes.common.resumed_args`) whatever the size of the data it is given."""
@@ -479,10 +489,6 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, plan:
     is_chief = worker_index == 0
     total_steps, steps_per_epoch, epochs = plan.total_steps, plan.steps_per_epoch, plan.epochs
     if is_chief:
-        if restored_epoch(out) > epochs:  # a run saved before its plan was (a --resume re-planned it)
-            raise UsageError(f"--resume: {out}'s checkpoint is at step {restored_epoch(out) * steps_per_epoch}, past "
-                             f"the {total_steps} steps planned now (from --data of another size?); resume it with "
-                             "the data it started on")
         record_plan(out, plan)
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)
     # History before the backup: an interval's checkpoint never lacks its history line when a

@@ -567,9 +567,9 @@ def test_a_pipe_cannot_be_sharded_and_a_directory_or_missing_input_is_named(run_
     assert result.code == 2, result
     assert result.err.splitlines() == [f"kerasllm: error: {tmp_path / 'nope.txt'}: no such file"]
     # a name holding a newline (or another control character) is named on one line all the same
-    result = run_cli("generate", bundle, "-i", tmp_path / "a\nb\r\x1b.txt", "-o", tmp_path / "o.jsonl")
+    result = run_cli("generate", bundle, "-i", tmp_path / "a\nb\r\x1b\u2028\x85.txt", "-o", tmp_path / "o.jsonl")
     assert result.code == 2, result
-    assert result.err.splitlines() == [f"kerasllm: error: {tmp_path}/a\\nb\\r\\x1b.txt: no such file"]
+    assert result.err.splitlines() == [f"kerasllm: error: {tmp_path}/a\\nb\\r\\x1b\\u2028\\x85.txt: no such file"]
     assert fake_predictor.FakePredictor.devices == []  # each refused before the model loaded
     assert not (tmp_path / "o.jsonl").exists()
 

@@ -134,6 +134,26 @@ def test_an_output_resume_or_overwrite_names_is_not_made_before_the_model_loads(
     assert read_jsonl(out) == EXPECTED
 
 
+def test_an_output_another_job_wrote_while_this_one_loaded_is_not_appended_to(run_cli, bundle, source, tmp_path,
+                                                                             monkeypatch):
+    """A retry (--resume) beside a first attempt that finished while the retry loaded its model: the
+    retry had read no output before the load, then appended every record again, both exit 0."""
+    loaded = fake_predictor.load
+    finished = '{"id": "1", "output": "CBA"}\n{"id": "2", "output": "ED"}\n'
+
+    def load(source, **kwargs):
+        out.write_text(finished)  # the first attempt, done meanwhile
+        return loaded(source, **kwargs)
+
+    monkeypatch.setattr(fake_predictor, "load", load)
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--resume", "-q")
+    assert (result.code, result.err.splitlines()) == (2, [
+        f"kerasllm: error: {out} was written by another job while this one started; run this one again (--resume "
+        "continues what is there)"]), result
+    assert out.read_text() == finished
+
+
 def test_a_resume_of_a_missing_output_that_fails_before_its_first_line_leaves_nothing(run_cli, bundle, source,
                                                                                      tmp_path, monkeypatch):
     """A job failing at the model load leaves no output behind (none made, or an emptied one removed)."""

@@ -452,6 +452,10 @@ def test_onnx_runtimes_telemetry_is_off_unless_the_user_keeps_it(tmp_path, setti
     """ONNX Runtime (1.29 on) writes a device id under HOME at its import and uploads events; with a
     read-only HOME it printed a warning on every serving command. Off unless ORT_DISABLE_TELEMETRY is
     set (0: ONNX Runtime's default, which writes the id: what shows this test can see it)."""
+    import onnxruntime
+
+    if written and tuple(int(part) for part in onnxruntime.__version__.split(".")[:2]) < (1, 29):
+        pytest.skip("ONNX Runtime before 1.29 collects no telemetry on Linux: nothing to see written")
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}

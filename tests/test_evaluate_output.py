@@ -141,19 +141,20 @@ def test_an_existing_output_is_replaced_only_with_overwrite_and_never_inside_the
     ran, _ = evaluations
     (tmp_path / "model" / "config.json").write_text('{"task": "classifier"}')
     args = ["evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output"]
-    for inside in (tmp_path / "model" / "config.json", tmp_path / "model" / "sub" / "m.json"):
-        for extra in ([], ["--overwrite"]):
-            result = run_cli(*args, inside, *extra)
-            assert (result.code, result.err.splitlines()) == (2, [
-                f"kerasllm: error: --output {inside} is inside {tmp_path / 'model'}, the model being evaluated"]), result
+    inside = tmp_path / "model" / "config.json"
+    for extra in ([], ["--overwrite"]):
+        result = run_cli(*args, inside, *extra)
+        assert (result.code, result.err.splitlines()) == (2, [
+            f"kerasllm: error: --output {inside} is a file of {tmp_path / 'model'}, the model being evaluated"]), result
     assert (tmp_path / "model" / "config.json").read_text() == '{"task": "classifier"}'
-    assert not (tmp_path / "model" / "sub").exists()
+    new = tmp_path / "model" / "metrics.json"  # a new file beside the model is the user's to write
+    assert run_cli(*args, new).code == 0 and json.loads(new.read_text()) == METRICS
 
     mine = tmp_path / "metrics.json"
     mine.write_text('{"model": "the previous one"}')
     result = run_cli(*args, mine)
     assert (result.code, result.err.splitlines()) == (2, [
         f"kerasllm: error: {mine} exists: add --overwrite to replace it"]), result
-    assert mine.read_text() == '{"model": "the previous one"}' and ran == []  # refused before the evaluation
+    assert mine.read_text() == '{"model": "the previous one"}' and len(ran) == 1  # refused before the evaluation
     assert run_cli(*args, mine, "--overwrite").code == 0
     assert json.loads(mine.read_text()) == METRICS

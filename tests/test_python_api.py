@@ -126,15 +126,20 @@ def test_predictors_refuse_rows_longer_than_the_model_in_one_line(tmp_path, tiny
         translator.predict([[5] * 40])
     tokenizer = TextTokenizer.train(["good bad fine"], kind="char")
     config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=16, num_labels=2)
-    model_dir = tmp_path / "classifier"
-    model_dir.mkdir()
-    TextClassifier(config).save(model_dir / "model.keras")
-    tokenizer.save(model_dir / "tokenizer.json")
-    (model_dir / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
-                                                       "labels": ["bad", "good"]}))
+    model_dir = _classifier_dir(tmp_path / "classifier", tokenizer, config)
     classifier = load_predictor("classify", model_dir)
     with pytest.raises(UsageError, match=r"^text 1 has 17 tokens, more than the model's max_length 16$"):
         classifier.outputs([[2, 5], [2] + [5] * 16], ["logits"])
+
+
+def _classifier_dir(path, tokenizer, config):
+    """A model directory of an untrained TextClassifier with labels bad, good."""
+    path.mkdir()
+    TextClassifier(config).save(path / "model.keras")
+    tokenizer.save(path / "tokenizer.json")
+    (path / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
+                                                  "labels": ["bad", "good"]}))
+    return path
 
 
 def _decoder_dir(path, tokenizer, config):
@@ -176,12 +181,7 @@ def test_a_cls_pooled_classifiers_query_only_block_is_explained_not_called_slowe
     for layers, pooling in ((1, "cls"), (2, "cls"), (1, "mean")):
         config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=16, num_labels=2,
                                       num_layers=layers, pooling=pooling)
-        model_dir = tmp_path / f"c{layers}{pooling}"
-        model_dir.mkdir()
-        TextClassifier(config).save(model_dir / "model.keras")
-        tokenizer.save(model_dir / "tokenizer.json")
-        (model_dir / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
-                                                           "labels": ["bad", "good"]}))
+        model_dir = _classifier_dir(tmp_path / f"c{layers}{pooling}", tokenizer, config)
         lines = []
         export_model_dir(model_dir, tmp_path / f"b{layers}{pooling}", log=lines.append)
         reports[layers, pooling] = json.loads((tmp_path / f"b{layers}{pooling}" / "manifest.json").read_text())[
@@ -208,12 +208,7 @@ def test_a_model_dir_of_another_task_is_named_by_its_task(tmp_path):
 
     tokenizer = TextTokenizer.train(["good bad fine"], kind="char")
     config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_length=16, num_labels=2)
-    model_dir = tmp_path / "clf"
-    model_dir.mkdir()
-    TextClassifier(config).save(model_dir / "model.keras")
-    tokenizer.save(model_dir / "tokenizer.json")
-    (model_dir / "config.json").write_text(json.dumps({"task": "classifier", "model": config.to_dict(),
-                                                       "labels": ["bad", "good"]}))
+    model_dir = _classifier_dir(tmp_path / "clf", tokenizer, config)
     for task, needs in (("generate", "a causal LM"), ("translate", "a seq2seq model")):
         with pytest.raises(UsageError, match=f"^{model_dir}: a 'classifier' model cannot {task} \\(needs {needs}\\)$"):
             load_predictor(task, model_dir)

@@ -374,8 +374,8 @@ def test_kerasllm_export_names_the_serving_entry_points_and_stays_cheap():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
-        "['DecoderSession', 'ExportOptions', 'GENERATED_TOKENS', 'Predictor', 'RecordError', 'TRUNCATE_MODES', "
-        "'create_session', 'export_model_dir', 'load_bundle', 'load_predictor']", "[]",
+        "['DecoderSession', 'GENERATED_TOKENS', 'Predictor', 'RecordError', 'TRUNCATE_MODES', 'create_session', "
+        "'load_bundle', 'load_predictor']", "[]",
         "True kerasllm.export.predict True", "[]"]
 
 

@@ -482,7 +482,9 @@ def _interrupted_import(err: ImportError) -> bool:
 
 # Control characters a message carries from the user's own names (a file name holding a newline, `$'a\nb'`),
 # written as escapes: an error is one line, which scripts and log parsers rely on.
-_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in range(32) if code != 9} | {10: "\\n", 13: "\\r"}
+# (C0 but the tab, DEL, C1 with NEL and CSI, and the Unicode line and paragraph separators.)
+_CONTROL_ESCAPES = ({code: f"\\x{code:02x}" for code in (*range(32), *range(0x7f, 0xa0)) if code != 9}
+                    | {10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def _say_error(message) -> None:

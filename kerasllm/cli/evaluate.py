@@ -59,8 +59,8 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     # A file of SOURCE's own (--output runs/clf/config.json, a bundle's manifest.json) had been replaced
     # by the metrics, exit 0, and the model with it; another existing file without a word. Refused, as
     # the batch commands' --output and sample-data --out are (--overwrite for a file of one's own).
-    if output and output.resolve().is_relative_to(source.resolve()):
-        raise UsageError(f"--output {output} is inside {source}, the model being evaluated")
+    if output and output.resolve().is_relative_to(source.resolve()) and output.exists():
+        raise UsageError(f"--output {output} is a file of {source}, the model being evaluated")
     if output and not names_a_descriptor(output) and output.is_file() and not overwrite:
         raise UsageError(f"{output} exists: add --overwrite to replace it")
     if output and not names_a_descriptor(output):

@@ -181,6 +181,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     lock = batch.OutputLock(output_path)
     if (resume or overwrite) and os.path.exists(output_path):
         lock.open(append=resume)
+    elif resume or overwrite:
+        lock.create_new = True
     try:
         _run_locked(task, source, lock, input_path=input_path, output_path=output_path, fmt=fmt,
                     text_field=text_field, id_field=id_field, batch_size=batch_size,

@@ -13,7 +13,7 @@ from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resum
                                      run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
+from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -61,8 +61,9 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
-        write_run_files(out, resume=resume, dist=dist, args=args, task=TASK, config=config,
-                        tokenizers=[(tokenizer, out)])
+        if not resume:  # (a resumed run records its data paths once its plan is checked, below)
+            write_run_files(out, resume=resume, dist=dist, args=args, task=TASK, config=config,
+                            tokenizers=[(tokenizer, out)])
         with token_cache_dir(out, dist.worker_index) as tokens_dir:
             # Tokenized once into the run directory (DIR/tokens) and read through memory maps from then on.
             # (The chief alone shows it, as it alone shows the training bar: another worker's cache is scratch.)
@@ -75,6 +76,10 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
                 args.checkpoint_interval,
             )
             total_steps = plan.total_steps
+            if resume:
+                check_restored_within(out, plan)  # before config.json records the data given again
+                write_run_files(out, resume=resume, dist=dist, args=args, task=TASK, config=config,
+                                tokenizers=[(tokenizer, out)])
 
             import keras  # noqa: PLC0415 - TensorFlow loads here, not at CLI start
 

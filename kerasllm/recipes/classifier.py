@@ -22,7 +22,7 @@ from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_enc
                                      fine_tuning_changes, pretrained_run, resumed_args, run_directory, tokenizer_origin,
                                      warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
+from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -80,6 +80,8 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
             args.checkpoint_interval,
         )
         total_steps = plan.total_steps
+        if resume:
+            check_restored_within(out, plan)  # before anything is written
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)

@@ -19,7 +19,7 @@ from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
                                      run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
+from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -76,6 +76,8 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
             args.checkpoint_interval,
         )
         total_steps = plan.total_steps
+        if resume:
+            check_restored_within(out, plan)  # before anything is written
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)

@@ -17,7 +17,7 @@ from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
 from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
                                      run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TextTokenizer, load_seq2seq_tokenizers
-from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
+from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -94,6 +94,8 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
             args.checkpoint_interval,
         )
         total_steps = plan.total_steps
+        if resume:
+            check_restored_within(out, plan)  # before anything is written
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)

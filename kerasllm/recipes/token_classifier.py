@@ -24,7 +24,7 @@ from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_enc
                                      warn_unknown_tokens, write_run_files)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
-from kerasllm.training import fit_run, plan_steps, read_run_config, restored_epoch
+from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
 
 log = logging.getLogger("kerasllm")
 
@@ -83,6 +83,8 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
             args.checkpoint_interval,
         )
         total_steps = plan.total_steps
+        if resume:
+            check_restored_within(out, plan)  # before anything is written
 
         # Before TensorFlow's runtime starts: its threads are fixed from then on.
         dist.threads_for(config, args.jit_compile)
