@@ -343,3 +343,19 @@ def test_training_data_the_tokenizer_cannot_cover_is_said(caplog):
         ids = np.array(tok.encode("the cat sat on the mat" * 9 + "4"))  # 1 of 199: under 1%, said nothing
         assert warn_unknown_tokens(tok, ids, origin="x") == 1 / 199
     assert caplog.messages == []
+
+
+def test_a_large_token_cache_is_sampled_for_its_unknown_share(monkeypatch):
+    """A corpus's cache (a memory map of every token) is read in 64 blocks past UNKNOWN_SAMPLE_TOKENS,
+    not whole (a 100M-token cache had cost 95 MB at each start and resume): the share, not the count."""
+    import numpy as np
+
+    from kerasllm.recipes import common
+
+    tok = TextTokenizer.train(["the cat sat on the mat"], kind="char")
+    ids = np.full(100_000, tok.token_to_id("a"), dtype=np.uint16)
+    ids[::10] = tok.unk_id  # a tenth, spread
+    monkeypatch.setattr(common, "UNKNOWN_SAMPLE_TOKENS", 64 * 50)
+    assert common.warn_unknown_tokens(tok, ids, origin="x") == 0.1
+    ids[50_000:] = tok.token_to_id("a")  # the second half clean: the blocks reach it too
+    assert common.warn_unknown_tokens(tok, ids, origin="x") == pytest.approx(0.05, abs=0.005)
