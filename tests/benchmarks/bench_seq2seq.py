@@ -163,6 +163,14 @@ bundle, `--repeats 5`:
 nothing else running, no decoding change, `--keep` a bundle exported fresh at 1c1766d, `--repeats 5`:
     greedy: Keras 598.5 | bundle 1300.0 2.17x;  beam 4: Keras 126.8 | bundle 389.9 3.07x, 64/64 identical
 
+2026-12-07, nineteenth session (same machine), nothing else running, `--keep` the same bundle, `--repeats 5`: at
+883bd03 (the session's start), then twice at 5dd0eab (after the day's serving fixes: options checked per call,
+the translator's pool keyed by its pid, forked children keeping their sessions; nothing in the decoding loops):
+    883bd03: greedy: Keras 368.7 | bundle  940.5 2.55x;  beam 4: Keras 132.9 | bundle 398.9 3.00x, 64/64 identical
+    5dd0eab: greedy: Keras 384.0 | bundle  935.4 2.44x;  beam 4: Keras 113.3 | bundle 290.5 2.56x, 64/64 identical
+    5dd0eab: greedy: Keras 619.8 | bundle 1486.3 2.40x;  beam 4: Keras 129.2 | bundle 416.7 3.23x, 64/64 identical
+(the second 5dd0eab run straight after the first: the bundle's beam figure moved 43% with the machine's phase.)
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

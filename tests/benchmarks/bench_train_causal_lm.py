@@ -521,6 +521,22 @@ running, `--steps 300 --repeats 3`:
 tokens/s 1.74x nanoGPT (met), 1.18x keras-hub in the median repeat (goal 1.3x not met; 1.37x in one), wall
 0.87x (met). The day's training changes (--checkpoint-interval, the signal and disk-space checks) run
 outside the compiled step: a Python check per callback and, per checkpoint, a sum over the variables.
+
+2026-12-07, nineteenth session, same machine, no change to the causal LM's step (883bd03), nothing else
+running, `--steps 300 --repeats 3`, then `--repeats 5` right after:
+
+    kerasllm                       13.5     34,070         0.82x         1.31x
+    keras-hub GPT2Backbone         27.2     26,084         1.65x         1.00x
+    nanoGPT (PyTorch)              16.5     18,989         1.00x         0.73x
+      per repeat: tok/s vs hub 1.31x 1.26x 1.33x; tok/s vs nanoGPT 1.62x 1.79x 1.80x; wall 0.87x 0.78x 0.82x
+    kerasllm                       15.9     32,223         0.82x         1.24x
+    keras-hub GPT2Backbone         29.7     26,003         1.54x         1.00x
+    nanoGPT (PyTorch)              19.3     16,848         1.00x         0.65x
+      per repeat: tok/s vs hub 1.15x 1.14x 1.55x 1.28x 1.13x; vs nanoGPT 1.40x-2.06x; wall 0.75x-1.10x
+
+1.31x keras-hub in the first run, 1.24x (per-repeat median 1.15x) in the second: keras-hub's own tokens/s
+moved 21,388-29,294 within one run. The day's changes (the unknown-token share read once before training,
+the plan recorded in config.json) run outside the compiled step.
 """
 
 from __future__ import annotations
