@@ -31,8 +31,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from kerasllm.errors import BundleError, DataError, KerasLLMError, UsageError
-from kerasllm.export.records import _text
+from kerasllm.errors import BundleError, KerasLLMError, UsageError
+from kerasllm.export.records import surrogate_problem
 
 
 # Optional key in a generate/translate result: how many tokens were generated for it. The
@@ -62,10 +62,9 @@ def check_text(text: Any, what: str = "text") -> str:
     check, which the batch CLI applies to the same text (records._text)."""
     if not isinstance(text, str):
         raise UsageError(f"{what} must be a str, got {type(text).__name__}")
-    try:
-        _text(text, 0, what)
-    except DataError as err:  # "line 0: field 'text' holds half of ...": a request has no line or field
-        raise RecordError(f"{what} holds {str(err).split(' holds ', 1)[1]}") from None
+    problem = surrogate_problem(text)
+    if problem is not None:
+        raise RecordError(f"{what} holds {problem}")
     return text
 
 

@@ -100,14 +100,22 @@ class _NumberLiteral(str):
     `100.0` too) and round `9007199254740993.0`, and an int of over 4,300 digits raised."""
 
 
-def _text(value: str, line: int, name: str) -> str:
-    """`value`, or a DataError naming the line where it holds a lone surrogate (only a JSON escape
-    makes one: UTF-8 cannot); the tokenizers and every writer of UTF-8 fail on it."""
+def surrogate_problem(value: str) -> str | None:
+    """What is wrong with a str holding a lone surrogate (only a JSON escape makes one: UTF-8
+    cannot; the tokenizers and every writer of UTF-8 fail on it), or None."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise DataError(f"line {line}: field {name!r} holds half of a surrogate pair "
-                        f"(\\u{ord(value[err.start]):04x} at character {err.start + 1}), which is not text") from None
+        return (f"half of a surrogate pair (\\u{ord(value[err.start]):04x} at character {err.start + 1}), "
+                "which is not text")
+    return None
+
+
+def _text(value: str, line: int, name: str) -> str:
+    """`value`, or a DataError naming the line where it holds a lone surrogate (`surrogate_problem`)."""
+    problem = surrogate_problem(value)
+    if problem is not None:
+        raise DataError(f"line {line}: field {name!r} holds {problem}")
     return value
 
 

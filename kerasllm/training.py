@@ -64,14 +64,19 @@ def prepare_run_dir(out: str | Path, resume: bool, is_chief: bool = True) -> Pat
     return out
 
 
+def _finished(out: Path) -> bool:
+    """Whether `out` holds a run that has finished: its model written, no checkpoint left."""
+    return (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir()
+
+
 def refuse_a_finished_resume(out: Path) -> None:
     """`--resume` of a run that has finished is a usage error."""
-    if (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
+    if _finished(out):
         raise UsageError(f"--resume: the run in {out} already finished ({MODEL_FILE} is written)")
 
 
 def _not_empty(out: Path) -> UsageError:
-    if (out / CONFIG_FILE).is_file() and (out / MODEL_FILE).is_file() and not (out / CHECKPOINT_DIR).is_dir():
+    if (out / CONFIG_FILE).is_file() and _finished(out):
         # (it had suggested --resume, which then said the run had finished)
         return UsageError(f"{out} holds a finished run ({MODEL_FILE} is written); choose a new --out")
     return UsageError(f"{out} exists and is not empty; choose a new --out or pass --resume")
