@@ -470,7 +470,7 @@ class JsonlWriter:
             self.stream = standard_output()
             self._close = False
             return
-        self._close = True
+        self._close, self._file = True, False
         if names_a_descriptor(self.path):  # the shell's stream: written as it is, like /dev/null
             self.stream = open_descriptor(self.path)
             return
@@ -485,6 +485,7 @@ class JsonlWriter:
             if replace:
                 lock.truncate()
             self.stream = os.fdopen(os.dup(fd), "wb")
+            self._file = True
         except BaseException:
             if self._lock is not None:
                 self._lock.release()
@@ -502,8 +503,14 @@ class JsonlWriter:
     def close(self) -> None:
         if self._close:
             try:
+                # A file removed (or replaced) while the job wrote it: the job had ended "N records, 0
+                # errors", exit 0, with nothing on disk.
+                gone = self._file and not _names(self.path, self.stream.fileno())
                 with self._naming_errors():  # what a failed write left in the buffer is flushed again
                     self.stream.close()
+                if gone:
+                    raise KerasLLMError(f"{self.path}: the output was removed or replaced while the job wrote "
+                                        "it: its records are lost; run the job again")
             finally:
                 if self._lock is not None:
                     self._lock.keep = True  # (the job decides about an empty output: `OutputLock.release`)

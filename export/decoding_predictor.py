@@ -127,7 +127,7 @@ class CausalGenerator:
         return float(logp[np.arange(len(targets)), targets].mean())
 
     def _text(self, tokens: list[int], decoding: DecodingOptions) -> str:
-        return truncate_at_stop(self.tokenizer.decode(tokens), decoding.stop)[0]
+        return truncate_at_stop(self.tokenizer.decode_generated(tokens), decoding.stop)[0]
 
     def _result(self, hyps: list[Hypothesis], decoding: DecodingOptions) -> dict:
         return hypotheses_result(hyps, decoding.n_best, lambda tokens: self._text(tokens, decoding))

@@ -18,6 +18,7 @@ The input's contents are not recorded either: `--resume` reads the same input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -27,10 +28,12 @@ from kerasllm.errors import UsageError
 
 
 def record_path(output_path: str) -> Path | None:
-    """Where the record of a job writing `output_path` lives; None for standard output and descriptors."""
-    from kerasllm.export.batch import names_a_descriptor  # noqa: PLC0415
+    """Where the record of a job writing `output_path` lives; None for standard output, descriptors and
+    outputs that are not regular files (/dev/null, a FIFO: nothing to resume; `-o /dev/null` had written
+    /dev/.null.job.json, refused to anyone but root)."""
+    from kerasllm.export.batch import OutputLock, names_a_descriptor  # noqa: PLC0415
 
-    if output_path == "-" or names_a_descriptor(output_path):
+    if output_path == "-" or names_a_descriptor(output_path) or not OutputLock.applies(Path(output_path)):
         return None
     output = Path(os.path.realpath(output_path))
     return output.with_name(f".{output.name}.job.json")
@@ -51,17 +54,26 @@ def settings(task: str, source: str | Path, **options: Any) -> dict[str, Any]:
     return json.loads(json.dumps({"task": task, "source": source_identity(source), **options}, default=str))
 
 
-def write(path: Path | None, record: dict[str, Any]) -> None:
+def write(path: Path | None, record: dict[str, Any]) -> str | None:
+    """Keep `record` at `path`; the reason where it cannot be (an output the user may write in a
+    directory they may not: the job goes on without it, as an older version's output resumes)."""
     if path is None:
-        return
+        return None
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        return err.strerror or str(err)
+    return None
 
 
 def remove(path: Path | None) -> None:
     if path is not None:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a directory the user may not write holds none: `write`)
+            path.unlink(missing_ok=True)
 
 
 def check(path: Path | None, record: dict[str, Any], output_path: str) -> None:

@@ -155,7 +155,10 @@ def _open(path: str | Path) -> BinaryIO:
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory, expected a file")
-    return open(path, "rb")
+    try:
+        return open(path, "rb")
+    except PermissionError as err:  # (had been a raw "[Errno 13] Permission denied: 'secret.txt'")
+        raise UsageError(f"{path}: cannot read it ({err.strerror})") from None
 
 
 def stdin_bytes() -> BinaryIO:
@@ -223,6 +226,10 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
     Raises DataError only for problems with the file as a whole (no header row in a
     TSV/CSV, duplicate column names); a bad record comes back with `error` set.
     """
+    # A JSONL stream without a suffix to say so (`zcat x.jsonl.gz | kerasllm classify ...`, `-i <(...)`) had
+    # been read as plain text, each JSON line classified as the text it spells, exit 0: its first record
+    # is looked at.
+    sniff = fmt == "auto" and not Path(str(path)).suffix
     fmt = detect_format(path, fmt)
     if id_field and fmt in ("text", "conll"):
         raise UsageError(f"{path}: {fmt} input has no fields to hold an id ({id_field!r}); ids need JSONL, "
@@ -247,6 +254,9 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
             if not text.strip():
                 continue
             if fmt == "text":
+                if sniff:
+                    sniff = False
+                    _refuse_json_as_text(path, number, text)
                 yield Record(number, str(number), {"text": text})
                 continue
             try:
@@ -267,6 +277,22 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
         # where it was closed (the end of every `-i FILE` job had raised there).
         if str(path) != "-":
             stream.close()
+
+
+def _refuse_json_as_text(path: str | Path, number: int, text: str) -> None:
+    """UsageError where the first record of an input read as plain text by default (no file suffix:
+    standard input, a pipe) is a JSON object: JSONL that `--format jsonl` reads as records."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return
+    if isinstance(value, dict):
+        name = "standard input" if str(path) == "-" else str(path)
+        raise UsageError(f"{name}: line {number} is a JSON object, but an input without a .jsonl suffix is read as "
+                         "plain text (one text a line): pass --format jsonl to read records, or --format text "
+                         "to take such lines as texts")
 
 
 def _json_reason(err: json.JSONDecodeError) -> str:

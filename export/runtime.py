@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import platform
+import re
 import sys
 import traceback
 import weakref
@@ -260,10 +261,12 @@ def retain_freed_memory() -> bool:
 _ANNOUNCED: set[str] = set()
 
 
-def _announce(description: str) -> None:
+def _announce(description: str, fallback: bool = False) -> None:
+    """Log what runs, once per process; `fallback` (a GPU asked for, the CPU running) as a warning,
+    which a quiet batch job (`--quiet`: the "kerasllm" logger at WARNING) still shows."""
     if description not in _ANNOUNCED:
         _ANNOUNCED.add(description)
-        log.info(description)
+        log.log(logging.WARNING if fallback else logging.INFO, description)
 
 
 def _utf8(text: str) -> bool:
@@ -344,14 +347,28 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
             session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                            disabled_optimizers=CPU_DISABLED_OPTIMIZERS, enable_fallback=0)
     except Exception as err:
+        memory = _out_of_memory(err)
+        if memory:  # (it had read as a broken bundle: an operator re-exports a good one)
+            raise KerasLLMError(f"{path}: out of memory while ONNX Runtime loaded this graph ({memory}): free "
+                                "memory or raise the process's limits (ulimit -v, a container's memory)") from None
         # A graph that passed its checksum can still be unloadable (damaged before the manifest was
         # written, or the manifest rewritten to match): one line, as for a failed checksum. Whatever
         # ORT raises: its own types (InvalidProtobuf, Fail, InvalidGraph, ...), but also a builtin
         # UnicodeDecodeError when its message quotes a damaged name.
         raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({ort_message(err)})") from None
     description = f"ONNX Runtime {ort.__version__} on CPUExecutionProvider ({reason})"
-    _announce(description)
+    _announce(description, fallback=reason != "CPU requested")
     return Session(session, "cpu", 0, description, path=path)
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """What says ONNX Runtime failed for want of memory, else None: C++'s std::bad_alloc, or a thread
+    it could not start (pthread_create's ENOMEM 12 or EAGAIN 11: `ulimit -v`, a container's limits)."""
+    text = str(err)
+    if isinstance(err, MemoryError) or "bad_alloc" in text:
+        return "std::bad_alloc" if "bad_alloc" in text else "MemoryError"
+    thread = re.search(r"pthread_create failed, error code: (11|12)\b", text)
+    return f"cannot start a thread: pthread_create error {thread.group(1)}" if thread else None
 
 
 def raised_by_onnxruntime(err: BaseException) -> bool:

@@ -131,7 +131,7 @@ class Translator:
             yield self._generate(batch, decoding)
 
     def _text(self, tokens: list[int], decoding: DecodingOptions) -> str:
-        return truncate_at_stop(self.target_tokenizer.decode(tokens), decoding.stop)[0]
+        return truncate_at_stop(self.target_tokenizer.decode_generated(tokens), decoding.stop)[0]
 
     def _result(self, hyps: list[Hypothesis], decoding: DecodingOptions) -> dict:
         return hypotheses_result(hyps, decoding.n_best, lambda tokens: self._text(tokens, decoding))
@@ -356,9 +356,13 @@ def load_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> Model
 
 def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
                      source_field: str = "source", target_field: str = "target", fmt: str = "auto",
-                     max_new_tokens: int | None = None, progress: Any = None, **_: Any) -> dict:
-    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets.
-    `progress`: kerasllm.evaluation.Progress's `reset(total)` and `update(n)`, as the other evaluators take it."""
+                     max_new_tokens: int | None = None, progress: Any = None, bleu_tokenize: str | None = None,
+                     warn: Any = None, **_: Any) -> dict:
+    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets,
+    and `bleu_tokenize`: sacrebleu's tokenizer for BLEU, the one given or (None, "auto") the one for the
+    targets' language (`metrics.bleu_tokenizer_for`: `zh` for Chinese, where 13a's words are sentences).
+    `progress`: kerasllm.evaluation.Progress's `reset(total)` and `update(n)`, as the other evaluators take it;
+    `warn`: where a warning line goes (the references too short for BLEU to mean anything)."""
     from kerasllm import metrics  # noqa: PLC0415
     from kerasllm.export.batch import runtime_failure  # noqa: PLC0415
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
@@ -388,5 +392,11 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
         if progress is not None:
             progress.update(len(indices))
     references = [p.target for p in pairs]
-    return {"count": len(pairs), "bleu": metrics.bleu(hypotheses, references),
+    tokenize = bleu_tokenize if bleu_tokenize not in (None, "auto") else metrics.bleu_tokenizer_for(references)
+    short = metrics.short_references(references, tokenize)
+    if short > 0.5 and warn is not None:
+        warn(f"{short:.0%} of the references have fewer than 4 words (BLEU's tokenizer {tokenize}): BLEU, made of "
+             "1- to 4-gram precisions, is 0 or near it on such targets however good the model; read chrf and "
+             "exact_match")
+    return {"count": len(pairs), "bleu": metrics.bleu(hypotheses, references, tokenize), "bleu_tokenize": tokenize,
             "chrf": metrics.chrf(hypotheses, references), "exact_match": metrics.exact_match(hypotheses, references)}

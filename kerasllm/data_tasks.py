@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -192,12 +193,26 @@ class LabelMap:
     def __init__(self, labels: Sequence[str]):
         self.labels = [str(label) for label in labels]
         self.index = {label: i for i, label in enumerate(self.labels)}
+        # A label looked up in another Unicode normalization than the model's (NFD "négatif", as macOS
+        # file names and some input methods write it, against the model's NFC one) is that label: it
+        # had been "unknown label 'négatif' (known: négatif, ...)".
+        self.normalized = {unicodedata.normalize("NFC", label): i for i, label in enumerate(self.labels)}
 
     @classmethod
     def from_labels(cls, labels: Sequence[str]) -> "LabelMap":
         unique = set(labels)
         numbers = {label: _label_number(label) for label in unique}
         if any(number is None for number in numbers.values()):
+            # One name in two Unicode normalizations (NFC "n\xe9gatif", NFD "ne\u0301gatif": they look the same)
+            # had become two classes, each with half the examples, and two `scores` keys that look alike.
+            forms: dict[str, list[str]] = {}
+            for label in unique:
+                forms.setdefault(unicodedata.normalize("NFC", label), []).append(label)
+            for same in forms.values():
+                if len(same) > 1:
+                    shown = " and ".join(ascii(label) for label in sorted(same))
+                    raise DataError(f"data: labels {shown} are the same text in two Unicode normalizations (NFC, "
+                                    "NFD): write each label one way")
             ordered = sorted(unique)
         else:
             # One number written two ways ("1" and "1.0", as pandas writes a column that held a NaN)
@@ -223,6 +238,9 @@ class LabelMap:
 
     def id(self, label: str, where: str = "", what: str = "label") -> int:
         if label not in self.index:
+            same = self.normalized.get(unicodedata.normalize("NFC", label))
+            if same is not None:
+                return same
             shown = ", ".join(self.labels[:20]) + (", ..." if len(self.labels) > 20 else "")
             raise DataError(f"{where + ': ' if where else ''}unknown {what} {label!r} (known: {shown})")
         return self.index[label]

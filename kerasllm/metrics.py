@@ -9,6 +9,7 @@ with BIO tags).
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import numpy as np
@@ -130,12 +131,47 @@ def _precision_recall_f1(correct: int, predicted: int, true: int) -> dict[str, f
 
 
 # -- sequence-to-sequence (translation, text-to-text) -----------------------------------------
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (0-100) of one reference per hypothesis, sacrebleu's default settings."""
+# sacrebleu's tokenizers `kerasllm evaluate --bleu-tokenize` offers (those that need no other package
+# or download: ja-mecab/ko-mecab need MeCab, spm/flores their SentencePiece models).
+BLEU_TOKENIZERS = ("13a", "intl", "zh", "char", "none")
+# Scripts written without spaces between words. sacrebleu's default tokenizer (13a) splits on spaces,
+# so a sentence in them was one "word" and a perfect Chinese translation scored BLEU 0.0 (chrF 94.7).
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+_SPACELESS_OTHER = re.compile(
+    "[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"  # Japanese kana
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")  # Thai, Lao, Myanmar, Khmer
+
+
+def bleu_tokenizer_for(references: Sequence[str]) -> str:
+    """sacrebleu's tokenizer for `references`' language, as its documentation advises: `zh` where
+    they hold Chinese characters (each one a word; other text as 13a), `char` where they hold
+    Japanese kana or Thai, Lao, Myanmar or Khmer (no MeCab or word segmenter here), else `13a`."""
+    text = "\n".join(references)
+    if _SPACELESS_OTHER.search(text):
+        return "char"
+    return "zh" if _HAN.search(text) else "13a"
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "13a") -> float:
+    """Corpus BLEU (0-100) of one reference per hypothesis, sacrebleu's default settings but for
+    its `tokenize`r (`BLEU_TOKENIZERS`; `bleu_tokenizer_for` picks one from the references)."""
     import sacrebleu  # noqa: PLC0415 - only needed for seq2seq evaluation
 
     _check_pairs("bleu", hypotheses, references)
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score) if hypotheses else math.nan
+    if tokenize not in BLEU_TOKENIZERS:
+        raise ValueError(f"bleu: unknown tokenizer {tokenize!r} (choose from {', '.join(BLEU_TOKENIZERS)})")
+    if not hypotheses:
+        return math.nan
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize).score)
+
+
+def short_references(references: Sequence[str], tokenize: str = "13a") -> float:
+    """The share of `references` with fewer than 4 words as BLEU's `tokenize`r splits them: BLEU
+    multiplies its 1- to 4-gram precisions, so a corpus of such targets scores 0 however good."""
+    from sacrebleu.metrics.bleu import BLEU  # noqa: PLC0415
+
+    split = BLEU(tokenize=tokenize).tokenizer
+    return sum(len(split(text.strip()).split()) < 4 for text in references) / len(references) if references else 0.0
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:

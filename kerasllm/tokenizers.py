@@ -17,6 +17,7 @@ spellings as the special tokens: their unigram model holds them as pieces that w
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -397,6 +398,30 @@ class TextTokenizer:
         except OverflowError:  # a negative id (or one past 2**32)
             raise self._bad_id(ids) from None
 
+    def decode_generated(self, ids: Sequence[int]) -> str:
+        """`decode` of generated ids, up to their last whole character.
+
+        A byte-level tokenizer's ids (`byte`, `bpe`) can end inside a character's UTF-8 bytes where
+        generation stops (`max_new_tokens`, the model's max_length: a CJK character is 3 bytes, an emoji
+        4), which `decode` writes as U+FFFD ("吃苹果" cut after 果's first byte: "吃苹\ufffd"). That
+        unfinished tail is left out here. Bytes that can never be UTF-8, wherever they are, stay
+        U+FFFD. (The `tokenizers` library has no incremental decoding, so the tail's bytes are read
+        from the tokens' byte-level spellings: `_BYTE_OF_CHAR`.)
+        """
+        text = self.decode(ids)
+        if not text.endswith("\ufffd") or not isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            return text
+        special = set(self.special_ids())
+        tail = b""
+        for token_id in reversed(list(map(int, ids))):
+            if token_id not in special:
+                tail = bytes(_BYTE_OF_CHAR[char] for char in self.tokenizer.id_to_token(token_id)) + tail
+                if len(tail) >= 4:  # a UTF-8 character's most
+                    break
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        utf8.decode(tail, final=False)
+        return text[:-1] if utf8.getstate()[0] else text  # its pending bytes: one U+FFFD in `text`
+
     def decode_batch(self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         """`decode` of each row (ValueError as `decode` for an id outside the vocabulary)."""
         rows = [list(map(int, r)) for r in rows]
@@ -416,6 +441,18 @@ class TextTokenizer:
         model = json.loads(self.tokenizer.to_str())["model"]["type"]
         return {"model": model, "vocab_size": self.vocab_size, "special_ids": self.special_ids()}
 
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of the 256 bytes (GPT-2's `bytes_to_unicode`, which `tokenizers`'
+    ByteLevel uses and does not expose): printable Latin-1 bytes are their own character, the others
+    U+0100 on, in byte order. Inverted: character -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 # The smallest bpe vocabulary: one token per byte and the special tokens (byte-level BPE's alphabet).
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -285,3 +286,80 @@ def test_conll_input_is_refused_by_the_commands_that_cannot_read_it(run_cli, tmp
     result = run_cli("tag", tagger, "-i", conll, "-o", out, "-q")
     assert result.code == 0, result
     assert [r["tokens"] for r in read_jsonl(out)] == [["Anna", "saw"], ["Bob"]]
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_an_output_removed_or_replaced_while_the_job_writes_it_is_an_error(tmp_path, how):
+    """The job had ended "N records, 0 errors", exit 0, with nothing on disk."""
+    from kerasllm.errors import KerasLLMError
+
+    out = tmp_path / "out.jsonl"
+    writer = batch.JsonlWriter(out)
+    writer.write([{"id": "1", "output": "x"}])
+    if how == "removed":
+        out.unlink()
+    else:
+        (tmp_path / "other").write_text("")
+        os.replace(tmp_path / "other", out)
+    with pytest.raises(KerasLLMError, match=f"{out}: the output was removed or replaced while the job wrote it"):
+        writer.close()
+    kept = batch.JsonlWriter(tmp_path / "kept.jsonl")
+    kept.write([{"id": "1"}])
+    kept.close()  # (a file left alone closes as before)
+    assert read_jsonl(tmp_path / "kept.jsonl") == [{"id": "1"}]
+
+
+def test_outputs_that_are_not_regular_files_get_no_job_record(tmp_path):
+    """`-o /dev/null` had written /dev/.null.job.json (refused to anyone but root: "Permission denied:
+    '/dev/.null.job.json.partial'"); a FIFO cannot be resumed either."""
+    from kerasllm.export import job_record
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert job_record.record_path("/dev/null") is None and job_record.record_path(str(fifo)) is None
+    assert job_record.record_path(str(tmp_path / "out.jsonl")) == tmp_path / ".out.jsonl.job.json"
+
+
+def test_a_job_record_that_cannot_be_kept_is_a_warning_and_the_job_runs(run_cli, bundle, source, tmp_path,
+                                                                        monkeypatch):
+    """An output the user may write in a directory they may not: the job had stopped at the record's
+    partial file ("[Errno 13] Permission denied: '.out.jsonl.job.json.partial'")."""
+    from kerasllm.export import job_record
+
+    def unwritable(path, record):
+        partial = path.with_name(path.name + ".partial")
+        try:
+            raise PermissionError(13, "Permission denied", str(partial))
+        except OSError as err:
+            return err.strerror
+
+    monkeypatch.setattr(job_record, "write", unwritable)
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", bundle, "-i", source, "-o", out)
+    assert result.code == 0 and read_jsonl(out) == EXPECTED, result
+    assert (f"kerasllm: warning: cannot keep this job's settings beside {out} (Permission denied): a --resume of it "
+            "will not check") in result.err
+
+
+def test_progress_on_a_standard_error_that_is_not_a_terminal_is_plain_lines(run_cli, bundle, source, tmp_path,
+                                                                            monkeypatch):
+    """tqdm's carriage-return frames had grown into one endless line of a log, each warning line after them."""
+    from kerasllm.cli.infer import LogProgress
+
+    monkeypatch.setattr(LogProgress, "every", 0.0)
+    result = run_cli("generate", bundle, "-i", source, "-o", tmp_path / "out.jsonl")
+    assert result.code == 0 and "\r" not in result.err, result
+    assert re.search(r"^kerasllm: generate: 2/2 records \([\d.]+ rec/s\)$", result.err, re.MULTILINE), result.err
+    assert result.err.splitlines()[-1].startswith("kerasllm: generate: 2 records, 0 errors")
+
+
+def test_onnx_runtime_out_of_memory_at_load_is_not_a_broken_graph():
+    from kerasllm.export import runtime
+
+    assert runtime._out_of_memory(RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Failed to load model "
+                                               "with error: std::bad_alloc")) == "std::bad_alloc"
+    thread = ("onnxruntime::{anonymous}::PosixThread::PosixThread(...) pthread_create failed, error code: 12 "
+              "error msg: Cannot allocate memory")
+    assert runtime._out_of_memory(RuntimeError(thread)) == "cannot start a thread: pthread_create error 12"
+    assert runtime._out_of_memory(RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf parsing "
+                                               "failed.")) is None

@@ -252,3 +252,18 @@ def test_a_bundle_in_a_directory_whose_name_is_not_utf8_serves(real_bundle, tmp_
     here, there = (load_predictor("generate", path, device="cpu") for path in (real_bundle, moved))
     prompt = [here.check("the")]
     assert there.predict(prompt, **options) == here.predict(prompt, **options)
+
+
+def test_a_quiet_job_that_succeeds_prints_nothing(real_bundle, tmp_path):
+    """`-q` had still printed "kerasllm: ONNX Runtime ... on CPUExecutionProvider (CPU requested)" on every
+    run (cron mails any stderr). Its own process: the line is said once per process."""
+    import subprocess
+    import sys
+
+    (tmp_path / "in.txt").write_text("the cat\na dog\n")
+    args = ["generate", str(real_bundle), "-i", "in.txt", "-o", "out.jsonl", "--max-new-tokens", "4"]
+    run = [sys.executable, "-c", "import sys; from kerasllm.cli import main; main(sys.argv[1:])"]
+    quiet = subprocess.run([*run, *args, "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", ""), quiet
+    loud = subprocess.run([*run, *args, "--overwrite"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0 and "on CPUExecutionProvider (CPU requested)" in loud.stderr, loud

@@ -239,6 +239,21 @@ def test_label_map_orders_names_and_numbers():
         LabelMap(["neg", "pos"]).ids([Row("f.tsv: line 7", "some text", "maybe")])
 
 
+def test_labels_in_two_unicode_normalizations_are_refused_and_looked_up_as_one():
+    """NFC "négatif" beside NFD "négatif" (they look the same) had become two classes with half the
+    examples each; a reference label in the other form had been "unknown label 'négatif' (known: négatif)"."""
+    import unicodedata
+
+    nfc, nfd = "n\u00e9gatif", unicodedata.normalize("NFD", "n\u00e9gatif")
+    with pytest.raises(DataError, match=r"labels 'ne\\u0301gatif' and 'n\\xe9gatif' are the same text in two "
+                                        r"Unicode normalizations"):
+        LabelMap.from_labels([nfc, nfd, "正面"])
+    labels = LabelMap.from_labels([nfc, "正面", "😀"])
+    assert labels.id(nfd) == labels.id(nfc) == labels.labels.index(nfc)
+    with pytest.raises(DataError, match="unknown label 'neutre'"):
+        labels.id("neutre")
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.tsv", "text\tstars\ngood\t5\n", r"missing\.tsv: line 2: missing field 'label'"),
     ("ragged.tsv", "text\tlabel\ngood\tpos\nbad\tneg\textra\n", r"ragged\.tsv: line 3: expected 2 columns"),

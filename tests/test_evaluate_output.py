@@ -158,3 +158,32 @@ def test_an_existing_output_is_replaced_only_with_overwrite_and_never_inside_the
     assert mine.read_text() == '{"model": "the previous one"}' and len(ran) == 1  # refused before the evaluation
     assert run_cli(*args, mine, "--overwrite").code == 0
     assert json.loads(mine.read_text()) == METRICS
+
+
+def test_an_output_that_is_a_fifo_or_a_device_is_written_as_it_is(run_cli, tmp_path, evaluations):
+    """The rename of the partial file had put a regular file in the FIFO's place (its reader waited
+    forever) and, run as root, in /dev/null's (`--output /dev/null`)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    args = ["evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output"]
+    result = run_cli(*args, fifo)
+    reader.join(timeout=30)
+    assert result.code == 0 and fifo.is_fifo(), result
+    assert json.loads(got[0]) == METRICS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.fifo", "model", "test.tsv"]
+    assert run_cli(*args, "/dev/null").code == 0 and Path("/dev/null").is_char_device()
+
+
+def test_metrics_are_written_as_utf8_as_the_batch_commands_write(run_cli, tmp_path, evaluations, monkeypatch):
+    from kerasllm import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda source, data, **options: {"entity_types": {"人": {"f1": 1.0}}})
+    out = tmp_path / "metrics.json"
+    result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out)
+    assert result.code == 0 and '"人"' in result.out and '"人"' in out.read_text(encoding="utf-8"), result

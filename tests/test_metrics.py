@@ -95,3 +95,23 @@ def test_an_i_tag_after_another_type_starts_an_entity_and_nothing_to_count_score
         "entity_f1": 0.0, "entity_precision": 0.0, "entity_recall": 0.0, "entity_types": {}}
     with pytest.raises(ValueError, match="2 references vs 1 predictions"):
         metrics.entity_scores([["O"], ["O"]], [["O"]])
+
+
+def test_bleu_takes_the_tokenizer_of_the_targets_language():
+    """sacrebleu's default tokenizer (13a) splits on spaces: a perfect Chinese copy had scored BLEU 0.0."""
+    chinese = ["我喜欢吃苹果。", "你看见大海了。", "她写了一本书。", "老师喜欢熊猫。"] * 5
+    assert metrics.bleu(chinese, chinese) == 0.0  # 13a: each sentence one word, no 4-gram at all
+    assert metrics.bleu_tokenizer_for(chinese) == "zh"
+    assert metrics.bleu(chinese, chinese, "zh") == pytest.approx(100.0)
+    assert metrics.bleu([s[:-1] + "！" for s in chinese], chinese, "zh") < 100.0
+    assert metrics.bleu_tokenizer_for(["こんにちは、世界"]) == "char"  # kana: no MeCab here
+    assert metrics.bleu_tokenizer_for(["สวัสดีครับ"]) == "char"
+    assert metrics.bleu_tokenizer_for(["the cat sat on the mat", "Zoë à Hà Nội"]) == "13a"
+    with pytest.raises(ValueError, match="unknown tokenizer 'ja-mecab'"):
+        metrics.bleu(chinese, chinese, "ja-mecab")
+
+
+def test_short_references_counts_targets_bleu_cannot_score():
+    assert metrics.short_references(["the cat sat", "a b c d e", "402", "one two three four"]) == 0.5
+    assert metrics.short_references(["我喜欢吃苹果"], "zh") == 0.0 and metrics.short_references(["我喜欢"], "zh") == 1.0
+    assert metrics.short_references([]) == 0.0

@@ -311,3 +311,21 @@ def test_a_file_is_read_to_its_end_with_standard_input_closed(tmp_path, monkeypa
     assert len(list(read_records(path))) == 2
     with pytest.raises(UsageError, match="^standard input is closed: pass --input FILE$"):
         list(read_records("-"))
+
+
+def test_json_lines_in_an_input_without_a_suffix_are_not_read_as_plain_text(tmp_path):
+    """`zcat x.jsonl.gz | kerasllm classify ...`: every JSON line had been classified as the text it spells, exit 0."""
+    from kerasllm.errors import UsageError
+
+    rows = '\n{"text": "a good movie", "label": "positive"}\n{"text": "bad"}\n'
+    piped = tmp_path / "piped"  # as standard input or /dev/fd/63: no suffix
+    piped.write_text(rows)
+    with pytest.raises(UsageError, match=r"piped: line 2 is a JSON object, but an input without a \.jsonl suffix is "
+                                         r"read as plain text .*: pass --format jsonl"):
+        list(read_records(piped))
+    assert [r.fields["text"] for r in read_records(piped, "jsonl")] == ["a good movie", "bad"]
+    assert len(list(read_records(piped, "text"))) == 2  # said so: texts
+    (tmp_path / "notes.txt").write_text(rows)
+    assert len(list(read_records(tmp_path / "notes.txt"))) == 2  # a .txt file is text
+    (tmp_path / "braces").write_text("{not json}\n{}x\n")
+    assert [r.fields["text"] for r in read_records(tmp_path / "braces")] == ["{not json}", "{}x"]

@@ -359,3 +359,38 @@ def test_a_large_token_cache_is_sampled_for_its_unknown_share(monkeypatch):
     assert common.warn_unknown_tokens(tok, ids, origin="x") == 0.1
     ids[50_000:] = tok.token_to_id("a")  # the second half clean: the blocks reach it too
     assert common.warn_unknown_tokens(tok, ids, origin="x") == pytest.approx(0.05, abs=0.005)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_generated_ids_cut_inside_a_character_give_only_whole_characters(kind):
+    """A --max-new-tokens cut inside a character's UTF-8 bytes (3 for CJK, 4 for an emoji) had written
+    U+FFFD ("吃苹\ufffd"); the unfinished tail is left out, bytes that can never be UTF-8 stay U+FFFD."""
+    text = "我喜欢吃苹果。 hello 😀 ok"
+    tokenizer = TextTokenizer.train([text] * 30, kind=kind, vocab_size=272 if kind == "bpe" else 0)
+    ids = tokenizer.encode(text)
+    cut = 0
+    for n in range(len(ids) + 1):
+        shown = tokenizer.decode_generated(ids[:n])
+        assert "\ufffd" not in shown and text.startswith(shown), (n, shown)
+        full = tokenizer.decode(ids[:n])
+        assert full == shown or full == shown + "\ufffd", (n, full, shown)
+        cut += full != shown
+    assert cut > 0  # some prefixes did end inside a character
+    assert tokenizer.decode_generated(ids + [tokenizer.eos_id]) == text  # special ids are not bytes
+    if kind == "byte":
+        stray = tokenizer.encode("é")[1:]  # a lone continuation byte: never UTF-8, wherever it is
+        assert tokenizer.decode_generated(tokenizer.encode("a") + stray) == "a\ufffd"
+        assert tokenizer.decode_generated(stray + tokenizer.encode("b")) == "\ufffdb"
+
+
+def test_the_byte_level_alphabet_is_the_librarys():
+    from tokenizers import pre_tokenizers
+
+    from kerasllm.tokenizers import _BYTE_OF_CHAR
+
+    assert set(_BYTE_OF_CHAR) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(_BYTE_OF_CHAR.values()) == list(range(256))
+    tokenizer = TextTokenizer.train(["x"], kind="byte")
+    for char in map(chr, range(128)):  # each ASCII byte's token spells it
+        (token_id,) = tokenizer.encode(char)
+        assert _BYTE_OF_CHAR[tokenizer.tokenizer.id_to_token(token_id)] == ord(char)

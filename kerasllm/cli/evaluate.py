@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import click
+
+from kerasllm.metrics import BLEU_TOKENIZERS
 
 
 @click.command("evaluate")
@@ -26,13 +29,16 @@ import click
               help="Field holding the reference tags (token-classifier, JSONL).")
 @click.option("--source-field", default="source", show_default=True, help="Field holding the source (seq2seq).")
 @click.option("--target-field", default="target", show_default=True, help="Field holding the reference (seq2seq).")
+@click.option("--bleu-tokenize", type=click.Choice(["auto", *BLEU_TOKENIZERS]), default="auto", show_default=True,
+              help="sacrebleu's tokenizer for BLEU (seq2seq). auto: zh for Chinese targets, char for Japanese or "
+                   "Thai (written without spaces: 13a would take a sentence for one word), else 13a.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Records per batch.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda, cuda:N or auto (a bundle or a model dir).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown only on a terminal).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown only on a terminal) or device line.")
 def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, tags_field, source_field, target_field,
-             batch_size, device, overwrite, quiet):
+             bleu_tokenize, batch_size, device, overwrite, quiet):
     """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,
     masked-lm), bleu, chrf and exact_match (seq2seq), word accuracy, macro_f1 and with BIO tags entity_f1,
     entity_precision, entity_recall and entity_types (per type) (token-classifier).
@@ -61,21 +67,27 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     # the batch commands' --output and sample-data --out are (--overwrite for a file of one's own).
     if output and output.resolve().is_relative_to(source.resolve()) and output.exists():
         raise UsageError(f"--output {output} is a file of {source}, the model being evaluated")
-    if output and not names_a_descriptor(output) and output.is_file() and not overwrite:
+    # A device or a FIFO (`--output /dev/null`, a named pipe a reader waits on) is written as it is, as
+    # the batch commands' --output is: the rename below had put a regular file in its place (as root,
+    # the system's /dev/null), and the FIFO's reader waited forever.
+    in_place = output is not None and (names_a_descriptor(output) or _not_a_regular_file(output))
+    if output and not in_place and output.is_file() and not overwrite:
         raise UsageError(f"{output} exists: add --overwrite to replace it")
-    if output and not names_a_descriptor(output):
+    if output and not in_place:
         _check_writable(Path(os.path.realpath(output)))
     if sys.stdout is None and not output:  # `>&-`: the metrics had gone nowhere, exit 0
         raise UsageError("standard output is closed: pass --output FILE")
+    if quiet:  # ("ONNX Runtime ... on CPUExecutionProvider"; warnings still show)
+        logging.getLogger("kerasllm").setLevel(logging.WARNING)
     bar = _ProgressBar(quiet)
     try:
         result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
                      label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
-                     source_field=source_field, target_field=target_field, progress=bar,
+                     source_field=source_field, target_field=target_field, bleu_tokenize=bleu_tokenize, progress=bar,
                      warn=lambda message: bar.write(f"kerasllm: warning: {message}"))
     finally:
         bar.close()
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, ensure_ascii=False)  # as the batch commands write (tag types, labels)
     stdout_failure = None
     if sys.stdout is not None:
         try:
@@ -84,10 +96,15 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
             stdout_failure = err
     if stdout_failure is not None and not output:
         raise KerasLLMError(f"standard output: cannot write the metrics ({stdout_failure.strerror or stdout_failure})")
-    if output and names_a_descriptor(output):  # /dev/stdout, /dev/fd/N: the shell's stream, written as it is
+    if in_place:  # /dev/stdout, /dev/fd/N: the shell's stream; /dev/null, a FIFO: written as they are
         # In place, never truncated: opened again with "w", `--output /dev/stdout >> job.log` had emptied the log.
-        with open_descriptor(output) as stream:
-            stream.write((text + "\n").encode("utf-8"))
+        try:
+            with open_descriptor(output) if names_a_descriptor(output) else open(output, "ab") as stream:
+                stream.write((text + "\n").encode("utf-8"))
+        except OSError as err:  # /dev/full, a FIFO whose reader went away
+            raise KerasLLMError(f"--output {output}: cannot write the metrics ({err.strerror or err})"
+                                + ("; they are on standard output above" if stdout_failure is None and
+                                   sys.stdout is not None else "")) from None
     elif output:
         output = Path(os.path.realpath(output))  # through a symbolic link (the rename had replaced the link)
         tmp = _partial(output)
@@ -137,6 +154,11 @@ class _ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _not_a_regular_file(output: Path) -> bool:
+    """Whether `output` is there and is neither a regular file nor a directory: a device, a FIFO, a socket."""
+    return output.exists() and not output.is_file() and not output.is_dir()
 
 
 def _partial(output: Path) -> Path:

@@ -23,6 +23,7 @@ This module imports no TensorFlow (the Keras predictor of a model dir does, when
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import sys
@@ -77,7 +78,9 @@ def batch_options(command):
                      "(a shard's windows and batches start at its own first line)."),
         click.option("--device", default="cpu", show_default=True,
                      help="cpu, cuda, cuda:N or auto (a bundle or a model dir)."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar, per-record warnings or summary."),
+        click.option("-q", "--quiet", is_flag=True,
+                     help="No progress (a bar on a terminal, else a line a minute), device line, per-record "
+                          "warnings or summary."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -123,6 +126,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     from kerasllm.export.records import detect_format, stdin_bytes  # noqa: PLC0415
 
     started = time.perf_counter()
+    if quiet:  # the device line too ("ONNX Runtime ... on CPUExecutionProvider"): a quiet job that succeeds
+        logging.getLogger("kerasllm").setLevel(logging.WARNING)  # says nothing (cron mails stderr)
     if input_path == "-" and stdin_bytes().isatty():  # (closed: a UsageError)
         raise UsageError("no --input given and standard input is a terminal (pass --input FILE or pipe records in)")
     if shard_index >= num_shards:
@@ -150,6 +155,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
             raise UsageError(f"{input_path}: is a directory, expected a file")
         if not Path(input_path).exists():
             raise UsageError(f"{input_path}: no such file")
+        if not os.access(input_path, os.R_OK):
+            raise UsageError(f"{input_path}: cannot read it (Permission denied)")
         streamed = not Path(input_path).is_file()
         if streamed and num_shards > 1:
             raise UsageError(f"--num-shards needs a regular input file ({input_path} is a pipe or device: "
@@ -167,6 +174,8 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
         if batch.output_in_use(output_path):
             raise batch.OutputInUse(output_path)
         raise UsageError(f"{output_path} exists: add --resume to continue it or --overwrite to replace it")
+    if output_path != "-" and batch.OutputLock.applies(output_path):
+        _check_writable(output_path)
     # Compared as files, not names: a hard link to the input, or `-i - < FILE -o FILE`, is the input too.
     if output_path != "-" and (batch.same_file(output_path, input_path) or (
             input_path != "-" and Path(output_path).resolve() == Path(input_path).resolve())):
@@ -184,7 +193,7 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
     elif resume or overwrite:
         lock.create_new = True
     try:
-        _run_locked(task, source, lock, input_path=input_path, output_path=output_path, fmt=fmt,
+        _run_locked(task, source, lock, input_path=input_path, output_path=output_path, fmt=fmt, given_fmt=given_fmt,
                     text_field=text_field, id_field=id_field, batch_size=batch_size,
                     max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
                     resume=resume, overwrite=overwrite, num_shards=num_shards, shard_index=shard_index,
@@ -192,9 +201,12 @@ def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: 
                     tokens_field=tokens_field, streamed=streamed, started=started)
     finally:
         lock.release()  # (an output this job created or emptied and wrote nothing to is removed)
+        if output_path != "-" and not os.path.lexists(output_path):  # ... and with it the job's record
+            job_record.remove(job_record.record_path(output_path))
 
 
-def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: str, fmt: str, text_field: str,
+def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: str, fmt: str, given_fmt: str,
+                text_field: str,
                 id_field: str | None, batch_size: int, max_batch_tokens: int, bucket: bool, window: int,
                 truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
                 quiet: bool, options: dict, extra_tokens: int, tokens_field: str | None, streamed: bool,
@@ -224,7 +236,8 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
                                  options=options)
     if resume and point.done:
         job_record.check(record_file, record, output_path)
-    records = read_records(input_path, fmt, id_field=id_field, lines=lines, text_field=text_field)
+    # (`given_fmt`, "auto" where --format was not given: the reader then looks at a suffix-less input's first line)
+    records = read_records(input_path, given_fmt, id_field=id_field, lines=lines, text_field=text_field)
     # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
     # column (or no header at all) stops the job here, before the model loads or the output opens.
     first = next(records, None)
@@ -274,8 +287,11 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
             sys.exit(128 + stop.signum)
     # With standard error closed (`2>&-`: sys.stderr is None) there is nowhere to show progress or
     # warnings: tqdm had been handed None and failed at its first write, before any output.
-    bar = tqdm(total=total_lines, unit="rec", desc=task, file=sys.stderr, disable=quiet or sys.stderr is None,
-               dynamic_ncols=True, mininterval=0.5, smoothing=0.1, initial=0)
+    if quiet or sys.stderr is None or sys.stderr.isatty():
+        bar = tqdm(total=total_lines, unit="rec", desc=task, file=sys.stderr, disable=quiet or sys.stderr is None,
+                   dynamic_ncols=True, mininterval=0.5, smoothing=0.1, initial=0)
+    else:
+        bar = LogProgress(task, total_lines)
     warned = [0]
 
     def warn(message: str) -> None:
@@ -301,7 +317,10 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
     if point.done:
         bar.update(point.done)
     writer = batch.JsonlWriter(output_path, append=resume, replace=overwrite, lock=lock)
-    job_record.write(record_file, record)
+    unkept = job_record.write(record_file, record)
+    if unkept and not quiet:
+        warn(f"cannot keep this job's settings beside {output_path} ({unkept}): a --resume of it will not "
+             "check that it runs with the same options")
     try:
         # A guard of its own around the runner's: a signal while the job closes its output and the
         # progress bar waits until they are closed (and the bar freed). The default handler raised a
@@ -339,6 +358,45 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
         click.echo(f"kerasllm: {summary.errors_total} record(s) failed: see the \"error\" lines in "
                    f"{'the output' if output_path == '-' else output_path}", err=True)
         sys.exit(1)
+
+
+def _check_writable(output_path: str) -> None:
+    """UsageError, before the (slow) model load, where this user cannot write `output_path` (a file)
+    or create it (its nearest existing directory): it had been a raw "[Errno 13] Permission denied:
+    'out.jsonl'" once the model had loaded."""
+    path = Path(os.path.realpath(output_path))
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--output {output_path}: cannot write it (Permission denied)")
+        return
+    directory = next((p for p in path.parents if p.exists()), None)
+    if directory is not None and directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output_path}: cannot create a file in {directory} (Permission denied)")
+
+
+class LogProgress:
+    """A batch job's progress where standard error is not a terminal (a log file, a pipe, a scheduler's
+    capture): a plain line every `every` seconds, for tqdm's bar, whose carriage-return frames had
+    grown into one endless line of the log and started every warning line after them. The part of
+    tqdm's interface the job uses: `update`, `n`, `total`, `close`."""
+
+    every = 60.0
+
+    def __init__(self, task: str, total: int | None):
+        self.task, self.total, self.n = task, total, 0
+        self.started = self.shown = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if n and now - self.shown >= self.every:
+            self.shown = now
+            of = f"/{self.total}" if self.total else ""
+            click.echo(f"kerasllm: {self.task}: {self.n}{of} records ({self.n / (now - self.started):.1f} rec/s)",
+                       err=True)
+
+    def close(self) -> None:
+        pass
 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
