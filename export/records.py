@@ -310,6 +310,8 @@ def _record(number: int, fields: dict, id_field: str | None) -> Record:
             record.id = record.get(id_field)
         except DataError as err:
             record.error = str(err).removeprefix(f"line {number}: ")
+        if not record.id.strip():  # an empty CSV cell (or "") had been an id, where a missing one is an error
+            record.id, record.error = str(number), f"field {id_field!r} is empty"
     return record
 
 

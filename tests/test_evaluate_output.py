@@ -187,3 +187,13 @@ def test_metrics_are_written_as_utf8_as_the_batch_commands_write(run_cli, tmp_pa
     out = tmp_path / "metrics.json"
     result = run_cli("evaluate", tmp_path / "model", "--data", tmp_path / "test.tsv", "--output", out)
     assert result.code == 0 and '"人"' in result.out and '"人"' in out.read_text(encoding="utf-8"), result
+
+
+def test_data_from_standard_input_is_read_as_dev_stdin(run_cli, tmp_path, evaluations, monkeypatch):
+    """`--data -` had been "File '-' does not exist" (the batch commands take `-i -`)."""
+    from kerasllm import evaluation
+
+    given = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda source, data, **options: given.append(data) or dict(METRICS))
+    result = run_cli("evaluate", tmp_path / "model", "--data", "-", "--format", "tsv")
+    assert (result.code, json.loads(result.out), given) == (0, METRICS, [Path("/dev/stdin")]), result

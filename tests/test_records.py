@@ -329,3 +329,12 @@ def test_json_lines_in_an_input_without_a_suffix_are_not_read_as_plain_text(tmp_
     assert len(list(read_records(tmp_path / "notes.txt"))) == 2  # a .txt file is text
     (tmp_path / "braces").write_text("{not json}\n{}x\n")
     assert [r.fields["text"] for r in read_records(tmp_path / "braces")] == ["{not json}", "{}x"]
+
+
+def test_an_empty_id_is_an_error_record_as_a_missing_one_is(tmp_path):
+    """An empty CSV cell had been taken as the id "" (a JSONL record without its id is an error record)."""
+    (tmp_path / "in.csv").write_text('id,text\n,"empty id"\n7,ok\n')
+    (tmp_path / "in.jsonl").write_text('{"id": " ", "text": "a"}\n{"id": 8, "text": "b"}\n')
+    for name, good in (("in.csv", "7"), ("in.jsonl", "8")):
+        bad, kept = read_records(tmp_path / name, id_field="id")
+        assert (bad.id, bad.error) == (str(bad.line), "field 'id' is empty") and (kept.id, kept.error) == (good, None)

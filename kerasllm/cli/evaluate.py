@@ -16,8 +16,9 @@ from kerasllm.metrics import BLEU_TOKENIZERS
 
 @click.command("evaluate")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TSV/CSV (header row), JSONL or text file to score (token-classifier: JSONL or CoNLL).")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+              help="TSV/CSV (header row), JSONL or text file to score (token-classifier: JSONL or CoNLL); - is "
+                   "standard input (with --format).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics here (JSON).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "tsv", "csv", "conll"]), default="auto",
               show_default=True, help="Input format (auto: by file suffix).")
@@ -60,6 +61,10 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
     from kerasllm.export.batch import names_a_descriptor, open_descriptor  # noqa: PLC0415
 
+    if str(data) == "-":  # ("File '-' does not exist"); read where a path is read, as the batch commands' `-i -`
+        if sys.stdin is None:
+            raise UsageError("standard input is closed: pass --data FILE")
+        data = Path("/dev/stdin")
     if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
         raise UsageError(f"{output} is also the --data file")
     # A file of SOURCE's own (--output runs/clf/config.json, a bundle's manifest.json) had been replaced
