@@ -42,6 +42,7 @@ _LAZY = {
     "TokenClassifier": "kerasllm.models",
     "layers": "kerasllm.layers",
     "models": "kerasllm.models",
+    "save_model_dir": "kerasllm.training",
 }
 
 
@@ -156,4 +157,5 @@ elif not any(isinstance(finder, _RegisterWhenKerasLoads) for finder in sys.meta_
     sys.meta_path.insert(0, _RegisterWhenKerasLoads())
 
 
-__all__ = ["CausalLM", "MaskedLM", "Seq2SeqLM", "TextClassifier", "TokenClassifier", "DecoderConfig", "EncoderConfig", "Seq2SeqConfig", "__version__"]
+__all__ = ["CausalLM", "MaskedLM", "Seq2SeqLM", "TextClassifier", "TokenClassifier", "DecoderConfig", "EncoderConfig",
+           "Seq2SeqConfig", "save_model_dir", "__version__"]

@@ -142,6 +142,55 @@ def save_model_atomic(model: keras.Model, out: Path) -> Path:
     return final
 
 
+# config.json's "task" of each model class: what `kerasllm export`, `evaluate` and the batch commands read.
+_TASKS = (("CausalLM", "causal-lm"), ("MaskedLM", "masked-lm"), ("TextClassifier", "classifier"),
+          ("TokenClassifier", "token-classifier"), ("Seq2SeqLM", "seq2seq"))
+
+
+def save_model_dir(out: str | Path, model: keras.Model, tokenizer, *, labels=None, target_tokenizer=None) -> Path:
+    """Write a model trained in Python as the model directory `kerasllm train` writes: `model.keras`,
+    `tokenizer.json` (a seq2seq model's own target vocabulary: `target_tokenizer.json`) and `config.json`
+    (its task, model config and, for a classifier or token classifier, its label names, by default
+    "0".."L-1"). `kerasllm export DIR --out BUNDLE`, `kerasllm evaluate` and the batch commands take it.
+
+    Example:
+        save_model_dir("runs/my_lm", model, TextTokenizer.train(texts, kind="bpe", vocab_size=4000))
+    """
+    from kerasllm import models  # noqa: PLC0415
+    from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TOKENIZER_FILE  # noqa: PLC0415
+
+    task = next((task for name, task in _TASKS if isinstance(model, getattr(models, name))), None)
+    if task is None:
+        raise TypeError(f"save_model_dir: a kerasllm model ({', '.join(n for n, _ in _TASKS)}), got {type(model).__name__}")
+    config = model.config
+    record = {"task": task, "model": config.to_dict(), "train": {}}
+    if task in ("classifier", "token-classifier"):
+        labels = [str(label) for label in labels] if labels is not None else [str(i) for i in range(config.num_labels)]
+        if len(labels) != config.num_labels or len(set(labels)) != len(labels):
+            raise ValueError(f"save_model_dir: {config.num_labels} different label names needed (config.num_labels), "
+                             f"got {labels}")
+        record["labels"] = labels
+    elif labels is not None:
+        raise ValueError(f"save_model_dir: labels are a classifier's, not a {type(model).__name__}'s")
+    separate = task == "seq2seq" and bool(config.target_vocab_size)
+    if separate != (target_tokenizer is not None):
+        raise ValueError("save_model_dir: a target_tokenizer is for a Seq2SeqLM with a target vocabulary of its own "
+                         f"(config.target_vocab_size), and it needs one{'' if separate else ' only then'}")
+    for what, tok, size in (("tokenizer", tokenizer, config.vocab_size),
+                            ("target_tokenizer", target_tokenizer, getattr(config, "target_vocab_size", 0))):
+        if tok is not None and tok.vocab_size > size:
+            raise ValueError(f"save_model_dir: the {what} has {tok.vocab_size} ids, more than the model's "
+                             f"vocabulary of {size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / TOKENIZER_FILE)
+    if target_tokenizer is not None:
+        target_tokenizer.save(out / TARGET_TOKENIZER_FILE)
+    write_json_atomic(out / CONFIG_FILE, record)
+    save_model_atomic(model, out)
+    return out
+
+
 def unfinished_run(out: str | Path) -> bool:
     """`out` holds a run that was stopped after a checkpoint (a restarted job resumes it)."""
     out = Path(out)

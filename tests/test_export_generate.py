@@ -389,6 +389,8 @@ class LetterTokenizer:
     def decode(self, ids):
         return "".join(chr(ord("a") + i) for i in ids)
 
+    decode_generated = decode  # (whole characters, one a token)
+
 
 def markov_generator(table):
     from kerasllm.export.decoding_predictor import CausalGenerator

@@ -215,3 +215,111 @@ def test_a_model_dir_of_another_task_is_named_by_its_task(tmp_path):
     lm_dir = _decoder_dir(tmp_path / "lm", tokenizer, DecoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size))
     with pytest.raises(UsageError, match=f"^{lm_dir}: a 'causal-lm' model cannot embed \\(needs an encoder\\)$"):
         load_predictor("embed", lm_dir)
+
+
+def test_a_subclass_adds_layers_in_its_own_init():
+    """Built at the end of each model's own __init__, a model was locked before a subclass could add a
+    layer after super().__init__() (keras-hub's models allow it): a value head on a CausalLM."""
+
+    class ValueLM(CausalLM):
+        def __init__(self, config, **kwargs):
+            super().__init__(config, **kwargs)
+            self.value_head = keras.layers.Dense(1, name="value_head")
+
+        def values(self, ids):
+            return self.value_head(self.embedding(ids))
+
+    model = ValueLM(DecoderConfig.preset("tiny", vocab_size=64))
+    assert model.built and model.count_params() == CausalLM(DecoderConfig.preset("tiny", vocab_size=64)).count_params()
+    assert tuple(model.values(IDS[:2]).shape) == (2, 13, 1)
+    assert any(v is model.value_head.kernel for v in model.trainable_variables)  # the model's weights now
+    clone = ValueLM.from_config(model.get_config())
+    assert clone.built and isinstance(clone.value_head, keras.layers.Dense)
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (lambda: CausalLM(DecoderConfig.preset("tiny", vocab_size=64)), IDS[:2]),
+    (lambda: TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=2)), IDS[:2]),
+    (lambda: __import__("kerasllm").Seq2SeqLM(__import__("kerasllm").Seq2SeqConfig.preset("tiny", vocab_size=64)),
+     {"encoder_token_ids": IDS[:2], "decoder_token_ids": IDS[:2, :5]}),
+])
+def test_model_export_serves_integer_token_ids(make, inputs, tmp_path):
+    """Keras's default signature follows input_dtype: float32 ids (TF Serving's integer ids refused), and
+    a Seq2SeqLM did not export at all."""
+    model = make()
+    expected = model(inputs)
+    model.export(tmp_path / "saved", verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "saved"))
+    ids = tf.nest.map_structure(lambda a: tf.constant(a, tf.int32), inputs)
+    np.testing.assert_allclose(served.serve(ids), expected, atol=1e-5)
+    spec = tf.nest.flatten(served.signatures["serving_default"].structured_input_signature[1])
+    assert {s.dtype for s in spec} == {tf.int32}
+
+
+def test_token_ids_that_are_not_whole_numbers_are_refused():
+    """`x / 64.0` (a "normalise the inputs" step) had been read as id 0, padding, and trained on."""
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    model.compile()
+    with pytest.raises(ValueError, match=r"CausalLM: token_ids holds 0\.\d+, not a token id \(ids are whole numbers"):
+        model.predict(IDS / 64.0, verbose=0)
+    with pytest.raises(ValueError, match=r"targets holds nan, not a token id"):
+        model.fit(IDS[:, :-1], np.where(IDS[:, 1:] > 30, np.nan, IDS[:, 1:]), epochs=1, verbose=0)
+    assert model.predict(IDS.astype("float32"), verbose=0).shape == (16, 13, 64)  # whole floats are ids
+
+
+def test_a_padding_mask_of_another_shape_and_a_missing_input_are_named():
+    from kerasllm import Seq2SeqConfig, Seq2SeqLM
+
+    classifier = TextClassifier(EncoderConfig.preset("tiny", vocab_size=64, num_labels=2))
+    with pytest.raises(ValueError, match=r"padding_mask of shape \[16, 5\] for token_ids of shape \[16, 13\]"):
+        classifier.predict({"token_ids": IDS, "padding_mask": np.ones((16, 5), "int32")}, verbose=0)
+    s2s = Seq2SeqLM(Seq2SeqConfig.preset("tiny", vocab_size=64))
+    with pytest.raises(ValueError, match="expects a dict with encoder_token_ids and decoder_token_ids; "
+                                         "decoder_token_ids missing"):
+        s2s({"encoder_token_ids": IDS})
+
+
+def test_a_callback_setting_the_learning_rate_beside_a_schedule_is_refused_at_fit():
+    """Keras refused at the callback's first change (maybe hours in), telling to build "the optimizer
+    with a float learning_rate", which compile() built."""
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    model.compile(total_steps=8)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", patience=0)
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau sets the learning rate, which follows a schedule here "
+                                         r"\(WarmupCosineDecay, from compile\(total_steps=...\)\)"):
+        model.fit(IDS[:, :-1], IDS[:, 1:], epochs=1, verbose=0, callbacks=[plateau])
+    model.compile()  # a constant rate: the callback may change it
+    model.fit(IDS[:, :-1], IDS[:, 1:], epochs=2, verbose=0, callbacks=[plateau])
+
+
+def test_generate_inside_a_tf_function_says_it_runs_eagerly():
+    from kerasllm.errors import UsageError
+
+    model = CausalLM(DecoderConfig.preset("tiny", vocab_size=64))
+    with pytest.raises(UsageError, match="generate runs eagerly"):
+        tf.function(lambda prompt: model.generate(prompt, max_new_tokens=2))(tf.constant([[7, 8, 9]]))
+
+
+def test_a_model_trained_in_python_saves_as_a_model_dir_that_exports(tmp_path):
+    """The model directory's format had been found only in the tests; `save_model_dir` writes it."""
+    from kerasllm import save_model_dir
+    from kerasllm.export.exporter import export_model_dir
+    from kerasllm.export.predict import load_predictor
+    from kerasllm.tokenizers import TextTokenizer
+
+    tokenizer = TextTokenizer.train(["good film", "bad film", "a good day", "a bad day"], kind="char")
+    config = EncoderConfig.preset("tiny", vocab_size=tokenizer.vocab_size, num_labels=2)
+    model = TextClassifier(config)
+    texts = ["good film", "bad film"]
+    ids = np.array([[tokenizer.bos_id] + tokenizer.encode(t)[:8] for t in texts])
+    model.compile()
+    model.fit(np.repeat(ids, 8, 0), np.tile([1, 0], 8), epochs=3, verbose=0)
+    with pytest.raises(ValueError, match=r"2 different label names needed \(config.num_labels\), got \['x'\]"):
+        save_model_dir(tmp_path / "bad", model, tokenizer, labels=["x"])
+    run = save_model_dir(tmp_path / "run", model, tokenizer, labels=["negative", "positive"])
+    export_model_dir(run, tmp_path / "bundle", log=lambda line: None)  # verified against Keras at export
+    expected = model.predict(ids, verbose=0)
+    for source in (run, tmp_path / "bundle"):
+        classifier = load_predictor("classify", source)
+        results = classifier.predict([classifier.check(t) for t in texts])
+        assert [r["label"] for r in results] == [["negative", "positive"][i] for i in expected.argmax(-1)]

@@ -281,7 +281,6 @@ def cli(ctx, verbose):
     ctx.obj["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="kerasllm: %(message)s",
                         stream=sys.stderr)
-    logging.getLogger("kerasllm").setLevel(logging.NOTSET)  # (a --quiet command raises it for its own run)
     if not verbose:
         # ONNX Runtime's transformer optimizer logs every fusion; the export prints a summary.
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from kerasllm.cli.options import quiet_logging
 from kerasllm.metrics import BLEU_TOKENIZERS
 
 
@@ -82,14 +82,13 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
         _check_writable(Path(os.path.realpath(output)))
     if sys.stdout is None and not output:  # `>&-`: the metrics had gone nowhere, exit 0
         raise UsageError("standard output is closed: pass --output FILE")
-    if quiet:  # ("ONNX Runtime ... on CPUExecutionProvider"; warnings still show)
-        logging.getLogger("kerasllm").setLevel(logging.WARNING)
     bar = _ProgressBar(quiet)
     try:
-        result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
-                     label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
-                     source_field=source_field, target_field=target_field, bleu_tokenize=bleu_tokenize, progress=bar,
-                     warn=lambda message: bar.write(f"kerasllm: warning: {message}"))
+        with quiet_logging(quiet):
+            result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
+                         label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
+                         source_field=source_field, target_field=target_field, bleu_tokenize=bleu_tokenize,
+                         progress=bar, warn=lambda message: bar.write(f"kerasllm: warning: {message}"))
     finally:
         bar.close()
     text = json.dumps(result, indent=2, ensure_ascii=False)  # as the batch commands write (tag types, labels)

@@ -23,7 +23,6 @@ This module imports no TensorFlow (the Keras predictor of a model dir does, when
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import signal
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from kerasllm.cli.options import FiniteFloatRange
+from kerasllm.cli.options import FiniteFloatRange, quiet_logging
 from kerasllm.errors import DataError, UsageError, in_chain
 from kerasllm.export import job_record
 from kerasllm.export.batch import TASK_DEFAULTS
@@ -117,17 +116,20 @@ def decoding_options(command):
     return command
 
 
-def run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: str, text_field: str,
-            id_field: str | None, batch_size: int, max_batch_tokens: int, bucket: bool, window: int,
-            truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
-            quiet: bool, options: dict, extra_tokens: int = 0, tokens_field: str | None = None) -> None:
+def run_job(task: str, source: Path, *, quiet: bool, **settings) -> None:
     """Load the predictor for `task` on `source` and run the batch job; exits with its code."""
+    with quiet_logging(quiet):
+        _run_job(task, source, quiet=quiet, **settings)
+
+
+def _run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: str, text_field: str,
+             id_field: str | None, batch_size: int, max_batch_tokens: int, bucket: bool, window: int,
+             truncate: str, resume: bool, overwrite: bool, num_shards: int, shard_index: int, device: str,
+             quiet: bool, options: dict, extra_tokens: int = 0, tokens_field: str | None = None) -> None:
     from kerasllm.export import batch  # noqa: PLC0415
     from kerasllm.export.records import detect_format, stdin_bytes  # noqa: PLC0415
 
     started = time.perf_counter()
-    if quiet:  # the device line too ("ONNX Runtime ... on CPUExecutionProvider"): a quiet job that succeeds
-        logging.getLogger("kerasllm").setLevel(logging.WARNING)  # says nothing (cron mails stderr)
     if input_path == "-" and stdin_bytes().isatty():  # (closed: a UsageError)
         raise UsageError("no --input given and standard input is a terminal (pass --input FILE or pipe records in)")
     if shard_index >= num_shards:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -13,6 +15,21 @@ from kerasllm.recipes import WEIGHT_DECAY  # TensorFlow-free, as this module
 
 
 DISTRIBUTE_OPTIONS = ("strategy", "tpu", "precision", "scale_lr")
+
+
+@contextlib.contextmanager
+def quiet_logging(quiet: bool):
+    """The "kerasllm" logger at WARNING while a `--quiet` serving command runs (its info lines unsaid:
+    "ONNX Runtime ... on CPUExecutionProvider", which a quiet job that succeeds had printed every
+    run, and cron mails any stderr), as it was after."""
+    logger = logging.getLogger("kerasllm")
+    level = logger.level
+    if quiet:
+        logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class FiniteFloatRange(click.FloatRange):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -159,6 +160,11 @@ def token_id_rows(rows, vocab_size: int, what: str = "prompt") -> list[np.ndarra
     outside the vocabulary: the compiled loop would clamp it into the embedding table (XLA's
     gather does) and return tokens all the same.
     """
+    import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+    if tf.inside_function():  # (iterating a symbolic tensor had failed deep in TensorFlow)
+        raise UsageError("generate runs eagerly: it compiles its own XLA loop and takes NumPy arrays or lists; "
+                         "call it outside tf.function (to serve from a graph, export the model)")
     rows = [np.asarray(row) for row in rows]
     if not rows or any(row.size == 0 for row in rows):
         raise UsageError(f"generate: every {what} needs at least one token")
@@ -217,6 +223,12 @@ def check_id_range(model, name, value, vocab_size: int, ignored=None):
     may stand anywhere."""
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf" or not value.size:
         return
+    if value.dtype.kind == "f" and not np.array_equal(value, np.trunc(value), equal_nan=False):
+        # Cast to ids, 0.5 had read as 0 (padding): `x / vocab_size` from a "normalise the inputs" step
+        # trained on all-padding rows without a word. (`generate` refuses float prompts.)
+        bad = value[value != np.trunc(value)].flat[0].item()
+        raise ValueError(f"{type(model).__name__}: {name} holds {bad!r}, not a token id (ids are whole numbers; "
+                         "give an integer array)")
     low, high = value.min(), value.max()
     if (low < 0 or high >= vocab_size) and ignored is not None:  # the loss's ignored id is no token
         # Only here, past the quick min/max: a mask and a copy of a large array cost ~20x as much.
@@ -227,6 +239,16 @@ def check_id_range(model, name, value, vocab_size: int, ignored=None):
         bad = int(bad) if float(bad).is_integer() else bad  # 70000, not 7e+04, from a float array
         raise ValueError(f"{type(model).__name__}: {name} holds id {bad}, outside the vocabulary of "
                          f"{vocab_size} ids (0..{vocab_size - 1})")
+
+
+def _static_shape(value) -> tuple | None:
+    """`value`'s shape where fully known (an array, a tensor, a dataset's TensorSpec), else None."""
+    shape = getattr(value, "shape", None)
+    try:
+        dims = tuple(None if d is None else int(d) for d in shape) if shape is not None else None
+    except TypeError:  # an unknown rank
+        return None
+    return None if dims is None or None in dims else dims
 
 
 def _sparse_cross_entropy_ignores(loss):
@@ -303,6 +325,35 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
     # One target per example (a text classifier's label), not one per token: what `class_weight` weighs.
     per_example_targets: bool = False
 
+    # What the model is built from once constructed (each model's `build` takes it; `Seq2SeqLM`: None).
+    init_build_shape: tuple | None = (None, None)
+
+    def __init_subclass__(cls, **kwargs):
+        """Build a model when its outermost `__init__` returns, a user's subclass's included.
+
+        Built at the end of each model's own `__init__` (so that its weights exist before any call:
+        `count_params`, `summary`, a save), a model was locked by Keras before a subclass's `__init__`
+        could add a layer after `super().__init__()` (a value head on a CausalLM: "You cannot add new
+        elements of state ... to a layer that is already built"), as keras-hub's models allow.
+        """
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            depth = self.__dict__.get("_init_depth", 0)
+            object.__setattr__(self, "_init_depth", depth + 1)  # (untracked: not model state)
+            try:
+                init(self, *args, **kw)
+            finally:
+                object.__setattr__(self, "_init_depth", depth)
+            if depth == 0 and not self.built:
+                self.build(self.init_build_shape)
+
+        cls.__init__ = __init__
+
     def __init__(self, config: TransformerConfig | dict, **kwargs):
         super().__init__(**kwargs)
         if isinstance(config, dict):
@@ -357,6 +408,15 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
             raise ValueError(f"{type(self).__name__}: class_weight weighs each example by its one class, and "
                              f"{type(self).__name__}'s targets are per token: give the weights per token as "
                              "sample_weight of shape [batch, length] instead")
+        schedule = getattr(getattr(self, "optimizer", None), "_learning_rate", None)  # (none before compile)
+        setting = [type(c).__name__ for c in kwargs.get("callbacks") or ()
+                   if isinstance(c, (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler))]
+        if setting and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            # Keras's own refusal comes at the callback's first change, maybe hours in, and tells to build
+            # "the optimizer with a float learning_rate", which compile() built.
+            raise ValueError(f"{type(self).__name__}: {setting[0]} sets the learning rate, which follows a schedule "
+                             f"here ({type(schedule).__name__}, from compile(total_steps=...)): compile without "
+                             "total_steps for a constant learning rate the callback can change")
         validation = kwargs.get("validation_data")
         if isinstance(validation, tuple) and len(validation) in (2, 3):
             kwargs["validation_data"] = (self.token_batches(validation[0]),
@@ -404,13 +464,17 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
             target_spec = None
         expected = " and ".join(self.token_inputs)
         if isinstance(x, dict):
-            missing = [name for name in self.token_inputs if x.get(name) is None]
-            if missing:
-                raise ValueError(f"{type(self).__name__} expects a dict with {expected}; {', '.join(missing)} "
-                                 f"missing (got {', '.join(map(str, x)) or 'no keys'})")
+            self.check_input_keys(x)
             for name in self.token_inputs:
                 self.check_token_ids(name, x[name])
                 check_id_range(self, name, x[name], self.input_vocab_size(name))
+            for name, value in x.items():  # (a mask of another shape had failed deep in the attention's broadcast)
+                ids = x.get(name.replace("padding_mask", "token_ids")) if name.endswith("padding_mask") else None
+                mask_shape, ids_shape = _static_shape(value), _static_shape(ids)
+                if ids is not None and None not in (mask_shape, ids_shape) and mask_shape != ids_shape:
+                    raise ValueError(f"{type(self).__name__}: {name} of shape {list(mask_shape)} for "
+                                     f"{name.replace('padding_mask', 'token_ids')} of shape {list(ids_shape)}: "
+                                     "give one mask value per token")
         elif len(self.token_inputs) > 1:
             if hasattr(x, "shape") or isinstance(x, (list, tuple)):  # generators and PyDatasets are seen when run
                 raise ValueError(f"{type(self).__name__} expects a dict with {expected}, got {type(x).__name__}")
@@ -419,6 +483,13 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
             check_id_range(self, self.token_inputs[0], x, self.input_vocab_size(self.token_inputs[0]))
         refuse_ragged(self, "targets", target_spec if target_spec is not None else y)
         self.check_targets(y)
+
+    def check_input_keys(self, x: dict) -> None:
+        """ValueError where the dict `x` lacks a token input the model needs."""
+        missing = [name for name in self.token_inputs if x.get(name) is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__} expects a dict with {' and '.join(self.token_inputs)}; "
+                             f"{', '.join(missing)} missing (got {', '.join(map(str, x)) or 'no keys'})")
 
     def check_targets(self, y):
         """Refuse array targets the loss cannot take: here token ids outside the vocabulary of the
@@ -429,6 +500,35 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
         if ignored is False or y is None:
             return
         check_id_range(self, "targets", y, self.input_vocab_size(self.token_inputs[-1]), ignored=ignored)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras's `Model.export` (a SavedModel for TF Serving, ...), its serving function taking int32
+        token ids `[batch, length]` by default (a dict of them where the model takes several). Keras's
+        default follows `input_dtype`, float32: kerasllm's models build from shapes, not int32 Inputs as
+        keras-hub's, so TF Serving clients' integer ids were refused (and Seq2SeqLM did not export).
+        kerasllm's own ONNX export is `kerasllm export` / `kerasllm.export.exporter.export_model_dir`."""
+        if input_signature is None:
+            input_signature = [self._token_ids_spec()]
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
+    def _token_ids_spec(self):
+        """int32 `[batch, length]` token ids, a dict of them where the model takes several."""
+        import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+        specs = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.token_inputs}
+        return specs if len(specs) > 1 else specs[self.token_inputs[0]]
+
+    @property
+    def _default_save_signature(self):
+        """The serving signature a SavedModel of the model gets (Keras's, from the build shapes and
+        `input_dtype`, took float32 ids and, where the model builds from no shape, failed)."""
+        import tensorflow as tf  # noqa: PLC0415 - the TF backend only
+
+        @tf.function(input_signature=[self._token_ids_spec()])
+        def serving_default(inputs):
+            return self(inputs)
+
+        return serving_default
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}

@@ -118,7 +118,6 @@ class CausalLM(TransformerModel):
         # seed variables must not become model weights.
         object.__setattr__(self, "_generate_functions", {})
         object.__setattr__(self, "_seeded_generation", threading.Lock())  # see _run_generate_function
-        self.build((None, None))
 
     def build(self, input_shape=None):
         c = self.config

@@ -270,7 +270,6 @@ class MaskedLM(EncoderModel):
         self.head_norm = keras.layers.LayerNormalization(epsilon=c.layer_norm_epsilon, name="mlm_norm")
         if not c.tie_embeddings:
             self.lm_head = keras.layers.Dense(c.vocab_size, use_bias=False, name="lm_head")
-        self.build((None, None))
 
     def build(self, input_shape=None):
         shape = (None, None, self.config.hidden_dim)
@@ -344,7 +343,6 @@ class TextClassifier(EncoderModel):
         self.pooler = keras.layers.Dense(c.hidden_dim, activation="tanh", name="pooler")
         self.head_dropout = keras.layers.Dropout(c.dropout, name="head_dropout")
         self.classifier = keras.layers.Dense(c.num_labels, name="classifier")
-        self.build((None, None))
 
     def build(self, input_shape=None):
         self.encoder.build((None, None))
@@ -393,7 +391,6 @@ class TokenClassifier(EncoderModel):
             raise ValueError(f"TokenClassifier needs config.num_labels >= 2, got {c.num_labels}")
         self.head_dropout = keras.layers.Dropout(c.dropout, name="head_dropout")
         self.classifier = keras.layers.Dense(c.num_labels, name="classifier")
-        self.build((None, None))
 
     def build(self, input_shape=None):
         self.encoder.build((None, None))

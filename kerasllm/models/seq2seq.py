@@ -71,6 +71,7 @@ class Seq2SeqLM(TransformerModel):
     """
 
     config_class = Seq2SeqConfig
+    init_build_shape = None
     token_inputs = ("encoder_token_ids", "decoder_token_ids")
 
     def __init__(self, config, **kwargs):
@@ -97,7 +98,6 @@ class Seq2SeqLM(TransformerModel):
         # seed variables, which must not become model state (nor hit Keras's post-build lock).
         object.__setattr__(self, "_generate_functions", {})
         object.__setattr__(self, "_seeded_generation", threading.Lock())  # see CausalLM._run_generate_function
-        self.build(None)
 
     @property
     def decoder_embedding(self):
@@ -175,6 +175,10 @@ class Seq2SeqLM(TransformerModel):
         return ops.cast(logits, "float32"), keys, values
 
     def call(self, inputs, training=None):
+        if not isinstance(inputs, dict):
+            raise ValueError(f"Seq2SeqLM expects a dict with {' and '.join(self.token_inputs)}, got "
+                             f"{type(inputs).__name__}")
+        self.check_input_keys(inputs)  # (a KeyError had quoted Keras's colour codes)
         for name in self.token_inputs:  # 1-D ids, or learned positions past the table
             self.check_token_ids(name, inputs[name])
         source = inputs["encoder_token_ids"]

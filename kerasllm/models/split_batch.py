@@ -29,9 +29,11 @@ at least two cores, the model has at least `AUTO_MIN_PARAMETERS` weights (below 
 a few milliseconds either way), and the model draws no random numbers in training (no dropout): parts
 running at the same time would read the same random-seed state and draw the same dropout
 masks, so a model with dropout keeps the one-program step; so does a model compiled with several
-losses (Keras updates a metric per loss inside `compute_loss`, which parts would race on). In a
+losses (Keras updates a metric per loss inside `compute_loss`, which parts would race on), and one
+whose layers update variables as they run (`updates_state`: a BatchNormalization in a user's head
+would take each part's half-batch statistics, and the warm-up's zero batches). In a
 process that `give_parts_a_core_each` set to one intra-op thread, the size rule is skipped. An
-integer asks for that many parts regardless (1: off); the random-number rule still holds. The environment variable
+integer asks for that many parts regardless (1: off); the random-number and state rules still hold. The environment variable
 `KERASLLM_BATCH_SPLIT` (an integer) stands in for `"auto"`, e.g. `KERASLLM_BATCH_SPLIT=1
 kerasllm train ...` trains with Keras's own step.
 
@@ -85,6 +87,15 @@ AUTO_MIN_PARAMETERS = 200_000
 def draws_random_numbers(model: keras.Model) -> bool:
     """Whether any layer of `model` holds a seed generator (dropout with a rate > 0, noise layers)."""
     return any(getattr(layer, "seed_generator", None) is not None for layer in model._flatten_layers())
+
+
+def updates_state(model: keras.Model) -> bool:
+    """Whether any layer of `model` holds variables it updates as it runs, not by gradients (a
+    BatchNormalization's moving statistics, in a user's head): each part would update them from half
+    a batch, and the warm-up's zero batches twice more. (A frozen layer's weights are not such
+    variables: Keras keeps them among its trainable ones, flagged; a seed generator's state is
+    `draws_random_numbers`'.)"""
+    return any(getattr(layer, "_non_trainable_variables", None) for layer in model._flatten_layers())
 
 
 def loss_denominator(loss):
@@ -218,7 +229,7 @@ def resolve_batch_split(model: keras.Model, batch_split, jit_compile: bool) -> i
     import tensorflow as tf  # noqa: PLC0415
 
     distributed = tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None) is not None
-    if not jit_compile or distributed or draws_random_numbers(model):
+    if not jit_compile or distributed or draws_random_numbers(model) or updates_state(model):
         return 1
     if batch_split != "auto":
         return int(batch_split)
