@@ -339,6 +339,18 @@ def test_out_of_memory_is_one_line_exit_1(run_cli, monkeypatch, tmp_path, comman
     assert result.err.splitlines() == [f"kerasllm: error: {expected}"]
 
 
+def test_out_of_memory_while_an_extension_module_loads_gives_no_batch_hint(run_cli, monkeypatch, tmp_path):
+    """An extension module has no Python body: its MemoryError (onnxruntime's under `ulimit -v`) came out
+    of kerasllm's import hook's exec_module and had been told to lower --batch-size."""
+    def exec_module(module):  # as kerasllm's _CountingLoader runs an extension's loader
+        raise MemoryError()
+
+    monkeypatch.setattr("kerasllm.cli.infer.run_job", lambda *a, **k: exec_module(None))
+    (tmp_path / "in.txt").write_text("a prompt\n")
+    result = run_cli("generate", tmp_path, "-i", tmp_path / "in.txt", "-q")
+    assert (result.code, result.err.splitlines()) == (1, ["kerasllm: error: out of memory"]), result
+
+
 def test_tensorflow_out_of_memory_in_training_is_one_line(run_cli, monkeypatch, tmp_path, corpus_file):
     """TensorFlow's own out-of-memory error (ResourceExhaustedError, not a MemoryError) had ended
     `kerasllm train` in a traceback with the graph's frames, node names and hints (~40 lines).

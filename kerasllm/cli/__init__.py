@@ -415,7 +415,9 @@ def _raised_in_an_import(err: BaseException) -> bool:
     Python trims its import machinery's frames): a smaller batch would not have helped there."""
     import traceback  # noqa: PLC0415
 
-    return any(frame.f_code.co_name == "<module>" for frame, _ in traceback.walk_tb(err.__traceback__))
+    # ("exec_module": kerasllm's own import hook running an extension module's loader, which has no
+    # Python body: a MemoryError importing onnxruntime under `ulimit -v` had been told to lower --batch-size.)
+    return any(frame.f_code.co_name in ("<module>", "exec_module") for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
 def _import_out_of_memory(err: ImportError) -> bool:
