@@ -45,3 +45,8 @@ def in_chain(err: BaseException | None, kind: type) -> BaseException | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+class ReaderGone(Exception):
+    """A batch job's output reader went away (EPIPE: `... | head`, a FIFO's reader). Not an OSError, which
+    click turns into exit 1 itself; the CLI ends quietly with 141, as a tool that SIGPIPE ends."""

@@ -363,3 +363,15 @@ def test_onnx_runtime_out_of_memory_at_load_is_not_a_broken_graph():
     assert runtime._out_of_memory(RuntimeError(thread)) == "cannot start a thread: pthread_create error 12"
     assert runtime._out_of_memory(RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf parsing "
                                                "failed.")) is None
+
+
+def test_a_reader_that_goes_away_ends_the_job_quietly_with_141(tmp_path):
+    """`... | head`: click's own EPIPE handling had exited 1, which reads as "some records failed"."""
+    source = tmp_path / "many.txt"
+    source.write_text("abc\n" * 50_000)
+    proc = _cli("generate", fake_predictor.make_bundle(tmp_path / "b", "generate"), "-i", source, "--window", "64",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(proc.stdout.readline()) == {"id": "1", "output": "CBA"}
+    proc.stdout.close()  # as `head -n 1` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"error" not in err, err

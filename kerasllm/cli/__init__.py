@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from kerasllm import __version__, keras_backend_problem
-from kerasllm.errors import KerasLLMError, Terminated, UsageError, in_chain
+from kerasllm.errors import KerasLLMError, ReaderGone, Terminated, UsageError, in_chain
 
 # command name -> "module:attribute"
 COMMANDS = {
@@ -489,6 +489,17 @@ _CONTROL_ESCAPES = ({code: f"\\x{code:02x}" for code in (*range(32), *range(0x7f
                     | {10: "\\n", 13: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
+def _discard_standard_output() -> None:
+    """Point descriptor 1 at /dev/null: Python's flush of a standard output whose reader is gone would
+    otherwise fail again at exit ("Exception ignored ... BrokenPipeError"), as its docs advise."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
 def _say_error(message) -> None:
     click.echo(f"kerasllm: error: {str(message).translate(_CONTROL_ESCAPES)}", err=True)
 
@@ -539,6 +550,11 @@ def main(argv=None) -> None:
         except OSError:  # SIGHUP from a terminal that closed: its stderr is gone too
             pass
         sys.exit(128 + signum)
+    except ReaderGone:
+        # The output's reader went away (`... | head`, a FIFO's reader): quietly, with what a Unix tool that
+        # SIGPIPE ends exits with (128 + 13, `yes | head`); exit 1 had read as "some records failed".
+        _discard_standard_output()
+        sys.exit(141)
     except OSError as err:
         logging.getLogger(__name__).debug("%s", err, exc_info=True)  # -v: the traceback
         _say_error(err)

@@ -32,7 +32,7 @@ from pathlib import Path
 import click
 
 from kerasllm.cli.options import FiniteFloatRange, quiet_logging
-from kerasllm.errors import DataError, UsageError, in_chain
+from kerasllm.errors import DataError, ReaderGone, UsageError, in_chain
 from kerasllm.export import job_record
 from kerasllm.export.batch import TASK_DEFAULTS
 
@@ -119,7 +119,10 @@ def decoding_options(command):
 def run_job(task: str, source: Path, *, quiet: bool, **settings) -> None:
     """Load the predictor for `task` on `source` and run the batch job; exits with its code."""
     with quiet_logging(quiet):
-        _run_job(task, source, quiet=quiet, **settings)
+        try:
+            _run_job(task, source, quiet=quiet, **settings)
+        except BrokenPipeError:
+            raise ReaderGone() from None
 
 
 def _run_job(task: str, source: Path, *, input_path: str, output_path: str, fmt: str, text_field: str,
@@ -402,7 +405,8 @@ class LogProgress:
 
 
 EPILOG = ("Exit codes: 0 every record done; 1 some records failed (see the \"error\" lines) or a runtime "
-          "error; 2 bad usage; 130 (SIGINT) or 143 (SIGTERM) interrupted: rerun with --resume.")
+          "error; 2 bad usage; 130 (SIGINT) or 143 (SIGTERM) interrupted: rerun with --resume; 141 the output's "
+          "reader went away (| head).")
 
 
 def context_check(predictor, max_new_tokens: int, warn):
