@@ -226,10 +226,10 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
     Raises DataError only for problems with the file as a whole (no header row in a
     TSV/CSV, duplicate column names); a bad record comes back with `error` set.
     """
-    # A JSONL stream without a suffix to say so (`zcat x.jsonl.gz | kerasllm classify ...`, `-i <(...)`) had
-    # been read as plain text, each JSON line classified as the text it spells, exit 0: its first record
-    # is looked at.
-    sniff = fmt == "auto" and not Path(str(path)).suffix
+    # A JSONL stream (`zcat x.jsonl.gz | kerasllm classify ...`, `-i <(...)`: no suffix to say so) had been
+    # read as plain text, each JSON line classified as the text it spells, exit 0: a stream's first record
+    # is looked at. (A file without a suffix is plain text, as documented: a corpus may start with anything.)
+    sniff = fmt == "auto" and (str(path) == "-" or not Path(path).is_file())
     fmt = detect_format(path, fmt)
     if id_field and fmt in ("text", "conll"):
         raise UsageError(f"{path}: {fmt} input has no fields to hold an id ({id_field!r}); ids need JSONL, "
@@ -280,8 +280,8 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
 
 
 def _refuse_json_as_text(path: str | Path, number: int, text: str) -> None:
-    """UsageError where the first record of an input read as plain text by default (no file suffix:
-    standard input, a pipe) is a JSON object: JSONL that `--format jsonl` reads as records."""
+    """UsageError where the first record of a stream read as plain text by default (standard input, a
+    pipe: no file suffix) is a JSON object: JSONL that `--format jsonl` reads as records."""
     if not text.lstrip().startswith("{"):
         return
     try:
@@ -290,9 +290,9 @@ def _refuse_json_as_text(path: str | Path, number: int, text: str) -> None:
         return
     if isinstance(value, dict):
         name = "standard input" if str(path) == "-" else str(path)
-        raise UsageError(f"{name}: line {number} is a JSON object, but an input without a .jsonl suffix is read as "
-                         "plain text (one text a line): pass --format jsonl to read records, or --format text "
-                         "to take such lines as texts")
+        raise UsageError(f"{name}: line {number} is a JSON object, but a stream (no .jsonl suffix) is read as plain "
+                         "text (one text a line): pass --format jsonl to read records, or --format text to take "
+                         "such lines as texts")
 
 
 def _json_reason(err: json.JSONDecodeError) -> str:

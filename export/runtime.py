@@ -262,8 +262,9 @@ _ANNOUNCED: set[str] = set()
 
 
 def _announce(description: str, fallback: bool = False) -> None:
-    """Log what runs, once per process; `fallback` (a GPU asked for, the CPU running) as a warning,
-    which a quiet batch job (`--quiet`: the "kerasllm" logger at WARNING) still shows."""
+    """Log what runs, once per process; `fallback` (a CUDA session that failed where CUDA is there, the
+    CPU running instead) as a warning, which a quiet batch job (`--quiet`: the "kerasllm" logger at
+    WARNING) still shows; `--device auto` on a machine without CUDA is no such thing."""
     if description not in _ANNOUNCED:
         _ANNOUNCED.add(description)
         log.log(logging.WARNING if fallback else logging.INFO, description)
@@ -357,7 +358,7 @@ def create_session(path: str | Path, device: str | None = None, threads: int | N
         # UnicodeDecodeError when its message quotes a damaged name.
         raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({ort_message(err)})") from None
     description = f"ONNX Runtime {ort.__version__} on CPUExecutionProvider ({reason})"
-    _announce(description, fallback=reason != "CPU requested")
+    _announce(description, fallback=reason.startswith("CUDA session failed"))
     return Session(session, "cpu", 0, description, path=path)
 
 

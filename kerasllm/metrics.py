@@ -140,16 +140,22 @@ _HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f
 _SPACELESS_OTHER = re.compile(
     "[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f"  # Japanese kana
     "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")  # Thai, Lao, Myanmar, Khmer
+_WORD = re.compile(r"[^\W\d_]+")
 
 
 def bleu_tokenizer_for(references: Sequence[str]) -> str:
-    """sacrebleu's tokenizer for `references`' language, as its documentation advises: `zh` where
-    they hold Chinese characters (each one a word; other text as 13a), `char` where they hold
-    Japanese kana or Thai, Lao, Myanmar or Khmer (no MeCab or word segmenter here), else `13a`."""
+    """sacrebleu's tokenizer for `references`' language, as its documentation advises: where most of
+    their text is in scripts written without spaces (their characters outnumber the other scripts'
+    words), `zh` for Chinese (each character a word; other text as 13a) and `char` where a tenth of
+    those characters are Japanese kana or Thai, Lao, Myanmar or Khmer (no MeCab or word segmenter
+    here); else `13a`. By shares: a stray "ツ" (a kaomoji) or a Chinese name in English references
+    leaves them English."""
     text = "\n".join(references)
-    if _SPACELESS_OTHER.search(text):
-        return "char"
-    return "zh" if _HAN.search(text) else "13a"
+    han, other = len(_HAN.findall(text)), len(_SPACELESS_OTHER.findall(text))
+    words = len(_WORD.findall(_SPACELESS_OTHER.sub(" ", _HAN.sub(" ", text))))  # of the scripts with spaces
+    if han + other <= words:  # (a character of a spaceless script counts as about a word)
+        return "13a"
+    return "char" if other >= (han + other) / 10 else "zh"
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str = "13a") -> float:

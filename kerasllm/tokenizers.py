@@ -411,7 +411,7 @@ class TextTokenizer:
         text = self.decode(ids)
         if not text.endswith("\ufffd") or not isinstance(self.tokenizer.decoder, decoders.ByteLevel):
             return text
-        special = set(self.special_ids())
+        special = set(self.special_ids().values())
         tail = b""
         for token_id in reversed(list(map(int, ids))):
             if token_id not in special:

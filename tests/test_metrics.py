@@ -107,6 +107,8 @@ def test_bleu_takes_the_tokenizer_of_the_targets_language():
     assert metrics.bleu_tokenizer_for(["こんにちは、世界"]) == "char"  # kana: no MeCab here
     assert metrics.bleu_tokenizer_for(["สวัสดีครับ"]) == "char"
     assert metrics.bleu_tokenizer_for(["the cat sat on the mat", "Zoë à Hà Nội"]) == "13a"
+    assert metrics.bleu_tokenizer_for(["the cat sat on the mat", r"¯\_(ツ)_/¯", "Li Bai (李白) wrote it"]) == "13a"
+    assert metrics.bleu_tokenizer_for(["我去东京。", "我喜欢 Python 和 Keras。"]) == "zh"
     with pytest.raises(ValueError, match="unknown tokenizer 'ja-mecab'"):
         metrics.bleu(chinese, chinese, "ja-mecab")
 

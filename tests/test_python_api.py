@@ -236,6 +236,35 @@ def test_a_subclass_adds_layers_in_its_own_init():
     clone = ValueLM.from_config(model.get_config())
     assert clone.built and isinstance(clone.value_head, keras.layers.Dense)
 
+    class Counted(CausalLM):  # built right after super().__init__(), as before
+        def __init__(self, config, **kwargs):
+            super().__init__(config, **kwargs)
+            self.base_parameters = self.count_params()
+            self.extra = keras.layers.Dense(2, name="extra")
+
+    plain = CausalLM(DecoderConfig.preset("tiny", vocab_size=64)).count_params()
+    assert Counted(DecoderConfig.preset("tiny", vocab_size=64)).base_parameters == plain
+
+    class Built(ValueLM):  # a build() of its own: built once its __init__ has made its layers
+        def build(self, input_shape=None):
+            super().build(input_shape)
+            self.value_head.build((None, None, self.config.hidden_dim))
+
+    built = Built(DecoderConfig.preset("tiny", vocab_size=64))
+    assert len(built.weights) == len(CausalLM(DecoderConfig.preset("tiny", vocab_size=64)).weights) + 2
+
+    class Mixin:  # put first, with an __init__ of its own
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.mixed = keras.layers.Dense(2, name="mixed")
+
+    class Mixed(Mixin, CausalLM):
+        pass
+
+    assert Mixed(DecoderConfig.preset("tiny", vocab_size=64)).built
+    with pytest.raises(ValueError, match="cannot add new elements of state"):
+        built.late = keras.layers.Dense(1)  # locked once constructed, as any built Keras layer
+
 
 @pytest.mark.parametrize("make, inputs", [
     (lambda: CausalLM(DecoderConfig.preset("tiny", vocab_size=64)), IDS[:2]),
@@ -288,6 +317,8 @@ def test_a_callback_setting_the_learning_rate_beside_a_schedule_is_refused_at_fi
     with pytest.raises(ValueError, match=r"ReduceLROnPlateau sets the learning rate, which follows a schedule here "
                                          r"\(WarmupCosineDecay, from compile\(total_steps=...\)\)"):
         model.fit(IDS[:, :-1], IDS[:, 1:], epochs=1, verbose=0, callbacks=[plateau])
+    with pytest.raises(ValueError, match="ReduceLROnPlateau sets the learning rate"):  # Keras's CallbackList too
+        model.fit(IDS[:, :-1], IDS[:, 1:], epochs=1, verbose=0, callbacks=keras.callbacks.CallbackList([plateau]))
     model.compile()  # a constant rate: the callback may change it
     model.fit(IDS[:, :-1], IDS[:, 1:], epochs=2, verbose=0, callbacks=[plateau])
 
@@ -312,8 +343,6 @@ def test_a_model_trained_in_python_saves_as_a_model_dir_that_exports(tmp_path):
     model = TextClassifier(config)
     texts = ["good film", "bad film"]
     ids = np.array([[tokenizer.bos_id] + tokenizer.encode(t)[:8] for t in texts])
-    model.compile()
-    model.fit(np.repeat(ids, 8, 0), np.tile([1, 0], 8), epochs=3, verbose=0)
     with pytest.raises(ValueError, match=r"2 different label names needed \(config.num_labels\), got \['x'\]"):
         save_model_dir(tmp_path / "bad", model, tokenizer, labels=["x"])
     run = save_model_dir(tmp_path / "run", model, tokenizer, labels=["negative", "positive"])

@@ -313,22 +313,34 @@ def test_a_file_is_read_to_its_end_with_standard_input_closed(tmp_path, monkeypa
         list(read_records("-"))
 
 
-def test_json_lines_in_an_input_without_a_suffix_are_not_read_as_plain_text(tmp_path):
+def test_json_lines_in_a_stream_are_not_read_as_plain_text(tmp_path, monkeypatch):
     """`zcat x.jsonl.gz | kerasllm classify ...`: every JSON line had been classified as the text it spells, exit 0."""
+    import io
+    import os
+    import sys
+    import threading
+
     from kerasllm.errors import UsageError
 
-    rows = '\n{"text": "a good movie", "label": "positive"}\n{"text": "bad"}\n'
-    piped = tmp_path / "piped"  # as standard input or /dev/fd/63: no suffix
-    piped.write_text(rows)
-    with pytest.raises(UsageError, match=r"piped: line 2 is a JSON object, but an input without a \.jsonl suffix is "
-                                         r"read as plain text .*: pass --format jsonl"):
-        list(read_records(piped))
-    assert [r.fields["text"] for r in read_records(piped, "jsonl")] == ["a good movie", "bad"]
-    assert len(list(read_records(piped, "text"))) == 2  # said so: texts
-    (tmp_path / "notes.txt").write_text(rows)
-    assert len(list(read_records(tmp_path / "notes.txt"))) == 2  # a .txt file is text
-    (tmp_path / "braces").write_text("{not json}\n{}x\n")
-    assert [r.fields["text"] for r in read_records(tmp_path / "braces")] == ["{not json}", "{}x"]
+    rows = b'\n{"text": "a good movie", "label": "positive"}\n{"text": "bad"}\n'
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(rows)))
+    with pytest.raises(UsageError, match=r"standard input: line 2 is a JSON object, but a stream \(no \.jsonl "
+                                         r"suffix\) is read as plain text .*: pass --format jsonl"):
+        list(read_records("-"))
+    fifo = tmp_path / "piped"  # as /dev/fd/63 from `<(...)`
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(rows * 2), daemon=True)
+    writer.start()
+    with pytest.raises(UsageError, match=r"piped: line 2 is a JSON object"):
+        list(read_records(fifo))
+    writer.join(timeout=10)
+    for name in ("corpus", "notes.txt"):  # a file is plain text whatever it holds: a corpus may start with anything
+        (tmp_path / name).write_bytes(rows)
+        assert len(list(read_records(tmp_path / name))) == 2
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(rows)))
+    assert len(list(read_records("-", "text"))) == 2  # said so: texts
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"{not json}\n{}x\n")))
+    assert [r.fields["text"] for r in read_records("-")] == ["{not json}", "{}x"]
 
 
 def test_an_empty_id_is_an_error_record_as_a_missing_one_is(tmp_path):

@@ -377,6 +377,8 @@ def test_generated_ids_cut_inside_a_character_give_only_whole_characters(kind):
         cut += full != shown
     assert cut > 0  # some prefixes did end inside a character
     assert tokenizer.decode_generated(ids + [tokenizer.eos_id]) == text  # special ids are not bytes
+    for n in range(len(ids) + 1):  # ... nor do they hide an unfinished tail
+        assert "\ufffd" not in tokenizer.decode_generated(ids[:n] + [tokenizer.eos_id, tokenizer.pad_id])
     if kind == "byte":
         stray = tokenizer.encode("é")[1:]  # a lone continuation byte: never UTF-8, wherever it is
         assert tokenizer.decode_generated(tokenizer.encode("a") + stray) == "a\ufffd"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -241,6 +242,11 @@ def check_id_range(model, name, value, vocab_size: int, ignored=None):
                          f"{vocab_size} ids (0..{vocab_size - 1})")
 
 
+def _kerasllm_class(model_class: type) -> type:
+    """The kerasllm model class `model_class` is or derives from (a user's subclass's base)."""
+    return next(c for c in model_class.__mro__ if c.__module__.startswith("kerasllm.models"))
+
+
 def _static_shape(value) -> tuple | None:
     """`value`'s shape where fully known (an array, a tensor, a dataset's TensorSpec), else None."""
     shape = getattr(value, "shape", None)
@@ -329,17 +335,21 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
     init_build_shape: tuple | None = (None, None)
 
     def __init_subclass__(cls, **kwargs):
-        """Build a model when its outermost `__init__` returns, a user's subclass's included.
+        """Build a model at the end of its kerasllm class's `__init__`, and let a user's subclass add
+        state until its own `__init__` returns.
 
-        Built at the end of each model's own `__init__` (so that its weights exist before any call:
-        `count_params`, `summary`, a save), a model was locked by Keras before a subclass's `__init__`
-        could add a layer after `super().__init__()` (a value head on a CausalLM: "You cannot add new
-        elements of state ... to a layer that is already built"), as keras-hub's models allow.
+        Built (so that its weights exist before any call: `count_params`, `summary`, `load_weights`
+        right after `super().__init__()`), a model is locked by Keras: a subclass's `__init__` could not
+        add a layer after `super().__init__()` (a value head on a CausalLM: "You cannot add new elements
+        of state ... to a layer that is already built"), as keras-hub's models allow. Keras's tracker is
+        unlocked while the subclass's `__init__` runs and locked when it returns (Keras's own
+        `quantize` unlocks and relocks it so). A subclass with a `build()` of its own (building the
+        layers it adds, after `super().build()`) is built once its `__init__` has returned instead.
         """
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
+        # Its own __init__ or the one it inherits (a mixin's put first: `class M(Mixin, CausalLM)`), so that
+        # every model class's __init__ is the outermost one for its own instances.
+        init = cls.__init__
 
         @functools.wraps(init)
         def __init__(self, *args, **kw):
@@ -349,9 +359,19 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
                 init(self, *args, **kw)
             finally:
                 object.__setattr__(self, "_init_depth", depth)
-            if depth == 0 and not self.built:
+            own_build = type(self).build is cls.build  # (a subclass's own build() builds what it adds)
+            if cls is _kerasllm_class(type(self)) and not self.built and (own_build or not depth):
                 self.build(self.init_build_shape)
+                if depth:  # a subclass's __init__ goes on after super().__init__()
+                    self._tracker.unlock()
+            if not depth:
+                if not self.built:  # a subclass with a build() of its own: once its __init__ has made its layers
+                    self.build(self.init_build_shape)
+                self._lock_state()
 
+        # Keras reads the constructor's arguments (its auto-config) through both inspect.signature, which
+        # follows `__wrapped__`, and inspect.getfullargspec, which does not: one signature for both.
+        __init__.__signature__ = inspect.signature(init)
         cls.__init__ = __init__
 
     def __init__(self, config: TransformerConfig | dict, **kwargs):
@@ -409,7 +429,10 @@ class TransformerModel(ArrayInputFitMixin, MultiWorkerFitMixin, SplitBatchFitMix
                              f"{type(self).__name__}'s targets are per token: give the weights per token as "
                              "sample_weight of shape [batch, length] instead")
         schedule = getattr(getattr(self, "optimizer", None), "_learning_rate", None)  # (none before compile)
-        setting = [type(c).__name__ for c in kwargs.get("callbacks") or ()
+        callbacks = kwargs.get("callbacks") or ()
+        if isinstance(callbacks, keras.callbacks.CallbackList):  # (not iterable itself)
+            callbacks = callbacks.callbacks
+        setting = [type(c).__name__ for c in callbacks
                    if isinstance(c, (keras.callbacks.ReduceLROnPlateau, keras.callbacks.LearningRateScheduler))]
         if setting and isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
             # Keras's own refusal comes at the callback's first change, maybe hours in, and tells to build
