@@ -133,6 +133,11 @@ class AdamW(keras.optimizers.AdamW):
         # device's (a global norm of 1.0 clipped at ~N). Summed here first, then clipped, as on one
         # device; `_all_reduce_sum_gradients` below then has nothing left to sum.
         grads = _summed_over_replicas(grads)
+        # An embedding's sparse gradient (IndexedSlices, e.g. learned positions: one slice per row for
+        # each position) repeats its indices: norms of its values squared each piece on its own, so the
+        # global-norm clip took a seq2seq model's gradient norm too large (Keras's own step; the split
+        # step's parts are averaged dense). Dense first, as `update_step`'s fused Adam takes it anyway.
+        grads = [_dense(g) for g in grads]
         if not (self.clipnorm and self.clipnorm > 0):
             return super()._clip_gradients(grads)
         clipped = []
@@ -145,6 +150,13 @@ class AdamW(keras.optimizers.AdamW):
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return list(grads_and_vars)  # summed over the replicas already, before clipping (`_clip_gradients`)
+
+
+def _dense(gradient):
+    """`gradient` as a dense tensor where it is sparse (tf.IndexedSlices: duplicate indices summed)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
 
 
 def _summed_over_replicas(grads):

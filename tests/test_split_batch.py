@@ -90,6 +90,19 @@ def test_seq2seq_dict_inputs_split_alike():
     _assert_same_training(*runs)
 
 
+def test_seq2seq_with_the_default_adamw_splits_alike():
+    """The encoder's learned positions get a sparse gradient repeating each position once per row: the
+    global-norm clip had squared the pieces one by one in Keras's own step (a clip too strong; weights
+    4e-3 apart from the split step's after 60 steps). Dense before the clip, as the fused Adam takes it."""
+    rng = np.random.default_rng(2)
+    config = Seq2SeqConfig(vocab_size=40, **{**TINY, "num_layers": 1})
+    source = rng.integers(4, 40, (8, 9))
+    target = rng.integers(4, 40, (8, 7))
+    x = {"encoder_token_ids": source, "decoder_token_ids": target[:, :-1]}
+    runs = [_train(lambda: Seq2SeqLM(config), x, target[:, 1:], split, batch_size=4) for split in (1, 2)]
+    _assert_same_training(*runs)
+
+
 def test_parts_weigh_as_the_loss_divides_not_by_rows():
     """Where the loss divides by the sample weights' sum (MaskedLM, mean_with_sample_weight) or by
     the labelled tokens (TokenClassifier, ignore_class), the parts carry unequal shares of the batch:
