@@ -19,6 +19,7 @@ The input's contents are not recorded either: `--resume` reads the same input.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,12 +41,22 @@ def record_path(output_path: str) -> Path | None:
 
 
 def source_identity(source: str | Path) -> dict[str, Any]:
-    """A bundle's or model dir's path and its defining file's size and modification time."""
+    """A bundle's or model dir's path and its defining file's identity: a bundle's manifest by its
+    content (its SHA-256: the manifest holds every file's hash, so a byte-identical copy or a fresh
+    download of the bundle is the same source; by modification time, such a copy had refused --resume
+    and offered only --overwrite, losing the records written), a model dir's model.keras by its size
+    and modification time (hashing gigabytes per job start is not worth it there)."""
     source = Path(os.path.realpath(source))
-    for name in ("manifest.json", "model.keras"):
-        if (source / name).is_file():
-            stat = (source / name).stat()
-            return {"path": str(source), "file": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    manifest = source / "manifest.json"
+    if manifest.is_file():
+        try:
+            digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        except OSError:
+            digest = None
+        return {"path": str(source), "file": manifest.name, "sha256": digest}
+    if (source / "model.keras").is_file():
+        stat = (source / "model.keras").stat()
+        return {"path": str(source), "file": "model.keras", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"path": str(source)}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ from kerasllm import signals
 from kerasllm.errors import KerasLLMError, UsageError
 # DIR/config.json, read and checked without TensorFlow: the serving side reads it too.
 from kerasllm.export.predict import read_run_config  # noqa: F401 - the recipes' import
+
+log = logging.getLogger("kerasllm")
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -369,7 +372,9 @@ class ProgressLogger(keras.callbacks.Callback):
         first = epoch * self.steps_per_epoch
         if self.bar is None:
             self._truncate_history(first)
-            if not self.quiet and self.is_chief:
+            # A bar on a terminal only: in a log or a pipe its carriage-return frames grow into one
+            # endless line; there each interval's line is printed instead (`on_epoch_end`).
+            if not self.quiet and self.is_chief and sys.stderr is not None and sys.stderr.isatty():
                 from tqdm import tqdm  # noqa: PLC0415
 
                 self.bar = tqdm(total=self.total_steps, initial=first, file=sys.stderr, unit="step",
@@ -441,6 +446,10 @@ class ProgressLogger(keras.callbacks.Callback):
             if self.bar is not None:
                 self.bar.write(f"step {self.step}: loss {record['loss']:.4f}, val_loss {record['val_loss']:.4f}",
                                file=sys.stderr)
+        if self.bar is None and not self.quiet and self.is_chief and sys.stderr is not None:
+            validated = f", val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}{validated} ({rate:,.0f} tokens/s)",
+                  file=sys.stderr, flush=True)
         self._write(record)
         self.mark_time, self.mark_step = time.perf_counter(), self.step
 
@@ -458,6 +467,7 @@ class StepPlan(NamedTuple):
     epochs: int
     validate_every: int  # Keras epochs between validations (and the last epoch)
     checkpoint_every: int  # Keras epochs between checkpoints (and the last epoch)
+    one_pass: bool = False  # neither --steps nor --epochs given: one pass over the data, the default
 
 
 class ValidationEpochs(list):
@@ -486,6 +496,7 @@ def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: in
     """
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
+    one_pass = steps is None and epochs is None
     if steps is None:
         steps = max(1, int(round((epochs or 1) * steps_per_data_epoch)))
     if steps <= 0:
@@ -497,7 +508,7 @@ def plan_steps(steps: int | None, epochs: float | None, steps_per_data_epoch: in
                          "same Keras epochs)")
     epoch = max(1, min(eval_interval, checkpoint_interval, steps))
     return StepPlan(steps, epoch, -(-steps // epoch), max(1, eval_interval // epoch),
-                    max(1, checkpoint_interval // epoch))
+                    max(1, checkpoint_interval // epoch), one_pass)
 
 
 def execution_steps(log_every: int, steps_per_epoch: int, total_steps: int, eval_steps: int | None) -> int:
@@ -542,6 +553,11 @@ def fit_run(model: keras.Model, train_data, validation_data, out: Path, *, plan:
     """
     is_chief = worker_index == 0
     total_steps, steps_per_epoch, epochs = plan.total_steps, plan.steps_per_epoch, plan.epochs
+    if plan.one_pass and is_chief and not quiet and not restored_epoch(out):
+        # A run of only --data and --out had ended in seconds, exit 0, with a model that had learned
+        # next to nothing (a classifier at 0.80, a seq2seq model's exact match 0.0), and not a word.
+        log.info("%d steps: one pass over the data, the default; a model learns little from one pass over a "
+                 "small dataset: give --steps or --epochs for a longer run", total_steps)
     if is_chief:
         record_plan(out, plan)
     backup_dir = out / CHECKPOINT_DIR if is_chief else worker_backup_dir(out, worker_index)

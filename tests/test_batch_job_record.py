@@ -59,6 +59,23 @@ def test_a_resume_from_a_changed_model_is_refused(run_cli, stopped_job, tmp_path
     assert result.code == 2 and "was started from" in result.err and "manifest.json has changed since" in result.err
 
 
+def test_a_resume_from_a_byte_identical_copy_of_the_bundle_goes_on(run_cli, stopped_job, tmp_path):
+    """A fresh download (or `cp`) of the same bundle had been "its manifest.json has changed since" (its
+    modification time), --overwrite the only way on: the records written were lost."""
+    import os
+    import shutil
+
+    bundle, source, out = stopped_job
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)  # new modification times
+    shutil.rmtree(bundle)
+    copy.rename(bundle)
+    os.utime(bundle / "manifest.json", ns=(1, 1))
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--max-new-tokens", "8", "--resume")
+    assert result.code == 0, result
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [str(i) for i in range(1, 11)]
+
+
 def test_a_resume_with_the_jobs_options_finishes_and_removes_the_record(run_cli, stopped_job, tmp_path):
     """Speed settings may change (a job stopped for memory resumes with smaller batches)."""
     bundle, source, out = stopped_job

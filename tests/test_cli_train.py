@@ -44,6 +44,27 @@ def test_train_writes_a_complete_run_directory(run_cli, corpus_file, tmp_path):
     assert model.config.vocab_size == config["model"]["vocab_size"]
 
 
+def test_a_run_without_steps_or_epochs_says_it_makes_one_pass(run_cli, tmp_path, caplog):
+    """A run of only --data and --out had ended in seconds, exit 0, with a model that had learned next to
+    nothing (a seq2seq model's exact match 0.0), and not a word."""
+    data = tmp_path / "reviews.tsv"
+    assert run_cli("sample-data", "sentiment", "--out", data, "--count", "64").code == 0
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kerasllm")
+    loud = [option for option in FAST if option != "--quiet"]
+    result = run_cli("train", "classifier", "--data", data, "--out", tmp_path / "run", *loud, "--batch-size", "16")
+    assert result.code == 0, result
+    assert ("3 steps: one pass over the data, the default; a model learns little from one pass over a small "
+            "dataset: give --steps or --epochs for a longer run") in caplog.messages, caplog.messages
+    # stderr here is no terminal (a log): a line per interval, no progress bar's carriage-return frames
+    assert "\r" not in result.err and [line.split(":")[0] for line in result.err.splitlines()
+                                       if line.startswith("step ")] == ["step 3/3"], result.err
+    caplog.clear()
+    longer = run_cli("train", "classifier", "--data", data, "--out", tmp_path / "run2", *loud, "--steps", "2")
+    assert longer.code == 0 and not [m for m in caplog.messages if "one pass" in m], longer
+
+
 def test_resume_continues_from_the_last_checkpoint(run_cli, corpus_file, tmp_path, monkeypatch):
     from kerasllm import training
 
