@@ -174,6 +174,8 @@ class TextTokenizer:
             if kind == "unigram" and "not large enough" in str(err):
                 raise _unigram_too_small(vocab_size, chars) from None
             raise
+        if kind == "unigram":
+            tokenizer = _canonical_unigram(tokenizer)
         if kind == "unigram" and tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
             # Between the characters' count and the minimum, the trainer returned more tokens than asked.
             raise _unigram_too_small(vocab_size, chars)
@@ -440,6 +442,41 @@ class TextTokenizer:
     def describe(self) -> dict:
         model = json.loads(self.tokenizer.to_str())["model"]["type"]
         return {"model": model, "vocab_size": self.vocab_size, "special_ids": self.special_ids()}
+
+
+def _canonical_unigram(tokenizer: Tokenizer) -> Tokenizer:
+    """A trained unigram `tokenizer` with pieces, scores and ids that depend on the texts only.
+
+    `tokenizers`' UnigramTrainer has no seed and is not deterministic (the same texts and `--seed` gave
+    another tokenizer.json in every process, RAYON_NUM_THREADS=1 or not, and with rare characters in
+    the training texts, other losses and weights): its scores differ in their last digits (parallel
+    sums), and the characters the pieces lack, added at the end with scores 1e-4 apart, come in
+    hash-map order. So: scores rounded to 1e-8 (no segmentation turns on less); single characters
+    whose scores lie within `_ADDED_CHARS_GAP` of each other (those added characters) given those
+    scores in code-point order; the special tokens kept at their ids and the rest ordered by score,
+    then piece. Written by hand: the library offers neither a seed nor a canonical form."""
+    data = json.loads(tokenizer.to_str())
+    model = data["model"]
+    special = model["vocab"][:len(SPECIAL_TOKENS)]
+    pieces = [(piece, round(score, 8)) for piece, score in model["vocab"][len(SPECIAL_TOKENS):]]
+    words = [(piece, score) for piece, score in pieces if len(piece) != 1]
+    chars = sorted(((score, piece) for piece, score in pieces if len(piece) == 1), reverse=True)
+    runs: list[list[tuple[float, str]]] = []
+    for score, piece in chars:  # runs of near-equal scores, highest first
+        if runs and runs[-1][-1][0] - score <= _ADDED_CHARS_GAP:
+            runs[-1].append((score, piece))
+        else:
+            runs.append([(score, piece)])
+    for run in runs:
+        words += zip(sorted(piece for _, piece in run), [score for score, _ in run])
+    model["vocab"] = special + sorted(words, key=lambda entry: (-entry[1], entry[0]))
+    model["unk_id"] = next(i for i, (piece, _) in enumerate(model["vocab"]) if piece == UNK)
+    return Tokenizer.from_str(json.dumps(data))
+
+
+# UnigramTrainer's added characters fall 1e-4 apart (its `min_score_penalty_delta`): a run of single
+# characters whose scores are this close is one such batch, reordered by code point.
+_ADDED_CHARS_GAP = 5e-4
 
 
 def _byte_level_alphabet() -> dict[str, int]:
