@@ -79,21 +79,11 @@ def test_classifier_metrics_see_the_whole_batch():
     assert "accuracy" in runs[1][1] and "accuracy" in runs[1][2]
 
 
-def test_seq2seq_dict_inputs_split_alike():
-    rng = np.random.default_rng(2)
-    config = Seq2SeqConfig(vocab_size=40, **TINY)
-    source = rng.integers(4, 40, (8, 9))
-    target = rng.integers(4, 40, (8, 7))
-    x = {"encoder_token_ids": source, "decoder_token_ids": target[:, :-1]}
-    make = lambda: Seq2SeqLM(config)  # noqa: E731
-    runs = [_train(make, x, target[:, 1:], split, sgd=True, batch_size=4) for split in (1, 2)]
-    _assert_same_training(*runs)
-
-
-def test_seq2seq_with_the_default_adamw_splits_alike():
-    """The encoder's learned positions get a sparse gradient repeating each position once per row: the
-    global-norm clip had squared the pieces one by one in Keras's own step (a clip too strong; weights
-    4e-3 apart from the split step's after 60 steps). Dense before the clip, as the fused Adam takes it."""
+def test_seq2seq_dict_inputs_split_alike_with_the_default_adamw():
+    """Dict inputs, and the encoder's learned positions, whose sparse gradient repeats each position once
+    per row: the global-norm clip had squared the pieces one by one in Keras's own step (a clip too strong;
+    weights 4e-3 apart from the split step's after 60 steps). Dense before the clip, as the fused Adam
+    takes it."""
     rng = np.random.default_rng(2)
     config = Seq2SeqConfig(vocab_size=40, **{**TINY, "num_layers": 1})
     source = rng.integers(4, 40, (8, 9))

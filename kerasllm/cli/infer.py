@@ -241,7 +241,7 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
                                  options=options)
     if resume and point.done:
         job_record.check(record_file, record, output_path)
-    # (`given_fmt`, "auto" where --format was not given: the reader then looks at a suffix-less input's first line)
+    # (`given_fmt`, "auto" where --format was not given: the reader then looks at a stream's first line)
     records = read_records(input_path, given_fmt, id_field=id_field, lines=lines, text_field=text_field)
     # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
     # column (or no header at all) stops the job here, before the model loads or the output opens.
