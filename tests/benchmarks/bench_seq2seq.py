@@ -171,6 +171,12 @@ the translator's pool keyed by its pid, forked children keeping their sessions; 
     5dd0eab: greedy: Keras 619.8 | bundle 1486.3 2.40x;  beam 4: Keras 129.2 | bundle 416.7 3.23x, 64/64 identical
 (the second 5dd0eab run straight after the first: the bundle's beam figure moved 43% with the machine's phase.)
 
+2026-12-07, twentieth session (same machine), nothing else running, `--keep` the same bundle, `--repeats 5`, at 3ce1e34
+(the session's start) and at e89adac (after the day's changes: the byte-level tail check once per output text, the
+job record and output checks once per job; nothing in the decoding loops; a fast phase of the machine):
+    3ce1e34: greedy: Keras 442.2 | bundle  935.7 2.12x;  beam 4: Keras 114.9 | bundle 331.7 2.89x, 64/64 identical
+    e89adac: greedy: Keras 720.1 | bundle 1658.6 2.30x;  beam 4: Keras 166.4 | bundle 557.1 3.35x, 64/64 identical
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

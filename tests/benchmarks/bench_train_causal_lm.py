@@ -537,6 +537,21 @@ running, `--steps 300 --repeats 3`, then `--repeats 5` right after:
 1.31x keras-hub in the first run, 1.24x (per-repeat median 1.15x) in the second: keras-hub's own tokens/s
 moved 21,388-29,294 within one run. The day's changes (the unknown-token share read once before training,
 the plan recorded in config.json) run outside the compiled step.
+
+2026-12-07, twentieth session, same machine, nothing else running, `--steps 300 --repeats 3`, at 3ce1e34 (the
+session's start), then at 76711c0 (the day's changes: AdamW's clip takes sparse gradients dense, which the split
+step's averaged parts already are; a log line per interval where stderr is no terminal):
+
+    kerasllm                       14.3     34,988         0.80x         1.30x
+    keras-hub GPT2Backbone         27.5     26,889         1.53x         1.00x
+    nanoGPT (PyTorch)              17.9     18,535         1.00x         0.69x
+      per repeat: tok/s vs hub 1.46x 1.18x 1.30x; tok/s vs nanoGPT 1.97x 1.75x 1.94x; wall 0.72x 0.91x 0.80x
+    kerasllm                       16.2     31,398         0.99x         1.23x
+    keras-hub GPT2Backbone         29.6     25,457         1.80x         1.00x
+    nanoGPT (PyTorch)              16.5     19,421         1.00x         0.76x
+      per repeat: tok/s vs hub 1.38x 1.21x 1.23x; tok/s vs nanoGPT 1.60x 1.79x 1.58x; wall 0.99x 0.86x 0.99x
+
+1.30x then 1.23x keras-hub (goal 1.3x: at the line once, below it once), 1.89x / 1.62x nanoGPT, wall 0.80x / 0.99x.
 """
 
 from __future__ import annotations
