@@ -59,7 +59,7 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     """
     from kerasllm.errors import KerasLLMError, UsageError  # noqa: PLC0415
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
-    from kerasllm.export.batch import names_a_descriptor, open_descriptor  # noqa: PLC0415
+    from kerasllm.export.batch import OutputLock, names_a_descriptor, open_descriptor  # noqa: PLC0415
 
     if str(data) == "-":  # ("File '-' does not exist"); read where a path is read, as the batch commands' `-i -`
         if sys.stdin is None:
@@ -75,7 +75,7 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     # A device or a FIFO (`--output /dev/null`, a named pipe a reader waits on) is written as it is, as
     # the batch commands' --output is: the rename below had put a regular file in its place (as root,
     # the system's /dev/null), and the FIFO's reader waited forever.
-    in_place = output is not None and (names_a_descriptor(output) or _not_a_regular_file(output))
+    in_place = output is not None and not OutputLock.applies(output)  # (OutputLock's rule: not a regular file)
     if output and not in_place and output.is_file() and not overwrite:
         raise UsageError(f"{output} exists: add --overwrite to replace it")
     if output and not in_place:
@@ -158,11 +158,6 @@ class _ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _not_a_regular_file(output: Path) -> bool:
-    """Whether `output` is there and is neither a regular file nor a directory: a device, a FIFO, a socket."""
-    return output.exists() and not output.is_file() and not output.is_dir()
 
 
 def _partial(output: Path) -> Path:
