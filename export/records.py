@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,15 +171,71 @@ def stdin_bytes() -> BinaryIO:
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+# Compressed files by their first bytes: read as lines of bytes, a .gz had become thousands of records of
+# deflate fragments (some valid UTF-8, so classified), and a training corpus's message was only a bad byte.
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+               (b"PK\x03\x04", "zip"))
+_BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
+
+
+class NotText(DataError):
+    """A file (or stream) that is not UTF-8 text as a whole: compressed, UTF-16, or lines ended by a
+    carriage return alone. The message leaves the file's name to the reader that knows it."""
+
+
+def not_text(head: bytes) -> str | None:
+    """Why a file whose first line (or first bytes) is `head` cannot be read as UTF-8 text, or None.
+
+    UTF-16 (Excel's "Unicode Text", Notepad's "UTF-16 LE", `bcp -w`) had read as text with a NUL
+    between characters: each ASCII code unit is valid UTF-8, so only the byte order mark's line
+    failed and every other record got a confident label (without a mark, exit 0)."""
+    for magic, name in _COMPRESSED:
+        if head.startswith(magic):
+            return f"{name}-compressed data; kerasllm reads UTF-8 text: decompress it first"
+    if _BZIP2.match(head):
+        return "bzip2-compressed data; kerasllm reads UTF-8 text: decompress it first"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or _utf16_without_mark(head):
+        return "UTF-16 (or UTF-32) encoded text; kerasllm reads UTF-8: save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+    return None
+
+
+def _utf16_without_mark(head: bytes) -> bool:
+    """ASCII written as UTF-16 without a byte order mark: every other byte NUL (a UTF-8 text never
+    holds a NUL between each of its characters)."""
+    sample = head[:64].rstrip(b"\r\n")
+    if len(sample) < 4:
+        return False
+    even, odd = sample[0::2], sample[1::2]
+    return (not odd.strip(b"\x00") and b"\x00" not in even) or (not even.strip(b"\x00") and b"\x00" not in odd)
+
+
+def cr_only_line_ends(line: bytes) -> bool:
+    """Whether a file whose first line (up to its first line feed) is `line` has its lines ended by a
+    carriage return alone (classic Mac OS, Excel for Mac's "Macintosh" formats): read by line feeds it is
+    one line, its records merged into one (it had been classified as one text, exit 0). So: carriage
+    returns inside the line, two or more, or one where no line feed follows (the whole file is this
+    line); one stray carriage return in a line of a file with line feeds is text, read as before."""
+    inner = line.rstrip(b"\r\n").count(b"\r")
+    return inner >= 2 or (inner == 1 and not line.endswith(b"\n"))
+
+
+CR_ONLY = ("its lines end in a carriage return alone (classic Mac line ends), so it reads as one line: end them "
+           "with a line feed (e.g. tr '\\r' '\\n')")
 
 
 def _raw_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
     """(line number from 1, the line's bytes with its newline) of `stream`; one UTF-8 byte order
     mark opening the file is dropped, so that it ends up in no text, column name or token.
-    Every reader here reads its lines through this."""
+    Every reader here reads its lines through this: a file that is not UTF-8 text as a whole
+    (`not_text`, `cr_only_line_ends`) raises NotText at its first line, before any record."""
     for number, raw in enumerate(stream, start=1):
-        if number == 1 and raw.startswith(BOM):
-            raw = raw[len(BOM):]
+        if number == 1:
+            if raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            elif reason := not_text(raw):
+                raise NotText(reason)
+            if cr_only_line_ends(raw):
+                raise NotText(CR_ONLY)
         yield number, raw
 
 
@@ -239,44 +296,55 @@ def read_records(path: str | Path, fmt: str = "auto", id_field: str | None = Non
                          f"({text_field!r}) needs JSONL, TSV or CSV input")
     stream = _open(path)
     try:
-        if fmt == "conll":
-            yield from _conll(_decoded_lines(stream), lines)
-            return
-        if fmt in ("tsv", "csv"):
-            yield from _delimited(stream, "excel-tab" if fmt == "tsv" else "excel", path, id_field, text_field,
-                                  lines)
-            return
-        lines = _decoded_lines(stream, lines)
-        for number, text, error in lines:
-            if error:
-                yield Record(number, str(number), error=error)
-                continue
-            if not text.strip():
-                continue
-            if fmt == "text":
-                if sniff:
-                    sniff = False
-                    _refuse_json_as_text(path, number, text)
-                yield Record(number, str(number), {"text": text})
-                continue
-            try:
-                value = json.loads(text, parse_int=_NumberLiteral, parse_float=_NumberLiteral,
-                                   parse_constant=_NonStandardConstant)
-            except json.JSONDecodeError as err:
-                yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
-                continue
-            except RecursionError:  # e.g. thousands of nested brackets
-                yield Record(number, str(number), error="malformed JSON (nested too deeply)")
-                continue
-            if not isinstance(value, dict):
-                yield Record(number, str(number), error=f"expected a JSON object, got {type(value).__name__}")
-                continue
-            yield _record(number, value, id_field)
+        yield from _records(stream, fmt, path, id_field, lines, text_field, sniff)
+    except NotText as err:
+        raise DataError(f"{'standard input' if str(path) == '-' else path}: {err}") from None
     finally:
         # Standard input stays open for the caller; compared by the path, as `sys.stdin` is None
         # where it was closed (the end of every `-i FILE` job had raised there).
         if str(path) != "-":
             stream.close()
+
+
+def _records(stream: BinaryIO, fmt: str, path, id_field, lines, text_field, sniff: bool) -> Iterator[Record]:
+    """`read_records`' records of an open stream."""
+    if fmt == "conll":
+        yield from _conll(_decoded_lines(stream), lines)
+        return
+    if fmt in ("tsv", "csv"):
+        yield from _delimited(stream, "excel-tab" if fmt == "tsv" else "excel", path, id_field, text_field,
+                              lines)
+        return
+    first = None  # the first line holding anything
+    for number, text, error in _decoded_lines(stream, lines):
+        first = first or (number if error or text.strip() else None)
+        if error:
+            yield Record(number, str(number), error=error)
+            continue
+        if not text.strip():
+            continue
+        if fmt == "text":
+            if sniff:
+                sniff = False
+                _refuse_json_as_text(path, number, text)
+            yield Record(number, str(number), {"text": text})
+            continue
+        try:
+            value = json.loads(text, parse_int=_NumberLiteral, parse_float=_NumberLiteral,
+                               parse_constant=_NonStandardConstant)
+        except json.JSONDecodeError as err:
+            if number == first and text.strip() == "[":  # json.dump(records, f, indent=2): a whole file of errors
+                raise NotText("a JSON array, not JSON Lines (one object a line): write it with "
+                              "to_json(orient='records', lines=True) or `jq -c '.[]'`") from None
+            yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
+            continue
+        except RecursionError:  # e.g. thousands of nested brackets
+            yield Record(number, str(number), error="malformed JSON (nested too deeply)")
+            continue
+        if not isinstance(value, dict):
+            yield Record(number, str(number), error=f"expected a JSON object, got {type(value).__name__}")
+            continue
+        yield _record(number, value, id_field)
 
 
 def _refuse_json_as_text(path: str | Path, number: int, text: str) -> None:
@@ -403,13 +471,23 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
             continue
         if header is None:
             header = [name.strip() for name in row]
-            duplicates = sorted({n for n in header if header.count(n) > 1})
+            # Unnamed columns may repeat: Excel writes empty ones right of the data once their cells were
+            # touched ("text,label,,"), and nothing reads them (the file had been refused for it).
+            duplicates = sorted({n for n in header if n and header.count(n) > 1})
             if duplicates:
                 raise DataError(f"{path}: line {number}: duplicate column {duplicates[0]!r} in the header")
             for role, name in (("text", text_field), ("id", id_field)):
                 if name and name not in header:
                     raise UsageError(f"{path}: no {role} column {name!r} in the header "
-                                     f"(columns: {', '.join(header)})")
+                                     f"(columns: {', '.join(map(_shown, header))})")
+            continue
+        if span and dialect == "excel-tab" and any("\t" in cell and "\n" in cell for cell in row):
+            # A field that starts with a quote in TSV written without quoting (psql, mysql -B, cut) opens
+            # one: the rows after it became part of its text, the record kept its columns and a wrong
+            # label, exit 0. A cell holding a tab and a line end is whole rows, not a text.
+            yield Record(number, str(number), error=f"a quoted field holds whole rows, lines {number} to {feed.last} "
+                                                    "(is a quote left open? In TSV written without quoting, a "
+                                                    "field that starts with '\"' opens one)")
             continue
         if len(row) != len(header):
             yield Record(number, str(number),
@@ -418,6 +496,13 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
         yield _record(number, dict(zip(header, row)), id_field)
     if header is None:
         raise DataError(f"{path}: empty file (expected a header row)")
+
+
+def _shown(name: str) -> str:
+    """A column name as a message shows it: escaped where it holds characters that do not show (a
+    second byte order mark, a zero-width space), which had made "no text column 'text' (columns:
+    text, label)" look wrong."""
+    return name if name.isprintable() else ascii(name)
 
 
 def _cell(row: list[str], header: list[str] | None, name: str | None) -> str | None:
@@ -472,13 +557,26 @@ def read_parallel(source_file: str | Path, target_file: str | Path) -> Iterator[
     a length mismatch is a DataError naming both files.
     """
     with _open(source_file) as src, _open(target_file) as tgt:
-        source_lines, target_lines = _decoded_lines(src), _decoded_lines(tgt)
+        source_lines, target_lines = _named_lines(src, source_file), _named_lines(tgt, target_file)
         # zip_longest, not zip: zip drops the longer file's extra line and hides the mismatch.
         for source_line, target_line in itertools.zip_longest(source_lines, target_lines):
             if source_line is None or target_line is None:
-                longer = target_file if source_line is None else source_file
-                raise DataError(f"{source_file} and {target_file} have different numbers of lines "
-                                f"({longer} is longer)")
+                longer, lines = (target_file, target_lines) if source_line is None else (source_file, source_lines)
+                count = (target_line or source_line)[0] - 1  # the lines both have
+                extra, blank = 0, True  # counted, not held: the longer file may be long
+                for _, text, _ in itertools.chain([target_line or source_line], lines):
+                    extra, blank = extra + 1, blank and text is not None and not text.strip()
+                raise DataError(f"{source_file} and {target_file} have different numbers of lines: {longer} has "
+                                f"{count + extra}, the other {count}"
+                                f"{' (its extra lines are blank: remove them)' if blank else ''}")
             (number, source, s_err), (_, target, t_err) = source_line, target_line
             error = s_err and f"{source_file}: {s_err}" or t_err and f"{target_file}: {t_err}"
             yield Record(number, str(number), {"source": source, "target": target}, error=error or None)
+
+
+def _named_lines(stream: BinaryIO, path) -> Iterator[tuple[int, str | None, str | None]]:
+    """`_decoded_lines` of one of several files: a NotText names the file."""
+    try:
+        yield from _decoded_lines(stream)
+    except NotText as err:
+        raise DataError(f"{path}: {err}") from None

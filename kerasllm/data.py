@@ -17,6 +17,7 @@ import numpy as np
 from kerasllm.errors import DataError, UsageError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -33,6 +34,12 @@ def resolve_text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
         path = Path(raw)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            # Compressed shards (part-001.txt.gz) had been left out without a word: half a corpus, once.
+            compressed = next((p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in
+                               COMPRESSED_SUFFIXES and Path(p.stem).suffix.lower() in TEXT_SUFFIXES), None)
+            if compressed is not None:
+                raise DataError(f"data: {compressed}: a compressed text file; kerasllm reads UTF-8 text: "
+                                f"decompress the directory's files first")
             if not found:
                 raise DataError(f"data: {path}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
             with_text = [p for p in found if not is_blank(p)]
@@ -89,13 +96,23 @@ def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
     pre-tokenizer (byte-level BPE) ends a word there either way, and unigram's Metaspace starts
     the next word with its marker there either way (the other cuts may change a token or two).
     Errors name the file and a bad byte's line and column, or say that the file is empty (all blank).
-    A UTF-8 byte order mark at the start is skipped, as the record readers skip it (export/records.py).
+    A UTF-8 byte order mark at the start is skipped, as the record readers skip it (export/records.py),
+    and a file that is not UTF-8 text as a whole (compressed, UTF-16: `records.not_text`) is refused.
+    Line ends are read as Python's text mode reads them: CRLF and a carriage return alone are a line
+    feed (a CRLF corpus had trained its `\r` as a token, where every record reader drops it).
     """
+    from kerasllm.export.records import not_text  # noqa: PLC0415 - TF-free
+
     block_bytes = block_bytes or BLOCK_BYTES
     line, column = 1, 1  # where the next block starts in the file
     has_text, carry = False, b""
     with open(path, "rb") as file:
-        if file.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:  # a leading BOM (Excel, Notepad) is not text
+        head = file.read(64)
+        if head.startswith(codecs.BOM_UTF8):  # a leading BOM (Excel, Notepad) is not text
+            file.seek(len(codecs.BOM_UTF8))
+        elif reason := not_text(head):
+            raise DataError(f"data: {path}: {reason}")
+        else:
             file.seek(0)
         while True:
             chunk = file.read(block_bytes)
@@ -103,11 +120,15 @@ def text_blocks(path: Path, block_bytes: int | None = None) -> Iterator[str]:
             if not data:
                 break
             cut = _block_cut(data) if chunk else len(data)
+            if chunk and cut > 1 and data[cut - 1] == 0x0D:  # a CRLF is never cut in two (read as two line ends)
+                cut -= 1
             block, carry = data[:cut], data[cut:]
             try:
                 text = block.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise utf8_error(path, block, err.start, line, column) from None
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
             has_text = has_text or not text.isspace()
             last_newline = block.rfind(b"\n")
             line += block.count(b"\n")

@@ -72,6 +72,10 @@ def iter_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text"
                 raise DataError(f"{where}: empty {text_field!r} field")
             if label_field and not label:
                 raise DataError(f"{where}: empty {label_field!r} field")
+            if label_field and (number := _label_number(label)) is not None and number.is_nan():
+                # `nan` is how str(float), NumPy and older pandas write a missing value: it had become a class.
+                raise DataError(f"{where}: {label_field!r} is {label!r}, a missing value: give the row a label "
+                                "or leave it out")
             count += 1
             yield Row(where, text, label)
     if not count:
@@ -179,6 +183,16 @@ def _label_number(label: str) -> Decimal | None:
     return Decimal(label) if _NUMBER.fullmatch(label) else None
 
 
+def _spelling_key(label: str) -> tuple:
+    """What a label means, whichever way it is written (`LabelMap.id`): its number, truth value or NFC text."""
+    number = _label_number(label.strip())
+    if number is not None and not number.is_nan():
+        return ("number", number)  # Decimal("1") == Decimal("1.0"), hashed alike
+    if label.strip().lower() in ("true", "false"):
+        return ("truth", label.strip().lower())
+    return ("text", unicodedata.normalize("NFC", label))
+
+
 class LabelMap:
     """Label names <-> ids 0..L-1, saved in config.json as `"labels": [...]`.
 
@@ -193,10 +207,15 @@ class LabelMap:
     def __init__(self, labels: Sequence[str]):
         self.labels = [str(label) for label in labels]
         self.index = {label: i for i, label in enumerate(self.labels)}
-        # A label looked up in another Unicode normalization than the model's (NFD "négatif", as macOS
-        # file names and some input methods write it, against the model's NFC one) is that label: it
-        # had been "unknown label 'négatif' (known: négatif, ...)".
-        self.normalized = {unicodedata.normalize("NFC", label): i for i, label in enumerate(self.labels)}
+        # A label looked up in another spelling of the model's is that label: another Unicode normalization
+        # (NFD "négatif", as macOS file names and some input methods write it, against the model's NFC one),
+        # another spelling of its number ("1" against "1.0": pandas writes a column that held a NaN so) or
+        # of its truth value ("True" / "true": pandas' CSV / JSON). Each had been "unknown label". Only
+        # spellings that name one label of the model's are kept.
+        same: dict[tuple, list[int]] = {}
+        for i, label in enumerate(self.labels):
+            same.setdefault(_spelling_key(label), []).append(i)
+        self.same = {key: ids[0] for key, ids in same.items() if len(ids) == 1}
 
     @classmethod
     def from_labels(cls, labels: Sequence[str]) -> "LabelMap":
@@ -238,7 +257,7 @@ class LabelMap:
 
     def id(self, label: str, where: str = "", what: str = "label") -> int:
         if label not in self.index:
-            same = self.normalized.get(unicodedata.normalize("NFC", label))
+            same = self.same.get(_spelling_key(label))
             if same is not None:
                 return same
             shown = ", ".join(self.labels[:20]) + (", ..." if len(self.labels) > 20 else "")

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fake_predictor
-from kerasllm.export import batch
+from kerasllm.errors import DataError
+from kerasllm.export import batch, records
 from kerasllm.export.predict import PREDICTORS
 from kerasllm.export.records import read_records
 
@@ -859,9 +860,23 @@ def test_fuzzed_input_never_crashes_the_job_or_loses_a_good_record(tmp_path_fact
     out = path.with_suffix(".out")
     bundle = fake_predictor.make_bundle(path.parent / "bundle", "generate", max_len=1000)
     writer = batch.JsonlWriter(out)
-    summary = batch.BatchRunner(fake_predictor.load(bundle), {"max_new_tokens": 64}, batch_size=3,
-                                window=4).run(read_records(path, fmt), writer)
+    # A first line that says the file is not UTF-8 text lines (compressed, UTF-16, carriage-return line
+    # ends, a JSON array's "[") stops the job at that line, one DataError naming the file, nothing written.
+    lines = [line + b"\n" for line in bytes(content).split(b"\n")]
+    first, unmarked = lines[0], lines[0].removeprefix(records.BOM)
+    written = [line.decode("utf-8", "replace").strip() for line in [unmarked, *lines[1:]]]
+    whole_file = bool(first == unmarked and records.not_text(first) or records.cr_only_line_ends(unmarked)
+                      or fmt == "jsonl" and next(text for text in written if text) == "[")
+    try:
+        summary = batch.BatchRunner(fake_predictor.load(bundle), {"max_new_tokens": 64}, batch_size=3,
+                                    window=4).run(read_records(path, fmt), writer)
+    except DataError as err:
+        assert whole_file and str(err).startswith(f"{path}: "), err
+        writer.close()
+        assert out.read_bytes() == b""
+        return
     writer.close()
+    assert not whole_file
     rows = read_jsonl(out)
     assert summary.records == len(rows)
     by_id = {row["id"]: row for row in rows}

@@ -284,3 +284,58 @@ def test_bert_masking_counts_as_python_rounds():
         ids[row, :n] = np.arange(n) % 50 + 6
     _, _, _, weights = bert_masking(tf.constant(ids), tf.constant([1, 2], tf.int64), 60, 4, [0, 2, 3, 5], 80)
     assert weights.numpy().sum(axis=1).tolist() == [max(1, round(0.15 * n)) for n in lengths]
+
+
+def test_a_corpus_reads_crlf_and_carriage_return_line_ends_as_line_feeds(tmp_path):
+    """A CRLF corpus (Notepad, a Windows checkout) had trained its `\\r` as a token (a BPE merge of
+    "\\r\\n" too), where every record reader drops it; a CRLF is never cut in two between blocks."""
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+    for name, line_end in (("lf.txt", "\n"), ("crlf.txt", "\r\n"), ("cr.txt", "\r")):
+        path = tmp_path / name
+        path.write_bytes(text.replace("\n", line_end).encode())
+        for block_bytes in (None, 7, 64):
+            assert "".join(data.text_blocks(path, block_bytes)) == text, (name, block_bytes)
+
+
+def test_a_compressed_or_utf16_corpus_is_refused_and_a_directory_with_compressed_shards_too(tmp_path):
+    import gzip
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "part-000.txt").write_text("some text\n")
+    (corpus / "part-001.txt.gz").write_bytes(gzip.compress(b"more text\n"))
+    with pytest.raises(DataError, match="part-001.txt.gz: a compressed text file"):
+        data.resolve_text_files(corpus)  # it had trained on the .txt alone, without a word
+    for name, content, reason in (("c.txt", gzip.compress(b"text\n"), "gzip-compressed"),
+                                  ("u.txt", "text\nmore\n".encode("utf-16-le"), "UTF-16")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=f"{name}: {reason}"):
+            list(data.text_blocks(tmp_path / name))
+
+
+def test_a_reference_label_spelled_another_way_is_the_models_label():
+    """pandas writes a label column that held a NaN as 1.0 and a clean split's as 1; CSV True, JSON true.
+    Evaluation had called each "unknown label"; spellings that could name two labels stay unknown."""
+    from kerasllm.data_tasks import LabelMap
+
+    numbers = LabelMap(["0.0", "1.0"])
+    assert [numbers.id(label) for label in ("0", "1", "1.00", "1e0", "0.0")] == [0, 1, 1, 1, 0]
+    truths = LabelMap(["false", "true"])
+    assert [truths.id(label) for label in ("False", "TRUE", "true")] == [0, 1, 1]
+    both = LabelMap(["True", "true", "x"])
+    assert both.id("true") == 1
+    with pytest.raises(DataError, match="unknown label 'TRUE'"):
+        both.id("TRUE")
+    with pytest.raises(DataError, match="unknown label '2'"):
+        numbers.id("2")
+
+
+@pytest.mark.parametrize("missing", ["nan", "NaN", "-nan"])
+def test_a_label_spelled_as_a_missing_value_is_refused_naming_its_line(tmp_path, missing):
+    """`nan` (str(float("nan")), NumPy, older pandas) had become a class of its own, silently."""
+    from kerasllm.data_tasks import read_rows
+
+    path = tmp_path / "in.csv"
+    path.write_text(f"text,label\ngood,1.0\nbad,0.0\nmeh,{missing}\n")
+    with pytest.raises(DataError, match=f"in.csv: line 4: 'label' is '{missing}', a missing value"):
+        read_rows(path, label_field="label")

@@ -3,15 +3,18 @@ marks, and the line numbers that error messages, ids, shards and --resume go by.
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import pytest
 
 import fake_predictor
 from kerasllm.data_tasks import read_rows
-from kerasllm.errors import DataError
+from kerasllm.errors import DataError, UsageError
 from kerasllm.export.predict import PREDICTORS
 from kerasllm.export.records import read_parallel, read_records
 
@@ -279,8 +282,97 @@ def test_a_long_csv_field_is_read_whole(tmp_path):
 def test_a_csv_with_carriage_return_line_ends_is_named_so(tmp_path):
     path = tmp_path / "in.csv"
     path.write_bytes(b"text,label\rhi,pos\rho,neg\r")
-    with pytest.raises(DataError, match="are its lines ended by a carriage return alone"):
+    with pytest.raises(DataError, match="its lines end in a carriage return alone"):
         list(read_records(path))
+
+
+# -- files that are not UTF-8 text as a whole ---------------------------------------------------------
+TEXT = "Great product, works well\nTerrible, broke at once\n"
+NOT_TEXT = {  # name: (bytes, what the one-line refusal names)
+    "utf16.txt": (TEXT.encode("utf-16"), "UTF-16"),  # Excel's "Unicode Text": a byte order mark
+    "utf16le.txt": (TEXT.encode("utf-16-le"), "UTF-16"),  # bcp -w, .NET's Encoding.Unicode: none
+    "utf16be.jsonl": ('{"text": "hi"}\n'.encode("utf-16-be"), "UTF-16"),
+    "utf16.tsv": ("text\tlabel\r\nhi\tpos\r\n".encode("utf-16-le"), "UTF-16"),
+    "in.txt.gz": (gzip.compress(TEXT.encode()), "gzip-compressed"),
+    "in.jsonl.gz": (gzip.compress(b'{"text": "hi"}\n'), "gzip-compressed"),
+    "in.csv.bz2": (bz2.compress(b"text,label\nhi,pos\n"), "bzip2-compressed"),
+    "in.txt.xz": (lzma.compress(TEXT.encode()), "xz-compressed"),
+    "mac.txt": (TEXT.replace("\n", "\r").encode(), "carriage return alone"),  # classic Mac OS line ends
+    "mac.jsonl": (b'{"text": "a"}\r{"text": "b"}\r', "carriage return alone"),
+    "array.json": (json.dumps([{"text": "a", "label": "x"}], indent=2).encode(), "a JSON array, not JSON Lines"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_TEXT)
+def test_a_file_that_is_not_utf8_text_is_refused_before_any_record(tmp_path, name):
+    """UTF-16 had read as text with a NUL between characters (only the byte order mark's line failed: every
+    other record got a confident label, exit 0 without one); a gzip file as lines of deflate fragments
+    (26,349 records of a 100,000-line file, 84 of them classified); a file with carriage-return line ends
+    as one record; a pretty-printed JSON array as an error per line. Training and batch reading alike."""
+    content, reason = NOT_TEXT[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    fmt = "tsv" if ".tsv" in name else "csv" if ".csv" in name else "jsonl" if ".json" in name else "text"
+    with pytest.raises(DataError, match=f"^{path}: .*{reason}"):
+        list(read_records(path, fmt))
+    with pytest.raises(DataError, match=reason):
+        read_rows(path, fmt=fmt)
+
+
+def test_utf8_text_with_nul_bytes_or_a_crlf_or_a_lone_carriage_return_later_is_still_text(tmp_path):
+    """The checks look at the file's start: NUL bytes here and there, CRLF ends, and a carriage return on a
+    later line are read as before."""
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"first\x00 li\rne\r\nsecond line\r\nthird\rfourth\n")  # one stray CR: not Mac line ends
+    assert [r.fields["text"] for r in read_records(path)] == ["first\x00 li\rne", "second line", "third\rfourth"]
+
+
+def test_parallel_files_name_the_file_that_is_not_text_and_count_the_lines_they_differ_by(tmp_path):
+    source, target = tmp_path / "p.src", tmp_path / "p.tgt"
+    source.write_text("one\ntwo\nthree\n")
+    target.write_bytes("eins\nzwei\ndrei\n".encode("utf-16"))
+    with pytest.raises(DataError, match=f"^{target}: UTF-16"):
+        list(read_parallel(source, target))
+    target.write_text("eins\nzwei\n")
+    with pytest.raises(DataError, match=f"different numbers of lines: {source} has 3, the other 2$"):
+        list(read_parallel(source, target))
+    target.write_text("eins\nzwei\ndrei\n\n \n")
+    with pytest.raises(DataError, match=f"{target} has 5, the other 3 \\(its extra lines are blank: remove them\\)"):
+        list(read_parallel(source, target))
+
+
+def test_a_tsv_field_holding_whole_rows_is_an_error_record_naming_its_lines(tmp_path):
+    """TSV written without quoting (psql, mysql -B, cut) with a text that starts with a quote: the rows after
+    it had become part of its text under its label, exit 0. A CSV field with commas and a newline (an
+    address) is text."""
+    path = tmp_path / "in.tsv"
+    path.write_text('text\tlabel\n"Best ever, she said\tpositive\nbroken\tnegative\nit "works" fine\tpositive\n'
+                    "after\tnegative\n")
+    records = list(read_records(path))
+    assert [(r.line, r.error is not None) for r in records] == [(2, True), (5, False)]
+    assert "a quoted field holds whole rows, lines 2 to 4 (is a quote left open?" in records[0].error
+    with pytest.raises(DataError, match=f"{path}: line 2: a quoted field holds whole rows"):
+        read_rows(path, label_field="label")
+    csv_path = write_rows(tmp_path / "in.csv", [["text", "label"], ["12 Main St, Springfield\nUSA", "home"]])
+    assert [r.fields["text"] for r in read_records(csv_path)] == ["12 Main St, Springfield\nUSA"]
+
+
+def test_excels_empty_columns_right_of_the_data_are_read_past(tmp_path):
+    """Excel writes "text,label,," once cells right of the data were touched: refused as a duplicate column."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"text,label,,\r\ngood thing,pos,,\r\nbad thing,neg,,\r\n")
+    assert [(r.fields["text"], r.fields["label"]) for r in read_records(path)] == [("good thing", "pos"),
+                                                                                  ("bad thing", "neg")]
+    path.write_bytes(b"text,label,label\nx,y,z\n")
+    with pytest.raises(DataError, match="duplicate column 'label'"):
+        list(read_records(path))
+
+
+def test_a_column_name_with_characters_that_do_not_show_is_escaped_in_messages(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(BOM + BOM + b"text,label\ngood,pos\n")  # a second byte order mark is part of the name
+    with pytest.raises(UsageError, match=r"columns: '\\ufefftext', label\)"):
+        list(read_records(path, text_field="text"))
 
 
 def test_a_text_field_for_plain_text_input_is_a_usage_error(run_cli, bundle, tmp_path):
