@@ -76,23 +76,36 @@ class Record:
                             "(write a string or a number)")
         raise DataError(f"line {self.line}: field {name!r} is not a string ({_json_kind(value)})")
 
-    def words(self, name: str) -> list[str]:
+    def words(self, name: str, numbers: bool = False) -> list[str]:
         """The field `name` as a list of strings (a sentence's words or tags); DataError naming
-        the line when it is missing or holds anything else."""
+        the line when it is missing or holds anything else. With `numbers`, JSON numbers in it are
+        taken as their literals, as `get` takes them (tags: Hugging Face's NER exports write them as
+        class ids, `"ner_tags": [3, 0, 7]`)."""
         value = self._value(name)
-        if not isinstance(value, list) or not all(type(item) is str for item in value):  # not _NumberLiteral
+        kinds = (str, _NumberLiteral) if numbers else (str,)  # `type`: a _NumberLiteral is a str too
+        if not isinstance(value, list) or not all(type(item) in kinds for item in value):
             raise DataError(f"line {self.line}: field {name!r} is not a list of strings")
-        return [_text(item, self.line, name) for item in value]
+        return [_text(str(item), self.line, name) for item in value]
 
     def _value(self, name: str):
+        """The field `name`, or where the record has no field of that name and the name has dots, the
+        nested field it names (`translation.en` in Hugging Face's `{"translation": {"en": ...}}`)."""
         if self.error:
             raise DataError(f"line {self.line}: {self.error}")
-        if name not in self.fields:
+        value = self.fields.get(name, _MISSING)
+        if value is _MISSING and "." in name:
+            value = self.fields
+            for part in name.split("."):
+                value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
             known = ", ".join(sorted(self.fields)) or "none"
             raise DataError(f"line {self.line}: missing field {name!r} (fields: {known})")
-        if self.fields[name] is None:  # JSON null: the field is there, its value is not
+        if value is None:  # JSON null: the field is there, its value is not
             raise DataError(f"line {self.line}: field {name!r} is null")
-        return self.fields[name]
+        return value
+
+
+_MISSING = object()
 
 
 class _NumberLiteral(str):
@@ -233,9 +246,9 @@ def _raw_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
             if raw.startswith(BOM):
                 raw = raw[len(BOM):]
             elif reason := not_text(raw):
-                raise NotText(reason)
+                raise NotText(f"line 1: {reason}")
             if cr_only_line_ends(raw):
-                raise NotText(CR_ONLY)
+                raise NotText(f"line 1: {CR_ONLY}")
         yield number, raw
 
 
@@ -334,7 +347,7 @@ def _records(stream: BinaryIO, fmt: str, path, id_field, lines, text_field, snif
                                parse_constant=_NonStandardConstant)
         except json.JSONDecodeError as err:
             if number == first and text.strip() == "[":  # json.dump(records, f, indent=2): a whole file of errors
-                raise NotText("a JSON array, not JSON Lines (one object a line): write it with "
+                raise NotText(f"line {number}: a JSON array, not JSON Lines (one object a line): write it with "
                               "to_json(orient='records', lines=True) or `jq -c '.[]'`") from None
             yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
             continue

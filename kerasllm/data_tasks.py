@@ -119,7 +119,7 @@ def iter_tagged(paths: str | Path | Sequence[str | Path], tokens_field: str = "t
         for record in read_records(path, fmt=kind):
             where = f"{path}: line {record.line}"
             try:
-                words, tags = record.words(fields[0]), record.words(fields[1])
+                words, tags = record.words(fields[0]), record.words(fields[1], numbers=True)
             except DataError as err:
                 raise DataError(f"{path}: {err}") from None
             if not words:

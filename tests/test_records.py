@@ -313,7 +313,7 @@ def test_a_file_that_is_not_utf8_text_is_refused_before_any_record(tmp_path, nam
     path = tmp_path / name
     path.write_bytes(content)
     fmt = "tsv" if ".tsv" in name else "csv" if ".csv" in name else "jsonl" if ".json" in name else "text"
-    with pytest.raises(DataError, match=f"^{path}: .*{reason}"):
+    with pytest.raises(DataError, match=f"^{path}: line 1: .*{reason}"):
         list(read_records(path, fmt))
     with pytest.raises(DataError, match=reason):
         read_rows(path, fmt=fmt)
@@ -331,7 +331,7 @@ def test_parallel_files_name_the_file_that_is_not_text_and_count_the_lines_they_
     source, target = tmp_path / "p.src", tmp_path / "p.tgt"
     source.write_text("one\ntwo\nthree\n")
     target.write_bytes("eins\nzwei\ndrei\n".encode("utf-16"))
-    with pytest.raises(DataError, match=f"^{target}: UTF-16"):
+    with pytest.raises(DataError, match=f"^{target}: line 1: UTF-16"):
         list(read_parallel(source, target))
     target.write_text("eins\nzwei\n")
     with pytest.raises(DataError, match=f"different numbers of lines: {source} has 3, the other 2$"):
@@ -442,3 +442,29 @@ def test_an_empty_id_is_an_error_record_as_a_missing_one_is(tmp_path):
     for name, good in (("in.csv", "7"), ("in.jsonl", "8")):
         bad, kept = read_records(tmp_path / name, id_field="id")
         assert (bad.id, bad.error) == (str(bad.line), "field 'id' is empty") and (kept.id, kept.error) == (good, None)
+
+
+def test_a_dotted_field_name_reaches_into_nested_json_as_hugging_face_exports_write_it(tmp_path):
+    """`{"translation": {"en": ..., "de": ...}}` (datasets' to_json) had no field name to reach its texts;
+    `ner_tags` written as class ids were "not a list of strings"."""
+    from kerasllm.data_tasks import read_tagged
+    from kerasllm.pairs import read_pairs
+
+    path = tmp_path / "wmt.jsonl"
+    path.write_text('{"id": 7, "translation": {"en": "two", "de": "zwei"}}\n'
+                    '{"translation.en": "a literal key wins", "translation": {"en": "x", "de": "y"}}\n'
+                    '{"translation": {"en": "one"}}\n')
+    records = list(read_records(path))
+    assert records[0].get("translation.de") == "zwei" and records[1].get("translation.en") == "a literal key wins"
+    with pytest.raises(DataError, match=r"line 3: missing field 'translation.de' \(fields: translation\)"):
+        records[2].get("translation.de")
+    with pytest.raises(DataError, match="line 1: field 'translation' is not a string"):
+        records[0].get("translation")
+    with pytest.raises(DataError, match="line 3: missing field 'translation.de'"):
+        read_pairs(path, source_field="translation.en", target_field="translation.de")
+    path.write_text('{"translation": {"en": "two", "de": "zwei"}}\n' * 2)
+    assert [(p.source, p.target) for p in read_pairs(path, source_field="translation.en",
+                                                     target_field="translation.de")] == [("two", "zwei")] * 2
+    ner = tmp_path / "ner.jsonl"
+    ner.write_text('{"tokens": ["Paris", "is", "big"], "ner_tags": [5, 0, 0]}\n')
+    assert [row.tags for row in read_tagged(ner, tags_field="ner_tags")] == [["5", "0", "0"]]

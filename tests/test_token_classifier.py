@@ -195,7 +195,7 @@ def test_tag_on_a_bundle_imports_no_tensorflow(work, tmp_path):
      "bad.jsonl: line 2: 3 words but 2 tags", 1),
     ("bad.jsonl", '{"tokens": ["a"], "labels": ["O"]}\n', "bad.jsonl: line 1: missing field 'tags' (fields: labels, tokens)", 1),
     ("bad.jsonl", '{"tokens": "a b", "tags": ["O", "O"]}\n', "bad.jsonl: line 1: field 'tokens' is not a list of strings", 1),
-    ("bad.jsonl", '{"tokens": ["a"], "tags": [1]}\n', "bad.jsonl: line 1: field 'tags' is not a list of strings", 1),
+    ("bad.jsonl", '{"tokens": ["a"], "tags": [true]}\n', "bad.jsonl: line 1: field 'tags' is not a list of strings", 1),
     ("bad.jsonl", '\n{"tokens": [], "tags": []}\n', "bad.jsonl: line 2: empty sentence (no words)", 1),
     ("bad.jsonl", '{"tokens": ["a", " "], "tags": ["O", "O"]}\n', "bad.jsonl: line 1: word 2 has a blank word or tag", 1),
     ("bad.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a"\n', "bad.jsonl: line 2: malformed JSON", 1),
