@@ -130,7 +130,9 @@ def batch_seed(seed: int, key: int | tuple[int, ...]) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         return seed  # the predictor's options check refuses it in its own words
     entropy = [seed, *key] if isinstance(key, tuple) else [seed, key]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % (MAX_SEED + 1))
+    # `int` before `%`: NumPy 1.x takes `uint64 % int` in float64, which had given every seeded job other
+    # draws than under NumPy 2 (a resume across the two would mix two streams).
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) % (MAX_SEED + 1)
 
 
 def predict_in_order(predictor: Predictor, batches: Sequence[Sequence[list[int]]],
