@@ -354,11 +354,12 @@ def load_modeldir(path: Path, device: str | None = None, **kwargs: Any) -> Model
     return ModelDirTranslator(path, device=device)
 
 
-def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, batch_size: int = 32,
+def evaluate_seq2seq(source: Path, data: Path | None, *, device: str | None = None, batch_size: int = 32,
                      source_field: str = "source", target_field: str = "target", fmt: str = "auto",
                      max_new_tokens: int | None = None, progress: Any = None, bleu_tokenize: str | None = None,
-                     warn: Any = None, **_: Any) -> dict:
-    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets,
+                     warn: Any = None, parallel: tuple[Path, Path] | None = None, **_: Any) -> dict:
+    """`bleu`, `chrf` and `exact_match` of greedy translations of `data`'s sources against its targets
+    (or of `parallel`'s: a source file and a target file, line-aligned),
     and `bleu_tokenize`: sacrebleu's tokenizer for BLEU, the one given or (None, "auto") the one for the
     targets' language (`metrics.bleu_tokenizer_for`: `zh` for Chinese, where 13a's words are sentences).
     `progress`: kerasllm.evaluation.Progress's `reset(total)` and `update(n)`, as the other evaluators take it;
@@ -368,7 +369,10 @@ def evaluate_seq2seq(source: Path, data: Path, *, device: str | None = None, bat
     from kerasllm.export.predict import load_predictor  # noqa: PLC0415
     from kerasllm.pairs import read_pairs  # noqa: PLC0415
 
-    pairs = read_pairs(data, source_field=source_field, target_field=target_field, fmt=fmt)
+    if parallel is not None:  # line-aligned files, as `kerasllm train seq2seq` takes them
+        pairs = read_pairs(source_file=parallel[0], target_file=parallel[1])
+    else:
+        pairs = read_pairs(data, source_field=source_field, target_field=target_field, fmt=fmt)
     predictor = load_predictor("translate", source, device=device)
     sources = []
     for pair in pairs:

@@ -49,17 +49,23 @@ class Progress:
         pass
 
 
-def evaluate(source: str | Path, data: str | Path, **kwargs: Any) -> dict:
-    """Metrics of `source` (model dir or bundle) on `data`, dispatched on the source's task."""
+def evaluate(source: str | Path, data: str | Path | None, parallel: tuple | None = None, **kwargs: Any) -> dict:
+    """Metrics of `source` (model dir or bundle) on `data`, dispatched on the source's task; a seq2seq
+    model's pairs may come as `parallel=(source_file, target_file)` (line-aligned) instead."""
     from kerasllm.export.predict import source_task  # noqa: PLC0415
 
     task = source_task(source)
     if task not in EVALUATORS:
         raise UsageError(f"{source}: no evaluation for a {task!r} model (have: {', '.join(sorted(EVALUATORS))})")
-    if task == "seq2seq":
+    if parallel is not None and task != "seq2seq":
+        raise UsageError(f"{source}: --source-file/--target-file are pairs for a seq2seq model; a {task!r} model "
+                         "is scored on --data")
+    if task == "seq2seq" and parallel is not None:
+        kwargs["parallel"] = tuple(Path(p) for p in parallel)
+    elif task == "seq2seq":
         _require_pairs(data, kwargs.get("fmt", "auto"))
     module, attr = EVALUATORS[task].split(":")
-    result = getattr(importlib.import_module(module), attr)(Path(source), Path(data), **kwargs)
+    result = getattr(importlib.import_module(module), attr)(Path(source), data and Path(data), **kwargs)
     return {"task": task, **result}
 
 
@@ -67,15 +73,16 @@ def _require_pairs(data: str | Path, fmt: str) -> None:
     """UsageError unless `data` is a file of source/target pairs (TSV, CSV or JSONL).
 
     The seq2seq evaluator reads pairs with training's reader (kerasllm.pairs.read_pairs), whose
-    message for any other file offers `--source-file/--target-file`: `kerasllm train` has them,
-    `kerasllm evaluate` does not. So evaluate says it here, in its own options, before the model loads.
+    message for any other file offers `--source-file/--target-file` (both commands have them); evaluate
+    says it here, in its own options, before the model loads.
     """
     from kerasllm.export.records import detect_format  # noqa: PLC0415
 
     kind = detect_format(data, fmt)
     if kind not in ("tsv", "csv", "jsonl"):
         raise UsageError(f"{data}: a seq2seq model is scored on source/target pairs: give a .tsv, .csv or .jsonl "
-                         f"file with --source-field and --target-field columns (read as {kind}; see --format)")
+                         f"file with --source-field and --target-field columns (read as {kind}; see --format), or "
+                         "line-aligned --source-file and --target-file")
 
 
 # Records scored at a time by the classifier, token-classifier and masked-LM evaluators: a file

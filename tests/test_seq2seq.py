@@ -856,6 +856,28 @@ def test_train_from_parallel_files_and_resume(run_cli, tmp_path, monkeypatch):
     assert (out / "model.keras").is_file() and not (out / "target_tokenizer.json").exists()
 
 
+def test_evaluate_takes_line_aligned_files_as_training_does(trained, run_cli, tmp_path):
+    """`kerasllm train seq2seq` read --source-file/--target-file, `kerasllm evaluate` only a table: the same
+    pairs as two files score as the table does; one option alone, or both ways at once, is refused."""
+    import csv
+
+    _, bundle, held_out = trained
+    with open(held_out, encoding="utf-8", newline="") as file:
+        rows = list(csv.DictReader(file, dialect="excel-tab"))
+    (tmp_path / "test.src").write_text("".join(row["source"] + "\n" for row in rows), encoding="utf-8")
+    (tmp_path / "test.tgt").write_text("".join(row["target"] + "\n" for row in rows), encoding="utf-8")
+    table = run_cli("evaluate", bundle, "--data", held_out, "-q")
+    files = run_cli("evaluate", bundle, "--source-file", tmp_path / "test.src", "--target-file", tmp_path / "test.tgt",
+                    "-q")
+    assert table.code == files.code == 0, (table, files)
+    assert json.loads(files.out) == json.loads(table.out) and json.loads(files.out)["count"] == len(rows)
+    alone = run_cli("evaluate", bundle, "--source-file", tmp_path / "test.src")
+    assert alone.code == 2 and "--target-file is missing" in alone.err, alone
+    both = run_cli("evaluate", bundle, "--data", held_out, "--source-file", tmp_path / "test.src", "--target-file",
+                   tmp_path / "test.tgt")
+    assert both.code == 2 and "give --data, or --source-file and --target-file" in both.err, both
+
+
 def test_bundle_translation_and_evaluation_import_no_tensorflow(trained):
     import subprocess
     import sys

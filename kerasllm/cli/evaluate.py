@@ -16,9 +16,13 @@ from kerasllm.metrics import BLEU_TOKENIZERS
 
 @click.command("evaluate")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path),
               help="TSV/CSV (header row), JSONL or text file to score (token-classifier: JSONL or CoNLL); - is "
                    "standard input (with --format).")
+@click.option("--source-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Seq2seq: sources, one a line, line-aligned with --target-file (in place of --data).")
+@click.option("--target-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Seq2seq: the reference translations of --source-file, one a line.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the metrics here (JSON).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl", "tsv", "csv", "conll"]), default="auto",
               show_default=True, help="Input format (auto: by file suffix).")
@@ -38,8 +42,8 @@ from kerasllm.metrics import BLEU_TOKENIZERS
               help="cpu, cuda, cuda:N or auto (a bundle or a model dir).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (shown only on a terminal) or device line.")
-def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, tags_field, source_field, target_field,
-             bleu_tokenize, batch_size, device, overwrite, quiet):
+def evaluate(source, data, source_file, target_file, output, fmt, text_field, label_field, tokens_field, tags_field,
+             source_field, target_field, bleu_tokenize, batch_size, device, overwrite, quiet):
     """Score a model dir or a bundle: accuracy and macro_f1 (classifier), perplexity (causal-lm,
     masked-lm), bleu, chrf and exact_match (seq2seq), word accuracy, macro_f1 and with BIO tags entity_f1,
     entity_precision, entity_recall and entity_types (per type) (token-classifier).
@@ -56,17 +60,25 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
       kerasllm evaluate bundles/lm --data held_out.txt
       kerasllm evaluate bundles/clf --data test.jsonl --text-field review --label-field stars
       kerasllm evaluate bundles/ner --data test.conll          # accuracy per word, entity_f1 (conlleval)
+      kerasllm evaluate bundles/mt --source-file test.en --target-file test.de    # bleu, chrf
     """
     from kerasllm.errors import KerasLLMError, UsageError  # noqa: PLC0415
     from kerasllm.evaluation import evaluate as run  # noqa: PLC0415
     from kerasllm.export.batch import OutputLock, names_a_descriptor, open_descriptor  # noqa: PLC0415
 
+    if (data is None) == (source_file is None and target_file is None):
+        raise UsageError("give --data, or --source-file and --target-file (seq2seq)")
+    if data is None and (source_file is None or target_file is None):
+        raise UsageError(f"--{'target' if target_file is None else 'source'}-file is missing: line-aligned pairs need "
+                         "both --source-file and --target-file")
+    parallel = (source_file, target_file) if data is None else None
     if str(data) == "-":  # ("File '-' does not exist"); read where a path is read, as the batch commands' `-i -`
         if sys.stdin is None:
             raise UsageError("standard input is closed: pass --data FILE")
         data = Path("/dev/stdin")
-    if output and output.resolve() == data.resolve():  # before the model loads; the data would be lost
-        raise UsageError(f"{output} is also the --data file")
+    for given, option in ((data, "--data"), (source_file, "--source-file"), (target_file, "--target-file")):
+        if output and given is not None and output.resolve() == given.resolve():  # the data would be lost
+            raise UsageError(f"{output} is also the {option} file")
     # A file of SOURCE's own (--output runs/clf/config.json, a bundle's manifest.json) had been replaced
     # by the metrics, exit 0, and the model with it; another existing file without a word. Refused, as
     # the batch commands' --output and sample-data --out are (--overwrite for a file of one's own).
@@ -85,8 +97,8 @@ def evaluate(source, data, output, fmt, text_field, label_field, tokens_field, t
     bar = _ProgressBar(quiet)
     try:
         with quiet_logging(quiet):
-            result = run(source, data, device=device, batch_size=batch_size, fmt=fmt, text_field=text_field,
-                         label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
+            result = run(source, data, parallel=parallel, device=device, batch_size=batch_size, fmt=fmt,
+                         text_field=text_field, label_field=label_field, tokens_field=tokens_field, tags_field=tags_field,
                          source_field=source_field, target_field=target_field, bleu_tokenize=bleu_tokenize,
                          progress=bar, warn=lambda message: bar.write(f"kerasllm: warning: {message}"))
     finally:
