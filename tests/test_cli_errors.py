@@ -38,7 +38,7 @@ def test_malformed_json_message_reads_cleanly(tmp_path):
                                              ("pairs.tsv", "conll", "conll")])
 def test_evaluate_of_a_seq2seq_model_on_a_file_without_pairs_names_its_own_options(run_cli, tmp_path, name, fmt,
                                                                                   kind):
-    """The message was training's, offering --source-file/--target-file, which evaluate does not have."""
+    """The message was training's; evaluate names its own options (its --source-file/--target-file too)."""
     source = tmp_path / "bundle"
     source.mkdir()
     (source / "manifest.json").write_text('{"task": "seq2seq"}')  # refused before the model loads
@@ -48,7 +48,8 @@ def test_evaluate_of_a_seq2seq_model_on_a_file_without_pairs_names_its_own_optio
     assert result.code == 2, result
     assert result.err.splitlines() == [
         f"kerasllm: error: {data}: a seq2seq model is scored on source/target pairs: give a .tsv, .csv or .jsonl "
-        f"file with --source-field and --target-field columns (read as {kind}; see --format)"]
+        f"file with --source-field and --target-field columns (read as {kind}; see --format), or line-aligned "
+        "--source-file and --target-file"]
 
 
 def test_the_cli_process_drops_tensorflows_retracing_warnings_only(run_cli, tmp_path):
