@@ -6,7 +6,8 @@ bundle had appended other outputs to the old ones, exit 0. So a job writing to a
 settings in `.OUTPUT.job.json` beside it while it runs, and removes the record when it ends
 with every record done (error records included); a stopped or failed job keeps it, and its
 `--resume` is refused in one line where a setting differs. An output without a record (written
-by an older version, or a finished job's) resumes as before.
+by an older version, or a finished job's) resumes, with a warning that it cannot be checked once
+it appends.
 
 Recorded: the source (its path and its manifest's or model file's size and time) and every
 option that changes a record's output: decoding options, fields, format, truncation, shards.
@@ -87,20 +88,34 @@ def remove(path: Path | None) -> None:
             path.unlink(missing_ok=True)
 
 
-def check(path: Path | None, record: dict[str, Any], output_path: str) -> None:
-    """UsageError where the stopped job recorded at `path` was started otherwise than `record`."""
+NO_RECORD = ("has records but no job record (a job started by an older kerasllm, or whose record could not be "
+             "kept): its model and options cannot be checked against this resume's")
+
+
+def check(path: Path | None, record: dict[str, Any], output_path: str) -> str | None:
+    """UsageError where the stopped job recorded at `path` was started otherwise than `record`; a
+    warning (returned) where there is no record to check against (a job an older kerasllm started
+    had been resumed with another model and other options without a word)."""
     if path is None or not path.is_file():
-        return
+        return f"{output_path} {NO_RECORD}"
     try:
         started = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return  # unreadable: as without a record
+        started = None
     if not isinstance(started, dict):
-        return
+        return f"{output_path} {NO_RECORD.replace('no job record', 'an unreadable job record')}"
     for key in sorted(set(started) | set(record)):
         before, now = started.get(key), record.get(key)
-        if before == now:
+        if before == now or key == "source" and _same_source(before, now):
             continue
+        unknown = (sorted(set(before) ^ set(now)) if isinstance(before, dict) and isinstance(now, dict) else
+                   [key] if key not in started or key not in record else [])
+        if unknown and key != "source":
+            # A setting one version records and the other does not: not an option the user changed (the
+            # message had been "started with other options ()").
+            raise UsageError(f"--resume: {output_path} was started by another kerasllm version (its job record "
+                             f"and this one's differ in {', '.join(unknown)}); finish it with that version, or pass "
+                             "--overwrite to start again")
         if key == "source":
             what = (f"from {before.get('path')}" if before.get("path") != now.get("path")
                     else f"from {now.get('path')} as it was then (its {now.get('file')} has changed since)")
@@ -113,3 +128,19 @@ def check(path: Path | None, record: dict[str, Any], output_path: str) -> None:
             details = f"{before!r}, now {now!r}"
         raise UsageError(f"--resume: {output_path} was started with other {key.replace('_', ' ')} ({details}); "
                          "rerun with the job's options, or pass --overwrite to start again")
+    return None
+
+
+def _same_source(before: Any, now: Any) -> bool:
+    """Whether a recorded source is `now`'s where the two identify it differently: a record of an
+    earlier version identified a bundle's manifest by its size and modification time (2026-12-07;
+    its SHA-256 since), which the manifest as it is now still shows."""
+    if not (isinstance(before, dict) and isinstance(now, dict)) or before.get("path") != now.get("path"):
+        return False
+    if before.get("file") != now.get("file") or "sha256" in before or "size" not in before:
+        return False
+    try:
+        stat = (Path(now["path"]) / before["file"]).stat()
+    except (OSError, KeyError, TypeError):
+        return False
+    return (before.get("size"), before.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)

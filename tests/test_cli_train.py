@@ -279,6 +279,18 @@ def test_resume_refuses_the_options_it_would_ignore(run_cli, corpus_file, tmp_pa
         "(see 'kerasllm train causal-lm --help')"], refused.err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
+    # A run whose config.json holds settings this version does not know (a newer kerasllm's run, resumed
+    # after a rollback): the train section's had ended in a TypeError traceback, the model's named no file.
+    saved = json.loads(before["config.json"])
+    for section, key, expected in (("train", "new_option", "holds training settings this kerasllm does not know "
+                                    "(new_option): the run was started by another (newer) version"),
+                                   ("model", "new_field", "model config: unknown key 'new_field' for DecoderConfig")):
+        (out / "config.json").write_text(json.dumps({**saved, section: {**saved[section], key: None}}))
+        newer = run_cli("train", "causal-lm", "--out", out, "--resume", "--quiet")
+        assert newer.code == 2 and len(newer.err.splitlines()) == 1, newer
+        assert newer.err.startswith(f"kerasllm: error: --resume: {out / 'config.json'}") and expected in newer.err, newer
+    (out / "config.json").write_bytes(before["config.json"])
+
     resumed = run_cli("train", "causal-lm", "--out", out, "--resume", "--data", corpus_file, "--quiet",
                       "--strategy", "auto")
     assert resumed.code == 0, resumed

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -239,8 +240,7 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
     record = job_record.settings(task, source, format=fmt, text_field=text_field, id_field=id_field,
                                  tokens_field=tokens_field, truncate=truncate, shards=[shard_index, num_shards],
                                  options=options)
-    if resume and point.done:
-        job_record.check(record_file, record, output_path)
+    unchecked = job_record.check(record_file, record, output_path) if resume and point.done else None
     # (`given_fmt`, "auto" where --format was not given: the reader then looks at a stream's first line)
     records = read_records(input_path, given_fmt, id_field=id_field, lines=lines, text_field=text_field)
     # Read up to the first record now: a TSV/CSV header without the --text-field or --id-field
@@ -313,6 +313,8 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
     on_window = None
     if task in ("generate", "classify", "embed", "tag"):
         on_window = context_check(predictor, options.get("max_new_tokens", 0), warn)
+    if unchecked:  # said when the job first appends (a finished job's output, resumed, appends nothing)
+        on_window = _first_call(lambda: warn(unchecked), on_window)  # (under --quiet too: it concerns the output)
     runner = batch.BatchRunner(predictor, options, text_field=text_field, tokens_field=tokens_field,
                                batch_size=batch_size,
                                max_batch_tokens=max_batch_tokens, bucket=bucket, window=window, truncate=truncate,
@@ -363,6 +365,19 @@ def _run_locked(task: str, source: Path, lock, *, input_path: str, output_path: 
         click.echo(f"kerasllm: {summary.errors_total} record(s) failed: see the \"error\" lines in "
                    f"{'the output' if output_path == '-' else output_path}", err=True)
         sys.exit(1)
+
+
+def _first_call(once: Callable[[], None], then: Callable | None) -> Callable:
+    """An `on_window` hook that calls `once` before its first window, then `then` (if any) every window."""
+    pending = [once]
+
+    def hook(lengths):
+        while pending:
+            pending.pop()()
+        if then is not None:
+            then(lengths)
+
+    return hook
 
 
 def _check_writable(output_path: str) -> None:

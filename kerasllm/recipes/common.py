@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kerasllm.config import read_config_json
+from kerasllm.config import config_from_dict, read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
 from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, prepare_run_dir, read_run_config,
@@ -75,6 +76,18 @@ def resumed_args(args_class, task: str, run: dict, out: Path, **paths):
     if run.get("task") != task:
         raise UsageError(f"--resume: {out} holds a {run.get('task')} run, not a {task} one; resume it with "
                          f"'kerasllm train {run.get('task')} --out {out} --resume'")
+    config_file = Path(out) / CONFIG_FILE
+    # Settings this version does not know: a run written by a newer kerasllm (resumed after a rollback, or
+    # a colleague's) had ended in a TypeError traceback for the train section and an unnamed file for the model.
+    unknown = sorted(set(run["train"]) - {f.name for f in dataclasses.fields(args_class)})
+    if unknown:
+        raise UsageError(f"--resume: {config_file} holds training settings this kerasllm does not know "
+                         f"({', '.join(unknown)}): the run was started by another (newer) version; resume it with "
+                         "that version")
+    try:
+        config_from_dict(run["model"])
+    except UsageError as err:
+        raise UsageError(f"--resume: {config_file}: model {err} (a run started by another kerasllm version?)") from None
     saved = dict(run["train"])
     if saved.get("epochs") is not None and run.get("plan"):
         saved.update(steps=int(run["plan"]["total_steps"]), epochs=None)
