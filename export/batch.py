@@ -836,9 +836,9 @@ class BatchRunner:
     def _input(self, record: Record) -> str | list[str]:
         """The record's text, or its list of words under `tokens_field` when it has one."""
         if self.tokens_field and record.error is None:
-            if self.tokens_field in record.fields:
+            if record.has(self.tokens_field):
                 return record.words(self.tokens_field)
-            if self.text_field not in record.fields:
+            if not record.has(self.text_field):
                 known = ", ".join(sorted(record.fields)) or "none"
                 raise DataError(f"line {record.line}: missing field {self.text_field!r} or {self.tokens_field!r} "
                                 f"(fields: {known})")

@@ -104,6 +104,10 @@ def check(path: Path | None, record: dict[str, Any], output_path: str) -> str | 
         started = None
     if not isinstance(started, dict):
         return f"{output_path} {NO_RECORD.replace('no job record', 'an unreadable job record')}"
+    if started.get("task") != record.get("task"):  # (its options differ in kind: not "another version")
+        raise UsageError(f"--resume: {output_path} was started by `kerasllm {started.get('task')}`, not "
+                         f"`kerasllm {record.get('task')}`; resume it with that command, or pass --overwrite to "
+                         "start again")
     for key in sorted(set(started) | set(record)):
         before, now = started.get(key), record.get(key)
         if before == now or key == "source" and _same_source(before, now):

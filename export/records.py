@@ -87,16 +87,24 @@ class Record:
             raise DataError(f"line {self.line}: field {name!r} is not a list of strings")
         return [_text(str(item), self.line, name) for item in value]
 
-    def _value(self, name: str):
+    def has(self, name: str) -> bool:
+        """Whether the record has the field `name` (null or not; a dotted name: a nested one, as `get` reads it)."""
+        return self._lookup(name) is not _MISSING
+
+    def _lookup(self, name: str):
         """The field `name`, or where the record has no field of that name and the name has dots, the
-        nested field it names (`translation.en` in Hugging Face's `{"translation": {"en": ...}}`)."""
-        if self.error:
-            raise DataError(f"line {self.line}: {self.error}")
+        nested field it names (`translation.en` in Hugging Face's `{"translation": {"en": ...}}`); else _MISSING."""
         value = self.fields.get(name, _MISSING)
         if value is _MISSING and "." in name:
             value = self.fields
             for part in name.split("."):
                 value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        return value
+
+    def _value(self, name: str):
+        if self.error:
+            raise DataError(f"line {self.line}: {self.error}")
+        value = self._lookup(name)
         if value is _MISSING:
             known = ", ".join(sorted(self.fields)) or "none"
             raise DataError(f"line {self.line}: missing field {name!r} (fields: {known})")
@@ -216,7 +224,7 @@ def _utf16_without_mark(head: bytes) -> bool:
     """ASCII written as UTF-16 without a byte order mark: every other byte NUL (a UTF-8 text never
     holds a NUL between each of its characters)."""
     sample = head[:64].rstrip(b"\r\n")
-    if len(sample) < 4:
+    if len(sample) < 2:
         return False
     even, odd = sample[0::2], sample[1::2]
     return (not odd.strip(b"\x00") and b"\x00" not in even) or (not even.strip(b"\x00") and b"\x00" not in odd)
@@ -225,11 +233,10 @@ def _utf16_without_mark(head: bytes) -> bool:
 def cr_only_line_ends(line: bytes) -> bool:
     """Whether a file whose first line (up to its first line feed) is `line` has its lines ended by a
     carriage return alone (classic Mac OS, Excel for Mac's "Macintosh" formats): read by line feeds it is
-    one line, its records merged into one (it had been classified as one text, exit 0). So: carriage
-    returns inside the line, two or more, or one where no line feed follows (the whole file is this
-    line); one stray carriage return in a line of a file with line feeds is text, read as before."""
-    inner = line.rstrip(b"\r\n").count(b"\r")
-    return inner >= 2 or (inner == 1 and not line.endswith(b"\n"))
+    one line, its records merged into one (it had been classified as one text, exit 0). So: no line feed
+    in the whole file (the line has none) and carriage returns inside it; carriage returns in a file with
+    line feeds (a captured progress bar, a quoted CSV cell) are text, read as before."""
+    return not line.endswith(b"\n") and b"\r" in line.rstrip(b"\r")
 
 
 CR_ONLY = ("its lines end in a carriage return alone (classic Mac line ends), so it reads as one line: end them "
@@ -346,7 +353,8 @@ def _records(stream: BinaryIO, fmt: str, path, id_field, lines, text_field, snif
             value = json.loads(text, parse_int=_NumberLiteral, parse_float=_NumberLiteral,
                                parse_constant=_NonStandardConstant)
         except json.JSONDecodeError as err:
-            if number == first and text.strip() == "[":  # json.dump(records, f, indent=2): a whole file of errors
+            if number == first and text.strip() == "[" and (lines is None or lines[0] <= 1):
+                # json.dump(records, f, indent=2): a whole file of errors (a shard starts where it starts)
                 raise NotText(f"line {number}: a JSON array, not JSON Lines (one object a line): write it with "
                               "to_json(orient='records', lines=True) or `jq -c '.[]'`") from None
             yield Record(number, str(number), error=f"malformed JSON ({_json_reason(err)})")
@@ -416,6 +424,7 @@ class _LineFeed:
         self.first = self.last = None
         self.error: str | None = None
         self.blank = True
+        self.texts: list[str] = []  # the row's lines (a row of several: `_delimited` parses it again)
 
     def __iter__(self):
         return self
@@ -433,6 +442,7 @@ class _LineFeed:
         self.blank = self.first is None and not text.strip() and self._delimiter not in text
         self.first = self.first or number
         self.last = number
+        self.texts.append(text)
         return text  # with its newline: csv keeps a quoted field's newlines from it
 
 
@@ -494,10 +504,11 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
                     raise UsageError(f"{path}: no {role} column {name!r} in the header "
                                      f"(columns: {', '.join(map(_shown, header))})")
             continue
-        if span and dialect == "excel-tab" and any("\t" in cell and "\n" in cell for cell in row):
+        if span and dialect == "excel-tab" and not _parses_strictly(feed.texts, dialect):
             # A field that starts with a quote in TSV written without quoting (psql, mysql -B, cut) opens
             # one: the rows after it became part of its text, the record kept its columns and a wrong
-            # label, exit 0. A cell holding a tab and a line end is whole rows, not a text.
+            # label, exit 0. Its quote closes somewhere inside a later row, text following it, which a
+            # field the csv module (or pandas) quoted never has: read strictly, such a row fails.
             yield Record(number, str(number), error=f"a quoted field holds whole rows, lines {number} to {feed.last} "
                                                     "(is a quote left open? In TSV written without quoting, a "
                                                     "field that starts with '\"' opens one)")
@@ -509,6 +520,15 @@ def _delimited(stream: BinaryIO, dialect: str, path, id_field, text_field,
         yield _record(number, dict(zip(header, row)), id_field)
     if header is None:
         raise DataError(f"{path}: empty file (expected a header row)")
+
+
+def _parses_strictly(lines: list[str], dialect: str) -> bool:
+    """Whether a row's lines parse under `dialect` with csv's `strict` (a quote closed before other text)."""
+    try:
+        next(csv.reader(lines, dialect, strict=True), None)
+    except csv.Error:
+        return False
+    return True
 
 
 def _shown(name: str) -> str:

@@ -72,10 +72,6 @@ def iter_rows(paths: str | Path | Sequence[str | Path], text_field: str = "text"
                 raise DataError(f"{where}: empty {text_field!r} field")
             if label_field and not label:
                 raise DataError(f"{where}: empty {label_field!r} field")
-            if label_field and (number := _label_number(label)) is not None and number.is_nan():
-                # `nan` is how str(float), NumPy and older pandas write a missing value: it had become a class.
-                raise DataError(f"{where}: {label_field!r} is {label!r}, a missing value: give the row a label "
-                                "or leave it out")
             count += 1
             yield Row(where, text, label)
     if not count:
@@ -245,9 +241,13 @@ class LabelMap:
                     shown = " and ".join(repr(label) for label in sorted(same))
                     raise DataError(f"data: labels {shown} are the same number written differently: write each "
                                     "label one way")
-            # NaN sorts last (its comparisons are all False); the spelling breaks no tie left but keeps it total.
-            ordered = sorted(unique, key=lambda label: (numbers[label].is_nan(), numbers[label] if not
-                                                        numbers[label].is_nan() else Decimal(0), label))
+            # Among numbers, `nan` is how str(float), NumPy and older pandas write a missing value: it had
+            # become a class of its own. (Among names it is one: ISO 639-3's code for Min Nan.)
+            missing = sorted(label for label, number in numbers.items() if number.is_nan())
+            if missing:
+                raise DataError(f"data: label {missing[0]!r} among numeric labels is a missing value (NumPy's and "
+                                "pandas' spelling of an empty cell): give those rows a label or leave them out")
+            ordered = sorted(unique, key=lambda label: (numbers[label], label))  # (the spelling: a total order)
         if len(ordered) < 2:
             raise DataError(f"data: need at least 2 different labels, found {ordered}")
         return cls(ordered)

@@ -101,7 +101,8 @@ def tokenizer_sample(files: Sequence[Path], budget: int | None = None) -> Iterat
                 elif raw.startswith(codecs.BOM_UTF8):  # as text_blocks skips it
                     raw = raw[len(codecs.BOM_UTF8):]
                 raw = raw[:raw.rfind(b"\n") + 1] or raw
-                yield raw.decode("utf-8", errors="replace")
+                text = raw.decode("utf-8", errors="replace")
+                yield text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text  # as text_blocks
 
 
 def train_corpus_tokenizer(files: Sequence[Path], kind: str, vocab_size: int, progress: bool = False):

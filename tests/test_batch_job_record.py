@@ -144,3 +144,13 @@ def test_a_resume_of_an_output_without_a_record_says_it_cannot_be_checked(run_cl
     again = run_cli("generate", bundle, "-i", source, "-o", out, "--max-new-tokens", "8", "--resume", "-q")
     assert (again.code, again.err) == (0, "")  # a finished job's output (its record gone): nothing appended, no word
     assert len(out.read_text().splitlines()) == 10
+
+
+def test_a_resume_by_another_command_is_named_so(run_cli, stopped_job, tmp_path):
+    """`classify --resume` of a stopped `generate` job had read "started by another kerasllm version"."""
+    bundle, source, out = stopped_job
+    _edit_record(tmp_path, lambda record: record.update(task="classify"))
+    result = run_cli("generate", bundle, "-i", source, "-o", out, "--max-new-tokens", "8", "--resume")
+    assert (result.code, result.err.splitlines()) == (2, [
+        f"kerasllm: error: --resume: {out} was started by `kerasllm classify`, not `kerasllm generate`; resume it "
+        "with that command, or pass --overwrite to start again"]), result

@@ -240,8 +240,8 @@ def test_one_number_written_two_ways_is_refused_and_label_order_is_fixed():
 
     with pytest.raises(DataError, match=r"labels '1' and '1\.0' are the same number written differently"):
         LabelMap.from_labels(["0", "1", "0", "1.0"])
-    orders = {tuple(LabelMap.from_labels(list(p)).labels) for p in itertools.permutations(["2", "nan", "-1e3", "10"])}
-    assert orders == {("-1e3", "2", "10", "nan")}
+    orders = {tuple(LabelMap.from_labels(list(p)).labels) for p in itertools.permutations(["2", "inf", "-1e3", "10"])}
+    assert orders == {("-1e3", "2", "10", "inf")}
 
 
 @pytest.mark.parametrize("labels, expected", [
@@ -331,11 +331,11 @@ def test_a_reference_label_spelled_another_way_is_the_models_label():
 
 
 @pytest.mark.parametrize("missing", ["nan", "NaN", "-nan"])
-def test_a_label_spelled_as_a_missing_value_is_refused_naming_its_line(tmp_path, missing):
-    """`nan` (str(float("nan")), NumPy, older pandas) had become a class of its own, silently."""
-    from kerasllm.data_tasks import read_rows
+def test_nan_among_numeric_labels_is_refused_as_a_missing_value(missing):
+    """`nan` (str(float("nan")), NumPy, older pandas) among numeric labels had become a class of its own,
+    silently; among names it is a name (ISO 639-3's code for Min Nan)."""
+    from kerasllm.data_tasks import LabelMap
 
-    path = tmp_path / "in.csv"
-    path.write_text(f"text,label\ngood,1.0\nbad,0.0\nmeh,{missing}\n")
-    with pytest.raises(DataError, match=f"in.csv: line 4: 'label' is '{missing}', a missing value"):
-        read_rows(path, label_field="label")
+    with pytest.raises(DataError, match=f"label '{missing}' among numeric labels is a missing value"):
+        LabelMap.from_labels(["1.0", "0.0", missing, "1.0"])
+    assert LabelMap.from_labels(["zho", missing, "eng"]).labels == sorted(["zho", missing, "eng"])

@@ -323,8 +323,15 @@ def test_utf8_text_with_nul_bytes_or_a_crlf_or_a_lone_carriage_return_later_is_s
     """The checks look at the file's start: NUL bytes here and there, CRLF ends, and a carriage return on a
     later line are read as before."""
     path = tmp_path / "in.txt"
-    path.write_bytes(b"first\x00 li\rne\r\nsecond line\r\nthird\rfourth\n")  # one stray CR: not Mac line ends
-    assert [r.fields["text"] for r in read_records(path)] == ["first\x00 li\rne", "second line", "third\rfourth"]
+    path.write_bytes(b"first\x00 li\rn\re\r\nsecond line\r\nthird\rfourth\n")  # stray CRs in a file with LFs
+    assert [r.fields["text"] for r in read_records(path)] == ["first\x00 li\rn\re", "second line", "third\rfourth"]
+    path.write_bytes("a\nb\n".encode("utf-16-le"))  # one character on line 1 is enough to tell UTF-16
+    with pytest.raises(DataError, match="UTF-16"):
+        list(read_records(path))
+    path.write_bytes(b'{"text": "a"}\n[\n{"text": "b"}\n')  # a stray "[": an error record, in a shard that starts
+    for lines in (None, (2, 3)):                              # on it too (it had stopped that shard's job)
+        assert [(r.line, r.error is None) for r in read_records(path, "jsonl", lines=lines)][-2:] == [(2, False),
+                                                                                                    (3, True)]
 
 
 def test_parallel_files_name_the_file_that_is_not_text_and_count_the_lines_they_differ_by(tmp_path):
@@ -355,6 +362,9 @@ def test_a_tsv_field_holding_whole_rows_is_an_error_record_naming_its_lines(tmp_
         read_rows(path, label_field="label")
     csv_path = write_rows(tmp_path / "in.csv", [["text", "label"], ["12 Main St, Springfield\nUSA", "home"]])
     assert [r.fields["text"] for r in read_records(csv_path)] == ["12 Main St, Springfield\nUSA"]
+    quoted = write_rows(tmp_path / "quoted.tsv", [["text", "label"], ["a cell\twith a tab\nand a line end", "x"],
+                                                  ["next", "y"]], dialect="excel-tab")  # as csv and pandas write it
+    assert [r.fields["text"] for r in read_records(quoted)] == ["a cell\twith a tab\nand a line end", "next"]
 
 
 def test_excels_empty_columns_right_of_the_data_are_read_past(tmp_path):
@@ -468,3 +478,17 @@ def test_a_dotted_field_name_reaches_into_nested_json_as_hugging_face_exports_wr
     ner = tmp_path / "ner.jsonl"
     ner.write_text('{"tokens": ["Paris", "is", "big"], "ner_tags": [5, 0, 0]}\n')
     assert [row.tags for row in read_tagged(ner, tags_field="ner_tags")] == [["5", "0", "0"]]
+
+
+def test_tag_reads_a_dotted_field_as_classify_does(tmp_path):
+    """`kerasllm tag --text-field review.text` had made every record "missing field" (its own lookup)."""
+    from kerasllm.export import batch
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"doc": {"tokens": ["Ben", "runs"]}, "review": {"text": "Ben runs"}}\n')
+    record = next(read_records(path))
+    runner = batch.BatchRunner.__new__(batch.BatchRunner)
+    runner.tokens_field, runner.text_field = "doc.tokens", "review.text"
+    assert runner._input(record) == ["Ben", "runs"]
+    runner.tokens_field = "doc.words"
+    assert runner._input(record) == "Ben runs"

@@ -876,6 +876,9 @@ def test_evaluate_takes_line_aligned_files_as_training_does(trained, run_cli, tm
     both = run_cli("evaluate", bundle, "--data", held_out, "--source-file", tmp_path / "test.src", "--target-file",
                    tmp_path / "test.tgt")
     assert both.code == 2 and "give --data, or --source-file and --target-file" in both.err, both
+    fields = run_cli("evaluate", bundle, "--source-file", tmp_path / "test.src", "--target-file", tmp_path / "test.tgt",
+                     "--source-field", "en")  # options of --data's had been ignored
+    assert fields.code == 2 and "--source-file and --target-file are plain text" in fields.err, fields
 
 
 def test_bundle_translation_and_evaluation_import_no_tensorflow(trained):

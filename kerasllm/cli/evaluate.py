@@ -72,6 +72,9 @@ def evaluate(source, data, source_file, target_file, output, fmt, text_field, la
         raise UsageError(f"--{'target' if target_file is None else 'source'}-file is missing: line-aligned pairs need "
                          "both --source-file and --target-file")
     parallel = (source_file, target_file) if data is None else None
+    if parallel and (fmt != "auto" or source_field != "source" or target_field != "target"):  # had been ignored
+        raise UsageError("--format, --source-field and --target-field read --data; --source-file and --target-file "
+                         "are plain text, one pair a line")
     if str(data) == "-":  # ("File '-' does not exist"); read where a path is read, as the batch commands' `-i -`
         if sys.stdin is None:
             raise UsageError("standard input is closed: pass --data FILE")
