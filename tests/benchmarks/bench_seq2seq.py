@@ -177,6 +177,23 @@ job record and output checks once per job; nothing in the decoding loops; a fast
     3ce1e34: greedy: Keras 442.2 | bundle  935.7 2.12x;  beam 4: Keras 114.9 | bundle 331.7 2.89x, 64/64 identical
     e89adac: greedy: Keras 720.1 | bundle 1658.6 2.30x;  beam 4: Keras 166.4 | bundle 557.1 3.35x, 64/64 identical
 
+2026-12-08, twenty-first session (same machine), nothing else running, `--keep` the same bundle, at 7e01e83:
+    greedy: Keras 296.7 | bundle  894.0 3.01x;  beam 4: Keras 117.9 | bundle 349.6 2.97x, 64/64 identical
+and `--batch-size 64 --sentences 256 --repeats 3` (whether larger batches change the picture: they do not):
+    greedy: Keras 429.3 | bundle 1021.3 2.38x;  beam 4: Keras 121.9 | bundle 438.1 3.59x, 256/256 identical
+Where a greedy job goes (4 batches of 16, 32 tokens, one process, ONNX Runtime's runs timed by wrapping
+`run_with_iobinding`): on one worker 93-100 ms, of which ONNX Runtime 80-85 ms and Python 13-15 ms; on two
+workers 63-69 ms, ONNX Runtime's runs summed over both threads 103-111 ms (~29% more kernel time than on one
+core) and Python the same 12-14 ms a thread. The loss is the hardware's, not the GIL's: the 2-batch job alone
+in one process took a median 52.1 ms and two such processes at once 62.3 / 65.8 ms, and XLA's dots at the
+training shapes (one thread each) fell from 152-203 to 127-164 GFLOP/s with a second process beside them.
+The encoder's kernels are ~8.2 ms of a batch (profiled: its MatMuls/Gemms and the fused Attention at ~170
+GFLOP/s, MLAS's AVX-512 kernels; OpenBLAS's single-thread SGEMM here: 106 GFLOP/s), a decoder step's MatMuls
+at the core's rate: the fp32 floor of a batch on one core is ~18 ms against the ~21-24 ms measured.
+At the session's end (fce6414; the day's changes are in the readers and job records, not the decoding loops):
+    greedy: Keras 468.5 | bundle  904.1 1.93x;  beam 4: Keras 124.0 | bundle 352.2 2.84x, 64/64 identical
+The bundle's figures held (894 -> 904 and 350 -> 352 sentences/s); Keras's greedy moved 58% (297 -> 469).
+
 Measured 2026-12-05, night session, after denormals were flushed on the worker threads too
 (runtime.flush_denormals: ORT's session option had reached only its pool threads and the
 process's first session's thread, not the translation workers; in one process, alternating,

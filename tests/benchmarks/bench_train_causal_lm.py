@@ -552,6 +552,23 @@ step's averaged parts already are; a log line per interval where stderr is no te
       per repeat: tok/s vs hub 1.38x 1.21x 1.23x; tok/s vs nanoGPT 1.60x 1.79x 1.58x; wall 0.99x 0.86x 0.99x
 
 1.30x then 1.23x keras-hub (goal 1.3x: at the line once, below it once), 1.89x / 1.62x nanoGPT, wall 0.80x / 0.99x.
+
+2026-12-08, twenty-first session, same machine, nothing else running, `--steps 300 --repeats 3` at fce6414 (the
+day's changes touch the readers, not the step: a corpus reads CRLF as LF, which this one does not hold):
+
+    kerasllm                       15.2     33,948         0.85x         1.26x
+    keras-hub GPT2Backbone         27.4     26,970         1.53x         1.00x
+    nanoGPT (PyTorch)              17.9     18,488         1.00x         0.69x
+      per repeat: tok/s vs hub 0.90x 1.26x 1.54x; tok/s vs nanoGPT 1.55x 1.65x 1.99x; wall 0.92x 1.00x 0.74x
+
+1.26x keras-hub (goal 1.3x not met; per repeat 0.90-1.54x: keras-hub's own tokens/s moved 23,916-30,702 within the
+run), 1.84x nanoGPT's tokens/s, wall 0.85x. Measured that session (one process, one thread each, XLA-compiled
+chains of 20 dots at the step's shapes): XLA's dots reach 152-203 GFLOP/s on a core here, except the feed-forward
+output's weight gradient `[512, 384]^T`-shaped product (98-108: the case narrowing_projection already turns), and
+fall to 127-164 with a second process busy on the other core, the step's situation (its two parts side by side);
+the experimental LLVM IR GEMM (`--xla_backend_extra_options=xla_force_enable_experimental_llvm_ir_gemm`) gave
+181-236 against 164-204 in one pass and no better in the next (noise). TensorFlow's own kernels are built without
+AVX2/FMA/AVX-512 (its start-up line), but XLA's dots are not held back by it.
 """
 
 from __future__ import annotations
