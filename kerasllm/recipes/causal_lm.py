@@ -9,7 +9,7 @@ from pathlib import Path
 from kerasllm.config import DecoderConfig
 from kerasllm.data import lm_windows, resolve_text_files
 from kerasllm.distribute import distributed_recipe
-from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
+from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args, resumed_model_config,
                                      run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.token_cache import cached_token_split, token_cache_dir, train_corpus_tokenizer
 from kerasllm.tokenizers import TextTokenizer
@@ -46,7 +46,7 @@ def train_causal_lm(args: CausalLMTrainArgs, out: str | Path, config_file: str |
             args = resumed_args(CausalLMTrainArgs, TASK, run, out, data=args.data)
             files = resolve_text_files(args.data)
             tokenizer = TextTokenizer.load(out)
-            config = DecoderConfig.from_dict(run["model"])
+            config = resumed_model_config(DecoderConfig, run, out)
         else:
             files = resolve_text_files(args.data)  # fails early, before anything is written
             config = model_config(DecoderConfig, args.preset, config_file, config_overrides or {})

@@ -19,8 +19,8 @@ from kerasllm.distribute import distributed_recipe
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
-                                     fine_tuning_changes, pretrained_run, resumed_args, run_directory, tokenizer_origin,
-                                     warn_unknown_tokens, write_run_files)
+                                     fine_tuning_changes, pretrained_run, resumed_args, resumed_model_config,
+                                     run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
 
@@ -52,7 +52,7 @@ def train_classifier(args: ClassifierTrainArgs, out: str | Path, config_file: st
             run = read_run_config(out)
             args = resumed_args(ClassifierTrainArgs, TASK, run, out, data=args.data)
             tokenizer = TextTokenizer.load(out)
-            config = EncoderConfig.from_dict(run["model"])
+            config = resumed_model_config(EncoderConfig, run, out)
             labels = LabelMap(run["labels"])
             rows = read_rows(args.data, args.text_field, args.label_field)
         else:

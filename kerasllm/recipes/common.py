@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kerasllm.config import config_from_dict, read_config_json
+from kerasllm.config import read_config_json
 from kerasllm.errors import UsageError
 from kerasllm.recipes import WEIGHT_DECAY
 from kerasllm.training import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, prepare_run_dir, read_run_config,
@@ -84,10 +84,6 @@ def resumed_args(args_class, task: str, run: dict, out: Path, **paths):
         raise UsageError(f"--resume: {config_file} holds training settings this kerasllm does not know "
                          f"({', '.join(unknown)}): the run was started by another (newer) version; resume it with "
                          "that version")
-    try:
-        config_from_dict(run["model"])
-    except UsageError as err:
-        raise UsageError(f"--resume: {config_file}: model {err} (a run started by another kerasllm version?)") from None
     saved = dict(run["train"])
     if saved.get("epochs") is not None and run.get("plan"):
         saved.update(steps=int(run["plan"]["total_steps"]), epochs=None)
@@ -101,6 +97,16 @@ def resumed_args(args_class, task: str, run: dict, out: Path, **paths):
                 raise UsageError(f"{path} (the {DATA_PATHS[name]} saved in {Path(out) / CONFIG_FILE}): no such file "
                                  f"or directory; pass {again} again to read the data from elsewhere")
     return args_class(**saved)
+
+
+def resumed_model_config(config_class, run: dict, out: Path):
+    """The model config of a resumed run (`run`: its config.json); a key this version does not know (a
+    run a newer kerasllm started) is one line naming the file, which `from_dict`'s own message did not."""
+    try:
+        return config_class.from_dict(run["model"])
+    except UsageError as err:
+        raise UsageError(f"--resume: {Path(out) / CONFIG_FILE}: model {err} (a run started by another kerasllm "
+                         "version?)") from None
 
 
 # What a run holds once it has something to resume or keep: a failed run that holds either is never

@@ -16,7 +16,7 @@ from kerasllm.config import EncoderConfig
 from kerasllm.data_tasks import encode_chunks, masked_lm_dataset, read_rows, split_validation
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
-from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
+from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args, resumed_model_config,
                                      run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
@@ -58,7 +58,7 @@ def train_masked_lm(args: MaskedLMTrainArgs, out: str | Path, config_file: str |
             run = read_run_config(out)
             args = resumed_args(MaskedLMTrainArgs, TASK, run, out, data=args.data)
             tokenizer = TextTokenizer.load(out)
-            config = EncoderConfig.from_dict(run["model"])
+            config = resumed_model_config(EncoderConfig, run, out)
             rows = read_rows(args.data, args.text_field)
         else:
             rows = read_rows(args.data, args.text_field)  # fails early, before anything is written

@@ -14,7 +14,7 @@ from kerasllm.config import Seq2SeqConfig
 from kerasllm.distribute import distributed_recipe, shard_batches
 from kerasllm.errors import UsageError
 from kerasllm.pairs import encode_pairs, pair_batches, read_pairs, split_pairs
-from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args,
+from kerasllm.recipes.common import (RunArgs, check_seq_len, model_config, resumed_args, resumed_model_config,
                                      run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.tokenizers import TARGET_TOKENIZER_FILE, TextTokenizer, load_seq2seq_tokenizers
 from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
@@ -51,7 +51,7 @@ def train_seq2seq(args: Seq2SeqTrainArgs, out: str | Path, config_file: str | No
                                 target_file=args.target_file)
             # The config says whether the target has its own tokenizer (a missing file had become the source's).
             source_tokenizer, target_tokenizer = load_seq2seq_tokenizers(out, run["model"])
-            config = Seq2SeqConfig.from_dict(run["model"])
+            config = resumed_model_config(Seq2SeqConfig, run, out)
         pairs = read_pairs(args.data, args.source_file, args.target_file, args.source_field, args.target_field)
         if not resume:  # everything is checked before anything is written
             config = model_config(Seq2SeqConfig, args.preset, config_file, config_overrides or {})

@@ -20,8 +20,8 @@ from kerasllm.data_tasks import LabelMap, encode_tagged, read_tagged, split_vali
 from kerasllm.distribute import distributed_recipe
 from kerasllm.recipes import ENCODER_WEIGHT_DECAY
 from kerasllm.recipes.common import (RunArgs, check_seq_len, copy_pretrained_encoder, labelled_datasets,
-                                     fine_tuning_changes, pretrained_run, resumed_args, run_directory, tokenizer_origin,
-                                     warn_unknown_tokens, write_run_files)
+                                     fine_tuning_changes, pretrained_run, resumed_args, resumed_model_config,
+                                     run_directory, tokenizer_origin, warn_unknown_tokens, write_run_files)
 from kerasllm.recipes.masked_lm import encoder_config, validation_steps
 from kerasllm.tokenizers import TextTokenizer
 from kerasllm.training import check_restored_within, fit_run, plan_steps, read_run_config, restored_epoch
@@ -54,7 +54,7 @@ def train_token_classifier(args: TokenClassifierTrainArgs, out: str | Path, conf
             run = read_run_config(out)
             args = resumed_args(TokenClassifierTrainArgs, TASK, run, out, data=args.data)
             tokenizer = TextTokenizer.load(out)
-            config = EncoderConfig.from_dict(run["model"])
+            config = resumed_model_config(EncoderConfig, run, out)
             tags = LabelMap(run["labels"])
             rows = read_tagged(args.data, args.tokens_field, args.tags_field, args.data_format)
         else:
